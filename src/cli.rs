@@ -1,0 +1,127 @@
+//! The `coven` command line: parses flags, turns them into checked settings, sets up
+//! logging and the runtime, and runs one command. Owns exit codes: 2 for bad settings or
+//! usage, 1 for a failure at run time. Must not hold any command's logic.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, LogArgs, Reader};
+use crate::{sim, telemetry};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "coven",
+    version,
+    about = "A Discord community's voice rooms on the web, live",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// With no command, coven runs the simulator (the all-in-one demo replaces it later).
+    #[command(flatten)]
+    pub default: sim::Args,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// A local Discord (Gateway, REST, OAuth2, control API) for development, tests and demos
+    Sim(sim::Args),
+}
+
+/// What a command needs to run, all settings checked.
+enum Plan {
+    Sim(sim::Settings),
+}
+
+pub fn main() -> ExitCode {
+    if let Err(problem) = config::load_dotenv() {
+        eprintln!("error: {problem}");
+        return ExitCode::from(2);
+    }
+    run(Cli::parse())
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    let mut reader = Reader::new();
+    let log = cli.log.settings(&mut reader);
+    let plan = match cli.command {
+        Some(Command::Sim(args)) => args.settings(&mut reader).map(Plan::Sim),
+        None => cli.default.settings(&mut reader).map(Plan::Sim),
+    };
+    let (Some(log), Some(plan)) = (log, plan) else {
+        return bad_settings(reader);
+    };
+    if reader.finish().is_err() {
+        // Unreachable: every parser that records a problem also returns None.
+        return ExitCode::from(2);
+    }
+    telemetry::init(&log);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        let shutdown = shutdown_on_signal();
+        match plan {
+            Plan::Sim(settings) => sim::run(settings, shutdown).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn bad_settings(reader: Reader) -> ExitCode {
+    for problem in reader.into_problems().0 {
+        eprintln!("error: {problem}");
+    }
+    eprintln!("(settings come from flags, the environment and .env files; see README.md)");
+    ExitCode::from(2)
+}
+
+/// A token cancelled on SIGINT or SIGTERM, so every command shuts down the same way.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = ctrl_c => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+        }
+        tracing::info!("shutdown requested");
+        cancel.cancel();
+    });
+    token
+}

@@ -1,0 +1,11 @@
+//! Coven: a Discord community's voice rooms on the web, live.
+//!
+//! One binary, several commands (see [`cli`]). Each module owns one part of the system;
+//! its header says what it owns and what it must not touch.
+
+#![recursion_limit = "256"]
+
+pub mod cli;
+pub mod config;
+pub mod sim;
+pub mod telemetry;

@@ -1,0 +1,393 @@
+//! The control API under `/_sim/`: what tests and the demo use to read the simulated
+//! guild and to make changes "in Discord" (people joining voice, channels made by an
+//! admin, Gateway trouble, REST failures).
+//!
+//! Every change goes through the world and its dispatches, exactly as REST changes do.
+//! Errors are plain JSON `{"error": "..."}` with a fitting status.
+
+use std::sync::Arc;
+
+use askama::Template;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::Shared;
+use super::rest::Fault;
+use super::world::{NewChannel, Refusal, VoiceFlags, kind, perm};
+
+pub fn router() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/state", get(state))
+        .route("/users", post(add_user))
+        .route("/voice", post(voice))
+        .route("/channels", post(create_channel))
+        .route(
+            "/channels/{id}",
+            delete(delete_channel).patch(update_channel),
+        )
+        .route("/gateway/disconnect", post(disconnect))
+        .route("/gateway/reconnect", post(reconnect))
+        .route("/gateway/invalidate", post(invalidate))
+        .route("/gateway/zombie", post(zombie))
+        .route("/rest/fail", post(fail))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such control route") })
+}
+
+/// A refused control request: a status and a sentence, sent as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct Fail(StatusCode, String);
+
+impl IntoResponse for Fail {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+type Result<T = Response> = std::result::Result<T, Fail>;
+
+fn error(status: StatusCode, message: impl Into<String>) -> Fail {
+    Fail(status, message.into())
+}
+
+impl From<Refusal> for Fail {
+    fn from(r: Refusal) -> Self {
+        refusal(r)
+    }
+}
+
+fn refusal(r: Refusal) -> Fail {
+    match r {
+        Refusal::UnknownChannel => error(StatusCode::NOT_FOUND, "unknown channel"),
+        Refusal::UnknownRole => error(StatusCode::NOT_FOUND, "unknown role"),
+        Refusal::UnknownMember => error(StatusCode::FORBIDDEN, "user is not a member of the guild"),
+        Refusal::UnknownUser => error(StatusCode::NOT_FOUND, "unknown user"),
+        Refusal::UnknownVoiceState => error(StatusCode::NOT_FOUND, "user is not in voice"),
+        Refusal::NotInVoice => error(StatusCode::BAD_REQUEST, "user is not in voice"),
+        Refusal::MissingPermission(bit) => error(
+            StatusCode::FORBIDDEN,
+            format!("missing permission {}", perm::name(bit)),
+        ),
+        Refusal::ChannelFull => error(StatusCode::CONFLICT, "channel is full"),
+        Refusal::Invalid(field, _, message) => {
+            error(StatusCode::BAD_REQUEST, format!("{field}: {message}"))
+        }
+    }
+}
+
+/// Parses a control body; an empty body counts as `{}`.
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T> {
+    let raw: &[u8] = if bytes.is_empty() { b"{}" } else { bytes };
+    serde_json::from_slice(raw)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad body: {e}")))
+}
+
+/// Ids may be sent as strings (Discord style) or numbers.
+fn id(v: &Value, field: &str) -> Result<u64> {
+    match v {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_u64(),
+        _ => None,
+    }
+    .ok_or_else(|| error(StatusCode::BAD_REQUEST, format!("{field} must be an id")))
+}
+
+fn optional_id(v: Option<&Value>, field: &str) -> Result<Option<u64>> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => id(v, field).map(Some),
+    }
+}
+
+async fn state(State(shared): State<Arc<Shared>>) -> Response {
+    let state = shared.lock();
+    let w = &state.world;
+    let body = json!({
+        "guild_id": w.guild_id.to_string(),
+        "client_id": shared.settings.client_id.to_string(),
+        "bot_id": w.bot_id.to_string(),
+        "owner_id": w.owner_id.to_string(),
+        "room_category_id": w.room_category_id.to_string(),
+        "lobby_id": w.lobby_id.to_string(),
+        "users": w.users.values().map(|u| json!({
+            "id": u.id.to_string(),
+            "username": u.username,
+            "global_name": u.global_name,
+            "avatar": u.avatar,
+            "bot": u.bot,
+        })).collect::<Vec<_>>(),
+        "channels": w.channels.values().map(|c| json!({
+            "id": c.id.to_string(),
+            "name": c.name,
+            "type": c.kind,
+            "parent_id": c.parent_id.map(|p| p.to_string()),
+            "user_limit": c.user_limit,
+            "permission_overwrites": c.overwrites.iter().map(|o| json!({
+                "id": o.id.to_string(),
+                "type": o.kind,
+                "allow": o.allow.to_string(),
+                "deny": o.deny.to_string(),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "roles": w.roles.values().map(|r| json!({
+            "id": r.id.to_string(),
+            "name": r.name,
+            "permissions": r.permissions.to_string(),
+        })).collect::<Vec<_>>(),
+        "members": w.members.iter().map(|(u, m)| json!({
+            "user_id": u.to_string(),
+            "roles": m.roles.iter().map(u64::to_string).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "voice_states": w.voice.iter().map(|(u, v)| json!({
+            "user_id": u.to_string(),
+            "channel_id": v.channel_id.to_string(),
+            "self_mute": v.flags.self_mute,
+            "self_deaf": v.flags.self_deaf,
+            "self_video": v.flags.self_video,
+            "self_stream": v.flags.self_stream,
+        })).collect::<Vec<_>>(),
+        "gateway": state.hub.counters,
+    });
+    axum::Json(body).into_response()
+}
+
+#[derive(Deserialize)]
+struct NewUser {
+    username: String,
+    global_name: Option<String>,
+    #[serde(default = "yes")]
+    member: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn add_user(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
+    let req: NewUser = body(&bytes)?;
+    let name_ok = (2..=32).contains(&req.username.chars().count())
+        && req
+            .username
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
+    if !name_ok {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "username must be 2-32 characters of a-z, 0-9, _ and .",
+        ));
+    }
+    let mut state = shared.lock();
+    if state
+        .world
+        .users
+        .values()
+        .any(|u| u.username == req.username)
+    {
+        return Err(error(StatusCode::CONFLICT, "username is taken"));
+    }
+    let id = state
+        .world
+        .add_user(req.username, req.global_name, req.member);
+    let mut user = state.world.user_json(id).unwrap_or(Value::Null);
+    user["member"] = json!(req.member);
+    Ok((StatusCode::CREATED, axum::Json(user)).into_response())
+}
+
+#[derive(Deserialize)]
+struct VoiceChange {
+    user_id: Value,
+    /// Required, and `null` to leave, so a forgotten field is not read as "leave".
+    channel_id: Option<Value>,
+    #[serde(default)]
+    self_mute: bool,
+    #[serde(default)]
+    self_deaf: bool,
+    #[serde(default)]
+    self_video: bool,
+    #[serde(default)]
+    self_stream: bool,
+}
+
+/// A user joins, moves, changes flags or leaves voice from their Discord client.
+async fn voice(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
+    let req: VoiceChange = body(&bytes)?;
+    let Some(channel) = req.channel_id.as_ref() else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "channel_id is required (null to leave)",
+        ));
+    };
+    let user = id(&req.user_id, "user_id")?;
+    let channel = optional_id(Some(channel), "channel_id")?;
+    let flags = VoiceFlags {
+        self_mute: req.self_mute,
+        self_deaf: req.self_deaf,
+        self_video: req.self_video,
+        self_stream: req.self_stream,
+    };
+    let mut state = shared.lock();
+    let events = state.world.user_voice(user, channel, flags)?;
+    state.emit(&events);
+    let w = &state.world;
+    let now = w
+        .voice
+        .get(&user)
+        .map(|v| w.voice_json(user, Some(v.channel_id), v, false))
+        .unwrap_or(Value::Null);
+    Ok(axum::Json(json!({"voice_state": now, "dispatched": events.len()})).into_response())
+}
+
+#[derive(Deserialize)]
+struct ChannelChange {
+    name: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<u8>,
+    parent_id: Option<Value>,
+    user_limit: Option<u32>,
+}
+
+fn channel_body(shared: &Shared, id: u64) -> Value {
+    let state = shared.lock();
+    let w = &state.world;
+    w.channel(id)
+        .map(|c| w.channel_json(c, true))
+        .unwrap_or(Value::Null)
+}
+
+async fn create_channel(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
+    let req: ChannelChange = body(&bytes)?;
+    let parent_id = optional_id(req.parent_id.as_ref(), "parent_id")?;
+    let new = NewChannel {
+        name: req.name.unwrap_or_default(),
+        kind: req.kind.unwrap_or(kind::VOICE),
+        parent_id,
+        user_limit: req.user_limit.unwrap_or(0),
+        overwrites: Vec::new(),
+    };
+    let id = {
+        let mut state = shared.lock();
+        let (id, events) = state.world.create_channel(None, new)?;
+        state.emit(&events);
+        id
+    };
+    Ok((StatusCode::CREATED, axum::Json(channel_body(&shared, id))).into_response())
+}
+
+async fn update_channel(
+    State(shared): State<Arc<Shared>>,
+    Path(raw): Path<String>,
+    bytes: Bytes,
+) -> Result {
+    let req: ChannelChange = body(&bytes)?;
+    let channel = id(&Value::String(raw), "channel id")?;
+    {
+        let mut state = shared.lock();
+        let events = state
+            .world
+            .update_channel(None, channel, req.name, req.user_limit)?;
+        state.emit(&events);
+    }
+    Ok(axum::Json(channel_body(&shared, channel)).into_response())
+}
+
+async fn delete_channel(State(shared): State<Arc<Shared>>, Path(raw): Path<String>) -> Result {
+    let channel = id(&Value::String(raw), "channel id")?;
+    let mut state = shared.lock();
+    let (c, events) = state.world.delete_channel(None, channel)?;
+    state.emit(&events);
+    Ok(axum::Json(c).into_response())
+}
+
+#[derive(Deserialize)]
+struct Disconnect {
+    #[serde(default = "default_close")]
+    code: u16,
+}
+
+fn default_close() -> u16 {
+    super::gateway::close::UNKNOWN_ERROR
+}
+
+fn connections(n: usize) -> Response {
+    axum::Json(json!({"connections": n})).into_response()
+}
+
+async fn disconnect(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
+    let req: Disconnect = body(&bytes)?;
+    // 1004-1006 and 1015 are reserved: never sent in a close frame.
+    if !(1000..=4999).contains(&req.code) || (1004..=1006).contains(&req.code) || req.code == 1015 {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "code must be a close code a server may send",
+        ));
+    }
+    Ok(connections(shared.lock().hub.disconnect_all(req.code)))
+}
+
+async fn reconnect(State(shared): State<Arc<Shared>>) -> Response {
+    connections(shared.lock().hub.reconnect_all())
+}
+
+#[derive(Deserialize)]
+struct Invalidate {
+    #[serde(default)]
+    resumable: bool,
+}
+
+async fn invalidate(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
+    let req: Invalidate = body(&bytes)?;
+    Ok(connections(shared.lock().hub.invalidate_all(req.resumable)))
+}
+
+async fn zombie(State(shared): State<Arc<Shared>>) -> Response {
+    connections(shared.lock().hub.zombify_all())
+}
+
+async fn fail(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
+    let fault: Fault = body(&bytes)?;
+    if !(400..=599).contains(&fault.status) || fault.count == 0 || !fault.path.starts_with('/') {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "status must be 400-599, count at least 1, path absolute",
+        ));
+    }
+    shared.lock().limits.add_fault(fault);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Template)]
+#[template(path = "sim/index.html")]
+struct Index {
+    api: String,
+    gateway: String,
+    base: String,
+    guild_id: u64,
+    client_id: u64,
+    users: usize,
+    channels: usize,
+    voice: usize,
+}
+
+pub fn index_page(shared: &Shared) -> Response {
+    let state = shared.lock();
+    let page = Index {
+        api: shared.url("/api"),
+        gateway: shared.gateway_url(),
+        base: shared.url(""),
+        guild_id: state.world.guild_id,
+        client_id: shared.settings.client_id,
+        users: state.world.users.len(),
+        channels: state.world.channels.len(),
+        voice: state.world.voice.len(),
+    };
+    match page.render() {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}

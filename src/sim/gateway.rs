@@ -1,0 +1,557 @@
+//! The simulated Gateway v10 (JSON text frames): HELLO, IDENTIFY, READY + GUILD_CREATE,
+//! heartbeats, sequence numbers, RESUME with replay, RECONNECT, INVALID_SESSION and
+//! Discord's documented close codes.
+//!
+//! [`Hub`] owns the sessions and the live connections and numbers every dispatch; the
+//! connection task only speaks the protocol. Must not change the guild: that is
+//! [`super::world`]'s job, which hands its dispatches to [`Hub::dispatch`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::sleep_until;
+
+use super::Shared;
+use super::world::Dispatch;
+
+/// Gateway opcodes (Discord's numbering).
+mod op {
+    pub const DISPATCH: u8 = 0;
+    pub const HEARTBEAT: u8 = 1;
+    pub const IDENTIFY: u8 = 2;
+    pub const PRESENCE_UPDATE: u8 = 3;
+    pub const VOICE_STATE_UPDATE: u8 = 4;
+    pub const RESUME: u8 = 6;
+    pub const RECONNECT: u8 = 7;
+    pub const REQUEST_GUILD_MEMBERS: u8 = 8;
+    pub const INVALID_SESSION: u8 = 9;
+    pub const HELLO: u8 = 10;
+    pub const HEARTBEAT_ACK: u8 = 11;
+    pub const REQUEST_SOUNDBOARD_SOUNDS: u8 = 31;
+}
+
+/// Close codes from Discord's documentation.
+pub mod close {
+    pub const UNKNOWN_ERROR: u16 = 4000;
+    pub const UNKNOWN_OPCODE: u16 = 4001;
+    pub const DECODE_ERROR: u16 = 4002;
+    pub const NOT_AUTHENTICATED: u16 = 4003;
+    pub const AUTHENTICATION_FAILED: u16 = 4004;
+    pub const ALREADY_AUTHENTICATED: u16 = 4005;
+    pub const INVALID_SEQ: u16 = 4007;
+    pub const RATE_LIMITED: u16 = 4008;
+    pub const SESSION_TIMED_OUT: u16 = 4009;
+    pub const INVALID_SHARD: u16 = 4010;
+    pub const INVALID_API_VERSION: u16 = 4012;
+    pub const INVALID_INTENTS: u16 = 4013;
+    pub const DISALLOWED_INTENTS: u16 = 4014;
+
+    pub fn reason(code: u16) -> &'static str {
+        match code {
+            UNKNOWN_ERROR => "Unknown error.",
+            UNKNOWN_OPCODE => "Unknown opcode.",
+            DECODE_ERROR => "Decode error.",
+            NOT_AUTHENTICATED => "Not authenticated.",
+            AUTHENTICATION_FAILED => "Authentication failed.",
+            ALREADY_AUTHENTICATED => "Already authenticated.",
+            INVALID_SEQ => "Invalid seq.",
+            RATE_LIMITED => "Rate limited.",
+            SESSION_TIMED_OUT => "Session timed out.",
+            INVALID_SHARD => "Invalid shard.",
+            4011 => "Sharding required.",
+            INVALID_API_VERSION => "Invalid API version.",
+            INVALID_INTENTS => "Invalid intent(s).",
+            DISALLOWED_INTENTS => "Disallowed intent(s).",
+            _ => "",
+        }
+    }
+
+    /// Codes after which Discord's session cannot be resumed.
+    pub fn ends_session(code: u16) -> bool {
+        matches!(code, INVALID_SEQ | SESSION_TIMED_OUT | 1000 | 1001)
+            || (4004..=4014).contains(&code)
+    }
+}
+
+/// Intent bits the simulator cares about.
+pub mod intents {
+    pub const GUILDS: u64 = 1 << 0;
+    pub const GUILD_MEMBERS: u64 = 1 << 1;
+    pub const GUILD_PRESENCES: u64 = 1 << 8;
+    pub const GUILD_VOICE_STATES: u64 = 1 << 7;
+    pub const MESSAGE_CONTENT: u64 = 1 << 15;
+    /// Every bit Discord defines.
+    pub const VALID: u64 = ((1 << 17) - 1) | (1 << 20) | (1 << 21) | (1 << 24) | (1 << 25);
+    /// Privileged intents, which the simulated application has not been granted.
+    pub const PRIVILEGED: u64 = GUILD_MEMBERS | GUILD_PRESENCES | MESSAGE_CONTENT;
+
+    /// The intent a dispatch needs; `0` means it is always sent.
+    pub fn required_for(event: &str) -> u64 {
+        match event {
+            "READY" | "RESUMED" => 0,
+            "VOICE_STATE_UPDATE" => GUILD_VOICE_STATES,
+            "GUILD_MEMBER_ADD" | "GUILD_MEMBER_UPDATE" | "GUILD_MEMBER_REMOVE" => GUILD_MEMBERS,
+            _ => GUILDS,
+        }
+    }
+}
+
+/// Payloads a client may send per minute before Discord closes with 4008.
+const PAYLOAD_LIMIT: usize = 120;
+/// Dispatches kept per session for RESUME replay.
+const REPLAY_LOG: usize = 10_000;
+
+/// What the hub tells a connection task to do.
+#[derive(Debug)]
+pub enum Out {
+    Frame(Arc<str>),
+    Close(u16),
+}
+
+#[derive(Debug)]
+struct Conn {
+    tx: mpsc::UnboundedSender<Out>,
+    session: Option<String>,
+    /// Zombie mode: heartbeats go unanswered on this connection.
+    zombie: bool,
+}
+
+#[derive(Debug)]
+struct Session {
+    intents: u64,
+    seq: u64,
+    log: VecDeque<(u64, Arc<str>)>,
+    conn: Option<u64>,
+    detached_at: Option<Instant>,
+}
+
+/// Counters the control API reports.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Counters {
+    pub connections: u64,
+    pub identifies: u64,
+    pub resumes: u64,
+    pub last_sequence: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Hub {
+    sessions: HashMap<String, Session>,
+    conns: HashMap<u64, Conn>,
+    next_conn: u64,
+    pub counters: Counters,
+    resume_ttl: Duration,
+}
+
+impl Hub {
+    pub fn new(resume_ttl: Duration) -> Self {
+        Self {
+            resume_ttl,
+            ..Self::default()
+        }
+    }
+
+    fn open(&mut self, tx: mpsc::UnboundedSender<Out>) -> u64 {
+        self.next_conn += 1;
+        self.counters.connections += 1;
+        self.conns.insert(
+            self.next_conn,
+            Conn {
+                tx,
+                session: None,
+                zombie: false,
+            },
+        );
+        self.next_conn
+    }
+
+    /// Forgets a connection; its session stays resumable for `resume_ttl`.
+    fn closed(&mut self, conn_id: u64) {
+        if let Some(conn) = self.conns.remove(&conn_id)
+            && let Some(s) = conn.session.and_then(|id| self.sessions.get_mut(&id))
+            && s.conn == Some(conn_id)
+        {
+            s.conn = None;
+            s.detached_at = Some(Instant::now());
+        }
+    }
+
+    /// Numbers and delivers world changes to every session whose intents want them,
+    /// including detached ones (for replay on RESUME).
+    pub fn dispatch(&mut self, events: &[Dispatch]) {
+        let ttl = self.resume_ttl;
+        self.sessions
+            .retain(|_, s| s.conn.is_some() || s.detached_at.is_none_or(|at| at.elapsed() < ttl));
+        for event in events {
+            let need = intents::required_for(event.name);
+            let ids: Vec<String> = self
+                .sessions
+                .iter()
+                .filter(|(_, s)| need == 0 || s.intents & need != 0)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in ids {
+                self.send_dispatch(&id, event.name, &event.data);
+            }
+        }
+    }
+
+    fn send_dispatch(&mut self, session_id: &str, name: &str, data: &Value) {
+        let Some(s) = self.sessions.get_mut(session_id) else {
+            return;
+        };
+        s.seq += 1;
+        let frame: Arc<str> = json!({"op": op::DISPATCH, "t": name, "s": s.seq, "d": data})
+            .to_string()
+            .into();
+        s.log.push_back((s.seq, frame.clone()));
+        if s.log.len() > REPLAY_LOG {
+            s.log.pop_front();
+        }
+        self.counters.last_sequence = s.seq;
+        if let Some(conn) = s.conn.and_then(|c| self.conns.get(&c)) {
+            let _ = conn.tx.send(Out::Frame(frame));
+        }
+    }
+
+    fn send(&self, conn_id: u64, payload: Value) {
+        if let Some(c) = self.conns.get(&conn_id) {
+            let _ = c.tx.send(Out::Frame(payload.to_string().into()));
+        }
+    }
+
+    fn close(&mut self, conn_id: u64, code: u16) {
+        if let Some(c) = self.conns.get(&conn_id) {
+            let _ = c.tx.send(Out::Close(code));
+        }
+        if close::ends_session(code)
+            && let Some(id) = self.conns.get(&conn_id).and_then(|c| c.session.clone())
+        {
+            self.sessions.remove(&id);
+        }
+    }
+
+    /// Control API: close every live connection with `code`.
+    pub fn disconnect_all(&mut self, code: u16) -> usize {
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in &ids {
+            self.close(*id, code);
+        }
+        ids.len()
+    }
+
+    /// Control API: send op 7 RECONNECT to every identified connection.
+    pub fn reconnect_all(&mut self) -> usize {
+        let mut n = 0;
+        for (id, c) in &self.conns {
+            if c.session.is_some() {
+                self.send(*id, json!({"op": op::RECONNECT, "d": null}));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Control API: send op 9 INVALID_SESSION; a non-resumable one ends the sessions.
+    pub fn invalidate_all(&mut self, resumable: bool) -> usize {
+        let ids: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.session.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            self.send(*id, json!({"op": op::INVALID_SESSION, "d": resumable}));
+            if !resumable
+                && let Some(session) = self.conns.get_mut(id).and_then(|c| c.session.take())
+            {
+                self.sessions.remove(&session);
+            }
+        }
+        ids.len()
+    }
+
+    /// Control API: stop acknowledging heartbeats on the connections open now.
+    pub fn zombify_all(&mut self) -> usize {
+        for c in self.conns.values_mut() {
+            c.zombie = true;
+        }
+        self.conns.len()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// One WebSocket connection.
+
+#[derive(Debug, Deserialize)]
+struct Payload {
+    op: u8,
+    #[serde(default)]
+    d: Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct Identify {
+    token: String,
+    intents: u64,
+    #[serde(default)]
+    shard: Option<[u64; 2]>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Resume {
+    token: String,
+    session_id: String,
+    seq: u64,
+}
+
+/// Query parameters the Gateway URL carries.
+#[derive(Debug, Deserialize, Default)]
+pub struct GatewayQuery {
+    pub v: Option<String>,
+    pub encoding: Option<String>,
+}
+
+/// Speaks the Gateway protocol on one socket until either side closes it.
+pub async fn serve_connection(shared: Arc<Shared>, mut socket: WebSocket, query: GatewayQuery) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let conn_id = shared.lock().hub.open(tx);
+    let heartbeat = shared.settings.heartbeat_interval;
+
+    let early_close = match (query.v.as_deref(), query.encoding.as_deref()) {
+        (Some("10"), Some("json") | None) => None,
+        (Some("10"), Some(_)) => Some(close::DECODE_ERROR),
+        _ => Some(close::INVALID_API_VERSION),
+    };
+    if let Some(code) = early_close {
+        send_close(&mut socket, code).await;
+        shared.lock().hub.closed(conn_id);
+        return;
+    }
+
+    let hello = json!({"op": op::HELLO, "d": {"heartbeat_interval": heartbeat.as_millis() as u64}, "s": null, "t": null});
+    let mut alive = socket
+        .send(Message::Text(Utf8Bytes::from(hello.to_string())))
+        .await
+        .is_ok();
+    // Discord ends a connection that stops heartbeating; allow generous slack for jitter.
+    let grace = heartbeat + heartbeat / 2 + Duration::from_secs(1);
+    let mut deadline = tokio::time::Instant::now() + grace;
+    let mut window: VecDeque<Instant> = VecDeque::new();
+
+    while alive {
+        tokio::select! {
+            incoming = socket.recv() => {
+                let text = match incoming {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Binary(_))) => {
+                        // The simulator speaks JSON only; ETF or compressed input is undecodable.
+                        shared.lock().hub.close(conn_id, close::DECODE_ERROR);
+                        continue;
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                };
+                let now = Instant::now();
+                window.push_back(now);
+                while window.front().is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60)) {
+                    window.pop_front();
+                }
+                if window.len() > PAYLOAD_LIMIT {
+                    shared.lock().hub.close(conn_id, close::RATE_LIMITED);
+                    continue;
+                }
+                if handle_payload(&shared, conn_id, &text) {
+                    deadline = tokio::time::Instant::now() + grace;
+                }
+            }
+            out = rx.recv() => match out {
+                Some(Out::Frame(frame)) => {
+                    alive = socket.send(Message::Text(Utf8Bytes::from(&*frame))).await.is_ok();
+                }
+                Some(Out::Close(code)) => {
+                    send_close(&mut socket, code).await;
+                    break;
+                }
+                None => break,
+            },
+            () = sleep_until(deadline) => {
+                shared.lock().hub.close(conn_id, close::SESSION_TIMED_OUT);
+                deadline = tokio::time::Instant::now() + grace;
+            }
+            () = shared.shutdown.cancelled() => {
+                send_close(&mut socket, 1001).await;
+                break;
+            }
+        }
+    }
+    shared.lock().hub.closed(conn_id);
+}
+
+async fn send_close(socket: &mut WebSocket, code: u16) {
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(close::reason(code)),
+    };
+    let _ = socket.send(Message::Close(Some(frame))).await;
+}
+
+/// Handles one client payload. Returns true when it was a heartbeat.
+fn handle_payload(shared: &Shared, conn_id: u64, text: &str) -> bool {
+    let mut state = shared.lock();
+    let state = &mut *state;
+    let Ok(payload) = serde_json::from_str::<Payload>(text) else {
+        state.hub.close(conn_id, close::DECODE_ERROR);
+        return false;
+    };
+    let identified = state
+        .hub
+        .conns
+        .get(&conn_id)
+        .is_some_and(|c| c.session.is_some());
+    match payload.op {
+        op::HEARTBEAT => {
+            let zombie = state.hub.conns.get(&conn_id).is_none_or(|c| c.zombie);
+            if !zombie {
+                state.hub.send(
+                    conn_id,
+                    json!({"op": op::HEARTBEAT_ACK, "d": null, "s": null, "t": null}),
+                );
+            }
+            return true;
+        }
+        op::IDENTIFY if identified => state.hub.close(conn_id, close::ALREADY_AUTHENTICATED),
+        op::IDENTIFY => match serde_json::from_value::<Identify>(payload.d) {
+            Err(_) => state.hub.close(conn_id, close::DECODE_ERROR),
+            Ok(identify) => {
+                if !shared.settings.token_matches(&identify.token) {
+                    state.hub.close(conn_id, close::AUTHENTICATION_FAILED);
+                } else if identify.intents & !intents::VALID != 0 {
+                    state.hub.close(conn_id, close::INVALID_INTENTS);
+                } else if identify.intents & intents::PRIVILEGED != 0 {
+                    state.hub.close(conn_id, close::DISALLOWED_INTENTS);
+                } else if identify
+                    .shard
+                    .is_some_and(|[id, count]| count == 0 || id >= count)
+                {
+                    state.hub.close(conn_id, close::INVALID_SHARD);
+                } else {
+                    start_session(shared, state, conn_id, identify);
+                }
+            }
+        },
+        op::RESUME if identified => state.hub.close(conn_id, close::ALREADY_AUTHENTICATED),
+        op::RESUME => match serde_json::from_value::<Resume>(payload.d) {
+            Err(_) => state.hub.close(conn_id, close::DECODE_ERROR),
+            Ok(resume) if !shared.settings.token_matches(&resume.token) => {
+                state.hub.close(conn_id, close::AUTHENTICATION_FAILED);
+            }
+            Ok(resume) => resume_session(&mut state.hub, conn_id, resume),
+        },
+        op::PRESENCE_UPDATE
+        | op::VOICE_STATE_UPDATE
+        | op::REQUEST_GUILD_MEMBERS
+        | op::REQUEST_SOUNDBOARD_SOUNDS => {
+            if !identified {
+                state.hub.close(conn_id, close::NOT_AUTHENTICATED);
+            }
+            // Accepted and ignored: Coven never sends these, and the simulator has no
+            // presences or member chunks to answer with.
+        }
+        _ => state.hub.close(conn_id, close::UNKNOWN_OPCODE),
+    }
+    false
+}
+
+fn start_session(shared: &Shared, state: &mut super::State, conn_id: u64, identify: Identify) {
+    let session_id = super::world::random_hex(16);
+    state.hub.counters.identifies += 1;
+    state.hub.sessions.insert(
+        session_id.clone(),
+        Session {
+            intents: identify.intents,
+            seq: 0,
+            log: VecDeque::new(),
+            conn: Some(conn_id),
+            detached_at: None,
+        },
+    );
+    if let Some(c) = state.hub.conns.get_mut(&conn_id) {
+        c.session = Some(session_id.clone());
+    }
+    let world = &state.world;
+    let mut ready = json!({
+        "v": 10,
+        "user": world.user_json(world.bot_id).map(|mut u| {
+            u["mfa_enabled"] = json!(false);
+            u["verified"] = json!(true);
+            u
+        }),
+        "guilds": [{"id": world.guild_id.to_string(), "unavailable": true}],
+        "session_id": session_id,
+        "resume_gateway_url": shared.gateway_url(),
+        "application": {"id": shared.settings.client_id.to_string(), "flags": 0},
+        "private_channels": [],
+        "presences": [],
+        "relationships": [],
+        "_trace": ["coven-sim"],
+    });
+    if let Some(shard) = identify.shard {
+        ready["shard"] = json!(shard);
+    }
+    let guild = (identify.intents & intents::GUILDS != 0)
+        .then(|| world.guild_create_json(identify.intents & intents::GUILD_VOICE_STATES != 0));
+    state.hub.send_dispatch(&session_id, "READY", &ready);
+    if let Some(guild) = guild {
+        state.hub.send_dispatch(&session_id, "GUILD_CREATE", &guild);
+    }
+}
+
+fn resume_session(hub: &mut Hub, conn_id: u64, resume: Resume) {
+    let ttl = hub.resume_ttl;
+    let invalid = json!({"op": op::INVALID_SESSION, "d": false, "s": null, "t": null});
+    let Some(session) = hub.sessions.get_mut(&resume.session_id) else {
+        hub.send(conn_id, invalid);
+        return;
+    };
+    let expired =
+        session.conn.is_none() && session.detached_at.is_some_and(|at| at.elapsed() >= ttl);
+    let oldest = session.log.front().map_or(session.seq + 1, |(s, _)| *s);
+    if expired || resume.seq > session.seq || resume.seq + 1 < oldest {
+        hub.sessions.remove(&resume.session_id);
+        hub.send(conn_id, invalid);
+        return;
+    }
+    // A session moves to the newest connection; Discord drops the older one.
+    let previous = session.conn.replace(conn_id);
+    session.detached_at = None;
+    let replay: Vec<Arc<str>> = session
+        .log
+        .iter()
+        .filter(|(s, _)| *s > resume.seq)
+        .map(|(_, f)| f.clone())
+        .collect();
+    if let Some(prev) = previous.filter(|p| *p != conn_id)
+        && let Some(c) = hub.conns.get_mut(&prev)
+    {
+        c.session = None;
+        let _ = c.tx.send(Out::Close(close::UNKNOWN_ERROR));
+    }
+    if let Some(c) = hub.conns.get_mut(&conn_id) {
+        c.session = Some(resume.session_id.clone());
+        for frame in replay {
+            let _ = c.tx.send(Out::Frame(frame));
+        }
+    }
+    hub.counters.resumes += 1;
+    hub.send_dispatch(
+        &resume.session_id,
+        "RESUMED",
+        &json!({"_trace": ["coven-sim"]}),
+    );
+}

@@ -1,0 +1,431 @@
+//! Simulated OAuth2: `GET /oauth2/authorize` (a page to pick which user to be, or
+//! `&sim_user=<id>`), `POST /api/oauth2/token` (authorization code with PKCE, refresh
+//! token; client auth by HTTP Basic or form body) and the bearer tokens REST accepts.
+//!
+//! Owns codes and tokens. Must not change the guild.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use askama::Template;
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use url::Url;
+
+use super::Shared;
+use super::world::random_hex;
+
+/// Codes live ten minutes, as Discord's do.
+const CODE_TTL: Duration = Duration::from_secs(600);
+
+/// The scopes Discord documents that the simulator accepts.
+const KNOWN_SCOPES: &[&str] = &[
+    "identify",
+    "email",
+    "guilds",
+    "guilds.join",
+    "guilds.members.read",
+    "connections",
+    "openid",
+];
+
+#[derive(Debug)]
+struct Grant {
+    redirect_uri: String,
+    scopes: Vec<String>,
+    user_id: u64,
+    challenge: Option<String>,
+    expires: Instant,
+}
+
+#[derive(Debug)]
+struct Token {
+    user_id: u64,
+    scopes: Vec<String>,
+    expires: Instant,
+}
+
+#[derive(Debug, Default)]
+pub struct Store {
+    codes: HashMap<String, Grant>,
+    access: HashMap<String, Token>,
+    refresh: HashMap<String, (u64, Vec<String>)>,
+}
+
+impl Store {
+    /// The user and scopes behind a live access token.
+    pub fn bearer(&self, token: &str) -> Option<(u64, Vec<String>)> {
+        self.access
+            .get(token)
+            .filter(|t| t.expires > Instant::now())
+            .map(|t| (t.user_id, t.scopes.clone()))
+    }
+
+    fn issue(&mut self, user_id: u64, scopes: Vec<String>, ttl: Duration) -> serde_json::Value {
+        let access = random_hex(20);
+        let refresh = random_hex(20);
+        self.access.retain(|_, t| t.expires > Instant::now());
+        self.access.insert(
+            access.clone(),
+            Token {
+                user_id,
+                scopes: scopes.clone(),
+                expires: Instant::now() + ttl,
+            },
+        );
+        self.refresh
+            .insert(refresh.clone(), (user_id, scopes.clone()));
+        json!({
+            "access_token": access,
+            "token_type": "Bearer",
+            "expires_in": ttl.as_secs(),
+            "refresh_token": refresh,
+            "scope": scopes.join(" "),
+        })
+    }
+}
+
+pub fn router() -> Router<Arc<Shared>> {
+    Router::new().route("/oauth2/authorize", get(authorize))
+}
+
+/// `/api/v10/oauth2/token` (nested under `/api/v10` by the REST router).
+pub fn token_routes() -> Router<Arc<Shared>> {
+    Router::new().route("/oauth2/token", post(token))
+}
+
+/// `/api/oauth2/token`, the unversioned path Discord documents for the token endpoint.
+pub fn token_routes_unversioned() -> Router<Arc<Shared>> {
+    Router::new().route("/api/oauth2/token", post(token))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AuthorizeQuery {
+    client_id: Option<String>,
+    redirect_uri: Option<String>,
+    response_type: Option<String>,
+    scope: Option<String>,
+    state: Option<String>,
+    code_challenge: Option<String>,
+    code_challenge_method: Option<String>,
+    sim_user: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "sim/authorize.html")]
+struct PickUser {
+    guild: String,
+    scopes: String,
+    users: Vec<PickableUser>,
+}
+
+struct PickableUser {
+    name: String,
+    username: String,
+    member: bool,
+    href: String,
+}
+
+#[derive(Template)]
+#[template(path = "sim/oauth_error.html")]
+struct AuthorizeError {
+    message: String,
+}
+
+fn error_page(message: impl Into<String>) -> Response {
+    let page = AuthorizeError {
+        message: message.into(),
+    };
+    match page.render() {
+        Ok(html) => (StatusCode::BAD_REQUEST, Html(html)).into_response(),
+        Err(_) => (StatusCode::BAD_REQUEST, "invalid authorization request").into_response(),
+    }
+}
+
+async fn authorize(State(shared): State<Arc<Shared>>, Query(q): Query<AuthorizeQuery>) -> Response {
+    // Errors about the client or the redirect URI are shown, never redirected: sending
+    // a user to an unverified URI is exactly what OAuth2 forbids.
+    let client_ok = q
+        .client_id
+        .as_deref()
+        .is_some_and(|c| c == shared.settings.client_id.to_string());
+    if !client_ok {
+        return error_page("Unknown application (client_id does not match).");
+    }
+    let Some(redirect) = q.redirect_uri.as_deref().and_then(|u| Url::parse(u).ok()) else {
+        return error_page("Invalid OAuth2 redirect_uri.");
+    };
+    let allowed = &shared.settings.redirect_uris;
+    if !matches!(redirect.scheme(), "http" | "https")
+        || (!allowed.is_empty() && !allowed.contains(&redirect))
+    {
+        return error_page("Invalid OAuth2 redirect_uri.");
+    }
+    let fail = |error: &str, description: &str| {
+        let mut to = redirect.clone();
+        {
+            let mut pairs = to.query_pairs_mut();
+            pairs.append_pair("error", error);
+            pairs.append_pair("error_description", description);
+            if let Some(s) = &q.state {
+                pairs.append_pair("state", s);
+            }
+        }
+        Redirect::to(to.as_str()).into_response()
+    };
+    if q.response_type.as_deref() != Some("code") {
+        return fail("unsupported_response_type", "response_type must be code");
+    }
+    let scopes: Vec<String> = q
+        .scope
+        .as_deref()
+        .unwrap_or("")
+        .split([' ', '+'])
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if scopes.is_empty() || scopes.iter().any(|s| !KNOWN_SCOPES.contains(&s.as_str())) {
+        return fail(
+            "invalid_scope",
+            "The requested scope is invalid, unknown, or malformed.",
+        );
+    }
+    let challenge = match (&q.code_challenge, q.code_challenge_method.as_deref()) {
+        (None, None) => None,
+        (Some(c), Some("S256")) if (43..=128).contains(&c.len()) => Some(c.clone()),
+        (Some(_), Some("S256")) => return fail("invalid_request", "Invalid code_challenge"),
+        _ => return fail("invalid_request", "code_challenge_method must be S256"),
+    };
+
+    let mut state = shared.lock();
+    let Some(pick) = q.sim_user.as_deref() else {
+        let w = &state.world;
+        let users = w
+            .users
+            .values()
+            .filter(|u| !u.bot)
+            .map(|u| {
+                let mut href =
+                    Url::parse("http://sim/oauth2/authorize").unwrap_or(redirect.clone());
+                href.query_pairs_mut()
+                    .append_pair("client_id", q.client_id.as_deref().unwrap_or_default())
+                    .append_pair("redirect_uri", redirect.as_str())
+                    .append_pair("response_type", "code")
+                    .append_pair("scope", &scopes.join(" "))
+                    .append_pair("sim_user", &u.id.to_string());
+                if let Some(s) = &q.state {
+                    href.query_pairs_mut().append_pair("state", s);
+                }
+                if let Some(c) = &challenge {
+                    href.query_pairs_mut()
+                        .append_pair("code_challenge", c)
+                        .append_pair("code_challenge_method", "S256");
+                }
+                PickableUser {
+                    name: u.global_name.clone().unwrap_or_else(|| u.username.clone()),
+                    username: u.username.clone(),
+                    member: w.members.contains_key(&u.id),
+                    href: format!("/oauth2/authorize?{}", href.query().unwrap_or_default()),
+                }
+            })
+            .collect();
+        let page = PickUser {
+            guild: w.guild_name.clone(),
+            scopes: scopes.join(", "),
+            users,
+        };
+        return match page.render() {
+            Ok(html) => Html(html).into_response(),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        };
+    };
+    let user_id = state
+        .world
+        .users
+        .values()
+        .find(|u| !u.bot && (u.id.to_string() == pick || u.username == pick))
+        .map(|u| u.id);
+    let Some(user_id) = user_id else {
+        return error_page(format!("No simulated user {pick:?}."));
+    };
+    let code = random_hex(16);
+    state.oauth.codes.retain(|_, g| g.expires > Instant::now());
+    state.oauth.codes.insert(
+        code.clone(),
+        Grant {
+            redirect_uri: redirect.as_str().to_owned(),
+            scopes,
+            user_id,
+            challenge,
+            expires: Instant::now() + CODE_TTL,
+        },
+    );
+    let mut to = redirect.clone();
+    {
+        let mut pairs = to.query_pairs_mut();
+        pairs.append_pair("code", &code);
+        if let Some(s) = &q.state {
+            pairs.append_pair("state", s);
+        }
+    }
+    Redirect::to(to.as_str()).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TokenForm {
+    grant_type: Option<String>,
+    code: Option<String>,
+    redirect_uri: Option<String>,
+    code_verifier: Option<String>,
+    refresh_token: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+}
+
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": error, "error_description": description})),
+    )
+        .into_response()
+}
+
+/// The client's credentials, from HTTP Basic (form-urlencoded parts, RFC 6749 §2.3.1) or
+/// the form body.
+fn client_credentials(headers: &HeaderMap, form: &TokenForm) -> Option<(String, String)> {
+    if let Some(basic) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+    {
+        let decoded = STANDARD.decode(basic.trim()).ok()?;
+        let decoded = String::from_utf8(decoded).ok()?;
+        let (id, secret) = decoded.split_once(':')?;
+        let unescape = |s: &str| {
+            url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+        };
+        return Some((unescape(id)?, unescape(secret)?));
+    }
+    Some((form.client_id.clone()?, form.client_secret.clone()?))
+}
+
+async fn token(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Ok(form) = serde_urlencoded_form(&body) else {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "malformed form body",
+        );
+    };
+    let authenticated = client_credentials(&headers, &form).is_some_and(|(id, secret)| {
+        id == shared.settings.client_id.to_string()
+            && secret == shared.settings.client_secret.expose_secret()
+    });
+    if !authenticated {
+        return oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "Invalid client credentials",
+        );
+    }
+    let ttl = shared.settings.token_ttl;
+    let mut state = shared.lock();
+    match form.grant_type.as_deref() {
+        Some("authorization_code") => {
+            // A code is spent by any attempt to use it, successful or not.
+            let Some(grant) = form
+                .code
+                .as_deref()
+                .and_then(|c| state.oauth.codes.remove(c))
+            else {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    "Invalid \"code\" in request.",
+                );
+            };
+            if grant.expires <= Instant::now() {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    "Invalid \"code\" in request.",
+                );
+            }
+            if form.redirect_uri.as_deref() != Some(grant.redirect_uri.as_str()) {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    "Invalid \"redirect_uri\" in request.",
+                );
+            }
+            if let Some(challenge) = &grant.challenge {
+                let ok = form.code_verifier.as_deref().is_some_and(|v| {
+                    URL_SAFE_NO_PAD.encode(Sha256::digest(v.as_bytes())) == *challenge
+                });
+                if !ok {
+                    return oauth_error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_grant",
+                        "Invalid \"code_verifier\" in request.",
+                    );
+                }
+            }
+            axum::Json(state.oauth.issue(grant.user_id, grant.scopes, ttl)).into_response()
+        }
+        Some("refresh_token") => {
+            let Some((user, scopes)) = form
+                .refresh_token
+                .as_deref()
+                .and_then(|r| state.oauth.refresh.remove(r))
+            else {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    "Invalid \"refresh_token\" in request.",
+                );
+            };
+            axum::Json(state.oauth.issue(user, scopes, ttl)).into_response()
+        }
+        _ => oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "Unsupported grant type",
+        ),
+    }
+}
+
+fn serde_urlencoded_form(body: &[u8]) -> Result<TokenForm, ()> {
+    let mut map: HashMap<String, String> = HashMap::new();
+    for (k, v) in url::form_urlencoded::parse(body) {
+        map.insert(k.into_owned(), v.into_owned());
+    }
+    let take = |k: &str| map.get(k).cloned();
+    if std::str::from_utf8(body).is_err() {
+        return Err(());
+    }
+    Ok(TokenForm {
+        grant_type: take("grant_type"),
+        code: take("code"),
+        redirect_uri: take("redirect_uri"),
+        code_verifier: take("code_verifier"),
+        refresh_token: take("refresh_token"),
+        client_id: take("client_id"),
+        client_secret: take("client_secret"),
+    })
+}
