@@ -199,10 +199,16 @@ async fn add_user(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
     Ok((StatusCode::CREATED, axum::Json(user)).into_response())
 }
 
+/// Reads a field that is present (even as `null`) as `Some`; an absent one stays `None`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
 #[derive(Deserialize)]
 struct VoiceChange {
     user_id: Value,
     /// Required, and `null` to leave, so a forgotten field is not read as "leave".
+    #[serde(default, deserialize_with = "present")]
     channel_id: Option<Value>,
     #[serde(default)]
     self_mute: bool,

@@ -206,9 +206,7 @@ impl Hub {
             return;
         };
         s.seq += 1;
-        let frame: Arc<str> = json!({"op": op::DISPATCH, "t": name, "s": s.seq, "d": data})
-            .to_string()
-            .into();
+        let frame: Arc<str> = dispatch_frame(name, s.seq, data).into();
         s.log.push_back((s.seq, frame.clone()));
         if s.log.len() > REPLAY_LOG {
             s.log.pop_front();
@@ -283,6 +281,16 @@ impl Hub {
         }
         self.conns.len()
     }
+}
+
+/// A dispatch frame with Discord's key order (`t`, `s`, `op`, then `d`): twilight finds
+/// the event type and sequence by scanning for these keys ahead of the payload.
+fn dispatch_frame(name: &str, seq: u64, data: &Value) -> String {
+    format!(
+        r#"{{"t":{},"s":{seq},"op":{},"d":{data}}}"#,
+        Value::from(name),
+        op::DISPATCH
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -554,4 +562,28 @@ fn resume_session(hub: &mut Hub, conn_id: u64, resume: Resume) {
         "RESUMED",
         &json!({"_trace": ["coven-sim"]}),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::DeserializeSeed;
+    use twilight_model::gateway::event::{GatewayEvent, GatewayEventDeserializer};
+
+    #[test]
+    fn dispatch_frames_are_read_by_twilights_scanner() {
+        let world = crate::sim::world::World::seeded(5, 6);
+        let lobby = world.lobby_id;
+        let mut world = world;
+        let user = *world.members.keys().find(|u| **u != 6).unwrap();
+        let events = world
+            .user_voice(user, Some(lobby), Default::default())
+            .unwrap();
+        let frame = dispatch_frame(events[0].name, 7, &events[0].data);
+        let de = GatewayEventDeserializer::from_json(&frame).unwrap();
+        assert_eq!((de.op(), de.event_type()), (0, Some("VOICE_STATE_UPDATE")));
+        let mut json = serde_json::Deserializer::from_str(&frame);
+        let event = de.deserialize(&mut json).unwrap();
+        assert!(matches!(event, GatewayEvent::Dispatch(7, _)));
+    }
 }

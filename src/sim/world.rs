@@ -103,8 +103,13 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Now, in the ISO 8601 form Discord writes (`+00:00`, microseconds).
 fn iso_now() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+    let t = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+    match t.strip_suffix('Z') {
+        Some(base) => format!("{base}+00:00"),
+        None => t,
+    }
 }
 
 #[derive(Debug, Clone)]

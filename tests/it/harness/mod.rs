@@ -1,0 +1,54 @@
+//! Shared test machinery: a simulator in-process, a private Redis, `coven` processes,
+//! and waiting on conditions with deadlines (never sleeping and hoping).
+
+#![allow(dead_code)]
+
+mod process;
+mod redis;
+mod sim;
+
+use std::future::Future;
+use std::time::Duration;
+
+pub use process::CovenProcess;
+pub use redis::RedisServer;
+pub use sim::{TestSim, next_event, shard, shard_with};
+
+/// How long any single condition may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+/// Polls `check` until it returns `Some`, failing the test with `what` at the deadline.
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {DEADLINE:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `fut` with the standard deadline.
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(DEADLINE, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
+    }
+}
+
+/// Logs go to the test output only when `TEST_LOG` is set.
+pub fn init_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        coven::telemetry::init(&coven::config::LogSettings {
+            filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+            format: coven::config::LogFormat::Pretty,
+        });
+    }
+}

@@ -1,0 +1,176 @@
+//! Real `coven` processes: spawned from the binary cargo built, in a scratch directory
+//! (so no `.env` file of the developer's leaks in), with their output captured.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub struct CovenProcess {
+    child: Child,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// Settings that must not leak from the developer's shell into a test process.
+const SCRUBBED: &[&str] = &[
+    "REDIS_URL",
+    "DISCORD_BOT_TOKEN",
+    "DISCORD_CLIENT_ID",
+    "DISCORD_CLIENT_SECRET",
+    "DISCORD_GUILD_ID",
+    "PRIMARY_GUILD_ID",
+    "DISCORD_ROOM_CATEGORY_ID",
+    "DISCORD_API_URL",
+    "DISCORD_GATEWAY_URL",
+    "DISCORD_OAUTH_URL",
+    "PUBLIC_URL",
+    "BIND",
+    "INVITE_SECRET",
+    "COVEN_KEY_PREFIX",
+    "RUST_LOG",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+    "COVEN_ENV",
+];
+
+impl CovenProcess {
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut p = Self::spawn_in(dir.path(), args, env);
+        p._dir = Some(dir);
+        p
+    }
+
+    pub fn spawn_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_coven"));
+        cmd.args(args).current_dir(dir);
+        for k in SCRUBBED {
+            cmd.env_remove(k);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn coven");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            readers.push(collect(out, stdout.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            readers.push(collect(err, stderr.clone()));
+        }
+        Self {
+            child,
+            stdout,
+            stderr,
+            readers,
+            _dir: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Waits for a stdout line containing `needle` and returns it.
+    pub fn wait_for_stdout(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + super::DEADLINE;
+        loop {
+            if let Some(line) = self.stdout().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "coven exited ({status}) before printing {needle:?}; stderr:\n{}",
+                    self.stderr().join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "coven did not print {needle:?} in time; stderr:\n{}",
+                self.stderr().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The `http://host:port` from a "listening on" line.
+    pub fn listening_url(&mut self) -> String {
+        let line = self.wait_for_stdout("listening on ");
+        line.rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    /// Waits for the process to exit; returns its exit code (None if killed by a signal).
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + super::DEADLINE;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // The readers end at EOF, once they hold everything the process wrote.
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "coven did not exit in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for CovenProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn collect(
+    stream: impl std::io::Read + Send + 'static,
+    into: Arc<Mutex<Vec<String>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if std::env::var_os("TEST_LOG").is_some() {
+                eprintln!("[coven] {line}");
+            }
+            if let Ok(mut l) = into.lock() {
+                l.push(line);
+            }
+        }
+    })
+}

@@ -1,0 +1,187 @@
+//! An in-process `coven sim` on a free port, with helpers for its control API, and
+//! twilight shards pointed at it.
+
+use std::time::Duration;
+
+use coven::sim::{Settings, Sim};
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use twilight_gateway::{ConfigBuilder, Event, EventTypeFlags, Intents, Shard, ShardId, StreamExt};
+use twilight_gateway_queue::InMemoryQueue;
+
+use super::{DEADLINE, init_logs};
+
+pub struct TestSim {
+    pub sim: Sim,
+    shutdown: CancellationToken,
+    pub http: reqwest::Client,
+}
+
+impl Drop for TestSim {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl TestSim {
+    /// A simulator with test-friendly timings: quick heartbeats, small rate limits.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Settings)) -> Self {
+        init_logs();
+        let mut settings = Settings {
+            heartbeat_interval: Duration::from_millis(1_000),
+            ..Settings::default()
+        };
+        tweak(&mut settings);
+        let shutdown = CancellationToken::new();
+        let sim = Sim::start(settings, shutdown.clone())
+            .await
+            .expect("the simulator starts");
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("http client");
+        Self {
+            sim,
+            shutdown,
+            http,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        self.sim.url(path)
+    }
+
+    pub fn gateway_url(&self) -> String {
+        self.sim.shared.gateway_url()
+    }
+
+    pub fn token(&self) -> String {
+        self.sim
+            .shared
+            .settings
+            .bot_token
+            .expose_secret()
+            .to_owned()
+    }
+
+    pub fn guild_id(&self) -> u64 {
+        self.sim.shared.settings.guild_id
+    }
+
+    /// `host:port`, as twilight-http's proxy setting takes it.
+    pub fn host(&self) -> String {
+        self.sim.addr.to_string()
+    }
+
+    pub fn twilight_http(&self) -> twilight_http::Client {
+        twilight_http::Client::builder()
+            .token(self.token())
+            .proxy(self.host(), true)
+            .timeout(Duration::from_secs(10))
+            .build()
+    }
+
+    pub async fn state(&self) -> Value {
+        self.http
+            .get(self.url("/_sim/state"))
+            .send()
+            .await
+            .expect("state request")
+            .json()
+            .await
+            .expect("state json")
+    }
+
+    /// POSTs to the control API and returns the status and JSON body (null if none).
+    pub async fn control(&self, path: &str, body: Value) -> (u16, Value) {
+        let res = self
+            .http
+            .post(self.url(&format!("/_sim{path}")))
+            .json(&body)
+            .send()
+            .await
+            .expect("control request");
+        let status = res.status().as_u16();
+        let body = res.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    /// The id of a seeded user by username.
+    pub async fn user(&self, username: &str) -> u64 {
+        let state = self.state().await;
+        state["users"]
+            .as_array()
+            .and_then(|users| users.iter().find(|u| u["username"] == username))
+            .and_then(|u| u["id"].as_str())
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(|| panic!("no seeded user {username}"))
+    }
+
+    pub async fn id_of(&self, field: &str) -> u64 {
+        self.state().await[field]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("state has no {field}"))
+    }
+
+    pub async fn join(&self, user: u64, channel: u64) {
+        let (status, body) = self
+            .control(
+                "/voice",
+                json!({"user_id": user.to_string(), "channel_id": channel.to_string()}),
+            )
+            .await;
+        assert_eq!(status, 200, "join refused: {body}");
+    }
+
+    pub async fn gateway_counter(&self, name: &str) -> u64 {
+        self.state().await["gateway"][name].as_u64().unwrap_or(0)
+    }
+}
+
+/// A shard for the simulator's bot with Coven's intents and no identify queue delay.
+pub fn shard(sim: &TestSim) -> Shard {
+    shard_with(sim, |c| c)
+}
+
+pub fn shard_with(sim: &TestSim, tweak: impl FnOnce(ConfigBuilder) -> ConfigBuilder) -> Shard {
+    let config = ConfigBuilder::new(sim.token(), Intents::GUILDS | Intents::GUILD_VOICE_STATES)
+        .proxy_url(sim.gateway_url())
+        .queue(InMemoryQueue::new(0, 0, Duration::ZERO, 0));
+    Shard::with_config(ShardId::ONE, tweak(config).build())
+}
+
+/// The next event the predicate accepts, skipping others and reconnect errors. Fails the
+/// test if the stream ends or the deadline passes.
+pub async fn next_event(shard: &mut Shard, mut want: impl FnMut(&Event) -> bool) -> Event {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let item = tokio::time::timeout_at(deadline, shard.next_event(EventTypeFlags::all()))
+            .await
+            .unwrap_or_else(|_| panic!("no matching gateway event within {DEADLINE:?}"));
+        match item {
+            Some(Ok(event)) if want(&event) => return event,
+            Some(Ok(event)) if std::env::var_os("TEST_LOG").is_some() => {
+                eprintln!("skipping {:?}", event.kind());
+            }
+            Some(Err(e)) => {
+                use std::error::Error;
+                if let twilight_gateway::error::ReceiveMessageErrorType::Deserializing { event } =
+                    e.kind()
+                {
+                    panic!(
+                        "twilight could not read a simulator payload ({:?}): {event}",
+                        e.source()
+                    );
+                }
+            }
+            Some(Ok(_)) => {}
+            None => panic!("the shard stream ended (state {:?})", shard.state()),
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Integration tests: one binary, one module per area. Every Coven component here is the
+//! real one on real sockets; Discord is played by `coven sim`, Redis is a private
+//! `redis-server` per test that needs one.
+
+mod harness;
+
+mod cli;
+mod redis_harness;
+mod sim_gateway;
+mod sim_oauth;
+mod sim_rest;

@@ -1,0 +1,397 @@
+//! The simulator's Gateway, driven by twilight-gateway unmodified, and by a raw
+//! WebSocket for the protocol errors twilight would never make.
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use twilight_gateway::{Event, ShardState};
+use twilight_model::gateway::payload::incoming::GuildCreate;
+
+use crate::harness::{TestSim, next_event, shard, shard_with, wait_for, within};
+
+#[tokio::test]
+async fn twilight_gets_ready_and_the_guild_with_voice_states() {
+    let sim = TestSim::start().await;
+    let lobby = sim.id_of("lobby_id").await;
+    let ash = sim.user("ash").await;
+    sim.join(ash, lobby).await;
+
+    let mut shard = shard(&sim);
+    let ready = next_event(&mut shard, |e| matches!(e, Event::Ready(_))).await;
+    let Event::Ready(ready) = ready else {
+        unreachable!()
+    };
+    assert_eq!(ready.guilds[0].id.get(), sim.guild_id());
+    assert!(ready.resume_gateway_url.starts_with("ws://127.0.0.1:"));
+
+    let guild = next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+    let Event::GuildCreate(guild) = guild else {
+        unreachable!()
+    };
+    let GuildCreate::Available(guild) = *guild else {
+        panic!("the guild arrived unavailable")
+    };
+    assert_eq!(guild.id.get(), sim.guild_id());
+    assert!(guild.channels.iter().any(|c| c.id.get() == lobby));
+    assert_eq!(guild.voice_states.len(), 1);
+    assert_eq!(guild.voice_states[0].user_id.get(), ash);
+    assert_eq!(
+        guild.voice_states[0].channel_id.map(|c| c.get()),
+        Some(lobby)
+    );
+    // Only members Discord must send without GUILD_MEMBERS: the bot and people in voice.
+    assert_eq!(guild.members.len(), 2);
+}
+
+#[tokio::test]
+async fn a_control_api_join_arrives_as_voice_state_update() {
+    let sim = TestSim::start().await;
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+
+    let (lobby, cinder) = (sim.id_of("lobby_id").await, sim.user("cinder").await);
+    let (status, _) = sim
+        .control("/voice", json!({"user_id": cinder.to_string(), "channel_id": lobby.to_string(), "self_mute": true}))
+        .await;
+    assert_eq!(status, 200);
+    let Event::VoiceStateUpdate(vs) =
+        next_event(&mut shard, |e| matches!(e, Event::VoiceStateUpdate(_))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(vs.0.user_id.get(), cinder);
+    assert_eq!(vs.0.channel_id.map(|c| c.get()), Some(lobby));
+    assert!(vs.0.self_mute);
+    assert_eq!(vs.0.guild_id.map(|g| g.get()), Some(sim.guild_id()));
+    assert!(
+        vs.0.member.is_some(),
+        "VOICE_STATE_UPDATE carries the member"
+    );
+
+    let (status, body) = sim
+        .control(
+            "/voice",
+            json!({"user_id": cinder.to_string(), "channel_id": null}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let Event::VoiceStateUpdate(left) =
+        next_event(&mut shard, |e| matches!(e, Event::VoiceStateUpdate(_))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(left.0.channel_id, None);
+}
+
+#[tokio::test]
+async fn op7_reconnect_is_resumed_and_events_keep_flowing() {
+    let sim = TestSim::start().await;
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+
+    let (status, body) = sim.control("/gateway/reconnect", json!({})).await;
+    assert_eq!((status, body["connections"].as_u64()), (200, Some(1)));
+    next_event(&mut shard, |e| matches!(e, Event::Resumed)).await;
+
+    let (lobby, dusk) = (sim.id_of("lobby_id").await, sim.user("dusk").await);
+    sim.join(dusk, lobby).await;
+    next_event(&mut shard, |e| matches!(e, Event::VoiceStateUpdate(_))).await;
+    assert_eq!(sim.gateway_counter("identifies").await, 1);
+    assert_eq!(sim.gateway_counter("resumes").await, 1);
+}
+
+#[tokio::test]
+async fn a_new_shard_resumes_a_stored_session_and_gets_the_missed_dispatches() {
+    let sim = TestSim::start().await;
+    let mut first = shard(&sim);
+    next_event(&mut first, |e| matches!(e, Event::GuildCreate(_))).await;
+    let session = first
+        .session()
+        .cloned()
+        .expect("identified shard has a session");
+    let resume_url = first.resume_url().map(str::to_owned).expect("a resume url");
+    // The process dies: its socket goes away without a goodbye.
+    drop(first);
+
+    // Changes while nobody is connected are kept for the session.
+    let (lobby, ember) = (sim.id_of("lobby_id").await, sim.user("ember").await);
+    sim.join(ember, lobby).await;
+
+    let mut second = shard_with(&sim, |c| c.session(session).resume_url(resume_url));
+    let replayed = next_event(&mut second, |e| {
+        matches!(e, Event::VoiceStateUpdate(_) | Event::Ready(_))
+    })
+    .await;
+    let Event::VoiceStateUpdate(vs) = replayed else {
+        panic!("expected the missed VOICE_STATE_UPDATE, got {replayed:?}")
+    };
+    assert_eq!(vs.0.user_id.get(), ember);
+    next_event(&mut second, |e| matches!(e, Event::Resumed)).await;
+    assert_eq!(
+        sim.gateway_counter("identifies").await,
+        1,
+        "no new IDENTIFY"
+    );
+    assert_eq!(sim.gateway_counter("resumes").await, 1);
+}
+
+#[tokio::test]
+async fn invalid_session_false_makes_twilight_identify_again() {
+    let sim = TestSim::start().await;
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+    sim.control("/gateway/invalidate", json!({"resumable": false}))
+        .await;
+    next_event(&mut shard, |e| {
+        matches!(e, Event::GatewayInvalidateSession(false))
+    })
+    .await;
+    next_event(&mut shard, |e| matches!(e, Event::Ready(_))).await;
+    assert_eq!(sim.gateway_counter("identifies").await, 2);
+}
+
+#[tokio::test]
+async fn a_zombied_connection_is_detected_and_resumed() {
+    let sim =
+        TestSim::start_with(|s| s.heartbeat_interval = std::time::Duration::from_millis(300)).await;
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+    sim.control("/gateway/zombie", json!({})).await;
+    next_event(&mut shard, |e| matches!(e, Event::Resumed)).await;
+    assert_eq!(sim.gateway_counter("identifies").await, 1);
+    assert!(sim.gateway_counter("connections").await >= 2);
+}
+
+#[tokio::test]
+async fn a_wrong_token_ends_the_shard_fatally_with_4004() {
+    let sim = TestSim::start().await;
+    let config = twilight_gateway::ConfigBuilder::new(
+        "not-the-token".to_owned(),
+        twilight_gateway::Intents::GUILDS,
+    )
+    .proxy_url(sim.gateway_url())
+    .queue(twilight_gateway_queue::InMemoryQueue::new(
+        0,
+        0,
+        std::time::Duration::ZERO,
+        0,
+    ))
+    .build();
+    let mut shard = twilight_gateway::Shard::with_config(twilight_gateway::ShardId::ONE, config);
+    let closed = next_event(&mut shard, |e| matches!(e, Event::GatewayClose(_))).await;
+    let Event::GatewayClose(Some(frame)) = closed else {
+        panic!("{closed:?}")
+    };
+    assert_eq!(frame.code, 4004);
+    within("the stream to end", async {
+        use twilight_gateway::StreamExt as _;
+        while shard
+            .next_event(twilight_gateway::EventTypeFlags::all())
+            .await
+            .is_some()
+        {}
+    })
+    .await;
+    assert!(matches!(shard.state(), ShardState::FatallyClosed));
+}
+
+#[tokio::test]
+async fn a_control_api_4004_is_fatal_too_and_4000_is_resumed() {
+    let sim = TestSim::start().await;
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+    sim.control("/gateway/disconnect", json!({"code": 4000}))
+        .await;
+    next_event(&mut shard, |e| matches!(e, Event::Resumed)).await;
+    sim.control("/gateway/disconnect", json!({"code": 4004}))
+        .await;
+    within("the stream to end", async {
+        use twilight_gateway::StreamExt as _;
+        while shard
+            .next_event(twilight_gateway::EventTypeFlags::all())
+            .await
+            .is_some()
+        {}
+    })
+    .await;
+    assert!(matches!(shard.state(), ShardState::FatallyClosed));
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw protocol: Discord's documented answers to bad input.
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(sim: &TestSim, query: &str) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("{}/{query}", sim.gateway_url()))
+        .await
+        .expect("websocket connects");
+    ws
+}
+
+/// Reads frames until a text frame (returned as JSON) or a close (returned as its code).
+async fn recv(ws: &mut Ws) -> Result<Value, u16> {
+    within("a gateway frame", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    return Ok(serde_json::from_str(&t).expect("json frame"));
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(frame.map(|f| u16::from(f.code)).unwrap_or(1005));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("socket error: {e}"),
+                None => return Err(1006),
+            }
+        }
+    })
+    .await
+}
+
+async fn send(ws: &mut Ws, payload: &str) {
+    ws.send(Message::text(payload)).await.expect("send");
+}
+
+fn identify(token: &str, intents: u64) -> String {
+    json!({"op": 2, "d": {"token": token, "intents": intents, "properties": {"os": "linux", "browser": "t", "device": "t"}}}).to_string()
+}
+
+/// Connects, expects HELLO, sends `payloads`, and returns the close code the sim ends with.
+async fn close_code_after(sim: &TestSim, payloads: &[String]) -> u16 {
+    let mut ws = connect(sim, "?v=10&encoding=json").await;
+    let hello = recv(&mut ws).await.expect("hello");
+    assert_eq!(hello["op"], 10);
+    assert!(hello["d"]["heartbeat_interval"].as_u64().is_some());
+    for p in payloads {
+        send(&mut ws, p).await;
+    }
+    loop {
+        match recv(&mut ws).await {
+            Ok(_) => continue,
+            Err(code) => return code,
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_gateway_input_gets_discords_close_codes() {
+    let sim = TestSim::start().await;
+    let token = sim.token();
+    let cases: Vec<(&str, Vec<String>, u16)> = vec![
+        ("wrong token", vec![identify("nope", 129)], 4004),
+        (
+            "undefined intent bit",
+            vec![identify(&token, 1 << 18)],
+            4013,
+        ),
+        ("privileged intent", vec![identify(&token, 1 << 1)], 4014),
+        (
+            "second identify",
+            vec![identify(&token, 129), identify(&token, 129)],
+            4005,
+        ),
+        (
+            "payload before identify",
+            vec![json!({"op": 3, "d": {}}).to_string()],
+            4003,
+        ),
+        ("malformed json", vec!["{not json".to_owned()], 4002),
+        (
+            "unknown opcode",
+            vec![json!({"op": 42, "d": null}).to_string()],
+            4001,
+        ),
+        (
+            "identify missing fields",
+            vec![json!({"op": 2, "d": {"token": token}}).to_string()],
+            4002,
+        ),
+    ];
+    for (what, payloads, want) in cases {
+        assert_eq!(close_code_after(&sim, &payloads).await, want, "{what}");
+    }
+    // The simulator is still fine afterwards.
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::Ready(_))).await;
+}
+
+#[tokio::test]
+async fn wrong_api_version_is_4012() {
+    let sim = TestSim::start().await;
+    let mut ws = connect(&sim, "?v=6&encoding=json").await;
+    assert_eq!(recv(&mut ws).await.err(), Some(4012));
+}
+
+#[tokio::test]
+async fn heartbeats_are_acked_and_unknown_sessions_are_invalid() {
+    let sim = TestSim::start().await;
+    let mut ws = connect(&sim, "?v=10&encoding=json").await;
+    recv(&mut ws).await.expect("hello");
+    send(&mut ws, r#"{"op":1,"d":null}"#).await;
+    assert_eq!(recv(&mut ws).await.expect("ack")["op"], 11);
+    let resume = json!({"op": 6, "d": {"token": sim.token(), "session_id": "nope", "seq": 3}});
+    send(&mut ws, &resume.to_string()).await;
+    let answer = recv(&mut ws).await.expect("invalid session");
+    assert_eq!(
+        (answer["op"].as_u64(), answer["d"].as_bool()),
+        (Some(9), Some(false))
+    );
+    // The same connection may still identify.
+    send(&mut ws, &identify(&sim.token(), 129)).await;
+    let ready = recv(&mut ws).await.expect("ready");
+    assert_eq!(
+        (ready["t"].as_str(), ready["s"].as_u64()),
+        (Some("READY"), Some(1))
+    );
+    let guild = recv(&mut ws).await.expect("guild create");
+    assert_eq!(
+        (guild["t"].as_str(), guild["s"].as_u64()),
+        (Some("GUILD_CREATE"), Some(2))
+    );
+    let parsed: GuildCreate =
+        serde_json::from_value(guild["d"].clone()).expect("twilight-model reads GUILD_CREATE");
+    assert!(matches!(parsed, GuildCreate::Available(_)));
+    let _ = ws
+        .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        }))
+        .await;
+}
+
+#[tokio::test]
+async fn without_the_voice_intent_there_are_no_voice_states() {
+    let sim = TestSim::start().await;
+    let (lobby, fable) = (sim.id_of("lobby_id").await, sim.user("fable").await);
+    sim.join(fable, lobby).await;
+    let mut ws = connect(&sim, "?v=10&encoding=json").await;
+    recv(&mut ws).await.expect("hello");
+    send(&mut ws, &identify(&sim.token(), 1)).await;
+    recv(&mut ws).await.expect("ready");
+    let guild = recv(&mut ws).await.expect("guild create");
+    assert_eq!(guild["d"]["voice_states"], json!([]));
+    // And voice changes are not dispatched to this session, but channel changes are.
+    sim.control(
+        "/voice",
+        json!({"user_id": fable.to_string(), "channel_id": null}),
+    )
+    .await;
+    sim.control("/channels", json!({"name": "Later"})).await;
+    let next = recv(&mut ws).await.expect("dispatch");
+    assert_eq!(next["t"], "CHANNEL_CREATE");
+    assert_eq!(next["s"], 3);
+}
+
+#[tokio::test]
+async fn the_simulator_serves_the_gateway_at_any_path() {
+    let sim = TestSim::start().await;
+    let mut ws = connect(&sim, "some/path?v=10&encoding=json").await;
+    assert_eq!(recv(&mut ws).await.expect("hello")["op"], 10);
+    wait_for("connections counted", || async {
+        (sim.gateway_counter("connections").await == 1).then_some(())
+    })
+    .await;
+}

@@ -1,0 +1,272 @@
+//! The simulator's OAuth2, driven by the oauth2 crate unmodified: authorization code with
+//! PKCE, refresh, and the bearer token on REST.
+
+use oauth2::basic::BasicClient;
+use oauth2::{
+    AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet, EndpointSet,
+    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RequestTokenError, Scope, TokenResponse,
+    TokenUrl,
+};
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use url::Url;
+
+use crate::harness::TestSim;
+
+type Client = BasicClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
+
+const REDIRECT: &str = "http://127.0.0.1:9/auth/callback";
+
+fn client(sim: &TestSim, secret: &str) -> Client {
+    BasicClient::new(ClientId::new(sim.sim.shared.settings.client_id.to_string()))
+        .set_client_secret(ClientSecret::new(secret.to_owned()))
+        .set_auth_uri(AuthUrl::new(sim.url("/oauth2/authorize")).unwrap())
+        .set_token_uri(TokenUrl::new(sim.url("/api/oauth2/token")).unwrap())
+        .set_redirect_uri(RedirectUrl::new(REDIRECT.to_owned()).unwrap())
+}
+
+fn secret(sim: &TestSim) -> String {
+    sim.sim
+        .shared
+        .settings
+        .client_secret
+        .expose_secret()
+        .to_owned()
+}
+
+fn http() -> oauth2::reqwest::Client {
+    oauth2::reqwest::Client::builder()
+        .redirect(oauth2::reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Runs the browser's part: authorize as `user`, return (code, state) from the redirect.
+async fn authorize(
+    sim: &TestSim,
+    client: &Client,
+    user: u64,
+) -> (String, String, PkceCodeVerifier, CsrfToken) {
+    let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+    let (url, csrf) = client
+        .authorize_url(CsrfToken::new_random)
+        .add_scope(Scope::new("identify".into()))
+        .add_scope(Scope::new("guilds.join".into()))
+        .set_pkce_challenge(challenge)
+        .url();
+    let res = sim
+        .http
+        .get(format!("{url}&sim_user={user}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303, "authorize redirects back");
+    let location = Url::parse(res.headers()["location"].to_str().unwrap()).unwrap();
+    assert!(location.as_str().starts_with(REDIRECT));
+    let get = |k: &str| {
+        location
+            .query_pairs()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.into_owned())
+    };
+    (
+        get("code").expect("code"),
+        get("state").expect("state"),
+        verifier,
+        csrf,
+    )
+}
+
+#[tokio::test]
+async fn code_with_pkce_then_refresh_then_bearer_rest() {
+    let sim = TestSim::start().await;
+    let client = client(&sim, &secret(&sim));
+    let juniper = sim.user("juniper").await;
+    let (code, state, verifier, csrf) = authorize(&sim, &client, juniper).await;
+    assert_eq!(&state, csrf.secret());
+
+    let token = client
+        .exchange_code(AuthorizationCode::new(code.clone()))
+        .set_pkce_verifier(verifier)
+        .request_async(&http())
+        .await
+        .expect("code exchange");
+    let scopes: Vec<String> = token
+        .scopes()
+        .unwrap()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(scopes, ["identify", "guilds.join"]);
+
+    // The bearer token works with twilight-http, as Coven uses it.
+    let user_http = twilight_http::Client::builder()
+        .token(format!("Bearer {}", token.access_token().secret()))
+        .proxy(sim.host(), true)
+        .build();
+    let me = user_http
+        .current_user()
+        .await
+        .expect("users/@me")
+        .model()
+        .await
+        .expect("model");
+    assert_eq!(me.id.get(), juniper);
+
+    // A code is single use.
+    let (_, v2) = PkceCodeChallenge::new_random_sha256();
+    let reuse = client
+        .exchange_code(AuthorizationCode::new(code))
+        .set_pkce_verifier(v2)
+        .request_async(&http())
+        .await;
+    assert!(
+        matches!(reuse, Err(RequestTokenError::ServerResponse(ref e)) if e.error().to_string() == "invalid_grant"),
+        "{reuse:?}"
+    );
+
+    // Refresh rotates: the new tokens work, the old refresh token does not.
+    let refresh = token.refresh_token().expect("refresh token").clone();
+    let renewed = client
+        .exchange_refresh_token(&refresh)
+        .request_async(&http())
+        .await
+        .expect("refresh");
+    assert_ne!(
+        renewed.access_token().secret(),
+        token.access_token().secret()
+    );
+    let again = client
+        .exchange_refresh_token(&refresh)
+        .request_async(&http())
+        .await;
+    assert!(again.is_err(), "a used refresh token is refused");
+
+    // guilds.join lets the bot add juniper to the guild: 201 added, then 204 already there.
+    let put = |access: String| {
+        let http = sim.twilight_http();
+        let guild = twilight_model::id::Id::new(sim.guild_id());
+        async move {
+            http.add_guild_member(guild, twilight_model::id::Id::new(juniper), &access)
+                .await
+                .map(|r| r.status().get())
+        }
+    };
+    assert_eq!(
+        put(renewed.access_token().secret().clone()).await.unwrap(),
+        201
+    );
+    assert_eq!(
+        put(renewed.access_token().secret().clone()).await.unwrap(),
+        204
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_verifier_secret_or_redirect_is_refused() {
+    let sim = TestSim::start().await;
+    let good = client(&sim, &secret(&sim));
+    let ash = sim.user("ash").await;
+
+    let (code, _, _, _) = authorize(&sim, &good, ash).await;
+    let (_, wrong_verifier) = PkceCodeChallenge::new_random_sha256();
+    let res = good
+        .exchange_code(AuthorizationCode::new(code))
+        .set_pkce_verifier(wrong_verifier)
+        .request_async(&http())
+        .await;
+    assert!(
+        matches!(res, Err(RequestTokenError::ServerResponse(ref e)) if e.error().to_string() == "invalid_grant"),
+        "{res:?}"
+    );
+
+    let (code, _, verifier, _) = authorize(&sim, &good, ash).await;
+    let bad = client(&sim, "not-the-secret");
+    let res = bad
+        .exchange_code(AuthorizationCode::new(code))
+        .set_pkce_verifier(verifier)
+        .request_async(&http())
+        .await;
+    assert!(
+        matches!(res, Err(RequestTokenError::ServerResponse(ref e)) if e.error().to_string() == "invalid_client"),
+        "{res:?}"
+    );
+
+    let (code, _, verifier, _) = authorize(&sim, &good, ash).await;
+    let elsewhere = good
+        .clone()
+        .set_redirect_uri(RedirectUrl::new("http://127.0.0.1:9/other".into()).unwrap());
+    let res = elsewhere
+        .exchange_code(AuthorizationCode::new(code))
+        .set_pkce_verifier(verifier)
+        .request_async(&http())
+        .await;
+    assert!(
+        res.is_err(),
+        "redirect_uri must match the authorize request"
+    );
+}
+
+#[tokio::test]
+async fn the_authorize_page_offers_every_user_and_bad_requests_are_explained() {
+    let sim = TestSim::start().await;
+    let client_id = sim.sim.shared.settings.client_id;
+    let base = format!(
+        "/oauth2/authorize?client_id={client_id}&redirect_uri={REDIRECT}&response_type=code&scope=identify"
+    );
+    let res = sim.http.get(sim.url(&base)).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let page = res.text().await.unwrap();
+    for name in ["ash", "hollow", "iris", "juniper"] {
+        assert!(page.contains(&format!("@{name}")), "page lists {name}");
+    }
+    assert_eq!(page.matches("not in the guild").count(), 2);
+
+    let shown = |path: String| {
+        let url = sim.url(&path);
+        let http = sim.http.clone();
+        async move {
+            let res = http.get(url).send().await.unwrap();
+            (
+                res.status().as_u16(),
+                res.headers()
+                    .get("location")
+                    .map(|l| l.to_str().unwrap().to_owned()),
+            )
+        }
+    };
+    // Client and redirect problems are shown, never redirected.
+    let (status, location) = shown(base.replace(&client_id.to_string(), "123")).await;
+    assert_eq!((status, location), (400, None));
+    let (status, location) = shown(base.replace(REDIRECT, "javascript:alert(1)")).await;
+    assert_eq!((status, location), (400, None));
+    let (status, location) = shown(format!("{base}&sim_user=nobody")).await;
+    assert_eq!((status, location), (400, None));
+    // Other problems go back to the client as OAuth2 errors.
+    let (status, location) = shown(base.replace("scope=identify", "scope=everything")).await;
+    assert_eq!(status, 303);
+    assert!(location.unwrap().contains("error=invalid_scope"));
+    let (status, location) = shown(format!(
+        "{base}&code_challenge=abc&code_challenge_method=plain"
+    ))
+    .await;
+    assert_eq!(status, 303);
+    assert!(location.unwrap().contains("error=invalid_request"));
+    let (_, location) = shown(base.replace("response_type=code", "response_type=token")).await;
+    assert!(
+        location
+            .unwrap()
+            .contains("error=unsupported_response_type")
+    );
+
+    let res = sim
+        .http
+        .post(sim.url("/api/oauth2/token"))
+        .body("grant_type=password")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_client");
+}
