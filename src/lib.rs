@@ -7,5 +7,6 @@
 
 pub mod cli;
 pub mod config;
+pub mod event;
 pub mod sim;
 pub mod telemetry;
