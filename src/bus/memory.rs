@@ -1,0 +1,208 @@
+//! The in-process bus: the demo's and the unit tests' stand-in for Redis, with the same
+//! semantics (atomic append, capped log with gap detection, snapshot valid at an id,
+//! leases with fencing). Everything sits behind one lock, so an append is atomic.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::broadcast;
+use twilight_model::id::Id;
+use twilight_model::id::marker::GuildMarker;
+
+use super::{Bus, BusError, BusResult, Fence, LIVE_BUFFER, Since, Snapshot};
+use crate::event::{Event, EventData, EventId};
+
+pub struct MemoryBus {
+    guild_id: Id<GuildMarker>,
+    max_len: usize,
+    state: Mutex<State>,
+    live: broadcast::Sender<Arc<Event>>,
+}
+
+#[derive(Default)]
+struct State {
+    log: VecDeque<Arc<Event>>,
+    /// The newest id trimmed from the log: a reader behind it has a gap.
+    trimmed: EventId,
+    last: EventId,
+    snapshot: Snapshot,
+    leases: HashMap<String, (String, Instant)>,
+    epoch: u64,
+}
+
+impl MemoryBus {
+    pub fn new(guild_id: Id<GuildMarker>, max_len: usize) -> Self {
+        Self {
+            guild_id,
+            max_len: max_len.max(1),
+            state: Mutex::new(State::default()),
+            live: broadcast::channel(LIVE_BUFFER).0,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing holding this lock can panic half-way through an append (apply is
+        // infallible), so a poisoned lock still holds consistent data.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn holds(state: &State, fence: &Fence) -> bool {
+    state
+        .leases
+        .get(&fence.lease)
+        .is_some_and(|(token, until)| *token == fence.token && *until > Instant::now())
+}
+
+#[async_trait::async_trait]
+impl Bus for MemoryBus {
+    async fn append(&self, data: EventData, fence: Option<&Fence>) -> BusResult<Arc<Event>> {
+        let mut state = self.lock();
+        if let Some(fence) = fence {
+            if !holds(&state, fence) {
+                return Err(BusError::Fenced(fence.lease.clone()));
+            }
+        }
+        let id = EventId::next_after(state.last, crate::sim::world::now_ms());
+        let event = Arc::new(Event::new(id, self.guild_id, id.ms, data)?);
+        state.last = id;
+        state.snapshot.apply(&event);
+        state.log.push_back(event.clone());
+        while state.log.len() > self.max_len {
+            if let Some(old) = state.log.pop_front() {
+                state.trimmed = old.id;
+            }
+        }
+        // Sent under the lock so receivers see ids in order.
+        let _ = self.live.send(event.clone());
+        Ok(event)
+    }
+
+    async fn snapshot(&self) -> BusResult<Snapshot> {
+        Ok(self.lock().snapshot.clone())
+    }
+
+    async fn since(&self, after: EventId, limit: usize) -> BusResult<Since> {
+        let state = self.lock();
+        if after < state.trimmed {
+            return Ok(Since::Gap);
+        }
+        let start = state.log.partition_point(|e| e.id <= after);
+        Ok(Since::Events(
+            state.log.iter().skip(start).take(limit).cloned().collect(),
+        ))
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.live.subscribe()
+    }
+
+    async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> BusResult<Option<Fence>> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        if state
+            .leases
+            .get(name)
+            .is_some_and(|(_, until)| *until > now)
+        {
+            return Ok(None);
+        }
+        state.epoch += 1;
+        let fence = Fence {
+            lease: name.to_owned(),
+            token: format!("{}:{holder}", state.epoch),
+            epoch: state.epoch,
+        };
+        state
+            .leases
+            .insert(name.to_owned(), (fence.token.clone(), now + ttl));
+        Ok(Some(fence))
+    }
+
+    async fn renew(&self, fence: &Fence, ttl: Duration) -> BusResult<bool> {
+        let mut state = self.lock();
+        if !holds(&state, fence) {
+            return Ok(false);
+        }
+        state.leases.insert(
+            fence.lease.clone(),
+            (fence.token.clone(), Instant::now() + ttl),
+        );
+        Ok(true)
+    }
+
+    async fn release(&self, fence: &Fence) -> BusResult<()> {
+        let mut state = self.lock();
+        if holds(&state, fence) {
+            state.leases.remove(&fence.lease);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room(id: u64) -> EventData {
+        EventData::RoomCreated {
+            channel_id: Id::new(id),
+            name: format!("room {id}"),
+            user_limit: 4,
+            created_by: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn appends_are_ordered_replayable_and_live() {
+        let bus = MemoryBus::new(Id::new(1), 100);
+        let mut live = bus.subscribe();
+        let a = bus.append(room(1), None).await.unwrap();
+        let b = bus.append(room(2), None).await.unwrap();
+        assert!(a.id < b.id);
+        assert_eq!(live.recv().await.unwrap().id, a.id);
+        assert_eq!(live.recv().await.unwrap().id, b.id);
+        let Since::Events(after_a) = bus.since(a.id, 10).await.unwrap() else {
+            panic!("gap")
+        };
+        assert_eq!(after_a.iter().map(|e| e.id).collect::<Vec<_>>(), [b.id]);
+        let snapshot = bus.snapshot().await.unwrap();
+        assert_eq!((snapshot.at, snapshot.rooms.len()), (b.id, 2));
+    }
+
+    #[tokio::test]
+    async fn a_reader_behind_the_trimmed_log_gets_a_gap() {
+        let bus = MemoryBus::new(Id::new(1), 2);
+        let first = bus.append(room(1), None).await.unwrap();
+        let second = bus.append(room(2), None).await.unwrap();
+        bus.append(room(3), None).await.unwrap();
+        assert_eq!(bus.since(EventId::ZERO, 10).await.unwrap(), Since::Gap);
+        assert!(matches!(bus.since(first.id, 10).await.unwrap(), Since::Events(e) if e.len() == 2));
+        assert!(
+            matches!(bus.since(second.id, 10).await.unwrap(), Since::Events(e) if e.len() == 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lost_lease_fences_its_old_holder_out() {
+        let bus = MemoryBus::new(Id::new(1), 10);
+        let ttl = Duration::from_millis(30);
+        let old = bus.acquire("gateway", "a", ttl).await.unwrap().unwrap();
+        assert!(bus.acquire("gateway", "b", ttl).await.unwrap().is_none());
+        bus.append(room(1), Some(&old)).await.unwrap();
+        tokio::time::sleep(ttl * 2).await; // the old holder is paused past its lease
+        let new = bus.acquire("gateway", "b", ttl).await.unwrap().unwrap();
+        assert!(new.epoch > old.epoch);
+        assert!(matches!(
+            bus.append(room(2), Some(&old)).await,
+            Err(BusError::Fenced(_))
+        ));
+        assert!(!bus.renew(&old, ttl).await.unwrap());
+        bus.append(room(2), Some(&new)).await.unwrap();
+        bus.release(&old).await.unwrap(); // releasing a lost lease changes nothing
+        assert!(bus.renew(&new, ttl).await.unwrap());
+        bus.release(&new).await.unwrap();
+        assert!(bus.acquire("gateway", "c", ttl).await.unwrap().is_some());
+    }
+}

@@ -1,0 +1,314 @@
+//! The event bus: the one path by which events are appended, stored and delivered.
+//!
+//! One trait, two implementations: [`redis`] (production: a stream, snapshot hashes and
+//! Pub/Sub, changed together by one script) and [`memory`] (the demo and unit tests, same
+//! semantics in-process). An append is atomic: the event joins the log, the rooms/voice
+//! snapshot takes it into account, the snapshot's "valid at" id moves to it, and it is
+//! published — all or nothing. A fenced append (the gateway's) is refused once its lease
+//! is lost, so a paused old leader cannot write.
+//!
+//! Owns storage and delivery. Must not decide which events happen (the gateway and web
+//! do) nor how they are shown.
+
+pub mod memory;
+pub mod redis;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use twilight_model::id::Id;
+use twilight_model::id::marker::{ChannelMarker, RoleMarker, UserMarker};
+
+use crate::event::{Event, EventData, EventId, Person, VoiceFlags};
+
+/// A room as the snapshot keeps it (`P:{G}:rooms`, one JSON value per channel id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomRecord {
+    pub name: String,
+    pub user_limit: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_id: Option<Id<RoleMarker>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creator_id: Option<Id<UserMarker>>,
+    /// Unix milliseconds.
+    pub created_at: u64,
+    /// Unix milliseconds of the last voice activity (or creation).
+    pub last_active: u64,
+    /// Set while a `room.closing` warning stands; cleared when someone joins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closes_at: Option<u64>,
+}
+
+/// Someone in voice as the snapshot keeps them (`P:{G}:voice`, one JSON value per user).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoiceRecord {
+    pub channel_id: Id<ChannelMarker>,
+    pub user: Person,
+    #[serde(flatten)]
+    pub flags: VoiceFlags,
+}
+
+/// Rooms and voice states, valid at event `at`: replaying the log after `at` on top of
+/// it gives the present.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub at: EventId,
+    pub rooms: BTreeMap<Id<ChannelMarker>, RoomRecord>,
+    pub voice: BTreeMap<Id<UserMarker>, VoiceRecord>,
+}
+
+impl Snapshot {
+    /// Applies one event. This is the definition of how events change the snapshot; the
+    /// Redis script implements the same rules and a test holds the two together.
+    pub fn apply(&mut self, event: &Event) {
+        let ts = event.ts;
+        match &event.data {
+            EventData::RoomCreated {
+                channel_id,
+                name,
+                user_limit,
+                created_by,
+            } => {
+                let room = self.rooms.entry(*channel_id).or_insert_with(|| RoomRecord {
+                    name: name.clone(),
+                    user_limit: *user_limit,
+                    role_id: None,
+                    creator_id: None,
+                    created_at: ts,
+                    last_active: ts,
+                    closes_at: None,
+                });
+                room.name.clone_from(name);
+                room.user_limit = *user_limit;
+                if created_by.is_some() {
+                    room.creator_id = *created_by;
+                }
+            }
+            EventData::RoomUpdated {
+                channel_id,
+                name,
+                user_limit,
+            } => {
+                if let Some(room) = self.rooms.get_mut(channel_id) {
+                    room.name.clone_from(name);
+                    room.user_limit = *user_limit;
+                }
+            }
+            EventData::RoomDeleted { channel_id } => {
+                self.rooms.remove(channel_id);
+                self.voice.retain(|_, v| v.channel_id != *channel_id);
+            }
+            EventData::RoomClosing {
+                channel_id,
+                closes_at,
+                ..
+            } => {
+                if let Some(room) = self.rooms.get_mut(channel_id) {
+                    room.closes_at = Some(*closes_at);
+                }
+            }
+            EventData::VoiceJoined {
+                channel_id,
+                user,
+                flags,
+            } => {
+                self.voice.insert(
+                    user.id,
+                    VoiceRecord {
+                        channel_id: *channel_id,
+                        user: user.clone(),
+                        flags: *flags,
+                    },
+                );
+                if let Some(room) = self.rooms.get_mut(channel_id) {
+                    room.last_active = ts;
+                    room.closes_at = None;
+                }
+            }
+            EventData::VoiceUpdated {
+                channel_id,
+                user_id,
+                flags,
+            } => {
+                if let Some(v) = self.voice.get_mut(user_id) {
+                    v.flags = *flags;
+                    v.channel_id = *channel_id;
+                }
+            }
+            EventData::VoiceLeft {
+                channel_id,
+                user_id,
+            } => {
+                self.voice.remove(user_id);
+                if let Some(room) = self.rooms.get_mut(channel_id) {
+                    room.last_active = ts;
+                }
+            }
+            EventData::RoomViewers { .. }
+            | EventData::Ping { .. }
+            | EventData::GatewayStatus { .. } => {}
+        }
+        self.at = self.at.max(event.id);
+    }
+
+    /// People in a room's voice channel.
+    pub fn members(&self, channel: Id<ChannelMarker>) -> impl Iterator<Item = &VoiceRecord> {
+        self.voice.values().filter(move |v| v.channel_id == channel)
+    }
+}
+
+/// Proof of holding a lease, checked by every fenced append. Its token is unique per
+/// acquisition (an increasing epoch plus the holder's name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub lease: String,
+    pub token: String,
+    pub epoch: u64,
+}
+
+/// What a reader gets for "everything after id N".
+#[derive(Debug, Clone, PartialEq)]
+pub enum Since {
+    /// The events after N, in order (possibly none).
+    Events(Vec<Arc<Event>>),
+    /// N is older than the log keeps: the reader must start again from a snapshot.
+    Gap,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The writer's lease was lost: it must stop writing.
+    #[error("the lease {0} is no longer held by this writer")]
+    Fenced(String),
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+    #[error("stored data is malformed: {0}")]
+    Corrupt(String),
+    #[error("cannot encode the event: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+pub type BusResult<T> = Result<T, BusError>;
+
+/// The bus, as every component sees it.
+#[async_trait::async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Appends one event atomically (log, snapshot, publish). With a fence, refused with
+    /// [`BusError::Fenced`] unless the fence still holds its lease.
+    async fn append(&self, data: EventData, fence: Option<&Fence>) -> BusResult<Arc<Event>>;
+
+    /// Rooms and voice states with the id they are valid at.
+    async fn snapshot(&self) -> BusResult<Snapshot>;
+
+    /// The events after `after` (exclusive), at most `limit`.
+    async fn since(&self, after: EventId, limit: usize) -> BusResult<Since>;
+
+    /// Live events, in id order, from now on. One subscription per process feeds every
+    /// receiver; a receiver that falls behind sees `Lagged` and must catch up with
+    /// [`Bus::since`].
+    fn subscribe(&self) -> broadcast::Receiver<Arc<Event>>;
+
+    /// Takes lease `name` for `holder` if nobody holds it.
+    async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> BusResult<Option<Fence>>;
+
+    /// Extends a held lease; `false` when it was lost meanwhile.
+    async fn renew(&self, fence: &Fence, ttl: Duration) -> BusResult<bool>;
+
+    /// Gives a lease up at once (a clean shutdown), if still held.
+    async fn release(&self, fence: &Fence) -> BusResult<()>;
+}
+
+/// How many events a live subscription buffers per receiver before it lags.
+pub const LIVE_BUFFER: usize = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+
+    fn ev(id: &str, data: EventData) -> Event {
+        let id: EventId = id.parse().unwrap();
+        Event::new(id, Id::new(1), id.ms, data).unwrap()
+    }
+
+    fn person(id: u64) -> Person {
+        Person {
+            id: Id::new(id),
+            username: format!("u{id}"),
+            global_name: None,
+            avatar_url: None,
+        }
+    }
+
+    #[test]
+    fn a_room_lives_and_dies_with_its_events() {
+        let mut s = Snapshot::default();
+        let room = Id::new(10);
+        s.apply(&ev(
+            "1-0",
+            EventData::RoomCreated {
+                channel_id: room,
+                name: "a".into(),
+                user_limit: 4,
+                created_by: None,
+            },
+        ));
+        s.apply(&ev(
+            "2-0",
+            EventData::VoiceJoined {
+                channel_id: room,
+                user: person(5),
+                flags: VoiceFlags::default(),
+            },
+        ));
+        s.apply(&ev(
+            "3-0",
+            EventData::RoomClosing {
+                channel_id: room,
+                reason: "idle".into(),
+                closes_at: 9,
+            },
+        ));
+        assert_eq!(s.rooms[&room].closes_at, Some(9));
+        s.apply(&ev(
+            "4-0",
+            EventData::VoiceJoined {
+                channel_id: room,
+                user: person(6),
+                flags: VoiceFlags::default(),
+            },
+        ));
+        assert_eq!(
+            s.rooms[&room].closes_at, None,
+            "a join calls the closing off"
+        );
+        assert_eq!(s.rooms[&room].last_active, 4);
+        let muted = VoiceFlags {
+            self_mute: true,
+            ..VoiceFlags::default()
+        };
+        s.apply(&ev(
+            "5-0",
+            EventData::VoiceUpdated {
+                channel_id: room,
+                user_id: Id::new(5),
+                flags: muted,
+            },
+        ));
+        assert!(s.voice[&Id::new(5)].flags.self_mute);
+        s.apply(&ev(
+            "6-0",
+            EventData::VoiceLeft {
+                channel_id: room,
+                user_id: Id::new(5),
+            },
+        ));
+        assert_eq!(s.members(room).count(), 1);
+        s.apply(&ev("7-0", EventData::RoomDeleted { channel_id: room }));
+        assert!(s.rooms.is_empty() && s.voice.is_empty());
+        assert_eq!(s.at, "7-0".parse().unwrap());
+    }
+}
