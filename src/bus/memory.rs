@@ -59,10 +59,10 @@ fn holds(state: &State, fence: &Fence) -> bool {
 impl Bus for MemoryBus {
     async fn append(&self, data: EventData, fence: Option<&Fence>) -> BusResult<Arc<Event>> {
         let mut state = self.lock();
-        if let Some(fence) = fence {
-            if !holds(&state, fence) {
-                return Err(BusError::Fenced(fence.lease.clone()));
-            }
+        if let Some(fence) = fence
+            && !holds(&state, fence)
+        {
+            return Err(BusError::Fenced(fence.lease.clone()));
         }
         let id = EventId::next_after(state.last, crate::sim::world::now_ms());
         let event = Arc::new(Event::new(id, self.guild_id, id.ms, data)?);
