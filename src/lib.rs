@@ -9,5 +9,6 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod gateway;
 pub mod sim;
 pub mod telemetry;

@@ -64,7 +64,7 @@ impl Bus for MemoryBus {
         {
             return Err(BusError::Fenced(fence.lease.clone()));
         }
-        let id = EventId::next_after(state.last, crate::sim::world::now_ms());
+        let id = EventId::next_after(state.last, crate::event::now_ms());
         let event = Arc::new(Event::new(id, self.guild_id, id.ms, data)?);
         state.last = id;
         state.snapshot.apply(&event);

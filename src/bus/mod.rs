@@ -64,8 +64,14 @@ impl Snapshot {
     /// Applies one event. This is the definition of how events change the snapshot; the
     /// Redis script implements the same rules and a test holds the two together.
     pub fn apply(&mut self, event: &Event) {
-        let ts = event.ts;
-        match &event.data {
+        self.apply_data(&event.data, event.ts);
+        self.at = self.at.max(event.id);
+    }
+
+    /// Applies an event's data at time `ts` (unix ms) without moving `at`: for views that
+    /// track what events say before they have ids (the gateway's own cache).
+    pub fn apply_data(&mut self, data: &EventData, ts: u64) {
+        match data {
             EventData::RoomCreated {
                 channel_id,
                 name,
@@ -151,7 +157,6 @@ impl Snapshot {
             | EventData::Ping { .. }
             | EventData::GatewayStatus { .. } => {}
         }
-        self.at = self.at.max(event.id);
     }
 
     /// People in a room's voice channel.
