@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, LogArgs, Reader};
-use crate::{sim, telemetry};
+use crate::{gateway, publish, sim, telemetry};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,12 +29,18 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Hold the guild's Discord Gateway session and publish its events to Redis
+    Gateway(gateway::Args),
+    /// Append an event (or a series of pings) through the gateway's atomic path
+    Publish(publish::Args),
     /// A local Discord (Gateway, REST, OAuth2, control API) for development, tests and demos
     Sim(sim::Args),
 }
 
 /// What a command needs to run, all settings checked.
 enum Plan {
+    Gateway(gateway::Settings),
+    Publish(publish::Settings),
     Sim(sim::Settings),
 }
 
@@ -50,6 +56,8 @@ pub fn run(cli: Cli) -> ExitCode {
     let mut reader = Reader::new();
     let log = cli.log.settings(&mut reader);
     let plan = match cli.command {
+        Some(Command::Gateway(args)) => args.settings(&mut reader).map(Plan::Gateway),
+        Some(Command::Publish(args)) => args.settings(&mut reader).map(Plan::Publish),
         Some(Command::Sim(args)) => args.settings(&mut reader).map(Plan::Sim),
         None => cli.default.settings(&mut reader).map(Plan::Sim),
     };
@@ -75,11 +83,23 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = runtime.block_on(async move {
         let shutdown = shutdown_on_signal();
         match plan {
-            Plan::Sim(settings) => sim::run(settings, shutdown).await,
+            Plan::Gateway(settings) => match gateway::command(settings, shutdown).await {
+                Ok(gateway::Outcome::Stopped) => Ok(ExitCode::SUCCESS),
+                Ok(gateway::Outcome::Fatal { code, cause }) => {
+                    tracing::error!(code, cause, "the Discord Gateway refused the session");
+                    eprintln!("error: {cause} (Gateway close code {code}); not retrying");
+                    Ok(ExitCode::from(2))
+                }
+                Err(e) => Err(e),
+            },
+            Plan::Publish(settings) => publish::command(settings).await.map(|()| ExitCode::SUCCESS),
+            Plan::Sim(settings) => sim::run(settings, shutdown)
+                .await
+                .map(|()| ExitCode::SUCCESS),
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)

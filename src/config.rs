@@ -270,6 +270,46 @@ pub fn parse_secret(min: usize) -> impl FnOnce(&str) -> Result<SecretString, Str
     }
 }
 
+/// A Redis URL fred understands (`redis://`, `rediss://`, `redis-sentinel://`,
+/// `redis-cluster://`, ...). Kept secret: it may carry a password.
+pub fn parse_redis_url(raw: &str) -> Result<SecretString, String> {
+    const SCHEMES: &[&str] = &[
+        "redis://",
+        "rediss://",
+        "redis-cluster://",
+        "rediss-cluster://",
+        "redis-sentinel://",
+        "rediss-sentinel://",
+        "unix://",
+    ];
+    let known = SCHEMES.iter().any(|s| raw.starts_with(s));
+    match fred::types::config::Config::from_url(raw) {
+        Ok(_) if known => Ok(SecretString::from(raw.to_owned())),
+        // fred's message may quote the URL, password included: say only what is expected.
+        _ => Err(
+            "expected a Redis URL such as redis://host:6379, rediss://user:pass@host:6380/0, \
+             redis-sentinel://... or redis-cluster://..."
+                .to_owned(),
+        ),
+    }
+}
+
+/// A Redis key prefix: no spaces, and no braces, which would break the `{guild}` hash tag
+/// that keeps one guild's keys in one cluster slot.
+pub fn parse_key_prefix(raw: &str) -> Result<String, String> {
+    if raw.len() > 64
+        || raw
+            .chars()
+            .any(|c| c.is_whitespace() || c == '{' || c == '}')
+    {
+        Err(format!(
+            "expected up to 64 characters without spaces or braces, got {raw:?}"
+        ))
+    } else {
+        Ok(raw.to_owned())
+    }
+}
+
 /// Renders a base URL with a path appended, without doubling slashes.
 pub fn join_url(base: &Url, path: &str) -> String {
     format!(
@@ -429,6 +469,17 @@ mod tests {
         assert!(parse_http_url("not a url").is_err());
         assert!(parse_http_url("http://").is_err());
         assert!(parse_http_url("http://x/?a=1").is_err());
+    }
+
+    #[test]
+    fn redis_urls_and_prefixes() {
+        assert!(parse_redis_url("redis://127.0.0.1:6379").is_ok());
+        assert!(parse_redis_url("rediss://u:p@host:6380/1").is_ok());
+        let err = parse_redis_url("http://u:hunter2@host").unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(parse_key_prefix("coven").is_ok());
+        assert!(parse_key_prefix("a{b").is_err());
+        assert!(parse_key_prefix("a b").is_err());
     }
 
     #[test]

@@ -10,5 +10,6 @@ pub mod cli;
 pub mod config;
 pub mod event;
 pub mod gateway;
+pub mod publish;
 pub mod sim;
 pub mod telemetry;

@@ -10,7 +10,7 @@ use tokio::sync::broadcast;
 use twilight_model::id::Id;
 use twilight_model::id::marker::GuildMarker;
 
-use super::{Bus, BusError, BusResult, Fence, LIVE_BUFFER, Since, Snapshot};
+use super::{Bus, BusError, BusResult, Fence, LIVE_BUFFER, Since, Snapshot, Store};
 use crate::event::{Event, EventData, EventId};
 
 pub struct MemoryBus {
@@ -29,6 +29,7 @@ struct State {
     snapshot: Snapshot,
     leases: HashMap<String, (String, Instant)>,
     epoch: u64,
+    values: HashMap<String, (String, Option<Instant>)>,
 }
 
 impl MemoryBus {
@@ -138,6 +139,38 @@ impl Bus for MemoryBus {
             state.leases.remove(&fence.lease);
         }
         Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for MemoryBus {
+    async fn put(
+        &self,
+        fence: Option<&Fence>,
+        key: &str,
+        value: &str,
+        ttl: Option<Duration>,
+    ) -> BusResult<()> {
+        let mut state = self.lock();
+        if let Some(fence) = fence
+            && !holds(&state, fence)
+        {
+            return Err(BusError::Fenced(fence.lease.clone()));
+        }
+        let expires = ttl.map(|t| Instant::now() + t);
+        state
+            .values
+            .insert(key.to_owned(), (value.to_owned(), expires));
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> BusResult<Option<String>> {
+        let state = self.lock();
+        Ok(state
+            .values
+            .get(key)
+            .filter(|(_, exp)| exp.is_none_or(|e| e > Instant::now()))
+            .map(|(v, _)| v.clone()))
     }
 }
 

@@ -226,6 +226,27 @@ pub trait Bus: Send + Sync + 'static {
     async fn release(&self, fence: &Fence) -> BusResult<()>;
 }
 
+/// Small named values beside the log: the gateway's stored session and status. A fenced
+/// put is refused once the fence's lease is lost, like a fenced append.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Sets `P:{G}:<key>`, expiring after `ttl` when given.
+    async fn put(
+        &self,
+        fence: Option<&Fence>,
+        key: &str,
+        value: &str,
+        ttl: Option<Duration>,
+    ) -> BusResult<()>;
+
+    async fn get(&self, key: &str) -> BusResult<Option<String>>;
+}
+
+/// Everything a component needs from shared state.
+pub trait Backend: Bus + Store {}
+
+impl<T: Bus + Store> Backend for T {}
+
 /// How many events a live subscription buffers per receiver before it lags.
 pub const LIVE_BUFFER: usize = 4096;
 

@@ -112,3 +112,69 @@ fn a_malformed_dotenv_file_is_reported() {
     assert_eq!(p.wait_exit(), Some(2));
     assert!(p.stderr().join("\n").contains(".env"), "{:?}", p.stderr());
 }
+
+#[test]
+fn the_gateway_names_every_missing_or_bad_setting() {
+    let mut p = CovenProcess::spawn(
+        &["gateway"],
+        &[
+            ("DISCORD_GATEWAY_URL", "https://gateway.discord.gg"),
+            ("GATEWAY_LEASE_TTL", "10"),
+            ("REDIS_URL", "http://user:hunter2@host"),
+        ],
+    );
+    assert_eq!(p.wait_exit(), Some(2));
+    let err = p.stderr().join("\n");
+    for setting in [
+        "REDIS_URL",
+        "DISCORD_GUILD_ID",
+        "DISCORD_BOT_TOKEN",
+        "DISCORD_GATEWAY_URL",
+        "GATEWAY_LEASE_TTL",
+    ] {
+        assert!(
+            err.contains(&format!("error: {setting}:")),
+            "{setting} missing in:\n{err}"
+        );
+    }
+    assert!(
+        !err.contains("hunter2"),
+        "a Redis password was printed:\n{err}"
+    );
+}
+
+#[test]
+fn publish_refuses_data_that_does_not_fit_the_type() {
+    let mut p = CovenProcess::spawn(
+        &[
+            "publish",
+            "--type",
+            "room.deleted",
+            "--data",
+            r#"{"channel": "5"}"#,
+        ],
+        &[
+            ("REDIS_URL", "redis://127.0.0.1:1"),
+            ("DISCORD_GUILD_ID", "1"),
+        ],
+    );
+    assert_eq!(p.wait_exit(), Some(2));
+    assert!(
+        p.stderr().join("\n").contains("error: --data:"),
+        "{:?}",
+        p.stderr()
+    );
+    let mut p = CovenProcess::spawn(
+        &["publish", "--type", "room.exploded", "--data", "{}"],
+        &[
+            ("REDIS_URL", "redis://127.0.0.1:1"),
+            ("DISCORD_GUILD_ID", "1"),
+        ],
+    );
+    assert_eq!(p.wait_exit(), Some(2));
+    assert!(
+        p.stderr().join("\n").contains("unknown event type"),
+        "{:?}",
+        p.stderr()
+    );
+}

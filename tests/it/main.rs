@@ -4,7 +4,9 @@
 
 mod harness;
 
+mod bus;
 mod cli;
+mod gateway;
 mod redis_harness;
 mod sim_gateway;
 mod sim_oauth;

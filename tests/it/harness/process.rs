@@ -37,6 +37,8 @@ const SCRUBBED: &[&str] = &[
     "COVEN_ENV",
 ];
 
+/// Waiting on a process blocks the thread: tests that also serve something in-process
+/// (the simulator) must use `#[tokio::test(flavor = "multi_thread")]`.
 impl CovenProcess {
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");

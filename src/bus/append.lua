@@ -1,0 +1,115 @@
+-- One atomic append. Mirrors Snapshot::apply in src/bus/mod.rs; a test holds them together.
+-- KEYS: 1 events stream (also the Pub/Sub channel), 2 rooms hash, 3 voice hash,
+--       4 applied id, 5 the writer's lease
+-- ARGV: 1 fence token ('' when unfenced), 2 event type, 3 data JSON, 4 guild id,
+--       5 stream MAXLEN (approximate)
+if ARGV[1] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[1] then
+  return redis.error_reply('FENCED')
+end
+
+-- The id: the clock's millisecond if it moved past the last id, else the last id + 1,
+-- so ids increase even if the clock steps back.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function parse(id)
+  local ms, seq = string.match(id or '', '^(%d+)-(%d+)$')
+  if ms then return tonumber(ms), tonumber(seq) end
+  return 0, -1
+end
+local function next_id(last)
+  local ms, seq = parse(last)
+  if now > ms then return now, 0 end
+  return ms, seq + 1
+end
+local ms, seq = next_id(redis.call('GET', KEYS[4]))
+local id = string.format('%d-%d', ms, seq)
+local envelope = '{"v":1,"id":"' .. id .. '","type":"' .. ARGV[2] .. '","guild_id":"' .. ARGV[4]
+  .. '","ts":' .. string.format('%d', ms) .. ',"data":' .. ARGV[3] .. '}'
+local ok = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], id, 'e', envelope)
+if type(ok) == 'table' and ok.err then
+  -- `applied` was lost while the stream kept a later id: go past the stream's own.
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then ms, seq = next_id(info[i + 1]) end
+  end
+  id = string.format('%d-%d', ms, seq)
+  envelope = '{"v":1,"id":"' .. id .. '","type":"' .. ARGV[2] .. '","guild_id":"' .. ARGV[4]
+    .. '","ts":' .. string.format('%d', ms) .. ',"data":' .. ARGV[3] .. '}'
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], id, 'e', envelope)
+end
+
+local ts = ms
+local d = cjson.decode(ARGV[3])
+local kind = ARGV[2]
+
+local function room(channel)
+  local raw = redis.call('HGET', KEYS[2], channel)
+  if raw then return cjson.decode(raw) end
+  return nil
+end
+local function save_room(channel, r)
+  redis.call('HSET', KEYS[2], channel, cjson.encode(r))
+end
+
+if kind == 'room.created' then
+  local r = room(d.channel_id) or { created_at = ts, last_active = ts }
+  r.name = d.name
+  r.user_limit = d.user_limit
+  if d.created_by then r.creator_id = d.created_by end
+  save_room(d.channel_id, r)
+elseif kind == 'room.updated' then
+  local r = room(d.channel_id)
+  if r then
+    r.name = d.name
+    r.user_limit = d.user_limit
+    save_room(d.channel_id, r)
+  end
+elseif kind == 'room.deleted' then
+  redis.call('HDEL', KEYS[2], d.channel_id)
+  local voice = redis.call('HGETALL', KEYS[3])
+  for i = 1, #voice, 2 do
+    if cjson.decode(voice[i + 1]).channel_id == d.channel_id then
+      redis.call('HDEL', KEYS[3], voice[i])
+    end
+  end
+elseif kind == 'room.closing' then
+  local r = room(d.channel_id)
+  if r then
+    r.closes_at = d.closes_at
+    save_room(d.channel_id, r)
+  end
+elseif kind == 'voice.joined' then
+  redis.call('HSET', KEYS[3], d.user.id, cjson.encode({
+    channel_id = d.channel_id, user = d.user,
+    self_mute = d.self_mute, self_deaf = d.self_deaf,
+    self_video = d.self_video, self_stream = d.self_stream,
+  }))
+  local r = room(d.channel_id)
+  if r then
+    r.last_active = ts
+    r.closes_at = nil
+    save_room(d.channel_id, r)
+  end
+elseif kind == 'voice.updated' then
+  local raw = redis.call('HGET', KEYS[3], d.user_id)
+  if raw then
+    local v = cjson.decode(raw)
+    v.channel_id = d.channel_id
+    v.self_mute = d.self_mute
+    v.self_deaf = d.self_deaf
+    v.self_video = d.self_video
+    v.self_stream = d.self_stream
+    redis.call('HSET', KEYS[3], d.user_id, cjson.encode(v))
+  end
+elseif kind == 'voice.left' then
+  redis.call('HDEL', KEYS[3], d.user_id)
+  local r = room(d.channel_id)
+  if r then
+    r.last_active = ts
+    save_room(d.channel_id, r)
+  end
+end
+
+redis.call('SET', KEYS[4], id)
+redis.call('PUBLISH', KEYS[1], envelope)
+return envelope

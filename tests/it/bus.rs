@@ -1,0 +1,292 @@
+//! The Redis bus against a private Redis: order and replay, the snapshot script against
+//! `Snapshot::apply`, fencing, trimmed-log gaps, and the live subscription across a Redis
+//! restart.
+
+use std::time::Duration;
+
+use coven::bus::redis::RedisBus;
+use coven::bus::{Bus, BusError, Since, Snapshot, Store};
+use coven::event::{EventData, EventId, GatewayState, Person, Viewer, VoiceFlags};
+use fred::prelude::*;
+use twilight_model::id::Id;
+
+use crate::harness::{RedisServer, wait_for, within};
+
+const GUILD: u64 = 77;
+
+async fn bus(redis: &RedisServer, max_len: u64) -> RedisBus {
+    RedisBus::connect(&redis.url(), "test", Id::new(GUILD), max_len)
+        .await
+        .expect("connects")
+}
+
+fn person(id: u64) -> Person {
+    Person {
+        id: Id::new(id),
+        username: format!("u{id}"),
+        global_name: Some(format!("U {id}")),
+        avatar_url: None,
+    }
+}
+
+fn flags(mute: bool) -> VoiceFlags {
+    VoiceFlags {
+        self_mute: mute,
+        ..VoiceFlags::default()
+    }
+}
+
+fn room(id: u64, by: Option<u64>) -> EventData {
+    EventData::RoomCreated {
+        channel_id: Id::new(id),
+        name: format!("Room {id}"),
+        user_limit: 4,
+        created_by: by.map(Id::new),
+    }
+}
+
+#[tokio::test]
+async fn appends_are_ordered_replayable_and_stored_as_envelopes() {
+    let redis = RedisServer::start();
+    let bus = bus(&redis, 1000).await;
+    let mut ids = Vec::new();
+    for i in 1..=5 {
+        ids.push(bus.append(room(i, None), None).await.unwrap().id);
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    let Since::Events(after) = bus.since(ids[1], 100).await.unwrap() else {
+        panic!("gap")
+    };
+    assert_eq!(after.iter().map(|e| e.id).collect::<Vec<_>>(), ids[2..]);
+    assert_eq!(bus.snapshot().await.unwrap().at, ids[4]);
+
+    let client = Client::new(Config::from_url(&redis.url()).unwrap(), None, None, None);
+    client.init().await.unwrap();
+    let entries: Vec<(String, std::collections::HashMap<String, String>)> = client
+        .xrange(bus.key("events"), "-", "+", None)
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 5);
+    let first: serde_json::Value = serde_json::from_str(&entries[0].1["e"]).unwrap();
+    assert_eq!(first["id"], entries[0].0);
+    assert_eq!(first["type"], "room.created");
+    assert_eq!(first["guild_id"], GUILD.to_string());
+}
+
+#[tokio::test]
+async fn the_script_changes_the_snapshot_exactly_as_snapshot_apply_does() {
+    let redis = RedisServer::start();
+    let bus = bus(&redis, 1000).await;
+    let (a, b) = (10, 11);
+    let script = vec![
+        room(a, Some(1)),
+        room(b, None),
+        EventData::VoiceJoined {
+            channel_id: Id::new(a),
+            user: person(1),
+            flags: flags(false),
+        },
+        EventData::VoiceJoined {
+            channel_id: Id::new(a),
+            user: person(2),
+            flags: flags(true),
+        },
+        EventData::VoiceUpdated {
+            channel_id: Id::new(a),
+            user_id: Id::new(1),
+            flags: flags(true),
+        },
+        EventData::RoomClosing {
+            channel_id: Id::new(b),
+            reason: "idle".into(),
+            closes_at: 1_800_000_000_123,
+        },
+        EventData::VoiceLeft {
+            channel_id: Id::new(a),
+            user_id: Id::new(2),
+        },
+        EventData::VoiceJoined {
+            channel_id: Id::new(b),
+            user: person(2),
+            flags: flags(false),
+        },
+        EventData::RoomUpdated {
+            channel_id: Id::new(a),
+            name: "Renamed".into(),
+            user_limit: 3,
+        },
+        EventData::RoomUpdated {
+            channel_id: Id::new(99),
+            name: "ghost".into(),
+            user_limit: 1,
+        },
+        room(a, None),
+        EventData::RoomViewers {
+            channel_id: Id::new(a),
+            viewers: vec![Viewer {
+                id: Id::new(1),
+                username: "u1".into(),
+                avatar_url: None,
+            }],
+        },
+        EventData::Ping { seq: 1, ts: 1 },
+        EventData::GatewayStatus {
+            state: GatewayState::Connected,
+            reason: None,
+        },
+        EventData::RoomDeleted {
+            channel_id: Id::new(b),
+        },
+        EventData::VoiceLeft {
+            channel_id: Id::new(b),
+            user_id: Id::new(3),
+        },
+    ];
+    let mut expected = Snapshot::default();
+    for data in script {
+        let event = bus.append(data, None).await.unwrap();
+        expected.apply(&event);
+    }
+    let stored = bus.snapshot().await.unwrap();
+    assert_eq!(stored, expected);
+    assert_eq!(
+        stored.rooms[&Id::new(a)].creator_id,
+        Some(Id::new(1)),
+        "a later room.created keeps the creator"
+    );
+    assert!(
+        stored.voice.values().all(|v| v.channel_id == Id::new(a)),
+        "deleting room b removed its voice states"
+    );
+}
+
+#[tokio::test]
+async fn a_lost_lease_fences_its_old_holder_out() {
+    let redis = RedisServer::start();
+    let bus = bus(&redis, 1000).await;
+    let ttl = Duration::from_millis(300);
+    let old = bus
+        .acquire("gateway:leader", "a", ttl)
+        .await
+        .unwrap()
+        .expect("free lease");
+    assert!(
+        bus.acquire("gateway:leader", "b", ttl)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    bus.append(room(1, None), Some(&old)).await.unwrap();
+    bus.put(Some(&old), "gateway:session", "{}", None)
+        .await
+        .unwrap();
+    // The old holder pauses past its lease; another takes over.
+    let new = wait_for("the lease to expire and pass to b", || async {
+        bus.acquire("gateway:leader", "b", ttl).await.unwrap()
+    })
+    .await;
+    assert!(new.epoch > old.epoch);
+    assert!(matches!(
+        bus.append(room(2, None), Some(&old)).await,
+        Err(BusError::Fenced(_))
+    ));
+    assert!(matches!(
+        bus.put(Some(&old), "gateway:session", "{}", None).await,
+        Err(BusError::Fenced(_))
+    ));
+    assert!(!bus.renew(&old, ttl).await.unwrap());
+    bus.release(&old).await.unwrap();
+    assert!(
+        bus.renew(&new, Duration::from_secs(5)).await.unwrap(),
+        "releasing a lost lease does not touch the new one"
+    );
+    bus.append(room(2, None), Some(&new)).await.unwrap();
+    bus.release(&new).await.unwrap();
+    assert!(
+        bus.acquire("gateway:leader", "c", ttl)
+            .await
+            .unwrap()
+            .is_some(),
+        "released at once"
+    );
+    assert_eq!(
+        bus.snapshot().await.unwrap().rooms.len(),
+        2,
+        "the fenced append changed nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_reader_behind_the_trimmed_log_is_told_to_resync() {
+    let redis = RedisServer::start();
+    let bus = bus(&redis, 10).await;
+    let first = bus.append(room(1, None), None).await.unwrap().id;
+    let mut last = first;
+    for i in 0..300 {
+        last = bus
+            .append(EventData::Ping { seq: i, ts: 0 }, None)
+            .await
+            .unwrap()
+            .id;
+    }
+    assert_eq!(bus.since(first, 10).await.unwrap(), Since::Gap);
+    assert_eq!(bus.since(EventId::ZERO, 10).await.unwrap(), Since::Gap);
+    let Since::Events(recent) = bus.since(last, 10).await.unwrap() else {
+        panic!("recent ids are kept")
+    };
+    assert!(recent.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_subscription_survives_a_redis_restart_in_order_without_duplicates() {
+    let mut redis = RedisServer::start();
+    let bus = bus(&redis, 1000).await;
+    let mut live = bus.subscribe();
+    for i in 1..=3 {
+        bus.append(room(i, None), None).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(within("a live event", live.recv()).await.unwrap().id);
+    }
+    tokio::task::block_in_place(|| redis.restart());
+    let mut appended = Vec::new();
+    for i in 4..=6 {
+        let event = wait_for("an append after the restart", || async {
+            bus.append(room(i, None), None).await.ok()
+        })
+        .await;
+        appended.push(event.id);
+    }
+    for _ in 0..3 {
+        seen.push(
+            within("a live event after the restart", live.recv())
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    assert_eq!(&seen[3..], &appended[..]);
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "in order, no duplicates: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn garbage_on_the_channel_is_skipped_and_the_relay_survives() {
+    let redis = RedisServer::start();
+    let bus = bus(&redis, 1000).await;
+    let mut live = bus.subscribe();
+    let client = Client::new(Config::from_url(&redis.url()).unwrap(), None, None, None);
+    client.init().await.unwrap();
+    let _: i64 = client
+        .publish(bus.key("events"), "{not an envelope")
+        .await
+        .unwrap();
+    let event = bus.append(room(1, None), None).await.unwrap();
+    assert_eq!(
+        within("the next real event", live.recv()).await.unwrap().id,
+        event.id
+    );
+}

@@ -1,0 +1,341 @@
+//! `coven gateway` as a process against the simulator and a private Redis: the events it
+//! writes, failover to a standby, and a fatal refusal.
+
+use std::time::{Duration, Instant};
+
+use fred::prelude::*;
+use serde_json::{Value, json};
+
+use crate::harness::{CovenProcess, RedisServer, TestSim, wait_for};
+
+const PREFIX: &str = "coven";
+
+struct Setup {
+    sim: TestSim,
+    redis: RedisServer,
+    client: Client,
+    category: u64,
+}
+
+impl Setup {
+    async fn start() -> Self {
+        let sim = TestSim::start().await;
+        let redis = RedisServer::start();
+        let client = Client::new(Config::from_url(&redis.url()).unwrap(), None, None, None);
+        client.init().await.expect("redis");
+        let category = sim.id_of("room_category_id").await;
+        Self {
+            sim,
+            redis,
+            client,
+            category,
+        }
+    }
+
+    fn gateway(&self, token: &str) -> CovenProcess {
+        let guild = self.sim.guild_id().to_string();
+        let category = self.category.to_string();
+        let mut p = CovenProcess::spawn(
+            &["gateway"],
+            &[
+                ("BIND", "127.0.0.1:0"),
+                ("REDIS_URL", &self.redis.url()),
+                ("DISCORD_GUILD_ID", &guild),
+                ("DISCORD_BOT_TOKEN", token),
+                ("DISCORD_GATEWAY_URL", &self.sim.gateway_url()),
+                ("DISCORD_ROOM_CATEGORY_ID", &category),
+                ("GATEWAY_LEASE_TTL", "2s"),
+                ("RUST_LOG", "coven=debug"),
+            ],
+        );
+        p.wait_for_stdout("health listening on");
+        p
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{PREFIX}:{{{}}}:{suffix}", self.sim.guild_id())
+    }
+
+    /// Every envelope in the stream, in order.
+    async fn events(&self) -> Vec<Value> {
+        let entries: Vec<(String, std::collections::HashMap<String, String>)> = self
+            .client
+            .xrange(self.key("events"), "-", "+", None)
+            .await
+            .unwrap_or_default();
+        entries
+            .into_iter()
+            .map(|(id, fields)| {
+                let v: Value = serde_json::from_str(&fields["e"]).expect("envelope JSON");
+                assert_eq!(v["id"], id, "the envelope carries its stream id");
+                v
+            })
+            .collect()
+    }
+
+    /// The stream's events other than gateway.status, as (type, user or channel) pairs.
+    async fn domain(&self) -> Vec<(String, String)> {
+        self.events()
+            .await
+            .into_iter()
+            .filter(|e| e["type"] != "gateway.status")
+            .map(|e| {
+                let who = e["data"]["user_id"]
+                    .as_str()
+                    .or(e["data"]["user"]["id"].as_str())
+                    .or(e["data"]["channel_id"].as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                (e["type"].as_str().unwrap_or_default().to_owned(), who)
+            })
+            .collect()
+    }
+
+    async fn wait_for_events(&self, n: usize) -> Vec<(String, String)> {
+        wait_for(&format!("{n} domain events in the stream"), || async {
+            let d = self.domain().await;
+            (d.len() >= n).then_some(d)
+        })
+        .await
+    }
+
+    async fn wait_connected(&self) {
+        wait_for("gateway.status CONNECTED", || async {
+            let status: Option<String> = self
+                .client
+                .get(self.key("gateway:status"))
+                .await
+                .ok()
+                .flatten();
+            status.filter(|s| s.contains("CONNECTED")).map(|_| ())
+        })
+        .await;
+    }
+
+    async fn new_room(&self, name: &str) -> u64 {
+        let (status, room) = self
+            .sim
+            .control(
+                "/channels",
+                json!({"name": name, "parent_id": self.category.to_string(), "user_limit": 4}),
+            )
+            .await;
+        assert_eq!(status, 201, "{room}");
+        room["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    async fn voice(&self, user: u64, channel: Option<u64>, mute: bool) {
+        let (status, body) = self
+            .sim
+            .control("/voice", json!({"user_id": user.to_string(), "channel_id": channel.map(|c| c.to_string()), "self_mute": mute}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+fn pairs(list: &[(&str, u64)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(t, id)| ((*t).to_owned(), id.to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voice_and_room_changes_become_exactly_the_specified_events() {
+    let s = Setup::start().await;
+    let _gw = s.gateway(&s.sim.token());
+    s.wait_connected().await;
+
+    let room = s.new_room("Table").await;
+    let lobby = s.sim.id_of("lobby_id").await;
+    let ash = s.sim.user("ash").await;
+    s.voice(ash, Some(room), false).await; // join
+    s.voice(ash, Some(room), true).await; // flag change
+    s.voice(ash, Some(lobby), true).await; // move
+    s.voice(ash, None, true).await; // leave
+    let res = s
+        .sim
+        .http
+        .delete(s.sim.url(&format!("/_sim/channels/{room}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    let want = pairs(&[
+        ("room.created", room),
+        ("voice.joined", ash),
+        ("voice.updated", ash),
+        ("voice.left", ash),
+        ("voice.joined", ash),
+        ("voice.left", ash),
+        ("room.deleted", room),
+    ]);
+    let got = s.wait_for_events(want.len()).await;
+    assert_eq!(got, want);
+
+    // The snapshot says what the sim says: nobody in voice, no rooms, valid at the last id.
+    let rooms: std::collections::HashMap<String, String> =
+        s.client.hgetall(s.key("rooms")).await.unwrap();
+    let voice: std::collections::HashMap<String, String> =
+        s.client.hgetall(s.key("voice")).await.unwrap();
+    assert!(rooms.is_empty() && voice.is_empty(), "{rooms:?} {voice:?}");
+    let applied: String = s.client.get(s.key("applied")).await.unwrap();
+    let last = s.events().await.last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(applied, last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_a_killed_gateway_and_resumes_without_losing_an_event() {
+    let s = Setup::start().await;
+    let first = s.gateway(&s.sim.token());
+    s.wait_connected().await;
+    let _standby = s.gateway(&s.sim.token());
+    let room = s.new_room("Table").await;
+    let bramble = s.sim.user("bramble").await;
+    s.voice(bramble, Some(room), false).await;
+    s.wait_for_events(2).await;
+
+    first.signal("KILL");
+    let killed = Instant::now();
+    // Changes while nobody holds the session: Discord keeps them for the resume.
+    let cinder = s.sim.user("cinder").await;
+    s.voice(cinder, Some(room), false).await;
+    s.voice(bramble, Some(room), true).await;
+    s.voice(bramble, None, true).await;
+
+    let want = pairs(&[
+        ("room.created", room),
+        ("voice.joined", bramble),
+        ("voice.joined", cinder),
+        ("voice.updated", bramble),
+        ("voice.left", bramble),
+    ]);
+    let got = s.wait_for_events(want.len()).await;
+    let took = killed.elapsed();
+    assert_eq!(got, want, "every change exactly once, in order");
+    assert!(
+        took < Duration::from_secs(2 + 2),
+        "standby active after {took:?}"
+    );
+    assert_eq!(
+        s.sim.gateway_counter("identifies").await,
+        1,
+        "the standby resumed instead of identifying"
+    );
+    assert!(s.sim.gateway_counter("resumes").await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_is_failed_with_one_clear_line_and_exit_2() {
+    let s = Setup::start().await;
+    let mut gw = s.gateway("not-the-token");
+    assert_eq!(gw.wait_exit(), Some(2));
+    let errors: Vec<String> = gw
+        .stderr()
+        .into_iter()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("DISCORD_BOT_TOKEN") && errors[0].contains("4004"),
+        "{errors:?}"
+    );
+    let statuses: Vec<Value> = s
+        .events()
+        .await
+        .into_iter()
+        .filter(|e| e["type"] == "gateway.status")
+        .collect();
+    assert_eq!(statuses.last().unwrap()["data"]["state"], "FAILED");
+    assert_eq!(
+        s.sim.gateway_counter("identifies").await,
+        0,
+        "no retry storm"
+    );
+    assert!(s.sim.gateway_counter("connections").await <= 1);
+}
+
+/// The run loop in-process over the memory bus (the demo's configuration): the same
+/// events, and a clean stop that stores the session and releases the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_loop_over_the_memory_bus_stores_its_session_and_releases_the_lease() {
+    use std::sync::Arc;
+
+    use coven::bus::memory::MemoryBus;
+    use coven::bus::{Backend, Bus, Since, Store};
+    use coven::gateway::health::Health;
+    use coven::gateway::run::{LEASE, Outcome, SESSION_KEY, run};
+    use tokio_util::sync::CancellationToken;
+    use twilight_model::id::Id;
+
+    let sim = TestSim::start().await;
+    let category = sim.id_of("room_category_id").await;
+    let bus = Arc::new(MemoryBus::new(Id::new(sim.guild_id()), 1000));
+    let backend: Arc<dyn Backend> = bus.clone();
+    let settings = coven::gateway::Settings {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        redis_url: secrecy::SecretString::from("memory://"),
+        guild_id: Id::new(sim.guild_id()),
+        bot_token: secrecy::SecretString::from(sim.token()),
+        gateway_url: url::Url::parse(&sim.gateway_url()).unwrap(),
+        room_category: Some(Id::new(category)),
+        key_prefix: "coven".into(),
+        lease_ttl: Duration::from_secs(2),
+        event_log_max_len: 1000,
+        queue_size: 100,
+    };
+    let shutdown = CancellationToken::new();
+    let health = Health::default();
+    let task = tokio::spawn(run(settings, backend, health.clone(), shutdown.clone()));
+
+    wait_for("CONNECTED", || async {
+        (health.report().1["state"] == "CONNECTED").then_some(())
+    })
+    .await;
+    let (status, room) = sim
+        .control(
+            "/channels",
+            json!({"name": "Table", "parent_id": category.to_string()}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let room: u64 = room["id"].as_str().unwrap().parse().unwrap();
+    let gale = sim.user("gale").await;
+    sim.join(gale, room).await;
+    let kinds = wait_for("room.created and voice.joined", || async {
+        let Ok(Since::Events(events)) = bus.since(coven::event::EventId::ZERO, 100).await else {
+            return None;
+        };
+        let kinds: Vec<String> = events
+            .iter()
+            .map(|e| e.kind().as_str().to_owned())
+            .filter(|k| k != "gateway.status")
+            .collect();
+        (kinds.len() >= 2).then_some(kinds)
+    })
+    .await;
+    assert_eq!(kinds, ["room.created", "voice.joined"]);
+
+    shutdown.cancel();
+    let outcome = crate::harness::within("the gateway to stop", task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, Outcome::Stopped);
+    let stored = bus
+        .get(SESSION_KEY)
+        .await
+        .unwrap()
+        .expect("a stored session");
+    assert!(stored.contains("session_id"));
+    assert!(
+        bus.acquire(LEASE, "next", Duration::from_secs(1))
+            .await
+            .unwrap()
+            .is_some(),
+        "the lease was released for a standby"
+    );
+}
