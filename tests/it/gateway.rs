@@ -19,9 +19,18 @@ struct Setup {
 
 impl Setup {
     async fn start() -> Self {
+        Self::start_with(RedisServer::start()).await
+    }
+
+    async fn start_with(redis: RedisServer) -> Self {
         let sim = TestSim::start().await;
-        let redis = RedisServer::start();
-        let client = Client::new(Config::from_url(&redis.url()).unwrap(), None, None, None);
+        let policy = ReconnectPolicy::new_constant(0, 50);
+        let client = Client::new(
+            Config::from_url(&redis.url()).unwrap(),
+            None,
+            None,
+            Some(policy),
+        );
         client.init().await.expect("redis");
         let category = sim.id_of("room_category_id").await;
         Self {
@@ -133,9 +142,9 @@ impl Setup {
     }
 }
 
-fn pairs(list: &[(&str, u64)]) -> Vec<(String, String)> {
+fn pairs<S: AsRef<str>>(list: &[(S, u64)]) -> Vec<(String, String)> {
     list.iter()
-        .map(|(t, id)| ((*t).to_owned(), id.to_string()))
+        .map(|(t, id)| (t.as_ref().to_owned(), id.to_string()))
         .collect()
 }
 
@@ -226,6 +235,78 @@ async fn a_standby_takes_over_a_killed_gateway_and_resumes_without_losing_an_eve
         "the standby resumed instead of identifying"
     );
     assert!(s.sim.gateway_counter("resumes").await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discord_disruptions_are_recovered_without_losing_an_event() {
+    let s = Setup::start().await;
+    let _gw = s.gateway(&s.sim.token());
+    s.wait_connected().await;
+    let room = s.new_room("Table").await;
+    let mut want = vec![("room.created", room)];
+    s.wait_for_events(want.len()).await;
+    let disruptions = [
+        ("/gateway/reconnect", json!({})),
+        ("/gateway/invalidate", json!({"resumable": true})),
+        ("/gateway/invalidate", json!({"resumable": false})),
+        ("/gateway/zombie", json!({})),
+        ("/gateway/disconnect", json!({"code": 4000})),
+        ("/gateway/disconnect", json!({"code": 4009})),
+    ];
+    let people = ["ash", "bramble", "cinder", "dusk", "ember", "fable"];
+    let lobby = s.sim.id_of("lobby_id").await;
+    for ((path, body), name) in disruptions.into_iter().zip(people) {
+        let (status, answer) = s.sim.control(path, body).await;
+        assert_eq!(status, 200, "{path}: {answer}");
+        // A change right behind the disruption, while the gateway recovers.
+        let user = s.sim.user(name).await;
+        s.voice(user, Some(lobby), false).await;
+        want.push(("voice.joined", user));
+        let got = s.wait_for_events(want.len()).await;
+        assert_eq!(got, pairs(&want), "after {path}");
+    }
+    // Nothing arrives twice later either (a slow duplicate would show up here).
+    let ash = s.sim.user("ash").await;
+    s.voice(ash, Some(room), false).await;
+    want.push(("voice.left", ash));
+    want.push(("voice.joined", ash));
+    assert_eq!(s.wait_for_events(want.len()).await, pairs(&want));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_while_events_flow_loses_and_reorders_nothing() {
+    let mut s = Setup::start_with(RedisServer::start_persistent()).await;
+    let _gw = s.gateway(&s.sim.token());
+    s.wait_connected().await;
+    let room = s.new_room("Table").await;
+    let (ash, bramble, cinder) = (
+        s.sim.user("ash").await,
+        s.sim.user("bramble").await,
+        s.sim.user("cinder").await,
+    );
+    s.voice(ash, Some(room), false).await;
+    s.wait_for_events(2).await;
+
+    tokio::task::block_in_place(|| s.redis.stop());
+    // Discord keeps talking while Redis is away.
+    s.voice(bramble, Some(room), false).await;
+    s.voice(ash, Some(room), true).await;
+    tokio::task::block_in_place(|| s.redis.start_again());
+    s.voice(cinder, Some(room), false).await;
+
+    let want = pairs(&[
+        ("room.created", room),
+        ("voice.joined", ash),
+        ("voice.joined", bramble),
+        ("voice.updated", ash),
+        ("voice.joined", cinder),
+    ]);
+    assert_eq!(s.wait_for_events(want.len()).await, want);
+    assert_eq!(
+        s.sim.gateway_counter("identifies").await,
+        1,
+        "the Discord session survived the outage"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

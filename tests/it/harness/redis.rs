@@ -7,25 +7,30 @@ use std::time::{Duration, Instant};
 
 pub struct RedisServer {
     pub port: u16,
-    child: Child,
+    child: Option<Child>,
     _dir: tempfile::TempDir,
+    persistent: bool,
 }
 
 impl RedisServer {
+    /// A server that keeps nothing on disk (a restart empties it).
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// A server with an append-only file fsynced on every write, as production runs
+    /// Redis: a restart keeps the log, the snapshot, leases and the stored session.
+    pub fn start_persistent() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         // A port is free when we probe it; another process could take it before redis
         // binds, so retry a few times on failure.
         for _ in 0..5 {
             let port = free_port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
+            let child = command(port, dir.path(), persistent).spawn();
             let mut child = match child {
                 Ok(c) => c,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -36,8 +41,9 @@ impl RedisServer {
             if wait_for_pong(port, &mut child) {
                 return Self {
                     port,
-                    child,
+                    child: Some(child),
                     _dir: dir,
+                    persistent,
                 };
             }
             let _ = child.kill();
@@ -52,30 +58,57 @@ impl RedisServer {
 
     /// Stops the server (as a crash would) and starts it again on the same port.
     pub fn restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(self._dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        self.stop();
+        self.start_again();
+    }
+
+    /// Kills the server, as a crash would.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a stopped server again on its port (with its data, when persistent).
+    pub fn start_again(&mut self) {
+        let mut child = command(self.port, self._dir.path(), self.persistent)
             .spawn()
             .expect("restart redis-server");
-        self.child = child;
         assert!(
-            wait_for_pong(self.port, &mut self.child),
+            wait_for_pong(self.port, &mut child),
             "redis-server did not come back on port {}",
             self.port
         );
+        self.child = Some(child);
     }
+}
+
+fn command(port: u16, dir: &std::path::Path, persistent: bool) -> Command {
+    let mut cmd = Command::new("redis-server");
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+    ]);
+    if persistent {
+        cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+    } else {
+        cmd.args(["--appendonly", "no"]);
+    }
+    cmd.arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
