@@ -42,23 +42,62 @@ impl Setup {
     }
 
     fn gateway(&self, token: &str) -> CovenProcess {
+        self.gateway_with(token, &[])
+    }
+
+    fn gateway_with(&self, token: &str, extra: &[(&str, &str)]) -> CovenProcess {
         let guild = self.sim.guild_id().to_string();
         let category = self.category.to_string();
-        let mut p = CovenProcess::spawn(
-            &["gateway"],
-            &[
-                ("BIND", "127.0.0.1:0"),
-                ("REDIS_URL", &self.redis.url()),
-                ("DISCORD_GUILD_ID", &guild),
-                ("DISCORD_BOT_TOKEN", token),
-                ("DISCORD_GATEWAY_URL", &self.sim.gateway_url()),
-                ("DISCORD_ROOM_CATEGORY_ID", &category),
-                ("GATEWAY_LEASE_TTL", "2s"),
-                ("RUST_LOG", "coven=debug"),
-            ],
-        );
+        let redis_url = self.redis.url();
+        let gateway_url = self.sim.gateway_url();
+        let mut env = vec![
+            ("BIND", "127.0.0.1:0"),
+            ("REDIS_URL", &redis_url),
+            ("DISCORD_GUILD_ID", &guild),
+            ("DISCORD_BOT_TOKEN", token),
+            ("DISCORD_GATEWAY_URL", &gateway_url),
+            ("DISCORD_ROOM_CATEGORY_ID", &category),
+            ("GATEWAY_LEASE_TTL", "2s"),
+            ("RUST_LOG", "coven=debug"),
+        ];
+        env.extend_from_slice(extra);
+        let mut p = CovenProcess::spawn(&["gateway"], &env);
         p.wait_for_stdout("health listening on");
         p
+    }
+
+    /// Who is in voice, per Redis's snapshot: user id → channel id.
+    async fn stored_voice(&self) -> std::collections::BTreeMap<String, String> {
+        let voice: std::collections::HashMap<String, String> = self
+            .client
+            .hgetall(self.key("voice"))
+            .await
+            .unwrap_or_default();
+        voice
+            .into_iter()
+            .map(|(user, json)| {
+                let v: Value = serde_json::from_str(&json).expect("voice record JSON");
+                (
+                    user,
+                    v["channel_id"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Who is in voice, per the simulator (Discord's truth).
+    async fn sim_voice(&self) -> std::collections::BTreeMap<String, String> {
+        self.sim.state().await["voice_states"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["user_id"].as_str().unwrap().to_owned(),
+                    v["channel_id"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
     }
 
     fn key(&self, suffix: &str) -> String {
@@ -306,6 +345,107 @@ async fn a_redis_restart_while_events_flow_loses_and_reorders_nothing() {
         s.sim.gateway_counter("identifies").await,
         1,
         "the Discord session survived the outage"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overflowing_outage_queue_is_reconciled_so_redis_ends_up_right() {
+    let mut s = Setup::start_with(RedisServer::start_persistent()).await;
+    let mut gw = s.gateway_with(&s.sim.token(), &[("GATEWAY_QUEUE_SIZE", "2")]);
+    s.wait_connected().await;
+    let room = s.new_room("Table").await;
+    s.wait_for_events(1).await;
+
+    tokio::task::block_in_place(|| s.redis.stop());
+    let lobby = s.sim.id_of("lobby_id").await;
+    for name in ["ash", "bramble", "cinder", "dusk"] {
+        s.voice(s.sim.user(name).await, Some(room), false).await;
+    }
+    s.voice(s.sim.user("ash").await, Some(lobby), true).await;
+    s.voice(s.sim.user("ember").await, Some(room), false).await;
+    tokio::task::block_in_place(|| s.redis.start_again());
+
+    let truth = s.sim_voice().await;
+    assert_eq!(truth.len(), 5);
+    wait_for("Redis's snapshot to match Discord", || async {
+        (s.stored_voice().await == truth).then_some(())
+    })
+    .await;
+    gw.signal("TERM");
+    assert_eq!(gw.wait_exit(), Some(0));
+    let log = gw.stderr().join("\n");
+    assert!(
+        log.contains("outage queue is full"),
+        "the overflow is logged"
+    );
+    assert!(
+        log.contains("reconciling Redis after the outage queue overflowed"),
+        "the reconcile is logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_tell_active_from_standby() {
+    let s = Setup::start().await;
+    let mut active = s.gateway(&s.sim.token());
+    let active_url = active.listening_url();
+    s.wait_connected().await;
+    let mut standby = s.gateway(&s.sim.token());
+    let standby_url = standby.listening_url();
+
+    let health = |url: String| async move {
+        let res = reqwest::get(format!("{url}/healthz")).await.unwrap();
+        (res.status().as_u16(), res.json::<Value>().await.unwrap())
+    };
+    let (status, body) = health(active_url.clone()).await;
+    assert_eq!(
+        (status, body["role"].as_str(), body["state"].as_str()),
+        (200, Some("active"), Some("CONNECTED")),
+        "{body}"
+    );
+    assert_eq!(body["status"], "ok");
+    assert!(body["timestamp"].is_string());
+    let (status, body) = health(standby_url.clone()).await;
+    assert_eq!(
+        (status, body["role"].as_str()),
+        (200, Some("standby")),
+        "{body}"
+    );
+
+    let room = s.new_room("Metered").await;
+    s.wait_for_events(1).await;
+    let metrics = reqwest::get(format!("{active_url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"coven_gateway_events_total{type="room.created"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("coven_gateway_append_seconds"),
+        "{metrics}"
+    );
+    let _ = room;
+
+    // A clean stop hands over at once: the standby becomes active and healthy.
+    active.signal("TERM");
+    assert_eq!(active.wait_exit(), Some(0));
+    wait_for("the standby to take over", || {
+        let url = standby_url.clone();
+        async move {
+            let (status, body) = health(url).await;
+            (status == 200 && body["role"] == "active" && body["state"] == "CONNECTED")
+                .then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        s.sim.gateway_counter("identifies").await,
+        1,
+        "the standby resumed the session"
     );
 }
 
