@@ -290,3 +290,61 @@ async fn garbage_on_the_channel_is_skipped_and_the_relay_survives() {
         event.id
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coven_publish_appends_through_the_same_path() {
+    use crate::harness::CovenProcess;
+    let redis = RedisServer::start();
+    let env = [
+        ("REDIS_URL", redis.url()),
+        ("DISCORD_GUILD_ID", GUILD.to_string()),
+        ("COVEN_KEY_PREFIX", "test".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut one = CovenProcess::spawn(
+        &[
+            "publish",
+            "--type",
+            "room.closing",
+            "--data",
+            r#"{"channel_id":"5","reason":"idle","closes_at":1}"#,
+        ],
+        &env,
+    );
+    assert_eq!(
+        tokio::task::block_in_place(|| one.wait_exit()),
+        Some(0),
+        "{:?}",
+        one.stderr()
+    );
+    let printed: EventId = one.stdout()[0].parse().expect("prints the new event id");
+    let mut pings = CovenProcess::spawn(
+        &["publish", "--ping", "--count", "5", "--rate", "1000"],
+        &env,
+    );
+    assert_eq!(
+        tokio::task::block_in_place(|| pings.wait_exit()),
+        Some(0),
+        "{:?}",
+        pings.stderr()
+    );
+    assert!(pings.stdout().join("\n").contains("published 5 pings"));
+
+    let bus = bus(&redis, 1000).await;
+    let Since::Events(events) = bus.since(EventId::ZERO, 100).await.unwrap() else {
+        panic!("gap")
+    };
+    assert_eq!(events.len(), 6);
+    assert_eq!(events[0].id, printed);
+    let seqs: Vec<u64> = events[1..]
+        .iter()
+        .map(|e| match e.data {
+            EventData::Ping { seq, ts } => {
+                assert!(ts > 1_700_000_000_000_000_000, "ts is unix nanoseconds");
+                seq
+            }
+            _ => panic!("not a ping"),
+        })
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+}
