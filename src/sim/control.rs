@@ -153,6 +153,7 @@ async fn state(State(shared): State<Arc<Shared>>) -> Response {
             "self_stream": v.flags.self_stream,
         })).collect::<Vec<_>>(),
         "gateway": state.hub.counters,
+        "rest": {"rate_limited": state.limits.rate_limited},
     });
     axum::Json(body).into_response()
 }

@@ -225,6 +225,9 @@ pub struct Limits {
     window: Duration,
     buckets: HashMap<String, Window>,
     faults: Vec<Fault>,
+    /// 429s served because a bucket ran out (not injected ones): a client that reads the
+    /// headers right never causes one.
+    pub rate_limited: u64,
 }
 
 #[derive(Debug)]
@@ -290,6 +293,7 @@ impl Limits {
             window,
             buckets: HashMap::new(),
             faults: Vec::new(),
+            rate_limited: 0,
         }
     }
 
@@ -326,7 +330,9 @@ impl Limits {
         }
         let reset_after = self.window.saturating_sub(now.duration_since(w.started));
         let limited = w.used >= self.limit;
-        if !limited {
+        if limited {
+            self.rate_limited += 1;
+        } else {
             w.used += 1;
         }
         let remaining = self.limit - w.used.min(self.limit);

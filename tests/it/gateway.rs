@@ -412,7 +412,7 @@ async fn health_and_metrics_tell_active_from_standby() {
         "{body}"
     );
 
-    let room = s.new_room("Metered").await;
+    s.new_room("Metered").await;
     s.wait_for_events(1).await;
     let metrics = reqwest::get(format!("{active_url}/metrics"))
         .await
@@ -428,7 +428,6 @@ async fn health_and_metrics_tell_active_from_standby() {
         metrics.contains("coven_gateway_append_seconds"),
         "{metrics}"
     );
-    let _ = room;
 
     // A clean stop hands over at once: the standby becomes active and healthy.
     active.signal("TERM");

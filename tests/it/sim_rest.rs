@@ -191,6 +191,8 @@ async fn the_bucket_headers_keep_twilight_under_the_limit() {
             .await
             .expect("never surfaces a 429");
     }
+    // twilight retries 429s silently, so ask the sim: the headers kept it from any.
+    assert_eq!(sim.state().await["rest"]["rate_limited"], 0);
     // And a client that ignores the headers is refused with Discord's 429.
     let url = sim.url(&format!("/api/v10/guilds/{}/channels", sim.guild_id()));
     let mut statuses = Vec::new();
@@ -223,6 +225,7 @@ async fn the_bucket_headers_keep_twilight_under_the_limit() {
         }
     }
     assert_eq!(statuses, [200, 200, 429]);
+    assert_eq!(sim.state().await["rest"]["rate_limited"], 1);
 }
 
 #[tokio::test]
