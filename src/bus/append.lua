@@ -101,6 +101,13 @@ elseif kind == 'voice.updated' then
     v.self_stream = d.self_stream
     redis.call('HSET', KEYS[3], d.user_id, cjson.encode(v))
   end
+elseif kind == 'room.viewers' then
+  local r = room(d.channel_id)
+  if r then
+    -- cjson would write an empty list as {}: an empty list is no field at all.
+    if #d.viewers > 0 then r.viewers = d.viewers else r.viewers = nil end
+    save_room(d.channel_id, r)
+  end
 elseif kind == 'voice.left' then
   redis.call('HDEL', KEYS[3], d.user_id)
   local r = room(d.channel_id)

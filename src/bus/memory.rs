@@ -2,16 +2,16 @@
 //! semantics (atomic append, capped log with gap detection, snapshot valid at an id,
 //! leases with fencing). Everything sits behind one lock, so an append is atomic.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 use twilight_model::id::Id;
-use twilight_model::id::marker::GuildMarker;
+use twilight_model::id::marker::{ChannelMarker, GuildMarker};
 
 use super::{Bus, BusError, BusResult, Fence, LIVE_BUFFER, Since, Snapshot, Store};
-use crate::event::{Event, EventData, EventId};
+use crate::event::{Event, EventData, EventId, Viewer};
 
 pub struct MemoryBus {
     guild_id: Id<GuildMarker>,
@@ -30,6 +30,8 @@ struct State {
     leases: HashMap<String, (String, Instant)>,
     epoch: u64,
     values: HashMap<String, (String, Option<Instant>)>,
+    /// Per room: viewer JSON (as Redis keeps it) → when it expires.
+    viewers: HashMap<Id<ChannelMarker>, BTreeMap<String, Instant>>,
 }
 
 impl MemoryBus {
@@ -46,6 +48,22 @@ impl MemoryBus {
         // Nothing holding this lock can panic half-way through an append (apply is
         // infallible), so a poisoned lock still holds consistent data.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn append_locked(&self, state: &mut State, data: EventData) -> BusResult<Arc<Event>> {
+        let id = EventId::next_after(state.last, crate::event::now_ms());
+        let event = Arc::new(Event::new(id, self.guild_id, id.ms, data)?);
+        state.last = id;
+        state.snapshot.apply(&event);
+        state.log.push_back(event.clone());
+        while state.log.len() > self.max_len {
+            if let Some(old) = state.log.pop_front() {
+                state.trimmed = old.id;
+            }
+        }
+        // Sent under the lock so receivers see ids in order.
+        let _ = self.live.send(event.clone());
+        Ok(event)
     }
 }
 
@@ -65,19 +83,47 @@ impl Bus for MemoryBus {
         {
             return Err(BusError::Fenced(fence.lease.clone()));
         }
-        let id = EventId::next_after(state.last, crate::event::now_ms());
-        let event = Arc::new(Event::new(id, self.guild_id, id.ms, data)?);
-        state.last = id;
-        state.snapshot.apply(&event);
-        state.log.push_back(event.clone());
-        while state.log.len() > self.max_len {
-            if let Some(old) = state.log.pop_front() {
-                state.trimmed = old.id;
-            }
+        self.append_locked(&mut state, data)
+    }
+
+    async fn viewers(
+        &self,
+        channel: Id<ChannelMarker>,
+        present: &[Viewer],
+        gone: &[Viewer],
+        ttl: Duration,
+    ) -> BusResult<Option<Arc<Event>>> {
+        let encode = |v: &Viewer| serde_json::to_string(v);
+        let present = present.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
+        let gone = gone.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
+        let now = Instant::now();
+        let mut state = self.lock();
+        let set = state.viewers.entry(channel).or_default();
+        // Everyone listed so far, expired or not: an expiry is a change to announce.
+        let before: Vec<String> = set.keys().cloned().collect();
+        set.retain(|_, until| *until > now);
+        for v in present {
+            set.insert(v, now + ttl);
         }
-        // Sent under the lock so receivers see ids in order.
-        let _ = self.live.send(event.clone());
-        Ok(event)
+        for v in &gone {
+            set.remove(v);
+        }
+        let after: Vec<String> = set.keys().cloned().collect();
+        if set.is_empty() {
+            state.viewers.remove(&channel);
+        }
+        if before == after {
+            return Ok(None);
+        }
+        let viewers = after
+            .iter()
+            .map(|v| serde_json::from_str(v))
+            .collect::<Result<Vec<Viewer>, _>>()?;
+        let data = EventData::RoomViewers {
+            channel_id: channel,
+            viewers,
+        };
+        self.append_locked(&mut state, data).map(Some)
     }
 
     async fn snapshot(&self) -> BusResult<Snapshot> {
@@ -94,7 +140,6 @@ impl Bus for MemoryBus {
             state.log.iter().skip(start).take(limit).cloned().collect(),
         ))
     }
-
     fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.live.subscribe()
     }

@@ -22,7 +22,7 @@ use tokio::sync::broadcast;
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, RoleMarker, UserMarker};
 
-use crate::event::{Event, EventData, EventId, Person, VoiceFlags};
+use crate::event::{Event, EventData, EventId, Person, Viewer, VoiceFlags};
 
 /// A room as the snapshot keeps it (`P:{G}:rooms`, one JSON value per channel id).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +40,9 @@ pub struct RoomRecord {
     /// Set while a `room.closing` warning stands; cleared when someone joins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closes_at: Option<u64>,
+    /// Who has the room's page open, on any replica (from the last `room.viewers`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub viewers: Vec<Viewer>,
 }
 
 /// Someone in voice as the snapshot keeps them (`P:{G}:voice`, one JSON value per user).
@@ -86,6 +89,7 @@ impl Snapshot {
                     created_at: ts,
                     last_active: ts,
                     closes_at: None,
+                    viewers: Vec::new(),
                 });
                 room.name.clone_from(name);
                 room.user_limit = *user_limit;
@@ -153,8 +157,15 @@ impl Snapshot {
                     room.last_active = ts;
                 }
             }
-            EventData::RoomViewers { .. }
-            | EventData::Ping { .. }
+            EventData::RoomViewers {
+                channel_id,
+                viewers,
+            } => {
+                if let Some(room) = self.rooms.get_mut(channel_id) {
+                    room.viewers.clone_from(viewers);
+                }
+            }
+            EventData::Ping { .. }
             | EventData::GatewayStatus { .. } => {}
         }
     }
@@ -215,6 +226,18 @@ pub trait Bus: Send + Sync + 'static {
     /// receiver; a receiver that falls behind sees `Lagged` and must catch up with
     /// [`Bus::since`].
     fn subscribe(&self) -> broadcast::Receiver<Arc<Event>>;
+
+    /// Presence on a room page: marks `present` as viewing `channel` for `ttl` more, `gone`
+    /// as no longer viewing, forgets viewers whose time ran out, and when that changes
+    /// who is viewing appends `room.viewers` with the new list in the same atomic step
+    /// (returned). Kept in `P:{G}:viewers:{channel}`, so a dead replica's viewers fade out.
+    async fn viewers(
+        &self,
+        channel: Id<ChannelMarker>,
+        present: &[Viewer],
+        gone: &[Viewer],
+        ttl: Duration,
+    ) -> BusResult<Option<Arc<Event>>>;
 
     /// Takes lease `name` for `holder` if nobody holds it.
     async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> BusResult<Option<Fence>>;

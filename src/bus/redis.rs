@@ -15,14 +15,15 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 use tokio::sync::broadcast;
 use twilight_model::id::Id;
-use twilight_model::id::marker::GuildMarker;
+use twilight_model::id::marker::{ChannelMarker, GuildMarker};
 
 use super::{
     Bus, BusError, BusResult, Fence, LIVE_BUFFER, RoomRecord, Since, Snapshot, Store, VoiceRecord,
 };
-use crate::event::{Event, EventData, EventId};
+use crate::event::{Event, EventData, EventId, Viewer};
 
 const APPEND: &str = include_str!("append.lua");
+const VIEWERS: &str = include_str!("viewers.lua");
 
 const SNAPSHOT: &str = r#"
 return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), redis.call('GET', KEYS[3]) or ''}
@@ -66,6 +67,7 @@ return 1
 
 struct Scripts {
     append: Script,
+    viewers: Script,
     snapshot: Script,
     acquire: Script,
     renew: Script,
@@ -109,6 +111,7 @@ impl RedisBus {
         client.init().await?;
         let scripts = Arc::new(Scripts {
             append: Script::from_lua(APPEND),
+            viewers: Script::from_lua(format!("{VIEWERS}\n{APPEND}")),
             snapshot: Script::from_lua(SNAPSHOT),
             acquire: Script::from_lua(ACQUIRE),
             renew: Script::from_lua(RENEW),
@@ -352,6 +355,48 @@ impl Bus for RedisBus {
         let event = Event::parse(&envelope)
             .map_err(|e| BusError::Corrupt(format!("appended envelope: {e}")))?;
         Ok(Arc::new(event))
+    }
+
+    async fn viewers(
+        &self,
+        channel: Id<ChannelMarker>,
+        present: &[Viewer],
+        gone: &[Viewer],
+        ttl: Duration,
+    ) -> BusResult<Option<Arc<Event>>> {
+        let keys = vec![
+            self.key("events"),
+            self.key("rooms"),
+            self.key("voice"),
+            self.key("applied"),
+            self.key("gateway:leader"),
+            self.key(&format!("viewers:{channel}")),
+        ];
+        let mut args = vec![
+            String::new(),
+            String::new(),
+            String::new(),
+            self.guild_id.to_string(),
+            self.max_len.to_string(),
+            channel.to_string(),
+            ttl.as_millis().max(1).to_string(),
+            present.len().to_string(),
+        ];
+        for v in present.iter().chain(gone) {
+            args.push(serde_json::to_string(v)?);
+        }
+        let envelope: Option<String> = self
+            .scripts
+            .viewers
+            .evalsha_with_reload(&self.client, keys, args)
+            .await?;
+        envelope
+            .map(|envelope| {
+                Event::parse(&envelope)
+                    .map(Arc::new)
+                    .map_err(|e| BusError::Corrupt(format!("appended envelope: {e}")))
+            })
+            .transpose()
     }
 
     async fn snapshot(&self) -> BusResult<Snapshot> {

@@ -348,3 +348,67 @@ async fn coven_publish_appends_through_the_same_path() {
         .collect();
     assert_eq!(seqs, [1, 2, 3, 4, 5]);
 }
+
+fn viewer(id: u64) -> Viewer {
+    Viewer {
+        id: Id::new(id),
+        username: format!("u{id}"),
+        avatar_url: (id % 2 == 0).then(|| format!("https://cdn.example/{id}.png")),
+    }
+}
+
+fn listed(event: Option<std::sync::Arc<coven::event::Event>>) -> Option<Vec<u64>> {
+    event.map(|e| match &e.data {
+        EventData::RoomViewers { viewers, .. } => viewers.iter().map(|v| v.id.get()).collect(),
+        other => panic!("expected room.viewers, got {other:?}"),
+    })
+}
+
+/// Presence behaves the same on both buses: an event only when the set changes, in the
+/// snapshot at once, and viewers nobody refreshes fade out.
+async fn presence_rules(bus: &dyn Bus) {
+    let a = Id::new(10);
+    let long = Duration::from_secs(60);
+    bus.append(room(10, None), None).await.unwrap();
+    let first = bus.viewers(a, &[viewer(1)], &[], long).await.unwrap();
+    assert_eq!(listed(first.clone()), Some(vec![1]));
+    let snapshot = bus.snapshot().await.unwrap();
+    assert_eq!(snapshot.rooms[&a].viewers, vec![viewer(1)]);
+    assert_eq!(snapshot.at, first.unwrap().id);
+    assert_eq!(
+        listed(bus.viewers(a, &[viewer(1)], &[], long).await.unwrap()),
+        None,
+        "a refresh that changes nothing appends nothing"
+    );
+    assert_eq!(
+        listed(
+            bus.viewers(a, &[viewer(2)], &[], Duration::from_millis(300))
+                .await
+                .unwrap()
+        ),
+        Some(vec![1, 2])
+    );
+    // Nobody refreshes viewer 2 (its replica died): the next touch of the room drops it.
+    let faded = wait_for("viewer 2 to fade out", || async {
+        listed(bus.viewers(a, &[], &[], long).await.unwrap())
+    })
+    .await;
+    assert_eq!(faded, vec![1]);
+    assert_eq!(
+        listed(bus.viewers(a, &[], &[viewer(1)], long).await.unwrap()),
+        Some(vec![])
+    );
+    assert!(bus.snapshot().await.unwrap().rooms[&a].viewers.is_empty());
+}
+
+#[tokio::test]
+async fn viewer_presence_on_redis() {
+    let redis = RedisServer::start();
+    let bus = bus(&redis, 1000).await;
+    presence_rules(&bus).await;
+}
+
+#[tokio::test]
+async fn viewer_presence_in_memory() {
+    presence_rules(&coven::bus::memory::MemoryBus::new(Id::new(GUILD), 1000)).await;
+}
