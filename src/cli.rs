@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, LogArgs, Reader};
-use crate::{gateway, publish, sim, telemetry};
+use crate::{gateway, publish, sim, telemetry, web};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,6 +31,8 @@ pub struct Cli {
 pub enum Command {
     /// Hold the guild's Discord Gateway session and publish its events to Redis
     Gateway(gateway::Args),
+    /// Serve the pages, posts and live stream (any number of replicas)
+    Web(web::Args),
     /// Append an event (or a series of pings) through the gateway's atomic path
     Publish(publish::Args),
     /// A local Discord (Gateway, REST, OAuth2, control API) for development, tests and demos
@@ -41,6 +43,7 @@ pub enum Command {
 enum Plan {
     Gateway(gateway::Settings),
     Publish(publish::Settings),
+    Web(web::Settings),
     Sim(sim::Settings),
 }
 
@@ -58,6 +61,7 @@ pub fn run(cli: Cli) -> ExitCode {
     let plan = match cli.command {
         Some(Command::Gateway(args)) => args.settings(&mut reader).map(Plan::Gateway),
         Some(Command::Publish(args)) => args.settings(&mut reader).map(Plan::Publish),
+        Some(Command::Web(args)) => args.settings(&mut reader).map(Plan::Web),
         Some(Command::Sim(args)) => args.settings(&mut reader).map(Plan::Sim),
         None => cli.default.settings(&mut reader).map(Plan::Sim),
     };
@@ -93,6 +97,9 @@ pub fn run(cli: Cli) -> ExitCode {
                 Err(e) => Err(e),
             },
             Plan::Publish(settings) => publish::command(settings).await.map(|()| ExitCode::SUCCESS),
+            Plan::Web(settings) => web::command(settings, shutdown)
+                .await
+                .map(|()| ExitCode::SUCCESS),
             Plan::Sim(settings) => sim::run(settings, shutdown)
                 .await
                 .map(|()| ExitCode::SUCCESS),

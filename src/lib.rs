@@ -8,8 +8,10 @@
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod discord;
 pub mod event;
 pub mod gateway;
 pub mod publish;
 pub mod sim;
 pub mod telemetry;
+pub mod web;

@@ -165,8 +165,7 @@ impl Snapshot {
                     room.viewers.clone_from(viewers);
                 }
             }
-            EventData::Ping { .. }
-            | EventData::GatewayStatus { .. } => {}
+            EventData::Ping { .. } | EventData::GatewayStatus { .. } => {}
         }
     }
 

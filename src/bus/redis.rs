@@ -89,6 +89,23 @@ fn policy() -> ReconnectPolicy {
     ReconnectPolicy::new_exponential(0, 50, 2_000, 2)
 }
 
+/// A small connection pool for tower-sessions' Redis store, reconnecting like the bus.
+pub async fn session_pool(url: &str) -> BusResult<Pool> {
+    let config = Config::from_url(url)?;
+    let mut builder = Builder::from_config(config);
+    builder.set_policy(policy());
+    builder.with_connection_config(|c| {
+        c.connection_timeout = Duration::from_secs(5);
+        c.internal_command_timeout = Duration::from_secs(5);
+    });
+    builder.with_performance_config(|p| {
+        p.default_command_timeout = Duration::from_secs(5);
+    });
+    let pool = builder.build_pool(4)?;
+    pool.init().await?;
+    Ok(pool)
+}
+
 impl RedisBus {
     /// Connects, loads the scripts and starts the process's one live subscription.
     pub async fn connect(

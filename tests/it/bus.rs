@@ -353,7 +353,9 @@ fn viewer(id: u64) -> Viewer {
     Viewer {
         id: Id::new(id),
         username: format!("u{id}"),
-        avatar_url: (id % 2 == 0).then(|| format!("https://cdn.example/{id}.png")),
+        avatar_url: id
+            .is_multiple_of(2)
+            .then(|| format!("https://cdn.example/{id}.png")),
     }
 }
 

@@ -1,0 +1,365 @@
+//! Discord's REST API and OAuth2 as the web replicas use them: the bot's client
+//! (twilight-http, with its rate limiter) for guild operations, and the OAuth2 client
+//! (authorization code + PKCE, refresh) plus `users/@me` for people logging in.
+//!
+//! Owns turning Discord's answers into [`DiscordError`] in plain words. Must not know
+//! about sessions, pages or the bus.
+
+use std::time::Duration;
+
+use oauth2::basic::BasicClient;
+use oauth2::{
+    AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet, EndpointSet,
+    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken, Scope, TokenResponse, TokenUrl,
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use twilight_http::api_error::ApiError;
+use twilight_http::error::ErrorType;
+use twilight_model::id::Id;
+use twilight_model::id::marker::{GuildMarker, UserMarker};
+use url::Url;
+
+use crate::config::{self, DiscordArgs, Reader};
+use crate::event::{Person, now_ms};
+
+/// Where Discord is and who we are to it.
+#[derive(Debug, Clone)]
+pub struct DiscordSettings {
+    pub bot_token: SecretString,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    /// `https://discord.com/api`, or a stand-in such as the simulator.
+    pub api_url: Url,
+    /// `https://discord.com`: the authorize page is `{oauth_url}/oauth2/authorize`.
+    pub oauth_url: Url,
+}
+
+impl DiscordSettings {
+    pub fn read(
+        r: &mut Reader,
+        args: &DiscordArgs,
+        api_url: Option<&str>,
+        oauth_url: Option<&str>,
+    ) -> Option<Self> {
+        let bot_token = r.required(
+            "DISCORD_BOT_TOKEN",
+            args.discord_bot_token.as_deref(),
+            config::parse_secret(1),
+        );
+        let client_id = r.required(
+            "DISCORD_CLIENT_ID",
+            args.discord_client_id.as_deref(),
+            |raw| config::parse_application_id(raw).map(|id| id.to_string()),
+        );
+        let client_secret = r.required(
+            "DISCORD_CLIENT_SECRET",
+            args.discord_client_secret.as_deref(),
+            config::parse_secret(1),
+        );
+        let api_url = r.or_default(
+            "DISCORD_API_URL",
+            api_url,
+            Url::parse(crate::web::DEFAULT_API_URL).ok()?,
+            parse_api_url,
+        );
+        let oauth_url = r.or_default(
+            "DISCORD_OAUTH_URL",
+            oauth_url,
+            Url::parse(crate::web::DEFAULT_OAUTH_URL).ok()?,
+            config::parse_http_url,
+        );
+        Some(Self {
+            bot_token: bot_token?,
+            client_id: client_id?,
+            client_secret: client_secret?,
+            api_url: api_url?,
+            oauth_url: oauth_url?,
+        })
+    }
+}
+
+/// twilight-http can only be pointed at `{scheme}://{host:port}/api/v10`, so the API URL
+/// must end in `/api`.
+fn parse_api_url(raw: &str) -> Result<Url, String> {
+    let url = config::parse_http_url(raw)?;
+    if url.path().trim_end_matches('/') != "/api" {
+        return Err(format!(
+            "expected Discord's API base ending in /api, such as https://discord.com/api, got {raw:?}"
+        ));
+    }
+    Ok(url)
+}
+
+/// What went wrong talking to Discord, in terms a page can explain.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscordError {
+    /// Discord answered 5xx, timed out or could not be reached.
+    #[error("Discord is not answering right now ({0})")]
+    Unavailable(String),
+    /// Discord refused (4xx) with its JSON error code, or 0.
+    #[error("Discord refused: {message} (code {code}, HTTP {status})")]
+    Refused {
+        status: u16,
+        code: u64,
+        message: String,
+    },
+    /// The user's token is no longer good (expired, revoked).
+    #[error("the Discord login is no longer valid")]
+    Unauthorized,
+    /// Discord answered something we cannot read.
+    #[error("Discord sent an answer Coven cannot read: {0}")]
+    Malformed(String),
+}
+
+impl DiscordError {
+    pub fn code(&self) -> Option<u64> {
+        match self {
+            Self::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    fn from_twilight(e: twilight_http::Error) -> Self {
+        match e.kind() {
+            ErrorType::Response {
+                status,
+                error,
+                body,
+            } => {
+                let status = status.get();
+                if status >= 500 {
+                    return Self::Unavailable(format!("HTTP {status}"));
+                }
+                let (code, message) = match error {
+                    ApiError::General(g) => (g.code, g.message.clone()),
+                    _ => (0, String::from_utf8_lossy(body).into_owned()),
+                };
+                Self::Refused {
+                    status,
+                    code,
+                    message,
+                }
+            }
+            ErrorType::RequestTimedOut | ErrorType::RequestError | ErrorType::RequestCanceled => {
+                Self::Unavailable(e.to_string())
+            }
+            ErrorType::Unauthorized => Self::Unauthorized,
+            _ => Self::Malformed(e.to_string()),
+        }
+    }
+}
+
+type OAuthClient =
+    BasicClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
+
+/// A started login: where to send the browser, and what to keep to check its return.
+pub struct Authorization {
+    pub url: Url,
+    pub state: String,
+    pub verifier: String,
+}
+
+/// Tokens of a logged-in person.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    pub access_token: String,
+    pub refresh_token: Option<String>,
+    /// Unix ms after which the access token must be refreshed.
+    pub expires_at: u64,
+}
+
+#[derive(Deserialize)]
+struct Me {
+    id: Id<UserMarker>,
+    username: String,
+    #[serde(default)]
+    global_name: Option<String>,
+    #[serde(default)]
+    avatar: Option<String>,
+}
+
+/// The bot's REST client and the OAuth2 client, one per replica.
+pub struct Discord {
+    pub bot: twilight_http::Client,
+    oauth: OAuthClient,
+    http: reqwest::Client,
+    api_url: Url,
+    guild_id: Id<GuildMarker>,
+}
+
+impl Discord {
+    pub fn new(
+        settings: &DiscordSettings,
+        guild_id: Id<GuildMarker>,
+        public_url: &Url,
+    ) -> anyhow::Result<Self> {
+        let mut bot = twilight_http::Client::builder()
+            .token(settings.bot_token.expose_secret().to_owned())
+            .timeout(Duration::from_secs(10));
+        if settings.api_url.as_str().trim_end_matches('/') != crate::web::DEFAULT_API_URL {
+            let host = settings
+                .api_url
+                .host_str()
+                .ok_or_else(|| anyhow::anyhow!("DISCORD_API_URL has no host"))?;
+            let authority = match settings.api_url.port() {
+                Some(port) => format!("{host}:{port}"),
+                None => host.to_owned(),
+            };
+            bot = bot.proxy(authority, settings.api_url.scheme() == "http");
+        }
+        let oauth = BasicClient::new(ClientId::new(settings.client_id.clone()))
+            .set_client_secret(ClientSecret::new(
+                settings.client_secret.expose_secret().to_owned(),
+            ))
+            .set_auth_uri(AuthUrl::new(config::join_url(
+                &settings.oauth_url,
+                "oauth2/authorize",
+            ))?)
+            .set_token_uri(TokenUrl::new(config::join_url(
+                &settings.api_url,
+                "oauth2/token",
+            ))?)
+            .set_redirect_uri(RedirectUrl::new(config::join_url(
+                public_url,
+                "auth/callback",
+            ))?);
+        let http = reqwest::Client::builder()
+            // The token endpoint must not redirect us elsewhere with the code in hand.
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        Ok(Self {
+            bot: bot.build(),
+            oauth,
+            http,
+            api_url: settings.api_url.clone(),
+            guild_id,
+        })
+    }
+
+    /// The Discord authorize URL for a new login, with PKCE and an unguessable state.
+    pub fn authorize(&self) -> Authorization {
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let (url, state) = self
+            .oauth
+            .authorize_url(CsrfToken::new_random)
+            .add_scope(Scope::new("identify".to_owned()))
+            .add_scope(Scope::new("guilds.join".to_owned()))
+            .set_pkce_challenge(challenge)
+            .url();
+        Authorization {
+            url,
+            state: state.secret().clone(),
+            verifier: verifier.secret().clone(),
+        }
+    }
+
+    /// Trades the code from the callback for tokens.
+    pub async fn exchange(&self, code: String, verifier: String) -> Result<Tokens, DiscordError> {
+        let answer = self
+            .oauth
+            .exchange_code(AuthorizationCode::new(code))
+            .set_pkce_verifier(PkceCodeVerifier::new(verifier))
+            .request_async(&self.http)
+            .await;
+        tokens(answer)
+    }
+
+    /// A new access token from a refresh token.
+    pub async fn refresh(&self, refresh_token: String) -> Result<Tokens, DiscordError> {
+        let answer = self
+            .oauth
+            .exchange_refresh_token(&RefreshToken::new(refresh_token))
+            .request_async(&self.http)
+            .await;
+        tokens(answer)
+    }
+
+    /// Who the token belongs to (`GET /users/@me`).
+    pub async fn me(&self, access_token: &str) -> Result<Person, DiscordError> {
+        let url = config::join_url(&self.api_url, "v10/users/@me");
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(access_token)
+            .send()
+            .await
+            .map_err(|e| DiscordError::Unavailable(e.without_url().to_string()))?;
+        let status = response.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            return Err(DiscordError::Unauthorized);
+        }
+        if status.is_server_error() {
+            return Err(DiscordError::Unavailable(format!(
+                "HTTP {}",
+                status.as_u16()
+            )));
+        }
+        if !status.is_success() {
+            return Err(DiscordError::Refused {
+                status: status.as_u16(),
+                code: 0,
+                message: "users/@me refused".to_owned(),
+            });
+        }
+        let me: Me = response
+            .json()
+            .await
+            .map_err(|e| DiscordError::Malformed(e.without_url().to_string()))?;
+        let avatar_url = me.avatar.as_deref().map(|hash| avatar_url(me.id, hash));
+        Ok(Person {
+            id: me.id,
+            username: me.username,
+            global_name: me.global_name,
+            avatar_url,
+        })
+    }
+
+    /// Whether the user is a member of the guild, asked with the bot's token.
+    pub async fn is_member(&self, user: Id<UserMarker>) -> Result<bool, DiscordError> {
+        match self.bot.guild_member(self.guild_id, user).await {
+            Ok(_) => Ok(true),
+            Err(e) => match DiscordError::from_twilight(e) {
+                // 10007 Unknown Member, 10013 Unknown User.
+                DiscordError::Refused { status: 404, .. } => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+}
+
+/// Discord's CDN URL of an avatar, at the size the pages show.
+pub fn avatar_url(user: Id<UserMarker>, hash: &str) -> String {
+    let ext = if hash.starts_with("a_") { "gif" } else { "png" };
+    format!(
+        "{}/avatars/{user}/{hash}.{ext}?size=64",
+        crate::gateway::derive::DEFAULT_CDN
+    )
+}
+
+fn tokens<E: std::error::Error + 'static>(
+    answer: Result<
+        oauth2::basic::BasicTokenResponse,
+        oauth2::RequestTokenError<E, oauth2::basic::BasicErrorResponse>,
+    >,
+) -> Result<Tokens, DiscordError> {
+    match answer {
+        Ok(t) => {
+            let lifetime = t.expires_in().unwrap_or(Duration::from_secs(3600));
+            Ok(Tokens {
+                access_token: t.access_token().secret().clone(),
+                refresh_token: t.refresh_token().map(|r| r.secret().clone()),
+                expires_at: now_ms() + u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX / 2),
+            })
+        }
+        // invalid_grant and friends: the code or refresh token is not (or no longer) good.
+        Err(oauth2::RequestTokenError::ServerResponse(r)) => {
+            tracing::info!(error = ?r.error(), "Discord refused a token request");
+            Err(DiscordError::Unauthorized)
+        }
+        Err(oauth2::RequestTokenError::Request(e)) => Err(DiscordError::Unavailable(e.to_string())),
+        Err(oauth2::RequestTokenError::Parse(e, _)) => Err(DiscordError::Malformed(e.to_string())),
+        Err(oauth2::RequestTokenError::Other(e)) => Err(DiscordError::Unavailable(e)),
+    }
+}

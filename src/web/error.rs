@@ -1,0 +1,136 @@
+//! The one place where failures become responses: every handler returns
+//! `Result<_, WebError>`, and each kind has one status and one readable page. Never shows
+//! internals (stack traces, tokens, Redis URLs); those go to the log.
+
+use askama::Template;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+
+use crate::bus::BusError;
+use crate::discord::DiscordError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebError {
+    /// No valid session. Pages send the browser to log in and come back to `return_to`;
+    /// the API answers 401.
+    #[error("not logged in")]
+    NotLoggedIn { return_to: String, api: bool },
+    #[error("not a member of the guild")]
+    NotMember,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Gone(String),
+    #[error(transparent)]
+    Discord(#[from] DiscordError),
+    #[error("shared state unavailable: {0}")]
+    Bus(#[from] BusError),
+    #[error("sessions unavailable: {0}")]
+    Session(#[from] tower_sessions::session::Error),
+}
+
+#[derive(Template)]
+#[template(path = "web/error.html")]
+struct ErrorPage<'a> {
+    status: u16,
+    title: &'a str,
+    message: &'a str,
+    /// Extra guidance under the message.
+    hint: &'a str,
+    /// Error pages do not show who is logged in (they render without the session).
+    user: Option<crate::web::pages::UserView>,
+}
+
+pub fn page(status: StatusCode, title: &str, message: &str, hint: &str) -> Response {
+    let body = ErrorPage {
+        status: status.as_u16(),
+        title,
+        message,
+        hint,
+        user: None,
+    }
+    .render()
+    .unwrap_or_else(|_| format!("{status}: {message}"));
+    (status, Html(body)).into_response()
+}
+
+impl IntoResponse for WebError {
+    fn into_response(self) -> Response {
+        match &self {
+            WebError::NotLoggedIn { return_to, api } => {
+                if *api {
+                    let mut r = (StatusCode::UNAUTHORIZED, "log in first\n").into_response();
+                    r.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Cookie realm=\"coven_session\""),
+                    );
+                    return r;
+                }
+                let query = url::form_urlencoded::Serializer::new(String::new())
+                    .append_pair("return_to", return_to)
+                    .finish();
+                Redirect::to(&format!("/auth/login?{query}")).into_response()
+            }
+            WebError::NotMember => page(
+                StatusCode::FORBIDDEN,
+                "Not a member yet",
+                "You are logged in, but your Discord account is not a member of this community's server.",
+                "Ask someone in the community for a room invite link: opening it adds you to the server.",
+            ),
+            WebError::BadRequest(m) => page(StatusCode::BAD_REQUEST, "That did not work", m, ""),
+            WebError::Forbidden(m) => page(StatusCode::FORBIDDEN, "Not allowed", m, ""),
+            WebError::NotFound(m) => page(StatusCode::NOT_FOUND, "Not found", m, ""),
+            WebError::Conflict(m) => page(StatusCode::CONFLICT, "Not possible right now", m, ""),
+            WebError::Gone(m) => page(StatusCode::GONE, "No longer valid", m, ""),
+            WebError::Discord(e) => {
+                tracing::warn!(error = %e, "Discord call failed");
+                match e {
+                    DiscordError::Unavailable(_) => page(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Discord is not answering",
+                        "Discord did not answer in time. Nothing was changed; try again in a moment.",
+                        "",
+                    ),
+                    DiscordError::Unauthorized => page(
+                        StatusCode::UNAUTHORIZED,
+                        "Your Discord login ran out",
+                        "Discord no longer accepts this login.",
+                        "Log in again to continue.",
+                    ),
+                    DiscordError::Refused { .. } | DiscordError::Malformed(_) => page(
+                        StatusCode::BAD_GATEWAY,
+                        "Discord refused",
+                        &e.to_string(),
+                        "",
+                    ),
+                }
+            }
+            WebError::Bus(e) => {
+                tracing::error!(error = %e, "shared state unavailable");
+                unavailable()
+            }
+            WebError::Session(e) => {
+                tracing::error!(error = %e, "session store unavailable");
+                unavailable()
+            }
+        }
+    }
+}
+
+fn unavailable() -> Response {
+    let mut r = page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Temporarily unavailable",
+        "Coven cannot reach its shared state right now.",
+        "This usually passes within seconds; reload the page.",
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    r
+}

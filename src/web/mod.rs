@@ -1,0 +1,349 @@
+//! `coven web`: the pages, the posts and the live stream people use, any number of
+//! replicas behind a load balancer.
+//!
+//! Owns HTTP: sessions and Discord login ([`auth`]), the SSE stream and its fan-out
+//! ([`stream`]), who is viewing which room ([`presence`]), server-rendered pages
+//! ([`pages`]), health/readiness/metrics and response headers ([`ops`]), and the one
+//! mapping of failures to responses ([`error`]). Reads shared state only through the
+//! bus; must not hold the Discord Gateway (that is `gateway`). Replicas share nothing but
+//! Redis, so any replica can serve any request.
+
+pub mod auth;
+pub mod error;
+pub mod ops;
+pub mod pages;
+pub mod presence;
+pub mod stream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::services::ServeDir;
+use tower_sessions::{Expiry, SessionManagerLayer, SessionStore, cookie::SameSite};
+use twilight_model::id::Id;
+use twilight_model::id::marker::GuildMarker;
+use url::Url;
+
+use crate::bus::Backend;
+use crate::config::{self, DiscordArgs, Reader};
+use crate::discord::{Discord, DiscordSettings};
+
+/// Flags of `coven web` (each also read from its environment variable).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Args {
+    /// Address to listen on
+    #[arg(long, env = "BIND")]
+    pub bind: Option<String>,
+    /// The URL people open (decides the OAuth2 redirect and whether cookies are Secure)
+    #[arg(long, env = "PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Redis holding the event log, shared state and sessions
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    #[command(flatten)]
+    pub discord: DiscordArgs,
+    /// Discord REST base URL
+    #[arg(long, env = "DISCORD_API_URL")]
+    pub discord_api_url: Option<String>,
+    /// Discord OAuth2 base URL (the authorize page is under it)
+    #[arg(long, env = "DISCORD_OAUTH_URL")]
+    pub discord_oauth_url: Option<String>,
+    /// Prefix of every Redis key
+    #[arg(long, env = "COVEN_KEY_PREFIX")]
+    pub coven_key_prefix: Option<String>,
+    /// Players a room holds
+    #[arg(long, env = "ROOM_MAX_PLAYERS")]
+    pub room_max_players: Option<String>,
+    /// On SIGTERM, open streams are closed spread over this long
+    #[arg(long, env = "DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
+    /// A session unused this long is forgotten
+    #[arg(long, env = "SESSION_TTL")]
+    pub session_ttl: Option<String>,
+    /// Events a stream may fall behind before it is cut off
+    #[arg(long, env = "STREAM_BUFFER")]
+    pub stream_buffer: Option<String>,
+    /// How long a viewer stays listed after their replica last vouched for them
+    #[arg(long, env = "VIEWER_TTL", hide = true)]
+    pub viewer_ttl: Option<String>,
+    /// Interval of keep-alive comments on streams
+    #[arg(long, env = "STREAM_KEEPALIVE", hide = true)]
+    pub stream_keepalive: Option<String>,
+}
+
+/// Checked settings of a web replica.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub bind: SocketAddr,
+    pub public_url: Url,
+    pub redis_url: Option<SecretString>,
+    pub guild_id: Id<GuildMarker>,
+    pub discord: DiscordSettings,
+    pub key_prefix: String,
+    pub max_players: u16,
+    pub drain_timeout: Duration,
+    pub session_ttl: Duration,
+    pub stream_buffer: usize,
+    pub viewer_ttl: Duration,
+    pub keepalive: Duration,
+}
+
+pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:3000";
+pub const DEFAULT_API_URL: &str = "https://discord.com/api";
+pub const DEFAULT_OAUTH_URL: &str = "https://discord.com";
+
+impl Args {
+    pub fn settings(&self, r: &mut Reader) -> Option<Settings> {
+        let bind = r.or_default(
+            "BIND",
+            self.bind.as_deref(),
+            SocketAddr::from(([127, 0, 0, 1], 3000)),
+            config::parse_bind,
+        );
+        let public_url = r.or_default(
+            "PUBLIC_URL",
+            self.public_url.as_deref(),
+            Url::parse(DEFAULT_PUBLIC_URL).ok()?,
+            config::parse_http_url,
+        );
+        let redis_url = r.required(
+            "REDIS_URL",
+            self.redis_url.as_deref(),
+            config::parse_redis_url,
+        );
+        let guild_id = r.required(
+            "DISCORD_GUILD_ID",
+            self.discord.guild_id(),
+            config::parse_guild_id,
+        );
+        let discord = DiscordSettings::read(
+            r,
+            &self.discord,
+            self.discord_api_url.as_deref(),
+            self.discord_oauth_url.as_deref(),
+        );
+        let key_prefix = r.or_default(
+            "COVEN_KEY_PREFIX",
+            self.coven_key_prefix.as_deref(),
+            "coven".to_owned(),
+            config::parse_key_prefix,
+        );
+        let max_players = r.or_default(
+            "ROOM_MAX_PLAYERS",
+            self.room_max_players.as_deref(),
+            4,
+            parse_players,
+        );
+        let drain_timeout = r.or_default(
+            "DRAIN_TIMEOUT",
+            self.drain_timeout.as_deref(),
+            Duration::from_secs(10),
+            config::parse_duration,
+        );
+        let session_ttl = r.or_default(
+            "SESSION_TTL",
+            self.session_ttl.as_deref(),
+            Duration::from_secs(7 * 24 * 3600),
+            config::parse_duration,
+        );
+        let stream_buffer = r.or_default(
+            "STREAM_BUFFER",
+            self.stream_buffer.as_deref(),
+            1024,
+            config::parse_positive::<usize>,
+        );
+        let viewer_ttl = r.or_default(
+            "VIEWER_TTL",
+            self.viewer_ttl.as_deref(),
+            Duration::from_secs(30),
+            config::parse_duration,
+        );
+        let keepalive = r.or_default(
+            "STREAM_KEEPALIVE",
+            self.stream_keepalive.as_deref(),
+            Duration::from_secs(15),
+            config::parse_duration,
+        );
+        Some(Settings {
+            bind: bind?,
+            public_url: public_url?,
+            redis_url: Some(redis_url?),
+            guild_id: guild_id?,
+            discord: discord?,
+            key_prefix: key_prefix?,
+            max_players: max_players?,
+            drain_timeout: drain_timeout?,
+            session_ttl: session_ttl?,
+            stream_buffer: stream_buffer?,
+            viewer_ttl: viewer_ttl?,
+            keepalive: keepalive?,
+        })
+    }
+}
+
+fn parse_players(raw: &str) -> Result<u16, String> {
+    match raw.parse::<u16>() {
+        Ok(n) if (1..=99).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a number of players from 1 to 99 (Discord's limit), got {raw:?}"
+        )),
+    }
+}
+
+/// Everything a request handler may use, shared by all of them.
+pub struct App {
+    pub settings: Settings,
+    pub bus: Arc<dyn Backend>,
+    pub discord: Discord,
+    pub hub: stream::Hub,
+    pub presence: presence::Presence,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+pub type AppState = Arc<App>;
+
+impl App {
+    /// Starts the replica's shared tasks (the stream fan-out and presence refresh); they
+    /// end with `shutdown`.
+    pub fn start(
+        settings: Settings,
+        bus: Arc<dyn Backend>,
+        metrics: Option<PrometheusHandle>,
+    ) -> anyhow::Result<AppState> {
+        let discord = Discord::new(&settings.discord, settings.guild_id, &settings.public_url)?;
+        let hub = stream::Hub::start(bus.clone(), settings.stream_buffer, settings.keepalive);
+        let presence = presence::Presence::start(bus.clone(), settings.viewer_ttl);
+        Ok(Arc::new(App {
+            settings,
+            bus,
+            discord,
+            hub,
+            presence,
+            metrics,
+        }))
+    }
+
+    pub fn secure_cookies(&self) -> bool {
+        self.settings.public_url.scheme() == "https"
+    }
+}
+
+/// The whole site. Generic over the session store: Redis in production, memory in the
+/// demo.
+pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
+    let ttl = tower_sessions::cookie::time::Duration::seconds(
+        i64::try_from(app.settings.session_ttl.as_secs()).unwrap_or(i64::MAX),
+    );
+    let sessions = SessionManagerLayer::new(store)
+        .with_name("coven_session")
+        .with_http_only(true)
+        .with_same_site(SameSite::Lax)
+        .with_secure(app.secure_cookies())
+        .with_expiry(Expiry::OnInactivity(ttl));
+    let site = Router::new()
+        .route("/", get(pages::landing))
+        .route("/rooms", get(pages::rooms))
+        .route("/rooms/{channel_id}", get(pages::room))
+        .route("/auth/login", get(auth::login))
+        .route("/auth/callback", get(auth::callback))
+        .route("/auth/logout", post(auth::logout))
+        .route("/api/stream", get(stream::stream))
+        .layer(sessions);
+    Router::new()
+        .merge(site)
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .nest_service("/assets", ServeDir::new(assets_dir()))
+        .fallback(pages::not_found)
+        .with_state(app)
+        .layer(axum::middleware::from_fn(ops::observe))
+}
+
+/// `assets/` next to the binary's crate in development, or `COVEN_ASSETS` when installed
+/// elsewhere.
+fn assets_dir() -> std::path::PathBuf {
+    std::env::var_os("COVEN_ASSETS")
+        .map(Into::into)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets"))
+}
+
+/// Serves until `shutdown`, then stops accepting and drains open streams over
+/// `DRAIN_TIMEOUT` so their clients reconnect elsewhere without a stampede.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    app: AppState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let drain = app.settings.drain_timeout;
+    let hub = app.hub.clone();
+    let stopping = shutdown.clone();
+    tokio::spawn(async move {
+        stopping.cancelled().await;
+        hub.drain(drain).await;
+    });
+    let stopping = shutdown.clone();
+    let server = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stopping.cancelled().await });
+    // Streams end during the drain; anything still open a moment later is cut.
+    tokio::select! {
+        r = server => r?,
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(drain + Duration::from_secs(2)).await;
+        } => tracing::warn!("connections still open after the drain; closing them"),
+    }
+    Ok(())
+}
+
+/// `coven web`: connect to Redis, serve until SIGTERM.
+pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    raise_open_file_limit();
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .inspect_err(|e| tracing::warn!(error = %e, "metrics disabled"))
+        .ok();
+    let redis_url = settings
+        .redis_url
+        .as_ref()
+        .map(|u| u.expose_secret().to_owned())
+        .ok_or_else(|| anyhow::anyhow!("REDIS_URL is required"))?;
+    let bus = crate::bus::redis::RedisBus::connect(
+        &redis_url,
+        &settings.key_prefix,
+        settings.guild_id,
+        // A replica never appends enough to trim; the gateway's setting governs the log.
+        100_000,
+    )
+    .await?;
+    let pool = crate::bus::redis::session_pool(&redis_url).await?;
+    let store = tower_sessions_redis_store::RedisStore::new(pool);
+    let listener = TcpListener::bind(settings.bind)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.bind))?;
+    let addr = listener.local_addr()?;
+    let app = App::start(settings, Arc::new(bus), metrics)?;
+    let router = router(app.clone(), store);
+    println!("coven web listening on http://{addr}/");
+    serve(listener, router, app, shutdown).await
+}
+
+/// Each stream is an open socket: raise the soft limit on open files to the hard one so
+/// thousands of streams fit.
+pub fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}

@@ -1,0 +1,101 @@
+//! What operators and load balancers use: `/healthz` (the process answers), `/readyz`
+//! (Redis answers and the gateway's status is fresh), `/metrics` (Prometheus), request
+//! timing, and the security headers every response carries.
+//!
+//! Owns nothing users see. Must not touch sessions.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::AppState;
+use crate::gateway::run::STATUS_KEY;
+
+/// `GET /healthz`: the process is alive and serving.
+pub async fn healthz(State(app): State<AppState>) -> Response {
+    axum::Json(json!({
+        "status": "ok",
+        "streams": app.hub.streams(),
+    }))
+    .into_response()
+}
+
+/// `GET /readyz`: 200 when Redis answers and the gateway reported within its expiry; 503
+/// otherwise, so a load balancer sends people elsewhere.
+pub async fn readyz(State(app): State<AppState>) -> Response {
+    let (ready, body) = match app.bus.get(STATUS_KEY).await {
+        Ok(Some(raw)) => {
+            let status: serde_json::Value = serde_json::from_str(&raw).unwrap_or_default();
+            (
+                true,
+                json!({"status": "ready", "redis": "ok", "gateway": status}),
+            )
+        }
+        Ok(None) => (
+            false,
+            json!({"status": "unready", "redis": "ok", "gateway": null,
+                   "reason": "no fresh gateway status: is `coven gateway` running?"}),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness: Redis unreachable");
+            (false, json!({"status": "unready", "redis": "unreachable"}))
+        }
+    };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    match &app.metrics {
+        Some(handle) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            )],
+            handle.render(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are disabled\n").into_response(),
+    }
+}
+
+const CSP: &str = "default-src 'self'; img-src 'self' data: https://cdn.discordapp.com; \
+                   frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+
+/// Times every request by route and sets the security headers on every response.
+pub async fn observe(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let mut response = next.run(request).await;
+    metrics::histogram!(
+        "coven_web_request_seconds",
+        "method" => method.to_string(),
+        "route" => route,
+        "status" => response.status().as_u16().to_string(),
+    )
+    .record(started.elapsed().as_secs_f64());
+    let h = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CSP),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "same-origin"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+    ] {
+        h.entry(name).or_insert(HeaderValue::from_static(value));
+    }
+    response
+}

@@ -1,0 +1,230 @@
+//! Server-rendered pages. Each page is rendered from one bus snapshot and hands the
+//! snapshot's event id to its stream, so the stream continues exactly where the page
+//! left off. Pages are complete without JavaScript; with it, `assets/app.js` applies the
+//! stream's events to them.
+//!
+//! Owns turning snapshots into page views. Must not change shared state.
+
+use askama::Template;
+use askama_web::WebTemplate;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use tower_sessions::Session;
+use twilight_model::id::Id;
+use twilight_model::id::marker::ChannelMarker;
+
+use super::AppState;
+use super::auth::{Member, SessionUser};
+use super::error::{WebError, page};
+use crate::bus::{RoomRecord, Snapshot, VoiceRecord};
+use crate::event::Viewer;
+
+/// The logged-in person as the layout shows them.
+pub struct UserView {
+    pub id: String,
+    pub name: String,
+    pub avatar_url: Option<String>,
+    pub initial: String,
+}
+
+impl UserView {
+    fn of(user: &SessionUser) -> Self {
+        let name = user.person.display_name().to_owned();
+        UserView {
+            id: user.person.id.to_string(),
+            initial: initial(&name),
+            avatar_url: user.person.avatar_url.clone(),
+            name,
+        }
+    }
+}
+
+fn initial(name: &str) -> String {
+    name.chars()
+        .next()
+        .map(|c| c.to_uppercase().collect())
+        .unwrap_or_default()
+}
+
+pub struct MemberView {
+    pub id: String,
+    pub name: String,
+    pub avatar_url: Option<String>,
+    pub initial: String,
+    pub mute: bool,
+    pub deaf: bool,
+    pub video: bool,
+    pub stream: bool,
+}
+
+impl MemberView {
+    fn of(v: &VoiceRecord) -> Self {
+        let name = v.user.display_name().to_owned();
+        MemberView {
+            id: v.user.id.to_string(),
+            initial: initial(&name),
+            avatar_url: v.user.avatar_url.clone(),
+            name,
+            mute: v.flags.self_mute,
+            deaf: v.flags.self_deaf,
+            video: v.flags.self_video,
+            stream: v.flags.self_stream,
+        }
+    }
+}
+
+pub struct ViewerView {
+    pub id: String,
+    pub name: String,
+    pub avatar_url: Option<String>,
+    pub initial: String,
+}
+
+impl ViewerView {
+    fn of(v: &Viewer) -> Self {
+        ViewerView {
+            id: v.id.to_string(),
+            initial: initial(&v.username),
+            name: v.username.clone(),
+            avatar_url: v.avatar_url.clone(),
+        }
+    }
+}
+
+pub struct RoomView {
+    pub id: String,
+    pub name: String,
+    pub members: Vec<MemberView>,
+    pub limit: u16,
+    pub full: bool,
+    /// Unix ms of a standing closing warning.
+    pub closes_at: Option<u64>,
+}
+
+impl RoomView {
+    fn of(snapshot: &Snapshot, id: Id<ChannelMarker>, room: &RoomRecord) -> Self {
+        let mut members: Vec<MemberView> = snapshot.members(id).map(MemberView::of).collect();
+        members.sort_by_key(|m| m.name.to_lowercase());
+        let limit = room.user_limit;
+        RoomView {
+            id: id.to_string(),
+            name: room.name.clone(),
+            full: limit > 0 && members.len() >= usize::from(limit),
+            members,
+            limit,
+            closes_at: room.closes_at,
+        }
+    }
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "web/landing.html")]
+pub struct LandingPage {
+    pub user: Option<UserView>,
+}
+
+/// `GET /`: logged-in people go straight to the rooms.
+pub async fn landing(session: Session) -> Result<Response, WebError> {
+    let user: Option<SessionUser> = session.get("user").await?;
+    if user.is_some_and(|u| u.member) {
+        return Ok(Redirect::to("/rooms").into_response());
+    }
+    Ok(LandingPage { user: None }.into_response())
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "web/rooms.html")]
+pub struct RoomsPage {
+    pub user: Option<UserView>,
+    pub rooms: Vec<RoomView>,
+    /// The snapshot's event id: the stream resumes after it.
+    pub at: String,
+}
+
+/// `GET /rooms`: every room with who is in it, live.
+pub async fn rooms(
+    State(app): State<AppState>,
+    Member(who): Member,
+) -> Result<RoomsPage, WebError> {
+    let snapshot = app.bus.snapshot().await?;
+    let mut rooms: Vec<(u64, RoomView)> = snapshot
+        .rooms
+        .iter()
+        .map(|(id, r)| (r.created_at, RoomView::of(&snapshot, *id, r)))
+        .collect();
+    rooms.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+    Ok(RoomsPage {
+        user: Some(UserView::of(&who.user)),
+        rooms: rooms.into_iter().map(|(_, r)| r).collect(),
+        at: snapshot.at.to_string(),
+    })
+}
+
+/// Where the viewer is relative to the room.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Whereabouts {
+    InRoom,
+    /// In another voice channel of the guild.
+    Elsewhere,
+    NotInVoice,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "web/room.html")]
+pub struct RoomPage {
+    pub user: Option<UserView>,
+    pub room: RoomView,
+    pub viewers: Vec<ViewerView>,
+    pub at: String,
+    pub whereabouts: Whereabouts,
+    pub discord_url: String,
+}
+
+/// `GET /rooms/{channel_id}`: one room, live.
+pub async fn room(
+    State(app): State<AppState>,
+    Member(who): Member,
+    Path(raw): Path<String>,
+) -> Result<RoomPage, WebError> {
+    let gone = || {
+        WebError::NotFound(
+            "This room does not exist (any more). Rooms close when nobody has used them for a while."
+                .to_owned(),
+        )
+    };
+    let id = raw
+        .parse::<u64>()
+        .ok()
+        .and_then(Id::<ChannelMarker>::new_checked)
+        .ok_or_else(gone)?;
+    let snapshot = app.bus.snapshot().await?;
+    let record = snapshot.rooms.get(&id).ok_or_else(gone)?;
+    let me = who.user.person.id;
+    let whereabouts = match snapshot.voice.get(&me) {
+        Some(v) if v.channel_id == id => Whereabouts::InRoom,
+        Some(_) => Whereabouts::Elsewhere,
+        None => Whereabouts::NotInVoice,
+    };
+    Ok(RoomPage {
+        user: Some(UserView::of(&who.user)),
+        room: RoomView::of(&snapshot, id, record),
+        viewers: record.viewers.iter().map(ViewerView::of).collect(),
+        at: snapshot.at.to_string(),
+        whereabouts,
+        discord_url: format!(
+            "https://discord.com/channels/{}/{id}",
+            app.settings.guild_id
+        ),
+    })
+}
+
+/// Anything else.
+pub async fn not_found() -> Response {
+    page(
+        StatusCode::NOT_FOUND,
+        "Not found",
+        "There is no page here.",
+        "",
+    )
+}
