@@ -37,6 +37,7 @@ pub fn router() -> Router<Arc<Shared>> {
         .route("/gateway/invalidate", post(invalidate))
         .route("/gateway/zombie", post(zombie))
         .route("/rest/fail", post(fail))
+        .route("/oauth/revoke", post(revoke))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such control route") })
 }
 
@@ -154,6 +155,7 @@ async fn state(State(shared): State<Arc<Shared>>) -> Response {
         })).collect::<Vec<_>>(),
         "gateway": state.hub.counters,
         "rest": {"rate_limited": state.limits.rate_limited},
+        "oauth": {"refreshed": state.oauth.refreshed()},
     });
     axum::Json(body).into_response()
 }
@@ -354,6 +356,20 @@ async fn invalidate(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
 
 async fn zombie(State(shared): State<Arc<Shared>>) -> Response {
     connections(shared.lock().hub.zombify_all())
+}
+
+#[derive(Deserialize)]
+struct Revoke {
+    user_id: Value,
+}
+
+/// `POST /_sim/oauth/revoke {"user_id"}`: the user de-authorized the app; their access
+/// and refresh tokens stop working.
+async fn revoke(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
+    let r: Revoke = body(&bytes)?;
+    let user = id(&r.user_id, "user_id")?;
+    let revoked = shared.lock().oauth.revoke(user);
+    Ok(axum::Json(json!({ "revoked": revoked })).into_response())
 }
 
 async fn fail(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {

@@ -60,6 +60,7 @@ pub struct Store {
     codes: HashMap<String, Grant>,
     access: HashMap<String, Token>,
     refresh: HashMap<String, (u64, Vec<String>)>,
+    refreshed: u64,
 }
 
 impl Store {
@@ -69,6 +70,20 @@ impl Store {
             .get(token)
             .filter(|t| t.expires > Instant::now())
             .map(|t| (t.user_id, t.scopes.clone()))
+    }
+
+    /// Revokes every token of a user (they removed the app in Discord): refreshes fail.
+    /// Returns how many tokens went.
+    pub fn revoke(&mut self, user_id: u64) -> usize {
+        let before = self.access.len() + self.refresh.len();
+        self.access.retain(|_, t| t.user_id != user_id);
+        self.refresh.retain(|_, (u, _)| *u != user_id);
+        before - self.access.len() - self.refresh.len()
+    }
+
+    /// Refresh tokens redeemed so far (a test's evidence of a silent refresh).
+    pub fn refreshed(&self) -> u64 {
+        self.refreshed
     }
 
     fn issue(&mut self, user_id: u64, scopes: Vec<String>, ttl: Duration) -> serde_json::Value {
@@ -400,6 +415,7 @@ async fn token(
                     "Invalid \"refresh_token\" in request.",
                 );
             };
+            state.oauth.refreshed += 1;
             axum::Json(state.oauth.issue(user, scopes, ttl)).into_response()
         }
         _ => oauth_error(

@@ -11,3 +11,4 @@ mod redis_harness;
 mod sim_gateway;
 mod sim_oauth;
 mod sim_rest;
+mod web;

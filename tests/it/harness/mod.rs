@@ -6,6 +6,7 @@
 mod process;
 mod redis;
 mod sim;
+mod stack;
 
 use std::future::Future;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use std::time::Duration;
 pub use process::CovenProcess;
 pub use redis::RedisServer;
 pub use sim::{TestSim, next_event, shard, shard_with};
+pub use stack::{Browser, Message, Sse, Stack, location};
 
 /// How long any single condition may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(15);

@@ -1,0 +1,322 @@
+//! The whole system for web tests: a private Redis, the simulator, a real `coven gateway`
+//! and real `coven web` replicas, plus a browser-like HTTP client (cookie jar) and an SSE
+//! reader.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::cookie::Jar;
+use serde_json::Value;
+
+use super::redis::free_port;
+use super::{CovenProcess, DEADLINE, RedisServer, TestSim};
+
+pub struct Web {
+    pub process: CovenProcess,
+    pub url: String,
+}
+
+impl Web {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+}
+
+pub struct Stack {
+    pub redis: RedisServer,
+    pub sim: TestSim,
+    pub gateway: CovenProcess,
+    pub webs: Vec<Web>,
+    pub lobby: u64,
+}
+
+impl Stack {
+    /// Redis, sim, gateway and `replicas` web replicas; `extra` goes to every replica.
+    pub async fn start(replicas: usize, extra: &[(&str, &str)]) -> Self {
+        Self::start_on(RedisServer::start(), TestSim::start().await, replicas, extra).await
+    }
+
+    pub async fn start_on(
+        redis: RedisServer,
+        sim: TestSim,
+        replicas: usize,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let lobby = sim.id_of("lobby_id").await;
+        let guild = sim.guild_id().to_string();
+        let redis_url = redis.url();
+        let gateway_url = sim.gateway_url();
+        let token = sim.token();
+        let mut gateway = CovenProcess::spawn(
+            &["gateway"],
+            &[
+                ("BIND", "127.0.0.1:0"),
+                ("REDIS_URL", &redis_url),
+                ("DISCORD_GUILD_ID", &guild),
+                ("DISCORD_BOT_TOKEN", &token),
+                ("DISCORD_GATEWAY_URL", &gateway_url),
+                ("GATEWAY_LEASE_TTL", "2s"),
+                ("RUST_LOG", "coven=debug"),
+            ],
+        );
+        gateway.wait_for_stdout("health listening on");
+        let mut stack = Stack {
+            redis,
+            sim,
+            gateway,
+            webs: Vec::new(),
+            lobby,
+        };
+        for _ in 0..replicas {
+            let web = stack.spawn_web(extra);
+            stack.webs.push(web);
+        }
+        // Ready = Redis answers and the gateway reported: the stack is fully up.
+        let http = reqwest::Client::new();
+        for web in &stack.webs {
+            super::wait_for("the replica to be ready", || async {
+                let r = http.get(web.url("/readyz")).send().await.ok()?;
+                (r.status() == 200).then_some(())
+            })
+            .await;
+        }
+        stack
+    }
+
+    pub fn spawn_web(&self, extra: &[(&str, &str)]) -> Web {
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let bind = format!("127.0.0.1:{port}");
+        let guild = self.sim.guild_id().to_string();
+        let redis_url = self.redis.url();
+        let token = self.sim.token();
+        let api = self.sim.url("/api");
+        let oauth = self.sim.url("");
+        let mut env = vec![
+            ("BIND", bind.as_str()),
+            ("PUBLIC_URL", url.as_str()),
+            ("REDIS_URL", &redis_url),
+            ("DISCORD_GUILD_ID", &guild),
+            ("DISCORD_BOT_TOKEN", &token),
+            ("DISCORD_CLIENT_ID", "1190000000000000002"),
+            ("DISCORD_CLIENT_SECRET", "sim-client-secret"),
+            ("DISCORD_API_URL", &api),
+            ("DISCORD_OAUTH_URL", oauth.trim_end_matches('/')),
+            ("RUST_LOG", "coven=debug"),
+        ];
+        env.extend_from_slice(extra);
+        let mut process = CovenProcess::spawn(&["web"], &env);
+        process.wait_for_stdout("coven web listening on");
+        Web { process, url }
+    }
+
+    pub fn web(&self, i: usize) -> &Web {
+        &self.webs[i]
+    }
+
+    pub async fn user(&self, name: &str) -> u64 {
+        self.sim.user(name).await
+    }
+
+    /// A change "in Discord": `user` joins (or with `None` leaves) voice.
+    pub async fn voice(&self, user: u64, channel: Option<u64>, flags: Value) {
+        let mut body = serde_json::json!({
+            "user_id": user.to_string(),
+            "channel_id": channel.map(|c| c.to_string()),
+        });
+        if let (Some(b), Some(f)) = (body.as_object_mut(), flags.as_object()) {
+            b.extend(f.clone());
+        }
+        let (status, answer) = self.sim.control("/voice", body).await;
+        assert_eq!(status, 200, "voice change refused: {answer}");
+    }
+}
+
+/// A browser: one cookie jar shared by every replica (cookies do not depend on ports),
+/// redirects not followed so each hop can be checked.
+#[derive(Clone)]
+pub struct Browser {
+    pub http: reqwest::Client,
+    pub jar: Arc<Jar>,
+}
+
+impl Default for Browser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Browser {
+    pub fn new() -> Self {
+        let jar = Arc::new(Jar::default());
+        let http = reqwest::Client::builder()
+            .cookie_provider(jar.clone())
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("http client");
+        Browser { http, jar }
+    }
+
+    pub async fn get(&self, url: &str) -> reqwest::Response {
+        self.http.get(url).send().await.expect("GET")
+    }
+
+    /// Logs in as the simulated `user` through `web`'s OAuth2 flow, starting from
+    /// `/auth/login?return_to=...`, and returns where the callback sends the browser.
+    pub async fn login_to(&self, web: &Web, sim: &TestSim, user: u64, return_to: &str) -> reqwest::Response {
+        let start = self
+            .http
+            .get(web.url("/auth/login"))
+            .query(&[("return_to", return_to)])
+            .send()
+            .await
+            .expect("login");
+        assert_eq!(start.status(), 303, "login redirects to Discord");
+        let authorize = location(&start);
+        assert!(authorize.starts_with(&sim.url("/oauth2/authorize")), "{authorize}");
+        let picked = self
+            .get(&format!("{authorize}&sim_user={user}"))
+            .await;
+        assert!(picked.status().is_redirection(), "the sim sends the browser back");
+        let callback = location(&picked);
+        assert!(callback.starts_with(&web.url("/auth/callback")), "{callback}");
+        self.get(&callback).await
+    }
+
+    pub async fn login(&self, web: &Web, sim: &TestSim, user: u64) {
+        let done = self.login_to(web, sim, user, "/rooms").await;
+        assert_eq!(done.status(), 303, "the callback redirects");
+        assert_eq!(location(&done), "/rooms");
+    }
+
+    pub async fn stream(&self, url: &str, last_event_id: Option<&str>) -> Sse {
+        let mut req = self.http.get(url);
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        let res = req.send().await.expect("stream request");
+        assert_eq!(res.status(), 200, "stream opens");
+        assert_eq!(
+            res.headers()["content-type"], "text/event-stream",
+            "an event stream"
+        );
+        Sse::new(res)
+    }
+}
+
+pub fn location(res: &reqwest::Response) -> String {
+    res.headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// One SSE message.
+#[derive(Debug, Clone, Default)]
+pub struct Message {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: String,
+}
+
+impl Message {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or(Value::Null)
+    }
+}
+
+/// Reads an event stream message by message.
+pub struct Sse {
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<axum::body::Bytes>>,
+    buffer: String,
+    pub retry: Option<u64>,
+    pub comments: usize,
+    pub ended: bool,
+}
+
+impl Sse {
+    pub fn new(res: reqwest::Response) -> Self {
+        Sse {
+            body: res.bytes_stream().boxed(),
+            buffer: String::new(),
+            retry: None,
+            comments: 0,
+            ended: false,
+        }
+    }
+
+    /// The next message, or `None` when the stream ends; fails at the deadline.
+    pub async fn next(&mut self) -> Option<Message> {
+        self.next_within(DEADLINE).await.expect("a message within the deadline")
+    }
+
+    /// The next message; `Err` if none came within `limit`.
+    pub async fn next_within(&mut self, limit: Duration) -> Result<Option<Message>, ()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut msg = Message {
+                    event: "message".into(),
+                    ..Message::default()
+                };
+                let mut any = false;
+                for line in block.lines() {
+                    if let Some(c) = line.strip_prefix(':') {
+                        let _ = c;
+                        self.comments += 1;
+                    } else if let Some(v) = line.strip_prefix("retry: ") {
+                        self.retry = v.parse().ok();
+                    } else if let Some(v) = line.strip_prefix("id: ") {
+                        msg.id = Some(v.to_owned());
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("event: ") {
+                        msg.event = v.to_owned();
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        msg.data.push_str(v);
+                        any = true;
+                    }
+                }
+                if any {
+                    return Ok(Some(msg));
+                }
+                continue;
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            match tokio::time::timeout_at(deadline, self.body.next()).await {
+                Err(_) => return Err(()),
+                Ok(Some(Ok(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+                Ok(Some(Err(_)) | None) => self.ended = true,
+            }
+        }
+    }
+
+    /// Messages until one matches `want` (returned last), skipping none: every message
+    /// read is returned so a test can check what came before.
+    pub async fn until(&mut self, mut want: impl FnMut(&Message) -> bool) -> Vec<Message> {
+        let mut seen = Vec::new();
+        loop {
+            let msg = self.next().await.expect("the stream ended before the wanted message");
+            let done = want(&msg);
+            seen.push(msg);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    /// The next message that is not diagnostics (`gateway.status`, `ping`).
+    pub async fn next_domain(&mut self) -> Message {
+        loop {
+            let msg = self.next().await.expect("the stream ended");
+            if msg.event != "gateway.status" && msg.event != "ping" {
+                return msg;
+            }
+        }
+    }
+}
