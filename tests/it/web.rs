@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use coven::bus::Bus;
 use coven::bus::redis::RedisBus;
 use coven::event::EventData;
-use serde_json::json;
 use reqwest::cookie::CookieStore;
+use serde_json::json;
 use twilight_model::id::Id;
 
 use crate::harness::{Browser, Message, RedisServer, Stack, TestSim, location, wait_for};
@@ -19,7 +19,10 @@ fn ids(messages: &[Message]) -> Vec<String> {
 
 /// The snapshot id a page hands to its stream.
 fn page_event_id(html: &str) -> String {
-    let start = html.find("last_event_id=").expect("the page links its stream") + 14;
+    let start = html
+        .find("last_event_id=")
+        .expect("the page links its stream")
+        + 14;
     html[start..]
         .chars()
         .take_while(|c| c.is_ascii_digit() || *c == '-')
@@ -27,7 +30,12 @@ fn page_event_id(html: &str) -> String {
 }
 
 async fn metric(url: &str, name: &str) -> f64 {
-    let text = reqwest::get(url).await.expect("metrics").text().await.unwrap_or_default();
+    let text = reqwest::get(url)
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default();
     text.lines()
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -53,8 +61,14 @@ async fn a_login_on_one_replica_works_on_the_other_and_both_streams_go_live() {
         .get("set-cookie")
         .map(|v| v.to_str().unwrap_or_default().to_owned());
     if let Some(cookie) = set_cookie {
-        assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"), "{cookie}");
-        assert!(!cookie.contains("Secure"), "no Secure flag on a plain-http PUBLIC_URL");
+        assert!(
+            cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"),
+            "{cookie}"
+        );
+        assert!(
+            !cookie.contains("Secure"),
+            "no Secure flag on a plain-http PUBLIC_URL"
+        );
     }
 
     let mut on_a = browser.stream(&a.url("/api/stream"), None).await;
@@ -67,14 +81,30 @@ async fn a_login_on_one_replica_works_on_the_other_and_both_streams_go_live() {
         assert_eq!(joined.event, "voice.joined");
         let data = joined.json();
         assert_eq!(data["data"]["user"]["id"], ash.to_string());
-        assert_eq!(data["id"].as_str(), joined.id.as_deref(), "id: is the envelope's id");
+        assert_eq!(
+            data["id"].as_str(),
+            joined.id.as_deref(),
+            "id: is the envelope's id"
+        );
         assert!(took < Duration::from_secs(1), "took {took:?}");
     }
-    assert_eq!(on_a.retry, Some(2000), "the stream tells browsers when to retry");
+    assert_eq!(
+        on_a.retry,
+        Some(2000),
+        "the stream tells browsers when to retry"
+    );
 
     // Logging out on B ends the session on A too.
-    let out = browser.http.post(b.url("/auth/logout")).send().await.unwrap();
-    assert_eq!((out.status().as_u16(), location(&out)), (303, "/".to_owned()));
+    let out = browser
+        .http
+        .post(b.url("/auth/logout"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.status().as_u16(), location(&out)),
+        (303, "/".to_owned())
+    );
     let after = browser.get(&a.url("/api/stream")).await;
     assert_eq!(after.status(), 401);
 }
@@ -94,23 +124,45 @@ async fn a_stream_resumes_on_the_other_replica_with_exactly_what_it_missed() {
     let mut observer = browser.stream(&b.url("/api/stream"), None).await;
     stack.voice(ash, Some(stack.lobby), json!({})).await;
     stack.voice(bramble, Some(stack.lobby), json!({})).await;
-    let landed = observer.until(|m| m.event == "voice.joined" && m.data.contains(&bramble.to_string())).await;
-    let landed: Vec<_> = landed.into_iter().filter(|m| m.event.starts_with("voice.")).collect();
+    let landed = observer
+        .until(|m| m.event == "voice.joined" && m.data.contains(&bramble.to_string()))
+        .await;
+    let landed: Vec<_> = landed
+        .into_iter()
+        .filter(|m| m.event.starts_with("voice."))
+        .collect();
     let mut from_page = browser
-        .stream(&b.url(&format!("/api/stream?last_event_id={page_at}")), None)
+        .stream(
+            &b.url(&format!("/api/stream?last_event_id={page_at}")),
+            None,
+        )
         .await;
     let first = [from_page.next_domain().await, from_page.next_domain().await];
-    assert_eq!(ids(&first), ids(&landed), "the page's stream starts exactly after its snapshot");
+    assert_eq!(
+        ids(&first),
+        ids(&landed),
+        "the page's stream starts exactly after its snapshot"
+    );
 
     // A stream on A sees one change, drops, and misses three more.
     let mut on_a = browser.stream(&a.url("/api/stream"), None).await;
-    stack.voice(ash, Some(stack.lobby), json!({"self_mute": true})).await;
+    stack
+        .voice(ash, Some(stack.lobby), json!({"self_mute": true}))
+        .await;
     let seen = on_a.next_domain().await;
     assert_eq!(seen.event, "voice.updated");
     drop(on_a);
-    stack.voice(ash, Some(stack.lobby), json!({"self_mute": false, "self_video": true})).await;
+    stack
+        .voice(
+            ash,
+            Some(stack.lobby),
+            json!({"self_mute": false, "self_video": true}),
+        )
+        .await;
     stack.voice(bramble, None, json!({})).await;
-    stack.voice(bramble, Some(stack.lobby), json!({"self_deaf": true})).await;
+    stack
+        .voice(bramble, Some(stack.lobby), json!({"self_deaf": true}))
+        .await;
     let missed = observer
         .until(|m| m.event == "voice.joined")
         .await
@@ -124,7 +176,9 @@ async fn a_stream_resumes_on_the_other_replica_with_exactly_what_it_missed() {
     );
 
     // The browser reconnects to B with Last-Event-ID: exactly the three, in order, then live.
-    let mut resumed = browser.stream(&b.url("/api/stream"), seen.id.as_deref()).await;
+    let mut resumed = browser
+        .stream(&b.url("/api/stream"), seen.id.as_deref())
+        .await;
     let replayed = [
         resumed.next_domain().await,
         resumed.next_domain().await,
@@ -147,32 +201,53 @@ async fn an_id_older_than_the_log_gets_resync_then_live_events() {
     let ash = stack.user("ash").await;
     let browser = Browser::new();
     browser.login(web, &stack.sim, ash).await;
-    let first = RedisBus::connect(&stack.redis.url(), "coven", Id::new(stack.sim.guild_id()), 1_000_000)
-        .await
-        .unwrap();
+    let first = RedisBus::connect(
+        &stack.redis.url(),
+        "coven",
+        Id::new(stack.sim.guild_id()),
+        1_000_000,
+    )
+    .await
+    .unwrap();
     let oldest = first
         .append(EventData::Ping { seq: 0, ts: 0 }, None)
         .await
         .unwrap()
         .id;
     // A writer with a short log trims the old events away.
-    let trimming = RedisBus::connect(&stack.redis.url(), "coven", Id::new(stack.sim.guild_id()), 10)
-        .await
-        .unwrap();
+    let trimming = RedisBus::connect(
+        &stack.redis.url(),
+        "coven",
+        Id::new(stack.sim.guild_id()),
+        10,
+    )
+    .await
+    .unwrap();
     for seq in 1..=400 {
-        trimming.append(EventData::Ping { seq, ts: 0 }, None).await.unwrap();
+        trimming
+            .append(EventData::Ping { seq, ts: 0 }, None)
+            .await
+            .unwrap();
     }
-    let mut stream = browser.stream(&web.url("/api/stream"), Some(&oldest.to_string())).await;
+    let mut stream = browser
+        .stream(&web.url("/api/stream"), Some(&oldest.to_string()))
+        .await;
     let resync = stream.next().await.expect("a message");
     assert_eq!(resync.event, "resync", "{resync:?}");
     let at = resync.json()["at"].as_str().unwrap_or_default().to_owned();
-    assert_eq!(resync.id.as_deref(), Some(at.as_str()), "resync moves the client's id to the snapshot");
+    assert_eq!(
+        resync.id.as_deref(),
+        Some(at.as_str()),
+        "resync moves the client's id to the snapshot"
+    );
     stack.voice(ash, Some(stack.lobby), json!({})).await;
     let next = stream.next_domain().await;
     assert_eq!(next.event, "voice.joined");
 
     // Malformed ids and room ids are refused plainly.
-    let bad = browser.get(&web.url("/api/stream?last_event_id=yesterday")).await;
+    let bad = browser
+        .get(&web.url("/api/stream?last_event_id=yesterday"))
+        .await;
     assert_eq!(bad.status(), 400);
     let bad = browser.get(&web.url("/api/stream?room=lobby")).await;
     assert_eq!(bad.status(), 400);
@@ -203,14 +278,20 @@ async fn without_a_valid_session_nothing_is_shown_and_logins_stay_on_site() {
     // A page sends the browser to log in and come back.
     let page = anonymous.get(&web.url("/rooms/123?x=1")).await;
     assert_eq!(page.status(), 303);
-    assert_eq!(location(&page), "/auth/login?return_to=%2Frooms%2F123%3Fx%3D1");
+    assert_eq!(
+        location(&page),
+        "/auth/login?return_to=%2Frooms%2F123%3Fx%3D1"
+    );
 
     let ash = stack.user("ash").await;
     let browser = Browser::new();
     let done = browser
         .login_to(web, &stack.sim, ash, "//elsewhere.example")
         .await;
-    assert_eq!((done.status().as_u16(), location(&done)), (303, "/rooms".to_owned()));
+    assert_eq!(
+        (done.status().as_u16(), location(&done)),
+        (303, "/rooms".to_owned())
+    );
     let done = Browser::new()
         .login_to(web, &stack.sim, ash, "/rooms/1?from=invite")
         .await;
@@ -231,7 +312,10 @@ async fn without_a_valid_session_nothing_is_shown_and_logins_stay_on_site() {
     let done = outsider.login_to(web, &stack.sim, iris, "/rooms").await;
     assert_eq!(done.status(), 403);
     let text = done.text().await.unwrap();
-    assert!(text.contains("not a member") && text.contains("invite"), "{text}");
+    assert!(
+        text.contains("not a member") && text.contains("invite"),
+        "{text}"
+    );
     assert_eq!(outsider.get(&web.url("/api/stream")).await.status(), 403);
 }
 
@@ -244,16 +328,31 @@ async fn an_expired_discord_token_is_refreshed_silently_and_a_refused_one_logs_i
     let ash = stack.user("ash").await;
     let browser = Browser::new();
     browser.login(web, &stack.sim, ash).await;
-    let refreshed = || async { stack.sim.state().await["oauth"]["refreshed"].as_u64().unwrap_or(0) };
+    let refreshed = || async {
+        stack.sim.state().await["oauth"]["refreshed"]
+            .as_u64()
+            .unwrap_or(0)
+    };
     let before = refreshed().await;
     assert_eq!(browser.get(&web.url("/rooms")).await.status(), 200);
-    assert_eq!(refreshed().await, before + 1, "the page refreshed the token silently");
+    assert_eq!(
+        refreshed().await,
+        before + 1,
+        "the page refreshed the token silently"
+    );
 
-    let (status, _) = stack.sim.control("/oauth/revoke", json!({"user_id": ash.to_string()})).await;
+    let (status, _) = stack
+        .sim
+        .control("/oauth/revoke", json!({"user_id": ash.to_string()}))
+        .await;
     assert_eq!(status, 200);
     let lobby = stack.lobby;
     let page = browser.get(&web.url(&format!("/rooms/{lobby}"))).await;
-    assert_eq!(page.status(), 303, "a refused refresh means logging in again");
+    assert_eq!(
+        page.status(),
+        303,
+        "a refused refresh means logging in again"
+    );
     assert_eq!(
         location(&page),
         format!("/auth/login?return_to=%2Frooms%2F{lobby}"),
@@ -263,8 +362,13 @@ async fn an_expired_discord_token_is_refreshed_silently_and_a_refused_one_logs_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_recover_from_a_redis_restart_and_miss_nothing() {
-    let mut stack =
-        Stack::start_on(RedisServer::start_persistent(), TestSim::start().await, 1, &[]).await;
+    let mut stack = Stack::start_on(
+        RedisServer::start_persistent(),
+        TestSim::start().await,
+        1,
+        &[],
+    )
+    .await;
     let base = stack.web(0).url.clone();
     let url = |path: &str| format!("{base}{path}");
     let ash = stack.user("ash").await;
@@ -308,7 +412,12 @@ async fn streams_recover_from_a_redis_restart_and_miss_nothing() {
     let mut sorted = got_ids.clone();
     sorted.dedup();
     assert_eq!(sorted.len(), 6, "no duplicates: {got_ids:?}");
-    assert!(got.iter().enumerate().all(|(i, m)| m.json()["data"]["self_mute"] == (i % 2 == 0)), "in order");
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(i, m)| m.json()["data"]["self_mute"] == (i % 2 == 0)),
+        "in order"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,21 +449,52 @@ async fn a_client_that_stops_reading_is_cut_off_at_its_buffer() {
     let n = conn.read(&mut head).await.unwrap();
     assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
 
-    let bus = RedisBus::connect(&stack.redis.url(), "coven", Id::new(stack.sim.guild_id()), 1_000_000)
-        .await
-        .unwrap();
-    let sent = 3000;
-    for seq in 1..=sent {
-        bus.append(EventData::Ping { seq, ts: 0 }, None).await.unwrap();
+    let bus = RedisBus::connect(
+        &stack.redis.url(),
+        "coven",
+        Id::new(stack.sim.guild_id()),
+        1_000_000,
+    )
+    .await
+    .unwrap();
+    // 10 MB in all: more than the kernel's socket buffers and the server's write buffer
+    // hold, so the reader's place in the shared ring is overrun.
+    let sent = 1000;
+    let bulky = "x".repeat(10_000);
+    for _ in 0..sent {
+        let status = EventData::GatewayStatus {
+            state: coven::event::GatewayState::Connected,
+            reason: Some(bulky.clone()),
+        };
+        bus.append(status, None).await.unwrap();
     }
-    // Reading again: what was buffered, then the end; far from everything.
+    // Reading again: what was buffered, then the end of the response (the last chunk);
+    // far from everything.
     let mut rest = Vec::new();
-    let read = tokio::time::timeout(crate::harness::DEADLINE, conn.read_to_end(&mut rest)).await;
-    assert!(read.is_ok(), "the server closed the stream");
+    let read = tokio::time::timeout(crate::harness::DEADLINE, async {
+        let mut chunk = vec![0u8; 64 * 1024];
+        while !rest.ends_with(b"\r\n0\r\n\r\n") {
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => rest.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
     let text = String::from_utf8_lossy(&rest);
-    let delivered = text.matches("event: ping").count() as u64;
+    assert!(
+        read.is_ok(),
+        "the server closed the stream (read {} bytes, {} events)\n{}",
+        rest.len(),
+        text.matches("event: gateway.status").count(),
+        web.process.stderr().join("\n")
+    );
+    let delivered = text.matches("event: gateway.status").count();
     assert!(delivered < sent, "cut off after {delivered} of {sent}");
-    assert_eq!(metric(&web.url("/metrics"), "coven_web_streams_cut_off_total").await, 1.0);
+    assert_eq!(
+        metric(&web.url("/metrics"), "coven_web_streams_cut_off_total").await,
+        1.0
+    );
     // Its reconnect would replay from its last id: nothing is lost for good.
 }
 
@@ -371,7 +511,11 @@ async fn room_pages_count_their_viewers_across_replicas() {
     let viewers = |m: &Message| -> Vec<String> {
         m.json()["data"]["viewers"]
             .as_array()
-            .map(|vs| vs.iter().filter_map(|v| v["id"].as_str().map(str::to_owned)).collect())
+            .map(|vs| {
+                vs.iter()
+                    .filter_map(|v| v["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let seen = ash_view.until(|m| m.event == "room.viewers").await;
@@ -381,7 +525,12 @@ async fn room_pages_count_their_viewers_across_replicas() {
     let mut both = vec![ash.to_string(), bramble.to_string()];
     both.sort();
     assert_eq!(viewers(seen.last().unwrap()), both);
-    let page = ash_browser.get(&a.url(&format!("/rooms/{}", stack.lobby))).await.text().await.unwrap();
+    let page = ash_browser
+        .get(&a.url(&format!("/rooms/{}", stack.lobby)))
+        .await
+        .text()
+        .await
+        .unwrap();
     assert!(page.contains("Bramble"), "the page lists who is viewing");
     drop(bramble_view);
     let seen = ash_view.until(|m| m.event == "room.viewers").await;
@@ -398,8 +547,18 @@ async fn operations_readiness_metrics_headers_and_a_spread_drain() {
     assert_eq!(health.status(), 200);
     let landing = reqwest::get(web.url("/")).await.unwrap();
     let h = landing.headers();
-    assert!(h["content-security-policy"].to_str().unwrap().contains("default-src 'self'"));
-    assert!(h["content-security-policy"].to_str().unwrap().contains("frame-ancestors 'none'"));
+    assert!(
+        h["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("default-src 'self'")
+    );
+    assert!(
+        h["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("frame-ancestors 'none'")
+    );
     assert_eq!(h["x-content-type-options"], "nosniff");
     assert!(h.contains_key("referrer-policy"));
     let missing = reqwest::get(web.url("/nowhere")).await.unwrap();
@@ -413,7 +572,10 @@ async fn operations_readiness_metrics_headers_and_a_spread_drain() {
     for _ in 0..20 {
         streams.push(browser.stream(&web.url("/api/stream"), None).await);
     }
-    assert_eq!(metric(&web.url("/metrics"), "coven_web_streams").await, 20.0);
+    assert_eq!(
+        metric(&web.url("/metrics"), "coven_web_streams").await,
+        20.0
+    );
     stack.voice(ash, Some(stack.lobby), json!({})).await;
     for s in &mut streams {
         assert_eq!(s.next_domain().await.event, "voice.joined");
@@ -439,7 +601,10 @@ async fn operations_readiness_metrics_headers_and_a_spread_drain() {
     }
     ended.sort();
     let (first, last) = (ended[0], ended[ended.len() - 1]);
-    assert!(last - first >= Duration::from_millis(500), "spread: {first:?}..{last:?}");
+    assert!(
+        last - first >= Duration::from_millis(500),
+        "spread: {first:?}..{last:?}"
+    );
     assert!(last <= Duration::from_secs(5), "within the drain: {last:?}");
 
     // Redis gone: not ready.

@@ -34,7 +34,13 @@ pub struct Stack {
 impl Stack {
     /// Redis, sim, gateway and `replicas` web replicas; `extra` goes to every replica.
     pub async fn start(replicas: usize, extra: &[(&str, &str)]) -> Self {
-        Self::start_on(RedisServer::start(), TestSim::start().await, replicas, extra).await
+        Self::start_on(
+            RedisServer::start(),
+            TestSim::start().await,
+            replicas,
+            extra,
+        )
+        .await
     }
 
     pub async fn start_on(
@@ -164,7 +170,13 @@ impl Browser {
 
     /// Logs in as the simulated `user` through `web`'s OAuth2 flow, starting from
     /// `/auth/login?return_to=...`, and returns where the callback sends the browser.
-    pub async fn login_to(&self, web: &Web, sim: &TestSim, user: u64, return_to: &str) -> reqwest::Response {
+    pub async fn login_to(
+        &self,
+        web: &Web,
+        sim: &TestSim,
+        user: u64,
+        return_to: &str,
+    ) -> reqwest::Response {
         let start = self
             .http
             .get(web.url("/auth/login"))
@@ -174,13 +186,20 @@ impl Browser {
             .expect("login");
         assert_eq!(start.status(), 303, "login redirects to Discord");
         let authorize = location(&start);
-        assert!(authorize.starts_with(&sim.url("/oauth2/authorize")), "{authorize}");
-        let picked = self
-            .get(&format!("{authorize}&sim_user={user}"))
-            .await;
-        assert!(picked.status().is_redirection(), "the sim sends the browser back");
+        assert!(
+            authorize.starts_with(&sim.url("/oauth2/authorize")),
+            "{authorize}"
+        );
+        let picked = self.get(&format!("{authorize}&sim_user={user}")).await;
+        assert!(
+            picked.status().is_redirection(),
+            "the sim sends the browser back"
+        );
         let callback = location(&picked);
-        assert!(callback.starts_with(&web.url("/auth/callback")), "{callback}");
+        assert!(
+            callback.starts_with(&web.url("/auth/callback")),
+            "{callback}"
+        );
         self.get(&callback).await
     }
 
@@ -198,7 +217,8 @@ impl Browser {
         let res = req.send().await.expect("stream request");
         assert_eq!(res.status(), 200, "stream opens");
         assert_eq!(
-            res.headers()["content-type"], "text/event-stream",
+            res.headers()["content-type"],
+            "text/event-stream",
             "an event stream"
         );
         Sse::new(res)
@@ -249,7 +269,9 @@ impl Sse {
 
     /// The next message, or `None` when the stream ends; fails at the deadline.
     pub async fn next(&mut self) -> Option<Message> {
-        self.next_within(DEADLINE).await.expect("a message within the deadline")
+        self.next_within(DEADLINE)
+            .await
+            .expect("a message within the deadline")
     }
 
     /// The next message; `Err` if none came within `limit`.
@@ -301,7 +323,10 @@ impl Sse {
     pub async fn until(&mut self, mut want: impl FnMut(&Message) -> bool) -> Vec<Message> {
         let mut seen = Vec::new();
         loop {
-            let msg = self.next().await.expect("the stream ended before the wanted message");
+            let msg = self
+                .next()
+                .await
+                .expect("the stream ended before the wanted message");
             let done = want(&msg);
             seen.push(msg);
             if done {
