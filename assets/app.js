@@ -5,6 +5,19 @@
 (function () {
   "use strict";
 
+  // An avatar that cannot load (offline, CDN blocked) becomes the person's initial.
+  function fallback(img, name) {
+    var span = document.createElement("span");
+    span.className = img.className + " fallback";
+    span.textContent = (name || "?").charAt(0).toUpperCase();
+    img.replaceWith(span);
+  }
+  document.querySelectorAll("img.avatar").forEach(function (img) {
+    var name = img.dataset.name || img.alt || "?";
+    if (img.complete && img.naturalWidth === 0) fallback(img, name);
+    else img.addEventListener("error", function () { fallback(img, name); });
+  });
+
   var live = document.getElementById("live");
   if (!live || !window.htmx) return;
 
@@ -75,25 +88,13 @@
       img.className = "avatar" + (small ? " sm" : "");
       img.src = user.avatar_url;
       img.alt = "";
+      img.dataset.name = name;
       img.addEventListener("error", function () { fallback(img, name); });
       el.replaceWith(img);
     } else {
       el.textContent = name.charAt(0).toUpperCase();
     }
   }
-
-  // An avatar that cannot load (offline, CDN blocked) becomes the person's initial.
-  function fallback(img, name) {
-    var span = document.createElement("span");
-    span.className = img.className + " fallback";
-    span.textContent = (name || "?").charAt(0).toUpperCase();
-    img.replaceWith(span);
-  }
-  document.querySelectorAll("img.avatar").forEach(function (img) {
-    var name = img.alt || (img.closest("[title]") || {}).title || "?";
-    if (img.complete && img.naturalWidth === 0) fallback(img, name);
-    else img.addEventListener("error", function () { fallback(img, name); });
-  });
 
   function byUser(list, userId) {
     return list ? list.querySelector('[data-user="' + userId + '"]') : null;
