@@ -1,0 +1,469 @@
+//! Stream benchmark: many browsers on `/api/stream` across two `coven web` replicas, fed
+//! by `coven publish --ping`.
+//!
+//! Real processes on real sockets: a private `redis-server`, the simulator (in this
+//! process, only for the login), two release-built `coven web` replicas and the
+//! `coven publish` binary. This process is the load generator: it opens the streams with
+//! one logged-in session split evenly over the replicas, reads them, and checks every
+//! ping's arrival per stream (lost, duplicated) and its latency from the publisher's
+//! clock (`ts`, unix ns at send) to the moment it is read here. A stream the server cuts
+//! off reconnects with its last id, as a browser does, so a cut-off costs latency, not
+//! events.
+//!
+//! `cargo bench --bench stream` runs the three scenarios of issue [3/5]:
+//!   (a) 1,000 streams × 100 events/s for 10 s
+//!   (b) 10,000 streams × 2 events/s for 10 s
+//!   (c) 1,000 streams × 2,000 events/s for 2 s
+//! `-- a` (or b, c) runs one. Server CPU per delivery comes from /proc (utime+stime of
+//! both replicas over the run); memory per stream is the replicas' resident-set growth
+//! from before the streams opened to when all were open, divided by the streams.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use coven::sim::{Settings as SimSettings, Sim};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+const BIN: &str = env!("CARGO_BIN_EXE_coven");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn wait_port(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "port {port} did not open");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
+        .sum();
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
+}
+
+/// Resident set of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+struct Setup {
+    _redis: Proc,
+    redis_url: String,
+    webs: Vec<(Proc, u16)>,
+    cookie: String,
+    _sim: Sim,
+    _shutdown: CancellationToken,
+    guild: String,
+}
+
+async fn setup() -> anyhow::Result<Setup> {
+    let redis_port = free_port()?;
+    let redis = Proc(
+        Command::new("redis-server")
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    wait_port(redis_port)?;
+    let redis_url = format!("redis://127.0.0.1:{redis_port}");
+    let shutdown = CancellationToken::new();
+    let sim = Sim::start(SimSettings::default(), shutdown.clone()).await?;
+    let sim_url = sim.url("");
+    let sim_url = sim_url.trim_end_matches('/').to_owned();
+    let guild = sim.shared.settings.guild_id.to_string();
+    let mut webs = Vec::new();
+    for _ in 0..2 {
+        let port = free_port()?;
+        let child = Command::new(BIN)
+            .arg("web")
+            .env("BIND", format!("127.0.0.1:{port}"))
+            .env("PUBLIC_URL", format!("http://127.0.0.1:{port}"))
+            .env("REDIS_URL", &redis_url)
+            .env("DISCORD_GUILD_ID", &guild)
+            .env("DISCORD_BOT_TOKEN", "sim-bot-token")
+            .env("DISCORD_CLIENT_ID", "1190000000000000002")
+            .env("DISCORD_CLIENT_SECRET", "sim-client-secret")
+            .env("DISCORD_API_URL", format!("{sim_url}/api"))
+            .env("DISCORD_OAUTH_URL", &sim_url)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        webs.push((Proc(child), port));
+        wait_port(port)?;
+    }
+    let cookie = login(webs[0].1, &sim_url).await?;
+    Ok(Setup {
+        _redis: redis,
+        redis_url,
+        webs,
+        cookie,
+        _sim: sim,
+        _shutdown: shutdown,
+        guild,
+    })
+}
+
+/// Logs in as the sim's first member through the real OAuth2 flow; returns the cookie.
+async fn login(port: u16, sim_url: &str) -> anyhow::Result<String> {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let web = format!("http://127.0.0.1:{port}");
+    let start = http.get(format!("{web}/auth/login")).send().await?;
+    let cookie = start
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .ok_or_else(|| anyhow::anyhow!("no session cookie"))?
+        .to_owned();
+    let authorize = start.headers()["location"].to_str()?.to_owned();
+    let state: serde_json::Value = http
+        .get(format!("{sim_url}/_sim/state"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let ash = state["users"]
+        .as_array()
+        .and_then(|users| users.iter().find(|u| u["username"] == "ash"))
+        .and_then(|u| u["id"].as_str())
+        .ok_or_else(|| anyhow::anyhow!("the sim has no user ash"))?
+        .to_owned();
+    let picked = http.get(format!("{authorize}&sim_user={ash}")).send().await?;
+    let callback = picked.headers()["location"].to_str()?.to_owned();
+    let done = http
+        .get(&callback)
+        .header("cookie", &cookie)
+        .send()
+        .await?;
+    // The session id is cycled at login: take the new cookie.
+    let cookie = done
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map_or(cookie, str::to_owned);
+    anyhow::ensure!(done.status() == 303, "login failed: {}", done.status());
+    Ok(cookie)
+}
+
+/// What one stream saw.
+#[derive(Default)]
+struct Seen {
+    got: Vec<u64>,
+    duplicates: u64,
+    latencies_us: Vec<u32>,
+    reconnects: u64,
+}
+
+struct Scenario {
+    name: &'static str,
+    streams: usize,
+    rate: u64,
+    seconds: u64,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_stream(
+    port: u16,
+    cookie: Arc<str>,
+    start_id: Arc<str>,
+    count: u64,
+    open: Arc<Semaphore>,
+    opened: Arc<AtomicU64>,
+    done: CancellationToken,
+) -> Seen {
+    let mut seen = Seen {
+        got: vec![0; (count as usize) / 64 + 1],
+        ..Seen::default()
+    };
+    let mut received = 0u64;
+    let mut last_id = start_id.to_string();
+    let mut first = true;
+    'connect: loop {
+        // The permit only paces connection setup; it is let go once the stream is open.
+        let mut permit = Some(open.acquire().await);
+        let Ok(mut conn) = TcpStream::connect(("127.0.0.1", port)).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let req = format!(
+            "GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\nLast-Event-ID: {last_id}\r\nAccept: text/event-stream\r\n\r\n"
+        );
+        if conn.write_all(req.as_bytes()).await.is_err() {
+            continue;
+        }
+        let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+        let mut chunk = vec![0u8; 16 * 1024];
+        let mut headers_done = false;
+        loop {
+            let n = tokio::select! {
+                r = conn.read(&mut chunk) => match r { Ok(0) | Err(_) => 0, Ok(n) => n },
+                () = done.cancelled() => return seen,
+            };
+            if n == 0 {
+                seen.reconnects += 1;
+                continue 'connect;
+            }
+            let at = now_ns();
+            buf.extend_from_slice(&chunk[..n]);
+            if !headers_done {
+                let Some(end) = find(&buf, b"\r\n\r\n") else { continue };
+                if !buf.starts_with(b"HTTP/1.1 200") {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue 'connect;
+                }
+                buf.drain(..end + 4);
+                headers_done = true;
+                if first {
+                    first = false;
+                    opened.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(permit.take());
+            }
+            // Whole frames only: up to the last blank line.
+            let Some(end) = rfind(&buf, b"\n\n") else { continue };
+            for frame in buf[..end].split(|b| *b == b'\n') {
+                if let Some(id) = frame.strip_prefix(b"id: ") {
+                    last_id = String::from_utf8_lossy(id).into_owned();
+                } else if let Some(data) = frame.strip_prefix(b"data: ") {
+                    let (Some(seq), Some(ts)) = (number_after(data, b"\"seq\":"), number_after(data, b"\"ts\":")) else {
+                        continue;
+                    };
+                    if seq == 0 || seq > count {
+                        continue;
+                    }
+                    let (word, bit) = ((seq / 64) as usize, seq % 64);
+                    if seen.got[word] & (1 << bit) != 0 {
+                        seen.duplicates += 1;
+                    } else {
+                        seen.got[word] |= 1 << bit;
+                        received += 1;
+                        // ts is the envelope's data ts (ns); skip the envelope's own ms ts.
+                        seen.latencies_us.push((at.saturating_sub(ts) / 1000).min(u64::from(u32::MAX)) as u32);
+                    }
+                }
+            }
+            buf.drain(..end + 2);
+            if received == count {
+                return seen;
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).rposition(|w| w == needle)
+}
+
+/// The number after `key` in a JSON object (the ping's `data` comes after the envelope's
+/// own fields, so the last occurrence is the ping's).
+fn number_after(data: &[u8], key: &[u8]) -> Option<u64> {
+    let at = rfind(data, key)? + key.len();
+    let digits: Vec<u8> = data[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .copied()
+        .collect();
+    std::str::from_utf8(&digits).ok()?.parse().ok()
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[i]) / 1000.0
+}
+
+async fn publish(setup: &Setup, args: &[&str]) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new(BIN)
+        .arg("publish")
+        .args(args)
+        .env("REDIS_URL", &setup.redis_url)
+        .env("DISCORD_GUILD_ID", &setup.guild)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "coven publish failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+async fn scenario(setup: &Setup, s: &Scenario) -> anyhow::Result<()> {
+    let count = s.rate * s.seconds;
+    // Every stream starts after this id, so a reconnect before its first ping replays.
+    let start_id: Arc<str> = publish(
+        setup,
+        &["--type", "gateway.status", "--data", r#"{"state":"CONNECTED","reason":null}"#],
+    )
+    .await?
+    .into();
+    let pids: Vec<u32> = setup.webs.iter().map(|(p, _)| p.0.id()).collect();
+    let rss_before: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
+    let cookie: Arc<str> = setup.cookie.clone().into();
+    let open = Arc::new(Semaphore::new(256));
+    let opened = Arc::new(AtomicU64::new(0));
+    let done = CancellationToken::new();
+    let mut tasks = Vec::with_capacity(s.streams);
+    for i in 0..s.streams {
+        let port = setup.webs[i % setup.webs.len()].1;
+        tasks.push(tokio::spawn(run_stream(
+            port,
+            cookie.clone(),
+            start_id.clone(),
+            count,
+            open.clone(),
+            opened.clone(),
+            done.clone(),
+        )));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while opened.load(Ordering::Relaxed) < s.streams as u64 {
+        anyhow::ensure!(Instant::now() < deadline, "streams did not all open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let the replicas settle, then measure memory with every stream open.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_open: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
+    let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+    let started = Instant::now();
+    let published = publish(
+        setup,
+        &["--ping", "--count", &count.to_string(), "--rate", &s.rate.to_string()],
+    )
+    .await?;
+    let publish_took = started.elapsed();
+    // Everything published must arrive; give stragglers time, then stop.
+    let stop = done.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        stop.cancel();
+    });
+    let mut seen = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        seen.push(t.await?);
+    }
+    let all_in = started.elapsed();
+    done.cancel();
+    let cpu: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
+
+    let mut latencies: Vec<u32> = seen.iter().flat_map(|s| s.latencies_us.iter().copied()).collect();
+    latencies.sort_unstable();
+    let deliveries = latencies.len() as u64;
+    let expected = count * s.streams as u64;
+    let duplicates: u64 = seen.iter().map(|s| s.duplicates).sum();
+    let reconnects: u64 = seen.iter().map(|s| s.reconnects).sum();
+    println!(
+        "({}) {} streams × {} events/s for {} s: {published} (publisher took {:.2} s)",
+        s.name,
+        s.streams,
+        s.rate,
+        s.seconds,
+        publish_took.as_secs_f64()
+    );
+    println!(
+        "    latency publish→receive: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        latencies.last().map_or(0.0, |v| f64::from(*v) / 1000.0)
+    );
+    println!(
+        "    deliveries: {deliveries} of {expected} in {:.2} s ({:.0}/s); lost {}, duplicated {duplicates}, reconnects after cut-off {reconnects}",
+        all_in.as_secs_f64(),
+        deliveries as f64 / all_in.as_secs_f64().max(1e-9),
+        expected - deliveries,
+    );
+    println!(
+        "    server CPU: {:.2} s over both replicas = {:.2} µs per delivery; memory: {:.1} KiB per stream (RSS {} → {} KiB)",
+        cpu,
+        cpu * 1e6 / deliveries.max(1) as f64,
+        (rss_open.saturating_sub(rss_before)) as f64 / s.streams as f64,
+        rss_before,
+        rss_open
+    );
+    // Let the replicas close the finished streams before the next scenario.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    coven::web::raise_open_file_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let only: Vec<String> = std::env::args()
+            .skip(1)
+            .filter(|a| matches!(a.as_str(), "a" | "b" | "c"))
+            .collect();
+        let setup = setup().await?;
+        let scenarios = [
+            Scenario { name: "a", streams: 1_000, rate: 100, seconds: 10 },
+            Scenario { name: "b", streams: 10_000, rate: 2, seconds: 10 },
+            Scenario { name: "c", streams: 1_000, rate: 2_000, seconds: 2 },
+        ];
+        println!(
+            "stream benchmark: 2 release-built `coven web` replicas, redis-server and this load generator on one machine ({} cores)",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        for s in &scenarios {
+            if only.is_empty() || only.iter().any(|o| o == s.name) {
+                scenario(&setup, s).await?;
+            }
+        }
+        Ok(())
+    })
+}
