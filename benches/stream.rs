@@ -87,10 +87,11 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+// Fields drop in order: the replicas go before the Redis they talk to.
 struct Setup {
+    webs: Vec<(Proc, u16)>,
     _redis: Proc,
     redis_url: String,
-    webs: Vec<(Proc, u16)>,
     cookie: String,
     _sim: Sim,
     _shutdown: CancellationToken,
@@ -174,13 +175,12 @@ async fn login(port: u16, sim_url: &str) -> anyhow::Result<String> {
         .and_then(|u| u["id"].as_str())
         .ok_or_else(|| anyhow::anyhow!("the sim has no user ash"))?
         .to_owned();
-    let picked = http.get(format!("{authorize}&sim_user={ash}")).send().await?;
-    let callback = picked.headers()["location"].to_str()?.to_owned();
-    let done = http
-        .get(&callback)
-        .header("cookie", &cookie)
+    let picked = http
+        .get(format!("{authorize}&sim_user={ash}"))
         .send()
         .await?;
+    let callback = picked.headers()["location"].to_str()?.to_owned();
+    let done = http.get(&callback).header("cookie", &cookie).send().await?;
     // The session id is cycled at login: take the new cookie.
     let cookie = done
         .headers()
@@ -253,7 +253,9 @@ async fn run_stream(
             let at = now_ns();
             buf.extend_from_slice(&chunk[..n]);
             if !headers_done {
-                let Some(end) = find(&buf, b"\r\n\r\n") else { continue };
+                let Some(end) = find(&buf, b"\r\n\r\n") else {
+                    continue;
+                };
                 if !buf.starts_with(b"HTTP/1.1 200") {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue 'connect;
@@ -267,12 +269,17 @@ async fn run_stream(
                 drop(permit.take());
             }
             // Whole frames only: up to the last blank line.
-            let Some(end) = rfind(&buf, b"\n\n") else { continue };
+            let Some(end) = rfind(&buf, b"\n\n") else {
+                continue;
+            };
             for frame in buf[..end].split(|b| *b == b'\n') {
                 if let Some(id) = frame.strip_prefix(b"id: ") {
                     last_id = String::from_utf8_lossy(id).into_owned();
                 } else if let Some(data) = frame.strip_prefix(b"data: ") {
-                    let (Some(seq), Some(ts)) = (number_after(data, b"\"seq\":"), number_after(data, b"\"ts\":")) else {
+                    let (Some(seq), Some(ts)) = (
+                        number_after(data, b"\"seq\":"),
+                        number_after(data, b"\"ts\":"),
+                    ) else {
                         continue;
                     };
                     if seq == 0 || seq > count {
@@ -285,7 +292,8 @@ async fn run_stream(
                         seen.got[word] |= 1 << bit;
                         received += 1;
                         // ts is the envelope's data ts (ns); skip the envelope's own ms ts.
-                        seen.latencies_us.push((at.saturating_sub(ts) / 1000).min(u64::from(u32::MAX)) as u32);
+                        seen.latencies_us
+                            .push((at.saturating_sub(ts) / 1000).min(u64::from(u32::MAX)) as u32);
                     }
                 }
             }
@@ -346,7 +354,12 @@ async fn scenario(setup: &Setup, s: &Scenario) -> anyhow::Result<()> {
     // Every stream starts after this id, so a reconnect before its first ping replays.
     let start_id: Arc<str> = publish(
         setup,
-        &["--type", "gateway.status", "--data", r#"{"state":"CONNECTED","reason":null}"#],
+        &[
+            "--type",
+            "gateway.status",
+            "--data",
+            r#"{"state":"CONNECTED","reason":null}"#,
+        ],
     )
     .await?
     .into();
@@ -381,7 +394,13 @@ async fn scenario(setup: &Setup, s: &Scenario) -> anyhow::Result<()> {
     let started = Instant::now();
     let published = publish(
         setup,
-        &["--ping", "--count", &count.to_string(), "--rate", &s.rate.to_string()],
+        &[
+            "--ping",
+            "--count",
+            &count.to_string(),
+            "--rate",
+            &s.rate.to_string(),
+        ],
     )
     .await?;
     let publish_took = started.elapsed();
@@ -399,7 +418,10 @@ async fn scenario(setup: &Setup, s: &Scenario) -> anyhow::Result<()> {
     done.cancel();
     let cpu: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
 
-    let mut latencies: Vec<u32> = seen.iter().flat_map(|s| s.latencies_us.iter().copied()).collect();
+    let mut latencies: Vec<u32> = seen
+        .iter()
+        .flat_map(|s| s.latencies_us.iter().copied())
+        .collect();
     latencies.sort_unstable();
     let deliveries = latencies.len() as u64;
     let expected = count * s.streams as u64;

@@ -291,6 +291,13 @@ pub async fn serve(
         hub.drain(drain).await;
     });
     let stopping = shutdown.clone();
+    // Without TCP_NODELAY a small event written while the previous one is unacknowledged
+    // waits for the browser's delayed ACK (up to 40 ms on Linux): Nagle on a live stream.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),
