@@ -235,6 +235,7 @@
       if (d.user_id === me) showState("left");
       roomRecount();
     } else if (type === "room.viewers") {
+      if ((d.viewers || []).length) callOffClosing();
       var list = live.querySelector("[data-viewers]");
       list.textContent = "";
       (d.viewers || []).forEach(function (v) {
@@ -259,4 +260,27 @@
 
   var closing = live.querySelector("[data-closes-at]");
   if (closing) startCountdown(Number(closing.dataset.closesAt));
+})();
+
+// Invite link: copy to the clipboard, and put a fresh link in place after "New link".
+(function () {
+  var input = document.getElementById("invite-link");
+  if (!input) return;
+  var copy = document.querySelector("[data-copy]");
+  if (copy && navigator.clipboard) {
+    copy.hidden = false;
+    copy.addEventListener("click", function () {
+      navigator.clipboard.writeText(input.value).then(function () {
+        copy.textContent = "Copied";
+        setTimeout(function () { copy.textContent = "Copy"; }, 1500);
+      });
+    });
+  }
+  document.body.addEventListener("htmx:afterRequest", function (e) {
+    var form = e.detail.elt;
+    if (form && form.hasAttribute && form.hasAttribute("data-new-link") && e.detail.successful) {
+      input.value = e.detail.xhr.responseText.trim();
+      input.select();
+    }
+  });
 })();

@@ -129,6 +129,7 @@ async fn setup() -> anyhow::Result<Setup> {
             .env("DISCORD_CLIENT_SECRET", "sim-client-secret")
             .env("DISCORD_API_URL", format!("{sim_url}/api"))
             .env("DISCORD_OAUTH_URL", &sim_url)
+            .env("INVITE_SECRET", "bench-invite-secret-0123456789abcdef")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

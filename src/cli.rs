@@ -32,7 +32,7 @@ pub enum Command {
     /// Hold the guild's Discord Gateway session and publish its events to Redis
     Gateway(gateway::Args),
     /// Serve the pages, posts and live stream (any number of replicas)
-    Web(web::Args),
+    Web(Box<web::Args>),
     /// Append an event (or a series of pings) through the gateway's atomic path
     Publish(publish::Args),
     /// A local Discord (Gateway, REST, OAuth2, control API) for development, tests and demos
@@ -43,7 +43,7 @@ pub enum Command {
 enum Plan {
     Gateway(gateway::Settings),
     Publish(publish::Settings),
-    Web(web::Settings),
+    Web(Box<web::Settings>),
     Sim(sim::Settings),
 }
 
@@ -61,7 +61,7 @@ pub fn run(cli: Cli) -> ExitCode {
     let plan = match cli.command {
         Some(Command::Gateway(args)) => args.settings(&mut reader).map(Plan::Gateway),
         Some(Command::Publish(args)) => args.settings(&mut reader).map(Plan::Publish),
-        Some(Command::Web(args)) => args.settings(&mut reader).map(Plan::Web),
+        Some(Command::Web(args)) => args.settings(&mut reader).map(|s| Plan::Web(Box::new(s))),
         Some(Command::Sim(args)) => args.settings(&mut reader).map(Plan::Sim),
         None => cli.default.settings(&mut reader).map(Plan::Sim),
     };
@@ -97,7 +97,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 Err(e) => Err(e),
             },
             Plan::Publish(settings) => publish::command(settings).await.map(|()| ExitCode::SUCCESS),
-            Plan::Web(settings) => web::command(settings, shutdown)
+            Plan::Web(settings) => web::command(*settings, shutdown)
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Plan::Sim(settings) => sim::run(settings, shutdown)

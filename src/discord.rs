@@ -16,8 +16,11 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use twilight_http::api_error::ApiError;
 use twilight_http::error::ErrorType;
+use twilight_model::channel::ChannelType;
+use twilight_model::channel::permission_overwrite::{PermissionOverwrite, PermissionOverwriteType};
+use twilight_model::guild::Permissions;
 use twilight_model::id::Id;
-use twilight_model::id::marker::{GuildMarker, UserMarker};
+use twilight_model::id::marker::{ChannelMarker, GuildMarker, RoleMarker, UserMarker};
 use url::Url;
 
 use crate::config::{self, DiscordArgs, Reader};
@@ -186,7 +189,29 @@ pub struct Discord {
     http: reqwest::Client,
     api_url: Url,
     guild_id: Id<GuildMarker>,
+    bot_id: tokio::sync::OnceCell<Id<UserMarker>>,
 }
+
+/// What a room is in Discord: its voice channel and the role that opens it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MadeRoom {
+    pub channel: Id<ChannelMarker>,
+    pub role: Id<RoleMarker>,
+}
+
+/// What the room role may do in its channel.
+pub const ROOM_ALLOW: Permissions = Permissions::VIEW_CHANNEL
+    .union(Permissions::CONNECT)
+    .union(Permissions::SPEAK)
+    .union(Permissions::STREAM)
+    .union(Permissions::USE_VAD);
+
+/// What the bot may do in a room: the players' rights plus managing them.
+pub const BOT_ALLOW: Permissions = ROOM_ALLOW
+    .union(Permissions::MOVE_MEMBERS)
+    .union(Permissions::MUTE_MEMBERS)
+    .union(Permissions::DEAFEN_MEMBERS)
+    .union(Permissions::MANAGE_CHANNELS);
 
 impl Discord {
     pub fn new(
@@ -235,6 +260,7 @@ impl Discord {
             http,
             api_url: settings.api_url.clone(),
             guild_id,
+            bot_id: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -326,6 +352,185 @@ impl Discord {
                 other => Err(other),
             },
         }
+    }
+}
+
+impl Discord {
+    /// The bot's own user id, asked once.
+    async fn bot_id(&self) -> Result<Id<UserMarker>, DiscordError> {
+        self.bot_id
+            .get_or_try_init(|| async {
+                let me = self
+                    .bot
+                    .current_user()
+                    .await
+                    .map_err(DiscordError::from_twilight)?
+                    .model()
+                    .await
+                    .map_err(|e| DiscordError::Malformed(e.to_string()))?;
+                Ok(me.id)
+            })
+            .await
+            .copied()
+    }
+
+    /// Makes a room: a role with no permissions of its own, a private voice channel that
+    /// only the role (and the bot) can see and join, and the role for its creator. If a
+    /// step fails, what the earlier steps made is removed again, so a failure leaves
+    /// nothing behind in the guild.
+    pub async fn create_room(
+        &self,
+        name: &str,
+        creator: Id<UserMarker>,
+        user_limit: u16,
+        category: Option<Id<ChannelMarker>>,
+    ) -> Result<MadeRoom, DiscordError> {
+        let bot = self.bot_id().await?;
+        let role = self
+            .bot
+            .create_role(self.guild_id)
+            .name(&format!("Room: {name}"))
+            .permissions(Permissions::empty())
+            .await
+            .map_err(DiscordError::from_twilight)?
+            .model()
+            .await
+            .map_err(|e| DiscordError::Malformed(e.to_string()))?
+            .id;
+        let overwrites = [
+            PermissionOverwrite {
+                id: self.guild_id.cast(),
+                kind: PermissionOverwriteType::Role,
+                allow: Permissions::empty(),
+                deny: Permissions::VIEW_CHANNEL | Permissions::CONNECT,
+            },
+            PermissionOverwrite {
+                id: role.cast(),
+                kind: PermissionOverwriteType::Role,
+                allow: ROOM_ALLOW,
+                deny: Permissions::empty(),
+            },
+            PermissionOverwrite {
+                id: bot.cast(),
+                kind: PermissionOverwriteType::Member,
+                allow: BOT_ALLOW,
+                deny: Permissions::empty(),
+            },
+        ];
+        let mut request = self
+            .bot
+            .create_guild_channel(self.guild_id, name)
+            .kind(ChannelType::GuildVoice)
+            .user_limit(user_limit)
+            .permission_overwrites(&overwrites);
+        if let Some(category) = category {
+            request = request.parent_id(category);
+        }
+        let made = async {
+            let channel = request
+                .await
+                .map_err(DiscordError::from_twilight)?
+                .model()
+                .await
+                .map_err(|e| DiscordError::Malformed(e.to_string()))?
+                .id;
+            Ok::<_, DiscordError>(channel)
+        }
+        .await;
+        let channel = match made {
+            Ok(channel) => channel,
+            Err(e) => {
+                self.undo(None, Some(role)).await;
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.grant(creator, role).await {
+            self.undo(Some(channel), Some(role)).await;
+            return Err(e);
+        }
+        Ok(MadeRoom { channel, role })
+    }
+
+    /// Best-effort removal after a failed creation; what cannot be removed is logged
+    /// with its id so an operator can remove it by hand.
+    async fn undo(&self, channel: Option<Id<ChannelMarker>>, role: Option<Id<RoleMarker>>) {
+        if let Err(e) = self.delete_room(channel, role).await {
+            tracing::error!(
+                error = %e,
+                channel = ?channel,
+                role = ?role,
+                "could not remove a half-made room; remove it in Discord"
+            );
+        }
+    }
+
+    /// Deletes a room's channel, then its role. Something already gone counts as
+    /// deleted, so closing twice (or racing another replica) is fine.
+    pub async fn delete_room(
+        &self,
+        channel: Option<Id<ChannelMarker>>,
+        role: Option<Id<RoleMarker>>,
+    ) -> Result<(), DiscordError> {
+        if let Some(channel) = channel {
+            match self.bot.delete_channel(channel).await {
+                Ok(_) => {}
+                Err(e) => match DiscordError::from_twilight(e) {
+                    DiscordError::Refused { status: 404, .. } => {}
+                    other => return Err(other),
+                },
+            }
+        }
+        if let Some(role) = role {
+            match self.bot.delete_role(self.guild_id, role).await {
+                Ok(_) => {}
+                Err(e) => match DiscordError::from_twilight(e) {
+                    DiscordError::Refused { status: 404, .. } => {}
+                    other => return Err(other),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives a member a role (idempotent in Discord).
+    pub async fn grant(
+        &self,
+        user: Id<UserMarker>,
+        role: Id<RoleMarker>,
+    ) -> Result<(), DiscordError> {
+        self.bot
+            .add_guild_member_role(self.guild_id, user, role)
+            .await
+            .map_err(DiscordError::from_twilight)?;
+        Ok(())
+    }
+
+    /// Adds someone to the guild with their own `guilds.join` token (a no-op when they
+    /// are already in).
+    pub async fn add_to_guild(
+        &self,
+        user: Id<UserMarker>,
+        access_token: &str,
+    ) -> Result<(), DiscordError> {
+        self.bot
+            .add_guild_member(self.guild_id, user, access_token)
+            .await
+            .map_err(DiscordError::from_twilight)?;
+        Ok(())
+    }
+
+    /// Moves a member who is in a voice channel of the guild into another.
+    pub async fn move_member(
+        &self,
+        user: Id<UserMarker>,
+        channel: Id<ChannelMarker>,
+    ) -> Result<(), DiscordError> {
+        self.bot
+            .update_guild_member(self.guild_id, user)
+            .channel_id(Some(channel))
+            .await
+            .map_err(DiscordError::from_twilight)?;
+        Ok(())
     }
 }
 

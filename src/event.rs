@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use twilight_model::id::Id;
-use twilight_model::id::marker::{ChannelMarker, GuildMarker, UserMarker};
+use twilight_model::id::marker::{ChannelMarker, GuildMarker, RoleMarker, UserMarker};
 
 /// Unix milliseconds now (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {
@@ -167,6 +167,9 @@ pub enum EventData {
         user_limit: u16,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         created_by: Option<Id<UserMarker>>,
+        /// The role that opens the room (when Coven made it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        role_id: Option<Id<RoleMarker>>,
     },
     #[serde(rename = "room.updated")]
     RoomUpdated {

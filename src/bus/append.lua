@@ -56,6 +56,7 @@ if kind == 'room.created' then
   r.name = d.name
   r.user_limit = d.user_limit
   if d.created_by then r.creator_id = d.created_by end
+  if d.role_id then r.role_id = d.role_id end
   save_room(d.channel_id, r)
 elseif kind == 'room.updated' then
   local r = room(d.channel_id)
@@ -105,7 +106,13 @@ elseif kind == 'room.viewers' then
   local r = room(d.channel_id)
   if r then
     -- cjson would write an empty list as {}: an empty list is no field at all.
-    if #d.viewers > 0 then r.viewers = d.viewers else r.viewers = nil end
+    if #d.viewers > 0 then
+      r.viewers = d.viewers
+      r.closes_at = nil
+    else
+      r.viewers = nil
+    end
+    r.last_active = ts
     save_room(d.channel_id, r)
   end
 elseif kind == 'voice.left' then

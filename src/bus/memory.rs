@@ -229,6 +229,7 @@ mod tests {
             name: format!("room {id}"),
             user_limit: 4,
             created_by: None,
+            role_id: None,
         }
     }
 

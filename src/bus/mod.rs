@@ -80,6 +80,7 @@ impl Snapshot {
                 name,
                 user_limit,
                 created_by,
+                role_id,
             } => {
                 let room = self.rooms.entry(*channel_id).or_insert_with(|| RoomRecord {
                     name: name.clone(),
@@ -95,6 +96,9 @@ impl Snapshot {
                 room.user_limit = *user_limit;
                 if created_by.is_some() {
                     room.creator_id = *created_by;
+                }
+                if role_id.is_some() {
+                    room.role_id = *role_id;
                 }
             }
             EventData::RoomUpdated {
@@ -163,6 +167,12 @@ impl Snapshot {
             } => {
                 if let Some(room) = self.rooms.get_mut(channel_id) {
                     room.viewers.clone_from(viewers);
+                    // Someone looking at the room is activity; someone opening it calls off
+                    // a standing closing.
+                    room.last_active = ts;
+                    if !viewers.is_empty() {
+                        room.closes_at = None;
+                    }
                 }
             }
             EventData::Ping { .. } | EventData::GatewayStatus { .. } => {}
@@ -302,6 +312,7 @@ mod tests {
                 name: "a".into(),
                 user_limit: 4,
                 created_by: None,
+                role_id: None,
             },
         ));
         s.apply(&ev(

@@ -31,6 +31,9 @@ pub struct SessionUser {
     pub expires_at: u64,
     /// A member of the guild when last checked (at login, or when an invite added them).
     pub member: bool,
+    /// The session's CSRF token: every post must carry it.
+    #[serde(default)]
+    pub csrf: String,
 }
 
 impl SessionUser {
@@ -163,6 +166,7 @@ pub async fn callback(
                 refresh_token: tokens.refresh_token,
                 expires_at: tokens.expires_at,
                 member,
+                csrf: super::protect::new_token(),
             },
         )
         .await?;
@@ -173,10 +177,33 @@ pub async fn callback(
     Ok(Redirect::to(&pending.return_to).into_response())
 }
 
+#[derive(Debug, Deserialize)]
+pub struct TokenForm {
+    #[serde(default)]
+    pub csrf_token: Option<String>,
+}
+
 /// `POST /auth/logout`: forget the session everywhere (it lives in Redis).
-pub async fn logout(session: Session) -> Result<Response, WebError> {
-    session.flush().await?;
+pub async fn logout(
+    State(app): State<AppState>,
+    session: Session,
+    headers: axum::http::HeaderMap,
+    form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
+) -> Result<Response, WebError> {
+    let user: Option<SessionUser> = session.get(USER).await?;
+    if let Some(user) = user {
+        let token = form.ok().and_then(|f| f.0.csrf_token);
+        super::protect::check(&app, &user, &headers, token.as_deref())?;
+        session.flush().await?;
+    }
     Ok(Redirect::to("/").into_response())
+}
+
+/// Marks the session's user as a member (after an invite added them to the guild).
+pub async fn now_member(who: &mut LoggedIn) -> Result<(), WebError> {
+    who.user.member = true;
+    who.session.insert(USER, &who.user).await?;
+    Ok(())
 }
 
 /// Someone with a valid session (their Discord token refreshed when it ran out).

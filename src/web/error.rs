@@ -27,6 +27,10 @@ pub enum WebError {
     Conflict(String),
     #[error("{0}")]
     Gone(String),
+    #[error("request body too large")]
+    TooLarge,
+    #[error("too many requests; retry after {retry_after} s")]
+    TooMany { retry_after: u64 },
     #[error(transparent)]
     Discord(#[from] DiscordError),
     #[error("shared state unavailable: {0}")]
@@ -88,6 +92,24 @@ impl IntoResponse for WebError {
             WebError::NotFound(m) => page(StatusCode::NOT_FOUND, "Not found", m, ""),
             WebError::Conflict(m) => page(StatusCode::CONFLICT, "Not possible right now", m, ""),
             WebError::Gone(m) => page(StatusCode::GONE, "No longer valid", m, ""),
+            WebError::TooLarge => page(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Too large",
+                "That request was larger than Coven accepts.",
+                "",
+            ),
+            WebError::TooMany { retry_after } => {
+                let mut r = page(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "Slow down",
+                    "That was a lot of requests in a short time.",
+                    &format!("Try again in {retry_after} s."),
+                );
+                if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
+                    r.headers_mut().insert(header::RETRY_AFTER, v);
+                }
+                r
+            }
             WebError::Discord(e) => {
                 tracing::warn!(error = %e, "Discord call failed");
                 match e {
@@ -103,10 +125,16 @@ impl IntoResponse for WebError {
                         "Discord no longer accepts this login.",
                         "Log in again to continue.",
                     ),
-                    DiscordError::Refused { .. } | DiscordError::Malformed(_) => page(
+                    DiscordError::Refused { code, .. } => page(
                         StatusCode::BAD_GATEWAY,
                         "Discord refused",
-                        &e.to_string(),
+                        &refusal_in_words(*code, &e.to_string()),
+                        "",
+                    ),
+                    DiscordError::Malformed(_) => page(
+                        StatusCode::BAD_GATEWAY,
+                        "Discord answered strangely",
+                        "Discord sent an answer Coven cannot read. Nothing was changed; try again.",
                         "",
                     ),
                 }
@@ -120,6 +148,23 @@ impl IntoResponse for WebError {
                 unavailable()
             }
         }
+    }
+}
+
+/// Discord's error codes that people can act on, in plain words.
+fn refusal_in_words(code: u64, fallback: &str) -> String {
+    match code {
+        50013 => "The Coven bot lacks a permission it needs here (Manage Roles and Manage Channels, \
+                  and its role must be above the room roles). Ask a server admin to check the bot's role."
+            .to_owned(),
+        10003 => "That voice channel no longer exists in Discord.".to_owned(),
+        10011 => "That room's role no longer exists in Discord.".to_owned(),
+        10007 => "That person is not a member of the server.".to_owned(),
+        30005 => "The server has reached Discord's limit of 250 roles; close some rooms first.".to_owned(),
+        30013 => "The server has reached Discord's limit of 500 channels; close some rooms first.".to_owned(),
+        40032 => "You need to be in a voice channel of the server for Coven to move you.".to_owned(),
+        50035 => "Discord did not accept that (for example the room name).".to_owned(),
+        _ => fallback.to_owned(),
     }
 }
 

@@ -10,9 +10,12 @@
 
 pub mod auth;
 pub mod error;
+pub mod invites;
 pub mod ops;
 pub mod pages;
 pub mod presence;
+pub mod protect;
+pub mod rooms;
 pub mod stream;
 
 use std::net::SocketAddr;
@@ -28,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tower_http::services::ServeDir;
 use tower_sessions::{Expiry, SessionManagerLayer, SessionStore, cookie::SameSite};
 use twilight_model::id::Id;
-use twilight_model::id::marker::GuildMarker;
+use twilight_model::id::marker::{ChannelMarker, GuildMarker};
 use url::Url;
 
 use crate::bus::Backend;
@@ -76,6 +79,24 @@ pub struct Args {
     /// Interval of keep-alive comments on streams
     #[arg(long, env = "STREAM_KEEPALIVE", hide = true)]
     pub stream_keepalive: Option<String>,
+    /// New rooms go into this category (default: no category)
+    #[arg(long, env = "DISCORD_ROOM_CATEGORY_ID")]
+    pub discord_room_category_id: Option<String>,
+    /// Key that signs invite links (32 bytes or more)
+    #[arg(long, env = "INVITE_SECRET", hide_env_values = true)]
+    pub invite_secret: Option<String>,
+    /// How long an invite link stays valid
+    #[arg(long, env = "INVITE_TTL")]
+    pub invite_ttl: Option<String>,
+    /// A room with nobody in voice and nobody viewing it for this long is closed
+    #[arg(long, env = "ROOM_IDLE_TIMEOUT")]
+    pub room_idle_timeout: Option<String>,
+    /// How often one replica looks for idle rooms
+    #[arg(long, env = "ROOM_SWEEP_INTERVAL")]
+    pub room_sweep_interval: Option<String>,
+    /// Warning given (`room.closing`) before an idle room is closed
+    #[arg(long, env = "ROOM_CLOSE_WARNING")]
+    pub room_close_warning: Option<String>,
 }
 
 /// Checked settings of a web replica.
@@ -93,6 +114,12 @@ pub struct Settings {
     pub stream_buffer: usize,
     pub viewer_ttl: Duration,
     pub keepalive: Duration,
+    pub room_category: Option<Id<ChannelMarker>>,
+    pub invite_secret: SecretString,
+    pub invite_ttl: Duration,
+    pub room_idle_timeout: Duration,
+    pub room_sweep_interval: Duration,
+    pub room_close_warning: Duration,
 }
 
 pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:3000";
@@ -171,7 +198,50 @@ impl Args {
             Duration::from_secs(15),
             config::parse_duration,
         );
+        let room_category = r.optional(
+            "DISCORD_ROOM_CATEGORY_ID",
+            self.discord_room_category_id.as_deref(),
+            config::parse_channel_id,
+        );
+        let invite_secret = r.required(
+            "INVITE_SECRET",
+            self.invite_secret.as_deref(),
+            config::parse_secret(32),
+        );
+        let duration = |r: &mut Reader, name, raw: &Option<String>, default| {
+            r.or_default(name, raw.as_deref(), default, config::parse_duration)
+        };
+        let invite_ttl = duration(
+            r,
+            "INVITE_TTL",
+            &self.invite_ttl,
+            Duration::from_secs(24 * 3600),
+        );
+        let room_idle_timeout = duration(
+            r,
+            "ROOM_IDLE_TIMEOUT",
+            &self.room_idle_timeout,
+            Duration::from_secs(3600),
+        );
+        let room_sweep_interval = duration(
+            r,
+            "ROOM_SWEEP_INTERVAL",
+            &self.room_sweep_interval,
+            Duration::from_secs(300),
+        );
+        let room_close_warning = duration(
+            r,
+            "ROOM_CLOSE_WARNING",
+            &self.room_close_warning,
+            Duration::from_secs(30),
+        );
         Some(Settings {
+            room_category: room_category?,
+            invite_secret: invite_secret?,
+            invite_ttl: invite_ttl?,
+            room_idle_timeout: room_idle_timeout?,
+            room_sweep_interval: room_sweep_interval?,
+            room_close_warning: room_close_warning?,
             bind: bind?,
             public_url: public_url?,
             redis_url: Some(redis_url?),
@@ -204,6 +274,7 @@ pub struct App {
     pub discord: Discord,
     pub hub: stream::Hub,
     pub presence: presence::Presence,
+    pub limits: protect::Limits,
     pub metrics: Option<PrometheusHandle>,
 }
 
@@ -226,6 +297,7 @@ impl App {
             discord,
             hub,
             presence,
+            limits: protect::Limits::default(),
             metrics,
         }))
     }
@@ -249,12 +321,18 @@ pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
         .with_expiry(Expiry::OnInactivity(ttl));
     let site = Router::new()
         .route("/", get(pages::landing))
-        .route("/rooms", get(pages::rooms))
+        .route("/rooms", get(pages::rooms).post(rooms::create))
         .route("/rooms/{channel_id}", get(pages::room))
+        .route("/rooms/{channel_id}/close", post(rooms::close))
+        .route("/rooms/{channel_id}/move", post(rooms::move_in))
+        .route("/rooms/{channel_id}/invite", post(rooms::new_invite))
+        .route("/invite/{token}", get(invites::follow))
         .route("/auth/login", get(auth::login))
         .route("/auth/callback", get(auth::callback))
         .route("/auth/logout", post(auth::logout))
         .route("/api/stream", get(stream::stream))
+        // Forms here are a room name and a token; anything bigger is not ours.
+        .layer(axum::extract::DefaultBodyLimit::max(16 * 1024))
         .layer(sessions);
     Router::new()
         .merge(site)

@@ -26,12 +26,15 @@ pub struct UserView {
     pub name: String,
     pub avatar_url: Option<String>,
     pub initial: String,
+    /// Carried by every form (and by HTMX as `X-CSRF-Token`).
+    pub csrf: String,
 }
 
 impl UserView {
     fn of(user: &SessionUser) -> Self {
         let name = user.person.display_name().to_owned();
         UserView {
+            csrf: user.csrf.clone(),
             id: user.person.id.to_string(),
             initial: initial(&name),
             avatar_url: user.person.avatar_url.clone(),
@@ -140,12 +143,24 @@ pub struct RoomsPage {
     pub rooms: Vec<RoomView>,
     /// The snapshot's event id: the stream resumes after it.
     pub at: String,
+    /// Set after the user closed a room.
+    pub notice: Option<&'static str>,
+    pub csrf: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct RoomsQuery {
+    #[serde(default)]
+    closed: Option<String>,
+    #[serde(default)]
+    gone: Option<String>,
 }
 
 /// `GET /rooms`: every room with who is in it, live.
 pub async fn rooms(
     State(app): State<AppState>,
     Member(who): Member,
+    axum::extract::Query(q): axum::extract::Query<RoomsQuery>,
 ) -> Result<RoomsPage, WebError> {
     let snapshot = app.bus.snapshot().await?;
     let mut rooms: Vec<(u64, RoomView)> = snapshot
@@ -158,6 +173,14 @@ pub async fn rooms(
         user: Some(UserView::of(&who.user)),
         rooms: rooms.into_iter().map(|(_, r)| r).collect(),
         at: snapshot.at.to_string(),
+        csrf: who.user.csrf.clone(),
+        notice: if q.closed.is_some() {
+            Some("The room was closed.")
+        } else if q.gone.is_some() {
+            Some("That room has closed.")
+        } else {
+            None
+        },
     })
 }
 
@@ -179,6 +202,10 @@ pub struct RoomPage {
     pub at: String,
     pub whereabouts: Whereabouts,
     pub discord_url: String,
+    /// A fresh invite link, for the creator and the people in the room.
+    pub invite: Option<String>,
+    pub is_creator: bool,
+    pub csrf: String,
 }
 
 /// `GET /rooms/{channel_id}`: one room, live.
@@ -201,6 +228,12 @@ pub async fn room(
     let snapshot = app.bus.snapshot().await?;
     let record = snapshot.rooms.get(&id).ok_or_else(gone)?;
     let me = who.user.person.id;
+    let invite = match (record.role_id, record.creator_id) {
+        (Some(role), Some(creator)) if super::rooms::may_invite(&snapshot, id, me) => Some(
+            super::invites::link(&app, &super::invites::sign(&app, id, role, creator)?),
+        ),
+        _ => None,
+    };
     let whereabouts = match snapshot.voice.get(&me) {
         Some(v) if v.channel_id == id => Whereabouts::InRoom,
         Some(_) => Whereabouts::Elsewhere,
@@ -216,6 +249,9 @@ pub async fn room(
             "https://discord.com/channels/{}/{id}",
             app.settings.guild_id
         ),
+        invite,
+        is_creator: record.creator_id == Some(me),
+        csrf: who.user.csrf.clone(),
     })
 }
 

@@ -42,6 +42,7 @@ fn room(id: u64, by: Option<u64>) -> EventData {
         name: format!("Room {id}"),
         user_limit: 4,
         created_by: by.map(Id::new),
+        role_id: by.map(|b| Id::new(b + 1)),
     }
 }
 

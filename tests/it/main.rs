@@ -8,6 +8,7 @@ mod bus;
 mod cli;
 mod gateway;
 mod redis_harness;
+mod rooms;
 mod sim_gateway;
 mod sim_oauth;
 mod sim_rest;

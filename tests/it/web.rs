@@ -94,13 +94,14 @@ async fn a_login_on_one_replica_works_on_the_other_and_both_streams_go_live() {
         "the stream tells browsers when to retry"
     );
 
-    // Logging out on B ends the session on A too.
+    // Logging out needs the form's token (a cross-site page cannot log people out);
+    // on B it ends the session on A too.
+    let refused = browser.post(b, "/auth/logout", &[]).await;
+    assert_eq!(refused.status(), 403, "no CSRF token");
+    let token = browser.csrf(a).await;
     let out = browser
-        .http
-        .post(b.url("/auth/logout"))
-        .send()
-        .await
-        .unwrap();
+        .post(b, "/auth/logout", &[("csrf_token", &token)])
+        .await;
     assert_eq!(
         (out.status().as_u16(), location(&out)),
         (303, "/".to_owned())

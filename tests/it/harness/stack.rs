@@ -12,6 +12,9 @@ use serde_json::Value;
 use super::redis::free_port;
 use super::{CovenProcess, DEADLINE, RedisServer, TestSim};
 
+/// The invite key every test replica signs with (tests forge and expire tokens with it).
+pub const INVITE_SECRET: &str = "test-invite-secret-0123456789abcdef";
+
 pub struct Web {
     pub process: CovenProcess,
     pub url: String,
@@ -109,6 +112,7 @@ impl Stack {
             ("DISCORD_CLIENT_SECRET", "sim-client-secret"),
             ("DISCORD_API_URL", &api),
             ("DISCORD_OAUTH_URL", oauth.trim_end_matches('/')),
+            ("INVITE_SECRET", INVITE_SECRET),
             ("RUST_LOG", "coven=debug"),
         ];
         env.extend_from_slice(extra);
@@ -168,6 +172,32 @@ impl Browser {
         self.http.get(url).send().await.expect("GET")
     }
 
+    /// The session's CSRF token, read from a page's forms as a browser has it.
+    pub async fn csrf(&self, web: &Web) -> String {
+        let page = self.get(&web.url("/rooms")).await;
+        assert_eq!(page.status(), 200, "the rooms page");
+        let html = page.text().await.expect("page");
+        form_value(&html, "csrf_token").expect("a csrf_token field")
+    }
+
+    /// A plain form post, as a browser sends it from one of `web`'s pages.
+    pub async fn post(&self, web: &Web, path: &str, form: &[(&str, &str)]) -> reqwest::Response {
+        self.http
+            .post(web.url(path))
+            .header("origin", &web.url)
+            .form(form)
+            .send()
+            .await
+            .expect("POST")
+    }
+
+    /// A page's HTML (asserting 200).
+    pub async fn page(&self, url: &str) -> String {
+        let res = self.get(url).await;
+        assert_eq!(res.status(), 200, "GET {url}");
+        res.text().await.expect("page body")
+    }
+
     /// Logs in as the simulated `user` through `web`'s OAuth2 flow, starting from
     /// `/auth/login?return_to=...`, and returns where the callback sends the browser.
     pub async fn login_to(
@@ -223,6 +253,13 @@ impl Browser {
         );
         Sse::new(res)
     }
+}
+
+/// The `value` of the input named `name` in `html`.
+pub fn form_value(html: &str, name: &str) -> Option<String> {
+    let at = html.find(&format!("name=\"{name}\" value=\""))? + name.len() + 15;
+    let len = html[at..].find('"')?;
+    Some(html[at..at + len].to_owned())
 }
 
 pub fn location(res: &reqwest::Response) -> String {

@@ -1,0 +1,484 @@
+//! Rooms from the web, end to end: a real gateway and two real web replicas against the
+//! sim and a private Redis, driven as browsers with cookie jars.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Browser, INVITE_SECRET, Stack, location, wait_for};
+
+const VIEW_CHANNEL: u64 = 1 << 10;
+const CONNECT: u64 = 1 << 20;
+const SPEAK: u64 = 1 << 21;
+const STREAM: u64 = 1 << 9;
+const USE_VAD: u64 = 1 << 25;
+const MOVE_MEMBERS: u64 = 1 << 24;
+const MUTE_MEMBERS: u64 = 1 << 22;
+const DEAFEN_MEMBERS: u64 = 1 << 23;
+const MANAGE_CHANNELS: u64 = 1 << 4;
+
+fn find<'a>(state: &'a Value, list: &str, id: &str) -> Option<&'a Value> {
+    state[list]
+        .as_array()?
+        .iter()
+        .find(|v| v["id"] == id || v["user_id"] == id)
+}
+
+fn bits(v: &Value) -> u64 {
+    v.as_str().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX)
+}
+
+/// Logs `user` in on `web` and creates a room named `name`; returns the room's id.
+async fn create_room(stack: &Stack, web: usize, browser: &Browser, name: &str) -> String {
+    let w = stack.web(web);
+    let token = browser.csrf(w).await;
+    let made = browser
+        .post(w, "/rooms", &[("name", name), ("csrf_token", &token)])
+        .await;
+    assert_eq!(
+        made.status(),
+        303,
+        "{}",
+        made.text().await.unwrap_or_default()
+    );
+    let to = location(&made);
+    to.strip_prefix("/rooms/")
+        .unwrap_or_else(|| panic!("redirected to {to}"))
+        .to_owned()
+}
+
+fn invite_link(html: &str) -> String {
+    let at = html
+        .find("id=\"invite-link\"")
+        .expect("an invite link on the page");
+    let rest = &html[at..];
+    let v = rest.find("value=\"").expect("its value") + 7;
+    let end = rest[v..].find('"').expect("end of value");
+    rest[v..v + end].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_every_replica() {
+    let stack = Stack::start(2, &[]).await;
+    let (a, b) = (stack.web(0), stack.web(1));
+    let ash = stack.user("ash").await;
+    let browser = Browser::new();
+    browser.login(a, &stack.sim, ash).await;
+    let mut on_a = browser.stream(&a.url("/api/stream"), None).await;
+    let mut on_b = browser.stream(&b.url("/api/stream"), None).await;
+
+    let room = create_room(&stack, 0, &browser, "Draft pod").await;
+
+    let state = stack.sim.state().await;
+    let channel = find(&state, "channels", &room).expect("the channel exists in Discord");
+    assert_eq!(channel["type"], 2, "a voice channel");
+    assert_eq!(channel["user_limit"], 4);
+    assert_eq!(channel["name"], "Draft pod");
+    let overwrites = channel["permission_overwrites"].as_array().unwrap();
+    assert_eq!(overwrites.len(), 3, "{overwrites:?}");
+    let guild = stack.sim.guild_id().to_string();
+    let bot = stack.sim.id_of("bot_id").await.to_string();
+    let everyone = overwrites
+        .iter()
+        .find(|o| o["id"] == guild)
+        .expect("@everyone");
+    assert_eq!(
+        (
+            everyone["type"].as_u64(),
+            bits(&everyone["allow"]),
+            bits(&everyone["deny"])
+        ),
+        (Some(0), 0, VIEW_CHANNEL | CONNECT)
+    );
+    let role = overwrites
+        .iter()
+        .find(|o| o["id"] != guild && o["id"] != bot)
+        .expect("the room role");
+    let room_allow = VIEW_CHANNEL | CONNECT | SPEAK | STREAM | USE_VAD;
+    assert_eq!(
+        (
+            role["type"].as_u64(),
+            bits(&role["allow"]),
+            bits(&role["deny"])
+        ),
+        (Some(0), room_allow, 0)
+    );
+    let bot_ow = overwrites.iter().find(|o| o["id"] == bot).expect("the bot");
+    assert_eq!(
+        (
+            bot_ow["type"].as_u64(),
+            bits(&bot_ow["allow"]),
+            bits(&bot_ow["deny"])
+        ),
+        (
+            Some(1),
+            room_allow | MOVE_MEMBERS | MUTE_MEMBERS | DEAFEN_MEMBERS | MANAGE_CHANNELS,
+            0
+        )
+    );
+    let role_id = role["id"].as_str().unwrap().to_owned();
+    let role_rec = find(&state, "roles", &role_id).expect("the role exists");
+    assert_eq!(
+        role_rec["permissions"], "0",
+        "the role has no permissions of its own"
+    );
+    let ash_member = find(&state, "members", &ash.to_string()).unwrap();
+    assert!(
+        ash_member["roles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r == &role_id),
+        "the creator holds the role"
+    );
+
+    let ash_id = ash.to_string();
+    for stream in [&mut on_a, &mut on_b] {
+        let created = stream
+            .until(|m| {
+                m.event == "room.created" && m.json()["data"]["created_by"] == ash_id.as_str()
+            })
+            .await;
+        let data = created.last().unwrap().json()["data"].clone();
+        assert_eq!(data["channel_id"], room);
+        assert_eq!(data["role_id"], role_id);
+    }
+
+    // The room page (on the other replica) shows the creator's controls and an invite.
+    let html = browser.page(&b.url(&format!("/rooms/{room}"))).await;
+    assert!(html.contains("Close room"), "the creator may close");
+    assert!(invite_link(&html).starts_with(&format!("{}/invite/", b.url)));
+
+    // An HTMX post is answered with HX-Redirect, and an empty name gets the default.
+    let token = browser.csrf(a).await;
+    let htmx = browser
+        .http
+        .post(a.url("/rooms"))
+        .header("hx-request", "true")
+        .header("x-csrf-token", &token)
+        .form(&[("name", "")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(htmx.status(), 204);
+    let to = htmx.headers()["hx-redirect"].to_str().unwrap().to_owned();
+    let second = to.strip_prefix("/rooms/").expect("to the new room");
+    let state = stack.sim.state().await;
+    let name = find(&state, "channels", second).unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        name.starts_with("Ash's Game #") || name.starts_with("ash's Game #"),
+        "{name}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invite_brings_a_non_member_into_the_guild_and_the_room_and_bad_ones_say_why() {
+    let stack = Stack::start(2, &[]).await;
+    let (a, b) = (stack.web(0), stack.web(1));
+    let ash = stack.user("ash").await;
+    let juniper = stack.user("juniper").await;
+    let creator = Browser::new();
+    creator.login(a, &stack.sim, ash).await;
+    let room = create_room(&stack, 0, &creator, "Pauper league").await;
+    let link = invite_link(&creator.page(&a.url(&format!("/rooms/{room}"))).await);
+    let token = link.rsplit('/').next().unwrap().to_owned();
+    let path = format!("/invite/{token}");
+
+    // Juniper is not in the guild and not logged in: log in, come back, get in.
+    let guest = Browser::new();
+    let first = guest.get(&b.url(&path)).await;
+    assert_eq!(first.status(), 303);
+    assert!(
+        location(&first).starts_with("/auth/login?return_to=%2Finvite%2F"),
+        "{}",
+        location(&first)
+    );
+    let back = guest.login_to(b, &stack.sim, juniper, &path).await;
+    assert_eq!(
+        (back.status().as_u16(), location(&back)),
+        (303, path.clone())
+    );
+    let followed = guest.get(&b.url(&path)).await;
+    assert_eq!(
+        (followed.status().as_u16(), location(&followed)),
+        (303, format!("/rooms/{room}"))
+    );
+    let state = stack.sim.state().await;
+    let member = find(&state, "members", &juniper.to_string()).expect("juniper joined the guild");
+    let channel = find(&state, "channels", &room).unwrap();
+    let role_id = channel["permission_overwrites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| {
+            o["allow"].as_str()
+                == Some(&(VIEW_CHANNEL | CONNECT | SPEAK | STREAM | USE_VAD).to_string())
+        })
+        .unwrap()["id"]
+        .clone();
+    assert!(
+        member["roles"].as_array().unwrap().contains(&role_id),
+        "juniper holds the role"
+    );
+    let html = guest.page(&b.url(&format!("/rooms/{room}"))).await;
+    assert!(html.contains("Pauper league"));
+
+    // Forged: a changed signature, or another key.
+    let mut forged = token.clone();
+    forged.pop();
+    forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+    let res = guest.get(&b.url(&format!("/invite/{forged}"))).await;
+    assert_eq!(res.status(), 400);
+    assert!(res.text().await.unwrap().contains("not valid"));
+    let claims = |exp: u64, key: &str| {
+        let now = coven::event::now_ms() / 1000;
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &json!({"guild_id": stack.sim.guild_id().to_string(), "channel_id": room, "role_id": role_id,
+                    "creator_id": ash.to_string(), "iat": now - 100, "exp": exp}),
+            &jsonwebtoken::EncodingKey::from_secret(key.as_bytes()),
+        )
+        .unwrap()
+    };
+    let now = coven::event::now_ms() / 1000;
+    let res = guest
+        .get(&b.url(&format!(
+            "/invite/{}",
+            claims(now + 60, "another-key-another-key-another-key")
+        )))
+        .await;
+    assert_eq!(res.status(), 400);
+    // Expired.
+    let res = guest
+        .get(&b.url(&format!("/invite/{}", claims(now - 10, INVITE_SECRET))))
+        .await;
+    assert_eq!(res.status(), 410);
+    assert!(res.text().await.unwrap().contains("expired"));
+
+    // Full: four people in voice, and a fifth follows the link.
+    let users = ["bramble", "cinder", "dusk", "ember"];
+    let bot = stack.sim.twilight_http();
+    let guild = twilight_model::id::Id::new(stack.sim.guild_id());
+    let role: u64 = role_id.as_str().unwrap().parse().unwrap();
+    for u in users {
+        let id = stack.user(u).await;
+        // The room is private: only its role may join (the sim checks, as Discord does).
+        bot.add_guild_member_role(
+            guild,
+            twilight_model::id::Id::new(id),
+            twilight_model::id::Id::new(role),
+        )
+        .await
+        .expect("grant");
+        stack
+            .voice(id, Some(room.parse().unwrap()), json!({}))
+            .await;
+    }
+    wait_for("the room to fill", || async {
+        let html = creator.page(&a.url(&format!("/rooms/{room}"))).await;
+        html.contains("4/4").then_some(())
+    })
+    .await;
+    let fable = stack.user("fable").await;
+    let fifth = Browser::new();
+    fifth.login(a, &stack.sim, fable).await;
+    let res = fifth.get(&a.url(&path)).await;
+    assert_eq!(res.status(), 409);
+    assert!(res.text().await.unwrap().contains("full"));
+
+    // Closed: the room is gone.
+    let t = creator.csrf(a).await;
+    let closed = creator
+        .post(a, &format!("/rooms/{room}/close"), &[("csrf_token", &t)])
+        .await;
+    assert_eq!(closed.status(), 303);
+    let res = fifth.get(&b.url(&path)).await;
+    assert_eq!(res.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice() {
+    let stack = Stack::start(2, &[]).await;
+    let (a, b) = (stack.web(0), stack.web(1));
+    let ash = stack.user("ash").await;
+    let bramble = stack.user("bramble").await;
+    let creator = Browser::new();
+    creator.login(a, &stack.sim, ash).await;
+    let other = Browser::new();
+    other.login(b, &stack.sim, bramble).await;
+    let mut stream = other.stream(&b.url("/api/stream"), None).await;
+
+    // Without the token, with a wrong one, or from another site: 403, nothing made.
+    let before = stack.sim.state().await["channels"]
+        .as_array()
+        .unwrap()
+        .len();
+    let res = creator.post(a, "/rooms", &[("name", "x")]).await;
+    assert_eq!(res.status(), 403);
+    let res = creator
+        .post(a, "/rooms", &[("name", "x"), ("csrf_token", "guess")])
+        .await;
+    assert_eq!(res.status(), 403);
+    let token = creator.csrf(a).await;
+    let res = creator
+        .http
+        .post(a.url("/rooms"))
+        .header("origin", "https://elsewhere.example")
+        .form(&[("name", "x"), ("csrf_token", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(
+        stack.sim.state().await["channels"]
+            .as_array()
+            .unwrap()
+            .len(),
+        before
+    );
+
+    // Validation and size.
+    let long = "x".repeat(101);
+    let res = creator
+        .post(a, "/rooms", &[("name", &long), ("csrf_token", &token)])
+        .await;
+    assert_eq!(res.status(), 400);
+    assert!(res.text().await.unwrap().contains("at most 100"));
+    let huge = "x".repeat(64 * 1024);
+    let res = creator
+        .post(a, "/rooms", &[("name", &huge), ("csrf_token", &token)])
+        .await;
+    assert_eq!(res.status(), 413);
+
+    let room = create_room(&stack, 0, &creator, "Commander night").await;
+    let html = other.page(&b.url(&format!("/rooms/{room}"))).await;
+    assert!(!html.contains("Close room"), "only the creator sees Close");
+    assert!(
+        !html.contains("invite-link"),
+        "someone outside the room gets no invite"
+    );
+    let theirs = other.csrf(b).await;
+    let res = other
+        .post(
+            b,
+            &format!("/rooms/{room}/close"),
+            &[("csrf_token", &theirs)],
+        )
+        .await;
+    assert_eq!(res.status(), 403);
+
+    let res = creator
+        .post(
+            b,
+            &format!("/rooms/{room}/close"),
+            &[("csrf_token", &token)],
+        )
+        .await;
+    assert_eq!(
+        (res.status().as_u16(), location(&res)),
+        (303, "/rooms?closed=1".to_owned())
+    );
+    let state = stack.sim.state().await;
+    assert!(
+        find(&state, "channels", &room).is_none(),
+        "the channel is gone"
+    );
+    assert!(
+        !state["roles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "Room: Commander night"),
+        "the role is gone"
+    );
+    stream
+        .until(|m| m.event == "room.deleted" && m.json()["data"]["channel_id"] == room)
+        .await;
+    let again = creator
+        .post(
+            a,
+            &format!("/rooms/{room}/close"),
+            &[("csrf_token", &token)],
+        )
+        .await;
+    assert_eq!(again.status(), 303, "closing twice is fine");
+    let page = creator.get(&a.url(&format!("/rooms/{room}"))).await;
+    assert_eq!(page.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_part_way_leaves_nothing_behind_and_rate_limits_are_waited_out() {
+    let stack = Stack::start(1, &[]).await;
+    let a = stack.web(0);
+    let ash = stack.user("ash").await;
+    let browser = Browser::new();
+    browser.login(a, &stack.sim, ash).await;
+    let token = browser.csrf(a).await;
+    let roles = || async { stack.sim.state().await["roles"].as_array().unwrap().len() };
+    let roles_before = roles().await;
+
+    // The channel fails after the role was made: the role is removed again.
+    let (status, _) = stack
+        .sim
+        .control(
+            "/rest/fail",
+            json!({"method": "POST", "path": "/guilds/*/channels", "status": 500}),
+        )
+        .await;
+    assert_eq!(status, 204);
+    let res = browser
+        .post(a, "/rooms", &[("name", "Doomed"), ("csrf_token", &token)])
+        .await;
+    assert_eq!(res.status(), 503);
+    assert!(res.text().await.unwrap().contains("Nothing was changed"));
+    assert_eq!(roles().await, roles_before, "no role left behind");
+
+    // Missing permission: plain words.
+    stack
+        .sim
+        .control(
+            "/rest/fail",
+            json!({"method": "POST", "path": "/guilds/*/roles", "status": 403, "code": 50013}),
+        )
+        .await;
+    let res = browser
+        .post(a, "/rooms", &[("name", "Doomed"), ("csrf_token", &token)])
+        .await;
+    assert_eq!(res.status(), 502);
+    assert!(res.text().await.unwrap().contains("lacks a permission"));
+    assert_eq!(roles().await, roles_before);
+
+    // A 429 on the channel is waited out, and the room is made.
+    stack
+        .sim
+        .control(
+            "/rest/fail",
+            json!({"method": "POST", "path": "/guilds/*/channels", "status": 429, "retry_after": 1.0}),
+        )
+        .await;
+    let started = Instant::now();
+    let res = browser
+        .post(a, "/rooms", &[("name", "Patient"), ("csrf_token", &token)])
+        .await;
+    assert_eq!(res.status(), 303);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "waited {:?}",
+        started.elapsed()
+    );
+
+    // Per-user limit: a burst of 10 posts, then 429 with Retry-After.
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        let r = browser
+            .post(a, "/rooms/1/move", &[("csrf_token", &token)])
+            .await;
+        statuses.push((r.status().as_u16(), r.headers().get("retry-after").cloned()));
+    }
+    let limited = statuses.iter().position(|(s, _)| *s == 429).expect("a 429");
+    assert!(limited >= 5, "limited after {limited} posts: {statuses:?}");
+    assert!(statuses[limited].1.is_some(), "Retry-After is set");
+}
