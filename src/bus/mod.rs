@@ -345,6 +345,34 @@ mod tests {
             "a join calls the closing off"
         );
         assert_eq!(s.rooms[&room].last_active, 4);
+        s.apply(&ev(
+            "4-1",
+            EventData::RoomClosing {
+                channel_id: room,
+                reason: "idle".into(),
+                closes_at: 10,
+            },
+        ));
+        let viewer = Viewer {
+            id: Id::new(7),
+            username: "g".into(),
+            avatar_url: None,
+        };
+        s.apply(&ev(
+            "4-2",
+            EventData::RoomViewers {
+                channel_id: room,
+                viewers: vec![viewer],
+            },
+        ));
+        assert_eq!(
+            s.rooms[&room].closes_at, None,
+            "someone opening the room calls the closing off"
+        );
+        assert_eq!(
+            s.rooms[&room].last_active, 4,
+            "ev() stamps ts from the id's ms"
+        );
         let muted = VoiceFlags {
             self_mute: true,
             ..VoiceFlags::default()

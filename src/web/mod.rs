@@ -17,6 +17,7 @@ pub mod presence;
 pub mod protect;
 pub mod rooms;
 pub mod stream;
+pub mod sweeper;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -419,6 +420,7 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.bind))?;
     let addr = listener.local_addr()?;
     let app = App::start(settings, Arc::new(bus), metrics)?;
+    sweeper::start(app.clone(), shutdown.clone());
     let router = router(app.clone(), store);
     println!("coven web listening on http://{addr}/");
     serve(listener, router, app, shutdown).await

@@ -155,7 +155,7 @@ pub async fn close(
             "Only the person who made this room can close it.".to_owned(),
         ));
     }
-    close_room(&app, id, room.role_id).await?;
+    close_room(&app, id, room.role_id, None).await?;
     tracing::info!(channel = %id, by = %who.user.person.id, "room closed");
     Ok(go(&headers, "/rooms?closed=1"))
 }
@@ -166,10 +166,11 @@ pub async fn close_room(
     app: &super::App,
     id: Id<ChannelMarker>,
     role: Option<Id<twilight_model::id::marker::RoleMarker>>,
+    fence: Option<&crate::bus::Fence>,
 ) -> Result<(), WebError> {
     app.discord.delete_room(Some(id), role).await?;
     app.bus
-        .append(EventData::RoomDeleted { channel_id: id }, None)
+        .append(EventData::RoomDeleted { channel_id: id }, fence)
         .await?;
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Browser, INVITE_SECRET, Stack, location, wait_for};
+use crate::harness::{Browser, INVITE_SECRET, Stack, location, wait_for, within};
 
 const VIEW_CHANNEL: u64 = 1 << 10;
 const CONNECT: u64 = 1 << 20;
@@ -354,6 +354,39 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
     assert_eq!(res.status(), 413);
 
     let room = create_room(&stack, 0, &creator, "Commander night").await;
+
+    // "Move me in": only from another voice channel of the guild.
+    let res = creator
+        .post(a, &format!("/rooms/{room}/move"), &[("csrf_token", &token)])
+        .await;
+    assert_eq!(res.status(), 409);
+    assert!(res.text().await.unwrap().contains("not in a voice channel"));
+    stack.voice(ash, Some(stack.lobby), json!({})).await;
+    let room_page = format!("/rooms/{room}");
+    wait_for("the page to offer Move me in", || async {
+        creator
+            .page(&a.url(&room_page))
+            .await
+            .contains("Move me in")
+            .then_some(())
+    })
+    .await;
+    let res = creator
+        .post(a, &format!("/rooms/{room}/move"), &[("csrf_token", &token)])
+        .await;
+    assert_eq!(
+        (res.status().as_u16(), location(&res)),
+        (303, room_page.clone())
+    );
+    let state = stack.sim.state().await;
+    let ash_voice = find(&state, "voice_states", &ash.to_string()).expect("ash in voice");
+    assert_eq!(
+        ash_voice["channel_id"],
+        room.as_str(),
+        "moved into the room"
+    );
+    stack.voice(ash, None, json!({})).await;
+
     let html = other.page(&b.url(&format!("/rooms/{room}"))).await;
     assert!(!html.contains("Close room"), "only the creator sees Close");
     assert!(
@@ -481,4 +514,75 @@ async fn a_failure_part_way_leaves_nothing_behind_and_rate_limits_are_waited_out
     let limited = statuses.iter().position(|(s, _)| *s == 429).expect("a 429");
     assert!(limited >= 5, "limited after {limited} posts: {statuses:?}");
     assert!(statuses[limited].1.is_some(), "Retry-After is set");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_rooms_are_warned_then_closed_by_one_sweeper_unless_someone_joins() {
+    let stack = Stack::start(
+        2,
+        &[
+            ("ROOM_IDLE_TIMEOUT", "1s"),
+            ("ROOM_SWEEP_INTERVAL", "300ms"),
+            ("ROOM_CLOSE_WARNING", "2s"),
+        ],
+    )
+    .await;
+    let b = stack.web(1);
+    let ash = stack.user("ash").await;
+    let browser = Browser::new();
+    browser.login(stack.web(0), &stack.sim, ash).await;
+    let mut stream = browser.stream(&b.url("/api/stream"), None).await;
+    let kept = create_room(&stack, 0, &browser, "Kept").await;
+    let forgotten = create_room(&stack, 1, &browser, "Forgotten").await;
+
+    // The kept room's warning is answered by someone joining; the other room closes.
+    let mut closings: Vec<(String, u64)> = Vec::new();
+    let mut kept_until = None;
+    within("the forgotten room to close", async {
+        loop {
+            let m = stream.next_domain().await;
+            let d = m.json()["data"].clone();
+            let channel = d["channel_id"].as_str().unwrap_or_default().to_owned();
+            if m.event == "room.closing" {
+                assert_eq!(d["reason"], "idle");
+                closings.push((channel.clone(), d["closes_at"].as_u64().unwrap_or(0)));
+                if channel == kept && kept_until.is_none() {
+                    kept_until = d["closes_at"].as_u64();
+                    stack
+                        .voice(ash, Some(kept.parse().unwrap()), json!({}))
+                        .await;
+                }
+            }
+            if m.event == "room.deleted" && channel == forgotten {
+                break;
+            }
+        }
+    })
+    .await;
+    let count = |id: &str| closings.iter().filter(|(c, _)| c == id).count();
+    assert_eq!(
+        count(&forgotten),
+        1,
+        "one warning, from one sweeper: {closings:?}"
+    );
+    assert_eq!(count(&kept), 1, "{closings:?}");
+    assert!(
+        find(&stack.sim.state().await, "channels", &forgotten).is_none(),
+        "closed in Discord"
+    );
+    // Past the kept room's deadline (and a sweep after it), it is still there.
+    let deadline = kept_until.expect("the kept room was warned") + 1_000;
+    wait_for("the kept room's warning to run out", || async {
+        (coven::event::now_ms() > deadline).then_some(())
+    })
+    .await;
+    assert!(
+        find(&stack.sim.state().await, "channels", &kept).is_some(),
+        "a join called the closing off"
+    );
+    let html = browser.page(&b.url(&format!("/rooms/{kept}"))).await;
+    assert!(
+        html.contains("data-closing hidden"),
+        "no closing banner any more"
+    );
 }
