@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, LogArgs, Reader};
-use crate::{gateway, publish, sim, telemetry, web};
+use crate::{demo, gateway, publish, sim, telemetry, web};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,9 +22,9 @@ pub struct Cli {
     pub log: LogArgs,
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// With no command, coven runs the simulator (the all-in-one demo replaces it later).
+    /// With no command, coven runs the all-in-one demo.
     #[command(flatten)]
-    pub default: sim::Args,
+    pub default: demo::Args,
 }
 
 #[derive(Debug, Subcommand)]
@@ -37,6 +37,8 @@ pub enum Command {
     Publish(publish::Args),
     /// A local Discord (Gateway, REST, OAuth2, control API) for development, tests and demos
     Sim(sim::Args),
+    /// Everything in one process against the simulator, with simulated players (the default)
+    Demo(demo::Args),
 }
 
 /// What a command needs to run, all settings checked.
@@ -45,6 +47,7 @@ enum Plan {
     Publish(publish::Settings),
     Web(Box<web::Settings>),
     Sim(sim::Settings),
+    Demo(Box<demo::Settings>),
 }
 
 pub fn main() -> ExitCode {
@@ -63,7 +66,11 @@ pub fn run(cli: Cli) -> ExitCode {
         Some(Command::Publish(args)) => args.settings(&mut reader).map(Plan::Publish),
         Some(Command::Web(args)) => args.settings(&mut reader).map(|s| Plan::Web(Box::new(s))),
         Some(Command::Sim(args)) => args.settings(&mut reader).map(Plan::Sim),
-        None => cli.default.settings(&mut reader).map(Plan::Sim),
+        Some(Command::Demo(args)) => args.settings(&mut reader).map(|s| Plan::Demo(Box::new(s))),
+        None => cli
+            .default
+            .settings(&mut reader)
+            .map(|s| Plan::Demo(Box::new(s))),
     };
     let (Some(log), Some(plan)) = (log, plan) else {
         return bad_settings(reader);
@@ -98,6 +105,9 @@ pub fn run(cli: Cli) -> ExitCode {
             },
             Plan::Publish(settings) => publish::command(settings).await.map(|()| ExitCode::SUCCESS),
             Plan::Web(settings) => web::command(*settings, shutdown)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Plan::Demo(settings) => demo::command(*settings, shutdown)
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Plan::Sim(settings) => sim::run(settings, shutdown)

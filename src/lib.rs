@@ -8,6 +8,7 @@
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod discord;
 pub mod event;
 pub mod gateway;

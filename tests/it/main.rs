@@ -6,6 +6,7 @@ mod harness;
 
 mod bus;
 mod cli;
+mod demo;
 mod gateway;
 mod redis_harness;
 mod rooms;

@@ -1,0 +1,412 @@
+//! `coven demo` (also `coven` with no command): the whole product in one process for a
+//! first look: the simulated Discord on its own port, the gateway, and the web app, on
+//! the in-memory bus and sessions (or Redis when `REDIS_URL` is set), with simulated
+//! players who join the rooms people create, leave, mute and turn cameras on.
+//!
+//! Owns wiring the real components together and the players. The players act only the
+//! way a person in Discord would: through the simulator's control API (voice changes)
+//! and the bot's REST API (the room role an invite would give them). Must not reach into
+//! the gateway or the web app.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use twilight_model::id::Id;
+
+use crate::bus::{Backend, Snapshot};
+use crate::config::{self, DiscordArgs, Reader};
+use crate::{gateway, sim, web};
+
+/// Flags of `coven demo` (each also read from its environment variable).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Args {
+    /// Address of the web app (the page to open)
+    #[arg(long, env = "BIND")]
+    pub bind: Option<String>,
+    /// Address of the simulated Discord (its login page, REST and Gateway)
+    #[arg(long, env = "SIM_BIND")]
+    pub sim_bind: Option<String>,
+    /// Use this Redis for events and sessions instead of memory
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// No simulated players: only what you do happens
+    #[arg(long)]
+    pub quiet: bool,
+    /// Average time between two moves of the simulated players
+    #[arg(long, env = "DEMO_PLAYER_INTERVAL", hide = true)]
+    pub player_interval: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub bind: std::net::SocketAddr,
+    pub sim: sim::Settings,
+    pub redis_url: Option<secrecy::SecretString>,
+    pub quiet: bool,
+    pub player_interval: Duration,
+}
+
+impl Args {
+    pub fn settings(&self, r: &mut Reader) -> Option<Settings> {
+        let bind = r.or_default(
+            "BIND",
+            self.bind.as_deref(),
+            std::net::SocketAddr::from(([127, 0, 0, 1], 3000)),
+            config::parse_bind,
+        );
+        let sim = sim::Args {
+            bind: Some(
+                self.sim_bind
+                    .clone()
+                    .unwrap_or_else(|| sim::defaults::BIND.to_owned()),
+            ),
+            ..sim::Args::default()
+        }
+        .settings(r);
+        let redis_url = r.optional(
+            "REDIS_URL",
+            self.redis_url.as_deref(),
+            config::parse_redis_url,
+        );
+        let player_interval = r.or_default(
+            "DEMO_PLAYER_INTERVAL",
+            self.player_interval.as_deref(),
+            Duration::from_millis(1500),
+            config::parse_duration,
+        );
+        Some(Settings {
+            bind: bind?,
+            sim: sim?,
+            redis_url: redis_url?,
+            quiet: self.quiet,
+            player_interval: player_interval?,
+        })
+    }
+}
+
+/// Runs the demo until shutdown.
+pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    web::raise_open_file_limit();
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .inspect_err(|e| tracing::warn!(error = %e, "metrics disabled"))
+        .ok();
+    let simulator = sim::Sim::start(settings.sim.clone(), shutdown.clone()).await?;
+    let sim_url = simulator.url("").trim_end_matches('/').to_owned();
+    let listener = TcpListener::bind(settings.bind).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {}: {e} (try --bind 127.0.0.1:0)",
+            settings.bind
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    let host = if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    };
+    let public_url = format!("http://{host}");
+    let s = &settings.sim;
+    let guild = s.guild_id.to_string();
+    let discord = DiscordArgs {
+        discord_guild_id: Some(guild.clone()),
+        primary_guild_id: None,
+        discord_bot_token: Some(s.bot_token.expose_secret().to_owned()),
+        discord_client_id: Some(s.client_id.to_string()),
+        discord_client_secret: Some(s.client_secret.expose_secret().to_owned()),
+    };
+    // Both components read their settings the usual way, so the demo runs them exactly
+    // as configured in production, only pointed at the simulator. The Redis URL they
+    // require is not used when the bus is in memory.
+    let redis_url = settings.redis_url.as_ref().map_or_else(
+        || "redis://unused".to_owned(),
+        |u| u.expose_secret().to_owned(),
+    );
+    let mut r = Reader::new();
+    let web_settings = web::Args {
+        bind: Some(addr.to_string()),
+        public_url: Some(public_url.clone()),
+        redis_url: Some(redis_url.clone()),
+        discord: discord.clone(),
+        discord_api_url: Some(format!("{sim_url}/api")),
+        discord_oauth_url: Some(sim_url.clone()),
+        // One process on a laptop: Ctrl-C should not wait out a long drain.
+        drain_timeout: Some("1s".to_owned()),
+        invite_secret: Some(format!(
+            "{:032x}{:032x}",
+            rand::random::<u128>(),
+            rand::random::<u128>()
+        )),
+        ..web::Args::default()
+    }
+    .settings(&mut r);
+    let gateway_settings = gateway::Args {
+        bind: Some("127.0.0.1:0".to_owned()),
+        redis_url: Some(redis_url.clone()),
+        discord,
+        discord_gateway_url: Some(simulator.shared.gateway_url()),
+        ..gateway::Args::default()
+    }
+    .settings(&mut r);
+    let (Some(mut web_settings), Some(gateway_settings)) = (web_settings, gateway_settings) else {
+        let problems: Vec<String> = r
+            .into_problems()
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        anyhow::bail!(
+            "the demo's own settings were refused: {}",
+            problems.join("; ")
+        );
+    };
+    web_settings.redis_url = settings.redis_url.clone();
+
+    let guild_id = web_settings.guild_id;
+    let bus: Arc<dyn Backend> = match &settings.redis_url {
+        Some(url) => Arc::new(
+            crate::bus::redis::RedisBus::connect(
+                url.expose_secret(),
+                &web_settings.key_prefix,
+                guild_id,
+                100_000,
+            )
+            .await?,
+        ),
+        None => Arc::new(crate::bus::memory::MemoryBus::new(guild_id, 100_000)),
+    };
+    let gateway_bus = bus.clone();
+    let gateway_stop = shutdown.clone();
+    tokio::spawn(async move {
+        match gateway::run::run(
+            gateway_settings,
+            gateway_bus,
+            gateway::health::Health::default(),
+            gateway_stop,
+        )
+        .await
+        {
+            Ok(outcome) => tracing::info!(?outcome, "gateway stopped"),
+            Err(e) => tracing::error!(error = %e, "gateway failed"),
+        }
+    });
+    let app = web::App::start(web_settings, bus.clone(), metrics)?;
+    web::sweeper::start(app.clone(), shutdown.clone());
+    let router = match &settings.redis_url {
+        Some(url) => {
+            let pool = crate::bus::redis::session_pool(url.expose_secret()).await?;
+            web::router(
+                app.clone(),
+                tower_sessions_redis_store::RedisStore::new(pool),
+            )
+        }
+        None => web::router(app.clone(), tower_sessions::MemoryStore::default()),
+    };
+    if !settings.quiet {
+        tokio::spawn(players(
+            sim_url.clone(),
+            s.bot_token.expose_secret().to_owned(),
+            s.guild_id,
+            bus.clone(),
+            settings.player_interval,
+            shutdown.clone(),
+        ));
+    }
+    println!("Coven demo is running. Open {public_url}/");
+    println!("  Log in with the simulated Discord: pick any player on its login page.");
+    println!(
+        "  Create a room: simulated players join it, mute, turn cameras on and leave.{}",
+        if settings.quiet {
+            " (--quiet: not now)"
+        } else {
+            ""
+        }
+    );
+    println!("  Simulated Discord: {sim_url}/_sim/state");
+    println!(
+        "  Events and sessions: {}. Ctrl-C stops.",
+        if settings.redis_url.is_some() {
+            "Redis"
+        } else {
+            "in memory (set REDIS_URL to use Redis)"
+        }
+    );
+    web::serve(listener, router, app, shutdown).await
+}
+
+/// Simulated players: every so often one of them does something a person in Discord
+/// does. Rooms made from the web fill up; players come and go.
+async fn players(
+    sim_url: String,
+    bot_token: String,
+    guild: u64,
+    bus: Arc<dyn Backend>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let http = reqwest::Client::new();
+    let mut roster: Vec<u64> = Vec::new();
+    loop {
+        let jitter = rand::random_range(0.5..1.5);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval.mul_f64(jitter)) => {}
+        }
+        if roster.is_empty() {
+            roster = match seeded_members(&http, &sim_url).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "players: cannot read the simulated guild");
+                    continue;
+                }
+            };
+        }
+        let Ok(snapshot) = bus.snapshot().await else {
+            continue;
+        };
+        if let Err(e) = step(&http, &sim_url, &bot_token, guild, &snapshot, &roster).await {
+            tracing::debug!(error = %e, "players: a move did not work");
+        }
+    }
+}
+
+async fn seeded_members(http: &reqwest::Client, sim_url: &str) -> anyhow::Result<Vec<u64>> {
+    let state: serde_json::Value = http
+        .get(format!("{sim_url}/_sim/state"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let bots: Vec<&str> = state["users"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|u| u["bot"] == true)
+        .filter_map(|u| u["id"].as_str())
+        .collect();
+    Ok(state["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["user_id"].as_str())
+        .filter(|id| !bots.contains(id))
+        .filter_map(|id| id.parse().ok())
+        .collect())
+}
+
+/// One move: someone free joins a room that has space, or someone in a room changes
+/// their mute/camera/stream, or leaves.
+async fn step(
+    http: &reqwest::Client,
+    sim_url: &str,
+    bot_token: &str,
+    guild: u64,
+    snapshot: &Snapshot,
+    roster: &[u64],
+) -> anyhow::Result<()> {
+    // Rooms made from the web (they have a role); their creators and whoever is looking
+    // at a page are the humans, whom the players leave alone.
+    let rooms: Vec<_> = snapshot
+        .rooms
+        .iter()
+        .filter(|(_, r)| r.role_id.is_some())
+        .collect();
+    if rooms.is_empty() {
+        return Ok(());
+    }
+    let humans: Vec<u64> = rooms
+        .iter()
+        .flat_map(|(_, r)| {
+            r.creator_id
+                .map(|c| c.get())
+                .into_iter()
+                .chain(r.viewers.iter().map(|v| v.id.get()))
+        })
+        .collect();
+    let free: Vec<u64> = roster
+        .iter()
+        .copied()
+        .filter(|u| !humans.contains(u) && !snapshot.voice.contains_key(&Id::new(*u)))
+        .collect();
+    let seated: Vec<(u64, &crate::bus::VoiceRecord)> = snapshot
+        .voice
+        .iter()
+        .filter(|(u, v)| {
+            !humans.contains(&u.get()) && rooms.iter().any(|(id, _)| **id == v.channel_id)
+        })
+        .map(|(u, v)| (u.get(), v))
+        .collect();
+    let (room_id, room) = rooms[rand::random_range(0..rooms.len())];
+    let players = snapshot.members(*room_id).count();
+    let has_space = room.user_limit == 0 || players < usize::from(room.user_limit);
+    let roll: f64 = rand::random();
+    if has_space && !free.is_empty() && (seated.is_empty() || roll < 0.4) {
+        let user = free[rand::random_range(0..free.len())];
+        if let Some(role) = room.role_id {
+            // What following an invite does: the room's role.
+            http.put(format!(
+                "{sim_url}/api/v10/guilds/{}/members/{user}/roles/{role}",
+                guild
+            ))
+            .header("authorization", format!("Bot {bot_token}"))
+            .send()
+            .await?
+            .error_for_status()?;
+        }
+        voice(
+            http,
+            sim_url,
+            user,
+            Some(room_id.get()),
+            serde_json::json!({}),
+        )
+        .await?;
+    } else if let Some((user, v)) =
+        (!seated.is_empty()).then(|| seated[rand::random_range(0..seated.len())])
+    {
+        if roll > 0.9 {
+            voice(http, sim_url, user, None, serde_json::json!({})).await?;
+        } else {
+            // The sim takes the whole set of flags: change one, keep the others.
+            let mut f = v.flags;
+            match rand::random_range(0..3) {
+                0 => f.self_mute = !f.self_mute,
+                1 => f.self_video = !f.self_video,
+                _ => f.self_stream = !f.self_stream,
+            }
+            let flags = serde_json::json!({
+                "self_mute": f.self_mute,
+                "self_deaf": f.self_deaf,
+                "self_video": f.self_video,
+                "self_stream": f.self_stream,
+            });
+            voice(http, sim_url, user, Some(v.channel_id.get()), flags).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn voice(
+    http: &reqwest::Client,
+    sim_url: &str,
+    user: u64,
+    channel: Option<u64>,
+    flags: serde_json::Value,
+) -> anyhow::Result<()> {
+    let mut body = serde_json::json!({
+        "user_id": user.to_string(),
+        "channel_id": channel.map(|c| c.to_string()),
+    });
+    if let (Some(b), Some(f)) = (body.as_object_mut(), flags.as_object()) {
+        b.extend(f.clone());
+    }
+    http.post(format!("{sim_url}/_sim/voice"))
+        .json(&body)
+        .send()
+        .await?
+        .error_for_status()?;
+    Ok(())
+}
