@@ -42,6 +42,8 @@
     "voice.updated", "voice.left", "room.viewers", "gateway.status", "resync"];
 
   live.addEventListener("htmx:sseOpen", function (e) {
+    // Marks the page as live (tests wait for it before changing things).
+    live.dataset.streamOpen = "1";
     var source = e.detail && e.detail.source;
     if (!source || source.__coven) return;
     source.__coven = true;

@@ -11,6 +11,12 @@ sudo_cmd=()
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# Browser end-to-end tests drive headless Chromium through chromedriver.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+# chromedriver's client (fantoccini) links the system OpenSSL.
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
 if ((${#missing[@]})); then
   say "installing ${missing[*]}"
   "${sudo_cmd[@]}" apt-get update -qq

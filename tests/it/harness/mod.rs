@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 mod process;
-mod redis;
+pub mod redis;
 mod sim;
 mod stack;
 

@@ -1,0 +1,257 @@
+//! Real browsers: headless Chromium (through chromedriver) with two profiles, two
+//! players on two web replicas, against the sim, a real gateway and a private Redis.
+//! Screenshots of every step are kept under `target/e2e/` as test artifacts.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::json;
+
+use crate::harness::redis::free_port;
+use crate::harness::{DEADLINE, Stack, wait_for};
+
+/// chromedriver on a free port, stopped when dropped.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Driver {
+    fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start chromedriver ({e}); scripts/test.sh installs chromium and chromium-driver")
+            });
+        let deadline = Instant::now() + DEADLINE;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Driver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// A new browser with its own profile (cookies and all).
+    async fn browser(&self) -> Client {
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".to_owned(),
+            json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                            "--disable-background-networking", "--disable-dev-shm-usage",
+                            "--window-size=1100,900"]}),
+        );
+        ClientBuilder::native()
+            .capabilities(caps)
+            .connect(&self.url)
+            .await
+            .expect("a Chromium session")
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn artifacts() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/e2e");
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+async fn shot(c: &Client, name: &str) {
+    match c.screenshot().await {
+        Ok(png) => {
+            let _ = std::fs::write(artifacts().join(format!("{name}.png")), png);
+        }
+        Err(e) => eprintln!("screenshot {name} failed: {e}"),
+    }
+}
+
+/// Waits until `css` matches something on the page.
+async fn appears(c: &Client, what: &str, css: &str) {
+    wait_for(what, || async {
+        c.find(Locator::Css(css)).await.ok().map(|_| ())
+    })
+    .await;
+}
+
+async fn url_has(c: &Client, what: &str, part: &str) -> String {
+    wait_for(what, || async {
+        let url = c.current_url().await.ok()?;
+        url.as_str().contains(part).then(|| url.to_string())
+    })
+    .await
+}
+
+/// Logs in on the sim's authorize page by picking `name`.
+async fn pick(c: &Client, name: &str) {
+    let link = format!("//a[span[starts-with(normalize-space(.), '{name}')]]");
+    wait_for("the sim's login page", || async {
+        c.find(Locator::XPath(&link)).await.ok().map(|_| ())
+    })
+    .await;
+    c.find(Locator::XPath(&link))
+        .await
+        .expect("the player")
+        .click()
+        .await
+        .expect("pick");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_players_in_two_browsers_share_a_room_live_until_it_closes() {
+    let stack = Stack::start(2, &[]).await;
+    let (a, b) = (stack.web(0), stack.web(1));
+    let driver = Driver::start();
+    let ash = driver.browser().await;
+    let bramble = driver.browser().await;
+
+    // Ash logs in on replica A and creates a room.
+    ash.goto(&a.url("/")).await.unwrap();
+    shot(&ash, "01-landing").await;
+    ash.find(Locator::Css("a[href^='/auth/login']"))
+        .await
+        .expect("a login button")
+        .click()
+        .await
+        .unwrap();
+    pick(&ash, "Ash").await;
+    url_has(&ash, "the rooms page", "/rooms").await;
+    appears(&ash, "the create form", "#room-name").await;
+    ash.find(Locator::Css("#room-name"))
+        .await
+        .unwrap()
+        .send_keys("Friday draft")
+        .await
+        .unwrap();
+    ash.find(Locator::Css("form.create button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let room_url = wait_for("the new room's page", || async {
+        let url = ash.current_url().await.ok()?;
+        let path = url.path().to_owned();
+        (path.starts_with("/rooms/") && path.len() > "/rooms/".len()).then_some(path)
+    })
+    .await;
+    let room = room_url.trim_start_matches("/rooms/").to_owned();
+    appears(&ash, "the invite link", "#invite-link").await;
+    shot(&ash, "02-room-created").await;
+    let invite = ash
+        .find(Locator::Css("#invite-link"))
+        .await
+        .unwrap()
+        .prop("value")
+        .await
+        .unwrap()
+        .expect("an invite link");
+
+    // Bramble follows the invite on replica B: log in, come back, land in the room.
+    let invite_on_b = invite.replace(&a.url, &b.url);
+    bramble.goto(&invite_on_b).await.unwrap();
+    pick(&bramble, "Bramble").await;
+    url_has(&bramble, "the room page after the invite", &room_url).await;
+    appears(&bramble, "the live room", "#live[data-page=room]").await;
+    shot(&bramble, "03-guest-arrived").await;
+
+    // A voice join in "Discord" shows on both pages within a second.
+    let bramble_id = stack.user("bramble").await;
+    let row = format!("[data-members] li[data-user='{bramble_id}']");
+    // Both pages are connected to their streams before the change happens.
+    for c in [&ash, &bramble] {
+        wait_for("the page's stream to open", || async {
+            let open = c
+                .execute(
+                    "return document.querySelector('#live').dataset.streamOpen || null",
+                    vec![],
+                )
+                .await
+                .ok()?;
+            (open == json!("1")).then_some(())
+        })
+        .await;
+    }
+    let started = Instant::now();
+    stack
+        .voice(
+            bramble_id,
+            Some(room.parse().unwrap()),
+            json!({"self_video": true}),
+        )
+        .await;
+    for (c, who) in [(&ash, "creator"), (&bramble, "guest")] {
+        wait_for(&format!("the join on the {who}'s page"), || async {
+            c.find(Locator::Css(&row)).await.ok().map(|_| ())
+        })
+        .await;
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "the join took {took:?} to show on both pages"
+    );
+    shot(&ash, "04-creator-sees-join").await;
+    shot(&bramble, "05-guest-is-in").await;
+    let state = bramble
+        .find(Locator::Css("[data-state=in]"))
+        .await
+        .unwrap()
+        .is_displayed()
+        .await
+        .unwrap();
+    assert!(state, "the guest's page says they are in");
+
+    // The creator closes the room; both pages leave it.
+    ash.find(Locator::XPath("//button[normalize-space(.)='Close room']"))
+        .await
+        .expect("Close room for the creator")
+        .click()
+        .await
+        .unwrap();
+    // HTMX asks first.
+    wait_for("the confirmation", || async {
+        ash.accept_alert().await.ok()
+    })
+    .await;
+    url_has(&ash, "the creator back on the rooms list", "/rooms?closed").await;
+    url_has(
+        &bramble,
+        "the guest back on the rooms list",
+        "/rooms?closed",
+    )
+    .await;
+    shot(&ash, "06-creator-after-close").await;
+    shot(&bramble, "07-guest-after-close").await;
+    let notice = bramble
+        .find(Locator::Css("p.banner.info"))
+        .await
+        .expect("a notice")
+        .text()
+        .await
+        .unwrap();
+    assert!(notice.contains("closed"), "{notice}");
+    assert!(
+        !stack.sim.state().await["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["id"] == room.as_str()),
+        "the channel is gone from Discord"
+    );
+    let _ = ash.close().await;
+    let _ = bramble.close().await;
+}
