@@ -255,3 +255,132 @@ async fn two_players_in_two_browsers_share_a_room_live_until_it_closes() {
     let _ = ash.close().await;
     let _ = bramble.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_room_page_shows_full_and_closing_as_they_happen() {
+    use coven::bus::Bus;
+    let stack = Stack::start(1, &[]).await;
+    let a = stack.web(0);
+    let driver = Driver::start();
+    let ash = driver.browser().await;
+    ash.goto(&a.url("/auth/login")).await.unwrap();
+    pick(&ash, "Ash").await;
+    url_has(&ash, "the rooms page", "/rooms").await;
+    ash.find(Locator::Css("#room-name"))
+        .await
+        .unwrap()
+        .send_keys("Commander night")
+        .await
+        .unwrap();
+    ash.find(Locator::Css("form.create button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    appears(
+        &ash,
+        "the room page",
+        "#live[data-page=room][data-stream-open]",
+    )
+    .await;
+    let room: u64 = ash
+        .current_url()
+        .await
+        .unwrap()
+        .path()
+        .trim_start_matches("/rooms/")
+        .parse()
+        .unwrap();
+
+    // Four players with the room's role join: the page fills up to "Room full".
+    let role = wait_for("the room's role", || async {
+        let html = reqwest::get(stack.sim.url("/_sim/state"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let state: serde_json::Value = serde_json::from_str(&html).ok()?;
+        state["roles"]
+            .as_array()?
+            .iter()
+            .find(|r| r["name"] == "Room: Commander night")
+            .and_then(|r| r["id"].as_str()?.parse::<u64>().ok())
+    })
+    .await;
+    let bot = stack.sim.twilight_http();
+    let guild = twilight_model::id::Id::new(stack.sim.guild_id());
+    for (name, flags) in [
+        ("bramble", json!({"self_mute": true})),
+        ("cinder", json!({"self_video": true})),
+        ("dusk", json!({"self_stream": true})),
+        ("ember", json!({"self_deaf": true, "self_mute": true})),
+    ] {
+        let id = stack.user(name).await;
+        bot.add_guild_member_role(
+            guild,
+            twilight_model::id::Id::new(id),
+            twilight_model::id::Id::new(role),
+        )
+        .await
+        .expect("grant");
+        stack.voice(id, Some(room), flags).await;
+    }
+    wait_for("Room full", || async {
+        let el = ash.find(Locator::Css("[data-full]")).await.ok()?;
+        el.is_displayed().await.ok()?.then_some(())
+    })
+    .await;
+    let count = ash
+        .find(Locator::Css("#live [data-count]"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(count, "4/4");
+    shot(&ash, "10-room-full").await;
+
+    // Everyone leaves; a closing warning arrives (as the sweeper sends it) and counts down.
+    for name in ["bramble", "cinder", "dusk", "ember"] {
+        stack.voice(stack.user(name).await, None, json!({})).await;
+    }
+    let bus = coven::bus::redis::RedisBus::connect(
+        &stack.redis.url(),
+        "coven",
+        twilight_model::id::Id::new(stack.sim.guild_id()),
+        100_000,
+    )
+    .await
+    .unwrap();
+    let closes_at = coven::event::now_ms() + 30_000;
+    bus.append(
+        coven::event::EventData::RoomClosing {
+            channel_id: twilight_model::id::Id::new(room),
+            reason: "idle".to_owned(),
+            closes_at,
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    wait_for("the closing banner", || async {
+        let el = ash.find(Locator::Css("[data-closing]")).await.ok()?;
+        let text = el.text().await.ok()?;
+        (el.is_displayed().await.ok()? && text.contains(" s ")).then_some(())
+    })
+    .await;
+    shot(&ash, "11-room-closing").await;
+
+    // Someone joining calls it off, and the page says so.
+    let bramble = stack.user("bramble").await;
+    stack.voice(bramble, Some(room), json!({})).await;
+    wait_for("the reprieve", || async {
+        let el = ash.find(Locator::Css("[data-reopened]")).await.ok()?;
+        el.is_displayed().await.ok()?.then_some(())
+    })
+    .await;
+    shot(&ash, "12-room-reprieved").await;
+    let _ = ash.close().await;
+}
