@@ -8,6 +8,7 @@ mod browser;
 mod bus;
 mod cli;
 mod demo;
+mod deploy;
 mod gateway;
 mod redis_harness;
 mod rooms;

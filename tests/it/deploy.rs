@@ -1,0 +1,282 @@
+//! The deployment files against the binary: every compose service's command, flags,
+//! environment, port and healthcheck must be something `coven` really accepts and
+//! serves, and `.env.example` must list every setting. A renamed flag or route fails
+//! here instead of in someone's production.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use clap::CommandFactory;
+use yaml_rust2::{Yaml, YamlLoader};
+
+use crate::harness::Stack;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// Settings read from the environment outside clap.
+const EXTRA_ENV: &[&str] = &["RUST_LOG", "COVEN_ENV"];
+
+/// Routes each command's healthcheck may use (each checked live below).
+fn health_routes(command: &str) -> &'static [&'static str] {
+    match command {
+        "web" => &["/healthz", "/readyz"],
+        "gateway" => &["/healthz"],
+        "sim" => &["/_sim/state"],
+        _ => &[],
+    }
+}
+
+fn cli() -> clap::Command {
+    coven::cli::Cli::command()
+}
+
+/// Environment variables a command reads through its flags: (name, hidden).
+fn env_of(cmd: &clap::Command) -> BTreeMap<String, bool> {
+    let mut out = BTreeMap::new();
+    for arg in cmd.get_arguments() {
+        if let Some(env) = arg.get_env() {
+            out.insert(env.to_string_lossy().into_owned(), arg.is_hide_set());
+        }
+    }
+    out
+}
+
+fn command_env(sub: &str) -> BTreeSet<String> {
+    let root = cli();
+    let sub = root
+        .find_subcommand(sub)
+        .unwrap_or_else(|| panic!("coven has no command {sub:?}"));
+    env_of(sub)
+        .into_keys()
+        .chain(env_of(&root).into_keys())
+        .chain(EXTRA_ENV.iter().map(|s| (*s).to_owned()))
+        .collect()
+}
+
+/// YAML 1.1 merge keys (`<<: *anchor`), which the parser leaves as a key.
+fn merged(node: &Yaml) -> Yaml {
+    let Yaml::Hash(h) = node else {
+        return node.clone();
+    };
+    let mut out = yaml_rust2::yaml::Hash::new();
+    if let Some(base) = h.get(&Yaml::String("<<".into())) {
+        if let Yaml::Hash(b) = merged(base) {
+            out.extend(b);
+        }
+    }
+    for (k, v) in h {
+        if k.as_str() != Some("<<") {
+            out.insert(k.clone(), merged(v));
+        }
+    }
+    Yaml::Hash(out)
+}
+
+fn strings(node: &Yaml) -> Vec<String> {
+    node.as_vec()
+        .map(|v| {
+            v.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn port_of(addr_or_url: &str) -> Option<u16> {
+    let rest = addr_or_url.rsplit_once(':')?.1;
+    rest.split('/').next()?.parse().ok()
+}
+
+#[test]
+fn every_compose_service_runs_a_real_command_with_real_flags_ports_and_healthchecks() {
+    let text = std::fs::read_to_string(format!("{ROOT}/docker-compose.yml")).unwrap();
+    let doc = &YamlLoader::load_from_str(&text).expect("docker-compose.yml parses")[0];
+    let services = doc["services"].as_hash().expect("services");
+    let mut web_port = None;
+    let mut checked = BTreeSet::new();
+    for (name, service) in services {
+        let name = name.as_str().unwrap();
+        let service = merged(service);
+        let uses_coven = service["image"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("coven"))
+            || !service["build"].is_badvalue();
+        if !uses_coven {
+            continue;
+        }
+        let command = strings(&service["command"]);
+        let sub_name = command
+            .first()
+            .unwrap_or_else(|| panic!("{name}: no command"));
+        let root = cli();
+        let sub = root
+            .find_subcommand(sub_name)
+            .unwrap_or_else(|| panic!("{name}: coven has no command {sub_name:?}"));
+        let mut bind = None;
+        let mut words = command.iter().skip(1);
+        while let Some(word) = words.next() {
+            let flag = word
+                .strip_prefix("--")
+                .unwrap_or_else(|| panic!("{name}: {word:?} is not a flag"));
+            assert!(
+                sub.get_arguments().any(|a| a.get_long() == Some(flag)),
+                "{name}: `coven {sub_name}` has no --{flag}"
+            );
+            let value = words
+                .next()
+                .unwrap_or_else(|| panic!("{name}: --{flag} has no value"));
+            if flag == "bind" {
+                bind = port_of(value);
+            }
+        }
+        let port = bind.unwrap_or_else(|| panic!("{name}: say where it listens (--bind)"));
+        let known = command_env(sub_name);
+        if let Some(env) = service["environment"].as_hash() {
+            for key in env.keys() {
+                let key = key.as_str().unwrap();
+                assert!(
+                    known.contains(key),
+                    "{name}: `coven {sub_name}` does not read {key}"
+                );
+            }
+        }
+        let test = strings(&service["healthcheck"]["test"]);
+        let url = test
+            .last()
+            .unwrap_or_else(|| panic!("{name}: no healthcheck"));
+        assert_eq!(
+            port_of(url),
+            Some(port),
+            "{name}: the healthcheck asks another port than --bind"
+        );
+        let path = url
+            .splitn(4, '/')
+            .nth(3)
+            .map(|p| format!("/{p}"))
+            .unwrap_or_default();
+        assert!(
+            health_routes(sub_name).contains(&path.as_str()),
+            "{name}: {path} is not a health route of `coven {sub_name}`"
+        );
+        if sub_name == "web" {
+            web_port = Some(port);
+        }
+        checked.insert(sub_name.clone());
+    }
+    assert_eq!(
+        checked,
+        ["gateway", "sim", "web"]
+            .map(str::to_owned)
+            .into_iter()
+            .collect(),
+        "compose runs gateways, web replicas and (profile sim) the simulator"
+    );
+    // nginx sends traffic to the port the web replicas listen on.
+    let nginx = std::fs::read_to_string(format!("{ROOT}/deploy/nginx.conf")).unwrap();
+    let web_port = web_port.unwrap();
+    assert!(
+        nginx.contains(&format!("server web:{web_port}")),
+        "nginx upstream port"
+    );
+    for needed in [
+        "proxy_http_version 1.1",
+        "proxy_buffering off",
+        "proxy_read_timeout",
+    ] {
+        assert!(nginx.contains(needed), "nginx.conf lacks {needed}");
+    }
+    let lb = merged(&services[&Yaml::String("lb".into())]);
+    let lb_check = strings(&lb["healthcheck"]["test"]).join(" ");
+    assert!(
+        lb_check.contains("/readyz"),
+        "the load balancer checks readiness through to a replica"
+    );
+    assert_eq!(lb["deploy"]["replicas"].as_i64().or(Some(1)), Some(1));
+    let web = merged(&services[&Yaml::String("web".into())]);
+    assert!(
+        web["deploy"]["replicas"].as_i64().unwrap_or(1) >= 2,
+        "at least two web replicas"
+    );
+    assert!(
+        services.contains_key(&Yaml::String("gateway-b".into())),
+        "a standby gateway"
+    );
+
+    // `docker compose config` accepts the file, where the tool is installed.
+    let has_compose = std::process::Command::new("docker")
+        .args(["compose", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if has_compose {
+        let out = std::process::Command::new("docker")
+            .args([
+                "compose",
+                "--env-file",
+                "deploy/sim.env",
+                "--profile",
+                "sim",
+                "config",
+                "--quiet",
+            ])
+            .current_dir(ROOT)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "docker compose config: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_routes_compose_uses_answer_on_the_real_processes() {
+    let mut stack = Stack::start(1, &[]).await;
+    let http = reqwest::Client::new();
+    let gateway = stack.gateway.listening_url();
+    for (what, url) in [
+        ("web /healthz", stack.web(0).url("/healthz")),
+        ("web /readyz", stack.web(0).url("/readyz")),
+        ("gateway /healthz", format!("{gateway}/healthz")),
+        ("sim /_sim/state", stack.sim.url("/_sim/state")),
+    ] {
+        let res = http.get(&url).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{what}");
+    }
+}
+
+#[test]
+fn env_example_lists_every_setting_and_nothing_else() {
+    let text = std::fs::read_to_string(format!("{ROOT}/.env.example")).unwrap();
+    let listed: BTreeSet<String> = text
+        .lines()
+        .map(|l| l.trim_start_matches('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, _)| k.to_owned())
+        .filter(|k| {
+            !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        })
+        .collect();
+    let root = cli();
+    let mut visible = BTreeSet::new();
+    let mut all: BTreeSet<String> = EXTRA_ENV.iter().map(|s| (*s).to_owned()).collect();
+    for cmd in std::iter::once(&root).chain(root.get_subcommands()) {
+        for (env, hidden) in env_of(cmd) {
+            if !hidden {
+                visible.insert(env.clone());
+            }
+            all.insert(env);
+        }
+    }
+    let missing: Vec<_> = visible.difference(&listed).collect();
+    assert!(
+        missing.is_empty(),
+        ".env.example does not mention {missing:?}"
+    );
+    let unknown: Vec<_> = listed.difference(&all).collect();
+    assert!(
+        unknown.is_empty(),
+        ".env.example lists settings nothing reads: {unknown:?}"
+    );
+}
