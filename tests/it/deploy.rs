@@ -58,10 +58,8 @@ fn merged(node: &Yaml) -> Yaml {
         return node.clone();
     };
     let mut out = yaml_rust2::yaml::Hash::new();
-    if let Some(base) = h.get(&Yaml::String("<<".into())) {
-        if let Yaml::Hash(b) = merged(base) {
-            out.extend(b);
-        }
+    if let Some(Yaml::Hash(base)) = h.get(&Yaml::String("<<".into())).map(merged) {
+        out.extend(base);
     }
     for (k, v) in h {
         if k.as_str() != Some("<<") {
