@@ -5,18 +5,14 @@
 (function () {
   "use strict";
 
-  // An avatar that cannot load (offline, CDN blocked) becomes the person's initial.
-  function fallback(img, name) {
-    var span = document.createElement("span");
-    span.className = img.className + " fallback";
-    span.textContent = (name || "?").charAt(0).toUpperCase();
-    img.replaceWith(span);
+  // An avatar is the person's initial with their picture on top (CSS): while the
+  // picture loads, or when it cannot (offline, CDN blocked), the initial shows. A
+  // picture that failed is removed so no broken-image box covers the initial.
+  function watch(img) {
+    if (img.complete && img.naturalWidth === 0 && img.src) img.remove();
+    else img.addEventListener("error", function () { img.remove(); });
   }
-  document.querySelectorAll("img.avatar").forEach(function (img) {
-    var name = img.dataset.name || img.alt || "?";
-    if (img.complete && img.naturalWidth === 0) fallback(img, name);
-    else img.addEventListener("error", function () { fallback(img, name); });
-  });
+  document.querySelectorAll(".avatar img").forEach(watch);
 
   var live = document.getElementById("live");
   if (!live || !window.htmx) return;
@@ -83,18 +79,15 @@
     return t.content.firstElementChild.cloneNode(true);
   }
 
-  function avatar(el, user, small) {
+  function avatar(el, user) {
     var name = user.global_name || user.username || "?";
+    el.textContent = name.charAt(0).toUpperCase();
     if (user.avatar_url) {
       var img = document.createElement("img");
-      img.className = "avatar" + (small ? " sm" : "");
       img.src = user.avatar_url;
       img.alt = "";
-      img.dataset.name = name;
-      img.addEventListener("error", function () { fallback(img, name); });
-      el.replaceWith(img);
-    } else {
-      el.textContent = name.charAt(0).toUpperCase();
+      watch(img);
+      el.append(img);
     }
   }
 
@@ -155,7 +148,7 @@
       face.dataset.user = d.user.id;
       face.title = d.user.global_name || d.user.username;
       c.querySelector("[data-members]").append(face);
-      avatar(face.firstElementChild, d.user, false);
+      avatar(face.firstElementChild, d.user);
       c.querySelector("[data-closing]").hidden = true;
       recount(c);
     } else if (type === "voice.left" && c) {
@@ -222,7 +215,7 @@
         row.dataset.user = d.user.id;
         row.querySelector(".name").textContent = d.user.global_name || d.user.username;
         members().append(row);
-        avatar(row.querySelector(".avatar"), d.user, false);
+        avatar(row.querySelector(".avatar"), d.user);
       }
       setFlags(row, d);
       if (d.user.id === me) showState("in");
@@ -246,7 +239,7 @@
         li.title = v.username;
         li.lastElementChild.textContent = v.username;
         list.append(li);
-        avatar(li.firstElementChild, v, true);
+        avatar(li.firstElementChild, v);
       });
     } else if (type === "room.closing") {
       startCountdown(Number(d.closes_at));
@@ -284,5 +277,41 @@
       input.value = e.detail.xhr.responseText.trim();
       input.select();
     }
+  });
+})();
+
+// A post made through HTMX that fails (403, 409, 429, 502, ...) is not swapped into the
+// page; show the error page's words above the content instead.
+(function () {
+  function flash(text) {
+    var box = document.getElementById("flash");
+    if (!box) {
+      box = document.createElement("p");
+      box.id = "flash";
+      box.className = "banner warn";
+      box.setAttribute("role", "alert");
+      var main = document.querySelector("main");
+      if (!main) return;
+      main.prepend(box);
+    }
+    box.textContent = text;
+    box.hidden = false;
+  }
+  document.body.addEventListener("htmx:responseError", function (e) {
+    var xhr = e.detail.xhr;
+    var doc = new DOMParser().parseFromString(xhr.responseText || "", "text/html");
+    var card = doc.querySelector("section.error");
+    var words = "";
+    if (card) {
+      var title = card.querySelector("h1");
+      var lines = Array.prototype.map.call(card.querySelectorAll("p:not(.status)"), function (p) {
+        return p.textContent.trim();
+      }).filter(function (t) { return t && t !== "Back to the rooms"; });
+      words = (title ? title.textContent.trim() + ": " : "") + lines.join(" ");
+    }
+    flash(words || "That did not work (HTTP " + xhr.status + "). Reload the page and try again.");
+  });
+  document.body.addEventListener("htmx:sendError", function () {
+    flash("Coven could not be reached. Check your connection and try again.");
   });
 })();

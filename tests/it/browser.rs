@@ -272,12 +272,38 @@ async fn the_room_page_shows_full_and_closing_as_they_happen() {
         .send_keys("Commander night")
         .await
         .unwrap();
-    ash.find(Locator::Css("form.create button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    // Discord failing: the HTMX post's error page is shown in words on the same page.
+    let (status, _) = stack
+        .sim
+        .control(
+            "/rest/fail",
+            json!({"method": "POST", "path": "/guilds/*/channels", "status": 500}),
+        )
+        .await;
+    assert_eq!(status, 204);
+    let create = || async {
+        ash.find(Locator::Css("form.create button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    };
+    create().await;
+    let flash = wait_for("the error in the page", || async {
+        let text = ash
+            .find(Locator::Css("#flash"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (!text.is_empty()).then_some(text)
+    })
+    .await;
+    assert!(flash.contains("Discord is not answering"), "{flash}");
+    shot(&ash, "09-create-failed").await;
+    create().await;
     appears(
         &ash,
         "the room page",
@@ -340,6 +366,15 @@ async fn the_room_page_shows_full_and_closing_as_they_happen() {
         .await
         .unwrap();
     assert_eq!(count, "4/4");
+    // Offline, the avatars show the players' initials.
+    for el in ash
+        .find_all(Locator::Css("[data-members] .avatar"))
+        .await
+        .unwrap()
+    {
+        let initial = el.text().await.unwrap();
+        assert_eq!(initial.chars().count(), 1, "an initial, got {initial:?}");
+    }
     shot(&ash, "10-room-full").await;
 
     // Everyone leaves; a closing warning arrives (as the sweeper sends it) and counts down.
