@@ -224,7 +224,7 @@ async fn run_stream(
         ..Seen::default()
     };
     let mut received = 0u64;
-    let mut last_id = start_id.to_string();
+    let mut last_id: Vec<u8> = start_id.as_bytes().to_vec();
     let mut first = true;
     'connect: loop {
         // The permit only paces connection setup; it is let go once the stream is open.
@@ -234,17 +234,20 @@ async fn run_stream(
             continue;
         };
         let req = format!(
-            "GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\nLast-Event-ID: {last_id}\r\nAccept: text/event-stream\r\n\r\n"
+            "GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\nLast-Event-ID: {}\r\nAccept: text/event-stream\r\n\r\n",
+            String::from_utf8_lossy(&last_id)
         );
         if conn.write_all(req.as_bytes()).await.is_err() {
             continue;
         }
-        let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
-        let mut chunk = vec![0u8; 16 * 1024];
+        // Read straight into one small buffer and parse in place: the generator shares
+        // the two cores with the servers, so every cycle it spends is latency for them.
+        let mut buf: Vec<u8> = Vec::with_capacity(4 * 1024);
         let mut headers_done = false;
         loop {
+            buf.reserve(4 * 1024);
             let n = tokio::select! {
-                r = conn.read(&mut chunk) => match r { Ok(0) | Err(_) => 0, Ok(n) => n },
+                r = conn.read_buf(&mut buf) => match r { Ok(0) | Err(_) => 0, Ok(n) => n },
                 () = done.cancelled() => return seen,
             };
             if n == 0 {
@@ -252,7 +255,6 @@ async fn run_stream(
                 continue 'connect;
             }
             let at = now_ns();
-            buf.extend_from_slice(&chunk[..n]);
             if !headers_done {
                 let Some(end) = find(&buf, b"\r\n\r\n") else {
                     continue;
@@ -275,7 +277,8 @@ async fn run_stream(
             };
             for frame in buf[..end].split(|b| *b == b'\n') {
                 if let Some(id) = frame.strip_prefix(b"id: ") {
-                    last_id = String::from_utf8_lossy(id).into_owned();
+                    last_id.clear();
+                    last_id.extend_from_slice(id);
                 } else if let Some(data) = frame.strip_prefix(b"data: ") {
                     let (Some(seq), Some(ts)) = (
                         number_after(data, b"\"seq\":"),
@@ -318,12 +321,13 @@ fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// own fields, so the last occurrence is the ping's).
 fn number_after(data: &[u8], key: &[u8]) -> Option<u64> {
     let at = rfind(data, key)? + key.len();
-    let digits: Vec<u8> = data[at..]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .copied()
-        .collect();
-    std::str::from_utf8(&digits).ok()?.parse().ok()
+    let digits = &data[at..];
+    let len = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+    (len > 0).then(|| {
+        digits[..len]
+            .iter()
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'))
+    })
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -348,6 +352,33 @@ async fn publish(setup: &Setup, args: &[&str]) -> anyhow::Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The memory a replica spends on an idle keep-alive HTTP/1 connection that has made
+/// one request (`/healthz`): hyper's floor, which every stream also pays.
+async fn idle_connection_kib(setup: &Setup, n: usize) -> anyhow::Result<f64> {
+    let (proc_, port) = &setup.webs[0];
+    let pid = proc_.0.id();
+    let before = rss_kib(pid);
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut conn = TcpStream::connect(("127.0.0.1", *port)).await?;
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .await?;
+        let mut buf = [0u8; 1024];
+        let mut got = 0;
+        while find(&buf[..got], b"}").is_none() {
+            let n = conn.read(&mut buf[got..]).await?;
+            anyhow::ensure!(n > 0, "healthz closed");
+            got += n;
+        }
+        conns.push(conn);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(pid);
+    drop(conns);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(after.saturating_sub(before) as f64 / n as f64)
 }
 
 async fn scenario(setup: &Setup, s: &Scenario) -> anyhow::Result<()> {
@@ -481,6 +512,10 @@ fn main() -> anyhow::Result<()> {
         println!(
             "stream benchmark: 2 release-built `coven web` replicas, redis-server and this load generator on one machine ({} cores)",
             std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        println!(
+            "reference: an idle keep-alive HTTP/1 connection after one request costs a replica {:.1} KiB",
+            idle_connection_kib(&setup, 5_000).await?
         );
         for s in &scenarios {
             if only.is_empty() || only.iter().any(|o| o == s.name) {
