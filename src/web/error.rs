@@ -92,12 +92,19 @@ impl IntoResponse for WebError {
             WebError::NotFound(m) => page(StatusCode::NOT_FOUND, "Not found", m, ""),
             WebError::Conflict(m) => page(StatusCode::CONFLICT, "Not possible right now", m, ""),
             WebError::Gone(m) => page(StatusCode::GONE, "No longer valid", m, ""),
-            WebError::TooLarge => page(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "Too large",
-                "That request was larger than Coven accepts.",
-                "",
-            ),
+            WebError::TooLarge => {
+                let mut r = page(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Too large",
+                    "That request was larger than Coven accepts.",
+                    "",
+                );
+                // The rest of the body was never read, so this connection cannot carry
+                // another request; say so, or a client may reuse it and lose its next one.
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                r
+            }
             WebError::TooMany { retry_after } => {
                 let mut r = page(
                     StatusCode::TOO_MANY_REQUESTS,

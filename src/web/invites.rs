@@ -104,6 +104,12 @@ pub async fn follow(
             "This room has been closed. Ask for a link to another room, or make one.".to_owned(),
         ));
     };
+    if room.role_id != Some(claims.role_id) {
+        // A valid signature over a room that has since changed hands: treat as gone.
+        return Err(WebError::NotFound(
+            "This invite belongs to a room that no longer exists.".to_owned(),
+        ));
+    }
     let me = who.user.person.id;
     let inside = snapshot.voice.get(&me).map(|v| v.channel_id) == Some(claims.channel_id);
     let players = snapshot.members(claims.channel_id).count();

@@ -23,7 +23,7 @@ use crate::event::EventData;
 /// The longest room name Discord accepts for a channel.
 const MAX_NAME: usize = 100;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct CreateForm {
     #[serde(default)]
     name: String,
@@ -31,7 +31,7 @@ pub struct CreateForm {
     csrf_token: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct TokenForm {
     #[serde(default)]
     csrf_token: Option<String>,
@@ -68,9 +68,11 @@ pub fn room_name(raw: &str, username: &str) -> Result<String, WebError> {
     Ok(name.to_owned())
 }
 
-fn form<T>(form: Result<Form<T>, FormRejection>) -> Result<T, WebError> {
+fn form<T: Default>(form: Result<Form<T>, FormRejection>) -> Result<T, WebError> {
     match form {
         Ok(Form(f)) => Ok(f),
+        // A bodiless post (a script sending only the X-CSRF-Token header) is an empty form.
+        Err(FormRejection::InvalidFormContentType(_)) => Ok(T::default()),
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(WebError::TooLarge),
         Err(e) => Err(WebError::BadRequest(format!(
             "The form could not be read: {e}"

@@ -149,6 +149,38 @@ async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_eve
     assert!(html.contains("Close room"), "the creator may close");
     assert!(invite_link(&html).starts_with(&format!("{}/invite/", b.url)));
 
+    // "New link" gives HTMX a fresh link; someone outside the room may not ask.
+    let token = browser.csrf(a).await;
+    let fresh = browser
+        .http
+        .post(a.url(&format!("/rooms/{room}/invite")))
+        .header("hx-request", "true")
+        .header("x-csrf-token", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fresh.status(), 200);
+    assert!(
+        fresh
+            .text()
+            .await
+            .unwrap()
+            .starts_with(&format!("{}/invite/", a.url))
+    );
+    let stranger = Browser::new();
+    stranger
+        .login(b, &stack.sim, stack.user("cinder").await)
+        .await;
+    let theirs = stranger.csrf(b).await;
+    let refused = stranger
+        .post(
+            b,
+            &format!("/rooms/{room}/invite"),
+            &[("csrf_token", &theirs)],
+        )
+        .await;
+    assert_eq!(refused.status(), 403);
+
     // An HTMX post is answered with HX-Redirect, and an empty name gets the default.
     let token = browser.csrf(a).await;
     let htmx = browser
