@@ -344,18 +344,9 @@ impl Discord {
 
     /// Whether the user is a member of the guild, asked with the bot's token.
     pub async fn is_member(&self, user: Id<UserMarker>) -> Result<bool, DiscordError> {
-        match self.bot.guild_member(self.guild_id, user).await {
-            Ok(_) => Ok(true),
-            Err(e) => match DiscordError::from_twilight(e) {
-                // 10007 Unknown Member, 10013 Unknown User.
-                DiscordError::Refused { status: 404, .. } => Ok(false),
-                other => Err(other),
-            },
-        }
+        found(self.bot.guild_member(self.guild_id, user).await)
     }
-}
 
-impl Discord {
     /// The bot's own user id, asked once.
     async fn bot_id(&self) -> Result<Id<UserMarker>, DiscordError> {
         self.bot_id
@@ -472,22 +463,10 @@ impl Discord {
         role: Option<Id<RoleMarker>>,
     ) -> Result<(), DiscordError> {
         if let Some(channel) = channel {
-            match self.bot.delete_channel(channel).await {
-                Ok(_) => {}
-                Err(e) => match DiscordError::from_twilight(e) {
-                    DiscordError::Refused { status: 404, .. } => {}
-                    other => return Err(other),
-                },
-            }
+            found(self.bot.delete_channel(channel).await)?;
         }
         if let Some(role) = role {
-            match self.bot.delete_role(self.guild_id, role).await {
-                Ok(_) => {}
-                Err(e) => match DiscordError::from_twilight(e) {
-                    DiscordError::Refused { status: 404, .. } => {}
-                    other => return Err(other),
-                },
-            }
+            found(self.bot.delete_role(self.guild_id, role).await)?;
         }
         Ok(())
     }
@@ -498,11 +477,11 @@ impl Discord {
         user: Id<UserMarker>,
         role: Id<RoleMarker>,
     ) -> Result<(), DiscordError> {
-        self.bot
-            .add_guild_member_role(self.guild_id, user, role)
-            .await
-            .map_err(DiscordError::from_twilight)?;
-        Ok(())
+        sent(
+            self.bot
+                .add_guild_member_role(self.guild_id, user, role)
+                .await,
+        )
     }
 
     /// Adds someone to the guild with their own `guilds.join` token (a no-op when they
@@ -512,11 +491,11 @@ impl Discord {
         user: Id<UserMarker>,
         access_token: &str,
     ) -> Result<(), DiscordError> {
-        self.bot
-            .add_guild_member(self.guild_id, user, access_token)
-            .await
-            .map_err(DiscordError::from_twilight)?;
-        Ok(())
+        sent(
+            self.bot
+                .add_guild_member(self.guild_id, user, access_token)
+                .await,
+        )
     }
 
     /// Moves a member who is in a voice channel of the guild into another.
@@ -525,12 +504,31 @@ impl Discord {
         user: Id<UserMarker>,
         channel: Id<ChannelMarker>,
     ) -> Result<(), DiscordError> {
-        self.bot
-            .update_guild_member(self.guild_id, user)
-            .channel_id(Some(channel))
-            .await
-            .map_err(DiscordError::from_twilight)?;
-        Ok(())
+        sent(
+            self.bot
+                .update_guild_member(self.guild_id, user)
+                .channel_id(Some(channel))
+                .await,
+        )
+    }
+}
+
+/// A request whose answer body we do not need.
+fn sent<T>(
+    answer: Result<twilight_http::Response<T>, twilight_http::Error>,
+) -> Result<(), DiscordError> {
+    answer.map(drop).map_err(DiscordError::from_twilight)
+}
+
+/// Whether the thing asked about exists: 404 (Unknown Channel, Role, Member, User...)
+/// is an answer, not a failure. Deleting what is already gone is done.
+fn found<T>(
+    answer: Result<twilight_http::Response<T>, twilight_http::Error>,
+) -> Result<bool, DiscordError> {
+    match answer.map_err(DiscordError::from_twilight) {
+        Ok(_) => Ok(true),
+        Err(DiscordError::Refused { status: 404, .. }) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

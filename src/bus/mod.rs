@@ -183,6 +183,20 @@ impl Snapshot {
     pub fn members(&self, channel: Id<ChannelMarker>) -> impl Iterator<Item = &VoiceRecord> {
         self.voice.values().filter(move |v| v.channel_id == channel)
     }
+
+    /// Whether a room is at its user limit (a limit of 0 means none).
+    pub fn is_full(&self, channel: Id<ChannelMarker>) -> bool {
+        self.rooms.get(&channel).is_some_and(|room| {
+            room.user_limit > 0 && self.members(channel).count() >= usize::from(room.user_limit)
+        })
+    }
+
+    /// Whether `user` sits in `channel`'s voice channel.
+    pub fn is_inside(&self, user: Id<UserMarker>, channel: Id<ChannelMarker>) -> bool {
+        self.voice
+            .get(&user)
+            .is_some_and(|v| v.channel_id == channel)
+    }
 }
 
 /// Proof of holding a lease, checked by every fenced append. Its token is unique per

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use tower_sessions::Session;
 use url::Url;
 
-use super::AppState;
 use super::error::WebError;
+use super::{AppState, protect};
 use crate::discord::DiscordError;
 use crate::event::{Person, Viewer, now_ms};
 
@@ -166,7 +166,7 @@ pub async fn callback(
                 refresh_token: tokens.refresh_token,
                 expires_at: tokens.expires_at,
                 member,
-                csrf: super::protect::new_token(),
+                csrf: protect::new_token(),
             },
         )
         .await?;
@@ -177,13 +177,14 @@ pub async fn callback(
     Ok(Redirect::to(&pending.return_to).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct TokenForm {
     #[serde(default)]
     pub csrf_token: Option<String>,
 }
 
-/// `POST /auth/logout`: forget the session everywhere (it lives in Redis).
+/// `POST /auth/logout`: forget the session everywhere (it lives in Redis). Not a
+/// [`protect::Posted`]: someone whose session is already gone is simply sent home.
 pub async fn logout(
     State(app): State<AppState>,
     session: Session,
@@ -192,8 +193,13 @@ pub async fn logout(
 ) -> Result<Response, WebError> {
     let user: Option<SessionUser> = session.get(USER).await?;
     if let Some(user) = user {
-        let token = form.ok().and_then(|f| f.0.csrf_token);
-        super::protect::check(&app, &user, &headers, token.as_deref())?;
+        let token = protect::read_form(form)?.csrf_token;
+        protect::check(
+            &app,
+            &user,
+            &protect::Sender::of(&headers),
+            token.as_deref(),
+        )?;
         session.flush().await?;
     }
     Ok(Redirect::to("/").into_response())

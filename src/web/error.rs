@@ -92,19 +92,14 @@ impl IntoResponse for WebError {
             WebError::NotFound(m) => page(StatusCode::NOT_FOUND, "Not found", m, ""),
             WebError::Conflict(m) => page(StatusCode::CONFLICT, "Not possible right now", m, ""),
             WebError::Gone(m) => page(StatusCode::GONE, "No longer valid", m, ""),
-            WebError::TooLarge => {
-                let mut r = page(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "Too large",
-                    "That request was larger than Coven accepts.",
-                    "",
-                );
-                // The rest of the body was never read, so this connection cannot carry
-                // another request; say so, or a client may reuse it and lose its next one.
-                r.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                r
-            }
+            // The unread rest of the body is answered with `Connection: close` by
+            // `ops::close_if_unread`, like every answer that leaves a body unread.
+            WebError::TooLarge => page(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Too large",
+                "That request was larger than Coven accepts.",
+                "",
+            ),
             WebError::TooMany { retry_after } => {
                 let mut r = page(
                     StatusCode::TOO_MANY_REQUESTS,

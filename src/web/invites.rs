@@ -16,6 +16,7 @@ use twilight_model::id::marker::{ChannelMarker, RoleMarker, UserMarker};
 use super::auth::{LoggedIn, now_member};
 use super::error::WebError;
 use super::{App, AppState};
+use crate::bus::Snapshot;
 use crate::event::now_ms;
 
 /// What an invite says. Ids are strings, as everywhere Discord ids meet JSON.
@@ -31,7 +32,7 @@ struct Claims {
 }
 
 /// A signed invite to `channel` (opened by `role`), valid for `INVITE_TTL`.
-pub fn sign(
+fn sign(
     app: &App,
     channel: Id<ChannelMarker>,
     role: Id<RoleMarker>,
@@ -55,11 +56,31 @@ pub fn sign(
 }
 
 /// The full link to share.
-pub fn link(app: &App, token: &str) -> String {
+fn link(app: &App, token: &str) -> String {
     format!(
         "{}/invite/{token}",
         app.settings.public_url.as_str().trim_end_matches('/')
     )
+}
+
+/// A fresh invite link to a room for `who`, if they may hand one out: rooms Coven made
+/// (they have a role to grant), offered to their creator and the people in them.
+pub fn offer(
+    app: &App,
+    snapshot: &Snapshot,
+    id: Id<ChannelMarker>,
+    who: Id<UserMarker>,
+) -> Result<Option<String>, WebError> {
+    let Some(room) = snapshot.rooms.get(&id) else {
+        return Ok(None);
+    };
+    let (Some(role), Some(creator)) = (room.role_id, room.creator_id) else {
+        return Ok(None);
+    };
+    if creator != who && !snapshot.is_inside(who, id) {
+        return Ok(None);
+    }
+    Ok(Some(link(app, &sign(app, id, role, creator)?)))
 }
 
 fn verify(app: &App, token: &str) -> Result<Claims, WebError> {
@@ -98,33 +119,27 @@ pub async fn follow(
     Path(token): Path<String>,
 ) -> Result<Response, WebError> {
     let claims = verify(&app, &token)?;
+    let channel = claims.channel_id;
     let snapshot = app.bus.snapshot().await?;
-    let Some(room) = snapshot.rooms.get(&claims.channel_id) else {
+    // Gone, or (with a valid signature) no longer opened by the role the invite grants.
+    if snapshot.rooms.get(&channel).and_then(|r| r.role_id) != Some(claims.role_id) {
         return Err(WebError::NotFound(
             "This room has been closed. Ask for a link to another room, or make one.".to_owned(),
         ));
-    };
-    if room.role_id != Some(claims.role_id) {
-        // A valid signature over a room that has since changed hands: treat as gone.
-        return Err(WebError::NotFound(
-            "This invite belongs to a room that no longer exists.".to_owned(),
-        ));
     }
     let me = who.user.person.id;
-    let inside = snapshot.voice.get(&me).map(|v| v.channel_id) == Some(claims.channel_id);
-    let players = snapshot.members(claims.channel_id).count();
-    if !inside && room.user_limit > 0 && players >= usize::from(room.user_limit) {
-        return Err(WebError::Conflict(format!(
-            "This room is full ({players}/{}). Try again when someone leaves.",
-            room.user_limit
-        )));
+    if !snapshot.is_inside(me, channel) && snapshot.is_full(channel) {
+        return Err(WebError::Conflict(
+            "This room is full. Try again when someone leaves.".to_owned(),
+        ));
     }
-    if !who.user.member {
+    let joining = !who.user.member;
+    if joining {
         app.discord.add_to_guild(me, &who.user.access_token).await?;
         tracing::info!(user = %me, "added to the guild by an invite");
     }
     app.discord.grant(me, claims.role_id).await?;
-    if !who.user.member {
+    if joining {
         now_member(&mut who).await?;
     }
     Ok(Redirect::to(&format!("/rooms/{}", claims.channel_id)).into_response())

@@ -344,6 +344,7 @@ pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
         .fallback(pages::not_found)
         .with_state(app)
         .layer(axum::middleware::from_fn(ops::observe))
+        .layer(axum::middleware::from_fn(ops::close_if_unread))
 }
 
 /// `assets/` next to the binary's crate in development, or `COVEN_ASSETS` when installed

@@ -1,10 +1,16 @@
 //! What operators and load balancers use: `/healthz` (the process answers), `/readyz`
 //! (Redis answers and the gateway's status is fresh), `/metrics` (Prometheus), request
-//! timing, and the security headers every response carries.
+//! timing, the security headers every response carries, and `Connection: close` on
+//! answers that left a request body unread.
 //!
 //! Owns nothing users see. Must not touch sessions.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::Instant;
+
+use axum::body::{Body, HttpBody};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -96,6 +102,33 @@ pub async fn observe(request: Request, next: Next) -> Response {
         (header::X_FRAME_OPTIONS, "DENY"),
     ] {
         h.entry(name).or_insert(HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// A request body left unread (refused as too large, or answered before reading, like a
+/// post that must log in first) stays on the connection, which then cannot carry another
+/// request: hyper closes it, and a client that reused it would lose its next request.
+/// Such answers say `Connection: close`, so clients know. Bodiless requests (every GET,
+/// every stream) pass untouched.
+pub async fn close_if_unread(request: Request, next: Next) -> Response {
+    if request.body().is_end_stream() {
+        return next.run(request).await;
+    }
+    let read = Arc::new(AtomicBool::new(false));
+    let reached_end = read.clone();
+    let (parts, body) = request.into_parts();
+    // The end marker is polled only after the last chunk: polling it means all was read.
+    let end = futures_util::stream::poll_fn(move |_| {
+        reached_end.store(true, Ordering::Relaxed);
+        Poll::<Option<Result<axum::body::Bytes, axum::Error>>>::Ready(None)
+    });
+    let body = Body::from_stream(futures_util::StreamExt::chain(body.into_data_stream(), end));
+    let mut response = next.run(Request::from_parts(parts, body)).await;
+    if !read.load(Ordering::Relaxed) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
 }

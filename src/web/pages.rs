@@ -7,7 +7,7 @@
 
 use askama::Template;
 use askama_web::WebTemplate;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use tower_sessions::Session;
@@ -17,6 +17,7 @@ use twilight_model::id::marker::ChannelMarker;
 use super::AppState;
 use super::auth::{Member, SessionUser};
 use super::error::{WebError, page};
+use super::rooms::RoomId;
 use crate::bus::{RoomRecord, Snapshot, VoiceRecord};
 use crate::event::Viewer;
 
@@ -113,7 +114,7 @@ impl RoomView {
         RoomView {
             id: id.to_string(),
             name: room.name.clone(),
-            full: limit > 0 && members.len() >= usize::from(limit),
+            full: snapshot.is_full(id),
             members,
             limit,
             closes_at: room.closes_at,
@@ -143,17 +144,14 @@ pub struct RoomsPage {
     pub rooms: Vec<RoomView>,
     /// The snapshot's event id: the stream resumes after it.
     pub at: String,
-    /// Set after the user closed a room.
+    /// Set after the user closed a room (or their room page saw it close).
     pub notice: Option<&'static str>,
-    pub csrf: String,
 }
 
 #[derive(Debug, serde::Deserialize)]
 pub struct RoomsQuery {
     #[serde(default)]
     closed: Option<String>,
-    #[serde(default)]
-    gone: Option<String>,
 }
 
 /// `GET /rooms`: every room with who is in it, live.
@@ -173,14 +171,7 @@ pub async fn rooms(
         user: Some(UserView::of(&who.user)),
         rooms: rooms.into_iter().map(|(_, r)| r).collect(),
         at: snapshot.at.to_string(),
-        csrf: who.user.csrf.clone(),
-        notice: if q.closed.is_some() {
-            Some("The room was closed.")
-        } else if q.gone.is_some() {
-            Some("That room has closed.")
-        } else {
-            None
-        },
+        notice: q.closed.is_some().then_some("The room was closed."),
     })
 }
 
@@ -205,35 +196,34 @@ pub struct RoomPage {
     /// A fresh invite link, for the creator and the people in the room.
     pub invite: Option<String>,
     pub is_creator: bool,
-    pub csrf: String,
+}
+
+/// The CSRF token the page's forms carry: the logged-in user's.
+fn csrf(user: &Option<UserView>) -> &str {
+    user.as_ref().map_or("", |u| u.csrf.as_str())
+}
+
+impl RoomsPage {
+    pub fn csrf(&self) -> &str {
+        csrf(&self.user)
+    }
+}
+
+impl RoomPage {
+    pub fn csrf(&self) -> &str {
+        csrf(&self.user)
+    }
 }
 
 /// `GET /rooms/{channel_id}`: one room, live.
 pub async fn room(
     State(app): State<AppState>,
     Member(who): Member,
-    Path(raw): Path<String>,
+    RoomId(id): RoomId,
 ) -> Result<RoomPage, WebError> {
-    let gone = || {
-        WebError::NotFound(
-            "This room does not exist (any more). Rooms close when nobody has used them for a while."
-                .to_owned(),
-        )
-    };
-    let id = raw
-        .parse::<u64>()
-        .ok()
-        .and_then(Id::<ChannelMarker>::new_checked)
-        .ok_or_else(gone)?;
     let snapshot = app.bus.snapshot().await?;
-    let record = snapshot.rooms.get(&id).ok_or_else(gone)?;
+    let record = super::rooms::room(&snapshot, id)?;
     let me = who.user.person.id;
-    let invite = match (record.role_id, record.creator_id) {
-        (Some(role), Some(creator)) if super::rooms::may_invite(&snapshot, id, me) => Some(
-            super::invites::link(&app, &super::invites::sign(&app, id, role, creator)?),
-        ),
-        _ => None,
-    };
     let whereabouts = match snapshot.voice.get(&me) {
         Some(v) if v.channel_id == id => Whereabouts::InRoom,
         Some(_) => Whereabouts::Elsewhere,
@@ -249,9 +239,8 @@ pub async fn room(
             "https://discord.com/channels/{}/{id}",
             app.settings.guild_id
         ),
-        invite,
+        invite: super::invites::offer(&app, &snapshot, id, me)?,
         is_creator: record.creator_id == Some(me),
-        csrf: who.user.csrf.clone(),
     })
 }
 

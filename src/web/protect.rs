@@ -2,20 +2,26 @@
 //! (form field `csrf_token` or header `X-CSRF-Token`), an `Origin` of this site when the
 //! browser sends one, and the per-user rate limit.
 //!
-//! Owns the CSRF token's shape and the limiter. Must not look at what the request asks
-//! for; handlers call [`check`] first and then do their work.
+//! Owns the CSRF token's shape, the limiter and [`Posted`], the extractor every post
+//! handler takes, so no handler can forget a check. Must not look at what the request
+//! asks for beyond reading its form.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, header};
+use axum::Form;
+use axum::extract::rejection::FormRejection;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use base64::Engine;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
-use super::App;
-use super::auth::SessionUser;
+use super::auth::{LoggedIn, Member, SessionUser};
 use super::error::WebError;
+use super::{App, AppState};
 
 /// A fresh CSRF token for a new session: 32 random bytes, URL-safe.
 pub fn new_token() -> String {
@@ -58,14 +64,31 @@ impl Default for Limits {
     }
 }
 
+/// What of a post's headers the checks need (taken before the body is read).
+pub struct Sender {
+    origin: Option<HeaderValue>,
+    token: Option<HeaderValue>,
+    pub htmx: bool,
+}
+
+impl Sender {
+    pub fn of(headers: &HeaderMap) -> Self {
+        Sender {
+            origin: headers.get(header::ORIGIN).cloned(),
+            token: headers.get("x-csrf-token").cloned(),
+            htmx: headers.contains_key("hx-request"),
+        }
+    }
+}
+
 /// Refuses a post that did not come from one of our own pages, or comes too fast.
 pub fn check(
     app: &App,
     user: &SessionUser,
-    headers: &HeaderMap,
+    sender: &Sender,
     form_token: Option<&str>,
 ) -> Result<(), WebError> {
-    if let Some(origin) = headers.get(header::ORIGIN) {
+    if let Some(origin) = &sender.origin {
         let ours = app.settings.public_url.origin().ascii_serialization();
         if origin.as_bytes() != ours.as_bytes() {
             return Err(WebError::Forbidden(
@@ -73,8 +96,9 @@ pub fn check(
             ));
         }
     }
-    let sent = headers
-        .get("x-csrf-token")
+    let sent = sender
+        .token
+        .as_ref()
         .and_then(|v| v.to_str().ok())
         .or(form_token)
         .unwrap_or_default();
@@ -85,6 +109,59 @@ pub fn check(
         ));
     }
     app.limits.check(user.person.id.get())
+}
+
+/// A post by a logged-in member from one of our pages: its form `F` read, and the CSRF
+/// token, Origin and rate limit checked, before the handler runs.
+pub struct Posted<F> {
+    pub who: LoggedIn,
+    pub form: F,
+    /// Sent by HTMX (it wants `HX-Redirect` rather than a 303).
+    pub htmx: bool,
+}
+
+/// Forms without fields of their own (the token is all they carry).
+#[derive(Debug, Default, Deserialize)]
+pub struct NoFields {}
+
+#[derive(Deserialize)]
+struct WithToken<F> {
+    #[serde(default)]
+    csrf_token: Option<String>,
+    #[serde(flatten)]
+    form: F,
+}
+
+/// Reads a form; a bodiless post (a script sending only the `X-CSRF-Token` header) is
+/// an empty one.
+pub fn read_form<T: Default>(form: Result<Form<T>, FormRejection>) -> Result<T, WebError> {
+    match form {
+        Ok(Form(f)) => Ok(f),
+        Err(FormRejection::InvalidFormContentType(_)) => Ok(T::default()),
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(WebError::TooLarge),
+        Err(e) => Err(WebError::BadRequest(format!(
+            "The form could not be read: {e}"
+        ))),
+    }
+}
+
+impl<F: DeserializeOwned + Default + Send> FromRequest<AppState> for Posted<F> {
+    type Rejection = WebError;
+
+    async fn from_request(req: Request, app: &AppState) -> Result<Self, WebError> {
+        let (mut parts, body) = req.into_parts();
+        let Member(who) = Member::from_request_parts(&mut parts, app).await?;
+        let sender = Sender::of(&parts.headers);
+        let form = Form::<WithToken<F>>::from_request(Request::from_parts(parts, body), app).await;
+        let form = read_form(form.map(|Form(f)| Form(Some(f))))?;
+        let (token, form) = form.map_or((None, F::default()), |f| (f.csrf_token, f.form));
+        check(app, &who.user, &sender, token.as_deref())?;
+        Ok(Posted {
+            who,
+            form,
+            htmx: sender.htmx,
+        })
+    }
 }
 
 /// Compares in time that does not depend on where the inputs differ.

@@ -1,23 +1,23 @@
 //! Making, entering and closing rooms from the web: `POST /rooms`,
-//! `POST /rooms/{id}/close`, `POST /rooms/{id}/move`, `POST /rooms/{id}/invite`, and the
-//! idle sweeper.
+//! `POST /rooms/{id}/close`, `POST /rooms/{id}/move`, `POST /rooms/{id}/invite`, and how
+//! a room's id is read from a route.
 //!
-//! Owns the rules for rooms (names, who may close, when an idle room closes). Changes
+//! Owns the rules for rooms (names, who may close; the idle rule is in `sweeper`). Changes
 //! Discord only through [`crate::discord`] and records what it did through the bus; must
 //! not render pages beyond redirects.
 
-use axum::Form;
-use axum::extract::rejection::FormRejection;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{FromRequestParts, Path};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use twilight_model::id::Id;
-use twilight_model::id::marker::ChannelMarker;
+use twilight_model::id::marker::{ChannelMarker, RoleMarker};
 
-use super::auth::Member;
 use super::error::WebError;
-use super::{AppState, protect};
+use super::protect::{NoFields, Posted};
+use super::{App, AppState, invites};
+use crate::bus::{Fence, RoomRecord, Snapshot};
 use crate::event::EventData;
 
 /// The longest room name Discord accepts for a channel.
@@ -27,14 +27,6 @@ const MAX_NAME: usize = 100;
 pub struct CreateForm {
     #[serde(default)]
     name: String,
-    #[serde(default)]
-    csrf_token: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct TokenForm {
-    #[serde(default)]
-    csrf_token: Option<String>,
 }
 
 /// A room name as people type it, checked: trimmed, no control characters, 1-100
@@ -68,29 +60,40 @@ pub fn room_name(raw: &str, username: &str) -> Result<String, WebError> {
     Ok(name.to_owned())
 }
 
-fn form<T: Default>(form: Result<Form<T>, FormRejection>) -> Result<T, WebError> {
-    match form {
-        Ok(Form(f)) => Ok(f),
-        // A bodiless post (a script sending only the X-CSRF-Token header) is an empty form.
-        Err(FormRejection::InvalidFormContentType(_)) => Ok(T::default()),
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(WebError::TooLarge),
-        Err(e) => Err(WebError::BadRequest(format!(
-            "The form could not be read: {e}"
-        ))),
+/// The `{channel_id}` of a room route, parsed once; anything else is "no such room".
+pub struct RoomId(pub Id<ChannelMarker>);
+
+impl FromRequestParts<AppState> for RoomId {
+    type Rejection = WebError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, WebError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, app)
+            .await
+            .map_err(|_| no_such_room())?;
+        raw.parse::<u64>()
+            .ok()
+            .and_then(Id::new_checked)
+            .map(RoomId)
+            .ok_or_else(no_such_room)
     }
 }
 
-fn room_id(raw: &str) -> Result<Id<ChannelMarker>, WebError> {
-    raw.parse::<u64>()
-        .ok()
-        .and_then(Id::new_checked)
-        .ok_or_else(|| WebError::NotFound("There is no such room.".to_owned()))
+pub fn no_such_room() -> WebError {
+    WebError::NotFound(
+        "This room does not exist (any more). Rooms close when nobody has used them for a while."
+            .to_owned(),
+    )
+}
+
+/// The room as the snapshot has it, or 404.
+pub fn room(snapshot: &Snapshot, id: Id<ChannelMarker>) -> Result<&RoomRecord, WebError> {
+    snapshot.rooms.get(&id).ok_or_else(no_such_room)
 }
 
 /// Where to go next: a 303 for a plain form, `HX-Redirect` for an HTMX post (HTMX would
 /// otherwise follow the redirect itself and swap the page into the form).
-fn go(headers: &HeaderMap, to: &str) -> Response {
-    if headers.contains_key("hx-request") {
+fn go(htmx: bool, to: &str) -> Response {
+    if htmx {
         let mut r = StatusCode::NO_CONTENT.into_response();
         if let Ok(v) = HeaderValue::from_str(to) {
             r.headers_mut().insert("hx-redirect", v);
@@ -102,15 +105,12 @@ fn go(headers: &HeaderMap, to: &str) -> Response {
 
 /// `POST /rooms`: make a room and go to it.
 pub async fn create(
-    State(app): State<AppState>,
-    Member(who): Member,
-    headers: HeaderMap,
-    body: Result<Form<CreateForm>, FormRejection>,
+    axum::extract::State(app): axum::extract::State<AppState>,
+    post: Posted<CreateForm>,
 ) -> Result<Response, WebError> {
-    let body = form(body)?;
-    protect::check(&app, &who.user, &headers, body.csrf_token.as_deref())?;
-    let name = room_name(&body.name, &who.user.person.username)?;
-    let me = who.user.person.id;
+    let person = &post.who.user.person;
+    let name = room_name(&post.form.name, &person.username)?;
+    let me = person.id;
     let made = app
         .discord
         .create_room(
@@ -133,42 +133,37 @@ pub async fn create(
             None,
         )
         .await?;
-    Ok(go(&headers, &format!("/rooms/{}", made.channel)))
+    Ok(go(post.htmx, &format!("/rooms/{}", made.channel)))
 }
 
 /// `POST /rooms/{id}/close`: the creator closes the room. Closing a room that is already
 /// gone is a success.
 pub async fn close(
-    State(app): State<AppState>,
-    Member(who): Member,
-    headers: HeaderMap,
-    Path(raw): Path<String>,
-    body: Result<Form<TokenForm>, FormRejection>,
+    axum::extract::State(app): axum::extract::State<AppState>,
+    RoomId(id): RoomId,
+    post: Posted<NoFields>,
 ) -> Result<Response, WebError> {
-    let body = form(body)?;
-    protect::check(&app, &who.user, &headers, body.csrf_token.as_deref())?;
-    let id = room_id(&raw)?;
+    let me = post.who.user.person.id;
     let snapshot = app.bus.snapshot().await?;
-    let Some(room) = snapshot.rooms.get(&id) else {
-        return Ok(go(&headers, "/rooms?closed=1"));
-    };
-    if room.creator_id != Some(who.user.person.id) {
-        return Err(WebError::Forbidden(
-            "Only the person who made this room can close it.".to_owned(),
-        ));
+    if let Some(room) = snapshot.rooms.get(&id) {
+        if room.creator_id != Some(me) {
+            return Err(WebError::Forbidden(
+                "Only the person who made this room can close it.".to_owned(),
+            ));
+        }
+        close_room(&app, id, room.role_id, None).await?;
+        tracing::info!(channel = %id, by = %me, "room closed");
     }
-    close_room(&app, id, room.role_id, None).await?;
-    tracing::info!(channel = %id, by = %who.user.person.id, "room closed");
-    Ok(go(&headers, "/rooms?closed=1"))
+    Ok(go(post.htmx, "/rooms?closed=1"))
 }
 
 /// Deletes the room in Discord and records it at once (the gateway will see the
 /// deletion too; a second `room.deleted` changes nothing).
 pub async fn close_room(
-    app: &super::App,
+    app: &App,
     id: Id<ChannelMarker>,
-    role: Option<Id<twilight_model::id::marker::RoleMarker>>,
-    fence: Option<&crate::bus::Fence>,
+    role: Option<Id<RoleMarker>>,
+    fence: Option<&Fence>,
 ) -> Result<(), WebError> {
     app.discord.delete_room(Some(id), role).await?;
     app.bus
@@ -180,29 +175,19 @@ pub async fn close_room(
 /// `POST /rooms/{id}/move`: move me from another voice channel of the guild into the
 /// room (Discord cannot pull someone into voice who is not in voice).
 pub async fn move_in(
-    State(app): State<AppState>,
-    Member(who): Member,
-    headers: HeaderMap,
-    Path(raw): Path<String>,
-    body: Result<Form<TokenForm>, FormRejection>,
+    axum::extract::State(app): axum::extract::State<AppState>,
+    RoomId(id): RoomId,
+    post: Posted<NoFields>,
 ) -> Result<Response, WebError> {
-    let body = form(body)?;
-    protect::check(&app, &who.user, &headers, body.csrf_token.as_deref())?;
-    let id = room_id(&raw)?;
     let snapshot = app.bus.snapshot().await?;
-    let Some(room) = snapshot.rooms.get(&id) else {
-        return Err(WebError::NotFound("This room has been closed.".to_owned()));
-    };
-    let me = who.user.person.id;
+    room(&snapshot, id)?;
+    let me = post.who.user.person.id;
     match snapshot.voice.get(&me) {
         Some(v) if v.channel_id == id => {}
-        Some(_) => {
-            let players = snapshot.members(id).count();
-            if room.user_limit > 0 && players >= usize::from(room.user_limit) {
-                return Err(WebError::Conflict("This room is full.".to_owned()));
-            }
-            app.discord.move_member(me, id).await?;
+        Some(_) if snapshot.is_full(id) => {
+            return Err(WebError::Conflict("This room is full.".to_owned()));
         }
+        Some(_) => app.discord.move_member(me, id).await?,
         None => {
             return Err(WebError::Conflict(
                 "You are not in a voice channel, and Discord only lets Coven move people who are. \
@@ -211,53 +196,26 @@ pub async fn move_in(
             ));
         }
     }
-    Ok(go(&headers, &format!("/rooms/{id}")))
-}
-
-/// Who may hand out invites to a room: its creator and the people in it.
-pub fn may_invite(
-    snapshot: &crate::bus::Snapshot,
-    id: Id<ChannelMarker>,
-    who: Id<twilight_model::id::marker::UserMarker>,
-) -> bool {
-    let Some(room) = snapshot.rooms.get(&id) else {
-        return false;
-    };
-    room.role_id.is_some()
-        && (room.creator_id == Some(who)
-            || snapshot.voice.get(&who).is_some_and(|v| v.channel_id == id))
+    Ok(go(post.htmx, &format!("/rooms/{id}")))
 }
 
 /// `POST /rooms/{id}/invite`: a fresh invite link (the old ones stay valid until they
 /// expire). HTMX gets the link itself; a plain form goes back to the page, which shows
 /// a fresh one.
 pub async fn new_invite(
-    State(app): State<AppState>,
-    Member(who): Member,
-    headers: HeaderMap,
-    Path(raw): Path<String>,
-    body: Result<Form<TokenForm>, FormRejection>,
+    axum::extract::State(app): axum::extract::State<AppState>,
+    RoomId(id): RoomId,
+    post: Posted<NoFields>,
 ) -> Result<Response, WebError> {
-    let body = form(body)?;
-    protect::check(&app, &who.user, &headers, body.csrf_token.as_deref())?;
-    let id = room_id(&raw)?;
     let snapshot = app.bus.snapshot().await?;
-    let me = who.user.person.id;
-    let Some(room) = snapshot.rooms.get(&id) else {
-        return Err(WebError::NotFound("This room has been closed.".to_owned()));
-    };
-    let (Some(role), Some(creator)) = (room.role_id, room.creator_id) else {
+    room(&snapshot, id)?;
+    let Some(link) = invites::offer(&app, &snapshot, id, post.who.user.person.id)? else {
         return Err(WebError::Forbidden(
-            "This voice channel was not made by Coven, so it has no invite links.".to_owned(),
+            "Only the creator of a room Coven made, and the people in it, can hand out invites."
+                .to_owned(),
         ));
     };
-    if !may_invite(&snapshot, id, me) {
-        return Err(WebError::Forbidden(
-            "Only the room's creator and the people in it can hand out invites.".to_owned(),
-        ));
-    }
-    let link = super::invites::link(&app, &super::invites::sign(&app, id, role, creator)?);
-    if headers.contains_key("hx-request") {
+    if post.htmx {
         return Ok(link.into_response());
     }
     Ok(Redirect::to(&format!("/rooms/{id}")).into_response())

@@ -95,6 +95,31 @@ async fn url_has(c: &Client, what: &str, part: &str) -> String {
     .await
 }
 
+/// The text of the first element matching `css`, once it is displayed.
+async fn shown(c: &Client, what: &str, css: &str) -> String {
+    wait_for(what, || async {
+        let el = c.find(Locator::Css(css)).await.ok()?;
+        if !el.is_displayed().await.ok()? {
+            return None;
+        }
+        el.text().await.ok()
+    })
+    .await
+}
+
+/// Types a room name into the create form on `/rooms` and sends it.
+async fn create(c: &Client, name: &str) {
+    let field = c.find(Locator::Css("#room-name")).await.expect("the form");
+    field.clear().await.unwrap();
+    field.send_keys(name).await.unwrap();
+    c.find(Locator::Css("form.create button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
 /// Logs in on the sim's authorize page by picking `name`.
 async fn pick(c: &Client, name: &str) {
     let link = format!("//a[span[starts-with(normalize-space(.), '{name}')]]");
@@ -130,18 +155,7 @@ async fn two_players_in_two_browsers_share_a_room_live_until_it_closes() {
     pick(&ash, "Ash").await;
     url_has(&ash, "the rooms page", "/rooms").await;
     appears(&ash, "the create form", "#room-name").await;
-    ash.find(Locator::Css("#room-name"))
-        .await
-        .unwrap()
-        .send_keys("Friday draft")
-        .await
-        .unwrap();
-    ash.find(Locator::Css("form.create button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    create(&ash, "Friday draft").await;
     let room_url = wait_for("the new room's page", || async {
         let url = ash.current_url().await.ok()?;
         let path = url.path().to_owned();
@@ -206,14 +220,12 @@ async fn two_players_in_two_browsers_share_a_room_live_until_it_closes() {
     );
     shot(&ash, "04-creator-sees-join").await;
     shot(&bramble, "05-guest-is-in").await;
-    let state = bramble
-        .find(Locator::Css("[data-state=in]"))
-        .await
-        .unwrap()
-        .is_displayed()
-        .await
-        .unwrap();
-    assert!(state, "the guest's page says they are in");
+    shown(
+        &bramble,
+        "the guest's page saying they are in",
+        "[data-state=in]",
+    )
+    .await;
 
     // The creator closes the room; both pages leave it.
     ash.find(Locator::XPath("//button[normalize-space(.)='Close room']"))
@@ -236,13 +248,7 @@ async fn two_players_in_two_browsers_share_a_room_live_until_it_closes() {
     .await;
     shot(&ash, "06-creator-after-close").await;
     shot(&bramble, "07-guest-after-close").await;
-    let notice = bramble
-        .find(Locator::Css("p.banner.info"))
-        .await
-        .expect("a notice")
-        .text()
-        .await
-        .unwrap();
+    let notice = shown(&bramble, "the notice", "p.banner.info").await;
     assert!(notice.contains("closed"), "{notice}");
     assert!(
         !stack.sim.state().await["channels"]
@@ -266,12 +272,7 @@ async fn the_room_page_shows_full_and_closing_as_they_happen() {
     ash.goto(&a.url("/auth/login")).await.unwrap();
     pick(&ash, "Ash").await;
     url_has(&ash, "the rooms page", "/rooms").await;
-    ash.find(Locator::Css("#room-name"))
-        .await
-        .unwrap()
-        .send_keys("Commander night")
-        .await
-        .unwrap();
+
     // Discord failing: the HTMX post's error page is shown in words on the same page.
     let (status, _) = stack
         .sim
@@ -281,29 +282,11 @@ async fn the_room_page_shows_full_and_closing_as_they_happen() {
         )
         .await;
     assert_eq!(status, 204);
-    let create = || async {
-        ash.find(Locator::Css("form.create button"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-    };
-    create().await;
-    let flash = wait_for("the error in the page", || async {
-        let text = ash
-            .find(Locator::Css("#flash"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        (!text.is_empty()).then_some(text)
-    })
-    .await;
+    create(&ash, "Commander night").await;
+    let flash = shown(&ash, "the error in the page", "#flash").await;
     assert!(flash.contains("Discord is not answering"), "{flash}");
     shot(&ash, "09-create-failed").await;
-    create().await;
+    create(&ash, "Commander night").await;
     appears(
         &ash,
         "the room page",
@@ -320,58 +303,23 @@ async fn the_room_page_shows_full_and_closing_as_they_happen() {
         .unwrap();
 
     // Four players with the room's role join: the page fills up to "Room full".
-    let role = wait_for("the room's role", || async {
-        let html = reqwest::get(stack.sim.url("/_sim/state"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        let state: serde_json::Value = serde_json::from_str(&html).ok()?;
-        state["roles"]
-            .as_array()?
-            .iter()
-            .find(|r| r["name"] == "Room: Commander night")
-            .and_then(|r| r["id"].as_str()?.parse::<u64>().ok())
-    })
-    .await;
-    let bot = stack.sim.twilight_http();
-    let guild = twilight_model::id::Id::new(stack.sim.guild_id());
     for (name, flags) in [
         ("bramble", json!({"self_mute": true})),
         ("cinder", json!({"self_video": true})),
         ("dusk", json!({"self_stream": true})),
         ("ember", json!({"self_deaf": true, "self_mute": true})),
     ] {
-        let id = stack.user(name).await;
-        bot.add_guild_member_role(
-            guild,
-            twilight_model::id::Id::new(id),
-            twilight_model::id::Id::new(role),
-        )
-        .await
-        .expect("grant");
-        stack.voice(id, Some(room), flags).await;
+        stack.seat(stack.user(name).await, room, flags).await;
     }
-    wait_for("Room full", || async {
-        let el = ash.find(Locator::Css("[data-full]")).await.ok()?;
-        el.is_displayed().await.ok()?.then_some(())
-    })
-    .await;
-    let count = ash
-        .find(Locator::Css("#live [data-count]"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(count, "4/4");
+    shown(&ash, "Room full", "[data-full]").await;
+    assert_eq!(shown(&ash, "the count", "#live [data-count]").await, "4/4");
     // Offline, the avatars show the players' initials.
-    for el in ash
+    let faces = ash
         .find_all(Locator::Css("[data-members] .avatar"))
         .await
-        .unwrap()
-    {
+        .unwrap();
+    assert_eq!(faces.len(), 4);
+    for el in faces {
         let initial = el.text().await.unwrap();
         assert_eq!(initial.chars().count(), 1, "an initial, got {initial:?}");
     }
@@ -389,33 +337,25 @@ async fn the_room_page_shows_full_and_closing_as_they_happen() {
     )
     .await
     .unwrap();
-    let closes_at = coven::event::now_ms() + 30_000;
     bus.append(
         coven::event::EventData::RoomClosing {
             channel_id: twilight_model::id::Id::new(room),
             reason: "idle".to_owned(),
-            closes_at,
+            closes_at: coven::event::now_ms() + 30_000,
         },
         None,
     )
     .await
     .unwrap();
-    wait_for("the closing banner", || async {
-        let el = ash.find(Locator::Css("[data-closing]")).await.ok()?;
-        let text = el.text().await.ok()?;
-        (el.is_displayed().await.ok()? && text.contains(" s ")).then_some(())
-    })
-    .await;
+    let banner = shown(&ash, "the closing banner", "[data-closing]").await;
+    assert!(banner.contains("will close in "), "{banner}");
     shot(&ash, "11-room-closing").await;
 
     // Someone joining calls it off, and the page says so.
-    let bramble = stack.user("bramble").await;
-    stack.voice(bramble, Some(room), json!({})).await;
-    wait_for("the reprieve", || async {
-        let el = ash.find(Locator::Css("[data-reopened]")).await.ok()?;
-        el.is_displayed().await.ok()?.then_some(())
-    })
-    .await;
+    stack
+        .voice(stack.user("bramble").await, Some(room), json!({}))
+        .await;
+    shown(&ash, "the reprieve", "[data-reopened]").await;
     shot(&ash, "12-room-reprieved").await;
     let _ = ash.close().await;
 }

@@ -129,6 +129,38 @@ impl Stack {
         self.sim.user(name).await
     }
 
+    /// The role that opens a room Coven made (its one role overwrite besides @everyone).
+    pub async fn room_role(&self, room: u64) -> u64 {
+        let state = self.sim.state().await;
+        let guild = self.sim.guild_id().to_string();
+        state["channels"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["id"] == room.to_string().as_str()))
+            .and_then(|c| c["permission_overwrites"].as_array())
+            .and_then(|os| {
+                os.iter()
+                    .find(|o| o["type"] == 0 && o["id"] != guild.as_str())
+            })
+            .and_then(|o| o["id"].as_str()?.parse().ok())
+            .unwrap_or_else(|| panic!("room {room} has no role in the sim"))
+    }
+
+    /// `user` gets the room's role (as an invite gives it) and joins the room's voice
+    /// channel, which is private: the sim, like Discord, lets only the role in.
+    pub async fn seat(&self, user: u64, room: u64, flags: Value) {
+        let role = self.room_role(room).await;
+        self.sim
+            .twilight_http()
+            .add_guild_member_role(
+                twilight_model::id::Id::new(self.sim.guild_id()),
+                twilight_model::id::Id::new(user),
+                twilight_model::id::Id::new(role),
+            )
+            .await
+            .expect("the bot grants the room's role");
+        self.voice(user, Some(room), flags).await;
+    }
+
     /// A change "in Discord": `user` joins (or with `None` leaves) voice.
     pub async fn voice(&self, user: u64, channel: Option<u64>, flags: Value) {
         let mut body = serde_json::json!({
