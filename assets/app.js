@@ -54,11 +54,15 @@
       location.reload();
       return;
     }
-    var id = msg.lastEventId;
-    if (id && !newer(id, lastId)) return;
     var envelope;
     try { envelope = JSON.parse(msg.data); } catch (err) { return; }
-    if (id) lastId = id;
+    // A "view" event shows this viewer a room they just gained (or lost) the right to
+    // see; it has no place in the log, so it neither moves nor checks the last id.
+    if (!envelope.view) {
+      var id = msg.lastEventId;
+      if (id && !newer(id, lastId)) return;
+      if (id) lastId = id;
+    }
     var d = envelope.data || {};
     if (type === "gateway.status") return gatewayStatus(d);
     if (live.dataset.page === "rooms") roomsPage(type, d);

@@ -193,8 +193,9 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
             Err(e) => tracing::error!(error = %e, "gateway failed"),
         }
     });
-    let app = web::App::start(web_settings, bus.clone(), metrics)?;
+    let app = web::App::start(web_settings, bus.clone(), metrics).await?;
     web::sweeper::start(app.clone(), shutdown.clone());
+    web::members::Watched::start(app.clone(), shutdown.clone());
     let router = match &settings.redis_url {
         Some(url) => {
             let pool = crate::bus::redis::session_pool(url.expose_secret()).await?;

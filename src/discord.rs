@@ -193,10 +193,12 @@ pub struct Discord {
 }
 
 /// What a room is in Discord: its voice channel and the role that opens it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MadeRoom {
     pub channel: Id<ChannelMarker>,
     pub role: Id<RoleMarker>,
+    /// The channel's overwrites as made: who may see and join it.
+    pub overwrites: Vec<PermissionOverwrite>,
 }
 
 /// What the room role may do in its channel.
@@ -342,9 +344,25 @@ impl Discord {
         })
     }
 
-    /// Whether the user is a member of the guild, asked with the bot's token.
-    pub async fn is_member(&self, user: Id<UserMarker>) -> Result<bool, DiscordError> {
-        found(self.bot.guild_member(self.guild_id, user).await)
+    /// The user's roles in the guild (the REST member object), or `None` when they are
+    /// not a member (Discord's 404 Unknown Member), asked with the bot's token.
+    pub async fn member_roles(
+        &self,
+        user: Id<UserMarker>,
+    ) -> Result<Option<Vec<Id<RoleMarker>>>, DiscordError> {
+        match self.bot.guild_member(self.guild_id, user).await {
+            Ok(response) => {
+                let member = response
+                    .model()
+                    .await
+                    .map_err(|e| DiscordError::Malformed(e.to_string()))?;
+                Ok(Some(member.roles))
+            }
+            Err(e) => match DiscordError::from_twilight(e) {
+                DiscordError::Refused { status: 404, .. } => Ok(None),
+                e => Err(e),
+            },
+        }
     }
 
     /// The bot's own user id, asked once.
@@ -439,7 +457,11 @@ impl Discord {
             self.undo(Some(channel), Some(role)).await;
             return Err(e);
         }
-        Ok(MadeRoom { channel, role })
+        Ok(MadeRoom {
+            channel,
+            role,
+            overwrites: overwrites.to_vec(),
+        })
     }
 
     /// Best-effort removal after a failed creation; what cannot be removed is logged

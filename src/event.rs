@@ -10,6 +10,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use twilight_model::channel::permission_overwrite::PermissionOverwrite;
+use twilight_model::guild::Permissions;
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker, RoleMarker, UserMarker};
 
@@ -130,6 +132,13 @@ pub struct Viewer {
     pub avatar_url: Option<String>,
 }
 
+/// A guild role as visibility needs it: its id and guild-level permissions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleAccess {
+    pub id: Id<RoleMarker>,
+    pub permissions: Permissions,
+}
+
 /// States of the gateway's Discord connection, as `gateway.status` reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -222,6 +231,55 @@ pub enum EventData {
         #[serde(default)]
         reason: Option<String>,
     },
+    /// The guild's name, owner and roles with their permissions: half of what decides who
+    /// sees which channel (the other half is each channel's overwrites).
+    #[serde(rename = "guild.updated")]
+    GuildUpdated {
+        id: Id<GuildMarker>,
+        name: String,
+        owner_id: Id<UserMarker>,
+        roles: Vec<RoleAccess>,
+    },
+    /// A voice channel's permission overwrites; `null` when the channel is gone or hidden
+    /// from the bot (then nobody sees it through Coven).
+    #[serde(rename = "channel.access")]
+    ChannelAccess {
+        channel_id: Id<ChannelMarker>,
+        overwrites: Option<Vec<PermissionOverwrite>>,
+    },
+    /// A member's roles, as Discord last told Coven (login, recheck, Coven's own grants).
+    #[serde(rename = "member.updated")]
+    MemberUpdated {
+        user_id: Id<UserMarker>,
+        roles: Vec<Id<RoleMarker>>,
+    },
+    /// Someone left or was removed from the guild: their streams end everywhere.
+    #[serde(rename = "member.removed")]
+    MemberRemoved { user_id: Id<UserMarker> },
+    /// A login ended (logout): that login's streams end on every replica.
+    #[serde(rename = "session.ended")]
+    SessionEnded {
+        user_id: Id<UserMarker>,
+        login: String,
+    },
+    /// "New link": invites of an older generation to this room stop working.
+    #[serde(rename = "invite.renewed")]
+    InviteRenewed {
+        channel_id: Id<ChannelMarker>,
+        generation: u32,
+    },
+}
+
+/// Who may receive an event on a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// Everyone logged in (pings, the gateway's status).
+    Everyone,
+    /// Whoever may see this channel in Discord.
+    Channel(Id<ChannelMarker>),
+    /// Nobody: the event steers Coven itself (permissions, members, logins) and is
+    /// never sent to a browser.
+    Internal,
 }
 
 /// Event names, as SSE `event:` fields and the envelope's `type`.
@@ -237,10 +295,16 @@ pub enum EventKind {
     RoomViewers,
     Ping,
     GatewayStatus,
+    GuildUpdated,
+    ChannelAccess,
+    MemberUpdated,
+    MemberRemoved,
+    SessionEnded,
+    InviteRenewed,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 10] = [
+    pub const ALL: [EventKind; 16] = [
         Self::RoomCreated,
         Self::RoomUpdated,
         Self::RoomDeleted,
@@ -251,6 +315,12 @@ impl EventKind {
         Self::RoomViewers,
         Self::Ping,
         Self::GatewayStatus,
+        Self::GuildUpdated,
+        Self::ChannelAccess,
+        Self::MemberUpdated,
+        Self::MemberRemoved,
+        Self::SessionEnded,
+        Self::InviteRenewed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -265,6 +335,12 @@ impl EventKind {
             Self::RoomViewers => "room.viewers",
             Self::Ping => "ping",
             Self::GatewayStatus => "gateway.status",
+            Self::GuildUpdated => "guild.updated",
+            Self::ChannelAccess => "channel.access",
+            Self::MemberUpdated => "member.updated",
+            Self::MemberRemoved => "member.removed",
+            Self::SessionEnded => "session.ended",
+            Self::InviteRenewed => "invite.renewed",
         }
     }
 }
@@ -302,6 +378,12 @@ impl EventData {
             Self::RoomViewers { .. } => EventKind::RoomViewers,
             Self::Ping { .. } => EventKind::Ping,
             Self::GatewayStatus { .. } => EventKind::GatewayStatus,
+            Self::GuildUpdated { .. } => EventKind::GuildUpdated,
+            Self::ChannelAccess { .. } => EventKind::ChannelAccess,
+            Self::MemberUpdated { .. } => EventKind::MemberUpdated,
+            Self::MemberRemoved { .. } => EventKind::MemberRemoved,
+            Self::SessionEnded { .. } => EventKind::SessionEnded,
+            Self::InviteRenewed { .. } => EventKind::InviteRenewed,
         }
     }
 
@@ -315,8 +397,28 @@ impl EventData {
             | Self::VoiceJoined { channel_id, .. }
             | Self::VoiceUpdated { channel_id, .. }
             | Self::VoiceLeft { channel_id, .. }
-            | Self::RoomViewers { channel_id, .. } => Some(*channel_id),
-            Self::Ping { .. } | Self::GatewayStatus { .. } => None,
+            | Self::RoomViewers { channel_id, .. }
+            | Self::InviteRenewed { channel_id, .. }
+            | Self::ChannelAccess { channel_id, .. } => Some(*channel_id),
+            Self::Ping { .. }
+            | Self::GatewayStatus { .. }
+            | Self::GuildUpdated { .. }
+            | Self::MemberUpdated { .. }
+            | Self::MemberRemoved { .. }
+            | Self::SessionEnded { .. } => None,
+        }
+    }
+
+    /// Who may receive the event on a stream.
+    pub fn audience(&self) -> Audience {
+        match self {
+            Self::Ping { .. } | Self::GatewayStatus { .. } => Audience::Everyone,
+            Self::GuildUpdated { .. }
+            | Self::ChannelAccess { .. }
+            | Self::MemberUpdated { .. }
+            | Self::MemberRemoved { .. }
+            | Self::SessionEnded { .. } => Audience::Internal,
+            _ => self.channel_id().map_or(Audience::Internal, Audience::Channel),
         }
     }
 

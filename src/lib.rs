@@ -5,6 +5,7 @@
 
 #![recursion_limit = "256"]
 
+pub mod access;
 pub mod bus;
 pub mod cli;
 pub mod config;

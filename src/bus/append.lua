@@ -1,6 +1,7 @@
 -- One atomic append. Mirrors Snapshot::apply in src/bus/mod.rs; a test holds them together.
 -- KEYS: 1 events stream (also the Pub/Sub channel), 2 rooms hash, 3 voice hash,
---       4 applied id, 5 the writer's lease
+--       4 applied id, 5 the writer's lease, 6 guild (roles), 7 channels hash (overwrites),
+--       8 members hash (roles)
 -- ARGV: 1 fence token ('' when unfenced), 2 event type, 3 data JSON, 4 guild id,
 --       5 stream MAXLEN (approximate)
 if ARGV[1] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[1] then
@@ -115,6 +116,25 @@ elseif kind == 'room.viewers' then
     r.last_active = ts
     save_room(d.channel_id, r)
   end
+elseif kind == 'invite.renewed' then
+  local r = room(d.channel_id)
+  if r then
+    r.invite_gen = d.generation
+    save_room(d.channel_id, r)
+  end
+elseif kind == 'guild.updated' then
+  -- Kept as sent: cjson would turn an empty list into {}.
+  redis.call('SET', KEYS[6], ARGV[3])
+elseif kind == 'channel.access' then
+  if d.overwrites == cjson.null then
+    redis.call('HDEL', KEYS[7], d.channel_id)
+  else
+    redis.call('HSET', KEYS[7], d.channel_id, ARGV[3])
+  end
+elseif kind == 'member.updated' then
+  redis.call('HSET', KEYS[8], d.user_id, ARGV[3])
+elseif kind == 'member.removed' then
+  redis.call('HDEL', KEYS[8], d.user_id)
 elseif kind == 'voice.left' then
   redis.call('HDEL', KEYS[3], d.user_id)
   local r = room(d.channel_id)

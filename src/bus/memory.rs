@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 use twilight_model::id::Id;
-use twilight_model::id::marker::{ChannelMarker, GuildMarker};
+use twilight_model::id::marker::{ChannelMarker, GuildMarker, UserMarker};
+
+use crate::access::MemberRecord;
 
 use super::{Bus, BusError, BusResult, Fence, LIVE_BUFFER, Since, Snapshot, Store};
 use crate::event::{Event, EventData, EventId, Viewer};
@@ -32,6 +34,7 @@ struct State {
     values: HashMap<String, (String, Option<Instant>)>,
     /// Per room: viewer JSON (as Redis keeps it) → when it expires.
     viewers: HashMap<Id<ChannelMarker>, BTreeMap<String, Instant>>,
+    members: HashMap<Id<UserMarker>, MemberRecord>,
 }
 
 impl MemoryBus {
@@ -55,6 +58,21 @@ impl MemoryBus {
         let event = Arc::new(Event::new(id, self.guild_id, id.ms, data)?);
         state.last = id;
         state.snapshot.apply(&event);
+        match &event.data {
+            EventData::MemberUpdated { user_id, roles } => {
+                state.members.insert(
+                    *user_id,
+                    MemberRecord {
+                        user_id: *user_id,
+                        roles: roles.clone(),
+                    },
+                );
+            }
+            EventData::MemberRemoved { user_id } => {
+                state.members.remove(user_id);
+            }
+            _ => {}
+        }
         state.log.push_back(event.clone());
         while state.log.len() > self.max_len {
             if let Some(old) = state.log.pop_front() {
@@ -142,6 +160,26 @@ impl Bus for MemoryBus {
     }
     fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.live.subscribe()
+    }
+
+    async fn member(&self, user: Id<UserMarker>) -> BusResult<Option<MemberRecord>> {
+        Ok(self.lock().members.get(&user).cloned())
+    }
+
+    async fn claim(&self, key: &str, ttl: Duration) -> BusResult<bool> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        if state
+            .values
+            .get(key)
+            .is_some_and(|(_, exp)| exp.is_none_or(|e| e > now))
+        {
+            return Ok(false);
+        }
+        state
+            .values
+            .insert(key.to_owned(), ("1".to_owned(), Some(now + ttl)));
+        Ok(true)
     }
 
     async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> BusResult<Option<Fence>> {

@@ -22,6 +22,7 @@ use tokio::sync::broadcast;
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, RoleMarker, UserMarker};
 
+use crate::access::{Access, MemberRecord};
 use crate::event::{Event, EventData, EventId, Person, Viewer, VoiceFlags};
 
 /// A room as the snapshot keeps it (`P:{G}:rooms`, one JSON value per channel id).
@@ -43,6 +44,13 @@ pub struct RoomRecord {
     /// Who has the room's page open, on any replica (from the last `room.viewers`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub viewers: Vec<Viewer>,
+    /// Invite links of an older generation no longer work ("New link").
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub invite_gen: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Someone in voice as the snapshot keeps them (`P:{G}:voice`, one JSON value per user).
@@ -61,6 +69,9 @@ pub struct Snapshot {
     pub at: EventId,
     pub rooms: BTreeMap<Id<ChannelMarker>, RoomRecord>,
     pub voice: BTreeMap<Id<UserMarker>, VoiceRecord>,
+    /// Guild roles and channel overwrites: who may see what (`P:{G}:guild`,
+    /// `P:{G}:channels`).
+    pub access: Access,
 }
 
 impl Snapshot {
@@ -91,6 +102,7 @@ impl Snapshot {
                     last_active: ts,
                     closes_at: None,
                     viewers: Vec::new(),
+                    invite_gen: 0,
                 });
                 room.name.clone_from(name);
                 room.user_limit = *user_limit;
@@ -175,7 +187,22 @@ impl Snapshot {
                     }
                 }
             }
-            EventData::Ping { .. } | EventData::GatewayStatus { .. } => {}
+            EventData::InviteRenewed {
+                channel_id,
+                generation,
+            } => {
+                if let Some(room) = self.rooms.get_mut(channel_id) {
+                    room.invite_gen = *generation;
+                }
+            }
+            EventData::GuildUpdated { .. } | EventData::ChannelAccess { .. } => {
+                self.access.apply(data);
+            }
+            EventData::Ping { .. }
+            | EventData::GatewayStatus { .. }
+            | EventData::MemberUpdated { .. }
+            | EventData::MemberRemoved { .. }
+            | EventData::SessionEnded { .. } => {}
         }
     }
 
@@ -261,6 +288,14 @@ pub trait Bus: Send + Sync + 'static {
         gone: &[Viewer],
         ttl: Duration,
     ) -> BusResult<Option<Arc<Event>>>;
+
+    /// A member's roles as last recorded by `member.updated` (`P:{G}:members`); `None`
+    /// when Coven knows them as no member.
+    async fn member(&self, user: Id<UserMarker>) -> BusResult<Option<MemberRecord>>;
+
+    /// Sets `P:{G}:<key>` for `ttl` unless it exists: `true` for the one caller that set
+    /// it (a "do this at most once per ttl" across replicas).
+    async fn claim(&self, key: &str, ttl: Duration) -> BusResult<bool>;
 
     /// Takes lease `name` for `holder` if nobody holds it.
     async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> BusResult<Option<Fence>>;

@@ -15,18 +15,28 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 use tokio::sync::broadcast;
 use twilight_model::id::Id;
-use twilight_model::id::marker::{ChannelMarker, GuildMarker};
+use twilight_model::channel::permission_overwrite::PermissionOverwrite;
+use twilight_model::id::marker::{ChannelMarker, GuildMarker, UserMarker};
 
 use super::{
     Bus, BusError, BusResult, Fence, LIVE_BUFFER, RoomRecord, Since, Snapshot, Store, VoiceRecord,
 };
+use crate::access::MemberRecord;
 use crate::event::{Event, EventData, EventId, Viewer};
+
+/// A `P:{G}:channels` value: the `channel.access` data it was set from.
+#[derive(serde::Deserialize)]
+struct ChannelAccessRecord {
+    channel_id: Id<ChannelMarker>,
+    overwrites: Option<Vec<PermissionOverwrite>>,
+}
 
 const APPEND: &str = include_str!("append.lua");
 const VIEWERS: &str = include_str!("viewers.lua");
 
 const SNAPSHOT: &str = r#"
-return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), redis.call('GET', KEYS[3]) or ''}
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), redis.call('GET', KEYS[3]) or '',
+        redis.call('GET', KEYS[4]) or '', redis.call('HGETALL', KEYS[5])}
 "#;
 
 const ACQUIRE: &str = r#"
@@ -159,6 +169,21 @@ impl RedisBus {
     /// `P:{G}:<suffix>`: the braces keep one guild's keys in one cluster slot.
     pub fn key(&self, suffix: &str) -> String {
         format!("{}:{{{}}}:{suffix}", self.prefix, self.guild_id)
+    }
+
+    /// KEYS 1-4 of the append script.
+    fn append_keys(&self) -> Vec<String> {
+        vec![
+            self.key("events"),
+            self.key("rooms"),
+            self.key("voice"),
+            self.key("applied"),
+        ]
+    }
+
+    /// KEYS 6-8 of the append script.
+    fn access_keys(&self) -> [String; 3] {
+        [self.key("guild"), self.key("channels"), self.key("members")]
     }
 
     /// A handle for the relay task that reads the stream without owning the bus.
@@ -341,13 +366,9 @@ impl Bus for RedisBus {
         let kind = data.kind();
         let data_json = data.data_json()?;
         let lease = fence.map_or_else(|| self.key("gateway:leader"), |f| self.key(&f.lease));
-        let keys = vec![
-            self.key("events"),
-            self.key("rooms"),
-            self.key("voice"),
-            self.key("applied"),
-            lease,
-        ];
+        let mut keys = self.append_keys();
+        keys.push(lease);
+        keys.extend(self.access_keys());
         let args = vec![
             fence.map(|f| f.token.clone()).unwrap_or_default(),
             kind.as_str().to_owned(),
@@ -381,14 +402,10 @@ impl Bus for RedisBus {
         gone: &[Viewer],
         ttl: Duration,
     ) -> BusResult<Option<Arc<Event>>> {
-        let keys = vec![
-            self.key("events"),
-            self.key("rooms"),
-            self.key("voice"),
-            self.key("applied"),
-            self.key("gateway:leader"),
-            self.key(&format!("viewers:{channel}")),
-        ];
+        let mut keys = self.append_keys();
+        keys.push(self.key("gateway:leader"));
+        keys.extend(self.access_keys());
+        keys.push(self.key(&format!("viewers:{channel}")));
         let mut args = vec![
             String::new(),
             String::new(),
@@ -417,13 +434,19 @@ impl Bus for RedisBus {
     }
 
     async fn snapshot(&self) -> BusResult<Snapshot> {
-        let keys = vec![self.key("rooms"), self.key("voice"), self.key("applied")];
+        let keys = vec![
+            self.key("rooms"),
+            self.key("voice"),
+            self.key("applied"),
+            self.key("guild"),
+            self.key("channels"),
+        ];
         let parts: Vec<Value> = self
             .scripts
             .snapshot
             .evalsha_with_reload(&self.client, keys, Vec::<String>::new())
             .await?;
-        let [rooms, voice, applied] = <[Value; 3]>::try_from(parts)
+        let [rooms, voice, applied, guild, channels] = <[Value; 5]>::try_from(parts)
             .map_err(|_| BusError::Corrupt("snapshot script answer".to_owned()))?;
         let mut snapshot = Snapshot::default();
         for (id, json) in pairs(rooms) {
@@ -442,6 +465,20 @@ impl Bus for RedisBus {
                 .map_err(|e| BusError::Corrupt(format!("{} {id}: {e}", self.key("voice"))))?;
             snapshot.voice.insert(user, v);
         }
+        let guild = guild.as_string().unwrap_or_default();
+        if !guild.is_empty() {
+            snapshot.access.guild = Some(
+                serde_json::from_str(&guild)
+                    .map_err(|e| BusError::Corrupt(format!("{}: {e}", self.key("guild"))))?,
+            );
+        }
+        for (id, json) in pairs(channels) {
+            let access: ChannelAccessRecord = serde_json::from_str(&json)
+                .map_err(|e| BusError::Corrupt(format!("{} {id}: {e}", self.key("channels"))))?;
+            if let Some(overwrites) = access.overwrites {
+                snapshot.access.channels.insert(access.channel_id, overwrites);
+            }
+        }
         let applied = applied.as_string().unwrap_or_default();
         if !applied.is_empty() {
             snapshot.at = applied
@@ -457,6 +494,32 @@ impl Bus for RedisBus {
 
     fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.live.subscribe()
+    }
+
+    async fn member(&self, user: Id<UserMarker>) -> BusResult<Option<MemberRecord>> {
+        let raw: Option<String> = self
+            .client
+            .hget(self.key("members"), user.to_string())
+            .await?;
+        raw.map(|json| {
+            serde_json::from_str(&json)
+                .map_err(|e| BusError::Corrupt(format!("{} {user}: {e}", self.key("members"))))
+        })
+        .transpose()
+    }
+
+    async fn claim(&self, key: &str, ttl: Duration) -> BusResult<bool> {
+        let set: Option<String> = self
+            .client
+            .set(
+                self.key(key),
+                "1",
+                Some(Expiration::PX(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await?;
+        Ok(set.is_some())
     }
 
     async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> BusResult<Option<Fence>> {

@@ -1,14 +1,14 @@
 -- Viewer presence, run in front of append.lua as one script: when the set of people
 -- viewing a room changes, the `room.viewers` event is appended in the same atomic step,
 -- so two replicas changing the set at once cannot publish their lists out of order.
--- KEYS: 1-5 as append.lua, 6 the room's viewer set (member = viewer JSON, score = the
+-- KEYS: 1-8 as append.lua, 9 the room's viewer set (member = viewer JSON, score = the
 --       unix ms it expires at)
 -- ARGV: 1-5 as append.lua (2 and 3 are filled in here), 6 channel id, 7 ttl ms,
 --       8 how many viewers are present, then the present ones, then the gone ones
 do
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local key = KEYS[6]
+  local key = KEYS[9]
   local ttl = tonumber(ARGV[7])
   local present = tonumber(ARGV[8])
   -- Everyone listed so far, expired or not: an expiry is a change to announce.

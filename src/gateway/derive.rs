@@ -5,21 +5,33 @@
 //! already believe: a voice state into a channel is `voice.joined`, the same channel with
 //! other flags is `voice.updated`, a move is `voice.left` then `voice.joined`, no channel
 //! is `voice.left`. A full GUILD_CREATE is reconciled against the view and only the
-//! differences come out. Owns no I/O.
+//! differences come out.
+//!
+//! It also keeps what visibility is computed from: the guild's roles (`guild.updated`)
+//! and every voice channel's overwrites (`channel.access`, always before the room events
+//! of that channel, so a reader knows who may see a room before it hears of it). A
+//! channel Discord obfuscates (the bot cannot view it) is treated as absent: its room
+//! disappears, and people who enter it are seen leaving voice. Owns no I/O.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use twilight_model::channel::{Channel, ChannelType};
 use twilight_model::gateway::event::Event as Dispatch;
 use twilight_model::gateway::payload::incoming::GuildCreate;
-use twilight_model::guild::Member;
+use twilight_model::guild::{Member, Role};
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker, UserMarker};
 use twilight_model::user::User;
 use twilight_model::voice::VoiceState;
 
 use crate::bus::Snapshot;
-use crate::event::{EventData, Person, VoiceFlags};
+use crate::event::{EventData, Person, RoleAccess, VoiceFlags};
+
+/// The name Discord gives a channel it obfuscates for the bot (STACK-NOTES, "Obfuscated
+/// Channels"). The `CHANNEL_OBFUSCATED` flag (`1 << 17`) would say the same, but
+/// twilight-model 0.18 reads channel flags with `from_bits_truncate`, which drops bits
+/// it does not know, so the name is what survives deserialization.
+pub const OBFUSCATED_NAME: &str = "___hidden___";
 
 /// Where avatar images live (Discord's CDN).
 pub const DEFAULT_CDN: &str = "https://cdn.discordapp.com";
@@ -31,6 +43,8 @@ pub struct Deriver {
     view: Snapshot,
     /// Every voice channel's parent and type, to tell rooms from other channels.
     channels: BTreeMap<Id<ChannelMarker>, (ChannelType, Option<Id<ChannelMarker>>)>,
+    /// Channels Discord obfuscates for the bot: nothing about them is shown.
+    hidden: BTreeSet<Id<ChannelMarker>>,
 }
 
 impl Deriver {
@@ -47,6 +61,7 @@ impl Deriver {
             cdn: DEFAULT_CDN.to_owned(),
             view,
             channels: BTreeMap::new(),
+            hidden: BTreeSet::new(),
         }
     }
 
@@ -73,6 +88,7 @@ impl Deriver {
                 if let GuildCreate::Available(guild) = &**g
                     && guild.id == self.guild_id
                 {
+                    self.guild_changed(guild.name.clone(), guild.owner_id, &guild.roles, &mut out);
                     self.reconcile(
                         &guild.channels,
                         &guild.voice_states,
@@ -81,11 +97,25 @@ impl Deriver {
                     );
                 }
             }
+            Dispatch::GuildUpdate(g) if g.0.id == self.guild_id => {
+                self.guild_changed(g.0.name.clone(), g.0.owner_id, &g.0.roles, &mut out);
+            }
+            Dispatch::RoleCreate(r) if r.guild_id == self.guild_id => {
+                self.role_changed(r.role.id, Some(r.role.permissions), &mut out);
+            }
+            Dispatch::RoleUpdate(r) if r.guild_id == self.guild_id => {
+                self.role_changed(r.role.id, Some(r.role.permissions), &mut out);
+            }
+            Dispatch::RoleDelete(r) if r.guild_id == self.guild_id => {
+                self.role_changed(r.role_id, None, &mut out);
+            }
             Dispatch::ChannelCreate(c) if self.ours(&c.0) => self.channel_changed(&c.0, &mut out),
             Dispatch::ChannelUpdate(c) if self.ours(&c.0) => self.channel_changed(&c.0, &mut out),
             Dispatch::ChannelDelete(c) if self.ours(&c.0) => {
                 self.channels.remove(&c.0.id);
+                self.hidden.remove(&c.0.id);
                 self.room_gone(c.0.id, &mut out);
+                self.access_gone(c.0.id, &mut out);
             }
             Dispatch::VoiceStateUpdate(v) if v.0.guild_id == Some(self.guild_id) => {
                 let person = v.0.member.as_ref().map(|m| self.person(&m.user));
@@ -105,8 +135,115 @@ impl Deriver {
         out.push(data);
     }
 
+    /// The guild's name, owner or roles, when they differ from what readers know.
+    fn guild_changed(
+        &mut self,
+        name: String,
+        owner_id: Id<UserMarker>,
+        roles: &[Role],
+        out: &mut Vec<EventData>,
+    ) {
+        let mut roles: Vec<RoleAccess> = roles
+            .iter()
+            .map(|r| RoleAccess {
+                id: r.id,
+                permissions: r.permissions,
+            })
+            .collect();
+        roles.sort_by_key(|r| r.id);
+        let data = EventData::GuildUpdated {
+            id: self.guild_id,
+            name,
+            owner_id,
+            roles,
+        };
+        let mut probe = self.view.access.clone();
+        if probe.apply(&data) {
+            self.emit(data, out);
+        }
+    }
+
+    /// One role made, changed (`Some` permissions) or deleted (`None`).
+    fn role_changed(
+        &mut self,
+        role: Id<twilight_model::id::marker::RoleMarker>,
+        permissions: Option<twilight_model::guild::Permissions>,
+        out: &mut Vec<EventData>,
+    ) {
+        // Roles arrive only after GUILD_CREATE, which always sends the guild.
+        let Some(guild) = self.view.access.guild.clone() else {
+            return;
+        };
+        let mut roles: Vec<RoleAccess> =
+            guild.roles.into_iter().filter(|r| r.id != role).collect();
+        if let Some(permissions) = permissions {
+            roles.push(RoleAccess {
+                id: role,
+                permissions,
+            });
+        }
+        roles.sort_by_key(|r| r.id);
+        let data = EventData::GuildUpdated {
+            id: guild.id,
+            name: guild.name,
+            owner_id: guild.owner_id,
+            roles,
+        };
+        let mut probe = self.view.access.clone();
+        if probe.apply(&data) {
+            self.emit(data, out);
+        }
+    }
+
+    /// A voice channel's overwrites, when they differ from what readers know.
+    fn access_changed(&mut self, c: &Channel, out: &mut Vec<EventData>) {
+        let overwrites = c.permission_overwrites.clone().unwrap_or_default();
+        if self.view.access.channels.get(&c.id) != Some(&overwrites) {
+            self.emit(
+                EventData::ChannelAccess {
+                    channel_id: c.id,
+                    overwrites: Some(overwrites),
+                },
+                out,
+            );
+        }
+    }
+
+    /// Readers forget a channel's overwrites (deleted, hidden, no longer voice).
+    fn access_gone(&mut self, channel: Id<ChannelMarker>, out: &mut Vec<EventData>) {
+        if self.view.access.channels.contains_key(&channel) {
+            self.emit(
+                EventData::ChannelAccess {
+                    channel_id: channel,
+                    overwrites: None,
+                },
+                out,
+            );
+        }
+    }
+
     fn channel_changed(&mut self, c: &Channel, out: &mut Vec<EventData>) {
         self.channels.insert(c.id, (c.kind, c.parent_id));
+        let voice = matches!(c.kind, ChannelType::GuildVoice | ChannelType::GuildStageVoice);
+        if c.name.as_deref() == Some(OBFUSCATED_NAME) {
+            // Hidden from the bot: whoever sits there is gone from every reader's view
+            // and the room with them.
+            self.hidden.insert(c.id);
+            let inside: Vec<Id<UserMarker>> =
+                self.view.members(c.id).map(|v| v.user.id).collect();
+            for user_id in inside {
+                self.voice_to(user_id, None, VoiceFlags::default(), None, out);
+            }
+            self.room_gone(c.id, out);
+            self.access_gone(c.id, out);
+            return;
+        }
+        self.hidden.remove(&c.id);
+        if voice {
+            self.access_changed(c, out);
+        } else {
+            self.access_gone(c.id, out);
+        }
         let is_room = self.is_room(c.kind, c.parent_id);
         let name = c.name.clone().unwrap_or_default();
         let user_limit = c
@@ -168,7 +305,10 @@ impl Deriver {
             self_video: vs.self_video,
             self_stream: vs.self_stream,
         };
-        self.voice_to(vs.user_id, vs.channel_id, flags, person, out);
+        // Someone in a channel hidden from the bot is, as far as Coven can tell anyone,
+        // not in voice.
+        let to = vs.channel_id.filter(|c| !self.hidden.contains(c));
+        self.voice_to(vs.user_id, to, flags, person, out);
     }
 
     fn voice_to(
@@ -259,11 +399,24 @@ impl Deriver {
             .iter()
             .map(|c| (c.id, (c.kind, c.parent_id)))
             .collect();
+        self.hidden = channels
+            .iter()
+            .filter(|c| c.name.as_deref() == Some(OBFUSCATED_NAME))
+            .map(|c| c.id)
+            .collect();
         for c in channels {
-            if self.is_room(c.kind, c.parent_id) {
+            if matches!(c.kind, ChannelType::GuildVoice | ChannelType::GuildStageVoice) {
                 self.channel_changed(c, out);
             }
         }
+        let forgotten: Vec<Id<ChannelMarker>> = self
+            .view
+            .access
+            .channels
+            .keys()
+            .filter(|id| !self.channels.contains_key(id))
+            .copied()
+            .collect();
         let people: BTreeMap<Id<UserMarker>, Person> = members
             .iter()
             .map(|m| (m.user.id, self.person(&m.user)))
@@ -306,21 +459,44 @@ impl Deriver {
         for room in vanished {
             self.room_gone(room, out);
         }
+        for channel in forgotten {
+            self.access_gone(channel, out);
+        }
     }
 
     /// The events that turn `stored` (what Redis holds) into this view: used after the
     /// outage queue overflowed and events were dropped, so Redis ends up right anyway.
     pub fn diff_from(&self, stored: &Snapshot) -> Vec<EventData> {
         let mut out = Vec::new();
-        let mut scratch = Snapshot {
-            at: stored.at,
-            rooms: stored.rooms.clone(),
-            voice: stored.voice.clone(),
-        };
+        let mut scratch = stored.clone();
         let mut emit = |data: EventData, scratch: &mut Snapshot| {
             scratch.apply_data(&data, crate::event::now_ms());
             out.push(data);
         };
+        if let Some(guild) = &self.view.access.guild
+            && scratch.access.guild.as_ref() != Some(guild)
+        {
+            emit(
+                EventData::GuildUpdated {
+                    id: guild.id,
+                    name: guild.name.clone(),
+                    owner_id: guild.owner_id,
+                    roles: guild.roles.clone(),
+                },
+                &mut scratch,
+            );
+        }
+        for (id, overwrites) in &self.view.access.channels {
+            if scratch.access.channels.get(id) != Some(overwrites) {
+                emit(
+                    EventData::ChannelAccess {
+                        channel_id: *id,
+                        overwrites: Some(overwrites.clone()),
+                    },
+                    &mut scratch,
+                );
+            }
+        }
         for (id, room) in &self.view.rooms {
             match scratch.rooms.get(id) {
                 None => emit(
@@ -394,6 +570,22 @@ impl Deriver {
         for channel_id in gone {
             emit(EventData::RoomDeleted { channel_id }, &mut scratch);
         }
+        let forgotten: Vec<_> = scratch
+            .access
+            .channels
+            .keys()
+            .filter(|id| !self.view.access.channels.contains_key(id))
+            .copied()
+            .collect();
+        for channel_id in forgotten {
+            emit(
+                EventData::ChannelAccess {
+                    channel_id,
+                    overwrites: None,
+                },
+                &mut scratch,
+            );
+        }
         out
     }
 
@@ -451,8 +643,93 @@ mod tests {
                           "deaf": false, "mute": false, "flags": 0}})
     }
 
+    /// The kinds of the events readers see (the permission bookkeeping left out; it has
+    /// its own test).
     fn kinds(events: &[EventData]) -> Vec<&'static str> {
+        events
+            .iter()
+            .filter(|e| e.audience() != crate::event::Audience::Internal)
+            .map(|e| e.kind().as_str())
+            .collect()
+    }
+
+    fn all_kinds(events: &[EventData]) -> Vec<&'static str> {
         events.iter().map(|e| e.kind().as_str()).collect()
+    }
+
+    #[test]
+    fn permissions_are_recorded_before_rooms_and_hidden_channels_vanish() {
+        let mut d = deriver();
+        let hide = json!([{"id": GUILD.to_string(), "type": 0, "allow": "0", "deny": "1024"}]);
+        let mut room = channel(10, Some(CATEGORY), "t", 4);
+        room["permission_overwrites"] = hide.clone();
+        assert_eq!(
+            all_kinds(&d.on_dispatch(&dispatch("CHANNEL_CREATE", room.clone()))),
+            ["channel.access", "room.created"],
+            "who may see a room is known before the room"
+        );
+        assert!(d.view().access.channels.contains_key(&Id::new(10)));
+        // Same overwrites again: nothing to say.
+        assert!(d.on_dispatch(&dispatch("CHANNEL_UPDATE", room.clone())).is_empty());
+        // The lobby is not a room, but who sits in it is shown, so its overwrites count.
+        assert_eq!(
+            all_kinds(&d.on_dispatch(&dispatch("CHANNEL_CREATE", channel(11, None, "lobby", 0)))),
+            ["channel.access"]
+        );
+        d.on_dispatch(&dispatch("VOICE_STATE_UPDATE", voice(7, Some(10), false)));
+        // Discord obfuscates a channel the bot can no longer view: its room and the
+        // people in it disappear, and so does its access record.
+        let mut hidden = channel(10, Some(CATEGORY), OBFUSCATED_NAME, 0);
+        hidden["permission_overwrites"] = hide;
+        hidden["flags"] = json!(1 << 17);
+        assert_eq!(
+            all_kinds(&d.on_dispatch(&dispatch("CHANNEL_UPDATE", hidden))),
+            ["voice.left", "room.deleted", "channel.access"]
+        );
+        assert!(d.view().rooms.is_empty() && d.view().voice.is_empty());
+        assert!(!d.view().access.channels.contains_key(&Id::new(10)));
+        // Someone entering the hidden channel is seen leaving voice, nothing more.
+        d.on_dispatch(&dispatch("VOICE_STATE_UPDATE", voice(8, Some(11), false)));
+        assert_eq!(
+            kinds(&d.on_dispatch(&dispatch("VOICE_STATE_UPDATE", voice(8, Some(10), false)))),
+            ["voice.left"]
+        );
+        // Roles: created, changed, deleted, each a full `guild.updated`.
+        let guild = json!({"id": GUILD.to_string(), "name": "g", "owner_id": "2",
+            "afk_timeout": 300, "default_message_notifications": 0, "explicit_content_filter": 0,
+            "features": [], "mfa_level": 0, "nsfw_level": 0, "preferred_locale": "en-US",
+            "premium_progress_bar_enabled": false, "system_channel_flags": 0,
+            "verification_level": 0, "channels": [], "voice_states": [], "members": [],
+            "roles": [role(GUILD, 1024)]});
+        assert_eq!(
+            all_kinds(&d.on_dispatch(&dispatch("GUILD_CREATE", guild))),
+            ["guild.updated", "channel.access"],
+            "the lobby is gone from Discord's truth"
+        );
+        let role_event = |t: &str, id: u64, perms: u64| {
+            dispatch(t, json!({"guild_id": GUILD.to_string(), "role": role(id, perms)}))
+        };
+        assert_eq!(all_kinds(&d.on_dispatch(&role_event("GUILD_ROLE_CREATE", 40, 0))), ["guild.updated"]);
+        assert_eq!(all_kinds(&d.on_dispatch(&role_event("GUILD_ROLE_UPDATE", 40, 1024))), ["guild.updated"]);
+        assert!(d.on_dispatch(&role_event("GUILD_ROLE_UPDATE", 40, 1024)).is_empty());
+        let guild = d.view().access.guild.clone().unwrap();
+        assert_eq!(guild.roles.len(), 2);
+        assert_eq!(guild.owner_id, Id::new(2));
+        assert_eq!(
+            all_kinds(&d.on_dispatch(&dispatch(
+                "GUILD_ROLE_DELETE",
+                json!({"guild_id": GUILD.to_string(), "role_id": "40"})
+            ))),
+            ["guild.updated"]
+        );
+        assert_eq!(d.view().access.guild.as_ref().unwrap().roles.len(), 1);
+    }
+
+    fn role(id: u64, permissions: u64) -> serde_json::Value {
+        json!({"id": id.to_string(), "name": "r", "color": 0,
+               "colors": {"primary_color": 0, "secondary_color": null, "tertiary_color": null},
+               "hoist": false, "position": 0, "permissions": permissions.to_string(),
+               "managed": false, "mentionable": false, "flags": 0})
     }
 
     fn deriver() -> Deriver {
@@ -486,6 +763,7 @@ mod tests {
                 "voice.left"
             ]
         );
+        all.retain(|e| e.audience() != crate::event::Audience::Internal);
         let EventData::VoiceJoined { user, .. } = &all[2] else {
             unreachable!()
         };
@@ -504,9 +782,10 @@ mod tests {
     #[test]
     fn only_voice_channels_in_the_category_are_rooms_and_other_guilds_are_ignored() {
         let mut d = deriver();
-        assert!(
-            d.on_dispatch(&dispatch("CHANNEL_CREATE", channel(10, None, "lobby", 0)))
-                .is_empty()
+        assert_eq!(
+            all_kinds(&d.on_dispatch(&dispatch("CHANNEL_CREATE", channel(10, None, "lobby", 0)))),
+            ["channel.access"],
+            "not a room, but its overwrites decide who sees who sits there"
         );
         let mut other = channel(12, Some(CATEGORY), "elsewhere", 0);
         other["guild_id"] = json!("999");

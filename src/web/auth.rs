@@ -1,8 +1,9 @@
 //! Logging in with Discord and knowing who is asking.
 //!
 //! Owns the OAuth2 round trip (PKCE, state compared against the session, `return_to`
-//! limited to this site), the session's user record, silent token refresh, and the
-//! extractors [`LoggedIn`] and [`Member`]. Must not render room data or call the bus.
+//! limited to this site), the session's user record, silent token refresh, the
+//! [`LoggedIn`] extractor, and the end of a login (its streams end on every replica).
+//! Membership and roles are [`super::members`]'. Must not render room data.
 
 use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
@@ -29,11 +30,13 @@ pub struct SessionUser {
     pub refresh_token: Option<String>,
     /// Unix ms when the access token expires.
     pub expires_at: u64,
-    /// A member of the guild when last checked (at login, or when an invite added them).
-    pub member: bool,
     /// The session's CSRF token: every post must carry it.
     #[serde(default)]
     pub csrf: String,
+    /// Names this login (not secret): logging out ends this login's streams, not the
+    /// same person's other devices.
+    #[serde(default)]
+    pub login: String,
 }
 
 impl SessionUser {
@@ -153,7 +156,17 @@ pub async fn callback(
         Err(e) => return Err(e.into()),
     };
     let person = app.discord.me(&tokens.access_token).await?;
-    let member = app.discord.is_member(person.id).await?;
+    let roles = app.discord.member_roles(person.id).await?;
+    let member = roles.is_some();
+    let known = app.bus.member(person.id).await?;
+    super::members::record(&app, person.id, known, roles).await?;
+    // Just asked: the next recheck is a full interval away.
+    app.bus
+        .claim(
+            &super::members::check_key(person.id),
+            app.settings.member_recheck,
+        )
+        .await?;
     // A new id for the logged-in session: an id planted before login is worth nothing.
     session.cycle_id().await?;
     tracing::info!(user = %person.id, member, "logged in");
@@ -165,8 +178,8 @@ pub async fn callback(
                 access_token: tokens.access_token,
                 refresh_token: tokens.refresh_token,
                 expires_at: tokens.expires_at,
-                member,
                 csrf: protect::new_token(),
+                login: protect::new_token(),
             },
         )
         .await?;
@@ -201,15 +214,18 @@ pub async fn logout(
             token.as_deref(),
         )?;
         session.flush().await?;
+        // The session is gone, so no new stream opens with it; the open ones end too.
+        app.bus
+            .append(
+                crate::event::EventData::SessionEnded {
+                    user_id: user.person.id,
+                    login: user.login,
+                },
+                None,
+            )
+            .await?;
     }
     Ok(Redirect::to("/").into_response())
-}
-
-/// Marks the session's user as a member (after an invite added them to the guild).
-pub async fn now_member(who: &mut LoggedIn) -> Result<(), WebError> {
-    who.user.member = true;
-    who.session.insert(USER, &who.user).await?;
-    Ok(())
 }
 
 /// Someone with a valid session (their Discord token refreshed when it ran out).
@@ -265,21 +281,6 @@ impl FromRequestParts<AppState> for LoggedIn {
             }
         }
         Ok(LoggedIn { user, session })
-    }
-}
-
-/// A logged-in member of the guild: who may see rooms.
-pub struct Member(pub LoggedIn);
-
-impl FromRequestParts<AppState> for Member {
-    type Rejection = WebError;
-
-    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, WebError> {
-        let who = LoggedIn::from_request_parts(parts, app).await?;
-        if !who.user.member {
-            return Err(WebError::NotMember);
-        }
-        Ok(Member(who))
     }
 }
 

@@ -1,10 +1,16 @@
 //! Invite links: `GET /invite/{token}` lets someone into a room and, when needed, into
 //! the guild.
 //!
-//! Owns the token (HS256 with `INVITE_SECRET`: guild, channel, role, creator, issued,
-//! expires) and what following one does. Must not create or delete rooms.
+//! Owns the token (HS256 with `INVITE_SECRET`: guild, channel, role, creator, the room's
+//! invite generation, issued, expires) and what following one does: a member gets the
+//! room's role at once; someone the link would add to the Discord server is asked first
+//! (a confirm page, then a post). "New link" raises the room's generation, so older
+//! links answer 410. Must not create or delete rooms.
 
+use askama::Template;
+use askama_web::WebTemplate;
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Redirect, Response};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -13,9 +19,11 @@ use serde::{Deserialize, Serialize};
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, RoleMarker, UserMarker};
 
-use super::auth::{LoggedIn, now_member};
+use super::auth::{LoggedIn, TokenForm};
 use super::error::WebError;
-use super::{App, AppState};
+use super::pages::UserView;
+use super::{App, AppState, members, protect};
+use crate::access::Seer;
 use crate::bus::Snapshot;
 use crate::event::now_ms;
 
@@ -26,6 +34,9 @@ struct Claims {
     channel_id: Id<ChannelMarker>,
     role_id: Id<RoleMarker>,
     creator_id: Id<UserMarker>,
+    /// The room's invite generation when the link was made.
+    #[serde(default)]
+    generation: u32,
     /// Unix seconds.
     iat: u64,
     exp: u64,
@@ -37,6 +48,7 @@ fn sign(
     channel: Id<ChannelMarker>,
     role: Id<RoleMarker>,
     creator: Id<UserMarker>,
+    generation: u32,
 ) -> Result<String, WebError> {
     let iat = now_ms() / 1000;
     let claims = Claims {
@@ -44,6 +56,7 @@ fn sign(
         channel_id: channel,
         role_id: role,
         creator_id: creator,
+        generation,
         iat,
         exp: iat + app.settings.invite_ttl.as_secs(),
     };
@@ -64,12 +77,13 @@ fn link(app: &App, token: &str) -> String {
 }
 
 /// A fresh invite link to a room for `who`, if they may hand one out: rooms Coven made
-/// (they have a role to grant), offered to their creator and the people in them.
+/// (they have a role to grant), offered to their creator and to those holding the role —
+/// the people Discord lets into the room — and only while Discord shows them the room.
 pub fn offer(
     app: &App,
     snapshot: &Snapshot,
     id: Id<ChannelMarker>,
-    who: Id<UserMarker>,
+    who: Seer<'_>,
 ) -> Result<Option<String>, WebError> {
     let Some(room) = snapshot.rooms.get(&id) else {
         return Ok(None);
@@ -77,10 +91,16 @@ pub fn offer(
     let (Some(role), Some(creator)) = (room.role_id, room.creator_id) else {
         return Ok(None);
     };
-    if creator != who && !snapshot.is_inside(who, id) {
+    if creator != who.user && !who.roles.contains(&role) {
         return Ok(None);
     }
-    Ok(Some(link(app, &sign(app, id, role, creator)?)))
+    if !snapshot.access.can_see(who, id) {
+        return Ok(None);
+    }
+    Ok(Some(link(
+        app,
+        &sign(app, id, role, creator, room.invite_gen)?,
+    )))
 }
 
 fn verify(app: &App, token: &str) -> Result<Claims, WebError> {
@@ -111,36 +131,104 @@ fn verify(app: &App, token: &str) -> Result<Claims, WebError> {
     Ok(claims)
 }
 
-/// `GET /invite/{token}`: not logged in → log in and come back; then into the guild if
-/// needed, the room's role, and the room page.
-pub async fn follow(
-    State(app): State<AppState>,
-    mut who: LoggedIn,
-    Path(token): Path<String>,
-) -> Result<Response, WebError> {
-    let claims = verify(&app, &token)?;
+/// The room an invite opens, if the link still does: 404 when the room is gone (or,
+/// with a valid signature, no longer opened by the role the invite grants), 410 when a
+/// newer link replaced this one, 409 when the room is full.
+fn still_open<'s>(
+    snapshot: &'s Snapshot,
+    claims: &Claims,
+    me: Id<UserMarker>,
+) -> Result<&'s crate::bus::RoomRecord, WebError> {
     let channel = claims.channel_id;
-    let snapshot = app.bus.snapshot().await?;
-    // Gone, or (with a valid signature) no longer opened by the role the invite grants.
-    if snapshot.rooms.get(&channel).and_then(|r| r.role_id) != Some(claims.role_id) {
+    let Some(room) = snapshot
+        .rooms
+        .get(&channel)
+        .filter(|r| r.role_id == Some(claims.role_id))
+    else {
         return Err(WebError::NotFound(
             "This room has been closed. Ask for a link to another room, or make one.".to_owned(),
         ));
+    };
+    if claims.generation < room.invite_gen {
+        return Err(WebError::Gone(
+            "This invite link was replaced by a newer one. Ask someone in the room for the new link."
+                .to_owned(),
+        ));
     }
-    let me = who.user.person.id;
     if !snapshot.is_inside(me, channel) && snapshot.is_full(channel) {
         return Err(WebError::Conflict(
             "This room is full. Try again when someone leaves.".to_owned(),
         ));
     }
-    let joining = !who.user.member;
-    if joining {
+    Ok(room)
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "web/join.html")]
+pub struct JoinPage {
+    pub user: Option<UserView>,
+    pub server: String,
+    pub room: String,
+    pub name: String,
+    pub token: String,
+    pub csrf: String,
+}
+
+/// `GET /invite/{token}`: not logged in → log in and come back. A member gets the room's
+/// role and goes to the room; someone the link would add to the Discord server is asked
+/// first.
+pub async fn follow(
+    State(app): State<AppState>,
+    who: LoggedIn,
+    Path(token): Path<String>,
+) -> Result<Response, WebError> {
+    let claims = verify(&app, &token)?;
+    let snapshot = app.bus.snapshot().await?;
+    let me = who.user.person.id;
+    let room = still_open(&snapshot, &claims, me)?;
+    if members::current(&app, me).await?.is_none() {
+        let view = UserView::of(&who.user);
+        return Ok(JoinPage {
+            server: snapshot
+                .access
+                .guild
+                .as_ref()
+                .map_or_else(|| "this Discord server".to_owned(), |g| g.name.clone()),
+            room: room.name.clone(),
+            name: view.name.clone(),
+            csrf: view.csrf.clone(),
+            user: Some(view),
+            token,
+        }
+        .into_response());
+    }
+    enter(&app, &claims, me).await
+}
+
+/// `POST /invite/{token}`: the confirmed join — into the Discord server, then the room.
+pub async fn join(
+    State(app): State<AppState>,
+    who: LoggedIn,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+    form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
+) -> Result<Response, WebError> {
+    let sent = protect::read_form(form)?.csrf_token;
+    protect::check(&app, &who.user, &protect::Sender::of(&headers), sent.as_deref())?;
+    let claims = verify(&app, &token)?;
+    let snapshot = app.bus.snapshot().await?;
+    let me = who.user.person.id;
+    still_open(&snapshot, &claims, me)?;
+    if app.bus.member(me).await?.is_none() {
         app.discord.add_to_guild(me, &who.user.access_token).await?;
-        tracing::info!(user = %me, "added to the guild by an invite");
+        tracing::info!(user = %me, "added to the guild by a confirmed invite");
     }
+    enter(&app, &claims, me).await
+}
+
+/// Grants the room's role, records it, and goes to the room.
+async fn enter(app: &App, claims: &Claims, me: Id<UserMarker>) -> Result<Response, WebError> {
     app.discord.grant(me, claims.role_id).await?;
-    if joining {
-        now_member(&mut who).await?;
-    }
+    members::granted(app, me, claims.role_id).await?;
     Ok(Redirect::to(&format!("/rooms/{}", claims.channel_id)).into_response())
 }

@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod error;
 pub mod invites;
+pub mod members;
 pub mod ops;
 pub mod pages;
 pub mod presence;
@@ -98,6 +99,10 @@ pub struct Args {
     /// Warning given (`room.closing`) before an idle room is closed
     #[arg(long, env = "ROOM_CLOSE_WARNING")]
     pub room_close_warning: Option<String>,
+    /// How often a member's roles and membership are rechecked with Discord (per user,
+    /// across replicas)
+    #[arg(long, env = "MEMBER_RECHECK")]
+    pub member_recheck: Option<String>,
 }
 
 /// Checked settings of a web replica.
@@ -121,6 +126,7 @@ pub struct Settings {
     pub room_idle_timeout: Duration,
     pub room_sweep_interval: Duration,
     pub room_close_warning: Duration,
+    pub member_recheck: Duration,
 }
 
 pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:3000";
@@ -236,7 +242,14 @@ impl Args {
             &self.room_close_warning,
             Duration::from_secs(30),
         );
+        let member_recheck = r.or_default(
+            "MEMBER_RECHECK",
+            self.member_recheck.as_deref(),
+            Duration::from_secs(45),
+            parse_recheck,
+        );
         Some(Settings {
+            member_recheck: member_recheck?,
             room_category: room_category?,
             invite_secret: invite_secret?,
             invite_ttl: invite_ttl?,
@@ -259,6 +272,16 @@ impl Args {
     }
 }
 
+/// Discord allows a bot about 50 requests a second in all; a recheck per user more often
+/// than every second would only spend them.
+fn parse_recheck(raw: &str) -> Result<Duration, String> {
+    let d = config::parse_duration(raw)?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
+        return Err(format!("expected a duration from 1s to 1h, got {raw:?}"));
+    }
+    Ok(d)
+}
+
 fn parse_players(raw: &str) -> Result<u16, String> {
     match raw.parse::<u16>() {
         Ok(n) if (1..=99).contains(&n) => Ok(n),
@@ -277,6 +300,8 @@ pub struct App {
     pub presence: presence::Presence,
     pub limits: protect::Limits,
     pub metrics: Option<PrometheusHandle>,
+    /// People with streams on this replica, whose membership is rechecked.
+    pub watched: members::Watched,
 }
 
 pub type AppState = Arc<App>;
@@ -284,13 +309,14 @@ pub type AppState = Arc<App>;
 impl App {
     /// Starts the replica's shared tasks (the stream fan-out and presence refresh); they
     /// end with `shutdown`.
-    pub fn start(
+    pub async fn start(
         settings: Settings,
         bus: Arc<dyn Backend>,
         metrics: Option<PrometheusHandle>,
     ) -> anyhow::Result<AppState> {
         let discord = Discord::new(&settings.discord, settings.guild_id, &settings.public_url)?;
-        let hub = stream::Hub::start(bus.clone(), settings.stream_buffer, settings.keepalive);
+        let hub =
+            stream::Hub::start(bus.clone(), settings.stream_buffer, settings.keepalive).await?;
         let presence = presence::Presence::start(bus.clone(), settings.viewer_ttl);
         Ok(Arc::new(App {
             settings,
@@ -300,6 +326,7 @@ impl App {
             presence,
             limits: protect::Limits::default(),
             metrics,
+            watched: members::Watched::default(),
         }))
     }
 
@@ -327,7 +354,7 @@ pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
         .route("/rooms/{channel_id}/close", post(rooms::close))
         .route("/rooms/{channel_id}/move", post(rooms::move_in))
         .route("/rooms/{channel_id}/invite", post(rooms::new_invite))
-        .route("/invite/{token}", get(invites::follow))
+        .route("/invite/{token}", get(invites::follow).post(invites::join))
         .route("/auth/login", get(auth::login))
         .route("/auth/callback", get(auth::callback))
         .route("/auth/logout", post(auth::logout))
@@ -420,8 +447,9 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.bind))?;
     let addr = listener.local_addr()?;
-    let app = App::start(settings, Arc::new(bus), metrics)?;
+    let app = App::start(settings, Arc::new(bus), metrics).await?;
     sweeper::start(app.clone(), shutdown.clone());
+    members::Watched::start(app.clone(), shutdown.clone());
     let router = router(app.clone(), store);
     println!("coven web listening on http://{addr}/");
     serve(listener, router, app, shutdown).await

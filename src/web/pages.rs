@@ -15,7 +15,8 @@ use twilight_model::id::Id;
 use twilight_model::id::marker::ChannelMarker;
 
 use super::AppState;
-use super::auth::{Member, SessionUser};
+use super::auth::SessionUser;
+use super::members::Member;
 use super::error::{WebError, page};
 use super::rooms::RoomId;
 use crate::bus::{RoomRecord, Snapshot, VoiceRecord};
@@ -32,7 +33,7 @@ pub struct UserView {
 }
 
 impl UserView {
-    fn of(user: &SessionUser) -> Self {
+    pub fn of(user: &SessionUser) -> Self {
         let name = user.person.display_name().to_owned();
         UserView {
             csrf: user.csrf.clone(),
@@ -131,7 +132,7 @@ pub struct LandingPage {
 /// `GET /`: logged-in people go straight to the rooms.
 pub async fn landing(session: Session) -> Result<Response, WebError> {
     let user: Option<SessionUser> = session.get("user").await?;
-    if user.is_some_and(|u| u.member) {
+    if user.is_some() {
         return Ok(Redirect::to("/rooms").into_response());
     }
     Ok(LandingPage { user: None }.into_response())
@@ -154,16 +155,18 @@ pub struct RoomsQuery {
     closed: Option<String>,
 }
 
-/// `GET /rooms`: every room with who is in it, live.
+/// `GET /rooms`: every room the member may see in Discord, with who is in it, live.
 pub async fn rooms(
     State(app): State<AppState>,
-    Member(who): Member,
+    member: Member,
     axum::extract::Query(q): axum::extract::Query<RoomsQuery>,
 ) -> Result<RoomsPage, WebError> {
     let snapshot = app.bus.snapshot().await?;
+    let who = &member.who;
     let mut rooms: Vec<(u64, RoomView)> = snapshot
         .rooms
         .iter()
+        .filter(|(id, _)| snapshot.access.can_see(member.seer(), **id))
         .map(|(id, r)| (r.created_at, RoomView::of(&snapshot, *id, r)))
         .collect();
     rooms.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
@@ -215,14 +218,15 @@ impl RoomPage {
     }
 }
 
-/// `GET /rooms/{channel_id}`: one room, live.
+/// `GET /rooms/{channel_id}`: one room, live, for those Discord shows it to.
 pub async fn room(
     State(app): State<AppState>,
-    Member(who): Member,
+    member: Member,
     RoomId(id): RoomId,
 ) -> Result<RoomPage, WebError> {
     let snapshot = app.bus.snapshot().await?;
-    let record = super::rooms::room(&snapshot, id)?;
+    let record = super::rooms::visible_room(&snapshot, id, member.seer())?;
+    let who = &member.who;
     let me = who.user.person.id;
     let whereabouts = match snapshot.voice.get(&me) {
         Some(v) if v.channel_id == id => Whereabouts::InRoom,
@@ -239,7 +243,7 @@ pub async fn room(
             "https://discord.com/channels/{}/{id}",
             app.settings.guild_id
         ),
-        invite: super::invites::offer(&app, &snapshot, id, me)?,
+        invite: super::invites::offer(&app, &snapshot, id, member.seer())?,
         is_creator: record.creator_id == Some(me),
     })
 }

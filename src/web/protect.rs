@@ -12,6 +12,8 @@ use std::time::Duration;
 use axum::Form;
 use axum::extract::rejection::FormRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
+use twilight_model::id::Id;
+use twilight_model::id::marker::RoleMarker;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use base64::Engine;
 use governor::clock::{Clock, DefaultClock};
@@ -19,7 +21,8 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use super::auth::{LoggedIn, Member, SessionUser};
+use super::auth::{LoggedIn, SessionUser};
+use super::members::Member;
 use super::error::WebError;
 use super::{App, AppState};
 
@@ -115,9 +118,20 @@ pub fn check(
 /// token, Origin and rate limit checked, before the handler runs.
 pub struct Posted<F> {
     pub who: LoggedIn,
+    /// The member's roles (what Discord lets them see and do).
+    pub roles: Vec<Id<RoleMarker>>,
     pub form: F,
     /// Sent by HTMX (it wants `HX-Redirect` rather than a 303).
     pub htmx: bool,
+}
+
+impl<F> Posted<F> {
+    pub fn seer(&self) -> crate::access::Seer<'_> {
+        crate::access::Seer {
+            user: self.who.user.person.id,
+            roles: &self.roles,
+        }
+    }
 }
 
 /// Forms without fields of their own (the token is all they carry).
@@ -150,7 +164,7 @@ impl<F: DeserializeOwned + Default + Send> FromRequest<AppState> for Posted<F> {
 
     async fn from_request(req: Request, app: &AppState) -> Result<Self, WebError> {
         let (mut parts, body) = req.into_parts();
-        let Member(who) = Member::from_request_parts(&mut parts, app).await?;
+        let Member { who, roles } = Member::from_request_parts(&mut parts, app).await?;
         let sender = Sender::of(&parts.headers);
         let form = Form::<WithToken<F>>::from_request(Request::from_parts(parts, body), app).await;
         let form = read_form(form.map(|Form(f)| Form(Some(f))))?;
@@ -158,6 +172,7 @@ impl<F: DeserializeOwned + Default + Send> FromRequest<AppState> for Posted<F> {
         check(app, &who.user, &sender, token.as_deref())?;
         Ok(Posted {
             who,
+            roles,
             form,
             htmx: sender.htmx,
         })

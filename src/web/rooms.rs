@@ -17,6 +17,7 @@ use twilight_model::id::marker::{ChannelMarker, RoleMarker};
 use super::error::WebError;
 use super::protect::{NoFields, Posted};
 use super::{App, AppState, invites};
+use crate::access::Seer;
 use crate::bus::{Fence, RoomRecord, Snapshot};
 use crate::event::EventData;
 
@@ -85,9 +86,18 @@ pub fn no_such_room() -> WebError {
     )
 }
 
-/// The room as the snapshot has it, or 404.
-pub fn room(snapshot: &Snapshot, id: Id<ChannelMarker>) -> Result<&RoomRecord, WebError> {
-    snapshot.rooms.get(&id).ok_or_else(no_such_room)
+/// The room as the snapshot has it, if Discord shows it to `who`; 404 otherwise (a room
+/// one may not see answers exactly like a room that does not exist).
+pub fn visible_room<'s>(
+    snapshot: &'s Snapshot,
+    id: Id<ChannelMarker>,
+    who: Seer<'_>,
+) -> Result<&'s RoomRecord, WebError> {
+    snapshot
+        .rooms
+        .get(&id)
+        .filter(|_| snapshot.access.can_see(who, id))
+        .ok_or_else(no_such_room)
 }
 
 /// Where to go next: a 303 for a plain form, `HX-Redirect` for an HTMX post (HTMX would
@@ -121,6 +131,18 @@ pub async fn create(
         )
         .await?;
     tracing::info!(channel = %made.channel, role = %made.role, creator = %me, "room created");
+    // Who may see the room, and that its creator holds its role, are recorded before
+    // the room itself: every reader knows who sees it the moment it appears.
+    app.bus
+        .append(
+            EventData::ChannelAccess {
+                channel_id: made.channel,
+                overwrites: Some(made.overwrites.clone()),
+            },
+            None,
+        )
+        .await?;
+    super::members::granted(&app, me, made.role).await?;
     app.bus
         .append(
             EventData::RoomCreated {
@@ -180,8 +202,17 @@ pub async fn move_in(
     post: Posted<NoFields>,
 ) -> Result<Response, WebError> {
     let snapshot = app.bus.snapshot().await?;
-    room(&snapshot, id)?;
+    visible_room(&snapshot, id, post.seer())?;
     let me = post.who.user.person.id;
+    // Discord lets a bot with Move Members move anyone anywhere; Coven moves people only
+    // where Discord would let them go by themselves.
+    if !snapshot.access.can_join(post.seer(), id) {
+        return Err(WebError::Forbidden(
+            "Discord does not let you join this room, so Coven will not move you into it. \
+             Ask someone in the room for an invite link."
+                .to_owned(),
+        ));
+    }
     match snapshot.voice.get(&me) {
         Some(v) if v.channel_id == id => {}
         Some(_) if snapshot.is_full(id) => {
@@ -199,21 +230,37 @@ pub async fn move_in(
     Ok(go(post.htmx, &format!("/rooms/{id}")))
 }
 
-/// `POST /rooms/{id}/invite`: a fresh invite link (the old ones stay valid until they
-/// expire). HTMX gets the link itself; a plain form goes back to the page, which shows
-/// a fresh one.
+/// `POST /rooms/{id}/invite`: a fresh invite link; every older link of the room stops
+/// working. HTMX gets the link itself; a plain form goes back to the page, which shows
+/// the fresh one.
 pub async fn new_invite(
     axum::extract::State(app): axum::extract::State<AppState>,
     RoomId(id): RoomId,
     post: Posted<NoFields>,
 ) -> Result<Response, WebError> {
-    let snapshot = app.bus.snapshot().await?;
-    room(&snapshot, id)?;
-    let Some(link) = invites::offer(&app, &snapshot, id, post.who.user.person.id)? else {
+    let mut snapshot = app.bus.snapshot().await?;
+    let room = visible_room(&snapshot, id, post.seer())?;
+    let generation = room.invite_gen.saturating_add(1);
+    if invites::offer(&app, &snapshot, id, post.seer())?.is_none() {
         return Err(WebError::Forbidden(
-            "Only the creator of a room Coven made, and the people in it, can hand out invites."
+            "Only the creator of a room Coven made, and the people holding its role, can hand \
+             out invites."
                 .to_owned(),
         ));
+    }
+    let renewed = app
+        .bus
+        .append(
+            EventData::InviteRenewed {
+                channel_id: id,
+                generation,
+            },
+            None,
+        )
+        .await?;
+    snapshot.apply(&renewed);
+    let Some(link) = invites::offer(&app, &snapshot, id, post.seer())? else {
+        return Err(super::rooms::no_such_room());
     };
     if post.htmx {
         return Ok(link.into_response());

@@ -10,7 +10,9 @@
 //! Owns the wire format and replay. Must not render pages or change shared state (a
 //! stream for a room does count its viewer, through [`super::presence`]).
 
+use std::collections::HashSet;
 use std::convert::Infallible;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -21,13 +23,14 @@ use serde::Deserialize;
 use std::sync::Arc;
 use tokio::sync::broadcast::{self, error::RecvError};
 use twilight_model::id::Id;
-use twilight_model::id::marker::ChannelMarker;
+use twilight_model::id::marker::{ChannelMarker, GuildMarker, RoleMarker, UserMarker};
 
 use super::AppState;
-use super::auth::Member;
 use super::error::WebError;
-use crate::bus::{Backend, Since};
-use crate::event::{Event, EventId};
+use super::members::Member;
+use crate::access::{Access, Seer};
+use crate::bus::{Backend, Since, Snapshot};
+use crate::event::{Audience, Event, EventData, EventId};
 
 /// Events fetched per round trip while replaying.
 const REPLAY_PAGE: usize = 1000;
@@ -41,14 +44,47 @@ const DRAIN_STEPS: u32 = 20;
 enum Frame {
     Event {
         id: EventId,
-        channel: Option<Id<ChannelMarker>>,
+        audience: Audience,
         bytes: Bytes,
+        /// Set when the event changes who may see what, or ends someone's streams.
+        control: Option<Control>,
     },
     KeepAlive,
     /// Streams whose rank is below this (of 1000) close now.
     Drain(u32),
     /// The hub lost events it cannot recover: every stream ends and reconnects.
     Cut,
+}
+
+/// What an event tells the streams themselves (never sent to a browser).
+#[derive(Clone, Debug)]
+enum Control {
+    /// Guild roles or channel overwrites changed: the hub's access is newer.
+    Access,
+    /// A member's roles changed.
+    Roles(Id<UserMarker>, Arc<[Id<RoleMarker>]>),
+    /// A member left the guild: their streams end.
+    Removed(Id<UserMarker>),
+    /// A login ended: its streams end.
+    LoggedOut(Id<UserMarker>, Arc<str>),
+}
+
+impl Control {
+    fn of(data: &EventData) -> Option<Self> {
+        match data {
+            EventData::GuildUpdated { .. } | EventData::ChannelAccess { .. } => {
+                Some(Control::Access)
+            }
+            EventData::MemberUpdated { user_id, roles } => {
+                Some(Control::Roles(*user_id, roles.as_slice().into()))
+            }
+            EventData::MemberRemoved { user_id } => Some(Control::Removed(*user_id)),
+            EventData::SessionEnded { user_id, login } => {
+                Some(Control::LoggedOut(*user_id, login.as_str().into()))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The SSE frame of an event: `id:`, `event:` and the envelope as `data:`.
@@ -72,40 +108,75 @@ fn resync_bytes(at: EventId) -> Bytes {
     ))
 }
 
-/// The replica's fan-out point.
+/// One viewer's view of a change in what they may see: an event as if it had just
+/// happened (a room appearing with the people in it, or a room going away), marked
+/// `"view":true` and sent without an `id:` line, so it moves no one's place in the log.
+fn view_bytes(at: EventId, guild: Id<GuildMarker>, data: &EventData) -> Option<Bytes> {
+    let json = crate::event::envelope(at, data.kind(), guild, at.ms, &data.data_json().ok()?);
+    let json = json.strip_suffix('}')?;
+    Some(Bytes::from(format!(
+        "event: {}\ndata: {json},\"view\":true}}\n\n",
+        data.kind()
+    )))
+}
+
+/// The replica's fan-out point. It also keeps who may see what (guild roles and channel
+/// overwrites), updated by the events it passes on, so each stream can filter the shared
+/// frames without asking Redis.
 #[derive(Clone)]
 pub struct Hub {
     tx: broadcast::Sender<Frame>,
     bus: Arc<dyn Backend>,
+    access: Arc<Mutex<Arc<Access>>>,
     /// Looked up once: incremented per delivery.
     delivered: metrics::Counter,
 }
 
 impl Hub {
-    /// Starts the fan-out task. It runs as long as the bus does: during a shutdown it
-    /// keeps feeding the streams the drain has not closed yet.
-    pub fn start(bus: Arc<dyn Backend>, buffer: usize, keepalive: Duration) -> Self {
+    /// Starts the fan-out task from the current snapshot's permissions. It runs as long
+    /// as the bus does: during a shutdown it keeps feeding the streams the drain has not
+    /// closed yet.
+    pub async fn start(
+        bus: Arc<dyn Backend>,
+        buffer: usize,
+        keepalive: Duration,
+    ) -> Result<Self, crate::bus::BusError> {
+        // Subscribed before the snapshot is read: a permission change in between is
+        // applied from the live events (those newer than the snapshot).
+        let live = bus.subscribe();
+        let snapshot = bus.snapshot().await?;
         let tx = broadcast::channel(buffer.max(1)).0;
         let hub = Hub {
             tx,
             bus,
+            access: Arc::new(Mutex::new(Arc::new(snapshot.access))),
             delivered: metrics::counter!("coven_web_events_delivered_total"),
         };
-        tokio::spawn(hub.clone().run(keepalive));
-        hub
+        tokio::spawn(hub.clone().run(live, snapshot.at, keepalive));
+        Ok(hub)
     }
 
-    async fn run(self, keepalive: Duration) {
-        let mut live = self.bus.subscribe();
+    /// Who may see what, as of the newest event the hub passed on.
+    pub fn access(&self) -> Arc<Access> {
+        self.access.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    async fn run(
+        self,
+        mut live: broadcast::Receiver<Arc<Event>>,
+        applied: EventId,
+        keepalive: Duration,
+    ) {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
         let mut last = EventId::ZERO;
+        let mut applied = applied;
         loop {
             tokio::select! {
                 received = live.recv() => match received {
-                    Ok(event) => self.publish(&event, &mut last),
+                    Ok(event) => self.publish(&event, &mut last, &mut applied),
                     Err(RecvError::Lagged(missed)) => {
                         tracing::warn!(missed, "stream hub fell behind the bus; catching up from the log");
-                        self.catch_up(&mut last).await;
+                        self.catch_up(&mut last, &mut applied).await;
                     }
                     Err(RecvError::Closed) => break,
                 },
@@ -116,25 +187,34 @@ impl Hub {
         }
     }
 
-    fn publish(&self, event: &Event, last: &mut EventId) {
+    fn publish(&self, event: &Event, last: &mut EventId, applied: &mut EventId) {
         if event.id <= *last {
             return;
         }
         *last = event.id;
+        let control = Control::of(&event.data);
+        if matches!(control, Some(Control::Access)) && event.id > *applied {
+            *applied = event.id;
+            let mut access = self.access.lock().unwrap_or_else(|e| e.into_inner());
+            let mut next = (**access).clone();
+            next.apply(&event.data);
+            *access = Arc::new(next);
+        }
         let _ = self.tx.send(Frame::Event {
             id: event.id,
-            channel: event.data.channel_id(),
+            audience: event.data.audience(),
             bytes: frame_bytes(event),
+            control,
         });
     }
 
-    async fn catch_up(&self, last: &mut EventId) {
+    async fn catch_up(&self, last: &mut EventId, applied: &mut EventId) {
         loop {
             match self.bus.since(*last, REPLAY_PAGE).await {
                 Ok(Since::Events(events)) => {
                     let n = events.len();
                     for e in &events {
-                        self.publish(e, last);
+                        self.publish(e, last, applied);
                     }
                     if n < REPLAY_PAGE {
                         return;
@@ -186,10 +266,90 @@ impl Drop for Connected {
     }
 }
 
+/// What one stream may show: recomputed only when permissions or its viewer's roles
+/// change, so filtering a shared frame is one set lookup.
+struct Sight {
+    user: Id<UserMarker>,
+    login: String,
+    roles: Vec<Id<RoleMarker>>,
+    /// `?room=`: only this room's events.
+    room: Option<Id<ChannelMarker>>,
+    visible: HashSet<Id<ChannelMarker>>,
+}
+
+impl Sight {
+    fn seer(&self) -> Seer<'_> {
+        Seer {
+            user: self.user,
+            roles: &self.roles,
+        }
+    }
+
+    /// Recomputes what is visible; returns the channels that appeared and those gone.
+    fn refresh(&mut self, access: &Access) -> (Vec<Id<ChannelMarker>>, Vec<Id<ChannelMarker>>) {
+        let now = access.visible(self.seer());
+        let appeared = now.difference(&self.visible).copied().collect();
+        let gone = self.visible.difference(&now).copied().collect();
+        self.visible = now;
+        (appeared, gone)
+    }
+
+    fn shows(&self, audience: Audience) -> bool {
+        match audience {
+            Audience::Everyone => true,
+            Audience::Internal => false,
+            Audience::Channel(c) => {
+                self.visible.contains(&c) && self.room.is_none_or(|room| room == c)
+            }
+        }
+    }
+}
+
+/// The events that show a viewer the rooms that just became visible to them (with the
+/// people in them) and take away the rooms that no longer are.
+fn view_changes(
+    snapshot: &Snapshot,
+    sight: &Sight,
+    appeared: &[Id<ChannelMarker>],
+    gone: &[Id<ChannelMarker>],
+) -> Vec<EventData> {
+    let wanted = |c: &Id<ChannelMarker>| sight.room.is_none_or(|room| room == *c);
+    let mut out = Vec::new();
+    for id in gone.iter().filter(|c| wanted(c)) {
+        out.push(EventData::RoomDeleted { channel_id: *id });
+    }
+    for id in appeared.iter().filter(|c| wanted(c)) {
+        let Some(room) = snapshot.rooms.get(id) else {
+            continue;
+        };
+        out.push(EventData::RoomCreated {
+            channel_id: *id,
+            name: room.name.clone(),
+            user_limit: room.user_limit,
+            created_by: room.creator_id,
+            role_id: room.role_id,
+        });
+        for v in snapshot.members(*id) {
+            out.push(EventData::VoiceJoined {
+                channel_id: *id,
+                user: v.user.clone(),
+                flags: v.flags,
+            });
+        }
+        if !room.viewers.is_empty() {
+            out.push(EventData::RoomViewers {
+                channel_id: *id,
+                viewers: room.viewers.clone(),
+            });
+        }
+    }
+    out
+}
+
 /// `GET /api/stream[?room=<channel id>][&last_event_id=<id>]`.
 pub async fn stream(
     State(app): State<AppState>,
-    Member(who): Member,
+    member: Member,
     headers: HeaderMap,
     Query(q): Query<StreamQuery>,
 ) -> Result<Response, WebError> {
@@ -216,18 +376,42 @@ pub async fn stream(
         None => None,
     };
     // Subscribe before replaying: whatever lands meanwhile is in one or the other, and
-    // ids tell which was seen.
+    // ids tell which was seen. Roles and permissions are read after subscribing, so a
+    // change in between arrives as a frame.
     let mut live = app.hub.tx.subscribe();
-    let viewing = room.map(|room| app.presence.enter(room, who.user.viewer()));
+    let me = member.id();
+    let roles = app
+        .bus
+        .member(me)
+        .await?
+        .ok_or(WebError::NotMember)?
+        .roles;
+    let mut sight = Sight {
+        user: me,
+        login: member.who.user.login.clone(),
+        roles,
+        room,
+        visible: HashSet::new(),
+    };
+    sight.refresh(&app.hub.access());
+    if let Some(room) = room {
+        // A room page's stream: the room must exist and be this person's to see, or no
+        // viewer is recorded.
+        let snapshot = app.bus.snapshot().await?;
+        if !snapshot.rooms.contains_key(&room) || !snapshot.access.can_see(sight.seer(), room) {
+            return Err(super::rooms::no_such_room());
+        }
+    }
+    let viewing = room.map(|room| app.presence.enter(room, member.who.user.viewer()));
+    let watch = app.watched.watch(me);
     let bus = app.bus.clone();
+    let hub = app.hub.clone();
+    let guild = app.settings.guild_id;
     let delivered = app.hub.delivered.clone();
     let rank = rand::random_range(0..1000u32);
-    let wants = move |channel: Option<Id<ChannelMarker>>| match (room, channel) {
-        (Some(room), Some(channel)) => room == channel,
-        _ => true,
-    };
     let frames = async_stream::stream! {
         let _viewing = viewing;
+        let _watch = watch;
         let _connected = Connected::new();
         yield Bytes::from_static(RETRY);
         let mut last = after;
@@ -239,7 +423,7 @@ pub async fn stream(
                         let n = events.len();
                         for e in events {
                             cursor = e.id;
-                            if wants(e.data.channel_id()) {
+                            if sight.shows(e.data.audience()) {
                                 yield frame_bytes(&e);
                             }
                         }
@@ -271,12 +455,48 @@ pub async fn stream(
         }
         loop {
             match live.recv().await {
-                Ok(Frame::Event { id, channel, bytes }) => {
+                Ok(Frame::Event { id, audience, bytes, control }) => {
+                    // Control is acted on even for an event the replay already sent: it
+                    // reads the hub's newest state, so acting twice changes nothing.
+                    let mut changed = false;
+                    match control {
+                        Some(Control::Removed(user)) if user == sight.user => {
+                            tracing::info!(%user, "member removed; ending their stream");
+                            break;
+                        }
+                        Some(Control::LoggedOut(user, login)) if user == sight.user && *login == *sight.login => {
+                            break;
+                        }
+                        Some(Control::Roles(user, roles)) if user == sight.user => {
+                            sight.roles = roles.to_vec();
+                            changed = true;
+                        }
+                        Some(Control::Access) => changed = true,
+                        _ => {}
+                    }
+                    if changed {
+                        let (appeared, gone) = sight.refresh(&hub.access());
+                        if !appeared.is_empty() || !gone.is_empty() {
+                            match bus.snapshot().await {
+                                Ok(snapshot) => {
+                                    for data in view_changes(&snapshot, &sight, &appeared, &gone) {
+                                        if let Some(bytes) = view_bytes(id, guild, &data) {
+                                            yield bytes;
+                                        }
+                                    }
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "cannot show a change of visibility; the stream will reconnect");
+                                    break;
+                                }
+                            }
+                        }
+                    }
                     if last.is_some_and(|l| id <= l) {
                         continue;
                     }
                     last = Some(id);
-                    if wants(channel) {
+                    if sight.shows(audience) {
                         delivered.increment(1);
                         yield bytes;
                     }

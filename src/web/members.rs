@@ -1,0 +1,225 @@
+//! Who is a member of the guild, with which roles, as Discord last said.
+//!
+//! The shared record (`P:{G}:members`, written by `member.updated` / `member.removed`
+//! through the bus) is the one answer every replica and stream uses. It is filled at
+//! login from the REST member object, updated at once by Coven's own grants (a room made,
+//! an invite followed), and rechecked against Discord on a bounded schedule: at most once
+//! per `MEMBER_RECHECK` per user across all replicas (a `claim` in Redis), for people
+//! loading pages and for people holding streams. Discord does not send role or
+//! membership changes without the privileged GUILD_MEMBERS intent, so the recheck is how
+//! a removed member loses access.
+//!
+//! Owns the [`Member`] extractor and the recheck. Must not render pages.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use tokio_util::sync::CancellationToken;
+use twilight_model::id::Id;
+use twilight_model::id::marker::{RoleMarker, UserMarker};
+
+use super::auth::LoggedIn;
+use super::error::WebError;
+use super::{App, AppState};
+use crate::access::{MemberRecord, Seer};
+use crate::event::EventData;
+
+/// A logged-in member of the guild and their roles: who may see rooms.
+pub struct Member {
+    pub who: LoggedIn,
+    pub roles: Vec<Id<RoleMarker>>,
+}
+
+impl Member {
+    pub fn id(&self) -> Id<UserMarker> {
+        self.who.user.person.id
+    }
+
+    /// The member as the permission calculation sees them.
+    pub fn seer(&self) -> Seer<'_> {
+        Seer {
+            user: self.id(),
+            roles: &self.roles,
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Member {
+    type Rejection = WebError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, WebError> {
+        let who = LoggedIn::from_request_parts(parts, app).await?;
+        match current(app, who.user.person.id).await? {
+            Some(record) => Ok(Member {
+                who,
+                roles: record.roles,
+            }),
+            None => Err(WebError::NotMember),
+        }
+    }
+}
+
+pub(super) fn check_key(user: Id<UserMarker>) -> String {
+    format!("member-check:{user}")
+}
+
+/// The member record, rechecked with Discord when its time has come.
+pub async fn current(app: &App, user: Id<UserMarker>) -> Result<Option<MemberRecord>, WebError> {
+    let known = app.bus.member(user).await?;
+    if app
+        .bus
+        .claim(&check_key(user), app.settings.member_recheck)
+        .await?
+    {
+        return recheck(app, user, known).await;
+    }
+    Ok(known)
+}
+
+/// Asks Discord and records what changed. When Discord cannot be asked, what is known
+/// stands (a Discord outage must not lock members out); the next recheck tries again.
+async fn recheck(
+    app: &App,
+    user: Id<UserMarker>,
+    known: Option<MemberRecord>,
+) -> Result<Option<MemberRecord>, WebError> {
+    match app.discord.member_roles(user).await {
+        Ok(roles) => record(app, user, known, roles).await,
+        Err(e) => {
+            tracing::warn!(error = %e, %user, "cannot recheck a membership; keeping what is known");
+            Ok(known)
+        }
+    }
+}
+
+/// Records Discord's answer (`None`: not a member) if it differs from `known`.
+pub async fn record(
+    app: &App,
+    user: Id<UserMarker>,
+    known: Option<MemberRecord>,
+    roles: Option<Vec<Id<RoleMarker>>>,
+) -> Result<Option<MemberRecord>, WebError> {
+    match (known, roles) {
+        (Some(known), Some(mut roles)) => {
+            roles.sort_unstable();
+            let mut had = known.roles.clone();
+            had.sort_unstable();
+            if had == roles {
+                return Ok(Some(known));
+            }
+            Ok(Some(updated(app, user, roles).await?))
+        }
+        (None, Some(mut roles)) => {
+            roles.sort_unstable();
+            Ok(Some(updated(app, user, roles).await?))
+        }
+        (Some(_), None) => {
+            tracing::info!(%user, "no longer a member of the guild");
+            app.bus
+                .append(EventData::MemberRemoved { user_id: user }, None)
+                .await?;
+            Ok(None)
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+async fn updated(
+    app: &App,
+    user: Id<UserMarker>,
+    roles: Vec<Id<RoleMarker>>,
+) -> Result<MemberRecord, WebError> {
+    app.bus
+        .append(
+            EventData::MemberUpdated {
+                user_id: user,
+                roles: roles.clone(),
+            },
+            None,
+        )
+        .await?;
+    Ok(MemberRecord {
+        user_id: user,
+        roles,
+    })
+}
+
+/// Coven itself gave `user` a role (a room made, an invite followed): recorded at once,
+/// so pages and streams follow without waiting for a recheck.
+pub async fn granted(
+    app: &App,
+    user: Id<UserMarker>,
+    role: Id<RoleMarker>,
+) -> Result<(), WebError> {
+    let known = app.bus.member(user).await?;
+    let mut roles = known.as_ref().map(|k| k.roles.clone()).unwrap_or_default();
+    if !roles.contains(&role) {
+        roles.push(role);
+    }
+    record(app, user, known, Some(roles)).await?;
+    Ok(())
+}
+
+/// The people holding streams on this replica, rechecked in the background so that a
+/// removed member's streams end even if they never load another page.
+#[derive(Clone, Default)]
+pub struct Watched {
+    users: Arc<Mutex<HashMap<Id<UserMarker>, usize>>>,
+}
+
+/// Held by a stream: its user stays watched while any of their streams is open.
+pub struct Watch {
+    watched: Watched,
+    user: Id<UserMarker>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut users = self.watched.lock();
+        if let Some(n) = users.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                users.remove(&self.user);
+            }
+        }
+    }
+}
+
+impl Watched {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Id<UserMarker>, usize>> {
+        self.users.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn watch(&self, user: Id<UserMarker>) -> Watch {
+        *self.lock().entry(user).or_default() += 1;
+        Watch {
+            watched: self.clone(),
+            user,
+        }
+    }
+
+    /// Rechecks watched users whose time has come, until `shutdown`. A tick of a quarter
+    /// of `MEMBER_RECHECK` keeps the worst case near 1.25 × the setting.
+    pub fn start(app: AppState, shutdown: CancellationToken) {
+        tokio::spawn(async move {
+            let every = (app.settings.member_recheck / 4).max(Duration::from_millis(250));
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let users: Vec<Id<UserMarker>> = app.watched.lock().keys().copied().collect();
+                for user in users {
+                    if let Err(e) = current(&app, user).await {
+                        tracing::warn!(error = %e, %user, "membership recheck failed");
+                    }
+                }
+            }
+        });
+    }
+}
