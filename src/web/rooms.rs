@@ -169,6 +169,8 @@ pub async fn close(
     let snapshot = app.bus.snapshot().await?;
     if let Some(room) = snapshot.rooms.get(&id) {
         if room.creator_id != Some(me) {
+            // Someone Discord does not show the room to learns nothing of it.
+            visible_room(&snapshot, id, post.seer())?;
             return Err(WebError::Forbidden(
                 "Only the person who made this room can close it.".to_owned(),
             ));
