@@ -77,7 +77,12 @@ impl Access {
             EventData::ChannelAccess {
                 channel_id,
                 overwrites: Some(overwrites),
-            } => self.channels.insert(*channel_id, overwrites.clone()).as_ref() != Some(overwrites),
+            } => {
+                self.channels
+                    .insert(*channel_id, overwrites.clone())
+                    .as_ref()
+                    != Some(overwrites)
+            }
             EventData::ChannelAccess {
                 channel_id,
                 overwrites: None,
@@ -151,7 +156,12 @@ mod tests {
     const ADMINS: u64 = 31;
     const ROOM_ROLE: u64 = 32;
 
-    fn overwrite(id: u64, kind: PermissionOverwriteType, allow: Permissions, deny: Permissions) -> PermissionOverwrite {
+    fn overwrite(
+        id: u64,
+        kind: PermissionOverwriteType,
+        allow: Permissions,
+        deny: Permissions,
+    ) -> PermissionOverwrite {
         PermissionOverwrite {
             id: Id::new(id),
             kind,
@@ -168,30 +178,66 @@ mod tests {
             name: "g".into(),
             owner_id: Id::new(OWNER),
             roles: vec![
-                RoleAccess { id: Id::new(GUILD), permissions: everyone },
-                RoleAccess { id: Id::new(STAFF), permissions: Permissions::empty() },
-                RoleAccess { id: Id::new(ADMINS), permissions: Permissions::ADMINISTRATOR },
+                RoleAccess {
+                    id: Id::new(GUILD),
+                    permissions: everyone,
+                },
+                RoleAccess {
+                    id: Id::new(STAFF),
+                    permissions: Permissions::empty(),
+                },
+                RoleAccess {
+                    id: Id::new(ADMINS),
+                    permissions: Permissions::ADMINISTRATOR,
+                },
             ],
         });
         let hide = |allow_to: u64| {
             vec![
-                overwrite(GUILD, PermissionOverwriteType::Role, Permissions::empty(), Permissions::VIEW_CHANNEL | Permissions::CONNECT),
-                overwrite(allow_to, PermissionOverwriteType::Role, Permissions::VIEW_CHANNEL | Permissions::CONNECT, Permissions::empty()),
+                overwrite(
+                    GUILD,
+                    PermissionOverwriteType::Role,
+                    Permissions::empty(),
+                    Permissions::VIEW_CHANNEL | Permissions::CONNECT,
+                ),
+                overwrite(
+                    allow_to,
+                    PermissionOverwriteType::Role,
+                    Permissions::VIEW_CHANNEL | Permissions::CONNECT,
+                    Permissions::empty(),
+                ),
             ]
         };
-        a.apply(&EventData::ChannelAccess { channel_id: Id::new(100), overwrites: Some(vec![]) });
-        a.apply(&EventData::ChannelAccess { channel_id: Id::new(101), overwrites: Some(hide(STAFF)) });
-        a.apply(&EventData::ChannelAccess { channel_id: Id::new(102), overwrites: Some(hide(ROOM_ROLE)) });
+        a.apply(&EventData::ChannelAccess {
+            channel_id: Id::new(100),
+            overwrites: Some(vec![]),
+        });
+        a.apply(&EventData::ChannelAccess {
+            channel_id: Id::new(101),
+            overwrites: Some(hide(STAFF)),
+        });
+        a.apply(&EventData::ChannelAccess {
+            channel_id: Id::new(102),
+            overwrites: Some(hide(ROOM_ROLE)),
+        });
         // Seen but not joinable.
         a.apply(&EventData::ChannelAccess {
             channel_id: Id::new(103),
-            overwrites: Some(vec![overwrite(GUILD, PermissionOverwriteType::Role, Permissions::empty(), Permissions::CONNECT)]),
+            overwrites: Some(vec![overwrite(
+                GUILD,
+                PermissionOverwriteType::Role,
+                Permissions::empty(),
+                Permissions::CONNECT,
+            )]),
         });
         a
     }
 
     fn seer(user: u64, roles: &[Id<RoleMarker>]) -> Seer<'_> {
-        Seer { user: Id::new(user), roles }
+        Seer {
+            user: Id::new(user),
+            roles,
+        }
     }
 
     #[test]
@@ -208,27 +254,61 @@ mod tests {
         };
         assert_eq!(set(seer(9, &none)), [100, 103], "a plain member");
         assert_eq!(set(seer(9, &staff)), [100, 101, 103]);
-        assert_eq!(set(seer(9, &player)), [100, 102, 103], "a role unknown to the guild still opens its overwrite");
-        assert_eq!(set(seer(9, &admin)), [100, 101, 102, 103], "Administrator sees all");
-        assert_eq!(set(seer(OWNER, &none)), [100, 101, 102, 103], "the owner sees all");
+        assert_eq!(
+            set(seer(9, &player)),
+            [100, 102, 103],
+            "a role unknown to the guild still opens its overwrite"
+        );
+        assert_eq!(
+            set(seer(9, &admin)),
+            [100, 101, 102, 103],
+            "Administrator sees all"
+        );
+        assert_eq!(
+            set(seer(OWNER, &none)),
+            [100, 101, 102, 103],
+            "the owner sees all"
+        );
         assert!(a.can_see(seer(9, &none), Id::new(103)));
-        assert!(!a.can_join(seer(9, &none), Id::new(103)), "seen, but Connect denied");
+        assert!(
+            !a.can_join(seer(9, &none), Id::new(103)),
+            "seen, but Connect denied"
+        );
         assert!(a.can_join(seer(9, &player), Id::new(102)));
-        assert!(!a.can_see(seer(OWNER, &none), Id::new(999)), "unknown channels are nobody's");
+        assert!(
+            !a.can_see(seer(OWNER, &none), Id::new(999)),
+            "unknown channels are nobody's"
+        );
         // A member's own overwrite beats their roles'.
         let mut b = a.clone();
         b.apply(&EventData::ChannelAccess {
             channel_id: Id::new(101),
             overwrites: Some(vec![
-                overwrite(STAFF, PermissionOverwriteType::Role, Permissions::VIEW_CHANNEL, Permissions::empty()),
-                overwrite(9, PermissionOverwriteType::Member, Permissions::empty(), Permissions::VIEW_CHANNEL),
+                overwrite(
+                    STAFF,
+                    PermissionOverwriteType::Role,
+                    Permissions::VIEW_CHANNEL,
+                    Permissions::empty(),
+                ),
+                overwrite(
+                    9,
+                    PermissionOverwriteType::Member,
+                    Permissions::empty(),
+                    Permissions::VIEW_CHANNEL,
+                ),
             ]),
         });
         assert!(!b.can_see(seer(9, &staff), Id::new(101)));
         assert!(b.can_see(seer(8, &staff), Id::new(101)));
         // Removed channels are nobody's again.
-        assert!(b.apply(&EventData::ChannelAccess { channel_id: Id::new(101), overwrites: None }));
+        assert!(b.apply(&EventData::ChannelAccess {
+            channel_id: Id::new(101),
+            overwrites: None
+        }));
         assert!(!b.can_see(seer(OWNER, &none), Id::new(101)));
-        assert!(!b.apply(&EventData::ChannelAccess { channel_id: Id::new(101), overwrites: None }));
+        assert!(!b.apply(&EventData::ChannelAccess {
+            channel_id: Id::new(101),
+            overwrites: None
+        }));
     }
 }

@@ -418,7 +418,9 @@ impl EventData {
             | Self::MemberUpdated { .. }
             | Self::MemberRemoved { .. }
             | Self::SessionEnded { .. } => Audience::Internal,
-            _ => self.channel_id().map_or(Audience::Internal, Audience::Channel),
+            _ => self
+                .channel_id()
+                .map_or(Audience::Internal, Audience::Channel),
         }
     }
 

@@ -14,8 +14,8 @@ use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use tokio::sync::broadcast;
-use twilight_model::id::Id;
 use twilight_model::channel::permission_overwrite::PermissionOverwrite;
+use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker, UserMarker};
 
 use super::{
@@ -476,7 +476,10 @@ impl Bus for RedisBus {
             let access: ChannelAccessRecord = serde_json::from_str(&json)
                 .map_err(|e| BusError::Corrupt(format!("{} {id}: {e}", self.key("channels"))))?;
             if let Some(overwrites) = access.overwrites {
-                snapshot.access.channels.insert(access.channel_id, overwrites);
+                snapshot
+                    .access
+                    .channels
+                    .insert(access.channel_id, overwrites);
             }
         }
         let applied = applied.as_string().unwrap_or_default();
@@ -514,7 +517,9 @@ impl Bus for RedisBus {
             .set(
                 self.key(key),
                 "1",
-                Some(Expiration::PX(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))),
+                Some(Expiration::PX(
+                    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
+                )),
                 Some(SetOptions::NX),
                 false,
             )

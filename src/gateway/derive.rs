@@ -174,8 +174,7 @@ impl Deriver {
         let Some(guild) = self.view.access.guild.clone() else {
             return;
         };
-        let mut roles: Vec<RoleAccess> =
-            guild.roles.into_iter().filter(|r| r.id != role).collect();
+        let mut roles: Vec<RoleAccess> = guild.roles.into_iter().filter(|r| r.id != role).collect();
         if let Some(permissions) = permissions {
             roles.push(RoleAccess {
                 id: role,
@@ -224,13 +223,15 @@ impl Deriver {
 
     fn channel_changed(&mut self, c: &Channel, out: &mut Vec<EventData>) {
         self.channels.insert(c.id, (c.kind, c.parent_id));
-        let voice = matches!(c.kind, ChannelType::GuildVoice | ChannelType::GuildStageVoice);
+        let voice = matches!(
+            c.kind,
+            ChannelType::GuildVoice | ChannelType::GuildStageVoice
+        );
         if c.name.as_deref() == Some(OBFUSCATED_NAME) {
             // Hidden from the bot: whoever sits there is gone from every reader's view
             // and the room with them.
             self.hidden.insert(c.id);
-            let inside: Vec<Id<UserMarker>> =
-                self.view.members(c.id).map(|v| v.user.id).collect();
+            let inside: Vec<Id<UserMarker>> = self.view.members(c.id).map(|v| v.user.id).collect();
             for user_id in inside {
                 self.voice_to(user_id, None, VoiceFlags::default(), None, out);
             }
@@ -405,7 +406,10 @@ impl Deriver {
             .map(|c| c.id)
             .collect();
         for c in channels {
-            if matches!(c.kind, ChannelType::GuildVoice | ChannelType::GuildStageVoice) {
+            if matches!(
+                c.kind,
+                ChannelType::GuildVoice | ChannelType::GuildStageVoice
+            ) {
                 self.channel_changed(c, out);
             }
         }
@@ -670,7 +674,10 @@ mod tests {
         );
         assert!(d.view().access.channels.contains_key(&Id::new(10)));
         // Same overwrites again: nothing to say.
-        assert!(d.on_dispatch(&dispatch("CHANNEL_UPDATE", room.clone())).is_empty());
+        assert!(
+            d.on_dispatch(&dispatch("CHANNEL_UPDATE", room.clone()))
+                .is_empty()
+        );
         // The lobby is not a room, but who sits in it is shown, so its overwrites count.
         assert_eq!(
             all_kinds(&d.on_dispatch(&dispatch("CHANNEL_CREATE", channel(11, None, "lobby", 0)))),
@@ -707,11 +714,23 @@ mod tests {
             "the lobby is gone from Discord's truth"
         );
         let role_event = |t: &str, id: u64, perms: u64| {
-            dispatch(t, json!({"guild_id": GUILD.to_string(), "role": role(id, perms)}))
+            dispatch(
+                t,
+                json!({"guild_id": GUILD.to_string(), "role": role(id, perms)}),
+            )
         };
-        assert_eq!(all_kinds(&d.on_dispatch(&role_event("GUILD_ROLE_CREATE", 40, 0))), ["guild.updated"]);
-        assert_eq!(all_kinds(&d.on_dispatch(&role_event("GUILD_ROLE_UPDATE", 40, 1024))), ["guild.updated"]);
-        assert!(d.on_dispatch(&role_event("GUILD_ROLE_UPDATE", 40, 1024)).is_empty());
+        assert_eq!(
+            all_kinds(&d.on_dispatch(&role_event("GUILD_ROLE_CREATE", 40, 0))),
+            ["guild.updated"]
+        );
+        assert_eq!(
+            all_kinds(&d.on_dispatch(&role_event("GUILD_ROLE_UPDATE", 40, 1024))),
+            ["guild.updated"]
+        );
+        assert!(
+            d.on_dispatch(&role_event("GUILD_ROLE_UPDATE", 40, 1024))
+                .is_empty()
+        );
         let guild = d.view().access.guild.clone().unwrap();
         assert_eq!(guild.roles.len(), 2);
         assert_eq!(guild.owner_id, Id::new(2));

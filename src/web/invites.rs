@@ -214,7 +214,12 @@ pub async fn join(
     form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
 ) -> Result<Response, WebError> {
     let sent = protect::read_form(form)?.csrf_token;
-    protect::check(&app, &who.user, &protect::Sender::of(&headers), sent.as_deref())?;
+    protect::check(
+        &app,
+        &who.user,
+        &protect::Sender::of(&headers),
+        sent.as_deref(),
+    )?;
     let claims = verify(&app, &token)?;
     let snapshot = app.bus.snapshot().await?;
     let me = who.user.person.id;

@@ -16,8 +16,8 @@ use twilight_model::id::marker::ChannelMarker;
 
 use super::AppState;
 use super::auth::SessionUser;
-use super::members::Member;
 use super::error::{WebError, page};
+use super::members::Member;
 use super::rooms::RoomId;
 use crate::bus::{RoomRecord, Snapshot, VoiceRecord};
 use crate::event::Viewer;

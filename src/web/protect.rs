@@ -12,18 +12,18 @@ use std::time::Duration;
 use axum::Form;
 use axum::extract::rejection::FormRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use twilight_model::id::Id;
-use twilight_model::id::marker::RoleMarker;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use base64::Engine;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use twilight_model::id::Id;
+use twilight_model::id::marker::RoleMarker;
 
 use super::auth::{LoggedIn, SessionUser};
-use super::members::Member;
 use super::error::WebError;
+use super::members::Member;
 use super::{App, AppState};
 
 /// A fresh CSRF token for a new session: 32 random bytes, URL-safe.

@@ -158,7 +158,10 @@ impl Hub {
 
     /// Who may see what, as of the newest event the hub passed on.
     pub fn access(&self) -> Arc<Access> {
-        self.access.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.access
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     async fn run(
@@ -380,12 +383,7 @@ pub async fn stream(
     // change in between arrives as a frame.
     let mut live = app.hub.tx.subscribe();
     let me = member.id();
-    let roles = app
-        .bus
-        .member(me)
-        .await?
-        .ok_or(WebError::NotMember)?
-        .roles;
+    let roles = app.bus.member(me).await?.ok_or(WebError::NotMember)?.roles;
     let mut sight = Sight {
         user: me,
         login: member.who.user.login.clone(),

@@ -150,7 +150,10 @@ impl Setup {
             .map(|e| {
                 (
                     e["type"].as_str().unwrap_or_default().to_owned(),
-                    e["data"]["channel_id"].as_str().unwrap_or_default().to_owned(),
+                    e["data"]["channel_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
                 )
             })
             .collect()
@@ -241,8 +244,15 @@ async fn voice_and_room_changes_become_exactly_the_specified_events() {
     // overwrites), a room's overwrites before the room, and forgotten after it.
     let access = s.access().await;
     let text = room.to_string();
-    assert_eq!(access.first().map(|a| a.0.as_str()), Some("guild.updated"), "{access:?}");
-    assert!(access.contains(&("channel.access".to_owned(), lobby.to_string())), "{access:?}");
+    assert_eq!(
+        access.first().map(|a| a.0.as_str()),
+        Some("guild.updated"),
+        "{access:?}"
+    );
+    assert!(
+        access.contains(&("channel.access".to_owned(), lobby.to_string())),
+        "{access:?}"
+    );
     let at = |kind: &str| {
         access
             .iter()
@@ -250,15 +260,25 @@ async fn voice_and_room_changes_become_exactly_the_specified_events() {
             .unwrap_or_else(|| panic!("{kind} of the room in {access:?}"))
     };
     assert!(at("channel.access") < at("room.created"), "{access:?}");
-    let forgotten = access.iter().rposition(|a| a.0 == "channel.access" && a.1 == text);
+    let forgotten = access
+        .iter()
+        .rposition(|a| a.0 == "channel.access" && a.1 == text);
     assert!(forgotten > Some(at("room.created")), "{access:?}");
     let stored: std::collections::HashMap<String, String> =
         s.client.hgetall(s.key("channels")).await.unwrap();
-    assert!(stored.contains_key(&lobby.to_string()) && !stored.contains_key(&text), "{stored:?}");
+    assert!(
+        stored.contains_key(&lobby.to_string()) && !stored.contains_key(&text),
+        "{stored:?}"
+    );
     let guild_record: Option<String> = s.client.get(s.key("guild")).await.unwrap();
     let guild_record: Value = serde_json::from_str(&guild_record.unwrap()).unwrap();
     assert_eq!(guild_record["name"], "Coven Playgroup", "{guild_record}");
-    assert!(guild_record["roles"].as_array().is_some_and(|r| r.len() >= 2), "{guild_record}");
+    assert!(
+        guild_record["roles"]
+            .as_array()
+            .is_some_and(|r| r.len() >= 2),
+        "{guild_record}"
+    );
 
     // The snapshot says what the sim says: nobody in voice, no rooms, valid at the last id.
     let rooms: std::collections::HashMap<String, String> =
@@ -603,6 +623,12 @@ async fn the_run_loop_over_the_memory_bus_stores_its_session_and_releases_the_le
 fn internal(kind: &Value) -> bool {
     matches!(
         kind.as_str(),
-        Some("guild.updated" | "channel.access" | "member.updated" | "member.removed" | "session.ended")
+        Some(
+            "guild.updated"
+                | "channel.access"
+                | "member.updated"
+                | "member.removed"
+                | "session.ended"
+        )
     )
 }

@@ -15,4 +15,5 @@ mod rooms;
 mod sim_gateway;
 mod sim_oauth;
 mod sim_rest;
+mod trust;
 mod web;

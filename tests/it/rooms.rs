@@ -17,7 +17,7 @@ const MUTE_MEMBERS: u64 = 1 << 22;
 const DEAFEN_MEMBERS: u64 = 1 << 23;
 const MANAGE_CHANNELS: u64 = 1 << 4;
 
-fn find<'a>(state: &'a Value, list: &str, id: &str) -> Option<&'a Value> {
+pub(crate) fn find<'a>(state: &'a Value, list: &str, id: &str) -> Option<&'a Value> {
     state[list]
         .as_array()?
         .iter()
@@ -29,7 +29,12 @@ fn bits(v: &Value) -> u64 {
 }
 
 /// Logs `user` in on `web` and creates a room named `name`; returns the room's id.
-async fn create_room(stack: &Stack, web: usize, browser: &Browser, name: &str) -> String {
+pub(crate) async fn create_room(
+    stack: &Stack,
+    web: usize,
+    browser: &Browser,
+    name: &str,
+) -> String {
     let w = stack.web(web);
     let token = browser.csrf(w).await;
     let made = browser
@@ -47,7 +52,7 @@ async fn create_room(stack: &Stack, web: usize, browser: &Browser, name: &str) -
         .to_owned()
 }
 
-fn invite_link(html: &str) -> String {
+pub(crate) fn invite_link(html: &str) -> String {
     let at = html
         .find("id=\"invite-link\"")
         .expect("an invite link on the page");
@@ -242,7 +247,10 @@ async fn an_invite_brings_a_non_member_into_the_guild_and_the_room_and_bad_ones_
     let asked = guest.get(&b.url(&path)).await;
     assert_eq!(asked.status(), 200);
     let html = asked.text().await.unwrap();
-    assert!(html.contains("Coven Playgroup") && html.contains("Pauper league"), "{html}");
+    assert!(
+        html.contains("Coven Playgroup") && html.contains("Pauper league"),
+        "{html}"
+    );
     let state = stack.sim.state().await;
     assert!(
         find(&state, "members", &juniper.to_string()).is_none(),
@@ -250,7 +258,11 @@ async fn an_invite_brings_a_non_member_into_the_guild_and_the_room_and_bad_ones_
     );
     let confirm = form_value(&html, "csrf_token").expect("the confirm form's token");
     let unconfirmed = guest.post(b, &path, &[]).await;
-    assert_eq!(unconfirmed.status(), 403, "the confirm post needs its token");
+    assert_eq!(
+        unconfirmed.status(),
+        403,
+        "the confirm post needs its token"
+    );
     let followed = guest.post(b, &path, &[("csrf_token", &confirm)]).await;
     assert_eq!(
         (followed.status().as_u16(), location(&followed)),
