@@ -150,7 +150,8 @@ impl Bus for MemoryBus {
 
     async fn since(&self, after: EventId, limit: usize) -> BusResult<Since> {
         let state = self.lock();
-        if after < state.trimmed {
+        // Trimmed past it, or past the newest id this log gave out (another history).
+        if after < state.trimmed || after > state.last {
             return Ok(Since::Gap);
         }
         let start = state.log.partition_point(|e| e.id <= after);
@@ -158,6 +159,11 @@ impl Bus for MemoryBus {
             state.log.iter().skip(start).take(limit).cloned().collect(),
         ))
     }
+    async fn holds(&self, id: EventId) -> BusResult<bool> {
+        let state = self.lock();
+        Ok(state.log.binary_search_by(|e| e.id.cmp(&id)).is_ok())
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.live.subscribe()
     }

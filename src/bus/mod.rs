@@ -272,6 +272,11 @@ pub trait Bus: Send + Sync + 'static {
     /// The events after `after` (exclusive), at most `limit`.
     async fn since(&self, after: EventId, limit: usize) -> BusResult<Since>;
 
+    /// Whether the log holds the event `id`. Every id a reader was ever given is in the
+    /// log until trimmed, so an id inside the log's range that it does not hold comes from
+    /// another log's history.
+    async fn holds(&self, id: EventId) -> BusResult<bool>;
+
     /// Live events, in id order, from now on. One subscription per process feeds every
     /// receiver; a receiver that falls behind sees `Lagged` and must catch up with
     /// [`Bus::since`].

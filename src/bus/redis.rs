@@ -207,11 +207,18 @@ impl Reader {
         let info: Result<Value, _> = self.client.xinfo_stream(&self.events, false, None).await;
         let info = match info {
             Ok(v) => v,
-            // No stream yet: nothing has ever been appended.
-            Err(e) if e.details().contains("no such key") => return Ok(Since::Events(Vec::new())),
+            // No stream: nothing has been appended (since Redis last lost its data), so
+            // only "from the start" continues.
+            Err(e) if e.details().contains("no such key") => {
+                return Ok(if after == EventId::ZERO {
+                    Since::Events(Vec::new())
+                } else {
+                    Since::Gap
+                });
+            }
             Err(e) => return Err(e.into()),
         };
-        if trimmed_past(info, after)? {
+        if trimmed_past(&info, after)? || ahead_of(&info, after)? {
             return Ok(Since::Gap);
         }
         let entries: Vec<(String, HashMap<String, String>)> = self
@@ -236,7 +243,7 @@ impl Reader {
 /// (`entries-added` − `length`) but not their ids (`max-deleted-entry-id` moves only for
 /// XDEL), so a reader is behind when it has not seen up to the entry just before the
 /// oldest one kept. At worst a reader exactly at the last trimmed id resyncs needlessly.
-fn trimmed_past(info: Value, after: EventId) -> BusResult<bool> {
+fn trimmed_past(info: &Value, after: EventId) -> BusResult<bool> {
     let number = |v: Option<Value>| v.and_then(|v| v.as_u64()).unwrap_or(0);
     let id = |v: Option<Value>| -> BusResult<Option<EventId>> {
         match v.and_then(|v| v.as_string()) {
@@ -247,7 +254,41 @@ fn trimmed_past(info: Value, after: EventId) -> BusResult<bool> {
                 .map_err(|_| BusError::Corrupt(format!("stream info id {s:?}"))),
         }
     };
-    let mut fields: HashMap<String, Value> = match info {
+    let mut fields = info_fields(info)?;
+    let mut take = |name: &str| fields.remove(name);
+    let length = number(take("length"));
+    let added = number(take("entries-added"));
+    let deleted = id(take("max-deleted-entry-id"))?.unwrap_or(EventId::ZERO);
+    let first = id(take("recorded-first-entry-id"))?;
+    let last = id(take("last-generated-id"))?.unwrap_or(EventId::ZERO);
+    if after < deleted {
+        return Ok(true);
+    }
+    if added <= length {
+        return Ok(false); // nothing was ever trimmed
+    }
+    Ok(match first {
+        Some(first) if length > 0 => after.successor() < first,
+        _ => after < last,
+    })
+}
+
+/// Whether `after` is past the newest id this log ever gave out: an id from another
+/// log's history (Redis lost its data, or another deployment), which no replay can
+/// continue from.
+fn ahead_of(info: &Value, after: EventId) -> BusResult<bool> {
+    let last = info_fields(info)?
+        .remove("last-generated-id")
+        .and_then(|v| v.as_string())
+        .map(|s| s.parse::<EventId>())
+        .transpose()
+        .map_err(|_| BusError::Corrupt("stream info last-generated-id".to_owned()))?
+        .unwrap_or(EventId::ZERO);
+    Ok(after > last)
+}
+
+fn info_fields(info: &Value) -> BusResult<HashMap<String, Value>> {
+    Ok(match info.clone() {
         Value::Map(map) => map
             .inner()
             .into_iter()
@@ -264,22 +305,6 @@ fn trimmed_past(info: Value, after: EventId) -> BusResult<bool> {
             fields
         }
         _ => return Err(BusError::Corrupt("XINFO STREAM answer".to_owned())),
-    };
-    let mut take = |name: &str| fields.remove(name);
-    let length = number(take("length"));
-    let added = number(take("entries-added"));
-    let deleted = id(take("max-deleted-entry-id"))?.unwrap_or(EventId::ZERO);
-    let first = id(take("recorded-first-entry-id"))?;
-    let last = id(take("last-generated-id"))?.unwrap_or(EventId::ZERO);
-    if after < deleted {
-        return Ok(true);
-    }
-    if added <= length {
-        return Ok(false); // nothing was ever trimmed
-    }
-    Ok(match first {
-        Some(first) if length > 0 => after.successor() < first,
-        _ => after < last,
     })
 }
 
@@ -344,7 +369,7 @@ async fn fill(reader: &Reader, last: &mut EventId, live: &broadcast::Sender<Arc<
                 }
             }
             Ok(Since::Gap) => {
-                tracing::error!(after = %last, "events were trimmed from the log before they could be relayed; readers must resync");
+                tracing::error!(after = %last, "the log does not continue from the last relayed event (trimmed, or Redis lost its data); readers must resync");
                 return;
             }
             Err(e) => {
@@ -493,6 +518,14 @@ impl Bus for RedisBus {
 
     async fn since(&self, after: EventId, limit: usize) -> BusResult<Since> {
         self.reader().since(after, limit).await
+    }
+
+    async fn holds(&self, id: EventId) -> BusResult<bool> {
+        let entries: Vec<(String, HashMap<String, String>)> = self
+            .client
+            .xrange(self.key("events"), id.to_string(), id.to_string(), Some(1))
+            .await?;
+        Ok(!entries.is_empty())
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {

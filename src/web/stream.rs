@@ -415,8 +415,18 @@ pub async fn stream(
         let mut last = after;
         if let Some(mut cursor) = after {
             metrics::counter!("coven_web_replays_total").increment(1);
+            // An id this log never gave out (from before Redis lost its data, or from
+            // another deployment) cannot be continued from: resync at once.
+            let foreign = match bus.holds(cursor).await {
+                Ok(held) => !held && cursor != EventId::ZERO,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check a stream's last id; it will reconnect");
+                    return;
+                }
+            };
             loop {
-                match bus.since(cursor, REPLAY_PAGE).await {
+                let page = if foreign { Ok(Since::Gap) } else { bus.since(cursor, REPLAY_PAGE).await };
+                match page {
                     Ok(Since::Events(events)) => {
                         let n = events.len();
                         for e in events {

@@ -8,6 +8,8 @@ use coven::bus::redis::RedisBus;
 use coven::bus::{Bus, BusError, Since, Snapshot, Store};
 use coven::event::{EventData, EventId, GatewayState, Person, Viewer, VoiceFlags};
 use fred::prelude::*;
+use twilight_model::channel::permission_overwrite::{PermissionOverwrite, PermissionOverwriteType};
+use twilight_model::guild::Permissions;
 use twilight_model::id::Id;
 
 use crate::harness::{RedisServer, wait_for, within};
@@ -142,6 +144,52 @@ async fn the_script_changes_the_snapshot_exactly_as_snapshot_apply_does() {
             channel_id: Id::new(b),
             user_id: Id::new(3),
         },
+        EventData::GuildUpdated {
+            id: Id::new(1),
+            name: "g".into(),
+            owner_id: Id::new(5),
+            roles: vec![coven::event::RoleAccess {
+                id: Id::new(1),
+                permissions: Permissions::VIEW_CHANNEL,
+            }],
+        },
+        EventData::ChannelAccess {
+            channel_id: Id::new(a),
+            overwrites: Some(vec![PermissionOverwrite {
+                id: Id::new(1),
+                kind: PermissionOverwriteType::Role,
+                allow: Permissions::empty(),
+                deny: Permissions::VIEW_CHANNEL,
+            }]),
+        },
+        // An empty list must stay a list (Lua's cjson would write `{}`).
+        EventData::ChannelAccess {
+            channel_id: Id::new(b),
+            overwrites: Some(vec![]),
+        },
+        EventData::ChannelAccess {
+            channel_id: Id::new(77),
+            overwrites: Some(vec![]),
+        },
+        EventData::ChannelAccess {
+            channel_id: Id::new(77),
+            overwrites: None,
+        },
+        EventData::InviteRenewed {
+            channel_id: Id::new(a),
+            generation: 3,
+        },
+        EventData::MemberUpdated {
+            user_id: Id::new(1),
+            roles: vec![Id::new(40)],
+        },
+        EventData::MemberUpdated {
+            user_id: Id::new(2),
+            roles: vec![],
+        },
+        EventData::MemberRemoved {
+            user_id: Id::new(2),
+        },
     ];
     let mut expected = Snapshot::default();
     for data in script {
@@ -159,6 +207,43 @@ async fn the_script_changes_the_snapshot_exactly_as_snapshot_apply_does() {
         stored.voice.values().all(|v| v.channel_id == Id::new(a)),
         "deleting room b removed its voice states"
     );
+    assert_eq!(stored.rooms[&Id::new(a)].invite_gen, 3);
+    assert_eq!(stored.access.channels.len(), 2, "{:?}", stored.access);
+    assert!(stored.access.guild.is_some());
+    let member = bus.member(Id::new(1)).await.unwrap().expect("a member");
+    assert_eq!(member.roles, [Id::new(40)]);
+    assert!(bus.member(Id::new(2)).await.unwrap().is_none(), "removed");
+    assert!(
+        bus.member(Id::new(3)).await.unwrap().is_none(),
+        "never recorded"
+    );
+    // The memory bus agrees.
+    let memory = coven::bus::memory::MemoryBus::new(Id::new(1), 1000);
+    for data in [
+        EventData::MemberUpdated {
+            user_id: Id::new(1),
+            roles: vec![Id::new(40)],
+        },
+        EventData::MemberRemoved {
+            user_id: Id::new(1),
+        },
+    ] {
+        memory.append(data, None).await.unwrap();
+    }
+    assert!(memory.member(Id::new(1)).await.unwrap().is_none());
+    // A claim is had once per ttl.
+    assert!(
+        bus.claim("member-check:1", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !bus.claim("member-check:1", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    assert!(memory.claim("x", Duration::from_secs(60)).await.unwrap());
+    assert!(!memory.claim("x", Duration::from_secs(60)).await.unwrap());
 }
 
 #[tokio::test]

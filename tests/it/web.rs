@@ -11,7 +11,7 @@ use reqwest::cookie::CookieStore;
 use serde_json::json;
 use twilight_model::id::Id;
 
-use crate::harness::{Browser, Message, RedisServer, Stack, TestSim, location, wait_for};
+use crate::harness::{Browser, Message, RedisServer, Stack, TestSim, location, wait_for, within};
 
 fn ids(messages: &[Message]) -> Vec<String> {
     messages.iter().filter_map(|m| m.id.clone()).collect()
@@ -244,6 +244,41 @@ async fn an_id_older_than_the_log_gets_resync_then_live_events() {
     stack.voice(ash, Some(stack.lobby), json!({})).await;
     let next = stream.next_domain().await;
     assert_eq!(next.event, "voice.joined");
+
+    // An id the log never gave out — ahead of it (Redis lost its data), or inside its
+    // range but absent (another log's history) — gets resync at once, not silence.
+    let newest = first
+        .append(EventData::Ping { seq: 500, ts: 0 }, None)
+        .await
+        .unwrap()
+        .id;
+    let ahead = coven::event::EventId {
+        ms: newest.ms + 86_400_000,
+        seq: 0,
+    };
+    // Appends until the clock moved on, so an id between the two is inside the range.
+    let mut seq = 501;
+    while first
+        .append(EventData::Ping { seq, ts: 0 }, None)
+        .await
+        .unwrap()
+        .id
+        .ms
+        == newest.ms
+    {
+        seq += 1;
+    }
+    let inside = coven::event::EventId {
+        ms: newest.ms,
+        seq: newest.seq + 1_000_000,
+    };
+    for foreign in [ahead, inside] {
+        let mut stream = browser
+            .stream(&web.url("/api/stream"), Some(&foreign.to_string()))
+            .await;
+        let msg = within("resync for a foreign id", stream.next()).await;
+        assert_eq!(msg.map(|m| m.event).as_deref(), Some("resync"), "{foreign}");
+    }
 
     // Malformed ids and room ids are refused plainly.
     let bad = browser
