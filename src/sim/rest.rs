@@ -1023,6 +1023,29 @@ mod tests {
     }
 
     #[test]
+    fn permission_routes_are_keyed_by_their_channel_or_guild() {
+        let put = |c: u32, o: u32| {
+            bucket_of(
+                &Method::PUT,
+                &format!("/api/v10/channels/{c}/permissions/{o}"),
+            )
+        };
+        let (a, ma) = put(1, 5);
+        let (b, mb) = put(2, 6);
+        assert_eq!((a.as_str(), ma.as_str()), (b.as_str(), "1"));
+        assert_eq!(mb, "2");
+        let (del, _) = bucket_of(&Method::DELETE, "/api/v10/channels/1/permissions/5");
+        assert_ne!(a, del);
+        let (role, major) = bucket_of(&Method::PATCH, "/api/v10/guilds/9/roles/5");
+        assert_eq!(major, "9");
+        let (kick, major) = bucket_of(&Method::DELETE, "/api/v10/guilds/9/members/5");
+        assert_eq!(major, "9");
+        let (get, _) = bucket_of(&Method::GET, "/api/v10/guilds/9/members/5");
+        assert_ne!(kick, get);
+        assert_ne!(role, kick);
+    }
+
+    #[test]
     fn fault_paths_match_with_wildcards() {
         let f = Fault {
             method: Some("post".into()),
