@@ -1,6 +1,7 @@
 //! The control API under `/_sim/`: what tests and the demo use to read the simulated
-//! guild and to make changes "in Discord" (people joining voice, channels made by an
-//! admin, Gateway trouble, REST failures).
+//! guild and to make changes "in Discord" (people joining voice; channels, roles, member
+//! roles, removals and permission overwrites changed by an admin; Gateway trouble; REST
+//! failures).
 //!
 //! Every change goes through the world and its dispatches, exactly as REST changes do.
 //! Errors are plain JSON `{"error": "..."}` with a fitting status.
@@ -13,14 +14,14 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::Shared;
 use super::rest::Fault;
-use super::world::{NewChannel, Refusal, VoiceFlags, kind, perm};
+use super::world::{self, ChannelEdit, NewChannel, Overwrite, Refusal, VoiceFlags, kind, perm};
 
 pub fn router() -> Router<Arc<Shared>> {
     Router::new()
@@ -31,6 +32,17 @@ pub fn router() -> Router<Arc<Shared>> {
         .route(
             "/channels/{id}",
             delete(delete_channel).patch(update_channel),
+        )
+        .route(
+            "/channels/{id}/permissions/{target}",
+            put(set_overwrite).delete(delete_overwrite),
+        )
+        .route("/roles", post(create_role))
+        .route("/roles/{id}", delete(delete_role).patch(update_role))
+        .route("/members/{user}", delete(remove_member))
+        .route(
+            "/members/{user}/roles/{role}",
+            put(grant_role).delete(revoke_role),
         )
         .route("/gateway/disconnect", post(disconnect))
         .route("/gateway/reconnect", post(reconnect))
@@ -70,6 +82,8 @@ fn refusal(r: Refusal) -> Fail {
         Refusal::UnknownMember => error(StatusCode::FORBIDDEN, "user is not a member of the guild"),
         Refusal::UnknownUser => error(StatusCode::NOT_FOUND, "unknown user"),
         Refusal::UnknownVoiceState => error(StatusCode::NOT_FOUND, "user is not in voice"),
+        Refusal::UnknownOverwrite => error(StatusCode::NOT_FOUND, "no such overwrite"),
+        Refusal::MissingAccess => error(StatusCode::FORBIDDEN, "missing access"),
         Refusal::NotInVoice => error(StatusCode::BAD_REQUEST, "user is not in voice"),
         Refusal::MissingPermission(bit) => error(
             StatusCode::FORBIDDEN,
@@ -106,6 +120,28 @@ fn optional_id(v: Option<&Value>, field: &str) -> Result<Option<u64>> {
     }
 }
 
+/// A path segment that must be an id.
+fn path_id(raw: String, what: &str) -> Result<u64> {
+    id(&Value::String(raw), what)
+}
+
+fn overwrite_list(list: Option<&[Map<String, Value>]>) -> Result<Option<Vec<Overwrite>>> {
+    list.map(|list| {
+        list.iter()
+            .enumerate()
+            .map(|(i, o)| {
+                world::overwrite_from_json(o, None).map_err(|what| {
+                    error(
+                        StatusCode::BAD_REQUEST,
+                        format!("permission_overwrites.{i}: bad {what}"),
+                    )
+                })
+            })
+            .collect()
+    })
+    .transpose()
+}
+
 async fn state(State(shared): State<Arc<Shared>>) -> Response {
     let state = shared.lock();
     let w = &state.world;
@@ -129,6 +165,7 @@ async fn state(State(shared): State<Arc<Shared>>) -> Response {
             "type": c.kind,
             "parent_id": c.parent_id.map(|p| p.to_string()),
             "user_limit": c.user_limit,
+            "bot_can_view": w.bot_can_view(c),
             "permission_overwrites": c.overwrites.iter().map(|o| json!({
                 "id": o.id.to_string(),
                 "type": o.kind,
@@ -140,6 +177,8 @@ async fn state(State(shared): State<Arc<Shared>>) -> Response {
             "id": r.id.to_string(),
             "name": r.name,
             "permissions": r.permissions.to_string(),
+            "position": r.position,
+            "managed": r.managed,
         })).collect::<Vec<_>>(),
         "members": w.members.iter().map(|(u, m)| json!({
             "user_id": u.to_string(),
@@ -152,6 +191,10 @@ async fn state(State(shared): State<Arc<Shared>>) -> Response {
             "self_deaf": v.flags.self_deaf,
             "self_video": v.flags.self_video,
             "self_stream": v.flags.self_stream,
+        })).collect::<Vec<_>>(),
+        "moves": w.moves.iter().map(|(u, c)| json!({
+            "user_id": u.to_string(),
+            "channel_id": c.to_string(),
         })).collect::<Vec<_>>(),
         "gateway": state.hub.counters,
         "rest": {"rate_limited": state.limits.rate_limited},
@@ -259,6 +302,7 @@ struct ChannelChange {
     kind: Option<u8>,
     parent_id: Option<Value>,
     user_limit: Option<u32>,
+    permission_overwrites: Option<Vec<Map<String, Value>>>,
 }
 
 fn channel_body(shared: &Shared, id: u64) -> Value {
@@ -277,7 +321,7 @@ async fn create_channel(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Resu
         kind: req.kind.unwrap_or(kind::VOICE),
         parent_id,
         user_limit: req.user_limit.unwrap_or(0),
-        overwrites: Vec::new(),
+        overwrites: overwrite_list(req.permission_overwrites.as_deref())?.unwrap_or_default(),
     };
     let id = {
         let mut state = shared.lock();
@@ -294,23 +338,147 @@ async fn update_channel(
     bytes: Bytes,
 ) -> Result {
     let req: ChannelChange = body(&bytes)?;
-    let channel = id(&Value::String(raw), "channel id")?;
+    let channel = path_id(raw, "channel id")?;
+    let edit = ChannelEdit {
+        name: req.name,
+        user_limit: req.user_limit,
+        overwrites: overwrite_list(req.permission_overwrites.as_deref())?,
+    };
     {
         let mut state = shared.lock();
-        let events = state
-            .world
-            .update_channel(None, channel, req.name, req.user_limit)?;
+        let events = state.world.update_channel(None, channel, edit)?;
         state.emit(&events);
     }
     Ok(axum::Json(channel_body(&shared, channel)).into_response())
 }
 
 async fn delete_channel(State(shared): State<Arc<Shared>>, Path(raw): Path<String>) -> Result {
-    let channel = id(&Value::String(raw), "channel id")?;
+    let channel = path_id(raw, "channel id")?;
     let mut state = shared.lock();
     let (c, events) = state.world.delete_channel(None, channel)?;
     state.emit(&events);
     Ok(axum::Json(c).into_response())
+}
+
+/// `PUT /_sim/channels/{id}/permissions/{target}` `{"type", "allow"?, "deny"?}`.
+async fn set_overwrite(
+    State(shared): State<Arc<Shared>>,
+    Path((raw, target)): Path<(String, String)>,
+    bytes: Bytes,
+) -> Result {
+    let channel = path_id(raw, "channel id")?;
+    let target = path_id(target, "overwrite target")?;
+    let req: Map<String, Value> = body(&bytes)?;
+    let overwrite = world::overwrite_from_json(&req, Some(target))
+        .map_err(|what| error(StatusCode::BAD_REQUEST, format!("bad {what}")))?;
+    let mut state = shared.lock();
+    let events = state.world.set_overwrite(None, channel, overwrite)?;
+    state.emit(&events);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn delete_overwrite(
+    State(shared): State<Arc<Shared>>,
+    Path((raw, target)): Path<(String, String)>,
+) -> Result {
+    let channel = path_id(raw, "channel id")?;
+    let target = path_id(target, "overwrite target")?;
+    let mut state = shared.lock();
+    let events = state.world.delete_overwrite(None, channel, target)?;
+    state.emit(&events);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct NewRole {
+    name: Option<String>,
+    #[serde(default)]
+    permissions: Value,
+    #[serde(default)]
+    color: u32,
+    #[serde(default)]
+    hoist: bool,
+    #[serde(default)]
+    mentionable: bool,
+}
+
+/// `POST /_sim/roles` `{"name", "permissions"}`: 201 with the role as Discord shows it.
+async fn create_role(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
+    let req: NewRole = body(&bytes)?;
+    let permissions = world::bits_from_json(&req.permissions).ok_or_else(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "permissions must be a bitset (a decimal string or a number)",
+        )
+    })?;
+    let mut state = shared.lock();
+    let (role, events) = state.world.create_role(
+        None,
+        req.name,
+        permissions,
+        req.color,
+        req.hoist,
+        req.mentionable,
+    )?;
+    state.emit(&events);
+    Ok((StatusCode::CREATED, axum::Json(role)).into_response())
+}
+
+/// `PATCH /_sim/roles/{id}` with Modify Guild Role's fields: 200 with the role.
+async fn update_role(
+    State(shared): State<Arc<Shared>>,
+    Path(raw): Path<String>,
+    bytes: Bytes,
+) -> Result {
+    let role = path_id(raw, "role id")?;
+    let req: Map<String, Value> = body(&bytes)?;
+    let edit = world::role_edit_from_json(&req)
+        .map_err(|field| error(StatusCode::BAD_REQUEST, format!("bad {field}")))?;
+    let mut state = shared.lock();
+    let (role, events) = state.world.update_role(None, role, edit)?;
+    state.emit(&events);
+    Ok(axum::Json(role).into_response())
+}
+
+async fn delete_role(State(shared): State<Arc<Shared>>, Path(raw): Path<String>) -> Result {
+    let role = path_id(raw, "role id")?;
+    let mut state = shared.lock();
+    let events = state.world.delete_role(None, role)?;
+    state.emit(&events);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn grant_role(
+    State(shared): State<Arc<Shared>>,
+    Path((user, role)): Path<(String, String)>,
+) -> Result {
+    member_role(&shared, user, role, true)
+}
+
+async fn revoke_role(
+    State(shared): State<Arc<Shared>>,
+    Path((user, role)): Path<(String, String)>,
+) -> Result {
+    member_role(&shared, user, role, false)
+}
+
+fn member_role(shared: &Shared, user: String, role: String, grant: bool) -> Result {
+    let user = path_id(user, "user id")?;
+    let role = path_id(role, "role id")?;
+    let mut state = shared.lock();
+    let events = state.world.set_member_role(None, user, role, grant)?;
+    state.emit(&events);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `DELETE /_sim/members/{user}`: the member is removed from the guild (kicked by an
+/// admin, or left); they leave voice first.
+async fn remove_member(State(shared): State<Arc<Shared>>, Path(raw): Path<String>) -> Result {
+    let user = path_id(raw, "user id")?;
+    let mut state = shared.lock();
+    let events = state.world.remove_member(None, user)?;
+    state.emit(&events);
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize)]

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use super::Shared;
-use super::world::{self, NewChannel, Overwrite, Refusal, perm};
+use super::world::{self, ChannelEdit, NewChannel, Overwrite, Refusal, perm};
 
 // ---------------------------------------------------------------------------------------
 // Errors, as Discord writes them: `{"code", "message", "errors"?}`.
@@ -48,6 +48,7 @@ impl ApiError {
             10003 => (StatusCode::NOT_FOUND, "Unknown Channel"),
             10004 => (StatusCode::NOT_FOUND, "Unknown Guild"),
             10007 => (StatusCode::NOT_FOUND, "Unknown Member"),
+            10009 => (StatusCode::NOT_FOUND, "Unknown Overwrite"),
             10011 => (StatusCode::NOT_FOUND, "Unknown Role"),
             10013 => (StatusCode::NOT_FOUND, "Unknown User"),
             10065 => (StatusCode::NOT_FOUND, "Unknown Voice State"),
@@ -92,6 +93,8 @@ impl From<Refusal> for ApiError {
             Refusal::UnknownMember => Self::code(10007),
             Refusal::UnknownUser => Self::code(10013),
             Refusal::UnknownVoiceState => Self::code(10065),
+            Refusal::UnknownOverwrite => Self::code(10009),
+            Refusal::MissingAccess => Self::code(50001),
             Refusal::NotInVoice => Self::code(40032),
             Refusal::MissingPermission(_) => Self::code(50013),
             Refusal::ChannelFull => Self::new(StatusCode::BAD_REQUEST, 0, "Channel is full."),
@@ -196,22 +199,35 @@ fn guild(shared: &Shared, raw: &str) -> ApiResult<()> {
     }
 }
 
-/// Snowflakes arrive as strings; accept numbers too, as Discord does.
-fn id_field(v: &Value) -> Option<u64> {
-    match v {
-        Value::String(s) => s.parse().ok(),
-        Value::Number(n) => n.as_u64(),
-        _ => None,
-    }
+use world::{bits_from_json as bits_field, id_from_json as id_field};
+
+/// A list of overwrite objects, with Discord's 50035 naming the bad entry.
+fn overwrites(list: &[Map<String, Value>]) -> ApiResult<Vec<Overwrite>> {
+    list.iter()
+        .enumerate()
+        .map(|(i, o)| {
+            world::overwrite_from_json(o, None).map_err(|what| {
+                ApiError::invalid_field(
+                    &format!("permission_overwrites.{i}"),
+                    "BASE_TYPE_INVALID",
+                    &format!("Invalid {what}."),
+                )
+            })
+        })
+        .collect()
 }
 
-/// Permission bitsets arrive as decimal strings.
-fn bits_field(v: &Value) -> Option<u64> {
+/// A permissions field, absent or null meaning "not given".
+fn permissions_field(v: Option<&Value>) -> ApiResult<Option<u64>> {
     match v {
-        Value::String(s) => s.parse().ok(),
-        Value::Number(n) => n.as_u64(),
-        Value::Null => Some(0),
-        _ => None,
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => bits_field(v).map(Some).ok_or_else(|| {
+            ApiError::invalid_field(
+                "permissions",
+                "NUMBER_TYPE_COERCE",
+                "Value is not a bitset.",
+            )
+        }),
     }
 }
 
@@ -494,14 +510,21 @@ pub fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
                 .patch(update_channel)
                 .delete(delete_channel),
         )
+        .route(
+            "/channels/{channel}/permissions/{overwrite}",
+            put(set_overwrite).delete(delete_overwrite),
+        )
         .route("/guilds/{guild}/roles", post(create_role))
         .route(
             "/guilds/{guild}/roles/{role}",
-            axum::routing::delete(delete_role),
+            axum::routing::delete(delete_role).patch(update_role),
         )
         .route(
             "/guilds/{guild}/members/{user}",
-            get(get_member).put(add_member).patch(modify_member),
+            get(get_member)
+                .put(add_member)
+                .patch(modify_member)
+                .delete(remove_member),
         )
         .route(
             "/guilds/{guild}/members/{user}/roles/{role}",
@@ -585,9 +608,11 @@ async fn list_channels(
     guild(&shared, &g)?;
     let state = shared.lock();
     let w = &state.world;
+    // Discord's "Obfuscated Channels": the list leaves out what the bot cannot view.
     let list: Vec<Value> = w
         .channels
         .values()
+        .filter(|c| w.bot_can_view(c))
         .map(|c| w.channel_json(c, true))
         .collect();
     Ok(axum::Json(list).into_response())
@@ -627,41 +652,7 @@ async fn create_channel(
             ApiError::invalid_field("parent_id", "NUMBER_TYPE_COERCE", "Value is not snowflake.")
         })?),
     };
-    let mut overwrites = Vec::new();
-    for (i, o) in req
-        .permission_overwrites
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-    {
-        let field = format!("permission_overwrites.{i}");
-        let bad = |what: &str| {
-            ApiError::invalid_field(&field, "BASE_TYPE_INVALID", &format!("Invalid {what}."))
-        };
-        let id = o.get("id").and_then(id_field).ok_or_else(|| bad("id"))?;
-        let kind = o
-            .get("type")
-            .and_then(|t| {
-                t.as_u64()
-                    .or_else(|| t.as_str().and_then(|s| s.parse().ok()))
-            })
-            .filter(|t| *t <= 1)
-            .ok_or_else(|| bad("type"))? as u8;
-        let allow = o
-            .get("allow")
-            .map_or(Some(0), bits_field)
-            .ok_or_else(|| bad("allow"))?;
-        let deny = o
-            .get("deny")
-            .map_or(Some(0), bits_field)
-            .ok_or_else(|| bad("deny"))?;
-        overwrites.push(Overwrite {
-            id,
-            kind,
-            allow,
-            deny,
-        });
-    }
+    let overwrites = overwrites(&req.permission_overwrites.unwrap_or_default())?;
     let mut state = shared.lock();
     let bot = state.world.bot_id;
     let (id, events) = state.world.create_channel(
@@ -678,7 +669,7 @@ async fn create_channel(
     let channel = state
         .world
         .channel(id)
-        .map(|c| state.world.channel_json(c, true))?;
+        .map(|c| state.world.channel_json_for_bot(c, true))?;
     Ok((StatusCode::CREATED, axum::Json(channel)).into_response())
 }
 
@@ -689,14 +680,18 @@ async fn get_channel(
 ) -> ApiResult {
     let id = snowflake("channel_id", &c)?;
     let state = shared.lock();
-    let channel = state.world.channel(id)?;
-    Ok(axum::Json(state.world.channel_json(channel, true)).into_response())
+    let w = &state.world;
+    // A channel the bot cannot view answers 50001 Missing Access ("Obfuscated Channels").
+    let channel = w.channel_for(Some(w.bot_id), id)?;
+    Ok(axum::Json(w.channel_json(channel, true)).into_response())
 }
 
 #[derive(Deserialize)]
 struct UpdateChannel {
     name: Option<String>,
     user_limit: Option<u32>,
+    #[serde(default)]
+    permission_overwrites: Option<Vec<Map<String, Value>>>,
 }
 
 async fn update_channel(
@@ -707,14 +702,55 @@ async fn update_channel(
 ) -> ApiResult {
     let id = snowflake("channel_id", &c)?;
     let DiscordJson(req) = DiscordJson::<UpdateChannel>::parse(&body)?;
+    let edit = ChannelEdit {
+        name: req.name,
+        user_limit: req.user_limit,
+        overwrites: req
+            .permission_overwrites
+            .as_deref()
+            .map(overwrites)
+            .transpose()?,
+    };
     let mut state = shared.lock();
     let bot = state.world.bot_id;
-    let events = state
-        .world
-        .update_channel(Some(bot), id, req.name, req.user_limit)?;
+    let events = state.world.update_channel(Some(bot), id, edit)?;
     state.emit(&events);
     let channel = state.world.channel(id)?;
-    Ok(axum::Json(state.world.channel_json(channel, true)).into_response())
+    Ok(axum::Json(state.world.channel_json_for_bot(channel, true)).into_response())
+}
+
+/// Edit Channel Permissions: `{type, allow?, deny?}` for the role or member in the path.
+async fn set_overwrite(
+    State(shared): State<Arc<Shared>>,
+    _: Bot,
+    Path((c, o)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let id = snowflake("channel_id", &c)?;
+    let target = snowflake("overwrite_id", &o)?;
+    let DiscordJson(req) = DiscordJson::<Map<String, Value>>::parse(&body)?;
+    let overwrite = world::overwrite_from_json(&req, Some(target)).map_err(|what| {
+        ApiError::invalid_field(what, "BASE_TYPE_INVALID", &format!("Invalid {what}."))
+    })?;
+    let mut state = shared.lock();
+    let bot = state.world.bot_id;
+    let events = state.world.set_overwrite(Some(bot), id, overwrite)?;
+    state.emit(&events);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn delete_overwrite(
+    State(shared): State<Arc<Shared>>,
+    _: Bot,
+    Path((c, o)): Path<(String, String)>,
+) -> ApiResult {
+    let id = snowflake("channel_id", &c)?;
+    let target = snowflake("overwrite_id", &o)?;
+    let mut state = shared.lock();
+    let bot = state.world.bot_id;
+    let events = state.world.delete_overwrite(Some(bot), id, target)?;
+    state.emit(&events);
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn delete_channel(
@@ -751,20 +787,11 @@ async fn create_role(
 ) -> ApiResult {
     guild(&shared, &g)?;
     let DiscordJson(req) = DiscordJson::<CreateRole>::parse(&body)?;
-    let permissions = match &req.permissions {
-        None => perm::VIEW_CHANNEL,
-        Some(v) => bits_field(v).ok_or_else(|| {
-            ApiError::invalid_field(
-                "permissions",
-                "NUMBER_TYPE_COERCE",
-                "Value is not a bitset.",
-            )
-        })?,
-    };
+    let permissions = permissions_field(req.permissions.as_ref())?.unwrap_or(perm::VIEW_CHANNEL);
     let mut state = shared.lock();
     let bot = state.world.bot_id;
     let (role, events) = state.world.create_role(
-        bot,
+        Some(bot),
         req.name,
         permissions,
         req.color.unwrap_or(0),
@@ -784,9 +811,29 @@ async fn delete_role(
     let role = snowflake("role_id", &r)?;
     let mut state = shared.lock();
     let bot = state.world.bot_id;
-    let events = state.world.delete_role(bot, role)?;
+    let events = state.world.delete_role(Some(bot), role)?;
     state.emit(&events);
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Modify Guild Role: every field optional and nullable.
+async fn update_role(
+    State(shared): State<Arc<Shared>>,
+    _: Bot,
+    Path((g, r)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    guild(&shared, &g)?;
+    let role = snowflake("role_id", &r)?;
+    let DiscordJson(req) = DiscordJson::<Map<String, Value>>::parse(&body)?;
+    let edit = world::role_edit_from_json(&req).map_err(|field| {
+        ApiError::invalid_field(field, "BASE_TYPE_INVALID", "Value is of the wrong type.")
+    })?;
+    let mut state = shared.lock();
+    let bot = state.world.bot_id;
+    let (role, events) = state.world.update_role(Some(bot), role, edit)?;
+    state.emit(&events);
+    Ok(axum::Json(role).into_response())
 }
 
 async fn add_member_role(
@@ -811,7 +858,7 @@ fn set_role(shared: &Shared, g: &str, u: &str, r: &str, grant: bool) -> ApiResul
     let role = snowflake("role_id", r)?;
     let mut state = shared.lock();
     let bot = state.world.bot_id;
-    let events = state.world.set_member_role(bot, user, role, grant)?;
+    let events = state.world.set_member_role(Some(bot), user, role, grant)?;
     state.emit(&events);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -918,6 +965,21 @@ async fn modify_member(
     Ok(axum::Json(member).into_response())
 }
 
+/// Remove Guild Member (a kick): 204, and the member is gone (10007 afterwards).
+async fn remove_member(
+    State(shared): State<Arc<Shared>>,
+    _: Bot,
+    Path((g, u)): Path<(String, String)>,
+) -> ApiResult {
+    guild(&shared, &g)?;
+    let user = snowflake("user_id", &u)?;
+    let mut state = shared.lock();
+    let bot = state.world.bot_id;
+    let events = state.world.remove_member(Some(bot), user)?;
+    state.emit(&events);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 async fn get_voice_state(
     State(shared): State<Arc<Shared>>,
     _: Bot,
@@ -958,6 +1020,29 @@ mod tests {
         let (d, _) = bucket_of(&Method::PUT, "/api/v10/guilds/1/members/5/roles/6");
         let (e, _) = bucket_of(&Method::PUT, "/api/v10/guilds/1/members/7/roles/8");
         assert_eq!(d, e);
+    }
+
+    #[test]
+    fn permission_routes_are_keyed_by_their_channel_or_guild() {
+        let put = |c: u32, o: u32| {
+            bucket_of(
+                &Method::PUT,
+                &format!("/api/v10/channels/{c}/permissions/{o}"),
+            )
+        };
+        let (a, ma) = put(1, 5);
+        let (b, mb) = put(2, 6);
+        assert_eq!((a.as_str(), ma.as_str()), (b.as_str(), "1"));
+        assert_eq!(mb, "2");
+        let (del, _) = bucket_of(&Method::DELETE, "/api/v10/channels/1/permissions/5");
+        assert_ne!(a, del);
+        let (role, major) = bucket_of(&Method::PATCH, "/api/v10/guilds/9/roles/5");
+        assert_eq!(major, "9");
+        let (kick, major) = bucket_of(&Method::DELETE, "/api/v10/guilds/9/members/5");
+        assert_eq!(major, "9");
+        let (get, _) = bucket_of(&Method::GET, "/api/v10/guilds/9/members/5");
+        assert_ne!(kick, get);
+        assert_ne!(role, kick);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 /// Discord's permission bits that the simulator checks or grants.
 pub mod perm {
     pub const CREATE_INSTANT_INVITE: u64 = 1 << 0;
+    pub const KICK_MEMBERS: u64 = 1 << 1;
     pub const ADMINISTRATOR: u64 = 1 << 3;
     pub const MANAGE_CHANNELS: u64 = 1 << 4;
     pub const ADD_REACTIONS: u64 = 1 << 6;
@@ -35,6 +36,7 @@ pub mod perm {
     pub fn name(bit: u64) -> &'static str {
         match bit {
             CREATE_INSTANT_INVITE => "CREATE_INSTANT_INVITE",
+            KICK_MEMBERS => "KICK_MEMBERS",
             ADMINISTRATOR => "ADMINISTRATOR",
             MANAGE_CHANNELS => "MANAGE_CHANNELS",
             STREAM => "STREAM",
@@ -67,6 +69,15 @@ pub mod kind {
         matches!(k, 0 | 2 | 4 | 5 | 13 | 15 | 16)
     }
 }
+
+/// Channel flags (Discord's numbering).
+pub mod channel_flag {
+    /// Set on a channel dispatched to a bot that cannot view it ("Obfuscated Channels").
+    pub const OBFUSCATED: u64 = 1 << 17;
+}
+
+/// The name Discord gives an obfuscated channel.
+pub const HIDDEN_NAME: &str = "___hidden___";
 
 const DISCORD_EPOCH_MS: u64 = 1_420_070_400_000;
 
@@ -194,6 +205,10 @@ pub enum Refusal {
     UnknownMember,
     UnknownUser,
     UnknownVoiceState,
+    /// Discord's 10009: no overwrite for that target on the channel.
+    UnknownOverwrite,
+    /// Discord's 50001: the caller cannot view the channel it addressed.
+    MissingAccess,
     /// The acting user lacks this permission bit.
     MissingPermission(u64),
     /// Discord's 40032: the target is not connected to voice.
@@ -217,6 +232,9 @@ pub struct World {
     pub roles: BTreeMap<u64, Role>,
     pub channels: BTreeMap<u64, Channel>,
     pub voice: BTreeMap<u64, Voice>,
+    /// Every successful move through Modify Guild Member with a `channel_id`, in order:
+    /// (user, target channel). Tests read it to prove a move did or did not happen.
+    pub moves: Vec<(u64, u64)>,
     pub ids: Snowflakes,
 }
 
@@ -278,6 +296,7 @@ impl World {
             roles: BTreeMap::new(),
             channels: BTreeMap::new(),
             voice: BTreeMap::new(),
+            moves: Vec::new(),
             ids: Snowflakes::seeded(),
         };
 
@@ -412,7 +431,129 @@ impl World {
         if let Some(o) = ow.iter().find(|o| o.kind == 1 && o.id == user_id) {
             p = (p & !o.deny) | o.allow;
         }
+        // Discord's "Implicit Permissions": without View Channel nothing else in the
+        // channel applies.
+        if p & perm::VIEW_CHANNEL == 0 {
+            return 0;
+        }
         p
+    }
+
+    /// Whether the bot may view a channel, which decides if Discord obfuscates it.
+    pub fn bot_can_view(&self, channel: &Channel) -> bool {
+        self.channel_permissions(self.bot_id, channel) & perm::VIEW_CHANNEL != 0
+    }
+
+    fn bot_view(&self) -> BTreeSet<u64> {
+        self.channels
+            .values()
+            .filter(|c| self.bot_can_view(c))
+            .map(|c| c.id)
+            .collect()
+    }
+
+    /// A channel as `actor` may address it through REST: Discord answers 50001 Missing
+    /// Access for a channel the caller cannot view. `None` (an admin) sees everything.
+    pub fn channel_for(&self, actor: Option<u64>, id: u64) -> Result<&Channel, Refusal> {
+        let channel = self.channel(id)?;
+        match actor {
+            Some(a) if self.channel_permissions(a, channel) & perm::VIEW_CHANNEL == 0 => {
+                Err(Refusal::MissingAccess)
+            }
+            _ => Ok(channel),
+        }
+    }
+
+    /// Whether an overwrite in the channel that applies to `user` allows MANAGE_ROLES.
+    fn has_manage_roles_overwrite(&self, user: u64, channel: &Channel) -> bool {
+        let roles = self.members.get(&user).map(|m| &m.roles);
+        channel.overwrites.iter().any(|o| {
+            let applies = match o.kind {
+                0 => o.id == self.guild_id || roles.is_some_and(|r| r.contains(&o.id)),
+                _ => o.id == user,
+            };
+            applies && o.allow & perm::MANAGE_ROLES != 0
+        })
+    }
+
+    /// May `actor` allow or deny the bits `changed` in an overwrite of `channel`?
+    /// Edit Channel Permissions and Modify Channel: "Only permissions your bot has in the
+    /// guild or parent channel (if applicable) can be allowed/denied (unless your bot has
+    /// a MANAGE_ROLES overwrite in the channel)"; change log 2021-01-22: "Setting
+    /// MANAGE_ROLES permission in channel overwrites is only possible for guild
+    /// administrators or users with MANAGE_ROLES as a permission overwrite in the
+    /// channel".
+    fn may_set_overwrite_bits(
+        &self,
+        actor: u64,
+        channel: &Channel,
+        changed: u64,
+    ) -> Result<(), Refusal> {
+        let base = self.base_permissions(actor);
+        if base == perm::ALL || self.has_manage_roles_overwrite(actor, channel) {
+            return Ok(());
+        }
+        if changed & perm::MANAGE_ROLES != 0 {
+            return Err(Refusal::MissingPermission(perm::MANAGE_ROLES));
+        }
+        let have = match channel.parent_id.and_then(|p| self.channels.get(&p)) {
+            Some(parent) => self.channel_permissions(actor, parent),
+            None => base,
+        };
+        self.require(have, changed)
+    }
+
+    /// Overwrite targets must exist: a role for type 0, a member for type 1.
+    fn check_overwrite_targets(&self, overwrites: &[Overwrite]) -> Result<(), Refusal> {
+        for o in overwrites {
+            let known = match o.kind {
+                0 => self.roles.contains_key(&o.id),
+                1 => self.members.contains_key(&o.id),
+                _ => false,
+            };
+            if !known {
+                return Err(Refusal::Invalid(
+                    "permission_overwrites",
+                    "UNKNOWN_OVERWRITE",
+                    format!("Unknown overwrite target {}.", o.id),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a change that may alter what the bot can view (a role's permissions, the
+    /// bot's roles) and adds the CHANNEL_UPDATE Discord sends for each channel whose
+    /// visibility flipped: full data once the bot gains View Channel, the obfuscated form
+    /// once it loses it. Channels the change dispatched itself are not repeated.
+    fn tracking_view<T>(
+        &mut self,
+        change: impl FnOnce(&mut Self) -> Result<(T, Vec<Dispatch>), Refusal>,
+    ) -> Result<(T, Vec<Dispatch>), Refusal> {
+        let before = self.bot_view();
+        let (out, mut events) = change(self)?;
+        let after = self.bot_view();
+        let mentioned: BTreeSet<String> = events
+            .iter()
+            .filter(|d| d.name.starts_with("CHANNEL_"))
+            .filter_map(|d| d.data["id"].as_str().map(str::to_owned))
+            .collect();
+        for id in before.symmetric_difference(&after) {
+            if let Some(c) = self.channels.get(id)
+                && !mentioned.contains(&id.to_string())
+            {
+                events.push(self.channel_dispatch("CHANNEL_UPDATE", c));
+            }
+        }
+        Ok((out, events))
+    }
+
+    /// A channel event as the bot receives it (obfuscated when it cannot view it).
+    fn channel_dispatch(&self, name: &'static str, c: &Channel) -> Dispatch {
+        Dispatch {
+            name,
+            data: self.channel_json_for_bot(c, true),
+        }
     }
 
     fn require(&self, have: u64, need: u64) -> Result<(), Refusal> {
@@ -453,14 +594,7 @@ impl World {
         new: NewChannel,
     ) -> Result<(u64, Vec<Dispatch>), Refusal> {
         let name = new.name.trim().to_owned();
-        let len = name.chars().count();
-        if !(1..=100).contains(&len) {
-            return Err(Refusal::Invalid(
-                "name",
-                "BASE_TYPE_BAD_LENGTH",
-                "Must be between 1 and 100 in length.".to_owned(),
-            ));
-        }
+        check_name(&name)?;
         if !kind::creatable(new.kind) {
             return Err(Refusal::Invalid(
                 "type",
@@ -468,13 +602,7 @@ impl World {
                 "Value must be one of {0, 2, 4, 5, 13, 15, 16}.".to_owned(),
             ));
         }
-        if new.user_limit > 99 {
-            return Err(Refusal::Invalid(
-                "user_limit",
-                "NUMBER_TYPE_MAX",
-                "int value should be less than or equal to 99.".to_owned(),
-            ));
-        }
+        check_user_limit(new.user_limit)?;
         if let Some(parent) = new.parent_id {
             match self.channels.get(&parent) {
                 Some(c) if c.kind == kind::CATEGORY && new.kind != kind::CATEGORY => {}
@@ -487,28 +615,21 @@ impl World {
                 }
             }
         }
-        for o in &new.overwrites {
-            let known = match o.kind {
-                0 => self.roles.contains_key(&o.id),
-                1 => self.members.contains_key(&o.id),
-                _ => false,
-            };
-            if !known {
-                return Err(Refusal::Invalid(
-                    "permission_overwrites",
-                    "UNKNOWN_OVERWRITE",
-                    format!("Unknown overwrite target {}.", o.id),
-                ));
-            }
-        }
+        self.check_overwrite_targets(&new.overwrites)?;
         if let Some(actor) = actor {
             let have = self.base_permissions(actor);
             self.require(have, perm::MANAGE_CHANNELS)?;
             if !new.overwrites.is_empty() {
                 self.require(have, perm::MANAGE_ROLES)?;
-                // Discord refuses overwrites that grant or deny what the bot cannot.
+                // Change log 2021-01-22: overwrites in a new channel need the bot to
+                // have the permissions it applies (in the guild), and only
+                // administrators may set MANAGE_ROLES in them.
                 for o in &new.overwrites {
-                    self.require(have, o.allow | o.deny)?;
+                    let bits = o.allow | o.deny;
+                    if have != perm::ALL && bits & perm::MANAGE_ROLES != 0 {
+                        return Err(Refusal::MissingPermission(perm::MANAGE_ROLES));
+                    }
+                    self.require(have, bits)?;
                 }
             }
         }
@@ -534,72 +655,117 @@ impl World {
             bitrate: if kind::is_voice(new.kind) { 64_000 } else { 0 },
             overwrites: new.overwrites,
         };
-        let data = self.channel_json(&channel, true);
+        let event = self.channel_dispatch("CHANNEL_CREATE", &channel);
         self.channels.insert(id, channel);
-        Ok((
-            id,
-            vec![Dispatch {
-                name: "CHANNEL_CREATE",
-                data,
-            }],
-        ))
+        Ok((id, vec![event]))
     }
 
+    /// Modify Channel: name, user limit and the whole overwrite list.
     pub fn update_channel(
         &mut self,
         actor: Option<u64>,
         id: u64,
-        name: Option<String>,
-        user_limit: Option<u32>,
+        edit: ChannelEdit,
     ) -> Result<Vec<Dispatch>, Refusal> {
-        let channel = self.channel(id)?;
+        let channel = self.channel_for(actor, id)?;
+        if let Some(n) = &edit.name {
+            check_name(n.trim())?;
+        }
+        if let Some(l) = edit.user_limit {
+            check_user_limit(l)?;
+        }
+        if let Some(list) = &edit.overwrites {
+            self.check_overwrite_targets(list)?;
+        }
         if let Some(actor) = actor {
-            self.require(
-                self.channel_permissions(actor, channel),
-                perm::MANAGE_CHANNELS,
-            )?;
-        }
-        if let Some(n) = &name
-            && !(1..=100).contains(&n.trim().chars().count())
-        {
-            return Err(Refusal::Invalid(
-                "name",
-                "BASE_TYPE_BAD_LENGTH",
-                "Must be between 1 and 100 in length.".to_owned(),
-            ));
-        }
-        if user_limit.is_some_and(|l| l > 99) {
-            return Err(Refusal::Invalid(
-                "user_limit",
-                "NUMBER_TYPE_MAX",
-                "int value should be less than or equal to 99.".to_owned(),
-            ));
+            let have = self.channel_permissions(actor, channel);
+            self.require(have, perm::MANAGE_CHANNELS)?;
+            if let Some(list) = &edit.overwrites {
+                // "If modifying permission overwrites, the MANAGE_ROLES permission is
+                // required", and only what changes is allowed or denied anew.
+                self.require(have, perm::MANAGE_ROLES)?;
+                let mut changed = 0;
+                for o in list {
+                    let old = channel.overwrites.iter().find(|x| x.id == o.id);
+                    changed |= overwrite_change(old, Some(o));
+                }
+                self.may_set_overwrite_bits(actor, channel, changed)?;
+            }
         }
         let Some(channel) = self.channels.get_mut(&id) else {
             return Err(Refusal::UnknownChannel);
         };
-        if let Some(n) = name {
+        if let Some(n) = edit.name {
             channel.name = n.trim().to_owned();
         }
-        if let Some(l) = user_limit
+        if let Some(l) = edit.user_limit
             && kind::is_voice(channel.kind)
         {
             channel.user_limit = l;
         }
+        if let Some(list) = edit.overwrites {
+            channel.overwrites = dedup_overwrites(list);
+        }
         let channel = channel.clone();
-        Ok(vec![Dispatch {
-            name: "CHANNEL_UPDATE",
-            data: self.channel_json(&channel, true),
-        }])
+        Ok(vec![self.channel_dispatch("CHANNEL_UPDATE", &channel)])
     }
 
-    /// Deletes a channel; anyone in it is disconnected first, as Discord does.
+    /// Edit Channel Permissions: creates or replaces the overwrite for one role or member.
+    pub fn set_overwrite(
+        &mut self,
+        actor: Option<u64>,
+        channel_id: u64,
+        overwrite: Overwrite,
+    ) -> Result<Vec<Dispatch>, Refusal> {
+        let channel = self.channel_for(actor, channel_id)?;
+        self.check_overwrite_targets(std::slice::from_ref(&overwrite))?;
+        if let Some(actor) = actor {
+            self.require(self.channel_permissions(actor, channel), perm::MANAGE_ROLES)?;
+            let old = channel.overwrites.iter().find(|o| o.id == overwrite.id);
+            let changed = overwrite_change(old, Some(&overwrite));
+            self.may_set_overwrite_bits(actor, channel, changed)?;
+        }
+        let Some(channel) = self.channels.get_mut(&channel_id) else {
+            return Err(Refusal::UnknownChannel);
+        };
+        match channel.overwrites.iter_mut().find(|o| o.id == overwrite.id) {
+            Some(o) => *o = overwrite,
+            None => channel.overwrites.push(overwrite),
+        }
+        let channel = channel.clone();
+        Ok(vec![self.channel_dispatch("CHANNEL_UPDATE", &channel)])
+    }
+
+    /// Delete Channel Permission: needs MANAGE_ROLES only (no rule on the bits removed).
+    pub fn delete_overwrite(
+        &mut self,
+        actor: Option<u64>,
+        channel_id: u64,
+        target: u64,
+    ) -> Result<Vec<Dispatch>, Refusal> {
+        let channel = self.channel_for(actor, channel_id)?;
+        if let Some(actor) = actor {
+            self.require(self.channel_permissions(actor, channel), perm::MANAGE_ROLES)?;
+        }
+        if !channel.overwrites.iter().any(|o| o.id == target) {
+            return Err(Refusal::UnknownOverwrite);
+        }
+        let Some(channel) = self.channels.get_mut(&channel_id) else {
+            return Err(Refusal::UnknownChannel);
+        };
+        channel.overwrites.retain(|o| o.id != target);
+        let channel = channel.clone();
+        Ok(vec![self.channel_dispatch("CHANNEL_UPDATE", &channel)])
+    }
+
+    /// Deletes a channel; anyone in it is disconnected first, as Discord does. Returns the
+    /// channel's full JSON (what Discord answers the deleter, who could view it).
     pub fn delete_channel(
         &mut self,
         actor: Option<u64>,
         id: u64,
     ) -> Result<(Value, Vec<Dispatch>), Refusal> {
-        let channel = self.channel(id)?;
+        let channel = self.channel_for(actor, id)?;
         if let Some(actor) = actor {
             self.require(
                 self.channel_permissions(actor, channel),
@@ -630,23 +796,16 @@ impl World {
             if let Some(c) = self.channels.get_mut(&child) {
                 c.parent_id = None;
                 let c = c.clone();
-                out.push(Dispatch {
-                    name: "CHANNEL_UPDATE",
-                    data: self.channel_json(&c, true),
-                });
+                out.push(self.channel_dispatch("CHANNEL_UPDATE", &c));
             }
         }
-        let data = self.channel_json(&channel, true);
-        out.push(Dispatch {
-            name: "CHANNEL_DELETE",
-            data: data.clone(),
-        });
-        Ok((data, out))
+        out.push(self.channel_dispatch("CHANNEL_DELETE", &channel));
+        Ok((self.channel_json(&channel, true), out))
     }
 
     pub fn create_role(
         &mut self,
-        actor: u64,
+        actor: Option<u64>,
         name: Option<String>,
         permissions: u64,
         color: u32,
@@ -654,16 +813,12 @@ impl World {
         mentionable: bool,
     ) -> Result<(Value, Vec<Dispatch>), Refusal> {
         let name = name.unwrap_or_else(|| "new role".to_owned());
-        if !(1..=100).contains(&name.chars().count()) {
-            return Err(Refusal::Invalid(
-                "name",
-                "BASE_TYPE_BAD_LENGTH",
-                "Must be between 1 and 100 in length.".to_owned(),
-            ));
+        check_name(&name)?;
+        if let Some(actor) = actor {
+            let have = self.base_permissions(actor);
+            self.require(have, perm::MANAGE_ROLES)?;
+            self.require(have, permissions)?;
         }
-        let have = self.base_permissions(actor);
-        self.require(have, perm::MANAGE_ROLES)?;
-        self.require(have, permissions)?;
         let id = self.ids.mint();
         // New roles sit just above @everyone, below the bot's role, as on Discord.
         for r in self.roles.values_mut().filter(|r| r.id != self.guild_id) {
@@ -672,7 +827,7 @@ impl World {
         let role = Role {
             id,
             name,
-            permissions,
+            permissions: permissions & perm::ALL,
             position: 1,
             color,
             hoist,
@@ -690,7 +845,61 @@ impl World {
         ))
     }
 
-    pub fn delete_role(&mut self, actor: u64, id: u64) -> Result<Vec<Dispatch>, Refusal> {
+    /// Modify Guild Role. Discord's Permission Hierarchy: "A bot can edit roles of a lower
+    /// position than its highest role, but it can only grant permissions it has to those
+    /// roles."
+    pub fn update_role(
+        &mut self,
+        actor: Option<u64>,
+        id: u64,
+        edit: RoleEdit,
+    ) -> Result<(Value, Vec<Dispatch>), Refusal> {
+        let role = self.roles.get(&id).ok_or(Refusal::UnknownRole)?;
+        if let Some(n) = &edit.name {
+            check_name(n)?;
+        }
+        if let Some(actor) = actor {
+            let have = self.base_permissions(actor);
+            self.require(have, perm::MANAGE_ROLES)?;
+            if role.position >= self.top_position(actor) {
+                return Err(Refusal::MissingPermission(perm::MANAGE_ROLES));
+            }
+            if let Some(p) = edit.permissions {
+                self.require(have, p & !role.permissions)?;
+            }
+        }
+        self.tracking_view(|w| {
+            let guild_id = w.guild_id;
+            let Some(role) = w.roles.get_mut(&id) else {
+                return Err(Refusal::UnknownRole);
+            };
+            if let Some(n) = edit.name {
+                role.name = n;
+            }
+            if let Some(p) = edit.permissions {
+                role.permissions = p & perm::ALL;
+            }
+            if let Some(c) = edit.color {
+                role.color = c;
+            }
+            if let Some(h) = edit.hoist {
+                role.hoist = h;
+            }
+            if let Some(m) = edit.mentionable {
+                role.mentionable = m;
+            }
+            let data = role_json(role);
+            Ok((
+                data.clone(),
+                vec![Dispatch {
+                    name: "GUILD_ROLE_UPDATE",
+                    data: json!({"guild_id": guild_id.to_string(), "role": data}),
+                }],
+            ))
+        })
+    }
+
+    pub fn delete_role(&mut self, actor: Option<u64>, id: u64) -> Result<Vec<Dispatch>, Refusal> {
         let role = self.roles.get(&id).ok_or(Refusal::UnknownRole)?;
         if id == self.guild_id || role.managed {
             return Err(Refusal::Invalid(
@@ -699,35 +908,41 @@ impl World {
                 "This role cannot be deleted.".to_owned(),
             ));
         }
-        self.require(self.base_permissions(actor), perm::MANAGE_ROLES)?;
-        if role.position >= self.top_position(actor) {
-            return Err(Refusal::MissingPermission(perm::MANAGE_ROLES));
-        }
-        self.roles.remove(&id);
-        let mut out = Vec::new();
-        let holders: Vec<u64> = self
-            .members
-            .iter()
-            .filter(|(_, m)| m.roles.contains(&id))
-            .map(|(u, _)| *u)
-            .collect();
-        for user in holders {
-            if let Some(m) = self.members.get_mut(&user) {
-                m.roles.remove(&id);
+        if let Some(actor) = actor {
+            self.require(self.base_permissions(actor), perm::MANAGE_ROLES)?;
+            if role.position >= self.top_position(actor) {
+                return Err(Refusal::MissingPermission(perm::MANAGE_ROLES));
             }
-            out.push(self.member_update(user));
         }
-        out.push(Dispatch {
-            name: "GUILD_ROLE_DELETE",
-            data: json!({"guild_id": self.guild_id.to_string(), "role_id": id.to_string()}),
-        });
+        let ((), out) = self.tracking_view(|w| {
+            w.roles.remove(&id);
+            let mut out = Vec::new();
+            let holders: Vec<u64> = w
+                .members
+                .iter()
+                .filter(|(_, m)| m.roles.contains(&id))
+                .map(|(u, _)| *u)
+                .collect();
+            for user in holders {
+                if let Some(m) = w.members.get_mut(&user) {
+                    m.roles.remove(&id);
+                }
+                out.push(w.member_update(user));
+            }
+            out.push(Dispatch {
+                name: "GUILD_ROLE_DELETE",
+                data: json!({"guild_id": w.guild_id.to_string(), "role_id": id.to_string()}),
+            });
+            Ok(((), out))
+        })?;
         Ok(out)
     }
 
-    /// Adds (`grant`) or removes a role from a member.
+    /// Adds (`grant`) or removes a role from a member. Managed roles and @everyone are
+    /// not assignable, even by an admin.
     pub fn set_member_role(
         &mut self,
-        actor: u64,
+        actor: Option<u64>,
         user_id: u64,
         role_id: u64,
         grant: bool,
@@ -736,23 +951,41 @@ impl World {
             return Err(Refusal::UnknownMember);
         }
         let role = self.roles.get(&role_id).ok_or(Refusal::UnknownRole)?;
-        self.require(self.base_permissions(actor), perm::MANAGE_ROLES)?;
-        if role.position >= self.top_position(actor) || role.managed || role_id == self.guild_id {
-            return Err(Refusal::MissingPermission(perm::MANAGE_ROLES));
+        if let Some(actor) = actor {
+            self.require(self.base_permissions(actor), perm::MANAGE_ROLES)?;
+            if role.position >= self.top_position(actor) {
+                return Err(Refusal::MissingPermission(perm::MANAGE_ROLES));
+            }
         }
-        let Some(member) = self.members.get_mut(&user_id) else {
-            return Err(Refusal::UnknownMember);
-        };
-        let changed = if grant {
-            member.roles.insert(role_id)
-        } else {
-            member.roles.remove(&role_id)
-        };
-        Ok(if changed {
-            vec![self.member_update(user_id)]
-        } else {
-            Vec::new()
-        })
+        if role.managed || role_id == self.guild_id {
+            return Err(match actor {
+                Some(_) => Refusal::MissingPermission(perm::MANAGE_ROLES),
+                None => Refusal::Invalid(
+                    "role_id",
+                    "ROLE_NOT_ASSIGNABLE",
+                    "Managed roles and @everyone cannot be assigned.".to_owned(),
+                ),
+            });
+        }
+        let ((), out) = self.tracking_view(|w| {
+            let Some(member) = w.members.get_mut(&user_id) else {
+                return Err(Refusal::UnknownMember);
+            };
+            let changed = if grant {
+                member.roles.insert(role_id)
+            } else {
+                member.roles.remove(&role_id)
+            };
+            Ok((
+                (),
+                if changed {
+                    vec![w.member_update(user_id)]
+                } else {
+                    Vec::new()
+                },
+            ))
+        })?;
+        Ok(out)
     }
 
     /// Adds a user to the guild (the OAuth2 `guilds.join` flow). `Ok(None)` when they were
@@ -789,6 +1022,47 @@ impl World {
         }]))
     }
 
+    /// Remove Guild Member (a kick): KICK_MEMBERS, and Discord's Permission Hierarchy ("A
+    /// bot can only kick ... users whose highest role is lower than the bot's highest
+    /// role"). The member leaves voice first, then GUILD_MEMBER_REMOVE follows.
+    pub fn remove_member(
+        &mut self,
+        actor: Option<u64>,
+        user_id: u64,
+    ) -> Result<Vec<Dispatch>, Refusal> {
+        if !self.members.contains_key(&user_id) {
+            return Err(Refusal::UnknownMember);
+        }
+        match actor {
+            Some(actor) => {
+                self.require(self.base_permissions(actor), perm::KICK_MEMBERS)?;
+                if self.top_position(user_id) >= self.top_position(actor) {
+                    return Err(Refusal::MissingPermission(perm::KICK_MEMBERS));
+                }
+            }
+            // The owner cannot leave without transferring the guild, and the bot leaving
+            // would end the simulated guild for every Gateway session.
+            None if user_id == self.owner_id || user_id == self.bot_id => {
+                return Err(Refusal::Invalid(
+                    "user_id",
+                    "MEMBER_NOT_REMOVABLE",
+                    "The owner and the bot cannot be removed.".to_owned(),
+                ));
+            }
+            None => {}
+        }
+        let mut out = self.set_voice_unchecked(user_id, None, VoiceFlags::default());
+        self.members.remove(&user_id);
+        out.push(Dispatch {
+            name: "GUILD_MEMBER_REMOVE",
+            data: json!({
+                "guild_id": self.guild_id.to_string(),
+                "user": self.user_json(user_id).unwrap_or(Value::Null),
+            }),
+        });
+        Ok(out)
+    }
+
     /// Moves a member between voice channels (or disconnects them with `None`) on the
     /// bot's authority. The mover needs MOVE_MEMBERS; the target must be in voice.
     pub fn move_member(
@@ -805,29 +1079,31 @@ impl World {
         };
         let from = self.channel(current.channel_id)?;
         self.require(self.channel_permissions(actor, from), perm::MOVE_MEMBERS)?;
-        if let Some(to) = channel_id {
-            let target = self.channel(to)?;
-            if !kind::is_voice(target.kind) {
-                return Err(Refusal::Invalid(
-                    "channel_id",
-                    "CHANNEL_TYPE_INVALID",
-                    "Channel is not a voice channel.".to_owned(),
-                ));
-            }
-            self.require(
-                self.channel_permissions(actor, target),
-                perm::MOVE_MEMBERS | perm::CONNECT,
-            )?;
-            // The moved user must be able to see and join the target themselves.
-            self.require(
-                self.channel_permissions(user_id, target),
-                perm::VIEW_CHANNEL | perm::CONNECT,
-            )?;
-            if current.channel_id == to {
-                return Ok(Vec::new());
-            }
+        let Some(to) = channel_id else {
+            return Ok(self.set_voice_unchecked(user_id, None, current.flags));
+        };
+        let target = self.channel(to)?;
+        if !kind::is_voice(target.kind) {
+            return Err(Refusal::Invalid(
+                "channel_id",
+                "CHANNEL_TYPE_INVALID",
+                "Channel is not a voice channel.".to_owned(),
+            ));
         }
-        Ok(self.set_voice_unchecked(user_id, channel_id, current.flags))
+        // Modify Guild Member: "When moving members to channels, the API user must have
+        // permissions to both connect to the channel and have the MOVE_MEMBERS
+        // permission." That is all Discord checks: nothing about whether the moved member
+        // could see or join the target themselves, so a bot can move anyone anywhere it
+        // may go (Coven must make that check itself).
+        self.require(
+            self.channel_permissions(actor, target),
+            perm::MOVE_MEMBERS | perm::CONNECT,
+        )?;
+        self.moves.push((user_id, to));
+        if current.channel_id == to {
+            return Ok(Vec::new());
+        }
+        Ok(self.set_voice_unchecked(user_id, Some(to), current.flags))
     }
 
     /// A user joins, changes flags in, or leaves (`None`) voice on their own, with the
@@ -968,6 +1244,50 @@ impl World {
         }))
     }
 
+    /// A channel as the bot receives it: in full when it can view it, otherwise
+    /// obfuscated as Discord does since 2026-11-16 (channel resource, "Obfuscated
+    /// Channels"): only `id`, `type`, `position` and `parent_id` are real.
+    pub fn channel_json_for_bot(&self, c: &Channel, with_guild: bool) -> Value {
+        if self.bot_can_view(c) {
+            self.channel_json(c, with_guild)
+        } else {
+            self.obfuscated_channel_json(c, with_guild)
+        }
+    }
+
+    fn obfuscated_channel_json(&self, c: &Channel, with_guild: bool) -> Value {
+        let mut v = json!({
+            "id": c.id.to_string(),
+            "type": c.kind,
+            "name": HIDDEN_NAME,
+            "position": c.position,
+            "parent_id": c.parent_id.map(|p| p.to_string()),
+            "nsfw": false,
+            "flags": channel_flag::OBFUSCATED,
+            // The real overwrites are replaced by one denying View Channel to @everyone.
+            "permission_overwrites": [{
+                "id": self.guild_id.to_string(),
+                "type": 0,
+                "allow": "0",
+                "deny": perm::VIEW_CHANNEL.to_string(),
+            }],
+        });
+        if kind::is_voice(c.kind) {
+            v["user_limit"] = json!(0);
+            v["bitrate"] = Value::Null;
+            v["rtc_region"] = Value::Null;
+            v["rate_limit_per_user"] = json!(0);
+        } else if c.kind == kind::TEXT {
+            v["topic"] = Value::Null;
+            v["rate_limit_per_user"] = json!(0);
+            v["last_message_id"] = Value::Null;
+        }
+        if with_guild {
+            v["guild_id"] = json!(self.guild_id.to_string());
+        }
+        v
+    }
+
     pub fn channel_json(&self, c: &Channel, with_guild: bool) -> Value {
         let mut v = json!({
             "id": c.id.to_string(),
@@ -1072,7 +1392,7 @@ impl World {
             "roles": self.roles.values().map(role_json).collect::<Vec<_>>(),
             "emojis": [],
             "stickers": [],
-            "channels": self.channels.values().map(|c| self.channel_json(c, false)).collect::<Vec<_>>(),
+            "channels": self.channels.values().map(|c| self.channel_json_for_bot(c, false)).collect::<Vec<_>>(),
             "threads": [],
             "members": member_ids.iter().filter_map(|u| self.member_json(*u)).collect::<Vec<_>>(),
             "voice_states": if with_voice {
@@ -1095,6 +1415,156 @@ impl Member {
             deaf: false,
         }
     }
+}
+
+/// Modify Channel's fields the simulator supports (absent = unchanged).
+#[derive(Debug, Clone, Default)]
+pub struct ChannelEdit {
+    pub name: Option<String>,
+    pub user_limit: Option<u32>,
+    /// The whole new list of overwrites.
+    pub overwrites: Option<Vec<Overwrite>>,
+}
+
+/// Modify Guild Role's fields (absent = unchanged).
+#[derive(Debug, Clone, Default)]
+pub struct RoleEdit {
+    pub name: Option<String>,
+    pub permissions: Option<u64>,
+    pub color: Option<u32>,
+    pub hoist: Option<bool>,
+    pub mentionable: Option<bool>,
+}
+
+fn check_name(name: &str) -> Result<(), Refusal> {
+    if (1..=100).contains(&name.chars().count()) {
+        Ok(())
+    } else {
+        Err(Refusal::Invalid(
+            "name",
+            "BASE_TYPE_BAD_LENGTH",
+            "Must be between 1 and 100 in length.".to_owned(),
+        ))
+    }
+}
+
+fn check_user_limit(limit: u32) -> Result<(), Refusal> {
+    if limit <= 99 {
+        Ok(())
+    } else {
+        Err(Refusal::Invalid(
+            "user_limit",
+            "NUMBER_TYPE_MAX",
+            "int value should be less than or equal to 99.".to_owned(),
+        ))
+    }
+}
+
+/// The permission bits an overwrite edit allows or denies anew (or stops allowing or
+/// denying), which are what Discord's grant rule looks at.
+fn overwrite_change(old: Option<&Overwrite>, new: Option<&Overwrite>) -> u64 {
+    let (oa, od) = old.map_or((0, 0), |o| (o.allow, o.deny));
+    let (na, nd) = new.map_or((0, 0), |o| (o.allow, o.deny));
+    (oa ^ na) | (od ^ nd)
+}
+
+/// One overwrite per target, the last one given winning.
+fn dedup_overwrites(list: Vec<Overwrite>) -> Vec<Overwrite> {
+    let mut out: Vec<Overwrite> = Vec::with_capacity(list.len());
+    for o in list {
+        match out.iter_mut().find(|x| x.id == o.id) {
+            Some(x) => *x = o,
+            None => out.push(o),
+        }
+    }
+    out
+}
+
+/// A permission bitset as Discord writes it (a decimal string); numbers are accepted
+/// too, and `null` means none, as Discord's overwrite objects allow.
+pub fn bits_from_json(v: &Value) -> Option<u64> {
+    match v {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_u64(),
+        Value::Null => Some(0),
+        _ => None,
+    }
+}
+
+/// A snowflake as a string (Discord's way) or a number.
+pub fn id_from_json(v: &Value) -> Option<u64> {
+    match v {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_u64(),
+        _ => None,
+    }
+}
+
+/// An overwrite object `{id, type, allow?, deny?}`; `id` may come from elsewhere (the
+/// path of Edit Channel Permissions). On error, names the bad field.
+pub fn overwrite_from_json(
+    o: &serde_json::Map<String, Value>,
+    id: Option<u64>,
+) -> Result<Overwrite, &'static str> {
+    let id = match id {
+        Some(id) => id,
+        None => o.get("id").and_then(id_from_json).ok_or("id")?,
+    };
+    let kind = o
+        .get("type")
+        .and_then(|t| {
+            t.as_u64()
+                .or_else(|| t.as_str().and_then(|s| s.parse().ok()))
+        })
+        .filter(|t| *t <= 1)
+        .ok_or("type")? as u8;
+    let allow = o
+        .get("allow")
+        .map_or(Some(0), bits_from_json)
+        .ok_or("allow")?;
+    let deny = o
+        .get("deny")
+        .map_or(Some(0), bits_from_json)
+        .ok_or("deny")?;
+    Ok(Overwrite {
+        id,
+        kind,
+        allow,
+        deny,
+    })
+}
+
+/// Modify Guild Role's JSON body; every field is optional and nullable (a null name or
+/// permissions reads as "unchanged", a null color as no colour). On error, names the bad
+/// field.
+pub fn role_edit_from_json(req: &serde_json::Map<String, Value>) -> Result<RoleEdit, &'static str> {
+    let flag = |field: &'static str| match req.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(field),
+    };
+    Ok(RoleEdit {
+        name: match req.get("name") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => return Err("name"),
+        },
+        permissions: match req.get("permissions") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(bits_from_json(v).ok_or("permissions")?),
+        },
+        color: match req.get("color") {
+            None => None,
+            Some(Value::Null) => Some(0),
+            Some(v) => Some(
+                v.as_u64()
+                    .and_then(|c| u32::try_from(c).ok())
+                    .ok_or("color")?,
+            ),
+        },
+        hoist: flag("hoist")?,
+        mentionable: flag("mentionable")?,
+    })
 }
 
 /// The fields of a channel-create request the world needs.
@@ -1200,7 +1670,7 @@ mod tests {
         let mut w = world();
         let bot = w.bot_id;
         let (role, _) = w
-            .create_role(bot, Some("room".into()), 0, 0, false, false)
+            .create_role(Some(bot), Some("room".into()), 0, 0, false, false)
             .unwrap();
         let role: u64 = role["id"].as_str().unwrap().parse().unwrap();
         let room_perms = perm::VIEW_CHANNEL | perm::CONNECT | perm::SPEAK;
@@ -1241,8 +1711,8 @@ mod tests {
             w.user_voice(bramble, Some(room), none.clone()).unwrap_err(),
             Refusal::MissingPermission(perm::VIEW_CHANNEL)
         );
-        w.set_member_role(bot, bramble, role, true).unwrap();
-        w.set_member_role(bot, cinder, role, true).unwrap();
+        w.set_member_role(Some(bot), bramble, role, true).unwrap();
+        w.set_member_role(Some(bot), cinder, role, true).unwrap();
         assert_eq!(
             w.user_voice(bramble, Some(room), none.clone())
                 .unwrap()
@@ -1265,9 +1735,342 @@ mod tests {
         let mut w = world();
         let bot = w.bot_id;
         let err = w
-            .create_role(bot, None, perm::ADMINISTRATOR, 0, false, false)
+            .create_role(Some(bot), None, perm::ADMINISTRATOR, 0, false, false)
             .unwrap_err();
         assert_eq!(err, Refusal::MissingPermission(perm::ADMINISTRATOR));
+    }
+
+    /// A voice room closed to @everyone, open to `role` and to the bot.
+    fn private_room(w: &mut World, role: Option<u64>) -> u64 {
+        let room_perms = perm::VIEW_CHANNEL | perm::CONNECT | perm::SPEAK;
+        let mut overwrites = vec![
+            Overwrite {
+                id: w.guild_id,
+                kind: 0,
+                allow: 0,
+                deny: perm::VIEW_CHANNEL | perm::CONNECT,
+            },
+            Overwrite {
+                id: w.bot_id,
+                kind: 1,
+                allow: room_perms | perm::MOVE_MEMBERS,
+                deny: 0,
+            },
+        ];
+        if let Some(role) = role {
+            overwrites.push(Overwrite {
+                id: role,
+                kind: 0,
+                allow: room_perms,
+                deny: 0,
+            });
+        }
+        let new = NewChannel {
+            name: "table".into(),
+            kind: kind::VOICE,
+            parent_id: Some(w.room_category_id),
+            user_limit: 0,
+            overwrites,
+        };
+        w.create_channel(None, new).unwrap().0
+    }
+
+    fn names(events: &[Dispatch]) -> Vec<&'static str> {
+        events.iter().map(|d| d.name).collect()
+    }
+
+    #[test]
+    fn the_bot_moves_a_member_who_could_not_join_by_themselves() {
+        let mut w = world();
+        let bot = w.bot_id;
+        let room = private_room(&mut w, None);
+        let bramble = member_named(&w, "bramble");
+        w.user_voice(bramble, Some(w.lobby_id), VoiceFlags::default())
+            .unwrap();
+        // Bramble may not enter the room on their own...
+        assert_eq!(
+            w.user_voice(bramble, Some(room), VoiceFlags::default())
+                .unwrap_err(),
+            Refusal::MissingPermission(perm::VIEW_CHANNEL)
+        );
+        // ...but Discord lets a mover with Move Members and Connect put them there.
+        let events = w.move_member(bot, bramble, Some(room)).unwrap();
+        assert_eq!(names(&events), ["VOICE_STATE_UPDATE"]);
+        assert_eq!(w.voice[&bramble].channel_id, room);
+        assert_eq!(w.moves, [(bramble, room)]);
+    }
+
+    #[test]
+    fn the_movers_own_permissions_still_count() {
+        let mut w = world();
+        let bot = w.bot_id;
+        let ash = member_named(&w, "ash");
+        w.user_voice(ash, Some(w.lobby_id), VoiceFlags::default())
+            .unwrap();
+        let room = private_room(&mut w, None);
+        // Without Connect for the bot in the target, no move.
+        w.set_overwrite(
+            None,
+            room,
+            Overwrite {
+                id: bot,
+                kind: 1,
+                allow: perm::VIEW_CHANNEL | perm::MOVE_MEMBERS,
+                deny: perm::CONNECT,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            w.move_member(bot, ash, Some(room)).unwrap_err(),
+            Refusal::MissingPermission(perm::CONNECT)
+        );
+        // Nor without Move Members.
+        w.set_overwrite(
+            None,
+            room,
+            Overwrite {
+                id: bot,
+                kind: 1,
+                allow: perm::VIEW_CHANNEL | perm::CONNECT,
+                deny: perm::MOVE_MEMBERS,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            w.move_member(bot, ash, Some(room)).unwrap_err(),
+            Refusal::MissingPermission(perm::MOVE_MEMBERS)
+        );
+        assert!(w.moves.is_empty());
+    }
+
+    #[test]
+    fn a_channel_the_bot_cannot_view_is_dispatched_obfuscated() {
+        let mut w = world();
+        let new = NewChannel {
+            name: "secret".into(),
+            kind: kind::VOICE,
+            parent_id: Some(w.room_category_id),
+            user_limit: 5,
+            overwrites: vec![Overwrite {
+                id: w.guild_id,
+                kind: 0,
+                allow: 0,
+                deny: perm::VIEW_CHANNEL,
+            }],
+        };
+        let (id, events) = w.create_channel(None, new).unwrap();
+        let d = &events[0].data;
+        assert_eq!(d["name"], HIDDEN_NAME);
+        assert_eq!(d["flags"], channel_flag::OBFUSCATED);
+        assert_eq!(d["user_limit"], 0);
+        assert_eq!(d["bitrate"], Value::Null);
+        assert_eq!(d["parent_id"], w.room_category_id.to_string());
+        assert_eq!(
+            d["permission_overwrites"],
+            json!([{"id": w.guild_id.to_string(), "type": 0, "allow": "0", "deny": "1024"}])
+        );
+        assert!(
+            w.guild_create_json(true)["channels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["id"].as_str() == Some(id.to_string().as_str())
+                    && c["name"] == HIDDEN_NAME)
+        );
+        assert_eq!(
+            w.channel_for(Some(w.bot_id), id).unwrap_err(),
+            Refusal::MissingAccess
+        );
+        // An overwrite for the bot reveals it: the update carries the real data.
+        let bot = w.bot_id;
+        let events = w
+            .set_overwrite(
+                None,
+                id,
+                Overwrite {
+                    id: bot,
+                    kind: 1,
+                    allow: perm::VIEW_CHANNEL,
+                    deny: 0,
+                },
+            )
+            .unwrap();
+        assert_eq!(names(&events), ["CHANNEL_UPDATE"]);
+        assert_eq!(events[0].data["name"], "secret");
+        assert_eq!(events[0].data["user_limit"], 5);
+        assert_eq!(events[0].data["flags"], 0);
+    }
+
+    #[test]
+    fn role_changes_that_flip_the_bots_view_send_channel_updates() {
+        let mut w = world();
+        let bot = w.bot_id;
+        let (role, _) = w
+            .create_role(None, Some("seer".into()), 0, 0, false, false)
+            .unwrap();
+        let role: u64 = role["id"].as_str().unwrap().parse().unwrap();
+        let new = NewChannel {
+            name: "vault".into(),
+            kind: kind::VOICE,
+            parent_id: None,
+            user_limit: 0,
+            overwrites: vec![
+                Overwrite {
+                    id: w.guild_id,
+                    kind: 0,
+                    allow: 0,
+                    deny: perm::VIEW_CHANNEL,
+                },
+                Overwrite {
+                    id: role,
+                    kind: 0,
+                    allow: perm::VIEW_CHANNEL,
+                    deny: 0,
+                },
+            ],
+        };
+        let (vault, _) = w.create_channel(None, new).unwrap();
+        // Giving the bot the role reveals the vault.
+        let events = w.set_member_role(None, bot, role, true).unwrap();
+        assert_eq!(names(&events), ["GUILD_MEMBER_UPDATE", "CHANNEL_UPDATE"]);
+        assert_eq!(events[1].data["id"], vault.to_string());
+        assert_eq!(events[1].data["name"], "vault");
+        // Taking View Channel from @everyone changes nothing for the bot, whose own role
+        // still grants it...
+        let no_view = |p: u64| RoleEdit {
+            permissions: Some(p & !perm::VIEW_CHANNEL),
+            ..RoleEdit::default()
+        };
+        let everyone = w.guild_id;
+        let (_, events) = w
+            .update_role(None, everyone, no_view(EVERYONE_PERMISSIONS))
+            .unwrap();
+        assert_eq!(names(&events), ["GUILD_ROLE_UPDATE"]);
+        // ...until its role loses it too: every other channel is now hidden from it...
+        let bot_role = w.roles.values().find(|r| r.managed).unwrap().id;
+        let (_, events) = w
+            .update_role(None, bot_role, no_view(BOT_PERMISSIONS))
+            .unwrap();
+        assert_eq!(events[0].name, "GUILD_ROLE_UPDATE");
+        let hidden: Vec<_> = events[1..]
+            .iter()
+            .map(|d| (d.name, d.data["name"].as_str().unwrap()))
+            .collect();
+        assert_eq!(hidden.len(), 3, "general, Lobby, Game Rooms: {hidden:?}");
+        assert!(
+            hidden
+                .iter()
+                .all(|(n, name)| *n == "CHANNEL_UPDATE" && *name == HIDDEN_NAME)
+        );
+        // ...but not the vault, which the bot still sees through its role.
+        assert!(w.bot_can_view(&w.channels[&vault]));
+        // Deleting the role hides the vault again.
+        let events = w.delete_role(None, role).unwrap();
+        assert_eq!(
+            names(&events),
+            ["GUILD_MEMBER_UPDATE", "GUILD_ROLE_DELETE", "CHANNEL_UPDATE"]
+        );
+        assert_eq!(events[2].data["name"], HIDDEN_NAME);
+    }
+
+    #[test]
+    fn overwrite_edits_follow_discords_grant_rules() {
+        let mut w = world();
+        let bot = w.bot_id;
+        let room = private_room(&mut w, None);
+        let ash = member_named(&w, "ash");
+        let grant = |allow| Overwrite {
+            id: ash,
+            kind: 1,
+            allow,
+            deny: 0,
+        };
+        // The bot cannot allow what it does not have...
+        assert_eq!(
+            w.set_overwrite(Some(bot), room, grant(perm::ADMINISTRATOR))
+                .unwrap_err(),
+            Refusal::MissingPermission(perm::ADMINISTRATOR)
+        );
+        // ...nor set MANAGE_ROLES without being an administrator...
+        assert_eq!(
+            w.set_overwrite(Some(bot), room, grant(perm::MANAGE_ROLES))
+                .unwrap_err(),
+            Refusal::MissingPermission(perm::MANAGE_ROLES)
+        );
+        // ...but may grant what it has.
+        let events = w
+            .set_overwrite(Some(bot), room, grant(perm::VIEW_CHANNEL))
+            .unwrap();
+        assert_eq!(names(&events), ["CHANNEL_UPDATE"]);
+        assert_eq!(
+            w.delete_overwrite(Some(bot), room, 1).unwrap_err(),
+            Refusal::UnknownOverwrite
+        );
+        assert_eq!(
+            names(&w.delete_overwrite(Some(bot), room, ash).unwrap()),
+            ["CHANNEL_UPDATE"]
+        );
+        // With its role's MANAGE_ROLES denied in the channel, nothing at all.
+        let bot_role = *w.members[&bot].roles.iter().next().unwrap();
+        w.set_overwrite(
+            None,
+            room,
+            Overwrite {
+                id: bot_role,
+                kind: 0,
+                allow: 0,
+                deny: perm::MANAGE_ROLES,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            w.set_overwrite(Some(bot), room, grant(perm::VIEW_CHANNEL))
+                .unwrap_err(),
+            Refusal::MissingPermission(perm::MANAGE_ROLES)
+        );
+    }
+
+    #[test]
+    fn removing_a_member_disconnects_them_first() {
+        let mut w = world();
+        let bot = w.bot_id;
+        let cinder = member_named(&w, "cinder");
+        w.user_voice(cinder, Some(w.lobby_id), VoiceFlags::default())
+            .unwrap();
+        assert_eq!(
+            w.remove_member(Some(bot), cinder).unwrap_err(),
+            Refusal::MissingPermission(perm::KICK_MEMBERS)
+        );
+        let (kicker, _) = w
+            .create_role(
+                None,
+                Some("kick".into()),
+                perm::KICK_MEMBERS,
+                0,
+                false,
+                false,
+            )
+            .unwrap();
+        let kicker: u64 = kicker["id"].as_str().unwrap().parse().unwrap();
+        w.set_member_role(None, bot, kicker, true).unwrap();
+        // The owner outranks the bot.
+        assert_eq!(
+            w.remove_member(Some(bot), w.owner_id).unwrap_err(),
+            Refusal::MissingPermission(perm::KICK_MEMBERS)
+        );
+        let events = w.remove_member(Some(bot), cinder).unwrap();
+        assert_eq!(
+            names(&events),
+            ["VOICE_STATE_UPDATE", "GUILD_MEMBER_REMOVE"]
+        );
+        assert_eq!(events[0].data["channel_id"], Value::Null);
+        assert_eq!(events[1].data["user"]["id"], cinder.to_string());
+        assert!(!w.members.contains_key(&cinder));
+        assert!(w.voice.is_empty());
+        assert_eq!(
+            w.remove_member(None, cinder).unwrap_err(),
+            Refusal::UnknownMember
+        );
     }
 
     #[test]

@@ -395,3 +395,245 @@ async fn the_simulator_serves_the_gateway_at_any_path() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Channel obfuscation: what Discord sends a bot about channels it cannot view.
+
+const VIEW_CHANNEL: u64 = 1 << 10;
+const CONNECT: u64 = 1 << 20;
+const OBFUSCATED: u64 = 1 << 17;
+
+/// Control-API body for a voice channel only `allowed` (a role) may view, or nobody.
+fn hidden_voice(name: &str, guild: u64, allowed: Option<u64>) -> Value {
+    let mut overwrites =
+        vec![json!({"id": guild.to_string(), "type": 0, "deny": VIEW_CHANNEL.to_string()})];
+    if let Some(role) = allowed {
+        overwrites
+            .push(json!({"id": role.to_string(), "type": 0, "allow": VIEW_CHANNEL.to_string()}));
+    }
+    json!({"name": name, "type": 2, "user_limit": 4, "permission_overwrites": overwrites})
+}
+
+fn channel_event(e: &Event, id: u64) -> Option<twilight_model::channel::Channel> {
+    match e {
+        Event::ChannelCreate(c) if c.0.id.get() == id => Some(c.0.clone()),
+        Event::ChannelUpdate(c) if c.0.id.get() == id => Some(c.0.clone()),
+        _ => None,
+    }
+}
+
+async fn next_channel_event(
+    shard: &mut twilight_gateway::Shard,
+    id: u64,
+) -> twilight_model::channel::Channel {
+    let event = next_event(shard, |e| channel_event(e, id).is_some()).await;
+    channel_event(&event, id).expect("matched above")
+}
+
+fn assert_obfuscated(c: &twilight_model::channel::Channel, guild: u64) {
+    assert_eq!(c.name.as_deref(), Some("___hidden___"));
+    assert_eq!(c.user_limit, Some(0));
+    let overwrites = c.permission_overwrites.as_deref().unwrap_or_default();
+    assert_eq!(overwrites.len(), 1);
+    assert_eq!(overwrites[0].id.get(), guild);
+    assert_eq!(overwrites[0].deny.bits(), VIEW_CHANNEL);
+    assert!(overwrites[0].allow.is_empty());
+}
+
+#[tokio::test]
+async fn hidden_channels_are_obfuscated_and_an_overwrite_reveals_them() {
+    let sim = TestSim::start().await;
+    let guild = sim.guild_id();
+    let bot = sim.id_of("bot_id").await;
+    let before = sim
+        .create_channel(hidden_voice("Before", guild, None))
+        .await;
+    // The owner may go anywhere; voice states in hidden channels are still sent.
+    let ash = sim.user("ash").await;
+    sim.join(ash, before).await;
+
+    let mut shard = shard(&sim);
+    let Event::GuildCreate(created) =
+        next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await
+    else {
+        unreachable!()
+    };
+    let GuildCreate::Available(g) = *created else {
+        panic!("the guild arrived unavailable")
+    };
+    let listed = g
+        .channels
+        .iter()
+        .find(|c| c.id.get() == before)
+        .expect("a hidden channel is still in GUILD_CREATE");
+    assert_obfuscated(listed, guild);
+    assert_eq!(
+        g.voice_states[0].channel_id.map(|c| c.get()),
+        Some(before),
+        "voice states are not withheld"
+    );
+
+    let after = sim.create_channel(hidden_voice("After", guild, None)).await;
+    let created = next_channel_event(&mut shard, after).await;
+    assert_obfuscated(&created, guild);
+    assert_eq!(
+        created.kind,
+        twilight_model::channel::ChannelType::GuildVoice
+    );
+
+    // An overwrite for the bot: the update carries the real channel.
+    sim.set_overwrite(after, bot, 1, VIEW_CHANNEL | CONNECT, 0)
+        .await;
+    let revealed = next_channel_event(&mut shard, after).await;
+    assert_eq!(revealed.name.as_deref(), Some("After"));
+    assert_eq!(revealed.user_limit, Some(4));
+    assert_eq!(revealed.permission_overwrites.map(|o| o.len()), Some(2));
+    // Taking it away hides the channel again.
+    sim.delete_overwrite(after, bot).await;
+    assert_obfuscated(&next_channel_event(&mut shard, after).await, guild);
+
+    let bramble = sim.user("bramble").await;
+    sim.set_overwrite(before, bramble, 1, VIEW_CHANNEL | CONNECT, 0)
+        .await;
+    assert_obfuscated(&next_channel_event(&mut shard, before).await, guild);
+    sim.join(bramble, before).await;
+    let Event::VoiceStateUpdate(vs) =
+        next_event(&mut shard, |e| matches!(e, Event::VoiceStateUpdate(_))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(vs.0.channel_id.map(|c| c.get()), Some(before));
+}
+
+#[tokio::test]
+async fn role_changes_that_flip_the_bots_view_send_channel_updates() {
+    let sim = TestSim::start().await;
+    let guild = sim.guild_id();
+    let bot = sim.id_of("bot_id").await;
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+
+    let seer = sim.create_role("Seer", 0).await;
+    let Event::RoleCreate(created) =
+        next_event(&mut shard, |e| matches!(e, Event::RoleCreate(_))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(created.role.id.get(), seer);
+    let vault = sim
+        .create_channel(hidden_voice("Vault", guild, Some(seer)))
+        .await;
+    assert_obfuscated(&next_channel_event(&mut shard, vault).await, guild);
+
+    // The bot gets the role: GUILD_MEMBER_UPDATE needs GUILD_MEMBERS, but the vault's
+    // CHANNEL_UPDATE reaches it with the real data.
+    sim.grant_role(bot, seer).await;
+    let seen = next_channel_event(&mut shard, vault).await;
+    assert_eq!(seen.name.as_deref(), Some("Vault"));
+
+    // Taking the role away hides it again.
+    sim.revoke_role(bot, seer).await;
+    assert_obfuscated(&next_channel_event(&mut shard, vault).await, guild);
+
+    // Role permissions: the lobby has no overwrites, so the bot sees it through
+    // @everyone and through its own role. Taking View from @everyone alone flips
+    // nothing (only GUILD_ROLE_UPDATE); taking it from the bot's role too hides it.
+    let lobby = sim.id_of("lobby_id").await;
+    let state = sim.state().await;
+    let role = |pick: &dyn Fn(&Value) -> bool| -> (u64, u64) {
+        let r = state["roles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| pick(r))
+            .expect("the role");
+        let num = |v: &Value| v.as_str().and_then(|s| s.parse().ok()).unwrap();
+        (num(&r["id"]), num(&r["permissions"]))
+    };
+    let (bot_role, bot_perms) = role(&|r| r["managed"] == true);
+    let everyone_perms = role(&|r| is_id(&r["id"], guild)).1;
+    sim.set_role_permissions(guild, everyone_perms & !VIEW_CHANNEL)
+        .await;
+    let Event::RoleUpdate(updated) =
+        next_event(&mut shard, |e| matches!(e, Event::RoleUpdate(_))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(updated.role.id.get(), guild);
+    assert_eq!(
+        updated.role.permissions.bits(),
+        everyone_perms & !VIEW_CHANNEL
+    );
+    sim.set_role_permissions(bot_role, bot_perms & !VIEW_CHANNEL)
+        .await;
+    // The role update comes first, then the channels it hid; none came in between.
+    let next = next_event(&mut shard, |e| {
+        matches!(e, Event::RoleUpdate(_) | Event::ChannelUpdate(_))
+    })
+    .await;
+    assert!(
+        matches!(&next, Event::RoleUpdate(r) if r.role.id.get() == bot_role),
+        "{next:?}"
+    );
+    assert_obfuscated(&next_channel_event(&mut shard, lobby).await, guild);
+    sim.set_role_permissions(bot_role, bot_perms).await;
+    let back = next_channel_event(&mut shard, lobby).await;
+    assert_eq!(back.name.as_deref(), Some("Lobby"));
+}
+
+#[tokio::test]
+async fn obfuscated_channels_have_discords_json_shape() {
+    let sim = TestSim::start().await;
+    let guild = sim.guild_id();
+    let hidden = sim
+        .create_channel(hidden_voice("Secret", guild, None))
+        .await;
+    let mut ws = connect(&sim, "?v=10&encoding=json").await;
+    recv(&mut ws).await.expect("hello");
+    send(&mut ws, &identify(&sim.token(), 129)).await;
+    recv(&mut ws).await.expect("ready");
+    let frame = recv(&mut ws).await.expect("guild create");
+    assert_eq!(frame["t"], "GUILD_CREATE");
+    let channel = frame["d"]["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| is_id(&c["id"], hidden))
+        .cloned()
+        .expect("the hidden channel is listed");
+    assert_eq!(channel["name"], "___hidden___");
+    assert_eq!(channel["flags"].as_u64().unwrap() & OBFUSCATED, OBFUSCATED);
+    assert_eq!(
+        channel["permission_overwrites"],
+        json!([{"id": guild.to_string(), "type": 0, "allow": "0", "deny": VIEW_CHANNEL.to_string()}])
+    );
+    for field in ["bitrate", "rtc_region"] {
+        assert_eq!(channel[field], Value::Null, "{field}");
+    }
+    assert_eq!(channel["user_limit"], 0);
+    assert_eq!(channel["type"], 2);
+    assert!(channel["position"].is_i64());
+    // twilight-model reads both the channel and the GUILD_CREATE that holds it (it drops
+    // the unknown flag bit, which is why Coven recognises the name).
+    let parsed: twilight_model::channel::Channel =
+        serde_json::from_value(channel).expect("twilight-model reads the channel");
+    assert_eq!(parsed.id.get(), hidden);
+    let parsed: GuildCreate =
+        serde_json::from_value(frame["d"].clone()).expect("twilight-model reads GUILD_CREATE");
+    assert!(matches!(parsed, GuildCreate::Available(_)));
+
+    // CHANNEL_CREATE of another hidden channel, raw.
+    let other = sim.create_channel(hidden_voice("Other", guild, None)).await;
+    let frame = recv(&mut ws).await.expect("channel create");
+    assert_eq!(frame["t"], "CHANNEL_CREATE");
+    assert_eq!(frame["d"]["id"], other.to_string());
+    assert_eq!(frame["d"]["name"], "___hidden___");
+    assert_eq!(frame["d"]["guild_id"], guild.to_string());
+    let _: twilight_model::gateway::payload::incoming::ChannelCreate =
+        serde_json::from_value(frame["d"].clone()).expect("twilight-model reads CHANNEL_CREATE");
+}
+
+/// Whether a JSON value is this snowflake, written as Discord writes ids (a string).
+fn is_id(v: &Value, id: u64) -> bool {
+    v.as_str() == Some(id.to_string().as_str())
+}

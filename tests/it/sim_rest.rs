@@ -11,7 +11,8 @@ use twilight_model::channel::permission_overwrite::{PermissionOverwrite, Permiss
 use twilight_model::guild::Permissions;
 use twilight_model::id::Id;
 
-use crate::harness::TestSim;
+use crate::harness::{TestSim, next_event, shard};
+use twilight_gateway::Event;
 
 /// The Discord error code inside a twilight-http error, if it is a Discord answer.
 fn discord_code(e: &twilight_http::Error) -> Option<(u16, u64)> {
@@ -522,4 +523,552 @@ async fn the_sims_rest_payloads_deserialize_with_twilight_model() {
     let gw: twilight_model::gateway::connection_info::BotConnectionInfo =
         serde_json::from_value(gw).expect("gateway bot");
     assert_eq!(gw.url, sim.gateway_url());
+}
+
+// ---------------------------------------------------------------------------------------
+// Visibility, moves, kicks, roles and overwrites, as Discord documents them.
+
+fn room_overwrites(guild: u64, bot: u64, role: Option<u64>) -> Vec<PermissionOverwrite> {
+    let mut list = vec![
+        PermissionOverwrite {
+            id: Id::new(guild),
+            kind: PermissionOverwriteType::Role,
+            allow: Permissions::empty(),
+            deny: Permissions::VIEW_CHANNEL | Permissions::CONNECT,
+        },
+        PermissionOverwrite {
+            id: Id::new(bot),
+            kind: PermissionOverwriteType::Member,
+            allow: Permissions::VIEW_CHANNEL
+                | Permissions::CONNECT
+                | Permissions::MOVE_MEMBERS
+                | Permissions::MANAGE_CHANNELS,
+            deny: Permissions::empty(),
+        },
+    ];
+    if let Some(role) = role {
+        list.push(PermissionOverwrite {
+            id: Id::new(role),
+            kind: PermissionOverwriteType::Role,
+            allow: Permissions::VIEW_CHANNEL | Permissions::CONNECT,
+            deny: Permissions::empty(),
+        });
+    }
+    list
+}
+
+/// A private voice room made by the bot through twilight-http, as Coven makes them.
+async fn bot_room(sim: &TestSim, http: &twilight_http::Client, role: Option<u64>) -> u64 {
+    let bot = sim.id_of("bot_id").await;
+    let overwrites = room_overwrites(sim.guild_id(), bot, role);
+    http.create_guild_channel(Id::new(sim.guild_id()), "room")
+        .kind(ChannelType::GuildVoice)
+        .permission_overwrites(&overwrites)
+        .await
+        .expect("create room")
+        .model()
+        .await
+        .expect("channel model")
+        .id
+        .get()
+}
+
+#[tokio::test]
+async fn hidden_channels_are_left_out_of_rest_and_answer_missing_access() {
+    let sim = TestSim::start_with(|s| s.rate_limit = 100).await;
+    let http = sim.twilight_http();
+    let guild = sim.guild_id();
+    let view = Permissions::VIEW_CHANNEL.bits();
+    let hidden = sim
+        .create_channel(json!({
+            "name": "Staff",
+            "permission_overwrites": [{"id": guild.to_string(), "type": 0, "deny": view.to_string()}],
+        }))
+        .await;
+    let listed = |channels: &[twilight_model::channel::Channel]| {
+        channels.iter().any(|c| c.id.get() == hidden)
+    };
+    let channels = http
+        .guild_channels(Id::new(guild))
+        .await
+        .expect("list")
+        .models()
+        .await
+        .expect("channel models");
+    assert!(
+        !listed(&channels),
+        "a channel the bot cannot view is omitted"
+    );
+    assert!(channels.len() >= 3);
+    let err = http.channel(Id::new(hidden)).await.expect_err("hidden");
+    assert_eq!(discord_code(&err), Some((403, 50001)));
+    // Nor can the bot change it, or its overwrites.
+    let err = http
+        .update_channel(Id::new(hidden))
+        .name("mine")
+        .await
+        .expect_err("hidden");
+    assert_eq!(discord_code(&err), Some((403, 50001)));
+
+    // An admin lets the bot see it: now it is listed and readable.
+    let bot = sim.id_of("bot_id").await;
+    sim.set_overwrite(hidden, bot, 1, view, 0).await;
+    let channels = http
+        .guild_channels(Id::new(guild))
+        .await
+        .unwrap()
+        .models()
+        .await
+        .unwrap();
+    assert!(listed(&channels));
+    let channel = http
+        .channel(Id::new(hidden))
+        .await
+        .expect("visible now")
+        .model()
+        .await
+        .unwrap();
+    assert_eq!(channel.name.as_deref(), Some("Staff"));
+}
+
+#[tokio::test]
+async fn the_bot_moves_a_member_without_access_and_the_move_is_recorded() {
+    let sim = TestSim::start_with(|s| s.rate_limit = 100).await;
+    let http = sim.twilight_http();
+    let guild = Id::new(sim.guild_id());
+    let room = bot_room(&sim, &http, None).await;
+    let (lobby, bramble) = (sim.id_of("lobby_id").await, sim.user("bramble").await);
+    sim.join(bramble, lobby).await;
+    assert_eq!(sim.moves().await, []);
+
+    // Bramble cannot go in by themselves...
+    let (status, _) = sim
+        .control(
+            "/voice",
+            json!({"user_id": bramble.to_string(), "channel_id": room.to_string()}),
+        )
+        .await;
+    assert_eq!(status, 403);
+    // ...yet Discord lets the bot move them there: it checks only the mover.
+    let moved = http
+        .update_guild_member(guild, Id::new(bramble))
+        .channel_id(Some(Id::new(room)))
+        .await
+        .expect("the move succeeds");
+    assert_eq!(moved.status().get(), 200);
+    assert_eq!(sim.moves().await, [(bramble, room)]);
+    let state = sim.state().await;
+    assert_eq!(
+        state["voice_states"][0]["channel_id"],
+        room.to_string(),
+        "{state}"
+    );
+    // The mover's own checks remain: no Move Members in the lobby, no move back.
+    let bot = sim.id_of("bot_id").await;
+    sim.set_overwrite(lobby, bot, 1, 0, Permissions::MOVE_MEMBERS.bits())
+        .await;
+    let err = http
+        .update_guild_member(guild, Id::new(bramble))
+        .channel_id(Some(Id::new(lobby)))
+        .await
+        .expect_err("the bot may not move into the lobby now");
+    assert_eq!(discord_code(&err), Some((403, 50013)));
+    assert_eq!(sim.moves().await.len(), 1, "a refused move is not recorded");
+}
+
+#[tokio::test]
+async fn a_kicked_member_leaves_voice_and_is_unknown_afterwards() {
+    let sim = TestSim::start_with(|s| s.rate_limit = 100).await;
+    let http = sim.twilight_http();
+    let guild = Id::new(sim.guild_id());
+    let (lobby, dusk) = (sim.id_of("lobby_id").await, sim.user("dusk").await);
+    sim.join(dusk, lobby).await;
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+
+    // The bot's role has no Kick Members.
+    let err = http
+        .remove_guild_member(guild, Id::new(dusk))
+        .await
+        .expect_err("no Kick Members");
+    assert_eq!(discord_code(&err), Some((403, 50013)));
+    let kicker = sim
+        .create_role("Bouncer", Permissions::KICK_MEMBERS.bits())
+        .await;
+    sim.grant_role(sim.id_of("bot_id").await, kicker).await;
+    let res = http
+        .remove_guild_member(guild, Id::new(dusk))
+        .await
+        .expect("kick");
+    assert_eq!(res.status().get(), 204);
+
+    let Event::VoiceStateUpdate(left) =
+        next_event(&mut shard, |e| matches!(e, Event::VoiceStateUpdate(_))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (left.0.user_id.get(), left.0.channel_id),
+        (dusk, None),
+        "the member is disconnected from voice"
+    );
+    let err = http
+        .guild_member(guild, Id::new(dusk))
+        .await
+        .expect_err("gone");
+    assert_eq!(discord_code(&err), Some((404, 10007)));
+    let err = http
+        .remove_guild_member(guild, Id::new(dusk))
+        .await
+        .expect_err("already gone");
+    assert_eq!(discord_code(&err), Some((404, 10007)));
+    // The owner outranks the bot.
+    let owner = sim.id_of("owner_id").await;
+    let err = http
+        .remove_guild_member(guild, Id::new(owner))
+        .await
+        .expect_err("the owner cannot be kicked");
+    assert_eq!(discord_code(&err), Some((403, 50013)));
+
+    // An admin's removal works the same way.
+    let ember = sim.user("ember").await;
+    sim.remove_member(ember).await;
+    let err = http
+        .guild_member(guild, Id::new(ember))
+        .await
+        .expect_err("gone");
+    assert_eq!(discord_code(&err), Some((404, 10007)));
+    let members = sim.state().await["members"].clone();
+    assert!(
+        !members
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| is_id(&m["user_id"], dusk) || is_id(&m["user_id"], ember))
+    );
+}
+
+#[tokio::test]
+async fn role_updates_through_rest_are_dispatched_and_checked() {
+    let sim = TestSim::start_with(|s| s.rate_limit = 100).await;
+    let http = sim.twilight_http();
+    let guild = Id::new(sim.guild_id());
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+
+    let role = http
+        .create_role(guild)
+        .name("Room: dice")
+        .permissions(Permissions::empty())
+        .await
+        .unwrap()
+        .model()
+        .await
+        .unwrap();
+    let updated = http
+        .update_role(guild, role.id)
+        .name(Some("Room: cards"))
+        .permissions(Permissions::VIEW_CHANNEL | Permissions::CONNECT)
+        .await
+        .expect("update role")
+        .model()
+        .await
+        .expect("role model");
+    assert_eq!(updated.name, "Room: cards");
+    let Event::RoleUpdate(event) =
+        next_event(&mut shard, |e| matches!(e, Event::RoleUpdate(_))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (event.guild_id, event.role.id, event.role.name.as_str()),
+        (guild, role.id, "Room: cards")
+    );
+    assert_eq!(
+        event.role.permissions,
+        Permissions::VIEW_CHANNEL | Permissions::CONNECT
+    );
+
+    // It cannot grant what it lacks...
+    let err = http
+        .update_role(guild, role.id)
+        .permissions(Permissions::ADMINISTRATOR)
+        .await
+        .expect_err("no Administrator to give");
+    assert_eq!(discord_code(&err), Some((403, 50013)));
+    // ...nor edit a role at or above its own (its managed role)...
+    let state = sim.state().await;
+    let own: u64 = state["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["managed"] == true)
+        .and_then(|r| r["id"].as_str())
+        .and_then(|id| id.parse().ok())
+        .unwrap();
+    let err = http
+        .update_role(guild, Id::new(own))
+        .name(Some("Mine"))
+        .await
+        .expect_err("hierarchy");
+    assert_eq!(discord_code(&err), Some((403, 50013)));
+    // ...nor anything without Manage Roles.
+    let bot_perms: u64 = state["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["managed"] == true)
+        .and_then(|r| r["permissions"].as_str())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    sim.set_role_permissions(own, bot_perms & !Permissions::MANAGE_ROLES.bits())
+        .await;
+    let err = http
+        .update_role(guild, role.id)
+        .name(Some("Room: chess"))
+        .await
+        .expect_err("no Manage Roles");
+    assert_eq!(discord_code(&err), Some((403, 50013)));
+    let err = http
+        .update_role(guild, Id::new(1))
+        .await
+        .expect_err("unknown role");
+    assert_eq!(discord_code(&err), Some((404, 10011)));
+}
+
+#[tokio::test]
+async fn overwrites_through_rest_are_dispatched_and_checked() {
+    use twilight_model::http::permission_overwrite::{
+        PermissionOverwrite as NewOverwrite, PermissionOverwriteType as NewKind,
+    };
+    let sim = TestSim::start_with(|s| s.rate_limit = 100).await;
+    let http = sim.twilight_http();
+    let guild = sim.guild_id();
+    let room = bot_room(&sim, &http, None).await;
+    let gale = sim.user("gale").await;
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+    let updated = |e: &Event| matches!(e, Event::ChannelUpdate(c) if c.0.id.get() == room);
+    let overwrites_of = |e: Event| match e {
+        Event::ChannelUpdate(c) => c.0.permission_overwrites.unwrap_or_default(),
+        _ => unreachable!(),
+    };
+
+    let grant = NewOverwrite {
+        allow: Some(Permissions::VIEW_CHANNEL | Permissions::CONNECT),
+        deny: None,
+        id: Id::new(gale),
+        kind: NewKind::Member,
+    };
+    let res = http
+        .update_channel_permission(Id::new(room), &grant)
+        .await
+        .expect("edit channel permissions");
+    assert_eq!(res.status().get(), 204);
+    let after = overwrites_of(next_event(&mut shard, updated).await);
+    assert!(
+        after
+            .iter()
+            .any(|o| o.id.get() == gale
+                && o.allow == Permissions::VIEW_CHANNEL | Permissions::CONNECT)
+    );
+    sim.join(gale, room).await;
+
+    let res = http
+        .delete_channel_permission(Id::new(room))
+        .member(Id::new(gale))
+        .await
+        .expect("delete channel permission");
+    assert_eq!(res.status().get(), 204);
+    let after = overwrites_of(next_event(&mut shard, updated).await);
+    assert!(!after.iter().any(|o| o.id.get() == gale));
+    let err = http
+        .delete_channel_permission(Id::new(room))
+        .member(Id::new(gale))
+        .await
+        .expect_err("no such overwrite");
+    assert_eq!(discord_code(&err), Some((404, 10009)));
+
+    // Modify Channel with the whole list.
+    let bot = sim.id_of("bot_id").await;
+    let list = room_overwrites(guild, bot, None);
+    let channel = http
+        .update_channel(Id::new(room))
+        .name("renamed")
+        .permission_overwrites(&list[..1])
+        .await
+        .expect("modify channel")
+        .model()
+        .await
+        .expect("channel model");
+    // Dropping its own overwrite hid the room from the bot: it gets the obfuscated form.
+    assert_eq!(channel.name.as_deref(), Some("___hidden___"));
+    let Event::ChannelUpdate(hidden) = next_event(&mut shard, updated).await else {
+        unreachable!()
+    };
+    assert_eq!(hidden.0.name.as_deref(), Some("___hidden___"));
+    let err = http
+        .update_channel_permission(Id::new(room), &grant)
+        .await
+        .expect_err("the bot cannot see the room any more");
+    assert_eq!(discord_code(&err), Some((403, 50001)));
+    sim.set_overwrite(room, bot, 1, list[1].allow.bits(), 0)
+        .await;
+    let revealed = next_event(&mut shard, updated).await;
+    let Event::ChannelUpdate(revealed) = revealed else {
+        unreachable!()
+    };
+    assert_eq!(revealed.0.name.as_deref(), Some("renamed"));
+
+    // Refusals: granting what the bot lacks, setting Manage Roles, and without Manage
+    // Roles at all.
+    for allow in [Permissions::ADMINISTRATOR, Permissions::MANAGE_ROLES] {
+        let err = http
+            .update_channel_permission(
+                Id::new(room),
+                &NewOverwrite {
+                    allow: Some(allow),
+                    ..grant
+                },
+            )
+            .await
+            .expect_err("refused");
+        assert_eq!(discord_code(&err), Some((403, 50013)), "{allow:?}");
+    }
+    let state = sim.state().await;
+    let (own, perms) = state["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["managed"] == true)
+        .map(|r| {
+            let num = |v: &Value| v.as_str().and_then(|s| s.parse::<u64>().ok()).unwrap();
+            (num(&r["id"]), num(&r["permissions"]))
+        })
+        .unwrap();
+    sim.set_role_permissions(own, perms & !Permissions::MANAGE_ROLES.bits())
+        .await;
+    let err = http
+        .update_channel_permission(Id::new(room), &grant)
+        .await
+        .expect_err("no Manage Roles");
+    assert_eq!(discord_code(&err), Some((403, 50013)));
+    let err = http
+        .delete_channel_permission(Id::new(room))
+        .role(Id::new(guild))
+        .await
+        .expect_err("no Manage Roles");
+    assert_eq!(discord_code(&err), Some((403, 50013)));
+
+    // The new routes carry rate-limit headers, keyed by the channel.
+    let res = sim
+        .http
+        .put(sim.url(&format!("/api/v10/channels/{room}/permissions/{gale}")))
+        .header("authorization", format!("Bot {}", sim.token()))
+        .json(&json!({"type": 1, "allow": "1024"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    for h in [
+        "x-ratelimit-bucket",
+        "x-ratelimit-remaining",
+        "x-ratelimit-scope",
+    ] {
+        assert!(res.headers().contains_key(h), "missing {h}");
+    }
+}
+
+#[tokio::test]
+async fn the_control_api_manages_roles_members_and_overwrites() {
+    let sim = TestSim::start().await;
+    let (hollow, lobby) = (sim.user("hollow").await, sim.id_of("lobby_id").await);
+    let role = sim.create_role("Crew", 1 << 10).await;
+    sim.grant_role(hollow, role).await;
+    sim.set_overwrite(lobby, role, 0, 1 << 20, 1 << 21).await;
+    let state = sim.state().await;
+    let find = |list: &str, key: &str, id: u64| {
+        state[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| is_id(&x[key], id))
+            .cloned()
+            .unwrap_or_else(|| panic!("{list} has no {id}"))
+    };
+    assert_eq!(find("roles", "id", role)["permissions"], "1024");
+    assert_eq!(
+        find("members", "user_id", hollow)["roles"],
+        json!([role.to_string()])
+    );
+    assert_eq!(
+        find("channels", "id", lobby)["permission_overwrites"],
+        json!([{"id": role.to_string(), "type": 0, "allow": (1u64 << 20).to_string(), "deny": (1u64 << 21).to_string()}])
+    );
+    assert_eq!(find("channels", "id", lobby)["bot_can_view"], true);
+    assert_eq!(state["moves"], json!([]));
+
+    sim.revoke_role(hollow, role).await;
+    sim.delete_overwrite(lobby, role).await;
+    let state = sim.state().await;
+    assert_eq!(
+        state["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| is_id(&m["user_id"], hollow))
+            .unwrap()["roles"],
+        json!([])
+    );
+
+    use reqwest::Method;
+    let cases = [
+        (
+            Method::PATCH,
+            "/roles/1".to_owned(),
+            Some(json!({"name": "x"})),
+            404,
+        ),
+        (
+            Method::POST,
+            "/roles".to_owned(),
+            Some(json!({"permissions": "nope"})),
+            400,
+        ),
+        (Method::PUT, format!("/members/{hollow}/roles/1"), None, 404),
+        (
+            Method::DELETE,
+            format!("/channels/{lobby}/permissions/{role}"),
+            None,
+            404,
+        ),
+        (
+            Method::PUT,
+            format!("/channels/{lobby}/permissions/{role}"),
+            Some(json!({"type": 7})),
+            400,
+        ),
+        (
+            Method::DELETE,
+            format!("/members/{}", sim.id_of("bot_id").await),
+            None,
+            400,
+        ),
+        (
+            Method::POST,
+            "/channels".to_owned(),
+            Some(json!({"name": "x", "permission_overwrites": [{"id": "1", "type": 0}]})),
+            400,
+        ),
+    ];
+    for (method, path, body, want) in cases {
+        let (status, answer) = sim.control_with(method.clone(), &path, body).await;
+        assert_eq!(status, want, "{method} {path}: {answer}");
+        assert!(answer["error"].is_string(), "{answer}");
+    }
+}
+
+/// Whether a JSON value is this snowflake, written as Discord writes ids (a string).
+fn is_id(v: &Value, id: u64) -> bool {
+    v.as_str() == Some(id.to_string().as_str())
 }

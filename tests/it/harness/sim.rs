@@ -142,6 +142,127 @@ impl TestSim {
     pub async fn gateway_counter(&self, name: &str) -> u64 {
         self.state().await["gateway"][name].as_u64().unwrap_or(0)
     }
+
+    /// Any control API call: status and JSON body (null if none).
+    pub async fn control_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, self.url(&format!("/_sim{path}")));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.expect("control request");
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Like `control_with`, failing the test unless the answer is a success.
+    async fn control_ok(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let (status, answer) = self.control_with(method.clone(), path, body).await;
+        assert!(
+            (200..300).contains(&status),
+            "{method} /_sim{path} refused ({status}): {answer}"
+        );
+        answer
+    }
+
+    /// A channel made "in Discord" (`POST /_sim/channels`, which takes `name`, `type`,
+    /// `parent_id`, `user_limit` and `permission_overwrites`); returns its id.
+    pub async fn create_channel(&self, body: Value) -> u64 {
+        let channel = self
+            .control_ok(reqwest::Method::POST, "/channels", Some(body))
+            .await;
+        channel["id"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .expect("the channel has an id")
+    }
+
+    /// A role made by an admin, with these permission bits; returns its id.
+    pub async fn create_role(&self, name: &str, permissions: u64) -> u64 {
+        let role = self
+            .control_ok(
+                reqwest::Method::POST,
+                "/roles",
+                Some(json!({"name": name, "permissions": permissions.to_string()})),
+            )
+            .await;
+        role["id"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .expect("the role has an id")
+    }
+
+    /// An admin sets a role's permissions (GUILD_ROLE_UPDATE).
+    pub async fn set_role_permissions(&self, role: u64, permissions: u64) {
+        self.control_ok(
+            reqwest::Method::PATCH,
+            &format!("/roles/{role}"),
+            Some(json!({"permissions": permissions.to_string()})),
+        )
+        .await;
+    }
+
+    /// An admin gives a member a role (GUILD_MEMBER_UPDATE).
+    pub async fn grant_role(&self, user: u64, role: u64) {
+        self.control_ok(
+            reqwest::Method::PUT,
+            &format!("/members/{user}/roles/{role}"),
+            None,
+        )
+        .await;
+    }
+
+    /// An admin takes a role from a member (GUILD_MEMBER_UPDATE).
+    pub async fn revoke_role(&self, user: u64, role: u64) {
+        self.control_ok(
+            reqwest::Method::DELETE,
+            &format!("/members/{user}/roles/{role}"),
+            None,
+        )
+        .await;
+    }
+
+    /// An admin removes a member from the guild; they leave voice first.
+    pub async fn remove_member(&self, user: u64) {
+        self.control_ok(reqwest::Method::DELETE, &format!("/members/{user}"), None)
+            .await;
+    }
+
+    /// An admin sets the overwrite for `target` (`kind` 0 = role, 1 = member) on a
+    /// channel (CHANNEL_UPDATE).
+    pub async fn set_overwrite(&self, channel: u64, target: u64, kind: u8, allow: u64, deny: u64) {
+        self.control_ok(
+            reqwest::Method::PUT,
+            &format!("/channels/{channel}/permissions/{target}"),
+            Some(json!({"type": kind, "allow": allow.to_string(), "deny": deny.to_string()})),
+        )
+        .await;
+    }
+
+    /// An admin deletes the overwrite for `target` on a channel (CHANNEL_UPDATE).
+    pub async fn delete_overwrite(&self, channel: u64, target: u64) {
+        self.control_ok(
+            reqwest::Method::DELETE,
+            &format!("/channels/{channel}/permissions/{target}"),
+            None,
+        )
+        .await;
+    }
+
+    /// Every move made through REST Modify Guild Member, in order: (user, channel).
+    pub async fn moves(&self) -> Vec<(u64, u64)> {
+        let id = |v: &Value| v.as_str().and_then(|s| s.parse().ok()).expect("an id");
+        self.state().await["moves"]
+            .as_array()
+            .expect("state lists moves")
+            .iter()
+            .map(|m| (id(&m["user_id"]), id(&m["channel_id"])))
+            .collect()
+    }
 }
 
 /// A shard for the simulator's bot with Coven's intents and no identify queue delay.
