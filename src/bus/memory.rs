@@ -210,6 +210,15 @@ impl Bus for MemoryBus {
         Ok(Some(fence))
     }
 
+    async fn lease_left(&self, name: &str) -> BusResult<Option<Duration>> {
+        let now = Instant::now();
+        Ok(self
+            .lock()
+            .leases
+            .get(name)
+            .and_then(|(_, until)| until.checked_duration_since(now)))
+    }
+
     async fn renew(&self, fence: &Fence, ttl: Duration) -> BusResult<bool> {
         let mut state = self.lock();
         if !holds(&state, fence) {

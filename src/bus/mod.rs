@@ -305,6 +305,9 @@ pub trait Bus: Send + Sync + 'static {
     /// Takes lease `name` for `holder` if nobody holds it.
     async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> BusResult<Option<Fence>>;
 
+    /// How long lease `name` is still held by whoever holds it (`None`: nobody).
+    async fn lease_left(&self, name: &str) -> BusResult<Option<Duration>>;
+
     /// Extends a held lease; `false` when it was lost meanwhile.
     async fn renew(&self, fence: &Fence, ttl: Duration) -> BusResult<bool>;
 

@@ -579,6 +579,12 @@ impl Bus for RedisBus {
         }))
     }
 
+    async fn lease_left(&self, name: &str) -> BusResult<Option<Duration>> {
+        let ms: i64 = self.client.pttl(self.key(name)).await?;
+        // -2: no key; -1: no expiry (never set so by Coven).
+        Ok(u64::try_from(ms).ok().map(Duration::from_millis))
+    }
+
     async fn renew(&self, fence: &Fence, ttl: Duration) -> BusResult<bool> {
         let keys = vec![self.key(&fence.lease)];
         let args = vec![fence.token.clone(), ttl.as_millis().to_string()];

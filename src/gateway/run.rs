@@ -111,18 +111,27 @@ async fn wait_for_lease(
     ttl: Duration,
     health: &Health,
 ) -> Fence {
-    let mut tick = tokio::time::interval(ttl / 3);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A standby sleeps until the lease it saw would run out, so it takes over at most a
+    // few milliseconds after the active gateway's last renewal expires (within the TTL of
+    // its death), not on a fixed poll that could add a third of the TTL.
+    const MARGIN: Duration = Duration::from_millis(5);
     loop {
-        tick.tick().await;
-        match backend.acquire(LEASE, holder, ttl).await {
+        let wait = match backend.acquire(LEASE, holder, ttl).await {
             Ok(Some(fence)) => return fence,
-            Ok(None) => health.set_backend_ok(true),
+            Ok(None) => {
+                health.set_backend_ok(true);
+                match backend.lease_left(LEASE).await {
+                    Ok(left) => left.unwrap_or_default().min(ttl) + MARGIN,
+                    Err(_) => ttl / 3,
+                }
+            }
             Err(e) => {
                 health.set_backend_ok(false);
                 tracing::warn!(error = %e, "cannot reach the bus to take the lease");
+                (ttl / 3).min(Duration::from_secs(1))
             }
-        }
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 

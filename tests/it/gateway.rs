@@ -335,6 +335,58 @@ async fn a_standby_takes_over_a_killed_gateway_and_resumes_without_losing_an_eve
     assert!(s.sim.gateway_counter("resumes").await >= 1);
 }
 
+/// kill -9 of the active gateway: the standby is active within the lease TTL + 1 s (it
+/// wakes when the lease it saw runs out) and nothing is lost.
+async fn takeover_within_the_ttl(ttl: u64) {
+    let s = Setup::start().await;
+    let ttl_text = format!("{ttl}s");
+    let env = [("GATEWAY_LEASE_TTL", ttl_text.as_str())];
+    let first = s.gateway_with(&s.sim.token(), &env);
+    s.wait_connected().await;
+    let mut standby = s.gateway_with(&s.sim.token(), &env);
+    let standby_url = standby.listening_url();
+    let room = s.new_room("Table").await;
+    s.wait_for_events(1).await;
+
+    first.signal("KILL");
+    let killed = Instant::now();
+    let bramble = s.sim.user("bramble").await;
+    s.voice(bramble, Some(room), false).await;
+    wait_for("the standby to become active", || {
+        let url = standby_url.clone();
+        async move {
+            let body: Value = reqwest::get(format!("{url}/healthz"))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (body["role"] == "active").then_some(())
+        }
+    })
+    .await;
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(ttl + 1),
+        "standby active {took:?} after the kill, with a {ttl} s lease"
+    );
+    let got = s.wait_for_events(2).await;
+    assert_eq!(
+        got,
+        pairs(&[("room.created", room), ("voice.joined", bramble)])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_within_a_3s_lease_of_a_kill() {
+    takeover_within_the_ttl(3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_within_a_10s_lease_of_a_kill() {
+    takeover_within_the_ttl(10).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discord_disruptions_are_recovered_without_losing_an_event() {
     let s = Setup::start().await;
