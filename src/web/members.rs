@@ -15,6 +15,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use tokio_util::sync::CancellationToken;
@@ -165,9 +167,12 @@ pub async fn granted(
 
 /// The people holding streams on this replica, rechecked in the background so that a
 /// removed member's streams end even if they never load another page.
+/// User → (their open streams here, when this replica next asks about them).
+type Streams = HashMap<Id<UserMarker>, (usize, Instant)>;
+
 #[derive(Clone, Default)]
 pub struct Watched {
-    users: Arc<Mutex<HashMap<Id<UserMarker>, usize>>>,
+    users: Arc<Mutex<Streams>>,
 }
 
 /// Held by a stream: its user stays watched while any of their streams is open.
@@ -179,7 +184,7 @@ pub struct Watch {
 impl Drop for Watch {
     fn drop(&mut self) {
         let mut users = self.watched.lock();
-        if let Some(n) = users.get_mut(&self.user) {
+        if let Some((n, _)) = users.get_mut(&self.user) {
             *n -= 1;
             if *n == 0 {
                 users.remove(&self.user);
@@ -189,16 +194,33 @@ impl Drop for Watch {
 }
 
 impl Watched {
-    fn lock(&self) -> MutexGuard<'_, HashMap<Id<UserMarker>, usize>> {
+    fn lock(&self) -> MutexGuard<'_, Streams> {
         self.users.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn watch(&self, user: Id<UserMarker>) -> Watch {
-        *self.lock().entry(user).or_default() += 1;
+        self.lock().entry(user).or_insert((0, Instant::now())).0 += 1;
         Watch {
             watched: self.clone(),
             user,
         }
+    }
+
+    /// Rechecks `user` if no replica did within the interval; returns when to look again:
+    /// a full interval, or when the other replica's claim runs out.
+    async fn recheck(&self, app: &App, user: Id<UserMarker>) -> Result<Duration, WebError> {
+        let key = check_key(user);
+        if app.bus.claim(&key, app.settings.member_recheck).await? {
+            let known = app.bus.member(user).await?;
+            recheck(app, user, known).await?;
+            return Ok(app.settings.member_recheck);
+        }
+        Ok(app
+            .bus
+            .lease_left(&key)
+            .await?
+            .unwrap_or_default()
+            .min(app.settings.member_recheck))
     }
 
     /// Rechecks watched users whose time has come, until `shutdown`. A tick of a quarter
@@ -213,10 +235,26 @@ impl Watched {
                     () = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let users: Vec<Id<UserMarker>> = app.watched.lock().keys().copied().collect();
-                for user in users {
-                    if let Err(e) = current(&app, user).await {
-                        tracing::warn!(error = %e, %user, "membership recheck failed");
+                // Only users due here: Redis is asked once per user per interval, not per
+                // tick (the claim then decides which replica asks Discord).
+                let now = Instant::now();
+                let due: Vec<Id<UserMarker>> = app
+                    .watched
+                    .lock()
+                    .iter()
+                    .filter(|(_, (_, next))| *next <= now)
+                    .map(|(user, _)| *user)
+                    .collect();
+                for user in due {
+                    let next = match app.watched.recheck(&app, user).await {
+                        Ok(next) => next,
+                        Err(e) => {
+                            tracing::warn!(error = %e, %user, "membership recheck failed");
+                            app.settings.member_recheck
+                        }
+                    };
+                    if let Some((_, at)) = app.watched.lock().get_mut(&user) {
+                        *at = Instant::now() + next;
                     }
                 }
             }

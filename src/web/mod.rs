@@ -245,7 +245,7 @@ impl Args {
         let member_recheck = r.or_default(
             "MEMBER_RECHECK",
             self.member_recheck.as_deref(),
-            Duration::from_secs(45),
+            Duration::from_secs(30),
             parse_recheck,
         );
         Some(Settings {

@@ -253,3 +253,205 @@ async fn move_me_in_only_where_discord_would_let_the_user_go() {
         "not moved"
     );
 }
+
+const VIEW_CHANNEL: u64 = 1 << 10;
+const CONNECT: u64 = 1 << 20;
+
+/// The person Discord shows a room to, as `/rooms` lists it for them.
+async fn lists(browser: &Browser, web: &crate::harness::Web, name: &str) -> bool {
+    browser.page(&web.url("/rooms")).await.contains(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_hidden_by_overwrites_follow_discord_and_those_hidden_from_the_bot_never_show() {
+    let stack = Stack::start(2, &[("MEMBER_RECHECK", "2s")]).await;
+    let (a, b) = (stack.web(0), stack.web(1));
+    let sim = &stack.sim;
+    let guild = sim.guild_id();
+    let bot = sim.id_of("bot_id").await;
+    let staff = sim.create_role("Staff", 0).await;
+    let deny = json!({"id": guild.to_string(), "type": 0, "allow": "0",
+                      "deny": (VIEW_CHANNEL | CONNECT).to_string()});
+    let allow = |id: u64, kind: u8| json!({"id": id.to_string(), "type": kind, "allow": (VIEW_CHANNEL | CONNECT).to_string(), "deny": "0"});
+    // Staff only: hidden from @everyone, open to Staff (and the bot, so Discord shows it
+    // to the bot as it is).
+    let staff_room = sim
+        .create_channel(json!({"name": "Staff only", "type": 2,
+            "permission_overwrites": [deny.clone(), allow(staff, 0), allow(bot, 1)]}))
+        .await;
+    // Mods only: hidden from the bot too, so Discord sends it obfuscated.
+    let mods = sim
+        .create_channel(json!({"name": "Mods only", "type": 2, "permission_overwrites": [deny]}))
+        .await;
+    let (ash, bramble, cinder) = (
+        stack.user("ash").await,
+        stack.user("bramble").await,
+        stack.user("cinder").await,
+    );
+    sim.grant_role(cinder, staff).await;
+    stack.voice(cinder, Some(staff_room), json!({})).await;
+    // The owner sees every channel Discord lets the bot see, and is in the hidden one.
+    stack.voice(ash, Some(mods), json!({})).await;
+    let owner = Browser::new();
+    owner.login(a, &stack.sim, ash).await;
+    wait_for("the owner to see Cinder in Staff only", || async {
+        let html = owner.page(&a.url(&format!("/rooms/{staff_room}"))).await;
+        html.contains("Cinder").then_some(())
+    })
+    .await;
+    let list = owner.page(&a.url("/rooms")).await;
+    assert!(
+        !list.contains("Mods only") && !list.contains("___hidden___"),
+        "a channel hidden from the bot is shown to nobody"
+    );
+    assert_eq!(
+        owner.get(&a.url(&format!("/rooms/{mods}"))).await.status(),
+        404
+    );
+    let voice: Option<String> = redis(&stack)
+        .await
+        .hget(format!("coven:{{{guild}}}:voice"), ash.to_string())
+        .await
+        .unwrap();
+    assert_eq!(
+        voice, None,
+        "someone in a hidden channel is, to Coven, not in voice"
+    );
+
+    // Bramble, without the Staff role: nothing of Staff only anywhere.
+    let member = Browser::new();
+    member.login(b, &stack.sim, bramble).await;
+    let mut watching = member.stream(&b.url("/api/stream"), None).await;
+    assert!(!lists(&member, b, "Staff only").await);
+    assert_eq!(
+        member
+            .get(&b.url(&format!("/rooms/{staff_room}")))
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(
+        member
+            .get(&b.url(&format!("/api/stream?room={staff_room}")))
+            .await
+            .status(),
+        404
+    );
+    stack
+        .voice(cinder, Some(staff_room), json!({"self_mute": true}))
+        .await;
+    let dusk = stack.user("dusk").await;
+    stack.voice(dusk, Some(stack.lobby), json!({})).await;
+    let dusk_id = dusk.to_string();
+    let staff_id = staff_room.to_string();
+    let seen = watching
+        .until(|m| m.event == "voice.joined" && m.json()["data"]["user"]["id"] == dusk_id.as_str())
+        .await;
+    assert!(seen.iter().all(|m| !m.data.contains(&staff_id)), "{seen:?}");
+
+    // An admin gives Bramble the Staff role in Discord (Coven is not told: no privileged
+    // intent); the recheck finds it and the room appears on the open stream.
+    sim.grant_role(bramble, staff).await;
+    let shown = within_secs(
+        10,
+        "Staff only to appear for Bramble",
+        watching.until(|m| {
+            m.event == "room.created" && m.json()["data"]["channel_id"] == staff_id.as_str()
+        }),
+    )
+    .await;
+    assert_eq!(shown.last().unwrap().json()["view"], true);
+    let cinder_id = cinder.to_string();
+    watching
+        .until(|m| {
+            m.event == "voice.joined" && m.json()["data"]["user"]["id"] == cinder_id.as_str()
+        })
+        .await;
+    assert!(lists(&member, b, "Staff only").await);
+
+    // And taken away again: the room goes, live.
+    sim.revoke_role(bramble, staff).await;
+    within_secs(
+        10,
+        "Staff only to go away for Bramble",
+        watching.until(|m| {
+            m.event == "room.deleted" && m.json()["data"]["channel_id"] == staff_id.as_str()
+        }),
+    )
+    .await;
+    assert!(!lists(&member, b, "Staff only").await);
+}
+
+async fn within_secs<T>(secs: u64, what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {secs} s"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn someone_removed_from_the_server_loses_their_stream_within_a_minute() {
+    // The default MEMBER_RECHECK: this is the promise people rely on.
+    let stack = Stack::start(1, &[]).await;
+    let a = stack.web(0);
+    let bramble = stack.user("bramble").await;
+    let member = Browser::new();
+    member.login(a, &stack.sim, bramble).await;
+    let mut stream = member.stream(&a.url("/api/stream"), None).await;
+    stack.sim.remove_member(bramble).await;
+    let removed = std::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match stream.next_within(left).await {
+            Ok(None) => break,
+            Ok(Some(_)) => continue,
+            Err(()) => panic!("the stream of a removed member was still open after a minute"),
+        }
+    }
+    eprintln!("stream ended {:?} after the removal", removed.elapsed());
+    let res = member.get(&a.url("/rooms")).await;
+    assert_eq!(res.status(), 403, "no longer a member");
+    assert_eq!(member.get(&a.url("/api/stream")).await.status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_me_in_needs_connect_for_the_user_and_then_discord_records_no_move() {
+    let stack = Stack::start(1, &[]).await;
+    let a = stack.web(0);
+    let (ash, bramble) = (stack.user("ash").await, stack.user("bramble").await);
+    let creator = Browser::new();
+    creator.login(a, &stack.sim, ash).await;
+    let room = create_room(&stack, 0, &creator, "Look, don't touch").await;
+    let room_id: u64 = room.parse().unwrap();
+    // Bramble may see the room but not connect to it.
+    stack
+        .sim
+        .set_overwrite(room_id, bramble, 1, VIEW_CHANNEL, CONNECT)
+        .await;
+    let other = Browser::new();
+    other.login(a, &stack.sim, bramble).await;
+    stack.voice(bramble, Some(stack.lobby), json!({})).await;
+    wait_for("Bramble to see the room", || async {
+        (other.get(&a.url(&format!("/rooms/{room}"))).await.status() == 200).then_some(())
+    })
+    .await;
+    let token = other.csrf(a).await;
+    let res = other
+        .post(a, &format!("/rooms/{room}/move"), &[("csrf_token", &token)])
+        .await;
+    assert_eq!(res.status(), 403);
+    assert!(res.text().await.unwrap().contains("does not let you join"));
+    assert!(
+        stack.sim.moves().await.is_empty(),
+        "Discord was asked for no move"
+    );
+
+    // The creator (who holds the role) is moved in from the lobby.
+    stack.voice(ash, Some(stack.lobby), json!({})).await;
+    let token = creator.csrf(a).await;
+    let res = creator
+        .post(a, &format!("/rooms/{room}/move"), &[("csrf_token", &token)])
+        .await;
+    assert_eq!(res.status(), 303);
+    assert_eq!(stack.sim.moves().await, [(ash, room_id)]);
+}
