@@ -380,7 +380,7 @@ impl Discord {
         let role = self
             .bot
             .create_role(self.guild_id)
-            .name(&format!("Room: {name}"))
+            .name(&role_name(name))
             .permissions(Permissions::empty())
             .await
             .map_err(DiscordError::from_twilight)?
@@ -532,6 +532,23 @@ fn found<T>(
     }
 }
 
+/// Discord's limit on a role's name, in characters.
+const ROLE_NAME_MAX: usize = 100;
+
+/// The room role's name, `Room: {name}`, shortened with an ellipsis to fit Discord's
+/// limit: a room name may use all of the channel's 100 characters, and the role is only
+/// for admins to recognise.
+fn role_name(room: &str) -> String {
+    const PREFIX: &str = "Room: ";
+    let full = format!("{PREFIX}{room}");
+    if full.chars().count() <= ROLE_NAME_MAX {
+        return full;
+    }
+    let keep = ROLE_NAME_MAX - PREFIX.chars().count() - 1;
+    let cut: String = room.chars().take(keep).collect();
+    format!("{PREFIX}{}…", cut.trim_end())
+}
+
 /// Discord's CDN URL of an avatar, at the size the pages show.
 pub fn avatar_url(user: Id<UserMarker>, hash: &str) -> String {
     let ext = if hash.starts_with("a_") { "gif" } else { "png" };
@@ -564,5 +581,29 @@ fn tokens<E: std::error::Error + 'static>(
         Err(oauth2::RequestTokenError::Request(e)) => Err(DiscordError::Unavailable(e.to_string())),
         Err(oauth2::RequestTokenError::Parse(e, _)) => Err(DiscordError::Malformed(e.to_string())),
         Err(oauth2::RequestTokenError::Other(e)) => Err(DiscordError::Unavailable(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::role_name;
+
+    #[test]
+    fn role_names_always_fit_discords_limit() {
+        assert_eq!(role_name("Draft pod"), "Room: Draft pod");
+        let fits = "x".repeat(94);
+        assert_eq!(role_name(&fits), format!("Room: {fits}"));
+        for room in [
+            "x".repeat(95),
+            "x".repeat(100),
+            "\u{e9}".repeat(100),
+            "👨\u{200D}👩\u{200D}👧".repeat(20),
+            format!("{}  tail", "y".repeat(91)),
+        ] {
+            let role = role_name(&room);
+            assert!(role.chars().count() <= 100, "{role}");
+            assert!(role.starts_with("Room: ") && role.ends_with('…'), "{role}");
+        }
+        assert_eq!(role_name(&"x".repeat(100)).chars().count(), 100);
     }
 }
