@@ -30,7 +30,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::services::ServeDir;
-use tower_sessions::{Expiry, SessionManagerLayer, SessionStore, cookie::SameSite};
+use tower_sessions::{SessionManagerLayer, SessionStore, cookie::SameSite};
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker};
 use url::Url;
@@ -311,15 +311,12 @@ impl App {
 /// The whole site. Generic over the session store: Redis in production, memory in the
 /// demo.
 pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
-    let ttl = tower_sessions::cookie::time::Duration::seconds(
-        i64::try_from(app.settings.session_ttl.as_secs()).unwrap_or(i64::MAX),
-    );
     let sessions = SessionManagerLayer::new(store)
         .with_name("coven_session")
         .with_http_only(true)
         .with_same_site(SameSite::Lax)
         .with_secure(app.secure_cookies())
-        .with_expiry(Expiry::OnInactivity(ttl));
+        .with_expiry(auth::session_expiry(app.settings.session_ttl));
     let site = Router::new()
         .route("/", get(pages::landing))
         .route("/rooms", get(pages::rooms).post(rooms::create))
