@@ -78,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
     let observer = RedisBus::connect(&url, "bench", guild, 1_000_000).await?;
     let settings = coven::gateway::Settings {
         bind: "127.0.0.1:0".parse()?,
+        metrics_bind: "127.0.0.1:0".parse()?,
         redis_url: secrecy::SecretString::from(url.clone()),
         guild_id: guild,
         bot_token: sim.shared.settings.bot_token.clone(),

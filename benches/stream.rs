@@ -121,6 +121,7 @@ async fn setup() -> anyhow::Result<Setup> {
         let child = Command::new(BIN)
             .arg("web")
             .env("BIND", format!("127.0.0.1:{port}"))
+            .env("METRICS_BIND", format!("127.0.0.1:{}", free_port()?))
             .env("PUBLIC_URL", format!("http://127.0.0.1:{port}"))
             .env("REDIS_URL", &redis_url)
             .env("DISCORD_GUILD_ID", &guild)

@@ -90,10 +90,6 @@ impl Args {
 /// Runs the demo until shutdown.
 pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     web::raise_open_file_limit();
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .inspect_err(|e| tracing::warn!(error = %e, "metrics disabled"))
-        .ok();
     let simulator = sim::Sim::start(settings.sim.clone(), shutdown.clone()).await?;
     let sim_url = simulator.url("").trim_end_matches('/').to_owned();
     let listener = TcpListener::bind(settings.bind).await.map_err(|e| {
@@ -193,7 +189,8 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
             Err(e) => tracing::error!(error = %e, "gateway failed"),
         }
     });
-    let app = web::App::start(web_settings, bus.clone(), metrics).await?;
+    // No metrics listener: a demo on a laptop has nobody scraping it.
+    let app = web::App::start(web_settings, bus.clone()).await?;
     web::sweeper::start(app.clone(), shutdown.clone());
     web::members::Watched::start(app.clone(), shutdown.clone());
     let router = match &settings.redis_url {

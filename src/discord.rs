@@ -186,7 +186,7 @@ struct Me {
 pub struct Discord {
     pub bot: twilight_http::Client,
     oauth: OAuthClient,
-    http: reqwest::Client,
+    http: PatientHttp,
     api_url: Url,
     guild_id: Id<GuildMarker>,
     bot_id: tokio::sync::OnceCell<Id<UserMarker>>,
@@ -259,7 +259,10 @@ impl Discord {
         Ok(Self {
             bot: bot.build(),
             oauth,
-            http,
+            http: PatientHttp {
+                http,
+                budget: RATE_LIMIT_BUDGET,
+            },
             api_url: settings.api_url.clone(),
             guild_id,
             bot_id: tokio::sync::OnceCell::new(),
@@ -307,22 +310,19 @@ impl Discord {
     /// Who the token belongs to (`GET /users/@me`).
     pub async fn me(&self, access_token: &str) -> Result<Person, DiscordError> {
         let url = config::join_url(&self.api_url, "v10/users/@me");
-        let response = self
-            .http
-            .get(url)
-            .bearer_auth(access_token)
-            .send()
+        let request = oauth2::http::Request::get(url)
+            .header(
+                oauth2::http::header::AUTHORIZATION,
+                format!("Bearer {access_token}"),
+            )
+            .body(Vec::new())
+            .map_err(|e| DiscordError::Malformed(e.to_string()))?;
+        let response = oauth2::AsyncHttpClient::call(&self.http, request)
             .await
-            .map_err(|e| DiscordError::Unavailable(e.without_url().to_string()))?;
+            .map_err(|e| DiscordError::Unavailable(e.to_string()))?;
         let status = response.status();
-        if status == reqwest::StatusCode::UNAUTHORIZED {
+        if status == oauth2::http::StatusCode::UNAUTHORIZED {
             return Err(DiscordError::Unauthorized);
-        }
-        if status.is_server_error() {
-            return Err(DiscordError::Unavailable(format!(
-                "HTTP {}",
-                status.as_u16()
-            )));
         }
         if !status.is_success() {
             return Err(DiscordError::Refused {
@@ -331,10 +331,8 @@ impl Discord {
                 message: "users/@me refused".to_owned(),
             });
         }
-        let me: Me = response
-            .json()
-            .await
-            .map_err(|e| DiscordError::Malformed(e.without_url().to_string()))?;
+        let me: Me = serde_json::from_slice(response.body())
+            .map_err(|e| DiscordError::Malformed(e.to_string()))?;
         let avatar_url = me.avatar.as_deref().map(|hash| avatar_url(me.id, hash));
         Ok(Person {
             id: me.id,
@@ -398,7 +396,7 @@ impl Discord {
         let role = self
             .bot
             .create_role(self.guild_id)
-            .name(&format!("Room: {name}"))
+            .name(&role_name(name))
             .permissions(Permissions::empty())
             .await
             .map_err(DiscordError::from_twilight)?
@@ -535,6 +533,111 @@ impl Discord {
     }
 }
 
+/// How long one OAuth2 request (token exchange, refresh, `users/@me`) may spend waiting
+/// out Discord's rate limit before the user is told Discord is not answering.
+const RATE_LIMIT_BUDGET: Duration = Duration::from_secs(10);
+
+/// Shortest wait after a 429, so a `retry_after` of 0 cannot turn into a busy loop.
+const MIN_RATE_LIMIT_WAIT: Duration = Duration::from_millis(50);
+
+/// The HTTP client of the OAuth2 calls: reqwest (redirects off) as oauth2 drives it, plus
+/// what twilight-http does for the bot's calls and oauth2 does not: a 429 is waited out
+/// (`Retry-After`, else the body's `retry_after`) and retried, within a budget. A 5xx or
+/// a wait past the budget is an error, so oauth2 never mistakes it for a token answer.
+struct PatientHttp {
+    http: reqwest::Client,
+    budget: Duration,
+}
+
+/// Why a request through [`PatientHttp`] got no answer worth reading.
+#[derive(Debug, thiserror::Error)]
+enum PatientError {
+    #[error("Discord could not be reached: {0}")]
+    Unreachable(String),
+    #[error("Discord is rate limiting us for another {0:?}, past the deadline")]
+    RateLimited(Duration),
+    #[error("Discord answered HTTP {0}")]
+    Server(u16),
+}
+
+impl<'c> oauth2::AsyncHttpClient<'c> for PatientHttp {
+    type Error = PatientError;
+    type Future = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<oauth2::HttpResponse, PatientError>>
+                + Send
+                + 'c,
+        >,
+    >;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + self.budget;
+            loop {
+                let response = oauth2::AsyncHttpClient::call(&self.http, copy(&request))
+                    .await
+                    .map_err(|e| PatientError::Unreachable(unreachable_reason(&e)))?;
+                let status = response.status();
+                if status.is_server_error() {
+                    return Err(PatientError::Server(status.as_u16()));
+                }
+                if status != oauth2::http::StatusCode::TOO_MANY_REQUESTS {
+                    return Ok(response);
+                }
+                let wait = retry_after(response.headers(), response.body())
+                    .unwrap_or(Duration::from_secs(1))
+                    .max(MIN_RATE_LIMIT_WAIT);
+                if tokio::time::Instant::now() + wait > deadline {
+                    return Err(PatientError::RateLimited(wait));
+                }
+                tracing::debug!(
+                    path = request.uri().path(),
+                    wait_ms = wait.as_millis(),
+                    "Discord rate-limited an OAuth2 request; waiting"
+                );
+                metrics::counter!("coven_web_discord_rate_limit_waits_total").increment(1);
+                tokio::time::sleep(wait).await;
+            }
+        })
+    }
+}
+
+/// A request again, for a retry (oauth2's requests are plain data).
+fn copy(request: &oauth2::HttpRequest) -> oauth2::HttpRequest {
+    let mut again = oauth2::http::Request::new(request.body().clone());
+    *again.method_mut() = request.method().clone();
+    *again.uri_mut() = request.uri().clone();
+    *again.version_mut() = request.version();
+    *again.headers_mut() = request.headers().clone();
+    again
+}
+
+/// reqwest's own words, not oauth2's "client error".
+fn unreachable_reason(e: &oauth2::HttpClientError<reqwest::Error>) -> String {
+    match e {
+        oauth2::HttpClientError::Reqwest(e) => e.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// How long Discord asks us to wait after a 429: the `Retry-After` header (seconds), or
+/// the JSON body's `retry_after` when the header is missing or unreadable.
+fn retry_after(headers: &oauth2::http::HeaderMap, body: &[u8]) -> Option<Duration> {
+    let seconds = |s: f64| (s.is_finite() && s >= 0.0).then(|| Duration::from_secs_f64(s));
+    let header = headers
+        .get(oauth2::http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .and_then(seconds);
+    header.or_else(|| {
+        serde_json::from_slice::<serde_json::Value>(body)
+            .ok()?
+            .get("retry_after")?
+            .as_f64()
+            .and_then(seconds)
+    })
+}
+
 /// A request whose answer body we do not need.
 fn sent<T>(
     answer: Result<twilight_http::Response<T>, twilight_http::Error>,
@@ -552,6 +655,23 @@ fn found<T>(
         Err(DiscordError::Refused { status: 404, .. }) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Discord's limit on a role's name, in characters.
+const ROLE_NAME_MAX: usize = 100;
+
+/// The room role's name, `Room: {name}`, shortened with an ellipsis to fit Discord's
+/// limit: a room name may use all of the channel's 100 characters, and the role is only
+/// for admins to recognise.
+fn role_name(room: &str) -> String {
+    const PREFIX: &str = "Room: ";
+    let full = format!("{PREFIX}{room}");
+    if full.chars().count() <= ROLE_NAME_MAX {
+        return full;
+    }
+    let keep = ROLE_NAME_MAX - PREFIX.chars().count() - 1;
+    let cut: String = room.chars().take(keep).collect();
+    format!("{PREFIX}{}…", cut.trim_end())
 }
 
 /// Discord's CDN URL of an avatar, at the size the pages show.
@@ -586,5 +706,215 @@ fn tokens<E: std::error::Error + 'static>(
         Err(oauth2::RequestTokenError::Request(e)) => Err(DiscordError::Unavailable(e.to_string())),
         Err(oauth2::RequestTokenError::Parse(e, _)) => Err(DiscordError::Malformed(e.to_string())),
         Err(oauth2::RequestTokenError::Other(e)) => Err(DiscordError::Unavailable(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use axum::http::{HeaderMap, StatusCode};
+    use oauth2::AsyncHttpClient;
+
+    use super::{PatientError, PatientHttp, retry_after, role_name};
+
+    #[test]
+    fn the_wait_comes_from_retry_after_else_the_body() {
+        let headers = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("retry-after", v.parse().unwrap());
+            h
+        };
+        let body =
+            br#"{"message":"You are being rate limited.","retry_after":0.25,"global":false}"#;
+        for (h, b, want) in [
+            (headers("2"), &body[..], Some(Duration::from_secs(2))),
+            (headers("1.5"), &body[..], Some(Duration::from_millis(1500))),
+            (
+                HeaderMap::new(),
+                &body[..],
+                Some(Duration::from_millis(250)),
+            ),
+            (headers("soon"), &body[..], Some(Duration::from_millis(250))),
+            (headers("-1"), &body[..], Some(Duration::from_millis(250))),
+            (headers("NaN"), b"{}", None),
+            (HeaderMap::new(), b"not json", None),
+            (HeaderMap::new(), br#"{"retry_after":"1"}"#, None),
+            (HeaderMap::new(), br#"{"retry_after":-3}"#, None),
+        ] {
+            assert_eq!(
+                retry_after(&h, b),
+                want,
+                "{h:?} {}",
+                String::from_utf8_lossy(b)
+            );
+        }
+    }
+
+    /// The n-th answer (from 0): status, headers, body.
+    type Script = fn(usize) -> (StatusCode, Vec<(&'static str, &'static str)>, &'static str);
+
+    /// A token endpoint that answers with `script(n)` for its n-th request, on a real
+    /// socket; returns its URL and how many requests it saw.
+    async fn endpoint(script: Script) -> (String, Arc<AtomicUsize>) {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        let app = axum::Router::new().route(
+            "/token",
+            axum::routing::post(move |body: String| {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    assert_eq!(body, "grant_type=x", "every try sends the same request");
+                    let (status, headers, body) = script(n);
+                    let mut h = HeaderMap::new();
+                    for (k, v) in headers {
+                        h.insert(k, v.parse().unwrap());
+                    }
+                    (status, h, body)
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}/token"), seen)
+    }
+
+    async fn post(url: &str, budget: Duration) -> Result<u16, PatientError> {
+        let client = PatientHttp {
+            http: reqwest::Client::new(),
+            budget,
+        };
+        let request = oauth2::http::Request::post(url)
+            .body(b"grant_type=x".to_vec())
+            .unwrap();
+        client.call(request).await.map(|r| r.status().as_u16())
+    }
+
+    const LIMITED: &str =
+        r#"{"message":"You are being rate limited.","retry_after":0.1,"global":false}"#;
+
+    #[tokio::test]
+    async fn a_429_is_waited_out_and_retried() {
+        let (url, seen) = endpoint(|n| match n {
+            0 | 1 => (
+                StatusCode::TOO_MANY_REQUESTS,
+                vec![("retry-after", "0.1")],
+                LIMITED,
+            ),
+            _ => (StatusCode::OK, vec![], "{}"),
+        })
+        .await;
+        let started = Instant::now();
+        assert_eq!(post(&url, Duration::from_secs(10)).await.ok(), Some(200));
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[tokio::test]
+    async fn without_retry_after_the_body_says_how_long() {
+        let (url, seen) = endpoint(|n| match n {
+            0 => (StatusCode::TOO_MANY_REQUESTS, vec![], LIMITED),
+            _ => (StatusCode::OK, vec![], "{}"),
+        })
+        .await;
+        let started = Instant::now();
+        assert_eq!(post(&url, Duration::from_secs(10)).await.ok(), Some(200));
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+        assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn a_wait_past_the_budget_gives_up_at_once() {
+        let (url, seen) = endpoint(|_| {
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                vec![("retry-after", "30")],
+                LIMITED,
+            )
+        })
+        .await;
+        let started = Instant::now();
+        let answer = post(&url, Duration::from_secs(10)).await;
+        assert!(
+            matches!(answer, Err(PatientError::RateLimited(_))),
+            "{answer:?}"
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn endless_429s_end_within_the_budget() {
+        let (url, seen) = endpoint(|_| {
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                vec![("retry-after", "0.2")],
+                LIMITED,
+            )
+        })
+        .await;
+        let started = Instant::now();
+        let answer = post(&url, Duration::from_secs(1)).await;
+        assert!(
+            matches!(answer, Err(PatientError::RateLimited(_))),
+            "{answer:?}"
+        );
+        assert!(started.elapsed() <= Duration::from_millis(1500));
+        assert!(seen.load(Ordering::SeqCst) >= 4, "it kept trying");
+    }
+
+    #[tokio::test]
+    async fn a_zero_wait_is_not_a_busy_loop_and_errors_are_not_answers() {
+        let (url, seen) = endpoint(|_| {
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                vec![("retry-after", "0")],
+                LIMITED,
+            )
+        })
+        .await;
+        let _ = post(&url, Duration::from_millis(500)).await;
+        assert!(
+            seen.load(Ordering::SeqCst) <= 11,
+            "at most one try per 50 ms"
+        );
+
+        let (url, _) = endpoint(|_| (StatusCode::SERVICE_UNAVAILABLE, vec![], "down")).await;
+        let answer = post(&url, Duration::from_secs(10)).await;
+        assert!(
+            matches!(answer, Err(PatientError::Server(503))),
+            "{answer:?}"
+        );
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}/token", l.local_addr().unwrap())
+        };
+        let answer = post(&closed, Duration::from_secs(10)).await;
+        assert!(
+            matches!(answer, Err(PatientError::Unreachable(_))),
+            "{answer:?}"
+        );
+    }
+
+    #[test]
+    fn role_names_always_fit_discords_limit() {
+        assert_eq!(role_name("Draft pod"), "Room: Draft pod");
+        let fits = "x".repeat(94);
+        assert_eq!(role_name(&fits), format!("Room: {fits}"));
+        for room in [
+            "x".repeat(95),
+            "x".repeat(100),
+            "\u{e9}".repeat(100),
+            "👨\u{200D}👩\u{200D}👧".repeat(20),
+            format!("{}  tail", "y".repeat(91)),
+        ] {
+            let role = role_name(&room);
+            assert!(role.chars().count() <= 100, "{role}");
+            assert!(role.starts_with("Room: ") && role.ends_with('…'), "{role}");
+        }
+        assert_eq!(role_name(&"x".repeat(100)).chars().count(), 100);
     }
 }

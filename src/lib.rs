@@ -13,6 +13,7 @@ pub mod demo;
 pub mod discord;
 pub mod event;
 pub mod gateway;
+pub mod prometheus;
 pub mod publish;
 pub mod sim;
 pub mod telemetry;

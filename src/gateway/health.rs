@@ -1,5 +1,6 @@
-//! The gateway's health endpoint (`GET /healthz`) and Prometheus metrics (`GET /metrics`)
-//! on its own `BIND`. Reads the state the run loop reports; changes nothing.
+//! The gateway's health endpoint (`GET /healthz`) on its own `BIND` (metrics are on
+//! `METRICS_BIND`, see [`crate::prometheus`]). Reads the state the run loop reports;
+//! changes nothing.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -9,7 +10,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -84,21 +84,14 @@ impl Health {
     }
 }
 
-#[derive(Clone)]
-struct AppState {
-    health: Health,
-    metrics: Option<PrometheusHandle>,
-}
-
-pub fn router(health: Health, metrics: Option<PrometheusHandle>) -> Router {
+pub fn router(health: Health) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/metrics", get(render_metrics))
-        .with_state(AppState { health, metrics })
+        .with_state(health)
 }
 
-async fn healthz(State(app): State<AppState>) -> Response {
-    let (healthy, body) = app.health.report();
+async fn healthz(State(health): State<Health>) -> Response {
+    let (healthy, body) = health.report();
     let status = if healthy {
         StatusCode::OK
     } else {
@@ -107,29 +100,17 @@ async fn healthz(State(app): State<AppState>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn render_metrics(State(app): State<AppState>) -> Response {
-    match app.metrics {
-        Some(handle) => (
-            [("content-type", "text/plain; version=0.0.4")],
-            handle.render(),
-        )
-            .into_response(),
-        None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
-    }
-}
-
-/// Serves health and metrics on `bind` until `shutdown`.
+/// Serves health on `bind` until `shutdown`.
 pub async fn serve(
     bind: SocketAddr,
     health: Health,
-    metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(bind)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {bind}: {e}"))?;
     let addr = listener.local_addr()?;
-    let app = router(health, metrics);
+    let app = router(health);
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -3,7 +3,7 @@
 //!
 //! Owns the shard ([`run`]), the derivation of events from dispatches ([`derive`]),
 //! reconciling after reconnects, the leader lease, the stored session and the health
-//! endpoint ([`health`]). Must not serve pages or call Discord's REST API on users'
+//! endpoint ([`health`]; metrics are on their own listener, [`crate::prometheus`]). Must not serve pages or call Discord's REST API on users'
 //! behalf (that is `web`).
 
 pub mod derive;
@@ -28,9 +28,12 @@ pub use run::Outcome;
 /// Flags of `coven gateway` (each also read from its environment variable).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct Args {
-    /// Address of the health and metrics endpoint
+    /// Address of the health endpoint
     #[arg(long, env = "BIND")]
     pub bind: Option<String>,
+    /// Address of the Prometheus `/metrics` listener (keep it off the public network)
+    #[arg(long, env = "METRICS_BIND")]
+    pub metrics_bind: Option<String>,
     /// Redis holding the event log and shared state (redis://, rediss://, ...)
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
@@ -61,6 +64,7 @@ pub struct Args {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub bind: SocketAddr,
+    pub metrics_bind: SocketAddr,
     pub redis_url: SecretString,
     pub guild_id: Id<GuildMarker>,
     pub bot_token: SecretString,
@@ -87,6 +91,12 @@ impl Args {
             "BIND",
             self.bind.as_deref(),
             SocketAddr::from(([127, 0, 0, 1], 3001)),
+            config::parse_bind,
+        );
+        let metrics_bind = r.or_default(
+            "METRICS_BIND",
+            self.metrics_bind.as_deref(),
+            SocketAddr::from(([127, 0, 0, 1], 9465)),
             config::parse_bind,
         );
         let redis_url = r.required(
@@ -142,6 +152,7 @@ impl Args {
         Some(Settings {
             queue_size: queue_size?,
             bind: bind?,
+            metrics_bind: metrics_bind?,
             redis_url: redis_url?,
             guild_id: guild_id?,
             bot_token: bot_token?,
@@ -156,13 +167,14 @@ impl Args {
 
 /// `coven gateway`: connect to Redis, serve health, run until stopped or refused.
 pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Outcome> {
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .inspect_err(|e| tracing::warn!(error = %e, "metrics disabled"))
-        .ok();
+    let metrics = crate::prometheus::install(&shutdown);
     let health = health::Health::default();
-    let addr = health::serve(settings.bind, health.clone(), metrics, shutdown.clone()).await?;
+    let addr = health::serve(settings.bind, health.clone(), shutdown.clone()).await?;
     println!("coven gateway health listening on http://{addr}");
+    if let Some(handle) = metrics {
+        let at = crate::prometheus::serve(settings.metrics_bind, handle, shutdown.clone()).await?;
+        println!("coven gateway metrics at http://{at}/metrics");
+    }
     let bus = crate::bus::redis::RedisBus::connect(
         settings.redis_url.expose_secret(),
         &settings.key_prefix,

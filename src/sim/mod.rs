@@ -65,6 +65,12 @@ pub struct Args {
     /// Length of a REST rate-limit window
     #[arg(long, env = "SIM_RATE_WINDOW")]
     pub sim_rate_window: Option<String>,
+    /// Requests the OAuth2 token endpoint accepts per window
+    #[arg(long, env = "SIM_TOKEN_RATE_LIMIT")]
+    pub sim_token_rate_limit: Option<String>,
+    /// Length of the OAuth2 token endpoint's rate-limit window
+    #[arg(long, env = "SIM_TOKEN_RATE_WINDOW")]
+    pub sim_token_rate_window: Option<String>,
     /// Comma-separated OAuth2 redirect URIs to accept (default: any http(s) URL)
     #[arg(long, env = "SIM_REDIRECT_URIS")]
     pub sim_redirect_uris: Option<String>,
@@ -84,6 +90,8 @@ pub struct Settings {
     pub token_ttl: Duration,
     pub rate_limit: u32,
     pub rate_window: Duration,
+    pub token_rate_limit: u32,
+    pub token_rate_window: Duration,
     pub redirect_uris: Vec<Url>,
     /// Identity settings that fell back to a default (printed at start).
     pub defaulted: Vec<&'static str>,
@@ -103,6 +111,8 @@ impl Default for Settings {
             token_ttl: Duration::from_secs(7 * 24 * 3600),
             rate_limit: 5,
             rate_window: Duration::from_secs(1),
+            token_rate_limit: 5,
+            token_rate_window: Duration::from_secs(1),
             redirect_uris: Vec::new(),
             defaulted: Vec::new(),
         }
@@ -197,6 +207,18 @@ impl Args {
             d.rate_window,
             config::parse_duration,
         );
+        let token_rate_limit = r.or_default(
+            "SIM_TOKEN_RATE_LIMIT",
+            self.sim_token_rate_limit.as_deref(),
+            d.token_rate_limit,
+            config::parse_positive::<u32>,
+        );
+        let token_rate_window = r.or_default(
+            "SIM_TOKEN_RATE_WINDOW",
+            self.sim_token_rate_window.as_deref(),
+            d.token_rate_window,
+            config::parse_duration,
+        );
         let redirect_uris = r.or_default(
             "SIM_REDIRECT_URIS",
             self.sim_redirect_uris.as_deref(),
@@ -225,6 +247,8 @@ impl Args {
             token_ttl: token_ttl?,
             rate_limit: rate_limit?,
             rate_window: rate_window?,
+            token_rate_limit: token_rate_limit?,
+            token_rate_window: token_rate_window?,
             redirect_uris: redirect_uris?,
             defaulted,
         })
@@ -366,6 +390,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .merge(oauth::router())
         .nest("/_sim", control::router())
         .fallback(gateway_or_not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            oauth::limit_token_requests,
+        ))
         .with_state(shared)
 }
 

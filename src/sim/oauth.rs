@@ -1,8 +1,9 @@
 //! Simulated OAuth2: `GET /oauth2/authorize` (a page to pick which user to be, or
 //! `&sim_user=<id>`), `POST /api/oauth2/token` (authorization code with PKCE, refresh
-//! token; client auth by HTTP Basic or form body) and the bearer tokens REST accepts.
+//! token; client auth by HTTP Basic or form body; rate limited as Discord does it) and the
+//! bearer tokens REST accepts.
 //!
-//! Owns codes and tokens. Must not change the guild.
+//! Owns codes, tokens and the token endpoint's rate limit. Must not change the guild.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use askama::Template;
 use axum::Router;
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use base64::Engine;
@@ -61,6 +63,17 @@ pub struct Store {
     access: HashMap<String, Token>,
     refresh: HashMap<String, (u64, Vec<String>)>,
     refreshed: u64,
+    token_window: TokenWindow,
+}
+
+/// The token endpoint's fixed rate-limit window (`SIM_TOKEN_RATE_LIMIT` requests per
+/// `SIM_TOKEN_RATE_WINDOW`), shared by both of its paths.
+#[derive(Debug, Default)]
+struct TokenWindow {
+    started: Option<Instant>,
+    used: u32,
+    /// Requests refused with 429.
+    limited: u64,
 }
 
 impl Store {
@@ -84,6 +97,51 @@ impl Store {
     /// Refresh tokens redeemed so far (a test's evidence of a silent refresh).
     pub fn refreshed(&self) -> u64 {
         self.refreshed
+    }
+
+    /// Token requests refused with 429 so far.
+    pub fn token_rate_limited(&self) -> u64 {
+        self.token_window.limited
+    }
+
+    /// Counts a token request against the window.
+    fn admit_token_request(&mut self, limit: u32, window: Duration) -> Admission {
+        let now = Instant::now();
+        let w = &mut self.token_window;
+        let started = match w.started {
+            Some(s) if now.duration_since(s) < window => s,
+            _ => {
+                w.used = 0;
+                w.started = Some(now);
+                now
+            }
+        };
+        let reset_after = window.saturating_sub(now.duration_since(started));
+        let limited = w.used >= limit;
+        if limited {
+            w.limited += 1;
+        } else {
+            w.used += 1;
+        }
+        let reset_at = super::world::now_ms() as f64 / 1000.0 + reset_after.as_secs_f64();
+        let headers = vec![
+            ("x-ratelimit-bucket", TOKEN_BUCKET.to_owned()),
+            ("x-ratelimit-limit", limit.to_string()),
+            (
+                "x-ratelimit-remaining",
+                (limit - w.used.min(limit)).to_string(),
+            ),
+            ("x-ratelimit-reset", format!("{reset_at:.3}")),
+            (
+                "x-ratelimit-reset-after",
+                format!("{:.3}", reset_after.as_secs_f64()),
+            ),
+            ("x-ratelimit-scope", "user".to_owned()),
+        ];
+        Admission {
+            headers,
+            retry_after: limited.then_some(reset_after),
+        }
     }
 
     fn issue(&mut self, user_id: u64, scopes: Vec<String>, ttl: Duration) -> serde_json::Value {
@@ -112,6 +170,72 @@ impl Store {
 
 pub fn router() -> Router<Arc<Shared>> {
     Router::new().route("/oauth2/authorize", get(authorize))
+}
+
+/// The token endpoint's paths (the REST router serves them; this module limits them).
+const TOKEN_PATHS: &[&str] = &["/api/oauth2/token", "/api/v10/oauth2/token"];
+
+/// The token endpoint's rate-limit bucket id (opaque, as Discord's are).
+const TOKEN_BUCKET: &str = "4f2c9d1e7a3b8c60";
+
+fn with_headers(response: &mut Response, headers: Vec<(&'static str, String)>) {
+    let h = response.headers_mut();
+    for (name, value) in headers {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+}
+
+/// A token request counted: the rate-limit headers to send, and how long to wait when the
+/// window is used up.
+struct Admission {
+    headers: Vec<(&'static str, String)>,
+    retry_after: Option<Duration>,
+}
+
+/// Discord's 429.
+fn rate_limited(headers: Vec<(&'static str, String)>, retry_after: Duration) -> Response {
+    let seconds = retry_after.as_secs_f64();
+    let body = json!({
+        "message": "You are being rate limited.",
+        "retry_after": (seconds * 1000.0).round() / 1000.0,
+        "global": false,
+    });
+    let mut response = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
+    with_headers(&mut response, headers);
+    // Discord's header is whole seconds, rounded up; the body has the fraction.
+    let whole = (seconds.ceil() as u64).max(1);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(whole));
+    response
+}
+
+/// Rate-limits `POST` to the token endpoint before anything else sees the request, and
+/// puts the endpoint's own rate-limit headers on its answers (wrapping the whole
+/// simulator, so the REST router's generic headers do not replace them).
+pub async fn limit_token_requests(
+    State(shared): State<Arc<Shared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let is_token = request.method() == Method::POST
+        && TOKEN_PATHS.contains(&request.uri().path().trim_end_matches('/'));
+    if !is_token {
+        return next.run(request).await;
+    }
+    let admitted = shared.lock().oauth.admit_token_request(
+        shared.settings.token_rate_limit,
+        shared.settings.token_rate_window,
+    );
+    if let Some(wait) = admitted.retry_after {
+        tracing::debug!(?wait, "token endpoint rate limited");
+        return rate_limited(admitted.headers, wait);
+    }
+    let mut response = next.run(request).await;
+    with_headers(&mut response, admitted.headers);
+    response
 }
 
 /// `/api/v10/oauth2/token` (nested under `/api/v10` by the REST router).

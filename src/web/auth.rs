@@ -9,7 +9,8 @@ use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::{Deserialize, Serialize};
-use tower_sessions::Session;
+use tower_sessions::cookie::time::Duration;
+use tower_sessions::{Expiry, Session};
 use url::Url;
 
 use super::error::WebError;
@@ -19,6 +20,8 @@ use crate::event::{Person, Viewer, now_ms};
 
 const USER: &str = "user";
 const LOGIN: &str = "login";
+/// How long a login attempt may take: Discord's authorization codes live ten minutes.
+const LOGIN_TTL: Duration = Duration::minutes(10);
 /// Refresh a little before Discord's expiry, so a token never dies mid-request.
 const REFRESH_MARGIN_MS: u64 = 60_000;
 
@@ -57,29 +60,82 @@ struct PendingLogin {
     return_to: String,
 }
 
-/// `return_to` as given, if it is a path on this site; `/rooms` otherwise. Rejects
-/// `//host` and `/\host` (browsers read both as another site), schemes, control
-/// characters, and the login routes themselves (no loops).
+/// Where a login goes when `return_to` is absent or refused.
+const DEFAULT_RETURN_TO: &str = "/rooms";
+/// The longest `return_to` kept: a login attempt stays small.
+pub const MAX_RETURN_TO: usize = 2048;
+
+/// A logged-in session ends after `ttl` unused.
+pub fn session_expiry(ttl: std::time::Duration) -> Expiry {
+    Expiry::OnInactivity(Duration::seconds(
+        i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+    ))
+}
+
+/// `return_to` as one path on this site after normalisation, or `/rooms`.
+///
+/// Browsers read `//host` and `/\host` as another site, and resolve dot segments
+/// (`/.//host`, `/a/..//host`, `/%2e//host`) before they look, so the verdict is taken on
+/// the normalised value, never on the raw one. Refused outright: anything not starting
+/// with `/`, backslashes and control characters whether raw or percent-encoded (an
+/// encoded one can be decoded by a proxy or a later hop), values over
+/// [`MAX_RETURN_TO`] bytes, and the login routes themselves (no loops).
 pub fn safe_return_to(raw: Option<&str>) -> String {
-    const DEFAULT: &str = "/rooms";
-    let Some(raw) = raw else {
-        return DEFAULT.to_owned();
-    };
-    if !raw.starts_with('/')
-        || raw.starts_with("//")
-        || raw.contains('\\')
-        || raw.chars().any(char::is_control)
-        || raw.starts_with("/auth/")
-    {
-        return DEFAULT.to_owned();
+    raw.and_then(normalised_return_to)
+        .unwrap_or_else(|| DEFAULT_RETURN_TO.to_owned())
+}
+
+fn normalised_return_to(raw: &str) -> Option<String> {
+    if raw.len() > MAX_RETURN_TO || !raw.starts_with('/') || hostile(raw) {
+        return None;
     }
-    let Ok(base) = Url::parse("http://coven.invalid/") else {
-        return DEFAULT.to_owned();
-    };
-    match base.join(raw) {
-        Ok(url) if url.origin() == base.origin() => url[url::Position::BeforePath..].to_owned(),
-        _ => DEFAULT.to_owned(),
+    let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+    if hostile(&decoded) {
+        return None;
     }
+    // The url crate resolves dot segments the way browsers do (`%2e` included).
+    let base = Url::parse("http://coven.invalid/").ok()?;
+    let url = base.join(raw).ok()?;
+    if url.origin() != base.origin() {
+        return None;
+    }
+    let out = &url[url::Position::BeforePath..];
+    (out.starts_with('/')
+        && !out.starts_with("//")
+        && out.len() <= MAX_RETURN_TO
+        && stays_on_site(url.path(), &base))
+    .then(|| out.to_owned())
+}
+
+/// Whether a normalised path still names a path on this site for every hop that decodes
+/// it again (a proxy, a framework, a browser reading `%2f`): decoded and re-normalised
+/// level by level, it never turns into `//host`, a backslash or a control character, nor
+/// into the login routes. Deeper encodings than a few levels are refused.
+fn stays_on_site(path: &str, base: &Url) -> bool {
+    let mut path = path.to_owned();
+    for _ in 0..4 {
+        let decoded = percent_encoding::percent_decode_str(&path)
+            .decode_utf8_lossy()
+            .into_owned();
+        if hostile(&decoded) || decoded.starts_with("//") {
+            return false;
+        }
+        let mut again = base.clone();
+        again.set_path(&decoded);
+        if again.path().starts_with("//") || again.path().starts_with("/auth/") {
+            return false;
+        }
+        if decoded == path {
+            return true;
+        }
+        path = decoded;
+    }
+    false
+}
+
+/// Characters no same-site path needs and browsers read in surprising ways.
+fn hostile(s: &str) -> bool {
+    s.chars().any(|c| c == '\\' || c.is_control())
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +151,12 @@ pub async fn login(
 ) -> Result<Response, WebError> {
     let return_to = safe_return_to(q.return_to.as_deref());
     let authorization = app.discord.authorize();
+    let user: Option<SessionUser> = session.get(USER).await?;
+    if user.is_none() {
+        // An anonymous visitor's only server state is this attempt, and it lives no
+        // longer than Discord's code would.
+        session.set_expiry(Some(Expiry::OnInactivity(LOGIN_TTL)));
+    }
     session
         .insert(
             LOGIN,
@@ -115,11 +177,27 @@ pub struct CallbackQuery {
     error: Option<String>,
 }
 
-/// `GET /auth/callback`: Discord sends the browser back with a code.
+/// `GET /auth/callback`: Discord sends the browser back with a code. A failed attempt
+/// leaves nothing behind for an anonymous visitor.
 pub async fn callback(
     State(app): State<AppState>,
     session: Session,
     Query(q): Query<CallbackQuery>,
+) -> Result<Response, WebError> {
+    let done = complete_login(&app, &session, q).await;
+    if done.is_err() {
+        let user: Option<SessionUser> = session.get(USER).await?;
+        if user.is_none() {
+            session.flush().await?;
+        }
+    }
+    done
+}
+
+async fn complete_login(
+    app: &AppState,
+    session: &Session,
+    q: CallbackQuery,
 ) -> Result<Response, WebError> {
     let pending: Option<PendingLogin> = session.remove(LOGIN).await?;
     let Some(pending) = pending else {
@@ -159,7 +237,7 @@ pub async fn callback(
     let roles = app.discord.member_roles(person.id).await?;
     let member = roles.is_some();
     let known = app.bus.member(person.id).await?;
-    super::members::record(&app, person.id, known, roles).await?;
+    super::members::record(app, person.id, known, roles).await?;
     // Just asked: the next recheck is a full interval away.
     app.bus
         .claim(
@@ -169,6 +247,7 @@ pub async fn callback(
         .await?;
     // A new id for the logged-in session: an id planted before login is worth nothing.
     session.cycle_id().await?;
+    session.set_expiry(Some(session_expiry(app.settings.session_ttl)));
     tracing::info!(user = %person.id, member, "logged in");
     session
         .insert(
@@ -260,8 +339,9 @@ impl FromRequestParts<AppState> for LoggedIn {
             return Err(not_logged_in());
         };
         if user.expires_at <= now_ms() + REFRESH_MARGIN_MS {
+            // Flushed, not emptied: an empty record would outlive the login by SESSION_TTL.
             let Some(refresh) = user.refresh_token.clone() else {
-                session.remove_value(USER).await?;
+                session.flush().await?;
                 return Err(not_logged_in());
             };
             match app.discord.refresh(refresh).await {
@@ -274,7 +354,7 @@ impl FromRequestParts<AppState> for LoggedIn {
                 }
                 Err(DiscordError::Unauthorized) => {
                     tracing::info!(user = %user.person.id, "Discord token refresh refused; logging out");
-                    session.remove_value(USER).await?;
+                    session.flush().await?;
                     return Err(not_logged_in());
                 }
                 Err(e) => return Err(e.into()),
@@ -286,26 +366,123 @@ impl FromRequestParts<AppState> for LoggedIn {
 
 #[cfg(test)]
 mod tests {
-    use super::safe_return_to;
+    use super::{MAX_RETURN_TO, safe_return_to};
+
+    /// Every value an attacker might try, with what must come out.
+    const CASES: &[(&str, &str)] = &[
+        // Paths on this site stay as they are.
+        ("/rooms/123", "/rooms/123"),
+        ("/rooms?x=1#y", "/rooms?x=1#y"),
+        ("/invite/abc.def", "/invite/abc.def"),
+        ("/", "/"),
+        ("/rooms//123", "/rooms//123"),
+        ("/rooms%2f123", "/rooms%2f123"),
+        (
+            "/rooms?next=//elsewhere.example",
+            "/rooms?next=//elsewhere.example",
+        ),
+        ("/rooms#//elsewhere.example", "/rooms#//elsewhere.example"),
+        ("/javascript:alert(1)", "/javascript:alert(1)"),
+        ("/r\u{e9}", "/r%C3%A9"),
+        ("/\u{ff0f}elsewhere.example", "/%EF%BC%8Felsewhere.example"),
+        // Dot segments resolve, and stay on the site.
+        ("/a/../../b", "/b"),
+        ("/a/./b/../c", "/a/c"),
+        ("/%2e%2e/%2E%2e/rooms", "/rooms"),
+        ("/a/%2e%2e/rooms", "/rooms"),
+        ("/a/.%2e/rooms", "/rooms"),
+        // Scheme-relative, before or after normalisation.
+        ("//elsewhere.example", "/rooms"),
+        ("//elsewhere.example/rooms", "/rooms"),
+        ("///elsewhere.example", "/rooms"),
+        ("////elsewhere.example", "/rooms"),
+        ("/.//elsewhere.example", "/rooms"),
+        ("/././/elsewhere.example", "/rooms"),
+        ("/a/..//elsewhere.example", "/rooms"),
+        ("/a/b/../..//elsewhere.example", "/rooms"),
+        ("/%2e//elsewhere.example", "/rooms"),
+        ("/%2E//elsewhere.example", "/rooms"),
+        ("/a/%2e%2e//elsewhere.example", "/rooms"),
+        ("/a/%2E%2E//elsewhere.example", "/rooms"),
+        ("/..//elsewhere.example", "/rooms"),
+        // Encoded slashes that decode to a scheme-relative path.
+        ("/%2felsewhere.example", "/rooms"),
+        ("/%2Felsewhere.example", "/rooms"),
+        ("/%2f%2felsewhere.example", "/rooms"),
+        ("/.%2f%2felsewhere.example", "/rooms"),
+        ("/a/..%2f%2felsewhere.example", "/rooms"),
+        // Encoded twice, for hops that decode twice.
+        ("/%252f%252felsewhere.example", "/rooms"),
+        ("/%252e%252e//elsewhere.example", "/rooms"),
+        ("/%255c", "/rooms"),
+        ("/%2509", "/rooms"),
+        ("/%25252f%25252felsewhere.example", "/rooms"),
+        ("/100%25", "/100%25"),
+        // Backslashes, raw and encoded.
+        ("/\\elsewhere.example", "/rooms"),
+        ("\\\\elsewhere.example", "/rooms"),
+        ("/%5celsewhere.example", "/rooms"),
+        ("/%5Celsewhere.example", "/rooms"),
+        ("/rooms/%5c", "/rooms"),
+        ("/.%5c/elsewhere.example", "/rooms"),
+        // Control characters, raw and encoded, anywhere.
+        ("/\telsewhere", "/rooms"),
+        ("/\t/elsewhere.example", "/rooms"),
+        ("/\n/elsewhere.example", "/rooms"),
+        ("/rooms\r\nSet-Cookie: x=1", "/rooms"),
+        ("/%09/elsewhere.example", "/rooms"),
+        ("/%0a/elsewhere.example", "/rooms"),
+        ("/%0D%0A/elsewhere.example", "/rooms"),
+        ("/rooms?x=%0d%0aSet-Cookie:%20x=1", "/rooms"),
+        ("/rooms#%00", "/rooms"),
+        ("/%7f", "/rooms"),
+        ("/%c2%85", "/rooms"),
+        ("/\u{85}", "/rooms"),
+        ("/rooms\0", "/rooms"),
+        // Other origins and schemes.
+        ("https://elsewhere.example/", "/rooms"),
+        ("http:elsewhere.example", "/rooms"),
+        ("HTTPS://elsewhere.example/", "/rooms"),
+        ("javascript:alert(1)", "/rooms"),
+        ("JaVaScRiPt:alert(1)", "/rooms"),
+        ("data:text/html,<script>alert(1)</script>", "/rooms"),
+        (" /rooms", "/rooms"),
+        ("rooms", "/rooms"),
+        ("elsewhere.example", "/rooms"),
+        ("", "/rooms"),
+        ("?x=1", "/rooms"),
+        ("#x", "/rooms"),
+        // No loops through the login itself.
+        ("/auth/login", "/rooms"),
+        ("/auth/callback?code=x", "/rooms"),
+        ("/rooms/../auth/login", "/rooms"),
+        ("/%61uth/login", "/rooms"),
+    ];
 
     #[test]
-    fn return_to_stays_on_site() {
-        for (raw, want) in [
-            (None, "/rooms"),
-            (Some("/rooms/123"), "/rooms/123"),
-            (Some("/rooms?x=1#y"), "/rooms?x=1#y"),
-            (Some("/invite/abc.def"), "/invite/abc.def"),
-            (Some("//elsewhere.example"), "/rooms"),
-            (Some("//elsewhere.example/rooms"), "/rooms"),
-            (Some("/\\elsewhere.example"), "/rooms"),
-            (Some("https://elsewhere.example/"), "/rooms"),
-            (Some("javascript:alert(1)"), "/rooms"),
-            (Some("rooms"), "/rooms"),
-            (Some("/\telsewhere"), "/rooms"),
-            (Some("/auth/login"), "/rooms"),
-            (Some("/a/../../b"), "/b"),
-        ] {
-            assert_eq!(safe_return_to(raw), want, "{raw:?}");
+    fn return_to_is_one_normalised_path_on_this_site() {
+        assert_eq!(safe_return_to(None), "/rooms");
+        for (raw, want) in CASES {
+            let got = safe_return_to(Some(raw));
+            assert_eq!(got, *want, "{raw:?}");
+            assert!(
+                got.starts_with('/') && !got.starts_with("//") && !got.starts_with("/\\"),
+                "{raw:?} gave {got:?}"
+            );
         }
+    }
+
+    #[test]
+    fn return_to_is_at_most_two_kib() {
+        let longest = format!("/rooms/{}", "x".repeat(MAX_RETURN_TO - 7));
+        assert_eq!(safe_return_to(Some(&longest)), longest);
+        let over = format!("{longest}x");
+        assert_eq!(safe_return_to(Some(&over)), "/rooms");
+        let huge = format!("/{}", "a/".repeat(100_000));
+        assert_eq!(safe_return_to(Some(&huge)), "/rooms");
+        // Within the limit raw, over it once encoded: refused too.
+        let grows = format!("/{}", "\u{e9}".repeat(MAX_RETURN_TO / 2 - 1));
+        assert!(grows.len() <= MAX_RETURN_TO);
+        assert_eq!(safe_return_to(Some(&grows)), "/rooms");
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Owns HTTP: sessions and Discord login ([`auth`]), the SSE stream and its fan-out
 //! ([`stream`]), who is viewing which room ([`presence`]), server-rendered pages
-//! ([`pages`]), health/readiness/metrics and response headers ([`ops`]), and the one
+//! ([`pages`]), health/readiness and response headers ([`ops`]), and the one
 //! mapping of failures to responses ([`error`]). Reads shared state only through the
 //! bus; must not hold the Discord Gateway (that is `gateway`). Replicas share nothing but
 //! Redis, so any replica can serve any request.
@@ -25,13 +25,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::http::{HeaderValue, header};
 use axum::routing::{get, post};
-use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::services::ServeDir;
-use tower_sessions::{Expiry, SessionManagerLayer, SessionStore, cookie::SameSite};
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_sessions::{SessionManagerLayer, SessionStore, cookie::SameSite};
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker};
 use url::Url;
@@ -46,6 +47,9 @@ pub struct Args {
     /// Address to listen on
     #[arg(long, env = "BIND")]
     pub bind: Option<String>,
+    /// Address of the Prometheus `/metrics` listener (keep it off the public network)
+    #[arg(long, env = "METRICS_BIND")]
+    pub metrics_bind: Option<String>,
     /// The URL people open (decides the OAuth2 redirect and whether cookies are Secure)
     #[arg(long, env = "PUBLIC_URL")]
     pub public_url: Option<String>,
@@ -109,6 +113,7 @@ pub struct Args {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub bind: SocketAddr,
+    pub metrics_bind: SocketAddr,
     pub public_url: Url,
     pub redis_url: Option<SecretString>,
     pub guild_id: Id<GuildMarker>,
@@ -139,6 +144,12 @@ impl Args {
             "BIND",
             self.bind.as_deref(),
             SocketAddr::from(([127, 0, 0, 1], 3000)),
+            config::parse_bind,
+        );
+        let metrics_bind = r.or_default(
+            "METRICS_BIND",
+            self.metrics_bind.as_deref(),
+            SocketAddr::from(([127, 0, 0, 1], 9464)),
             config::parse_bind,
         );
         let public_url = r.or_default(
@@ -257,6 +268,7 @@ impl Args {
             room_sweep_interval: room_sweep_interval?,
             room_close_warning: room_close_warning?,
             bind: bind?,
+            metrics_bind: metrics_bind?,
             public_url: public_url?,
             redis_url: Some(redis_url?),
             guild_id: guild_id?,
@@ -299,7 +311,6 @@ pub struct App {
     pub hub: stream::Hub,
     pub presence: presence::Presence,
     pub limits: protect::Limits,
-    pub metrics: Option<PrometheusHandle>,
     /// People with streams on this replica, whose membership is rechecked.
     pub watched: members::Watched,
 }
@@ -309,11 +320,7 @@ pub type AppState = Arc<App>;
 impl App {
     /// Starts the replica's shared tasks (the stream fan-out and presence refresh); they
     /// end with `shutdown`.
-    pub async fn start(
-        settings: Settings,
-        bus: Arc<dyn Backend>,
-        metrics: Option<PrometheusHandle>,
-    ) -> anyhow::Result<AppState> {
+    pub async fn start(settings: Settings, bus: Arc<dyn Backend>) -> anyhow::Result<AppState> {
         let discord = Discord::new(&settings.discord, settings.guild_id, &settings.public_url)?;
         let hub =
             stream::Hub::start(bus.clone(), settings.stream_buffer, settings.keepalive).await?;
@@ -325,7 +332,6 @@ impl App {
             hub,
             presence,
             limits: protect::Limits::default(),
-            metrics,
             watched: members::Watched::default(),
         }))
     }
@@ -338,15 +344,12 @@ impl App {
 /// The whole site. Generic over the session store: Redis in production, memory in the
 /// demo.
 pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
-    let ttl = tower_sessions::cookie::time::Duration::seconds(
-        i64::try_from(app.settings.session_ttl.as_secs()).unwrap_or(i64::MAX),
-    );
     let sessions = SessionManagerLayer::new(store)
         .with_name("coven_session")
         .with_http_only(true)
         .with_same_site(SameSite::Lax)
         .with_secure(app.secure_cookies())
-        .with_expiry(Expiry::OnInactivity(ttl));
+        .with_expiry(auth::session_expiry(app.settings.session_ttl));
     let site = Router::new()
         .route("/", get(pages::landing))
         .route("/rooms", get(pages::rooms).post(rooms::create))
@@ -361,12 +364,17 @@ pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
         .route("/api/stream", get(stream::stream))
         // Forms here are a room name and a token; anything bigger is not ours.
         .layer(axum::extract::DefaultBodyLimit::max(16 * 1024))
-        .layer(sessions);
+        .layer(sessions)
+        // Pages carry CSRF tokens and invite links: no cache, shared or private, keeps
+        // them. The stream says `no-cache` itself, which this leaves in place.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ));
     Router::new()
         .merge(site)
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
         .nest_service("/assets", ServeDir::new(assets_dir()))
         .fallback(pages::not_found)
         .with_state(app)
@@ -424,10 +432,7 @@ pub async fn serve(
 /// `coven web`: connect to Redis, serve until SIGTERM.
 pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     raise_open_file_limit();
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .inspect_err(|e| tracing::warn!(error = %e, "metrics disabled"))
-        .ok();
+    let metrics = crate::prometheus::install(&shutdown);
     let redis_url = settings
         .redis_url
         .as_ref()
@@ -447,7 +452,11 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.bind))?;
     let addr = listener.local_addr()?;
-    let app = App::start(settings, Arc::new(bus), metrics).await?;
+    if let Some(handle) = metrics {
+        let at = crate::prometheus::serve(settings.metrics_bind, handle, shutdown.clone()).await?;
+        println!("coven web metrics at http://{at}/metrics");
+    }
+    let app = App::start(settings, Arc::new(bus)).await?;
     sweeper::start(app.clone(), shutdown.clone());
     members::Watched::start(app.clone(), shutdown.clone());
     let router = router(app.clone(), store);

@@ -1,6 +1,6 @@
 //! What operators and load balancers use: `/healthz` (the process answers), `/readyz`
-//! (Redis answers and the gateway's status is fresh), `/metrics` (Prometheus), request
-//! timing, the security headers every response carries, and `Connection: close` on
+//! (Redis answers and the gateway's status is fresh), request timing (served on
+//! `METRICS_BIND` by [`crate::prometheus`], never here), the security headers every response carries, and `Connection: close` on
 //! answers that left a request body unread.
 //!
 //! Owns nothing users see. Must not touch sessions.
@@ -57,21 +57,6 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, axum::Json(body)).into_response()
-}
-
-/// `GET /metrics`: Prometheus text.
-pub async fn metrics(State(app): State<AppState>) -> Response {
-    match &app.metrics {
-        Some(handle) => (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            )],
-            handle.render(),
-        )
-            .into_response(),
-        None => (StatusCode::NOT_FOUND, "metrics are disabled\n").into_response(),
-    }
 }
 
 const CSP: &str = "default-src 'self'; img-src 'self' data: https://cdn.discordapp.com; \

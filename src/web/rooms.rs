@@ -30,35 +30,123 @@ pub struct CreateForm {
     name: String,
 }
 
-/// A room name as people type it, checked: trimmed, no control characters, 1-100
-/// characters; empty means the default `{username}'s Game #{4 chars}`.
-pub fn room_name(raw: &str, username: &str) -> Result<String, WebError> {
-    let name = raw.trim();
-    if name.is_empty() {
+/// A room name as people type it, checked once at the edge: trimmed, 1-100 characters,
+/// readable (something visible in it) and unable to reorder the text around it on
+/// someone else's page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomName(String);
+
+/// Why a typed room name was refused; each says so in words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("A room name needs at least one character.")]
+    Empty,
+    #[error("A room name can be at most {MAX_NAME} characters (this one has {0}).")]
+    TooLong(usize),
+    #[error("A room name cannot contain line breaks or control characters.")]
+    Control,
+    #[error(
+        "A room name cannot contain characters that change the direction of the text around \
+         it (Unicode bidirectional embeddings, overrides or isolates)."
+    )]
+    Bidi,
+    #[error(
+        "A room name needs at least one visible character (this one is only blank or invisible characters)."
+    )]
+    Invisible,
+}
+
+impl RoomName {
+    /// `raw` trimmed and checked. Empty (after trimming) is [`NameError::Empty`]: the
+    /// caller decides whether a default applies.
+    pub fn parse(raw: &str) -> Result<Self, NameError> {
+        let name = raw.trim();
+        if name.is_empty() {
+            return Err(NameError::Empty);
+        }
+        if name
+            .chars()
+            .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+        {
+            return Err(NameError::Control);
+        }
+        if name.chars().any(is_bidi_control) {
+            return Err(NameError::Bidi);
+        }
+        if name.chars().all(|c| c.is_whitespace() || is_invisible(c)) {
+            return Err(NameError::Invisible);
+        }
+        let len = name.chars().count();
+        if len > MAX_NAME {
+            return Err(NameError::TooLong(len));
+        }
+        Ok(Self(name.to_owned()))
+    }
+
+    /// `{username}'s Game #{4 chars}`, or `Game #{4 chars}` when that would be too long
+    /// or unreadable (a username is not checked like a room name).
+    pub fn default_for(username: &str) -> Self {
         let tag: String = (0..4)
             .map(|_| {
                 let i = rand::random_range(0..32usize);
                 char::from(b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789"[i])
             })
             .collect();
-        let mut name = format!("{username}'s Game #{tag}");
-        if name.chars().count() > MAX_NAME {
-            name = format!("Game #{tag}");
+        match Self::parse(&format!("{username}'s Game #{tag}")) {
+            Ok(name) => name,
+            Err(_) => Self(format!("Game #{tag}")),
         }
-        return Ok(name);
     }
-    if name.chars().any(char::is_control) {
-        return Err(WebError::BadRequest(
-            "A room name cannot contain line breaks or control characters.".to_owned(),
-        ));
+
+    /// The form's name, or the default when it was left empty.
+    pub fn from_form(raw: &str, username: &str) -> Result<Self, WebError> {
+        match Self::parse(raw) {
+            Ok(name) => Ok(name),
+            Err(NameError::Empty) => Ok(Self::default_for(username)),
+            Err(e) => Err(WebError::BadRequest(e.to_string())),
+        }
     }
-    let len = name.chars().count();
-    if len > MAX_NAME {
-        return Err(WebError::BadRequest(format!(
-            "A room name can be at most {MAX_NAME} characters (this one has {len})."
-        )));
+
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
-    Ok(name.to_owned())
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+/// Bidirectional embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069): one
+/// left open in a name reorders whatever a page shows after it.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Characters that show nothing: Unicode's Default_Ignorable_Code_Point set (zero-width
+/// spaces and joiners, soft hyphen, word joiner, BOM, variation selectors, tags, Hangul
+/// fillers, ...) plus the blank Braille pattern, which fonts draw empty.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{2800}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
 }
 
 /// The `{channel_id}` of a room route, parsed once; anything else is "no such room".
@@ -119,12 +207,12 @@ pub async fn create(
     post: Posted<CreateForm>,
 ) -> Result<Response, WebError> {
     let person = &post.who.user.person;
-    let name = room_name(&post.form.name, &person.username)?;
+    let name = RoomName::from_form(&post.form.name, &person.username)?;
     let me = person.id;
     let made = app
         .discord
         .create_room(
-            &name,
+            name.as_str(),
             me,
             app.settings.max_players,
             app.settings.room_category,
@@ -147,7 +235,7 @@ pub async fn create(
         .append(
             EventData::RoomCreated {
                 channel_id: made.channel,
-                name,
+                name: name.into_string(),
                 user_limit: app.settings.max_players,
                 created_by: Some(me),
                 role_id: Some(made.role),
@@ -275,21 +363,85 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_are_checked_and_defaulted() {
-        let n = room_name("  ", "ash").unwrap_or_default();
+    fn names_are_parsed_once_with_a_reason_for_each_refusal() {
+        let hundred = "x".repeat(100);
+        let accented = "\u{e9}".repeat(100);
+        let cases: &[(&str, Result<&str, NameError>)] = &[
+            (" Draft pod ", Ok("Draft pod")),
+            ("\tCube night\n", Ok("Cube night")),
+            (&hundred, Ok(&hundred)),
+            (&accented, Ok(&accented)),
+            (
+                "\u{5d7}\u{5d3}\u{5e8} \u{5de}\u{5e9}\u{5d7}\u{5e7}",
+                Ok("\u{5d7}\u{5d3}\u{5e8} \u{5de}\u{5e9}\u{5d7}\u{5e7}"),
+            ),
+            ("Game\u{200B}Night", Ok("Game\u{200B}Night")),
+            ("\u{200F}\u{5d0}", Ok("\u{200F}\u{5d0}")),
+            ("\u{1F0CF} Joker", Ok("\u{1F0CF} Joker")),
+            ("👨\u{200D}👩\u{200D}👧", Ok("👨\u{200D}👩\u{200D}👧")),
+            ("", Err(NameError::Empty)),
+            ("   \t ", Err(NameError::Empty)),
+            ("\u{3000}\u{00A0}", Err(NameError::Empty)),
+            ("a\nb", Err(NameError::Control)),
+            ("a\rb", Err(NameError::Control)),
+            ("a\u{0}b", Err(NameError::Control)),
+            ("a\u{1b}[31mb", Err(NameError::Control)),
+            ("a\u{7f}", Err(NameError::Control)),
+            ("a\u{85}b", Err(NameError::Control)),
+            ("a\u{2028}b", Err(NameError::Control)),
+            ("a\u{2029}b", Err(NameError::Control)),
+            ("\u{202E}", Err(NameError::Bidi)),
+            ("\u{202E}\u{202D}\u{202C}", Err(NameError::Bidi)),
+            ("Pod \u{202E}gnp.exe", Err(NameError::Bidi)),
+            ("\u{202A}a", Err(NameError::Bidi)),
+            ("\u{202B}a", Err(NameError::Bidi)),
+            ("a\u{2066}b", Err(NameError::Bidi)),
+            ("a\u{2067}b", Err(NameError::Bidi)),
+            ("a\u{2068}b", Err(NameError::Bidi)),
+            ("a\u{2069}", Err(NameError::Bidi)),
+            ("\u{200B}", Err(NameError::Invisible)),
+            ("\u{200B}\u{200C}\u{200D}", Err(NameError::Invisible)),
+            ("\u{200B} \u{200B}", Err(NameError::Invisible)),
+            ("\u{2060}\u{FEFF}\u{00AD}", Err(NameError::Invisible)),
+            ("\u{3164}\u{3164}", Err(NameError::Invisible)),
+            ("\u{115F}\u{1160}\u{FFA0}", Err(NameError::Invisible)),
+            ("\u{2800}", Err(NameError::Invisible)),
+            ("\u{200E}\u{200F}\u{061C}", Err(NameError::Invisible)),
+            ("\u{FE0F}\u{034F}", Err(NameError::Invisible)),
+            ("\u{E0041}\u{E0042}", Err(NameError::Invisible)),
+            ("\u{180E}", Err(NameError::Invisible)),
+        ];
+        for (raw, want) in cases {
+            let got = RoomName::parse(raw);
+            assert_eq!(
+                got.as_ref().map(RoomName::as_str).map_err(Clone::clone),
+                want.clone(),
+                "{raw:?}"
+            );
+        }
+        let long = "x".repeat(101);
+        assert_eq!(RoomName::parse(&long), Err(NameError::TooLong(101)));
+        let long = format!("  {}  ", "\u{e9}".repeat(101));
+        assert_eq!(RoomName::parse(&long), Err(NameError::TooLong(101)));
+        assert!(RoomName::parse(&format!(" {} ", "x".repeat(100))).is_ok());
+    }
+
+    #[test]
+    fn refusals_say_why_and_an_empty_name_gets_the_default() {
+        for raw in ["a\nb", "\u{202E}", "\u{200B}", &"x".repeat(101)] {
+            match RoomName::from_form(raw, "ash") {
+                Err(WebError::BadRequest(m)) => assert!(m.contains("room name"), "{m}"),
+                other => panic!("{raw:?}: {other:?}"),
+            }
+        }
+        let n = RoomName::from_form("  ", "ash").map(RoomName::into_string);
+        let n = n.unwrap_or_default();
         assert!(n.starts_with("ash's Game #"), "{n}");
         assert_eq!(n.len(), "ash's Game #".len() + 4);
-        assert_eq!(
-            room_name(" Draft pod ", "ash").ok().as_deref(),
-            Some("Draft pod")
-        );
-        assert!(room_name("a\nb", "ash").is_err());
-        assert!(room_name(&"x".repeat(101), "ash").is_err());
-        assert!(
-            room_name(&"é".repeat(100), "ash").is_ok(),
-            "characters, not bytes"
-        );
-        let long = "u".repeat(99);
-        assert!(room_name("", &long).is_ok_and(|n| n.chars().count() <= 100));
+        for username in ["u".repeat(99), "\u{202E}evil".to_owned(), "a\nb".to_owned()] {
+            let n = RoomName::default_for(&username);
+            assert!(RoomName::parse(n.as_str()).is_ok(), "{n:?}");
+            assert!(n.as_str().starts_with("Game #"), "{n:?}");
+        }
     }
 }

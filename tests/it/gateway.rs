@@ -50,8 +50,10 @@ impl Setup {
         let category = self.category.to_string();
         let redis_url = self.redis.url();
         let gateway_url = self.sim.gateway_url();
+        let metrics_bind = format!("127.0.0.1:{}", crate::harness::redis::free_port());
         let mut env = vec![
             ("BIND", "127.0.0.1:0"),
+            ("METRICS_BIND", &metrics_bind),
             ("REDIS_URL", &redis_url),
             ("DISCORD_GUILD_ID", &guild),
             ("DISCORD_BOT_TOKEN", token),
@@ -525,7 +527,16 @@ async fn health_and_metrics_tell_active_from_standby() {
 
     s.new_room("Metered").await;
     s.wait_for_events(1).await;
-    let metrics = reqwest::get(format!("{active_url}/metrics"))
+    // Metrics live on METRICS_BIND only, latencies as histograms.
+    let public = reqwest::get(format!("{active_url}/metrics")).await.unwrap();
+    assert_eq!(public.status(), 404, "no metrics beside health");
+    let metrics_url = active.metrics_url();
+    assert_ne!(
+        metrics_url,
+        format!("{active_url}/metrics"),
+        "a listener of its own"
+    );
+    let metrics = reqwest::get(&metrics_url)
         .await
         .unwrap()
         .text()
@@ -536,8 +547,13 @@ async fn health_and_metrics_tell_active_from_standby() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("coven_gateway_append_seconds"),
+        metrics.contains(r#"coven_gateway_append_seconds_bucket{le="0.005"}"#)
+            && metrics.contains(r#"coven_gateway_append_seconds_bucket{le="+Inf"}"#),
         "{metrics}"
+    );
+    assert!(
+        !metrics.contains("quantile="),
+        "histograms, not summaries: {metrics}"
     );
 
     // A clean stop hands over at once: the standby becomes active and healthy.
@@ -608,6 +624,7 @@ async fn the_run_loop_over_the_memory_bus_stores_its_session_and_releases_the_le
     let backend: Arc<dyn Backend> = bus.clone();
     let settings = coven::gateway::Settings {
         bind: "127.0.0.1:0".parse().unwrap(),
+        metrics_bind: "127.0.0.1:0".parse().unwrap(),
         redis_url: secrecy::SecretString::from("memory://"),
         guild_id: Id::new(sim.guild_id()),
         bot_token: secrecy::SecretString::from(sim.token()),

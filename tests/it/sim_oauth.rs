@@ -270,3 +270,115 @@ async fn the_authorize_page_offers_every_user_and_bad_requests_are_explained() {
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"], "invalid_client");
 }
+
+/// One raw token request (a wrong code: the answer is 400 unless rate limited).
+async fn token_request(sim: &TestSim, path: &str) -> reqwest::Response {
+    sim.http
+        .post(sim.url(path))
+        .basic_auth(
+            sim.sim.shared.settings.client_id.to_string(),
+            Some(secret(sim)),
+        )
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", "not-a-code"),
+            ("redirect_uri", REDIRECT),
+        ])
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_token_endpoint_is_rate_limited_as_discord_does_it() {
+    let sim = TestSim::start_with(|s| {
+        s.token_rate_limit = 2;
+        s.token_rate_window = std::time::Duration::from_secs(3);
+    })
+    .await;
+    let header = |res: &reqwest::Response, name: &str| {
+        res.headers()
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} header"))
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    // Both paths share one window.
+    let first = token_request(&sim, "/api/oauth2/token").await;
+    assert_eq!(first.status(), 400, "a wrong code, not a rate limit");
+    assert_eq!(header(&first, "x-ratelimit-limit"), "2");
+    assert_eq!(header(&first, "x-ratelimit-remaining"), "1");
+    let second = token_request(&sim, "/api/v10/oauth2/token").await;
+    assert_eq!(second.status(), 400);
+    assert_eq!(header(&second, "x-ratelimit-remaining"), "0");
+
+    let limited = token_request(&sim, "/api/oauth2/token").await;
+    assert_eq!(limited.status(), 429);
+    let retry_after: u64 = header(&limited, "retry-after").parse().unwrap();
+    assert!((1..=3).contains(&retry_after), "{retry_after}");
+    assert_eq!(header(&limited, "x-ratelimit-limit"), "2");
+    assert_eq!(header(&limited, "x-ratelimit-remaining"), "0");
+    assert_eq!(header(&limited, "x-ratelimit-scope"), "user");
+    assert!(!header(&limited, "x-ratelimit-bucket").is_empty());
+    let reset_after: f64 = header(&limited, "x-ratelimit-reset-after").parse().unwrap();
+    assert!((0.0..=3.0).contains(&reset_after), "{reset_after}");
+    let reset: f64 = header(&limited, "x-ratelimit-reset").parse().unwrap();
+    assert!(reset > 1.7e9, "a unix time: {reset}");
+    let body: Value = limited.json().await.unwrap();
+    assert_eq!(body["message"], "You are being rate limited.");
+    assert_eq!(body["global"], false);
+    let wait = body["retry_after"]
+        .as_f64()
+        .expect("retry_after in seconds");
+    assert!((0.0..=3.0).contains(&wait), "{body}");
+    assert_eq!(
+        token_request(&sim, "/api/v10/oauth2/token").await.status(),
+        429,
+        "the versioned path shares the window"
+    );
+    assert_eq!(sim.sim.shared.lock().oauth.token_rate_limited(), 2);
+
+    // The oauth2 crate sees an answer it cannot read as a token response: a client must
+    // handle the 429 itself.
+    let client = client(&sim, &secret(&sim));
+    let (_, v) = PkceCodeChallenge::new_random_sha256();
+    let res = client
+        .exchange_code(AuthorizationCode::new("x".into()))
+        .set_pkce_verifier(v)
+        .request_async(&http())
+        .await;
+    assert!(matches!(res, Err(RequestTokenError::Parse(..))), "{res:?}");
+
+    // Once the wait Discord gave has passed, the endpoint answers again.
+    tokio::time::sleep(std::time::Duration::from_secs_f64(wait + 0.05)).await;
+    let again = token_request(&sim, "/api/oauth2/token").await;
+    assert_eq!(again.status(), 400, "a fresh window");
+    assert_eq!(header(&again, "x-ratelimit-remaining"), "1");
+}
+
+#[tokio::test]
+async fn five_token_requests_a_second_by_default_and_other_routes_do_not_count() {
+    let defaults = coven::sim::Settings::default();
+    assert_eq!(
+        (defaults.token_rate_limit, defaults.token_rate_window),
+        (5, std::time::Duration::from_secs(1))
+    );
+    // A long window, so the count cannot straddle two windows on a slow machine.
+    let sim =
+        TestSim::start_with(|s| s.token_rate_window = std::time::Duration::from_secs(60)).await;
+    for _ in 0..10 {
+        let other = sim.http.get(sim.url("/_sim/state")).send().await.unwrap();
+        assert_eq!(other.status(), 200);
+    }
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(
+            token_request(&sim, "/api/oauth2/token")
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses, [400, 400, 400, 400, 400, 429]);
+}

@@ -528,7 +528,7 @@ async fn a_client_that_stops_reading_is_cut_off_at_its_buffer() {
     let delivered = text.matches("event: gateway.status").count();
     assert!(delivered < sent, "cut off after {delivered} of {sent}");
     assert_eq!(
-        metric(&web.url("/metrics"), "coven_web_streams_cut_off_total").await,
+        metric(&web.metrics, "coven_web_streams_cut_off_total").await,
         1.0
     );
     // Its reconnect would replay from its last id: nothing is lost for good.
@@ -608,16 +608,30 @@ async fn operations_readiness_metrics_headers_and_a_spread_drain() {
     for _ in 0..20 {
         streams.push(browser.stream(&web.url("/api/stream"), None).await);
     }
-    assert_eq!(
-        metric(&web.url("/metrics"), "coven_web_streams").await,
-        20.0
-    );
+    assert_eq!(metric(&web.metrics, "coven_web_streams").await, 20.0);
     stack.voice(ash, Some(stack.lobby), json!({})).await;
     for s in &mut streams {
         assert_eq!(s.next_domain().await.event, "voice.joined");
     }
-    assert!(metric(&web.url("/metrics"), "coven_web_events_delivered_total").await >= 20.0);
-    assert!(metric(&web.url("/metrics"), "coven_web_request_seconds_count").await >= 1.0);
+    assert!(metric(&web.metrics, "coven_web_events_delivered_total").await >= 20.0);
+    assert!(metric(&web.metrics, "coven_web_request_seconds_count").await >= 1.0);
+    // Metrics are on METRICS_BIND only, latencies as histograms that add up across
+    // replicas.
+    let public = reqwest::get(web.url("/metrics")).await.unwrap();
+    assert_eq!(public.status(), 404, "no metrics on the public site");
+    assert!(!web.metrics.starts_with(&web.url), "a listener of its own");
+    let text = reqwest::get(&web.metrics)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("coven_web_request_seconds_bucket{")
+            && text.contains(r#"le="+Inf""#)
+            && !text.contains("quantile="),
+        "{text}"
+    );
 
     // SIGTERM: streams close spread over DRAIN_TIMEOUT, not all at once.
     let started = Instant::now();

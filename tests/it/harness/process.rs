@@ -29,6 +29,7 @@ const SCRUBBED: &[&str] = &[
     "DISCORD_OAUTH_URL",
     "PUBLIC_URL",
     "BIND",
+    "METRICS_BIND",
     "INVITE_SECRET",
     "COVEN_KEY_PREFIX",
     "RUST_LOG",
@@ -122,6 +123,12 @@ impl CovenProcess {
             .unwrap_or_default()
             .trim_end_matches('/')
             .to_owned()
+    }
+
+    /// The `http://host:port/metrics` from a "metrics at" line (METRICS_BIND).
+    pub fn metrics_url(&mut self) -> String {
+        let line = self.wait_for_stdout("metrics at ");
+        line.rsplit(' ').next().unwrap_or_default().to_owned()
     }
 
     /// Waits for the process to exit; returns its exit code (None if killed by a signal).

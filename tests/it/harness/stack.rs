@@ -18,6 +18,8 @@ pub const INVITE_SECRET: &str = "test-invite-secret-0123456789abcdef";
 pub struct Web {
     pub process: CovenProcess,
     pub url: String,
+    /// `http://host:port/metrics` on the replica's METRICS_BIND.
+    pub metrics: String,
 }
 
 impl Web {
@@ -30,6 +32,8 @@ pub struct Stack {
     pub redis: RedisServer,
     pub sim: TestSim,
     pub gateway: CovenProcess,
+    /// `http://host:port/metrics` on the gateway's METRICS_BIND.
+    pub gateway_metrics: String,
     pub webs: Vec<Web>,
     pub lobby: u64,
 }
@@ -57,10 +61,12 @@ impl Stack {
         let redis_url = redis.url();
         let gateway_url = sim.gateway_url();
         let token = sim.token();
+        let gateway_metrics_bind = format!("127.0.0.1:{}", free_port());
         let mut gateway = CovenProcess::spawn(
             &["gateway"],
             &[
                 ("BIND", "127.0.0.1:0"),
+                ("METRICS_BIND", &gateway_metrics_bind),
                 ("REDIS_URL", &redis_url),
                 ("DISCORD_GUILD_ID", &guild),
                 ("DISCORD_BOT_TOKEN", &token),
@@ -74,6 +80,7 @@ impl Stack {
             redis,
             sim,
             gateway,
+            gateway_metrics: format!("http://{gateway_metrics_bind}/metrics"),
             webs: Vec::new(),
             lobby,
         };
@@ -97,6 +104,7 @@ impl Stack {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let bind = format!("127.0.0.1:{port}");
+        let metrics_bind = format!("127.0.0.1:{}", free_port());
         let guild = self.sim.guild_id().to_string();
         let redis_url = self.redis.url();
         let token = self.sim.token();
@@ -104,6 +112,7 @@ impl Stack {
         let oauth = self.sim.url("");
         let mut env = vec![
             ("BIND", bind.as_str()),
+            ("METRICS_BIND", metrics_bind.as_str()),
             ("PUBLIC_URL", url.as_str()),
             ("REDIS_URL", &redis_url),
             ("DISCORD_GUILD_ID", &guild),
@@ -118,7 +127,11 @@ impl Stack {
         env.extend_from_slice(extra);
         let mut process = CovenProcess::spawn(&["web"], &env);
         process.wait_for_stdout("coven web listening on");
-        Web { process, url }
+        Web {
+            process,
+            url,
+            metrics: format!("http://{metrics_bind}/metrics"),
+        }
     }
 
     pub fn web(&self, i: usize) -> &Web {

@@ -1,0 +1,152 @@
+//! What a logged-in person's answers carry and what they may name a room, against a real
+//! `coven web`, gateway and the simulator: `Cache-Control: no-store` on every private
+//! answer (the stream and assets keep their own), and room names checked once at the
+//! edge, with the room role's name fitted to Discord's limit.
+
+use serde_json::Value;
+
+use crate::harness::{Browser, Stack, location};
+
+fn cache_control(res: &reqwest::Response) -> Option<String> {
+    res.headers()
+        .get("cache-control")
+        .map(|v| v.to_str().unwrap_or_default().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_answers_are_never_stored_and_the_stream_and_assets_keep_their_own() {
+    let stack = Stack::start(1, &[]).await;
+    let web = stack.web(0);
+    let ash = stack.user("ash").await;
+    let browser = Browser::new();
+
+    // Before login: the landing page and the login redirect are personal too.
+    for path in ["/", "/auth/login", "/rooms"] {
+        let res = Browser::new().get(&web.url(path)).await;
+        assert_eq!(cache_control(&res).as_deref(), Some("no-store"), "{path}");
+    }
+    browser.login(web, &stack.sim, ash).await;
+    let lobby = stack.lobby;
+    let token = browser.csrf(web).await;
+    let private = [
+        ("/", 303),
+        ("/rooms", 200),
+        (&*format!("/rooms/{lobby}"), 200),
+        ("/rooms/999", 404),
+        ("/rooms/not-a-room", 404),
+        ("/invite/forged.token.value", 400),
+    ];
+    for (path, status) in private {
+        let res = browser.get(&web.url(path)).await;
+        assert_eq!(res.status().as_u16(), status, "{path}");
+        assert_eq!(cache_control(&res).as_deref(), Some("no-store"), "{path}");
+    }
+    // Posts and their refusals.
+    for (form, status) in [
+        (
+            vec![("name", "\u{202E}"), ("csrf_token", token.as_str())],
+            400,
+        ),
+        (vec![("name", "x")], 403),
+    ] {
+        let res = browser.post(web, "/rooms", &form).await;
+        assert_eq!(res.status().as_u16(), status);
+        assert_eq!(cache_control(&res).as_deref(), Some("no-store"));
+    }
+    let closed = browser
+        .post(web, "/rooms/999/close", &[("csrf_token", &token)])
+        .await;
+    assert_eq!(cache_control(&closed).as_deref(), Some("no-store"));
+
+    // The stream keeps the no-cache its spec asks for.
+    let stream = browser.get(&web.url("/api/stream")).await;
+    assert_eq!(stream.status(), 200);
+    assert_eq!(cache_control(&stream).as_deref(), Some("no-cache"));
+    drop(stream);
+    // Assets are the same for everyone: not marked private.
+    let asset = browser.get(&web.url("/assets/app.css")).await;
+    assert_eq!(asset.status(), 200);
+    assert_ne!(cache_control(&asset).as_deref(), Some("no-store"));
+}
+
+fn channel_names(state: &Value) -> Vec<String> {
+    state["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn role_names(state: &Value) -> Vec<String> {
+    state["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_character_name_makes_a_room_and_unreadable_names_are_refused() {
+    let stack = Stack::start(1, &[]).await;
+    let web = stack.web(0);
+    let ash = stack.user("ash").await;
+    let browser = Browser::new();
+    browser.login(web, &stack.sim, ash).await;
+    let token = browser.csrf(web).await;
+
+    // The longest name Discord allows for a channel: the role's `Room: …` is shortened,
+    // the room keeps every character.
+    let name = format!("Commander {}", "\u{e9}".repeat(90));
+    assert_eq!(name.chars().count(), 100);
+    let made = browser
+        .post(web, "/rooms", &[("name", &name), ("csrf_token", &token)])
+        .await;
+    assert_eq!(made.status(), 303, "{}", made.text().await.unwrap());
+    let room = location(&made);
+    assert!(room.starts_with("/rooms/"), "{room}");
+    let state = stack.sim.state().await;
+    assert!(
+        channel_names(&state).contains(&name),
+        "the channel has it all"
+    );
+    let role = role_names(&state)
+        .into_iter()
+        .find(|r| r.starts_with("Room: Commander"))
+        .expect("the room's role");
+    assert_eq!(role.chars().count(), 100, "{role}");
+    assert!(role.ends_with('…'), "{role}");
+    let page = browser.page(&web.url(&room)).await;
+    assert!(page.contains(&name), "the page shows the whole name");
+
+    // Refused with a reason, and nothing made in Discord. (Someone else posts them: each
+    // person has a burst of 10 posts.)
+    let bramble = stack.user("bramble").await;
+    let browser = Browser::new();
+    browser.login(web, &stack.sim, bramble).await;
+    let token = browser.csrf(web).await;
+    let before = stack.sim.state().await;
+    for (raw, why) in [
+        ("\u{202E}\u{202D}", "direction"),
+        ("Pod \u{202E}gnp.exe", "direction"),
+        ("\u{2066}Pod\u{2069}", "direction"),
+        ("\u{200B}\u{200C}\u{200D}", "visible"),
+        ("\u{2060}\u{FEFF}\u{00AD}", "visible"),
+        ("\u{3164}\u{115F}", "visible"),
+        ("\u{200B} \u{200B}", "visible"),
+        ("a\u{0}b", "control"),
+        ("line\nbreak", "control"),
+        (&"x".repeat(101), "at most 100"),
+    ] {
+        let res = browser
+            .post(web, "/rooms", &[("name", raw), ("csrf_token", &token)])
+            .await;
+        assert_eq!(res.status(), 400, "{raw:?}");
+        let text = res.text().await.unwrap();
+        assert!(text.contains(why), "{raw:?}: {text}");
+    }
+    let after = stack.sim.state().await;
+    assert_eq!(channel_names(&after), channel_names(&before));
+    assert_eq!(role_names(&after), role_names(&before));
+}
