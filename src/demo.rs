@@ -213,6 +213,15 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
             shutdown.clone(),
         ));
     }
+    // Until the gateway has told who may see what, nobody sees any room: the URL is
+    // printed once it has (it takes milliseconds against the built-in simulator).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.hub.access().guild.is_none() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if app.hub.access().guild.is_none() {
+        tracing::warn!("the gateway has not described the guild yet; rooms appear once it has");
+    }
     println!("Coven demo is running. Open {public_url}/");
     println!("  Log in with the simulated Discord: pick any player on its login page.");
     println!(

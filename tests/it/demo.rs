@@ -82,6 +82,7 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
         .send()
         .await
         .unwrap();
+    assert_eq!(res.status(), 200, "the room's stream opens for its creator");
     let mut stream = Sse::new(res);
     let mut seen = Vec::new();
     let events = stream
