@@ -31,6 +31,8 @@ pub enum WebError {
     TooLarge,
     #[error("too many requests; retry after {retry_after} s")]
     TooMany { retry_after: u64 },
+    #[error("too many live streams (at most {max} per person on a replica)")]
+    TooManyStreams { max: usize },
     #[error(transparent)]
     Discord(#[from] DiscordError),
     #[error("shared state unavailable: {0}")]
@@ -110,6 +112,20 @@ impl IntoResponse for WebError {
                 if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
                     r.headers_mut().insert(header::RETRY_AFTER, v);
                 }
+                r
+            }
+            WebError::TooManyStreams { max } => {
+                let mut r = page(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "Too many live pages",
+                    &format!(
+                        "You already have {max} Coven pages receiving live updates from this server, \
+                         which is as many as one person may hold."
+                    ),
+                    "Close some Coven tabs or windows; this page updates again when you reload it.",
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
                 r
             }
             WebError::Discord(e) => {

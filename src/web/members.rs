@@ -165,8 +165,9 @@ pub async fn granted(
     Ok(())
 }
 
-/// The people holding streams on this replica, rechecked in the background so that a
-/// removed member's streams end even if they never load another page.
+/// The people holding streams on this replica: how many each holds (capped by
+/// `STREAM_MAX_PER_USER`), and their rechecks in the background, so that a removed
+/// member's streams end even if they never load another page.
 /// User → (their open streams here, when this replica next asks about them).
 type Streams = HashMap<Id<UserMarker>, (usize, Instant)>;
 
@@ -198,12 +199,18 @@ impl Watched {
         self.users.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn watch(&self, user: Id<UserMarker>) -> Watch {
-        self.lock().entry(user).or_insert((0, Instant::now())).0 += 1;
-        Watch {
+    /// Counts one more stream of `user`, unless they already hold `max` here.
+    pub fn watch(&self, user: Id<UserMarker>, max: usize) -> Option<Watch> {
+        let mut users = self.lock();
+        let entry = users.entry(user).or_insert((0, Instant::now()));
+        if entry.0 >= max {
+            return None;
+        }
+        entry.0 += 1;
+        Some(Watch {
             watched: self.clone(),
             user,
-        }
+        })
     }
 
     /// Rechecks `user` if no replica did within the interval; returns when to look again:

@@ -9,6 +9,7 @@
 //! Redis, so any replica can serve any request.
 
 pub mod auth;
+pub mod conn;
 pub mod error;
 pub mod invites;
 pub mod members;
@@ -107,6 +108,13 @@ pub struct Args {
     /// across replicas)
     #[arg(long, env = "MEMBER_RECHECK")]
     pub member_recheck: Option<String>,
+    /// Live streams one person may hold open on one replica (1-1000)
+    #[arg(long, env = "STREAM_MAX_PER_USER")]
+    pub stream_max_per_user: Option<String>,
+    /// A stream whose socket accepts nothing for this long is cut (1s-10m); it reconnects
+    /// and replays
+    #[arg(long, env = "STREAM_WRITE_TIMEOUT")]
+    pub stream_write_timeout: Option<String>,
 }
 
 /// Checked settings of a web replica.
@@ -132,6 +140,8 @@ pub struct Settings {
     pub room_sweep_interval: Duration,
     pub room_close_warning: Duration,
     pub member_recheck: Duration,
+    pub stream_max_per_user: usize,
+    pub stream_write_timeout: Duration,
 }
 
 pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:3000";
@@ -259,7 +269,32 @@ impl Args {
             Duration::from_secs(30),
             parse_recheck,
         );
+        let stream_max_per_user = r.or_default(
+            "STREAM_MAX_PER_USER",
+            self.stream_max_per_user.as_deref(),
+            32,
+            |raw| match raw.parse::<usize>() {
+                Ok(n) if (1..=1000).contains(&n) => Ok(n),
+                _ => Err(format!(
+                    "expected a number of streams from 1 to 1000, got {raw:?}"
+                )),
+            },
+        );
+        let stream_write_timeout = r.or_default(
+            "STREAM_WRITE_TIMEOUT",
+            self.stream_write_timeout.as_deref(),
+            Duration::from_secs(30),
+            |raw| {
+                let d = config::parse_duration(raw)?;
+                if d < Duration::from_secs(1) || d > Duration::from_secs(600) {
+                    return Err(format!("expected a duration from 1s to 10m, got {raw:?}"));
+                }
+                Ok(d)
+            },
+        );
         Some(Settings {
+            stream_max_per_user: stream_max_per_user?,
+            stream_write_timeout: stream_write_timeout?,
             member_recheck: member_recheck?,
             room_category: room_category?,
             invite_secret: invite_secret?,
@@ -405,28 +440,24 @@ pub async fn serve(
         stopping.cancelled().await;
         hub.drain(drain).await;
     });
-    let stopping = shutdown.clone();
-    // Without TCP_NODELAY a small event written while the previous one is unacknowledged
-    // waits for the browser's delayed ACK (up to 40 ms on Linux): Nagle on a live stream.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let server = axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { stopping.cancelled().await });
+    let limits =
+        conn::Limits::for_descriptors(open_file_limit(), app.settings.stream_write_timeout);
+    tracing::debug!(?limits, "connection limits");
     // Streams end during the drain; anything still open a moment later is cut.
-    tokio::select! {
-        r = server => r?,
-        () = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(drain + Duration::from_secs(2)).await;
-        } => tracing::warn!("connections still open after the drain; closing them"),
-    }
+    conn::serve(
+        listener,
+        router,
+        limits,
+        shutdown,
+        drain + Duration::from_secs(2),
+    )
+    .await?;
     Ok(())
+}
+
+/// The process's soft limit on open files (what the connection limit must stay under).
+fn open_file_limit() -> u64 {
+    rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
 }
 
 /// `coven web`: connect to Redis, serve until SIGTERM.

@@ -400,8 +400,12 @@ pub async fn stream(
             return Err(super::rooms::no_such_room());
         }
     }
+    let max = app.settings.stream_max_per_user;
+    let watch = app
+        .watched
+        .watch(me, max)
+        .ok_or(WebError::TooManyStreams { max })?;
     let viewing = room.map(|room| app.presence.enter(room, member.who.user.viewer()));
-    let watch = app.watched.watch(me);
     let bus = app.bus.clone();
     let hub = app.hub.clone();
     let guild = app.settings.guild_id;

@@ -9,6 +9,7 @@ mod bus;
 mod cli;
 mod demo;
 mod deploy;
+mod edges;
 mod gateway;
 mod login;
 mod redis_harness;

@@ -50,7 +50,25 @@ impl CovenProcess {
 
     pub fn spawn_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_coven"));
-        cmd.args(args).current_dir(dir);
+        cmd.args(args);
+        Self::start(cmd, dir, env)
+    }
+
+    /// Like [`Self::spawn`], with the open-file limit (soft and hard) set to `nofile`, as
+    /// an operator's `ulimit -n` would.
+    pub fn spawn_with_nofile(nofile: u64, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={nofile}:{nofile}"))
+            .arg(env!("CARGO_BIN_EXE_coven"))
+            .args(args);
+        let mut p = Self::start(cmd, dir.path(), env);
+        p._dir = Some(dir);
+        p
+    }
+
+    fn start(mut cmd: Command, dir: &Path, env: &[(&str, &str)]) -> Self {
+        cmd.current_dir(dir);
         for k in SCRUBBED {
             cmd.env_remove(k);
         }

@@ -101,6 +101,11 @@ impl Stack {
     }
 
     pub fn spawn_web(&self, extra: &[(&str, &str)]) -> Web {
+        self.spawn_web_limited(None, extra)
+    }
+
+    /// A replica whose open-file limit is `nofile` (soft and hard), when given.
+    pub fn spawn_web_limited(&self, nofile: Option<u64>, extra: &[(&str, &str)]) -> Web {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let bind = format!("127.0.0.1:{port}");
@@ -125,7 +130,10 @@ impl Stack {
             ("RUST_LOG", "coven=debug"),
         ];
         env.extend_from_slice(extra);
-        let mut process = CovenProcess::spawn(&["web"], &env);
+        let mut process = match nofile {
+            Some(n) => CovenProcess::spawn_with_nofile(n, &["web"], &env),
+            None => CovenProcess::spawn(&["web"], &env),
+        };
         process.wait_for_stdout("coven web listening on");
         Web {
             process,

@@ -1,0 +1,235 @@
+//! Edges: slow, silent and hostile clients against real replicas. None of them may take
+//! a replica down or hold it for long.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use coven::bus::Bus;
+use coven::bus::redis::RedisBus;
+use coven::event::EventData;
+use reqwest::cookie::CookieStore;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use twilight_model::id::Id;
+
+use crate::harness::{Browser, Stack, Web, wait_for, within};
+
+fn addr(web: &Web) -> SocketAddr {
+    web.url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("a socket address")
+}
+
+/// Reads (and discards) until the server closes the connection: how long that took,
+/// or `None` if it was still open after `limit`.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = limit.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_slow_and_idle_connections_are_closed_after_ten_seconds_but_streams_live_on() {
+    let stack = Stack::start(1, &[("STREAM_KEEPALIVE", "1s")]).await;
+    let web = stack.web(0);
+    let ash = stack.user("ash").await;
+    let browser = Browser::new();
+    browser.login(web, &stack.sim, ash).await;
+    let mut stream = browser.stream(&web.url("/api/stream"), None).await;
+
+    // Never sends a byte; sends half a request; finishes a request and then says nothing.
+    let mut silent = TcpStream::connect(addr(web)).await.unwrap();
+    let mut partial = TcpStream::connect(addr(web)).await.unwrap();
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: coven\r\n")
+        .await
+        .unwrap();
+    let mut idle = TcpStream::connect(addr(web)).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: coven\r\n\r\n")
+        .await
+        .unwrap();
+    let limit = Duration::from_secs(14);
+    let (silent, partial, idle) = tokio::join!(
+        closed_within(&mut silent, limit),
+        closed_within(&mut partial, limit),
+        closed_within(&mut idle, limit),
+    );
+    for (what, took) in [
+        ("silent", silent),
+        ("partial", partial),
+        ("idle keep-alive", idle),
+    ] {
+        let took =
+            took.unwrap_or_else(|| panic!("the {what} connection was still open after {limit:?}"));
+        assert!(
+            took >= Duration::from_secs(9),
+            "the {what} connection was closed after only {took:?}"
+        );
+    }
+
+    // The stream has been open all along and still delivers.
+    let cinder = stack.user("cinder").await;
+    stack.voice(cinder, Some(stack.lobby), json!({})).await;
+    let id = cinder.to_string();
+    stream
+        .until(|m| m.event == "voice.joined" && m.json()["data"]["user"]["id"] == id.as_str())
+        .await;
+    assert!(stream.comments > 5, "keep-alives kept coming");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_out_of_descriptors_still_answers_a_new_client() {
+    rlimit::increase_nofile_limit(8192).unwrap();
+    let stack = Stack::start(0, &[]).await;
+    let web = stack.spawn_web_limited(Some(1024), &[]);
+    let http = reqwest::Client::new();
+    wait_for("the limited replica to answer", || async {
+        let r = http.get(web.url("/healthz")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    // 1,050 connections that never send anything, against 1,024 descriptors.
+    let mut held = Vec::new();
+    for _ in 0..1050 {
+        held.push(TcpStream::connect(addr(&web)).await.unwrap());
+    }
+    // A new client is still answered (without room it would wait in the backlog or be
+    // refused).
+    let res = within("/healthz under 1,050 idle connections", async {
+        reqwest::Client::new()
+            .get(web.url("/healthz"))
+            .send()
+            .await
+            .expect("an answer")
+    })
+    .await;
+    assert_eq!(res.status(), 200);
+    // The oldest idle ones made room (nothing in flight was touched).
+    let mut closed = 0;
+    for s in &mut held[..100] {
+        if closed_within(s, Duration::from_millis(50)).await.is_some() {
+            closed += 1;
+        }
+    }
+    assert!(closed > 0, "idle connections were evicted to make room");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_person_may_hold_32_streams_on_a_replica_and_the_next_is_told_why() {
+    let stack = Stack::start(1, &[]).await;
+    let web = stack.web(0);
+    let ash = stack.user("ash").await;
+    let browser = Browser::new();
+    browser.login(web, &stack.sim, ash).await;
+    let mut streams = Vec::new();
+    for _ in 0..32 {
+        streams.push(browser.stream(&web.url("/api/stream"), None).await);
+    }
+    let res = browser.get(&web.url("/api/stream")).await;
+    assert_eq!(res.status(), 429);
+    assert!(res.headers().contains_key("retry-after"));
+    let text = res.text().await.unwrap();
+    assert!(
+        text.contains("Too many live pages") && text.contains("32"),
+        "{text}"
+    );
+    // Someone else is not affected.
+    let other = Browser::new();
+    other
+        .login(web, &stack.sim, stack.user("bramble").await)
+        .await;
+    drop(other.stream(&web.url("/api/stream"), None).await);
+    // Closing one makes room again.
+    drop(streams.pop());
+    wait_for("room for another stream", || async {
+        (browser.get(&web.url("/api/stream")).await.status() == 200).then_some(())
+    })
+    .await;
+}
+
+/// A stream request for `cookie` on a socket that reads almost nothing: a browser tab
+/// frozen in the background, or a hostile client.
+async fn stalled_stream(web: &Web, cookie: &str) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr(web)).await.unwrap();
+    let request = format!(
+        "GET /api/stream HTTP/1.1\r\nHost: coven\r\nAccept: text/event-stream\r\nCookie: {cookie}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_stalled_readers_are_cut_within_35_seconds() {
+    let stack = Stack::start(1, &[("STREAM_MAX_PER_USER", "1000")]).await;
+    let web = stack.web(0);
+    let browser = Browser::new();
+    browser
+        .login(web, &stack.sim, stack.user("ash").await)
+        .await;
+    let url: reqwest::Url = web.url("/").parse().unwrap();
+    let cookie = browser.jar.cookies(&url).expect("a session cookie");
+    let cookie = cookie.to_str().unwrap().to_owned();
+    let mut held = Vec::new();
+    for _ in 0..500 {
+        held.push(stalled_stream(web, &cookie).await);
+    }
+    let streams = |web: &Web| {
+        let url = web.url("/healthz");
+        async move {
+            let body: Value = reqwest::get(url).await.ok()?.json().await.ok()?;
+            body["streams"].as_u64()
+        }
+    };
+    wait_for("500 streams open", || async {
+        (streams(web).await? >= 500).then_some(())
+    })
+    .await;
+
+    let bus = RedisBus::connect(
+        &stack.redis.url(),
+        "coven",
+        Id::new(stack.sim.guild_id()),
+        100_000,
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    for seq in 0..3000 {
+        bus.append(EventData::Ping { seq, ts: 0 }, None)
+            .await
+            .unwrap();
+    }
+    let deadline = Duration::from_secs(35);
+    loop {
+        if streams(web).await == Some(0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "{:?} streams still open {deadline:?} after the events began",
+            streams(web).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("500 stalled streams cut after {:?}", started.elapsed());
+    // The replica is fine: a reader that reads gets the newest events.
+    let mut fresh = browser.stream(&web.url("/api/stream"), None).await;
+    bus.append(EventData::Ping { seq: 9999, ts: 0 }, None)
+        .await
+        .unwrap();
+    fresh
+        .until(|m| m.event == "ping" && m.json()["data"]["seq"] == 9999)
+        .await;
+    drop(held);
+}
