@@ -193,6 +193,8 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
     let app = web::App::start(web_settings, bus.clone()).await?;
     web::sweeper::start(app.clone(), shutdown.clone());
     web::members::Watched::start(app.clone(), shutdown.clone());
+    app.upstream
+        .start(app.bus.clone(), app.hub.clone(), shutdown.clone());
     let router = match &settings.redis_url {
         Some(url) => {
             let pool = crate::bus::redis::session_pool(url.expose_secret()).await?;

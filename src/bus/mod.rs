@@ -331,6 +331,35 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &str) -> BusResult<Option<String>>;
 }
 
+/// `P:{G}:gateway:status`: what the active gateway last said about its Discord connection,
+/// refreshed every third of its lease TTL. Replicas judge its freshness by `ts` and
+/// `ttl_ms`, so a dead gateway is noticed within one lease TTL without knowing its
+/// settings.
+pub const GATEWAY_STATUS: &str = "gateway:status";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayReport {
+    pub state: crate::event::GatewayState,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Unix ms when it was written.
+    pub ts: u64,
+    /// The gateway's lease TTL: a report older than this is stale.
+    #[serde(default = "default_report_ttl")]
+    pub ttl_ms: u64,
+}
+
+fn default_report_ttl() -> u64 {
+    10_000
+}
+
+impl GatewayReport {
+    /// Whether the report is still current at `now_ms`.
+    pub fn fresh(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.ts) <= self.ttl_ms
+    }
+}
+
 /// Everything a component needs from shared state.
 pub trait Backend: Bus + Store {}
 

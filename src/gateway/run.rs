@@ -29,7 +29,7 @@ pub const LEASE: &str = "gateway:leader";
 /// Where the active gateway keeps its Discord session for a successor.
 pub const SESSION_KEY: &str = "gateway:session";
 /// The last published gateway status, expiring when no gateway refreshes it.
-pub const STATUS_KEY: &str = "gateway:status";
+pub const STATUS_KEY: &str = crate::bus::GATEWAY_STATUS;
 
 /// What `P:{G}:gateway:session` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -472,13 +472,15 @@ impl<'a> Status<'a> {
         let Some((state, reason)) = &self.current else {
             return Ok(());
         };
-        let value = serde_json::json!({
-            "state": state,
-            "reason": reason,
-            "ts": crate::event::now_ms(),
-        });
+        let report = crate::bus::GatewayReport {
+            state: *state,
+            reason: reason.clone(),
+            ts: crate::event::now_ms(),
+            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        };
+        let value = serde_json::to_string(&report)?;
         backend
-            .put(Some(fence), STATUS_KEY, &value.to_string(), Some(ttl * 3))
+            .put(Some(fence), STATUS_KEY, &value, Some(ttl * 3))
             .await
     }
 }

@@ -51,6 +51,7 @@ struct ErrorPage<'a> {
     hint: &'a str,
     /// Error pages do not show who is logged in (they render without the session).
     user: Option<crate::web::pages::UserView>,
+    delayed: Option<String>,
 }
 
 pub fn page(status: StatusCode, title: &str, message: &str, hint: &str) -> Response {
@@ -60,6 +61,7 @@ pub fn page(status: StatusCode, title: &str, message: &str, hint: &str) -> Respo
         message,
         hint,
         user: None,
+        delayed: None,
     }
     .render()
     .unwrap_or_else(|_| format!("{status}: {message}"));

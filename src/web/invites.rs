@@ -167,6 +167,8 @@ fn still_open<'s>(
 #[template(path = "web/join.html")]
 pub struct JoinPage {
     pub user: Option<UserView>,
+    /// Why live updates are delayed, when they are (the gateway is quiet or in trouble).
+    pub delayed: Option<String>,
     pub server: String,
     pub room: String,
     pub name: String,
@@ -189,6 +191,7 @@ pub async fn follow(
     if members::current(&app, me).await?.is_none() {
         let view = UserView::of(&who.user);
         return Ok(JoinPage {
+            delayed: None,
             server: snapshot
                 .access
                 .guild

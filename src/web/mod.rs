@@ -20,6 +20,7 @@ pub mod protect;
 pub mod rooms;
 pub mod stream;
 pub mod sweeper;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -348,6 +349,8 @@ pub struct App {
     pub limits: protect::Limits,
     /// People with streams on this replica, whose membership is rechecked.
     pub watched: members::Watched,
+    /// The gateway's freshness as this replica sees it.
+    pub upstream: upstream::Watch,
 }
 
 pub type AppState = Arc<App>;
@@ -357,8 +360,13 @@ impl App {
     /// end with `shutdown`.
     pub async fn start(settings: Settings, bus: Arc<dyn Backend>) -> anyhow::Result<AppState> {
         let discord = Discord::new(&settings.discord, settings.guild_id, &settings.public_url)?;
-        let hub =
-            stream::Hub::start(bus.clone(), settings.stream_buffer, settings.keepalive).await?;
+        let hub = stream::Hub::start(
+            bus.clone(),
+            settings.guild_id,
+            settings.stream_buffer,
+            settings.keepalive,
+        )
+        .await?;
         let presence = presence::Presence::start(bus.clone(), settings.viewer_ttl);
         Ok(Arc::new(App {
             settings,
@@ -368,6 +376,7 @@ impl App {
             presence,
             limits: protect::Limits::default(),
             watched: members::Watched::default(),
+            upstream: upstream::Watch::default(),
         }))
     }
 
@@ -490,6 +499,8 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
     let app = App::start(settings, Arc::new(bus)).await?;
     sweeper::start(app.clone(), shutdown.clone());
     members::Watched::start(app.clone(), shutdown.clone());
+    app.upstream
+        .start(app.bus.clone(), app.hub.clone(), shutdown.clone());
     let router = router(app.clone(), store);
     println!("coven web listening on http://{addr}/");
     serve(listener, router, app, shutdown).await

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::AppState;
-use crate::gateway::run::STATUS_KEY;
+use crate::bus::{GATEWAY_STATUS, GatewayReport};
 
 /// `GET /healthz`: the process is alive and serving.
 pub async fn healthz(State(app): State<AppState>) -> Response {
@@ -30,33 +30,42 @@ pub async fn healthz(State(app): State<AppState>) -> Response {
     .into_response()
 }
 
-/// `GET /readyz`: 200 when Redis answers and the gateway reported within its expiry; 503
-/// otherwise, so a load balancer sends people elsewhere.
+/// `GET /readyz`: 200 when this replica can serve (Redis answers), 503 otherwise. The
+/// gateway's freshness is in the body, never in the status: a dead gateway must not take
+/// every replica out of the load balancer (pages tell people updates are delayed).
 pub async fn readyz(State(app): State<AppState>) -> Response {
-    let (ready, body) = match app.bus.get(STATUS_KEY).await {
-        Ok(Some(raw)) => {
-            let status: serde_json::Value = serde_json::from_str(&raw).unwrap_or_default();
+    match app.bus.get(GATEWAY_STATUS).await {
+        Ok(raw) => {
+            let report: Option<GatewayReport> = raw.and_then(|r| serde_json::from_str(&r).ok());
+            let now = super::upstream::Upstream {
+                report,
+                read_at: crate::event::now_ms(),
+            };
+            let gateway = match &now.report {
+                Some(r) => json!({
+                    "fresh": now.fresh(),
+                    "state": r.state,
+                    "reason": r.reason,
+                    "age_ms": now.age_ms(),
+                }),
+                None => json!({"fresh": false, "state": null,
+                               "reason": "no gateway status: is `coven gateway` running?"}),
+            };
             (
-                true,
-                json!({"status": "ready", "redis": "ok", "gateway": status}),
+                StatusCode::OK,
+                axum::Json(json!({"status": "ready", "redis": "ok", "gateway": gateway})),
             )
+                .into_response()
         }
-        Ok(None) => (
-            false,
-            json!({"status": "unready", "redis": "ok", "gateway": null,
-                   "reason": "no fresh gateway status: is `coven gateway` running?"}),
-        ),
         Err(e) => {
             tracing::warn!(error = %e, "readiness: Redis unreachable");
-            (false, json!({"status": "unready", "redis": "unreachable"}))
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({"status": "unready", "redis": "unreachable"})),
+            )
+                .into_response()
         }
-    };
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, axum::Json(body)).into_response()
+    }
 }
 
 const CSP: &str = "default-src 'self'; img-src 'self' data: https://cdn.discordapp.com; \

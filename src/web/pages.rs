@@ -127,6 +127,8 @@ impl RoomView {
 #[template(path = "web/landing.html")]
 pub struct LandingPage {
     pub user: Option<UserView>,
+    /// Why live updates are delayed, when they are (the gateway is quiet or in trouble).
+    pub delayed: Option<String>,
 }
 
 /// `GET /`: logged-in people go straight to the rooms.
@@ -135,13 +137,19 @@ pub async fn landing(session: Session) -> Result<Response, WebError> {
     if user.is_some() {
         return Ok(Redirect::to("/rooms").into_response());
     }
-    Ok(LandingPage { user: None }.into_response())
+    Ok(LandingPage {
+        user: None,
+        delayed: None,
+    }
+    .into_response())
 }
 
 #[derive(Template, WebTemplate)]
 #[template(path = "web/rooms.html")]
 pub struct RoomsPage {
     pub user: Option<UserView>,
+    /// Why live updates are delayed, when they are (the gateway is quiet or in trouble).
+    pub delayed: Option<String>,
     pub rooms: Vec<RoomView>,
     /// The snapshot's event id: the stream resumes after it.
     pub at: String,
@@ -171,6 +179,7 @@ pub async fn rooms(
         .collect();
     rooms.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
     Ok(RoomsPage {
+        delayed: app.upstream.current().banner(),
         user: Some(UserView::of(&who.user)),
         rooms: rooms.into_iter().map(|(_, r)| r).collect(),
         at: snapshot.at.to_string(),
@@ -191,6 +200,8 @@ pub enum Whereabouts {
 #[template(path = "web/room.html")]
 pub struct RoomPage {
     pub user: Option<UserView>,
+    /// Why live updates are delayed, when they are (the gateway is quiet or in trouble).
+    pub delayed: Option<String>,
     pub room: RoomView,
     pub viewers: Vec<ViewerView>,
     pub at: String,
@@ -234,6 +245,7 @@ pub async fn room(
         None => Whereabouts::NotInVoice,
     };
     Ok(RoomPage {
+        delayed: app.upstream.current().banner(),
         user: Some(UserView::of(&who.user)),
         room: RoomView::of(&snapshot, id, record),
         viewers: record.viewers.iter().map(ViewerView::of).collect(),

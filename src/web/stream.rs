@@ -50,6 +50,8 @@ enum Frame {
         control: Option<Control>,
     },
     KeepAlive,
+    /// This replica's own word to every stream (the gateway went quiet or came back).
+    Notice(Bytes),
     /// Streams whose rank is below this (of 1000) close now.
     Drain(u32),
     /// The hub lost events it cannot recover: every stream ends and reconnects.
@@ -127,6 +129,7 @@ fn view_bytes(at: EventId, guild: Id<GuildMarker>, data: &EventData) -> Option<B
 pub struct Hub {
     tx: broadcast::Sender<Frame>,
     bus: Arc<dyn Backend>,
+    guild: Id<GuildMarker>,
     access: Arc<Mutex<Arc<Access>>>,
     /// Looked up once: incremented per delivery.
     delivered: metrics::Counter,
@@ -138,6 +141,7 @@ impl Hub {
     /// closed yet.
     pub async fn start(
         bus: Arc<dyn Backend>,
+        guild: Id<GuildMarker>,
         buffer: usize,
         keepalive: Duration,
     ) -> Result<Self, crate::bus::BusError> {
@@ -149,6 +153,7 @@ impl Hub {
         let hub = Hub {
             tx,
             bus,
+            guild,
             access: Arc::new(Mutex::new(Arc::new(snapshot.access))),
             delivered: metrics::counter!("coven_web_events_delivered_total"),
         };
@@ -228,6 +233,14 @@ impl Hub {
                     return;
                 }
             }
+        }
+    }
+
+    /// Sends every open stream an event of this replica's own (not from the log), built
+    /// once.
+    pub fn notice(&self, data: &EventData) {
+        if let Some(bytes) = view_bytes(EventId::ZERO, self.guild, data) {
+            let _ = self.tx.send(Frame::Notice(bytes));
         }
     }
 
@@ -514,6 +527,7 @@ pub async fn stream(
                     }
                 }
                 Ok(Frame::KeepAlive) => yield Bytes::from_static(KEEPALIVE),
+                Ok(Frame::Notice(bytes)) => yield bytes,
                 Ok(Frame::Drain(level)) => {
                     if rank < level {
                         break;

@@ -359,3 +359,69 @@ async fn the_room_page_shows_full_and_closing_as_they_happen() {
     shot(&ash, "12-room-reprieved").await;
     let _ = ash.close().await;
 }
+
+/// Whether `css` matches a displayed element right now.
+async fn displayed(c: &Client, css: &str) -> bool {
+    match c.find(Locator::Css(css)).await {
+        Ok(el) => el.is_displayed().await.unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_gateway_shows_the_delayed_banner_on_open_and_fresh_pages_until_one_is_back() {
+    // The harness's gateway holds a 2 s lease.
+    let stack = Stack::start(1, &[]).await;
+    let a = stack.web(0);
+    let driver = Driver::start();
+    let ash = driver.browser().await;
+    ash.goto(&a.url("/auth/login")).await.unwrap();
+    pick(&ash, "Ash").await;
+    url_has(&ash, "the rooms page", "/rooms").await;
+    appears(&ash, "the create form", "#room-name").await;
+    create(&ash, "Quiet night").await;
+    appears(&ash, "the live room", "#live[data-page=room]").await;
+    wait_for("the page's stream to open", || async {
+        let open = ash
+            .execute(
+                "return document.querySelector('#live').dataset.streamOpen || null",
+                vec![],
+            )
+            .await
+            .ok()?;
+        (open == json!("1")).then_some(())
+    })
+    .await;
+    assert!(!displayed(&ash, "#gateway-banner").await);
+
+    stack.gateway.signal("KILL");
+    let killed = Instant::now();
+    let why = shown(&ash, "the banner on the open page", "#gateway-banner").await;
+    assert!(
+        killed.elapsed() < Duration::from_secs(2 + 5),
+        "banner after {:?}",
+        killed.elapsed()
+    );
+    assert!(why.contains("delayed"), "{why}");
+    shot(&ash, "20-gateway-delayed").await;
+
+    // A page loaded now shows it from the start.
+    let fresh = driver.browser().await;
+    fresh.goto(&a.url("/auth/login")).await.unwrap();
+    pick(&fresh, "Bramble").await;
+    url_has(&fresh, "the rooms page", "/rooms").await;
+    assert!(
+        displayed(&fresh, "#gateway-banner").await,
+        "rendered with the banner"
+    );
+
+    // A gateway comes back: the banner goes away by itself.
+    let _back = stack.spawn_gateway();
+    wait_for("the banner to go away", || async {
+        (!displayed(&ash, "#gateway-banner").await).then_some(())
+    })
+    .await;
+    shot(&ash, "21-gateway-back").await;
+    let _ = ash.close().await;
+    let _ = fresh.close().await;
+}

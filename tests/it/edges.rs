@@ -233,3 +233,64 @@ async fn five_hundred_stalled_readers_are_cut_within_35_seconds() {
         .await;
     drop(held);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_gateway_is_a_delayed_site_not_a_dead_one() {
+    // The harness's gateways hold a 2 s lease.
+    let stack = Stack::start(2, &[]).await;
+    let (a, b) = (stack.web(0), stack.web(1));
+    let browser = Browser::new();
+    browser.login(a, &stack.sim, stack.user("ash").await).await;
+    let mut on_a = browser.stream(&a.url("/api/stream"), None).await;
+    let mut on_b = browser.stream(&b.url("/api/stream"), None).await;
+    let banner_shown =
+        |html: &str| html.contains(r#"id="gateway-banner" class="banner warn" role="status">"#);
+    wait_for(
+        "pages without the banner while the gateway is connected",
+        || async { (!banner_shown(&browser.page(&a.url("/rooms")).await)).then_some(()) },
+    )
+    .await;
+
+    stack.gateway.signal("KILL");
+    let killed = Instant::now();
+    for stream in [&mut on_a, &mut on_b] {
+        let told = within(
+            "the streams to hear that updates are delayed",
+            stream
+                .until(|m| m.event == "gateway.status" && m.json()["data"]["state"] != "CONNECTED"),
+        )
+        .await;
+        let told = told.last().unwrap().json();
+        assert_eq!(told["view"], true, "the replica's own word, not the log's");
+    }
+    assert!(
+        killed.elapsed() < Duration::from_secs(2 + 5),
+        "told after {:?} (lease 2 s)",
+        killed.elapsed()
+    );
+    for web in [a, b] {
+        let ready = reqwest::get(web.url("/readyz")).await.unwrap();
+        assert_eq!(ready.status(), 200, "a stale gateway keeps no replica out");
+        let body: Value = ready.json().await.unwrap();
+        assert_eq!(body["gateway"]["fresh"], false, "{body}");
+        assert!(
+            banner_shown(&browser.page(&web.url("/rooms")).await),
+            "fresh pages show the banner"
+        );
+    }
+
+    // A gateway is back: the banner goes, live and on fresh pages.
+    let _back = stack.spawn_gateway();
+    for stream in [&mut on_a, &mut on_b] {
+        within(
+            "the streams to hear updates flow again",
+            stream
+                .until(|m| m.event == "gateway.status" && m.json()["data"]["state"] == "CONNECTED"),
+        )
+        .await;
+    }
+    wait_for("fresh pages without the banner", || async {
+        (!banner_shown(&browser.page(&b.url("/rooms")).await)).then_some(())
+    })
+    .await;
+}

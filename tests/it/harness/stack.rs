@@ -57,30 +57,12 @@ impl Stack {
         extra: &[(&str, &str)],
     ) -> Self {
         let lobby = sim.id_of("lobby_id").await;
-        let guild = sim.guild_id().to_string();
-        let redis_url = redis.url();
-        let gateway_url = sim.gateway_url();
-        let token = sim.token();
-        let gateway_metrics_bind = format!("127.0.0.1:{}", free_port());
-        let mut gateway = CovenProcess::spawn(
-            &["gateway"],
-            &[
-                ("BIND", "127.0.0.1:0"),
-                ("METRICS_BIND", &gateway_metrics_bind),
-                ("REDIS_URL", &redis_url),
-                ("DISCORD_GUILD_ID", &guild),
-                ("DISCORD_BOT_TOKEN", &token),
-                ("DISCORD_GATEWAY_URL", &gateway_url),
-                ("GATEWAY_LEASE_TTL", "2s"),
-                ("RUST_LOG", "coven=debug"),
-            ],
-        );
-        gateway.wait_for_stdout("health listening on");
+        let (gateway, gateway_metrics) = spawn_gateway(&redis, &sim);
         let mut stack = Stack {
             redis,
             sim,
             gateway,
-            gateway_metrics: format!("http://{gateway_metrics_bind}/metrics"),
+            gateway_metrics,
             webs: Vec::new(),
             lobby,
         };
@@ -88,16 +70,26 @@ impl Stack {
             let web = stack.spawn_web(extra);
             stack.webs.push(web);
         }
-        // Ready = Redis answers and the gateway reported: the stack is fully up.
+        // Ready (Redis answers) with a fresh gateway report: the stack is fully up.
         let http = reqwest::Client::new();
         for web in &stack.webs {
-            super::wait_for("the replica to be ready", || async {
+            super::wait_for("the replica to be ready with a fresh gateway", || async {
                 let r = http.get(web.url("/readyz")).send().await.ok()?;
-                (r.status() == 200).then_some(())
+                if r.status() != 200 {
+                    return None;
+                }
+                let body: Value = r.json().await.ok()?;
+                (body["gateway"]["fresh"] == true && body["gateway"]["state"] == "CONNECTED")
+                    .then_some(())
             })
             .await;
         }
         stack
+    }
+
+    /// Another `coven gateway` for this stack (a standby, or a replacement).
+    pub fn spawn_gateway(&self) -> CovenProcess {
+        spawn_gateway(&self.redis, &self.sim).0
     }
 
     pub fn spawn_web(&self, extra: &[(&str, &str)]) -> Web {
@@ -194,6 +186,30 @@ impl Stack {
         let (status, answer) = self.sim.control("/voice", body).await;
         assert_eq!(status, 200, "voice change refused: {answer}");
     }
+}
+
+/// A gateway against the stack's Redis and sim; with the URL of its metrics.
+fn spawn_gateway(redis: &RedisServer, sim: &TestSim) -> (CovenProcess, String) {
+    let guild = sim.guild_id().to_string();
+    let redis_url = redis.url();
+    let gateway_url = sim.gateway_url();
+    let token = sim.token();
+    let metrics_bind = format!("127.0.0.1:{}", free_port());
+    let mut gateway = CovenProcess::spawn(
+        &["gateway"],
+        &[
+            ("BIND", "127.0.0.1:0"),
+            ("METRICS_BIND", &metrics_bind),
+            ("REDIS_URL", &redis_url),
+            ("DISCORD_GUILD_ID", &guild),
+            ("DISCORD_BOT_TOKEN", &token),
+            ("DISCORD_GATEWAY_URL", &gateway_url),
+            ("GATEWAY_LEASE_TTL", "2s"),
+            ("RUST_LOG", "coven=debug"),
+        ],
+    );
+    gateway.wait_for_stdout("health listening on");
+    (gateway, format!("http://{metrics_bind}/metrics"))
 }
 
 /// A browser: one cookie jar shared by every replica (cookies do not depend on ports),
