@@ -14,7 +14,9 @@
 //!   (a) 1,000 streams × 100 events/s for 10 s
 //!   (b) 10,000 streams × 2 events/s for 10 s
 //!   (c) 1,000 streams × 2,000 events/s for 2 s
-//! `-- a` (or b, c) runs one. Server CPU per delivery comes from /proc (utime+stime of
+//! `-- a` (or b, c) runs one; `-- stalled` runs only the stalled-readers scenario of issue
+//! [2/6]: 500 streams that stop reading under 3,000 events, with the replica's memory and
+//! the machine's TCP memory per stalled stream, and how long until they are cut. Server CPU per delivery comes from /proc (utime+stime of
 //! both replicas over the run); memory per stream is the replicas' resident-set growth
 //! from before the streams opened to when all were open, divided by the streams.
 
@@ -131,6 +133,8 @@ async fn setup() -> anyhow::Result<Setup> {
             .env("DISCORD_API_URL", format!("{sim_url}/api"))
             .env("DISCORD_OAUTH_URL", &sim_url)
             .env("INVITE_SECRET", "bench-invite-secret-0123456789abcdef")
+            // One logged-in session holds every stream of the load generator.
+            .env("STREAM_MAX_PER_USER", "100000")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -382,6 +386,72 @@ async fn idle_connection_kib(setup: &Setup, n: usize) -> anyhow::Result<f64> {
     Ok(after.saturating_sub(before) as f64 / n as f64)
 }
 
+/// The machine's TCP memory (`/proc/net/sockstat`, `TCP: ... mem N`, in pages), in KiB.
+fn tcp_memory_kib() -> u64 {
+    std::fs::read_to_string("/proc/net/sockstat")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .and_then(|l| {
+            let mut words = l.split_whitespace();
+            while let Some(w) = words.next() {
+                if w == "mem" {
+                    return words.next()?.parse::<u64>().ok();
+                }
+            }
+            None
+        })
+        .map_or(0, |pages| pages * 4)
+}
+
+/// 500 streams whose readers stop reading (a 4 KiB receive buffer, never read) while
+/// 3,000 events go out: what each costs the replica and the kernel while stalled, and how
+/// long until `STREAM_WRITE_TIMEOUT` (30 s) cuts them.
+async fn stalled(setup: &Setup) -> anyhow::Result<()> {
+    const STREAMS: usize = 500;
+    let (proc_, port) = &setup.webs[0];
+    let pid = proc_.0.id();
+    let rss_before = rss_kib(pid);
+    let tcp_before = tcp_memory_kib();
+    let mut held = Vec::with_capacity(STREAMS);
+    for _ in 0..STREAMS {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(4096)?;
+        let mut conn = socket.connect(([127, 0, 0, 1], *port).into()).await?;
+        let request = format!(
+            "GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {}\r\n\r\n",
+            setup.cookie
+        );
+        conn.write_all(request.as_bytes()).await?;
+        held.push(conn);
+    }
+    let started = Instant::now();
+    publish(setup, &["--ping", "--count", "3000", "--rate", "1000"]).await?;
+    // The buffers are full well before the last event: measure while every stream is stalled.
+    let rss = rss_kib(pid).saturating_sub(rss_before) as f64 / STREAMS as f64;
+    let tcp = tcp_memory_kib().saturating_sub(tcp_before) as f64 / STREAMS as f64;
+    let healthz = format!("http://127.0.0.1:{port}/healthz");
+    let cut = loop {
+        let body: serde_json::Value = reqwest::get(&healthz).await?.json().await?;
+        if body["streams"].as_u64() == Some(0) {
+            break started.elapsed();
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "stalled streams still open after 60 s: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    drop(held);
+    println!(
+        "stalled: {STREAMS} streams that stopped reading under 3,000 events: replica {rss:.1} KiB and \
+         machine TCP memory {tcp:.1} KiB per stalled stream (both ends of loopback; target < 256 KiB); \
+         all cut {:.1} s after the events began (STREAM_WRITE_TIMEOUT 30 s; target < 35 s)",
+        cut.as_secs_f64()
+    );
+    Ok(())
+}
+
 async fn scenario(setup: &Setup, s: &Scenario) -> anyhow::Result<()> {
     let count = s.rate * s.seconds;
     // Every stream starts after this id, so a reconnect before its first ping replays.
@@ -502,7 +572,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let only: Vec<String> = std::env::args()
             .skip(1)
-            .filter(|a| matches!(a.as_str(), "a" | "b" | "c"))
+            .filter(|a| matches!(a.as_str(), "a" | "b" | "c" | "stalled"))
             .collect();
         let setup = setup().await?;
         let scenarios = [
@@ -522,6 +592,9 @@ fn main() -> anyhow::Result<()> {
             if only.is_empty() || only.iter().any(|o| o == s.name) {
                 scenario(&setup, s).await?;
             }
+        }
+        if only.is_empty() || only.iter().any(|o| o == "stalled") {
+            stalled(&setup).await?;
         }
         Ok(())
     })

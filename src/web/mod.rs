@@ -109,7 +109,7 @@ pub struct Args {
     /// across replicas)
     #[arg(long, env = "MEMBER_RECHECK")]
     pub member_recheck: Option<String>,
-    /// Live streams one person may hold open on one replica (1-1000)
+    /// Live streams one person may hold open on one replica (1-100000)
     #[arg(long, env = "STREAM_MAX_PER_USER")]
     pub stream_max_per_user: Option<String>,
     /// A stream whose socket accepts nothing for this long is cut (1s-10m); it reconnects

@@ -206,6 +206,8 @@ pub struct RoomPage {
     pub viewers: Vec<ViewerView>,
     pub at: String,
     pub whereabouts: Whereabouts,
+    /// Discord would let the viewer join (so Coven may move them in).
+    pub can_join: bool,
     pub discord_url: String,
     /// A fresh invite link, for the creator and the people in the room.
     pub invite: Option<String>,
@@ -251,6 +253,7 @@ pub async fn room(
         viewers: record.viewers.iter().map(ViewerView::of).collect(),
         at: snapshot.at.to_string(),
         whereabouts,
+        can_join: snapshot.access.can_join(member.seer(), id),
         discord_url: format!(
             "https://discord.com/channels/{}/{id}",
             app.settings.guild_id

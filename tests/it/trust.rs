@@ -435,6 +435,11 @@ async fn move_me_in_needs_connect_for_the_user_and_then_discord_records_no_move(
         (other.get(&a.url(&format!("/rooms/{room}"))).await.status() == 200).then_some(())
     })
     .await;
+    let html = other.page(&a.url(&format!("/rooms/{room}"))).await;
+    assert!(
+        !html.contains("Move me in"),
+        "not offered where Discord would not let Bramble in"
+    );
     let token = other.csrf(a).await;
     let res = other
         .post(a, &format!("/rooms/{room}/move"), &[("csrf_token", &token)])
@@ -446,8 +451,13 @@ async fn move_me_in_needs_connect_for_the_user_and_then_discord_records_no_move(
         "Discord was asked for no move"
     );
 
-    // The creator (who holds the role) is moved in from the lobby.
+    // The creator (who holds the role) is offered the move and moved in from the lobby.
     stack.voice(ash, Some(stack.lobby), json!({})).await;
+    wait_for("the creator to be offered Move me in", || async {
+        let html = creator.page(&a.url(&format!("/rooms/{room}"))).await;
+        html.contains("Move me in").then_some(())
+    })
+    .await;
     let token = creator.csrf(a).await;
     let res = creator
         .post(a, &format!("/rooms/{room}/move"), &[("csrf_token", &token)])
