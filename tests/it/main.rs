@@ -11,6 +11,7 @@ mod demo;
 mod deploy;
 mod gateway;
 mod login;
+mod ownership;
 mod redis_harness;
 mod rooms;
 mod sim_gateway;
