@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use twilight_model::channel::ChannelType;
-use twilight_model::channel::permission_overwrite::PermissionOverwrite;
+use twilight_model::channel::permission_overwrite::{PermissionOverwrite, PermissionOverwriteType};
 use twilight_model::guild::Permissions;
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker, RoleMarker, UserMarker};
@@ -145,10 +145,108 @@ impl Access {
     }
 }
 
+/// What a room's role and its creator may do in the room's channel: see it, join, talk,
+/// stream.
+pub const ROOM_ALLOW: Permissions = Permissions::VIEW_CHANNEL
+    .union(Permissions::CONNECT)
+    .union(Permissions::SPEAK)
+    .union(Permissions::STREAM)
+    .union(Permissions::USE_VAD);
+
+/// What the bot may do in a room: the players' rights plus managing them.
+pub const BOT_ALLOW: Permissions = ROOM_ALLOW
+    .union(Permissions::MOVE_MEMBERS)
+    .union(Permissions::MUTE_MEMBERS)
+    .union(Permissions::DEAFEN_MEMBERS)
+    .union(Permissions::MANAGE_CHANNELS);
+
+/// The overwrites of a room Coven makes: @everyone denied, the room's role, the creator
+/// and the bot allowed. They are also Coven's record of ownership in Discord itself
+/// ([`room_owner`] reads it back), so a Redis that lost the room's record does not
+/// orphan the room.
+pub fn room_overwrites(
+    guild: Id<GuildMarker>,
+    role: Id<RoleMarker>,
+    creator: Id<UserMarker>,
+    bot: Id<UserMarker>,
+) -> Vec<PermissionOverwrite> {
+    vec![
+        PermissionOverwrite {
+            id: guild.cast(),
+            kind: PermissionOverwriteType::Role,
+            allow: Permissions::empty(),
+            deny: Permissions::VIEW_CHANNEL | Permissions::CONNECT,
+        },
+        PermissionOverwrite {
+            id: role.cast(),
+            kind: PermissionOverwriteType::Role,
+            allow: ROOM_ALLOW,
+            deny: Permissions::empty(),
+        },
+        // The creator may always join their own room, whatever happens to the role.
+        PermissionOverwrite {
+            id: creator.cast(),
+            kind: PermissionOverwriteType::Member,
+            allow: ROOM_ALLOW,
+            deny: Permissions::empty(),
+        },
+        PermissionOverwrite {
+            id: bot.cast(),
+            kind: PermissionOverwriteType::Member,
+            allow: BOT_ALLOW,
+            deny: Permissions::empty(),
+        },
+    ]
+}
+
+/// Who made a room and which role opens it, as its overwrites say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomOwner {
+    pub creator: Id<UserMarker>,
+    pub role: Id<RoleMarker>,
+}
+
+/// Reads [`room_overwrites`] back: a member allowed [`BOT_ALLOW`] (the bot: `bot` when
+/// known), exactly one role other than @everyone allowed [`ROOM_ALLOW`] (the room's
+/// role) and exactly one other member allowed it (the creator). Anything else, including
+/// a Coven room someone edited into ambiguity in Discord, is not claimed: guessing an
+/// owner would hand someone the power to close a room or invite into it.
+pub fn room_owner(
+    guild: Id<GuildMarker>,
+    overwrites: &[PermissionOverwrite],
+    bot: Option<Id<UserMarker>>,
+) -> Option<RoomOwner> {
+    let members = |allowed: Permissions| {
+        overwrites
+            .iter()
+            .filter(move |o| o.kind == PermissionOverwriteType::Member && o.allow.contains(allowed))
+            .map(|o| o.id.cast::<UserMarker>())
+    };
+    let bot = match bot {
+        Some(bot) => members(BOT_ALLOW).find(|m| *m == bot)?,
+        None => one(members(BOT_ALLOW))?,
+    };
+    let role = one(overwrites
+        .iter()
+        .filter(|o| {
+            o.kind == PermissionOverwriteType::Role
+                && o.id != guild.cast()
+                && o.allow.contains(ROOM_ALLOW)
+        })
+        .map(|o| o.id.cast::<RoleMarker>()))?;
+    let creator = one(members(ROOM_ALLOW).filter(|m| *m != bot))?;
+    Some(RoomOwner { creator, role })
+}
+
+/// The only item, if there is exactly one.
+fn one<T>(mut items: impl Iterator<Item = T>) -> Option<T> {
+    let first = items.next()?;
+    items.next().is_none().then_some(first)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use twilight_model::channel::permission_overwrite::PermissionOverwriteType;
 
     const GUILD: u64 = 1;
     const OWNER: u64 = 2;
@@ -310,5 +408,61 @@ mod tests {
             channel_id: Id::new(101),
             overwrites: None
         }));
+    }
+
+    #[test]
+    fn a_room_coven_made_names_its_creator_and_role_and_nothing_else_does() {
+        let (guild, role, creator, bot) =
+            (Id::new(GUILD), Id::new(ROOM_ROLE), Id::new(7), Id::new(99));
+        let made = room_overwrites(guild, role, creator, bot);
+        let owner = Some(RoomOwner { creator, role });
+        assert_eq!(room_owner(guild, &made, Some(bot)), owner);
+        assert_eq!(
+            room_owner(guild, &made, None),
+            owner,
+            "the bot found by its rights"
+        );
+        assert_eq!(
+            room_owner(guild, &made, Some(Id::new(98))),
+            None,
+            "another bot's room"
+        );
+        // The creator can always see and join their room, role or not.
+        let mut a = access();
+        a.apply(&EventData::ChannelAccess {
+            channel_id: Id::new(200),
+            overwrites: Some(made.clone()),
+        });
+        assert!(a.can_join(seer(7, &[]), Id::new(200)));
+        assert!(!a.can_see(seer(8, &[]), Id::new(200)));
+        // Made in Discord by someone else: a role allowed in, nobody else.
+        let by_hand = vec![made[0], made[1]];
+        assert_eq!(room_owner(guild, &by_hand, None), None);
+        // Edited into ambiguity: a second member or a second role allowed in.
+        let mut friend = made.clone();
+        friend.push(overwrite(
+            8,
+            PermissionOverwriteType::Member,
+            ROOM_ALLOW,
+            Permissions::empty(),
+        ));
+        assert_eq!(room_owner(guild, &friend, Some(bot)), None);
+        let mut second = made.clone();
+        second.push(overwrite(
+            STAFF,
+            PermissionOverwriteType::Role,
+            ROOM_ALLOW,
+            Permissions::empty(),
+        ));
+        assert_eq!(room_owner(guild, &second, Some(bot)), None);
+        // @everyone let in is not the room's role.
+        let mut open = made;
+        open[0] = overwrite(
+            GUILD,
+            PermissionOverwriteType::Role,
+            ROOM_ALLOW,
+            Permissions::empty(),
+        );
+        assert_eq!(room_owner(guild, &open, Some(bot)), owner);
     }
 }

@@ -17,12 +17,13 @@ use serde::Deserialize;
 use twilight_http::api_error::ApiError;
 use twilight_http::error::ErrorType;
 use twilight_model::channel::ChannelType;
-use twilight_model::channel::permission_overwrite::{PermissionOverwrite, PermissionOverwriteType};
+use twilight_model::channel::permission_overwrite::PermissionOverwrite;
 use twilight_model::guild::Permissions;
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker, RoleMarker, UserMarker};
 use url::Url;
 
+use crate::access::room_overwrites;
 use crate::config::{self, DiscordArgs, Reader};
 use crate::event::{Person, now_ms};
 
@@ -201,20 +202,6 @@ pub struct MadeRoom {
     pub overwrites: Vec<PermissionOverwrite>,
 }
 
-/// What the room role may do in its channel.
-pub const ROOM_ALLOW: Permissions = Permissions::VIEW_CHANNEL
-    .union(Permissions::CONNECT)
-    .union(Permissions::SPEAK)
-    .union(Permissions::STREAM)
-    .union(Permissions::USE_VAD);
-
-/// What the bot may do in a room: the players' rights plus managing them.
-pub const BOT_ALLOW: Permissions = ROOM_ALLOW
-    .union(Permissions::MOVE_MEMBERS)
-    .union(Permissions::MUTE_MEMBERS)
-    .union(Permissions::DEAFEN_MEMBERS)
-    .union(Permissions::MANAGE_CHANNELS);
-
 impl Discord {
     pub fn new(
         settings: &DiscordSettings,
@@ -382,9 +369,11 @@ impl Discord {
     }
 
     /// Makes a room: a role with no permissions of its own, a private voice channel that
-    /// only the role (and the bot) can see and join, and the role for its creator. If a
-    /// step fails, what the earlier steps made is removed again, so a failure leaves
-    /// nothing behind in the guild.
+    /// only the role, the creator and the bot can see and join, and the role for its
+    /// creator. The creator's and the bot's own overwrites are also the room's ownership
+    /// as Discord keeps it ([`room_overwrites`]), which the gateway reads back when Redis
+    /// lost the room's record. If a step fails, what the earlier steps made is removed
+    /// again, so a failure leaves nothing behind in the guild.
     pub async fn create_room(
         &self,
         name: &str,
@@ -404,26 +393,7 @@ impl Discord {
             .await
             .map_err(|e| DiscordError::Malformed(e.to_string()))?
             .id;
-        let overwrites = [
-            PermissionOverwrite {
-                id: self.guild_id.cast(),
-                kind: PermissionOverwriteType::Role,
-                allow: Permissions::empty(),
-                deny: Permissions::VIEW_CHANNEL | Permissions::CONNECT,
-            },
-            PermissionOverwrite {
-                id: role.cast(),
-                kind: PermissionOverwriteType::Role,
-                allow: ROOM_ALLOW,
-                deny: Permissions::empty(),
-            },
-            PermissionOverwrite {
-                id: bot.cast(),
-                kind: PermissionOverwriteType::Member,
-                allow: BOT_ALLOW,
-                deny: Permissions::empty(),
-            },
-        ];
+        let overwrites = room_overwrites(self.guild_id, role, creator, bot);
         let mut request = self
             .bot
             .create_guild_channel(self.guild_id, name)
@@ -458,7 +428,7 @@ impl Discord {
         Ok(MadeRoom {
             channel,
             role,
-            overwrites: overwrites.to_vec(),
+            overwrites,
         })
     }
 

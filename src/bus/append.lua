@@ -56,8 +56,9 @@ if kind == 'room.created' then
   local r = room(d.channel_id) or { created_at = ts, last_active = ts }
   r.name = d.name
   r.user_limit = d.user_limit
-  if d.created_by then r.creator_id = d.created_by end
-  if d.role_id then r.role_id = d.role_id end
+  -- An owner already recorded stays; the gateway only fills in what was lost.
+  if d.created_by and not r.creator_id then r.creator_id = d.created_by end
+  if d.role_id and not r.role_id then r.role_id = d.role_id end
   save_room(d.channel_id, r)
 elseif kind == 'room.updated' then
   local r = room(d.channel_id)

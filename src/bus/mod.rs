@@ -106,10 +106,12 @@ impl Snapshot {
                 });
                 room.name.clone_from(name);
                 room.user_limit = *user_limit;
-                if created_by.is_some() {
+                // An owner already recorded stays: what the web recorded when it made the
+                // room is Coven's word; the gateway only fills in what Redis lost.
+                if room.creator_id.is_none() {
                     room.creator_id = *created_by;
                 }
-                if role_id.is_some() {
+                if room.role_id.is_none() {
                     room.role_id = *role_id;
                 }
             }

@@ -12,6 +12,11 @@
 //! of that channel, so a reader knows who may see a room before it hears of it). A
 //! channel Discord obfuscates (the bot cannot view it) is treated as absent: its room
 //! disappears, and people who enter it are seen leaving voice. Owns no I/O.
+//!
+//! A room Coven made carries its ownership in its overwrites ([`room_owner`]), so its
+//! `room.created` names its creator and role even when Redis lost the record the web
+//! wrote; when the gateway rebuilds such a record, older invite links are retired with
+//! an `invite.renewed` (see [`Deriver::rebuilt`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -24,6 +29,7 @@ use twilight_model::id::marker::{ChannelMarker, GuildMarker, UserMarker};
 use twilight_model::user::User;
 use twilight_model::voice::VoiceState;
 
+use crate::access::{RoomOwner, room_owner};
 use crate::bus::Snapshot;
 use crate::event::{EventData, Person, RoleAccess, VoiceFlags};
 
@@ -45,6 +51,12 @@ pub struct Deriver {
     channels: BTreeMap<Id<ChannelMarker>, (ChannelType, Option<Id<ChannelMarker>>)>,
     /// Channels Discord obfuscates for the bot: nothing about them is shown.
     hidden: BTreeSet<Id<ChannelMarker>>,
+    /// The bot's own user id, from READY (a resumed session has none: then the bot's
+    /// overwrite is recognised by its rights alone).
+    bot: Option<Id<UserMarker>>,
+    /// Whether the view is still the snapshot read from Redis at the start (nothing
+    /// reconciled yet): only then does a room missing from it mean Redis lost it.
+    fresh: bool,
 }
 
 impl Deriver {
@@ -62,6 +74,8 @@ impl Deriver {
             view,
             channels: BTreeMap::new(),
             hidden: BTreeSet::new(),
+            bot: None,
+            fresh: true,
         }
     }
 
@@ -84,6 +98,10 @@ impl Deriver {
     pub fn on_dispatch(&mut self, dispatch: &Dispatch) -> Vec<EventData> {
         let mut out = Vec::new();
         match dispatch {
+            Dispatch::Ready(r) => self.bot = Some(r.user.id),
+            // A resumed session sends no GUILD_CREATE: a later one (a new IDENTIFY) will
+            // meet this gateway's own view, not the snapshot read at the start.
+            Dispatch::Resumed => self.fresh = false,
             Dispatch::GuildCreate(g) => {
                 if let GuildCreate::Available(guild) = &**g
                     && guild.id == self.guild_id
@@ -109,8 +127,12 @@ impl Deriver {
             Dispatch::RoleDelete(r) if r.guild_id == self.guild_id => {
                 self.role_changed(r.role_id, None, &mut out);
             }
-            Dispatch::ChannelCreate(c) if self.ours(&c.0) => self.channel_changed(&c.0, &mut out),
-            Dispatch::ChannelUpdate(c) if self.ours(&c.0) => self.channel_changed(&c.0, &mut out),
+            Dispatch::ChannelCreate(c) if self.ours(&c.0) => {
+                self.channel_changed(&c.0, false, &mut out);
+            }
+            Dispatch::ChannelUpdate(c) if self.ours(&c.0) => {
+                self.channel_changed(&c.0, false, &mut out);
+            }
             Dispatch::ChannelDelete(c) if self.ours(&c.0) => {
                 self.channels.remove(&c.0.id);
                 self.hidden.remove(&c.0.id);
@@ -221,7 +243,9 @@ impl Deriver {
         }
     }
 
-    fn channel_changed(&mut self, c: &Channel, out: &mut Vec<EventData>) {
+    /// `rebuild`: Discord's full truth is being compared with what Redis held (see
+    /// [`Self::rebuilt`]).
+    fn channel_changed(&mut self, c: &Channel, rebuild: bool, out: &mut Vec<EventData>) {
         self.channels.insert(c.id, (c.kind, c.parent_id));
         let voice = matches!(
             c.kind,
@@ -251,17 +275,45 @@ impl Deriver {
             .user_limit
             .and_then(|l| u16::try_from(l).ok())
             .unwrap_or(0);
+        let owner = c
+            .permission_overwrites
+            .as_deref()
+            .and_then(|o| room_owner(self.guild_id, o, self.bot));
         match (self.view.rooms.get(&c.id), is_room) {
-            (None, true) => self.emit(
-                EventData::RoomCreated {
-                    channel_id: c.id,
-                    name,
-                    user_limit,
-                    created_by: None,
-                    role_id: None,
-                },
-                out,
-            ),
+            (None, true) => {
+                self.emit(
+                    EventData::RoomCreated {
+                        channel_id: c.id,
+                        name,
+                        user_limit,
+                        created_by: owner.map(|o| o.creator),
+                        role_id: owner.map(|o| o.role),
+                    },
+                    out,
+                );
+                if rebuild && let Some(owner) = owner {
+                    self.rebuilt(c.id, owner, out);
+                }
+            }
+            // Coven's room whose owner readers do not know (Redis lost it, or its
+            // overwrites only now say so): fill it in.
+            (Some(room), true)
+                if owner.is_some() && (room.creator_id.is_none() || room.role_id.is_none()) =>
+            {
+                self.emit(
+                    EventData::RoomCreated {
+                        channel_id: c.id,
+                        name,
+                        user_limit,
+                        created_by: owner.map(|o| o.creator),
+                        role_id: owner.map(|o| o.role),
+                    },
+                    out,
+                );
+                if rebuild && let Some(owner) = owner {
+                    self.rebuilt(c.id, owner, out);
+                }
+            }
             (Some(room), true) if room.name != name || room.user_limit != user_limit => self.emit(
                 EventData::RoomUpdated {
                     channel_id: c.id,
@@ -274,6 +326,31 @@ impl Deriver {
             (Some(_), false) => self.room_gone(c.id, out),
             _ => {}
         }
+    }
+
+    /// Retires the invite links of a Coven room whose record is being rebuilt from
+    /// Discord because what Redis held had no owner for it, i.e. Redis lost the record:
+    /// links made before the loss carry a generation the lost record counted (from 0, one
+    /// more per "New link"), so the rebuilt record starts above any of them, at the
+    /// current unix time in seconds. Those links then answer 410 and the page offers a
+    /// fresh one. The ordinary CHANNEL_CREATE of a room the web just made never gets
+    /// here (the web's own `room.created` is not in this view, so a missing room in it
+    /// proves nothing); the gateway's writer also skips this when Redis turns out to
+    /// hold the room's creator after all (the web recorded it while we reconnected).
+    fn rebuilt(&mut self, channel: Id<ChannelMarker>, owner: RoomOwner, out: &mut Vec<EventData>) {
+        tracing::info!(
+            %channel,
+            creator = %owner.creator,
+            role = %owner.role,
+            "rebuilt a room Coven made from its overwrites in Discord"
+        );
+        self.emit(
+            EventData::InviteRenewed {
+                channel_id: channel,
+                generation: lost_generation(),
+            },
+            out,
+        );
     }
 
     /// A room is deleted: whoever is still in it leaves first, so every reader sees
@@ -405,12 +482,17 @@ impl Deriver {
             .filter(|c| c.name.as_deref() == Some(OBFUSCATED_NAME))
             .map(|c| c.id)
             .collect();
+        // Only the first reconcile compares with what Redis holds; later ones (a new
+        // IDENTIFY in the same session) compare with this gateway's own view, which
+        // never sees the web's `room.created`: a room missing from it may well be
+        // recorded, with live invite links.
+        let rebuild = std::mem::replace(&mut self.fresh, false);
         for c in channels {
             if matches!(
                 c.kind,
                 ChannelType::GuildVoice | ChannelType::GuildStageVoice
             ) {
-                self.channel_changed(c, out);
+                self.channel_changed(c, rebuild, out);
             }
         }
         let forgotten: Vec<Id<ChannelMarker>> = self
@@ -502,7 +584,31 @@ impl Deriver {
             }
         }
         for (id, room) in &self.view.rooms {
+            let owned = room.creator_id.is_some() && room.role_id.is_some();
             match scratch.rooms.get(id) {
+                // Redis has no owner for a room we know Coven made: it lost the record
+                // (or never had it, and then no link was ever made from it).
+                old if owned
+                    && old.is_none_or(|o| o.creator_id.is_none() || o.role_id.is_none()) =>
+                {
+                    emit(
+                        EventData::RoomCreated {
+                            channel_id: *id,
+                            name: room.name.clone(),
+                            user_limit: room.user_limit,
+                            created_by: room.creator_id,
+                            role_id: room.role_id,
+                        },
+                        &mut scratch,
+                    );
+                    emit(
+                        EventData::InviteRenewed {
+                            channel_id: *id,
+                            generation: lost_generation(),
+                        },
+                        &mut scratch,
+                    );
+                }
                 None => emit(
                     EventData::RoomCreated {
                         channel_id: *id,
@@ -604,6 +710,13 @@ impl Deriver {
             }),
         }
     }
+}
+
+/// An invite generation above any a lost record could have counted: the current unix
+/// time in seconds. A record counts from 0 (or from an earlier rebuild's time), one per
+/// "New link", which people press far less than once a second over a room's life.
+fn lost_generation() -> u32 {
+    u32::try_from(crate::event::now_ms() / 1000).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
@@ -915,5 +1028,192 @@ mod tests {
         );
         assert_eq!(replayed.voice, d.view().voice);
         assert!(d.diff_from(d.view()).is_empty());
+    }
+
+    const CREATOR: u64 = 7;
+    const ROLE: u64 = 40;
+    const BOT: u64 = 99;
+
+    /// A room as the web's `create_room` makes it in Discord.
+    fn coven_room(id: u64, name: &str) -> serde_json::Value {
+        let mut c = channel(id, Some(CATEGORY), name, 4);
+        c["permission_overwrites"] = serde_json::to_value(crate::access::room_overwrites(
+            Id::new(GUILD),
+            Id::new(ROLE),
+            Id::new(CREATOR),
+            Id::new(BOT),
+        ))
+        .unwrap();
+        c
+    }
+
+    fn guild(channels: &[serde_json::Value]) -> Dispatch {
+        dispatch(
+            "GUILD_CREATE",
+            json!({"id": GUILD.to_string(), "name": "g", "owner_id": "2",
+            "afk_timeout": 300, "default_message_notifications": 0, "explicit_content_filter": 0,
+            "features": [], "mfa_level": 0, "nsfw_level": 0, "preferred_locale": "en-US",
+            "premium_progress_bar_enabled": false, "system_channel_flags": 0,
+            "verification_level": 0, "channels": channels, "voice_states": [], "members": [],
+            "roles": [role(GUILD, 1024)]}),
+        )
+    }
+
+    fn created(events: &[EventData], room: u64) -> (Option<u64>, Option<u64>) {
+        events
+            .iter()
+            .find_map(|e| match e {
+                EventData::RoomCreated {
+                    channel_id,
+                    created_by,
+                    role_id,
+                    ..
+                } if *channel_id == Id::new(room) => {
+                    Some((created_by.map(Id::get), role_id.map(Id::get)))
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no room.created for {room}: {events:?}"))
+    }
+
+    fn renewed(events: &[EventData]) -> Vec<(u64, u32)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                EventData::InviteRenewed {
+                    channel_id,
+                    generation,
+                } => Some((channel_id.get(), *generation)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn now_secs() -> u32 {
+        u32::try_from(crate::event::now_ms() / 1000).unwrap()
+    }
+
+    #[test]
+    fn a_room_coven_made_is_rebuilt_with_its_owner_and_its_older_links_retired() {
+        // Redis lost everything: the gateway starts from an empty snapshot and Discord's
+        // full guild has a room the web made and one someone made by hand.
+        let before = now_secs();
+        let mut d = deriver();
+        let out = d.on_dispatch(&guild(&[
+            coven_room(10, "Cube night"),
+            channel(11, Some(CATEGORY), "by hand", 4),
+        ]));
+        assert_eq!(created(&out, 10), (Some(CREATOR), Some(ROLE)));
+        assert_eq!(created(&out, 11), (None, None), "not Coven's: no owner");
+        let renewals = renewed(&out);
+        assert_eq!(renewals.len(), 1, "{out:?}");
+        assert_eq!(renewals[0].0, 10);
+        assert!(
+            renewals[0].1 >= before && renewals[0].1 <= now_secs(),
+            "above any counter a lost record had: the unix time"
+        );
+        let at = out
+            .iter()
+            .position(|e| matches!(e, EventData::InviteRenewed { .. }))
+            .unwrap();
+        assert!(
+            matches!(&out[at - 1], EventData::RoomCreated { channel_id, .. } if *channel_id == Id::new(10)),
+            "renewed right after the record it renews"
+        );
+        let room = &d.view().rooms[&Id::new(10)];
+        assert_eq!(room.creator_id, Some(Id::new(CREATOR)));
+        assert_eq!(room.invite_gen, renewals[0].1);
+        // The same truth again (a new IDENTIFY): nothing to say.
+        assert!(
+            d.on_dispatch(&guild(&[
+                coven_room(10, "Cube night"),
+                channel(11, Some(CATEGORY), "by hand", 4)
+            ]))
+            .is_empty()
+        );
+
+        // Redis kept the record: a new gateway reconciling against it renews nothing.
+        let mut kept = Deriver::new(Id::new(GUILD), Some(Id::new(CATEGORY)), {
+            let mut v = d.view().clone();
+            v.rooms.get_mut(&Id::new(10)).unwrap().invite_gen = 3;
+            v
+        });
+        let out = kept.on_dispatch(&guild(&[
+            coven_room(10, "Cube night"),
+            channel(11, Some(CATEGORY), "by hand", 4),
+        ]));
+        assert!(renewed(&out).is_empty(), "{out:?}");
+        assert_eq!(kept.view().rooms[&Id::new(10)].invite_gen, 3);
+
+        // Redis kept the room but not its owner (a record from before the loss was
+        // refilled without one): the owner is filled in and old links retired.
+        let mut ownerless = d.view().clone();
+        let r = ownerless.rooms.get_mut(&Id::new(10)).unwrap();
+        (r.creator_id, r.role_id, r.invite_gen) = (None, None, 0);
+        let mut refill = Deriver::new(Id::new(GUILD), Some(Id::new(CATEGORY)), ownerless);
+        let out = refill.on_dispatch(&guild(&[coven_room(10, "Cube night")]));
+        assert_eq!(created(&out, 10), (Some(CREATOR), Some(ROLE)));
+        assert_eq!(renewed(&out).len(), 1);
+    }
+
+    #[test]
+    fn the_web_path_names_the_owner_and_retires_no_link() {
+        let mut d = deriver();
+        d.on_dispatch(&guild(&[]));
+        // The web made a room: its CHANNEL_CREATE reaches the gateway, whose view never
+        // holds the web's own `room.created`.
+        let out = d.on_dispatch(&dispatch("CHANNEL_CREATE", coven_room(10, "Cube night")));
+        assert_eq!(kinds(&out), ["room.created"]);
+        assert_eq!(created(&out, 10), (Some(CREATOR), Some(ROLE)));
+        // Made while the gateway was away and re-identifying: still no renewal, as the
+        // web may have recorded it and handed out links meanwhile.
+        let out = d.on_dispatch(&guild(&[
+            coven_room(10, "Cube night"),
+            coven_room(12, "Draft"),
+        ]));
+        assert_eq!(kinds(&out), ["room.created"]);
+        assert_eq!(created(&out, 12), (Some(CREATOR), Some(ROLE)));
+        // A resumed session's first GUILD_CREATE comes after a RESUME: not against Redis.
+        let mut resumed = deriver();
+        resumed.on_dispatch(&dispatch("RESUMED", json!({})));
+        let out = resumed.on_dispatch(&guild(&[coven_room(10, "Cube night")]));
+        assert_eq!(created(&out, 10), (Some(CREATOR), Some(ROLE)));
+        assert!(renewed(&out).is_empty(), "{out:?}");
+        // A channel made by hand in Discord, even with a role and a member allowed in
+        // but no bot overwrite, stays without an owner.
+        let mut by_hand = coven_room(13, "Hand");
+        by_hand["permission_overwrites"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|o| o["id"] != BOT.to_string().as_str());
+        let out = d.on_dispatch(&dispatch("CHANNEL_CREATE", by_hand));
+        assert_eq!(created(&out, 13), (None, None));
+    }
+
+    #[test]
+    fn the_diff_against_a_snapshot_that_lost_a_room_rebuilds_it_and_retires_its_links() {
+        let mut d = deriver();
+        d.on_dispatch(&guild(&[]));
+        d.on_dispatch(&dispatch("CHANNEL_CREATE", coven_room(10, "Cube night")));
+        d.on_dispatch(&dispatch(
+            "CHANNEL_CREATE",
+            channel(11, Some(CATEGORY), "by hand", 4),
+        ));
+        let before = now_secs();
+        let out = d.diff_from(&Snapshot::default());
+        assert_eq!(created(&out, 10), (Some(CREATOR), Some(ROLE)));
+        assert_eq!(created(&out, 11), (None, None));
+        let renewals = renewed(&out);
+        assert_eq!(renewals.len(), 1);
+        assert!(renewals[0].0 == 10 && renewals[0].1 >= before);
+        let mut replayed = Snapshot::default();
+        for e in &out {
+            replayed.apply_data(e, 0);
+        }
+        assert!(d.diff_from(&replayed).is_empty());
+        // A snapshot holding the record with its owner: nothing lost, nothing renewed.
+        let mut stored = d.view().clone();
+        stored.rooms.get_mut(&Id::new(10)).unwrap().invite_gen = 2;
+        assert!(renewed(&d.diff_from(&stored)).is_empty());
     }
 }

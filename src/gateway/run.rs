@@ -23,6 +23,8 @@ use super::derive::Deriver;
 use super::health::{Health, Role};
 use crate::bus::{Backend, BusError, Fence};
 use crate::event::{EventData, GatewayState};
+use twilight_model::id::Id;
+use twilight_model::id::marker::ChannelMarker;
 
 /// The lease the active gateway holds.
 pub const LEASE: &str = "gateway:leader";
@@ -224,6 +226,7 @@ async fn active(
         wake: &queue.wake,
         lost: &lost,
         stop: shutdown,
+        recorded: Mutex::new(None),
     };
     let mut status = Status::new(health);
     let mut saved_sequence = stored.as_ref().map(|s| s.sequence);
@@ -332,6 +335,9 @@ struct Writer<'a> {
     wake: &'a Notify,
     lost: &'a CancellationToken,
     stop: &'a CancellationToken,
+    /// The room of the last `room.created` naming an owner, and whether Redis already
+    /// held that room's creator before it was appended.
+    recorded: Mutex<Option<(Id<ChannelMarker>, bool)>>,
 }
 
 impl Writer<'_> {
@@ -391,6 +397,36 @@ impl Writer<'_> {
     }
 
     async fn append(&self, data: EventData) -> Result<(), BusError> {
+        match &data {
+            EventData::RoomCreated {
+                channel_id,
+                created_by: Some(_),
+                ..
+            } => {
+                let stored = self
+                    .retry("reading the snapshot", || self.backend.snapshot())
+                    .await?;
+                let known = stored
+                    .rooms
+                    .get(channel_id)
+                    .is_some_and(|r| r.creator_id.is_some());
+                *self.recorded.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((*channel_id, known));
+            }
+            // The deriver retires a rebuilt room's invite links (only the gateway's
+            // rebuilds make `invite.renewed` here) when its view had no owner for it; but
+            // the web may have recorded the room, and handed out links, while the gateway
+            // was connecting. What Redis held just before the rebuilt `room.created`
+            // decides: a creator there means nothing was lost.
+            EventData::InviteRenewed { channel_id, .. }
+                if *self.recorded.lock().unwrap_or_else(|e| e.into_inner())
+                    == Some((*channel_id, true)) =>
+            {
+                tracing::info!(channel = %channel_id, "the room was recorded after all; its invite links stay valid");
+                return Ok(());
+            }
+            _ => {}
+        }
         let kind = data.kind();
         let started = std::time::Instant::now();
         let event = self

@@ -124,6 +124,11 @@ async fn the_script_changes_the_snapshot_exactly_as_snapshot_apply_does() {
             user_limit: 1,
         },
         room(a, None),
+        // The gateway fills in an owner Redis lost, and never replaces a recorded one.
+        room(12, None),
+        room(12, Some(3)),
+        room(12, Some(5)),
+        room(a, Some(5)),
         EventData::RoomViewers {
             channel_id: Id::new(a),
             viewers: vec![Viewer {
@@ -202,6 +207,14 @@ async fn the_script_changes_the_snapshot_exactly_as_snapshot_apply_does() {
         stored.rooms[&Id::new(a)].creator_id,
         Some(Id::new(1)),
         "a later room.created keeps the creator"
+    );
+    assert_eq!(
+        (
+            stored.rooms[&Id::new(12)].creator_id,
+            stored.rooms[&Id::new(12)].role_id
+        ),
+        (Some(Id::new(3)), Some(Id::new(4))),
+        "a missing owner is filled in once"
     );
     assert!(
         stored.voice.values().all(|v| v.channel_id == Id::new(a)),

@@ -12,6 +12,7 @@ mod deploy;
 mod edges;
 mod gateway;
 mod login;
+mod ownership;
 mod redis_harness;
 mod rooms;
 mod sim_gateway;

@@ -80,7 +80,7 @@ async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_eve
     assert_eq!(channel["user_limit"], 4);
     assert_eq!(channel["name"], "Draft pod");
     let overwrites = channel["permission_overwrites"].as_array().unwrap();
-    assert_eq!(overwrites.len(), 3, "{overwrites:?}");
+    assert_eq!(overwrites.len(), 4, "{overwrites:?}");
     let guild = stack.sim.guild_id().to_string();
     let bot = stack.sim.id_of("bot_id").await.to_string();
     let everyone = overwrites
@@ -97,7 +97,7 @@ async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_eve
     );
     let role = overwrites
         .iter()
-        .find(|o| o["id"] != guild && o["id"] != bot)
+        .find(|o| o["type"] == 0 && o["id"] != guild)
         .expect("the room role");
     let room_allow = VIEW_CHANNEL | CONNECT | SPEAK | STREAM | USE_VAD;
     assert_eq!(
@@ -107,6 +107,20 @@ async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_eve
             bits(&role["deny"])
         ),
         (Some(0), room_allow, 0)
+    );
+    // The creator's own overwrite: they may always join their room, and it is how the
+    // gateway knows who made it when Redis lost the record.
+    let creator = overwrites
+        .iter()
+        .find(|o| o["id"] == ash.to_string().as_str())
+        .expect("the creator");
+    assert_eq!(
+        (
+            creator["type"].as_u64(),
+            bits(&creator["allow"]),
+            bits(&creator["deny"])
+        ),
+        (Some(1), room_allow, 0)
     );
     let bot_ow = overwrites.iter().find(|o| o["id"] == bot).expect("the bot");
     assert_eq!(
@@ -276,8 +290,9 @@ async fn an_invite_brings_a_non_member_into_the_guild_and_the_room_and_bad_ones_
         .unwrap()
         .iter()
         .find(|o| {
-            o["allow"].as_str()
-                == Some(&(VIEW_CHANNEL | CONNECT | SPEAK | STREAM | USE_VAD).to_string())
+            o["type"] == 0
+                && o["allow"].as_str()
+                    == Some(&(VIEW_CHANNEL | CONNECT | SPEAK | STREAM | USE_VAD).to_string())
         })
         .unwrap()["id"]
         .clone();
