@@ -2,8 +2,6 @@
 # Build: the release binary, with dependencies cached in their own layer.
 FROM rust:1-bookworm AS build
 WORKDIR /src
-RUN apt-get update && apt-get install -y --no-install-recommends pkg-config libssl-dev \
-    && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
@@ -17,8 +15,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --no-create-home coven
 COPY --from=build /usr/local/bin/coven /usr/local/bin/coven
-COPY assets /opt/coven/assets
-ENV COVEN_ASSETS=/opt/coven/assets LOG_FORMAT=json
+ENV LOG_FORMAT=json
 USER coven
 EXPOSE 3000 3001 3100
 ENTRYPOINT ["/usr/local/bin/coven"]

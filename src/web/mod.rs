@@ -8,6 +8,7 @@
 //! bus; must not hold the Discord Gateway (that is `gateway`). Replicas share nothing but
 //! Redis, so any replica can serve any request.
 
+pub mod assets;
 pub mod auth;
 pub mod conn;
 pub mod error;
@@ -32,7 +33,6 @@ use axum::routing::{get, post};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_sessions::{SessionManagerLayer, SessionStore, cookie::SameSite};
 use twilight_model::id::Id;
@@ -419,19 +419,11 @@ pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
         .merge(site)
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
-        .nest_service("/assets", ServeDir::new(assets_dir()))
+        .nest_service("/assets", assets::router::<()>())
         .fallback(pages::not_found)
         .with_state(app)
         .layer(axum::middleware::from_fn(ops::observe))
         .layer(axum::middleware::from_fn(ops::close_if_unread))
-}
-
-/// `assets/` next to the binary's crate in development, or `COVEN_ASSETS` when installed
-/// elsewhere.
-fn assets_dir() -> std::path::PathBuf {
-    std::env::var_os("COVEN_ASSETS")
-        .map(Into::into)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets"))
 }
 
 /// Serves until `shutdown`, then stops accepting and drains open streams over
