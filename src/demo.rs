@@ -35,7 +35,7 @@ pub struct Args {
     /// No simulated players: only what you do happens
     #[arg(long)]
     pub quiet: bool,
-    /// Average time between two moves of the simulated players
+    /// Average time between two moves of the simulated players (100ms–10m)
     #[arg(long, env = "DEMO_PLAYER_INTERVAL", hide = true)]
     pub player_interval: Option<String>,
 }
@@ -75,7 +75,7 @@ impl Args {
             "DEMO_PLAYER_INTERVAL",
             self.player_interval.as_deref(),
             Duration::from_millis(1500),
-            config::parse_duration,
+            config::parse_duration_in(Duration::from_millis(100), Duration::from_secs(600)),
         );
         Some(Settings {
             bind: bind?,
