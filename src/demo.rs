@@ -195,7 +195,11 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
     web::members::Watched::start(app.clone(), shutdown.clone());
     let router = match &settings.redis_url {
         Some(url) => {
-            let pool = crate::bus::redis::session_pool(url.expose_secret()).await?;
+            let pool = crate::bus::redis::session_pool(
+                url.expose_secret(),
+                crate::bus::redis::REQUEST_TIMEOUT,
+            )
+            .await?;
             web::router(
                 app.clone(),
                 tower_sessions_redis_store::RedisStore::new(pool),

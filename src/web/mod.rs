@@ -392,6 +392,10 @@ pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
         // Forms here are a room name and a token; anything bigger is not ours.
         .layer(axum::extract::DefaultBodyLimit::max(16 * 1024))
         .layer(sessions)
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            error::shared_state_guard,
+        ))
         // Pages carry CSRF tokens and invite links: no cache, shared or private, keeps
         // them. The stream says `no-cache` itself, which this leaves in place.
         .layer(SetResponseHeaderLayer::if_not_present(
@@ -465,15 +469,17 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
         .as_ref()
         .map(|u| u.expose_secret().to_owned())
         .ok_or_else(|| anyhow::anyhow!("REDIS_URL is required"))?;
-    let bus = crate::bus::redis::RedisBus::connect(
+    let bus = crate::bus::redis::RedisBus::connect_with_timeout(
         &redis_url,
         &settings.key_prefix,
         settings.guild_id,
         // A replica never appends enough to trim; the gateway's setting governs the log.
         100_000,
+        crate::bus::redis::REQUEST_TIMEOUT,
     )
     .await?;
-    let pool = crate::bus::redis::session_pool(&redis_url).await?;
+    let pool =
+        crate::bus::redis::session_pool(&redis_url, crate::bus::redis::REQUEST_TIMEOUT).await?;
     let store = tower_sessions_redis_store::RedisStore::new(pool);
     let listener = TcpListener::bind(settings.bind)
         .await

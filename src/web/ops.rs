@@ -33,6 +33,14 @@ pub async fn healthz(State(app): State<AppState>) -> Response {
 /// `GET /readyz`: 200 when Redis answers and the gateway reported within its expiry; 503
 /// otherwise, so a load balancer sends people elsewhere.
 pub async fn readyz(State(app): State<AppState>) -> Response {
+    // A dropped connection is known at once: no need to wait out a command's timeout.
+    if !app.bus.reachable() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "unready", "redis": "unreachable"})),
+        )
+            .into_response();
+    }
     let (ready, body) = match app.bus.get(STATUS_KEY).await {
         Ok(Some(raw)) => {
             let status: serde_json::Value = serde_json::from_str(&raw).unwrap_or_default();
