@@ -204,6 +204,7 @@ fn parse_snowflake(raw: &str) -> Result<u64, String> {
 }
 
 /// Durations are written `500ms`, `30s`, `5m`, `1h` (and combinations such as `1h30m`).
+/// Settings use [`parse_duration_in`]: every duration setting has a range.
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(raw)
         .map_err(|_| format!("expected a duration such as 500ms, 30s, 5m or 1h, got {raw:?}"))?;
@@ -296,6 +297,7 @@ pub fn parse_bind(raw: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("expected an address such as 127.0.0.1:3000, got {raw:?}"))
 }
 
+/// Settings use [`parse_number_in`]: every numeric setting has a range.
 pub fn parse_positive<T>(raw: &str) -> Result<T, String>
 where
     T: std::str::FromStr + PartialOrd + Default,
