@@ -204,6 +204,7 @@ fn parse_snowflake(raw: &str) -> Result<u64, String> {
 }
 
 /// Durations are written `500ms`, `30s`, `5m`, `1h` (and combinations such as `1h30m`).
+/// Settings use [`parse_duration_in`]: every duration setting has a range.
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(raw)
         .map_err(|_| format!("expected a duration such as 500ms, 30s, 5m or 1h, got {raw:?}"))?;
@@ -213,11 +214,90 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A duration from `min` to `max` (both included). Every duration setting has a range:
+/// a value outside it is a typo or a misunderstanding (`1ms` for a lease, `100y` for a
+/// timer), and is cheaper to refuse at start than to discover in production.
+pub fn parse_duration_in(
+    min: Duration,
+    max: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> + Copy {
+    move |raw| {
+        let out_of_range = || {
+            format!(
+                "expected a duration from {} to {}, got {raw:?}",
+                short_duration(min),
+                short_duration(max)
+            )
+        };
+        // Zero and unparsable values get the range too: it is what the operator needs.
+        let d = humantime::parse_duration(raw).map_err(|_| {
+            format!(
+                "expected a duration such as 500ms, 30s, 5m or 1h, from {} to {}, got {raw:?}",
+                short_duration(min),
+                short_duration(max)
+            )
+        })?;
+        if d < min || d > max {
+            return Err(out_of_range());
+        }
+        Ok(d)
+    }
+}
+
+/// A number from `min` to `max` (both included), for counts, sizes and rates.
+pub fn parse_number_in<T>(min: T, max: T) -> impl Fn(&str) -> Result<T, String> + Copy
+where
+    T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+{
+    move |raw| match raw.parse::<T>() {
+        // NaN compares false with everything, so it falls through and is refused.
+        Ok(n) if min <= n && n <= max => Ok(n),
+        _ => Err(format!(
+            "expected a number from {} to {}, got {raw:?}",
+            grouped(&min.to_string()),
+            grouped(&max.to_string())
+        )),
+    }
+}
+
+/// `1h`, `30s`, `7d`, `250ms`: the largest unit that divides the duration, as people
+/// write them in settings.
+pub fn short_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms >= size && ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
+/// `65536` → `65,536`, so a range reads at a glance; anything but plain digits is kept.
+fn grouped(number: &str) -> String {
+    if number.len() <= 4 || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return number.to_owned();
+    }
+    let mut out = String::new();
+    for (i, c) in number.chars().enumerate() {
+        if i > 0 && (number.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 pub fn parse_bind(raw: &str) -> Result<SocketAddr, String> {
     raw.parse()
         .map_err(|_| format!("expected an address such as 127.0.0.1:3000, got {raw:?}"))
 }
 
+/// Settings use [`parse_number_in`]: every numeric setting has a range.
 pub fn parse_positive<T>(raw: &str) -> Result<T, String>
 where
     T: std::str::FromStr + PartialOrd + Default,
@@ -231,6 +311,26 @@ where
 /// An http(s) base URL, kept without a trailing slash so paths can be appended.
 pub fn parse_http_url(raw: &str) -> Result<Url, String> {
     parse_url(raw, &["http", "https"])
+}
+
+/// The site's own address. Pages, redirects, cookies and the OAuth2 redirect all assume
+/// the site is the root of its origin, so a path (`https://example.com/coven`) would give
+/// a site that half works; userinfo would put a password in every link. The value is
+/// quoted only when it carries no userinfo.
+pub fn parse_public_url(raw: &str) -> Result<Url, String> {
+    let url =
+        Url::parse(raw.trim_end_matches('/')).map_err(|e| format!("not a valid URL ({e})"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry a user name or password".to_owned());
+    }
+    let url = parse_http_url(raw)?;
+    if url.path() != "/" && !url.path().is_empty() {
+        return Err(format!(
+            "the site must be served at the root of its origin, such as \
+             https://coven.example.com (put it behind its own host name), got {raw:?}"
+        ));
+    }
+    Ok(url)
 }
 
 /// A ws(s) base URL. twilight-gateway panics on a malformed one, so it is checked here.
@@ -447,6 +547,63 @@ mod tests {
         for (raw, want) in cases {
             assert_eq!(parse_duration(raw).ok(), want, "{raw}");
         }
+    }
+
+    #[test]
+    fn durations_in_a_range() {
+        let lease = parse_duration_in(Duration::from_secs(1), Duration::from_secs(60));
+        assert_eq!(lease("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(lease("1m"), Ok(Duration::from_secs(60)));
+        for bad in ["999ms", "1ms", "0s", "61s", "1h", "soon", "", "-1s"] {
+            let err = lease(bad).unwrap_err();
+            assert!(err.contains("from 1s to 1m"), "{bad}: {err}");
+        }
+        assert_eq!(short_duration(Duration::from_secs(7 * 86_400)), "7d");
+        assert_eq!(short_duration(Duration::from_secs(90 * 60)), "90m");
+        assert_eq!(short_duration(Duration::from_millis(1_500)), "1500ms");
+    }
+
+    #[test]
+    fn numbers_in_a_range() {
+        let buffer = parse_number_in::<usize>(1, 65_536);
+        assert_eq!(buffer("1"), Ok(1));
+        assert_eq!(buffer("65536"), Ok(65_536));
+        for bad in ["0", "65537", "1000000000000", "-1", "1.5", "many", "1e3"] {
+            let err = buffer(bad).unwrap_err();
+            assert!(err.contains("from 1 to 65,536"), "{bad}: {err}");
+        }
+        let rate = parse_number_in::<f64>(0.01, 100_000.0);
+        assert_eq!(rate("0.5"), Ok(0.5));
+        for bad in ["0", "NaN", "inf", "-1", "1e9", "1e-300"] {
+            assert!(rate(bad).is_err(), "{bad}");
+        }
+        assert_eq!(grouped("100000"), "100,000");
+        assert_eq!(grouped("10000000"), "10,000,000");
+        assert_eq!(grouped("0.01"), "0.01");
+    }
+
+    #[test]
+    fn the_public_url_is_an_origin() {
+        let ok = parse_public_url("https://coven.example.com/").unwrap();
+        assert_eq!(
+            join_url(&ok, "/auth/callback"),
+            "https://coven.example.com/auth/callback"
+        );
+        assert!(parse_public_url("http://127.0.0.1:3000").is_ok());
+        let path = parse_public_url("https://example.com/coven").unwrap_err();
+        assert!(path.contains("root of its origin"), "{path}");
+        for bad in [
+            "https://example.com/coven/",
+            "https://example.com/?a=1",
+            "https://example.com/#top",
+            "ftp://example.com",
+            "https://",
+        ] {
+            assert!(parse_public_url(bad).is_err(), "{bad}");
+        }
+        let err = parse_public_url("https://admin:hunter2@example.com").unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(parse_public_url("https://admin@example.com").is_err());
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub struct Args {
     /// No simulated players: only what you do happens
     #[arg(long)]
     pub quiet: bool,
-    /// Average time between two moves of the simulated players
+    /// Average time between two moves of the simulated players (100ms–10m)
     #[arg(long, env = "DEMO_PLAYER_INTERVAL", hide = true)]
     pub player_interval: Option<String>,
 }
@@ -75,7 +75,7 @@ impl Args {
             "DEMO_PLAYER_INTERVAL",
             self.player_interval.as_deref(),
             Duration::from_millis(1500),
-            config::parse_duration,
+            config::parse_duration_in(Duration::from_millis(100), Duration::from_secs(600)),
         );
         Some(Settings {
             bind: bind?,
@@ -197,7 +197,11 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
         .start(app.bus.clone(), app.hub.clone(), shutdown.clone());
     let router = match &settings.redis_url {
         Some(url) => {
-            let pool = crate::bus::redis::session_pool(url.expose_secret()).await?;
+            let pool = crate::bus::redis::session_pool(
+                url.expose_secret(),
+                crate::bus::redis::REQUEST_TIMEOUT,
+            )
+            .await?;
             web::router(
                 app.clone(),
                 tower_sessions_redis_store::RedisStore::new(pool),

@@ -36,12 +36,12 @@ pub struct Args {
     /// Publish a series of `ping` events instead
     #[arg(long)]
     pub ping: bool,
-    /// How many pings
-    #[arg(long, default_value_t = 1, requires = "ping")]
-    pub count: u64,
-    /// Pings per second
-    #[arg(long, default_value_t = 10.0, requires = "ping")]
-    pub rate: f64,
+    /// How many pings (1–10,000,000; default 1)
+    #[arg(long, requires = "ping")]
+    pub count: Option<String>,
+    /// Pings per second (0.01–100,000; default 10)
+    #[arg(long, requires = "ping")]
+    pub rate: Option<String>,
 }
 
 pub enum What {
@@ -76,18 +76,24 @@ impl Args {
             config::parse_key_prefix,
         );
         let what = if self.ping {
-            if !(self.rate.is_finite() && self.rate > 0.0) {
-                r.problem(
-                    "--rate",
-                    format!("must be a positive number, got {}", self.rate),
-                );
-                None
-            } else {
-                Some(What::Pings {
-                    count: self.count,
-                    rate: self.rate,
-                })
-            }
+            let count = r.or_default(
+                "--count",
+                self.count.as_deref(),
+                1,
+                config::parse_number_in::<u64>(1, 10_000_000),
+            );
+            // The pause between pings is 1/rate: a rate near zero would overflow it, and
+            // past 100,000 a second the pause is below what a timer keeps.
+            let rate = r.or_default(
+                "--rate",
+                self.rate.as_deref(),
+                10.0,
+                config::parse_number_in::<f64>(0.01, 100_000.0),
+            );
+            Some(What::Pings {
+                count: count?,
+                rate: rate?,
+            })
         } else {
             match (&self.kind, &self.data) {
                 (Some(kind), Some(data)) => match EventData::from_parts(kind, data) {

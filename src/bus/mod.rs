@@ -284,6 +284,13 @@ pub trait Bus: Send + Sync + 'static {
     /// [`Bus::since`].
     fn subscribe(&self) -> broadcast::Receiver<Arc<Event>>;
 
+    /// `false` while the store is known to be unreachable (its connection dropped and is
+    /// being re-established), so callers can answer at once instead of waiting out a
+    /// timeout. `true` says only that nothing is known to be wrong.
+    fn reachable(&self) -> bool {
+        true
+    }
+
     /// Presence on a room page: marks `present` as viewing `channel` for `ttl` more, `gone`
     /// as no longer viewing, forgets viewers whose time ran out, and when that changes
     /// who is viewing appends `room.viewers` with the new list in the same atomic step

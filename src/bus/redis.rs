@@ -99,41 +99,69 @@ fn policy() -> ReconnectPolicy {
     ReconnectPolicy::new_exponential(0, 50, 2_000, 2)
 }
 
-/// A small connection pool for tower-sessions' Redis store, reconnecting like the bus.
-pub async fn session_pool(url: &str) -> BusResult<Pool> {
+/// How long a command may wait for Redis (queued while reconnecting, or unanswered)
+/// before its caller gets an error: the gateway and `publish`, which retry by themselves.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The same for a web replica, where a person waits on most commands: a page that cannot
+/// have its data within a second says so (503) rather than hang. The replica's own tasks
+/// (stream fan-out, presence, sweeper) retry failed commands, so they only retry sooner.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A connection with a command unanswered this long is dropped and re-made: a Redis that
+/// vanished without closing its sockets (a network partition) is then noticed, and
+/// [`Bus::reachable`] turns false, instead of every request waiting out its timeout.
+fn unresponsive_after(command_timeout: Duration) -> Option<Duration> {
+    (command_timeout < COMMAND_TIMEOUT).then_some(command_timeout * 2)
+}
+
+fn builder(url: &str, command_timeout: Duration) -> BusResult<Builder> {
     let config = Config::from_url(url)?;
     let mut builder = Builder::from_config(config);
     builder.set_policy(policy());
     builder.with_connection_config(|c| {
         c.connection_timeout = Duration::from_secs(5);
         c.internal_command_timeout = Duration::from_secs(5);
+        if let Some(max) = unresponsive_after(command_timeout) {
+            c.unresponsive.max_timeout = Some(max);
+            c.unresponsive.interval = command_timeout / 2;
+        }
     });
     builder.with_performance_config(|p| {
-        p.default_command_timeout = Duration::from_secs(5);
+        p.default_command_timeout = command_timeout;
     });
-    let pool = builder.build_pool(4)?;
+    Ok(builder)
+}
+
+/// A small connection pool for tower-sessions' Redis store, reconnecting like the bus.
+/// Sessions are read and written only by requests: give it [`REQUEST_TIMEOUT`].
+pub async fn session_pool(url: &str, command_timeout: Duration) -> BusResult<Pool> {
+    let pool = builder(url, command_timeout)?.build_pool(4)?;
     pool.init().await?;
     Ok(pool)
 }
 
 impl RedisBus {
     /// Connects, loads the scripts and starts the process's one live subscription.
+    /// Commands wait up to [`COMMAND_TIMEOUT`].
     pub async fn connect(
         url: &str,
         prefix: &str,
         guild_id: Id<GuildMarker>,
         max_len: u64,
     ) -> BusResult<Self> {
-        let config = Config::from_url(url)?;
-        let mut builder = Builder::from_config(config);
-        builder.set_policy(policy());
-        builder.with_connection_config(|c| {
-            c.connection_timeout = Duration::from_secs(5);
-            c.internal_command_timeout = Duration::from_secs(5);
-        });
-        builder.with_performance_config(|p| {
-            p.default_command_timeout = Duration::from_secs(5);
-        });
+        Self::connect_with_timeout(url, prefix, guild_id, max_len, COMMAND_TIMEOUT).await
+    }
+
+    /// [`connect`](Self::connect) with commands that give up after `command_timeout`.
+    pub async fn connect_with_timeout(
+        url: &str,
+        prefix: &str,
+        guild_id: Id<GuildMarker>,
+        max_len: u64,
+        command_timeout: Duration,
+    ) -> BusResult<Self> {
+        let builder = builder(url, command_timeout)?;
         let client = builder.build()?;
         client.init().await?;
         let scripts = Arc::new(Scripts {
@@ -530,6 +558,10 @@ impl Bus for RedisBus {
 
     fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.live.subscribe()
+    }
+
+    fn reachable(&self) -> bool {
+        self.client.is_connected()
     }
 
     async fn member(&self, user: Id<UserMarker>) -> BusResult<Option<MemberRecord>> {

@@ -48,14 +48,14 @@ pub struct Args {
     /// Prefix of every Redis key
     #[arg(long, env = "COVEN_KEY_PREFIX")]
     pub coven_key_prefix: Option<String>,
-    /// Leader lease lifetime; a standby takes over within it
+    /// Leader lease lifetime; a standby takes over within it (1s–1m)
     #[arg(long, env = "GATEWAY_LEASE_TTL")]
     pub gateway_lease_ttl: Option<String>,
-    /// Events kept in the log (approximately; older ones are trimmed)
+    /// Events kept in the log (approximately; older ones are trimmed; 100–10,000,000)
     #[arg(long, env = "EVENT_LOG_MAX_LEN")]
     pub event_log_max_len: Option<String>,
     /// Events held in memory while Redis is unreachable before falling back to a
-    /// reconcile
+    /// reconcile (1–100,000)
     #[arg(long, env = "GATEWAY_QUEUE_SIZE")]
     pub gateway_queue_size: Option<String>,
 }
@@ -135,19 +135,24 @@ impl Args {
             "GATEWAY_LEASE_TTL",
             self.gateway_lease_ttl.as_deref(),
             Duration::from_secs(10),
-            config::parse_duration,
+            // Renewed every third of its life: under a second that is a busy loop against
+            // Redis, and every pause longer than it hands the guild to a standby. Over a
+            // minute, a crashed gateway leaves the site stale that long.
+            config::parse_duration_in(Duration::from_secs(1), Duration::from_secs(60)),
         );
         let event_log_max_len = r.or_default(
             "EVENT_LOG_MAX_LEN",
             self.event_log_max_len.as_deref(),
             100_000,
-            config::parse_positive::<u64>,
+            // Fewer than a page's worth of events makes every reconnect a resync; ten
+            // million envelopes are gigabytes of Redis memory.
+            config::parse_number_in::<u64>(100, 10_000_000),
         );
         let queue_size = r.or_default(
             "GATEWAY_QUEUE_SIZE",
             self.gateway_queue_size.as_deref(),
             10_000,
-            config::parse_positive::<usize>,
+            config::parse_number_in::<usize>(1, 100_000),
         );
         Some(Settings {
             queue_size: queue_size?,

@@ -50,25 +50,25 @@ pub struct Args {
     /// Base URL that clients use to reach the simulator (default: http://BIND)
     #[arg(long, env = "SIM_PUBLIC_URL")]
     pub sim_public_url: Option<String>,
-    /// Gateway heartbeat interval in milliseconds (Discord uses 41250)
+    /// Gateway heartbeat interval in milliseconds (Discord uses 41250; 100–600,000)
     #[arg(long, env = "SIM_HEARTBEAT_INTERVAL_MS")]
     pub sim_heartbeat_interval_ms: Option<String>,
-    /// How long a disconnected Gateway session stays resumable
+    /// How long a disconnected Gateway session stays resumable (1s–1h)
     #[arg(long, env = "SIM_RESUME_TTL")]
     pub sim_resume_ttl: Option<String>,
-    /// Lifetime of OAuth2 access tokens
+    /// Lifetime of OAuth2 access tokens (1s–30d)
     #[arg(long, env = "SIM_TOKEN_TTL")]
     pub sim_token_ttl: Option<String>,
-    /// Requests per REST rate-limit bucket per window
+    /// Requests per REST rate-limit bucket per window (1–10,000)
     #[arg(long, env = "SIM_RATE_LIMIT")]
     pub sim_rate_limit: Option<String>,
-    /// Length of a REST rate-limit window
+    /// Length of a REST rate-limit window (100ms–1h)
     #[arg(long, env = "SIM_RATE_WINDOW")]
     pub sim_rate_window: Option<String>,
-    /// Requests the OAuth2 token endpoint accepts per window
+    /// Requests the OAuth2 token endpoint accepts per window (1–10,000)
     #[arg(long, env = "SIM_TOKEN_RATE_LIMIT")]
     pub sim_token_rate_limit: Option<String>,
-    /// Length of the OAuth2 token endpoint's rate-limit window
+    /// Length of the OAuth2 token endpoint's rate-limit window (100ms–1h)
     #[arg(long, env = "SIM_TOKEN_RATE_WINDOW")]
     pub sim_token_rate_window: Option<String>,
     /// Comma-separated OAuth2 redirect URIs to accept (default: any http(s) URL)
@@ -181,43 +181,43 @@ impl Args {
             "SIM_HEARTBEAT_INTERVAL_MS",
             self.sim_heartbeat_interval_ms.as_deref(),
             d.heartbeat_interval,
-            |s| config::parse_positive::<u64>(s).map(Duration::from_millis),
+            |s| config::parse_number_in::<u64>(100, 600_000)(s).map(Duration::from_millis),
         );
         let resume_ttl = r.or_default(
             "SIM_RESUME_TTL",
             self.sim_resume_ttl.as_deref(),
             d.resume_ttl,
-            config::parse_duration,
+            config::parse_duration_in(secs(1), secs(3600)),
         );
         let token_ttl = r.or_default(
             "SIM_TOKEN_TTL",
             self.sim_token_ttl.as_deref(),
             d.token_ttl,
-            config::parse_duration,
+            config::parse_duration_in(secs(1), secs(30 * 24 * 3600)),
         );
         let rate_limit = r.or_default(
             "SIM_RATE_LIMIT",
             self.sim_rate_limit.as_deref(),
             d.rate_limit,
-            config::parse_positive::<u32>,
+            config::parse_number_in::<u32>(1, 10_000),
         );
         let rate_window = r.or_default(
             "SIM_RATE_WINDOW",
             self.sim_rate_window.as_deref(),
             d.rate_window,
-            config::parse_duration,
+            config::parse_duration_in(Duration::from_millis(100), secs(3600)),
         );
         let token_rate_limit = r.or_default(
             "SIM_TOKEN_RATE_LIMIT",
             self.sim_token_rate_limit.as_deref(),
             d.token_rate_limit,
-            config::parse_positive::<u32>,
+            config::parse_number_in::<u32>(1, 10_000),
         );
         let token_rate_window = r.or_default(
             "SIM_TOKEN_RATE_WINDOW",
             self.sim_token_rate_window.as_deref(),
             d.token_rate_window,
-            config::parse_duration,
+            config::parse_duration_in(Duration::from_millis(100), secs(3600)),
         );
         let redirect_uris = r.or_default(
             "SIM_REDIRECT_URIS",
@@ -253,6 +253,10 @@ impl Args {
             defaulted,
         })
     }
+}
+
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
 }
 
 impl Settings {

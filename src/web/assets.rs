@@ -44,7 +44,10 @@ mod tests {
     #[test]
     fn pages_link_content_hashed_names_of_embedded_files() {
         let css = super::url("/app.css");
-        assert!(css.starts_with("/assets/app.") && css.ends_with(".css") && css != "/assets/app.css", "{css}");
+        assert!(
+            css.starts_with("/assets/app.") && css.ends_with(".css") && css != "/assets/app.css",
+            "{css}"
+        );
         assert_eq!(super::url("/nope.js"), "/assets/nope.js");
     }
 }

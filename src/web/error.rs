@@ -3,9 +3,12 @@
 //! internals (stack traces, tokens, Redis URLs); those go to the log.
 
 use askama::Template;
+use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 
+use super::AppState;
 use crate::bus::BusError;
 use crate::discord::DiscordError;
 
@@ -188,7 +191,34 @@ fn refusal_in_words(code: u64, fallback: &str) -> String {
     }
 }
 
-fn unavailable() -> Response {
+/// Wraps the site's routes (outside the session layer), so what fails for want of Redis
+/// fails the same way everywhere, in one place:
+/// - while the bus knows Redis is unreachable, every page, post and stream answers the
+///   503 page at once, instead of each request waiting out its command timeout;
+/// - a 500 from below — tower-sessions answers a bare, empty 500 when it cannot save a
+///   session, and handlers themselves never answer 500 — becomes the same readable 503
+///   with `Retry-After`.
+pub async fn shared_state_guard(
+    State(app): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !app.bus.reachable() {
+        tracing::debug!(path = %request.uri().path(), "Redis unreachable; answering 503");
+        return unavailable();
+    }
+    let response = next.run(request).await;
+    if response.status() == StatusCode::INTERNAL_SERVER_ERROR {
+        tracing::error!(
+            "a request failed with 500 (a session that could not be saved, or a bug); \
+             answering 503"
+        );
+        return unavailable();
+    }
+    response
+}
+
+pub fn unavailable() -> Response {
     let mut r = page(
         StatusCode::SERVICE_UNAVAILABLE,
         "Temporarily unavailable",

@@ -52,7 +52,8 @@ pub struct Args {
     /// Address of the Prometheus `/metrics` listener (keep it off the public network)
     #[arg(long, env = "METRICS_BIND")]
     pub metrics_bind: Option<String>,
-    /// The URL people open (decides the OAuth2 redirect and whether cookies are Secure)
+    /// The URL people open: an origin such as https://coven.example.com, no path (decides
+    /// the OAuth2 redirect and whether cookies are Secure)
     #[arg(long, env = "PUBLIC_URL")]
     pub public_url: Option<String>,
     /// Redis holding the event log, shared state and sessions
@@ -69,22 +70,22 @@ pub struct Args {
     /// Prefix of every Redis key
     #[arg(long, env = "COVEN_KEY_PREFIX")]
     pub coven_key_prefix: Option<String>,
-    /// Players a room holds
+    /// Players a room holds (1–99, Discord's limit)
     #[arg(long, env = "ROOM_MAX_PLAYERS")]
     pub room_max_players: Option<String>,
-    /// On SIGTERM, open streams are closed spread over this long
+    /// On SIGTERM, open streams are closed spread over this long (1s–10m)
     #[arg(long, env = "DRAIN_TIMEOUT")]
     pub drain_timeout: Option<String>,
-    /// A session unused this long is forgotten
+    /// A session unused this long is forgotten (10m–90d)
     #[arg(long, env = "SESSION_TTL")]
     pub session_ttl: Option<String>,
-    /// Events a stream may fall behind before it is cut off
+    /// Events a stream may fall behind before it is cut off (1–65,536)
     #[arg(long, env = "STREAM_BUFFER")]
     pub stream_buffer: Option<String>,
-    /// How long a viewer stays listed after their replica last vouched for them
+    /// How long a viewer stays listed after their replica last vouched for them (3s–10m)
     #[arg(long, env = "VIEWER_TTL", hide = true)]
     pub viewer_ttl: Option<String>,
-    /// Interval of keep-alive comments on streams
+    /// Interval of keep-alive comments on streams (1s–5m)
     #[arg(long, env = "STREAM_KEEPALIVE", hide = true)]
     pub stream_keepalive: Option<String>,
     /// New rooms go into this category (default: no category)
@@ -93,20 +94,20 @@ pub struct Args {
     /// Key that signs invite links (32 bytes or more)
     #[arg(long, env = "INVITE_SECRET", hide_env_values = true)]
     pub invite_secret: Option<String>,
-    /// How long an invite link stays valid
+    /// How long an invite link stays valid (1m–30d)
     #[arg(long, env = "INVITE_TTL")]
     pub invite_ttl: Option<String>,
-    /// A room with nobody in voice and nobody viewing it for this long is closed
+    /// A room with nobody in voice and nobody viewing it for this long is closed (1s–7d)
     #[arg(long, env = "ROOM_IDLE_TIMEOUT")]
     pub room_idle_timeout: Option<String>,
-    /// How often one replica looks for idle rooms
+    /// How often one replica looks for idle rooms (100ms–1h, at most ROOM_IDLE_TIMEOUT)
     #[arg(long, env = "ROOM_SWEEP_INTERVAL")]
     pub room_sweep_interval: Option<String>,
-    /// Warning given (`room.closing`) before an idle room is closed
+    /// Warning given (`room.closing`) before an idle room is closed (1s–1h)
     #[arg(long, env = "ROOM_CLOSE_WARNING")]
     pub room_close_warning: Option<String>,
     /// How often a member's roles and membership are rechecked with Discord (per user,
-    /// across replicas)
+    /// across replicas; 1s–1h)
     #[arg(long, env = "MEMBER_RECHECK")]
     pub member_recheck: Option<String>,
     /// Live streams one person may hold open on one replica (1-100000)
@@ -167,7 +168,7 @@ impl Args {
             "PUBLIC_URL",
             self.public_url.as_deref(),
             Url::parse(DEFAULT_PUBLIC_URL).ok()?,
-            config::parse_http_url,
+            config::parse_public_url,
         );
         let redis_url = r.required(
             "REDIS_URL",
@@ -195,37 +196,40 @@ impl Args {
             "ROOM_MAX_PLAYERS",
             self.room_max_players.as_deref(),
             4,
-            parse_players,
+            config::parse_number_in(1, 99),
         );
         let drain_timeout = r.or_default(
             "DRAIN_TIMEOUT",
             self.drain_timeout.as_deref(),
             Duration::from_secs(10),
-            config::parse_duration,
+            config::parse_duration_in(secs(1), secs(600)),
         );
         let session_ttl = r.or_default(
             "SESSION_TTL",
             self.session_ttl.as_deref(),
             Duration::from_secs(7 * 24 * 3600),
-            config::parse_duration,
+            config::parse_duration_in(secs(600), secs(90 * DAY)),
         );
         let stream_buffer = r.or_default(
             "STREAM_BUFFER",
             self.stream_buffer.as_deref(),
             1024,
-            config::parse_positive::<usize>,
+            // Each stream may hold this many events queued: bounded so a typo cannot make
+            // one slow client hold gigabytes (or abort the process allocating them).
+            config::parse_number_in::<usize>(1, 65_536),
         );
         let viewer_ttl = r.or_default(
             "VIEWER_TTL",
             self.viewer_ttl.as_deref(),
             Duration::from_secs(30),
-            config::parse_duration,
+            // Refreshed every third of it: under 3 s the refreshes would be a busy loop.
+            config::parse_duration_in(secs(3), secs(600)),
         );
         let keepalive = r.or_default(
             "STREAM_KEEPALIVE",
             self.stream_keepalive.as_deref(),
             Duration::from_secs(15),
-            config::parse_duration,
+            config::parse_duration_in(secs(1), secs(300)),
         );
         let room_category = r.optional(
             "DISCORD_ROOM_CATEGORY_ID",
@@ -237,62 +241,89 @@ impl Args {
             self.invite_secret.as_deref(),
             config::parse_secret(32),
         );
-        let duration = |r: &mut Reader, name, raw: &Option<String>, default| {
-            r.or_default(name, raw.as_deref(), default, config::parse_duration)
+        let duration = |r: &mut Reader, name, raw: &Option<String>, default, min, max| {
+            r.or_default(
+                name,
+                raw.as_deref(),
+                default,
+                config::parse_duration_in(min, max),
+            )
         };
         let invite_ttl = duration(
             r,
             "INVITE_TTL",
             &self.invite_ttl,
-            Duration::from_secs(24 * 3600),
+            secs(24 * 3600),
+            secs(60),
+            secs(30 * DAY),
         );
         let room_idle_timeout = duration(
             r,
             "ROOM_IDLE_TIMEOUT",
             &self.room_idle_timeout,
-            Duration::from_secs(3600),
+            secs(3600),
+            secs(1),
+            secs(7 * DAY),
         );
         let room_sweep_interval = duration(
             r,
             "ROOM_SWEEP_INTERVAL",
             &self.room_sweep_interval,
-            Duration::from_secs(300),
+            secs(300),
+            Duration::from_millis(100),
+            secs(3600),
         );
         let room_close_warning = duration(
             r,
             "ROOM_CLOSE_WARNING",
             &self.room_close_warning,
-            Duration::from_secs(30),
+            secs(30),
+            secs(1),
+            secs(3600),
         );
-        let member_recheck = r.or_default(
+        // Discord allows a bot about 50 requests a second in all; a recheck per user more
+        // often than every second would only spend them.
+        let member_recheck = duration(
+            r,
             "MEMBER_RECHECK",
-            self.member_recheck.as_deref(),
-            Duration::from_secs(30),
-            parse_recheck,
+            &self.member_recheck,
+            secs(30),
+            secs(1),
+            secs(3600),
         );
         let stream_max_per_user = r.or_default(
             "STREAM_MAX_PER_USER",
             self.stream_max_per_user.as_deref(),
             32,
-            |raw| match raw.parse::<usize>() {
-                Ok(n) if (1..=1000).contains(&n) => Ok(n),
-                _ => Err(format!(
-                    "expected a number of streams from 1 to 1000, got {raw:?}"
-                )),
-            },
+            config::parse_number_in(1usize, 100_000),
         );
-        let stream_write_timeout = r.or_default(
+        let stream_write_timeout = duration(
+            r,
             "STREAM_WRITE_TIMEOUT",
-            self.stream_write_timeout.as_deref(),
-            Duration::from_secs(30),
-            |raw| {
-                let d = config::parse_duration(raw)?;
-                if d < Duration::from_secs(1) || d > Duration::from_secs(600) {
-                    return Err(format!("expected a duration from 1s to 10m, got {raw:?}"));
-                }
-                Ok(d)
-            },
+            &self.stream_write_timeout,
+            secs(30),
+            secs(1),
+            secs(600),
         );
+        // A sweep finds a room idle up to one interval late: an interval longer than the
+        // idle timeout itself would make the timeout meaningless. (The close warning runs
+        // after the idle timeout, not inside it, and the sweeper wakes for it on time, so
+        // it needs no such check.)
+        if let (Some(idle), Some(sweep)) = (room_idle_timeout, room_sweep_interval)
+            && sweep > idle
+        {
+            r.problem(
+                "ROOM_SWEEP_INTERVAL",
+                format!(
+                    "got {}, longer than ROOM_IDLE_TIMEOUT ({}): idle rooms would be noticed \
+                     up to an interval late; set it to {} or less",
+                    config::short_duration(sweep),
+                    config::short_duration(idle),
+                    config::short_duration(idle)
+                ),
+            );
+            return None;
+        }
         Some(Settings {
             stream_max_per_user: stream_max_per_user?,
             stream_write_timeout: stream_write_timeout?,
@@ -320,23 +351,10 @@ impl Args {
     }
 }
 
-/// Discord allows a bot about 50 requests a second in all; a recheck per user more often
-/// than every second would only spend them.
-fn parse_recheck(raw: &str) -> Result<Duration, String> {
-    let d = config::parse_duration(raw)?;
-    if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
-        return Err(format!("expected a duration from 1s to 1h, got {raw:?}"));
-    }
-    Ok(d)
-}
+const DAY: u64 = 24 * 3600;
 
-fn parse_players(raw: &str) -> Result<u16, String> {
-    match raw.parse::<u16>() {
-        Ok(n) if (1..=99).contains(&n) => Ok(n),
-        _ => Err(format!(
-            "expected a number of players from 1 to 99 (Discord's limit), got {raw:?}"
-        )),
-    }
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
 }
 
 /// Everything a request handler may use, shared by all of them.
@@ -409,6 +427,10 @@ pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
         // Forms here are a room name and a token; anything bigger is not ours.
         .layer(axum::extract::DefaultBodyLimit::max(16 * 1024))
         .layer(sessions)
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            error::shared_state_guard,
+        ))
         // Pages carry CSRF tokens and invite links: no cache, shared or private, keeps
         // them. The stream says `no-cache` itself, which this leaves in place.
         .layer(SetResponseHeaderLayer::if_not_present(
@@ -470,15 +492,17 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
         .as_ref()
         .map(|u| u.expose_secret().to_owned())
         .ok_or_else(|| anyhow::anyhow!("REDIS_URL is required"))?;
-    let bus = crate::bus::redis::RedisBus::connect(
+    let bus = crate::bus::redis::RedisBus::connect_with_timeout(
         &redis_url,
         &settings.key_prefix,
         settings.guild_id,
         // A replica never appends enough to trim; the gateway's setting governs the log.
         100_000,
+        crate::bus::redis::REQUEST_TIMEOUT,
     )
     .await?;
-    let pool = crate::bus::redis::session_pool(&redis_url).await?;
+    let pool =
+        crate::bus::redis::session_pool(&redis_url, crate::bus::redis::REQUEST_TIMEOUT).await?;
     let store = tower_sessions_redis_store::RedisStore::new(pool);
     let listener = TcpListener::bind(settings.bind)
         .await

@@ -34,6 +34,14 @@ pub async fn healthz(State(app): State<AppState>) -> Response {
 /// gateway's freshness is in the body, never in the status: a dead gateway must not take
 /// every replica out of the load balancer (pages tell people updates are delayed).
 pub async fn readyz(State(app): State<AppState>) -> Response {
+    // A dropped connection is known at once: no need to wait out a command's timeout.
+    if !app.bus.reachable() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "unready", "redis": "unreachable"})),
+        )
+            .into_response();
+    }
     match app.bus.get(GATEWAY_STATUS).await {
         Ok(raw) => {
             let report: Option<GatewayReport> = raw.and_then(|r| serde_json::from_str(&r).ok());

@@ -667,3 +667,207 @@ async fn operations_readiness_metrics_headers_and_a_spread_drain() {
     })
     .await;
 }
+
+/// What a page must look like while Redis is away: the readable 503 page with
+/// `Retry-After`, answered quickly.
+async fn assert_unavailable(what: &str, request: reqwest::RequestBuilder) {
+    let started = Instant::now();
+    let res = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let took = started.elapsed();
+    let status = res.status();
+    let retry_after = res.headers().get("retry-after").cloned();
+    let body = res.text().await.unwrap_or_default();
+    assert_eq!(status, 503, "{what}: {body}");
+    assert!(retry_after.is_some(), "{what}: Retry-After");
+    assert!(
+        body.contains("Temporarily unavailable"),
+        "{what}: a readable page, got {body:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1_500),
+        "{what}: answered in {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_away_every_page_answers_503_at_once_and_all_works_after() {
+    let mut stack = Stack::start_on(
+        RedisServer::start_persistent(),
+        TestSim::start().await,
+        1,
+        &[],
+    )
+    .await;
+    let ash = stack.user("ash").await;
+    let browser = Browser::new();
+    browser.login(stack.web(0), &stack.sim, ash).await;
+    let room = crate::rooms::create_room(&stack, 0, &browser, "Away game").await;
+    let token = browser.csrf(stack.web(0)).await;
+    let anonymous = Browser::new();
+
+    tokio::task::block_in_place(|| stack.redis.stop());
+    let web = stack.web(0);
+    wait_for("/readyz to turn 503", || async {
+        let r = reqwest::get(web.url("/readyz")).await.ok()?;
+        (r.status() == 503).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    let ready = reqwest::get(web.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(started.elapsed() < Duration::from_millis(1_500));
+    let health = reqwest::get(web.url("/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200, "the process is alive all the same");
+
+    let (b, a) = (&browser.http, &anonymous.http);
+    let room_page = web.url(&format!("/rooms/{room}"));
+    for (what, request) in [
+        ("GET / anonymous", a.get(web.url("/"))),
+        ("GET / logged in", b.get(web.url("/"))),
+        ("GET /rooms anonymous", a.get(web.url("/rooms"))),
+        ("GET /rooms logged in", b.get(web.url("/rooms"))),
+        ("GET a room page", b.get(&room_page)),
+        (
+            "GET /auth/login",
+            a.get(web.url("/auth/login?return_to=/rooms")),
+        ),
+        ("GET /invite/x anonymous", a.get(web.url("/invite/x"))),
+        ("GET /invite/x logged in", b.get(web.url("/invite/x"))),
+        (
+            "POST /rooms",
+            b.post(web.url("/rooms"))
+                .header("origin", &web.url)
+                .form(&[("name", "Another"), ("csrf_token", token.as_str())]),
+        ),
+        (
+            "POST /auth/logout",
+            b.post(web.url("/auth/logout"))
+                .header("origin", &web.url)
+                .form(&[("csrf_token", token.as_str())]),
+        ),
+        ("GET /api/stream", b.get(web.url("/api/stream"))),
+        (
+            "GET /api/stream for a room",
+            b.get(web.url(&format!("/api/stream?room={room}"))),
+        ),
+        ("GET /api/stream anonymous", a.get(web.url("/api/stream"))),
+    ] {
+        assert_unavailable(what, request).await;
+    }
+
+    // Back: the same session, pages, posts and streams work again without a restart.
+    tokio::task::block_in_place(|| stack.redis.start_again());
+    let web = stack.web(0);
+    wait_for("/readyz to turn 200", || async {
+        let r = reqwest::get(web.url("/readyz")).await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let html = browser.page(&room_page).await;
+    assert!(html.contains("Away game"), "the room page again");
+    browser.stream(&web.url("/api/stream"), None).await;
+    let again = crate::rooms::create_room(&stack, 0, &browser, "Back again").await;
+    assert_ne!(again, room);
+    let landing = anonymous.get(&web.url("/")).await;
+    assert_eq!(landing.status(), 200);
+    let login = anonymous.get(&web.url("/auth/login")).await;
+    assert_eq!(login.status(), 303, "a login starts again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_store_that_fails_gives_the_503_page_never_a_bare_500() {
+    use fred::prelude::*;
+    use fred::types::CustomCommand;
+
+    let stack = Stack::start(1, &[]).await;
+    let web = stack.web(0);
+    let ash = stack.user("ash").await;
+    let browser = Browser::new();
+    browser.login(web, &stack.sim, ash).await;
+    let redis = Client::new(
+        Config::from_url(&stack.redis.url()).unwrap(),
+        None,
+        None,
+        None,
+    );
+    redis.init().await.unwrap();
+    let acl = |rules: Vec<&'static str>| {
+        let redis = redis.clone();
+        async move {
+            let mut args = vec!["SETUSER", "default"];
+            args.extend(rules);
+            let _: Value = redis
+                .custom(CustomCommand::new_static("ACL", None, false), args)
+                .await
+                .expect("ACL SETUSER");
+        }
+    };
+    // Redis answers, but no longer lets anyone touch session keys (bare ids): the bus
+    // keeps working while every session load and save fails.
+    acl(vec!["resetkeys", "~coven:*"]).await;
+    let anonymous = Browser::new();
+    assert_unavailable(
+        "a login whose session cannot be saved",
+        anonymous.http.get(web.url("/auth/login?return_to=/rooms")),
+    )
+    .await;
+    assert_unavailable(
+        "a page whose session cannot be loaded",
+        browser.http.get(web.url("/rooms")),
+    )
+    .await;
+    let ready = reqwest::get(web.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200, "the bus still answers");
+
+    acl(vec!["allkeys"]).await;
+    browser.page(&web.url("/rooms")).await;
+    let login = anonymous.get(&web.url("/auth/login")).await;
+    assert_eq!(login.status(), 303);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_stops_answering_costs_a_page_about_a_second_not_five() {
+    use fred::prelude::*;
+    use fred::types::CustomCommand;
+
+    let stack = Stack::start(1, &[]).await;
+    let web = stack.web(0);
+    let ash = stack.user("ash").await;
+    let browser = Browser::new();
+    browser.login(web, &stack.sim, ash).await;
+    let redis = Client::new(
+        Config::from_url(&stack.redis.url()).unwrap(),
+        None,
+        None,
+        None,
+    );
+    redis.init().await.unwrap();
+    // Connections stay open but nothing is answered: what a partition or a stalled
+    // Redis looks like to a replica, with no closed socket to notice.
+    let _: Value = redis
+        .custom(
+            CustomCommand::new_static("CLIENT", None, false),
+            vec!["PAUSE", "5000", "ALL"],
+        )
+        .await
+        .unwrap();
+    let anonymous = Browser::new();
+    tokio::join!(
+        assert_unavailable(
+            "a page whose session load is not answered",
+            browser.http.get(web.url("/rooms")),
+        ),
+        assert_unavailable(
+            "a login whose session save is not answered",
+            anonymous.http.get(web.url("/auth/login?return_to=/rooms")),
+        ),
+    );
+    wait_for("pages to work again once Redis answers", || async {
+        let r = browser.http.get(web.url("/rooms")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+}
