@@ -150,3 +150,103 @@ async fn a_hundred_character_name_makes_a_room_and_unreadable_names_are_refused(
     assert_eq!(channel_names(&after), channel_names(&before));
     assert_eq!(role_names(&after), role_names(&before));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assets_come_from_the_binary_itself_hashed_cached_and_compressed() {
+    // A binary run from an empty directory (the harness's scratch dir): no assets/ beside
+    // it, no COVEN_ASSETS.
+    let mut demo = crate::harness::CovenProcess::spawn(
+        &[
+            "--bind",
+            "127.0.0.1:0",
+            "--sim-bind",
+            "127.0.0.1:0",
+            "--quiet",
+        ],
+        &[],
+    );
+    let open = demo.wait_for_stdout("Open http");
+    let web = open
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_owned();
+    // reqwest here sends no Accept-Encoding unless told: each request says what it takes.
+    let http = reqwest::Client::new();
+    let landing = http
+        .get(format!("{web}/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let at = landing
+        .find("rel=\"stylesheet\" href=\"")
+        .expect("a stylesheet link")
+        + "rel=\"stylesheet\" href=\"".len();
+    let css = &landing[at..at + landing[at..].find('"').unwrap()];
+    assert!(
+        css.starts_with("/assets/app.") && css.ends_with(".css") && css != "/assets/app.css",
+        "pages link the content-hashed name: {css}"
+    );
+    let res = http
+        .get(format!("{web}{css}"))
+        .header("accept-encoding", "br, gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/css")
+    );
+    assert_eq!(res.headers()["content-encoding"], "br");
+    let cache = res.headers()["cache-control"].to_str().unwrap().to_owned();
+    assert!(
+        cache.contains("immutable") && cache.contains("max-age=31536000"),
+        "{cache}"
+    );
+    let res = http
+        .get(format!("{web}/assets/app.css"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["content-encoding"], "gzip");
+    let etag = res.headers()["etag"].to_str().unwrap().to_owned();
+    assert!(
+        res.headers()["cache-control"]
+            .to_str()
+            .unwrap()
+            .contains("max-age")
+    );
+    let again = http
+        .get(format!("{web}/assets/app.css"))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304, "revalidated by ETag");
+    let plain = http
+        .get(format!("{web}/assets/app.js"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        plain.headers().get("content-encoding").is_none(),
+        "uncompressed when not asked"
+    );
+    assert!(plain.text().await.unwrap().contains("use strict"));
+    assert_eq!(
+        http.get(format!("{web}/assets/../Cargo.toml"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
