@@ -27,6 +27,11 @@ use crate::access::room_overwrites;
 use crate::config::{self, DiscordArgs, Reader};
 use crate::event::{Person, now_ms};
 
+/// Discord's REST API base.
+pub const DEFAULT_API_URL: &str = "https://discord.com/api";
+/// Discord's site (the OAuth2 authorize page is under it).
+pub const DEFAULT_OAUTH_URL: &str = "https://discord.com";
+
 /// Where Discord is and who we are to it.
 #[derive(Debug, Clone)]
 pub struct DiscordSettings {
@@ -64,13 +69,13 @@ impl DiscordSettings {
         let api_url = r.or_default(
             "DISCORD_API_URL",
             api_url,
-            Url::parse(crate::web::DEFAULT_API_URL).ok()?,
+            Url::parse(DEFAULT_API_URL).ok()?,
             parse_api_url,
         );
         let oauth_url = r.or_default(
             "DISCORD_OAUTH_URL",
             oauth_url,
-            Url::parse(crate::web::DEFAULT_OAUTH_URL).ok()?,
+            Url::parse(DEFAULT_OAUTH_URL).ok()?,
             config::parse_http_url,
         );
         Some(Self {
@@ -211,7 +216,7 @@ impl Discord {
         let mut bot = twilight_http::Client::builder()
             .token(settings.bot_token.expose_secret().to_owned())
             .timeout(Duration::from_secs(10));
-        if settings.api_url.as_str().trim_end_matches('/') != crate::web::DEFAULT_API_URL {
+        if settings.api_url.as_str().trim_end_matches('/') != DEFAULT_API_URL {
             let host = settings
                 .api_url
                 .host_str()
@@ -320,7 +325,10 @@ impl Discord {
         }
         let me: Me = serde_json::from_slice(response.body())
             .map_err(|e| DiscordError::Malformed(e.to_string()))?;
-        let avatar_url = me.avatar.as_deref().map(|hash| avatar_url(me.id, hash));
+        let avatar_url = me
+            .avatar
+            .as_deref()
+            .map(|hash| crate::event::avatar_url(crate::event::DEFAULT_CDN, me.id, hash));
         Ok(Person {
             id: me.id,
             username: me.username,
@@ -642,15 +650,6 @@ fn role_name(room: &str) -> String {
     let keep = ROLE_NAME_MAX - PREFIX.chars().count() - 1;
     let cut: String = room.chars().take(keep).collect();
     format!("{PREFIX}{}…", cut.trim_end())
-}
-
-/// Discord's CDN URL of an avatar, at the size the pages show.
-pub fn avatar_url(user: Id<UserMarker>, hash: &str) -> String {
-    let ext = if hash.starts_with("a_") { "gif" } else { "png" };
-    format!(
-        "{}/avatars/{user}/{hash}.{ext}?size=64",
-        crate::gateway::derive::DEFAULT_CDN
-    )
 }
 
 fn tokens<E: std::error::Error + 'static>(

@@ -15,6 +15,16 @@ use twilight_model::guild::Permissions;
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker, RoleMarker, UserMarker};
 
+/// Where Discord serves avatar images.
+pub const DEFAULT_CDN: &str = "https://cdn.discordapp.com";
+
+/// Discord's CDN URL of a user's avatar (`hash` as Discord gives it; `a_…` is animated),
+/// at the size pages show. The one place avatar URLs are made.
+pub fn avatar_url(cdn: &str, user: Id<UserMarker>, hash: &str) -> String {
+    let ext = if hash.starts_with("a_") { "gif" } else { "png" };
+    format!("{cdn}/avatars/{user}/{hash}.{ext}?size=64")
+}
+
 /// Unix milliseconds now (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -4,8 +4,9 @@
 --       8 members hash (roles)
 -- ARGV: 1 fence token ('' when unfenced), 2 event type, 3 data JSON, 4 guild id,
 --       5 stream MAXLEN (approximate)
+-- Fenced out: nil (a value, not an error, so the caller need not read error text).
 if ARGV[1] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[1] then
-  return redis.error_reply('FENCED')
+  return false
 end
 
 -- The id: the clock's millisecond if it moved past the last id, else the last id + 1,

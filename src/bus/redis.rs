@@ -65,7 +65,7 @@ return 0
 
 const PUT: &str = r#"
 if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then
-  return redis.error_reply('FENCED')
+  return 0
 end
 if ARGV[3] ~= '' then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -235,16 +235,20 @@ impl Reader {
         let info: Result<Value, _> = self.client.xinfo_stream(&self.events, false, None).await;
         let info = match info {
             Ok(v) => v,
-            // No stream: nothing has been appended (since Redis last lost its data), so
-            // only "from the start" continues.
-            Err(e) if e.details().contains("no such key") => {
+            Err(e) => {
+                // No stream: nothing has been appended (since Redis last lost its
+                // data), so only "from the start" continues. Asked rather than read from
+                // the error's text.
+                let exists: i64 = self.client.exists(&self.events).await?;
+                if exists == 1 {
+                    return Err(e.into());
+                }
                 return Ok(if after == EventId::ZERO {
                     Since::Events(Vec::new())
                 } else {
                     Since::Gap
                 });
             }
-            Err(e) => return Err(e.into()),
         };
         if trimmed_past(&info, after)? || ahead_of(&info, after)? {
             return Ok(Since::Gap);
@@ -409,10 +413,6 @@ async fn fill(reader: &Reader, last: &mut EventId, live: &broadcast::Sender<Arc<
     }
 }
 
-fn fenced(e: &fred::error::Error) -> bool {
-    e.details().contains("FENCED")
-}
-
 #[async_trait::async_trait]
 impl Bus for RedisBus {
     async fn append(&self, data: EventData, fence: Option<&Fence>) -> BusResult<Arc<Event>> {
@@ -429,19 +429,16 @@ impl Bus for RedisBus {
             self.guild_id.to_string(),
             self.max_len.to_string(),
         ];
-        let envelope: String = match self
+        let envelope: Option<String> = self
             .scripts
             .append
             .evalsha_with_reload(&self.client, keys, args)
-            .await
-        {
-            Ok(v) => v,
-            Err(e) if fenced(&e) => {
-                return Err(BusError::Fenced(
-                    fence.map(|f| f.lease.clone()).unwrap_or_default(),
-                ));
-            }
-            Err(e) => return Err(e.into()),
+            .await?;
+        // The script answers nil only when the fence no longer holds its lease.
+        let Some(envelope) = envelope else {
+            return Err(BusError::Fenced(
+                fence.map(|f| f.lease.clone()).unwrap_or_default(),
+            ));
         };
         let event = Event::parse(&envelope)
             .map_err(|e| BusError::Corrupt(format!("appended envelope: {e}")))?;
@@ -655,18 +652,17 @@ impl Store for RedisBus {
             value.to_owned(),
             ttl.map(|t| t.as_millis().to_string()).unwrap_or_default(),
         ];
-        match self
+        let stored: i64 = self
             .scripts
             .put
-            .evalsha_with_reload::<i64, _, _>(&self.client, keys, args)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if fenced(&e) => Err(BusError::Fenced(
+            .evalsha_with_reload(&self.client, keys, args)
+            .await?;
+        if stored == 0 {
+            return Err(BusError::Fenced(
                 fence.map(|f| f.lease.clone()).unwrap_or_default(),
-            )),
-            Err(e) => Err(e.into()),
+            ));
         }
+        Ok(())
     }
 
     async fn get(&self, key: &str) -> BusResult<Option<String>> {

@@ -39,8 +39,6 @@ use crate::event::{EventData, Person, RoleAccess, VoiceFlags};
 /// it does not know, so the name is what survives deserialization.
 pub const OBFUSCATED_NAME: &str = "___hidden___";
 
-/// Where avatar images live (Discord's CDN).
-pub const DEFAULT_CDN: &str = "https://cdn.discordapp.com";
 
 pub struct Deriver {
     guild_id: Id<GuildMarker>,
@@ -70,7 +68,7 @@ impl Deriver {
         Self {
             guild_id,
             category,
-            cdn: DEFAULT_CDN.to_owned(),
+            cdn: crate::event::DEFAULT_CDN.to_owned(),
             view,
             channels: BTreeMap::new(),
             hidden: BTreeSet::new(),
@@ -704,10 +702,9 @@ impl Deriver {
             id: user.id,
             username: user.name.clone(),
             global_name: user.global_name.clone(),
-            avatar_url: user.avatar.map(|hash| {
-                let ext = if hash.is_animated() { "gif" } else { "png" };
-                format!("{}/avatars/{}/{hash}.{ext}?size=64", self.cdn, user.id)
-            }),
+            avatar_url: user
+                .avatar
+                .map(|hash| crate::event::avatar_url(&self.cdn, user.id, &hash.to_string())),
         }
     }
 }

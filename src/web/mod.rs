@@ -147,8 +147,6 @@ pub struct Settings {
 }
 
 pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:3000";
-pub const DEFAULT_API_URL: &str = "https://discord.com/api";
-pub const DEFAULT_OAUTH_URL: &str = "https://discord.com";
 
 impl Args {
     pub fn settings(&self, r: &mut Reader) -> Option<Settings> {
@@ -406,6 +404,7 @@ impl App {
 /// The whole site. Generic over the session store: Redis in production, memory in the
 /// demo.
 pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
+    let [csp, nosniff, referrer, frames] = ops::security_headers();
     let sessions = SessionManagerLayer::new(store)
         .with_name("coven_session")
         .with_http_only(true)
@@ -445,6 +444,10 @@ pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
         .fallback(pages::not_found)
         .with_state(app)
         .layer(axum::middleware::from_fn(ops::observe))
+        .layer(csp)
+        .layer(nosniff)
+        .layer(referrer)
+        .layer(frames)
         .layer(axum::middleware::from_fn(ops::close_if_unread))
 }
 

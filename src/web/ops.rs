@@ -18,6 +18,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use tower_http::set_header::SetResponseHeaderLayer;
+
 use super::AppState;
 use crate::bus::{GATEWAY_STATUS, GatewayReport};
 
@@ -79,7 +81,20 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
 const CSP: &str = "default-src 'self'; img-src 'self' data: https://cdn.discordapp.com; \
                    frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
-/// Times every request by route and sets the security headers on every response.
+/// The security headers every answer carries (unless it set its own), as tower-http
+/// layers.
+pub fn security_headers() -> [SetResponseHeaderLayer<HeaderValue>; 4] {
+    let header =
+        |name, value| SetResponseHeaderLayer::if_not_present(name, HeaderValue::from_static(value));
+    [
+        header(header::CONTENT_SECURITY_POLICY, CSP),
+        header(header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        header(header::REFERRER_POLICY, "same-origin"),
+        header(header::X_FRAME_OPTIONS, "DENY"),
+    ]
+}
+
+/// Times every request by route.
 pub async fn observe(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
@@ -88,7 +103,7 @@ pub async fn observe(request: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
-    let mut response = next.run(request).await;
+    let response = next.run(request).await;
     metrics::histogram!(
         "coven_web_request_seconds",
         "method" => method.to_string(),
@@ -96,15 +111,6 @@ pub async fn observe(request: Request, next: Next) -> Response {
         "status" => response.status().as_u16().to_string(),
     )
     .record(started.elapsed().as_secs_f64());
-    let h = response.headers_mut();
-    for (name, value) in [
-        (header::CONTENT_SECURITY_POLICY, CSP),
-        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "same-origin"),
-        (header::X_FRAME_OPTIONS, "DENY"),
-    ] {
-        h.entry(name).or_insert(HeaderValue::from_static(value));
-    }
     response
 }
 

@@ -181,7 +181,7 @@ impl<F: DeserializeOwned + Default + Send> FromRequest<AppState> for Posted<F> {
 
 /// Compares in time that does not depend on where the inputs differ.
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
 #[cfg(test)]
