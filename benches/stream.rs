@@ -409,7 +409,9 @@ fn tcp_memory_kib() -> u64 {
 /// long until `STREAM_WRITE_TIMEOUT` (30 s) cuts them.
 async fn stalled(setup: &Setup) -> anyhow::Result<()> {
     const STREAMS: usize = 500;
-    let (proc_, port) = &setup.webs[0];
+    // Replica 1: replica 0's allocator still holds what the idle-connection reference
+    // freed, which would hide the growth.
+    let (proc_, port) = &setup.webs[1];
     let pid = proc_.0.id();
     let rss_before = rss_kib(pid);
     let tcp_before = tcp_memory_kib();

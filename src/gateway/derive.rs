@@ -39,7 +39,6 @@ use crate::event::{EventData, Person, RoleAccess, VoiceFlags};
 /// it does not know, so the name is what survives deserialization.
 pub const OBFUSCATED_NAME: &str = "___hidden___";
 
-
 pub struct Deriver {
     guild_id: Id<GuildMarker>,
     category: Option<Id<ChannelMarker>>,
