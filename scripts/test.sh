@@ -40,5 +40,13 @@ cargo fmt --all -- --check
 say "cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 
+# Every dependency listed must be used.
+if ! command -v cargo-machete >/dev/null 2>&1; then
+  say "installing cargo-machete"
+  cargo install --locked cargo-machete
+fi
+say "cargo machete"
+cargo machete
+
 say "cargo test"
 cargo test --locked

@@ -171,24 +171,38 @@ impl Hub {
 
     async fn run(
         self,
-        mut live: broadcast::Receiver<Arc<Event>>,
+        live: broadcast::Receiver<Arc<Event>>,
         applied: EventId,
         keepalive: Duration,
     ) {
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        use tokio_stream::StreamExt;
+        use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+        use tokio_stream::wrappers::{BroadcastStream, IntervalStream};
+
+        enum Input {
+            Live(Result<Arc<Event>, BroadcastStreamRecvError>),
+            Tick,
+        }
+        let ticks = IntervalStream::new(tokio::time::interval_at(
+            tokio::time::Instant::now() + keepalive,
+            keepalive,
+        ));
+        let mut inputs = BroadcastStream::new(live)
+            .map(Input::Live)
+            .merge(ticks.map(|_| Input::Tick));
         let mut last = EventId::ZERO;
         let mut applied = applied;
-        loop {
-            tokio::select! {
-                received = live.recv() => match received {
-                    Ok(event) => self.publish(&event, &mut last, &mut applied),
-                    Err(RecvError::Lagged(missed)) => {
-                        tracing::warn!(missed, "stream hub fell behind the bus; catching up from the log");
-                        self.catch_up(&mut last, &mut applied).await;
-                    }
-                    Err(RecvError::Closed) => break,
-                },
-                _ = tick.tick() => {
+        while let Some(input) = inputs.next().await {
+            match input {
+                Input::Live(Ok(event)) => self.publish(&event, &mut last, &mut applied),
+                Input::Live(Err(BroadcastStreamRecvError::Lagged(missed))) => {
+                    tracing::warn!(
+                        missed,
+                        "stream hub fell behind the bus; catching up from the log"
+                    );
+                    self.catch_up(&mut last, &mut applied).await;
+                }
+                Input::Tick => {
                     let _ = self.tx.send(Frame::KeepAlive);
                 }
             }
