@@ -49,4 +49,4 @@ say "cargo machete"
 cargo machete
 
 say "cargo test"
-cargo test --locked
+cargo test --locked --lib --bins --tests

@@ -13,7 +13,6 @@ use oauth2::{
     PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken, Scope, TokenResponse, TokenUrl,
 };
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
 use twilight_http::api_error::ApiError;
 use twilight_http::error::ErrorType;
 use twilight_model::channel::ChannelType;
@@ -178,22 +177,26 @@ pub struct Tokens {
     pub expires_at: u64,
 }
 
-#[derive(Deserialize)]
-struct Me {
-    id: Id<UserMarker>,
-    username: String,
-    #[serde(default)]
-    global_name: Option<String>,
-    #[serde(default)]
-    avatar: Option<String>,
+/// A twilight-http client for `token` (`Bot …` or `Bearer …`), pointed at `proxy` when
+/// set.
+fn rest_client(token: &str, proxy: Option<&(String, bool)>) -> twilight_http::Client {
+    let mut builder = twilight_http::Client::builder()
+        .token(token.to_owned())
+        .timeout(Duration::from_secs(10));
+    if let Some((authority, plain)) = proxy {
+        builder = builder.proxy(authority.clone(), *plain);
+    }
+    builder.build()
 }
 
 /// The bot's REST client and the OAuth2 client, one per replica.
 pub struct Discord {
     pub bot: twilight_http::Client,
+    /// `DISCORD_API_URL`'s authority when it is not Discord's (the simulator), and
+    /// whether it is plain http.
+    proxy: Option<(String, bool)>,
     oauth: OAuthClient,
     http: PatientHttp,
-    api_url: Url,
     guild_id: Id<GuildMarker>,
     bot_id: tokio::sync::OnceCell<Id<UserMarker>>,
 }
@@ -213,10 +216,7 @@ impl Discord {
         guild_id: Id<GuildMarker>,
         public_url: &Url,
     ) -> anyhow::Result<Self> {
-        let mut bot = twilight_http::Client::builder()
-            .token(settings.bot_token.expose_secret().to_owned())
-            .timeout(Duration::from_secs(10));
-        if settings.api_url.as_str().trim_end_matches('/') != DEFAULT_API_URL {
+        let proxy = if settings.api_url.as_str().trim_end_matches('/') != DEFAULT_API_URL {
             let host = settings
                 .api_url
                 .host_str()
@@ -225,8 +225,11 @@ impl Discord {
                 Some(port) => format!("{host}:{port}"),
                 None => host.to_owned(),
             };
-            bot = bot.proxy(authority, settings.api_url.scheme() == "http");
-        }
+            Some((authority, settings.api_url.scheme() == "http"))
+        } else {
+            None
+        };
+        let bot = rest_client(settings.bot_token.expose_secret(), proxy.as_ref());
         let oauth = BasicClient::new(ClientId::new(settings.client_id.clone()))
             .set_client_secret(ClientSecret::new(
                 settings.client_secret.expose_secret().to_owned(),
@@ -249,13 +252,13 @@ impl Discord {
             .timeout(Duration::from_secs(10))
             .build()?;
         Ok(Self {
-            bot: bot.build(),
+            bot,
+            proxy,
             oauth,
             http: PatientHttp {
                 http,
                 budget: RATE_LIMIT_BUDGET,
             },
-            api_url: settings.api_url.clone(),
             guild_id,
             bot_id: tokio::sync::OnceCell::new(),
         })
@@ -301,37 +304,22 @@ impl Discord {
 
     /// Who the token belongs to (`GET /users/@me`).
     pub async fn me(&self, access_token: &str) -> Result<Person, DiscordError> {
-        let url = config::join_url(&self.api_url, "v10/users/@me");
-        let request = oauth2::http::Request::get(url)
-            .header(
-                oauth2::http::header::AUTHORIZATION,
-                format!("Bearer {access_token}"),
-            )
-            .body(Vec::new())
-            .map_err(|e| DiscordError::Malformed(e.to_string()))?;
-        let response = oauth2::AsyncHttpClient::call(&self.http, request)
+        // The person's own token, through the same REST client (and its handling of
+        // Discord's rate limits) as the bot's calls.
+        let user = rest_client(&format!("Bearer {access_token}"), self.proxy.as_ref());
+        let me = user
+            .current_user()
             .await
-            .map_err(|e| DiscordError::Unavailable(e.to_string()))?;
-        let status = response.status();
-        if status == oauth2::http::StatusCode::UNAUTHORIZED {
-            return Err(DiscordError::Unauthorized);
-        }
-        if !status.is_success() {
-            return Err(DiscordError::Refused {
-                status: status.as_u16(),
-                code: 0,
-                message: "users/@me refused".to_owned(),
-            });
-        }
-        let me: Me = serde_json::from_slice(response.body())
+            .map_err(DiscordError::from_twilight)?
+            .model()
+            .await
             .map_err(|e| DiscordError::Malformed(e.to_string()))?;
-        let avatar_url = me
-            .avatar
-            .as_deref()
-            .map(|hash| crate::event::avatar_url(crate::event::DEFAULT_CDN, me.id, hash));
+        let avatar_url = me.avatar.map(|hash| {
+            crate::event::avatar_url(crate::event::DEFAULT_CDN, me.id, &hash.to_string())
+        });
         Ok(Person {
             id: me.id,
-            username: me.username,
+            username: me.name,
             global_name: me.global_name,
             avatar_url,
         })
