@@ -8,6 +8,7 @@
 
 pub mod control;
 pub mod gateway;
+pub mod ids;
 pub mod oauth;
 pub mod rest;
 pub mod world;

@@ -396,7 +396,7 @@ fn limit_headers(
     reset_after: Duration,
     scope: &str,
 ) -> Vec<(&'static str, String)> {
-    let reset_at = world::now_ms() as f64 / 1000.0 + reset_after.as_secs_f64();
+    let reset_at = super::ids::now_ms() as f64 / 1000.0 + reset_after.as_secs_f64();
     vec![
         ("x-ratelimit-bucket", bucket.to_owned()),
         ("x-ratelimit-limit", limit.to_string()),
