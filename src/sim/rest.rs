@@ -23,7 +23,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use super::Shared;
-use super::world::{self, ChannelEdit, NewChannel, Overwrite, Refusal, perm};
+use super::world::{self, ChannelEdit, NewChannel, Overwrite, Refusal};
+use twilight_model::guild::Permissions;
 
 // ---------------------------------------------------------------------------------------
 // Errors, as Discord writes them: `{"code", "message", "errors"?}`.
@@ -218,7 +219,7 @@ fn overwrites(list: &[Map<String, Value>]) -> ApiResult<Vec<Overwrite>> {
 }
 
 /// A permissions field, absent or null meaning "not given".
-fn permissions_field(v: Option<&Value>) -> ApiResult<Option<u64>> {
+fn permissions_field(v: Option<&Value>) -> ApiResult<Option<Permissions>> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(v) => bits_field(v).map(Some).ok_or_else(|| {
@@ -591,7 +592,7 @@ async fn current_user_guilds(State(shared): State<Arc<Shared>>, caller: Caller) 
             "icon": null,
             "banner": null,
             "owner": id == w.owner_id,
-            "permissions": w.base_permissions(id).to_string(),
+            "permissions": w.guild_permissions(id),
             "features": [],
         })]
     } else {
@@ -787,7 +788,8 @@ async fn create_role(
 ) -> ApiResult {
     guild(&shared, &g)?;
     let DiscordJson(req) = DiscordJson::<CreateRole>::parse(&body)?;
-    let permissions = permissions_field(req.permissions.as_ref())?.unwrap_or(perm::VIEW_CHANNEL);
+    let permissions =
+        permissions_field(req.permissions.as_ref())?.unwrap_or(Permissions::VIEW_CHANNEL);
     let mut state = shared.lock();
     let bot = state.world.bot_id;
     let (role, events) = state.world.create_role(

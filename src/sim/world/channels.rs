@@ -4,10 +4,11 @@
 //! Computes no permissions itself (see `permissions`) and builds no JSON (see `wire`).
 
 use serde_json::Value;
+use twilight_model::guild::Permissions;
 
 use super::{
     Channel, ChannelEdit, Dispatch, NewChannel, Overwrite, Refusal, VoiceFlags, World, check_name,
-    check_user_limit, kind, perm,
+    check_user_limit, kind,
 };
 
 impl World {
@@ -63,17 +64,19 @@ impl World {
         }
         self.check_overwrite_targets(&new.overwrites)?;
         if let Some(actor) = actor {
-            let have = self.base_permissions(actor);
-            self.require(have, perm::MANAGE_CHANNELS)?;
+            let have = self.guild_permissions(actor);
+            self.require(have, Permissions::MANAGE_CHANNELS)?;
             if !new.overwrites.is_empty() {
-                self.require(have, perm::MANAGE_ROLES)?;
+                self.require(have, Permissions::MANAGE_ROLES)?;
                 // Change log 2021-01-22: overwrites in a new channel need the bot to
                 // have the permissions it applies (in the guild), and only
                 // administrators may set MANAGE_ROLES in them.
                 for o in &new.overwrites {
                     let bits = o.allow | o.deny;
-                    if have != perm::ALL && bits & perm::MANAGE_ROLES != 0 {
-                        return Err(Refusal::MissingPermission(perm::MANAGE_ROLES));
+                    if !have.contains(Permissions::ADMINISTRATOR)
+                        && bits.contains(Permissions::MANAGE_ROLES)
+                    {
+                        return Err(Refusal::MissingPermission(Permissions::MANAGE_ROLES));
                     }
                     self.require(have, bits)?;
                 }
@@ -125,12 +128,12 @@ impl World {
         }
         if let Some(actor) = actor {
             let have = self.channel_permissions(actor, channel);
-            self.require(have, perm::MANAGE_CHANNELS)?;
+            self.require(have, Permissions::MANAGE_CHANNELS)?;
             if let Some(list) = &edit.overwrites {
                 // "If modifying permission overwrites, the MANAGE_ROLES permission is
                 // required", and only what changes is allowed or denied anew.
-                self.require(have, perm::MANAGE_ROLES)?;
-                let mut changed = 0;
+                self.require(have, Permissions::MANAGE_ROLES)?;
+                let mut changed = Permissions::empty();
                 for o in list {
                     let old = channel.overwrites.iter().find(|x| x.id == o.id);
                     changed |= overwrite_change(old, Some(o));
@@ -166,7 +169,10 @@ impl World {
         let channel = self.channel_for(actor, channel_id)?;
         self.check_overwrite_targets(std::slice::from_ref(&overwrite))?;
         if let Some(actor) = actor {
-            self.require(self.channel_permissions(actor, channel), perm::MANAGE_ROLES)?;
+            self.require(
+                self.channel_permissions(actor, channel),
+                Permissions::MANAGE_ROLES,
+            )?;
             let old = channel.overwrites.iter().find(|o| o.id == overwrite.id);
             let changed = overwrite_change(old, Some(&overwrite));
             self.may_set_overwrite_bits(actor, channel, changed)?;
@@ -191,7 +197,10 @@ impl World {
     ) -> Result<Vec<Dispatch>, Refusal> {
         let channel = self.channel_for(actor, channel_id)?;
         if let Some(actor) = actor {
-            self.require(self.channel_permissions(actor, channel), perm::MANAGE_ROLES)?;
+            self.require(
+                self.channel_permissions(actor, channel),
+                Permissions::MANAGE_ROLES,
+            )?;
         }
         if !channel.overwrites.iter().any(|o| o.id == target) {
             return Err(Refusal::UnknownOverwrite);
@@ -215,7 +224,7 @@ impl World {
         if let Some(actor) = actor {
             self.require(
                 self.channel_permissions(actor, channel),
-                perm::MANAGE_CHANNELS,
+                Permissions::MANAGE_CHANNELS,
             )?;
         }
         let mut out = Vec::new();
@@ -252,10 +261,11 @@ impl World {
 
 /// The permission bits an overwrite edit allows or denies anew (or stops allowing or
 /// denying), which are what Discord's grant rule looks at.
-fn overwrite_change(old: Option<&Overwrite>, new: Option<&Overwrite>) -> u64 {
-    let (oa, od) = old.map_or((0, 0), |o| (o.allow, o.deny));
-    let (na, nd) = new.map_or((0, 0), |o| (o.allow, o.deny));
-    (oa ^ na) | (od ^ nd)
+fn overwrite_change(old: Option<&Overwrite>, new: Option<&Overwrite>) -> Permissions {
+    let none = (Permissions::empty(), Permissions::empty());
+    let (oa, od) = old.map_or(none, |o| (o.allow, o.deny));
+    let (na, nd) = new.map_or(none, |o| (o.allow, o.deny));
+    oa.symmetric_difference(na) | od.symmetric_difference(nd)
 }
 
 /// One overwrite per target, the last one given winning.
@@ -281,10 +291,17 @@ mod tests {
         let mut w = world();
         let bot = w.bot_id;
         let (role, _) = w
-            .create_role(Some(bot), Some("room".into()), 0, 0, false, false)
+            .create_role(
+                Some(bot),
+                Some("room".into()),
+                Permissions::empty(),
+                0,
+                false,
+                false,
+            )
             .unwrap();
         let role: u64 = role["id"].as_str().unwrap().parse().unwrap();
-        let room_perms = perm::VIEW_CHANNEL | perm::CONNECT | perm::SPEAK;
+        let room_perms = Permissions::VIEW_CHANNEL | Permissions::CONNECT | Permissions::SPEAK;
         let (room, _) = w
             .create_channel(
                 Some(bot),
@@ -297,20 +314,20 @@ mod tests {
                         Overwrite {
                             id: w.guild_id,
                             kind: 0,
-                            allow: 0,
-                            deny: perm::VIEW_CHANNEL | perm::CONNECT,
+                            allow: Permissions::empty(),
+                            deny: Permissions::VIEW_CHANNEL | Permissions::CONNECT,
                         },
                         Overwrite {
                             id: role,
                             kind: 0,
                             allow: room_perms,
-                            deny: 0,
+                            deny: Permissions::empty(),
                         },
                         Overwrite {
                             id: bot,
                             kind: 1,
-                            allow: room_perms | perm::MOVE_MEMBERS,
-                            deny: 0,
+                            allow: room_perms | Permissions::MOVE_MEMBERS,
+                            deny: Permissions::empty(),
                         },
                     ],
                 },
@@ -320,7 +337,7 @@ mod tests {
         let none = VoiceFlags::default();
         assert_eq!(
             w.user_voice(bramble, Some(room), none.clone()).unwrap_err(),
-            Refusal::MissingPermission(perm::VIEW_CHANNEL)
+            Refusal::MissingPermission(Permissions::VIEW_CHANNEL)
         );
         w.set_member_role(Some(bot), bramble, role, true).unwrap();
         w.set_member_role(Some(bot), cinder, role, true).unwrap();
@@ -352,8 +369,8 @@ mod tests {
             overwrites: vec![Overwrite {
                 id: w.guild_id,
                 kind: 0,
-                allow: 0,
-                deny: perm::VIEW_CHANNEL,
+                allow: Permissions::empty(),
+                deny: Permissions::VIEW_CHANNEL,
             }],
         };
         let (id, events) = w.create_channel(None, new).unwrap();
@@ -388,8 +405,8 @@ mod tests {
                 Overwrite {
                     id: bot,
                     kind: 1,
-                    allow: perm::VIEW_CHANNEL,
-                    deny: 0,
+                    allow: Permissions::VIEW_CHANNEL,
+                    deny: Permissions::empty(),
                 },
             )
             .unwrap();

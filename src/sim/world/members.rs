@@ -7,8 +7,9 @@ use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
 
-use super::{Dispatch, Member, Refusal, User, Voice, VoiceFlags, World, kind, perm};
+use super::{Dispatch, Member, Refusal, User, Voice, VoiceFlags, World, kind};
 use crate::sim::ids::{avatar_hash, random_hex};
+use twilight_model::guild::Permissions;
 
 impl World {
     /// Adds a user to the guild (the OAuth2 `guilds.join` flow). `Ok(None)` when they were
@@ -25,10 +26,10 @@ impl World {
         if self.members.contains_key(&user_id) {
             return Ok(None);
         }
-        let have = self.base_permissions(actor);
-        self.require(have, perm::CREATE_INSTANT_INVITE)?;
+        let have = self.guild_permissions(actor);
+        self.require(have, Permissions::CREATE_INVITE)?;
         if !roles.is_empty() {
-            self.require(have, perm::MANAGE_ROLES)?;
+            self.require(have, Permissions::MANAGE_ROLES)?;
         }
         for r in roles {
             if !self.roles.contains_key(r) {
@@ -58,9 +59,9 @@ impl World {
         }
         match actor {
             Some(actor) => {
-                self.require(self.base_permissions(actor), perm::KICK_MEMBERS)?;
+                self.require(self.guild_permissions(actor), Permissions::KICK_MEMBERS)?;
                 if self.top_position(user_id) >= self.top_position(actor) {
-                    return Err(Refusal::MissingPermission(perm::KICK_MEMBERS));
+                    return Err(Refusal::MissingPermission(Permissions::KICK_MEMBERS));
                 }
             }
             // The owner cannot leave without transferring the guild, and the bot leaving
@@ -101,7 +102,10 @@ impl World {
             return Err(Refusal::NotInVoice);
         };
         let from = self.channel(current.channel_id)?;
-        self.require(self.channel_permissions(actor, from), perm::MOVE_MEMBERS)?;
+        self.require(
+            self.channel_permissions(actor, from),
+            Permissions::MOVE_MEMBERS,
+        )?;
         let Some(to) = channel_id else {
             return Ok(self.set_voice_unchecked(user_id, None, current.flags));
         };
@@ -120,7 +124,7 @@ impl World {
         // may go (Coven must make that check itself).
         self.require(
             self.channel_permissions(actor, target),
-            perm::MOVE_MEMBERS | perm::CONNECT,
+            Permissions::MOVE_MEMBERS | Permissions::CONNECT,
         )?;
         self.moves.push((user_id, to));
         if current.channel_id == to {
@@ -159,9 +163,9 @@ impl World {
             ));
         }
         let perms = self.channel_permissions(user_id, target);
-        self.require(perms, perm::VIEW_CHANNEL | perm::CONNECT)?;
+        self.require(perms, Permissions::VIEW_CHANNEL | Permissions::CONNECT)?;
         let already_here = self.voice.get(&user_id).is_some_and(|v| v.channel_id == to);
-        if !already_here && target.user_limit > 0 && perms & perm::MOVE_MEMBERS == 0 {
+        if !already_here && target.user_limit > 0 && !perms.contains(Permissions::MOVE_MEMBERS) {
             let present = self.voice.values().filter(|v| v.channel_id == to).count();
             if present >= target.user_limit as usize {
                 return Err(Refusal::ChannelFull);
@@ -262,7 +266,7 @@ mod tests {
         assert_eq!(
             w.user_voice(bramble, Some(room), VoiceFlags::default())
                 .unwrap_err(),
-            Refusal::MissingPermission(perm::VIEW_CHANNEL)
+            Refusal::MissingPermission(Permissions::VIEW_CHANNEL)
         );
         // ...but Discord lets a mover with Move Members and Connect put them there.
         let events = w.move_member(bot, bramble, Some(room)).unwrap();
@@ -286,14 +290,14 @@ mod tests {
             Overwrite {
                 id: bot,
                 kind: 1,
-                allow: perm::VIEW_CHANNEL | perm::MOVE_MEMBERS,
-                deny: perm::CONNECT,
+                allow: Permissions::VIEW_CHANNEL | Permissions::MOVE_MEMBERS,
+                deny: Permissions::CONNECT,
             },
         )
         .unwrap();
         assert_eq!(
             w.move_member(bot, ash, Some(room)).unwrap_err(),
-            Refusal::MissingPermission(perm::CONNECT)
+            Refusal::MissingPermission(Permissions::CONNECT)
         );
         // Nor without Move Members.
         w.set_overwrite(
@@ -302,14 +306,14 @@ mod tests {
             Overwrite {
                 id: bot,
                 kind: 1,
-                allow: perm::VIEW_CHANNEL | perm::CONNECT,
-                deny: perm::MOVE_MEMBERS,
+                allow: Permissions::VIEW_CHANNEL | Permissions::CONNECT,
+                deny: Permissions::MOVE_MEMBERS,
             },
         )
         .unwrap();
         assert_eq!(
             w.move_member(bot, ash, Some(room)).unwrap_err(),
-            Refusal::MissingPermission(perm::MOVE_MEMBERS)
+            Refusal::MissingPermission(Permissions::MOVE_MEMBERS)
         );
         assert!(w.moves.is_empty());
     }
@@ -323,13 +327,13 @@ mod tests {
             .unwrap();
         assert_eq!(
             w.remove_member(Some(bot), cinder).unwrap_err(),
-            Refusal::MissingPermission(perm::KICK_MEMBERS)
+            Refusal::MissingPermission(Permissions::KICK_MEMBERS)
         );
         let (kicker, _) = w
             .create_role(
                 None,
                 Some("kick".into()),
-                perm::KICK_MEMBERS,
+                Permissions::KICK_MEMBERS,
                 0,
                 false,
                 false,
@@ -340,7 +344,7 @@ mod tests {
         // The owner outranks the bot.
         assert_eq!(
             w.remove_member(Some(bot), w.owner_id).unwrap_err(),
-            Refusal::MissingPermission(perm::KICK_MEMBERS)
+            Refusal::MissingPermission(Permissions::KICK_MEMBERS)
         );
         let events = w.remove_member(Some(bot), cinder).unwrap();
         assert_eq!(

@@ -20,8 +20,9 @@ use serde_json::Value;
 
 use crate::sim::ids::{Snowflakes, iso_now};
 
-pub use permissions::perm;
+pub use permissions::name as permission_name;
 pub use seed::BOT_PERMISSIONS;
+use twilight_model::guild::Permissions;
 pub use wire::{
     HIDDEN_NAME, bits_from_json, channel_flag, id_from_json, overwrite_from_json,
     role_edit_from_json, role_json, user_json,
@@ -66,7 +67,7 @@ pub struct Member {
 pub struct Role {
     pub id: u64,
     pub name: String,
-    pub permissions: u64,
+    pub permissions: Permissions,
     pub position: i64,
     pub color: u32,
     pub hoist: bool,
@@ -79,8 +80,8 @@ pub struct Overwrite {
     pub id: u64,
     /// 0 = role, 1 = member.
     pub kind: u8,
-    pub allow: u64,
-    pub deny: u64,
+    pub allow: Permissions,
+    pub deny: Permissions,
 }
 
 #[derive(Debug, Clone)]
@@ -131,7 +132,7 @@ pub enum Refusal {
     /// Discord's 50001: the caller cannot view the channel it addressed.
     MissingAccess,
     /// The acting user lacks this permission bit.
-    MissingPermission(u64),
+    MissingPermission(Permissions),
     /// Discord's 40032: the target is not connected to voice.
     NotInVoice,
     /// A voice channel at its user limit.
@@ -184,7 +185,7 @@ pub struct ChannelEdit {
 #[derive(Debug, Clone, Default)]
 pub struct RoleEdit {
     pub name: Option<String>,
-    pub permissions: Option<u64>,
+    pub permissions: Option<Permissions>,
     pub color: Option<u32>,
     pub hoist: Option<bool>,
     pub mentionable: Option<bool>,

@@ -1,114 +1,121 @@
-//! Who may do what in the simulated guild: permissions computed as Discord's
-//! "Permissions" topic documents them, the grant and hierarchy rules of the routes that
-//! change permissions, and the bot's view of channels (which decides obfuscation).
+//! Who may do what in the simulated guild: permissions as Discord's "Permissions" topic
+//! computes them, the grant and hierarchy rules of the routes that change permissions,
+//! and the bot's view of channels (which decides obfuscation).
 //!
-//! Answers questions only; must not change the world.
+//! The computation is twilight-util's `PermissionCalculator`, the one Coven itself uses
+//! (`access.rs`); only rules it lacks are added here, each saying where Discord documents
+//! it. Answers questions only; must not change the world.
 
 use std::collections::BTreeSet;
 
-use super::{Channel, Dispatch, Refusal, World};
+use twilight_model::channel::ChannelType;
+use twilight_model::channel::permission_overwrite::{PermissionOverwrite, PermissionOverwriteType};
+use twilight_model::guild::Permissions;
+use twilight_model::id::Id;
+use twilight_model::id::marker::RoleMarker;
+use twilight_util::permission_calculator::PermissionCalculator;
 
-/// Discord's permission bits that the simulator checks or grants.
-pub mod perm {
-    pub const CREATE_INSTANT_INVITE: u64 = 1 << 0;
-    pub const KICK_MEMBERS: u64 = 1 << 1;
-    pub const ADMINISTRATOR: u64 = 1 << 3;
-    pub const MANAGE_CHANNELS: u64 = 1 << 4;
-    pub const ADD_REACTIONS: u64 = 1 << 6;
-    pub const STREAM: u64 = 1 << 9;
-    pub const VIEW_CHANNEL: u64 = 1 << 10;
-    pub const SEND_MESSAGES: u64 = 1 << 11;
-    pub const READ_MESSAGE_HISTORY: u64 = 1 << 16;
-    pub const CONNECT: u64 = 1 << 20;
-    pub const SPEAK: u64 = 1 << 21;
-    pub const MUTE_MEMBERS: u64 = 1 << 22;
-    pub const DEAFEN_MEMBERS: u64 = 1 << 23;
-    pub const MOVE_MEMBERS: u64 = 1 << 24;
-    pub const USE_VAD: u64 = 1 << 25;
-    pub const CHANGE_NICKNAME: u64 = 1 << 26;
-    pub const MANAGE_ROLES: u64 = 1 << 28;
-    /// Every bit Discord defines today (up to SEND_VOICE_MESSAGES and friends).
-    pub const ALL: u64 = (1 << 51) - 1;
+use super::{Channel, Dispatch, Overwrite, Refusal, World};
 
-    /// Names for the bits, for error messages that say which permission is missing.
-    pub fn name(bit: u64) -> &'static str {
-        match bit {
-            CREATE_INSTANT_INVITE => "CREATE_INSTANT_INVITE",
-            KICK_MEMBERS => "KICK_MEMBERS",
-            ADMINISTRATOR => "ADMINISTRATOR",
-            MANAGE_CHANNELS => "MANAGE_CHANNELS",
-            STREAM => "STREAM",
-            VIEW_CHANNEL => "VIEW_CHANNEL",
-            CONNECT => "CONNECT",
-            SPEAK => "SPEAK",
-            MUTE_MEMBERS => "MUTE_MEMBERS",
-            DEAFEN_MEMBERS => "DEAFEN_MEMBERS",
-            MOVE_MEMBERS => "MOVE_MEMBERS",
-            USE_VAD => "USE_VAD",
-            MANAGE_ROLES => "MANAGE_ROLES",
-            _ => "a permission",
-        }
+/// The permissions that exist only guild-wide (Kick Members, Change Nickname, ...: no
+/// channel type in Discord's table, so no overwrite governs them). The calculator leaves
+/// them out of every channel result; asking it for a category (which drops nothing by
+/// type) with everything but Administrator shows which they are, without a second list.
+const GUILD_ONLY: Permissions = Permissions::all().difference(
+    PermissionCalculator::new(
+        Id::new(1),
+        Id::new(2),
+        Permissions::all().difference(Permissions::ADMINISTRATOR),
+        &[],
+    )
+    .in_channel(ChannelType::GuildCategory, &[]),
+);
+
+/// The name of a permission for messages ("VIEW_CHANNEL"), as twilight-model spells it.
+pub fn name(p: Permissions) -> &'static str {
+    p.iter_names()
+        .next()
+        .map_or("a permission", |(name, _)| name)
+}
+
+impl Overwrite {
+    /// The overwrite as twilight-model has it; `None` for an id of 0, which no role or
+    /// member has (targets are checked to exist before an overwrite is stored).
+    fn to_twilight(&self) -> Option<PermissionOverwrite> {
+        Some(PermissionOverwrite {
+            id: Id::new_checked(self.id)?,
+            kind: PermissionOverwriteType::from(self.kind),
+            allow: self.allow,
+            deny: self.deny,
+        })
     }
 }
 
 impl World {
-    // -----------------------------------------------------------------------------------
-    // Permissions, as Discord's documentation computes them.
-
-    /// Guild-level permissions of a member (0 for a non-member).
-    pub fn base_permissions(&self, user_id: u64) -> u64 {
-        if user_id == self.owner_id {
-            return perm::ALL;
-        }
-        let Some(member) = self.members.get(&user_id) else {
-            return 0;
+    /// Runs the calculator for `user_id`: @everyone's permissions, then the member's roles
+    /// (ones deleted meanwhile count for overwrites with no permissions of their own).
+    /// Nothing for someone who is neither the owner nor a member.
+    fn calculate(
+        &self,
+        user_id: u64,
+        f: impl FnOnce(PermissionCalculator<'_>) -> Permissions,
+    ) -> Permissions {
+        let member = self.members.get(&user_id);
+        let ids = (Id::new_checked(self.guild_id), Id::new_checked(user_id));
+        let (Some(guild), Some(user)) = ids else {
+            return Permissions::empty();
         };
-        let mut p = self.roles.get(&self.guild_id).map_or(0, |r| r.permissions);
-        for role in &member.roles {
-            p |= self.roles.get(role).map_or(0, |r| r.permissions);
+        if member.is_none() && user_id != self.owner_id {
+            return Permissions::empty();
         }
-        if p & perm::ADMINISTRATOR != 0 {
-            return perm::ALL;
+        let of = |id: &u64| {
+            self.roles
+                .get(id)
+                .map_or(Permissions::empty(), |r| r.permissions)
+        };
+        let roles: Vec<(Id<RoleMarker>, Permissions)> = member
+            .into_iter()
+            .flat_map(|m| &m.roles)
+            .filter(|r| **r != self.guild_id)
+            .filter_map(|r| Some((Id::new_checked(*r)?, of(r))))
+            .collect();
+        let mut calculator = PermissionCalculator::new(guild, user, of(&self.guild_id), &roles);
+        if let Some(owner) = Id::new_checked(self.owner_id) {
+            calculator = calculator.owner_id(owner);
         }
-        p
+        f(calculator)
+    }
+
+    /// Guild-level permissions of a member (none for a non-member); everything for the
+    /// owner and for Administrator.
+    pub fn guild_permissions(&self, user_id: u64) -> Permissions {
+        self.calculate(user_id, |c| c.root())
     }
 
     /// Permissions of a member in a channel, overwrites applied.
-    pub fn channel_permissions(&self, user_id: u64, channel: &Channel) -> u64 {
-        let mut p = self.base_permissions(user_id);
-        if p == perm::ALL {
-            return p;
-        }
-        let Some(member) = self.members.get(&user_id) else {
-            return 0;
-        };
-        let ow = &channel.overwrites;
-        if let Some(o) = ow.iter().find(|o| o.kind == 0 && o.id == self.guild_id) {
-            p = (p & !o.deny) | o.allow;
-        }
-        let (mut allow, mut deny) = (0, 0);
-        for o in ow
+    pub fn channel_permissions(&self, user_id: u64, channel: &Channel) -> Permissions {
+        let overwrites: Vec<PermissionOverwrite> = channel
+            .overwrites
             .iter()
-            .filter(|o| o.kind == 0 && member.roles.contains(&o.id))
-        {
-            allow |= o.allow;
-            deny |= o.deny;
-        }
-        p = (p & !deny) | allow;
-        if let Some(o) = ow.iter().find(|o| o.kind == 1 && o.id == user_id) {
-            p = (p & !o.deny) | o.allow;
-        }
+            .filter_map(Overwrite::to_twilight)
+            .collect();
+        let kind = ChannelType::from(channel.kind);
+        let p = self.calculate(user_id, |c| c.in_channel(kind, &overwrites));
         // Discord's "Implicit Permissions": without View Channel nothing else in the
-        // channel applies.
-        if p & perm::VIEW_CHANNEL == 0 {
-            return 0;
+        // channel applies. The calculator empties the set only when a role or member
+        // overwrite denies View Channel; lacking it at guild level, or through the
+        // @everyone overwrite, must empty it too.
+        if p.contains(Permissions::VIEW_CHANNEL) {
+            p
+        } else {
+            Permissions::empty()
         }
-        p
     }
 
     /// Whether the bot may view a channel, which decides if Discord obfuscates it.
     pub fn bot_can_view(&self, channel: &Channel) -> bool {
-        self.channel_permissions(self.bot_id, channel) & perm::VIEW_CHANNEL != 0
+        self.channel_permissions(self.bot_id, channel)
+            .contains(Permissions::VIEW_CHANNEL)
     }
 
     fn bot_view(&self) -> BTreeSet<u64> {
@@ -124,7 +131,11 @@ impl World {
     pub fn channel_for(&self, actor: Option<u64>, id: u64) -> Result<&Channel, Refusal> {
         let channel = self.channel(id)?;
         match actor {
-            Some(a) if self.channel_permissions(a, channel) & perm::VIEW_CHANNEL == 0 => {
+            Some(a)
+                if !self
+                    .channel_permissions(a, channel)
+                    .contains(Permissions::VIEW_CHANNEL) =>
+            {
                 Err(Refusal::MissingAccess)
             }
             _ => Ok(channel),
@@ -139,7 +150,7 @@ impl World {
                 0 => o.id == self.guild_id || roles.is_some_and(|r| r.contains(&o.id)),
                 _ => o.id == user,
             };
-            applies && o.allow & perm::MANAGE_ROLES != 0
+            applies && o.allow.contains(Permissions::MANAGE_ROLES)
         })
     }
 
@@ -154,17 +165,21 @@ impl World {
         &self,
         actor: u64,
         channel: &Channel,
-        changed: u64,
+        changed: Permissions,
     ) -> Result<(), Refusal> {
-        let base = self.base_permissions(actor);
-        if base == perm::ALL || self.has_manage_roles_overwrite(actor, channel) {
+        let base = self.guild_permissions(actor);
+        if base.contains(Permissions::ADMINISTRATOR)
+            || self.has_manage_roles_overwrite(actor, channel)
+        {
             return Ok(());
         }
-        if changed & perm::MANAGE_ROLES != 0 {
-            return Err(Refusal::MissingPermission(perm::MANAGE_ROLES));
+        if changed.contains(Permissions::MANAGE_ROLES) {
+            return Err(Refusal::MissingPermission(Permissions::MANAGE_ROLES));
         }
+        // Guild-only permissions are had in the parent exactly as in the guild: the
+        // calculator drops them from channel results, but they are the bot's all the same.
         let have = match channel.parent_id.and_then(|p| self.channels.get(&p)) {
-            Some(parent) => self.channel_permissions(actor, parent),
+            Some(parent) => self.channel_permissions(actor, parent) | (base & GUILD_ONLY),
             None => base,
         };
         self.require(have, changed)
@@ -196,12 +211,15 @@ impl World {
         Ok((out, events))
     }
 
-    pub(super) fn require(&self, have: u64, need: u64) -> Result<(), Refusal> {
-        let missing = need & !have;
-        if missing == 0 {
-            Ok(())
-        } else {
-            Err(Refusal::MissingPermission(1 << missing.trailing_zeros()))
+    /// `Ok` when `have` holds all of `need`; otherwise names the lowest missing bit, as
+    /// one permission is what a refusal reports.
+    pub(super) fn require(&self, have: Permissions, need: Permissions) -> Result<(), Refusal> {
+        let missing = need.difference(have);
+        match missing.bits() {
+            0 => Ok(()),
+            bits => Err(Refusal::MissingPermission(Permissions::from_bits_retain(
+                1 << bits.trailing_zeros(),
+            ))),
         }
     }
 
@@ -226,14 +244,131 @@ mod tests {
     use super::super::testing::*;
     use super::super::*;
 
+    use super::GUILD_ONLY;
+
+    fn overwrite(id: u64, kind: u8, allow: Permissions, deny: Permissions) -> Overwrite {
+        Overwrite {
+            id,
+            kind,
+            allow,
+            deny,
+        }
+    }
+
+    /// Discord's order: @everyone overwrite, then the member's role overwrites together
+    /// (allow beating deny), then the member's own; without View Channel, nothing.
+    #[test]
+    fn channel_permissions_follow_discords_order() {
+        let mut w = world();
+        let (v, c) = (Permissions::VIEW_CHANNEL, Permissions::CONNECT);
+        let none = Permissions::empty();
+        let (a, _) = w
+            .create_role(None, Some("a".into()), none, 0, false, false)
+            .unwrap();
+        let (b, _) = w
+            .create_role(None, Some("b".into()), none, 0, false, false)
+            .unwrap();
+        let id = |r: &serde_json::Value| r["id"].as_str().unwrap().parse::<u64>().unwrap();
+        let (a, b) = (id(&a), id(&b));
+        let bramble = member_named(&w, "bramble");
+        w.set_member_role(None, bramble, a, true).unwrap();
+        w.set_member_role(None, bramble, b, true).unwrap();
+        let g = w.guild_id;
+        let cases: &[(&str, Vec<Overwrite>, bool, bool)] = &[
+            ("no overwrites", vec![], true, true),
+            (
+                "@everyone loses View",
+                vec![overwrite(g, 0, none, v)],
+                false,
+                false,
+            ),
+            (
+                "@everyone loses Connect",
+                vec![overwrite(g, 0, none, c)],
+                true,
+                false,
+            ),
+            (
+                "a role gives back what @everyone lost",
+                vec![overwrite(g, 0, none, v | c), overwrite(a, 0, v | c, none)],
+                true,
+                true,
+            ),
+            (
+                "one role's allow beats another's deny",
+                vec![overwrite(a, 0, none, v), overwrite(b, 0, v, none)],
+                true,
+                true,
+            ),
+            (
+                "the member's own deny beats their roles",
+                vec![overwrite(a, 0, v, none), overwrite(bramble, 1, none, v)],
+                false,
+                false,
+            ),
+            (
+                "the member's own allow beats a role's deny",
+                vec![
+                    overwrite(a, 0, none, v | c),
+                    overwrite(bramble, 1, v | c, none),
+                ],
+                true,
+                true,
+            ),
+        ];
+        for (what, overwrites, sees, joins) in cases {
+            let mut channel = w.channels[&w.lobby_id].clone();
+            channel.overwrites = overwrites.clone();
+            let p = w.channel_permissions(bramble, &channel);
+            assert_eq!(p.contains(v), *sees, "{what}: {p:?}");
+            assert_eq!(p.contains(v | c), *joins, "{what}: {p:?}");
+            if !sees {
+                assert_eq!(p, none, "{what}: without View Channel, nothing");
+            }
+        }
+        // The owner and non-members, whatever the overwrites.
+        let mut hidden = w.channels[&w.lobby_id].clone();
+        hidden.overwrites = vec![overwrite(g, 0, none, v)];
+        assert!(w.channel_permissions(w.owner_id, &hidden).contains(v));
+        let iris = member_named(&w, "iris");
+        assert_eq!(w.guild_permissions(iris), none);
+        assert_eq!(w.channel_permissions(iris, &w.channels[&w.lobby_id]), none);
+    }
+
+    #[test]
+    fn guild_only_permissions_are_the_ones_no_channel_has() {
+        assert!(GUILD_ONLY.contains(Permissions::KICK_MEMBERS | Permissions::CHANGE_NICKNAME));
+        assert!(!GUILD_ONLY.intersects(
+            Permissions::VIEW_CHANNEL | Permissions::CONNECT | Permissions::MANAGE_ROLES
+        ));
+    }
+
+    #[test]
+    fn the_bot_may_set_guild_only_bits_it_has_in_a_room_of_a_category() {
+        let mut w = world();
+        let bot = w.bot_id;
+        let room = private_room(&mut w, None);
+        let ash = member_named(&w, "ash");
+        let nick = overwrite(ash, 1, Permissions::CHANGE_NICKNAME, Permissions::empty());
+        assert_eq!(
+            names(&w.set_overwrite(Some(bot), room, nick).unwrap()),
+            ["CHANNEL_UPDATE"]
+        );
+        let kick = overwrite(ash, 1, Permissions::KICK_MEMBERS, Permissions::empty());
+        assert_eq!(
+            w.set_overwrite(Some(bot), room, kick).unwrap_err(),
+            Refusal::MissingPermission(Permissions::KICK_MEMBERS)
+        );
+    }
+
     #[test]
     fn the_bot_cannot_grant_what_it_lacks() {
         let mut w = world();
         let bot = w.bot_id;
         let err = w
-            .create_role(Some(bot), None, perm::ADMINISTRATOR, 0, false, false)
+            .create_role(Some(bot), None, Permissions::ADMINISTRATOR, 0, false, false)
             .unwrap_err();
-        assert_eq!(err, Refusal::MissingPermission(perm::ADMINISTRATOR));
+        assert_eq!(err, Refusal::MissingPermission(Permissions::ADMINISTRATOR));
     }
 
     #[test]
@@ -246,23 +381,23 @@ mod tests {
             id: ash,
             kind: 1,
             allow,
-            deny: 0,
+            deny: Permissions::empty(),
         };
         // The bot cannot allow what it does not have...
         assert_eq!(
-            w.set_overwrite(Some(bot), room, grant(perm::ADMINISTRATOR))
+            w.set_overwrite(Some(bot), room, grant(Permissions::ADMINISTRATOR))
                 .unwrap_err(),
-            Refusal::MissingPermission(perm::ADMINISTRATOR)
+            Refusal::MissingPermission(Permissions::ADMINISTRATOR)
         );
         // ...nor set MANAGE_ROLES without being an administrator...
         assert_eq!(
-            w.set_overwrite(Some(bot), room, grant(perm::MANAGE_ROLES))
+            w.set_overwrite(Some(bot), room, grant(Permissions::MANAGE_ROLES))
                 .unwrap_err(),
-            Refusal::MissingPermission(perm::MANAGE_ROLES)
+            Refusal::MissingPermission(Permissions::MANAGE_ROLES)
         );
         // ...but may grant what it has.
         let events = w
-            .set_overwrite(Some(bot), room, grant(perm::VIEW_CHANNEL))
+            .set_overwrite(Some(bot), room, grant(Permissions::VIEW_CHANNEL))
             .unwrap();
         assert_eq!(names(&events), ["CHANNEL_UPDATE"]);
         assert_eq!(
@@ -281,15 +416,15 @@ mod tests {
             Overwrite {
                 id: bot_role,
                 kind: 0,
-                allow: 0,
-                deny: perm::MANAGE_ROLES,
+                allow: Permissions::empty(),
+                deny: Permissions::MANAGE_ROLES,
             },
         )
         .unwrap();
         assert_eq!(
-            w.set_overwrite(Some(bot), room, grant(perm::VIEW_CHANNEL))
+            w.set_overwrite(Some(bot), room, grant(Permissions::VIEW_CHANNEL))
                 .unwrap_err(),
-            Refusal::MissingPermission(perm::MANAGE_ROLES)
+            Refusal::MissingPermission(Permissions::MANAGE_ROLES)
         );
     }
 }

@@ -6,14 +6,15 @@
 use serde_json::{Value, json};
 
 use super::wire::role_json;
-use super::{Dispatch, Refusal, Role, RoleEdit, World, check_name, perm};
+use super::{Dispatch, Refusal, Role, RoleEdit, World, check_name};
+use twilight_model::guild::Permissions;
 
 impl World {
     pub fn create_role(
         &mut self,
         actor: Option<u64>,
         name: Option<String>,
-        permissions: u64,
+        permissions: Permissions,
         color: u32,
         hoist: bool,
         mentionable: bool,
@@ -21,8 +22,8 @@ impl World {
         let name = name.unwrap_or_else(|| "new role".to_owned());
         check_name(&name)?;
         if let Some(actor) = actor {
-            let have = self.base_permissions(actor);
-            self.require(have, perm::MANAGE_ROLES)?;
+            let have = self.guild_permissions(actor);
+            self.require(have, Permissions::MANAGE_ROLES)?;
             self.require(have, permissions)?;
         }
         let id = self.ids.mint();
@@ -33,7 +34,7 @@ impl World {
         let role = Role {
             id,
             name,
-            permissions: permissions & perm::ALL,
+            permissions,
             position: 1,
             color,
             hoist,
@@ -65,10 +66,10 @@ impl World {
             check_name(n)?;
         }
         if let Some(actor) = actor {
-            let have = self.base_permissions(actor);
-            self.require(have, perm::MANAGE_ROLES)?;
+            let have = self.guild_permissions(actor);
+            self.require(have, Permissions::MANAGE_ROLES)?;
             if role.position >= self.top_position(actor) {
-                return Err(Refusal::MissingPermission(perm::MANAGE_ROLES));
+                return Err(Refusal::MissingPermission(Permissions::MANAGE_ROLES));
             }
             if let Some(p) = edit.permissions {
                 self.require(have, p & !role.permissions)?;
@@ -83,7 +84,7 @@ impl World {
                 role.name = n;
             }
             if let Some(p) = edit.permissions {
-                role.permissions = p & perm::ALL;
+                role.permissions = p;
             }
             if let Some(c) = edit.color {
                 role.color = c;
@@ -115,9 +116,9 @@ impl World {
             ));
         }
         if let Some(actor) = actor {
-            self.require(self.base_permissions(actor), perm::MANAGE_ROLES)?;
+            self.require(self.guild_permissions(actor), Permissions::MANAGE_ROLES)?;
             if role.position >= self.top_position(actor) {
-                return Err(Refusal::MissingPermission(perm::MANAGE_ROLES));
+                return Err(Refusal::MissingPermission(Permissions::MANAGE_ROLES));
             }
         }
         let ((), out) = self.tracking_view(|w| {
@@ -158,14 +159,14 @@ impl World {
         }
         let role = self.roles.get(&role_id).ok_or(Refusal::UnknownRole)?;
         if let Some(actor) = actor {
-            self.require(self.base_permissions(actor), perm::MANAGE_ROLES)?;
+            self.require(self.guild_permissions(actor), Permissions::MANAGE_ROLES)?;
             if role.position >= self.top_position(actor) {
-                return Err(Refusal::MissingPermission(perm::MANAGE_ROLES));
+                return Err(Refusal::MissingPermission(Permissions::MANAGE_ROLES));
             }
         }
         if role.managed || role_id == self.guild_id {
             return Err(match actor {
-                Some(_) => Refusal::MissingPermission(perm::MANAGE_ROLES),
+                Some(_) => Refusal::MissingPermission(Permissions::MANAGE_ROLES),
                 None => Refusal::Invalid(
                     "role_id",
                     "ROLE_NOT_ASSIGNABLE",
@@ -206,7 +207,14 @@ mod tests {
         let mut w = world();
         let bot = w.bot_id;
         let (role, _) = w
-            .create_role(None, Some("seer".into()), 0, 0, false, false)
+            .create_role(
+                None,
+                Some("seer".into()),
+                Permissions::empty(),
+                0,
+                false,
+                false,
+            )
             .unwrap();
         let role: u64 = role["id"].as_str().unwrap().parse().unwrap();
         let new = NewChannel {
@@ -218,14 +226,14 @@ mod tests {
                 Overwrite {
                     id: w.guild_id,
                     kind: 0,
-                    allow: 0,
-                    deny: perm::VIEW_CHANNEL,
+                    allow: Permissions::empty(),
+                    deny: Permissions::VIEW_CHANNEL,
                 },
                 Overwrite {
                     id: role,
                     kind: 0,
-                    allow: perm::VIEW_CHANNEL,
-                    deny: 0,
+                    allow: Permissions::VIEW_CHANNEL,
+                    deny: Permissions::empty(),
                 },
             ],
         };
@@ -237,8 +245,8 @@ mod tests {
         assert_eq!(events[1].data["name"], "vault");
         // Taking View Channel from @everyone changes nothing for the bot, whose own role
         // still grants it...
-        let no_view = |p: u64| RoleEdit {
-            permissions: Some(p & !perm::VIEW_CHANNEL),
+        let no_view = |p: Permissions| RoleEdit {
+            permissions: Some(p - Permissions::VIEW_CHANNEL),
             ..RoleEdit::default()
         };
         let everyone = w.guild_id;

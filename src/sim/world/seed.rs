@@ -6,8 +6,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{Channel, Member, Role, User, World, kind, perm};
+use super::{Channel, Member, Role, User, World, kind};
 use crate::sim::ids::{Snowflakes, avatar_hash};
+use twilight_model::guild::Permissions;
 
 /// The seeded people: (username, display name, member of the guild).
 const SEED_USERS: &[(&str, &str, bool)] = &[
@@ -24,25 +25,25 @@ const SEED_USERS: &[(&str, &str, bool)] = &[
 ];
 
 /// What `@everyone` may do in a fresh guild: see, talk, join voice.
-pub const EVERYONE_PERMISSIONS: u64 = perm::CREATE_INSTANT_INVITE
-    | perm::ADD_REACTIONS
-    | perm::STREAM
-    | perm::VIEW_CHANNEL
-    | perm::SEND_MESSAGES
-    | perm::READ_MESSAGE_HISTORY
-    | perm::CONNECT
-    | perm::SPEAK
-    | perm::USE_VAD
-    | perm::CHANGE_NICKNAME;
+pub const EVERYONE_PERMISSIONS: Permissions = Permissions::CREATE_INVITE
+    .union(Permissions::ADD_REACTIONS)
+    .union(Permissions::STREAM)
+    .union(Permissions::VIEW_CHANNEL)
+    .union(Permissions::SEND_MESSAGES)
+    .union(Permissions::READ_MESSAGE_HISTORY)
+    .union(Permissions::CONNECT)
+    .union(Permissions::SPEAK)
+    .union(Permissions::USE_VAD)
+    .union(Permissions::CHANGE_NICKNAME);
 
 /// What the bot's managed role grants: exactly what Coven needs, not ADMINISTRATOR, so
 /// permission mistakes in Coven show up as Discord's 50013.
-pub const BOT_PERMISSIONS: u64 = EVERYONE_PERMISSIONS
-    | perm::MANAGE_CHANNELS
-    | perm::MANAGE_ROLES
-    | perm::MUTE_MEMBERS
-    | perm::DEAFEN_MEMBERS
-    | perm::MOVE_MEMBERS;
+pub const BOT_PERMISSIONS: Permissions = EVERYONE_PERMISSIONS
+    .union(Permissions::MANAGE_CHANNELS)
+    .union(Permissions::MANAGE_ROLES)
+    .union(Permissions::MUTE_MEMBERS)
+    .union(Permissions::DEAFEN_MEMBERS)
+    .union(Permissions::MOVE_MEMBERS);
 
 impl World {
     /// A guild with a text channel, a lobby voice channel, a room category, the bot and

@@ -16,19 +16,19 @@ pub fn member_named(w: &World, name: &str) -> u64 {
 
 /// A voice room closed to @everyone, open to `role` and to the bot.
 pub fn private_room(w: &mut World, role: Option<u64>) -> u64 {
-    let room_perms = perm::VIEW_CHANNEL | perm::CONNECT | perm::SPEAK;
+    let room_perms = Permissions::VIEW_CHANNEL | Permissions::CONNECT | Permissions::SPEAK;
     let mut overwrites = vec![
         Overwrite {
             id: w.guild_id,
             kind: 0,
-            allow: 0,
-            deny: perm::VIEW_CHANNEL | perm::CONNECT,
+            allow: Permissions::empty(),
+            deny: Permissions::VIEW_CHANNEL | Permissions::CONNECT,
         },
         Overwrite {
             id: w.bot_id,
             kind: 1,
-            allow: room_perms | perm::MOVE_MEMBERS,
-            deny: 0,
+            allow: room_perms | Permissions::MOVE_MEMBERS,
+            deny: Permissions::empty(),
         },
     ];
     if let Some(role) = role {
@@ -36,7 +36,7 @@ pub fn private_room(w: &mut World, role: Option<u64>) -> u64 {
             id: role,
             kind: 0,
             allow: room_perms,
-            deny: 0,
+            deny: Permissions::empty(),
         });
     }
     let new = NewChannel {

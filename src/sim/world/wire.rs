@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
 
-use super::{Channel, Dispatch, Overwrite, Role, RoleEdit, User, Voice, World, kind, perm};
+use super::{Channel, Dispatch, Overwrite, Role, RoleEdit, User, Voice, World, kind};
+use twilight_model::guild::Permissions;
 
 /// Channel flags (Discord's numbering).
 pub mod channel_flag {
@@ -77,7 +78,7 @@ impl World {
                 "id": self.guild_id.to_string(),
                 "type": 0,
                 "allow": "0",
-                "deny": perm::VIEW_CHANNEL.to_string(),
+                "deny": Permissions::VIEW_CHANNEL,
             }],
         });
         if kind::is_voice(c.kind) {
@@ -108,8 +109,8 @@ impl World {
             "permission_overwrites": c.overwrites.iter().map(|o| json!({
                 "id": o.id.to_string(),
                 "type": o.kind,
-                "allow": o.allow.to_string(),
-                "deny": o.deny.to_string(),
+                "allow": o.allow,
+                "deny": o.deny,
             })).collect::<Vec<_>>(),
         });
         if kind::is_voice(c.kind) {
@@ -214,14 +215,16 @@ impl World {
 }
 
 /// A permission bitset as Discord writes it (a decimal string); numbers are accepted
-/// too, and `null` means none, as Discord's overwrite objects allow.
-pub fn bits_from_json(v: &Value) -> Option<u64> {
-    match v {
+/// too, and `null` means none, as Discord's overwrite objects allow. Bits Discord does
+/// not define are dropped, as twilight-model drops them.
+pub fn bits_from_json(v: &Value) -> Option<Permissions> {
+    let bits = match v {
         Value::String(s) => s.parse().ok(),
         Value::Number(n) => n.as_u64(),
         Value::Null => Some(0),
         _ => None,
-    }
+    };
+    bits.map(Permissions::from_bits_truncate)
 }
 
 /// A snowflake as a string (Discord's way) or a number.
@@ -253,11 +256,11 @@ pub fn overwrite_from_json(
         .ok_or("type")? as u8;
     let allow = o
         .get("allow")
-        .map_or(Some(0), bits_from_json)
+        .map_or(Some(Permissions::empty()), bits_from_json)
         .ok_or("allow")?;
     let deny = o
         .get("deny")
-        .map_or(Some(0), bits_from_json)
+        .map_or(Some(Permissions::empty()), bits_from_json)
         .ok_or("deny")?;
     Ok(Overwrite {
         id,
@@ -328,7 +331,7 @@ pub fn role_json(r: &Role) -> Value {
         "icon": null,
         "unicode_emoji": null,
         "position": r.position,
-        "permissions": r.permissions.to_string(),
+        "permissions": r.permissions,
         "managed": r.managed,
         "mentionable": r.mentionable,
         "flags": 0,
