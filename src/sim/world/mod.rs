@@ -2,8 +2,10 @@
 //!
 //! Every change goes through a method here that returns the Gateway dispatches it causes,
 //! so the REST routes and the control API cannot change state without Discord's events.
-//! Owns no I/O: the caller delivers the dispatches. The rules live beside the changes
-//! they govern; permissions, seeding and JSON shapes have their own modules.
+//! This file holds the model (the types and the refusals); the changes live beside the
+//! rules that govern them (`channels`, `roles`, `members`), and permissions, seeding and
+//! JSON shapes have their own modules. Owns no I/O: the caller delivers the dispatches.
+//! Must not know about HTTP or Gateway sessions.
 
 mod channels;
 mod members;
