@@ -21,7 +21,7 @@ use serde_json::{Map, Value, json};
 
 use super::Shared;
 use super::rest::Fault;
-use super::world::{self, ChannelEdit, NewChannel, Overwrite, Refusal, VoiceFlags, kind, perm};
+use super::world::{self, ChannelEdit, NewChannel, Overwrite, Refusal, VoiceFlags, kind};
 
 pub fn router() -> Router<Arc<Shared>> {
     Router::new()
@@ -87,7 +87,7 @@ fn refusal(r: Refusal) -> Fail {
         Refusal::NotInVoice => error(StatusCode::BAD_REQUEST, "user is not in voice"),
         Refusal::MissingPermission(bit) => error(
             StatusCode::FORBIDDEN,
-            format!("missing permission {}", perm::name(bit)),
+            format!("missing permission {}", world::permission_name(bit)),
         ),
         Refusal::ChannelFull => error(StatusCode::CONFLICT, "channel is full"),
         Refusal::Invalid(field, _, message) => {
@@ -169,14 +169,14 @@ async fn state(State(shared): State<Arc<Shared>>) -> Response {
             "permission_overwrites": c.overwrites.iter().map(|o| json!({
                 "id": o.id.to_string(),
                 "type": o.kind,
-                "allow": o.allow.to_string(),
-                "deny": o.deny.to_string(),
+                "allow": o.allow,
+                "deny": o.deny,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "roles": w.roles.values().map(|r| json!({
             "id": r.id.to_string(),
             "name": r.name,
-            "permissions": r.permissions.to_string(),
+            "permissions": r.permissions,
             "position": r.position,
             "managed": r.managed,
         })).collect::<Vec<_>>(),

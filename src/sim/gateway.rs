@@ -477,7 +477,7 @@ fn handle_payload(shared: &Shared, conn_id: u64, text: &str) -> bool {
 }
 
 fn start_session(shared: &Shared, state: &mut super::State, conn_id: u64, identify: Identify) {
-    let session_id = super::world::random_hex(16);
+    let session_id = super::ids::random_hex(16);
     state.hub.counters.identifies += 1;
     state.hub.sessions.insert(
         session_id.clone(),

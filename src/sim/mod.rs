@@ -4,10 +4,12 @@
 //!
 //! It is a test double for Discord only. Owns the simulated guild ([`world`]), its
 //! Gateway sessions ([`gateway`]), REST ([`rest`]), OAuth2 ([`oauth`]) and control API
-//! ([`control`]). Must not depend on any other Coven component.
+//! ([`control`]), and the ids it hands out ([`ids`]). Must not depend on any other Coven
+//! component.
 
 pub mod control;
 pub mod gateway;
+pub mod ids;
 pub mod oauth;
 pub mod rest;
 pub mod world;

@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use url::Url;
 
 use super::Shared;
-use super::world::random_hex;
+use super::ids::random_hex;
 
 /// Codes live ten minutes, as Discord's do.
 const CODE_TTL: Duration = Duration::from_secs(600);
@@ -123,7 +123,7 @@ impl Store {
         } else {
             w.used += 1;
         }
-        let reset_at = super::world::now_ms() as f64 / 1000.0 + reset_after.as_secs_f64();
+        let reset_at = super::ids::now_ms() as f64 / 1000.0 + reset_after.as_secs_f64();
         let headers = vec![
             ("x-ratelimit-bucket", TOKEN_BUCKET.to_owned()),
             ("x-ratelimit-limit", limit.to_string()),
