@@ -117,6 +117,10 @@ pub struct Args {
     /// and replays
     #[arg(long, env = "STREAM_WRITE_TIMEOUT")]
     pub stream_write_timeout: Option<String>,
+    /// Bytes of events a stream may fall behind (catching up from the replica's memory)
+    /// before it is cut (65536-268435456)
+    #[arg(long, env = "STREAM_MAX_BEHIND")]
+    pub stream_max_behind: Option<String>,
 }
 
 /// Checked settings of a web replica.
@@ -144,6 +148,7 @@ pub struct Settings {
     pub member_recheck: Duration,
     pub stream_max_per_user: usize,
     pub stream_write_timeout: Duration,
+    pub stream_max_behind: usize,
 }
 
 pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:3000";
@@ -322,7 +327,14 @@ impl Args {
             );
             return None;
         }
+        let stream_max_behind = r.or_default(
+            "STREAM_MAX_BEHIND",
+            self.stream_max_behind.as_deref(),
+            2 * 1024 * 1024,
+            config::parse_number_in(64 * 1024usize, 256 * 1024 * 1024),
+        );
         Some(Settings {
+            stream_max_behind: stream_max_behind?,
             stream_max_per_user: stream_max_per_user?,
             stream_write_timeout: stream_write_timeout?,
             member_recheck: member_recheck?,
@@ -380,6 +392,7 @@ impl App {
             bus.clone(),
             settings.guild_id,
             settings.stream_buffer,
+            settings.stream_max_behind,
             settings.keepalive,
         )
         .await?;

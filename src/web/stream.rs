@@ -10,7 +10,7 @@
 //! Owns the wire format and replay. Must not render pages or change shared state (a
 //! stream for a room does count its viewer, through [`super::presence`]).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::convert::Infallible;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -122,12 +122,74 @@ fn view_bytes(at: EventId, guild: Id<GuildMarker>, data: &EventData) -> Option<B
     )))
 }
 
+/// The newest frames the hub sent, bounded in bytes (the frames are shared, not copied).
+struct Recent {
+    frames: VecDeque<Frame>,
+    bytes: usize,
+    cap: usize,
+    /// The newest id dropped: memory covers everything after it.
+    dropped: EventId,
+}
+
+impl Recent {
+    fn new(cap: usize) -> Self {
+        Recent {
+            frames: VecDeque::new(),
+            bytes: 0,
+            cap,
+            dropped: EventId::ZERO,
+        }
+    }
+
+    fn push(&mut self, frame: Frame) {
+        if let Frame::Event { bytes, .. } = &frame {
+            self.bytes += bytes.len();
+        }
+        self.frames.push_back(frame);
+        while self.bytes > self.cap {
+            let Some(Frame::Event { id, bytes, .. }) = self.frames.pop_front() else {
+                break;
+            };
+            self.bytes -= bytes.len();
+            self.dropped = id;
+        }
+    }
+
+    /// Every frame after `last`, when memory reaches back to it and they stay within
+    /// `limit` bytes.
+    fn after(&self, last: EventId, limit: usize) -> Option<VecDeque<Frame>> {
+        if last < self.dropped {
+            return None;
+        }
+        let start = self
+            .frames
+            .partition_point(|f| matches!(f, Frame::Event { id, .. } if *id <= last));
+        let mut size = 0;
+        let mut out = VecDeque::new();
+        for frame in self.frames.range(start..) {
+            if let Frame::Event { bytes, .. } = frame {
+                size += bytes.len();
+                if size > limit {
+                    return None;
+                }
+            }
+            out.push_back(frame.clone());
+        }
+        Some(out)
+    }
+}
+
 /// The replica's fan-out point. It also keeps who may see what (guild roles and channel
 /// overwrites), updated by the events it passes on, so each stream can filter the shared
 /// frames without asking Redis.
 #[derive(Clone)]
 pub struct Hub {
     tx: broadcast::Sender<Frame>,
+    /// The newest frames, so a stream that fell behind the ring catches up from memory
+    /// instead of being cut.
+    recent: Arc<Mutex<Recent>>,
+    /// How far (in bytes of frames) a stream may fall behind before it is cut.
+    max_behind: usize,
     bus: Arc<dyn Backend>,
     guild: Id<GuildMarker>,
     access: Arc<Mutex<Arc<Access>>>,
@@ -143,6 +205,7 @@ impl Hub {
         bus: Arc<dyn Backend>,
         guild: Id<GuildMarker>,
         buffer: usize,
+        max_behind: usize,
         keepalive: Duration,
     ) -> Result<Self, crate::bus::BusError> {
         // Subscribed before the snapshot is read: a permission change in between is
@@ -152,6 +215,9 @@ impl Hub {
         let tx = broadcast::channel(buffer.max(1)).0;
         let hub = Hub {
             tx,
+            // Twice the bound: a stream just under it can still be served from memory.
+            recent: Arc::new(Mutex::new(Recent::new(max_behind.saturating_mul(2)))),
+            max_behind,
             bus,
             guild,
             access: Arc::new(Mutex::new(Arc::new(snapshot.access))),
@@ -222,12 +288,26 @@ impl Hub {
             next.apply(&event.data);
             *access = Arc::new(next);
         }
-        let _ = self.tx.send(Frame::Event {
+        let frame = Frame::Event {
             id: event.id,
             audience: event.data.audience(),
             bytes: frame_bytes(event),
             control,
-        });
+        };
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(frame.clone());
+        let _ = self.tx.send(frame);
+    }
+
+    /// The frames after `last` for a stream that fell behind its buffer, if memory still
+    /// holds all of them and they come to no more than `STREAM_MAX_BEHIND` bytes.
+    fn catch_up_from(&self, last: Option<EventId>) -> Option<VecDeque<Frame>> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .after(last.unwrap_or(EventId::ZERO), self.max_behind)
     }
 
     async fn catch_up(&self, last: &mut EventId, applied: &mut EventId) {
@@ -492,8 +572,14 @@ pub async fn stream(
             }
             last = Some(cursor);
         }
+        // Frames to go out before the live ones: a catch-up after falling behind.
+        let mut pending: VecDeque<Frame> = VecDeque::new();
         loop {
-            match live.recv().await {
+            let next = match pending.pop_front() {
+                Some(frame) => Ok(frame),
+                None => live.recv().await,
+            };
+            match next {
                 Ok(Frame::Event { id, audience, bytes, control }) => {
                     // Control is acted on even for an event the replay already sent: it
                     // reads the hub's newest state, so acting twice changes nothing.
@@ -549,9 +635,21 @@ pub async fn stream(
                 }
                 Ok(Frame::Cut) | Err(RecvError::Closed) => break,
                 Err(RecvError::Lagged(missed)) => {
-                    tracing::info!(missed, "stream fell behind its buffer; cutting it off");
-                    metrics::counter!("coven_web_streams_cut_off_total").increment(1);
-                    break;
+                    // A burst: catch up from the replica's recent frames (the live
+                    // receiver has moved on to the oldest it still holds; ids drop the
+                    // overlap). Only a stream that fell more than STREAM_MAX_BEHIND
+                    // bytes behind is cut, and its reconnect replays from the log.
+                    match hub.catch_up_from(last) {
+                        Some(frames) => {
+                            metrics::counter!("coven_web_stream_catch_ups_total").increment(1);
+                            pending = frames;
+                        }
+                        None => {
+                            tracing::info!(missed, "stream fell too far behind; cutting it off");
+                            metrics::counter!("coven_web_streams_cut_off_total").increment(1);
+                            break;
+                        }
+                    }
                 }
             }
         }
@@ -569,4 +667,52 @@ pub async fn stream(
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(ms: u64, size: usize) -> Frame {
+        Frame::Event {
+            id: EventId { ms, seq: 0 },
+            audience: Audience::Everyone,
+            bytes: Bytes::from(vec![b'x'; size]),
+            control: None,
+        }
+    }
+
+    fn ids(frames: &VecDeque<Frame>) -> Vec<u64> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Event { id, .. } => Some(id.ms),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn recent_frames_serve_a_stream_behind_within_the_byte_bound_only() {
+        let mut recent = Recent::new(300);
+        for ms in 1..=5 {
+            recent.push(frame(ms, 100));
+        }
+        // Holds 3 (300 bytes); 1 and 2 were dropped.
+        let at = |ms| EventId { ms, seq: 0 };
+        assert_eq!(recent.after(at(3), 1000).map(|f| ids(&f)), Some(vec![4, 5]));
+        assert_eq!(
+            recent.after(at(2), 1000).map(|f| ids(&f)),
+            Some(vec![3, 4, 5])
+        );
+        assert!(
+            recent.after(at(1), 1000).is_none(),
+            "memory no longer reaches back"
+        );
+        assert!(
+            recent.after(at(2), 250).is_none(),
+            "past the byte bound: cut"
+        );
+        assert_eq!(recent.after(at(5), 0).map(|f| ids(&f)), Some(vec![]));
+    }
 }

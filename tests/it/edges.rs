@@ -294,3 +294,74 @@ async fn a_dead_gateway_is_a_delayed_site_not_a_dead_one() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_falls_behind_its_buffer_catches_up_without_being_cut() {
+    // A ring of only 16 frames, and a reader that reads nothing while 2,000 events go
+    // out (its socket fills, so it falls far behind the ring), then reads on.
+    let stack = Stack::start(1, &[("STREAM_BUFFER", "16")]).await;
+    let web = stack.web(0);
+    let browser = Browser::new();
+    browser
+        .login(web, &stack.sim, stack.user("ash").await)
+        .await;
+    let url: reqwest::Url = web.url("/").parse().unwrap();
+    let cookie = browser.jar.cookies(&url).expect("a session cookie");
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut conn = socket.connect(addr(web)).await.unwrap();
+    // HTTP/1.0: the body is the bare event stream, no chunk framing to undo.
+    let request = format!(
+        "GET /api/stream HTTP/1.0\r\nHost: coven\r\nCookie: {}\r\n\r\n",
+        cookie.to_str().unwrap()
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 16];
+    conn.read_exact(&mut head).await.unwrap();
+    assert!(
+        head.starts_with(b"HTTP/1.0 200"),
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
+
+    let bus = RedisBus::connect(
+        &stack.redis.url(),
+        "coven",
+        Id::new(stack.sim.guild_id()),
+        100_000,
+    )
+    .await
+    .unwrap();
+    const SENT: u64 = 2000;
+    for seq in 0..SENT {
+        bus.append(EventData::Ping { seq, ts: 0 }, None)
+            .await
+            .unwrap();
+    }
+    // Now read: every ping, once, in order, on the same connection.
+    let mut text = String::new();
+    let mut seqs = Vec::new();
+    within("all 2,000 events on the same stream", async {
+        let mut chunk = vec![0u8; 64 * 1024];
+        while seqs.last() != Some(&(SENT - 1)) {
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the stream was cut after {} events", seqs.len());
+            text.push_str(&String::from_utf8_lossy(&chunk[..n]));
+            while let Some(end) = text.find("\n\n") {
+                let block: String = text.drain(..end + 2).collect();
+                if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: "))
+                    && let Ok(v) = serde_json::from_str::<Value>(data)
+                    && v["type"] == "ping"
+                {
+                    seqs.push(v["data"]["seq"].as_u64().unwrap());
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        seqs,
+        (0..SENT).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
+}

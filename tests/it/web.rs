@@ -457,7 +457,7 @@ async fn streams_recover_from_a_redis_restart_and_miss_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_stops_reading_is_cut_off_at_its_buffer() {
+async fn a_client_that_stops_reading_is_cut_off_once_it_falls_too_far_behind() {
     let stack = Stack::start(1, &[("STREAM_BUFFER", "16")]).await;
     let web = stack.web(0);
     let ash = stack.user("ash").await;
