@@ -27,7 +27,7 @@ use twilight_model::id::marker::{ChannelMarker, GuildMarker, RoleMarker, UserMar
 
 use super::AppState;
 use super::error::WebError;
-use super::members::Member;
+use super::auth::LoggedIn;
 use crate::access::{Access, Seer};
 use crate::bus::{Backend, Since, Snapshot};
 use crate::event::{Audience, Event, EventData, EventId};
@@ -459,7 +459,9 @@ fn view_changes(
 /// `GET /api/stream[?room=<channel id>][&last_event_id=<id>]`.
 pub async fn stream(
     State(app): State<AppState>,
-    member: Member,
+    // Logged in; membership and roles are read once below, after subscribing (the
+    // watcher rechecks stream holders, so opening a stream asks Discord nothing).
+    who: LoggedIn,
     headers: HeaderMap,
     Query(q): Query<StreamQuery>,
 ) -> Result<Response, WebError> {
@@ -489,11 +491,11 @@ pub async fn stream(
     // ids tell which was seen. Roles and permissions are read after subscribing, so a
     // change in between arrives as a frame.
     let mut live = app.hub.tx.subscribe();
-    let me = member.id();
+    let me = who.user.person.id;
     let roles = app.bus.member(me).await?.ok_or(WebError::NotMember)?.roles;
     let mut sight = Sight {
         user: me,
-        login: member.who.user.login.clone(),
+        login: who.user.login.clone(),
         roles,
         room,
         visible: HashSet::new(),
@@ -512,7 +514,7 @@ pub async fn stream(
         .watched
         .watch(me, max)
         .ok_or(WebError::TooManyStreams { max })?;
-    let viewing = room.map(|room| app.presence.enter(room, member.who.user.viewer()));
+    let viewing = room.map(|room| app.presence.enter(room, who.user.viewer()));
     let bus = app.bus.clone();
     let hub = app.hub.clone();
     let guild = app.settings.guild_id;
