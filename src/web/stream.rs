@@ -26,8 +26,8 @@ use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker, RoleMarker, UserMarker};
 
 use super::AppState;
-use super::error::WebError;
 use super::auth::LoggedIn;
+use super::error::WebError;
 use crate::access::{Access, Seer};
 use crate::bus::{Backend, Since, Snapshot};
 use crate::event::{Audience, Event, EventData, EventId};
