@@ -276,41 +276,29 @@ impl Deriver {
             .permission_overwrites
             .as_deref()
             .and_then(|o| room_owner(self.guild_id, o, self.bot));
+        // A new room, or Coven's room whose owner readers do not know (Redis lost it, or
+        // its overwrites only now say so): record it with its owner.
+        let record = is_room
+            && self.view.rooms.get(&c.id).is_none_or(|room| {
+                owner.is_some() && (room.creator_id.is_none() || room.role_id.is_none())
+            });
+        if record {
+            self.emit(
+                EventData::RoomCreated {
+                    channel_id: c.id,
+                    name,
+                    user_limit,
+                    created_by: owner.map(|o| o.creator),
+                    role_id: owner.map(|o| o.role),
+                },
+                out,
+            );
+            if rebuild && let Some(owner) = owner {
+                self.rebuilt(c.id, owner, out);
+            }
+            return;
+        }
         match (self.view.rooms.get(&c.id), is_room) {
-            (None, true) => {
-                self.emit(
-                    EventData::RoomCreated {
-                        channel_id: c.id,
-                        name,
-                        user_limit,
-                        created_by: owner.map(|o| o.creator),
-                        role_id: owner.map(|o| o.role),
-                    },
-                    out,
-                );
-                if rebuild && let Some(owner) = owner {
-                    self.rebuilt(c.id, owner, out);
-                }
-            }
-            // Coven's room whose owner readers do not know (Redis lost it, or its
-            // overwrites only now say so): fill it in.
-            (Some(room), true)
-                if owner.is_some() && (room.creator_id.is_none() || room.role_id.is_none()) =>
-            {
-                self.emit(
-                    EventData::RoomCreated {
-                        channel_id: c.id,
-                        name,
-                        user_limit,
-                        created_by: owner.map(|o| o.creator),
-                        role_id: owner.map(|o| o.role),
-                    },
-                    out,
-                );
-                if rebuild && let Some(owner) = owner {
-                    self.rebuilt(c.id, owner, out);
-                }
-            }
             (Some(room), true) if room.name != name || room.user_limit != user_limit => self.emit(
                 EventData::RoomUpdated {
                     channel_id: c.id,

@@ -156,14 +156,22 @@ async fn one_person_may_hold_32_streams_on_a_replica_and_the_next_is_told_why() 
     .await;
 }
 
-/// A stream request for `cookie` on a socket that reads almost nothing: a browser tab
+/// The session cookie a logged-in browser holds for `web`.
+fn session_cookie(browser: &Browser, web: &Web) -> String {
+    let url: reqwest::Url = web.url("/").parse().unwrap();
+    let cookie = browser.jar.cookies(&url).expect("a session cookie");
+    cookie.to_str().unwrap().to_owned()
+}
+
+/// A stream request (`version`: `1.1` or `1.0`, which gets the bare event stream with no
+/// chunk framing) for `cookie` on a socket that reads almost nothing: a browser tab
 /// frozen in the background, or a hostile client.
-async fn stalled_stream(web: &Web, cookie: &str) -> TcpStream {
+async fn stalled_stream(web: &Web, cookie: &str, version: &str) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stream = socket.connect(addr(web)).await.unwrap();
     let request = format!(
-        "GET /api/stream HTTP/1.1\r\nHost: coven\r\nAccept: text/event-stream\r\nCookie: {cookie}\r\n\r\n"
+        "GET /api/stream HTTP/{version}\r\nHost: coven\r\nAccept: text/event-stream\r\nCookie: {cookie}\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await.unwrap();
     stream
@@ -177,12 +185,10 @@ async fn five_hundred_stalled_readers_are_cut_within_35_seconds() {
     browser
         .login(web, &stack.sim, stack.user("ash").await)
         .await;
-    let url: reqwest::Url = web.url("/").parse().unwrap();
-    let cookie = browser.jar.cookies(&url).expect("a session cookie");
-    let cookie = cookie.to_str().unwrap().to_owned();
+    let cookie = session_cookie(&browser, web);
     let mut held = Vec::new();
     for _ in 0..500 {
-        held.push(stalled_stream(web, &cookie).await);
+        held.push(stalled_stream(web, &cookie, "1.1").await);
     }
     let streams = |web: &Web| {
         let url = web.url("/healthz");
@@ -305,17 +311,7 @@ async fn a_reader_that_falls_behind_its_buffer_catches_up_without_being_cut() {
     browser
         .login(web, &stack.sim, stack.user("ash").await)
         .await;
-    let url: reqwest::Url = web.url("/").parse().unwrap();
-    let cookie = browser.jar.cookies(&url).expect("a session cookie");
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut conn = socket.connect(addr(web)).await.unwrap();
-    // HTTP/1.0: the body is the bare event stream, no chunk framing to undo.
-    let request = format!(
-        "GET /api/stream HTTP/1.0\r\nHost: coven\r\nCookie: {}\r\n\r\n",
-        cookie.to_str().unwrap()
-    );
-    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut conn = stalled_stream(web, &session_cookie(&browser, web), "1.0").await;
     let mut head = [0u8; 16];
     conn.read_exact(&mut head).await.unwrap();
     assert!(

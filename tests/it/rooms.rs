@@ -52,6 +52,23 @@ pub(crate) async fn create_room(
         .to_owned()
 }
 
+/// "New link" as HTMX sends it from the room page (the answer is the link itself).
+pub(crate) async fn new_link(
+    browser: &Browser,
+    web: &crate::harness::Web,
+    room: &str,
+) -> reqwest::Response {
+    let token = browser.csrf(web).await;
+    browser
+        .http
+        .post(web.url(&format!("/rooms/{room}/invite")))
+        .header("hx-request", "true")
+        .header("x-csrf-token", &token)
+        .send()
+        .await
+        .unwrap()
+}
+
 pub(crate) fn invite_link(html: &str) -> String {
     let at = html
         .find("id=\"invite-link\"")
@@ -169,15 +186,7 @@ async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_eve
     assert!(invite_link(&html).starts_with(&format!("{}/invite/", b.url)));
 
     // "New link" gives HTMX a fresh link; someone outside the room may not ask.
-    let token = browser.csrf(a).await;
-    let fresh = browser
-        .http
-        .post(a.url(&format!("/rooms/{room}/invite")))
-        .header("hx-request", "true")
-        .header("x-csrf-token", &token)
-        .send()
-        .await
-        .unwrap();
+    let fresh = new_link(&browser, a, &room).await;
     assert_eq!(fresh.status(), 200);
     assert!(
         fresh

@@ -196,15 +196,7 @@ async fn new_link_revokes_older_links_of_the_room() {
     let old = path_of(&invite_link(
         &creator.page(&a.url(&format!("/rooms/{room}"))).await,
     ));
-    let token = creator.csrf(a).await;
-    let fresh = creator
-        .http
-        .post(a.url(&format!("/rooms/{room}/invite")))
-        .header("hx-request", "true")
-        .header("x-csrf-token", &token)
-        .send()
-        .await
-        .unwrap();
+    let fresh = crate::rooms::new_link(&creator, a, &room).await;
     assert_eq!(fresh.status(), 200);
     let new = path_of(fresh.text().await.unwrap().trim());
     assert_ne!(old, new);
