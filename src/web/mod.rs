@@ -462,6 +462,7 @@ pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
         .layer(referrer)
         .layer(frames)
         .layer(axum::middleware::from_fn(ops::close_if_unread))
+        .layer(axum::middleware::from_fn(ops::body_deadline))
 }
 
 /// Serves until `shutdown`, then stops accepting and drains open streams over

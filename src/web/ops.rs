@@ -114,6 +114,40 @@ pub async fn observe(request: Request, next: Next) -> Response {
     response
 }
 
+/// How long a request's body may take to arrive, all of it.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A request body must arrive within [`BODY_TIMEOUT`] of its headers, as the headers must
+/// within theirs: a client that trickles a form a byte at a time cannot hold a connection
+/// (it counts as busy, so the connection limit would not evict it). Past the deadline the
+/// body ends in an error, never truncated (a cut form must not pass as a shorter one).
+pub async fn body_deadline(request: Request, next: Next) -> Response {
+    if request.body().is_end_stream() {
+        return next.run(request).await;
+    }
+    let deadline = tokio::time::Instant::now() + BODY_TIMEOUT;
+    let (parts, body) = request.into_parts();
+    let mut frames = body.into_data_stream();
+    let timed = async_stream::stream! {
+        loop {
+            match tokio::time::timeout_at(deadline, futures_util::StreamExt::next(&mut frames)).await {
+                Ok(Some(frame)) => yield frame,
+                Ok(None) => break,
+                Err(_) => {
+                    metrics::counter!("coven_web_body_timeouts_total").increment(1);
+                    yield Err(axum::Error::new(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the request body did not arrive in time",
+                    )));
+                    break;
+                }
+            }
+        }
+    };
+    next.run(Request::from_parts(parts, Body::from_stream(timed)))
+        .await
+}
+
 /// A request body left unread (refused as too large, or answered before reading, like a
 /// post that must log in first) stays on the connection, which then cannot carry another
 /// request: hyper closes it, and a client that reused it would lose its next request.

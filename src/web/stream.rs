@@ -617,6 +617,11 @@ pub async fn stream(
                                     break;
                                 }
                             }
+                            // A room page whose room the viewer may no longer see: told
+                            // (above), and no longer counted as viewing it.
+                            if sight.room.is_some_and(|room| gone.contains(&room)) {
+                                break;
+                            }
                         }
                     }
                     if last.is_some_and(|l| id <= l) {

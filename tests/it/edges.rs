@@ -361,3 +361,54 @@ async fn a_reader_that_falls_behind_its_buffer_catches_up_without_being_cut() {
         "every event once, in order"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_trickled_a_byte_at_a_time_is_refused_after_ten_seconds() {
+    let stack = Stack::start(1, &[]).await;
+    let web = stack.web(0);
+    let browser = Browser::new();
+    browser
+        .login(web, &stack.sim, stack.user("ash").await)
+        .await;
+    let cookie = session_cookie(&browser, web);
+    let mut conn = TcpStream::connect(addr(web)).await.unwrap();
+    let head = format!(
+        "POST /rooms HTTP/1.1\r\nHost: coven\r\nCookie: {cookie}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nname=Slow"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    // One more byte every second keeps the body "alive" for ever, were there no deadline.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        tokio::select! {
+            read = conn.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            },
+            () = tokio::time::sleep(Duration::from_secs(1)) => {
+                if conn.write_all(b"x").await.is_err() {
+                    break;
+                }
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(14),
+            "the trickled body still held the connection after 14 s"
+        );
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    // Nothing was made from the part that arrived.
+    let state = stack.sim.state().await;
+    assert!(
+        !state.to_string().contains("Slow"),
+        "no room from a cut form"
+    );
+}

@@ -361,8 +361,21 @@ async fn channels_hidden_by_overwrites_follow_discord_and_those_hidden_from_the_
         .await;
     assert!(lists(&member, b, "Staff only").await);
 
-    // And taken away again: the room goes, live.
+    // And taken away again: the room goes, live; a room page's stream is told and ends
+    // (Bramble no longer counts as viewing it).
+    let mut room_page = member
+        .stream(&b.url(&format!("/api/stream?room={staff_room}")), None)
+        .await;
     sim.revoke_role(bramble, staff).await;
+    within_secs(
+        10,
+        "the room page's stream to hear the room is gone and end",
+        async {
+            room_page.until(|m| m.event == "room.deleted").await;
+            while room_page.next().await.is_some() {}
+        },
+    )
+    .await;
     within_secs(
         10,
         "Staff only to go away for Bramble",
