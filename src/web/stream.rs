@@ -58,13 +58,17 @@ enum Frame {
     Cut,
 }
 
+/// The snapshot a change of visibility is shown from, read from Redis at most once per
+/// event per replica however many streams it changes (a role edit can touch thousands).
+type SharedSnapshot = Arc<tokio::sync::OnceCell<Option<Arc<Snapshot>>>>;
+
 /// What an event tells the streams themselves (never sent to a browser).
 #[derive(Clone, Debug)]
 enum Control {
     /// Guild roles or channel overwrites changed: the hub's access is newer.
-    Access,
+    Access(SharedSnapshot),
     /// A member's roles changed.
-    Roles(Id<UserMarker>, Arc<[Id<RoleMarker>]>),
+    Roles(Id<UserMarker>, Arc<[Id<RoleMarker>]>, SharedSnapshot),
     /// A member left the guild: their streams end.
     Removed(Id<UserMarker>),
     /// A login ended: its streams end.
@@ -75,11 +79,13 @@ impl Control {
     fn of(data: &EventData) -> Option<Self> {
         match data {
             EventData::GuildUpdated { .. } | EventData::ChannelAccess { .. } => {
-                Some(Control::Access)
+                Some(Control::Access(SharedSnapshot::default()))
             }
-            EventData::MemberUpdated { user_id, roles } => {
-                Some(Control::Roles(*user_id, roles.as_slice().into()))
-            }
+            EventData::MemberUpdated { user_id, roles } => Some(Control::Roles(
+                *user_id,
+                roles.as_slice().into(),
+                SharedSnapshot::default(),
+            )),
             EventData::MemberRemoved { user_id } => Some(Control::Removed(*user_id)),
             EventData::SessionEnded { user_id, login } => {
                 Some(Control::LoggedOut(*user_id, login.as_str().into()))
@@ -281,7 +287,7 @@ impl Hub {
         }
         *last = event.id;
         let control = Control::of(&event.data);
-        if matches!(control, Some(Control::Access)) && event.id > *applied {
+        if matches!(control, Some(Control::Access(_))) && event.id > *applied {
             *applied = event.id;
             let mut access = self.access.lock().unwrap_or_else(|e| e.into_inner());
             let mut next = (**access).clone();
@@ -585,7 +591,7 @@ pub async fn stream(
                 Ok(Frame::Event { id, audience, bytes, control }) => {
                     // Control is acted on even for an event the replay already sent: it
                     // reads the hub's newest state, so acting twice changes nothing.
-                    let mut changed = false;
+                    let mut changed = None;
                     match control {
                         Some(Control::Removed(user)) if user == sight.user => {
                             tracing::info!(%user, "member removed; ending their stream");
@@ -594,28 +600,36 @@ pub async fn stream(
                         Some(Control::LoggedOut(user, login)) if user == sight.user && *login == *sight.login => {
                             break;
                         }
-                        Some(Control::Roles(user, roles)) if user == sight.user => {
+                        Some(Control::Roles(user, roles, shared)) if user == sight.user => {
                             sight.roles = roles.to_vec();
-                            changed = true;
+                            changed = Some(shared);
                         }
-                        Some(Control::Access) => changed = true,
+                        Some(Control::Access(shared)) => changed = Some(shared),
                         _ => {}
                     }
-                    if changed {
+                    if let Some(shared) = changed {
                         let (appeared, gone) = sight.refresh(&hub.access());
                         if !appeared.is_empty() || !gone.is_empty() {
-                            match bus.snapshot().await {
-                                Ok(snapshot) => {
+                            let snapshot = shared
+                                .get_or_init(|| async {
+                                    bus.snapshot()
+                                        .await
+                                        .inspect_err(|e| tracing::warn!(error = %e, "cannot read the snapshot to show a change of visibility"))
+                                        .ok()
+                                        .map(Arc::new)
+                                })
+                                .await
+                                .clone();
+                            match snapshot {
+                                Some(snapshot) => {
                                     for data in view_changes(&snapshot, &sight, &appeared, &gone) {
                                         if let Some(bytes) = view_bytes(id, guild, &data) {
                                             yield bytes;
                                         }
                                     }
                                 }
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "cannot show a change of visibility; the stream will reconnect");
-                                    break;
-                                }
+                                // The stream reconnects and renders afresh.
+                                None => break,
                             }
                             // A room page whose room the viewer may no longer see: told
                             // (above), and no longer counted as viewing it.
