@@ -428,7 +428,10 @@ pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
         .route("/", get(pages::landing))
         .route("/rooms", get(pages::rooms).post(rooms::create))
         .route("/rooms/{channel_id}", get(pages::room))
-        .route("/rooms/{channel_id}/close", post(rooms::close))
+        .route(
+            "/rooms/{channel_id}/close",
+            get(rooms::confirm_close).post(rooms::close),
+        )
         .route("/rooms/{channel_id}/move", post(rooms::move_in))
         .route("/rooms/{channel_id}/invite", post(rooms::new_invite))
         .route("/invite/{token}", get(invites::follow).post(invites::join))

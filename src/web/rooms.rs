@@ -246,6 +246,40 @@ pub async fn create(
     Ok(go(post.htmx, &format!("/rooms/{}", made.channel)))
 }
 
+#[derive(askama::Template, askama_web::WebTemplate)]
+#[template(path = "web/close.html")]
+pub struct ClosePage {
+    pub user: Option<super::pages::UserView>,
+    pub delayed: Option<String>,
+    pub id: String,
+    pub room: String,
+    pub csrf: String,
+}
+
+/// `GET /rooms/{id}/close`: the confirmation a plain form (no JavaScript) leads to; only
+/// its post closes the room.
+pub async fn confirm_close(
+    axum::extract::State(app): axum::extract::State<AppState>,
+    member: super::members::Member,
+    RoomId(id): RoomId,
+) -> Result<ClosePage, WebError> {
+    let snapshot = app.bus.snapshot().await?;
+    let room = visible_room(&snapshot, id, member.seer())?;
+    if room.creator_id != Some(member.id()) {
+        return Err(WebError::Forbidden(
+            "Only the person who made this room can close it.".to_owned(),
+        ));
+    }
+    let user = super::pages::UserView::of(&member.who.user);
+    Ok(ClosePage {
+        csrf: user.csrf.clone(),
+        user: Some(user),
+        delayed: app.upstream.current().banner(),
+        id: id.to_string(),
+        room: room.name.clone(),
+    })
+}
+
 /// `POST /rooms/{id}/close`: the creator closes the room. Closing a room that is already
 /// gone is a success.
 pub async fn close(

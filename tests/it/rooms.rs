@@ -471,9 +471,31 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
     );
     stack.voice(ash, None, json!({})).await;
 
+    // Without JavaScript, Close leads to a confirmation page; only its post closes.
+    let page = creator.page(&a.url(&format!("/rooms/{room}"))).await;
+    assert!(page.contains(&format!("method=\"get\" action=\"/rooms/{room}/close\"")));
+    let confirm = creator.page(&a.url(&format!("/rooms/{room}/close"))).await;
+    assert!(confirm.contains("Close Commander night?"), "{confirm}");
+    assert!(confirm.contains(&format!("method=\"post\" action=\"/rooms/{room}/close\"")));
+    assert!(
+        crate::harness::form_value(&confirm, "csrf_token").is_some(),
+        "the post carries the token"
+    );
+    assert!(
+        find(&stack.sim.state().await, "channels", &room).is_some(),
+        "looking at the confirmation closes nothing"
+    );
+
     // Someone without the room's role does not see it at all, and cannot close it.
     let res = other.get(&b.url(&format!("/rooms/{room}"))).await;
     assert_eq!(res.status(), 404);
+    assert_eq!(
+        other
+            .get(&b.url(&format!("/rooms/{room}/close")))
+            .await
+            .status(),
+        404
+    );
     let theirs = other.csrf(b).await;
     let res = other
         .post(
