@@ -77,17 +77,16 @@ async fn main() -> anyhow::Result<()> {
     let bus = Arc::new(RedisBus::connect(&url, "bench", guild, 1_000_000).await?);
     let observer = RedisBus::connect(&url, "bench", guild, 1_000_000).await?;
     let settings = coven::gateway::Settings {
-        bind: "127.0.0.1:0".parse()?,
-        metrics_bind: "127.0.0.1:0".parse()?,
-        redis_url: secrecy::SecretString::from(url.clone()),
+        redis_url: Some(secrecy::SecretString::from(url.clone())),
         guild_id: guild,
         bot_token: sim.shared.settings.bot_token.clone(),
-        gateway_url: url::Url::parse(&sim.shared.gateway_url())?,
-        room_category: None,
-        key_prefix: "bench".into(),
-        lease_ttl: Duration::from_secs(10),
-        event_log_max_len: 1_000_000,
-        queue_size: 100_000,
+        tuning: coven::gateway::Tuning {
+            gateway_url: url::Url::parse(&sim.shared.gateway_url())?,
+            key_prefix: "bench".into(),
+            event_log_max_len: 1_000_000,
+            queue_size: 100_000,
+            ..coven::gateway::Tuning::default()
+        },
     };
     let backend: Arc<dyn Backend> = bus;
     let health = Health::default();

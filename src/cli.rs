@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, LogArgs, Reader};
+use crate::config::{self, LogArgs, Problem};
 use crate::{demo, gateway, publish, sim, telemetry, web};
 
 #[derive(Debug, Parser)]
@@ -24,30 +24,30 @@ pub struct Cli {
     pub command: Option<Command>,
     /// With no command, coven runs the all-in-one demo.
     #[command(flatten)]
-    pub default: demo::Args,
+    pub default: demo::Settings,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Hold the guild's Discord Gateway session and publish its events to Redis
-    Gateway(gateway::Args),
+    Gateway(gateway::Settings),
     /// Serve the pages, posts and live stream (any number of replicas)
-    Web(Box<web::Args>),
+    Web(Box<web::Settings>),
     /// Append an event (or a series of pings) through the gateway's atomic path
-    Publish(publish::Args),
+    Publish(publish::Settings),
     /// A local Discord (Gateway, REST, OAuth2, control API) for development, tests and demos
-    Sim(sim::Args),
+    Sim(sim::Settings),
     /// Everything in one process against the simulator, with simulated players (the default)
-    Demo(demo::Args),
+    Demo(demo::Settings),
 }
 
 /// What a command needs to run, all settings checked.
 enum Plan {
     Gateway(gateway::Settings),
-    Publish(publish::Settings),
+    Publish(publish::Settings, publish::What),
     Web(Box<web::Settings>),
     Sim(sim::Settings),
-    Demo(Box<demo::Settings>),
+    Demo(demo::Settings),
 }
 
 pub fn main() -> ExitCode {
@@ -55,31 +55,33 @@ pub fn main() -> ExitCode {
         eprintln!("error: {problem}");
         return ExitCode::from(2);
     }
-    run(Cli::parse())
+    match config::parse(std::env::args_os().collect(), contradictions) {
+        Ok(cli) => run(cli),
+        Err(problems) => bad_settings(problems),
+    }
+}
+
+/// Settings of a command that are each fine but contradict each other.
+fn contradictions(command: &str, parsed: &config::Parsed) -> Vec<Problem> {
+    match command {
+        "web" => web::contradictions(parsed),
+        "sim" => sim::contradictions(parsed),
+        _ => Vec::new(),
+    }
 }
 
 pub fn run(cli: Cli) -> ExitCode {
-    let mut reader = Reader::new();
-    let log = cli.log.settings(&mut reader);
-    let plan = match cli.command {
-        Some(Command::Gateway(args)) => args.settings(&mut reader).map(Plan::Gateway),
-        Some(Command::Publish(args)) => args.settings(&mut reader).map(Plan::Publish),
-        Some(Command::Web(args)) => args.settings(&mut reader).map(|s| Plan::Web(Box::new(s))),
-        Some(Command::Sim(args)) => args.settings(&mut reader).map(Plan::Sim),
-        Some(Command::Demo(args)) => args.settings(&mut reader).map(|s| Plan::Demo(Box::new(s))),
-        None => cli
-            .default
-            .settings(&mut reader)
-            .map(|s| Plan::Demo(Box::new(s))),
+    let plan = match cli.command.unwrap_or(Command::Demo(cli.default)) {
+        Command::Gateway(settings) => Plan::Gateway(settings),
+        Command::Publish(settings) => match settings.what() {
+            Ok(what) => Plan::Publish(settings, what),
+            Err(problem) => return bad_settings(vec![problem]),
+        },
+        Command::Web(settings) => Plan::Web(settings),
+        Command::Sim(settings) => Plan::Sim(settings),
+        Command::Demo(settings) => Plan::Demo(settings),
     };
-    let (Some(log), Some(plan)) = (log, plan) else {
-        return bad_settings(reader);
-    };
-    if reader.finish().is_err() {
-        // Unreachable: every parser that records a problem also returns None.
-        return ExitCode::from(2);
-    }
-    telemetry::init(&log);
+    telemetry::init(&cli.log.settings());
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -103,11 +105,13 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
                 Err(e) => Err(e),
             },
-            Plan::Publish(settings) => publish::command(settings).await.map(|()| ExitCode::SUCCESS),
+            Plan::Publish(settings, what) => publish::command(settings, what)
+                .await
+                .map(|()| ExitCode::SUCCESS),
             Plan::Web(settings) => web::command(*settings, shutdown)
                 .await
                 .map(|()| ExitCode::SUCCESS),
-            Plan::Demo(settings) => demo::command(*settings, shutdown)
+            Plan::Demo(settings) => demo::command(settings, shutdown)
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Plan::Sim(settings) => sim::run(settings, shutdown)
@@ -124,8 +128,8 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn bad_settings(reader: Reader) -> ExitCode {
-    for problem in reader.into_problems().0 {
+fn bad_settings(problems: Vec<Problem>) -> ExitCode {
+    for problem in problems {
         eprintln!("error: {problem}");
     }
     eprintln!("(settings come from flags, the environment and .env files; see README.md)");
@@ -161,4 +165,49 @@ pub fn shutdown_on_signal() -> CancellationToken {
         cancel.cancel();
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed_and_every_declared_default_parses() {
+        Cli::command().debug_assert();
+        let web = web::Tuning::default();
+        assert_eq!(web.bind.to_string(), web::DEFAULT_BIND);
+        assert_eq!(gateway::Tuning::default().lease_ttl.as_secs(), 10);
+        assert_eq!(sim::Settings::default().guild_id, sim::defaults::GUILD_ID);
+    }
+
+    fn problems(args: &str) -> Vec<String> {
+        let args = std::iter::once("coven").chain(args.split_whitespace());
+        match config::parse::<Cli>(args.map(Into::into).collect(), contradictions) {
+            Ok(_) => Vec::new(),
+            Err(problems) => problems.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn contradictions_are_found_among_settings_fine_on_their_own() {
+        let web = "web --redis-url redis://127.0.0.1:1 --discord-guild-id 1 \
+                   --discord-bot-token t --discord-client-id 2 --discord-client-secret s \
+                   --invite-secret 0123456789abcdef0123456789abcdef";
+        assert_eq!(problems(web), Vec::<String>::new());
+        let sweep = problems(&format!(
+            "{web} --room-idle-timeout 1m --room-sweep-interval 5m --stream-buffer 0"
+        ));
+        assert_eq!(sweep.len(), 2, "{sweep:?}");
+        assert!(
+            sweep[1].starts_with("ROOM_SWEEP_INTERVAL: got 5m"),
+            "{sweep:?}"
+        );
+        let sim = problems("sim --discord-guild-id 5 --discord-client-id 5");
+        assert_eq!(
+            sim,
+            ["DISCORD_CLIENT_ID: must differ from DISCORD_GUILD_ID"]
+        );
+    }
 }

@@ -1,16 +1,39 @@
 //! Settings: read once at start from CLI flags, the environment and `.env` files, checked,
 //! and handed to each command as typed values.
 //!
-//! Owns the names of every setting, their defaults and their validation. Must not open
-//! sockets or talk to Redis or Discord: a bad setting is reported before anything starts,
-//! one line per problem, and never echoes a secret's value.
+//! Each setting is declared once, as a typed clap argument on the `Settings` struct of the
+//! command that uses it: its flag, environment variable, default (`default_value`, which
+//! `--help` shows) and value parser (the `parse_*` functions here, whose messages name the
+//! expected form and range). Components take those structs as they are. What has a default
+//! sits in a flattened `Tuning` struct (which `Settings` derefs to), so the demo builds the
+//! settings of the components it runs as values: what it decides, and `Tuning::default()`,
+//! which [`defaults`] reads from the declarations, for the rest. A Redis URL the demo may
+//! go without is an `Option` that the command line requires.
+//!
+//! clap stops at the first bad value; operators want every problem at once. So [`parse`]
+//! goes through the command line twice. The first pass takes every value as a plain string
+//! (clap still finds flags, subcommands, environment variables and defaults, and refuses
+//! unknown flags as usage errors). Then each argument of the chosen command runs its own
+//! value parser on its value, a required one without a value is noted, and the command's
+//! checks that involve several settings run on those that parsed ([`Parsed`]): every
+//! problem is reported at once, one line each. Only when there are none does clap parse
+//! for real, and finds nothing more. An empty variable counts as unset, and
+//! `PRIMARY_GUILD_ID` is read when `DISCORD_GUILD_ID` is not.
+//!
+//! Must not open sockets or talk to Redis or Discord: a bad setting is reported before
+//! anything starts, one line per problem, and never echoes a secret's value.
 
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
+use clap::builder::ValueParser;
+use clap::error::ErrorKind;
+use clap::{Arg, ArgMatches, Command, FromArgMatches};
+use secrecy::SecretString;
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ApplicationMarker, ChannelMarker, GuildMarker};
 use url::Url;
@@ -18,8 +41,17 @@ use url::Url;
 /// One bad or missing setting: which one, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    pub setting: &'static str,
+    pub setting: String,
     pub message: String,
+}
+
+impl Problem {
+    pub fn new(setting: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            setting: setting.into(),
+            message: message.into(),
+        }
+    }
 }
 
 impl fmt::Display for Problem {
@@ -27,24 +59,6 @@ impl fmt::Display for Problem {
         write!(f, "{}: {}", self.setting, self.message)
     }
 }
-
-/// Every problem found in one pass, so an operator fixes them all at once.
-#[derive(Debug, Default)]
-pub struct Problems(pub Vec<Problem>);
-
-impl fmt::Display for Problems {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, p) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{p}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for Problems {}
 
 /// Loads `.env` files in the order the seeds documented, lowest priority last:
 /// `.env.{mode}.local`, `.env.{mode}`, `.env.local` (not in `test` mode), `.env`.
@@ -70,112 +84,202 @@ pub fn load_dotenv() -> Result<Vec<PathBuf>, Problem> {
         if !path.is_file() {
             continue;
         }
-        dotenvy::from_filename(&path).map_err(|e| Problem {
-            setting: "COVEN_ENV",
-            message: format!("cannot read {name}: {e}"),
-        })?;
+        dotenvy::from_filename(&path)
+            .map_err(|e| Problem::new("COVEN_ENV", format!("cannot read {name}: {e}")))?;
         loaded.push(path);
     }
     Ok(loaded)
 }
 
-/// Collects problems while settings are parsed, so all are reported together.
-#[derive(Debug, Default)]
-pub struct Reader {
-    problems: Vec<Problem>,
-}
+// ---------------------------------------------------------------------------------------
+// Reading the command line: every problem at once, then the typed parse.
 
-impl Reader {
-    pub fn new() -> Self {
-        Self::default()
-    }
+/// Environment variables read under another name when theirs is unset.
+const ALIASES: &[(&str, &str)] = &[("DISCORD_GUILD_ID", "PRIMARY_GUILD_ID")];
 
-    /// Records a problem found outside a single setting's parse (for example two settings
-    /// that contradict each other).
-    pub fn problem(&mut self, setting: &'static str, message: impl Into<String>) {
-        self.problems.push(Problem {
-            setting,
-            message: message.into(),
-        });
-    }
-
-    /// A setting that must be present.
-    pub fn required<T>(
-        &mut self,
-        setting: &'static str,
-        raw: Option<&str>,
-        parse: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Option<T> {
-        match present(raw) {
-            Some(raw) => self.parse(setting, raw, parse),
-            None => {
-                self.problem(setting, "is required but not set");
-                None
-            }
-        }
-    }
-
-    /// A setting with a default used when it is absent or empty.
-    pub fn or_default<T>(
-        &mut self,
-        setting: &'static str,
-        raw: Option<&str>,
-        default: T,
-        parse: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Option<T> {
-        match present(raw) {
-            Some(raw) => self.parse(setting, raw, parse),
-            None => Some(default),
-        }
-    }
-
-    /// A setting that may be absent. `Some(None)` means absent, `None` means invalid.
-    pub fn optional<T>(
-        &mut self,
-        setting: &'static str,
-        raw: Option<&str>,
-        parse: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Option<Option<T>> {
-        match present(raw) {
-            Some(raw) => self.parse(setting, raw, parse).map(Some),
-            None => Some(None),
-        }
-    }
-
-    fn parse<T>(
-        &mut self,
-        setting: &'static str,
-        raw: &str,
-        parse: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Option<T> {
-        match parse(raw) {
-            Ok(v) => Some(v),
-            Err(message) => {
-                self.problem(setting, message);
-                None
-            }
-        }
-    }
-
-    /// Ends the pass: `Err` with every problem when there were any.
-    pub fn finish(self) -> Result<(), Problems> {
-        if self.problems.is_empty() {
-            Ok(())
+/// Parses `args` (with the binary name first) into `P`, after checking every setting of
+/// the chosen command: `Err` holds one problem per bad or missing setting, and one per
+/// contradiction `contradictions` finds among the settings that are fine on their own (it
+/// is given the chosen command's name, empty for none). Usage mistakes (an unknown flag)
+/// and `--help` end the process the way clap does.
+pub fn parse<P: clap::Parser>(
+    args: Vec<OsString>,
+    contradictions: impl Fn(&str, &Parsed) -> Vec<Problem>,
+) -> Result<P, Vec<Problem>> {
+    let mut declared = each_arg(P::command(), &named_like_the_flag);
+    let mut typed = each_arg(declared.clone(), &from_environment);
+    let mut raw = each_arg(typed.clone(), &|arg| {
+        if arg.get_action().takes_values() {
+            arg.value_parser(ValueParser::os_string()).required(false)
         } else {
-            Err(Problems(self.problems))
+            arg
+        }
+    });
+    let raw = match raw.try_get_matches_from_mut(&args) {
+        Ok(m) => m,
+        Err(e) => {
+            // Help comes from the declared command: it shows what is required.
+            let help = [ErrorKind::DisplayHelp, ErrorKind::DisplayVersion];
+            if help.contains(&e.kind())
+                && let Err(shown) = declared.clone().try_get_matches_from(&args)
+                && shown.kind() == e.kind()
+            {
+                shown.exit()
+            }
+            e.exit()
+        }
+    };
+    declared.build();
+    let (mut command, mut matches) = (&declared, &raw);
+    while let Some((name, sub)) = matches.subcommand() {
+        let Some(found) = command.find_subcommand(name) else {
+            break;
+        };
+        (command, matches) = (found, sub);
+    }
+    let mut problems = Vec::new();
+    let mut parsed = Parsed::default();
+    for arg in command.get_arguments() {
+        match check(arg, matches) {
+            Ok(Some((name, value))) => {
+                parsed.0.insert(name, value);
+            }
+            Ok(None) => {}
+            Err(problem) => problems.push(problem),
         }
     }
+    let name = if command.get_name() == declared.get_name() {
+        ""
+    } else {
+        command.get_name()
+    };
+    problems.extend(contradictions(name, &parsed));
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    // The check above ran every parser clap runs here, so this refuses nothing; should it,
+    // the error says what kind it is and never quotes a value.
+    typed
+        .try_get_matches_from_mut(args)
+        .and_then(|mut m| P::from_arg_matches_mut(&mut m))
+        .map_err(|e| vec![Problem::new("command line", e.kind().to_string())])
+}
 
-    /// Ends the pass and returns the problems, even when `finish` found none: used when a
-    /// typed value is missing after parsing, which only happens with problems recorded.
-    pub fn into_problems(self) -> Problems {
-        Problems(self.problems)
+/// The settings of the chosen command that are fine on their own, typed, by name (such as
+/// `ROOM_IDLE_TIMEOUT`), for the checks that involve several.
+#[derive(Default)]
+pub struct Parsed(HashMap<String, ArgMatches>);
+
+impl Parsed {
+    /// The (first) value of `setting`, if it has one and it parsed.
+    ///
+    /// # Panics
+    ///
+    /// If `T` is not the type the setting parses to.
+    pub fn get<T: Clone + Send + Sync + 'static>(&self, setting: &str) -> Option<T> {
+        self.0.get(setting)?.get_one::<T>("value").cloned()
     }
 }
 
-/// Treats an empty value like an unset one: `.env.example` style `KEY=` lines mean "unset".
-fn present(raw: Option<&str>) -> Option<&str> {
-    raw.map(str::trim).filter(|s| !s.is_empty())
+/// `arg`'s name and parsed value, `None` without one, or its problem: its value (from the
+/// command line, the environment or its default) refused by its own parser, or no value
+/// when one is required.
+fn check(arg: &Arg, matches: &ArgMatches) -> Result<Option<(String, ArgMatches)>, Problem> {
+    if !arg.get_action().takes_values() {
+        return Ok(None);
+    }
+    let name = match arg.get_env() {
+        Some(env) => env.to_string_lossy().into_owned(),
+        None => format!("--{}", arg.get_long().unwrap_or(arg.get_id().as_str())),
+    };
+    let Some(values) = matches.try_get_raw(arg.get_id().as_str()).ok().flatten() else {
+        if arg.is_required_set() {
+            return Err(Problem::new(name, "is required but not set"));
+        }
+        return Ok(None);
+    };
+    let mut first = None;
+    for value in values {
+        let parsed = parse_one(arg.get_value_parser(), value)
+            .map_err(|message| Problem::new(name.clone(), message))?;
+        first.get_or_insert(parsed);
+    }
+    Ok(first.map(|value| (name, value)))
+}
+
+/// Runs a value parser the way clap runs it, on one value, which the matches hold as
+/// `value`. A message is the parser's own (clap's wording around it would quote the value,
+/// a secret's included).
+fn parse_one(parser: &ValueParser, value: &OsStr) -> Result<ArgMatches, String> {
+    let probe = Arg::new("value")
+        .value_parser(parser.clone())
+        .allow_hyphen_values(true);
+    Command::new("probe")
+        .no_binary_name(true)
+        .arg(probe)
+        .try_get_matches_from([OsStr::new("--"), value])
+        .map_err(|e| {
+            std::error::Error::source(&e).map_or_else(|| e.kind().to_string(), ToString::to_string)
+        })
+}
+
+/// Applies `f` to every argument of `command` and its subcommands.
+fn each_arg(command: Command, f: &impl Fn(Arg) -> Arg) -> Command {
+    command.mut_args(f).mut_subcommands(|sub| each_arg(sub, f))
+}
+
+/// `--discord-guild-id <DISCORD_GUILD_ID>` in `--help`, where the field is `guild_id`: a
+/// value is named after its flag unless the declaration names it (`--data <JSON>`).
+fn named_like_the_flag(arg: Arg) -> Arg {
+    let derived = arg.get_id().as_str().to_uppercase();
+    let (Some(long), Some([name])) = (arg.get_long(), arg.get_value_names()) else {
+        return arg;
+    };
+    if name.as_str() != derived {
+        return arg;
+    }
+    let name = long.replace('-', "_").to_uppercase();
+    arg.value_name(name)
+}
+
+/// An empty variable counts as unset (`.env.example` style `KEY=` lines), and an unset
+/// one is read under its alias when that is set.
+fn from_environment(arg: Arg) -> Arg {
+    let Some(name) = arg.get_env().and_then(OsStr::to_str).map(str::to_owned) else {
+        return arg;
+    };
+    let value = |name: &str| std::env::var_os(name);
+    let blank = |v: &OsString| v.to_str().is_some_and(|s| s.trim().is_empty());
+    let alias = ALIASES
+        .iter()
+        .find(|(of, alias)| *of == name && value(alias).is_some_and(|v| !blank(&v)));
+    match (value(&name), alias) {
+        (Some(v), _) if !blank(&v) => arg,
+        (_, Some((_, alias))) => arg.env(*alias),
+        (Some(_), None) => arg.env(None),
+        (None, None) => arg,
+    }
+}
+
+/// `T` at the defaults its arguments declare, parsed the way the command line is and
+/// ignoring the environment: a default is written once, in its `#[arg(default_value)]`.
+///
+/// # Panics
+///
+/// If `T` has a required argument, or a declared default its own parser refuses (the
+/// `cli` tests call it for every `Tuning`, so neither reaches a build).
+pub fn defaults<T: clap::Args + FromArgMatches>() -> T {
+    let command = T::augment_args(Command::new("defaults").no_binary_name(true))
+        .mut_args(|arg| arg.env(None));
+    command
+        .try_get_matches_from(std::iter::empty::<&str>())
+        .and_then(|m| T::from_arg_matches(&m))
+        .unwrap_or_else(|e| {
+            panic!(
+                "the declared defaults of {} do not parse: {e}",
+                std::any::type_name::<T>()
+            )
+        })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -194,7 +298,8 @@ pub fn parse_application_id(raw: &str) -> Result<Id<ApplicationMarker>, String> 
     parse_snowflake(raw).map(Id::new)
 }
 
-fn parse_snowflake(raw: &str) -> Result<u64, String> {
+/// A Discord id as the simulator keeps it (a plain number).
+pub fn parse_snowflake(raw: &str) -> Result<u64, String> {
     match raw.parse::<u64>() {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(format!(
@@ -203,18 +308,8 @@ fn parse_snowflake(raw: &str) -> Result<u64, String> {
     }
 }
 
-/// Durations are written `500ms`, `30s`, `5m`, `1h` (and combinations such as `1h30m`).
-/// Settings use [`parse_duration_in`]: every duration setting has a range.
-pub fn parse_duration(raw: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(raw)
-        .map_err(|_| format!("expected a duration such as 500ms, 30s, 5m or 1h, got {raw:?}"))?;
-    if d.is_zero() {
-        return Err(format!("must be longer than zero, got {raw:?}"));
-    }
-    Ok(d)
-}
-
-/// A duration from `min` to `max` (both included). Every duration setting has a range:
+/// A duration from `min` to `max` (both included), written `500ms`, `30s`, `5m`, `1h` (and
+/// combinations such as `1h30m`). Every duration setting has a range:
 /// a value outside it is a typo or a misunderstanding (`1ms` for a lease, `100y` for a
 /// timer), and is cheaper to refuse at start than to discover in production.
 pub fn parse_duration_in(
@@ -297,17 +392,6 @@ pub fn parse_bind(raw: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("expected an address such as 127.0.0.1:3000, got {raw:?}"))
 }
 
-/// Settings use [`parse_number_in`]: every numeric setting has a range.
-pub fn parse_positive<T>(raw: &str) -> Result<T, String>
-where
-    T: std::str::FromStr + PartialOrd + Default,
-{
-    match raw.parse::<T>() {
-        Ok(n) if n > T::default() => Ok(n),
-        _ => Err(format!("expected a positive whole number, got {raw:?}")),
-    }
-}
-
 /// An http(s) base URL, kept without a trailing slash so paths can be appended.
 pub fn parse_http_url(raw: &str) -> Result<Url, String> {
     parse_url(raw, &["http", "https"])
@@ -357,7 +441,7 @@ fn parse_url(raw: &str, schemes: &[&str]) -> Result<Url, String> {
 }
 
 /// A secret of at least `min` bytes. The value never appears in a message.
-pub fn parse_secret(min: usize) -> impl FnOnce(&str) -> Result<SecretString, String> {
+pub fn parse_secret(min: usize) -> impl Fn(&str) -> Result<SecretString, String> + Copy {
     move |raw| {
         if raw.len() < min {
             Err(format!(
@@ -394,6 +478,9 @@ pub fn parse_redis_url(raw: &str) -> Result<SecretString, String> {
     }
 }
 
+/// The default Redis key prefix.
+pub const KEY_PREFIX: &str = "coven";
+
 /// A Redis key prefix: no spaces, and no braces, which would break the `{guild}` hash tag
 /// that keeps one guild's keys in one cluster slot.
 pub fn parse_key_prefix(raw: &str) -> Result<String, String> {
@@ -417,11 +504,6 @@ pub fn join_url(base: &Url, path: &str) -> String {
         base.as_str().trim_end_matches('/'),
         path.trim_start_matches('/')
     )
-}
-
-/// Shows that a secret is set without showing it.
-pub fn describe_secret(secret: &SecretString) -> String {
-    format!("<redacted, {} bytes>", secret.expose_secret().len())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -459,71 +541,27 @@ pub fn parse_log_level(raw: &str) -> Result<String, String> {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Command-line flags shared by several commands. Each flag also reads its environment
-// variable (and so the `.env` files); values are kept raw here and parsed by the command
-// that needs them, so one pass can report every problem.
-
 /// Logging, shared by every command.
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct LogArgs {
     /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides it
-    #[arg(long, env = "LOG_LEVEL", global = true)]
-    pub log_level: Option<String>,
+    #[arg(long, env = "LOG_LEVEL", global = true, default_value = "info", value_parser = parse_log_level)]
+    pub log_level: String,
     /// pretty or json
-    #[arg(long, env = "LOG_FORMAT", global = true)]
-    pub log_format: Option<String>,
+    #[arg(long, env = "LOG_FORMAT", global = true, default_value = "pretty", value_parser = parse_log_format)]
+    pub log_format: LogFormat,
 }
 
 impl LogArgs {
-    pub fn settings(&self, r: &mut Reader) -> Option<LogSettings> {
-        let level = r.or_default(
-            "LOG_LEVEL",
-            self.log_level.as_deref(),
-            "info".to_owned(),
-            parse_log_level,
-        );
-        let format = r.or_default(
-            "LOG_FORMAT",
-            self.log_format.as_deref(),
-            LogFormat::Pretty,
-            parse_log_format,
-        );
+    pub fn settings(&self) -> LogSettings {
         let filter = match std::env::var("RUST_LOG") {
-            Ok(f) if !f.trim().is_empty() => Some(f),
-            _ => level,
+            Ok(f) if !f.trim().is_empty() => f,
+            _ => self.log_level.clone(),
         };
-        Some(LogSettings {
-            filter: filter?,
-            format: format?,
-        })
-    }
-}
-
-/// Who we are to Discord: shared by `sim` (as its truth) and the commands that talk to it.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct DiscordArgs {
-    /// The guild (server) Coven serves
-    #[arg(long, env = "DISCORD_GUILD_ID")]
-    pub discord_guild_id: Option<String>,
-    /// Alias of DISCORD_GUILD_ID kept from the original system
-    #[arg(long, env = "PRIMARY_GUILD_ID", hide = true)]
-    pub primary_guild_id: Option<String>,
-    /// Bot token (secret)
-    #[arg(long, env = "DISCORD_BOT_TOKEN", hide_env_values = true)]
-    pub discord_bot_token: Option<String>,
-    /// OAuth2 application (client) id
-    #[arg(long, env = "DISCORD_CLIENT_ID")]
-    pub discord_client_id: Option<String>,
-    /// OAuth2 client secret (secret)
-    #[arg(long, env = "DISCORD_CLIENT_SECRET", hide_env_values = true)]
-    pub discord_client_secret: Option<String>,
-}
-
-impl DiscordArgs {
-    /// DISCORD_GUILD_ID, or its alias PRIMARY_GUILD_ID.
-    pub fn guild_id(&self) -> Option<&str> {
-        present(self.discord_guild_id.as_deref()).or(present(self.primary_guild_id.as_deref()))
+        LogSettings {
+            filter,
+            format: self.log_format,
+        }
     }
 }
 
@@ -532,28 +570,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        let cases = [
-            ("500ms", Some(Duration::from_millis(500))),
-            ("30s", Some(Duration::from_secs(30))),
-            ("5m", Some(Duration::from_secs(300))),
-            ("1h", Some(Duration::from_secs(3600))),
-            ("1h30m", Some(Duration::from_secs(5400))),
-            ("0s", None),
-            ("30", None),
-            ("soon", None),
-            ("-5s", None),
-        ];
-        for (raw, want) in cases {
-            assert_eq!(parse_duration(raw).ok(), want, "{raw}");
-        }
-    }
-
-    #[test]
     fn durations_in_a_range() {
         let lease = parse_duration_in(Duration::from_secs(1), Duration::from_secs(60));
         assert_eq!(lease("1s"), Ok(Duration::from_secs(1)));
         assert_eq!(lease("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(lease("1m"), lease("30s30s"));
         for bad in ["999ms", "1ms", "0s", "61s", "1h", "soon", "", "-1s"] {
             let err = lease(bad).unwrap_err();
             assert!(err.contains("from 1s to 1m"), "{bad}: {err}");
@@ -646,23 +667,76 @@ mod tests {
         assert!(parse_secret(4)("hunter2").is_ok());
     }
 
+    /// A command with the kinds of settings the real ones have.
+    #[derive(Debug, clap::Parser)]
+    struct Example {
+        #[arg(long, env = "COVEN_TEST_GUILD", value_parser = parse_guild_id)]
+        guild: Id<GuildMarker>,
+        #[arg(long, env = "COVEN_TEST_SECRET", value_parser = parse_secret(8))]
+        secret: SecretString,
+        #[arg(long, default_value = "30s", value_parser = parse_duration_in(Duration::from_secs(1), Duration::from_secs(60)))]
+        lease: Duration,
+        #[arg(long, value_parser = parse_number_in::<u16>(1, 99))]
+        players: Option<u16>,
+        #[arg(long)]
+        quiet: bool,
+    }
+
+    fn parsed(args: &[&str]) -> Result<Example, Vec<String>> {
+        let args = std::iter::once("coven").chain(args.iter().copied());
+        let lease_over = |_: &str, parsed: &Parsed| {
+            let lease = parsed.get::<Duration>("--lease")?;
+            (lease > Duration::from_secs(50)).then(|| Problem::new("--lease", "over 50s"))
+        };
+        parse::<Example>(args.map(OsString::from).collect(), |c, p| {
+            lease_over(c, p).into_iter().collect()
+        })
+        .map_err(|problems| problems.iter().map(ToString::to_string).collect())
+    }
+
     #[test]
-    fn reader_collects_every_problem() {
-        let mut r = Reader::new();
-        let a = r.required("A", None, parse_guild_id);
-        let b = r.required("B", Some("x"), parse_guild_id);
-        let c = r.or_default("C", Some(""), Duration::from_secs(1), parse_duration);
-        let d = r.optional("D", None, parse_guild_id);
-        assert!(a.is_none() && b.is_none());
-        assert_eq!(c, Some(Duration::from_secs(1)));
-        assert_eq!(d, Some(None));
-        let problems = r.finish().unwrap_err();
-        assert_eq!(problems.0.len(), 2);
-        assert_eq!(problems.0[0].to_string(), "A: is required but not set");
-        assert!(
-            problems.0[1]
-                .to_string()
-                .starts_with("B: expected a Discord id")
+    fn every_problem_is_found_in_one_pass() {
+        let problems = parsed(&["--guild", "abc", "--lease", "2m", "--players=-4"]).unwrap_err();
+        assert_eq!(
+            problems,
+            [
+                r#"COVEN_TEST_GUILD: expected a Discord id (a positive whole number), got "abc""#,
+                "COVEN_TEST_SECRET: is required but not set",
+                r#"--lease: expected a duration from 1s to 1m, got "2m""#,
+                r#"--players: expected a number from 1 to 99, got "-4""#,
+            ]
+        );
+        let secret = parsed(&["--guild", "1", "--secret", "hunter2"]).unwrap_err();
+        assert_eq!(
+            secret,
+            ["COVEN_TEST_SECRET: must be at least 8 bytes long (it has 7)"]
+        );
+    }
+
+    #[test]
+    fn good_values_parse_typed_with_their_defaults() {
+        let ok = parsed(&["--guild", "7", "--secret", "long enough", "--quiet"]).unwrap();
+        assert_eq!(ok.guild, Id::new(7));
+        assert_eq!(ok.lease, Duration::from_secs(30));
+        assert_eq!(ok.players, None);
+        assert!(ok.quiet);
+        assert!(!format!("{ok:?}").contains("long enough"), "{ok:?}");
+    }
+
+    #[derive(Debug, clap::Args)]
+    struct Tunable {
+        #[arg(long, env = "COVEN_TEST_LEASE", default_value = "10s", value_parser = parse_duration_in(Duration::from_secs(1), Duration::from_secs(60)))]
+        lease: Duration,
+        #[arg(long, default_value = KEY_PREFIX, value_parser = parse_key_prefix)]
+        prefix: String,
+    }
+
+    #[test]
+    fn defaults_are_the_declared_ones() {
+        let d = defaults::<Tunable>();
+        assert_eq!(
+            (d.lease, d.prefix.as_str()),
+            (Duration::from_secs(10), "coven")
         );
     }
 }

@@ -8,89 +8,48 @@
 //! and the bot's REST API (the room role an invite would give them). Must not reach into
 //! the gateway or the web app.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use twilight_model::id::Id;
+use url::Url;
 
 use crate::bus::{Backend, Snapshot};
-use crate::config::{self, DiscordArgs, Reader};
-use crate::{gateway, sim, web};
+use crate::discord::DiscordSettings;
+use crate::{config, gateway, sim, web};
 
-/// Flags of `coven demo` (each also read from its environment variable).
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct Args {
+/// Settings of `coven demo`: its flags, each also read from its environment variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
     /// Address of the web app (the page to open)
-    #[arg(long, env = "BIND")]
-    pub bind: Option<String>,
+    #[arg(long, env = "BIND", default_value = web::DEFAULT_BIND, value_parser = config::parse_bind)]
+    pub bind: SocketAddr,
     /// Address of the simulated Discord (its login page, REST and Gateway)
-    #[arg(long, env = "SIM_BIND")]
-    pub sim_bind: Option<String>,
+    #[arg(long, env = "SIM_BIND", default_value = sim::defaults::BIND, value_parser = config::parse_bind)]
+    pub sim_bind: SocketAddr,
     /// Use this Redis for events and sessions instead of memory
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, value_parser = config::parse_redis_url)]
+    pub redis_url: Option<SecretString>,
     /// No simulated players: only what you do happens
     #[arg(long)]
     pub quiet: bool,
     /// Average time between two moves of the simulated players (100ms–10m)
-    #[arg(long, env = "DEMO_PLAYER_INTERVAL", hide = true)]
-    pub player_interval: Option<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub bind: std::net::SocketAddr,
-    pub sim: sim::Settings,
-    pub redis_url: Option<secrecy::SecretString>,
-    pub quiet: bool,
+    #[arg(long, env = "DEMO_PLAYER_INTERVAL", hide = true, default_value = "1500ms", value_parser = config::parse_duration_in(Duration::from_millis(100), Duration::from_secs(600)))]
     pub player_interval: Duration,
-}
-
-impl Args {
-    pub fn settings(&self, r: &mut Reader) -> Option<Settings> {
-        let bind = r.or_default(
-            "BIND",
-            self.bind.as_deref(),
-            std::net::SocketAddr::from(([127, 0, 0, 1], 3000)),
-            config::parse_bind,
-        );
-        let sim = sim::Args {
-            bind: Some(
-                self.sim_bind
-                    .clone()
-                    .unwrap_or_else(|| sim::defaults::BIND.to_owned()),
-            ),
-            ..sim::Args::default()
-        }
-        .settings(r);
-        let redis_url = r.optional(
-            "REDIS_URL",
-            self.redis_url.as_deref(),
-            config::parse_redis_url,
-        );
-        let player_interval = r.or_default(
-            "DEMO_PLAYER_INTERVAL",
-            self.player_interval.as_deref(),
-            Duration::from_millis(1500),
-            config::parse_duration_in(Duration::from_millis(100), Duration::from_secs(600)),
-        );
-        Some(Settings {
-            bind: bind?,
-            sim: sim?,
-            redis_url: redis_url?,
-            quiet: self.quiet,
-            player_interval: player_interval?,
-        })
-    }
 }
 
 /// Runs the demo until shutdown.
 pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     web::raise_open_file_limit();
-    let simulator = sim::Sim::start(settings.sim.clone(), shutdown.clone()).await?;
+    let sim_settings = sim::Settings {
+        bind: settings.sim_bind,
+        ..sim::Settings::default()
+    };
+    let simulator = sim::Sim::start(sim_settings, shutdown.clone()).await?;
     let sim_url = simulator.url("").trim_end_matches('/').to_owned();
     let listener = TcpListener::bind(settings.bind).await.map_err(|e| {
         anyhow::anyhow!(
@@ -105,63 +64,42 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
         addr.to_string()
     };
     let public_url = format!("http://{host}");
-    let s = &settings.sim;
-    let guild = s.guild_id.to_string();
-    let discord = DiscordArgs {
-        discord_guild_id: Some(guild.clone()),
-        primary_guild_id: None,
-        discord_bot_token: Some(s.bot_token.expose_secret().to_owned()),
-        discord_client_id: Some(s.client_id.to_string()),
-        discord_client_secret: Some(s.client_secret.expose_secret().to_owned()),
-    };
-    // Both components read their settings the usual way, so the demo runs them exactly
-    // as configured in production, only pointed at the simulator. The Redis URL they
-    // require is not used when the bus is in memory.
-    let redis_url = settings.redis_url.as_ref().map_or_else(
-        || "redis://unused".to_owned(),
-        |u| u.expose_secret().to_owned(),
-    );
-    let mut r = Reader::new();
-    let web_settings = web::Args {
-        bind: Some(addr.to_string()),
-        public_url: Some(public_url.clone()),
-        redis_url: Some(redis_url.clone()),
-        discord: discord.clone(),
-        discord_api_url: Some(format!("{sim_url}/api")),
-        discord_oauth_url: Some(sim_url.clone()),
-        // One process on a laptop: Ctrl-C should not wait out a long drain.
-        drain_timeout: Some("1s".to_owned()),
-        invite_secret: Some(format!(
+    let s = &simulator.shared.settings;
+    let guild_id = Id::new(s.guild_id);
+    // The real components, pointed at the simulator; the bus is Redis when REDIS_URL is
+    // set, else memory.
+    let web_settings = web::Settings {
+        redis_url: settings.redis_url.clone(),
+        guild_id,
+        discord: DiscordSettings {
+            bot_token: s.bot_token.clone(),
+            client_id: Id::new(s.client_id),
+            client_secret: s.client_secret.clone(),
+            api_url: Url::parse(&simulator.url("/api"))?,
+            oauth_url: simulator.shared.public_url.clone(),
+        },
+        invite_secret: SecretString::from(format!(
             "{:032x}{:032x}",
             rand::random::<u128>(),
             rand::random::<u128>()
         )),
-        ..web::Args::default()
-    }
-    .settings(&mut r);
-    let gateway_settings = gateway::Args {
-        bind: Some("127.0.0.1:0".to_owned()),
-        redis_url: Some(redis_url.clone()),
-        discord,
-        discord_gateway_url: Some(simulator.shared.gateway_url()),
-        ..gateway::Args::default()
-    }
-    .settings(&mut r);
-    let (Some(mut web_settings), Some(gateway_settings)) = (web_settings, gateway_settings) else {
-        let problems: Vec<String> = r
-            .into_problems()
-            .0
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        anyhow::bail!(
-            "the demo's own settings were refused: {}",
-            problems.join("; ")
-        );
+        tuning: web::Tuning {
+            bind: addr,
+            public_url: Url::parse(&public_url)?,
+            // One process on a laptop: Ctrl-C should not wait out a long drain.
+            drain_timeout: Duration::from_secs(1),
+            ..web::Tuning::default()
+        },
     };
-    web_settings.redis_url = settings.redis_url.clone();
-
-    let guild_id = web_settings.guild_id;
+    let gateway_settings = gateway::Settings {
+        redis_url: settings.redis_url.clone(),
+        guild_id,
+        bot_token: s.bot_token.clone(),
+        tuning: gateway::Tuning {
+            gateway_url: Url::parse(&simulator.shared.gateway_url())?,
+            ..gateway::Tuning::default()
+        },
+    };
     let bus: Arc<dyn Backend> = match &settings.redis_url {
         Some(url) => Arc::new(
             crate::bus::redis::RedisBus::connect(

@@ -19,11 +19,13 @@ use twilight_model::channel::ChannelType;
 use twilight_model::channel::permission_overwrite::PermissionOverwrite;
 use twilight_model::guild::Permissions;
 use twilight_model::id::Id;
-use twilight_model::id::marker::{ChannelMarker, GuildMarker, RoleMarker, UserMarker};
+use twilight_model::id::marker::{
+    ApplicationMarker, ChannelMarker, GuildMarker, RoleMarker, UserMarker,
+};
 use url::Url;
 
 use crate::access::room_overwrites;
-use crate::config::{self, DiscordArgs, Reader};
+use crate::config;
 use crate::event::{Person, now_ms};
 
 /// Discord's REST API base.
@@ -32,59 +34,23 @@ pub const DEFAULT_API_URL: &str = "https://discord.com/api";
 pub const DEFAULT_OAUTH_URL: &str = "https://discord.com";
 
 /// Where Discord is and who we are to it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct DiscordSettings {
+    /// Bot token (secret)
+    #[arg(long = "discord-bot-token", env = "DISCORD_BOT_TOKEN", hide_env_values = true, value_parser = config::parse_secret(1))]
     pub bot_token: SecretString,
-    pub client_id: String,
+    /// OAuth2 application (client) id
+    #[arg(long = "discord-client-id", env = "DISCORD_CLIENT_ID", value_parser = config::parse_application_id)]
+    pub client_id: Id<ApplicationMarker>,
+    /// OAuth2 client secret (secret)
+    #[arg(long = "discord-client-secret", env = "DISCORD_CLIENT_SECRET", hide_env_values = true, value_parser = config::parse_secret(1))]
     pub client_secret: SecretString,
-    /// `https://discord.com/api`, or a stand-in such as the simulator.
+    /// Discord REST base URL
+    #[arg(long = "discord-api-url", env = "DISCORD_API_URL", default_value = DEFAULT_API_URL, value_parser = parse_api_url)]
     pub api_url: Url,
-    /// `https://discord.com`: the authorize page is `{oauth_url}/oauth2/authorize`.
+    /// Discord OAuth2 base URL (the authorize page is under it)
+    #[arg(long = "discord-oauth-url", env = "DISCORD_OAUTH_URL", default_value = DEFAULT_OAUTH_URL, value_parser = config::parse_http_url)]
     pub oauth_url: Url,
-}
-
-impl DiscordSettings {
-    pub fn read(
-        r: &mut Reader,
-        args: &DiscordArgs,
-        api_url: Option<&str>,
-        oauth_url: Option<&str>,
-    ) -> Option<Self> {
-        let bot_token = r.required(
-            "DISCORD_BOT_TOKEN",
-            args.discord_bot_token.as_deref(),
-            config::parse_secret(1),
-        );
-        let client_id = r.required(
-            "DISCORD_CLIENT_ID",
-            args.discord_client_id.as_deref(),
-            |raw| config::parse_application_id(raw).map(|id| id.to_string()),
-        );
-        let client_secret = r.required(
-            "DISCORD_CLIENT_SECRET",
-            args.discord_client_secret.as_deref(),
-            config::parse_secret(1),
-        );
-        let api_url = r.or_default(
-            "DISCORD_API_URL",
-            api_url,
-            Url::parse(DEFAULT_API_URL).ok()?,
-            parse_api_url,
-        );
-        let oauth_url = r.or_default(
-            "DISCORD_OAUTH_URL",
-            oauth_url,
-            Url::parse(DEFAULT_OAUTH_URL).ok()?,
-            config::parse_http_url,
-        );
-        Some(Self {
-            bot_token: bot_token?,
-            client_id: client_id?,
-            client_secret: client_secret?,
-            api_url: api_url?,
-            oauth_url: oauth_url?,
-        })
-    }
 }
 
 /// twilight-http can only be pointed at `{scheme}://{host:port}/api/v10`, so the API URL
@@ -230,7 +196,7 @@ impl Discord {
             None
         };
         let bot = rest_client(settings.bot_token.expose_secret(), proxy.as_ref());
-        let oauth = BasicClient::new(ClientId::new(settings.client_id.clone()))
+        let oauth = BasicClient::new(ClientId::new(settings.client_id.to_string()))
             .set_client_secret(ClientSecret::new(
                 settings.client_secret.expose_secret().to_owned(),
             ))

@@ -10,23 +10,21 @@ use twilight_model::id::Id;
 use twilight_model::id::marker::GuildMarker;
 
 use crate::bus::Bus;
-use crate::config::{self, Reader};
+use crate::config::{self, Problem};
 use crate::event::EventData;
 
-/// Flags of `coven publish`.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct Args {
+/// Settings of `coven publish`: its flags, some also read from the environment.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
     /// Redis holding the event log
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, value_parser = config::parse_redis_url)]
+    pub redis_url: SecretString,
     /// The guild whose log to append to
-    #[arg(long, env = "DISCORD_GUILD_ID")]
-    pub discord_guild_id: Option<String>,
-    #[arg(long, env = "PRIMARY_GUILD_ID", hide = true)]
-    pub primary_guild_id: Option<String>,
+    #[arg(long = "discord-guild-id", env = "DISCORD_GUILD_ID", value_parser = config::parse_guild_id)]
+    pub guild_id: Id<GuildMarker>,
     /// Prefix of every Redis key
-    #[arg(long, env = "COVEN_KEY_PREFIX")]
-    pub coven_key_prefix: Option<String>,
+    #[arg(long = "coven-key-prefix", env = "COVEN_KEY_PREFIX", default_value = config::KEY_PREFIX, value_parser = config::parse_key_prefix)]
+    pub key_prefix: String,
     /// Event type, e.g. room.closing (with --data)
     #[arg(long = "type", value_name = "TYPE", conflicts_with = "ping")]
     pub kind: Option<String>,
@@ -36,12 +34,14 @@ pub struct Args {
     /// Publish a series of `ping` events instead
     #[arg(long)]
     pub ping: bool,
-    /// How many pings (1–10,000,000; default 1)
-    #[arg(long, requires = "ping")]
-    pub count: Option<String>,
-    /// Pings per second (0.01–100,000; default 10)
-    #[arg(long, requires = "ping")]
-    pub rate: Option<String>,
+    /// How many pings (1–10,000,000)
+    #[arg(long, requires = "ping", default_value = "1", value_parser = config::parse_number_in::<u64>(1, 10_000_000))]
+    pub count: u64,
+    /// Pings per second (0.01–100,000)
+    // The pause between pings is 1/rate: a rate near zero would overflow it, and past
+    // 100,000 a second the pause is below what a timer keeps.
+    #[arg(long, requires = "ping", default_value = "10", value_parser = config::parse_number_in::<f64>(0.01, 100_000.0))]
+    pub rate: f64,
 }
 
 pub enum What {
@@ -49,76 +49,25 @@ pub enum What {
     Pings { count: u64, rate: f64 },
 }
 
-pub struct Settings {
-    pub redis_url: SecretString,
-    pub guild_id: Id<GuildMarker>,
-    pub key_prefix: String,
-    pub what: What,
-}
-
-impl Args {
-    pub fn settings(&self, r: &mut Reader) -> Option<Settings> {
-        let redis_url = r.required(
-            "REDIS_URL",
-            self.redis_url.as_deref(),
-            config::parse_redis_url,
-        );
-        let guild = self
-            .discord_guild_id
-            .as_deref()
-            .filter(|s| !s.trim().is_empty())
-            .or(self.primary_guild_id.as_deref());
-        let guild_id = r.required("DISCORD_GUILD_ID", guild, config::parse_guild_id);
-        let key_prefix = r.or_default(
-            "COVEN_KEY_PREFIX",
-            self.coven_key_prefix.as_deref(),
-            "coven".to_owned(),
-            config::parse_key_prefix,
-        );
-        let what = if self.ping {
-            let count = r.or_default(
-                "--count",
-                self.count.as_deref(),
-                1,
-                config::parse_number_in::<u64>(1, 10_000_000),
-            );
-            // The pause between pings is 1/rate: a rate near zero would overflow it, and
-            // past 100,000 a second the pause is below what a timer keeps.
-            let rate = r.or_default(
-                "--rate",
-                self.rate.as_deref(),
-                10.0,
-                config::parse_number_in::<f64>(0.01, 100_000.0),
-            );
-            Some(What::Pings {
-                count: count?,
-                rate: rate?,
-            })
-        } else {
-            match (&self.kind, &self.data) {
-                (Some(kind), Some(data)) => match EventData::from_parts(kind, data) {
-                    Ok(event) => Some(What::One(event)),
-                    Err(e) => {
-                        r.problem("--data", e);
-                        None
-                    }
-                },
-                _ => {
-                    r.problem("--type", "give --type and --data, or --ping");
-                    None
-                }
-            }
-        };
-        Some(Settings {
-            redis_url: redis_url?,
-            guild_id: guild_id?,
-            key_prefix: key_prefix?,
-            what: what?,
-        })
+impl Settings {
+    /// What to publish: the event `--type` and `--data` describe, or the pings.
+    pub fn what(&self) -> Result<What, Problem> {
+        if self.ping {
+            return Ok(What::Pings {
+                count: self.count,
+                rate: self.rate,
+            });
+        }
+        match (&self.kind, &self.data) {
+            (Some(kind), Some(data)) => EventData::from_parts(kind, data)
+                .map(What::One)
+                .map_err(|e| Problem::new("--data", e)),
+            _ => Err(Problem::new("--type", "give --type and --data, or --ping")),
+        }
     }
 }
 
-pub async fn command(settings: Settings) -> anyhow::Result<()> {
+pub async fn command(settings: Settings, what: What) -> anyhow::Result<()> {
     let bus: Arc<dyn Bus> = Arc::new(
         crate::bus::redis::RedisBus::connect(
             settings.redis_url.expose_secret(),
@@ -128,7 +77,7 @@ pub async fn command(settings: Settings) -> anyhow::Result<()> {
         )
         .await?,
     );
-    match settings.what {
+    match what {
         What::One(data) => {
             let event = bus.append(data, None).await?;
             println!("{}", event.id);

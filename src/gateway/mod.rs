@@ -21,59 +21,75 @@ use twilight_model::id::marker::{ChannelMarker, GuildMarker};
 use url::Url;
 
 use crate::bus::Backend;
-use crate::config::{self, DiscordArgs, Reader};
+use crate::config;
 
 pub use run::Outcome;
 
-/// Flags of `coven gateway` (each also read from its environment variable).
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct Args {
-    /// Address of the health endpoint
-    #[arg(long, env = "BIND")]
-    pub bind: Option<String>,
-    /// Address of the Prometheus `/metrics` listener (keep it off the public network)
-    #[arg(long, env = "METRICS_BIND")]
-    pub metrics_bind: Option<String>,
+/// Settings of the gateway: its flags, each also read from its environment variable.
+/// What has no default is here; everything with one is in [`Tuning`], which reads through.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
     /// Redis holding the event log and shared state (redis://, rediss://, ...)
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, required = true, value_parser = config::parse_redis_url)]
+    pub redis_url: Option<SecretString>,
+    /// The guild (server) Coven serves
+    #[arg(long = "discord-guild-id", env = "DISCORD_GUILD_ID", value_parser = config::parse_guild_id)]
+    pub guild_id: Id<GuildMarker>,
+    /// Bot token (secret)
+    #[arg(long = "discord-bot-token", env = "DISCORD_BOT_TOKEN", hide_env_values = true, value_parser = config::parse_secret(1))]
+    pub bot_token: SecretString,
     #[command(flatten)]
-    pub discord: DiscordArgs,
-    /// Discord Gateway base URL
-    #[arg(long, env = "DISCORD_GATEWAY_URL")]
-    pub discord_gateway_url: Option<String>,
-    /// Only voice channels in this category are rooms (default: every voice channel)
-    #[arg(long, env = "DISCORD_ROOM_CATEGORY_ID")]
-    pub discord_room_category_id: Option<String>,
-    /// Prefix of every Redis key
-    #[arg(long, env = "COVEN_KEY_PREFIX")]
-    pub coven_key_prefix: Option<String>,
-    /// Leader lease lifetime; a standby takes over within it (1s–1m)
-    #[arg(long, env = "GATEWAY_LEASE_TTL")]
-    pub gateway_lease_ttl: Option<String>,
-    /// Events kept in the log (approximately; older ones are trimmed; 100–10,000,000)
-    #[arg(long, env = "EVENT_LOG_MAX_LEN")]
-    pub event_log_max_len: Option<String>,
-    /// Events held in memory while Redis is unreachable before falling back to a
-    /// reconcile (1–100,000)
-    #[arg(long, env = "GATEWAY_QUEUE_SIZE")]
-    pub gateway_queue_size: Option<String>,
+    pub tuning: Tuning,
 }
 
-/// Checked settings of the gateway.
-#[derive(Debug, Clone)]
-pub struct Settings {
+/// The gateway settings with a default, which the demo keeps.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Tuning {
+    /// Address of the health endpoint
+    #[arg(long, env = "BIND", default_value = "127.0.0.1:3001", value_parser = config::parse_bind)]
     pub bind: SocketAddr,
+    /// Address of the Prometheus `/metrics` listener (keep it off the public network)
+    #[arg(long, env = "METRICS_BIND", default_value = "127.0.0.1:9465", value_parser = config::parse_bind)]
     pub metrics_bind: SocketAddr,
-    pub redis_url: SecretString,
-    pub guild_id: Id<GuildMarker>,
-    pub bot_token: SecretString,
+    /// Discord Gateway base URL
+    #[arg(long = "discord-gateway-url", env = "DISCORD_GATEWAY_URL", default_value = DEFAULT_GATEWAY_URL, value_parser = config::parse_ws_url)]
     pub gateway_url: Url,
+    /// Only voice channels in this category are rooms (default: every voice channel)
+    #[arg(long = "discord-room-category-id", env = "DISCORD_ROOM_CATEGORY_ID", value_parser = config::parse_channel_id)]
     pub room_category: Option<Id<ChannelMarker>>,
+    /// Prefix of every Redis key
+    #[arg(long = "coven-key-prefix", env = "COVEN_KEY_PREFIX", default_value = config::KEY_PREFIX, value_parser = config::parse_key_prefix)]
     pub key_prefix: String,
+    /// Leader lease lifetime; a standby takes over within it (1s–1m)
+    // Renewed every third of its life: under a second that is a busy loop against Redis,
+    // and every pause longer than it hands the guild to a standby. Over a minute, a
+    // crashed gateway leaves the site stale that long.
+    #[arg(long = "gateway-lease-ttl", env = "GATEWAY_LEASE_TTL", default_value = "10s", value_parser = config::parse_duration_in(Duration::from_secs(1), Duration::from_secs(60)))]
     pub lease_ttl: Duration,
+    /// Events kept in the log (approximately; older ones are trimmed; 100–10,000,000)
+    // Fewer than a page's worth of events makes every reconnect a resync; ten million
+    // envelopes are gigabytes of Redis memory.
+    #[arg(long, env = "EVENT_LOG_MAX_LEN", default_value = "100000", value_parser = config::parse_number_in::<u64>(100, 10_000_000))]
     pub event_log_max_len: u64,
+    /// Events held in memory while Redis is unreachable before falling back to a
+    /// reconcile (1–100,000)
+    #[arg(long = "gateway-queue-size", env = "GATEWAY_QUEUE_SIZE", default_value = "10000", value_parser = config::parse_number_in::<usize>(1, 100_000))]
     pub queue_size: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        config::defaults()
+    }
+}
+
+/// Every setting reads as `settings.name`, wherever it is declared.
+impl std::ops::Deref for Settings {
+    type Target = Tuning;
+
+    fn deref(&self) -> &Tuning {
+        &self.tuning
+    }
 }
 
 impl Settings {
@@ -82,93 +98,7 @@ impl Settings {
     }
 }
 
-pub const DEFAULT_BIND: &str = "127.0.0.1:3001";
 pub const DEFAULT_GATEWAY_URL: &str = "wss://gateway.discord.gg";
-
-impl Args {
-    pub fn settings(&self, r: &mut Reader) -> Option<Settings> {
-        let bind = r.or_default(
-            "BIND",
-            self.bind.as_deref(),
-            SocketAddr::from(([127, 0, 0, 1], 3001)),
-            config::parse_bind,
-        );
-        let metrics_bind = r.or_default(
-            "METRICS_BIND",
-            self.metrics_bind.as_deref(),
-            SocketAddr::from(([127, 0, 0, 1], 9465)),
-            config::parse_bind,
-        );
-        let redis_url = r.required(
-            "REDIS_URL",
-            self.redis_url.as_deref(),
-            config::parse_redis_url,
-        );
-        let guild_id = r.required(
-            "DISCORD_GUILD_ID",
-            self.discord.guild_id(),
-            config::parse_guild_id,
-        );
-        let bot_token = r.required(
-            "DISCORD_BOT_TOKEN",
-            self.discord.discord_bot_token.as_deref(),
-            config::parse_secret(1),
-        );
-        let gateway_url = r.or_default(
-            "DISCORD_GATEWAY_URL",
-            self.discord_gateway_url.as_deref(),
-            Url::parse(DEFAULT_GATEWAY_URL).ok()?,
-            config::parse_ws_url,
-        );
-        let room_category = r.optional(
-            "DISCORD_ROOM_CATEGORY_ID",
-            self.discord_room_category_id.as_deref(),
-            config::parse_channel_id,
-        );
-        let key_prefix = r.or_default(
-            "COVEN_KEY_PREFIX",
-            self.coven_key_prefix.as_deref(),
-            "coven".to_owned(),
-            config::parse_key_prefix,
-        );
-        let lease_ttl = r.or_default(
-            "GATEWAY_LEASE_TTL",
-            self.gateway_lease_ttl.as_deref(),
-            Duration::from_secs(10),
-            // Renewed every third of its life: under a second that is a busy loop against
-            // Redis, and every pause longer than it hands the guild to a standby. Over a
-            // minute, a crashed gateway leaves the site stale that long.
-            config::parse_duration_in(Duration::from_secs(1), Duration::from_secs(60)),
-        );
-        let event_log_max_len = r.or_default(
-            "EVENT_LOG_MAX_LEN",
-            self.event_log_max_len.as_deref(),
-            100_000,
-            // Fewer than a page's worth of events makes every reconnect a resync; ten
-            // million envelopes are gigabytes of Redis memory.
-            config::parse_number_in::<u64>(100, 10_000_000),
-        );
-        let queue_size = r.or_default(
-            "GATEWAY_QUEUE_SIZE",
-            self.gateway_queue_size.as_deref(),
-            10_000,
-            config::parse_number_in::<usize>(1, 100_000),
-        );
-        Some(Settings {
-            queue_size: queue_size?,
-            bind: bind?,
-            metrics_bind: metrics_bind?,
-            redis_url: redis_url?,
-            guild_id: guild_id?,
-            bot_token: bot_token?,
-            gateway_url: gateway_url?,
-            room_category: room_category?,
-            key_prefix: key_prefix?,
-            lease_ttl: lease_ttl?,
-            event_log_max_len: event_log_max_len?,
-        })
-    }
-}
 
 /// `coven gateway`: connect to Redis, serve health, run until stopped or refused.
 pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Outcome> {
@@ -180,8 +110,12 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
         let at = crate::prometheus::serve(settings.metrics_bind, handle, shutdown.clone()).await?;
         println!("coven gateway metrics at http://{at}/metrics");
     }
+    let redis_url = settings
+        .redis_url
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("REDIS_URL is required"))?;
     let bus = crate::bus::redis::RedisBus::connect(
-        settings.redis_url.expose_secret(),
+        redis_url.expose_secret(),
         &settings.key_prefix,
         settings.guild_id,
         settings.event_log_max_len,

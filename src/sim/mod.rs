@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use crate::config::{self, DiscordArgs, Reader};
+use crate::config::{self, Problem};
 
 /// Defaults used when the Discord identity settings are unset, so the simulator runs with
 /// no configuration at all. They are printed at start.
@@ -41,220 +41,80 @@ pub mod defaults {
     pub const BIND: &str = "127.0.0.1:3100";
 }
 
-/// Flags of `coven sim` (each also read from its environment variable).
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct Args {
-    /// Address to listen on (use port 0 for any free port)
-    #[arg(long, env = "BIND")]
-    pub bind: Option<String>,
-    #[command(flatten)]
-    pub discord: DiscordArgs,
-    /// Base URL that clients use to reach the simulator (default: http://BIND)
-    #[arg(long, env = "SIM_PUBLIC_URL")]
-    pub sim_public_url: Option<String>,
-    /// Gateway heartbeat interval in milliseconds (Discord uses 41250; 100–600,000)
-    #[arg(long, env = "SIM_HEARTBEAT_INTERVAL_MS")]
-    pub sim_heartbeat_interval_ms: Option<String>,
-    /// How long a disconnected Gateway session stays resumable (1s–1h)
-    #[arg(long, env = "SIM_RESUME_TTL")]
-    pub sim_resume_ttl: Option<String>,
-    /// Lifetime of OAuth2 access tokens (1s–30d)
-    #[arg(long, env = "SIM_TOKEN_TTL")]
-    pub sim_token_ttl: Option<String>,
-    /// Requests per REST rate-limit bucket per window (1–10,000)
-    #[arg(long, env = "SIM_RATE_LIMIT")]
-    pub sim_rate_limit: Option<String>,
-    /// Length of a REST rate-limit window (100ms–1h)
-    #[arg(long, env = "SIM_RATE_WINDOW")]
-    pub sim_rate_window: Option<String>,
-    /// Requests the OAuth2 token endpoint accepts per window (1–10,000)
-    #[arg(long, env = "SIM_TOKEN_RATE_LIMIT")]
-    pub sim_token_rate_limit: Option<String>,
-    /// Length of the OAuth2 token endpoint's rate-limit window (100ms–1h)
-    #[arg(long, env = "SIM_TOKEN_RATE_WINDOW")]
-    pub sim_token_rate_window: Option<String>,
-    /// Comma-separated OAuth2 redirect URIs to accept (default: any http(s) URL)
-    #[arg(long, env = "SIM_REDIRECT_URIS")]
-    pub sim_redirect_uris: Option<String>,
-}
-
-/// Checked settings of the simulator.
-#[derive(Debug, Clone)]
+/// Settings of the simulator: its flags, each also read from its environment variable.
+/// Every one has a default, so the simulator runs with no configuration at all; the
+/// identity defaults are printed at start.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
+    /// Address to listen on (use port 0 for any free port)
+    #[arg(long, env = "BIND", default_value = defaults::BIND, value_parser = config::parse_bind)]
     pub bind: SocketAddr,
-    pub public_url: Option<Url>,
+    /// The guild (server) Coven serves
+    #[arg(long = "discord-guild-id", env = "DISCORD_GUILD_ID", default_value_t = defaults::GUILD_ID, value_parser = config::parse_snowflake)]
     pub guild_id: u64,
-    pub client_id: u64,
+    /// Bot token (secret)
+    #[arg(long = "discord-bot-token", env = "DISCORD_BOT_TOKEN", hide_env_values = true, default_value = defaults::BOT_TOKEN, value_parser = config::parse_secret(1))]
     pub bot_token: SecretString,
+    /// OAuth2 application (client) id
+    #[arg(long = "discord-client-id", env = "DISCORD_CLIENT_ID", default_value_t = defaults::CLIENT_ID, value_parser = config::parse_snowflake)]
+    pub client_id: u64,
+    /// OAuth2 client secret (secret)
+    #[arg(long = "discord-client-secret", env = "DISCORD_CLIENT_SECRET", hide_env_values = true, default_value = defaults::CLIENT_SECRET, value_parser = config::parse_secret(1))]
     pub client_secret: SecretString,
+    /// Base URL that clients use to reach the simulator (default: http://BIND)
+    #[arg(long = "sim-public-url", env = "SIM_PUBLIC_URL", value_parser = config::parse_http_url)]
+    pub public_url: Option<Url>,
+    /// Gateway heartbeat interval in milliseconds (Discord uses 41250; 100–600,000)
+    #[arg(long = "sim-heartbeat-interval-ms", env = "SIM_HEARTBEAT_INTERVAL_MS", default_value = "41250", value_parser = |raw: &str| config::parse_number_in::<u64>(100, 600_000)(raw).map(Duration::from_millis))]
     pub heartbeat_interval: Duration,
+    /// How long a disconnected Gateway session stays resumable (1s–1h)
+    #[arg(long = "sim-resume-ttl", env = "SIM_RESUME_TTL", default_value = "2m", value_parser = config::parse_duration_in(secs(1), secs(3600)))]
     pub resume_ttl: Duration,
+    /// Lifetime of OAuth2 access tokens (1s–30d)
+    #[arg(long = "sim-token-ttl", env = "SIM_TOKEN_TTL", default_value = "7d", value_parser = config::parse_duration_in(secs(1), secs(30 * 24 * 3600)))]
     pub token_ttl: Duration,
+    /// Requests per REST rate-limit bucket per window (1–10,000)
+    #[arg(long = "sim-rate-limit", env = "SIM_RATE_LIMIT", default_value = "5", value_parser = config::parse_number_in::<u32>(1, 10_000))]
     pub rate_limit: u32,
+    /// Length of a REST rate-limit window (100ms–1h)
+    #[arg(long = "sim-rate-window", env = "SIM_RATE_WINDOW", default_value = "1s", value_parser = config::parse_duration_in(Duration::from_millis(100), secs(3600)))]
     pub rate_window: Duration,
+    /// Requests the OAuth2 token endpoint accepts per window (1–10,000)
+    #[arg(long = "sim-token-rate-limit", env = "SIM_TOKEN_RATE_LIMIT", default_value = "5", value_parser = config::parse_number_in::<u32>(1, 10_000))]
     pub token_rate_limit: u32,
+    /// Length of the OAuth2 token endpoint's rate-limit window (100ms–1h)
+    #[arg(long = "sim-token-rate-window", env = "SIM_TOKEN_RATE_WINDOW", default_value = "1s", value_parser = config::parse_duration_in(Duration::from_millis(100), secs(3600)))]
     pub token_rate_window: Duration,
+    /// Comma-separated OAuth2 redirect URIs to accept (default: any http(s) URL)
+    #[arg(long = "sim-redirect-uris", env = "SIM_REDIRECT_URIS", value_delimiter = ',', value_parser = parse_redirect_uri)]
     pub redirect_uris: Vec<Url>,
-    /// Identity settings that fell back to a default (printed at start).
-    pub defaulted: Vec<&'static str>,
 }
 
+/// The declared defaults, listening on any free port (for tests and benchmarks).
 impl Default for Settings {
     fn default() -> Self {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-            public_url: None,
-            guild_id: defaults::GUILD_ID,
-            client_id: defaults::CLIENT_ID,
-            bot_token: SecretString::from(defaults::BOT_TOKEN),
-            client_secret: SecretString::from(defaults::CLIENT_SECRET),
-            heartbeat_interval: Duration::from_millis(41_250),
-            resume_ttl: Duration::from_secs(120),
-            token_ttl: Duration::from_secs(7 * 24 * 3600),
-            rate_limit: 5,
-            rate_window: Duration::from_secs(1),
-            token_rate_limit: 5,
-            token_rate_window: Duration::from_secs(1),
-            redirect_uris: Vec::new(),
-            defaulted: Vec::new(),
+            ..config::defaults()
         }
     }
 }
 
-impl Args {
-    pub fn settings(&self, r: &mut Reader) -> Option<Settings> {
-        let d = Settings::default();
-        let mut defaulted = Vec::new();
-        let mut note = |name, raw: Option<&str>| {
-            if raw.is_none_or(|s| s.trim().is_empty()) {
-                defaulted.push(name);
-            }
-        };
-        note("DISCORD_GUILD_ID", self.discord.guild_id());
-        note(
-            "DISCORD_CLIENT_ID",
-            self.discord.discord_client_id.as_deref(),
-        );
-        note(
-            "DISCORD_BOT_TOKEN",
-            self.discord.discord_bot_token.as_deref(),
-        );
-        note(
-            "DISCORD_CLIENT_SECRET",
-            self.discord.discord_client_secret.as_deref(),
-        );
+fn parse_redirect_uri(raw: &str) -> Result<Url, String> {
+    let raw = raw.trim();
+    Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL ({e})"))
+}
 
-        let bind = r.or_default(
-            "BIND",
-            self.bind.as_deref(),
-            defaults::BIND.parse().unwrap_or(d.bind),
-            config::parse_bind,
-        );
-        let public_url = r.optional(
-            "SIM_PUBLIC_URL",
-            self.sim_public_url.as_deref(),
-            config::parse_http_url,
-        );
-        let guild_id = r.or_default(
-            "DISCORD_GUILD_ID",
-            self.discord.guild_id(),
-            d.guild_id,
-            |s| config::parse_guild_id(s).map(|id| id.get()),
-        );
-        let client_id = r.or_default(
+/// The simulated application and guild are told apart by id.
+pub fn contradictions(parsed: &config::Parsed) -> Vec<Problem> {
+    let client = parsed.get::<u64>("DISCORD_CLIENT_ID");
+    if client.is_some() && client == parsed.get::<u64>("DISCORD_GUILD_ID") {
+        return vec![Problem::new(
             "DISCORD_CLIENT_ID",
-            self.discord.discord_client_id.as_deref(),
-            d.client_id,
-            |s| config::parse_application_id(s).map(|id| id.get()),
-        );
-        let bot_token = r.or_default(
-            "DISCORD_BOT_TOKEN",
-            self.discord.discord_bot_token.as_deref(),
-            d.bot_token.clone(),
-            config::parse_secret(1),
-        );
-        let client_secret = r.or_default(
-            "DISCORD_CLIENT_SECRET",
-            self.discord.discord_client_secret.as_deref(),
-            d.client_secret.clone(),
-            config::parse_secret(1),
-        );
-        let heartbeat_interval = r.or_default(
-            "SIM_HEARTBEAT_INTERVAL_MS",
-            self.sim_heartbeat_interval_ms.as_deref(),
-            d.heartbeat_interval,
-            |s| config::parse_number_in::<u64>(100, 600_000)(s).map(Duration::from_millis),
-        );
-        let resume_ttl = r.or_default(
-            "SIM_RESUME_TTL",
-            self.sim_resume_ttl.as_deref(),
-            d.resume_ttl,
-            config::parse_duration_in(secs(1), secs(3600)),
-        );
-        let token_ttl = r.or_default(
-            "SIM_TOKEN_TTL",
-            self.sim_token_ttl.as_deref(),
-            d.token_ttl,
-            config::parse_duration_in(secs(1), secs(30 * 24 * 3600)),
-        );
-        let rate_limit = r.or_default(
-            "SIM_RATE_LIMIT",
-            self.sim_rate_limit.as_deref(),
-            d.rate_limit,
-            config::parse_number_in::<u32>(1, 10_000),
-        );
-        let rate_window = r.or_default(
-            "SIM_RATE_WINDOW",
-            self.sim_rate_window.as_deref(),
-            d.rate_window,
-            config::parse_duration_in(Duration::from_millis(100), secs(3600)),
-        );
-        let token_rate_limit = r.or_default(
-            "SIM_TOKEN_RATE_LIMIT",
-            self.sim_token_rate_limit.as_deref(),
-            d.token_rate_limit,
-            config::parse_number_in::<u32>(1, 10_000),
-        );
-        let token_rate_window = r.or_default(
-            "SIM_TOKEN_RATE_WINDOW",
-            self.sim_token_rate_window.as_deref(),
-            d.token_rate_window,
-            config::parse_duration_in(Duration::from_millis(100), secs(3600)),
-        );
-        let redirect_uris = r.or_default(
-            "SIM_REDIRECT_URIS",
-            self.sim_redirect_uris.as_deref(),
-            Vec::new(),
-            |s| {
-                s.split(',')
-                    .map(str::trim)
-                    .filter(|u| !u.is_empty())
-                    .map(|u| Url::parse(u).map_err(|e| format!("{u:?} is not a URL ({e})")))
-                    .collect()
-            },
-        );
-        if client_id.is_some() && client_id == guild_id {
-            r.problem("DISCORD_CLIENT_ID", "must differ from DISCORD_GUILD_ID");
-            return None;
-        }
-        Some(Settings {
-            bind: bind?,
-            public_url: public_url?,
-            guild_id: guild_id?,
-            client_id: client_id?,
-            bot_token: bot_token?,
-            client_secret: client_secret?,
-            heartbeat_interval: heartbeat_interval?,
-            resume_ttl: resume_ttl?,
-            token_ttl: token_ttl?,
-            rate_limit: rate_limit?,
-            rate_window: rate_window?,
-            token_rate_limit: token_rate_limit?,
-            token_rate_window: token_rate_window?,
-            redirect_uris: redirect_uris?,
-            defaulted,
-        })
+            "must differ from DISCORD_GUILD_ID",
+        )];
     }
+    Vec::new()
 }
 
 const fn secs(n: u64) -> Duration {
@@ -367,7 +227,6 @@ impl Sim {
 
 /// `coven sim`: serve until a shutdown signal.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let defaulted = settings.defaulted.clone();
     let sim = Sim::start(settings, shutdown).await?;
     let s = &sim.shared.settings;
     println!("coven sim listening on {}", sim.url(""));
@@ -375,16 +234,33 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     println!("  REST      {}", sim.url("/api/v10"));
     println!("  OAuth2    {}", sim.url("/oauth2/authorize"));
     println!("  control   {}", sim.url("/_sim/state"));
-    let shown = |name: &str, value: String| {
-        if defaulted.contains(&name) {
-            println!("  {name}={value} (default)");
-        }
-    };
-    shown("DISCORD_GUILD_ID", s.guild_id.to_string());
-    shown("DISCORD_CLIENT_ID", s.client_id.to_string());
     // Defaults are public test values; configured secrets are never printed.
-    shown("DISCORD_BOT_TOKEN", defaults::BOT_TOKEN.to_owned());
-    shown("DISCORD_CLIENT_SECRET", defaults::CLIENT_SECRET.to_owned());
+    for (name, value, default) in [
+        (
+            "DISCORD_GUILD_ID",
+            s.guild_id.to_string(),
+            defaults::GUILD_ID.to_string(),
+        ),
+        (
+            "DISCORD_CLIENT_ID",
+            s.client_id.to_string(),
+            defaults::CLIENT_ID.to_string(),
+        ),
+        (
+            "DISCORD_BOT_TOKEN",
+            s.bot_token.expose_secret().to_owned(),
+            defaults::BOT_TOKEN.to_owned(),
+        ),
+        (
+            "DISCORD_CLIENT_SECRET",
+            s.client_secret.expose_secret().to_owned(),
+            defaults::CLIENT_SECRET.to_owned(),
+        ),
+    ] {
+        if value == default {
+            println!("  {name}={default} (default)");
+        }
+    }
     tracing::info!(addr = %sim.addr, "simulator ready");
     sim.stopped().await
 }

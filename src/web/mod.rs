@@ -40,325 +40,139 @@ use twilight_model::id::marker::{ChannelMarker, GuildMarker};
 use url::Url;
 
 use crate::bus::Backend;
-use crate::config::{self, DiscordArgs, Reader};
+use crate::config::{self, Problem};
 use crate::discord::{Discord, DiscordSettings};
 
-/// Flags of `coven web` (each also read from its environment variable).
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct Args {
-    /// Address to listen on
-    #[arg(long, env = "BIND")]
-    pub bind: Option<String>,
-    /// Address of the Prometheus `/metrics` listener (keep it off the public network)
-    #[arg(long, env = "METRICS_BIND")]
-    pub metrics_bind: Option<String>,
-    /// The URL people open: an origin such as https://coven.example.com, no path (decides
-    /// the OAuth2 redirect and whether cookies are Secure)
-    #[arg(long, env = "PUBLIC_URL")]
-    pub public_url: Option<String>,
+/// Settings of a web replica: its flags, each also read from its environment variable.
+/// What has no default is here; everything with one is in [`Tuning`], which reads through.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
     /// Redis holding the event log, shared state and sessions
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, required = true, value_parser = config::parse_redis_url)]
+    pub redis_url: Option<SecretString>,
+    /// The guild (server) Coven serves
+    #[arg(long = "discord-guild-id", env = "DISCORD_GUILD_ID", value_parser = config::parse_guild_id)]
+    pub guild_id: Id<GuildMarker>,
     #[command(flatten)]
-    pub discord: DiscordArgs,
-    /// Discord REST base URL
-    #[arg(long, env = "DISCORD_API_URL")]
-    pub discord_api_url: Option<String>,
-    /// Discord OAuth2 base URL (the authorize page is under it)
-    #[arg(long, env = "DISCORD_OAUTH_URL")]
-    pub discord_oauth_url: Option<String>,
-    /// Prefix of every Redis key
-    #[arg(long, env = "COVEN_KEY_PREFIX")]
-    pub coven_key_prefix: Option<String>,
-    /// Players a room holds (1–99, Discord's limit)
-    #[arg(long, env = "ROOM_MAX_PLAYERS")]
-    pub room_max_players: Option<String>,
-    /// On SIGTERM, open streams are closed spread over this long (1s–10m)
-    #[arg(long, env = "DRAIN_TIMEOUT")]
-    pub drain_timeout: Option<String>,
-    /// A session unused this long is forgotten (10m–90d)
-    #[arg(long, env = "SESSION_TTL")]
-    pub session_ttl: Option<String>,
-    /// Events a stream may fall behind before it is cut off (1–65,536)
-    #[arg(long, env = "STREAM_BUFFER")]
-    pub stream_buffer: Option<String>,
-    /// How long a viewer stays listed after their replica last vouched for them (3s–10m)
-    #[arg(long, env = "VIEWER_TTL", hide = true)]
-    pub viewer_ttl: Option<String>,
-    /// Interval of keep-alive comments on streams (1s–5m)
-    #[arg(long, env = "STREAM_KEEPALIVE", hide = true)]
-    pub stream_keepalive: Option<String>,
-    /// New rooms go into this category (default: no category)
-    #[arg(long, env = "DISCORD_ROOM_CATEGORY_ID")]
-    pub discord_room_category_id: Option<String>,
+    pub discord: DiscordSettings,
     /// Key that signs invite links (32 bytes or more)
-    #[arg(long, env = "INVITE_SECRET", hide_env_values = true)]
-    pub invite_secret: Option<String>,
-    /// How long an invite link stays valid (1m–30d)
-    #[arg(long, env = "INVITE_TTL")]
-    pub invite_ttl: Option<String>,
-    /// A room with nobody in voice and nobody viewing it for this long is closed (1s–7d)
-    #[arg(long, env = "ROOM_IDLE_TIMEOUT")]
-    pub room_idle_timeout: Option<String>,
-    /// How often one replica looks for idle rooms (100ms–1h, at most ROOM_IDLE_TIMEOUT)
-    #[arg(long, env = "ROOM_SWEEP_INTERVAL")]
-    pub room_sweep_interval: Option<String>,
-    /// Warning given (`room.closing`) before an idle room is closed (1s–1h)
-    #[arg(long, env = "ROOM_CLOSE_WARNING")]
-    pub room_close_warning: Option<String>,
-    /// How often a member's roles and membership are rechecked with Discord (per user,
-    /// across replicas; 1s–1h)
-    #[arg(long, env = "MEMBER_RECHECK")]
-    pub member_recheck: Option<String>,
-    /// Live streams one person may hold open on one replica (1-100000)
-    #[arg(long, env = "STREAM_MAX_PER_USER")]
-    pub stream_max_per_user: Option<String>,
-    /// A stream whose socket accepts nothing for this long is cut (1s-10m); it reconnects
-    /// and replays
-    #[arg(long, env = "STREAM_WRITE_TIMEOUT")]
-    pub stream_write_timeout: Option<String>,
-    /// Bytes of events a stream may fall behind (catching up from the replica's memory)
-    /// before it is cut (65536-268435456)
-    #[arg(long, env = "STREAM_MAX_BEHIND")]
-    pub stream_max_behind: Option<String>,
+    #[arg(long, env = "INVITE_SECRET", hide_env_values = true, value_parser = config::parse_secret(32))]
+    pub invite_secret: SecretString,
+    #[command(flatten)]
+    pub tuning: Tuning,
 }
 
-/// Checked settings of a web replica.
-#[derive(Debug, Clone)]
-pub struct Settings {
+/// The web settings with a default, which the demo keeps.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Tuning {
+    /// Address to listen on
+    #[arg(long, env = "BIND", default_value = DEFAULT_BIND, value_parser = config::parse_bind)]
     pub bind: SocketAddr,
+    /// Address of the Prometheus `/metrics` listener (keep it off the public network)
+    #[arg(long, env = "METRICS_BIND", default_value = "127.0.0.1:9464", value_parser = config::parse_bind)]
     pub metrics_bind: SocketAddr,
+    /// The URL people open: an origin such as https://coven.example.com, no path (decides
+    /// the OAuth2 redirect and whether cookies are Secure)
+    #[arg(long, env = "PUBLIC_URL", default_value = DEFAULT_PUBLIC_URL, value_parser = config::parse_public_url)]
     pub public_url: Url,
-    pub redis_url: Option<SecretString>,
-    pub guild_id: Id<GuildMarker>,
-    pub discord: DiscordSettings,
+    /// Prefix of every Redis key
+    #[arg(long = "coven-key-prefix", env = "COVEN_KEY_PREFIX", default_value = config::KEY_PREFIX, value_parser = config::parse_key_prefix)]
     pub key_prefix: String,
+    /// Players a room holds (1–99, Discord's limit)
+    #[arg(long = "room-max-players", env = "ROOM_MAX_PLAYERS", default_value = "4", value_parser = config::parse_number_in::<u16>(1, 99))]
     pub max_players: u16,
+    /// On SIGTERM, open streams are closed spread over this long (1s–10m)
+    #[arg(long, env = "DRAIN_TIMEOUT", default_value = "10s", value_parser = config::parse_duration_in(secs(1), secs(600)))]
     pub drain_timeout: Duration,
+    /// A session unused this long is forgotten (10m–90d)
+    #[arg(long, env = "SESSION_TTL", default_value = "7d", value_parser = config::parse_duration_in(secs(600), secs(90 * DAY)))]
     pub session_ttl: Duration,
+    /// Events a stream may fall behind before it is cut off (1–65,536)
+    // Each stream may hold this many events queued: bounded so a typo cannot make one slow
+    // client hold gigabytes (or abort the process allocating them).
+    #[arg(long, env = "STREAM_BUFFER", default_value = "1024", value_parser = config::parse_number_in::<usize>(1, 65_536))]
     pub stream_buffer: usize,
+    /// How long a viewer stays listed after their replica last vouched for them (3s–10m)
+    // Refreshed every third of it: under 3 s the refreshes would be a busy loop.
+    #[arg(long, env = "VIEWER_TTL", hide = true, default_value = "30s", value_parser = config::parse_duration_in(secs(3), secs(600)))]
     pub viewer_ttl: Duration,
+    /// Interval of keep-alive comments on streams (1s–5m)
+    #[arg(long = "stream-keepalive", env = "STREAM_KEEPALIVE", hide = true, default_value = "15s", value_parser = config::parse_duration_in(secs(1), secs(300)))]
     pub keepalive: Duration,
+    /// New rooms go into this category (default: no category)
+    #[arg(long = "discord-room-category-id", env = "DISCORD_ROOM_CATEGORY_ID", value_parser = config::parse_channel_id)]
     pub room_category: Option<Id<ChannelMarker>>,
-    pub invite_secret: SecretString,
+    /// How long an invite link stays valid (1m–30d)
+    #[arg(long, env = "INVITE_TTL", default_value = "24h", value_parser = config::parse_duration_in(secs(60), secs(30 * DAY)))]
     pub invite_ttl: Duration,
+    /// A room with nobody in voice and nobody viewing it for this long is closed (1s–7d)
+    #[arg(long, env = "ROOM_IDLE_TIMEOUT", default_value = "1h", value_parser = config::parse_duration_in(secs(1), secs(7 * DAY)))]
     pub room_idle_timeout: Duration,
+    /// How often one replica looks for idle rooms (100ms–1h, at most ROOM_IDLE_TIMEOUT)
+    #[arg(long, env = "ROOM_SWEEP_INTERVAL", default_value = "5m", value_parser = config::parse_duration_in(Duration::from_millis(100), secs(3600)))]
     pub room_sweep_interval: Duration,
+    /// Warning given (`room.closing`) before an idle room is closed (1s–1h)
+    #[arg(long, env = "ROOM_CLOSE_WARNING", default_value = "30s", value_parser = config::parse_duration_in(secs(1), secs(3600)))]
     pub room_close_warning: Duration,
+    /// How often a member's roles and membership are rechecked with Discord (per user,
+    /// across replicas; 1s–1h)
+    // Discord allows a bot about 50 requests a second in all; a recheck per user more often
+    // than every second would only spend them.
+    #[arg(long, env = "MEMBER_RECHECK", default_value = "30s", value_parser = config::parse_duration_in(secs(1), secs(3600)))]
     pub member_recheck: Duration,
+    /// Live streams one person may hold open on one replica (1-100000)
+    #[arg(long, env = "STREAM_MAX_PER_USER", default_value = "32", value_parser = config::parse_number_in::<usize>(1, 100_000))]
     pub stream_max_per_user: usize,
+    /// A stream whose socket accepts nothing for this long is cut (1s-10m); it reconnects
+    /// and replays
+    #[arg(long, env = "STREAM_WRITE_TIMEOUT", default_value = "30s", value_parser = config::parse_duration_in(secs(1), secs(600)))]
     pub stream_write_timeout: Duration,
+    /// Bytes of events a stream may fall behind (catching up from the replica's memory)
+    /// before it is cut (65,536–268,435,456)
+    #[arg(long, env = "STREAM_MAX_BEHIND", default_value = "2097152", value_parser = config::parse_number_in::<usize>(64 * 1024, 256 * 1024 * 1024))]
     pub stream_max_behind: usize,
 }
 
+impl Default for Tuning {
+    fn default() -> Self {
+        config::defaults()
+    }
+}
+
+/// Every setting reads as `settings.name`, wherever it is declared.
+impl std::ops::Deref for Settings {
+    type Target = Tuning;
+
+    fn deref(&self) -> &Tuning {
+        &self.tuning
+    }
+}
+
+pub const DEFAULT_BIND: &str = "127.0.0.1:3000";
 pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:3000";
 
-impl Args {
-    pub fn settings(&self, r: &mut Reader) -> Option<Settings> {
-        let bind = r.or_default(
-            "BIND",
-            self.bind.as_deref(),
-            SocketAddr::from(([127, 0, 0, 1], 3000)),
-            config::parse_bind,
-        );
-        let metrics_bind = r.or_default(
-            "METRICS_BIND",
-            self.metrics_bind.as_deref(),
-            SocketAddr::from(([127, 0, 0, 1], 9464)),
-            config::parse_bind,
-        );
-        let public_url = r.or_default(
-            "PUBLIC_URL",
-            self.public_url.as_deref(),
-            Url::parse(DEFAULT_PUBLIC_URL).ok()?,
-            config::parse_public_url,
-        );
-        let redis_url = r.required(
-            "REDIS_URL",
-            self.redis_url.as_deref(),
-            config::parse_redis_url,
-        );
-        let guild_id = r.required(
-            "DISCORD_GUILD_ID",
-            self.discord.guild_id(),
-            config::parse_guild_id,
-        );
-        let discord = DiscordSettings::read(
-            r,
-            &self.discord,
-            self.discord_api_url.as_deref(),
-            self.discord_oauth_url.as_deref(),
-        );
-        let key_prefix = r.or_default(
-            "COVEN_KEY_PREFIX",
-            self.coven_key_prefix.as_deref(),
-            "coven".to_owned(),
-            config::parse_key_prefix,
-        );
-        let max_players = r.or_default(
-            "ROOM_MAX_PLAYERS",
-            self.room_max_players.as_deref(),
-            4,
-            config::parse_number_in(1, 99),
-        );
-        let drain_timeout = r.or_default(
-            "DRAIN_TIMEOUT",
-            self.drain_timeout.as_deref(),
-            Duration::from_secs(10),
-            config::parse_duration_in(secs(1), secs(600)),
-        );
-        let session_ttl = r.or_default(
-            "SESSION_TTL",
-            self.session_ttl.as_deref(),
-            Duration::from_secs(7 * 24 * 3600),
-            config::parse_duration_in(secs(600), secs(90 * DAY)),
-        );
-        let stream_buffer = r.or_default(
-            "STREAM_BUFFER",
-            self.stream_buffer.as_deref(),
-            1024,
-            // Each stream may hold this many events queued: bounded so a typo cannot make
-            // one slow client hold gigabytes (or abort the process allocating them).
-            config::parse_number_in::<usize>(1, 65_536),
-        );
-        let viewer_ttl = r.or_default(
-            "VIEWER_TTL",
-            self.viewer_ttl.as_deref(),
-            Duration::from_secs(30),
-            // Refreshed every third of it: under 3 s the refreshes would be a busy loop.
-            config::parse_duration_in(secs(3), secs(600)),
-        );
-        let keepalive = r.or_default(
-            "STREAM_KEEPALIVE",
-            self.stream_keepalive.as_deref(),
-            Duration::from_secs(15),
-            config::parse_duration_in(secs(1), secs(300)),
-        );
-        let room_category = r.optional(
-            "DISCORD_ROOM_CATEGORY_ID",
-            self.discord_room_category_id.as_deref(),
-            config::parse_channel_id,
-        );
-        let invite_secret = r.required(
-            "INVITE_SECRET",
-            self.invite_secret.as_deref(),
-            config::parse_secret(32),
-        );
-        let duration = |r: &mut Reader, name, raw: &Option<String>, default, min, max| {
-            r.or_default(
-                name,
-                raw.as_deref(),
-                default,
-                config::parse_duration_in(min, max),
-            )
-        };
-        let invite_ttl = duration(
-            r,
-            "INVITE_TTL",
-            &self.invite_ttl,
-            secs(24 * 3600),
-            secs(60),
-            secs(30 * DAY),
-        );
-        let room_idle_timeout = duration(
-            r,
-            "ROOM_IDLE_TIMEOUT",
-            &self.room_idle_timeout,
-            secs(3600),
-            secs(1),
-            secs(7 * DAY),
-        );
-        let room_sweep_interval = duration(
-            r,
-            "ROOM_SWEEP_INTERVAL",
-            &self.room_sweep_interval,
-            secs(300),
-            Duration::from_millis(100),
-            secs(3600),
-        );
-        let room_close_warning = duration(
-            r,
-            "ROOM_CLOSE_WARNING",
-            &self.room_close_warning,
-            secs(30),
-            secs(1),
-            secs(3600),
-        );
-        // Discord allows a bot about 50 requests a second in all; a recheck per user more
-        // often than every second would only spend them.
-        let member_recheck = duration(
-            r,
-            "MEMBER_RECHECK",
-            &self.member_recheck,
-            secs(30),
-            secs(1),
-            secs(3600),
-        );
-        let stream_max_per_user = r.or_default(
-            "STREAM_MAX_PER_USER",
-            self.stream_max_per_user.as_deref(),
-            32,
-            config::parse_number_in(1usize, 100_000),
-        );
-        let stream_write_timeout = duration(
-            r,
-            "STREAM_WRITE_TIMEOUT",
-            &self.stream_write_timeout,
-            secs(30),
-            secs(1),
-            secs(600),
-        );
-        // A sweep finds a room idle up to one interval late: an interval longer than the
-        // idle timeout itself would make the timeout meaningless. (The close warning runs
-        // after the idle timeout, not inside it, and the sweeper wakes for it on time, so
-        // it needs no such check.)
-        if let (Some(idle), Some(sweep)) = (room_idle_timeout, room_sweep_interval)
-            && sweep > idle
-        {
-            r.problem(
-                "ROOM_SWEEP_INTERVAL",
-                format!(
-                    "got {}, longer than ROOM_IDLE_TIMEOUT ({}): idle rooms would be noticed \
-                     up to an interval late; set it to {} or less",
-                    config::short_duration(sweep),
-                    config::short_duration(idle),
-                    config::short_duration(idle)
-                ),
-            );
-            return None;
-        }
-        let stream_max_behind = r.or_default(
-            "STREAM_MAX_BEHIND",
-            self.stream_max_behind.as_deref(),
-            2 * 1024 * 1024,
-            config::parse_number_in(64 * 1024usize, 256 * 1024 * 1024),
-        );
-        Some(Settings {
-            stream_max_behind: stream_max_behind?,
-            stream_max_per_user: stream_max_per_user?,
-            stream_write_timeout: stream_write_timeout?,
-            member_recheck: member_recheck?,
-            room_category: room_category?,
-            invite_secret: invite_secret?,
-            invite_ttl: invite_ttl?,
-            room_idle_timeout: room_idle_timeout?,
-            room_sweep_interval: room_sweep_interval?,
-            room_close_warning: room_close_warning?,
-            bind: bind?,
-            metrics_bind: metrics_bind?,
-            public_url: public_url?,
-            redis_url: Some(redis_url?),
-            guild_id: guild_id?,
-            discord: discord?,
-            key_prefix: key_prefix?,
-            max_players: max_players?,
-            drain_timeout: drain_timeout?,
-            session_ttl: session_ttl?,
-            stream_buffer: stream_buffer?,
-            viewer_ttl: viewer_ttl?,
-            keepalive: keepalive?,
-        })
+/// A sweep finds a room idle up to one interval late: an interval longer than the idle
+/// timeout itself would make the timeout meaningless. (The close warning runs after the
+/// idle timeout, not inside it, and the sweeper wakes for it on time, so it needs no such
+/// check.)
+pub fn contradictions(parsed: &config::Parsed) -> Vec<Problem> {
+    let idle = parsed.get::<Duration>("ROOM_IDLE_TIMEOUT");
+    let sweep = parsed.get::<Duration>("ROOM_SWEEP_INTERVAL");
+    let (Some(idle), Some(sweep)) = (idle, sweep) else {
+        return Vec::new();
+    };
+    if sweep <= idle {
+        return Vec::new();
     }
+    let idle = config::short_duration(idle);
+    vec![Problem::new(
+        "ROOM_SWEEP_INTERVAL",
+        format!(
+            "got {}, longer than ROOM_IDLE_TIMEOUT ({idle}): idle rooms would be noticed up \
+             to an interval late; set it to {idle} or less",
+            config::short_duration(sweep),
+        ),
+    )]
 }
 
 const DAY: u64 = 24 * 3600;

@@ -623,17 +623,17 @@ async fn the_run_loop_over_the_memory_bus_stores_its_session_and_releases_the_le
     let bus = Arc::new(MemoryBus::new(Id::new(sim.guild_id()), 1000));
     let backend: Arc<dyn Backend> = bus.clone();
     let settings = coven::gateway::Settings {
-        bind: "127.0.0.1:0".parse().unwrap(),
-        metrics_bind: "127.0.0.1:0".parse().unwrap(),
-        redis_url: secrecy::SecretString::from("memory://"),
+        redis_url: None,
         guild_id: Id::new(sim.guild_id()),
         bot_token: secrecy::SecretString::from(sim.token()),
-        gateway_url: url::Url::parse(&sim.gateway_url()).unwrap(),
-        room_category: Some(Id::new(category)),
-        key_prefix: "coven".into(),
-        lease_ttl: Duration::from_secs(2),
-        event_log_max_len: 1000,
-        queue_size: 100,
+        tuning: coven::gateway::Tuning {
+            gateway_url: url::Url::parse(&sim.gateway_url()).unwrap(),
+            room_category: Some(Id::new(category)),
+            lease_ttl: Duration::from_secs(2),
+            event_log_max_len: 1000,
+            queue_size: 100,
+            ..coven::gateway::Tuning::default()
+        },
     };
     let shutdown = CancellationToken::new();
     let health = Health::default();
