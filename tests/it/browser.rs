@@ -107,6 +107,21 @@ async fn shown(c: &Client, what: &str, css: &str) -> String {
     .await
 }
 
+/// Waits until the page's live stream is open (app.js marks it).
+async fn stream_open(c: &Client) {
+    wait_for("the page's stream to open", || async {
+        let open = c
+            .execute(
+                "return document.querySelector('#live').dataset.streamOpen || null",
+                vec![],
+            )
+            .await
+            .ok()?;
+        (open == json!("1")).then_some(())
+    })
+    .await;
+}
+
 /// Types a room name into the create form on `/rooms` and sends it.
 async fn create(c: &Client, name: &str) {
     let field = c.find(Locator::Css("#room-name")).await.expect("the form");
@@ -187,17 +202,7 @@ async fn two_players_in_two_browsers_share_a_room_live_until_it_closes() {
     let row = format!("[data-members] li[data-user='{bramble_id}']");
     // Both pages are connected to their streams before the change happens.
     for c in [&ash, &bramble] {
-        wait_for("the page's stream to open", || async {
-            let open = c
-                .execute(
-                    "return document.querySelector('#live').dataset.streamOpen || null",
-                    vec![],
-                )
-                .await
-                .ok()?;
-            (open == json!("1")).then_some(())
-        })
-        .await;
+        stream_open(c).await;
     }
     let started = Instant::now();
     stack
@@ -381,17 +386,7 @@ async fn a_dead_gateway_shows_the_delayed_banner_on_open_and_fresh_pages_until_o
     appears(&ash, "the create form", "#room-name").await;
     create(&ash, "Quiet night").await;
     appears(&ash, "the live room", "#live[data-page=room]").await;
-    wait_for("the page's stream to open", || async {
-        let open = ash
-            .execute(
-                "return document.querySelector('#live').dataset.streamOpen || null",
-                vec![],
-            )
-            .await
-            .ok()?;
-        (open == json!("1")).then_some(())
-    })
-    .await;
+    stream_open(&ash).await;
     assert!(!displayed(&ash, "#gateway-banner").await);
 
     stack.gateway.signal("KILL");

@@ -10,7 +10,7 @@ use fred::prelude::*;
 use fred::types::CustomCommand;
 use futures_util::StreamExt;
 
-use crate::harness::{Browser, RedisServer, Stack, TestSim, location};
+use crate::harness::{Browser, RedisServer, Stack, TestSim, location, metric};
 
 /// The longest a login attempt may live in Redis.
 const LOGIN_TTL_MS: i64 = 10 * 60 * 1000;
@@ -31,19 +31,6 @@ async fn keys(client: &Client) -> BTreeSet<String> {
 /// The bus's own keys (`coven:{G}:...`): shared state, not anyone's session.
 fn is_bus_key(key: &str) -> bool {
     key.starts_with("coven:")
-}
-
-async fn metric(url: &str, name: &str) -> f64 {
-    let text = reqwest::get(url)
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,17 +15,6 @@ fn path_of(link: &str) -> String {
     link[at..].to_owned()
 }
 
-async fn redis(stack: &Stack) -> Client {
-    let client = Client::new(
-        Config::from_url(&stack.redis.url()).unwrap(),
-        None,
-        None,
-        None,
-    );
-    client.init().await.unwrap();
-    client
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_room_is_shown_only_to_whom_discord_shows_it_and_appears_live_once_granted() {
     let stack = Stack::start(2, &[]).await;
@@ -68,7 +57,8 @@ async fn a_private_room_is_shown_only_to_whom_discord_shows_it_and_appears_live_
     assert_eq!(res.status(), 404);
     let res = other.get(&b.url("/api/stream?room=123456789")).await;
     assert_eq!(res.status(), 404, "no room at all");
-    let viewers: Vec<String> = redis(&stack)
+    let viewers: Vec<String> = stack
+        .redis_client()
         .await
         .zrange(
             format!("coven:{{{}}}:viewers:{room}", stack.sim.guild_id()),
@@ -300,7 +290,8 @@ async fn channels_hidden_by_overwrites_follow_discord_and_those_hidden_from_the_
         owner.get(&a.url(&format!("/rooms/{mods}"))).await.status(),
         404
     );
-    let voice: Option<String> = redis(&stack)
+    let voice: Option<String> = stack
+        .redis_client()
         .await
         .hget(format!("coven:{{{guild}}}:voice"), ash.to_string())
         .await

@@ -11,7 +11,9 @@ use reqwest::cookie::CookieStore;
 use serde_json::json;
 use twilight_model::id::Id;
 
-use crate::harness::{Browser, Message, RedisServer, Stack, TestSim, location, wait_for, within};
+use crate::harness::{
+    Browser, Message, RedisServer, Stack, TestSim, location, metric, wait_for, within,
+};
 
 fn ids(messages: &[Message]) -> Vec<String> {
     messages.iter().filter_map(|m| m.id.clone()).collect()
@@ -27,19 +29,6 @@ fn page_event_id(html: &str) -> String {
         .chars()
         .take_while(|c| c.is_ascii_digit() || *c == '-')
         .collect()
-}
-
-async fn metric(url: &str, name: &str) -> f64 {
-    let text = reqwest::get(url)
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -787,13 +776,7 @@ async fn a_session_store_that_fails_gives_the_503_page_never_a_bare_500() {
     let ash = stack.user("ash").await;
     let browser = Browser::new();
     browser.login(web, &stack.sim, ash).await;
-    let redis = Client::new(
-        Config::from_url(&stack.redis.url()).unwrap(),
-        None,
-        None,
-        None,
-    );
-    redis.init().await.unwrap();
+    let redis = stack.redis_client().await;
     let acl = |rules: Vec<&'static str>| {
         let redis = redis.clone();
         async move {
@@ -838,13 +821,7 @@ async fn a_redis_that_stops_answering_costs_a_page_about_a_second_not_five() {
     let ash = stack.user("ash").await;
     let browser = Browser::new();
     browser.login(web, &stack.sim, ash).await;
-    let redis = Client::new(
-        Config::from_url(&stack.redis.url()).unwrap(),
-        None,
-        None,
-        None,
-    );
-    redis.init().await.unwrap();
+    let redis = stack.redis_client().await;
     // Connections stay open but nothing is answered: what a partition or a stalled
     // Redis looks like to a replica, with no closed socket to notice.
     let _: Value = redis

@@ -14,7 +14,7 @@ use std::time::Duration;
 pub use process::CovenProcess;
 pub use redis::RedisServer;
 pub use sim::{TestSim, next_event, shard, shard_with};
-pub use stack::{Browser, INVITE_SECRET, Message, Sse, Stack, Web, form_value, location};
+pub use stack::{Browser, INVITE_SECRET, Message, Sse, Stack, Web, form_value, location, metric};
 
 /// How long any single condition may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(15);

@@ -87,6 +87,19 @@ impl Stack {
         stack
     }
 
+    /// A client of the stack's Redis, for looking at (or tampering with) shared state.
+    pub async fn redis_client(&self) -> fred::prelude::Client {
+        use fred::prelude::*;
+        let client = Client::new(
+            Config::from_url(&self.redis.url()).expect("the Redis URL"),
+            None,
+            None,
+            None,
+        );
+        client.init().await.expect("Redis answers");
+        client
+    }
+
     /// Another `coven gateway` for this stack (a standby, or a replacement).
     pub fn spawn_gateway(&self) -> CovenProcess {
         spawn_gateway(&self.redis, &self.sim).0
@@ -450,4 +463,18 @@ impl Sse {
             }
         }
     }
+}
+
+/// The sum of every sample of metric `name` on a Prometheus page at `url`.
+pub async fn metric(url: &str, name: &str) -> f64 {
+    let text = reqwest::get(url)
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
