@@ -218,7 +218,19 @@ async fn players(
         let Ok(snapshot) = bus.snapshot().await else {
             continue;
         };
-        if let Err(e) = step(&http, &sim_url, &bot_token, guild, &snapshot, &roster).await {
+        // People who logged in through the web (the demo's humans) have a member record;
+        // players never log in.
+        let mut humans = Vec::new();
+        for user in &roster {
+            if matches!(bus.member(Id::new(*user)).await, Ok(Some(_))) {
+                humans.push(*user);
+            }
+        }
+        if let Err(e) = step(
+            &http, &sim_url, &bot_token, guild, &snapshot, &roster, &humans,
+        )
+        .await
+        {
             tracing::debug!(error = %e, "players: a move did not work");
         }
     }
@@ -249,7 +261,9 @@ async fn seeded_members(http: &reqwest::Client, sim_url: &str) -> anyhow::Result
 }
 
 /// One move: someone free joins a room that has space, or someone in a room changes
-/// their mute/camera/stream, or leaves.
+/// their mute/camera/stream, wanders to another room, or leaves. Players leave at least
+/// one seat free in every room (so the friend the README tells you to invite gets in) and
+/// never touch the humans: people who logged in, created a room or look at one.
 async fn step(
     http: &reqwest::Client,
     sim_url: &str,
@@ -257,6 +271,7 @@ async fn step(
     guild: u64,
     snapshot: &Snapshot,
     roster: &[u64],
+    logged_in: &[u64],
 ) -> anyhow::Result<()> {
     // Rooms made from the web (they have a role); their creators and whoever is looking
     // at a page are the humans, whom the players leave alone.
@@ -276,6 +291,7 @@ async fn step(
                 .into_iter()
                 .chain(r.viewers.iter().map(|v| v.id.get()))
         })
+        .chain(logged_in.iter().copied())
         .collect();
     let free: Vec<u64> = roster
         .iter()
@@ -292,7 +308,8 @@ async fn step(
         .collect();
     let (room_id, room) = rooms[rand::random_range(0..rooms.len())];
     let players = snapshot.members(*room_id).count();
-    let has_space = room.user_limit == 0 || players < usize::from(room.user_limit);
+    // Joining must still leave a seat for a person.
+    let has_space = room.user_limit == 0 || players + 1 < usize::from(room.user_limit);
     let roll: f64 = rand::random();
     if has_space && !free.is_empty() && (seated.is_empty() || roll < 0.4) {
         let user = free[rand::random_range(0..free.len())];
@@ -320,6 +337,26 @@ async fn step(
     {
         if roll > 0.9 {
             voice(http, sim_url, user, None, serde_json::json!({})).await?;
+        } else if roll > 0.8 && has_space && *room_id != v.channel_id {
+            // Wander to another room (with the role an invite would give).
+            if let Some(role) = room.role_id {
+                http.put(format!(
+                    "{sim_url}/api/v10/guilds/{}/members/{user}/roles/{role}",
+                    guild
+                ))
+                .header("authorization", format!("Bot {bot_token}"))
+                .send()
+                .await?
+                .error_for_status()?;
+            }
+            voice(
+                http,
+                sim_url,
+                user,
+                Some(room_id.get()),
+                serde_json::json!({}),
+            )
+            .await?;
         } else {
             // The sim takes the whole set of flags: change one, keep the others.
             let mut f = v.flags;

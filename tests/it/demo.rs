@@ -93,6 +93,71 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
         })
         .await;
     assert!(!events.is_empty());
+    // Players keep at least one seat free for people, however long they play: follow
+    // the room through many more of their moves.
+    let mut inside = std::collections::BTreeSet::new();
+    let mut most = 0;
+    let mut moves = 0;
+    for m in &events {
+        track(m, &mut inside);
+    }
+    while moves < 40 {
+        let m = stream.next().await.expect("the stream goes on");
+        if m.event.starts_with("voice.") {
+            moves += 1;
+        }
+        track(&m, &mut inside);
+        most = most.max(inside.len());
+    }
+    assert!(most <= 3, "players filled the room: {most} of 4 seats");
+    // So the friend the README tells you to invite gets in.
+    let link = {
+        let html = browser
+            .get(&format!("{web}/rooms/{room}"))
+            .await
+            .text()
+            .await
+            .unwrap();
+        let at = html.find("id=\"invite-link\"").expect("an invite link");
+        let v = html[at..].find("value=\"").unwrap() + at + 7;
+        html[v..v + html[v..].find('"').unwrap()].to_owned()
+    };
+    let friend_id = state["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["username"] == "bramble")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let friend = Browser::new();
+    let path = &link[link.find("/invite/").unwrap()..];
+    let start = friend.get(&format!("{web}{path}")).await;
+    let login = friend.get(&format!("{web}{}", location(&start))).await;
+    let picked = friend
+        .get(&format!("{}&sim_user={friend_id}", location(&login)))
+        .await;
+    let back = friend.get(&location(&picked)).await;
+    let followed = friend.get(&format!("{web}{}", location(&back))).await;
+    assert_eq!(
+        location(&followed),
+        format!("/rooms/{room}"),
+        "the invite lets the friend in"
+    );
+    let sim = sim_state.trim_end_matches("/_sim/state").to_owned();
+    let joined = reqwest::Client::new()
+        .post(format!("{sim}/_sim/voice"))
+        .json(&serde_json::json!({"user_id": friend_id, "channel_id": room}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        joined.status(),
+        200,
+        "a seat was free for the friend: {}",
+        joined.text().await.unwrap()
+    );
     let page = browser
         .get(&format!("{web}/rooms/{room}"))
         .await
@@ -107,4 +172,18 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
     drop(stream);
     demo.signal("TERM");
     assert_eq!(demo.wait_exit(), Some(0), "stops cleanly on SIGTERM");
+}
+
+/// Who is in the room, from its stream's voice events.
+fn track(m: &crate::harness::Message, inside: &mut std::collections::BTreeSet<String>) {
+    let data = m.json()["data"].clone();
+    match m.event.as_str() {
+        "voice.joined" => {
+            inside.insert(data["user"]["id"].as_str().unwrap_or_default().to_owned());
+        }
+        "voice.left" => {
+            inside.remove(data["user_id"].as_str().unwrap_or_default());
+        }
+        _ => {}
+    }
 }
