@@ -257,6 +257,9 @@ pub enum BusError {
     Corrupt(String),
     #[error("cannot encode the event: {0}")]
     Encode(#[from] serde_json::Error),
+    /// The first connection failed: what was tried and what to check, on one line.
+    #[error("{0}")]
+    Connect(String),
 }
 
 pub type BusResult<T> = Result<T, BusError>;

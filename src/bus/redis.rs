@@ -133,11 +133,36 @@ fn builder(url: &str, command_timeout: Duration) -> BusResult<Builder> {
     Ok(builder)
 }
 
+/// The first connection's failure, said once and with what to check: over `rediss://` a
+/// plain-text server never completes the handshake, and an untrusted certificate is
+/// refused (nothing is ever sent in clear to a `rediss://` URL).
+fn not_connected(url: &str, e: fred::error::Error) -> BusError {
+    let target = url::Url::parse(url)
+        .ok()
+        .map(|u| {
+            format!(
+                "{}:{}",
+                u.host_str().unwrap_or("?"),
+                u.port().unwrap_or(6379)
+            )
+        })
+        .unwrap_or_else(|| "the configured server".to_owned());
+    let tls = url.starts_with("rediss");
+    BusError::Connect(if tls {
+        format!(
+            "cannot reach Redis over TLS at {target} ({e}): check that it is a TLS port \
+             and that its certificate is signed by a CA in the system roots or in SSL_CERT_FILE"
+        )
+    } else {
+        format!("cannot reach Redis at {target} ({e})")
+    })
+}
+
 /// A small connection pool for tower-sessions' Redis store, reconnecting like the bus.
 /// Sessions are read and written only by requests: give it [`REQUEST_TIMEOUT`].
 pub async fn session_pool(url: &str, command_timeout: Duration) -> BusResult<Pool> {
     let pool = builder(url, command_timeout)?.build_pool(4)?;
-    pool.init().await?;
+    pool.init().await.map_err(|e| not_connected(url, e))?;
     Ok(pool)
 }
 
@@ -163,7 +188,7 @@ impl RedisBus {
     ) -> BusResult<Self> {
         let builder = builder(url, command_timeout)?;
         let client = builder.build()?;
-        client.init().await?;
+        client.init().await.map_err(|e| not_connected(url, e))?;
         let scripts = Arc::new(Scripts {
             append: Script::from_lua(APPEND),
             viewers: Script::from_lua(format!("{VIEWERS}\n{APPEND}")),
@@ -183,7 +208,7 @@ impl RedisBus {
             live,
         };
         let subscriber = builder.build_subscriber_client()?;
-        subscriber.init().await?;
+        subscriber.init().await.map_err(|e| not_connected(url, e))?;
         // Resubscribes after every reconnect; the task lives as long as the subscriber, so
         // its handle is not kept.
         drop(subscriber.manage_subscriptions());

@@ -12,8 +12,9 @@ use crate::harness::Stack;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-/// Settings read from the environment outside clap.
-const EXTRA_ENV: &[&str] = &["RUST_LOG", "COVEN_ENV"];
+/// Settings read from the environment outside clap: RUST_LOG by tracing, COVEN_ENV by the .env loader, SSL_CERT_FILE by
+/// rustls-native-certs (the CAs for `rediss://`).
+const EXTRA_ENV: &[&str] = &["RUST_LOG", "COVEN_ENV", "SSL_CERT_FILE"];
 
 /// Routes each command's healthcheck may use (each checked live below).
 fn health_routes(command: &str) -> &'static [&'static str] {

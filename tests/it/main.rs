@@ -19,5 +19,6 @@ mod sim_gateway;
 mod sim_oauth;
 mod sim_rest;
 mod site;
+mod tls;
 mod trust;
 mod web;

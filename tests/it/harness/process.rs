@@ -36,6 +36,7 @@ const SCRUBBED: &[&str] = &[
     "LOG_LEVEL",
     "LOG_FORMAT",
     "COVEN_ENV",
+    "SSL_CERT_FILE",
 ];
 
 /// Waiting on a process blocks the thread: tests that also serve something in-process
