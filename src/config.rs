@@ -457,6 +457,9 @@ pub fn parse_secret(min: usize) -> impl Fn(&str) -> Result<SecretString, String>
 /// A Redis URL fred understands (`redis://`, `rediss://`, `redis-sentinel://`,
 /// `redis-cluster://`, ...). Kept secret: it may carry a password.
 pub fn parse_redis_url(raw: &str) -> Result<SecretString, String> {
+    // Only what this build of fred honours: TLS (rustls) and Sentinel's own credentials
+    // (`sentinelUsername`/`sentinelPassword`) are compiled in; Unix sockets are not, so a
+    // socket URL is refused here rather than failing later.
     const SCHEMES: &[&str] = &[
         "redis://",
         "rediss://",
@@ -464,7 +467,6 @@ pub fn parse_redis_url(raw: &str) -> Result<SecretString, String> {
         "rediss-cluster://",
         "redis-sentinel://",
         "rediss-sentinel://",
-        "unix://",
     ];
     let known = SCHEMES.iter().any(|s| raw.starts_with(s));
     match fred::types::config::Config::from_url(raw) {
@@ -655,6 +657,15 @@ mod tests {
         assert!(parse_redis_url("rediss://u:p@host:6380/1").is_ok());
         let err = parse_redis_url("http://u:hunter2@host").unwrap_err();
         assert!(!err.contains("hunter2"), "{err}");
+        assert!(
+            parse_redis_url(
+                "rediss-sentinel://u:p@s1:26379/0?sentinelServiceName=mymaster&sentinelUsername=su&sentinelPassword=sp&node=s2:26379"
+            )
+            .is_ok()
+        );
+        for socket in ["unix:///run/redis.sock", "redis+unix:///run/redis.sock"] {
+            assert!(parse_redis_url(socket).is_err(), "{socket}: not compiled in");
+        }
         assert!(parse_key_prefix("coven").is_ok());
         assert!(parse_key_prefix("a{b").is_err());
         assert!(parse_key_prefix("a b").is_err());
