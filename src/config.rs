@@ -664,7 +664,10 @@ mod tests {
             .is_ok()
         );
         for socket in ["unix:///run/redis.sock", "redis+unix:///run/redis.sock"] {
-            assert!(parse_redis_url(socket).is_err(), "{socket}: not compiled in");
+            assert!(
+                parse_redis_url(socket).is_err(),
+                "{socket}: not compiled in"
+            );
         }
         assert!(parse_key_prefix("coven").is_ok());
         assert!(parse_key_prefix("a{b").is_err());
