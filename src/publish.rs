@@ -25,6 +25,12 @@ pub struct Settings {
     /// Prefix of every Redis key
     #[arg(long = "coven-key-prefix", env = "COVEN_KEY_PREFIX", default_value = config::KEY_PREFIX, value_parser = config::parse_key_prefix)]
     pub key_prefix: String,
+    /// How long a Redis command waits for Redis to come back (a restart, a Sentinel
+    /// failover) before it fails (1s–1h)
+    // Sentinel's default down-after-milliseconds is 30 s, so a failover takes longer than
+    // that: a minute rides one out.
+    #[arg(long, env = "REDIS_RETRY_FOR", default_value = "60s", value_parser = config::parse_duration_in(std::time::Duration::from_secs(1), std::time::Duration::from_secs(3600)))]
+    pub redis_retry_for: std::time::Duration,
     /// Event type, e.g. room.closing (with --data)
     #[arg(long = "type", value_name = "TYPE", conflicts_with = "ping")]
     pub kind: Option<String>,
@@ -69,11 +75,12 @@ impl Settings {
 
 pub async fn command(settings: Settings, what: What) -> anyhow::Result<()> {
     let bus: Arc<dyn Bus> = Arc::new(
-        crate::bus::redis::RedisBus::connect(
+        crate::bus::redis::RedisBus::connect_with_timeout(
             settings.redis_url.expose_secret(),
             &settings.key_prefix,
             settings.guild_id,
             100_000,
+            settings.redis_retry_for,
         )
         .await?,
     );

@@ -75,6 +75,12 @@ pub struct Tuning {
     /// reconcile (1–100,000)
     #[arg(long = "gateway-queue-size", env = "GATEWAY_QUEUE_SIZE", default_value = "10000", value_parser = config::parse_number_in::<usize>(1, 100_000))]
     pub queue_size: usize,
+    /// How long a Redis command waits for Redis to come back (a restart, a Sentinel
+    /// failover) before it fails (1s–1h)
+    // Sentinel's default down-after-milliseconds is 30 s, so a failover takes longer than
+    // that: a minute rides one out.
+    #[arg(long, env = "REDIS_RETRY_FOR", default_value = "60s", value_parser = config::parse_duration_in(std::time::Duration::from_secs(1), std::time::Duration::from_secs(3600)))]
+    pub redis_retry_for: std::time::Duration,
 }
 
 impl Default for Tuning {
@@ -114,11 +120,12 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
         .redis_url
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("REDIS_URL is required"))?;
-    let bus = crate::bus::redis::RedisBus::connect(
+    let bus = crate::bus::redis::RedisBus::connect_with_timeout(
         redis_url.expose_secret(),
         &settings.key_prefix,
         settings.guild_id,
         settings.event_log_max_len,
+        settings.redis_retry_for,
     )
     .await?;
     let backend: Arc<dyn Backend> = Arc::new(bus);

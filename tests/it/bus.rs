@@ -513,3 +513,42 @@ async fn viewer_presence_on_redis() {
 async fn viewer_presence_in_memory() {
     presence_rules(&coven::bus::memory::MemoryBus::new(Id::new(GUILD), 1000)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coven_publish_rides_out_a_redis_outage_longer_than_five_seconds() {
+    use crate::harness::CovenProcess;
+    let mut redis = RedisServer::start_persistent();
+    let env = [
+        ("REDIS_URL", redis.url()),
+        ("DISCORD_GUILD_ID", GUILD.to_string()),
+        ("COVEN_KEY_PREFIX", "ride".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut pings =
+        CovenProcess::spawn(&["publish", "--ping", "--count", "20", "--rate", "4"], &env);
+    let client = Client::new(Config::from_url(&redis.url()).unwrap(), None, None, None);
+    client.init().await.unwrap();
+    wait_for("the first pings in the log", || async {
+        let n: u64 = client.xlen(format!("ride:{{{GUILD}}}:events")).await.ok()?;
+        (n >= 2).then_some(())
+    })
+    .await;
+    drop(client);
+    // An outage longer than the old 5 s command timeout (a slow Sentinel failover).
+    tokio::task::block_in_place(|| {
+        redis.stop();
+        std::thread::sleep(Duration::from_secs(7));
+        redis.start_again();
+    });
+    assert_eq!(
+        tokio::task::block_in_place(|| pings.wait_exit()),
+        Some(0),
+        "{:?}",
+        pings.stderr()
+    );
+    assert!(
+        pings.stdout().join("\n").contains("published 20 pings"),
+        "{:?}",
+        pings.stdout()
+    );
+}
