@@ -11,6 +11,8 @@ sudo_cmd=()
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# The TLS tests make a throwaway CA with the openssl command.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 # Browser end-to-end tests drive headless Chromium through chromedriver.
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
