@@ -174,6 +174,9 @@
     setCount(live, n, limit);
     live.querySelector("[data-empty]").hidden = n > 0;
     live.querySelector("[data-full]").hidden = !(limit > 0 && n >= limit);
+    // The tab says how full the room is, like the page's own first render.
+    var name = live.querySelector("h1[data-name]").textContent;
+    document.title = (limit > 0 ? "(" + n + "/" + limit + ") " : "") + name + " · Coven";
   }
 
   function setFlags(row, d) {
@@ -253,7 +256,8 @@
       roomRecount();
     } else if (type === "room.deleted") {
       live.querySelector("[data-deleted]").hidden = false;
-      setTimeout(function () { location.assign("/rooms?closed=" + encodeURIComponent(d.channel_id)); }, 1500);
+      var name = live.querySelector("h1[data-name]").textContent;
+      setTimeout(function () { location.assign("/rooms?closed=" + encodeURIComponent(name)); }, 1500);
     }
   }
 

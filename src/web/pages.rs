@@ -154,7 +154,7 @@ pub struct RoomsPage {
     /// The snapshot's event id: the stream resumes after it.
     pub at: String,
     /// Set after the user closed a room (or their room page saw it close).
-    pub notice: Option<&'static str>,
+    pub notice: Option<String>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -183,7 +183,16 @@ pub async fn rooms(
         user: Some(UserView::of(&who.user)),
         rooms: rooms.into_iter().map(|(_, r)| r).collect(),
         at: snapshot.at.to_string(),
-        notice: q.closed.is_some().then_some("The room was closed."),
+        // The closed room's name comes back in the URL (it is gone from the snapshot):
+        // shown escaped, cut to a room name's length.
+        notice: q.closed.as_deref().map(|name| {
+            let name: String = name.trim().chars().take(100).collect();
+            if name.is_empty() {
+                "The room was closed.".to_owned()
+            } else {
+                format!("“{name}” was closed.")
+            }
+        }),
     })
 }
 

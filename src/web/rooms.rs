@@ -299,8 +299,12 @@ pub async fn close(
         }
         close_room(&app, id, room.role_id, None).await?;
         tracing::info!(channel = %id, by = %me, "room closed");
+        let query = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("closed", &room.name)
+            .finish();
+        return Ok(go(post.htmx, &format!("/rooms?{query}")));
     }
-    Ok(go(post.htmx, "/rooms?closed=1"))
+    Ok(go(post.htmx, "/rooms?closed="))
 }
 
 /// Deletes the room in Discord and records it at once (the gateway will see the

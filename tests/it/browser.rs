@@ -223,6 +223,11 @@ async fn two_players_in_two_browsers_share_a_room_live_until_it_closes() {
         took < Duration::from_secs(1),
         "the join took {took:?} to show on both pages"
     );
+    assert_eq!(
+        ash.title().await.unwrap(),
+        "(1/4) Friday draft · Coven",
+        "the tab carries the count, live"
+    );
     shot(&ash, "04-creator-sees-join").await;
     shot(&bramble, "05-guest-is-in").await;
     shown(
