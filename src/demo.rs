@@ -313,23 +313,14 @@ async fn step(
     let roll: f64 = rand::random();
     if has_space && !free.is_empty() && (seated.is_empty() || roll < 0.4) {
         let user = free[rand::random_range(0..free.len())];
-        if let Some(role) = room.role_id {
-            // What following an invite does: the room's role.
-            http.put(format!(
-                "{sim_url}/api/v10/guilds/{}/members/{user}/roles/{role}",
-                guild
-            ))
-            .header("authorization", format!("Bot {bot_token}"))
-            .send()
-            .await?
-            .error_for_status()?;
-        }
-        voice(
+        enter(
             http,
             sim_url,
+            bot_token,
+            guild,
             user,
-            Some(room_id.get()),
-            serde_json::json!({}),
+            room_id.get(),
+            room.role_id,
         )
         .await?;
     } else if let Some((user, v)) =
@@ -338,23 +329,15 @@ async fn step(
         if roll > 0.9 {
             voice(http, sim_url, user, None, serde_json::json!({})).await?;
         } else if roll > 0.8 && has_space && *room_id != v.channel_id {
-            // Wander to another room (with the role an invite would give).
-            if let Some(role) = room.role_id {
-                http.put(format!(
-                    "{sim_url}/api/v10/guilds/{}/members/{user}/roles/{role}",
-                    guild
-                ))
-                .header("authorization", format!("Bot {bot_token}"))
-                .send()
-                .await?
-                .error_for_status()?;
-            }
-            voice(
+            // Wander to another room.
+            enter(
                 http,
                 sim_url,
+                bot_token,
+                guild,
                 user,
-                Some(room_id.get()),
-                serde_json::json!({}),
+                room_id.get(),
+                room.role_id,
             )
             .await?;
         } else {
@@ -375,6 +358,28 @@ async fn step(
         }
     }
     Ok(())
+}
+
+/// A player gets a room's role, as following its invite would, and joins its voice.
+async fn enter(
+    http: &reqwest::Client,
+    sim_url: &str,
+    bot_token: &str,
+    guild: u64,
+    user: u64,
+    room: u64,
+    role: Option<Id<twilight_model::id::marker::RoleMarker>>,
+) -> anyhow::Result<()> {
+    if let Some(role) = role {
+        http.put(format!(
+            "{sim_url}/api/v10/guilds/{guild}/members/{user}/roles/{role}"
+        ))
+        .header("authorization", format!("Bot {bot_token}"))
+        .send()
+        .await?
+        .error_for_status()?;
+    }
+    voice(http, sim_url, user, Some(room), serde_json::json!({})).await
 }
 
 async fn voice(
