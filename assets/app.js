@@ -256,8 +256,7 @@
       roomRecount();
     } else if (type === "room.deleted") {
       live.querySelector("[data-deleted]").hidden = false;
-      var name = live.querySelector("h1[data-name]").textContent;
-      setTimeout(function () { location.assign("/rooms?closed=" + encodeURIComponent(name)); }, 1500);
+      setTimeout(function () { location.assign("/rooms?closed=1"); }, 1500);
     }
   }
 

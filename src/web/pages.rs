@@ -157,6 +157,9 @@ pub struct RoomsPage {
     pub notice: Option<String>,
 }
 
+/// The session key that carries a room's name from its closing to the rooms page.
+pub const CLOSED_FLASH: &str = "closed_room";
+
 #[derive(Debug, serde::Deserialize)]
 pub struct RoomsQuery {
     #[serde(default)]
@@ -183,16 +186,13 @@ pub async fn rooms(
         user: Some(UserView::of(&who.user)),
         rooms: rooms.into_iter().map(|(_, r)| r).collect(),
         at: snapshot.at.to_string(),
-        // The closed room's name comes back in the URL (it is gone from the snapshot):
-        // shown escaped, cut to a room name's length.
-        notice: q.closed.as_deref().map(|name| {
-            let name: String = name.trim().chars().take(100).collect();
-            if name.is_empty() {
-                "The room was closed.".to_owned()
-            } else {
-                format!("“{name}” was closed.")
-            }
-        }),
+        notice: match who.session.remove::<String>(CLOSED_FLASH).await? {
+            Some(name) => Some(format!("“{name}” was closed.")),
+            None => q
+                .closed
+                .is_some()
+                .then(|| "The room was closed.".to_owned()),
+        },
     })
 }
 

@@ -299,12 +299,14 @@ pub async fn close(
         }
         close_room(&app, id, room.role_id, None).await?;
         tracing::info!(channel = %id, by = %me, "room closed");
-        let query = url::form_urlencoded::Serializer::new(String::new())
-            .append_pair("closed", &room.name)
-            .finish();
-        return Ok(go(post.htmx, &format!("/rooms?{query}")));
+        // The rooms page names the closed room from the session, not from the URL: a
+        // link cannot make Coven print words of someone else's choosing.
+        post.who
+            .session
+            .insert(super::pages::CLOSED_FLASH, &room.name)
+            .await?;
     }
-    Ok(go(post.htmx, "/rooms?closed="))
+    Ok(go(post.htmx, "/rooms?closed=1"))
 }
 
 /// Deletes the room in Discord and records it at once (the gateway will see the

@@ -135,6 +135,13 @@ async fn create(c: &Client, name: &str) {
         .unwrap();
 }
 
+/// Logs in on `web` as the sim's player `name`, ending on the rooms page.
+async fn log_in(c: &Client, web: &crate::harness::Web, name: &str) {
+    c.goto(&web.url("/auth/login")).await.unwrap();
+    pick(c, name).await;
+    url_has(c, "the rooms page", "/rooms").await;
+}
+
 /// Logs in on the sim's authorize page by picking `name`.
 async fn pick(c: &Client, name: &str) {
     let link = format!("//a[span[starts-with(normalize-space(.), '{name}')]]");
@@ -279,9 +286,7 @@ async fn the_room_page_shows_full_and_closing_as_they_happen() {
     let a = stack.web(0);
     let driver = Driver::start();
     let ash = driver.browser().await;
-    ash.goto(&a.url("/auth/login")).await.unwrap();
-    pick(&ash, "Ash").await;
-    url_has(&ash, "the rooms page", "/rooms").await;
+    log_in(&ash, a, "Ash").await;
 
     // Discord failing: the HTMX post's error page is shown in words on the same page.
     let (status, _) = stack
@@ -385,9 +390,7 @@ async fn a_dead_gateway_shows_the_delayed_banner_on_open_and_fresh_pages_until_o
     let a = stack.web(0);
     let driver = Driver::start();
     let ash = driver.browser().await;
-    ash.goto(&a.url("/auth/login")).await.unwrap();
-    pick(&ash, "Ash").await;
-    url_has(&ash, "the rooms page", "/rooms").await;
+    log_in(&ash, a, "Ash").await;
     appears(&ash, "the create form", "#room-name").await;
     create(&ash, "Quiet night").await;
     appears(&ash, "the live room", "#live[data-page=room]").await;
@@ -407,9 +410,7 @@ async fn a_dead_gateway_shows_the_delayed_banner_on_open_and_fresh_pages_until_o
 
     // A page loaded now shows it from the start.
     let fresh = driver.browser().await;
-    fresh.goto(&a.url("/auth/login")).await.unwrap();
-    pick(&fresh, "Bramble").await;
-    url_has(&fresh, "the rooms page", "/rooms").await;
+    log_in(&fresh, a, "Bramble").await;
     assert!(
         displayed(&fresh, "#gateway-banner").await,
         "rendered with the banner"
