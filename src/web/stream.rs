@@ -58,17 +58,13 @@ enum Frame {
     Cut,
 }
 
-/// The snapshot a change of visibility is shown from, read from Redis at most once per
-/// event per replica however many streams it changes (a role edit can touch thousands).
-type SharedSnapshot = Arc<tokio::sync::OnceCell<Option<Arc<Snapshot>>>>;
-
 /// What an event tells the streams themselves (never sent to a browser).
 #[derive(Clone, Debug)]
 enum Control {
     /// Guild roles or channel overwrites changed: the hub's access is newer.
-    Access(SharedSnapshot),
+    Access,
     /// A member's roles changed.
-    Roles(Id<UserMarker>, Arc<[Id<RoleMarker>]>, SharedSnapshot),
+    Roles(Id<UserMarker>, Arc<[Id<RoleMarker>]>),
     /// A member left the guild: their streams end.
     Removed(Id<UserMarker>),
     /// A login ended: its streams end.
@@ -79,13 +75,11 @@ impl Control {
     fn of(data: &EventData) -> Option<Self> {
         match data {
             EventData::GuildUpdated { .. } | EventData::ChannelAccess { .. } => {
-                Some(Control::Access(SharedSnapshot::default()))
+                Some(Control::Access)
             }
-            EventData::MemberUpdated { user_id, roles } => Some(Control::Roles(
-                *user_id,
-                roles.as_slice().into(),
-                SharedSnapshot::default(),
-            )),
+            EventData::MemberUpdated { user_id, roles } => {
+                Some(Control::Roles(*user_id, roles.as_slice().into()))
+            }
             EventData::MemberRemoved { user_id } => Some(Control::Removed(*user_id)),
             EventData::SessionEnded { user_id, login } => {
                 Some(Control::LoggedOut(*user_id, login.as_str().into()))
@@ -199,6 +193,10 @@ pub struct Hub {
     bus: Arc<dyn Backend>,
     guild: Id<GuildMarker>,
     access: Arc<Mutex<Arc<Access>>>,
+    /// The last snapshot read to show streams a change of visibility: one read serves
+    /// every stream an event changes (a role edit can touch thousands), and only one is
+    /// kept.
+    view: Arc<tokio::sync::Mutex<Option<Arc<Snapshot>>>>,
     /// Looked up once: incremented per delivery.
     delivered: metrics::Counter,
 }
@@ -227,10 +225,32 @@ impl Hub {
             bus,
             guild,
             access: Arc::new(Mutex::new(Arc::new(snapshot.access))),
+            view: Arc::default(),
             delivered: metrics::counter!("coven_web_events_delivered_total"),
         };
         tokio::spawn(hub.clone().run(live, snapshot.at, keepalive));
         Ok(hub)
+    }
+
+    /// A snapshot valid at `id` or later: the kept one when it is recent enough, else a
+    /// fresh read (streams asking meanwhile wait for it rather than read again). `None`
+    /// when Redis cannot be read.
+    async fn snapshot_since(&self, id: EventId) -> Option<Arc<Snapshot>> {
+        let mut kept = self.view.lock().await;
+        if let Some(snapshot) = kept.as_ref().filter(|s| s.at >= id) {
+            return Some(snapshot.clone());
+        }
+        match self.bus.snapshot().await {
+            Ok(snapshot) => {
+                let snapshot = Arc::new(snapshot);
+                *kept = Some(snapshot.clone());
+                Some(snapshot)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the snapshot to show a change of visibility");
+                None
+            }
+        }
     }
 
     /// Who may see what, as of the newest event the hub passed on.
@@ -287,7 +307,7 @@ impl Hub {
         }
         *last = event.id;
         let control = Control::of(&event.data);
-        if matches!(control, Some(Control::Access(_))) && event.id > *applied {
+        if matches!(control, Some(Control::Access)) && event.id > *applied {
             *applied = event.id;
             let mut access = self.access.lock().unwrap_or_else(|e| e.into_inner());
             let mut next = (**access).clone();
@@ -591,7 +611,7 @@ pub async fn stream(
                 Ok(Frame::Event { id, audience, bytes, control }) => {
                     // Control is acted on even for an event the replay already sent: it
                     // reads the hub's newest state, so acting twice changes nothing.
-                    let mut changed = None;
+                    let mut changed = false;
                     match control {
                         Some(Control::Removed(user)) if user == sight.user => {
                             tracing::info!(%user, "member removed; ending their stream");
@@ -600,26 +620,17 @@ pub async fn stream(
                         Some(Control::LoggedOut(user, login)) if user == sight.user && *login == *sight.login => {
                             break;
                         }
-                        Some(Control::Roles(user, roles, shared)) if user == sight.user => {
+                        Some(Control::Roles(user, roles)) if user == sight.user => {
                             sight.roles = roles.to_vec();
-                            changed = Some(shared);
+                            changed = true;
                         }
-                        Some(Control::Access(shared)) => changed = Some(shared),
+                        Some(Control::Access) => changed = true,
                         _ => {}
                     }
-                    if let Some(shared) = changed {
+                    if changed {
                         let (appeared, gone) = sight.refresh(&hub.access());
                         if !appeared.is_empty() || !gone.is_empty() {
-                            let snapshot = shared
-                                .get_or_init(|| async {
-                                    bus.snapshot()
-                                        .await
-                                        .inspect_err(|e| tracing::warn!(error = %e, "cannot read the snapshot to show a change of visibility"))
-                                        .ok()
-                                        .map(Arc::new)
-                                })
-                                .await
-                                .clone();
+                            let snapshot = hub.snapshot_since(id).await;
                             match snapshot {
                                 Some(snapshot) => {
                                     for data in view_changes(&snapshot, &sight, &appeared, &gone) {
