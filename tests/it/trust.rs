@@ -209,6 +209,22 @@ async fn new_link_revokes_older_links_of_the_room() {
     );
     let res = guest.get(&a.url(&new)).await;
     assert_eq!(res.status(), 303);
+
+    // Someone not in the server cannot confirm an old link either: the confirm post
+    // checks the generation again, and nobody is added.
+    let juniper = stack.user("juniper").await;
+    let outsider = Browser::new();
+    let back = outsider.login_to(b, &stack.sim, juniper, &new).await;
+    assert_eq!(back.status(), 303);
+    let asked = outsider.page(&b.url(&new)).await;
+    let token = crate::harness::form_value(&asked, "csrf_token").expect("the confirm form");
+    let refused = outsider.post(b, &old, &[("csrf_token", &token)]).await;
+    assert_eq!(refused.status(), 410);
+    let state = stack.sim.state().await;
+    assert!(
+        crate::rooms::find(&state, "members", &juniper.to_string()).is_none(),
+        "not added by a revoked link"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
