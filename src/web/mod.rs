@@ -13,6 +13,7 @@ pub mod auth;
 pub mod conn;
 pub mod error;
 pub mod invites;
+pub mod live;
 pub mod members;
 pub mod ops;
 pub mod pages;
@@ -253,6 +254,7 @@ pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
         .route("/auth/callback", get(auth::callback))
         .route("/auth/logout", post(auth::logout))
         .route("/api/stream", get(stream::stream))
+        .route("/api/stream/html", get(stream::html_stream))
         // Forms here are a room name and a token; anything bigger is not ours.
         .layer(axum::extract::DefaultBodyLimit::max(16 * 1024))
         .layer(sessions)

@@ -206,7 +206,7 @@ async fn two_players_in_two_browsers_share_a_room_live_until_it_closes() {
 
     // A voice join in "Discord" shows on both pages within a second.
     let bramble_id = stack.user("bramble").await;
-    let row = format!("[data-members] li[data-user='{bramble_id}']");
+    let row = format!(".members li[data-user='{bramble_id}']");
     // Both pages are connected to their streams before the change happens.
     for c in [&ash, &bramble] {
         stream_open(c).await;
@@ -256,17 +256,23 @@ async fn two_players_in_two_browsers_share_a_room_live_until_it_closes() {
         ash.accept_alert().await.ok()
     })
     .await;
-    url_has(&ash, "the creator back on the rooms list", "/rooms?closed").await;
-    url_has(
+    url_has(&ash, "the creator back on the rooms list", "/rooms").await;
+    let notice = shown(&ash, "the creator's notice", "p.banner.info").await;
+    assert!(notice.contains("“Friday draft” was closed"), "{notice}");
+    // The guest's page says so where the room was, naming it.
+    let notice = shown(
         &bramble,
-        "the guest back on the rooms list",
-        "/rooms?closed",
+        "the closed notice on the guest's page",
+        ".room-live[data-closed] .banner",
     )
     .await;
+    assert!(notice.contains("“Friday draft” was closed"), "{notice}");
+    assert!(
+        !displayed(&bramble, ".controls").await,
+        "a closed room offers nothing more"
+    );
     shot(&ash, "06-creator-after-close").await;
     shot(&bramble, "07-guest-after-close").await;
-    let notice = shown(&bramble, "the notice", "p.banner.info").await;
-    assert!(notice.contains("closed"), "{notice}");
     assert!(
         !stack.sim.state().await["channels"]
             .as_array()
@@ -326,11 +332,14 @@ async fn the_room_page_shows_full_and_closing_as_they_happen() {
     ] {
         stack.seat(stack.user(name).await, room, flags).await;
     }
-    shown(&ash, "Room full", "[data-full]").await;
-    assert_eq!(shown(&ash, "the count", "#live [data-count]").await, "4/4");
+    shown(&ash, "Room full", ".full-note").await;
+    assert_eq!(
+        shown(&ash, "the count", ".room-live .count").await,
+        "4/4 · full"
+    );
     // Offline, the avatars show the players' initials.
     let faces = ash
-        .find_all(Locator::Css("[data-members] .avatar"))
+        .find_all(Locator::Css(".members .avatar"))
         .await
         .unwrap();
     assert_eq!(faces.len(), 4);
@@ -362,7 +371,7 @@ async fn the_room_page_shows_full_and_closing_as_they_happen() {
     )
     .await
     .unwrap();
-    let banner = shown(&ash, "the closing banner", "[data-closing]").await;
+    let banner = shown(&ash, "the closing banner", "[data-closes-at]").await;
     assert!(banner.contains("will close in "), "{banner}");
     shot(&ash, "11-room-closing").await;
 
@@ -370,9 +379,26 @@ async fn the_room_page_shows_full_and_closing_as_they_happen() {
     stack
         .voice(stack.user("bramble").await, Some(room), json!({}))
         .await;
-    shown(&ash, "the reprieve", "[data-reopened]").await;
+    wait_for("the closing banner to go", || async {
+        (!displayed(&ash, "[data-closes-at]").await).then_some(())
+    })
+    .await;
+    let said = shown_text(&ash, "#announce").await;
+    assert!(said.contains("joined “Commander night”"), "{said}");
     shot(&ash, "12-room-reprieved").await;
     let _ = ash.close().await;
+}
+
+/// The text of `css` as a screen reader has it (shown or not).
+async fn shown_text(c: &Client, css: &str) -> String {
+    c.execute(
+        &format!("return document.querySelector({css:?}).textContent"),
+        vec![],
+    )
+    .await
+    .ok()
+    .and_then(|v| v.as_str().map(str::to_owned))
+    .unwrap_or_default()
 }
 
 /// Whether `css` matches a displayed element right now.
