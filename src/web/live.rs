@@ -29,6 +29,13 @@ struct RoomCard<'a> {
 #[template(path = "web/room_live.html")]
 struct RoomLive<'a> {
     room: &'a RoomView,
+    oob: bool,
+}
+
+#[derive(Template)]
+#[template(path = "web/room_people.html")]
+struct RoomPeople<'a> {
+    room: &'a RoomView,
     viewers: &'a [ViewerView],
     oob: bool,
 }
@@ -174,9 +181,13 @@ fn room_part(state: &Snapshot, id: Id<ChannelMarker>, gone_name: Option<&str>) -
             let viewers: Vec<ViewerView> = record.viewers.iter().map(ViewerView::of).collect();
             let mut out = render(&RoomLive {
                 room: &room,
-                viewers: &viewers,
                 oob: true,
             });
+            out.push_str(&render(&RoomPeople {
+                room: &room,
+                viewers: &viewers,
+                oob: true,
+            }));
             out.push_str(&title(&room));
             out
         }

@@ -13,13 +13,13 @@ use crate::harness::redis::free_port;
 use crate::harness::{DEADLINE, Stack, wait_for};
 
 /// chromedriver on a free port, stopped when dropped.
-struct Driver {
+pub(crate) struct Driver {
     child: Child,
     url: String,
 }
 
 impl Driver {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let port = free_port();
         let child = Command::new("chromedriver")
             .arg(format!("--port={port}"))
@@ -41,14 +41,21 @@ impl Driver {
     }
 
     /// A new browser with its own profile (cookies and all).
-    async fn browser(&self) -> Client {
+    pub(crate) async fn browser(&self) -> Client {
+        self.open(1100, 900, true).await
+    }
+
+    /// A new browser of its own profile with a window of `width`×`height`, and with
+    /// JavaScript off unless `script`.
+    pub(crate) async fn open(&self, width: u32, height: u32, script: bool) -> Client {
         let mut caps = serde_json::Map::new();
-        caps.insert(
-            "goog:chromeOptions".to_owned(),
-            json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                            "--disable-background-networking", "--disable-dev-shm-usage",
-                            "--window-size=1100,900"]}),
-        );
+        let mut options = json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                        "--disable-background-networking", "--disable-dev-shm-usage",
+                        format!("--window-size={width},{height}")]});
+        if !script {
+            options["prefs"] = json!({"profile.managed_default_content_settings.javascript": 2});
+        }
+        caps.insert("goog:chromeOptions".to_owned(), options);
         ClientBuilder::native()
             .capabilities(caps)
             .connect(&self.url)
@@ -70,7 +77,7 @@ fn artifacts() -> PathBuf {
     dir
 }
 
-async fn shot(c: &Client, name: &str) {
+pub(crate) async fn shot(c: &Client, name: &str) {
     match c.screenshot().await {
         Ok(png) => {
             let _ = std::fs::write(artifacts().join(format!("{name}.png")), png);
@@ -80,14 +87,14 @@ async fn shot(c: &Client, name: &str) {
 }
 
 /// Waits until `css` matches something on the page.
-async fn appears(c: &Client, what: &str, css: &str) {
+pub(crate) async fn appears(c: &Client, what: &str, css: &str) {
     wait_for(what, || async {
         c.find(Locator::Css(css)).await.ok().map(|_| ())
     })
     .await;
 }
 
-async fn url_has(c: &Client, what: &str, part: &str) -> String {
+pub(crate) async fn url_has(c: &Client, what: &str, part: &str) -> String {
     wait_for(what, || async {
         let url = c.current_url().await.ok()?;
         url.as_str().contains(part).then(|| url.to_string())
@@ -96,7 +103,7 @@ async fn url_has(c: &Client, what: &str, part: &str) -> String {
 }
 
 /// The text of the first element matching `css`, once it is displayed.
-async fn shown(c: &Client, what: &str, css: &str) -> String {
+pub(crate) async fn shown(c: &Client, what: &str, css: &str) -> String {
     wait_for(what, || async {
         let el = c.find(Locator::Css(css)).await.ok()?;
         if !el.is_displayed().await.ok()? {
@@ -108,7 +115,7 @@ async fn shown(c: &Client, what: &str, css: &str) -> String {
 }
 
 /// Waits until the page's live stream is open (app.js marks it).
-async fn stream_open(c: &Client) {
+pub(crate) async fn stream_open(c: &Client) {
     wait_for("the page's stream to open", || async {
         let open = c
             .execute(
@@ -123,7 +130,7 @@ async fn stream_open(c: &Client) {
 }
 
 /// Types a room name into the create form on `/rooms` and sends it.
-async fn create(c: &Client, name: &str) {
+pub(crate) async fn create(c: &Client, name: &str) {
     let field = c.find(Locator::Css("#room-name")).await.expect("the form");
     field.clear().await.unwrap();
     field.send_keys(name).await.unwrap();
@@ -136,14 +143,14 @@ async fn create(c: &Client, name: &str) {
 }
 
 /// Logs in on `web` as the sim's player `name`, ending on the rooms page.
-async fn log_in(c: &Client, web: &crate::harness::Web, name: &str) {
+pub(crate) async fn log_in(c: &Client, web: &crate::harness::Web, name: &str) {
     c.goto(&web.url("/auth/login")).await.unwrap();
     pick(c, name).await;
     url_has(c, "the rooms page", "/rooms").await;
 }
 
 /// Logs in on the sim's authorize page by picking `name`.
-async fn pick(c: &Client, name: &str) {
+pub(crate) async fn pick(c: &Client, name: &str) {
     let link = format!("//a[span[starts-with(normalize-space(.), '{name}')]]");
     wait_for("the sim's login page", || async {
         c.find(Locator::XPath(&link)).await.ok().map(|_| ())
@@ -390,7 +397,7 @@ async fn the_room_page_shows_full_and_closing_as_they_happen() {
 }
 
 /// The text of `css` as a screen reader has it (shown or not).
-async fn shown_text(c: &Client, css: &str) -> String {
+pub(crate) async fn shown_text(c: &Client, css: &str) -> String {
     c.execute(
         &format!("return document.querySelector({css:?}).textContent"),
         vec![],
@@ -402,7 +409,7 @@ async fn shown_text(c: &Client, css: &str) -> String {
 }
 
 /// Whether `css` matches a displayed element right now.
-async fn displayed(c: &Client, css: &str) -> bool {
+pub(crate) async fn displayed(c: &Client, css: &str) -> bool {
     match c.find(Locator::Css(css)).await {
         Ok(el) => el.is_displayed().await.unwrap_or(false),
         Err(_) => false,

@@ -13,6 +13,7 @@ mod edges;
 mod gateway;
 mod login;
 mod ownership;
+mod pages;
 mod redis_harness;
 mod rooms;
 mod sim_gateway;
