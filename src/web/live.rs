@@ -104,7 +104,8 @@ pub struct Html {
 }
 
 impl Html {
-    pub fn len(&self) -> usize {
+    /// Bytes held (for the recent-frames bound).
+    pub fn size(&self) -> usize {
         self.rooms.len() + self.room.as_ref().map_or(0, |(_, b)| b.len())
     }
 

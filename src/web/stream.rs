@@ -189,7 +189,7 @@ impl Recent {
 /// The bytes an event frame holds (its JSON and its HTML).
 fn frame_size(frame: &Frame) -> usize {
     match frame {
-        Frame::Event { bytes, html, .. } => bytes.len() + html.as_ref().map_or(0, |h| h.len()),
+        Frame::Event { bytes, html, .. } => bytes.len() + html.as_ref().map_or(0, |h| h.size()),
         _ => 0,
     }
 }
@@ -677,7 +677,7 @@ pub async fn html_stream(
             (_, Some(whole)) => {
                 // Frames in memory replay exactly (announcements included); only when
                 // they do not reach back is the state sent whole.
-                match after.and_then(|a| hub.catch_up_from(Some(a)).filter(|f| all_rendered(f)).map(|f| (a, f))) {
+                match after.and_then(|a| hub.catch_up_from(Some(a)).filter(all_rendered).map(|f| (a, f))) {
                     Some((a, frames)) => {
                         last = a;
                         pending = frames;
