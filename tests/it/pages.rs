@@ -257,7 +257,7 @@ async fn without_javascript_close_asks_on_a_page_of_its_own_then_closes() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|ch| ch["id"] == room.to_string()),
+            .any(|ch| ch["id"].as_str() == Some(&*room.to_string())),
         "nothing is closed before the confirmation"
     );
     c.find(Locator::Css("main form[method=post] button"))
@@ -273,7 +273,7 @@ async fn without_javascript_close_asks_on_a_page_of_its_own_then_closes() {
         (!stack.sim.state().await["channels"]
             .as_array()?
             .iter()
-            .any(|ch| ch["id"] == room.to_string()))
+            .any(|ch| ch["id"].as_str() == Some(&*room.to_string())))
         .then_some(())
     })
     .await;
