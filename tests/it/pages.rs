@@ -279,3 +279,47 @@ async fn without_javascript_close_asks_on_a_page_of_its_own_then_closes() {
     .await;
     let _ = c.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_me_in_appears_when_the_viewer_enters_voice_elsewhere_and_takes_them_in() {
+    let stack = Stack::start(1, &[]).await;
+    let driver = Driver::start();
+    let c = driver.browser().await;
+    log_in(&c, stack.web(0), "Ash").await;
+    appears(&c, "the create form", "#room-name").await;
+    create(&c, "Come in").await;
+    let room = room_of(&c).await;
+    stream_open(&c).await;
+    shown(&c, "the hint to join in Discord", ".hint[data-state~=none]").await;
+    assert!(!crate::browser::displayed(&c, "form[data-state~=elsewhere] button").await);
+
+    // Ash enters another voice channel of the server: the page offers to move him in.
+    let lobby: u64 = stack.sim.state().await["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|ch| ch["name"] == "Lobby")
+        .and_then(|ch| ch["id"].as_str()?.parse().ok())
+        .expect("the sim's lobby");
+    let ash = stack.user("ash").await;
+    stack.voice(ash, Some(lobby), json!({})).await;
+    let button = shown(&c, "Move me in, live", "form[data-state~=elsewhere] button").await;
+    assert_eq!(button, "Move me in");
+    shot(&c, "41-move-me-in").await;
+    c.find(Locator::Css("form[data-state~=elsewhere] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    shown(&c, "You're in", "[data-state=in]").await;
+    wait_for("Ash in the member list", || async {
+        shows_member(&c, room, ash).await.then_some(())
+    })
+    .await;
+    // Leaving says so, with the way back.
+    stack.voice(ash, None, json!({})).await;
+    let left = shown(&c, "the left notice", "[data-state~=left]").await;
+    assert!(left.contains("You left the voice channel"), "{left}");
+    let _ = c.close().await;
+}
