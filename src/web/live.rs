@@ -376,3 +376,138 @@ pub fn gateway_notice(data: &EventData) -> Option<Bytes> {
     );
     Some(Bytes::from(out))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Person, VoiceFlags};
+
+    const GUILD: u64 = 1;
+    const ROOM: u64 = 10;
+
+    fn event(ms: u64, data: EventData) -> Event {
+        Event::new(EventId { ms, seq: 0 }, Id::new(GUILD), ms, data).unwrap()
+    }
+
+    /// Applies `data` to `state` as the hub does and returns its fragments.
+    fn step(state: &mut Snapshot, ms: u64, data: EventData) -> Option<Html> {
+        let e = event(ms, data);
+        let prior = Prior::of(state, &e.data);
+        state.apply(&e);
+        fragments(state, &e, &prior)
+    }
+
+    fn text(b: &Bytes) -> &str {
+        std::str::from_utf8(b).unwrap()
+    }
+
+    fn hostile_room(state: &mut Snapshot) {
+        step(
+            state,
+            1,
+            EventData::RoomCreated {
+                channel_id: Id::new(ROOM),
+                name: "<script>x</script>\r\ndata: forged\n\nevent: rooms".to_owned(),
+                user_limit: 4,
+                created_by: Some(Id::new(7)),
+                role_id: Some(Id::new(8)),
+            },
+        );
+    }
+
+    #[test]
+    fn a_join_is_one_message_per_page_then_its_id_and_what_a_name_holds_stays_text() {
+        let mut state = Snapshot::default();
+        hostile_room(&mut state);
+        let html = step(
+            &mut state,
+            2,
+            EventData::VoiceJoined {
+                channel_id: Id::new(ROOM),
+                user: Person {
+                    id: Id::new(7),
+                    username: "amp&<ersand>".to_owned(),
+                    global_name: None,
+                    avatar_url: None,
+                },
+                flags: VoiceFlags::default(),
+            },
+        )
+        .expect("a join is shown");
+        let (room, with_room) = html.room.as_ref().unwrap();
+        assert_eq!(*room, Id::new(ROOM));
+        for bytes in [&html.rooms, with_room] {
+            let wire = text(bytes);
+            // Every line of a message is a field: no name can start a field of its own.
+            for line in wire.lines().filter(|l| !l.is_empty()) {
+                assert!(
+                    ["event: ", "data: ", "id: "]
+                        .iter()
+                        .any(|f| line.starts_with(f)),
+                    "{line:?} in {wire}"
+                );
+            }
+            assert!(!wire.contains('\r'));
+            assert!(!wire.contains("<script>") && !wire.contains("<ersand>"));
+            assert!(wire.contains("&#60;script&#62;"));
+            // The event's id comes last, once all its parts are there.
+            assert!(
+                wire.ends_with("id: 2-0\nevent: at\ndata: 2-0\n\n"),
+                "{wire}"
+            );
+            assert_eq!(wire.matches("id: ").count(), 1);
+            assert!(wire.contains("innerHTML:#announce"), "announced: {wire}");
+            assert!(wire.contains("amp&#38;&#60;ersand&#62; joined"), "{wire}");
+        }
+        let events = |b: &Bytes| text(b).lines().filter(|l| l.starts_with("event: ")).count();
+        assert_eq!(events(&html.rooms), 2, "rooms, at: {}", text(&html.rooms));
+        assert_eq!(events(with_room), 3, "rooms, room-10, at");
+        assert!(text(&html.rooms).starts_with("event: rooms\n"));
+        assert!(!text(&html.rooms).contains("event: room-10"));
+        assert!(text(with_room).contains("event: room-10\n"));
+        assert!(text(with_room).contains("<title>(1/4) "));
+        assert_eq!(html.for_views(&[Id::new(ROOM)]), with_room);
+        assert_eq!(html.for_views(&[Id::new(11)]), &html.rooms);
+    }
+
+    #[test]
+    fn a_room_closing_twice_is_told_once_with_its_name() {
+        let mut state = Snapshot::default();
+        hostile_room(&mut state);
+        let first = step(
+            &mut state,
+            2,
+            EventData::RoomDeleted {
+                channel_id: Id::new(ROOM),
+            },
+        )
+        .expect("the closing is shown");
+        let wire = text(&first.room.as_ref().unwrap().1);
+        assert!(
+            wire.contains("data-closed") && wire.contains("was closed"),
+            "{wire}"
+        );
+        assert!(wire.contains("hx-swap-oob=\"delete\""), "{wire}");
+        let second = step(
+            &mut state,
+            3,
+            EventData::RoomDeleted {
+                channel_id: Id::new(ROOM),
+            },
+        );
+        assert!(
+            second.is_none(),
+            "Discord's word after Coven's changes nothing"
+        );
+        // Voice leaving a channel that is no room shows nowhere.
+        let left = step(
+            &mut state,
+            4,
+            EventData::VoiceLeft {
+                channel_id: Id::new(ROOM),
+                user_id: Id::new(7),
+            },
+        );
+        assert!(left.is_none());
+    }
+}
