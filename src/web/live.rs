@@ -327,9 +327,19 @@ pub fn refresh(
         }
         let part = if state.access.can_see(seer, *id) {
             room_part(state, *id, None)
+        } else if missing_gone {
+            // Any room id can be asked for: one the viewer may not see is told of in
+            // words that say nothing of it.
+            render(&RoomGone {
+                id: *id,
+                name: None,
+                hidden: false,
+                oob: true,
+            })
         } else {
-            // The page showed the name already. A channel Discord no longer has is being
-            // closed (its `room.deleted` follows); one it still has is hidden from them.
+            // Just gone from the viewer's sight: the page showed the name already. A
+            // channel Discord no longer has is being closed (its `room.deleted` follows);
+            // one it still has is hidden from them.
             render(&RoomGone {
                 id: *id,
                 name: state.rooms.get(id).map(|r| r.name.as_str()),

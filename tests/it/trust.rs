@@ -57,6 +57,25 @@ async fn a_private_room_is_shown_only_to_whom_discord_shows_it_and_appears_live_
     assert_eq!(res.status(), 404);
     let res = other.get(&b.url("/api/stream?room=123456789")).await;
     assert_eq!(res.status(), 404, "no room at all");
+    // The pages' stream takes any room ids (a browser's tabs share it) and says nothing
+    // of one the viewer may not see, not even its name.
+    let mut pages = other
+        .stream(
+            &b.url(&format!("/api/stream/html?view={room},123456789")),
+            None,
+        )
+        .await;
+    let first = pages.until(|m| m.event == "at").await;
+    let told: String = first
+        .iter()
+        .map(|m| format!("{} {}\n", m.event, m.data))
+        .collect();
+    assert!(told.contains(&format!("room-{room}")), "{told}");
+    assert!(told.contains("you can no longer see it"), "{told}");
+    assert!(
+        !told.contains("Secret draft") && !told.contains("Cinder"),
+        "{told}"
+    );
     let viewers: Vec<String> = stack
         .redis_client()
         .await
@@ -72,6 +91,7 @@ async fn a_private_room_is_shown_only_to_whom_discord_shows_it_and_appears_live_
         .await
         .unwrap();
     assert!(viewers.is_empty(), "no viewer recorded: {viewers:?}");
+    drop(pages);
 
     // Nothing of the room reached Bramble's stream: Dusk joining the lobby (which
     // everyone sees) comes after everything above, and nothing before it names the room.
