@@ -72,8 +72,12 @@ const HUES: u64 = 8;
 
 /// A person's colour: from their id, so it is the same on every page and replica.
 fn hue(id: u64) -> u64 {
-    // The low bits of a snowflake are a per-process counter: mix before taking them.
-    (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) % HUES
+    // A snowflake's bits are a clock and counters: mix them all (splitmix64's finaliser)
+    // so people made one after another do not share a colour.
+    let mut z = id.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) % HUES
 }
 
 impl MemberView {

@@ -52,6 +52,10 @@ impl Driver {
         let mut options = json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
                         "--disable-background-networking", "--disable-dev-shm-usage",
                         format!("--window-size={width},{height}")]});
+        if width < 500 {
+            // Below the smallest window Chromium makes: a phone's screen, emulated.
+            options["mobileEmulation"] = json!({"deviceMetrics": {"width": width, "height": height, "pixelRatio": 1}});
+        }
         if !script {
             options["prefs"] = json!({"profile.managed_default_content_settings.javascript": 2});
         }

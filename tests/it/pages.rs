@@ -323,3 +323,70 @@ async fn move_me_in_appears_when_the_viewer_enters_voice_elsewhere_and_takes_the
     assert!(left.contains("You left the voice channel"), "{left}");
     let _ = c.close().await;
 }
+
+/// Waits until no highlight is running.
+async fn settled(c: &Client) {
+    wait_for("highlights to end", || async {
+        let n = c
+            .execute("return document.getAnimations().length", vec![])
+            .await
+            .ok()?;
+        (n == json!(0)).then_some(())
+    })
+    .await;
+}
+
+/// The pages as the README shows them, at a laptop's and a phone's size. They are kept
+/// under `target/e2e/docs-*.png`; `cp target/e2e/docs-*.png docs/` refreshes the README's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pages_at_laptop_and_phone_size() {
+    let stack = Stack::start(1, &[]).await;
+    let driver = Driver::start();
+    let web = stack.web(0);
+    let mut room = None;
+    for (size, (w, h)) in [("1280x800", (1280, 800)), ("390x844", (390, 844))] {
+        let c = driver.open(w, h, true).await;
+        log_in(&c, web, "Ash").await;
+        appears(&c, "the create form", "#room-name").await;
+        let id = match room {
+            Some(id) => {
+                c.goto(&web.url(&format!("/rooms/{id}"))).await.unwrap();
+                id
+            }
+            None => {
+                create(&c, "Friday Night Catan").await;
+                let id = room_of(&c).await;
+                stream_open(&c).await;
+                for (name, flags) in [
+                    ("bramble", json!({"self_video": true})),
+                    ("cinder", json!({"self_mute": true})),
+                ] {
+                    stack.seat(stack.user(name).await, id, flags).await;
+                }
+                stack
+                    .voice(stack.user("ash").await, Some(id), json!({}))
+                    .await;
+                room = Some(id);
+                id
+            }
+        };
+        stream_open(&c).await;
+        wait_for("three in the room", || async {
+            let n = c
+                .find_all(Locator::Css(&format!("#room-people-{id} .member")))
+                .await
+                .ok()?
+                .len();
+            (n == 3).then_some(())
+        })
+        .await;
+        shown(&c, "You're in", "[data-state=in]").await;
+        settled(&c).await;
+        shot(&c, &format!("docs-room-{size}")).await;
+        c.goto(&web.url("/rooms")).await.unwrap();
+        appears(&c, "the room's card", &format!("#room-{id}")).await;
+        settled(&c).await;
+        shot(&c, &format!("docs-rooms-{size}")).await;
+        let _ = c.close().await;
+    }
+}
