@@ -54,7 +54,8 @@ impl Driver {
                         format!("--window-size={width},{height}")]});
         if width < 500 {
             // Below the smallest window Chromium makes: a phone's screen, emulated.
-            options["mobileEmulation"] = json!({"deviceMetrics": {"width": width, "height": height, "pixelRatio": 1}});
+            options["mobileEmulation"] =
+                json!({"deviceMetrics": {"width": width, "height": height, "pixelRatio": 1}});
         }
         if !script {
             options["prefs"] = json!({"profile.managed_default_content_settings.javascript": 2});

@@ -73,6 +73,7 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
         .await
         .unwrap();
     assert_eq!(made.status(), 303);
+    let created = std::time::Instant::now();
     let room = location(&made).trim_start_matches("/rooms/").to_owned();
 
     // Simulated players join the new room and do things in it.
@@ -93,24 +94,8 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
         })
         .await;
     assert!(!events.is_empty());
-    // Players keep at least one seat free for people, however long they play: follow
-    // the room through many more of their moves.
-    let mut inside = std::collections::BTreeSet::new();
-    let mut most = 0;
-    let mut moves = 0;
-    for m in &events {
-        track(m, &mut inside);
-    }
-    while moves < 40 {
-        let m = stream.next().await.expect("the stream goes on");
-        if m.event.starts_with("voice.") {
-            moves += 1;
-        }
-        track(&m, &mut inside);
-        most = most.max(inside.len());
-    }
-    assert!(most <= 3, "players filled the room: {most} of 4 seats");
-    // So the friend the README tells you to invite gets in.
+    // The README's walk: the friend gets the link, logs in and gets a seat, however
+    // busy the players are, within 15 s of the room's creation.
     let link = {
         let html = browser
             .get(&format!("{web}/rooms/{room}"))
@@ -157,6 +142,32 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
         200,
         "a seat was free for the friend: {}",
         joined.text().await.unwrap()
+    );
+    let took = created.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(15),
+        "the invite walk took {took:?}"
+    );
+    // Players keep at least one seat free for people, however long they play: follow
+    // the room through many more of their moves.
+    let mut inside = std::collections::BTreeSet::new();
+    let mut most = 0;
+    let mut moves = 0;
+    for m in &events {
+        track(m, &mut inside);
+    }
+    while moves < 40 {
+        let m = stream.next().await.expect("the stream goes on");
+        if m.event.starts_with("voice.") {
+            moves += 1;
+        }
+        track(&m, &mut inside);
+        most = most.max(inside.len());
+    }
+    assert!(most <= 3, "players filled the room: {most} of 4 seats");
+    assert!(
+        inside.contains(&friend_id),
+        "no player took the friend's seat"
     );
     let page = browser
         .get(&format!("{web}/rooms/{room}"))
