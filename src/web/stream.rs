@@ -27,7 +27,7 @@ use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker, RoleMarker, UserMarker};
 
 use super::AppState;
-use super::auth::LoggedIn;
+use super::auth::StreamUser;
 use super::error::WebError;
 use super::live;
 use crate::access::{Access, Seer};
@@ -231,6 +231,8 @@ pub struct Hub {
     view: Arc<tokio::sync::Mutex<Option<Arc<Snapshot>>>>,
     /// Looked up once: incremented per delivery.
     delivered: metrics::Counter,
+    /// Sessions of stream openers; logouts and removals passing through drop theirs.
+    pub sessions: Arc<super::auth::SessionCache>,
 }
 
 impl Hub {
@@ -261,6 +263,7 @@ impl Hub {
             html_streams: Arc::default(),
             view: Arc::default(),
             delivered: metrics::counter!("coven_web_events_delivered_total"),
+            sessions: Arc::default(),
         };
         let at = hub.lock_state().at;
         tokio::spawn(hub.clone().run(live, at, keepalive));
@@ -346,6 +349,11 @@ impl Hub {
         }
         *last = event.id;
         let control = Control::of(&event.data);
+        match &control {
+            Some(Control::LoggedOut(user, login)) => self.sessions.revoke_login(*user, login),
+            Some(Control::Removed(user)) => self.sessions.revoke_user(*user),
+            _ => {}
+        }
         if matches!(control, Some(Control::Access)) && event.id > *applied {
             *applied = event.id;
             let mut access = self.access.lock().unwrap_or_else(|e| e.into_inner());
@@ -617,7 +625,7 @@ fn parse_views(raw: Option<&str>) -> Result<Vec<Id<ChannelMarker>>, WebError> {
 /// `view` count it as viewing them.
 pub async fn html_stream(
     State(app): State<AppState>,
-    who: LoggedIn,
+    StreamUser(who): StreamUser,
     headers: HeaderMap,
     Query(q): Query<HtmlStreamQuery>,
 ) -> Result<Response, WebError> {
@@ -627,11 +635,17 @@ pub async fn html_stream(
     // Counted before subscribing: every frame this stream receives is rendered.
     let counted = HtmlStream::new(&hub.html_streams);
     let mut live = hub.tx.subscribe();
-    let me = who.user.person.id;
+    if hub.sessions.was_revoked(&who) {
+        return Err(WebError::NotLoggedIn {
+            return_to: "/rooms".to_owned(),
+            api: true,
+        });
+    }
+    let me = who.person.id;
     let roles = app.bus.member(me).await?.ok_or(WebError::NotMember)?.roles;
     let mut sight = Sight {
         user: me,
-        login: who.user.login.clone(),
+        login: who.login.clone(),
         roles,
         room: None,
         visible: HashSet::new(),
@@ -649,7 +663,7 @@ pub async fn html_stream(
         views
             .iter()
             .filter(|id| state.rooms.contains_key(id) && sight.visible.contains(id))
-            .map(|id| (*id, app.presence.enter(*id, who.user.viewer())))
+            .map(|id| (*id, app.presence.enter(*id, who.viewer())))
             .collect()
     };
     let bus = app.bus.clone();
@@ -843,7 +857,7 @@ pub async fn stream(
     State(app): State<AppState>,
     // Logged in; membership and roles are read once below, after subscribing (the
     // watcher rechecks stream holders, so opening a stream asks Discord nothing).
-    who: LoggedIn,
+    StreamUser(who): StreamUser,
     headers: HeaderMap,
     Query(q): Query<StreamQuery>,
 ) -> Result<Response, WebError> {
@@ -861,11 +875,17 @@ pub async fn stream(
     // ids tell which was seen. Roles and permissions are read after subscribing, so a
     // change in between arrives as a frame.
     let mut live = app.hub.tx.subscribe();
-    let me = who.user.person.id;
+    if app.hub.sessions.was_revoked(&who) {
+        return Err(WebError::NotLoggedIn {
+            return_to: "/rooms".to_owned(),
+            api: true,
+        });
+    }
+    let me = who.person.id;
     let roles = app.bus.member(me).await?.ok_or(WebError::NotMember)?.roles;
     let mut sight = Sight {
         user: me,
-        login: who.user.login.clone(),
+        login: who.login.clone(),
         roles,
         room,
         visible: HashSet::new(),
@@ -884,7 +904,7 @@ pub async fn stream(
         .watched
         .watch(me, max)
         .ok_or(WebError::TooManyStreams { max })?;
-    let viewing = room.map(|room| app.presence.enter(room, who.user.viewer()));
+    let viewing = room.map(|room| app.presence.enter(room, who.viewer()));
     let bus = app.bus.clone();
     let hub = app.hub.clone();
     let guild = app.settings.guild_id;

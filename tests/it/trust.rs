@@ -165,6 +165,15 @@ async fn logging_out_ends_that_logins_streams_on_every_replica_within_seconds() 
     let mut on_b = laptop.stream(&b.url("/api/stream"), None).await;
     let mut phone_stream = phone.stream(&b.url("/api/stream"), None).await;
 
+    // The session cookie as the laptop sent it: replayed after the logout below, it must
+    // not open a stream even on the replica that has the session in its cache.
+    let cookie = {
+        use reqwest::cookie::CookieStore;
+        laptop
+            .jar
+            .cookies(&b.url("/").parse().unwrap())
+            .expect("the session cookie")
+    };
     let token = laptop.csrf(a).await;
     let out = laptop
         .post(a, "/auth/logout", &[("csrf_token", &token)])
@@ -183,6 +192,19 @@ async fn logging_out_ends_that_logins_streams_on_every_replica_within_seconds() 
     }
     let res = laptop.get(&b.url("/api/stream")).await;
     assert_eq!(res.status(), 401, "the session is gone everywhere");
+    for route in ["/api/stream", "/api/stream/html"] {
+        let replayed = reqwest::Client::new()
+            .get(b.url(route))
+            .header(reqwest::header::COOKIE, cookie.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            replayed.status(),
+            401,
+            "{route}: the old cookie opens nothing, cached session or not"
+        );
+    }
 
     // The same person's other login keeps its stream.
     let cinder = stack.user("cinder").await;
