@@ -255,8 +255,11 @@ pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
         .route("/auth/logout", post(auth::logout))
         .route("/api/stream", get(stream::stream))
         .route("/api/stream/html", get(stream::html_stream))
+        // Inside the sessions, so a logged-in person's 404 keeps their header.
+        .fallback(pages::not_found)
         // Forms here are a room name and a token; anything bigger is not ours.
         .layer(axum::extract::DefaultBodyLimit::max(16 * 1024))
+        .layer(axum::middleware::from_fn(error::with_header))
         .layer(sessions)
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
@@ -273,7 +276,6 @@ pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .nest_service("/assets", assets::router::<()>())
-        .fallback(pages::not_found)
         .with_state(app)
         .layer(axum::middleware::from_fn(ops::observe))
         .layer(csp)
