@@ -3,6 +3,12 @@
 
 use std::collections::BTreeMap;
 
+use fantoccini::Locator;
+use serde_json::json;
+
+use crate::harness::chrome::{Driver, appears, assert_accessible, axe, log_in, shot, url_has};
+use crate::harness::{Stack, wait_for};
+
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// The custom properties of `assets/app.css`'s `:root` that are colours, by name.
@@ -185,4 +191,119 @@ fn contrast_is_computed_as_wcag_defines_it() {
     // #767676 on white is the well-known smallest grey that passes 4.5:1.
     assert!(contrast(hex("#767676").unwrap(), hex("#fff").unwrap()) >= 4.5);
     assert!(contrast(hex("#777777").unwrap(), hex("#ffffff").unwrap()) < 4.5);
+}
+
+/// axe-core on every kind of page, as the people who see them see them: the landing page,
+/// the rooms list and a room page (its creator's view, with players muted, on camera and
+/// live in it), the close confirmation, and error pages logged out, logged in and for
+/// someone outside the server. Nothing serious or critical may be found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axe_finds_nothing_serious_on_the_pages_people_see() {
+    let stack = Stack::start(1, &[]).await;
+    let web = stack.web(0);
+    let driver = Driver::start();
+    let c = driver.browser_sized(1280, 800).await;
+
+    c.goto(&web.url("/")).await.unwrap();
+    shot(&c, "a11y-landing").await;
+    assert_accessible(&c, "the landing page").await;
+    // The check can fail: an unlabelled field and light-grey text are caught.
+    c.execute(
+        // Styled through the CSSOM: the site's CSP refuses inline style attributes.
+        "const m = document.querySelector('main');
+         m.append(document.createElement('input'));
+         const p = document.createElement('p');
+         p.textContent = 'faint';
+         p.style.color = '#444';
+         m.append(p);
+         return true;",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let caught: Vec<String> = axe(&c)
+        .await
+        .into_iter()
+        .filter(|v| v.blocks())
+        .map(|v| v.id)
+        .collect();
+    assert!(
+        caught.contains(&"label".to_owned()) && caught.contains(&"color-contrast".to_owned()),
+        "axe runs and reports: {caught:?}"
+    );
+    c.goto(&web.url("/no/such/page")).await.unwrap();
+    assert_accessible(&c, "a 404 page, logged out").await;
+
+    log_in(&c, web, "Ash").await;
+    // A plain form post (no HTMX): the room page comes back.
+    let form = c
+        .form(Locator::Css("form[action='/rooms']"))
+        .await
+        .expect("the create form");
+    form.set_by_name("name", "Friday draft").await.unwrap();
+    form.submit_direct().await.unwrap();
+    let room: u64 = wait_for("the new room's page", || async {
+        let url = c.current_url().await.ok()?;
+        url.path().strip_prefix("/rooms/")?.parse().ok()
+    })
+    .await;
+    for (name, flags) in [
+        ("bramble", json!({"self_mute": true})),
+        ("cinder", json!({"self_video": true})),
+        ("dusk", json!({"self_stream": true, "self_deaf": true})),
+    ] {
+        stack.seat(stack.user(name).await, room, flags).await;
+    }
+    // Rendered by the server with everyone in it.
+    wait_for("the players on a fresh render of the room", || async {
+        c.goto(&web.url(&format!("/rooms/{room}"))).await.ok()?;
+        let html = c.source().await.ok()?;
+        ["Bramble", "Cinder", "Dusk"]
+            .iter()
+            .all(|n| html.contains(n))
+            .then_some(())
+    })
+    .await;
+    appears(&c, "the invite link", "#invite-link").await;
+    shot(&c, "a11y-room-creator").await;
+    assert_accessible(&c, "a room page seen by its creator, with players").await;
+
+    c.goto(&web.url("/rooms")).await.unwrap();
+    shot(&c, "a11y-rooms").await;
+    assert_accessible(&c, "the rooms list").await;
+    c.goto(&web.url(&format!("/rooms/{room}/close")))
+        .await
+        .unwrap();
+    shot(&c, "a11y-close").await;
+    assert_accessible(&c, "the close confirmation").await;
+    c.goto(&web.url("/no/such/page")).await.unwrap();
+    shot(&c, "a11y-404").await;
+    assert_accessible(&c, "a 404 page, logged in").await;
+
+    // Someone with a Discord account outside the server.
+    let outsider = driver.browser_sized(390, 844).await;
+    outsider.goto(&web.url("/auth/login")).await.unwrap();
+    log_in_as_outsider(&outsider, "Iris").await;
+    shot(&outsider, "a11y-not-member").await;
+    assert_accessible(&outsider, "the not-a-member page").await;
+    let _ = outsider.close().await;
+    let _ = c.close().await;
+}
+
+/// Picks `name` on the sim's authorize page; someone outside the server stays on the
+/// not-a-member page.
+async fn log_in_as_outsider(c: &fantoccini::Client, name: &str) {
+    let link = format!("//a[span[starts-with(normalize-space(.), '{name}')]]");
+    wait_for("the sim's login page", || async {
+        c.find(Locator::XPath(&link)).await.ok().map(|_| ())
+    })
+    .await;
+    c.find(Locator::XPath(&link))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    url_has(c, "the callback", "/auth/callback").await;
+    appears(c, "the not-a-member page", "form[action='/auth/logout']").await;
 }

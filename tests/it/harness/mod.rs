@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod chrome;
 mod process;
 pub mod redis;
 mod sim;
