@@ -363,3 +363,25 @@ async fn someone_outside_the_server_can_log_out_or_use_another_account() {
         (303, "/".to_owned())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_in_discord_goes_to_discords_app_or_where_discord_app_url_says() {
+    let stack = Stack::start(1, &[("DISCORD_APP_URL", "https://app.discord.test")]).await;
+    let defaults = stack.spawn_web(&[]);
+    let guild = stack.sim.guild_id();
+    let lobby = stack.lobby;
+    for (web, app) in [
+        (stack.web(0), "https://app.discord.test"),
+        (&defaults, "https://discord.com"),
+    ] {
+        let browser = Browser::new();
+        browser
+            .login(web, &stack.sim, stack.user("ash").await)
+            .await;
+        let page = browser.page(&web.url(&format!("/rooms/{lobby}"))).await;
+        assert!(
+            page.contains(&format!("href=\"{app}/channels/{guild}/{lobby}\"")),
+            "{app}: {page}"
+        );
+    }
+}
