@@ -80,6 +80,9 @@ struct ErrorContent {
     message: String,
     hint: String,
     offer: Offer,
+    /// Whether the session may be read for the header: not when the shared state (where
+    /// sessions live) is what failed, or the page would wait on it a second time.
+    header: bool,
 }
 
 impl ErrorContent {
@@ -109,6 +112,7 @@ fn page_with(status: StatusCode, title: &str, message: &str, hint: &str, offer: 
         message: message.to_owned(),
         hint: hint.to_owned(),
         offer,
+        header: true,
     };
     // Rendered without the session here (this runs where none may be at hand);
     // `with_header` adds the logged-in header where there is one.
@@ -124,7 +128,11 @@ fn page_with(status: StatusCode, title: &str, message: &str, hint: &str, offer: 
 /// leaves the page as it was.
 pub async fn with_header(session: Session, request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
-    let Some(content) = response.extensions_mut().remove::<ErrorContent>() else {
+    let Some(content) = response
+        .extensions_mut()
+        .remove::<ErrorContent>()
+        .filter(|c| c.header)
+    else {
         return response;
     };
     let user = match session.get::<SessionUser>(super::auth::USER).await {
@@ -297,6 +305,9 @@ pub fn unavailable() -> Response {
         "Coven cannot reach its shared state right now.",
         "This usually passes within seconds; reload the page.",
     );
+    if let Some(content) = r.extensions_mut().get_mut::<ErrorContent>() {
+        content.header = false;
+    }
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     r
