@@ -194,8 +194,8 @@ fn contrast_is_computed_as_wcag_defines_it() {
 }
 
 /// axe-core on every kind of page, as the people who see them see them: the landing page,
-/// the rooms list and a room page (its creator's view, with players muted, on camera and
-/// live in it), the close confirmation, and error pages logged out, logged in and for
+/// the rooms list and a room page (its creator's view, full, with players muted, on camera
+/// and live in it), the close confirmation, and error pages logged out, logged in and for
 /// someone outside the server. Nothing serious or critical may be found.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn axe_finds_nothing_serious_on_the_pages_people_see() {
@@ -251,6 +251,8 @@ async fn axe_finds_nothing_serious_on_the_pages_people_see() {
         ("bramble", json!({"self_mute": true})),
         ("cinder", json!({"self_video": true})),
         ("dusk", json!({"self_stream": true, "self_deaf": true})),
+        // Full: the red count and "Room full" are checked too.
+        ("ember", json!({})),
     ] {
         stack.seat(stack.user(name).await, room, flags).await;
     }
@@ -258,7 +260,7 @@ async fn axe_finds_nothing_serious_on_the_pages_people_see() {
     wait_for("the players on a fresh render of the room", || async {
         c.goto(&web.url(&format!("/rooms/{room}"))).await.ok()?;
         let html = c.source().await.ok()?;
-        ["Bramble", "Cinder", "Dusk"]
+        ["Bramble", "Cinder", "Dusk", "Ember"]
             .iter()
             .all(|n| html.contains(n))
             .then_some(())
