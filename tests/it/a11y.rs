@@ -184,6 +184,31 @@ fn the_palette_meets_wcag_aa() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// Each person's avatar colour (`.hue-N` rules) under its white initial.
+#[test]
+fn every_persons_colour_carries_white_text() {
+    let css = std::fs::read_to_string(format!("{ROOT}/assets/app.css")).unwrap();
+    let white = palette()["--on-accent"];
+    let mut hues = 0;
+    for rule in css.split('}').filter(|r| r.contains(".avatar.hue-")) {
+        let colour = rule
+            .split("background:")
+            .nth(1)
+            .and_then(|v| hex(v.trim().trim_end_matches(';').trim()))
+            .unwrap_or_else(|| panic!("a hue without a colour: {rule}"));
+        let ratio = contrast(white, colour);
+        let selector = rule.trim().lines().last().unwrap_or_default();
+        let name = selector.split_whitespace().next().unwrap_or_default();
+        println!("{ratio:5.2}:1 (needs {TEXT}) --on-accent on {name}");
+        assert!(ratio >= TEXT, "{rule}: {ratio:.2}:1");
+        hues += 1;
+    }
+    assert!(
+        hues >= 2,
+        "the stylesheet's person colours were found ({hues})"
+    );
+}
+
 #[test]
 fn contrast_is_computed_as_wcag_defines_it() {
     assert!((contrast([0, 0, 0], [255, 255, 255]) - 21.0).abs() < 1e-9);
