@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use fantoccini::Locator;
 use serde_json::json;
 
-use crate::harness::chrome::{Driver, appears, assert_accessible, axe, log_in, shot, url_has};
+use crate::browser::{Driver, appears, log_in, pick, shot, url_has};
+use crate::harness::axe::{assert_accessible, axe};
 use crate::harness::{Stack, wait_for};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -227,7 +228,7 @@ async fn axe_finds_nothing_serious_on_the_pages_people_see() {
     let stack = Stack::start(1, &[]).await;
     let web = stack.web(0);
     let driver = Driver::start();
-    let c = driver.browser_sized(1280, 800).await;
+    let c = driver.open(1280, 800, true).await;
 
     c.goto(&web.url("/")).await.unwrap();
     shot(&c, "a11y-landing").await;
@@ -308,7 +309,7 @@ async fn axe_finds_nothing_serious_on_the_pages_people_see() {
     assert_accessible(&c, "a 404 page, logged in").await;
 
     // Someone with a Discord account outside the server.
-    let outsider = driver.browser_sized(390, 844).await;
+    let outsider = driver.open(390, 844, true).await;
     outsider.goto(&web.url("/auth/login")).await.unwrap();
     log_in_as_outsider(&outsider, "Iris").await;
     shot(&outsider, "a11y-not-member").await;
@@ -320,17 +321,7 @@ async fn axe_finds_nothing_serious_on_the_pages_people_see() {
 /// Picks `name` on the sim's authorize page; someone outside the server stays on the
 /// not-a-member page.
 async fn log_in_as_outsider(c: &fantoccini::Client, name: &str) {
-    let link = format!("//a[span[starts-with(normalize-space(.), '{name}')]]");
-    wait_for("the sim's login page", || async {
-        c.find(Locator::XPath(&link)).await.ok().map(|_| ())
-    })
-    .await;
-    c.find(Locator::XPath(&link))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    pick(c, name).await;
     url_has(c, "the callback", "/auth/callback").await;
     appears(c, "the not-a-member page", "form[action='/auth/logout']").await;
 }

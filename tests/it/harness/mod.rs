@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-pub mod chrome;
+pub mod axe;
 mod process;
 pub mod redis;
 mod sim;
