@@ -22,7 +22,8 @@ use super::{AppState, protect};
 use crate::discord::DiscordError;
 use crate::event::{Person, Viewer, now_ms};
 
-const USER: &str = "user";
+/// The session key of the logged-in [`SessionUser`].
+pub(super) const USER: &str = "user";
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "coven_session";
 const LOGIN: &str = "login";
@@ -279,6 +280,9 @@ async fn complete_login(
 pub struct TokenForm {
     #[serde(default)]
     pub csrf_token: Option<String>,
+    /// `login` to log in again straight away ("use another account"); else home.
+    #[serde(default)]
+    pub then: Option<String>,
 }
 
 /// `POST /auth/logout`: forget the session everywhere (it lives in Redis). Not a
@@ -290,13 +294,24 @@ pub async fn logout(
     form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
 ) -> Result<Response, WebError> {
     let user: Option<SessionUser> = session.get(USER).await?;
+    let form = match protect::read_form(form) {
+        Ok(form) => form,
+        // Without a session there is nothing to protect: home (or login) all the same.
+        Err(_) if user.is_none() => TokenForm::default(),
+        Err(e) => return Err(e),
+    };
+    // Someone logged in with an account that is not in the server switches accounts by
+    // logging out and in again; Discord's authorize page shows which account it uses.
+    let then = match form.then.as_deref() {
+        Some("login") => "/auth/login",
+        _ => "/",
+    };
     if let Some(user) = user {
-        let token = protect::read_form(form)?.csrf_token;
         protect::check(
             &app,
             &user,
             &protect::Sender::of(&headers),
-            token.as_deref(),
+            form.csrf_token.as_deref(),
         )?;
         session.flush().await?;
         // The session is gone, so no new stream opens with it; the open ones end too.
@@ -310,7 +325,7 @@ pub async fn logout(
             )
             .await?;
     }
-    Ok(Redirect::to("/").into_response())
+    Ok(Redirect::to(then).into_response())
 }
 
 /// Someone with a valid session (their Discord token refreshed when it ran out).

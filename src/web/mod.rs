@@ -253,8 +253,11 @@ pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
         .route("/auth/login", get(auth::login))
         .route("/auth/callback", get(auth::callback))
         .route("/auth/logout", post(auth::logout))
+        // Inside the sessions, so a logged-in person's 404 keeps their header.
+        .fallback(pages::not_found)
         // Forms here are a room name and a token; anything bigger is not ours.
         .layer(axum::extract::DefaultBodyLimit::max(16 * 1024))
+        .layer(axum::middleware::from_fn(error::with_header))
         .layer(sessions)
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
@@ -282,7 +285,6 @@ pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .nest_service("/assets", assets::router::<()>())
-        .fallback(pages::not_found)
         .with_state(app)
         .layer(axum::middleware::from_fn(ops::observe))
         .layer(csp)

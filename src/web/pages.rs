@@ -318,9 +318,9 @@ pub async fn room(
         at: snapshot.at.to_string(),
         whereabouts,
         can_join: snapshot.access.can_join(member.seer(), id),
-        discord_url: format!(
-            "https://discord.com/channels/{}/{id}",
-            app.settings.guild_id
+        discord_url: crate::config::join_url(
+            &app.settings.discord.app_url,
+            &format!("channels/{}/{id}", app.settings.guild_id),
         ),
         invite: super::invites::offer(&app, &snapshot, id, member.seer())?,
         is_creator: record.creator_id == Some(me),

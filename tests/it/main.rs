@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod a11y;
 mod browser;
 mod bus;
 mod cli;
