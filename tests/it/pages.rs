@@ -381,6 +381,12 @@ async fn the_pages_at_laptop_and_phone_size() {
         })
         .await;
         shown(&c, "You're in", "[data-state=in]").await;
+        appears(
+            &c,
+            "Ash viewing the page",
+            &format!("#room-people-{id} .viewers li"),
+        )
+        .await;
         settled(&c).await;
         shot(&c, &format!("docs-room-{size}")).await;
         c.goto(&web.url("/rooms")).await.unwrap();
