@@ -205,6 +205,75 @@ fn subject(data: &EventData) -> Option<(Id<UserMarker>, Option<Id<ChannelMarker>
     }
 }
 
+/// How long a member's roles read from Redis serve stream openings on this replica.
+const ROLES_TTL: Duration = Duration::from_secs(10);
+
+/// Members' roles for opening streams, so a wave of reconnecting browsers reads each
+/// person's roles from Redis once per `ROLES_TTL` rather than once per stream. The events
+/// that change roles (`member.updated`, `member.removed`) pass through the hub, which
+/// updates this as they do; a read that raced one is not kept.
+type Roles = Arc<[Id<RoleMarker>]>;
+type RoleEntries = std::collections::HashMap<Id<UserMarker>, (std::time::Instant, Roles)>;
+
+#[derive(Default)]
+struct RoleCache {
+    entries: Mutex<RoleEntries>,
+    /// Role events passed so far: a Redis read during which one passed may be older than
+    /// it, and is used but not kept.
+    changes: std::sync::atomic::AtomicU64,
+}
+
+impl RoleCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RoleEntries> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A member's roles; `None` when they are not a member.
+    async fn roles(
+        &self,
+        bus: &dyn Backend,
+        user: Id<UserMarker>,
+    ) -> Result<Option<Arc<[Id<RoleMarker>]>>, crate::bus::BusError> {
+        let now = std::time::Instant::now();
+        if let Some((at, roles)) = self.lock().get(&user)
+            && now.duration_since(*at) < ROLES_TTL
+        {
+            return Ok(Some(roles.clone()));
+        }
+        let before = self.changes.load(Ordering::Acquire);
+        let roles: Option<Arc<[Id<RoleMarker>]>> = bus.member(user).await?.map(|m| m.roles.into());
+        let mut entries = self.lock();
+        if self.changes.load(Ordering::Acquire) == before {
+            match &roles {
+                Some(roles) => {
+                    if entries.len() >= 200_000 {
+                        entries.retain(|_, (at, _)| now.duration_since(*at) < ROLES_TTL);
+                    }
+                    entries.insert(user, (now, roles.clone()));
+                }
+                None => {
+                    entries.remove(&user);
+                }
+            }
+        }
+        Ok(roles)
+    }
+
+    /// A role event passed: what it says is the newest word.
+    fn changed(&self, user: Id<UserMarker>, roles: Option<Arc<[Id<RoleMarker>]>>) {
+        let mut entries = self.lock();
+        self.changes.fetch_add(1, Ordering::AcqRel);
+        match roles {
+            Some(roles) => {
+                entries.insert(user, (std::time::Instant::now(), roles));
+            }
+            None => {
+                entries.remove(&user);
+            }
+        }
+    }
+}
+
 /// The replica's fan-out point. It also keeps who may see what (guild roles and channel
 /// overwrites), updated by the events it passes on, so each stream can filter the shared
 /// frames without asking Redis.
@@ -233,6 +302,8 @@ pub struct Hub {
     delivered: metrics::Counter,
     /// Sessions of stream openers; logouts and removals passing through drop theirs.
     pub sessions: Arc<super::auth::SessionCache>,
+    /// Roles of stream openers, kept up to date by the role events passing through.
+    roles: Arc<RoleCache>,
 }
 
 impl Hub {
@@ -264,6 +335,7 @@ impl Hub {
             view: Arc::default(),
             delivered: metrics::counter!("coven_web_events_delivered_total"),
             sessions: Arc::default(),
+            roles: Arc::default(),
         };
         let at = hub.lock_state().at;
         tokio::spawn(hub.clone().run(live, at, keepalive));
@@ -351,7 +423,11 @@ impl Hub {
         let control = Control::of(&event.data);
         match &control {
             Some(Control::LoggedOut(user, login)) => self.sessions.revoke_login(*user, login),
-            Some(Control::Removed(user)) => self.sessions.revoke_user(*user),
+            Some(Control::Removed(user)) => {
+                self.sessions.revoke_user(*user);
+                self.roles.changed(*user, None);
+            }
+            Some(Control::Roles(user, roles)) => self.roles.changed(*user, Some(roles.clone())),
             _ => {}
         }
         if matches!(control, Some(Control::Access)) && event.id > *applied {
@@ -642,7 +718,13 @@ pub async fn html_stream(
         });
     }
     let me = who.person.id;
-    let roles = app.bus.member(me).await?.ok_or(WebError::NotMember)?.roles;
+    let roles = app
+        .hub
+        .roles
+        .roles(app.bus.as_ref(), me)
+        .await?
+        .ok_or(WebError::NotMember)?
+        .to_vec();
     let mut sight = Sight {
         user: me,
         login: who.login.clone(),
@@ -882,7 +964,13 @@ pub async fn stream(
         });
     }
     let me = who.person.id;
-    let roles = app.bus.member(me).await?.ok_or(WebError::NotMember)?.roles;
+    let roles = app
+        .hub
+        .roles
+        .roles(app.bus.as_ref(), me)
+        .await?
+        .ok_or(WebError::NotMember)?
+        .to_vec();
     let mut sight = Sight {
         user: me,
         login: who.login.clone(),
