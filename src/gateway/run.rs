@@ -21,7 +21,7 @@ use twilight_gateway::{
 use super::Settings;
 use super::derive::Deriver;
 use super::health::{Health, Role};
-use crate::bus::{Backend, BusError, Fence};
+use crate::bus::{Backend, BusError, Fence, Request};
 use crate::event::{EventData, GatewayState};
 use twilight_model::id::Id;
 use twilight_model::id::marker::ChannelMarker;
@@ -227,6 +227,7 @@ async fn active(
         lost: &lost,
         stop: shutdown,
         recorded: Mutex::new(None),
+        appends: std::sync::atomic::AtomicU64::new(0),
     };
     let mut status = Status::new(health);
     let mut saved_sequence = stored.as_ref().map(|s| s.sequence);
@@ -338,6 +339,10 @@ struct Writer<'a> {
     /// The room of the last `room.created` naming an owner, and whether Redis already
     /// held that room's creator before it was appended.
     recorded: Mutex<Option<(Id<ChannelMarker>, bool)>>,
+    /// Appends made under this fence: with the fence token, names each one, so a retry
+    /// (a lost answer, a failover, a write not yet on `REDIS_MIN_REPLICAS` replicas)
+    /// appends nothing twice.
+    appends: std::sync::atomic::AtomicU64,
 }
 
 impl Writer<'_> {
@@ -429,9 +434,16 @@ impl Writer<'_> {
         }
         let kind = data.kind();
         let started = std::time::Instant::now();
+        let request = Request {
+            writer: self.fence.token.clone(),
+            seq: self.appends.fetch_add(1, Ordering::Relaxed),
+        };
+        // Until this returns, the event stays at the head of the outage queue and no
+        // Discord sequence after it is stored: a successor resumes before it.
         let event = self
             .retry("append", || {
-                self.backend.append(data.clone(), Some(self.fence))
+                self.backend
+                    .append_once(data.clone(), Some(self.fence), &request)
             })
             .await?;
         metrics::histogram!("coven_gateway_append_seconds").record(started.elapsed().as_secs_f64());
