@@ -316,8 +316,14 @@ impl RedisBus {
         // its handle is not kept.
         drop(subscriber.manage_subscriptions());
         subscriber.subscribe(bus.key("events")).await?;
-        let start: Option<String> = bus.client.get(bus.key("applied")).await?;
-        let start = start.and_then(|s| s.parse().ok()).unwrap_or(EventId::ZERO);
+        // Live from the last published event: the durable id when there is one (events
+        // after it, up to `applied`, are still withheld and will be published).
+        let durable: Option<String> = bus.client.get(bus.key(DURABLE)).await?;
+        let applied: Option<String> = bus.client.get(bus.key("applied")).await?;
+        let start = durable
+            .or(applied)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(EventId::ZERO);
         tokio::spawn(relay(bus.reader(), subscriber, start, bus.live.clone()));
         Ok(bus)
     }

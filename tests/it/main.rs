@@ -11,6 +11,7 @@ mod demo;
 mod deploy;
 mod edges;
 mod gateway;
+mod ha;
 mod login;
 mod ownership;
 mod redis_harness;
