@@ -202,13 +202,11 @@ impl Sentinels {
     /// `redis-cli` over TLS against the node on `port` (with the sentinels' password
     /// when `sentinel`); its output, or `None` when it could not ask.
     pub fn cli(&self, port: u16, sentinel: bool, args: &[&str]) -> Option<String> {
-        let mut cmd = Command::new("redis-cli");
-        cmd.args(["--tls", "--cacert"]).arg(self.ca()).args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ]);
+        // Bounded: a frozen node accepts the connection and never answers.
+        let mut cmd = Command::new("timeout");
+        cmd.args(["5", "redis-cli", "--tls", "--cacert"])
+            .arg(self.ca())
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()]);
         if sentinel {
             cmd.env("REDISCLI_AUTH", SENTINEL_PASSWORD);
         }
