@@ -292,9 +292,10 @@ async fn voice(sim: &TestSim, user: u64, lobby: u64, flags: Value) {
 
 /// `user`'s `voice.updated` mute flags in `log` after `from`, in order.
 fn mutes(log: &[(EventId, Value)], from: EventId, user: u64) -> Vec<bool> {
+    let user = user.to_string();
     log.iter()
         .filter(|(id, e)| {
-            *id > from && e["type"] == "voice.updated" && e["data"]["user_id"] == user.to_string()
+            *id > from && e["type"] == "voice.updated" && e["data"]["user_id"] == user.as_str()
         })
         .map(|(_, e)| e["data"]["self_mute"] == true)
         .collect()
@@ -322,7 +323,8 @@ where
 struct Ha {
     set: Sentinels,
     sim: TestSim,
-    gateway: CovenProcess,
+    /// Held so the gateway runs as long as the test.
+    _gateway: CovenProcess,
     webs: Vec<Web>,
     env: Vec<(String, String)>,
     browser: Browser,
@@ -361,7 +363,7 @@ impl Ha {
         let ha = Ha {
             set,
             sim,
-            gateway,
+            _gateway: gateway,
             webs,
             env,
             browser,
@@ -514,7 +516,6 @@ async fn a_sentinel_failover_longer_than_five_seconds_is_ridden_out_by_every_par
     .await;
 
     let old = ha.set.primary.port;
-    let killed = Instant::now();
     ha.set.primary.kill();
     let failover = within_for(
         "a replica to be promoted",
@@ -533,7 +534,6 @@ async fn a_sentinel_failover_longer_than_five_seconds_is_ridden_out_by_every_par
         .await;
         ready_after.push(promoted.elapsed());
     }
-    let _ = killed;
 
     // After the promotion: one more change, which must reach every stream.
     toggling.store(false, Ordering::Relaxed);
