@@ -165,10 +165,11 @@ async fn append_durably(
         match bus.append_once(data.clone(), None, request).await {
             Ok(event) => return Ok(event),
             Err(e @ (BusError::NotDurable { .. } | BusError::Redis(_)))
-                if Instant::now() + backoff < deadline =>
+                if Instant::now() < deadline =>
             {
                 tracing::warn!(error = %e, "append not done; retrying");
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())))
+                    .await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
             Err(e) => return Err(e),

@@ -754,3 +754,54 @@ async fn a_frozen_replica_promoted_after_the_primary_dies_lacks_nothing_a_stream
         seen.opens,
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coven_publish_without_a_replica_retries_the_same_append_then_gives_up_with_one_line() {
+    let redis = crate::harness::RedisServer::start();
+    let url = redis.url();
+    let guild = GUILD.to_string();
+    let started = Instant::now();
+    let mut publish = CovenProcess::spawn(
+        &[
+            "publish",
+            "--type",
+            "room.closing",
+            "--data",
+            r#"{"channel_id":"5","reason":"idle","closes_at":1}"#,
+        ],
+        &[
+            ("REDIS_URL", &url),
+            ("DISCORD_GUILD_ID", &guild),
+            ("REDIS_MIN_REPLICAS", "1"),
+            ("REDIS_REPLICA_TIMEOUT", "100ms"),
+            ("REDIS_RETRY_FOR", "2s"),
+        ],
+    );
+    let code = tokio::task::block_in_place(|| publish.wait_exit());
+    let took = started.elapsed();
+    assert_eq!(code, Some(1), "{:?}", publish.stderr());
+    let errors: Vec<String> = publish
+        .stderr()
+        .into_iter()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
+    assert!(
+        errors.len() == 1 && errors[0].contains("only 0 of the 1 replicas required"),
+        "one line saying why: {errors:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "retried for REDIS_RETRY_FOR ({took:?})"
+    );
+    // Retried under one name: the log holds the event once, withheld (never published).
+    let raw = client(&url).await;
+    let events = format!("coven:{{{GUILD}}}:events");
+    let len: u64 = raw.xlen(&events).await.unwrap();
+    assert_eq!(len, 1, "every retry answered with the one event appended");
+    let durable: Option<String> = raw.get(format!("coven:{{{GUILD}}}:durable")).await.unwrap();
+    assert_eq!(
+        durable.as_deref(),
+        Some("0-0"),
+        "nothing durable, so nothing readable"
+    );
+}
