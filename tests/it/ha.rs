@@ -335,7 +335,8 @@ struct Ha {
 
 impl Ha {
     async fn start(data_replicas: usize, web_replicas: usize) -> Self {
-        let set = Sentinels::start(data_replicas);
+        // Starting and waiting for the Sentinels blocks (processes, redis-cli).
+        let set = tokio::task::block_in_place(|| Sentinels::start(data_replicas));
         let env: Vec<(String, String)> = vec![
             ("SSL_CERT_FILE".into(), set.ca().display().to_string()),
             ("REDIS_MIN_REPLICAS".into(), "1".into()),
