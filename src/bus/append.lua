@@ -23,9 +23,16 @@ if ARGV[1] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[1] then
   return false
 end
 
--- The first withheld event: everything before it was published when appended.
+-- The first withheld event: everything before it was published when appended, so the
+-- durable id starts at the newest id so far (not at 0-0, which would publish the whole
+-- log again).
 if ARGV[6] ~= '' and not redis.call('GET', KEYS[9]) then
-  redis.call('SET', KEYS[9], redis.call('GET', KEYS[4]) or '0-0')
+  local last = redis.call('GET', KEYS[4])
+  if not last then
+    local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+    last = newest[1] and newest[1][1] or '0-0'
+  end
+  redis.call('SET', KEYS[9], last)
 end
 
 -- The id: the clock's millisecond if it moved past the last id, else the last id + 1,

@@ -806,3 +806,50 @@ async fn coven_publish_without_a_replica_retries_the_same_append_then_gives_up_w
         "nothing durable, so nothing readable"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_durable_appends_on_over_an_older_log_publishes_only_new_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let primary = plain_node(dir.path(), "primary", None);
+    let replica = plain_node(dir.path(), "replica", Some(primary.port));
+    let url = format!("redis://127.0.0.1:{}", primary.port);
+    let replica_client = client(&format!("redis://127.0.0.1:{}", replica.port)).await;
+    crate::harness::wait_for("the replica to link", || linked(&replica_client)).await;
+    let connect = |durability| {
+        RedisBus::connect_durable(
+            &url,
+            "test",
+            Id::new(GUILD),
+            1_000,
+            Duration::from_secs(5),
+            durability,
+        )
+    };
+    let old = connect(Durability::OFF).await.unwrap();
+    for seq in 1..=3 {
+        old.append(ping(seq), None).await.unwrap();
+    }
+    // A log written before durable appends existed has no durable id (and here, as after
+    // a partial loss, no applied id either: the stream's newest id is what was published).
+    let raw = client(&url).await;
+    let _: i64 = raw
+        .del(vec![
+            format!("test:{{{GUILD}}}:durable"),
+            format!("test:{{{GUILD}}}:applied"),
+        ])
+        .await
+        .unwrap();
+
+    let durable = Durability {
+        min_replicas: 1,
+        timeout: Duration::from_secs(1),
+    };
+    let reader = connect(durable).await.unwrap();
+    let mut live = reader.subscribe();
+    let writer = connect(durable).await.unwrap();
+    let new = writer.append(ping(4), None).await.unwrap();
+    let heard = within("the new event live", live.recv()).await.unwrap();
+    assert_eq!(heard.id, new.id, "the old events are not published again");
+    let at: String = raw.get(format!("test:{{{GUILD}}}:durable")).await.unwrap();
+    assert_eq!(at, new.id.to_string());
+}
