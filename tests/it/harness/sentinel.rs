@@ -319,9 +319,19 @@ fn node(dir: &Path, name: &str, primary: Option<u16>, mut args: Vec<String>, por
     let data = dir.join(name);
     std::fs::create_dir_all(&data).expect("node dir");
     args.extend(
-        ["--save", "", "--appendonly", "no", "--dir"]
-            .iter()
-            .map(|s| s.to_string()),
+        // A replica (or a rejoining old primary) syncs at once: Redis would otherwise
+        // wait five seconds for more replicas before a diskless sync.
+        [
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--repl-diskless-sync-delay",
+            "0",
+            "--dir",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
     );
     args.push(data.display().to_string());
     if let Some(primary) = primary {
