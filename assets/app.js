@@ -1,267 +1,205 @@
-// Coven's own script: applies the live stream's events to the server-rendered page.
-// The htmx SSE extension owns the connection; this file only listens. Every event
-// carries an id, and an event at or below the last one applied is skipped, so replays
-// after a reconnect never apply twice.
+// Coven's glue. Live updates are HTML rendered by the server and swapped in by htmx's SSE
+// extension (out-of-band, by id); this file only connects the page to the browser's one
+// shared stream (relay.js), keeps what depends on the viewer (where they are, how many
+// rooms they see) and runs the few timers a page has. It builds no markup.
 (function () {
   "use strict";
 
-  // An avatar is the person's initial with their picture on top (CSS): while the
-  // picture loads, or when it cannot (offline, CDN blocked), the initial shows. A
-  // picture that failed is removed so no broken-image box covers the initial.
-  function watch(img) {
-    if (img.complete && img.naturalWidth === 0 && img.src) img.remove();
-    else img.addEventListener("error", function () { img.remove(); });
+  var reduced = window.matchMedia && window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+
+  // An avatar is the person's initial with their picture on top (CSS): a picture that
+  // cannot load (offline, CDN blocked) is removed so no broken-image box covers it.
+  var seen = new WeakSet();
+  function watchImages(root) {
+    root.querySelectorAll(".avatar img").forEach(function (img) {
+      if (seen.has(img)) return;
+      seen.add(img);
+      if (img.complete && img.naturalWidth === 0 && img.src) img.remove();
+      else img.addEventListener("error", function () { img.remove(); });
+    });
   }
-  document.querySelectorAll(".avatar img").forEach(watch);
+  watchImages(document);
 
   var live = document.getElementById("live");
-  if (!live || !window.htmx) return;
+  if (!live || !window.htmx || !window.CovenRelay) return;
 
-  var connect = live.getAttribute("sse-connect") || "";
-  var lastId = new URL(connect, location.href).searchParams.get("last_event_id") || "0-0";
+  var newer = window.covenNewer;
+  var connect = new URL(live.getAttribute("sse-connect") || "", location.href);
+  var tab = Math.random().toString(36).slice(2) + Date.now().toString(36);
+  var applied = connect.searchParams.get("last_event_id") || "0-0";
+  var view = connect.searchParams.get("view") || null;
 
-  function newer(a, b) {
-    var x = a.split("-"), y = b.split("-");
-    var dm = Number(x[0]) - Number(y[0]);
-    return dm > 0 || (dm === 0 && Number(x[1]) > Number(y[1]));
+  // What htmx's SSE extension listens on: an EventSource-like object fed by the relay.
+  function SharedSource() {
+    this.events = new EventTarget();
+    this.readyState = 0;
+    this.onopen = null;
+    this.onerror = null;
   }
+  SharedSource.prototype.addEventListener = function (type, f) { this.events.addEventListener(type, f); };
+  SharedSource.prototype.removeEventListener = function (type, f) { this.events.removeEventListener(type, f); };
+  SharedSource.prototype.close = function () { this.readyState = 2; };
+  var source = new SharedSource();
 
-  // When the extension reconnects by itself it reuses the page's URL: resume from the
-  // last event applied instead of the page's snapshot.
-  htmx.createEventSource = function (url) {
-    var u = new URL(url, location.href);
-    u.searchParams.set("last_event_id", lastId);
-    return new EventSource(u.toString(), { withCredentials: true });
-  };
-
-  var TYPES = ["room.created", "room.updated", "room.deleted", "room.closing", "voice.joined",
-    "voice.updated", "voice.left", "room.viewers", "gateway.status", "resync"];
-
-  live.addEventListener("htmx:sseOpen", function (e) {
-    // Marks the page as live (tests wait for it before changing things).
-    live.dataset.streamOpen = "1";
-    var source = e.detail && e.detail.source;
-    if (!source || source.__coven) return;
-    source.__coven = true;
-    TYPES.forEach(function (type) {
-      source.addEventListener(type, function (msg) { receive(type, msg); });
-    });
-  });
-
-  function receive(type, msg) {
-    if (type === "resync") {
-      // Too far behind for a replay: the page renders a fresh snapshot.
-      location.reload();
+  function receive(d) {
+    if (d.open) {
+      source.readyState = 1;
+      live.dataset.streamOpen = "1";
+      if (source.onopen) source.onopen(new Event("open"));
       return;
     }
-    var envelope;
-    try { envelope = JSON.parse(msg.data); } catch (err) { return; }
-    // A "view" event shows this viewer a room they just gained (or lost) the right to
-    // see; it has no place in the log, so it neither moves nor checks the last id.
-    if (!envelope.view) {
-      var id = msg.lastEventId;
-      if (id && !newer(id, lastId)) return;
-      if (id) lastId = id;
+    var m = d.msg;
+    if (!m || source.readyState === 2) return;
+    if (m.type === "at") {
+      if (newer(m.data, applied)) applied = m.data;
+      return;
     }
-    var d = envelope.data || {};
-    if (type === "gateway.status") return gatewayStatus(d);
-    if (live.dataset.page === "rooms") roomsPage(type, d);
-    else if (live.dataset.page === "room" && d.channel_id === live.dataset.room) roomPage(type, d);
-    document.dispatchEvent(new CustomEvent("coven:applied", { detail: envelope }));
+    // A message belongs to the event after `w`: the page has it when it is past that.
+    if (m.type !== "gateway" && newer(applied, m.w)) return;
+    if (m.type === "me") return whereabouts(m.data);
+    source.events.dispatchEvent(new MessageEvent(m.type, { data: m.data, lastEventId: m.w }));
   }
 
-  function gatewayStatus(d) {
-    var banner = document.getElementById("gateway-banner");
-    if (!banner) return;
-    banner.hidden = d.state === "CONNECTED";
-    var reason = banner.querySelector("[data-reason]");
-    if (reason) reason.textContent = d.reason || ("the gateway is " + String(d.state).toLowerCase());
-  }
+  function hello() { return { tab: tab, at: applied, view: view }; }
 
-  function clone(id) {
-    var t = document.getElementById(id);
-    return t.content.firstElementChild.cloneNode(true);
-  }
-
-  function avatar(el, user) {
-    var name = user.global_name || user.username || "?";
-    el.textContent = name.charAt(0).toUpperCase();
-    if (user.avatar_url) {
-      var img = document.createElement("img");
-      img.src = user.avatar_url;
-      img.alt = "";
-      watch(img);
-      el.append(img);
-    }
-  }
-
-  function byUser(list, userId) {
-    return list ? list.querySelector('[data-user="' + userId + '"]') : null;
-  }
-
-  function setCount(root, count, limit) {
-    var c = root.querySelector("[data-count]");
-    if (!c) return;
-    c.textContent = limit > 0 ? count + "/" + limit : String(count);
-    c.classList.toggle("full", limit > 0 && count >= limit);
-  }
-
-  // ----- /rooms -----
-  function card(channelId) {
-    return live.querySelector('.room-card[data-room="' + channelId + '"]');
-  }
-
-  function recount(c) {
-    setCount(c, c.querySelectorAll("[data-members] > li").length, Number(c.dataset.limit));
-  }
-
-  function roomsSummary() {
-    var n = live.querySelectorAll(".room-card").length;
-    live.querySelector(".heading [data-count]").textContent = n + " open";
-    live.querySelector("[data-empty]").hidden = n > 0;
-  }
-
-  function roomsPage(type, d) {
-    var c = d.channel_id && card(d.channel_id);
-    if (type === "room.created" && !c) {
-      c = clone("room-card");
-      c.dataset.room = d.channel_id;
-      c.dataset.limit = d.user_limit;
-      c.querySelector("a").href = "/rooms/" + d.channel_id;
-      c.querySelector("[data-name]").textContent = d.name;
-      live.querySelector("[data-rooms]").prepend(c);
-      recount(c);
-      roomsSummary();
-    } else if (type === "room.updated" && c) {
-      c.querySelector("[data-name]").textContent = d.name;
-      c.dataset.limit = d.user_limit;
-      recount(c);
-    } else if (type === "room.deleted" && c) {
-      c.remove();
-      roomsSummary();
-    } else if (type === "room.closing" && c) {
-      c.querySelector("[data-closing]").hidden = false;
-    } else if (type === "voice.joined") {
-      live.querySelectorAll('.faces [data-user="' + d.user.id + '"]').forEach(function (f) {
-        var from = f.closest(".room-card");
-        f.remove();
-        recount(from);
-      });
-      if (!c) return;
-      var face = clone("face");
-      face.dataset.user = d.user.id;
-      face.title = d.user.global_name || d.user.username;
-      c.querySelector("[data-members]").append(face);
-      avatar(face.firstElementChild, d.user);
-      c.querySelector("[data-closing]").hidden = true;
-      recount(c);
-    } else if (type === "voice.left" && c) {
-      var gone = byUser(c.querySelector("[data-members]"), d.user_id);
-      if (gone) gone.remove();
-      recount(c);
-    }
-  }
-
-  // ----- /rooms/{id} -----
-  var me = live.dataset.me;
-  var countdown = null;
-
-  function members() { return live.querySelector("[data-members]"); }
-
-  function roomRecount() {
-    var n = members().querySelectorAll(":scope > li").length;
-    var limit = Number(live.dataset.limit);
-    setCount(live, n, limit);
-    live.querySelector("[data-empty]").hidden = n > 0;
-    live.querySelector("[data-full]").hidden = !(limit > 0 && n >= limit);
-    // The tab says how full the room is, like the page's own first render.
-    var name = live.querySelector("h1[data-name]").textContent;
-    document.title = (limit > 0 ? "(" + n + "/" + limit + ") " : "") + name + " · Coven";
-  }
-
-  function setFlags(row, d) {
-    row.querySelector(".flag.mute").hidden = !d.self_mute;
-    row.querySelector(".flag.deaf").hidden = !d.self_deaf;
-    row.querySelector(".flag.video").hidden = !d.self_video;
-    row.querySelector(".flag.stream").hidden = !d.self_stream;
-  }
-
-  function showState(which) {
-    live.querySelectorAll("[data-state]").forEach(function (el) {
-      el.hidden = el.dataset.state !== which;
+  // Holds this tab's own lock while it lives (the relay learns it is gone when it is
+  // granted there), then says hello.
+  function whileAlive(then) {
+    if (!navigator.locks) return then();
+    navigator.locks.request("coven-tab-" + tab, function () {
+      then();
+      return new Promise(function () {});
     });
   }
 
-  function startCountdown(closesAt) {
-    var banner = live.querySelector("[data-closing]");
-    var out = banner.querySelector("[data-countdown]");
-    banner.hidden = false;
-    live.querySelector("[data-reopened]").hidden = true;
+  var mode = (function () {
+    var forced = null;
+    try { forced = localStorage.getItem("coven.tabs"); } catch (e) { /* private mode */ }
+    if (window.SharedWorker && forced !== "locks" && forced !== "alone") return "shared";
+    if (navigator.locks && window.BroadcastChannel && forced !== "alone") return "locks";
+    return "alone";
+  })();
+  document.documentElement.dataset.streamRole = mode === "locks" ? "follower" : mode;
+
+  if (mode === "shared") {
+    var script = document.querySelector("script[data-relay]");
+    var worker = new SharedWorker(script.src, { name: "coven-stream" });
+    worker.port.onmessage = function (e) { receive(e.data || {}); };
+    worker.port.start();
+    whileAlive(function () { worker.port.postMessage({ hello: hello() }); });
+    window.addEventListener("pagehide", function () { worker.port.postMessage({ bye: tab }); });
+  } else if (mode === "locks") {
+    // The tab holding "coven-stream" runs the relay; the others talk to it here.
+    var channel = new BroadcastChannel("coven-stream");
+    var relay = null;
+    var to = function (t) {
+      return function (x) {
+        if (t === tab) receive(x);
+        else channel.postMessage({ to: t, x: x });
+      };
+    };
+    channel.onmessage = function (e) {
+      var d = e.data || {};
+      if (d.to === tab) receive(d.x);
+      else if (d.who) channel.postMessage({ hello: hello() });
+      else if (relay && d.hello) relay.hello(d.hello, to(d.hello.tab));
+      else if (relay && d.bye) relay.bye(d.bye);
+    };
+    whileAlive(function () {
+      channel.postMessage({ hello: hello() });
+      navigator.locks.request("coven-stream", function () {
+        relay = new window.CovenRelay();
+        document.documentElement.dataset.streamRole = "leader";
+        relay.hello(hello(), to(tab));
+        // Whoever was served by the old holder says where it is.
+        channel.postMessage({ who: true });
+        return new Promise(function () {});
+      });
+    });
+    window.addEventListener("pagehide", function () { channel.postMessage({ bye: tab }); });
+  } else {
+    var own = new window.CovenRelay();
+    own.hello(hello(), receive);
+  }
+
+  // The SSE extension's hook for making its event source.
+  htmx.createEventSource = function () { return source; };
+
+  // ----- what depends on the viewer -----
+
+  function whereabouts(channel) {
+    if (live.dataset.page !== "room") return;
+    var now = channel === "none" ? "none" : channel === live.dataset.room ? "in" : "elsewhere";
+    if (live.dataset.whereabouts === "in" && now !== "in") live.dataset.left = "1";
+    if (now === "in") delete live.dataset.left;
+    live.dataset.whereabouts = now;
+  }
+
+  function roomsCount() {
+    var list = document.getElementById("rooms-list");
+    if (!list) return;
+    var n = list.children.length;
+    var count = live.querySelector("[data-open-count]");
+    if (count) count.textContent = n + " open";
+    var empty = live.querySelector("[data-no-rooms]");
+    if (empty) empty.hidden = n > 0;
+    var channels = document.getElementById("channels-list");
+    var heading = live.querySelector("[data-channels-heading]");
+    if (channels && heading) heading.hidden = channels.children.length === 0;
+  }
+
+  // A room page's closing countdown, while the room shows one.
+  var countdown = null;
+  function closing() {
     clearInterval(countdown);
+    var banner = live.querySelector("[data-closes-at]");
+    if (!banner) return;
+    var closesAt = Number(banner.dataset.closesAt);
     function tick() {
-      var s = Math.max(0, Math.round((closesAt - Date.now()) / 1000));
-      out.textContent = "in " + s + " s";
+      var out = live.querySelector("[data-closes-at] [data-countdown]");
+      if (!out) return clearInterval(countdown);
+      out.textContent = "in " + Math.max(0, Math.round((closesAt - Date.now()) / 1000)) + " s";
     }
     tick();
     countdown = setInterval(tick, 1000);
   }
+  closing();
 
-  function callOffClosing() {
-    var banner = live.querySelector("[data-closing]");
-    if (banner.hidden) return;
-    banner.hidden = true;
-    clearInterval(countdown);
-    live.querySelector("[data-reopened]").hidden = false;
+  // A new card or a newly arrived person is highlighted briefly (not when the viewer
+  // asked for less motion). Nothing is added to the markup.
+  function flash(el) {
+    if (reduced || !el.animate) return;
+    el.animate([{ boxShadow: "0 0 0 3px rgba(124, 140, 255, .9)" }, { boxShadow: "0 0 0 3px rgba(124, 140, 255, 0)" }],
+      { duration: 1500, easing: "ease-out" });
   }
-
-  function roomPage(type, d) {
-    if (type === "voice.joined") {
-      var row = byUser(members(), d.user.id);
-      if (!row) {
-        row = clone("member");
-        row.dataset.user = d.user.id;
-        row.querySelector(".name").textContent = d.user.global_name || d.user.username;
-        members().append(row);
-        avatar(row.querySelector(".avatar"), d.user);
-      }
-      setFlags(row, d);
-      if (d.user.id === me) showState("in");
-      callOffClosing();
-      roomRecount();
-    } else if (type === "voice.updated") {
-      var r = byUser(members(), d.user_id);
-      if (r) setFlags(r, d);
-    } else if (type === "voice.left") {
-      var gone = byUser(members(), d.user_id);
-      if (gone) gone.remove();
-      if (d.user_id === me) showState("left");
-      roomRecount();
-    } else if (type === "room.viewers") {
-      if ((d.viewers || []).length) callOffClosing();
-      var list = live.querySelector("[data-viewers]");
-      list.textContent = "";
-      (d.viewers || []).forEach(function (v) {
-        var li = clone("viewer");
-        li.dataset.user = v.id;
-        li.title = v.username;
-        li.lastElementChild.textContent = v.username;
-        list.append(li);
-        avatar(li.firstElementChild, v);
+  var before = null;
+  document.body.addEventListener("htmx:oobBeforeSwap", function (e) {
+    var d = e.detail;
+    // An element arriving for a list (a room appearing) replaces any copy already shown.
+    if (d.fragment && d.fragment.querySelectorAll) {
+      d.fragment.querySelectorAll("[id]").forEach(function (el) {
+        var old = document.getElementById(el.id);
+        if (old && old !== d.target && !d.target.contains(old)) old.remove();
       });
-    } else if (type === "room.closing") {
-      startCountdown(Number(d.closes_at));
-    } else if (type === "room.updated") {
-      live.querySelector("h1[data-name]").textContent = d.name;
-      live.dataset.limit = d.user_limit;
-      roomRecount();
-    } else if (type === "room.deleted") {
-      live.querySelector("[data-deleted]").hidden = false;
-      setTimeout(function () { location.assign("/rooms?closed=1"); }, 1500);
     }
-  }
-
-  var closing = live.querySelector("[data-closes-at]");
-  if (closing) startCountdown(Number(closing.dataset.closesAt));
+    before = {};
+    d.target.querySelectorAll("[data-user]").forEach(function (el) { before[el.dataset.user] = true; });
+  });
+  document.body.addEventListener("htmx:oobAfterSwap", function (e) {
+    var el = e.target;
+    if (!(el instanceof Element)) return;
+    if (el.classList.contains("room-card") && el.isConnected) flash(el);
+    if (before) {
+      el.querySelectorAll(".member[data-user]").forEach(function (m) {
+        if (!before[m.dataset.user]) flash(m);
+      });
+    }
+  });
+  document.body.addEventListener("htmx:sseMessage", function () {
+    watchImages(live);
+    roomsCount();
+    closing();
+  });
 })();
 
 // Invite link: copy to the clipboard, and put a fresh link in place after "New link".
@@ -288,19 +226,11 @@
 })();
 
 // A post made through HTMX that fails (403, 409, 429, 502, ...) is not swapped into the
-// page; show the error page's words above the content instead.
+// page; the error page's words are shown in the page's flash line instead.
 (function () {
   function flash(text) {
     var box = document.getElementById("flash");
-    if (!box) {
-      box = document.createElement("p");
-      box.id = "flash";
-      box.className = "banner warn";
-      box.setAttribute("role", "alert");
-      var main = document.querySelector("main");
-      if (!main) return;
-      main.prepend(box);
-    }
+    if (!box) return;
     box.textContent = text;
     box.hidden = false;
   }

@@ -16,6 +16,8 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 # Browser end-to-end tests drive headless Chromium through chromedriver.
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+# The deployment's nginx.conf is run in front of a replica (HTTPS, HTTP/2, a stream).
+command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 # chromedriver's client (fantoccini) links the system OpenSSL.
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)

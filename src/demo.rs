@@ -77,6 +77,8 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
             client_secret: s.client_secret.clone(),
             api_url: Url::parse(&simulator.url("/api"))?,
             oauth_url: simulator.shared.public_url.clone(),
+            // "Open in Discord" opens the simulator's page of the channel: works offline.
+            app_url: simulator.shared.public_url.clone(),
         },
         invite_secret: SecretString::from(format!(
             "{:032x}{:032x}",

@@ -32,6 +32,8 @@ use crate::event::{Person, now_ms};
 pub const DEFAULT_API_URL: &str = "https://discord.com/api";
 /// Discord's site (the OAuth2 authorize page is under it).
 pub const DEFAULT_OAUTH_URL: &str = "https://discord.com";
+/// Discord's web app (a voice channel's page is `/channels/{guild}/{channel}` under it).
+pub const DEFAULT_APP_URL: &str = "https://discord.com";
 
 /// Where Discord is and who we are to it.
 #[derive(Debug, Clone, clap::Args)]
@@ -51,6 +53,10 @@ pub struct DiscordSettings {
     /// Discord OAuth2 base URL (the authorize page is under it)
     #[arg(long = "discord-oauth-url", env = "DISCORD_OAUTH_URL", default_value = DEFAULT_OAUTH_URL, value_parser = config::parse_http_url)]
     pub oauth_url: Url,
+    /// Discord's web app, where "Open in Discord" links go (its
+    /// /channels/{guild}/{channel} pages)
+    #[arg(long = "discord-app-url", env = "DISCORD_APP_URL", default_value = DEFAULT_APP_URL, value_parser = config::parse_http_url)]
+    pub app_url: Url,
 }
 
 /// twilight-http can only be pointed at `{scheme}://{host:port}/api/v10`, so the API URL

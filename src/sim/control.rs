@@ -55,7 +55,7 @@ pub fn router() -> Router<Arc<Shared>> {
 
 /// A refused control request: a status and a sentence, sent as `{"error": "..."}`.
 #[derive(Debug)]
-pub struct Fail(StatusCode, String);
+pub struct Fail(pub StatusCode, pub String);
 
 impl IntoResponse for Fail {
     fn into_response(self) -> Response {
@@ -75,7 +75,7 @@ impl From<Refusal> for Fail {
     }
 }
 
-fn refusal(r: Refusal) -> Fail {
+pub(super) fn refusal(r: Refusal) -> Fail {
     match r {
         Refusal::UnknownChannel => error(StatusCode::NOT_FOUND, "unknown channel"),
         Refusal::UnknownRole => error(StatusCode::NOT_FOUND, "unknown role"),

@@ -3,10 +3,12 @@
 //! under `/_sim/` for tests and demos.
 //!
 //! It is a test double for Discord only. Owns the simulated guild ([`world`]), its
-//! Gateway sessions ([`gateway`]), REST ([`rest`]), OAuth2 ([`oauth`]) and control API
-//! ([`control`]), and the ids it hands out ([`ids`]). Must not depend on any other Coven
+//! Gateway sessions ([`gateway`]), REST ([`rest`]), OAuth2 ([`oauth`]), the pages of
+//! Discord's web app that Coven links to ([`app`]) and control API ([`control`]), and the
+//! ids it hands out ([`ids`]). Must not depend on any other Coven
 //! component.
 
+pub mod app;
 pub mod control;
 pub mod gateway;
 pub mod ids;
@@ -270,6 +272,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/", get(gateway_or_index))
         .merge(rest::router(shared.clone()))
         .merge(oauth::router())
+        .merge(app::router())
         .nest("/_sim", control::router())
         .fallback(gateway_or_not_found)
         .layer(axum::middleware::from_fn_with_state(

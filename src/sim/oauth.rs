@@ -417,7 +417,16 @@ async fn authorize(State(shared): State<Arc<Shared>>, Query(q): Query<AuthorizeQ
             pairs.append_pair("state", s);
         }
     }
-    Redirect::to(to.as_str()).into_response()
+    let mut response = Redirect::to(to.as_str()).into_response();
+    // Logging in here logs the browser in to (simulated) Discord as well, so its channel
+    // pages know who "you" are.
+    if let Ok(cookie) = HeaderValue::from_str(&format!(
+        "{}={user_id}; Path=/; HttpOnly; SameSite=Lax",
+        super::app::USER_COOKIE
+    )) {
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
+    response
 }
 
 #[derive(Debug, Deserialize)]

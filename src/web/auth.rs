@@ -9,8 +9,12 @@ use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
 use tower_sessions::cookie::time::Duration;
 use tower_sessions::{Expiry, Session};
+use twilight_model::id::Id;
+use twilight_model::id::marker::UserMarker;
 use url::Url;
 
 use super::error::WebError;
@@ -18,7 +22,10 @@ use super::{AppState, protect};
 use crate::discord::DiscordError;
 use crate::event::{Person, Viewer, now_ms};
 
-const USER: &str = "user";
+/// The session key of the logged-in [`SessionUser`].
+pub(super) const USER: &str = "user";
+/// The session cookie's name.
+pub const SESSION_COOKIE: &str = "coven_session";
 const LOGIN: &str = "login";
 /// How long a login attempt may take: Discord's authorization codes live ten minutes.
 const LOGIN_TTL: Duration = Duration::minutes(10);
@@ -273,6 +280,9 @@ async fn complete_login(
 pub struct TokenForm {
     #[serde(default)]
     pub csrf_token: Option<String>,
+    /// `login` to log in again straight away ("use another account"); else home.
+    #[serde(default)]
+    pub then: Option<String>,
 }
 
 /// `POST /auth/logout`: forget the session everywhere (it lives in Redis). Not a
@@ -284,13 +294,24 @@ pub async fn logout(
     form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
 ) -> Result<Response, WebError> {
     let user: Option<SessionUser> = session.get(USER).await?;
+    let form = match protect::read_form(form) {
+        Ok(form) => form,
+        // Without a session there is nothing to protect: home (or login) all the same.
+        Err(_) if user.is_none() => TokenForm::default(),
+        Err(e) => return Err(e),
+    };
+    // Someone logged in with an account that is not in the server switches accounts by
+    // logging out and in again; Discord's authorize page shows which account it uses.
+    let then = match form.then.as_deref() {
+        Some("login") => "/auth/login",
+        _ => "/",
+    };
     if let Some(user) = user {
-        let token = protect::read_form(form)?.csrf_token;
         protect::check(
             &app,
             &user,
             &protect::Sender::of(&headers),
-            token.as_deref(),
+            form.csrf_token.as_deref(),
         )?;
         session.flush().await?;
         // The session is gone, so no new stream opens with it; the open ones end too.
@@ -304,7 +325,7 @@ pub async fn logout(
             )
             .await?;
     }
-    Ok(Redirect::to("/").into_response())
+    Ok(Redirect::to(then).into_response())
 }
 
 /// Someone with a valid session (their Discord token refreshed when it ran out).
@@ -361,6 +382,140 @@ impl FromRequestParts<AppState> for LoggedIn {
             }
         }
         Ok(LoggedIn { user, session })
+    }
+}
+
+/// How long a stream's session stays cached in the replica after it was read.
+pub const SESSION_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Sessions cached at most; past it, entries older than the TTL are dropped first.
+const SESSION_CACHE_MAX: usize = 200_000;
+
+/// The sessions of recent stream openers, by session id, so a wave of reconnecting
+/// browsers asks Redis for a session once per `SESSION_CACHE_TTL` instead of reading and
+/// rewriting it for every stream. Revocation stays immediate: a logout (`session.ended`)
+/// or a removal from the server (`member.removed`) drops the person's entries on every
+/// replica as the hub passes the event on.
+#[derive(Default)]
+pub struct SessionCache {
+    entries: std::sync::Mutex<HashMap<i128, (std::time::Instant, Arc<SessionUser>)>>,
+    store: std::sync::OnceLock<Arc<dyn tower_sessions::SessionStore>>,
+    /// Logins ended lately, so a stream that read its session just before the logout
+    /// passed, and subscribed just after, still learns of it.
+    revoked:
+        std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, Id<UserMarker>, String)>>,
+}
+
+impl SessionCache {
+    /// Where sessions are read on a miss (the site's session store).
+    pub fn set_store(&self, store: Arc<dyn tower_sessions::SessionStore>) {
+        let _ = self.store.set(store);
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<i128, (std::time::Instant, Arc<SessionUser>)>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops the entries of one login (it logged out).
+    pub fn revoke_login(&self, user: Id<UserMarker>, login: &str) {
+        self.lock()
+            .retain(|_, (_, u)| !(u.person.id == user && u.login == login));
+        self.remember(user, login.to_owned());
+    }
+
+    /// Drops every entry of a person (they left the server). No mark is needed: a
+    /// stream reads membership after subscribing, so it sees the removal either way.
+    pub fn revoke_user(&self, user: Id<UserMarker>) {
+        self.lock().retain(|_, (_, u)| u.person.id != user);
+    }
+
+    fn remember(&self, user: Id<UserMarker>, login: String) {
+        let now = std::time::Instant::now();
+        let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        while revoked
+            .front()
+            .is_some_and(|(at, ..)| now.duration_since(*at) > SESSION_CACHE_TTL * 3)
+        {
+            revoked.pop_front();
+        }
+        revoked.push_back((now, user, login));
+    }
+
+    /// Whether `user`'s login was revoked in the last moments (asked by a stream once it
+    /// has subscribed to the events that would revoke it from then on).
+    pub fn was_revoked(&self, user: &SessionUser) -> bool {
+        self.revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(_, who, login)| *who == user.person.id && *login == user.login)
+    }
+
+    async fn user(
+        &self,
+        id: tower_sessions::session::Id,
+    ) -> Result<Option<Arc<SessionUser>>, WebError> {
+        let now = std::time::Instant::now();
+        if let Some((at, user)) = self.lock().get(&id.0)
+            && now.duration_since(*at) < SESSION_CACHE_TTL
+        {
+            return Ok(Some(user.clone()));
+        }
+        let Some(store) = self.store.get() else {
+            return Ok(None);
+        };
+        let record = store
+            .load(&id)
+            .await
+            .map_err(|e| WebError::Session(tower_sessions::session::Error::Store(e)))?;
+        let user = record
+            .filter(|r| r.expiry_date > tower_sessions::cookie::time::OffsetDateTime::now_utc())
+            .and_then(|mut r| r.data.remove(USER))
+            .and_then(|v| serde_json::from_value::<SessionUser>(v).ok())
+            .map(Arc::new);
+        let mut entries = self.lock();
+        match &user {
+            Some(user) => {
+                if entries.len() >= SESSION_CACHE_MAX {
+                    entries.retain(|_, (at, _)| now.duration_since(*at) < SESSION_CACHE_TTL);
+                    if entries.len() >= SESSION_CACHE_MAX {
+                        entries.clear();
+                    }
+                }
+                entries.insert(id.0, (now, user.clone()));
+            }
+            None => {
+                entries.remove(&id.0);
+            }
+        }
+        Ok(user)
+    }
+}
+
+/// Someone opening a stream, known by their session cookie through the [`SessionCache`]:
+/// no session is loaded into the request, and nothing is written back.
+pub struct StreamUser(pub Arc<SessionUser>);
+
+impl FromRequestParts<AppState> for StreamUser {
+    type Rejection = WebError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, WebError> {
+        let not_logged_in = || WebError::NotLoggedIn {
+            return_to: "/rooms".to_owned(),
+            api: true,
+        };
+        let id = parts
+            .headers
+            .get_all(axum::http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().strip_prefix(SESSION_COOKIE)?.strip_prefix('='))
+            .find_map(|v| v.parse::<tower_sessions::session::Id>().ok())
+            .ok_or_else(not_logged_in)?;
+        let user = app.hub.sessions.user(id).await?.ok_or_else(not_logged_in)?;
+        Ok(StreamUser(user))
     }
 }
 

@@ -14,6 +14,15 @@
 //!   stalled, never per connection.
 //! - **A capped send buffer**, so a stalled reader pins a small, fixed amount of kernel
 //!   memory instead of megabytes of autotuned buffer.
+//! - **Event streams without hyper's buffers.** hyper keeps two 8 KiB buffers per
+//!   connection for the requests and responses that may follow; an event stream is one
+//!   response that lasts, so they would sit unused for as long as it does, which is most
+//!   of what an open stream costs. A connection whose first request is a plain
+//!   `GET` asking for `text/event-stream` (what `EventSource` sends) is read with a small
+//!   buffer, answered by the same router, and written straight to the socket (chunked,
+//!   the frames of a burst in one `writev`); it closes when the response ends. Every
+//!   other request, and any stream asked for later on a kept-alive connection, goes
+//!   through hyper with the bytes already read.
 //!
 //! Owns sockets and connection lifetimes. Must not look at what is requested (that is the
 //! router's).
@@ -202,7 +211,27 @@ async fn one(
     conn: &Arc<Conn>,
     shutdown: CancellationToken,
 ) {
-    let io = TokioIo::new(Deadline::new(tcp, limits.write_timeout));
+    let mut io = Deadline::new(tcp, limits.write_timeout);
+    let first = tokio::select! {
+        read = tokio::time::timeout(limits.header_timeout, first_head(&mut io)) => match read {
+            Ok(Ok(first)) => first,
+            // Silent past the header timeout (as hyper would close it), or gone.
+            Ok(Err(_)) | Err(_) => return,
+        },
+        () = conn.evict.cancelled() => return,
+        () = shutdown.cancelled() => return,
+    };
+    let read = match first {
+        First::EventStream(request) => {
+            event_stream(io, *request, peer, router, conn).await;
+            return;
+        }
+        First::Other(read) => read,
+    };
+    let io = TokioIo::new(Replay {
+        read: Some(read),
+        io,
+    });
     let state = conn.clone();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
@@ -241,6 +270,289 @@ async fn one(
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, %peer, "connection ended");
+    }
+}
+
+/// The most a first request head may take on the lean path (more goes to hyper, which
+/// applies its own limits).
+const LEAN_HEAD_MAX: usize = 8 * 1024;
+/// Request headers the lean path parses at most.
+const LEAN_HEADERS: usize = 48;
+/// Frames of a burst written together.
+const BATCH: usize = 32;
+
+/// A connection's first request, as read before choosing who serves it.
+enum First {
+    /// A plain GET for an event stream, parsed.
+    EventStream(Box<Request<Body>>),
+    /// Anything else: the bytes read so far, for hyper.
+    Other(Bytes),
+}
+
+/// Reads the first request head (until its blank line, or `LEAN_HEAD_MAX` bytes, or a
+/// first read that already holds more than a head) and tells which path serves it.
+async fn first_head(io: &mut Deadline) -> io::Result<First> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        if io.read_buf(&mut buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = end + 4;
+            // Bytes after the head (a body, a pipelined request) are hyper's to handle.
+            if head == buf.len()
+                && let Some(request) = lean_request(&buf)
+            {
+                return Ok(First::EventStream(Box::new(request)));
+            }
+            return Ok(First::Other(Bytes::from(buf)));
+        }
+        if buf.len() >= LEAN_HEAD_MAX {
+            return Ok(First::Other(Bytes::from(buf)));
+        }
+    }
+}
+
+/// The request, when `head` is one the lean path serves: HTTP/1.1, GET, asking for
+/// `text/event-stream`, no body, no `Expect` or `Upgrade`, headers that parse cleanly.
+fn lean_request(head: &[u8]) -> Option<Request<Body>> {
+    let mut headers = [httparse::EMPTY_HEADER; LEAN_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(n)) if n == head.len()) {
+        return None;
+    }
+    if parsed.method != Some("GET") || parsed.version != Some(1) {
+        return None;
+    }
+    let mut builder = Request::builder()
+        .method(axum::http::Method::GET)
+        .uri(parsed.path?)
+        .version(axum::http::Version::HTTP_11);
+    let mut wants_stream = false;
+    for h in parsed.headers.iter() {
+        let name = axum::http::HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        if name == axum::http::header::CONTENT_LENGTH && h.value != b"0"
+            || name == axum::http::header::TRANSFER_ENCODING
+            || name == axum::http::header::EXPECT
+            || name == axum::http::header::UPGRADE
+        {
+            return None;
+        }
+        if name == axum::http::header::ACCEPT {
+            wants_stream |= h
+                .value
+                .split(|b| *b == b',')
+                .any(|v| v.trim_ascii().starts_with(b"text/event-stream"));
+        }
+        builder = builder.header(name, axum::http::HeaderValue::from_bytes(h.value).ok()?);
+    }
+    if !wants_stream {
+        return None;
+    }
+    builder.body(Body::empty()).ok()
+}
+
+/// Serves an event stream on its own connection, without hyper: the router's answer is
+/// written as it comes, and the connection closes when it ends or the client goes.
+async fn event_stream(
+    io: Deadline,
+    mut request: Request<Body>,
+    peer: SocketAddr,
+    router: Router,
+    conn: &Arc<Conn>,
+) {
+    use futures_util::FutureExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn next_frame(
+        body: &mut Body,
+    ) -> impl Future<Output = Option<Result<Frame<Bytes>, axum::Error>>> + '_ {
+        std::future::poll_fn(move |cx| Pin::new(&mut *body).poll_frame(cx))
+    }
+
+    let _busy = Busy::new(conn.clone());
+    request.extensions_mut().insert(ConnectInfo(peer));
+    let response = match router.oneshot(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let (parts, mut body) = response.into_parts();
+    let length = body.size_hint().exact();
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        parts.status.as_u16(),
+        parts.status.canonical_reason().unwrap_or("")
+    )
+    .into_bytes();
+    for (name, value) in &parts.headers {
+        if name == axum::http::header::CONTENT_LENGTH
+            || name == axum::http::header::TRANSFER_ENCODING
+            || name == axum::http::header::CONNECTION
+        {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    match length {
+        Some(n) => head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
+        None => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    head.extend_from_slice(b"connection: close\r\n\r\n");
+    let (mut from_client, mut to_client) = tokio::io::split(io);
+    if to_client.write_all(&head).await.is_err() {
+        return;
+    }
+    drop(head);
+    let chunked = length.is_none();
+    let mut out = Chunks::default();
+    loop {
+        let mut probe = [0u8; 1];
+        let first = tokio::select! {
+            frame = next_frame(&mut body) => frame,
+            // The client closed (or sent what a stream does not take): done.
+            _ = from_client.read(&mut probe) => break,
+        };
+        let Some(Ok(frame)) = first else { break };
+        let mut ended = false;
+        out.push(frame.into_data().ok(), chunked);
+        // A burst: whatever else is ready goes in the same write.
+        while out.frames < BATCH {
+            match next_frame(&mut body).now_or_never() {
+                Some(Some(Ok(frame))) => out.push(frame.into_data().ok(), chunked),
+                Some(_) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        if to_client.write_all_buf(&mut out).await.is_err() {
+            return;
+        }
+        out.frames = 0;
+        if ended {
+            break;
+        }
+    }
+    if chunked {
+        let _ = to_client.write_all(b"0\r\n\r\n").await;
+    }
+    let _ = to_client.shutdown().await;
+}
+
+/// Body frames on their way out, with their chunk framing: written with one `writev`,
+/// the frames themselves never copied.
+#[derive(Default)]
+struct Chunks {
+    parts: std::collections::VecDeque<Bytes>,
+    frames: usize,
+}
+
+impl Chunks {
+    fn push(&mut self, data: Option<Bytes>, chunked: bool) {
+        let Some(data) = data.filter(|d| !d.is_empty()) else {
+            return;
+        };
+        self.frames += 1;
+        if chunked {
+            self.parts
+                .push_back(Bytes::from(format!("{:x}\r\n", data.len())));
+            self.parts.push_back(data);
+            self.parts.push_back(Bytes::from_static(b"\r\n"));
+        } else {
+            self.parts.push_back(data);
+        }
+    }
+}
+
+impl hyper::body::Buf for Chunks {
+    fn remaining(&self) -> usize {
+        self.parts.iter().map(Bytes::len).sum()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.parts.front().map_or(&[], |b| b.as_ref())
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, part) in dst.iter_mut().zip(self.parts.iter()) {
+            *slot = io::IoSlice::new(part);
+            n += 1;
+        }
+        n
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        while cnt > 0 {
+            let Some(front) = self.parts.front_mut() else {
+                return;
+            };
+            if cnt < front.len() {
+                hyper::body::Buf::advance(front, cnt);
+                return;
+            }
+            cnt -= front.len();
+            self.parts.pop_front();
+        }
+    }
+}
+
+/// The socket, with the bytes already read from it served first (to hyper).
+struct Replay {
+    read: Option<Bytes>,
+    io: Deadline,
+}
+
+impl AsyncRead for Replay {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(read) = self.read.as_mut() {
+            let n = read.len().min(buf.remaining());
+            buf.put_slice(&read.split_to(n));
+            if read.is_empty() {
+                self.read = None;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Replay {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

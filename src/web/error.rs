@@ -3,12 +3,15 @@
 //! internals (stack traces, tokens, Redis URLs); those go to the log.
 
 use askama::Template;
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
+use tower_sessions::Session;
 
 use super::AppState;
+use super::auth::SessionUser;
 use crate::bus::BusError;
 use crate::discord::DiscordError;
 
@@ -52,23 +55,99 @@ struct ErrorPage<'a> {
     message: &'a str,
     /// Extra guidance under the message.
     hint: &'a str,
-    /// Error pages do not show who is logged in (they render without the session).
+    /// What the page offers besides its words.
+    offer: Offer,
+    /// The logged-in header, filled in by [`with_header`] where the session is known.
     user: Option<crate::web::pages::UserView>,
     delayed: Option<String>,
 }
 
-pub fn page(status: StatusCode, title: &str, message: &str, hint: &str) -> Response {
-    let body = ErrorPage {
-        status: status.as_u16(),
-        title,
-        message,
-        hint,
-        user: None,
-        delayed: None,
+/// Where an error page sends people next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    /// Back to the rooms list.
+    Rooms,
+    /// Logged in, but not in the guild: log out, or log in with another account.
+    SwitchAccount,
+}
+
+/// An error page's words, kept on its response so that [`with_header`], which sits
+/// inside the session layer, can render the same page again with the logged-in header.
+#[derive(Debug, Clone)]
+struct ErrorContent {
+    status: StatusCode,
+    title: String,
+    message: String,
+    hint: String,
+    offer: Offer,
+    /// Whether the session may be read for the header: not when the shared state (where
+    /// sessions live) is what failed, or the page would wait on it a second time.
+    header: bool,
+}
+
+impl ErrorContent {
+    fn render(&self, user: Option<crate::web::pages::UserView>) -> String {
+        ErrorPage {
+            status: self.status.as_u16(),
+            title: &self.title,
+            message: &self.message,
+            hint: &self.hint,
+            offer: self.offer,
+            user,
+            delayed: None,
+        }
+        .render()
+        .unwrap_or_else(|_| format!("{}: {}", self.status, self.message))
     }
-    .render()
-    .unwrap_or_else(|_| format!("{status}: {message}"));
-    (status, Html(body)).into_response()
+}
+
+pub fn page(status: StatusCode, title: &str, message: &str, hint: &str) -> Response {
+    page_with(status, title, message, hint, Offer::Rooms)
+}
+
+fn page_with(status: StatusCode, title: &str, message: &str, hint: &str, offer: Offer) -> Response {
+    let content = ErrorContent {
+        status,
+        title: title.to_owned(),
+        message: message.to_owned(),
+        hint: hint.to_owned(),
+        offer,
+        header: true,
+    };
+    // Rendered without the session here (this runs where none may be at hand);
+    // `with_header` adds the logged-in header where there is one.
+    let mut response = (status, Html(content.render(None))).into_response();
+    response.extensions_mut().insert(content);
+    response
+}
+
+/// Sits inside the session layer, around every route of the site (the not-found fallback
+/// included): an error page answered to someone logged in is rendered again with the
+/// header they see everywhere else (their name, Rooms, Log out), so an error is never a
+/// dead end. Status and headers stay as the error set them; a session that cannot be read
+/// leaves the page as it was.
+pub async fn with_header(session: Session, request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let Some(content) = response
+        .extensions_mut()
+        .remove::<ErrorContent>()
+        .filter(|c| c.header)
+    else {
+        return response;
+    };
+    let user = match session.get::<SessionUser>(super::auth::USER).await {
+        Ok(Some(user)) => user,
+        Ok(None) => return response,
+        Err(e) => {
+            tracing::debug!(error = %e, "error page without the header: session unreadable");
+            return response;
+        }
+    };
+    let body = content.render(Some(crate::web::pages::UserView::of(&user)));
+    let (mut parts, _) = response.into_parts();
+    // The length was the anonymous page's.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body))
 }
 
 impl IntoResponse for WebError {
@@ -88,11 +167,12 @@ impl IntoResponse for WebError {
                     .finish();
                 Redirect::to(&format!("/auth/login?{query}")).into_response()
             }
-            WebError::NotMember => page(
+            WebError::NotMember => page_with(
                 StatusCode::FORBIDDEN,
                 "Not a member yet",
                 "You are logged in, but your Discord account is not a member of this community's server.",
                 "Ask someone in the community for a room invite link: opening it adds you to the server.",
+                Offer::SwitchAccount,
             ),
             WebError::BadRequest(m) => page(StatusCode::BAD_REQUEST, "That did not work", m, ""),
             WebError::Forbidden(m) => page(StatusCode::FORBIDDEN, "Not allowed", m, ""),
@@ -225,6 +305,9 @@ pub fn unavailable() -> Response {
         "Coven cannot reach its shared state right now.",
         "This usually passes within seconds; reload the page.",
     );
+    if let Some(content) = r.extensions_mut().get_mut::<ErrorContent>() {
+        content.header = false;
+    }
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     r

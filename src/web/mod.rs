@@ -13,6 +13,7 @@ pub mod auth;
 pub mod conn;
 pub mod error;
 pub mod invites;
+pub mod live;
 pub mod members;
 pub mod ops;
 pub mod pages;
@@ -253,8 +254,8 @@ impl App {
 /// demo.
 pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
     let [csp, nosniff, referrer, frames] = ops::security_headers();
-    let sessions = SessionManagerLayer::new(store)
-        .with_name("coven_session")
+    let sessions = SessionManagerLayer::new(store.clone())
+        .with_name(auth::SESSION_COOKIE)
         .with_http_only(true)
         .with_same_site(SameSite::Lax)
         .with_secure(app.secure_cookies())
@@ -273,9 +274,11 @@ pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
         .route("/auth/login", get(auth::login))
         .route("/auth/callback", get(auth::callback))
         .route("/auth/logout", post(auth::logout))
-        .route("/api/stream", get(stream::stream))
+        // Inside the sessions, so a logged-in person's 404 keeps their header.
+        .fallback(pages::not_found)
         // Forms here are a room name and a token; anything bigger is not ours.
         .layer(axum::extract::DefaultBodyLimit::max(16 * 1024))
+        .layer(axum::middleware::from_fn(error::with_header))
         .layer(sessions)
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
@@ -287,12 +290,22 @@ pub fn router<S: SessionStore + Clone>(app: AppState, store: S) -> Router {
             header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
         ));
+    // Streams know their viewer from the session cookie through the replica's session
+    // cache: opening one reads no session into the request and writes none back.
+    app.hub.sessions.set_store(Arc::new(store));
+    let streams = Router::new()
+        .route("/api/stream", get(stream::stream))
+        .route("/api/stream/html", get(stream::html_stream))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            error::shared_state_guard,
+        ));
     Router::new()
         .merge(site)
+        .merge(streams)
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .nest_service("/assets", assets::router::<()>())
-        .fallback(pages::not_found)
         .with_state(app)
         .layer(axum::middleware::from_fn(ops::observe))
         .layer(csp)

@@ -57,17 +57,36 @@ pub struct MemberView {
     pub name: String,
     pub avatar_url: Option<String>,
     pub initial: String,
+    /// One of the palette's colours, the same for a person everywhere.
+    pub hue: u64,
+    /// Made the room.
+    pub host: bool,
     pub mute: bool,
     pub deaf: bool,
     pub video: bool,
     pub stream: bool,
 }
 
+/// Colours of the palette (`.hue-0` to `.hue-7` in the stylesheet).
+const HUES: u64 = 8;
+
+/// A person's colour: from their id, so it is the same on every page and replica.
+fn hue(id: u64) -> u64 {
+    // A snowflake's bits are a clock and counters: mix them all (splitmix64's finaliser)
+    // so people made one after another do not share a colour.
+    let mut z = id.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) % HUES
+}
+
 impl MemberView {
-    fn of(v: &VoiceRecord) -> Self {
+    fn of(v: &VoiceRecord, host: bool) -> Self {
         let name = v.user.display_name().to_owned();
         MemberView {
             id: v.user.id.to_string(),
+            hue: hue(v.user.id.get()),
+            host,
             initial: initial(&name),
             avatar_url: v.user.avatar_url.clone(),
             name,
@@ -84,12 +103,14 @@ pub struct ViewerView {
     pub name: String,
     pub avatar_url: Option<String>,
     pub initial: String,
+    pub hue: u64,
 }
 
 impl ViewerView {
-    fn of(v: &Viewer) -> Self {
+    pub fn of(v: &Viewer) -> Self {
         ViewerView {
             id: v.id.to_string(),
+            hue: hue(v.id.get()),
             initial: initial(&v.username),
             name: v.username.clone(),
             avatar_url: v.avatar_url.clone(),
@@ -105,12 +126,18 @@ pub struct RoomView {
     pub full: bool,
     /// Unix ms of a standing closing warning.
     pub closes_at: Option<u64>,
+    /// Made by Coven (other voice channels, such as a lobby, are listed apart).
+    pub coven: bool,
 }
 
 impl RoomView {
-    fn of(snapshot: &Snapshot, id: Id<ChannelMarker>, room: &RoomRecord) -> Self {
-        let mut members: Vec<MemberView> = snapshot.members(id).map(MemberView::of).collect();
-        members.sort_by_key(|m| m.name.to_lowercase());
+    pub fn of(snapshot: &Snapshot, id: Id<ChannelMarker>, room: &RoomRecord) -> Self {
+        let mut members: Vec<MemberView> = snapshot
+            .members(id)
+            .map(|v| MemberView::of(v, room.creator_id == Some(v.user.id)))
+            .collect();
+        // By name, then id: two people of one name keep one order in every render.
+        members.sort_by(|a, b| (a.name.to_lowercase(), &a.id).cmp(&(b.name.to_lowercase(), &b.id)));
         let limit = room.user_limit;
         RoomView {
             id: id.to_string(),
@@ -119,8 +146,28 @@ impl RoomView {
             members,
             limit,
             closes_at: room.closes_at,
+            coven: room.role_id.is_some() || room.creator_id.is_some(),
         }
     }
+}
+
+/// The rooms the viewer may see, for the rooms page: Coven's rooms newest first, then the
+/// server's other voice channels by name.
+pub fn visible_rooms(
+    snapshot: &Snapshot,
+    seer: crate::access::Seer<'_>,
+) -> (Vec<RoomView>, Vec<RoomView>) {
+    let mut rooms: Vec<(u64, RoomView)> = snapshot
+        .rooms
+        .iter()
+        .filter(|(id, _)| snapshot.access.can_see(seer, **id))
+        .map(|(id, r)| (r.created_at, RoomView::of(snapshot, *id, r)))
+        .collect();
+    rooms.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+    let (coven, mut other): (Vec<RoomView>, Vec<RoomView>) =
+        rooms.into_iter().map(|(_, r)| r).partition(|r| r.coven);
+    other.sort_by(|a, b| a.name.cmp(&b.name));
+    (coven, other)
 }
 
 #[derive(Template, WebTemplate)]
@@ -151,6 +198,8 @@ pub struct RoomsPage {
     /// Why live updates are delayed, when they are (the gateway is quiet or in trouble).
     pub delayed: Option<String>,
     pub rooms: Vec<RoomView>,
+    /// Voice channels Coven did not make.
+    pub channels: Vec<RoomView>,
     /// The snapshot's event id: the stream resumes after it.
     pub at: String,
     /// Set after the user closed a room (or their room page saw it close).
@@ -174,17 +223,12 @@ pub async fn rooms(
 ) -> Result<RoomsPage, WebError> {
     let snapshot = app.bus.snapshot().await?;
     let who = &member.who;
-    let mut rooms: Vec<(u64, RoomView)> = snapshot
-        .rooms
-        .iter()
-        .filter(|(id, _)| snapshot.access.can_see(member.seer(), **id))
-        .map(|(id, r)| (r.created_at, RoomView::of(&snapshot, *id, r)))
-        .collect();
-    rooms.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+    let (rooms, channels) = visible_rooms(&snapshot, member.seer());
     Ok(RoomsPage {
         delayed: app.upstream.current().banner(),
         user: Some(UserView::of(&who.user)),
-        rooms: rooms.into_iter().map(|(_, r)| r).collect(),
+        rooms,
+        channels,
         at: snapshot.at.to_string(),
         notice: match who.session.remove::<String>(CLOSED_FLASH).await? {
             Some(name) => Some(format!("“{name}” was closed.")),
@@ -203,6 +247,17 @@ pub enum Whereabouts {
     /// In another voice channel of the guild.
     Elsewhere,
     NotInVoice,
+}
+
+impl Whereabouts {
+    /// As the page's `data-whereabouts` says it (the stylesheet keys on it).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Whereabouts::InRoom => "in",
+            Whereabouts::Elsewhere => "elsewhere",
+            Whereabouts::NotInVoice => "none",
+        }
+    }
 }
 
 #[derive(Template, WebTemplate)]
@@ -263,9 +318,9 @@ pub async fn room(
         at: snapshot.at.to_string(),
         whereabouts,
         can_join: snapshot.access.can_join(member.seer(), id),
-        discord_url: format!(
-            "https://discord.com/channels/{}/{id}",
-            app.settings.guild_id
+        discord_url: crate::config::join_url(
+            &app.settings.discord.app_url,
+            &format!("channels/{}/{id}", app.settings.guild_id),
         ),
         invite: super::invites::offer(&app, &snapshot, id, member.seer())?,
         is_creator: record.creator_id == Some(me),

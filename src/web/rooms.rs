@@ -357,7 +357,11 @@ pub async fn move_in(
             ));
         }
     }
-    Ok(go(post.htmx, &format!("/rooms/{id}")))
+    if post.htmx {
+        // The page is live: the stream shows the move (and "You're in") without a reload.
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    Ok(go(false, &format!("/rooms/{id}")))
 }
 
 /// `POST /rooms/{id}/invite`: a fresh invite link; every older link of the room stops

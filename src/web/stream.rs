@@ -13,6 +13,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::convert::Infallible;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -26,8 +27,9 @@ use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker, RoleMarker, UserMarker};
 
 use super::AppState;
-use super::auth::LoggedIn;
+use super::auth::StreamUser;
 use super::error::WebError;
+use super::live;
 use crate::access::{Access, Seer};
 use crate::bus::{Backend, Since, Snapshot};
 use crate::event::{Audience, Event, EventData, EventId};
@@ -48,10 +50,17 @@ enum Frame {
         bytes: Bytes,
         /// Set when the event changes who may see what, or ends someone's streams.
         control: Option<Control>,
+        /// The pages' HTML for the event, rendered once; `None` when no page shows it.
+        html: Option<Arc<live::Html>>,
+        /// Whether `html` was rendered: it is only while pages' streams are open.
+        rendered: bool,
+        /// Whose voice state the event changes, and the channel they are in after it.
+        subject: Option<(Id<UserMarker>, Option<Id<ChannelMarker>>)>,
     },
     KeepAlive,
-    /// This replica's own word to every stream (the gateway went quiet or came back).
-    Notice(Bytes),
+    /// This replica's own word to every stream (the gateway went quiet or came back), as
+    /// JSON and as the pages' HTML.
+    Notice(Bytes, Option<Bytes>),
     /// Streams whose rank is below this (of 1000) close now.
     Drain(u32),
     /// The hub lost events it cannot recover: every stream ends and reconnects.
@@ -142,16 +151,16 @@ impl Recent {
     }
 
     fn push(&mut self, frame: Frame) {
-        if let Frame::Event { bytes, .. } = &frame {
-            self.bytes += bytes.len();
-        }
+        self.bytes += frame_size(&frame);
         self.frames.push_back(frame);
         while self.bytes > self.cap {
-            let Some(Frame::Event { id, bytes, .. }) = self.frames.pop_front() else {
+            let Some(frame) = self.frames.pop_front() else {
                 break;
             };
-            self.bytes -= bytes.len();
-            self.dropped = id;
+            self.bytes -= frame_size(&frame);
+            if let Frame::Event { id, .. } = frame {
+                self.dropped = id;
+            }
         }
     }
 
@@ -167,15 +176,32 @@ impl Recent {
         let mut size = 0;
         let mut out = VecDeque::new();
         for frame in self.frames.range(start..) {
-            if let Frame::Event { bytes, .. } = frame {
-                size += bytes.len();
-                if size > limit {
-                    return None;
-                }
+            size += frame_size(frame);
+            if size > limit {
+                return None;
             }
             out.push_back(frame.clone());
         }
         Some(out)
+    }
+}
+
+/// The bytes an event frame holds (its JSON and its HTML).
+fn frame_size(frame: &Frame) -> usize {
+    match frame {
+        Frame::Event { bytes, html, .. } => bytes.len() + html.as_ref().map_or(0, |h| h.size()),
+        _ => 0,
+    }
+}
+
+/// Whose voice state an event changes, and where they are after it.
+fn subject(data: &EventData) -> Option<(Id<UserMarker>, Option<Id<ChannelMarker>>)> {
+    match data {
+        EventData::VoiceJoined {
+            channel_id, user, ..
+        } => Some((user.id, Some(*channel_id))),
+        EventData::VoiceLeft { user_id, .. } => Some((*user_id, None)),
+        _ => None,
     }
 }
 
@@ -193,12 +219,20 @@ pub struct Hub {
     bus: Arc<dyn Backend>,
     guild: Id<GuildMarker>,
     access: Arc<Mutex<Arc<Access>>>,
+    /// Rooms and voice as of the newest event passed on: what the pages' fragments are
+    /// rendered from. Events are applied, rendered and sent under this lock, so a stream
+    /// that reads it knows which frames its state already covers.
+    state: Arc<Mutex<Snapshot>>,
+    /// Pages' streams open on this replica: fragments are rendered only while there are.
+    html_streams: Arc<AtomicUsize>,
     /// The last snapshot read to show streams a change of visibility: one read serves
     /// every stream an event changes (a role edit can touch thousands), and only one is
     /// kept.
     view: Arc<tokio::sync::Mutex<Option<Arc<Snapshot>>>>,
     /// Looked up once: incremented per delivery.
     delivered: metrics::Counter,
+    /// Sessions of stream openers; logouts and removals passing through drop theirs.
+    pub sessions: Arc<super::auth::SessionCache>,
 }
 
 impl Hub {
@@ -224,11 +258,15 @@ impl Hub {
             max_behind,
             bus,
             guild,
-            access: Arc::new(Mutex::new(Arc::new(snapshot.access))),
+            access: Arc::new(Mutex::new(Arc::new(snapshot.access.clone()))),
+            state: Arc::new(Mutex::new(snapshot)),
+            html_streams: Arc::default(),
             view: Arc::default(),
             delivered: metrics::counter!("coven_web_events_delivered_total"),
+            sessions: Arc::default(),
         };
-        tokio::spawn(hub.clone().run(live, snapshot.at, keepalive));
+        let at = hub.lock_state().at;
+        tokio::spawn(hub.clone().run(live, at, keepalive));
         Ok(hub)
     }
 
@@ -251,6 +289,10 @@ impl Hub {
                 None
             }
         }
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, Snapshot> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Who may see what, as of the newest event the hub passed on.
@@ -307,6 +349,11 @@ impl Hub {
         }
         *last = event.id;
         let control = Control::of(&event.data);
+        match &control {
+            Some(Control::LoggedOut(user, login)) => self.sessions.revoke_login(*user, login),
+            Some(Control::Removed(user)) => self.sessions.revoke_user(*user),
+            _ => {}
+        }
         if matches!(control, Some(Control::Access)) && event.id > *applied {
             *applied = event.id;
             let mut access = self.access.lock().unwrap_or_else(|e| e.into_inner());
@@ -314,11 +361,25 @@ impl Hub {
             next.apply(&event.data);
             *access = Arc::new(next);
         }
+        let mut state = self.lock_state();
+        let prior = live::Prior::of(&state, &event.data);
+        if event.id > state.at {
+            state.apply(event);
+        }
+        let rendered = self.html_streams.load(Ordering::Acquire) > 0;
+        let html = if rendered {
+            live::fragments(&state, event, &prior).map(Arc::new)
+        } else {
+            None
+        };
         let frame = Frame::Event {
             id: event.id,
             audience: event.data.audience(),
             bytes: frame_bytes(event),
             control,
+            html,
+            rendered,
+            subject: subject(&event.data),
         };
         self.recent
             .lock()
@@ -349,6 +410,15 @@ impl Hub {
                     }
                 }
                 Ok(Since::Gap) | Err(_) => {
+                    // The pages' state missed events too: start it again from Redis
+                    // (streams reconnect and render afresh meanwhile).
+                    if let Ok(snapshot) = self.bus.snapshot().await {
+                        *self.access.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Arc::new(snapshot.access.clone());
+                        *applied = snapshot.at;
+                        *last = (*last).max(snapshot.at);
+                        *self.lock_state() = snapshot;
+                    }
                     let _ = self.tx.send(Frame::Cut);
                     return;
                 }
@@ -360,7 +430,9 @@ impl Hub {
     /// once.
     pub fn notice(&self, data: &EventData) {
         if let Some(bytes) = view_bytes(EventId::ZERO, self.guild, data) {
-            let _ = self.tx.send(Frame::Notice(bytes));
+            let _ = self
+                .tx
+                .send(Frame::Notice(bytes, live::gateway_notice(data)));
         }
     }
 
@@ -482,28 +554,314 @@ fn view_changes(
     out
 }
 
+/// Where a stream starts: after `Last-Event-ID` (a browser reconnecting by itself), which
+/// wins over the id the page was rendered with (it is newer), or after `last_event_id`.
+fn last_id(headers: &HeaderMap, query: Option<&str>) -> Result<Option<EventId>, WebError> {
+    match headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .or(query.filter(|v| !v.is_empty()))
+    {
+        Some(raw) => Ok(Some(raw.parse::<EventId>().map_err(|_| {
+            WebError::BadRequest(format!("{raw:?} is not an event id (expected <ms>-<seq>)"))
+        })?)),
+        None => Ok(None),
+    }
+}
+
+/// Counts a pages' stream for as long as it lives: the hub renders HTML only while
+/// there is one.
+struct HtmlStream(Arc<AtomicUsize>);
+
+impl HtmlStream {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        HtmlStream(count.clone())
+    }
+}
+
+impl Drop for HtmlStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Room pages one pages' stream may serve (a browser's tabs share one stream).
+const MAX_VIEWS: usize = 64;
+
+#[derive(Debug, Deserialize)]
+pub struct HtmlStreamQuery {
+    /// The rooms whose pages the browser has open, comma-separated.
+    view: Option<String>,
+    last_event_id: Option<String>,
+}
+
+fn parse_views(raw: Option<&str>) -> Result<Vec<Id<ChannelMarker>>, WebError> {
+    let mut views = Vec::new();
+    for part in raw.unwrap_or("").split(',').filter(|p| !p.is_empty()) {
+        let id = part
+            .parse::<u64>()
+            .ok()
+            .and_then(Id::<ChannelMarker>::new_checked)
+            .ok_or_else(|| WebError::BadRequest(format!("{part:?} is not a room id")))?;
+        if !views.contains(&id) {
+            views.push(id);
+        }
+    }
+    if views.len() > MAX_VIEWS {
+        return Err(WebError::BadRequest(format!(
+            "a stream serves at most {MAX_VIEWS} room pages"
+        )));
+    }
+    Ok(views)
+}
+
+/// `GET /api/stream/html[?view=<room id>,...][&last_event_id=<id>]`: the pages' stream.
+/// The same events as `/api/stream`, as the HTML fragments the pages swap in (event
+/// `rooms` for the rooms list, `room-<id>` for the pages of the rooms in `view`, `me` for
+/// the viewer's own voice channel, `gateway` for the delay banner), each event closed by
+/// an `at` event carrying its id. One stream serves all of a browser's tabs; the rooms in
+/// `view` count it as viewing them.
+pub async fn html_stream(
+    State(app): State<AppState>,
+    StreamUser(who): StreamUser,
+    headers: HeaderMap,
+    Query(q): Query<HtmlStreamQuery>,
+) -> Result<Response, WebError> {
+    let after = last_id(&headers, q.last_event_id.as_deref())?;
+    let views = parse_views(q.view.as_deref())?;
+    let hub = app.hub.clone();
+    // Counted before subscribing: every frame this stream receives is rendered.
+    let counted = HtmlStream::new(&hub.html_streams);
+    let mut live = hub.tx.subscribe();
+    if hub.sessions.was_revoked(&who) {
+        return Err(WebError::NotLoggedIn {
+            return_to: "/rooms".to_owned(),
+            api: true,
+        });
+    }
+    let me = who.person.id;
+    let roles = app.bus.member(me).await?.ok_or(WebError::NotMember)?.roles;
+    let mut sight = Sight {
+        user: me,
+        login: who.login.clone(),
+        roles,
+        room: None,
+        visible: HashSet::new(),
+    };
+    sight.refresh(&hub.access());
+    let max = app.settings.stream_max_per_user;
+    let watch = app
+        .watched
+        .watch(me, max)
+        .ok_or(WebError::TooManyStreams { max })?;
+    // Only rooms that exist and that the viewer may see count them as a viewer; the
+    // others get their "gone" notice in the first refresh.
+    let mut viewing: Vec<(Id<ChannelMarker>, super::presence::Viewing)> = {
+        let state = hub.lock_state();
+        views
+            .iter()
+            .filter(|id| state.rooms.contains_key(id) && sight.visible.contains(id))
+            .map(|id| (*id, app.presence.enter(*id, who.viewer())))
+            .collect()
+    };
+    let bus = app.bus.clone();
+    let delivered = hub.delivered.clone();
+    let rank = rand::random_range(0..1000u32);
+    let frames = async_stream::stream! {
+        let _counted = counted;
+        let _watch = watch;
+        let _connected = Connected::new();
+        yield Bytes::from_static(RETRY);
+        // Where the page's state is: exactly continued from the replica's recent frames
+        // when they reach back, else rendered whole (the pages swap it in by id).
+        let (start, opening, ahead, whereabouts) = {
+            let state = hub.lock_state();
+            let whereabouts = live::whereabouts(state.voice.get(&me).map(|v| v.channel_id));
+            match after {
+                Some(after) if after >= state.at => (after, None, after > state.at, whereabouts),
+                _ => (state.at, Some(live::refresh(&state, sight.seer(), &views, true)), false, whereabouts),
+            }
+        };
+        yield whereabouts;
+        let mut last = start;
+        let mut pending: VecDeque<Frame> = VecDeque::new();
+        match (after, opening) {
+            (_, Some(whole)) => {
+                // Frames in memory replay exactly (announcements included); only when
+                // they do not reach back is the state sent whole.
+                match after.and_then(|a| hub.catch_up_from(Some(a)).filter(all_rendered).map(|f| (a, f))) {
+                    Some((a, frames)) => {
+                        last = a;
+                        pending = frames;
+                    }
+                    None => yield whole,
+                }
+            }
+            (Some(after), None) if ahead => {
+                // Ahead of this replica's state: from a page rendered a moment ago (the
+                // state catches up) or from another log (then it must start afresh).
+                let held = match bus.holds(after).await {
+                    Ok(held) => held,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot check a stream's last id; it will reconnect");
+                        return;
+                    }
+                };
+                if !held {
+                    let whole = {
+                        let state = hub.lock_state();
+                        last = state.at;
+                        live::refresh(&state, sight.seer(), &views, true)
+                    };
+                    yield whole;
+                }
+            }
+            _ => {}
+        }
+        loop {
+            let next = match pending.pop_front() {
+                Some(frame) => Ok(frame),
+                None => live.recv().await,
+            };
+            match next {
+                Ok(Frame::Event { id, audience, control, html, rendered, subject, .. }) => {
+                    match sight.obey(control) {
+                        Obey::End => break,
+                        Obey::Refresh => {
+                            let (appeared, gone) = sight.refresh(&hub.access());
+                            if !appeared.is_empty() || !gone.is_empty() {
+                                viewing.retain(|(room, _)| !gone.contains(room));
+                                let changed: Vec<Id<ChannelMarker>> = views
+                                    .iter()
+                                    .filter(|v| appeared.contains(v) || gone.contains(v))
+                                    .copied()
+                                    .collect();
+                                let whole = {
+                                    let state = hub.lock_state();
+                                    last = last.max(state.at);
+                                    live::refresh(&state, sight.seer(), &changed, false)
+                                };
+                                yield whole;
+                            }
+                        }
+                        Obey::Nothing => {}
+                    }
+                    if let Some((_, channel)) = subject.filter(|(user, _)| *user == sight.user) {
+                        yield live::whereabouts(channel);
+                    }
+                    if id <= last {
+                        continue;
+                    }
+                    last = id;
+                    if !rendered {
+                        // Sent before this stream was counted and after its state was
+                        // read: cannot happen (both are under the hub's state lock), but
+                        // if it did, a page could miss it; start again.
+                        break;
+                    }
+                    if let Some(html) = html.filter(|_| sight.shows(audience)) {
+                        delivered.increment(1);
+                        let views: Vec<Id<ChannelMarker>> = viewing.iter().map(|(room, _)| *room).collect();
+                        yield html.for_views(&views).clone();
+                    }
+                }
+                Ok(Frame::KeepAlive) => yield Bytes::from_static(KEEPALIVE),
+                Ok(Frame::Notice(_, Some(html))) => yield html,
+                Ok(Frame::Notice(_, None)) => {}
+                Ok(Frame::Drain(level)) => {
+                    if rank < level {
+                        break;
+                    }
+                }
+                Ok(Frame::Cut) | Err(RecvError::Closed) => break,
+                Err(RecvError::Lagged(missed)) => match hub.catch_up_from(Some(last)) {
+                    Some(frames) => {
+                        metrics::counter!("coven_web_stream_catch_ups_total").increment(1);
+                        pending = frames;
+                    }
+                    None => {
+                        tracing::info!(missed, "stream fell too far behind; cutting it off");
+                        metrics::counter!("coven_web_streams_cut_off_total").increment(1);
+                        break;
+                    }
+                },
+            }
+        }
+    };
+    Ok(event_stream(frames))
+}
+
+/// Whether every event among `frames` has its HTML.
+fn all_rendered(frames: &VecDeque<Frame>) -> bool {
+    frames.iter().all(|f| {
+        !matches!(
+            f,
+            Frame::Event {
+                rendered: false,
+                ..
+            }
+        )
+    })
+}
+
+/// The response for a stream of SSE frames.
+fn event_stream(frames: impl futures_util::Stream<Item = Bytes> + Send + 'static) -> Response {
+    let mut response = Body::from_stream(futures_util::StreamExt::map(
+        frames,
+        Ok::<Bytes, Infallible>,
+    ))
+    .into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// What a stream does about an event's control part.
+enum Obey {
+    /// Its login ended, or its viewer left the guild.
+    End,
+    /// What the viewer may see may have changed.
+    Refresh,
+    Nothing,
+}
+
+impl Sight {
+    fn obey(&mut self, control: Option<Control>) -> Obey {
+        match control {
+            Some(Control::Removed(user)) if user == self.user => {
+                tracing::info!(%user, "member removed; ending their stream");
+                Obey::End
+            }
+            Some(Control::LoggedOut(user, login)) if user == self.user && *login == *self.login => {
+                Obey::End
+            }
+            Some(Control::Roles(user, roles)) if user == self.user => {
+                self.roles = roles.to_vec();
+                Obey::Refresh
+            }
+            Some(Control::Access) => Obey::Refresh,
+            _ => Obey::Nothing,
+        }
+    }
+}
+
 /// `GET /api/stream[?room=<channel id>][&last_event_id=<id>]`.
 pub async fn stream(
     State(app): State<AppState>,
     // Logged in; membership and roles are read once below, after subscribing (the
     // watcher rechecks stream holders, so opening a stream asks Discord nothing).
-    who: LoggedIn,
+    StreamUser(who): StreamUser,
     headers: HeaderMap,
     Query(q): Query<StreamQuery>,
 ) -> Result<Response, WebError> {
-    // The header (a browser reconnecting by itself) wins over the id the page was
-    // rendered with: it is newer.
-    let after = match headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
-        .or(q.last_event_id.as_deref().filter(|v| !v.is_empty()))
-    {
-        Some(raw) => Some(raw.parse::<EventId>().map_err(|_| {
-            WebError::BadRequest(format!("{raw:?} is not an event id (expected <ms>-<seq>)"))
-        })?),
-        None => None,
-    };
+    let after = last_id(&headers, q.last_event_id.as_deref())?;
     let room = match q.room.as_deref().filter(|v| !v.is_empty()) {
         Some(raw) => Some(
             raw.parse::<u64>()
@@ -517,11 +875,17 @@ pub async fn stream(
     // ids tell which was seen. Roles and permissions are read after subscribing, so a
     // change in between arrives as a frame.
     let mut live = app.hub.tx.subscribe();
-    let me = who.user.person.id;
+    if app.hub.sessions.was_revoked(&who) {
+        return Err(WebError::NotLoggedIn {
+            return_to: "/rooms".to_owned(),
+            api: true,
+        });
+    }
+    let me = who.person.id;
     let roles = app.bus.member(me).await?.ok_or(WebError::NotMember)?.roles;
     let mut sight = Sight {
         user: me,
-        login: who.user.login.clone(),
+        login: who.login.clone(),
         roles,
         room,
         visible: HashSet::new(),
@@ -540,7 +904,7 @@ pub async fn stream(
         .watched
         .watch(me, max)
         .ok_or(WebError::TooManyStreams { max })?;
-    let viewing = room.map(|room| app.presence.enter(room, who.user.viewer()));
+    let viewing = room.map(|room| app.presence.enter(room, who.viewer()));
     let bus = app.bus.clone();
     let hub = app.hub.clone();
     let guild = app.settings.guild_id;
@@ -608,25 +972,14 @@ pub async fn stream(
                 None => live.recv().await,
             };
             match next {
-                Ok(Frame::Event { id, audience, bytes, control }) => {
+                Ok(Frame::Event { id, audience, bytes, control, .. }) => {
                     // Control is acted on even for an event the replay already sent: it
                     // reads the hub's newest state, so acting twice changes nothing.
-                    let mut changed = false;
-                    match control {
-                        Some(Control::Removed(user)) if user == sight.user => {
-                            tracing::info!(%user, "member removed; ending their stream");
-                            break;
-                        }
-                        Some(Control::LoggedOut(user, login)) if user == sight.user && *login == *sight.login => {
-                            break;
-                        }
-                        Some(Control::Roles(user, roles)) if user == sight.user => {
-                            sight.roles = roles.to_vec();
-                            changed = true;
-                        }
-                        Some(Control::Access) => changed = true,
-                        _ => {}
-                    }
+                    let changed = match sight.obey(control) {
+                        Obey::End => break,
+                        Obey::Refresh => true,
+                        Obey::Nothing => false,
+                    };
                     if changed {
                         let (appeared, gone) = sight.refresh(&hub.access());
                         if !appeared.is_empty() || !gone.is_empty() {
@@ -659,7 +1012,7 @@ pub async fn stream(
                     }
                 }
                 Ok(Frame::KeepAlive) => yield Bytes::from_static(KEEPALIVE),
-                Ok(Frame::Notice(bytes)) => yield bytes,
+                Ok(Frame::Notice(bytes, _)) => yield bytes,
                 Ok(Frame::Drain(level)) => {
                     if rank < level {
                         break;
@@ -686,19 +1039,7 @@ pub async fn stream(
             }
         }
     };
-    let mut response = Body::from_stream(futures_util::StreamExt::map(
-        frames,
-        Ok::<Bytes, Infallible>,
-    ))
-    .into_response();
-    let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    Ok(event_stream(frames))
 }
 
 #[cfg(test)]
@@ -711,6 +1052,9 @@ mod tests {
             audience: Audience::Everyone,
             bytes: Bytes::from(vec![b'x'; size]),
             control: None,
+            html: None,
+            rendered: false,
+            subject: None,
         }
     }
 

@@ -13,13 +13,13 @@ use crate::harness::redis::free_port;
 use crate::harness::{DEADLINE, Stack, wait_for};
 
 /// chromedriver on a free port, stopped when dropped.
-struct Driver {
+pub(crate) struct Driver {
     child: Child,
     url: String,
 }
 
 impl Driver {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let port = free_port();
         let child = Command::new("chromedriver")
             .arg(format!("--port={port}"))
@@ -41,14 +41,26 @@ impl Driver {
     }
 
     /// A new browser with its own profile (cookies and all).
-    async fn browser(&self) -> Client {
+    pub(crate) async fn browser(&self) -> Client {
+        self.open(1100, 900, true).await
+    }
+
+    /// A new browser of its own profile with a window of `width`×`height`, and with
+    /// JavaScript off unless `script`.
+    pub(crate) async fn open(&self, width: u32, height: u32, script: bool) -> Client {
         let mut caps = serde_json::Map::new();
-        caps.insert(
-            "goog:chromeOptions".to_owned(),
-            json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                            "--disable-background-networking", "--disable-dev-shm-usage",
-                            "--window-size=1100,900"]}),
-        );
+        let mut options = json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                        "--disable-background-networking", "--disable-dev-shm-usage",
+                        format!("--window-size={width},{height}")]});
+        if width < 500 {
+            // Below the smallest window Chromium makes: a phone's screen, emulated.
+            options["mobileEmulation"] =
+                json!({"deviceMetrics": {"width": width, "height": height, "pixelRatio": 1}});
+        }
+        if !script {
+            options["prefs"] = json!({"profile.managed_default_content_settings.javascript": 2});
+        }
+        caps.insert("goog:chromeOptions".to_owned(), options);
         ClientBuilder::native()
             .capabilities(caps)
             .connect(&self.url)
@@ -70,7 +82,7 @@ fn artifacts() -> PathBuf {
     dir
 }
 
-async fn shot(c: &Client, name: &str) {
+pub(crate) async fn shot(c: &Client, name: &str) {
     match c.screenshot().await {
         Ok(png) => {
             let _ = std::fs::write(artifacts().join(format!("{name}.png")), png);
@@ -80,14 +92,14 @@ async fn shot(c: &Client, name: &str) {
 }
 
 /// Waits until `css` matches something on the page.
-async fn appears(c: &Client, what: &str, css: &str) {
+pub(crate) async fn appears(c: &Client, what: &str, css: &str) {
     wait_for(what, || async {
         c.find(Locator::Css(css)).await.ok().map(|_| ())
     })
     .await;
 }
 
-async fn url_has(c: &Client, what: &str, part: &str) -> String {
+pub(crate) async fn url_has(c: &Client, what: &str, part: &str) -> String {
     wait_for(what, || async {
         let url = c.current_url().await.ok()?;
         url.as_str().contains(part).then(|| url.to_string())
@@ -96,7 +108,7 @@ async fn url_has(c: &Client, what: &str, part: &str) -> String {
 }
 
 /// The text of the first element matching `css`, once it is displayed.
-async fn shown(c: &Client, what: &str, css: &str) -> String {
+pub(crate) async fn shown(c: &Client, what: &str, css: &str) -> String {
     wait_for(what, || async {
         let el = c.find(Locator::Css(css)).await.ok()?;
         if !el.is_displayed().await.ok()? {
@@ -108,7 +120,7 @@ async fn shown(c: &Client, what: &str, css: &str) -> String {
 }
 
 /// Waits until the page's live stream is open (app.js marks it).
-async fn stream_open(c: &Client) {
+pub(crate) async fn stream_open(c: &Client) {
     wait_for("the page's stream to open", || async {
         let open = c
             .execute(
@@ -123,7 +135,7 @@ async fn stream_open(c: &Client) {
 }
 
 /// Types a room name into the create form on `/rooms` and sends it.
-async fn create(c: &Client, name: &str) {
+pub(crate) async fn create(c: &Client, name: &str) {
     let field = c.find(Locator::Css("#room-name")).await.expect("the form");
     field.clear().await.unwrap();
     field.send_keys(name).await.unwrap();
@@ -136,14 +148,14 @@ async fn create(c: &Client, name: &str) {
 }
 
 /// Logs in on `web` as the sim's player `name`, ending on the rooms page.
-async fn log_in(c: &Client, web: &crate::harness::Web, name: &str) {
+pub(crate) async fn log_in(c: &Client, web: &crate::harness::Web, name: &str) {
     c.goto(&web.url("/auth/login")).await.unwrap();
     pick(c, name).await;
     url_has(c, "the rooms page", "/rooms").await;
 }
 
 /// Logs in on the sim's authorize page by picking `name`.
-async fn pick(c: &Client, name: &str) {
+pub(crate) async fn pick(c: &Client, name: &str) {
     let link = format!("//a[span[starts-with(normalize-space(.), '{name}')]]");
     wait_for("the sim's login page", || async {
         c.find(Locator::XPath(&link)).await.ok().map(|_| ())
@@ -206,7 +218,7 @@ async fn two_players_in_two_browsers_share_a_room_live_until_it_closes() {
 
     // A voice join in "Discord" shows on both pages within a second.
     let bramble_id = stack.user("bramble").await;
-    let row = format!("[data-members] li[data-user='{bramble_id}']");
+    let row = format!(".members li[data-user='{bramble_id}']");
     // Both pages are connected to their streams before the change happens.
     for c in [&ash, &bramble] {
         stream_open(c).await;
@@ -256,17 +268,23 @@ async fn two_players_in_two_browsers_share_a_room_live_until_it_closes() {
         ash.accept_alert().await.ok()
     })
     .await;
-    url_has(&ash, "the creator back on the rooms list", "/rooms?closed").await;
-    url_has(
+    url_has(&ash, "the creator back on the rooms list", "/rooms").await;
+    let notice = shown(&ash, "the creator's notice", "p.banner.info").await;
+    assert!(notice.contains("“Friday draft” was closed"), "{notice}");
+    // The guest's page says so where the room was, naming it.
+    let notice = shown(
         &bramble,
-        "the guest back on the rooms list",
-        "/rooms?closed",
+        "the closed notice on the guest's page",
+        ".room-live[data-closed] .banner",
     )
     .await;
+    assert!(notice.contains("“Friday draft” was closed"), "{notice}");
+    assert!(
+        !displayed(&bramble, ".controls").await,
+        "a closed room offers nothing more"
+    );
     shot(&ash, "06-creator-after-close").await;
     shot(&bramble, "07-guest-after-close").await;
-    let notice = shown(&bramble, "the notice", "p.banner.info").await;
-    assert!(notice.contains("closed"), "{notice}");
     assert!(
         !stack.sim.state().await["channels"]
             .as_array()
@@ -326,11 +344,14 @@ async fn the_room_page_shows_full_and_closing_as_they_happen() {
     ] {
         stack.seat(stack.user(name).await, room, flags).await;
     }
-    shown(&ash, "Room full", "[data-full]").await;
-    assert_eq!(shown(&ash, "the count", "#live [data-count]").await, "4/4");
+    shown(&ash, "Room full", ".full-note").await;
+    assert_eq!(
+        shown(&ash, "the count", ".room-live .count").await,
+        "4/4 · full"
+    );
     // Offline, the avatars show the players' initials.
     let faces = ash
-        .find_all(Locator::Css("[data-members] .avatar"))
+        .find_all(Locator::Css(".members .avatar"))
         .await
         .unwrap();
     assert_eq!(faces.len(), 4);
@@ -362,7 +383,7 @@ async fn the_room_page_shows_full_and_closing_as_they_happen() {
     )
     .await
     .unwrap();
-    let banner = shown(&ash, "the closing banner", "[data-closing]").await;
+    let banner = shown(&ash, "the closing banner", "[data-closes-at]").await;
     assert!(banner.contains("will close in "), "{banner}");
     shot(&ash, "11-room-closing").await;
 
@@ -370,13 +391,30 @@ async fn the_room_page_shows_full_and_closing_as_they_happen() {
     stack
         .voice(stack.user("bramble").await, Some(room), json!({}))
         .await;
-    shown(&ash, "the reprieve", "[data-reopened]").await;
+    wait_for("the closing banner to go", || async {
+        (!displayed(&ash, "[data-closes-at]").await).then_some(())
+    })
+    .await;
+    let said = shown_text(&ash, "#announce").await;
+    assert!(said.contains("joined “Commander night”"), "{said}");
     shot(&ash, "12-room-reprieved").await;
     let _ = ash.close().await;
 }
 
+/// The text of `css` as a screen reader has it (shown or not).
+pub(crate) async fn shown_text(c: &Client, css: &str) -> String {
+    c.execute(
+        &format!("return document.querySelector({css:?}).textContent"),
+        vec![],
+    )
+    .await
+    .ok()
+    .and_then(|v| v.as_str().map(str::to_owned))
+    .unwrap_or_default()
+}
+
 /// Whether `css` matches a displayed element right now.
-async fn displayed(c: &Client, css: &str) -> bool {
+pub(crate) async fn displayed(c: &Client, css: &str) -> bool {
     match c.find(Locator::Css(css)).await {
         Ok(el) => el.is_displayed().await.unwrap_or(false),
         Err(_) => false,

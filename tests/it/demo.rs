@@ -73,6 +73,7 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
         .await
         .unwrap();
     assert_eq!(made.status(), 303);
+    let created = std::time::Instant::now();
     let room = location(&made).trim_start_matches("/rooms/").to_owned();
 
     // Simulated players join the new room and do things in it.
@@ -93,24 +94,8 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
         })
         .await;
     assert!(!events.is_empty());
-    // Players keep at least one seat free for people, however long they play: follow
-    // the room through many more of their moves.
-    let mut inside = std::collections::BTreeSet::new();
-    let mut most = 0;
-    let mut moves = 0;
-    for m in &events {
-        track(m, &mut inside);
-    }
-    while moves < 40 {
-        let m = stream.next().await.expect("the stream goes on");
-        if m.event.starts_with("voice.") {
-            moves += 1;
-        }
-        track(&m, &mut inside);
-        most = most.max(inside.len());
-    }
-    assert!(most <= 3, "players filled the room: {most} of 4 seats");
-    // So the friend the README tells you to invite gets in.
+    // The README's walk: the friend gets the link, logs in and gets a seat, however
+    // busy the players are, within 15 s of the room's creation.
     let link = {
         let html = browser
             .get(&format!("{web}/rooms/{room}"))
@@ -158,6 +143,32 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
         "a seat was free for the friend: {}",
         joined.text().await.unwrap()
     );
+    let took = created.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(15),
+        "the invite walk took {took:?}"
+    );
+    // Players keep at least one seat free for people, however long they play: follow
+    // the room through many more of their moves.
+    let mut inside = std::collections::BTreeSet::new();
+    let mut most = 0;
+    let mut moves = 0;
+    for m in &events {
+        track(m, &mut inside);
+    }
+    while moves < 40 {
+        let m = stream.next().await.expect("the stream goes on");
+        if m.event.starts_with("voice.") {
+            moves += 1;
+        }
+        track(&m, &mut inside);
+        most = most.max(inside.len());
+    }
+    assert!(most <= 3, "players filled the room: {most} of 4 seats");
+    assert!(
+        inside.contains(&friend_id),
+        "no player took the friend's seat"
+    );
     let page = browser
         .get(&format!("{web}/rooms/{room}"))
         .await
@@ -186,4 +197,153 @@ fn track(m: &crate::harness::Message, inside: &mut std::collections::BTreeSet<St
         }
         _ => {}
     }
+}
+
+/// In the demo, a room's "Open in Discord" opens the simulator's page of that voice
+/// channel, where the person who logged in joins voice: the room page then has them in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_in_discord_leads_to_the_sims_channel_page_where_you_join_voice() {
+    let mut demo = CovenProcess::spawn(
+        &[
+            "--bind",
+            "127.0.0.1:0",
+            "--sim-bind",
+            "127.0.0.1:0",
+            "--quiet",
+        ],
+        &[],
+    );
+    let open = demo.wait_for_stdout("Open http");
+    let web = open
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_owned();
+    let sim_line = demo.wait_for_stdout("Simulated Discord: ");
+    let sim = sim_line
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .trim_end_matches("/_sim/state")
+        .to_owned();
+    let state: Value = reqwest::get(format!("{sim}/_sim/state"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let guild = state["guild_id"].as_str().unwrap().to_owned();
+    let id_of = |name: &str| {
+        state["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["username"] == name)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (ash, bramble) = (id_of("ash"), id_of("bramble"));
+
+    // Ash logs in through the sim (which remembers who the browser is) and makes a room.
+    let browser = Browser::new();
+    let start = browser.get(&format!("{web}/auth/login")).await;
+    let picked = browser
+        .get(&format!("{}&sim_user={ash}", location(&start)))
+        .await;
+    let done = browser.get(&location(&picked)).await;
+    assert_eq!(location(&done), "/rooms");
+    let rooms = browser
+        .get(&format!("{web}/rooms"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let token = form_value(&rooms, "csrf_token").unwrap();
+    let made = browser
+        .http
+        .post(format!("{web}/rooms"))
+        .form(&[("name", "Demo night"), ("csrf_token", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    let room = location(&made).trim_start_matches("/rooms/").to_owned();
+    let page = browser
+        .get(&format!("{web}/rooms/{room}"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let channel_page = format!("{sim}/channels/{guild}/{room}");
+    assert!(
+        page.contains(&format!("href=\"{channel_page}\"")),
+        "Open in Discord goes to the sim's page of the channel: {page}"
+    );
+
+    // The sim's page: the channel, nobody in it yet, Ash chosen as "you".
+    let res = browser.get(&channel_page).await;
+    assert_eq!(res.status(), 200);
+    let html = res.text().await.unwrap();
+    assert!(html.contains("Demo night"), "{html}");
+    assert!(html.contains("Nobody is in this voice channel"), "{html}");
+    assert!(
+        html.contains(&format!("<option value=\"{ash}\" selected>")),
+        "the browser's own user is preselected: {html}"
+    );
+
+    // Someone without the room's role is refused as Discord refuses them.
+    let refused = browser
+        .http
+        .post(&channel_page)
+        .form(&[("user_id", bramble.as_str()), ("action", "join")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    let html = refused.text().await.unwrap();
+    assert!(html.contains("Discord refused"), "{html}");
+
+    // Ash joins voice there; the room page's stream says so, and the page has them in.
+    let res = browser
+        .http
+        .get(format!("{web}/api/stream?room={room}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut stream = Sse::new(res);
+    let joined = browser
+        .http
+        .post(&channel_page)
+        .form(&[("user_id", ash.as_str()), ("action", "join")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(joined.status(), 303, "{}", joined.text().await.unwrap());
+    assert_eq!(location(&joined), format!("/channels/{guild}/{room}"));
+    let events = stream
+        .until(|m| m.event == "voice.joined" && m.json()["data"]["user"]["id"] == ash.as_str())
+        .await;
+    assert!(!events.is_empty());
+    let html = browser.get(&channel_page).await.text().await.unwrap();
+    assert!(!html.contains("Nobody is in this voice channel"), "{html}");
+    assert!(html.contains("Ash"), "{html}");
+
+    // Disconnect, from the same page.
+    let left = browser
+        .http
+        .post(&channel_page)
+        .form(&[("user_id", ash.as_str()), ("action", "leave")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(left.status(), 303);
+    stream
+        .until(|m| m.event == "voice.left" && m.json()["data"]["user_id"] == ash.as_str())
+        .await;
+    drop(stream);
+    demo.signal("TERM");
+    assert_eq!(demo.wait_exit(), Some(0));
 }

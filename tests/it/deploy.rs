@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use clap::CommandFactory;
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::harness::Stack;
+use crate::harness::redis::free_port;
+use crate::harness::{Browser, Stack, wait_for};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -272,9 +273,229 @@ fn env_example_lists_every_setting_and_nothing_else() {
         missing.is_empty(),
         ".env.example does not mention {missing:?}"
     );
+    // Compose's own knobs (ports, certificate files) are settings of the deployment.
+    all.extend(compose_variables());
     let unknown: Vec<_> = listed.difference(&all).collect();
     assert!(
         unknown.is_empty(),
         ".env.example lists settings nothing reads: {unknown:?}"
     );
+}
+
+/// The variables docker-compose.yml interpolates itself (`${NAME}`, `${NAME:-default}`).
+fn compose_variables() -> BTreeSet<String> {
+    let text = std::fs::read_to_string(format!("{ROOT}/docker-compose.yml")).unwrap();
+    text.split("${")
+        .skip(1)
+        .filter_map(|rest| {
+            let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
+            Some(rest[..end].to_owned())
+        })
+        .collect()
+}
+
+/// Where nginx reads the certificate and key; compose mounts them there.
+const TLS_CERT: &str = "/etc/nginx/tls/cert.pem";
+const TLS_KEY: &str = "/etc/nginx/tls/key.pem";
+
+#[test]
+fn nginx_serves_https_with_http2_from_the_certificate_compose_mounts() {
+    let nginx = std::fs::read_to_string(format!("{ROOT}/deploy/nginx.conf")).unwrap();
+    for needed in [
+        "listen 80;".to_owned(),
+        "listen 443 ssl http2;".to_owned(),
+        format!("ssl_certificate {TLS_CERT};"),
+        format!("ssl_certificate_key {TLS_KEY};"),
+        "location /api/ {".to_owned(),
+    ] {
+        assert!(nginx.contains(&needed), "nginx.conf lacks {needed}");
+    }
+    let streams = &nginx[nginx.find("location /api/ {").unwrap()..];
+    assert!(
+        streams.contains("proxy_buffering off"),
+        "streams unbuffered"
+    );
+
+    let text = std::fs::read_to_string(format!("{ROOT}/docker-compose.yml")).unwrap();
+    let doc = &YamlLoader::load_from_str(&text).unwrap()[0];
+    let lb = merged(&doc["services"]["lb"]);
+    let ports = strings(&lb["ports"]);
+    assert!(
+        ports.iter().any(|p| p.ends_with(":443")),
+        "HTTPS published: {ports:?}"
+    );
+    let mounts: Vec<String> = lb["volumes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["target"].as_str().map(str::to_owned))
+        .collect();
+    for target in [TLS_CERT, TLS_KEY] {
+        assert!(mounts.iter().any(|m| m == target), "{target} mounted");
+    }
+    let web = merged(&doc["services"]["web"]);
+    let public = web["environment"]["PUBLIC_URL"].as_str().unwrap();
+    assert!(
+        public.contains("https://"),
+        "people open the HTTPS port: {public}"
+    );
+}
+
+/// nginx, stopped when dropped: TERM lets its master stop the workers (a killed master
+/// would leave them running); KILL only if it does not stop in time.
+struct Nginx(std::process::Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The deployment's own nginx.conf, in front of a real replica, with a certificate from
+/// `scripts/dev-cert.sh`: pages and a live stream go through it over HTTPS and HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_goes_through_the_deployments_nginx_over_https_and_http2() {
+    let stack = Stack::start(1, &[]).await;
+    let web = stack.web(0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap().to_owned();
+    // nginx's workers drop root; they must be able to read what is here.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let made = std::process::Command::new(format!("{ROOT}/scripts/dev-cert.sh"))
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "dev-cert.sh: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+
+    // The file as compose mounts it, with loopback addresses for compose's names.
+    let (http, https) = (free_port(), free_port());
+    let web_port = port_of(&web.url).unwrap();
+    let mut conf = std::fs::read_to_string(format!("{ROOT}/deploy/nginx.conf")).unwrap();
+    for (from, to) in [
+        (
+            "server web:3000".to_owned(),
+            format!("server 127.0.0.1:{web_port}"),
+        ),
+        ("listen 80;".to_owned(), format!("listen 127.0.0.1:{http};")),
+        (
+            "listen 443 ssl http2;".to_owned(),
+            format!("listen 127.0.0.1:{https} ssl http2;"),
+        ),
+        (TLS_CERT.to_owned(), format!("{path}/cert.pem")),
+        (TLS_KEY.to_owned(), format!("{path}/key.pem")),
+    ] {
+        assert_eq!(conf.matches(&from).count(), 1, "nginx.conf has one {from}");
+        conf = conf.replace(&from, &to);
+    }
+    std::fs::write(dir.path().join("coven.conf"), conf).unwrap();
+    std::fs::write(
+        dir.path().join("nginx.conf"),
+        format!(
+            "pid {path}/nginx.pid;\nerror_log stderr warn;\nevents {{ worker_connections 64; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {path}/body;\n\
+             proxy_temp_path {path}/proxy;\n fastcgi_temp_path {path}/fastcgi;\n\
+             uwsgi_temp_path {path}/uwsgi;\n scgi_temp_path {path}/scgi;\n\
+             include {path}/coven.conf;\n}}\n"
+        ),
+    )
+    .unwrap();
+    let nginx = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new("nginx");
+        cmd.args([
+            "-p",
+            &path,
+            "-c",
+            &format!("{path}/nginx.conf"),
+            "-e",
+            "stderr",
+        ])
+        .args(extra);
+        cmd
+    };
+    let checked = nginx(&["-t"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run nginx ({e}); scripts/test.sh installs it"));
+    assert!(
+        checked.status.success(),
+        "nginx -t: {}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let _nginx = Nginx(
+        nginx(&["-g", "daemon off;"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("nginx to listen", || async {
+        std::net::TcpStream::connect(("127.0.0.1", https))
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+
+    // A browser that trusts the self-signed certificate and speaks HTTP/2 when offered.
+    let cert = std::fs::read(dir.path().join("cert.pem")).unwrap();
+    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
+    let browser = Browser {
+        http: reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&cert).unwrap())
+            .cookie_provider(jar.clone())
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap(),
+        jar,
+    };
+    let secure = |p: &str| format!("https://127.0.0.1:{https}{p}");
+    let ready = browser.get(&secure("/readyz")).await;
+    assert_eq!(ready.status(), 200);
+    assert_eq!(ready.version(), reqwest::Version::HTTP_2, "HTTP/2 over TLS");
+    let plain = browser
+        .get(&format!("http://127.0.0.1:{http}/readyz"))
+        .await;
+    assert_eq!(plain.status(), 200, "the plain port the health check uses");
+
+    // Logged in (on the replica: PUBLIC_URL is its own address here; the cookie is the
+    // host's, whatever the port), the stream comes through nginx event by event.
+    browser
+        .login(web, &stack.sim, stack.user("ash").await)
+        .await;
+    let res = browser
+        .http
+        .get(secure("/api/stream"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.version(), reqwest::Version::HTTP_2);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut stream = crate::harness::Sse::new(res);
+    let bramble = stack.user("bramble").await;
+    stack
+        .voice(bramble, Some(stack.lobby), serde_json::json!({}))
+        .await;
+    let id = bramble.to_string();
+    let seen = stream
+        .until(|m| m.event == "voice.joined" && m.json()["data"]["user"]["id"] == id.as_str())
+        .await;
+    assert!(!seen.is_empty());
 }

@@ -412,3 +412,137 @@ async fn a_body_trickled_a_byte_at_a_time_is_refused_after_ten_seconds() {
         "no room from a cut form"
     );
 }
+
+/// Reads from `conn` until `want` shows up in what was read, within the deadline.
+async fn read_until(conn: &mut TcpStream, want: &str) -> String {
+    let mut seen = Vec::new();
+    within("the bytes wanted", async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains(want) {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before {want:?}: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_on_its_own_connection_is_served_lean_and_ends_when_its_client_goes() {
+    let stack = Stack::start(1, &[]).await;
+    let web = stack.web(0);
+    let browser = Browser::new();
+    browser
+        .login(web, &stack.sim, stack.user("ash").await)
+        .await;
+    let cookie = session_cookie(&browser, web);
+    let streams = || async {
+        let body: Value = reqwest::get(web.url("/healthz"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        body["streams"].as_u64()
+    };
+    let bus = RedisBus::connect(
+        &stack.redis.url(),
+        "coven",
+        Id::new(stack.sim.guild_id()),
+        100_000,
+    )
+    .await
+    .unwrap();
+
+    // As EventSource asks on a new connection: chunked, closed when done.
+    let mut lean = TcpStream::connect(addr(web)).await.unwrap();
+    lean.write_all(
+        format!("GET /api/stream HTTP/1.1\r\nHost: coven\r\nAccept: text/event-stream\r\nCookie: {cookie}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_until(&mut lean, "retry: 2000").await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    for line in [
+        "content-type: text/event-stream",
+        "transfer-encoding: chunked",
+        "connection: close",
+        "cache-control: no-cache",
+    ] {
+        assert!(head.to_lowercase().contains(line), "{line} in {head}");
+    }
+    bus.append(EventData::Ping { seq: 7, ts: 0 }, None)
+        .await
+        .unwrap();
+    let got = read_until(&mut lean, "\"seq\":7").await;
+    // Each frame is one chunk: its size in hex, the frame, CRLF.
+    let at = got.find("event: ping").unwrap();
+    let size_line = got[..at].rsplit("\r\n").nth(1).unwrap_or_default();
+    assert!(
+        usize::from_str_radix(size_line.trim(), 16).is_ok(),
+        "chunk size before the frame: {got:?}"
+    );
+    wait_for("the stream counted", || async {
+        (streams().await? == 1).then_some(())
+    })
+    .await;
+    // The client goes: the stream ends on the replica at once, no write needed to notice.
+    drop(lean);
+    wait_for("the stream to end with its client", || async {
+        (streams().await? == 0).then_some(())
+    })
+    .await;
+
+    // Refused on the lean path: the answer has its length and the connection closes.
+    let mut anonymous = TcpStream::connect(addr(web)).await.unwrap();
+    anonymous
+        .write_all(b"GET /api/stream HTTP/1.1\r\nHost: coven\r\nAccept: text/event-stream\r\n\r\n")
+        .await
+        .unwrap();
+    let refused = read_until(&mut anonymous, "log in first").await;
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    assert!(
+        refused.to_lowercase().contains("content-length: 13"),
+        "{refused}"
+    );
+    assert!(
+        closed_within(&mut anonymous, Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+
+    // A stream asked for on a kept-alive connection goes through hyper, and works.
+    let mut kept = TcpStream::connect(addr(web)).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: coven\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut kept, "\"status\":\"ok\"").await;
+    kept.write_all(
+        format!("GET /api/stream HTTP/1.1\r\nHost: coven\r\nAccept: text/event-stream\r\nCookie: {cookie}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_until(&mut kept, "retry: 2000").await;
+    assert!(!head.to_lowercase().contains("connection: close"), "{head}");
+    bus.append(EventData::Ping { seq: 8, ts: 0 }, None)
+        .await
+        .unwrap();
+    read_until(&mut kept, "\"seq\":8").await;
+    // So does a first request with a body, whatever it asks for.
+    let mut odd = TcpStream::connect(addr(web)).await.unwrap();
+    odd.write_all(
+        format!("GET /api/stream HTTP/1.1\r\nHost: coven\r\nAccept: text/event-stream\r\nContent-Length: 2\r\nCookie: {cookie}\r\n\r\nhi")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_until(&mut odd, "\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 "), "hyper answered: {head}");
+}

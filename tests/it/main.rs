@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod a11y;
 mod browser;
 mod bus;
 mod cli;
@@ -14,6 +15,7 @@ mod gateway;
 mod ha;
 mod login;
 mod ownership;
+mod pages;
 mod redis_harness;
 mod rooms;
 mod sim_gateway;

@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use crate::harness::{Browser, Stack, location};
+use crate::harness::{Browser, Stack, form_value, location};
 
 fn cache_control(res: &reqwest::Response) -> Option<String> {
     res.headers()
@@ -249,4 +249,139 @@ async fn assets_come_from_the_binary_itself_hashed_cached_and_compressed() {
             .status(),
         404
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_pages_keep_the_logged_in_header() {
+    let stack = Stack::start(1, &[]).await;
+    let web = stack.web(0);
+    // Anonymous: a plain page, nobody's header.
+    let res = Browser::new().get(&web.url("/no/such/page")).await;
+    assert_eq!(res.status(), 404);
+    let html = res.text().await.unwrap();
+    assert!(!html.contains("/auth/logout"), "{html}");
+
+    let browser = Browser::new();
+    browser
+        .login(web, &stack.sim, stack.user("ash").await)
+        .await;
+    let token = browser.csrf(web).await;
+    // The fallback, a handler's own 404 and a refused post: each keeps who is logged in.
+    for (res, status) in [
+        (browser.get(&web.url("/no/such/page")).await, 404),
+        (browser.get(&web.url("/rooms/999")).await, 404),
+        (
+            browser
+                .post(
+                    web,
+                    "/rooms",
+                    &[("name", "\u{202E}"), ("csrf_token", &token)],
+                )
+                .await,
+            400,
+        ),
+    ] {
+        assert_eq!(res.status().as_u16(), status);
+        assert_eq!(cache_control(&res).as_deref(), Some("no-store"));
+        let html = res.text().await.unwrap();
+        assert!(html.contains("class=\"topbar\""), "{html}");
+        assert!(
+            html.contains("action=\"/auth/logout\""),
+            "a Log out form: {html}"
+        );
+        assert_eq!(form_value(&html, "csrf_token").as_deref(), Some(&*token));
+        assert!(html.contains("Ash"), "the person's name: {html}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn someone_outside_the_server_can_log_out_or_use_another_account() {
+    let stack = Stack::start(1, &[]).await;
+    let web = stack.web(0);
+    // Iris has a Discord account but is not in the server.
+    let iris = stack.user("iris").await;
+    let browser = Browser::new();
+    let res = browser.login_to(web, &stack.sim, iris, "/rooms").await;
+    assert_eq!(res.status(), 403);
+    let html = res.text().await.unwrap();
+    assert!(html.contains("Not a member yet"), "{html}");
+    assert!(html.contains("Use another Discord account"), "{html}");
+    assert!(html.contains(">Log out<"), "{html}");
+    assert!(
+        html.contains("name=\"then\" value=\"login\""),
+        "switching logs out, then in: {html}"
+    );
+    // Loading a page again: the same, with the header.
+    let again = browser.get(&web.url("/rooms")).await;
+    assert_eq!(again.status(), 403);
+    let html = again.text().await.unwrap();
+    assert!(html.contains("Use another Discord account"), "{html}");
+    let token = form_value(&html, "csrf_token").expect("the session's token");
+
+    // Use another account: the session ends and a new Discord login starts.
+    let switched = browser
+        .post(
+            web,
+            "/auth/logout",
+            &[("csrf_token", &token), ("then", "login")],
+        )
+        .await;
+    assert_eq!(switched.status(), 303);
+    assert_eq!(location(&switched), "/auth/login");
+    let login = browser.get(&web.url("/auth/login")).await;
+    assert_eq!(login.status(), 303);
+    assert!(
+        location(&login).starts_with(&stack.sim.url("/oauth2/authorize")),
+        "off to Discord's authorize page"
+    );
+    let gone = browser.get(&web.url("/rooms")).await;
+    assert_eq!(gone.status(), 303, "logged out");
+    assert!(location(&gone).starts_with("/auth/login"));
+    // The other account is a member: in they go.
+    browser
+        .login(web, &stack.sim, stack.user("bramble").await)
+        .await;
+    let rooms = browser.get(&web.url("/rooms")).await;
+    assert_eq!(rooms.status(), 200);
+
+    // Plain Log out from the same page sends them home.
+    let other = Browser::new();
+    assert_eq!(
+        other
+            .login_to(web, &stack.sim, iris, "/rooms")
+            .await
+            .status(),
+        403
+    );
+    let html = other.get(&web.url("/rooms")).await.text().await.unwrap();
+    let token = form_value(&html, "csrf_token").unwrap();
+    let out = other
+        .post(web, "/auth/logout", &[("csrf_token", &token)])
+        .await;
+    assert_eq!(
+        (out.status().as_u16(), location(&out)),
+        (303, "/".to_owned())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_in_discord_goes_to_discords_app_or_where_discord_app_url_says() {
+    let stack = Stack::start(1, &[("DISCORD_APP_URL", "https://app.discord.test")]).await;
+    let defaults = stack.spawn_web(&[]);
+    let guild = stack.sim.guild_id();
+    let lobby = stack.lobby;
+    for (web, app) in [
+        (stack.web(0), "https://app.discord.test"),
+        (&defaults, "https://discord.com"),
+    ] {
+        let browser = Browser::new();
+        browser
+            .login(web, &stack.sim, stack.user("ash").await)
+            .await;
+        let page = browser.page(&web.url(&format!("/rooms/{lobby}"))).await;
+        assert!(
+            page.contains(&format!("href=\"{app}/channels/{guild}/{lobby}\"")),
+            "{app}: {page}"
+        );
+    }
 }

@@ -57,6 +57,25 @@ async fn a_private_room_is_shown_only_to_whom_discord_shows_it_and_appears_live_
     assert_eq!(res.status(), 404);
     let res = other.get(&b.url("/api/stream?room=123456789")).await;
     assert_eq!(res.status(), 404, "no room at all");
+    // The pages' stream takes any room ids (a browser's tabs share it) and says nothing
+    // of one the viewer may not see, not even its name.
+    let mut pages = other
+        .stream(
+            &b.url(&format!("/api/stream/html?view={room},123456789")),
+            None,
+        )
+        .await;
+    let first = pages.until(|m| m.event == "at").await;
+    let told: String = first
+        .iter()
+        .map(|m| format!("{} {}\n", m.event, m.data))
+        .collect();
+    assert!(told.contains(&format!("room-{room}")), "{told}");
+    assert!(told.contains("you can no longer see it"), "{told}");
+    assert!(
+        !told.contains("Secret draft") && !told.contains("Cinder"),
+        "{told}"
+    );
     let viewers: Vec<String> = stack
         .redis_client()
         .await
@@ -72,6 +91,7 @@ async fn a_private_room_is_shown_only_to_whom_discord_shows_it_and_appears_live_
         .await
         .unwrap();
     assert!(viewers.is_empty(), "no viewer recorded: {viewers:?}");
+    drop(pages);
 
     // Nothing of the room reached Bramble's stream: Dusk joining the lobby (which
     // everyone sees) comes after everything above, and nothing before it names the room.
@@ -145,6 +165,15 @@ async fn logging_out_ends_that_logins_streams_on_every_replica_within_seconds() 
     let mut on_b = laptop.stream(&b.url("/api/stream"), None).await;
     let mut phone_stream = phone.stream(&b.url("/api/stream"), None).await;
 
+    // The session cookie as the laptop sent it: replayed after the logout below, it must
+    // not open a stream even on the replica that has the session in its cache.
+    let cookie = {
+        use reqwest::cookie::CookieStore;
+        laptop
+            .jar
+            .cookies(&b.url("/").parse().unwrap())
+            .expect("the session cookie")
+    };
     let token = laptop.csrf(a).await;
     let out = laptop
         .post(a, "/auth/logout", &[("csrf_token", &token)])
@@ -163,6 +192,19 @@ async fn logging_out_ends_that_logins_streams_on_every_replica_within_seconds() 
     }
     let res = laptop.get(&b.url("/api/stream")).await;
     assert_eq!(res.status(), 401, "the session is gone everywhere");
+    for route in ["/api/stream", "/api/stream/html"] {
+        let replayed = reqwest::Client::new()
+            .get(b.url(route))
+            .header(reqwest::header::COOKIE, cookie.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            replayed.status(),
+            401,
+            "{route}: the old cookie opens nothing, cached session or not"
+        );
+    }
 
     // The same person's other login keeps its stream.
     let cinder = stack.user("cinder").await;

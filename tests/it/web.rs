@@ -848,3 +848,65 @@ async fn a_redis_that_stops_answering_costs_a_page_about_a_second_not_five() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pages_stream_resumes_exactly_from_memory_and_refuses_bad_views() {
+    let stack = Stack::start(1, &[]).await;
+    let a = stack.web(0);
+    let (ash, bramble) = (stack.user("ash").await, stack.user("bramble").await);
+    let browser = Browser::new();
+    browser.login(a, &stack.sim, ash).await;
+    let many = (1..=65)
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    for bad in ["abc", "0", "1,,x", many.as_str()] {
+        let res = browser
+            .get(&a.url(&format!("/api/stream/html?view={bad}")))
+            .await;
+        assert_eq!(res.status(), 400, "view={bad}");
+    }
+    let res = browser
+        .get(&a.url("/api/stream/html?last_event_id=nope"))
+        .await;
+    assert_eq!(res.status(), 400);
+
+    // Without an id, the pages come whole first, closed by the id they are at.
+    let mut live = browser.stream(&a.url("/api/stream/html"), None).await;
+    let opening = live.until(|m| m.event == "at").await;
+    assert!(
+        opening
+            .iter()
+            .any(|m| m.event == "rooms" && m.data.contains("id=\"rooms-list\"")),
+        "{opening:?}"
+    );
+    let from = opening.last().unwrap().data.clone();
+    stack.voice(bramble, Some(stack.lobby), json!({})).await;
+    let joined = live.until(|m| m.event == "at").await;
+    let parts = |ms: &[crate::harness::Message]| -> Vec<String> {
+        ms.iter()
+            .filter(|m| m.event == "rooms")
+            .map(|m| m.data.clone())
+            .collect()
+    };
+    assert!(
+        parts(&joined)
+            .iter()
+            .any(|d| d.contains("Bramble joined “Lobby”.")),
+        "announced: {joined:?}"
+    );
+
+    // Resuming after `from`: exactly that event again, announcement and all, from the
+    // replica's memory (not the pages whole).
+    let mut again = browser
+        .stream(&a.url("/api/stream/html"), Some(&from))
+        .await;
+    let replay = again.until(|m| m.event == "at").await;
+    assert_eq!(parts(&replay), parts(&joined));
+    assert_eq!(replay.last().unwrap().data, joined.last().unwrap().data);
+    // The viewer's own whereabouts come first: Ash is in no voice channel.
+    assert_eq!(
+        replay.first().map(|m| (m.event.as_str(), m.data.as_str())),
+        Some(("me", "none"))
+    );
+}

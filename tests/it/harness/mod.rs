@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod axe;
 mod process;
 pub mod redis;
 pub mod sentinel;

@@ -27,6 +27,7 @@ const SCRUBBED: &[&str] = &[
     "DISCORD_API_URL",
     "DISCORD_GATEWAY_URL",
     "DISCORD_OAUTH_URL",
+    "DISCORD_APP_URL",
     "PUBLIC_URL",
     "BIND",
     "METRICS_BIND",

@@ -341,7 +341,8 @@ impl Browser {
     }
 
     pub async fn stream(&self, url: &str, last_event_id: Option<&str>) -> Sse {
-        let mut req = self.http.get(url);
+        // As EventSource asks.
+        let mut req = self.http.get(url).header("Accept", "text/event-stream");
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id);
         }

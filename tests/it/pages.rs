@@ -1,0 +1,398 @@
+//! The pages in a real browser (headless Chromium): live updates rendered by the server,
+//! one stream shared by all of a browser's tabs, what a screen reader is told, and the
+//! pages without JavaScript. Two web replicas, plain HTTP/1.1, no proxy.
+
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, Locator};
+use serde_json::json;
+
+use crate::browser::{
+    Driver, appears, create, log_in, shot, shown, shown_text, stream_open, url_has,
+};
+use crate::harness::{Stack, metric, wait_for};
+
+/// The room id of the room page the browser is on.
+async fn room_of(c: &Client) -> u64 {
+    wait_for("a room page", || async {
+        let url = c.current_url().await.ok()?;
+        url.path().strip_prefix("/rooms/")?.parse().ok()
+    })
+    .await
+}
+
+/// Whether the current tab shows `user` in the room's member list.
+async fn shows_member(c: &Client, room: u64, user: u64) -> bool {
+    c.find(Locator::Css(&format!(
+        "#room-people-{room} .members li[data-user='{user}']"
+    )))
+    .await
+    .is_ok()
+}
+
+/// The markup of the element `css` selects.
+async fn members_html(c: &Client, css: &str) -> Option<String> {
+    c.execute(
+        &format!("return document.querySelector({css:?}).innerHTML"),
+        vec![],
+    )
+    .await
+    .ok()?
+    .as_str()
+    .map(str::to_owned)
+}
+
+/// Opens seven more tabs on `url` in `c`'s window set; returns all eight handles.
+async fn eight_tabs(c: &Client, url: &str) -> Vec<fantoccini::wd::WindowHandle> {
+    let mut tabs = vec![c.window().await.unwrap()];
+    for _ in 1..8 {
+        let tab = c.new_window(true).await.unwrap().handle;
+        c.switch_to_window(tab.clone()).await.unwrap();
+        c.goto(url).await.unwrap();
+        tabs.push(tab);
+    }
+    for tab in &tabs {
+        c.switch_to_window(tab.clone()).await.unwrap();
+        stream_open(c).await;
+    }
+    tabs
+}
+
+/// Waits until every tab in `tabs` satisfies `check`; returns how long it took.
+async fn every_tab<F, Fut>(
+    c: &Client,
+    tabs: &[fantoccini::wd::WindowHandle],
+    what: &str,
+    check: F,
+) -> Duration
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    for (i, tab) in tabs.iter().enumerate() {
+        c.switch_to_window(tab.clone()).await.unwrap();
+        wait_for(&format!("{what} in tab {i}"), || async {
+            check().await.then_some(())
+        })
+        .await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_tabs_share_one_stream_and_lose_nothing_when_its_holder_closes() {
+    let stack = Stack::start(2, &[]).await;
+    let driver = Driver::start();
+    let (bramble, cinder, dusk) = (
+        stack.user("bramble").await,
+        stack.user("cinder").await,
+        stack.user("dusk").await,
+    );
+    // A SharedWorker where the browser has one; else one tab, elected by a Web Lock,
+    // holds the stream for the others (forced here as a browser without SharedWorker).
+    for (i, mode) in ["shared", "locks"].into_iter().enumerate() {
+        let web = stack.web(i);
+        let c = driver.browser().await;
+        log_in(&c, web, "Ash").await;
+        if mode == "locks" {
+            c.execute("localStorage.setItem('coven.tabs', 'locks')", vec![])
+                .await
+                .unwrap();
+        }
+        appears(&c, "the create form", "#room-name").await;
+        create(&c, &format!("Tabs {mode}")).await;
+        let room = room_of(&c).await;
+        let tabs = eight_tabs(&c, &web.url(&format!("/rooms/{room}"))).await;
+        // Eight tabs, one stream: HTTP/1.1's six connections per host are not used up.
+        assert_eq!(
+            metric(&web.metrics, "coven_web_streams").await,
+            1.0,
+            "{mode}: one stream for the browser's eight tabs"
+        );
+
+        let joined = Instant::now();
+        stack.seat(bramble, room, json!({})).await;
+        every_tab(&c, &tabs, &format!("{mode}: Bramble's join"), || {
+            shows_member(&c, room, bramble)
+        })
+        .await;
+        let took = joined.elapsed();
+        assert!(
+            took < Duration::from_secs(3),
+            "{mode}: the join took {took:?} to reach all eight tabs"
+        );
+        eprintln!("{mode}: a join reached all eight tabs in {took:?}");
+        let said = shown_text(&c, "#announce").await;
+        assert!(
+            said.contains(&format!("joined “Tabs {mode}”")),
+            "{mode}: the live region announces the join: {said:?}"
+        );
+
+        // Close the tab holding the stream (with a SharedWorker, the first tab: the
+        // worker outlives it); changes made right then reach every other tab.
+        let mut holder = 0;
+        for (n, tab) in tabs.iter().enumerate() {
+            c.switch_to_window(tab.clone()).await.unwrap();
+            let role = c
+                .execute("return document.documentElement.dataset.streamRole", vec![])
+                .await
+                .unwrap();
+            if role == json!("leader") {
+                holder = n;
+            }
+        }
+        c.switch_to_window(tabs[holder].clone()).await.unwrap();
+        c.close_window().await.unwrap();
+        let rest: Vec<_> = tabs
+            .iter()
+            .enumerate()
+            .filter(|(n, _)| *n != holder)
+            .map(|(_, t)| t.clone())
+            .collect();
+        stack.seat(cinder, room, json!({})).await;
+        stack.voice(bramble, None, json!({})).await;
+        stack.seat(dusk, room, json!({})).await;
+        every_tab(
+            &c,
+            &rest,
+            &format!("{mode}: the changes after the holder closed"),
+            || async {
+                shows_member(&c, room, cinder).await
+                    && shows_member(&c, room, dusk).await
+                    && !shows_member(&c, room, bramble).await
+            },
+        )
+        .await;
+        shot(&c, &format!("30-tabs-{mode}")).await;
+        let _ = c.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_member_list_is_exactly_what_a_fresh_render_shows() {
+    let stack = Stack::start(2, &[]).await;
+    let driver = Driver::start();
+    let c = driver.browser().await;
+    log_in(&c, stack.web(0), "Ash").await;
+    appears(&c, "the create form", "#room-name").await;
+    create(&c, "Parity").await;
+    let room = room_of(&c).await;
+    stream_open(&c).await;
+    let ash = stack.user("ash").await;
+    // Names out of alphabetical order, flags, the host himself, someone leaving.
+    for (name, flags) in [
+        ("ember", json!({"self_deaf": true, "self_mute": true})),
+        ("bramble", json!({"self_video": true})),
+        ("dusk", json!({"self_stream": true})),
+    ] {
+        stack.seat(stack.user(name).await, room, flags).await;
+    }
+    stack.voice(ash, Some(room), json!({})).await;
+    stack.voice(stack.user("dusk").await, None, json!({})).await;
+    let list = format!("#room-people-{room} .members");
+    wait_for("the live page to show the three in the room", || async {
+        let html = members_html(&c, &list).await?;
+        (html.matches("class=\"member\"").count() == 3).then_some(())
+    })
+    .await;
+    // A second browser renders the same state afresh (on the other replica).
+    let fresh = driver.browser().await;
+    log_in(&fresh, stack.web(1), "Ash").await;
+    fresh
+        .goto(&stack.web(1).url(&format!("/rooms/{room}")))
+        .await
+        .unwrap();
+    let (live, rendered) = wait_for("the live list to equal a fresh render", || async {
+        let live = members_html(&c, &list).await?;
+        let rendered = members_html(&fresh, &list).await?;
+        (live == rendered).then_some((live, rendered))
+    })
+    .await;
+    assert_eq!(live, rendered);
+    let order: Vec<&str> = ["Ash", "Bramble", "Ember"]
+        .iter()
+        .map(|n| {
+            live.find(&format!(">{n}<"))
+                .map(|_| *n)
+                .unwrap_or("missing")
+        })
+        .collect();
+    assert_eq!(order, ["Ash", "Bramble", "Ember"]);
+    assert!(
+        live.find(">Ash<") < live.find(">Bramble<")
+            && live.find(">Bramble<") < live.find(">Ember<"),
+        "sorted by name: {live}"
+    );
+    assert!(
+        live.contains("class=\"host\""),
+        "the host is marked: {live}"
+    );
+    let _ = c.close().await;
+    let _ = fresh.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_javascript_close_asks_on_a_page_of_its_own_then_closes() {
+    let stack = Stack::start(2, &[]).await;
+    let driver = Driver::start();
+    let c = driver.open(1100, 900, false).await;
+    let web = stack.web(1);
+    log_in(&c, web, "Ash").await;
+    appears(&c, "the create form", "#room-name").await;
+    create(&c, "No script night").await;
+    let room = room_of(&c).await;
+    // Rendered right without a script: the viewer is not in voice, so no "You're in".
+    shown(&c, "the hint to join in Discord", ".hint[data-state~=none]").await;
+    c.find(Locator::XPath("//button[normalize-space(.)='Close room']"))
+        .await
+        .expect("Close room for the creator")
+        .click()
+        .await
+        .unwrap();
+    url_has(&c, "the confirmation page", &format!("/rooms/{room}/close")).await;
+    shot(&c, "40-close-confirm-no-js").await;
+    assert!(
+        stack.sim.state().await["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|ch| ch["id"].as_str() == Some(&*room.to_string())),
+        "nothing is closed before the confirmation"
+    );
+    c.find(Locator::Css("main form[method=post] button"))
+        .await
+        .expect("the confirm button")
+        .click()
+        .await
+        .unwrap();
+    url_has(&c, "the rooms page", "/rooms").await;
+    let notice = shown(&c, "the closed notice", "p.banner.info").await;
+    assert!(notice.contains("“No script night” was closed"), "{notice}");
+    wait_for("the channel to be gone from Discord", || async {
+        (!stack.sim.state().await["channels"]
+            .as_array()?
+            .iter()
+            .any(|ch| ch["id"].as_str() == Some(&*room.to_string())))
+        .then_some(())
+    })
+    .await;
+    let _ = c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_me_in_appears_when_the_viewer_enters_voice_elsewhere_and_takes_them_in() {
+    let stack = Stack::start(1, &[]).await;
+    let driver = Driver::start();
+    let c = driver.browser().await;
+    log_in(&c, stack.web(0), "Ash").await;
+    appears(&c, "the create form", "#room-name").await;
+    create(&c, "Come in").await;
+    let room = room_of(&c).await;
+    stream_open(&c).await;
+    shown(&c, "the hint to join in Discord", ".hint[data-state~=none]").await;
+    assert!(!crate::browser::displayed(&c, "form[data-state~=elsewhere] button").await);
+
+    // Ash enters another voice channel of the server: the page offers to move him in.
+    let lobby: u64 = stack.sim.state().await["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|ch| ch["name"] == "Lobby")
+        .and_then(|ch| ch["id"].as_str()?.parse().ok())
+        .expect("the sim's lobby");
+    let ash = stack.user("ash").await;
+    stack.voice(ash, Some(lobby), json!({})).await;
+    let button = shown(&c, "Move me in, live", "form[data-state~=elsewhere] button").await;
+    assert_eq!(button, "Move me in");
+    shot(&c, "41-move-me-in").await;
+    c.find(Locator::Css("form[data-state~=elsewhere] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    shown(&c, "You're in", "[data-state=in]").await;
+    wait_for("Ash in the member list", || async {
+        shows_member(&c, room, ash).await.then_some(())
+    })
+    .await;
+    // Leaving says so, with the way back.
+    stack.voice(ash, None, json!({})).await;
+    let left = shown(&c, "the left notice", "[data-state~=left]").await;
+    assert!(left.contains("You left the voice channel"), "{left}");
+    let _ = c.close().await;
+}
+
+/// Waits until no highlight is running.
+async fn settled(c: &Client) {
+    wait_for("highlights to end", || async {
+        let n = c
+            .execute("return document.getAnimations().length", vec![])
+            .await
+            .ok()?;
+        (n == json!(0)).then_some(())
+    })
+    .await;
+}
+
+/// The pages as the README shows them, at a laptop's and a phone's size. They are kept
+/// under `target/e2e/docs-*.png`; `cp target/e2e/docs-*.png docs/` refreshes the README's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pages_at_laptop_and_phone_size() {
+    let stack = Stack::start(1, &[]).await;
+    let driver = Driver::start();
+    let web = stack.web(0);
+    let mut room = None;
+    for (size, (w, h)) in [("1280x800", (1280, 800)), ("390x844", (390, 844))] {
+        let c = driver.open(w, h, true).await;
+        log_in(&c, web, "Ash").await;
+        appears(&c, "the create form", "#room-name").await;
+        let id = match room {
+            Some(id) => {
+                c.goto(&web.url(&format!("/rooms/{id}"))).await.unwrap();
+                id
+            }
+            None => {
+                create(&c, "Friday Night Catan").await;
+                let id = room_of(&c).await;
+                stream_open(&c).await;
+                for (name, flags) in [
+                    ("bramble", json!({"self_video": true})),
+                    ("cinder", json!({"self_mute": true})),
+                ] {
+                    stack.seat(stack.user(name).await, id, flags).await;
+                }
+                stack
+                    .voice(stack.user("ash").await, Some(id), json!({}))
+                    .await;
+                room = Some(id);
+                id
+            }
+        };
+        stream_open(&c).await;
+        wait_for("three in the room", || async {
+            let n = c
+                .find_all(Locator::Css(&format!("#room-people-{id} .member")))
+                .await
+                .ok()?
+                .len();
+            (n == 3).then_some(())
+        })
+        .await;
+        shown(&c, "You're in", "[data-state=in]").await;
+        appears(
+            &c,
+            "Ash viewing the page",
+            &format!("#room-people-{id} .viewers li"),
+        )
+        .await;
+        settled(&c).await;
+        shot(&c, &format!("docs-room-{size}")).await;
+        c.goto(&web.url("/rooms")).await.unwrap();
+        appears(&c, "the room's card", &format!("#room-{id}")).await;
+        settled(&c).await;
+        shot(&c, &format!("docs-rooms-{size}")).await;
+        let _ = c.close().await;
+    }
+}
