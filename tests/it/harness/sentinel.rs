@@ -1,8 +1,9 @@
 //! Redis as production runs it for high availability: a primary, replicas and three
 //! Sentinels, every one a real `redis-server` on a free port (sentinels run as
 //! `redis-server <conf> --sentinel`), all over TLS with a throwaway CA made here by
-//! `openssl`, the sentinels behind a password of their own. Administration (who is
-//! primary, freezing and killing nodes) goes through `redis-cli`, as an operator's would.
+//! `openssl`, the sentinels behind a password of their own; and plain-text nodes for
+//! tests that need only a primary and its replica. Administration (who is primary,
+//! freezing and killing nodes) goes through `redis-cli`, as an operator's would.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
