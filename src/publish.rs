@@ -9,7 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 use twilight_model::id::Id;
 use twilight_model::id::marker::GuildMarker;
 
-use crate::bus::Bus;
+use crate::bus::{Bus, BusError, Request};
 use crate::config::{self, Problem};
 use crate::event::EventData;
 
@@ -31,6 +31,17 @@ pub struct Settings {
     // that: a minute rides one out.
     #[arg(long, env = "REDIS_RETRY_FOR", default_value = "60s", value_parser = config::parse_duration_in(std::time::Duration::from_secs(1), std::time::Duration::from_secs(3600)))]
     pub redis_retry_for: std::time::Duration,
+    /// Replicas that must hold an event before it counts as appended and reaches
+    /// streams (0: none, at once; 1 with Sentinel; 0–16)
+    // Set alike on every command: a writer at 0 marks the log durable up to its own events.
+    #[arg(long, env = "REDIS_MIN_REPLICAS", default_value = "0", value_parser = config::parse_number_in::<u32>(0, 16))]
+    pub redis_min_replicas: u32,
+    /// How long one WAIT for those replicas may take before the append is retried
+    /// (10ms–10s)
+    // Each WAIT holds the append connection; past 10 s a frozen replica would hold every
+    // writer that long between retries.
+    #[arg(long, env = "REDIS_REPLICA_TIMEOUT", default_value = "1s", value_parser = config::parse_duration_in(std::time::Duration::from_millis(10), std::time::Duration::from_secs(10)))]
+    pub redis_replica_timeout: std::time::Duration,
     /// Event type, e.g. room.closing (with --data)
     #[arg(long = "type", value_name = "TYPE", conflicts_with = "ping")]
     pub kind: Option<String>,
@@ -56,6 +67,14 @@ pub enum What {
 }
 
 impl Settings {
+    /// What `REDIS_MIN_REPLICAS` and `REDIS_REPLICA_TIMEOUT` ask of appends.
+    pub fn durability(&self) -> crate::bus::redis::Durability {
+        crate::bus::redis::Durability {
+            min_replicas: self.redis_min_replicas,
+            timeout: self.redis_replica_timeout,
+        }
+    }
+
     /// What to publish: the event `--type` and `--data` describe, or the pings.
     pub fn what(&self) -> Result<What, Problem> {
         if self.ping {
@@ -75,18 +94,36 @@ impl Settings {
 
 pub async fn command(settings: Settings, what: What) -> anyhow::Result<()> {
     let bus: Arc<dyn Bus> = Arc::new(
-        crate::bus::redis::RedisBus::connect_with_timeout(
+        crate::bus::redis::RedisBus::connect_durable(
             settings.redis_url.expose_secret(),
             &settings.key_prefix,
             settings.guild_id,
             100_000,
             settings.redis_retry_for,
+            settings.durability(),
         )
         .await?,
     );
+    // Unique to this run: its appends are retried under the same names, so each reaches
+    // the log once.
+    let writer = format!(
+        "publish:{}:{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let append = |data: EventData, seq: u64| {
+        let request = Request {
+            writer: writer.clone(),
+            seq,
+        };
+        let bus = bus.clone();
+        async move { append_durably(&*bus, data, &request, settings.redis_retry_for).await }
+    };
     match what {
         What::One(data) => {
-            let event = bus.append(data, None).await?;
+            let event = append(data, 0).await?;
             println!("{}", event.id);
         }
         What::Pings { count, rate } => {
@@ -98,7 +135,10 @@ pub async fn command(settings: Settings, what: What) -> anyhow::Result<()> {
                 let ts = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_nanos() as u64);
-                bus.append(EventData::Ping { seq, ts }, None).await?;
+                let event = append(EventData::Ping { seq, ts }, seq).await?;
+                // One line per event appended (durably, when asked): what an operator
+                // (or a test) can hold the log and the streams to.
+                tracing::debug!(id = %event.id, seq, "appended");
             }
             let secs = started.elapsed().as_secs_f64();
             println!(
@@ -108,4 +148,31 @@ pub async fn command(settings: Settings, what: What) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Appends `data` as `request`, retrying for up to `retry_for` while the write is not
+/// yet on enough replicas or Redis is failing over: the same request never appends
+/// twice.
+async fn append_durably(
+    bus: &dyn Bus,
+    data: EventData,
+    request: &Request,
+    retry_for: Duration,
+) -> Result<Arc<crate::event::Event>, BusError> {
+    let deadline = Instant::now() + retry_for;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match bus.append_once(data.clone(), None, request).await {
+            Ok(event) => return Ok(event),
+            Err(e @ (BusError::NotDurable { .. } | BusError::Redis(_)))
+                if Instant::now() < deadline =>
+            {
+                tracing::warn!(error = %e, "append not done; retrying");
+                tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())))
+                    .await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }

@@ -1,12 +1,38 @@
 -- One atomic append. Mirrors Snapshot::apply in src/bus/mod.rs; a test holds them together.
 -- KEYS: 1 events stream (also the Pub/Sub channel), 2 rooms hash, 3 voice hash,
 --       4 applied id, 5 the writer's lease, 6 guild (roles), 7 channels hash (overwrites),
---       8 members hash (roles)
+--       8 members hash (roles), 9 the durable id, 10 the writer's last request
 -- ARGV: 1 fence token ('' when unfenced), 2 event type, 3 data JSON, 4 guild id,
---       5 stream MAXLEN (approximate)
+--       5 stream MAXLEN (approximate), 6 '1' when the caller waits for replicas before
+--       the event may be published, 7 request id ('' for none)
 -- Fenced out: nil (a value, not an error, so the caller need not read error text).
+
+-- A retried request (its answer was lost, or its WAIT fell short) is answered with the
+-- event it already appended: an event reaches the log once. Written again, so that this
+-- connection's replication offset covers the event and the caller's WAIT counts it.
+if ARGV[7] ~= '' then
+  local done = redis.call('GET', KEYS[10])
+  local nl = done and string.find(done, '\n', 1, true)
+  if nl and string.sub(done, 1, nl - 1) == ARGV[7] then
+    redis.call('SET', KEYS[10], done, 'PX', 3600000)
+    return string.sub(done, nl + 1)
+  end
+end
+
 if ARGV[1] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[1] then
   return false
+end
+
+-- The first withheld event: everything before it was published when appended, so the
+-- durable id starts at the newest id so far (not at 0-0, which would publish the whole
+-- log again).
+if ARGV[6] ~= '' and not redis.call('GET', KEYS[9]) then
+  local last = redis.call('GET', KEYS[4])
+  if not last then
+    local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+    last = newest[1] and newest[1][1] or '0-0'
+  end
+  redis.call('SET', KEYS[9], last)
 end
 
 -- The id: the clock's millisecond if it moved past the last id, else the last id + 1,
@@ -147,5 +173,13 @@ elseif kind == 'voice.left' then
 end
 
 redis.call('SET', KEYS[4], id)
-redis.call('PUBLISH', KEYS[1], envelope)
+if ARGV[7] ~= '' then
+  -- An hour outlives any retry (REDIS_RETRY_FOR is at most that).
+  redis.call('SET', KEYS[10], ARGV[7] .. '\n' .. envelope, 'PX', 3600000)
+end
+if ARGV[6] == '' then
+  -- Nothing to wait for: durable (as far as this writer asks) and published at once.
+  redis.call('SET', KEYS[9], id)
+  redis.call('PUBLISH', KEYS[1], envelope)
+end
 return envelope

@@ -237,6 +237,14 @@ pub struct Fence {
     pub epoch: u64,
 }
 
+/// Names one logical append of a writer that appends one event at a time: `writer` is
+/// unique to it (a lease's fence token, a process), `seq` counts its appends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub writer: String,
+    pub seq: u64,
+}
+
 /// What a reader gets for "everything after id N".
 #[derive(Debug, Clone, PartialEq)]
 pub enum Since {
@@ -260,6 +268,10 @@ pub enum BusError {
     /// The first connection failed: what was tried and what to check, on one line.
     #[error("{0}")]
     Connect(String),
+    /// Fewer replicas than `REDIS_MIN_REPLICAS` acknowledged the write in time: it may
+    /// still be lost in a failover, so it is not yet done (retry the same request).
+    #[error("only {acked} of the {wanted} replicas required acknowledged the write in time")]
+    NotDurable { acked: i64, wanted: u32 },
 }
 
 pub type BusResult<T> = Result<T, BusError>;
@@ -270,6 +282,20 @@ pub trait Bus: Send + Sync + 'static {
     /// Appends one event atomically (log, snapshot, publish). With a fence, refused with
     /// [`BusError::Fenced`] unless the fence still holds its lease.
     async fn append(&self, data: EventData, fence: Option<&Fence>) -> BusResult<Arc<Event>>;
+
+    /// [`Bus::append`] for a writer that retries: calling again with the same `request`
+    /// after an error whose outcome is unknown (a lost answer, a failover, a write not yet
+    /// on enough replicas) answers with the event the first call appended, if it did, so
+    /// the event reaches the log once. In-process logs know every outcome: they append.
+    async fn append_once(
+        &self,
+        data: EventData,
+        fence: Option<&Fence>,
+        request: &Request,
+    ) -> BusResult<Arc<Event>> {
+        let _ = request;
+        self.append(data, fence).await
+    }
 
     /// Rooms and voice states with the id they are valid at.
     async fn snapshot(&self) -> BusResult<Snapshot>;

@@ -5,6 +5,17 @@
 //! Owns the key names, the scripts and the one Pub/Sub subscription per process. The
 //! snapshot rules in `append.lua` mirror [`Snapshot::apply`](super::Snapshot::apply); a
 //! test holds the two together. Must not decide what events mean.
+//!
+//! Durable appends (`REDIS_MIN_REPLICAS` > 0): a primary acknowledges a write before its
+//! replicas have it, and a failover in between loses it. So an append is withheld: the
+//! script adds it to the stream and the snapshot but does not publish it; the appender
+//! then asks `WAIT` whether enough replicas hold it, and only then moves `P:{G}:durable`
+//! up to its id and publishes every withheld event up to there, in id order (`RELEASE`).
+//! Readers never pass `P:{G}:durable`: replay reads the stream only up to it, and a
+//! snapshot valid at a later id waits until it is durable. So no reader is ever given an
+//! event that a failover can take back. Because the replication stream is one ordered
+//! log, a replica holding an event holds every event with a smaller id, which is why one
+//! watermark suffices whoever appended them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +30,8 @@ use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker, UserMarker};
 
 use super::{
-    Bus, BusError, BusResult, Fence, LIVE_BUFFER, RoomRecord, Since, Snapshot, Store, VoiceRecord,
+    Bus, BusError, BusResult, Fence, LIVE_BUFFER, Request, RoomRecord, Since, Snapshot, Store,
+    VoiceRecord,
 };
 use crate::access::MemberRecord;
 use crate::event::{Event, EventData, EventId, Viewer};
@@ -36,7 +48,42 @@ const VIEWERS: &str = include_str!("viewers.lua");
 
 const SNAPSHOT: &str = r#"
 return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), redis.call('GET', KEYS[3]) or '',
-        redis.call('GET', KEYS[4]) or '', redis.call('HGETALL', KEYS[5])}
+        redis.call('GET', KEYS[4]) or '', redis.call('HGETALL', KEYS[5]), redis.call('GET', KEYS[6]) or ''}
+"#;
+
+/// After a `WAIT` said enough replicas hold every write up to `ARGV[1]`: moves the durable
+/// id there and publishes the withheld events up to it, in id order. Idempotent; a
+/// durable id lost in a failover only makes events be published again, which readers
+/// drop by id.
+/// KEYS: 1 events stream (and channel), 2 durable id. ARGV: 1 the id now durable.
+const RELEASE_DURABLE: &str = r#"
+local function parse(id)
+  local ms, seq = string.match(id or '', '^(%d+)-(%d+)$')
+  if ms then return tonumber(ms), tonumber(seq) end
+  return 0, 0
+end
+local d = redis.call('GET', KEYS[2]) or '0-0'
+local dms, dseq = parse(d)
+local ms, seq = parse(ARGV[1])
+if ms < dms or (ms == dms and seq <= dseq) then return 0 end
+local entries = redis.call('XRANGE', KEYS[1], '(' .. d, ARGV[1])
+for _, entry in ipairs(entries) do
+  local fields = entry[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'e' then redis.call('PUBLISH', KEYS[1], fields[i + 1]) end
+  end
+end
+redis.call('SET', KEYS[2], ARGV[1])
+return #entries
+"#;
+
+/// The last applied id, read with a write (to a key of its own) so that the connection's
+/// replication offset covers every event up to it: a `WAIT` after it then tells whether
+/// replicas hold them all. KEYS: 1 applied id, 2 the probe key.
+const MARK: &str = r#"
+local applied = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[2], applied or '', 'PX', 60000)
+return applied
 "#;
 
 const ACQUIRE: &str = r#"
@@ -83,10 +130,33 @@ struct Scripts {
     renew: Script,
     release: Script,
     put: Script,
+    release_durable: Script,
+    mark: Script,
+}
+
+/// How many replicas must hold an append before it counts as done and may be published
+/// (`REDIS_MIN_REPLICAS`; 0: at once), and how long one `WAIT` for them may take
+/// (`REDIS_REPLICA_TIMEOUT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durability {
+    pub min_replicas: u32,
+    pub timeout: Duration,
+}
+
+impl Durability {
+    pub const OFF: Durability = Durability {
+        min_replicas: 0,
+        timeout: Duration::from_secs(1),
+    };
 }
 
 pub struct RedisBus {
     client: Client,
+    /// Runs appends and their `WAIT`s. `WAIT` counts the replicas that hold the writes of
+    /// the connection it is sent on, and blocks that connection: with durability on this
+    /// is a client of its own, so pages and leases never queue behind a `WAIT`.
+    appender: Client,
+    durability: Durability,
     prefix: String,
     guild_id: Id<GuildMarker>,
     max_len: u64,
@@ -186,9 +256,38 @@ impl RedisBus {
         max_len: u64,
         command_timeout: Duration,
     ) -> BusResult<Self> {
+        Self::connect_durable(
+            url,
+            prefix,
+            guild_id,
+            max_len,
+            command_timeout,
+            Durability::OFF,
+        )
+        .await
+    }
+
+    /// [`connect_with_timeout`](Self::connect_with_timeout) with appends that count as
+    /// done only once `durability` says so.
+    pub async fn connect_durable(
+        url: &str,
+        prefix: &str,
+        guild_id: Id<GuildMarker>,
+        max_len: u64,
+        command_timeout: Duration,
+        durability: Durability,
+    ) -> BusResult<Self> {
         let builder = builder(url, command_timeout)?;
         let client = builder.build()?;
         client.init().await.map_err(|e| not_connected(url, e))?;
+        let appender = if durability.min_replicas > 0 {
+            // Its commands include a WAIT of up to `durability.timeout`.
+            let appender = self::builder(url, command_timeout + durability.timeout)?.build()?;
+            appender.init().await.map_err(|e| not_connected(url, e))?;
+            appender
+        } else {
+            client.clone()
+        };
         let scripts = Arc::new(Scripts {
             append: Script::from_lua(APPEND),
             viewers: Script::from_lua(format!("{VIEWERS}\n{APPEND}")),
@@ -197,10 +296,14 @@ impl RedisBus {
             renew: Script::from_lua(RENEW),
             release: Script::from_lua(RELEASE),
             put: Script::from_lua(PUT),
+            release_durable: Script::from_lua(RELEASE_DURABLE),
+            mark: Script::from_lua(MARK),
         });
         let live = broadcast::channel(LIVE_BUFFER).0;
         let bus = Self {
             client,
+            appender,
+            durability,
             prefix: prefix.to_owned(),
             guild_id,
             max_len,
@@ -213,8 +316,14 @@ impl RedisBus {
         // its handle is not kept.
         drop(subscriber.manage_subscriptions());
         subscriber.subscribe(bus.key("events")).await?;
-        let start: Option<String> = bus.client.get(bus.key("applied")).await?;
-        let start = start.and_then(|s| s.parse().ok()).unwrap_or(EventId::ZERO);
+        // Live from the last published event: the durable id when there is one (events
+        // after it, up to `applied`, are still withheld and will be published).
+        let durable: Option<String> = bus.client.get(bus.key(DURABLE)).await?;
+        let applied: Option<String> = bus.client.get(bus.key("applied")).await?;
+        let start = durable
+            .or(applied)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(EventId::ZERO);
         tokio::spawn(relay(bus.reader(), subscriber, start, bus.live.clone()));
         Ok(bus)
     }
@@ -239,20 +348,146 @@ impl RedisBus {
         [self.key("guild"), self.key("channels"), self.key("members")]
     }
 
+    /// KEYS 5-10 and ARGV 6-7 of the append script (after the first four keys and five
+    /// arguments): the writer's lease, the access keys, the durable id and the request.
+    fn append_tail(
+        &self,
+        fence: Option<&Fence>,
+        request: Option<&Request>,
+        keys: &mut Vec<String>,
+        args: &mut Vec<String>,
+    ) {
+        keys.push(fence.map_or_else(|| self.key("gateway:leader"), |f| self.key(&f.lease)));
+        keys.extend(self.access_keys());
+        keys.push(self.key(DURABLE));
+        keys.push(self.key(&format!(
+            "appended:{}",
+            request.map_or("-", |r| r.writer.as_str())
+        )));
+        args.push(if self.durability.min_replicas > 0 {
+            "1".to_owned()
+        } else {
+            String::new()
+        });
+        args.push(request.map_or_else(String::new, |r| format!("{}#{}", r.writer, r.seq)));
+    }
+
+    /// Runs the append script (or the viewers script in front of it) on the appender.
+    async fn run_append(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> BusResult<Option<Arc<Event>>> {
+        let envelope: Option<String> = script
+            .evalsha_with_reload(&self.appender, keys, args)
+            .await?;
+        let Some(envelope) = envelope else {
+            return Ok(None);
+        };
+        let event = Event::parse(&envelope)
+            .map_err(|e| BusError::Corrupt(format!("appended envelope: {e}")))?;
+        self.settle(event.id).await?;
+        Ok(Some(Arc::new(event)))
+    }
+
+    /// With durability on: waits until enough replicas hold every write of the appender
+    /// so far (which includes event `id` and, the replication stream being in order,
+    /// every event before it), then publishes the withheld events up to `id`. An append
+    /// whose `WAIT` falls short stays withheld: [`BusError::NotDurable`], and a later
+    /// settle (a retry, the next append, a reader's) publishes it once it is durable.
+    async fn settle(&self, id: EventId) -> BusResult<()> {
+        let Durability {
+            min_replicas,
+            timeout,
+        } = self.durability;
+        if min_replicas == 0 {
+            return Ok(());
+        }
+        let ms = i64::try_from(timeout.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let acked: i64 = self.appender.wait(i64::from(min_replicas), ms).await?;
+        if acked < i64::from(min_replicas) {
+            metrics::counter!("coven_redis_wait_short_total").increment(1);
+            return Err(BusError::NotDurable {
+                acked,
+                wanted: min_replicas,
+            });
+        }
+        let _: i64 = self
+            .scripts
+            .release_durable
+            .evalsha_with_reload(
+                &self.appender,
+                vec![self.key("events"), self.key(DURABLE)],
+                vec![id.to_string()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Settles whatever was appended up to now (for a snapshot valid at an id not yet
+    /// durable, whose writer is still waiting or died before settling).
+    async fn settle_applied(&self) -> BusResult<()> {
+        let applied: Option<String> = self
+            .scripts
+            .mark
+            .evalsha_with_reload(
+                &self.appender,
+                vec![self.key("applied"), self.key("durable:probe")],
+                Vec::<String>::new(),
+            )
+            .await?;
+        match applied.and_then(|a| a.parse::<EventId>().ok()) {
+            Some(id) => self.settle(id).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn append_request(
+        &self,
+        data: EventData,
+        fence: Option<&Fence>,
+        request: Option<&Request>,
+    ) -> BusResult<Arc<Event>> {
+        let kind = data.kind();
+        let data_json = data.data_json()?;
+        let mut keys = self.append_keys();
+        let mut args = vec![
+            fence.map(|f| f.token.clone()).unwrap_or_default(),
+            kind.as_str().to_owned(),
+            data_json,
+            self.guild_id.to_string(),
+            self.max_len.to_string(),
+        ];
+        self.append_tail(fence, request, &mut keys, &mut args);
+        // The script answers nil only when the fence no longer holds its lease.
+        self.run_append(&self.scripts.append, keys, args)
+            .await?
+            .ok_or_else(|| BusError::Fenced(fence.map(|f| f.lease.clone()).unwrap_or_default()))
+    }
+
     /// A handle for the relay task that reads the stream without owning the bus.
     fn reader(&self) -> Reader {
         Reader {
             client: self.client.clone(),
             events: self.key("events"),
+            durable: self.key(DURABLE),
         }
     }
 }
+
+/// `P:{G}:durable`: the id up to which every event is on enough replicas and published.
+/// Readers never read past it.
+const DURABLE: &str = "durable";
 
 /// Reads history for gap filling; shared by `since` and the relay.
 #[derive(Clone)]
 struct Reader {
     client: Client,
     events: String,
+    durable: String,
 }
 
 impl Reader {
@@ -278,9 +513,16 @@ impl Reader {
         if trimmed_past(&info, after)? || ahead_of(&info, after)? {
             return Ok(Since::Gap);
         }
+        // Never past the durable id: an event after it may still be lost in a failover.
+        // No durable id: nothing was ever withheld (a log from before durable appends).
+        let durable: Option<String> = self.client.get(&self.durable).await?;
+        let end = durable.unwrap_or_else(|| "+".to_owned());
+        if end != "+" && end.parse::<EventId>().is_ok_and(|end| end <= after) {
+            return Ok(Since::Events(Vec::new()));
+        }
         let entries: Vec<(String, HashMap<String, String>)> = self
             .client
-            .xrange(&self.events, format!("({after}"), "+", Some(limit as u64))
+            .xrange(&self.events, format!("({after}"), end, Some(limit as u64))
             .await?;
         let mut events = Vec::with_capacity(entries.len());
         for (id, fields) in entries {
@@ -441,33 +683,16 @@ async fn fill(reader: &Reader, last: &mut EventId, live: &broadcast::Sender<Arc<
 #[async_trait::async_trait]
 impl Bus for RedisBus {
     async fn append(&self, data: EventData, fence: Option<&Fence>) -> BusResult<Arc<Event>> {
-        let kind = data.kind();
-        let data_json = data.data_json()?;
-        let lease = fence.map_or_else(|| self.key("gateway:leader"), |f| self.key(&f.lease));
-        let mut keys = self.append_keys();
-        keys.push(lease);
-        keys.extend(self.access_keys());
-        let args = vec![
-            fence.map(|f| f.token.clone()).unwrap_or_default(),
-            kind.as_str().to_owned(),
-            data_json,
-            self.guild_id.to_string(),
-            self.max_len.to_string(),
-        ];
-        let envelope: Option<String> = self
-            .scripts
-            .append
-            .evalsha_with_reload(&self.client, keys, args)
-            .await?;
-        // The script answers nil only when the fence no longer holds its lease.
-        let Some(envelope) = envelope else {
-            return Err(BusError::Fenced(
-                fence.map(|f| f.lease.clone()).unwrap_or_default(),
-            ));
-        };
-        let event = Event::parse(&envelope)
-            .map_err(|e| BusError::Corrupt(format!("appended envelope: {e}")))?;
-        Ok(Arc::new(event))
+        self.append_request(data, fence, None).await
+    }
+
+    async fn append_once(
+        &self,
+        data: EventData,
+        fence: Option<&Fence>,
+        request: &Request,
+    ) -> BusResult<Arc<Event>> {
+        self.append_request(data, fence, Some(request)).await
     }
 
     async fn viewers(
@@ -478,34 +703,25 @@ impl Bus for RedisBus {
         ttl: Duration,
     ) -> BusResult<Option<Arc<Event>>> {
         let mut keys = self.append_keys();
-        keys.push(self.key("gateway:leader"));
-        keys.extend(self.access_keys());
-        keys.push(self.key(&format!("viewers:{channel}")));
         let mut args = vec![
             String::new(),
             String::new(),
             String::new(),
             self.guild_id.to_string(),
             self.max_len.to_string(),
+        ];
+        // No request: run again, the script finds the set unchanged and appends nothing.
+        self.append_tail(None, None, &mut keys, &mut args);
+        keys.push(self.key(&format!("viewers:{channel}")));
+        args.extend([
             channel.to_string(),
             ttl.as_millis().max(1).to_string(),
             present.len().to_string(),
-        ];
+        ]);
         for v in present.iter().chain(gone) {
             args.push(serde_json::to_string(v)?);
         }
-        let envelope: Option<String> = self
-            .scripts
-            .viewers
-            .evalsha_with_reload(&self.client, keys, args)
-            .await?;
-        envelope
-            .map(|envelope| {
-                Event::parse(&envelope)
-                    .map(Arc::new)
-                    .map_err(|e| BusError::Corrupt(format!("appended envelope: {e}")))
-            })
-            .transpose()
+        self.run_append(&self.scripts.viewers, keys, args).await
     }
 
     async fn snapshot(&self) -> BusResult<Snapshot> {
@@ -515,13 +731,14 @@ impl Bus for RedisBus {
             self.key("applied"),
             self.key("guild"),
             self.key("channels"),
+            self.key(DURABLE),
         ];
         let parts: Vec<Value> = self
             .scripts
             .snapshot
             .evalsha_with_reload(&self.client, keys, Vec::<String>::new())
             .await?;
-        let [rooms, voice, applied, guild, channels] = <[Value; 5]>::try_from(parts)
+        let [rooms, voice, applied, guild, channels, durable] = <[Value; 6]>::try_from(parts)
             .map_err(|_| BusError::Corrupt("snapshot script answer".to_owned()))?;
         let mut snapshot = Snapshot::default();
         for (id, json) in pairs(rooms) {
@@ -562,6 +779,12 @@ impl Bus for RedisBus {
             snapshot.at = applied
                 .parse()
                 .map_err(|_| BusError::Corrupt(format!("{}: {applied:?}", self.key("applied"))))?;
+        }
+        // A snapshot shows its events' effects: valid at an id not yet durable, it is
+        // handed out only once that id is (or fails like any unanswered read).
+        let durable = durable.as_string().and_then(|d| d.parse::<EventId>().ok());
+        if self.durability.min_replicas > 0 && durable.is_some_and(|d| d < snapshot.at) {
+            self.settle_applied().await?;
         }
         Ok(snapshot)
     }

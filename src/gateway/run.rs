@@ -21,7 +21,7 @@ use twilight_gateway::{
 use super::Settings;
 use super::derive::Deriver;
 use super::health::{Health, Role};
-use crate::bus::{Backend, BusError, Fence};
+use crate::bus::{Backend, BusError, Fence, Request};
 use crate::event::{EventData, GatewayState};
 use twilight_model::id::Id;
 use twilight_model::id::marker::ChannelMarker;
@@ -227,8 +227,9 @@ async fn active(
         lost: &lost,
         stop: shutdown,
         recorded: Mutex::new(None),
+        appends: std::sync::atomic::AtomicU64::new(0),
     };
-    let mut status = Status::new(health);
+    let status = Status::new(health);
     let mut saved_sequence = stored.as_ref().map(|s| s.sequence);
     status.set(
         &queue,
@@ -240,9 +241,32 @@ async fn active(
         None,
     );
     let mut last_close: Option<u16> = None;
-    let mut renew = tokio::time::interval(ttl / 3);
-    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    renew.tick().await;
+    // Renewing runs beside the shard loop, never inside it: a renewal waits up to
+    // REDIS_RETRY_FOR through a failover, and a shard not polled that long sends no
+    // heartbeats, so Discord would end the session a successor must resume.
+    let renewer = async {
+        let mut renew = tokio::time::interval(ttl / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renew.tick().await;
+        loop {
+            renew.tick().await;
+            match backend.renew(fence, ttl).await {
+                Ok(true) => {
+                    if let Err(e) = status.refresh(backend, fence, ttl).await {
+                        tracing::warn!(error = %e, "cannot refresh the gateway status");
+                    }
+                }
+                // The shard loop closes the shard (resumable) and hands over.
+                Ok(false) => {
+                    lost.cancel();
+                    return std::future::pending::<()>().await;
+                }
+                // Redis is away: keep the Discord session; fencing stops our writes if
+                // someone else holds the lease when it is back.
+                Err(e) => tracing::warn!(error = %e, "cannot renew the gateway lease"),
+            }
+        }
+    };
 
     let shard_loop = async {
         loop {
@@ -255,22 +279,6 @@ async fn active(
                 () = lost.cancelled() => {
                     shard.close(CloseFrame::RESUME);
                     return Ok(Ended::LostLease);
-                }
-                _ = renew.tick() => {
-                    match backend.renew(fence, ttl).await {
-                        Ok(true) => {
-                            if let Err(e) = status.refresh(backend, fence, ttl).await {
-                                tracing::warn!(error = %e, "cannot refresh the gateway status");
-                            }
-                        }
-                        Ok(false) => {
-                            shard.close(CloseFrame::RESUME);
-                            return Ok(Ended::LostLease);
-                        }
-                        // Redis is away: keep the Discord session; fencing stops our
-                        // writes if someone else holds the lease when it is back.
-                        Err(e) => tracing::warn!(error = %e, "cannot renew the gateway lease"),
-                    }
                 }
                 item = shard.next_event(EventTypeFlags::all()) => {
                     let event = match item {
@@ -321,6 +329,7 @@ async fn active(
     let ended: anyhow::Result<Ended> = tokio::select! {
         ended = shard_loop => ended,
         () = writer.run(rx) => Ok(Ended::LostLease),
+        () = renewer => Ok(Ended::LostLease),
     };
     ended
 }
@@ -338,6 +347,10 @@ struct Writer<'a> {
     /// The room of the last `room.created` naming an owner, and whether Redis already
     /// held that room's creator before it was appended.
     recorded: Mutex<Option<(Id<ChannelMarker>, bool)>>,
+    /// Appends made under this fence: with the fence token, names each one, so a retry
+    /// (a lost answer, a failover, a write not yet on `REDIS_MIN_REPLICAS` replicas)
+    /// appends nothing twice.
+    appends: std::sync::atomic::AtomicU64,
 }
 
 impl Writer<'_> {
@@ -429,9 +442,16 @@ impl Writer<'_> {
         }
         let kind = data.kind();
         let started = std::time::Instant::now();
+        let request = Request {
+            writer: self.fence.token.clone(),
+            seq: self.appends.fetch_add(1, Ordering::Relaxed),
+        };
+        // Until this returns, the event stays at the head of the outage queue and no
+        // Discord sequence after it is stored: a successor resumes before it.
         let event = self
             .retry("append", || {
-                self.backend.append(data.clone(), Some(self.fence))
+                self.backend
+                    .append_once(data.clone(), Some(self.fence), &request)
             })
             .await?;
         metrics::histogram!("coven_gateway_append_seconds").record(started.elapsed().as_secs_f64());
@@ -474,19 +494,21 @@ impl Writer<'_> {
 /// and keeps `P:{G}:gateway:status` fresh.
 struct Status<'a> {
     health: &'a Health,
-    current: Option<(GatewayState, Option<String>)>,
+    /// Set by the shard loop, read by the renewer beside it.
+    current: Mutex<Option<(GatewayState, Option<String>)>>,
 }
 
 impl<'a> Status<'a> {
     fn new(health: &'a Health) -> Self {
         Self {
             health,
-            current: None,
+            current: Mutex::new(None),
         }
     }
 
-    fn set(&mut self, queue: &Queue, state: GatewayState, reason: Option<String>) {
-        if self.current.as_ref().is_some_and(|(s, _)| *s == state) {
+    fn set(&self, queue: &Queue, state: GatewayState, reason: Option<String>) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if current.as_ref().is_some_and(|(s, _)| *s == state) {
             return;
         }
         tracing::info!(
@@ -495,7 +517,7 @@ impl<'a> Status<'a> {
             "gateway status"
         );
         self.health.set_state(state);
-        self.current = Some((state, reason.clone()));
+        *current = Some((state, reason.clone()));
         queue.push(Work::Event(EventData::GatewayStatus { state, reason }));
     }
 
@@ -505,12 +527,17 @@ impl<'a> Status<'a> {
         fence: &Fence,
         ttl: Duration,
     ) -> Result<(), BusError> {
-        let Some((state, reason)) = &self.current else {
+        let Some((state, reason)) = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        else {
             return Ok(());
         };
         let report = crate::bus::GatewayReport {
-            state: *state,
-            reason: reason.clone(),
+            state,
+            reason,
             ts: crate::event::now_ms(),
             ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
         };

@@ -12,6 +12,7 @@ mod demo;
 mod deploy;
 mod edges;
 mod gateway;
+mod ha;
 mod login;
 mod ownership;
 mod pages;

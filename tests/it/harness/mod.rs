@@ -6,6 +6,7 @@
 pub mod axe;
 mod process;
 pub mod redis;
+pub mod sentinel;
 mod sim;
 mod stack;
 
@@ -15,7 +16,10 @@ use std::time::Duration;
 pub use process::CovenProcess;
 pub use redis::RedisServer;
 pub use sim::{TestSim, next_event, shard, shard_with};
-pub use stack::{Browser, INVITE_SECRET, Message, Sse, Stack, Web, form_value, location, metric};
+pub use stack::{
+    Browser, INVITE_SECRET, Message, Sse, Stack, Web, form_value, location, metric,
+    spawn_gateway_on, spawn_web,
+};
 
 /// How long any single condition may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(15);

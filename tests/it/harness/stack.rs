@@ -105,46 +105,13 @@ impl Stack {
         spawn_gateway(&self.redis, &self.sim).0
     }
 
-    pub fn spawn_web(&self, extra: &[(&str, &str)]) -> Web {
-        self.spawn_web_limited(None, extra)
-    }
-
     /// A replica whose open-file limit is `nofile` (soft and hard), when given.
     pub fn spawn_web_limited(&self, nofile: Option<u64>, extra: &[(&str, &str)]) -> Web {
-        let port = free_port();
-        let url = format!("http://127.0.0.1:{port}");
-        let bind = format!("127.0.0.1:{port}");
-        let metrics_bind = format!("127.0.0.1:{}", free_port());
-        let guild = self.sim.guild_id().to_string();
-        let redis_url = self.redis.url();
-        let token = self.sim.token();
-        let api = self.sim.url("/api");
-        let oauth = self.sim.url("");
-        let mut env = vec![
-            ("BIND", bind.as_str()),
-            ("METRICS_BIND", metrics_bind.as_str()),
-            ("PUBLIC_URL", url.as_str()),
-            ("REDIS_URL", &redis_url),
-            ("DISCORD_GUILD_ID", &guild),
-            ("DISCORD_BOT_TOKEN", &token),
-            ("DISCORD_CLIENT_ID", "1190000000000000002"),
-            ("DISCORD_CLIENT_SECRET", "sim-client-secret"),
-            ("DISCORD_API_URL", &api),
-            ("DISCORD_OAUTH_URL", oauth.trim_end_matches('/')),
-            ("INVITE_SECRET", INVITE_SECRET),
-            ("RUST_LOG", "coven=debug"),
-        ];
-        env.extend_from_slice(extra);
-        let mut process = match nofile {
-            Some(n) => CovenProcess::spawn_with_nofile(n, &["web"], &env),
-            None => CovenProcess::spawn(&["web"], &env),
-        };
-        process.wait_for_stdout("coven web listening on");
-        Web {
-            process,
-            url,
-            metrics: format!("http://{metrics_bind}/metrics"),
-        }
+        spawn_web(&self.sim, &self.redis.url(), nofile, extra)
+    }
+
+    pub fn spawn_web(&self, extra: &[(&str, &str)]) -> Web {
+        self.spawn_web_limited(None, extra)
     }
 
     pub fn web(&self, i: usize) -> &Web {
@@ -201,26 +168,78 @@ impl Stack {
     }
 }
 
+/// A `coven web` replica against `redis_url` and the sim; `extra` settings on top, and an
+/// open-file limit when `nofile` is given.
+pub fn spawn_web(
+    sim: &TestSim,
+    redis_url: &str,
+    nofile: Option<u64>,
+    extra: &[(&str, &str)],
+) -> Web {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let bind = format!("127.0.0.1:{port}");
+    let metrics_bind = format!("127.0.0.1:{}", free_port());
+    let guild = sim.guild_id().to_string();
+    let redis_url = redis_url.to_owned();
+    let token = sim.token();
+    let api = sim.url("/api");
+    let oauth = sim.url("");
+    let mut env = vec![
+        ("BIND", bind.as_str()),
+        ("METRICS_BIND", metrics_bind.as_str()),
+        ("PUBLIC_URL", url.as_str()),
+        ("REDIS_URL", &redis_url),
+        ("DISCORD_GUILD_ID", &guild),
+        ("DISCORD_BOT_TOKEN", &token),
+        ("DISCORD_CLIENT_ID", "1190000000000000002"),
+        ("DISCORD_CLIENT_SECRET", "sim-client-secret"),
+        ("DISCORD_API_URL", &api),
+        ("DISCORD_OAUTH_URL", oauth.trim_end_matches('/')),
+        ("INVITE_SECRET", INVITE_SECRET),
+        ("RUST_LOG", "coven=debug"),
+    ];
+    env.extend_from_slice(extra);
+    let mut process = match nofile {
+        Some(n) => CovenProcess::spawn_with_nofile(n, &["web"], &env),
+        None => CovenProcess::spawn(&["web"], &env),
+    };
+    process.wait_for_stdout("coven web listening on");
+    Web {
+        process,
+        url,
+        metrics: format!("http://{metrics_bind}/metrics"),
+    }
+}
+
 /// A gateway against the stack's Redis and sim; with the URL of its metrics.
 fn spawn_gateway(redis: &RedisServer, sim: &TestSim) -> (CovenProcess, String) {
+    spawn_gateway_on(sim, &redis.url(), &[])
+}
+
+/// A gateway against `redis_url` and the sim, `extra` settings on top; with the URL of its
+/// metrics.
+pub fn spawn_gateway_on(
+    sim: &TestSim,
+    redis_url: &str,
+    extra: &[(&str, &str)],
+) -> (CovenProcess, String) {
     let guild = sim.guild_id().to_string();
-    let redis_url = redis.url();
     let gateway_url = sim.gateway_url();
     let token = sim.token();
     let metrics_bind = format!("127.0.0.1:{}", free_port());
-    let mut gateway = CovenProcess::spawn(
-        &["gateway"],
-        &[
-            ("BIND", "127.0.0.1:0"),
-            ("METRICS_BIND", &metrics_bind),
-            ("REDIS_URL", &redis_url),
-            ("DISCORD_GUILD_ID", &guild),
-            ("DISCORD_BOT_TOKEN", &token),
-            ("DISCORD_GATEWAY_URL", &gateway_url),
-            ("GATEWAY_LEASE_TTL", "2s"),
-            ("RUST_LOG", "coven=debug"),
-        ],
-    );
+    let mut env = vec![
+        ("BIND", "127.0.0.1:0"),
+        ("METRICS_BIND", &metrics_bind),
+        ("REDIS_URL", redis_url),
+        ("DISCORD_GUILD_ID", &guild),
+        ("DISCORD_BOT_TOKEN", &token),
+        ("DISCORD_GATEWAY_URL", &gateway_url),
+        ("GATEWAY_LEASE_TTL", "2s"),
+        ("RUST_LOG", "coven=debug"),
+    ];
+    env.extend_from_slice(extra);
+    let mut gateway = CovenProcess::spawn(&["gateway"], &env);
     gateway.wait_for_stdout("health listening on");
     (gateway, format!("http://{metrics_bind}/metrics"))
 }
