@@ -2,6 +2,7 @@
 
 // jemalloc keeps a replica's memory per open connection lower than glibc's malloc
 // (measured in benches/stream.rs; see the README's figures).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
