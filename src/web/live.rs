@@ -135,6 +135,13 @@ fn message(out: &mut String, event: &str, html: &str) {
     out.push('\n');
 }
 
+/// An `at` event alone: where a stream stands.
+pub fn position(id: EventId) -> Bytes {
+    let mut out = String::new();
+    at_marker(&mut out, id);
+    Bytes::from(out)
+}
+
 fn at_marker(out: &mut String, id: EventId) {
     out.push_str(&format!("id: {id}\nevent: at\ndata: {id}\n\n"));
 }

@@ -766,9 +766,10 @@ pub async fn html_stream(
                 _ => (state.at, Some(live::refresh(&state, sight.seer(), &views, true)), false, whereabouts),
             }
         };
-        yield whereabouts;
         let mut last = start;
         let mut pending: VecDeque<Frame> = VecDeque::new();
+        // Whether the pages were sent whole (which carries its own id).
+        let mut whole_sent = false;
         match (after, opening) {
             (_, Some(whole)) => {
                 // Frames in memory replay exactly (announcements included); only when
@@ -778,7 +779,10 @@ pub async fn html_stream(
                         last = a;
                         pending = frames;
                     }
-                    None => yield whole,
+                    None => {
+                        whole_sent = true;
+                        yield whole;
+                    }
                 }
             }
             (Some(after), None) if ahead => {
@@ -797,11 +801,19 @@ pub async fn html_stream(
                         last = state.at;
                         live::refresh(&state, sight.seer(), &views, true)
                     };
+                    whole_sent = true;
                     yield whole;
                 }
             }
             _ => {}
         }
+        // Where this connection starts, as an id: a browser's `lastEventId` is empty on a
+        // new connection until one arrives, and the pages tell what they already have by
+        // it (a message belongs to the event after it).
+        if !whole_sent {
+            yield live::position(last);
+        }
+        yield whereabouts;
         loop {
             let next = match pending.pop_front() {
                 Some(frame) => Ok(frame),

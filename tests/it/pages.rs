@@ -381,6 +381,8 @@ async fn the_pages_at_laptop_and_phone_size() {
         })
         .await;
         shown(&c, "You're in", "[data-state=in]").await;
+        // Ash's own viewing is the first event on the page's new connection: it must not
+        // be taken for one the page already has.
         appears(
             &c,
             "Ash viewing the page",
