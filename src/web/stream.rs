@@ -663,6 +663,9 @@ impl Drop for HtmlStream {
     }
 }
 
+/// How long a pages' stream waits for the hub to reach the id its page was rendered at.
+const HUB_CATCH_UP: Duration = Duration::from_secs(2);
+
 /// Room pages one pages' stream may serve (a browser's tabs share one stream).
 const MAX_VIEWS: usize = 64;
 
@@ -711,28 +714,24 @@ pub async fn html_stream(
     // Counted before subscribing: every frame this stream receives is rendered.
     let counted = HtmlStream::new(&hub.html_streams);
     let mut live = hub.tx.subscribe();
-    if hub.sessions.was_revoked(&who) {
-        return Err(WebError::NotLoggedIn {
-            return_to: "/rooms".to_owned(),
-            api: true,
-        });
+    let mut sight = sight_of(&app, &who, None).await?;
+    let me = sight.user;
+    // A page rendered from Redis a moment ago can be ahead of this replica's hub (a room
+    // just made): wait briefly for the hub to get there, so the rooms the page shows are
+    // known here. The frames that pass meanwhile are kept for the stream.
+    let mut early: VecDeque<Frame> = VecDeque::new();
+    if let Some(after) = after {
+        let deadline = tokio::time::Instant::now() + HUB_CATCH_UP;
+        while hub.lock_state().at < after {
+            match tokio::time::timeout_at(deadline, live.recv()).await {
+                Ok(Ok(frame)) => early.push_back(frame),
+                // Too far behind, closed, or past the deadline: the stream starts from
+                // what the hub has (the pages get it whole if needed).
+                _ => break,
+            }
+        }
+        sight.refresh(&hub.access());
     }
-    let me = who.person.id;
-    let roles = app
-        .hub
-        .roles
-        .roles(app.bus.as_ref(), me)
-        .await?
-        .ok_or(WebError::NotMember)?
-        .to_vec();
-    let mut sight = Sight {
-        user: me,
-        login: who.login.clone(),
-        roles,
-        room: None,
-        visible: HashSet::new(),
-    };
-    sight.refresh(&hub.access());
     let max = app.settings.stream_max_per_user;
     let watch = app
         .watched
@@ -767,7 +766,7 @@ pub async fn html_stream(
             }
         };
         let mut last = start;
-        let mut pending: VecDeque<Frame> = VecDeque::new();
+        let mut pending: VecDeque<Frame> = early;
         // Whether the pages were sent whole (which carries its own id).
         let mut whole_sent = false;
         match (after, opening) {
@@ -946,6 +945,38 @@ impl Sight {
     }
 }
 
+/// Who a stream is for and what they may see, read once the stream has subscribed (so a
+/// change after this arrives as a frame). Refused when the login has just ended, or the
+/// person is not a member.
+async fn sight_of(
+    app: &super::App,
+    who: &super::auth::SessionUser,
+    room: Option<Id<ChannelMarker>>,
+) -> Result<Sight, WebError> {
+    if app.hub.sessions.was_revoked(who) {
+        return Err(WebError::NotLoggedIn {
+            return_to: "/rooms".to_owned(),
+            api: true,
+        });
+    }
+    let roles = app
+        .hub
+        .roles
+        .roles(app.bus.as_ref(), who.person.id)
+        .await?
+        .ok_or(WebError::NotMember)?
+        .to_vec();
+    let mut sight = Sight {
+        user: who.person.id,
+        login: who.login.clone(),
+        roles,
+        room,
+        visible: HashSet::new(),
+    };
+    sight.refresh(&app.hub.access());
+    Ok(sight)
+}
+
 /// `GET /api/stream[?room=<channel id>][&last_event_id=<id>]`.
 pub async fn stream(
     State(app): State<AppState>,
@@ -969,28 +1000,8 @@ pub async fn stream(
     // ids tell which was seen. Roles and permissions are read after subscribing, so a
     // change in between arrives as a frame.
     let mut live = app.hub.tx.subscribe();
-    if app.hub.sessions.was_revoked(&who) {
-        return Err(WebError::NotLoggedIn {
-            return_to: "/rooms".to_owned(),
-            api: true,
-        });
-    }
-    let me = who.person.id;
-    let roles = app
-        .hub
-        .roles
-        .roles(app.bus.as_ref(), me)
-        .await?
-        .ok_or(WebError::NotMember)?
-        .to_vec();
-    let mut sight = Sight {
-        user: me,
-        login: who.login.clone(),
-        roles,
-        room,
-        visible: HashSet::new(),
-    };
-    sight.refresh(&app.hub.access());
+    let mut sight = sight_of(&app, &who, room).await?;
+    let me = sight.user;
     if let Some(room) = room {
         // A room page's stream: the room must exist and be this person's to see, or no
         // viewer is recorded.

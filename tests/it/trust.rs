@@ -509,7 +509,8 @@ async fn move_me_in_needs_connect_for_the_user_and_then_discord_records_no_move(
     stack.voice(ash, Some(stack.lobby), json!({})).await;
     wait_for("the creator to be offered Move me in", || async {
         let html = creator.page(&a.url(&format!("/rooms/{room}"))).await;
-        html.contains("Move me in").then_some(())
+        (html.contains("Move me in") && html.contains("data-whereabouts=\"elsewhere\""))
+            .then_some(())
     })
     .await;
     let token = creator.csrf(a).await;
