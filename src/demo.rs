@@ -381,7 +381,16 @@ async fn enter(
         .await?
         .error_for_status()?;
     }
-    voice(http, sim_url, user, Some(room), serde_json::json!({})).await
+    // The sim checks the free seat in one step with the join: a person arriving at the
+    // same moment keeps their seat (a refused join is just a move not made).
+    voice(
+        http,
+        sim_url,
+        user,
+        Some(room),
+        serde_json::json!({"leave_free": 1}),
+    )
+    .await
 }
 
 async fn voice(

@@ -264,6 +264,11 @@ struct VoiceChange {
     self_video: bool,
     #[serde(default)]
     self_stream: bool,
+    /// Not Discord's: the demo's players join only if this many seats stay free after
+    /// them, checked here in one step with the join (a person joining at the same moment
+    /// cannot be squeezed out by a player who looked a moment earlier).
+    #[serde(default)]
+    leave_free: u32,
 }
 
 /// A user joins, moves, changes flags or leaves voice from their Discord client.
@@ -284,6 +289,19 @@ async fn voice(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
         self_stream: req.self_stream,
     };
     let mut state = shared.lock();
+    if let Some(to) = channel.filter(|_| req.leave_free > 0) {
+        let w = &state.world;
+        let limit = w.channels.get(&to).map_or(0, |c| c.user_limit);
+        let elsewhere = w.voice.get(&user).is_none_or(|v| v.channel_id != to);
+        let present = w.voice.values().filter(|v| v.channel_id == to).count();
+        let after = present + usize::from(elsewhere) + req.leave_free as usize;
+        if limit > 0 && elsewhere && after > limit as usize {
+            return Err(error(
+                StatusCode::CONFLICT,
+                "joining would leave fewer seats free than leave_free",
+            ));
+        }
+    }
     let events = state.world.user_voice(user, channel, flags)?;
     state.emit(&events);
     let w = &state.world;

@@ -6,37 +6,82 @@ use serde_json::Value;
 
 use crate::harness::{Browser, CovenProcess, Sse, form_value, location};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
-    let mut demo = CovenProcess::spawn(
-        &["--bind", "127.0.0.1:0", "--sim-bind", "127.0.0.1:0"],
-        &[("DEMO_PLAYER_INTERVAL", "100ms")],
-    );
-    let open = demo.wait_for_stdout("Open http");
-    let web = open
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .trim_end_matches('/')
-        .to_owned();
-    let sim_line = demo.wait_for_stdout("Simulated Discord: ");
-    let sim_state = sim_line.rsplit(' ').next().unwrap().to_owned();
-    assert!(sim_state.ends_with("/_sim/state"), "{sim_line}");
-    let state: Value = reqwest::get(&sim_state)
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ash = state["users"]
+/// The demo on free ports: its process, the site's and the simulator's addresses.
+pub(crate) struct Demo {
+    pub process: CovenProcess,
+    pub web: String,
+    pub sim: String,
+}
+
+impl Demo {
+    pub(crate) fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut all = vec!["--bind", "127.0.0.1:0", "--sim-bind", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let mut process = CovenProcess::spawn(&all, env);
+        let open = process.wait_for_stdout("Open http");
+        let web = open
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .trim_end_matches('/')
+            .to_owned();
+        let sim_line = process.wait_for_stdout("Simulated Discord: ");
+        let state = sim_line.rsplit(' ').next().unwrap();
+        assert!(state.ends_with("/_sim/state"), "{sim_line}");
+        let sim = state.trim_end_matches("/_sim/state").to_owned();
+        Demo { process, web, sim }
+    }
+
+    /// The simulator's whole state.
+    pub(crate) async fn state(&self) -> Value {
+        reqwest::get(format!("{}/_sim/state", self.sim))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+/// The id of the sim's user `name` in `state`.
+fn user_id(state: &Value, name: &str) -> String {
+    state["users"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|u| u["username"] == "ash")
+        .find(|u| u["username"] == name)
         .unwrap()["id"]
         .as_str()
         .unwrap()
-        .to_owned();
+        .to_owned()
+}
+
+/// Makes a room named `name` as `browser`'s logged-in user; its id.
+async fn make_room(browser: &Browser, web: &str, name: &str) -> String {
+    let rooms = browser
+        .get(&format!("{web}/rooms"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let token = form_value(&rooms, "csrf_token").unwrap();
+    let made = browser
+        .http
+        .post(format!("{web}/rooms"))
+        .form(&[("name", name), ("csrf_token", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), 303);
+    location(&made).trim_start_matches("/rooms/").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
+    let mut demo = Demo::start(&[], &[("DEMO_PLAYER_INTERVAL", "100ms")]);
+    let web = demo.web.clone();
+    let state = demo.state().await;
+    let ash = user_id(&state, "ash");
 
     // The landing page, then the simulated Discord's login page offering players.
     let browser = Browser::new();
@@ -58,23 +103,8 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
         (303, "/rooms".to_owned())
     );
 
-    let rooms = browser
-        .get(&format!("{web}/rooms"))
-        .await
-        .text()
-        .await
-        .unwrap();
-    let token = form_value(&rooms, "csrf_token").unwrap();
-    let made = browser
-        .http
-        .post(format!("{web}/rooms"))
-        .form(&[("name", "Demo night"), ("csrf_token", token.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(made.status(), 303);
+    let room = make_room(&browser, &web, "Demo night").await;
     let created = std::time::Instant::now();
-    let room = location(&made).trim_start_matches("/rooms/").to_owned();
 
     // Simulated players join the new room and do things in it.
     let res = browser
@@ -107,15 +137,7 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
         let v = html[at..].find("value=\"").unwrap() + at + 7;
         html[v..v + html[v..].find('"').unwrap()].to_owned()
     };
-    let friend_id = state["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["username"] == "bramble")
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let friend_id = user_id(&state, "bramble");
     let friend = Browser::new();
     let path = &link[link.find("/invite/").unwrap()..];
     let start = friend.get(&format!("{web}{path}")).await;
@@ -130,7 +152,7 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
         format!("/rooms/{room}"),
         "the invite lets the friend in"
     );
-    let sim = sim_state.trim_end_matches("/_sim/state").to_owned();
+    let sim = demo.sim.clone();
     let joined = reqwest::Client::new()
         .post(format!("{sim}/_sim/voice"))
         .json(&serde_json::json!({"user_id": friend_id, "channel_id": room}))
@@ -181,8 +203,12 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
     );
 
     drop(stream);
-    demo.signal("TERM");
-    assert_eq!(demo.wait_exit(), Some(0), "stops cleanly on SIGTERM");
+    demo.process.signal("TERM");
+    assert_eq!(
+        demo.process.wait_exit(),
+        Some(0),
+        "stops cleanly on SIGTERM"
+    );
 }
 
 /// Who is in the room, from its stream's voice events.
@@ -203,49 +229,11 @@ fn track(m: &crate::harness::Message, inside: &mut std::collections::BTreeSet<St
 /// channel, where the person who logged in joins voice: the room page then has them in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_in_discord_leads_to_the_sims_channel_page_where_you_join_voice() {
-    let mut demo = CovenProcess::spawn(
-        &[
-            "--bind",
-            "127.0.0.1:0",
-            "--sim-bind",
-            "127.0.0.1:0",
-            "--quiet",
-        ],
-        &[],
-    );
-    let open = demo.wait_for_stdout("Open http");
-    let web = open
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .trim_end_matches('/')
-        .to_owned();
-    let sim_line = demo.wait_for_stdout("Simulated Discord: ");
-    let sim = sim_line
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .trim_end_matches("/_sim/state")
-        .to_owned();
-    let state: Value = reqwest::get(format!("{sim}/_sim/state"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let mut demo = Demo::start(&["--quiet"], &[]);
+    let (web, sim) = (demo.web.clone(), demo.sim.clone());
+    let state = demo.state().await;
     let guild = state["guild_id"].as_str().unwrap().to_owned();
-    let id_of = |name: &str| {
-        state["users"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|u| u["username"] == name)
-            .unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
-    let (ash, bramble) = (id_of("ash"), id_of("bramble"));
+    let (ash, bramble) = (user_id(&state, "ash"), user_id(&state, "bramble"));
 
     // Ash logs in through the sim (which remembers who the browser is) and makes a room.
     let browser = Browser::new();
@@ -255,21 +243,7 @@ async fn open_in_discord_leads_to_the_sims_channel_page_where_you_join_voice() {
         .await;
     let done = browser.get(&location(&picked)).await;
     assert_eq!(location(&done), "/rooms");
-    let rooms = browser
-        .get(&format!("{web}/rooms"))
-        .await
-        .text()
-        .await
-        .unwrap();
-    let token = form_value(&rooms, "csrf_token").unwrap();
-    let made = browser
-        .http
-        .post(format!("{web}/rooms"))
-        .form(&[("name", "Demo night"), ("csrf_token", token.as_str())])
-        .send()
-        .await
-        .unwrap();
-    let room = location(&made).trim_start_matches("/rooms/").to_owned();
+    let room = make_room(&browser, &web, "Demo night").await;
     let page = browser
         .get(&format!("{web}/rooms/{room}"))
         .await
@@ -344,6 +318,6 @@ async fn open_in_discord_leads_to_the_sims_channel_page_where_you_join_voice() {
         .until(|m| m.event == "voice.left" && m.json()["data"]["user_id"] == ash.as_str())
         .await;
     drop(stream);
-    demo.signal("TERM");
-    assert_eq!(demo.wait_exit(), Some(0));
+    demo.process.signal("TERM");
+    assert_eq!(demo.process.wait_exit(), Some(0));
 }

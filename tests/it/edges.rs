@@ -157,6 +157,17 @@ async fn one_person_may_hold_32_streams_on_a_replica_and_the_next_is_told_why() 
 }
 
 /// The session cookie a logged-in browser holds for `web`.
+/// One replica with Ash logged in: the stack, Ash's browser and their session cookie.
+async fn ash_on_one_replica(extra: &[(&str, &str)]) -> (Stack, Browser, String) {
+    let stack = Stack::start(1, extra).await;
+    let browser = Browser::new();
+    browser
+        .login(stack.web(0), &stack.sim, stack.user("ash").await)
+        .await;
+    let cookie = session_cookie(&browser, stack.web(0));
+    (stack, browser, cookie)
+}
+
 fn session_cookie(browser: &Browser, web: &Web) -> String {
     let url: reqwest::Url = web.url("/").parse().unwrap();
     let cookie = browser.jar.cookies(&url).expect("a session cookie");
@@ -364,13 +375,8 @@ async fn a_reader_that_falls_behind_its_buffer_catches_up_without_being_cut() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_trickled_a_byte_at_a_time_is_refused_after_ten_seconds() {
-    let stack = Stack::start(1, &[]).await;
+    let (stack, _, cookie) = ash_on_one_replica(&[]).await;
     let web = stack.web(0);
-    let browser = Browser::new();
-    browser
-        .login(web, &stack.sim, stack.user("ash").await)
-        .await;
-    let cookie = session_cookie(&browser, web);
     let mut conn = TcpStream::connect(addr(web)).await.unwrap();
     let head = format!(
         "POST /rooms HTTP/1.1\r\nHost: coven\r\nCookie: {cookie}\r\n\
@@ -434,13 +440,8 @@ async fn read_until(conn: &mut TcpStream, want: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_stream_on_its_own_connection_is_served_lean_and_ends_when_its_client_goes() {
-    let stack = Stack::start(1, &[]).await;
+    let (stack, _, cookie) = ash_on_one_replica(&[]).await;
     let web = stack.web(0);
-    let browser = Browser::new();
-    browser
-        .login(web, &stack.sim, stack.user("ash").await)
-        .await;
-    let cookie = session_cookie(&browser, web);
     let streams = || async {
         let body: Value = reqwest::get(web.url("/healthz"))
             .await

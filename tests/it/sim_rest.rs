@@ -444,9 +444,17 @@ async fn control_api_refuses_what_discord_would() {
         .await;
     assert_eq!(status, 201);
     let room: u64 = room["id"].as_str().unwrap().parse().unwrap();
-    for name in ["bramble", "cinder"] {
-        sim.join(sim.user(name).await, room).await;
-    }
+    // The demo's players ask for a seat to stay free after them: checked with the join.
+    sim.join(sim.user("bramble").await, room).await;
+    let cinder = sim.user("cinder").await.to_string();
+    let (status, body) = sim
+        .control(
+            "/voice",
+            json!({"user_id": cinder, "channel_id": room.to_string(), "leave_free": 1}),
+        )
+        .await;
+    assert_eq!(status, 409, "the last seat stays free: {body}");
+    sim.join(sim.user("cinder").await, room).await;
     let (status, body) = sim
         .control(
             "/voice",

@@ -155,23 +155,8 @@ async fn a_hundred_character_name_makes_a_room_and_unreadable_names_are_refused(
 async fn assets_come_from_the_binary_itself_hashed_cached_and_compressed() {
     // A binary run from an empty directory (the harness's scratch dir): no assets/ beside
     // it, no COVEN_ASSETS.
-    let mut demo = crate::harness::CovenProcess::spawn(
-        &[
-            "--bind",
-            "127.0.0.1:0",
-            "--sim-bind",
-            "127.0.0.1:0",
-            "--quiet",
-        ],
-        &[],
-    );
-    let open = demo.wait_for_stdout("Open http");
-    let web = open
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .trim_end_matches('/')
-        .to_owned();
+    let demo = crate::demo::Demo::start(&["--quiet"], &[]);
+    let web = demo.web.clone();
     // reqwest here sends no Accept-Encoding unless told: each request says what it takes.
     let http = reqwest::Client::new();
     let landing = http
