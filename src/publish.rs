@@ -31,17 +31,9 @@ pub struct Settings {
     // that: a minute rides one out.
     #[arg(long, env = "REDIS_RETRY_FOR", default_value = "60s", value_parser = config::parse_duration_in(std::time::Duration::from_secs(1), std::time::Duration::from_secs(3600)))]
     pub redis_retry_for: std::time::Duration,
-    /// Replicas that must hold an event before it counts as appended and reaches
-    /// streams (0: none, at once; 1 with Sentinel; 0–16)
-    // Set alike on every command: a writer at 0 marks the log durable up to its own events.
-    #[arg(long, env = "REDIS_MIN_REPLICAS", default_value = "0", value_parser = config::parse_number_in::<u32>(0, 16))]
-    pub redis_min_replicas: u32,
-    /// How long one WAIT for those replicas may take before the append is retried
-    /// (10ms–10s)
-    // Each WAIT holds the append connection; past 10 s a frozen replica would hold every
-    // writer that long between retries.
-    #[arg(long, env = "REDIS_REPLICA_TIMEOUT", default_value = "1s", value_parser = config::parse_duration_in(std::time::Duration::from_millis(10), std::time::Duration::from_secs(10)))]
-    pub redis_replica_timeout: std::time::Duration,
+    /// `REDIS_MIN_REPLICAS` and `REDIS_REPLICA_TIMEOUT`: what appends ask of replicas.
+    #[command(flatten)]
+    pub durability: crate::bus::redis::Durability,
     /// Event type, e.g. room.closing (with --data)
     #[arg(long = "type", value_name = "TYPE", conflicts_with = "ping")]
     pub kind: Option<String>,
@@ -67,14 +59,6 @@ pub enum What {
 }
 
 impl Settings {
-    /// What `REDIS_MIN_REPLICAS` and `REDIS_REPLICA_TIMEOUT` ask of appends.
-    pub fn durability(&self) -> crate::bus::redis::Durability {
-        crate::bus::redis::Durability {
-            min_replicas: self.redis_min_replicas,
-            timeout: self.redis_replica_timeout,
-        }
-    }
-
     /// What to publish: the event `--type` and `--data` describe, or the pings.
     pub fn what(&self) -> Result<What, Problem> {
         if self.ping {
@@ -100,7 +84,7 @@ pub async fn command(settings: Settings, what: What) -> anyhow::Result<()> {
             settings.guild_id,
             100_000,
             settings.redis_retry_for,
-            settings.durability(),
+            settings.durability,
         )
         .await?,
     );

@@ -137,9 +137,21 @@ struct Scripts {
 /// How many replicas must hold an append before it counts as done and may be published
 /// (`REDIS_MIN_REPLICAS`; 0: at once), and how long one `WAIT` for them may take
 /// (`REDIS_REPLICA_TIMEOUT`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Declared once here and flattened into every command that appends (gateway, web,
+/// publish), so the setting is the same everywhere it is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct Durability {
+    /// Replicas that must hold an event before it counts as appended and reaches
+    /// streams (0: none, at once; 1 with Sentinel; 0–16)
+    // Set alike on every command: a writer at 0 marks the log durable up to its own events.
+    #[arg(long = "redis-min-replicas", env = "REDIS_MIN_REPLICAS", default_value = "0", value_parser = crate::config::parse_number_in::<u32>(0, 16))]
     pub min_replicas: u32,
+    /// How long one WAIT for those replicas may take before the append is retried
+    /// (10ms–10s)
+    // Each WAIT holds the append connection; past 10 s a frozen replica would hold every
+    // writer that long between retries.
+    #[arg(long = "redis-replica-timeout", env = "REDIS_REPLICA_TIMEOUT", default_value = "1s", value_parser = crate::config::parse_duration_in(Duration::from_millis(10), Duration::from_secs(10)))]
     pub timeout: Duration,
 }
 

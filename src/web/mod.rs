@@ -132,32 +132,14 @@ pub struct Tuning {
     /// before it is cut (65,536–268,435,456)
     #[arg(long, env = "STREAM_MAX_BEHIND", default_value = "2097152", value_parser = config::parse_number_in::<usize>(64 * 1024, 256 * 1024 * 1024))]
     pub stream_max_behind: usize,
-    /// Replicas that must hold an event before it counts as appended and reaches
-    /// streams (0: none, at once; 1 with Sentinel; 0–16)
-    // Set alike on every command: a writer at 0 marks the log durable up to its own events.
-    #[arg(long, env = "REDIS_MIN_REPLICAS", default_value = "0", value_parser = config::parse_number_in::<u32>(0, 16))]
-    pub redis_min_replicas: u32,
-    /// How long one WAIT for those replicas may take before the append is retried
-    /// (10ms–10s)
-    // Each WAIT holds the append connection; past 10 s a frozen replica would hold every
-    // writer that long between retries.
-    #[arg(long, env = "REDIS_REPLICA_TIMEOUT", default_value = "1s", value_parser = config::parse_duration_in(std::time::Duration::from_millis(10), std::time::Duration::from_secs(10)))]
-    pub redis_replica_timeout: std::time::Duration,
+    /// `REDIS_MIN_REPLICAS` and `REDIS_REPLICA_TIMEOUT`: what appends ask of replicas.
+    #[command(flatten)]
+    pub durability: crate::bus::redis::Durability,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
         config::defaults()
-    }
-}
-
-impl Tuning {
-    /// What `REDIS_MIN_REPLICAS` and `REDIS_REPLICA_TIMEOUT` ask of appends.
-    pub fn durability(&self) -> crate::bus::redis::Durability {
-        crate::bus::redis::Durability {
-            min_replicas: self.redis_min_replicas,
-            timeout: self.redis_replica_timeout,
-        }
     }
 }
 
@@ -367,7 +349,7 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
         // A replica never appends enough to trim; the gateway's setting governs the log.
         100_000,
         crate::bus::redis::REQUEST_TIMEOUT,
-        settings.durability(),
+        settings.durability,
     )
     .await?;
     let pool =
