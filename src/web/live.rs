@@ -372,6 +372,19 @@ pub fn whereabouts(channel: Option<Id<ChannelMarker>>) -> Bytes {
     Bytes::from(out)
 }
 
+/// The "live updates are delayed" banner as it stands (`None`: not delayed), for a stream
+/// just opened: a page rendered while the gateway was quiet may have missed the notice
+/// that it is back.
+pub fn gateway_banner(delayed: Option<&str>) -> Bytes {
+    let mut out = String::new();
+    message(
+        &mut out,
+        "gateway",
+        &render(&GatewayBanner { delayed, oob: true }),
+    );
+    Bytes::from(out)
+}
+
 /// The "live updates are delayed" banner, as a notice to every stream.
 pub fn gateway_notice(data: &EventData) -> Option<Bytes> {
     let EventData::GatewayStatus { state, reason } = data else {

@@ -750,6 +750,7 @@ pub async fn html_stream(
     let bus = app.bus.clone();
     let delivered = hub.delivered.clone();
     let rank = rand::random_range(0..1000u32);
+    let banner = live::gateway_banner(app.upstream.current().banner().as_deref());
     let frames = async_stream::stream! {
         let _counted = counted;
         let _watch = watch;
@@ -813,6 +814,7 @@ pub async fn html_stream(
             yield live::position(last);
         }
         yield whereabouts;
+        yield banner;
         loop {
             let next = match pending.pop_front() {
                 Some(frame) => Ok(frame),

@@ -398,3 +398,90 @@ async fn the_pages_at_laptop_and_phone_size() {
         let _ = c.close().await;
     }
 }
+
+/// The README's demo walk in two browsers: one logs in and makes a room while the
+/// simulated players play; a second profile logs in as another player, follows the
+/// room's invite link, opens it "in Discord" (the simulator's page) and joins voice, all
+/// within 15 s of the room's creation, and the room page says they are in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_demo_walk_lets_a_friend_in_within_fifteen_seconds() {
+    let demo = crate::demo::Demo::start(&[], &[("DEMO_PLAYER_INTERVAL", "200ms")]);
+    let driver = Driver::start();
+    let first = driver.browser().await;
+    first.goto(&format!("{}/", demo.web)).await.unwrap();
+    first
+        .find(Locator::Css("a[href^='/auth/login']"))
+        .await
+        .expect("a login button")
+        .click()
+        .await
+        .unwrap();
+    crate::browser::pick(&first, "Ash").await;
+    appears(&first, "the create form", "#room-name").await;
+    create(&first, "Friday Night Catan").await;
+    let created = Instant::now();
+    let room = room_of(&first).await;
+    appears(&first, "the invite link", "#invite-link").await;
+    let invite = first
+        .find(Locator::Css("#invite-link"))
+        .await
+        .unwrap()
+        .prop("value")
+        .await
+        .unwrap()
+        .expect("an invite link");
+
+    // "Open a second browser, log in as another player, and follow the room's invite link."
+    let friend = driver.browser().await;
+    friend.goto(&format!("{}/", demo.web)).await.unwrap();
+    friend
+        .find(Locator::Css("a[href^='/auth/login']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    crate::browser::pick(&friend, "Bramble").await;
+    url_has(&friend, "the rooms page", "/rooms").await;
+    friend.goto(&invite).await.unwrap();
+    url_has(&friend, "the room's page", &format!("/rooms/{room}")).await;
+    // Into voice the way the page offers: "Open in Discord", the simulator's channel page.
+    let open = friend
+        .find(Locator::XPath("//a[normalize-space(.)='Open in Discord']"))
+        .await
+        .expect("Open in Discord")
+        .attr("href")
+        .await
+        .unwrap()
+        .expect("a link");
+    assert!(open.starts_with(&demo.sim), "{open} is the simulator's");
+    friend.goto(&open).await.unwrap();
+    friend
+        .find(Locator::Css("button.join"))
+        .await
+        .expect("Join voice")
+        .click()
+        .await
+        .unwrap();
+    friend
+        .goto(&format!("{}/rooms/{room}", demo.web))
+        .await
+        .unwrap();
+    shown(
+        &friend,
+        "the friend's page saying they are in",
+        "[data-state=in]",
+    )
+    .await;
+    let took = created.elapsed();
+    eprintln!("the README's invite walk took {took:?} from the room's creation");
+    // The demo's gateway is up: no page keeps saying live updates are delayed.
+    wait_for("no delayed banner on the friend's page", || async {
+        (!crate::browser::displayed(&friend, "#gateway-banner").await).then_some(())
+    })
+    .await;
+    assert!(took < Duration::from_secs(15), "the walk took {took:?}");
+    shot(&friend, "50-demo-friend-in").await;
+    let _ = first.close().await;
+    let _ = friend.close().await;
+}
