@@ -858,8 +858,7 @@ pub async fn html_stream(
                     }
                     if let Some(html) = html.filter(|_| sight.shows(audience)) {
                         delivered.increment(1);
-                        let views: Vec<Id<ChannelMarker>> = viewing.iter().map(|(room, _)| *room).collect();
-                        yield html.for_views(&views).clone();
+                        yield html.for_views(|room| viewing.iter().any(|(r, _)| *r == room)).clone();
                     }
                 }
                 Ok(Frame::KeepAlive) => yield Bytes::from_static(KEEPALIVE),
