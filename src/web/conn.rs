@@ -445,11 +445,58 @@ async fn event_stream(
 }
 
 /// Body frames on their way out, with their chunk framing: written with one `writev`,
-/// the frames themselves never copied.
+/// the frames never copied and the framing made without allocating.
 #[derive(Default)]
 struct Chunks {
-    parts: std::collections::VecDeque<Bytes>,
+    parts: std::collections::VecDeque<Part>,
     frames: usize,
+}
+
+/// A piece of the output: a frame (shared by every stream), or a chunk-size line kept
+/// inline.
+enum Part {
+    Shared(Bytes),
+    /// Up to 16 hex digits and CRLF, from `at` to `end`.
+    Inline {
+        bytes: [u8; 18],
+        at: u8,
+        end: u8,
+    },
+}
+
+impl Part {
+    /// `{len:x}\r\n`, the line before a chunk of `len` bytes.
+    fn chunk_size(len: usize) -> Self {
+        let mut bytes = [0u8; 18];
+        let mut digits = [0u8; 16];
+        let mut n = 0;
+        let mut v = len;
+        loop {
+            digits[n] = b"0123456789abcdef"[v & 0xf];
+            n += 1;
+            v >>= 4;
+            if v == 0 {
+                break;
+            }
+        }
+        for i in 0..n {
+            bytes[i] = digits[n - 1 - i];
+        }
+        bytes[n] = b'\r';
+        bytes[n + 1] = b'\n';
+        Part::Inline {
+            bytes,
+            at: 0,
+            end: (n + 2) as u8,
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Part::Shared(b) => b,
+            Part::Inline { bytes, at, end } => &bytes[usize::from(*at)..usize::from(*end)],
+        }
+    }
 }
 
 impl Chunks {
@@ -459,29 +506,29 @@ impl Chunks {
         };
         self.frames += 1;
         if chunked {
+            self.parts.push_back(Part::chunk_size(data.len()));
+            self.parts.push_back(Part::Shared(data));
             self.parts
-                .push_back(Bytes::from(format!("{:x}\r\n", data.len())));
-            self.parts.push_back(data);
-            self.parts.push_back(Bytes::from_static(b"\r\n"));
+                .push_back(Part::Shared(Bytes::from_static(b"\r\n")));
         } else {
-            self.parts.push_back(data);
+            self.parts.push_back(Part::Shared(data));
         }
     }
 }
 
 impl hyper::body::Buf for Chunks {
     fn remaining(&self) -> usize {
-        self.parts.iter().map(Bytes::len).sum()
+        self.parts.iter().map(|p| p.as_slice().len()).sum()
     }
 
     fn chunk(&self) -> &[u8] {
-        self.parts.front().map_or(&[], |b| b.as_ref())
+        self.parts.front().map_or(&[], Part::as_slice)
     }
 
     fn chunks_vectored<'a>(&'a self, dst: &mut [io::IoSlice<'a>]) -> usize {
         let mut n = 0;
         for (slot, part) in dst.iter_mut().zip(self.parts.iter()) {
-            *slot = io::IoSlice::new(part);
+            *slot = io::IoSlice::new(part.as_slice());
             n += 1;
         }
         n
@@ -492,13 +539,50 @@ impl hyper::body::Buf for Chunks {
             let Some(front) = self.parts.front_mut() else {
                 return;
             };
-            if cnt < front.len() {
-                hyper::body::Buf::advance(front, cnt);
+            let len = front.as_slice().len();
+            if cnt < len {
+                match front {
+                    Part::Shared(b) => hyper::body::Buf::advance(b, cnt),
+                    // cnt < len <= 18
+                    Part::Inline { at, .. } => *at += cnt as u8,
+                }
                 return;
             }
-            cnt -= front.len();
+            cnt -= len;
             self.parts.pop_front();
         }
+    }
+}
+
+#[cfg(test)]
+mod chunk_tests {
+    use super::*;
+    use hyper::body::Buf;
+
+    #[test]
+    fn frames_go_out_chunked_and_whole_however_the_socket_takes_them() {
+        let mut out = Chunks::default();
+        out.push(Some(Bytes::from_static(b"id: 1\n\n")), true);
+        out.push(Some(Bytes::from(vec![b'x'; 300])), true);
+        out.push(Some(Bytes::new()), true);
+        let mut want = b"7\r\nid: 1\n\n\r\n12c\r\n".to_vec();
+        want.extend_from_slice(&[b'x'; 300]);
+        want.extend_from_slice(b"\r\n");
+        assert_eq!(out.frames, 2);
+        assert_eq!(out.remaining(), want.len());
+        // A socket that takes a few bytes at a time, splitting inside every part.
+        let mut got = Vec::new();
+        while out.has_remaining() {
+            let take = out.chunk().len().min(2);
+            got.extend_from_slice(&out.chunk()[..take]);
+            out.advance(take);
+        }
+        assert_eq!(got, want);
+        assert_eq!(Part::chunk_size(0).as_slice(), b"0\r\n");
+        assert_eq!(
+            Part::chunk_size(usize::MAX).as_slice(),
+            b"ffffffffffffffff\r\n"
+        );
     }
 }
 
