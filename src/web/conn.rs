@@ -340,10 +340,13 @@ fn lean_request(head: &[u8]) -> Option<Request<Body>> {
             return None;
         }
         if name == axum::http::header::ACCEPT {
-            wants_stream |= h
-                .value
-                .split(|b| *b == b',')
-                .any(|v| v.trim_ascii().starts_with(b"text/event-stream"));
+            // A media range, its parameters after `;`; types compare case-insensitively.
+            wants_stream |= h.value.split(|b| *b == b',').any(|range| {
+                let media = range.split(|b| *b == b';').next().unwrap_or_default();
+                media
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"text/event-stream")
+            });
         }
         builder = builder.header(name, axum::http::HeaderValue::from_bytes(h.value).ok()?);
     }
@@ -555,9 +558,64 @@ impl hyper::body::Buf for Chunks {
 }
 
 #[cfg(test)]
-mod chunk_tests {
+mod lean_tests {
     use super::*;
     use hyper::body::Buf;
+
+    #[test]
+    fn only_a_plain_get_for_an_event_stream_takes_the_lean_path() {
+        let head =
+            |lines: &str| format!("GET /api/stream?room=1 HTTP/1.1\r\nHost: c\r\n{lines}\r\n");
+        let stream = "Accept: text/event-stream\r\n";
+        let lean = |h: &str| lean_request(h.as_bytes()).is_some();
+        assert!(lean(&head(stream)));
+        let request = lean_request(head(stream).as_bytes()).unwrap();
+        assert_eq!(request.uri(), "/api/stream?room=1");
+        assert!(lean(&head(
+            "accept: text/html, text/event-stream;q=0.9\r\n"
+        )));
+        assert!(lean(&head(&format!("{stream}Content-Length: 0\r\n"))));
+        for (what, h) in [
+            ("no Accept", head("")),
+            ("another type", head("Accept: text/html\r\n")),
+            (
+                "a type that only starts alike",
+                head("Accept: text/event-streams-x\r\n").replace("streams-x", "streamx"),
+            ),
+            ("a body", head(&format!("{stream}Content-Length: 5\r\n"))),
+            (
+                "chunked",
+                head(&format!("{stream}Transfer-Encoding: chunked\r\n")),
+            ),
+            ("Expect", head(&format!("{stream}Expect: 100-continue\r\n"))),
+            ("Upgrade", head(&format!("{stream}Upgrade: websocket\r\n"))),
+            ("HTTP/1.0", head(stream).replace("HTTP/1.1", "HTTP/1.0")),
+            ("POST", head(stream).replace("GET", "POST")),
+            ("HEAD", head(stream).replace("GET", "HEAD")),
+            (
+                "a bad header name",
+                head(&format!("{stream}Bad Name: x\r\n")),
+            ),
+            (
+                "a control byte in a value",
+                head(&format!("{stream}X: a\u{1}b\r\n")),
+            ),
+            (
+                "a bad target",
+                head(stream).replace("/api/stream?room=1", "/a b"),
+            ),
+            (
+                "an unfinished head",
+                head(stream).trim_end_matches("\r\n").to_owned(),
+            ),
+            (
+                "too many headers",
+                head(&format!("{stream}{}", "X: y\r\n".repeat(LEAN_HEADERS))),
+            ),
+        ] {
+            assert!(!lean(&h), "{what}: {h:?}");
+        }
+    }
 
     #[test]
     fn frames_go_out_chunked_and_whole_however_the_socket_takes_them() {

@@ -267,14 +267,16 @@ async fn open_in_discord_leads_to_the_sims_channel_page_where_you_join_voice() {
         "the browser's own user is preselected: {html}"
     );
 
+    // The page's form: who, and join or leave.
+    let press = |user: &str, action: &str| {
+        browser
+            .http
+            .post(&channel_page)
+            .form(&[("user_id", user), ("action", action)])
+            .send()
+    };
     // Someone without the room's role is refused as Discord refuses them.
-    let refused = browser
-        .http
-        .post(&channel_page)
-        .form(&[("user_id", bramble.as_str()), ("action", "join")])
-        .send()
-        .await
-        .unwrap();
+    let refused = press(&bramble, "join").await.unwrap();
     assert_eq!(refused.status(), 403);
     let html = refused.text().await.unwrap();
     assert!(html.contains("Discord refused"), "{html}");
@@ -288,13 +290,7 @@ async fn open_in_discord_leads_to_the_sims_channel_page_where_you_join_voice() {
         .unwrap();
     assert_eq!(res.status(), 200);
     let mut stream = Sse::new(res);
-    let joined = browser
-        .http
-        .post(&channel_page)
-        .form(&[("user_id", ash.as_str()), ("action", "join")])
-        .send()
-        .await
-        .unwrap();
+    let joined = press(&ash, "join").await.unwrap();
     assert_eq!(joined.status(), 303, "{}", joined.text().await.unwrap());
     assert_eq!(location(&joined), format!("/channels/{guild}/{room}"));
     let events = stream
@@ -306,13 +302,7 @@ async fn open_in_discord_leads_to_the_sims_channel_page_where_you_join_voice() {
     assert!(html.contains("Ash"), "{html}");
 
     // Disconnect, from the same page.
-    let left = browser
-        .http
-        .post(&channel_page)
-        .form(&[("user_id", ash.as_str()), ("action", "leave")])
-        .send()
-        .await
-        .unwrap();
+    let left = press(&ash, "leave").await.unwrap();
     assert_eq!(left.status(), 303);
     stream
         .until(|m| m.event == "voice.left" && m.json()["data"]["user_id"] == ash.as_str())
