@@ -438,16 +438,15 @@ impl Hub {
             *access = Arc::new(next);
         }
         let mut state = self.lock_state();
-        let prior = live::Prior::of(&state, &event.data);
+        let rendered = self.html_streams.load(Ordering::Acquire) > 0;
+        // What the fragments need from before the event, only when they are rendered.
+        let prior = rendered.then(|| live::Prior::of(&state, &event.data));
         if event.id > state.at {
             state.apply(event);
         }
-        let rendered = self.html_streams.load(Ordering::Acquire) > 0;
-        let html = if rendered {
-            live::fragments(&state, event, &prior).map(Arc::new)
-        } else {
-            None
-        };
+        let html = prior
+            .and_then(|prior| live::fragments(&state, event, &prior))
+            .map(Arc::new);
         let frame = Frame::Event {
             id: event.id,
             audience: event.data.audience(),

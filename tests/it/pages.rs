@@ -491,3 +491,54 @@ async fn the_readmes_demo_walk_lets_a_friend_in_within_fifteen_seconds() {
     let _ = first.close().await;
     let _ = friend.close().await;
 }
+
+/// The relay (`assets/relay.js`) keeps the last messages for tabs that open later and
+/// forgets whole events only: what it keeps starts right after the id it says it is
+/// complete from, however many messages passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_keeps_whole_events_for_tabs_that_open_later() {
+    let stack = Stack::start(1, &[]).await;
+    let driver = Driver::start();
+    let c = driver.browser().await;
+    c.goto(&stack.web(0).url("/")).await.unwrap();
+    let kept = wait_for("the relay script", || async {
+        c.execute(
+            r#"
+            if (!window.CovenRelay) return null;
+            var r = new CovenRelay(), got = [];
+            r.tabs.set("t", { post: function (x) { got.push(x.msg); }, view: "5" });
+            // 1,700 events of two messages and their id: some for the rooms list (not this
+            // tab's), some for room 5's page (this tab's).
+            for (var i = 1; i <= 1700; i++) {
+              var w = "1-" + (i - 1);
+              r.relay({ type: "rooms", data: "list " + i, w: w });
+              r.relay({ type: "room-5", data: "room " + i, w: w });
+              r.relay({ type: "at", data: "1-" + i, w: "1-" + i });
+            }
+            var first = r.recent[0], last = r.recent[r.recent.length - 1];
+            return {
+              kept: r.recent.length, complete: r.complete, first_w: first.w,
+              first_type: first.type, last: last.data,
+              posted: got.length, posted_rooms: got.filter(function (m) { return m.type === "rooms"; }).length
+            };
+            "#,
+            vec![],
+        )
+        .await
+        .ok()
+        .filter(|v| !v.is_null())
+    })
+    .await;
+    let n = |k: &str| kept[k].as_u64().unwrap();
+    assert!((500..=1000).contains(&n("kept")), "{kept}");
+    assert_eq!(n("kept") % 3, 0, "whole events only: {kept}");
+    assert_eq!(
+        kept["first_w"], kept["complete"],
+        "kept from right after `complete`: {kept}"
+    );
+    assert_eq!(kept["first_type"], "rooms", "{kept}");
+    assert_eq!(kept["last"], "1-1700");
+    // The tab viewing room 5 got its room's messages and every id, not the rooms list's.
+    assert_eq!((n("posted"), n("posted_rooms")), (3400, 0), "{kept}");
+    let _ = c.close().await;
+}
