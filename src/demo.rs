@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use twilight_model::id::Id;
 use url::Url;
 
+use crate::access::MemberRecord;
 use crate::bus::{Backend, Snapshot};
 use crate::discord::DiscordSettings;
 use crate::{config, gateway, sim, web};
@@ -190,6 +191,15 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
     web::serve(listener, router, app, shutdown).await
 }
 
+/// How the players reach the simulated Discord: its REST API as the bot, its control API
+/// as the players' Discord clients.
+struct SimClient {
+    http: reqwest::Client,
+    url: String,
+    bot_token: String,
+    guild: u64,
+}
+
 /// Simulated players: every so often one of them does something a person in Discord
 /// does. Rooms made from the web fill up; players come and go.
 async fn players(
@@ -200,7 +210,12 @@ async fn players(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let http = reqwest::Client::new();
+    let sim = SimClient {
+        http: reqwest::Client::new(),
+        url: sim_url,
+        bot_token,
+        guild,
+    };
     let mut roster: Vec<u64> = Vec::new();
     loop {
         let jitter = rand::random_range(0.5..1.5);
@@ -209,7 +224,7 @@ async fn players(
             () = tokio::time::sleep(interval.mul_f64(jitter)) => {}
         }
         if roster.is_empty() {
-            roster = match seeded_members(&http, &sim_url).await {
+            roster = match seeded_members(&sim.http, &sim.url).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::debug!(error = %e, "players: cannot read the simulated guild");
@@ -224,15 +239,11 @@ async fn players(
         // players never log in.
         let mut humans = Vec::new();
         for user in &roster {
-            if matches!(bus.member(Id::new(*user)).await, Ok(Some(_))) {
-                humans.push(*user);
+            if let Ok(Some(m)) = bus.member(Id::new(*user)).await {
+                humans.push(m);
             }
         }
-        if let Err(e) = step(
-            &http, &sim_url, &bot_token, guild, &snapshot, &roster, &humans,
-        )
-        .await
-        {
+        if let Err(e) = step(&sim, &snapshot, &roster, &humans).await {
             tracing::debug!(error = %e, "players: a move did not work");
         }
     }
@@ -264,16 +275,15 @@ async fn seeded_members(http: &reqwest::Client, sim_url: &str) -> anyhow::Result
 
 /// One move: someone free joins a room that has space, or someone in a room changes
 /// their mute/camera/stream, wanders to another room, or leaves. Players leave at least
-/// one seat free in every room (so the friend the README tells you to invite gets in) and
-/// never touch the humans: people who logged in, created a room or look at one.
+/// one seat free in every room (so the friend the README tells you to invite gets in),
+/// keep a seat for each person the room belongs to (its creator and whoever followed its
+/// invite: logged-in people holding its role) who is not in it yet, and never touch the
+/// humans: people who logged in, created a room or look at one.
 async fn step(
-    http: &reqwest::Client,
-    sim_url: &str,
-    bot_token: &str,
-    guild: u64,
+    sim: &SimClient,
     snapshot: &Snapshot,
     roster: &[u64],
-    logged_in: &[u64],
+    logged_in: &[MemberRecord],
 ) -> anyhow::Result<()> {
     // Rooms made from the web (they have a role); their creators and whoever is looking
     // at a page are the humans, whom the players leave alone.
@@ -293,7 +303,7 @@ async fn step(
                 .into_iter()
                 .chain(r.viewers.iter().map(|v| v.id.get()))
         })
-        .chain(logged_in.iter().copied())
+        .chain(logged_in.iter().map(|m| m.user_id.get()))
         .collect();
     let free: Vec<u64> = roster
         .iter()
@@ -309,39 +319,31 @@ async fn step(
         .map(|(u, v)| (u.get(), v))
         .collect();
     let (room_id, room) = rooms[rand::random_range(0..rooms.len())];
-    let players = snapshot.members(*room_id).count();
-    // Joining must still leave a seat for a person.
-    let has_space = room.user_limit == 0 || players + 1 < usize::from(room.user_limit);
+    let present = snapshot.members(*room_id).count();
+    // Seats kept for the room's own people who are not in it yet, plus one for whoever
+    // comes next: a player joins only if that many stay free after them.
+    let expected = logged_in
+        .iter()
+        .filter(|m| {
+            room.creator_id == Some(m.user_id) || room.role_id.is_some_and(|r| m.roles.contains(&r))
+        })
+        .filter(|m| snapshot.voice.get(&m.user_id).map(|v| v.channel_id) != Some(*room_id))
+        .count();
+    let leave_free = 1 + expected;
+    let has_space =
+        room.user_limit == 0 || present + 1 + leave_free <= usize::from(room.user_limit);
     let roll: f64 = rand::random();
     if has_space && !free.is_empty() && (seated.is_empty() || roll < 0.4) {
         let user = free[rand::random_range(0..free.len())];
-        enter(
-            http,
-            sim_url,
-            bot_token,
-            guild,
-            user,
-            room_id.get(),
-            room.role_id,
-        )
-        .await?;
+        enter(sim, user, room_id.get(), room.role_id, leave_free).await?;
     } else if let Some((user, v)) =
         (!seated.is_empty()).then(|| seated[rand::random_range(0..seated.len())])
     {
         if roll > 0.9 {
-            voice(http, sim_url, user, None, serde_json::json!({})).await?;
+            voice(sim, user, None, serde_json::json!({})).await?;
         } else if roll > 0.8 && has_space && *room_id != v.channel_id {
             // Wander to another room.
-            enter(
-                http,
-                sim_url,
-                bot_token,
-                guild,
-                user,
-                room_id.get(),
-                room.role_id,
-            )
-            .await?;
+            enter(sim, user, room_id.get(), room.role_id, leave_free).await?;
         } else {
             // The sim takes the whole set of flags: change one, keep the others.
             let mut f = v.flags;
@@ -356,7 +358,7 @@ async fn step(
                 "self_video": f.self_video,
                 "self_stream": f.self_stream,
             });
-            voice(http, sim_url, user, Some(v.channel_id.get()), flags).await?;
+            voice(sim, user, Some(v.channel_id.get()), flags).await?;
         }
     }
     Ok(())
@@ -364,38 +366,36 @@ async fn step(
 
 /// A player gets a room's role, as following its invite would, and joins its voice.
 async fn enter(
-    http: &reqwest::Client,
-    sim_url: &str,
-    bot_token: &str,
-    guild: u64,
+    sim: &SimClient,
     user: u64,
     room: u64,
     role: Option<Id<twilight_model::id::marker::RoleMarker>>,
+    leave_free: usize,
 ) -> anyhow::Result<()> {
     if let Some(role) = role {
-        http.put(format!(
-            "{sim_url}/api/v10/guilds/{guild}/members/{user}/roles/{role}"
-        ))
-        .header("authorization", format!("Bot {bot_token}"))
-        .send()
-        .await?
-        .error_for_status()?;
+        sim.http
+            .put(format!(
+                "{}/api/v10/guilds/{}/members/{user}/roles/{role}",
+                sim.url, sim.guild
+            ))
+            .header("authorization", format!("Bot {}", sim.bot_token))
+            .send()
+            .await?
+            .error_for_status()?;
     }
     // The sim checks the free seat in one step with the join: a person arriving at the
     // same moment keeps their seat (a refused join is just a move not made).
     voice(
-        http,
-        sim_url,
+        sim,
         user,
         Some(room),
-        serde_json::json!({"leave_free": 1}),
+        serde_json::json!({ "leave_free": leave_free }),
     )
     .await
 }
 
 async fn voice(
-    http: &reqwest::Client,
-    sim_url: &str,
+    sim: &SimClient,
     user: u64,
     channel: Option<u64>,
     flags: serde_json::Value,
@@ -407,7 +407,8 @@ async fn voice(
     if let (Some(b), Some(f)) = (body.as_object_mut(), flags.as_object()) {
         b.extend(f.clone());
     }
-    http.post(format!("{sim_url}/_sim/voice"))
+    sim.http
+        .post(format!("{}/_sim/voice", sim.url))
         .json(&body)
         .send()
         .await?
