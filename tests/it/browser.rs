@@ -449,6 +449,8 @@ async fn a_dead_gateway_shows_the_delayed_banner_on_open_and_fresh_pages_until_o
     // A page loaded now shows it from the start.
     let fresh = driver.browser().await;
     log_in(&fresh, a, "Bramble").await;
+    // The rooms page has loaded (the URL can change before its document is there).
+    appears(&fresh, "the create form", "#room-name").await;
     assert!(
         displayed(&fresh, "#gateway-banner").await,
         "rendered with the banner"
