@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use fred::clients::SubscriberClient;
@@ -174,6 +175,10 @@ pub struct RedisBus {
     max_len: u64,
     scripts: Arc<Scripts>,
     live: broadcast::Sender<Arc<Event>>,
+    /// Names this process's unnamed appends (with `appends`), so that one fred sends
+    /// again is recognised: see [`Bus::append`] below.
+    name: String,
+    appends: AtomicU64,
 }
 
 /// Reconnect for ever, backing off up to two seconds: Redis outages are waited out.
@@ -321,6 +326,8 @@ impl RedisBus {
             max_len,
             scripts,
             live,
+            name: format!("{:016x}", rand::random::<u64>()),
+            appends: AtomicU64::new(0),
         };
         let subscriber = builder.build_subscriber_client()?;
         subscriber.init().await.map_err(|e| not_connected(url, e))?;
@@ -695,7 +702,19 @@ async fn fill(reader: &Reader, last: &mut EventId, live: &broadcast::Sender<Arc<
 #[async_trait::async_trait]
 impl Bus for RedisBus {
     async fn append(&self, data: EventData, fence: Option<&Fence>) -> BusResult<Arc<Event>> {
-        self.append_request(data, fence, None).await
+        // fred sends a command again when its connection closed before the answer came
+        // (`max_command_attempts`), so a script that ran can run twice. Every append is
+        // named, by this process and a counter: the second run is answered with the
+        // event the first appended (the name is kept an hour).
+        let request = Request {
+            writer: format!(
+                "{}.{}",
+                self.name,
+                self.appends.fetch_add(1, Ordering::Relaxed)
+            ),
+            seq: 0,
+        };
+        self.append_request(data, fence, Some(&request)).await
     }
 
     async fn append_once(

@@ -552,3 +552,108 @@ async fn coven_publish_rides_out_a_redis_outage_longer_than_five_seconds() {
         pings.stdout()
     );
 }
+
+/// A TCP relay to Redis that, once armed, forwards the next `EVALSHA` and then closes
+/// that connection as soon as Redis starts answering: the script ran, its answer is lost.
+struct AnswerCutter {
+    port: u16,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: std::sync::Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AnswerCutter {
+    async fn start(redis_port: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cut = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (a, c) = (armed.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let Ok(mut server) =
+                    tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                else {
+                    continue;
+                };
+                let (armed, cut) = (a.clone(), c.clone());
+                tokio::spawn(async move {
+                    let (mut up, mut down) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+                    let mut cutting = false;
+                    loop {
+                        tokio::select! {
+                            n = client.read(&mut up) => {
+                                let Ok(n @ 1..) = n else { return };
+                                if server.write_all(&up[..n]).await.is_err() {
+                                    return;
+                                }
+                                let sent = up[..n].to_ascii_uppercase();
+                                if sent.windows(7).any(|w| w == b"EVALSHA")
+                                    && armed.swap(false, Ordering::SeqCst)
+                                {
+                                    cutting = true;
+                                }
+                            }
+                            n = server.read(&mut down) => {
+                                let Ok(n @ 1..) = n else { return };
+                                if cutting {
+                                    cut.notify_one();
+                                    return; // both sockets close with the task
+                                }
+                                if client.write_all(&down[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        AnswerCutter {
+            port,
+            armed,
+            cut,
+            task,
+        }
+    }
+}
+
+impl Drop for AnswerCutter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// fred sends a command again when its connection closes before the answer came
+/// (`max_command_attempts`): an append whose answer was lost, from a caller that never
+/// retries by itself (a web replica), still reaches the log once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_whose_answer_is_lost_reaches_the_log_once() {
+    let redis = RedisServer::start();
+    let cutter = AnswerCutter::start(redis.port).await;
+    let url = format!("redis://127.0.0.1:{}", cutter.port);
+    let bus = RedisBus::connect(&url, "test", Id::new(GUILD), 1000)
+        .await
+        .expect("connects through the relay");
+    // The first append loads the script; the second's answer is cut.
+    let first = bus.append(room(1, None), None).await.unwrap();
+    cutter
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let second = within("the append whose answer was cut", async {
+        tokio::join!(bus.append(room(2, None), None), cutter.cut.notified()).0
+    })
+    .await
+    .expect("answered on the new connection");
+    let Since::Events(log) = bus.since(EventId::ZERO, 100).await.unwrap() else {
+        panic!("no gap");
+    };
+    assert_eq!(
+        log.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [first.id, second.id],
+        "the cut append is in the log once, as answered"
+    );
+    assert_eq!(bus.snapshot().await.unwrap().at, second.id);
+}
