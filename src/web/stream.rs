@@ -1004,9 +1004,17 @@ pub async fn stream(
     let me = sight.user;
     if let Some(room) = room {
         // A room page's stream: the room must exist and be this person's to see, or no
-        // viewer is recorded.
-        let snapshot = app.bus.snapshot().await?;
-        if !snapshot.rooms.contains_key(&room) || !snapshot.access.can_see(sight.seer(), room) {
+        // viewer is recorded. Asked of the hub's state (a change after it arrives as a
+        // frame); only a room the hub has not reached yet, made a moment ago, is looked
+        // up in Redis.
+        let known = app.hub.lock_state().rooms.contains_key(&room);
+        let allowed = if known {
+            sight.visible.contains(&room)
+        } else {
+            let snapshot = app.bus.snapshot().await?;
+            snapshot.rooms.contains_key(&room) && snapshot.access.can_see(sight.seer(), room)
+        };
+        if !allowed {
             return Err(super::rooms::no_such_room());
         }
     }
