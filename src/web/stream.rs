@@ -44,19 +44,7 @@ const DRAIN_STEPS: u32 = 20;
 
 #[derive(Clone, Debug)]
 enum Frame {
-    Event {
-        id: EventId,
-        audience: Audience,
-        bytes: Bytes,
-        /// Set when the event changes who may see what, or ends someone's streams.
-        control: Option<Control>,
-        /// The pages' HTML for the event, rendered once; `None` when no page shows it.
-        html: Option<Arc<live::Html>>,
-        /// Whether `html` was rendered: it is only while pages' streams are open.
-        rendered: bool,
-        /// Whose voice state the event changes, and the channel they are in after it.
-        subject: Option<(Id<UserMarker>, Option<Id<ChannelMarker>>)>,
-    },
+    Event(Arc<EventFrame>),
     KeepAlive,
     /// This replica's own word to every stream (the gateway went quiet or came back), as
     /// JSON and as the pages' HTML.
@@ -65,6 +53,24 @@ enum Frame {
     Drain(u32),
     /// The hub lost events it cannot recover: every stream ends and reconnects.
     Cut,
+}
+
+/// An event as the streams get it: built once by the hub, and shared (a stream's copy is
+/// one reference count).
+#[derive(Debug)]
+struct EventFrame {
+    id: EventId,
+    audience: Audience,
+    /// The SSE frame of `/api/stream`.
+    bytes: Bytes,
+    /// Set when the event changes who may see what, or ends someone's streams.
+    control: Option<Control>,
+    /// The pages' HTML for the event, rendered once; `None` when no page shows it.
+    html: Option<Arc<live::Html>>,
+    /// Whether `html` was rendered: it is only while pages' streams are open.
+    rendered: bool,
+    /// Whose voice state the event changes, and the channel they are in after it.
+    subject: Option<(Id<UserMarker>, Option<Id<ChannelMarker>>)>,
 }
 
 /// What an event tells the streams themselves (never sent to a browser).
@@ -158,8 +164,8 @@ impl Recent {
                 break;
             };
             self.bytes -= frame_size(&frame);
-            if let Frame::Event { id, .. } = frame {
-                self.dropped = id;
+            if let Frame::Event(event) = frame {
+                self.dropped = event.id;
             }
         }
     }
@@ -172,7 +178,7 @@ impl Recent {
         }
         let start = self
             .frames
-            .partition_point(|f| matches!(f, Frame::Event { id, .. } if *id <= last));
+            .partition_point(|f| matches!(f, Frame::Event(e) if e.id <= last));
         let mut size = 0;
         let mut out = VecDeque::new();
         for frame in self.frames.range(start..) {
@@ -189,7 +195,7 @@ impl Recent {
 /// The bytes an event frame holds (its JSON and its HTML).
 fn frame_size(frame: &Frame) -> usize {
     match frame {
-        Frame::Event { bytes, html, .. } => bytes.len() + html.as_ref().map_or(0, |h| h.size()),
+        Frame::Event(e) => e.bytes.len() + e.html.as_ref().map_or(0, |h| h.size()),
         _ => 0,
     }
 }
@@ -447,7 +453,7 @@ impl Hub {
         let html = prior
             .and_then(|prior| live::fragments(&state, event, &prior))
             .map(Arc::new);
-        let frame = Frame::Event {
+        let frame = Frame::Event(Arc::new(EventFrame {
             id: event.id,
             audience: event.data.audience(),
             bytes: frame_bytes(event),
@@ -455,7 +461,7 @@ impl Hub {
             html,
             rendered,
             subject: subject(&event.data),
-        };
+        }));
         self.recent
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -748,7 +754,6 @@ pub async fn html_stream(
     };
     let bus = app.bus.clone();
     let delivered = hub.delivered.clone();
-    let rank = rand::random_range(0..1000u32);
     let banner = live::gateway_banner(app.upstream.current().banner().as_deref());
     let frames = async_stream::stream! {
         let _counted = counted;
@@ -814,72 +819,53 @@ pub async fn html_stream(
         }
         yield whereabouts;
         yield banner;
+        let mut feed = Feed::new(&hub, live, pending);
         loop {
-            let next = match pending.pop_front() {
-                Some(frame) => Ok(frame),
-                None => live.recv().await,
+            let event = match feed.next(Some(last), true).await {
+                Next::Event(event) => event,
+                Next::Send(bytes) => {
+                    yield bytes;
+                    continue;
+                }
+                Next::End => break,
             };
-            match next {
-                Ok(Frame::Event { id, audience, control, html, rendered, subject, .. }) => {
-                    match sight.obey(control) {
-                        Obey::End => break,
-                        Obey::Refresh => {
-                            let (appeared, gone) = sight.refresh(&hub.access());
-                            if !appeared.is_empty() || !gone.is_empty() {
-                                viewing.retain(|(room, _)| !gone.contains(room));
-                                let changed: Vec<Id<ChannelMarker>> = views
-                                    .iter()
-                                    .filter(|v| appeared.contains(v) || gone.contains(v))
-                                    .copied()
-                                    .collect();
-                                let whole = {
-                                    let state = hub.lock_state();
-                                    last = last.max(state.at);
-                                    live::refresh(&state, sight.seer(), &changed, false)
-                                };
-                                yield whole;
-                            }
-                        }
-                        Obey::Nothing => {}
-                    }
-                    if let Some((_, channel)) = subject.filter(|(user, _)| *user == sight.user) {
-                        yield live::whereabouts(channel);
-                    }
-                    if id <= last {
-                        continue;
-                    }
-                    last = id;
-                    if !rendered {
-                        // Sent before this stream was counted and after its state was
-                        // read: cannot happen (both are under the hub's state lock), but
-                        // if it did, a page could miss it; start again.
-                        break;
-                    }
-                    if let Some(html) = html.filter(|_| sight.shows(audience)) {
-                        delivered.increment(1);
-                        yield html.for_views(|room| viewing.iter().any(|(r, _)| *r == room)).clone();
+            match sight.obey(event.control.as_ref()) {
+                Obey::End => break,
+                Obey::Refresh => {
+                    let (appeared, gone) = sight.refresh(&hub.access());
+                    if !appeared.is_empty() || !gone.is_empty() {
+                        viewing.retain(|(room, _)| !gone.contains(room));
+                        let changed: Vec<Id<ChannelMarker>> = views
+                            .iter()
+                            .filter(|v| appeared.contains(v) || gone.contains(v))
+                            .copied()
+                            .collect();
+                        let whole = {
+                            let state = hub.lock_state();
+                            last = last.max(state.at);
+                            live::refresh(&state, sight.seer(), &changed, false)
+                        };
+                        yield whole;
                     }
                 }
-                Ok(Frame::KeepAlive) => yield Bytes::from_static(KEEPALIVE),
-                Ok(Frame::Notice(_, Some(html))) => yield html,
-                Ok(Frame::Notice(_, None)) => {}
-                Ok(Frame::Drain(level)) => {
-                    if rank < level {
-                        break;
-                    }
-                }
-                Ok(Frame::Cut) | Err(RecvError::Closed) => break,
-                Err(RecvError::Lagged(missed)) => match hub.catch_up_from(Some(last)) {
-                    Some(frames) => {
-                        metrics::counter!("coven_web_stream_catch_ups_total").increment(1);
-                        pending = frames;
-                    }
-                    None => {
-                        tracing::info!(missed, "stream fell too far behind; cutting it off");
-                        metrics::counter!("coven_web_streams_cut_off_total").increment(1);
-                        break;
-                    }
-                },
+                Obey::Nothing => {}
+            }
+            if let Some((_, channel)) = event.subject.filter(|(user, _)| *user == sight.user) {
+                yield live::whereabouts(channel);
+            }
+            if event.id <= last {
+                continue;
+            }
+            last = event.id;
+            if !event.rendered {
+                // Sent before this stream was counted and after its state was read:
+                // cannot happen (both are under the hub's state lock), but if it did, a
+                // page could miss it; start again.
+                break;
+            }
+            if let Some(html) = event.html.as_ref().filter(|_| sight.shows(event.audience)) {
+                delivered.increment(1);
+                yield html.for_views(|room| viewing.iter().any(|(r, _)| *r == room)).clone();
             }
         }
     };
@@ -888,15 +874,9 @@ pub async fn html_stream(
 
 /// Whether every event among `frames` has its HTML.
 fn all_rendered(frames: &VecDeque<Frame>) -> bool {
-    frames.iter().all(|f| {
-        !matches!(
-            f,
-            Frame::Event {
-                rendered: false,
-                ..
-            }
-        )
-    })
+    frames
+        .iter()
+        .all(|f| !matches!(f, Frame::Event(e) if !e.rendered))
 }
 
 /// The response for a stream of SSE frames.
@@ -916,6 +896,79 @@ fn event_stream(frames: impl futures_util::Stream<Item = Bytes> + Send + 'static
     response
 }
 
+/// A stream's place among the hub's frames: the live ring, and the replica's recent
+/// frames once it fell behind. What every stream does alike is done here (keep-alives,
+/// the shutdown drain, cut-offs, catching up after a burst); events go to the caller.
+struct Feed {
+    hub: Hub,
+    live: broadcast::Receiver<Frame>,
+    /// Frames to go out before the live ones (a catch-up, or what passed while the
+    /// stream was opening).
+    pending: VecDeque<Frame>,
+    /// This stream's place in the shutdown drain (of 1000).
+    rank: u32,
+}
+
+/// What a stream is handed next.
+enum Next {
+    Event(Arc<EventFrame>),
+    /// To send as it is: a keep-alive, or this replica's notice in the stream's format.
+    Send(Bytes),
+    End,
+}
+
+impl Feed {
+    fn new(hub: &Hub, live: broadcast::Receiver<Frame>, pending: VecDeque<Frame>) -> Self {
+        Feed {
+            hub: hub.clone(),
+            live,
+            pending,
+            rank: rand::random_range(0..1000),
+        }
+    }
+
+    /// The next event or bytes for a stream whose newest event is `last`; `html` picks
+    /// the pages' form of notices.
+    async fn next(&mut self, last: Option<EventId>, html: bool) -> Next {
+        loop {
+            let next = match self.pending.pop_front() {
+                Some(frame) => Ok(frame),
+                None => self.live.recv().await,
+            };
+            match next {
+                Ok(Frame::Event(event)) => return Next::Event(event),
+                Ok(Frame::KeepAlive) => return Next::Send(Bytes::from_static(KEEPALIVE)),
+                Ok(Frame::Notice(json, page)) => {
+                    if let Some(bytes) = if html { page } else { Some(json) } {
+                        return Next::Send(bytes);
+                    }
+                }
+                Ok(Frame::Drain(level)) => {
+                    if self.rank < level {
+                        return Next::End;
+                    }
+                }
+                Ok(Frame::Cut) | Err(RecvError::Closed) => return Next::End,
+                // A burst: catch up from the replica's recent frames (the live receiver
+                // has moved on to the oldest it still holds; the caller drops the overlap
+                // by id). Only a stream more than STREAM_MAX_BEHIND bytes behind is cut,
+                // and its reconnect replays from the log.
+                Err(RecvError::Lagged(missed)) => match self.hub.catch_up_from(last) {
+                    Some(frames) => {
+                        metrics::counter!("coven_web_stream_catch_ups_total").increment(1);
+                        self.pending = frames;
+                    }
+                    None => {
+                        tracing::info!(missed, "stream fell too far behind; cutting it off");
+                        metrics::counter!("coven_web_streams_cut_off_total").increment(1);
+                        return Next::End;
+                    }
+                },
+            }
+        }
+    }
+}
+
 /// What a stream does about an event's control part.
 enum Obey {
     /// Its login ended, or its viewer left the guild.
@@ -926,16 +979,18 @@ enum Obey {
 }
 
 impl Sight {
-    fn obey(&mut self, control: Option<Control>) -> Obey {
+    fn obey(&mut self, control: Option<&Control>) -> Obey {
         match control {
-            Some(Control::Removed(user)) if user == self.user => {
+            Some(Control::Removed(user)) if *user == self.user => {
                 tracing::info!(%user, "member removed; ending their stream");
                 Obey::End
             }
-            Some(Control::LoggedOut(user, login)) if user == self.user && *login == *self.login => {
+            Some(Control::LoggedOut(user, login))
+                if *user == self.user && **login == *self.login =>
+            {
                 Obey::End
             }
-            Some(Control::Roles(user, roles)) if user == self.user => {
+            Some(Control::Roles(user, roles)) if *user == self.user => {
                 self.roles = roles.to_vec();
                 Obey::Refresh
             }
@@ -999,7 +1054,7 @@ pub async fn stream(
     // Subscribe before replaying: whatever lands meanwhile is in one or the other, and
     // ids tell which was seen. Roles and permissions are read after subscribing, so a
     // change in between arrives as a frame.
-    let mut live = app.hub.tx.subscribe();
+    let live = app.hub.tx.subscribe();
     let mut sight = sight_of(&app, &who, room).await?;
     let me = sight.user;
     if let Some(room) = room {
@@ -1028,7 +1083,6 @@ pub async fn stream(
     let hub = app.hub.clone();
     let guild = app.settings.guild_id;
     let delivered = app.hub.delivered.clone();
-    let rank = rand::random_range(0..1000u32);
     let frames = async_stream::stream! {
         let _viewing = viewing;
         let _watch = watch;
@@ -1083,78 +1137,51 @@ pub async fn stream(
             }
             last = Some(cursor);
         }
-        // Frames to go out before the live ones: a catch-up after falling behind.
-        let mut pending: VecDeque<Frame> = VecDeque::new();
+        let mut feed = Feed::new(&hub, live, VecDeque::new());
         loop {
-            let next = match pending.pop_front() {
-                Some(frame) => Ok(frame),
-                None => live.recv().await,
+            let event = match feed.next(last, false).await {
+                Next::Event(event) => event,
+                Next::Send(bytes) => {
+                    yield bytes;
+                    continue;
+                }
+                Next::End => break,
             };
-            match next {
-                Ok(Frame::Event { id, audience, bytes, control, .. }) => {
-                    // Control is acted on even for an event the replay already sent: it
-                    // reads the hub's newest state, so acting twice changes nothing.
-                    let changed = match sight.obey(control) {
-                        Obey::End => break,
-                        Obey::Refresh => true,
-                        Obey::Nothing => false,
-                    };
-                    if changed {
-                        let (appeared, gone) = sight.refresh(&hub.access());
-                        if !appeared.is_empty() || !gone.is_empty() {
-                            let snapshot = hub.snapshot_since(id).await;
-                            match snapshot {
-                                Some(snapshot) => {
-                                    for data in view_changes(&snapshot, &sight, &appeared, &gone) {
-                                        if let Some(bytes) = view_bytes(id, guild, &data) {
-                                            yield bytes;
-                                        }
-                                    }
+            // Control is acted on even for an event the replay already sent: it reads the
+            // hub's newest state, so acting twice changes nothing.
+            let changed = match sight.obey(event.control.as_ref()) {
+                Obey::End => break,
+                Obey::Refresh => true,
+                Obey::Nothing => false,
+            };
+            if changed {
+                let (appeared, gone) = sight.refresh(&hub.access());
+                if !appeared.is_empty() || !gone.is_empty() {
+                    match hub.snapshot_since(event.id).await {
+                        Some(snapshot) => {
+                            for data in view_changes(&snapshot, &sight, &appeared, &gone) {
+                                if let Some(bytes) = view_bytes(event.id, guild, &data) {
+                                    yield bytes;
                                 }
-                                // The stream reconnects and renders afresh.
-                                None => break,
-                            }
-                            // A room page whose room the viewer may no longer see: told
-                            // (above), and no longer counted as viewing it.
-                            if sight.room.is_some_and(|room| gone.contains(&room)) {
-                                break;
                             }
                         }
+                        // The stream reconnects and renders afresh.
+                        None => break,
                     }
-                    if last.is_some_and(|l| id <= l) {
-                        continue;
-                    }
-                    last = Some(id);
-                    if sight.shows(audience) {
-                        delivered.increment(1);
-                        yield bytes;
-                    }
-                }
-                Ok(Frame::KeepAlive) => yield Bytes::from_static(KEEPALIVE),
-                Ok(Frame::Notice(bytes, _)) => yield bytes,
-                Ok(Frame::Drain(level)) => {
-                    if rank < level {
+                    // A room page whose room the viewer may no longer see: told (above),
+                    // and no longer counted as viewing it.
+                    if sight.room.is_some_and(|room| gone.contains(&room)) {
                         break;
                     }
                 }
-                Ok(Frame::Cut) | Err(RecvError::Closed) => break,
-                Err(RecvError::Lagged(missed)) => {
-                    // A burst: catch up from the replica's recent frames (the live
-                    // receiver has moved on to the oldest it still holds; ids drop the
-                    // overlap). Only a stream that fell more than STREAM_MAX_BEHIND
-                    // bytes behind is cut, and its reconnect replays from the log.
-                    match hub.catch_up_from(last) {
-                        Some(frames) => {
-                            metrics::counter!("coven_web_stream_catch_ups_total").increment(1);
-                            pending = frames;
-                        }
-                        None => {
-                            tracing::info!(missed, "stream fell too far behind; cutting it off");
-                            metrics::counter!("coven_web_streams_cut_off_total").increment(1);
-                            break;
-                        }
-                    }
-                }
+            }
+            if last.is_some_and(|l| event.id <= l) {
+                continue;
+            }
+            last = Some(event.id);
+            if sight.shows(event.audience) {
+                delivered.increment(1);
+                yield event.bytes.clone();
             }
         }
     };
@@ -1166,7 +1193,7 @@ mod tests {
     use super::*;
 
     fn frame(ms: u64, size: usize) -> Frame {
-        Frame::Event {
+        Frame::Event(Arc::new(EventFrame {
             id: EventId { ms, seq: 0 },
             audience: Audience::Everyone,
             bytes: Bytes::from(vec![b'x'; size]),
@@ -1174,14 +1201,14 @@ mod tests {
             html: None,
             rendered: false,
             subject: None,
-        }
+        }))
     }
 
     fn ids(frames: &VecDeque<Frame>) -> Vec<u64> {
         frames
             .iter()
             .filter_map(|f| match f {
-                Frame::Event { id, .. } => Some(id.ms),
+                Frame::Event(e) => Some(e.id.ms),
                 _ => None,
             })
             .collect()
