@@ -237,9 +237,11 @@ async fn two_players_in_two_browsers_share_a_room_live_until_it_closes() {
         })
         .await;
     }
+    // Pushed, not polled: a join that waited for a timer (a keep-alive, a reload) would
+    // take seconds. The margin is for a loaded 2-core CI machine; speed is the bench's.
     let took = started.elapsed();
     assert!(
-        took < Duration::from_secs(1),
+        took < Duration::from_secs(3),
         "the join took {took:?} to show on both pages"
     );
     assert_eq!(

@@ -75,7 +75,8 @@ async fn a_login_on_one_replica_works_on_the_other_and_both_streams_go_live() {
             joined.id.as_deref(),
             "id: is the envelope's id"
         );
-        assert!(took < Duration::from_secs(1), "took {took:?}");
+        // Pushed, not polled (the bench measures speed); the margin is for a loaded CI.
+        assert!(took < Duration::from_secs(3), "took {took:?}");
     }
     assert_eq!(
         on_a.retry,
@@ -677,8 +678,10 @@ async fn assert_unavailable(what: &str, request: reqwest::RequestBuilder) {
         body.contains("Temporarily unavailable"),
         "{what}: a readable page, got {body:?}"
     );
+    // REQUEST_TIMEOUT (1 s) and a margin for a loaded CI: not the 5 s and more of a
+    // request that waits for Redis to come back.
     assert!(
-        took < Duration::from_millis(1_500),
+        took < Duration::from_millis(3_000),
         "{what}: answered in {took:?}"
     );
 }
@@ -709,7 +712,7 @@ async fn while_redis_is_away_every_page_answers_503_at_once_and_all_works_after(
     let started = Instant::now();
     let ready = reqwest::get(web.url("/readyz")).await.unwrap();
     assert_eq!(ready.status(), 503);
-    assert!(started.elapsed() < Duration::from_millis(1_500));
+    assert!(started.elapsed() < Duration::from_millis(3_000));
     let health = reqwest::get(web.url("/healthz")).await.unwrap();
     assert_eq!(health.status(), 200, "the process is alive all the same");
 
