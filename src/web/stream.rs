@@ -170,6 +170,19 @@ impl Recent {
         }
     }
 
+    /// Whether `id` is an event this replica passed on and still knows of: one it holds,
+    /// or the newest it dropped.
+    fn passed_on(&self, id: EventId) -> bool {
+        (id == self.dropped && id != EventId::ZERO)
+            || self
+                .frames
+                .binary_search_by(|f| match f {
+                    Frame::Event(e) => e.id.cmp(&id),
+                    _ => std::cmp::Ordering::Less,
+                })
+                .is_ok()
+    }
+
     /// Every frame after `last`, when memory reaches back to it and they stay within
     /// `limit` bytes.
     fn after(&self, last: EventId, limit: usize) -> Option<VecDeque<Frame>> {
@@ -369,6 +382,27 @@ impl Hub {
         }
     }
 
+    /// Subscribes a stream, with the id of the newest event passed on before it. What the
+    /// stream reads afterwards (roles, access) is at least that new, so the controls of
+    /// events up to that id are already in it: see [`Sight::obey`].
+    fn subscribe(&self) -> (broadcast::Receiver<Frame>, EventId) {
+        // Under the state lock, which `publish` holds while it sends: no frame falls
+        // between the id and the subscription.
+        let state = self.lock_state();
+        (self.tx.subscribe(), state.at)
+    }
+
+    /// The frames after `last` for a stream that reconnects, when `last` is an id this
+    /// replica passed on and its recent frames reach back to it within the byte bound:
+    /// a wave of reconnecting browsers then costs no Redis round trip.
+    fn replay_from(&self, last: EventId) -> Option<VecDeque<Frame>> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent
+            .passed_on(last)
+            .then(|| recent.after(last, self.max_behind))
+            .flatten()
+    }
+
     fn lock_state(&self) -> std::sync::MutexGuard<'_, Snapshot> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -564,6 +598,9 @@ struct Sight {
     /// `?room=`: only this room's events.
     room: Option<Id<ChannelMarker>>,
     visible: HashSet<Id<ChannelMarker>>,
+    /// The newest event passed on when the stream subscribed: roles and access were read
+    /// after it, so they already reflect every event up to it.
+    as_of: EventId,
 }
 
 impl Sight {
@@ -718,8 +755,8 @@ pub async fn html_stream(
     let hub = app.hub.clone();
     // Counted before subscribing: every frame this stream receives is rendered.
     let counted = HtmlStream::new(&hub.html_streams);
-    let mut live = hub.tx.subscribe();
-    let mut sight = sight_of(&app, &who, None).await?;
+    let (mut live, as_of) = hub.subscribe();
+    let mut sight = sight_of(&app, &who, None, as_of).await?;
     let me = sight.user;
     // A page rendered from Redis a moment ago can be ahead of this replica's hub (a room
     // just made): wait briefly for the hub to get there, so the rooms the page shows are
@@ -829,7 +866,7 @@ pub async fn html_stream(
                 }
                 Next::End => break,
             };
-            match sight.obey(event.control.as_ref()) {
+            match sight.obey(&event) {
                 Obey::End => break,
                 Obey::Refresh => {
                     let (appeared, gone) = sight.refresh(&hub.access());
@@ -979,8 +1016,15 @@ enum Obey {
 }
 
 impl Sight {
-    fn obey(&mut self, control: Option<&Control>) -> Obey {
-        match control {
+    /// What to do about `event`'s control part. Only events newer than what the sight
+    /// was read from count: replayed from memory, an older "removed" would end the
+    /// stream of someone who has since come back (and end it again on every
+    /// reconnect), an older role change would take their newer roles away.
+    fn obey(&mut self, event: &EventFrame) -> Obey {
+        if event.id <= self.as_of {
+            return Obey::Nothing;
+        }
+        match event.control.as_ref() {
             Some(Control::Removed(user)) if *user == self.user => {
                 tracing::info!(%user, "member removed; ending their stream");
                 Obey::End
@@ -1007,6 +1051,7 @@ async fn sight_of(
     app: &super::App,
     who: &super::auth::SessionUser,
     room: Option<Id<ChannelMarker>>,
+    as_of: EventId,
 ) -> Result<Sight, WebError> {
     if app.hub.sessions.was_revoked(who) {
         return Err(WebError::NotLoggedIn {
@@ -1027,6 +1072,7 @@ async fn sight_of(
         roles,
         room,
         visible: HashSet::new(),
+        as_of,
     };
     sight.refresh(&app.hub.access());
     Ok(sight)
@@ -1054,8 +1100,8 @@ pub async fn stream(
     // Subscribe before replaying: whatever lands meanwhile is in one or the other, and
     // ids tell which was seen. Roles and permissions are read after subscribing, so a
     // change in between arrives as a frame.
-    let live = app.hub.tx.subscribe();
-    let mut sight = sight_of(&app, &who, room).await?;
+    let (live, as_of) = app.hub.subscribe();
+    let mut sight = sight_of(&app, &who, room, as_of).await?;
     let me = sight.user;
     if let Some(room) = room {
         // A room page's stream: the room must exist and be this person's to see, or no
@@ -1089,55 +1135,67 @@ pub async fn stream(
         let _connected = Connected::new();
         yield Bytes::from_static(RETRY);
         let mut last = after;
+        // Frames to go out before the live ones: a replay from the replica's memory.
+        let mut pending = VecDeque::new();
         if let Some(mut cursor) = after {
             metrics::counter!("coven_web_replays_total").increment(1);
-            // An id this log never gave out (from before Redis lost its data, or from
-            // another deployment) cannot be continued from: resync at once.
-            let foreign = match bus.holds(cursor).await {
-                Ok(held) => !held && cursor != EventId::ZERO,
+            let held = match bus.holds(cursor).await {
+                Ok(held) => held,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot check a stream's last id; it will reconnect");
                     return;
                 }
             };
-            loop {
-                let page = if foreign { Ok(Since::Gap) } else { bus.since(cursor, REPLAY_PAGE).await };
-                match page {
-                    Ok(Since::Events(events)) => {
-                        let n = events.len();
-                        for e in events {
-                            cursor = e.id;
-                            if sight.shows(e.data.audience()) {
-                                yield frame_bytes(&e);
+            // An id this log never gave out (from before Redis lost its data, or from
+            // another deployment) cannot be continued from: resync at once.
+            let foreign = !held && cursor != EventId::ZERO;
+            // Still in the log, so nothing after it was trimmed away: the replica's recent
+            // frames serve the replay when they reach back to it (a wave of reconnecting
+            // browsers costs one small read each, not pages of the log). An id the log
+            // no longer has gets its resync as the contract says, memory or not.
+            let remembered = if held { hub.replay_from(cursor) } else { None };
+            if let Some(frames) = remembered {
+                pending = frames;
+            } else {
+                loop {
+                    let page = if foreign { Ok(Since::Gap) } else { bus.since(cursor, REPLAY_PAGE).await };
+                    match page {
+                        Ok(Since::Events(events)) => {
+                            let n = events.len();
+                            for e in events {
+                                cursor = e.id;
+                                if sight.shows(e.data.audience()) {
+                                    yield frame_bytes(&e);
+                                }
+                            }
+                            if n < REPLAY_PAGE {
+                                break;
                             }
                         }
-                        if n < REPLAY_PAGE {
+                        Ok(Since::Gap) => {
+                            metrics::counter!("coven_web_resyncs_total").increment(1);
+                            match bus.snapshot().await {
+                                Ok(snapshot) => {
+                                    cursor = snapshot.at;
+                                    yield resync_bytes(snapshot.at);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "cannot resync a stream");
+                                    return;
+                                }
+                            }
                             break;
                         }
-                    }
-                    Ok(Since::Gap) => {
-                        metrics::counter!("coven_web_resyncs_total").increment(1);
-                        match bus.snapshot().await {
-                            Ok(snapshot) => {
-                                cursor = snapshot.at;
-                                yield resync_bytes(snapshot.at);
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cannot resync a stream");
-                                return;
-                            }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot replay a stream; it will reconnect");
+                            return;
                         }
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot replay a stream; it will reconnect");
-                        return;
                     }
                 }
+                last = Some(cursor);
             }
-            last = Some(cursor);
         }
-        let mut feed = Feed::new(&hub, live, VecDeque::new());
+        let mut feed = Feed::new(&hub, live, pending);
         loop {
             let event = match feed.next(last, false).await {
                 Next::Event(event) => event,
@@ -1147,9 +1205,10 @@ pub async fn stream(
                 }
                 Next::End => break,
             };
-            // Control is acted on even for an event the replay already sent: it reads the
-            // hub's newest state, so acting twice changes nothing.
-            let changed = match sight.obey(event.control.as_ref()) {
+            // Control is acted on even for an event the replay already sent (when newer
+            // than the sight): it reads the hub's newest state, so acting twice changes
+            // nothing.
+            let changed = match sight.obey(&event) {
                 Obey::End => break,
                 Obey::Refresh => true,
                 Obey::Nothing => false,
@@ -1212,6 +1271,26 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_replay_from_memory_starts_only_at_an_id_this_replica_passed_on() {
+        let mut recent = Recent::new(300);
+        for ms in [1, 3, 5, 7, 9] {
+            recent.push(frame(ms, 100));
+        }
+        // Holds 5, 7 and 9; 3 is the newest dropped.
+        let at = |ms| EventId { ms, seq: 0 };
+        assert!(recent.passed_on(at(7)));
+        assert!(recent.passed_on(at(9)));
+        assert!(recent.passed_on(at(3)), "the newest dropped is known");
+        assert!(!recent.passed_on(at(6)), "an id never given out");
+        assert!(
+            !recent.passed_on(at(10)),
+            "an id from ahead (or another log)"
+        );
+        assert!(!recent.passed_on(at(1)), "forgotten");
+        assert!(!Recent::new(300).passed_on(EventId::ZERO));
     }
 
     #[test]

@@ -520,3 +520,90 @@ async fn move_me_in_needs_connect_for_the_user_and_then_discord_records_no_move(
     assert_eq!(res.status(), 303);
     assert_eq!(stack.sim.moves().await, [(ash, room_id)]);
 }
+
+/// A stream that reconnects is replayed from the replica's memory. What the replayed
+/// events changed about its viewer (a role taken, then given back) is already in what the
+/// stream was opened with and is not done again: the room page's stream neither ends
+/// (which would repeat on every reconnect) nor tells the page the room is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_resumed_from_before_a_role_was_taken_and_given_back_goes_on() {
+    let stack = Stack::start(1, &[("MEMBER_RECHECK", "1s")]).await;
+    let a = stack.web(0);
+    let sim = &stack.sim;
+    let guild = sim.guild_id();
+    let bot = sim.id_of("bot_id").await;
+    let staff = sim.create_role("Staff", 0).await;
+    let deny = json!({"id": guild.to_string(), "type": 0, "allow": "0",
+                      "deny": (VIEW_CHANNEL | CONNECT).to_string()});
+    let allow = |id: u64, kind: u8| json!({"id": id.to_string(), "type": kind, "allow": (VIEW_CHANNEL | CONNECT).to_string(), "deny": "0"});
+    let room = sim
+        .create_channel(json!({"name": "Staff only", "type": 2,
+            "permission_overwrites": [deny, allow(staff, 0), allow(bot, 1)]}))
+        .await;
+    let (bramble, cinder) = (stack.user("bramble").await, stack.user("cinder").await);
+    sim.grant_role(bramble, staff).await;
+    sim.grant_role(cinder, staff).await;
+    let member = Browser::new();
+    member.login(a, &stack.sim, bramble).await;
+    let page_url = a.url(&format!("/api/stream?room={room}"));
+    let html_url = a.url(&format!("/api/stream/html?view={room}"));
+    wait_for("the room to be Bramble's to see", || async {
+        (member.get(&a.url(&format!("/rooms/{room}"))).await.status() == 200).then_some(())
+    })
+    .await;
+    // An open page keeps the replica rendering the pages' fragments.
+    let _pages = member.stream(&html_url, None).await;
+    let mut page = member.stream(&page_url, None).await;
+    let cinder_id = cinder.to_string();
+    stack.voice(cinder, Some(room), json!({})).await;
+    let mark = page
+        .until(|m| {
+            m.event == "voice.joined" && m.json()["data"]["user"]["id"] == cinder_id.as_str()
+        })
+        .await
+        .pop()
+        .and_then(|m| m.id)
+        .expect("an id");
+
+    // Taken away (the page's stream is told and ends), then given back.
+    sim.revoke_role(bramble, staff).await;
+    within_secs(10, "the room page's stream to end", async {
+        while page.next().await.is_some() {}
+    })
+    .await;
+    sim.grant_role(bramble, staff).await;
+    wait_for("the room to be Bramble's to see again", || async {
+        (member.get(&a.url(&format!("/rooms/{room}"))).await.status() == 200).then_some(())
+    })
+    .await;
+
+    // Both streams resume from before all that, and go on.
+    let mut resumed = member.stream(&page_url, Some(&mark)).await;
+    let mut resumed_html = member.stream(&html_url, Some(&mark)).await;
+    stack
+        .voice(cinder, Some(room), json!({"self_mute": true}))
+        .await;
+    let seen = within_secs(
+        10,
+        "the voice change on the resumed room stream",
+        resumed.until(|m| {
+            m.event == "voice.updated" && m.json()["data"]["user_id"] == cinder_id.as_str()
+        }),
+    )
+    .await;
+    assert!(
+        seen.iter().all(|m| m.event != "room.deleted"),
+        "the room was not taken away again: {seen:?}"
+    );
+    let muted = format!("room-people-{room}");
+    let seen = within_secs(
+        10,
+        "the voice change on the resumed pages' stream",
+        resumed_html.until(|m| m.data.contains(&muted) && m.data.contains("flag mute")),
+    )
+    .await;
+    assert!(
+        seen.iter().all(|m| !m.data.contains("no longer see")),
+        "the page was not told the room is gone: {seen:?}"
+    );
+}
