@@ -469,6 +469,18 @@ async fn the_readmes_demo_walk_lets_a_friend_in_within_fifteen_seconds() {
         .click()
         .await
         .unwrap();
+    // The click submits a form; navigating away before its answer would cancel the
+    // join. The simulator's page comes back listing the friend in voice.
+    wait_for("the simulator's page listing the friend in voice", || async {
+        friend
+            .find(Locator::XPath(
+                "//h2[starts-with(., 'In voice')]/following-sibling::ul[1]/li[span[normalize-space(.)='Bramble']]",
+            ))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
     friend
         .goto(&format!("{}/rooms/{room}", demo.web))
         .await
