@@ -415,12 +415,19 @@ pub(crate) async fn shown_text(c: &Client, css: &str) -> String {
     .unwrap_or_default()
 }
 
-/// Whether `css` matches a displayed element right now.
+/// Whether `css` matches a displayed element right now. Asked in one script: finding an
+/// element and then asking about it races the live swaps (htmx replaces an element with
+/// its new version), and a replaced element would read as "not displayed".
 pub(crate) async fn displayed(c: &Client, css: &str) -> bool {
-    match c.find(Locator::Css(css)).await {
-        Ok(el) => el.is_displayed().await.unwrap_or(false),
-        Err(_) => false,
-    }
+    c.execute(
+        "var e = document.querySelector(arguments[0]); \
+         return !!e && e.checkVisibility({ checkOpacity: true, checkVisibilityCSS: true });",
+        vec![json!(css)],
+    )
+    .await
+    .ok()
+    .and_then(|v| v.as_bool())
+    .unwrap_or(false)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
