@@ -297,6 +297,25 @@ async fn move_me_in_only_where_discord_would_let_the_user_go() {
 const VIEW_CHANNEL: u64 = 1 << 10;
 const CONNECT: u64 = 1 << 20;
 
+/// The overwrite hiding a channel from @everyone (the guild's own role).
+fn hidden_from_everyone(guild: u64) -> serde_json::Value {
+    json!({"id": guild.to_string(), "type": 0, "allow": "0",
+           "deny": (VIEW_CHANNEL | CONNECT).to_string()})
+}
+
+/// A "Staff" role and a "Staff only" voice channel: hidden from @everyone, open to Staff
+/// and to the bot (so Discord shows it to the bot as it is). Answers (role, channel).
+async fn staff_only(sim: &crate::harness::TestSim) -> (u64, u64) {
+    let bot = sim.id_of("bot_id").await;
+    let staff = sim.create_role("Staff", 0).await;
+    let allow = |id: u64, kind: u8| json!({"id": id.to_string(), "type": kind, "allow": (VIEW_CHANNEL | CONNECT).to_string(), "deny": "0"});
+    let room = sim
+        .create_channel(json!({"name": "Staff only", "type": 2,
+            "permission_overwrites": [hidden_from_everyone(sim.guild_id()), allow(staff, 0), allow(bot, 1)]}))
+        .await;
+    (staff, room)
+}
+
 /// The person Discord shows a room to, as `/rooms` lists it for them.
 async fn lists(browser: &Browser, web: &crate::harness::Web, name: &str) -> bool {
     browser.page(&web.url("/rooms")).await.contains(name)
@@ -308,20 +327,11 @@ async fn channels_hidden_by_overwrites_follow_discord_and_those_hidden_from_the_
     let (a, b) = (stack.web(0), stack.web(1));
     let sim = &stack.sim;
     let guild = sim.guild_id();
-    let bot = sim.id_of("bot_id").await;
-    let staff = sim.create_role("Staff", 0).await;
-    let deny = json!({"id": guild.to_string(), "type": 0, "allow": "0",
-                      "deny": (VIEW_CHANNEL | CONNECT).to_string()});
-    let allow = |id: u64, kind: u8| json!({"id": id.to_string(), "type": kind, "allow": (VIEW_CHANNEL | CONNECT).to_string(), "deny": "0"});
-    // Staff only: hidden from @everyone, open to Staff (and the bot, so Discord shows it
-    // to the bot as it is).
-    let staff_room = sim
-        .create_channel(json!({"name": "Staff only", "type": 2,
-            "permission_overwrites": [deny.clone(), allow(staff, 0), allow(bot, 1)]}))
-        .await;
+    let (staff, staff_room) = staff_only(sim).await;
     // Mods only: hidden from the bot too, so Discord sends it obfuscated.
     let mods = sim
-        .create_channel(json!({"name": "Mods only", "type": 2, "permission_overwrites": [deny]}))
+        .create_channel(json!({"name": "Mods only", "type": 2,
+            "permission_overwrites": [hidden_from_everyone(guild)]}))
         .await;
     let (ash, bramble, cinder) = (
         stack.user("ash").await,
@@ -530,16 +540,7 @@ async fn a_stream_resumed_from_before_a_role_was_taken_and_given_back_goes_on() 
     let stack = Stack::start(1, &[("MEMBER_RECHECK", "1s")]).await;
     let a = stack.web(0);
     let sim = &stack.sim;
-    let guild = sim.guild_id();
-    let bot = sim.id_of("bot_id").await;
-    let staff = sim.create_role("Staff", 0).await;
-    let deny = json!({"id": guild.to_string(), "type": 0, "allow": "0",
-                      "deny": (VIEW_CHANNEL | CONNECT).to_string()});
-    let allow = |id: u64, kind: u8| json!({"id": id.to_string(), "type": kind, "allow": (VIEW_CHANNEL | CONNECT).to_string(), "deny": "0"});
-    let room = sim
-        .create_channel(json!({"name": "Staff only", "type": 2,
-            "permission_overwrites": [deny, allow(staff, 0), allow(bot, 1)]}))
-        .await;
+    let (staff, room) = staff_only(sim).await;
     let (bramble, cinder) = (stack.user("bramble").await, stack.user("cinder").await);
     sim.grant_role(bramble, staff).await;
     sim.grant_role(cinder, staff).await;
