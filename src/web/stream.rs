@@ -394,7 +394,8 @@ impl Hub {
 
     /// The frames after `last` for a stream that reconnects, when `last` is an id this
     /// replica passed on and its recent frames reach back to it within the byte bound:
-    /// a wave of reconnecting browsers then costs no Redis round trip.
+    /// a wave of reconnecting browsers then reads no pages of the log. (Whether the log
+    /// still holds `last`, which decides `resync`, is the caller's to ask.)
     fn replay_from(&self, last: EventId) -> Option<VecDeque<Frame>> {
         let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         recent
