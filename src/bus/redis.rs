@@ -464,29 +464,6 @@ impl RedisBus {
         }
     }
 
-    async fn append_request(
-        &self,
-        data: EventData,
-        fence: Option<&Fence>,
-        request: Option<&Request>,
-    ) -> BusResult<Arc<Event>> {
-        let kind = data.kind();
-        let data_json = data.data_json()?;
-        let mut keys = self.append_keys();
-        let mut args = vec![
-            fence.map(|f| f.token.clone()).unwrap_or_default(),
-            kind.as_str().to_owned(),
-            data_json,
-            self.guild_id.to_string(),
-            self.max_len.to_string(),
-        ];
-        self.append_tail(fence, request, &mut keys, &mut args);
-        // The script answers nil only when the fence no longer holds its lease.
-        self.run_append(&self.scripts.append, keys, args)
-            .await?
-            .ok_or_else(|| BusError::Fenced(fence.map(|f| f.lease.clone()).unwrap_or_default()))
-    }
-
     /// A handle for the relay task that reads the stream without owning the bus.
     fn reader(&self) -> Reader {
         Reader {
@@ -714,7 +691,7 @@ impl Bus for RedisBus {
             ),
             seq: 0,
         };
-        self.append_request(data, fence, Some(&request)).await
+        self.append_once(data, fence, &request).await
     }
 
     async fn append_once(
@@ -723,7 +700,21 @@ impl Bus for RedisBus {
         fence: Option<&Fence>,
         request: &Request,
     ) -> BusResult<Arc<Event>> {
-        self.append_request(data, fence, Some(request)).await
+        let kind = data.kind();
+        let data_json = data.data_json()?;
+        let mut keys = self.append_keys();
+        let mut args = vec![
+            fence.map(|f| f.token.clone()).unwrap_or_default(),
+            kind.as_str().to_owned(),
+            data_json,
+            self.guild_id.to_string(),
+            self.max_len.to_string(),
+        ];
+        self.append_tail(fence, Some(request), &mut keys, &mut args);
+        // The script answers nil only when the fence no longer holds its lease.
+        self.run_append(&self.scripts.append, keys, args)
+            .await?
+            .ok_or_else(|| BusError::Fenced(fence.map(|f| f.lease.clone()).unwrap_or_default()))
     }
 
     async fn viewers(
