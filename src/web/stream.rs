@@ -1156,6 +1156,7 @@ pub async fn stream(
             // no longer has gets its resync as the contract says, memory or not.
             let remembered = if held { hub.replay_from(cursor) } else { None };
             if let Some(frames) = remembered {
+                metrics::counter!("coven_web_replays_from_memory_total").increment(1);
                 pending = frames;
             } else {
                 loop {

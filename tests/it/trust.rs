@@ -6,7 +6,7 @@ use std::time::Duration;
 use fred::prelude::*;
 use serde_json::json;
 
-use crate::harness::{Browser, Stack, location, wait_for};
+use crate::harness::{Browser, Stack, location, metric, wait_for};
 use crate::rooms::{create_room, invite_link};
 
 /// A path on the site from a full invite link.
@@ -578,8 +578,15 @@ async fn a_stream_resumed_from_before_a_role_was_taken_and_given_back_goes_on() 
     })
     .await;
 
-    // Both streams resume from before all that, and go on.
+    // Both streams resume from before all that, and go on; the room's stream from the
+    // replica's memory, where the events it replays carry their controls.
+    let from_memory = metric(&a.metrics, "coven_web_replays_from_memory_total").await;
     let mut resumed = member.stream(&page_url, Some(&mark)).await;
+    wait_for("the room's stream to be replayed from memory", || async {
+        (metric(&a.metrics, "coven_web_replays_from_memory_total").await > from_memory)
+            .then_some(())
+    })
+    .await;
     let mut resumed_html = member.stream(&html_url, Some(&mark)).await;
     stack
         .voice(cinder, Some(room), json!({"self_mute": true}))
