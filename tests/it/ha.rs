@@ -52,6 +52,23 @@ async fn until_durable(
     .await
 }
 
+/// A plain-text primary and a replica of it, in `dir`, once the replica has linked; the
+/// primary's URL.
+async fn linked_pair(
+    dir: &std::path::Path,
+) -> (
+    crate::harness::sentinel::Node,
+    crate::harness::sentinel::Node,
+    String,
+) {
+    let primary = plain_node(dir, "primary", None);
+    let replica = plain_node(dir, "replica", Some(primary.port));
+    let replica_client = client(&format!("redis://127.0.0.1:{}", replica.port)).await;
+    crate::harness::wait_for("the replica to link", || linked(&replica_client)).await;
+    let url = format!("redis://127.0.0.1:{}", primary.port);
+    (primary, replica, url)
+}
+
 /// Whether the replica at `url` is linked to its primary.
 async fn linked(replica: &Client) -> Option<()> {
     let info: String = replica
@@ -64,11 +81,7 @@ async fn linked(replica: &Client) -> Option<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_is_done_published_and_replayed_only_once_a_replica_holds_it() {
     let dir = tempfile::tempdir().unwrap();
-    let primary = plain_node(dir.path(), "primary", None);
-    let replica = plain_node(dir.path(), "replica", Some(primary.port));
-    let url = format!("redis://127.0.0.1:{}", primary.port);
-    let replica_client = client(&format!("redis://127.0.0.1:{}", replica.port)).await;
-    crate::harness::wait_for("the replica to link", || linked(&replica_client)).await;
+    let (_primary, replica, url) = linked_pair(dir.path()).await;
     let durability = Durability {
         min_replicas: 1,
         timeout: Duration::from_millis(300),
@@ -810,11 +823,7 @@ async fn coven_publish_without_a_replica_retries_the_same_append_then_gives_up_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turning_durable_appends_on_over_an_older_log_publishes_only_new_events() {
     let dir = tempfile::tempdir().unwrap();
-    let primary = plain_node(dir.path(), "primary", None);
-    let replica = plain_node(dir.path(), "replica", Some(primary.port));
-    let url = format!("redis://127.0.0.1:{}", primary.port);
-    let replica_client = client(&format!("redis://127.0.0.1:{}", replica.port)).await;
-    crate::harness::wait_for("the replica to link", || linked(&replica_client)).await;
+    let (_primary, _replica, url) = linked_pair(dir.path()).await;
     let connect = |durability| {
         RedisBus::connect_durable(
             &url,
