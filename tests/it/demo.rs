@@ -126,17 +126,14 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
     assert!(!events.is_empty());
     // The README's walk: the friend gets the link, logs in and gets a seat, however
     // busy the players are, within 15 s of the room's creation.
-    let link = {
-        let html = browser
+    let link = crate::rooms::invite_link(
+        &browser
             .get(&format!("{web}/rooms/{room}"))
             .await
             .text()
             .await
-            .unwrap();
-        let at = html.find("id=\"invite-link\"").expect("an invite link");
-        let v = html[at..].find("value=\"").unwrap() + at + 7;
-        html[v..v + html[v..].find('"').unwrap()].to_owned()
-    };
+            .unwrap(),
+    );
     let friend_id = user_id(&state, "bramble");
     let friend = Browser::new();
     let path = &link[link.find("/invite/").unwrap()..];
