@@ -131,25 +131,18 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
         }
     });
     // No metrics listener: a demo on a laptop has nobody scraping it.
-    let app = web::App::start(web_settings, bus.clone()).await?;
-    web::sweeper::start(app.clone(), shutdown.clone());
-    web::members::Watched::start(app.clone(), shutdown.clone());
-    app.upstream
-        .start(app.bus.clone(), app.hub.clone(), shutdown.clone());
-    let router = match &settings.redis_url {
-        Some(url) => {
-            let pool = crate::bus::redis::session_pool(
+    let sessions = match &settings.redis_url {
+        Some(url) => web::session::Store::new(tower_sessions_redis_store::RedisStore::new(
+            crate::bus::redis::session_pool(
                 url.expose_secret(),
                 crate::bus::redis::REQUEST_TIMEOUT,
             )
-            .await?;
-            web::router(
-                app.clone(),
-                tower_sessions_redis_store::RedisStore::new(pool),
-            )
-        }
-        None => web::router(app.clone(), tower_sessions::MemoryStore::default()),
+            .await?,
+        )),
+        None => web::session::Store::new(tower_sessions::MemoryStore::default()),
     };
+    let replica = web::start(web_settings, bus.clone(), sessions, &shutdown).await?;
+    let hub = replica.app.hub.clone();
     if !settings.quiet {
         tokio::spawn(players(
             sim_url.clone(),
@@ -163,10 +156,10 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
     // Until the gateway has told who may see what, nobody sees any room: the URL is
     // printed once it has (it takes milliseconds against the built-in simulator).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while app.hub.access().guild.is_none() && tokio::time::Instant::now() < deadline {
+    while hub.access().guild.is_none() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    if app.hub.access().guild.is_none() {
+    if hub.access().guild.is_none() {
         tracing::warn!("the gateway has not described the guild yet; rooms appear once it has");
     }
     println!("Coven demo is running. Open {public_url}/");
@@ -188,7 +181,7 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
             "in memory (set REDIS_URL to use Redis)"
         }
     );
-    web::serve(listener, router, app, shutdown).await
+    web::serve(listener, replica, shutdown).await
 }
 
 /// How the players reach the simulated Discord: its REST API as the bot, its control API

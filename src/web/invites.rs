@@ -19,10 +19,11 @@ use serde::{Deserialize, Serialize};
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, RoleMarker, UserMarker};
 
-use super::auth::{LoggedIn, TokenForm};
-use super::error::WebError;
-use super::pages::UserView;
-use super::{App, AppState, members, protect};
+use super::guard::LoggedIn;
+use super::http::error::WebError;
+use super::http::protect::{self, TokenForm};
+use super::view::UserView;
+use super::{App, AppState, members};
 use crate::access::Seer;
 use crate::bus::Snapshot;
 use crate::event::now_ms;
@@ -217,12 +218,8 @@ pub async fn join(
     form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
 ) -> Result<Response, WebError> {
     let sent = protect::read_form(form)?.csrf_token;
-    protect::check(
-        &app,
-        &who.user,
-        &protect::Sender::of(&headers),
-        sent.as_deref(),
-    )?;
+    app.protect
+        .check(&who.user, &protect::Sender::of(&headers), sent.as_deref())?;
     let claims = verify(&app, &token)?;
     let snapshot = app.bus.snapshot().await?;
     let me = who.user.person.id;

@@ -9,7 +9,8 @@
 //! membership changes without the privileged GUILD_MEMBERS intent, so the recheck is how
 //! a removed member loses access.
 //!
-//! Owns the [`Member`] extractor and the recheck. Must not render pages.
+//! Owns the record's updates and the recheck ([`super::guard::Member`] asks it). Must
+//! not render pages.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,54 +18,16 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use tokio_util::sync::CancellationToken;
 use twilight_model::id::Id;
 use twilight_model::id::marker::{RoleMarker, UserMarker};
 
-use super::auth::LoggedIn;
-use super::error::WebError;
+use super::http::error::WebError;
 use super::{App, AppState};
-use crate::access::{MemberRecord, Seer};
+use crate::access::MemberRecord;
 use crate::event::EventData;
 
-/// A logged-in member of the guild and their roles: who may see rooms.
-pub struct Member {
-    pub who: LoggedIn,
-    pub roles: Vec<Id<RoleMarker>>,
-}
-
-impl Member {
-    pub fn id(&self) -> Id<UserMarker> {
-        self.who.user.person.id
-    }
-
-    /// The member as the permission calculation sees them.
-    pub fn seer(&self) -> Seer<'_> {
-        Seer {
-            user: self.id(),
-            roles: &self.roles,
-        }
-    }
-}
-
-impl FromRequestParts<AppState> for Member {
-    type Rejection = WebError;
-
-    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, WebError> {
-        let who = LoggedIn::from_request_parts(parts, app).await?;
-        match current(app, who.user.person.id).await? {
-            Some(record) => Ok(Member {
-                who,
-                roles: record.roles,
-            }),
-            None => Err(WebError::NotMember),
-        }
-    }
-}
-
-pub(super) fn check_key(user: Id<UserMarker>) -> String {
+pub fn check_key(user: Id<UserMarker>) -> String {
     format!("member-check:{user}")
 }
 
@@ -172,19 +135,19 @@ pub async fn granted(
 type Streams = HashMap<Id<UserMarker>, (usize, Instant)>;
 
 #[derive(Clone, Default)]
-pub struct Watched {
+pub struct StreamHolders {
     users: Arc<Mutex<Streams>>,
 }
 
-/// Held by a stream: its user stays watched while any of their streams is open.
-pub struct Watch {
-    watched: Watched,
+/// Held by a stream: its user stays rechecked while any of their streams is open.
+pub struct HeldStream {
+    holders: StreamHolders,
     user: Id<UserMarker>,
 }
 
-impl Drop for Watch {
+impl Drop for HeldStream {
     fn drop(&mut self) {
-        let mut users = self.watched.lock();
+        let mut users = self.holders.lock();
         if let Some((n, _)) = users.get_mut(&self.user) {
             *n -= 1;
             if *n == 0 {
@@ -194,21 +157,21 @@ impl Drop for Watch {
     }
 }
 
-impl Watched {
+impl StreamHolders {
     fn lock(&self) -> MutexGuard<'_, Streams> {
         self.users.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Counts one more stream of `user`, unless they already hold `max` here.
-    pub fn watch(&self, user: Id<UserMarker>, max: usize) -> Option<Watch> {
+    pub fn hold(&self, user: Id<UserMarker>, max: usize) -> Option<HeldStream> {
         let mut users = self.lock();
         let entry = users.entry(user).or_insert((0, Instant::now()));
         if entry.0 >= max {
             return None;
         }
         entry.0 += 1;
-        Some(Watch {
-            watched: self.clone(),
+        Some(HeldStream {
+            holders: self.clone(),
             user,
         })
     }
@@ -246,21 +209,21 @@ impl Watched {
                 // tick (the claim then decides which replica asks Discord).
                 let now = Instant::now();
                 let due: Vec<Id<UserMarker>> = app
-                    .watched
+                    .holders
                     .lock()
                     .iter()
                     .filter(|(_, (_, next))| *next <= now)
                     .map(|(user, _)| *user)
                     .collect();
                 for user in due {
-                    let next = match app.watched.recheck(&app, user).await {
+                    let next = match app.holders.recheck(&app, user).await {
                         Ok(next) => next,
                         Err(e) => {
                             tracing::warn!(error = %e, %user, "membership recheck failed");
                             app.settings.member_recheck
                         }
                     };
-                    if let Some((_, at)) = app.watched.lock().get_mut(&user) {
+                    if let Some((_, at)) = app.holders.lock().get_mut(&user) {
                         *at = Instant::now() + next;
                     }
                 }

@@ -14,12 +14,17 @@ use serde::Deserialize;
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, RoleMarker};
 
-use super::error::WebError;
-use super::protect::{NoFields, Posted};
-use super::{App, AppState, invites};
+use super::guard::{Member, Posted};
+use super::http::error::WebError;
+use super::http::protect::NoFields;
+use super::view::UserView;
+use super::{App, AppState, invites, members};
 use crate::access::Seer;
 use crate::bus::{Fence, RoomRecord, Snapshot};
 use crate::event::EventData;
+
+/// The session key that carries a room's name from its closing to the rooms page.
+pub const CLOSED_FLASH: &str = "closed_room";
 
 /// The longest room name Discord accepts for a channel.
 const MAX_NAME: usize = 100;
@@ -158,20 +163,13 @@ impl FromRequestParts<AppState> for RoomId {
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, WebError> {
         let Path(raw) = Path::<String>::from_request_parts(parts, app)
             .await
-            .map_err(|_| no_such_room())?;
+            .map_err(|_| WebError::no_such_room())?;
         raw.parse::<u64>()
             .ok()
             .and_then(Id::new_checked)
             .map(RoomId)
-            .ok_or_else(no_such_room)
+            .ok_or_else(WebError::no_such_room)
     }
-}
-
-pub fn no_such_room() -> WebError {
-    WebError::NotFound(
-        "This room does not exist (any more). Rooms close when nobody has used them for a while."
-            .to_owned(),
-    )
 }
 
 /// The room as the snapshot has it, if Discord shows it to `who`; 404 otherwise (a room
@@ -185,7 +183,7 @@ pub fn visible_room<'s>(
         .rooms
         .get(&id)
         .filter(|_| snapshot.access.can_see(who, id))
-        .ok_or_else(no_such_room)
+        .ok_or_else(WebError::no_such_room)
 }
 
 /// Where to go next: a 303 for a plain form, `HX-Redirect` for an HTMX post (HTMX would
@@ -230,7 +228,7 @@ pub async fn create(
             None,
         )
         .await?;
-    super::members::granted(&app, me, made.role).await?;
+    members::granted(&app, me, made.role).await?;
     app.bus
         .append(
             EventData::RoomCreated {
@@ -249,7 +247,7 @@ pub async fn create(
 #[derive(askama::Template, askama_web::WebTemplate)]
 #[template(path = "web/close.html")]
 pub struct ClosePage {
-    pub user: Option<super::pages::UserView>,
+    pub user: Option<UserView>,
     pub delayed: Option<String>,
     pub id: String,
     pub room: String,
@@ -260,7 +258,7 @@ pub struct ClosePage {
 /// its post closes the room.
 pub async fn confirm_close(
     axum::extract::State(app): axum::extract::State<AppState>,
-    member: super::members::Member,
+    member: Member,
     RoomId(id): RoomId,
 ) -> Result<ClosePage, WebError> {
     let snapshot = app.bus.snapshot().await?;
@@ -270,7 +268,7 @@ pub async fn confirm_close(
             "Only the person who made this room can close it.".to_owned(),
         ));
     }
-    let user = super::pages::UserView::of(&member.who.user);
+    let user = UserView::of(&member.who.user);
     Ok(ClosePage {
         csrf: user.csrf.clone(),
         user: Some(user),
@@ -301,10 +299,7 @@ pub async fn close(
         tracing::info!(channel = %id, by = %me, "room closed");
         // The rooms page names the closed room from the session, not from the URL: a
         // link cannot make Coven print words of someone else's choosing.
-        post.who
-            .session
-            .insert(super::pages::CLOSED_FLASH, &room.name)
-            .await?;
+        post.who.session.insert(CLOSED_FLASH, &room.name).await?;
     }
     Ok(go(post.htmx, "/rooms?closed=1"))
 }
@@ -394,7 +389,7 @@ pub async fn new_invite(
         .await?;
     snapshot.apply(&renewed);
     let Some(link) = invites::offer(&app, &snapshot, id, post.seer())? else {
-        return Err(super::rooms::no_such_room());
+        return Err(WebError::no_such_room());
     };
     if post.htmx {
         return Ok(link.into_response());

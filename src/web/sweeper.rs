@@ -13,6 +13,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::AppState;
+use super::http::error::WebError;
+use super::rooms;
 use crate::bus::Fence;
 use crate::event::{EventData, now_ms};
 
@@ -72,7 +74,7 @@ async fn hold(app: &AppState, fence: Option<Fence>, holder: &str, ttl: Duration)
 }
 
 /// One pass; returns how soon the next one is due (the earliest warning running out).
-async fn sweep(app: &AppState, fence: &Fence) -> Result<Duration, super::error::WebError> {
+async fn sweep(app: &AppState, fence: &Fence) -> Result<Duration, WebError> {
     let settings = &app.settings;
     let idle_ms = u64::try_from(settings.room_idle_timeout.as_millis()).unwrap_or(u64::MAX);
     let warning_ms = u64::try_from(settings.room_close_warning.as_millis()).unwrap_or(u64::MAX);
@@ -105,7 +107,7 @@ async fn sweep(app: &AppState, fence: &Fence) -> Result<Duration, super::error::
             }
             None => {}
             Some(at) if now >= at => {
-                super::rooms::close_room(app, *id, room.role_id, Some(fence)).await?;
+                rooms::close_room(app, *id, room.role_id, Some(fence)).await?;
                 tracing::info!(channel = %id, "idle room closed");
             }
             Some(at) => next = next.min(Duration::from_millis(at - now)),

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::stream::Hub;
+use super::hub::Hub;
 use crate::bus::{Backend, GATEWAY_STATUS, GatewayReport};
 use crate::event::{EventData, GatewayState, now_ms};
 
@@ -24,13 +24,13 @@ const EVERY: Duration = Duration::from_secs(1);
 
 /// The last report read, and when.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Upstream {
+pub struct GatewayReading {
     pub report: Option<GatewayReport>,
     /// Unix ms of the read.
     pub read_at: u64,
 }
 
-impl Upstream {
+impl GatewayReading {
     pub fn fresh(&self) -> bool {
         self.report.as_ref().is_some_and(|r| r.fresh(self.read_at))
     }
@@ -79,14 +79,14 @@ impl Upstream {
     }
 }
 
-/// The replica's watcher; cloning shares it.
+/// The replica's watch on the gateway's freshness; cloning shares it.
 #[derive(Clone, Default)]
-pub struct Watch {
-    current: Arc<Mutex<Upstream>>,
+pub struct Freshness {
+    current: Arc<Mutex<GatewayReading>>,
 }
 
-impl Watch {
-    pub fn current(&self) -> Upstream {
+impl Freshness {
+    pub fn current(&self) -> GatewayReading {
         self.current
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -120,7 +120,7 @@ impl Watch {
                     // gateway's last known state stands.
                     Err(_) => continue,
                 };
-                let now = Upstream {
+                let now = GatewayReading {
                     report,
                     read_at: now_ms(),
                 };
@@ -168,7 +168,7 @@ mod tests {
 
     #[test]
     fn a_report_older_than_the_lease_or_not_connected_means_delayed() {
-        let up = |report, read_at| Upstream { report, read_at };
+        let up = |report, read_at| GatewayReading { report, read_at };
         assert_eq!(
             up(report(GatewayState::Connected, 1_000), 5_000).delayed(),
             None

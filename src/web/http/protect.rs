@@ -2,29 +2,24 @@
 //! (form field `csrf_token` or header `X-CSRF-Token`), an `Origin` of this site when the
 //! browser sends one, and the per-user rate limit.
 //!
-//! Owns the CSRF token's shape, the limiter and [`Posted`], the extractor every post
-//! handler takes, so no handler can forget a check. Must not look at what the request
-//! asks for beyond reading its form.
+//! Owns the CSRF token's shape, the limiter and the check itself; [`crate::web::guard::Posted`]
+//! runs it for every post handler, so no handler can forget it. Must not look at what the
+//! request asks for beyond reading its form.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
 
 use axum::Form;
 use axum::extract::rejection::FormRejection;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use base64::Engine;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
-use twilight_model::id::Id;
-use twilight_model::id::marker::RoleMarker;
 
-use super::auth::{LoggedIn, SessionUser};
 use super::error::WebError;
-use super::members::Member;
-use super::{App, AppState};
+use crate::web::session::SessionUser;
 
 /// A fresh CSRF token for a new session: 32 random bytes, URL-safe.
 pub fn new_token() -> String {
@@ -34,16 +29,16 @@ pub fn new_token() -> String {
 /// Per-user limits on posts: one every second on average (5 per 5 s), bursts up to 10.
 /// Kept per replica; a load balancer that spreads one user over n replicas lets them
 /// n times as far, which still stops a runaway script.
-pub struct Limits {
+pub struct RateLimits {
     limiter: DefaultKeyedRateLimiter<u64>,
 }
 
-impl Limits {
+impl RateLimits {
     pub fn new(per: Duration, burst: u32) -> Self {
         let quota = Quota::with_period(per)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
-        Limits {
+        RateLimits {
             limiter: RateLimiter::keyed(quota),
         }
     }
@@ -61,7 +56,7 @@ impl Limits {
     }
 }
 
-impl Default for Limits {
+impl Default for RateLimits {
     fn default() -> Self {
         Self::new(Duration::from_secs(1), 10)
     }
@@ -84,54 +79,56 @@ impl Sender {
     }
 }
 
-/// Refuses a post that did not come from one of our own pages, or comes too fast.
-pub fn check(
-    app: &App,
-    user: &SessionUser,
-    sender: &Sender,
-    form_token: Option<&str>,
-) -> Result<(), WebError> {
-    if let Some(origin) = &sender.origin {
-        let ours = app.settings.public_url.origin().ascii_serialization();
-        if origin.as_bytes() != ours.as_bytes() {
+/// What every post is checked against: this site's origin and the per-user limit.
+pub struct Protect {
+    /// `PUBLIC_URL`'s origin, as browsers send it in `Origin`.
+    origin: String,
+    limits: RateLimits,
+}
+
+impl Protect {
+    pub fn new(public_url: &url::Url) -> Self {
+        Protect {
+            origin: public_url.origin().ascii_serialization(),
+            limits: RateLimits::default(),
+        }
+    }
+
+    /// Refuses a post that did not come from one of our own pages, or comes too fast.
+    pub fn check(
+        &self,
+        user: &SessionUser,
+        sender: &Sender,
+        form_token: Option<&str>,
+    ) -> Result<(), WebError> {
+        if let Some(origin) = &sender.origin
+            && origin.as_bytes() != self.origin.as_bytes()
+        {
             return Err(WebError::Forbidden(
                 "This request came from another site, so it was refused.".to_owned(),
             ));
         }
-    }
-    let sent = sender
-        .token
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .or(form_token)
-        .unwrap_or_default();
-    if user.csrf.is_empty() || !same(sent.as_bytes(), user.csrf.as_bytes()) {
-        return Err(WebError::Forbidden(
+        let sent = sender
+            .token
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .or(form_token)
+            .unwrap_or_default();
+        if user.csrf.is_empty() || !same(sent.as_bytes(), user.csrf.as_bytes()) {
+            return Err(WebError::Forbidden(
             "This form is out of date or did not come from Coven. Reload the page and try again."
                 .to_owned(),
         ));
-    }
-    app.limits.check(user.person.id.get())
-}
-
-/// A post by a logged-in member from one of our pages: its form `F` read, and the CSRF
-/// token, Origin and rate limit checked, before the handler runs.
-pub struct Posted<F> {
-    pub who: LoggedIn,
-    /// The member's roles (what Discord lets them see and do).
-    pub roles: Vec<Id<RoleMarker>>,
-    pub form: F,
-    /// Sent by HTMX (it wants `HX-Redirect` rather than a 303).
-    pub htmx: bool,
-}
-
-impl<F> Posted<F> {
-    pub fn seer(&self) -> crate::access::Seer<'_> {
-        crate::access::Seer {
-            user: self.who.user.person.id,
-            roles: &self.roles,
         }
+        self.limits.check(user.person.id.get())
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+/// A form that carries only its CSRF token.
+pub struct TokenForm {
+    #[serde(default)]
+    pub csrf_token: Option<String>,
 }
 
 /// Forms without fields of their own (the token is all they carry).
@@ -139,11 +136,11 @@ impl<F> Posted<F> {
 pub struct NoFields {}
 
 #[derive(Deserialize)]
-struct WithToken<F> {
+pub struct WithToken<F> {
     #[serde(default)]
-    csrf_token: Option<String>,
+    pub csrf_token: Option<String>,
     #[serde(flatten)]
-    form: F,
+    pub form: F,
 }
 
 /// Reads a form; a bodiless post (a script sending only the `X-CSRF-Token` header) is
@@ -156,26 +153,6 @@ pub fn read_form<T: Default>(form: Result<Form<T>, FormRejection>) -> Result<T, 
         Err(e) => Err(WebError::BadRequest(format!(
             "The form could not be read: {e}"
         ))),
-    }
-}
-
-impl<F: DeserializeOwned + Default + Send> FromRequest<AppState> for Posted<F> {
-    type Rejection = WebError;
-
-    async fn from_request(req: Request, app: &AppState) -> Result<Self, WebError> {
-        let (mut parts, body) = req.into_parts();
-        let Member { who, roles } = Member::from_request_parts(&mut parts, app).await?;
-        let sender = Sender::of(&parts.headers);
-        let form = Form::<WithToken<F>>::from_request(Request::from_parts(parts, body), app).await;
-        let form = read_form(form.map(|Form(f)| Form(Some(f))))?;
-        let (token, form) = form.map_or((None, F::default()), |f| (f.csrf_token, f.form));
-        check(app, &who.user, &sender, token.as_deref())?;
-        Ok(Posted {
-            who,
-            roles,
-            form,
-            htmx: sender.htmx,
-        })
     }
 }
 
@@ -200,7 +177,7 @@ mod tests {
 
     #[test]
     fn the_limit_allows_a_burst_then_says_when_to_retry() {
-        let limits = Limits::new(Duration::from_secs(1), 10);
+        let limits = RateLimits::new(Duration::from_secs(1), 10);
         for _ in 0..10 {
             assert!(limits.check(7).is_ok());
         }

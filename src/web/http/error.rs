@@ -10,10 +10,10 @@ use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use tower_sessions::Session;
 
-use super::AppState;
-use super::auth::SessionUser;
-use crate::bus::BusError;
+use crate::bus::{Backend, BusError};
 use crate::discord::DiscordError;
+use crate::web::session::{SessionUser, USER};
+use crate::web::view::UserView;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebError {
@@ -58,7 +58,7 @@ struct ErrorPage<'a> {
     /// What the page offers besides its words.
     offer: Offer,
     /// The logged-in header, filled in by [`with_header`] where the session is known.
-    user: Option<crate::web::pages::UserView>,
+    user: Option<UserView>,
     delayed: Option<String>,
 }
 
@@ -86,7 +86,7 @@ struct ErrorContent {
 }
 
 impl ErrorContent {
-    fn render(&self, user: Option<crate::web::pages::UserView>) -> String {
+    fn render(&self, user: Option<UserView>) -> String {
         ErrorPage {
             status: self.status.as_u16(),
             title: &self.title,
@@ -98,6 +98,16 @@ impl ErrorContent {
         }
         .render()
         .unwrap_or_else(|_| format!("{}: {}", self.status, self.message))
+    }
+}
+
+impl WebError {
+    /// What a room one may not see answers, exactly like a room that does not exist.
+    pub fn no_such_room() -> Self {
+        WebError::NotFound(
+            "This room does not exist (any more). Rooms close when nobody has used them for a while."
+                .to_owned(),
+        )
     }
 }
 
@@ -135,7 +145,7 @@ pub async fn with_header(session: Session, request: Request, next: Next) -> Resp
     else {
         return response;
     };
-    let user = match session.get::<SessionUser>(super::auth::USER).await {
+    let user = match session.get::<SessionUser>(USER).await {
         Ok(Some(user)) => user,
         Ok(None) => return response,
         Err(e) => {
@@ -143,7 +153,7 @@ pub async fn with_header(session: Session, request: Request, next: Next) -> Resp
             return response;
         }
     };
-    let body = content.render(Some(crate::web::pages::UserView::of(&user)));
+    let body = content.render(Some(UserView::of(&user)));
     let (mut parts, _) = response.into_parts();
     // The length was the anonymous page's.
     parts.headers.remove(header::CONTENT_LENGTH);
@@ -279,11 +289,11 @@ fn refusal_in_words(code: u64, fallback: &str) -> String {
 ///   session, and handlers themselves never answer 500 — becomes the same readable 503
 ///   with `Retry-After`.
 pub async fn shared_state_guard(
-    State(app): State<AppState>,
+    State(bus): State<std::sync::Arc<dyn Backend>>,
     request: Request,
     next: Next,
 ) -> Response {
-    if !app.bus.reachable() {
+    if !bus.reachable() {
         tracing::debug!(path = %request.uri().path(), "Redis unreachable; answering 503");
         return unavailable();
     }

@@ -1,7 +1,6 @@
-//! What operators and load balancers use: `/healthz` (the process answers), `/readyz`
-//! (Redis answers and the gateway's status is fresh), request timing (served on
-//! `METRICS_BIND` by [`crate::prometheus`], never here), the security headers every response carries, and `Connection: close` on
-//! answers that left a request body unread.
+//! The layers every answer goes through: the security headers, request timing (served on
+//! `METRICS_BIND` by [`crate::prometheus`], never here), the deadline on request bodies,
+//! and `Connection: close` on answers that left a request body unread.
 //!
 //! Owns nothing users see. Must not touch sessions.
 
@@ -12,71 +11,12 @@ use std::time::Instant;
 
 use axum::body::{Body, HttpBody};
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use axum::response::Response;
 
 use tower_http::set_header::SetResponseHeaderLayer;
-
-use super::AppState;
-use crate::bus::{GATEWAY_STATUS, GatewayReport};
-
-/// `GET /healthz`: the process is alive and serving.
-pub async fn healthz(State(app): State<AppState>) -> Response {
-    axum::Json(json!({
-        "status": "ok",
-        "streams": app.hub.streams(),
-    }))
-    .into_response()
-}
-
-/// `GET /readyz`: 200 when this replica can serve (Redis answers), 503 otherwise. The
-/// gateway's freshness is in the body, never in the status: a dead gateway must not take
-/// every replica out of the load balancer (pages tell people updates are delayed).
-pub async fn readyz(State(app): State<AppState>) -> Response {
-    // A dropped connection is known at once: no need to wait out a command's timeout.
-    if !app.bus.reachable() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "unready", "redis": "unreachable"})),
-        )
-            .into_response();
-    }
-    match app.bus.get(GATEWAY_STATUS).await {
-        Ok(raw) => {
-            let report: Option<GatewayReport> = raw.and_then(|r| serde_json::from_str(&r).ok());
-            let now = super::upstream::Upstream {
-                report,
-                read_at: crate::event::now_ms(),
-            };
-            let gateway = match &now.report {
-                Some(r) => json!({
-                    "fresh": now.fresh(),
-                    "state": r.state,
-                    "reason": r.reason,
-                    "age_ms": now.age_ms(),
-                }),
-                None => json!({"fresh": false, "state": null,
-                               "reason": "no gateway status: is `coven gateway` running?"}),
-            };
-            (
-                StatusCode::OK,
-                axum::Json(json!({"status": "ready", "redis": "ok", "gateway": gateway})),
-            )
-                .into_response()
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness: Redis unreachable");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                axum::Json(json!({"status": "unready", "redis": "unreachable"})),
-            )
-                .into_response()
-        }
-    }
-}
 
 const CSP: &str = "default-src 'self'; img-src 'self' data: https://cdn.discordapp.com; \
                    frame-ancestors 'none'; base-uri 'none'; form-action 'self'";

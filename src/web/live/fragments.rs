@@ -13,10 +13,10 @@ use axum::body::Bytes;
 use twilight_model::id::Id;
 use twilight_model::id::marker::ChannelMarker;
 
-use super::pages::{RoomView, ViewerView, visible_rooms};
 use crate::access::Seer;
 use crate::bus::Snapshot;
 use crate::event::{Event, EventData, EventId, GatewayState};
+use crate::web::view::{RoomView, ViewerView, visible_rooms};
 
 #[derive(Template)]
 #[template(path = "web/room_card.html")]

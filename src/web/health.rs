@@ -1,0 +1,69 @@
+//! What operators and load balancers ask: `/healthz` (the process answers) and
+//! `/readyz` (Redis answers; the gateway's freshness is reported in the body, never in
+//! the status).
+//!
+//! Owns the health answers. Must not touch sessions.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::AppState;
+use super::live::freshness::GatewayReading;
+use crate::bus::{GATEWAY_STATUS, GatewayReport};
+
+/// `GET /healthz`: the process is alive and serving.
+pub async fn healthz(State(app): State<AppState>) -> Response {
+    axum::Json(json!({
+        "status": "ok",
+        "streams": app.hub.streams(),
+    }))
+    .into_response()
+}
+
+/// `GET /readyz`: 200 when this replica can serve (Redis answers), 503 otherwise. The
+/// gateway's freshness is in the body, never in the status: a dead gateway must not take
+/// every replica out of the load balancer (pages tell people updates are delayed).
+pub async fn readyz(State(app): State<AppState>) -> Response {
+    // A dropped connection is known at once: no need to wait out a command's timeout.
+    if !app.bus.reachable() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "unready", "redis": "unreachable"})),
+        )
+            .into_response();
+    }
+    match app.bus.get(GATEWAY_STATUS).await {
+        Ok(raw) => {
+            let report: Option<GatewayReport> = raw.and_then(|r| serde_json::from_str(&r).ok());
+            let now = GatewayReading {
+                report,
+                read_at: crate::event::now_ms(),
+            };
+            let gateway = match &now.report {
+                Some(r) => json!({
+                    "fresh": now.fresh(),
+                    "state": r.state,
+                    "reason": r.reason,
+                    "age_ms": now.age_ms(),
+                }),
+                None => json!({"fresh": false, "state": null,
+                               "reason": "no gateway status: is `coven gateway` running?"}),
+            };
+            (
+                StatusCode::OK,
+                axum::Json(json!({"status": "ready", "redis": "ok", "gateway": gateway})),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness: Redis unreachable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({"status": "unready", "redis": "unreachable"})),
+            )
+                .into_response()
+        }
+    }
+}

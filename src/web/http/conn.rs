@@ -1,0 +1,341 @@
+//! Connections: the accept loop that serves the site over HTTP/1.1 with the limits a
+//! public server needs.
+//!
+//! - **Request headers within 10 s.** hyper's `header_read_timeout` runs whenever a
+//!   connection waits for a request head, so it also closes a keep-alive connection that
+//!   stays idle between requests; a stream is a response in progress and is not affected.
+//! - **A connection limit below the descriptor limit.** At the limit, a new connection
+//!   evicts the oldest one that has no request in flight (idle keep-alive, or one that
+//!   never sent anything), so health checks and new people still get in while someone
+//!   holds a thousand silent sockets; only when every connection is busy is the newcomer
+//!   refused at once.
+//! - **A write deadline.** A socket that accepts nothing for `STREAM_WRITE_TIMEOUT` is
+//!   cut (its stream reconnects and replays). The timer exists only while a write is
+//!   stalled, never per connection.
+//! - **A capped send buffer**, so a stalled reader pins a small, fixed amount of kernel
+//!   memory instead of megabytes of autotuned buffer.
+//! - **Event streams without hyper's buffers**: a connection whose first request is an
+//!   `EventSource`'s is served by [`super::lean`] instead of hyper.
+//!
+//! Owns sockets and connection lifetimes. Must not look at what is requested (that is the
+//! router's).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::ConnectInfo;
+use axum::http::Request;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use super::io::{Deadline, Replay};
+use super::lean;
+
+/// A request's headers must arrive within this long; an idle keep-alive connection is
+/// closed after it too.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the kernel may buffer for one connection's unsent bytes (Linux doubles the
+/// value asked for): enough for a page or a burst of events, little for a reader that
+/// stopped reading.
+pub const SEND_BUFFER: usize = 32 * 1024;
+
+/// Descriptors kept free beyond the connection limit: Redis, the metrics listener, logs,
+/// and the moment an evicted socket takes to close.
+pub const HEADROOM: usize = 64;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    pub max_connections: usize,
+    pub write_timeout: Duration,
+    pub header_timeout: Duration,
+}
+
+impl ConnLimits {
+    /// The limit that fits the process's open-file limit.
+    pub fn for_descriptors(nofile: u64, write_timeout: Duration) -> Self {
+        let nofile = usize::try_from(nofile).unwrap_or(usize::MAX);
+        ConnLimits {
+            max_connections: nofile.saturating_sub(HEADROOM).max(16),
+            write_timeout,
+            header_timeout: HEADER_TIMEOUT,
+        }
+    }
+}
+
+/// One open connection, as the limit sees it.
+struct Conn {
+    /// Requests in flight (a stream stays in flight until it ends).
+    busy: AtomicUsize,
+    evict: CancellationToken,
+}
+
+#[derive(Default)]
+struct Registry {
+    next: u64,
+    open: BTreeMap<u64, Arc<Conn>>,
+}
+
+#[derive(Clone, Default)]
+struct Open(Arc<Mutex<Registry>>);
+
+impl Open {
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes room for one more connection: `None` when every connection is busy.
+    fn admit(&self, max: usize) -> Option<(u64, Arc<Conn>)> {
+        let mut reg = self.lock();
+        if reg.open.len() >= max {
+            // Oldest first: the longest idle is the likeliest to be abandoned.
+            let victim = reg
+                .open
+                .iter()
+                .find(|(_, c)| c.busy.load(Ordering::Acquire) == 0)
+                .map(|(id, _)| *id)?;
+            if let Some(conn) = reg.open.remove(&victim) {
+                conn.evict.cancel();
+                metrics::counter!("coven_web_connections_evicted_total").increment(1);
+            }
+        }
+        let id = reg.next;
+        reg.next += 1;
+        let conn = Arc::new(Conn {
+            busy: AtomicUsize::new(0),
+            evict: CancellationToken::new(),
+        });
+        reg.open.insert(id, conn.clone());
+        Some((id, conn))
+    }
+
+    fn close(&self, id: u64) {
+        self.lock().open.remove(&id);
+    }
+
+    fn len(&self) -> usize {
+        self.lock().open.len()
+    }
+}
+
+/// Accepts and serves until `shutdown`, then waits for the open connections (the stream
+/// drain closes the streams) for at most `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnLimits,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> io::Result<()> {
+    let open = Open::default();
+    let tasks = TaskTracker::new();
+    let gauge = metrics::gauge!("coven_web_connections");
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors or a connection reset before accept: wait a
+                    // moment rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let Some((id, conn)) = open.admit(limits.max_connections) else {
+            metrics::counter!("coven_web_connections_refused_total").increment(1);
+            drop(tcp);
+            continue;
+        };
+        prepare(&tcp);
+        gauge.set(open.len() as f64);
+        let router = router.clone();
+        let open = open.clone();
+        let stop = shutdown.clone();
+        let gauge = gauge.clone();
+        tasks.spawn(async move {
+            one(tcp, peer, router, limits, &conn, stop).await;
+            open.close(id);
+            gauge.set(open.len() as f64);
+        });
+    }
+    tasks.close();
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        tracing::warn!(
+            connections = open.len(),
+            "connections still open after the drain; closing them"
+        );
+    }
+    Ok(())
+}
+
+/// Socket options every connection gets.
+fn prepare(tcp: &TcpStream) {
+    // Without TCP_NODELAY a small event written while the previous one is unacknowledged
+    // waits for the browser's delayed ACK (up to 40 ms on Linux): Nagle on a live stream.
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+    if let Err(e) = socket2::SockRef::from(tcp).set_send_buffer_size(SEND_BUFFER) {
+        tracing::debug!(error = %e, "cannot cap the send buffer");
+    }
+}
+
+/// Serves one connection until it ends, is evicted, or the replica shuts down.
+async fn one(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    router: Router,
+    limits: ConnLimits,
+    conn: &Arc<Conn>,
+    shutdown: CancellationToken,
+) {
+    let mut io = Deadline::new(tcp, limits.write_timeout);
+    let first = tokio::select! {
+        read = tokio::time::timeout(limits.header_timeout, lean::first_head(&mut io)) => match read {
+            Ok(Ok(first)) => first,
+            // Silent past the header timeout (as hyper would close it), or gone.
+            Ok(Err(_)) | Err(_) => return,
+        },
+        () = conn.evict.cancelled() => return,
+        () = shutdown.cancelled() => return,
+    };
+    let read = match first {
+        lean::First::EventStream(request) => {
+            lean::event_stream(io, *request, peer, router, Busy::new(conn.clone())).await;
+            return;
+        }
+        lean::First::Other(read) => read,
+    };
+    let io = TokioIo::new(Replay {
+        read: Some(read),
+        io,
+    });
+    let state = conn.clone();
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let busy = Busy::new(state.clone());
+        let call = router.clone().oneshot(req.map(Body::new));
+        async move {
+            let response = call.await?;
+            Ok::<_, std::convert::Infallible>(response.map(|body| {
+                Body::new(Tracked {
+                    inner: body,
+                    _busy: busy,
+                })
+            }))
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    let connection = builder.serve_connection(io, service);
+    tokio::pin!(connection);
+    let ended = tokio::select! {
+        r = connection.as_mut() => Some(r),
+        () = conn.evict.cancelled() => None,
+        () = shutdown.cancelled() => None,
+    };
+    let result = match ended {
+        Some(r) => r,
+        None => {
+            // Idle connections close at once; one with a response in flight finishes it
+            // (streams end through the drain).
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, %peer, "connection ended");
+    }
+}
+
+/// Counts a request as in flight until its response body is done (or dropped).
+struct Busy(Arc<Conn>);
+
+impl Busy {
+    fn new(conn: Arc<Conn>) -> Self {
+        conn.busy.fetch_add(1, Ordering::AcqRel);
+        Busy(conn)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its connection counted as busy while it lives.
+struct Tracked {
+    inner: Body,
+    _busy: Busy,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limit_evicts_the_oldest_idle_connection_and_refuses_when_all_are_busy() {
+        let open = Open::default();
+        let (a, first) = open.admit(2).unwrap();
+        let (_, second) = open.admit(2).unwrap();
+        first.busy.fetch_add(1, Ordering::AcqRel);
+        // At the limit: the idle second goes, the busy first stays.
+        let (_, third) = open.admit(2).unwrap();
+        assert!(second.evict.is_cancelled());
+        assert!(!first.evict.is_cancelled());
+        assert_eq!(open.len(), 2);
+        third.busy.fetch_add(1, Ordering::AcqRel);
+        assert!(open.admit(2).is_none(), "everyone is busy: refused");
+        open.close(a);
+        assert!(open.admit(2).is_some());
+    }
+
+    #[test]
+    fn the_limit_keeps_headroom_below_the_descriptor_limit() {
+        let l = ConnLimits::for_descriptors(1024, Duration::from_secs(30));
+        assert_eq!(l.max_connections, 1024 - HEADROOM);
+        assert_eq!(
+            ConnLimits::for_descriptors(10, Duration::ZERO).max_connections,
+            16
+        );
+    }
+}

@@ -1,0 +1,177 @@
+//! `GET /api/stream[?room=<channel id>][&last_event_id=<id>]`: the events as JSON
+//! envelopes, resumable by event id.
+//!
+//! Opening follows the hub's flow (subscribe, sight, replay, live); what the stream does
+//! per event is [`JsonStream::take`], a plain function. Owns the JSON stream. Must not
+//! render pages or change shared state (a room page's stream does count its viewer,
+//! through [`super::presence`]).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use twilight_model::id::Id;
+use twilight_model::id::marker::{ChannelMarker, GuildMarker};
+
+use super::feed::{Connected, Feed, Next, Step};
+use super::frame::{EventFrame, RETRY, event_stream, view_bytes};
+use super::hub::Hub;
+use super::query::{self, StreamQuery};
+use super::replay::{self, LogReplay, Start};
+use super::sight::{Obey, Sight, sight_of, view_changes};
+use crate::bus::Backend;
+use crate::event::EventId;
+use crate::web::AppState;
+use crate::web::guard::StreamUser;
+use crate::web::http::error::WebError;
+
+/// A JSON stream once open: its sight and where it is.
+struct JsonStream {
+    hub: Hub,
+    guild: Id<GuildMarker>,
+    sight: Sight,
+    /// The newest event sent (or skipped as not shown).
+    last: Option<EventId>,
+    delivered: metrics::Counter,
+}
+
+impl JsonStream {
+    /// What the stream sends for `event`.
+    async fn take(&mut self, event: &EventFrame) -> Step {
+        let mut step = Step::default();
+        // Control is acted on even for an event the replay already sent (when newer than
+        // the sight): it reads the hub's newest state, so acting twice changes nothing.
+        match self.sight.obey(event) {
+            Obey::End => return Step::end(),
+            Obey::Refresh => {
+                let (appeared, gone) = self.sight.refresh(&self.hub.access());
+                if !appeared.is_empty() || !gone.is_empty() {
+                    // The stream reconnects and renders afresh when the snapshot cannot
+                    // be read.
+                    let Some(snapshot) = self.hub.snapshot_since(event.id).await else {
+                        return Step::end();
+                    };
+                    step.before = view_changes(&snapshot, &self.sight, &appeared, &gone)
+                        .iter()
+                        .filter_map(|data| view_bytes(event.id, self.guild, data))
+                        .collect();
+                    // A room page whose room the viewer may no longer see: told (above),
+                    // and no longer counted as viewing it.
+                    if self.sight.room.is_some_and(|room| gone.contains(&room)) {
+                        step.end = true;
+                        return step;
+                    }
+                }
+            }
+            Obey::Nothing => {}
+        }
+        if self.last.is_some_and(|last| event.id <= last) {
+            return step;
+        }
+        self.last = Some(event.id);
+        if self.sight.shows(event.audience) {
+            self.delivered.increment(1);
+            step.frame = Some(event.bytes.clone());
+        }
+        step
+    }
+}
+
+/// A room page's stream: the room must exist and be this person's to see, or no viewer
+/// is recorded. Asked of the hub's state (a change after it arrives as a frame); only a
+/// room the hub has not reached yet, made a moment ago, is looked up in Redis.
+async fn may_view(
+    hub: &Hub,
+    bus: &dyn Backend,
+    sight: &Sight,
+    room: Id<ChannelMarker>,
+) -> Result<bool, WebError> {
+    let known = hub.lock_state().rooms.contains_key(&room);
+    if known {
+        return Ok(sight.visible.contains(&room));
+    }
+    let snapshot = bus.snapshot().await?;
+    Ok(snapshot.rooms.contains_key(&room) && snapshot.access.can_see(sight.seer(), room))
+}
+
+/// `GET /api/stream`.
+pub async fn stream(
+    State(app): State<AppState>,
+    // Logged in; membership and roles are read once below, after subscribing (the
+    // watcher rechecks stream holders, so opening a stream asks Discord nothing).
+    StreamUser(who): StreamUser,
+    headers: HeaderMap,
+    Query(q): Query<StreamQuery>,
+) -> Result<Response, WebError> {
+    let after = query::last_id(&headers, q.last_event_id.as_deref())?;
+    let room = query::room(q.room.as_deref())?;
+    let hub = app.hub.clone();
+    let bus: Arc<dyn Backend> = app.bus.clone();
+    // Subscribe before replaying: whatever lands meanwhile is in one or the other, and
+    // ids tell which was seen. Roles and permissions are read after subscribing, so a
+    // change in between arrives as a frame.
+    let (live, as_of) = hub.subscribe();
+    let sight = sight_of(&hub, bus.as_ref(), &who, room, as_of).await?;
+    if let Some(room) = room
+        && !may_view(&hub, bus.as_ref(), &sight, room).await?
+    {
+        return Err(WebError::no_such_room());
+    }
+    let max = app.settings.stream_max_per_user;
+    let held = app
+        .holders
+        .hold(sight.user, max)
+        .ok_or(WebError::TooManyStreams { max })?;
+    let viewing = room.map(|room| app.presence.enter(room, who.viewer()));
+    let mut stream = JsonStream {
+        hub: hub.clone(),
+        guild: app.settings.guild_id,
+        sight,
+        last: after,
+        delivered: hub.delivered.clone(),
+    };
+    let frames = async_stream::stream! {
+        let _alive = (held, viewing, Connected::new());
+        yield Bytes::from_static(RETRY);
+        let start = match after {
+            Some(after) => match replay::start(bus.as_ref(), &hub, after).await {
+                Ok(start) => Some(start),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check a stream's last id; it will reconnect");
+                    return;
+                }
+            },
+            None => None,
+        };
+        if let Some(mut log) = start.as_ref().and_then(LogReplay::of) {
+            while let Some(page) = log.next_page(bus.as_ref(), &stream.sight).await {
+                match page {
+                    Ok(frames) => for bytes in frames { yield bytes },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot replay a stream; it will reconnect");
+                        return;
+                    }
+                }
+            }
+            stream.last = Some(log.cursor());
+        }
+        let pending = match start {
+            Some(Start::Memory(frames)) => frames,
+            _ => Default::default(),
+        };
+        let mut feed = Feed::new(&hub, live, pending);
+        loop {
+            let step = match feed.next(stream.last, false).await {
+                Next::Event(event) => stream.take(&event).await,
+                Next::Send(bytes) => { yield bytes; continue; }
+                Next::End => break,
+            };
+            for bytes in step.before { yield bytes }
+            if let Some(bytes) = step.frame { yield bytes }
+            if step.end { break }
+        }
+    };
+    Ok(event_stream(frames))
+}

@@ -1,0 +1,78 @@
+//! What a stream asks for, parsed once at the edge into checked types: where it starts
+//! (`Last-Event-ID` or `last_event_id`), the room of a room page's JSON stream, and the
+//! room pages a pages' stream serves.
+//!
+//! Owns the streams' query strings. Must not look anything up.
+
+use axum::http::HeaderMap;
+use serde::Deserialize;
+use twilight_model::id::Id;
+use twilight_model::id::marker::ChannelMarker;
+
+use crate::event::EventId;
+use crate::web::http::error::WebError;
+
+/// `GET /api/stream`'s query.
+#[derive(Debug, Deserialize)]
+pub struct StreamQuery {
+    pub room: Option<String>,
+    pub last_event_id: Option<String>,
+}
+
+/// `GET /api/stream/html`'s query.
+#[derive(Debug, Deserialize)]
+pub struct HtmlStreamQuery {
+    /// The rooms whose pages the browser has open, comma-separated.
+    pub view: Option<String>,
+    pub last_event_id: Option<String>,
+}
+
+/// Where a stream starts: after `Last-Event-ID` (a browser reconnecting by itself), which
+/// wins over the id the page was rendered with (it is newer), or after `last_event_id`.
+pub fn last_id(headers: &HeaderMap, query: Option<&str>) -> Result<Option<EventId>, WebError> {
+    match headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .or(query.filter(|v| !v.is_empty()))
+    {
+        Some(raw) => Ok(Some(raw.parse::<EventId>().map_err(|_| {
+            WebError::BadRequest(format!("{raw:?} is not an event id (expected <ms>-<seq>)"))
+        })?)),
+        None => Ok(None),
+    }
+}
+
+/// `?room=`: the one room a room page's JSON stream shows.
+pub fn room(raw: Option<&str>) -> Result<Option<Id<ChannelMarker>>, WebError> {
+    match raw.filter(|v| !v.is_empty()) {
+        Some(raw) => Ok(Some(room_id(raw)?)),
+        None => Ok(None),
+    }
+}
+
+fn room_id(raw: &str) -> Result<Id<ChannelMarker>, WebError> {
+    raw.parse::<u64>()
+        .ok()
+        .and_then(Id::<ChannelMarker>::new_checked)
+        .ok_or_else(|| WebError::BadRequest(format!("{raw:?} is not a room id")))
+}
+
+/// Room pages one pages' stream may serve (a browser's tabs share one stream).
+pub const MAX_VIEWS: usize = 64;
+
+pub fn parse_views(raw: Option<&str>) -> Result<Vec<Id<ChannelMarker>>, WebError> {
+    let mut views = Vec::new();
+    for part in raw.unwrap_or("").split(',').filter(|p| !p.is_empty()) {
+        let id = room_id(part)?;
+        if !views.contains(&id) {
+            views.push(id);
+        }
+    }
+    if views.len() > MAX_VIEWS {
+        return Err(WebError::BadRequest(format!(
+            "a stream serves at most {MAX_VIEWS} room pages"
+        )));
+    }
+    Ok(views)
+}
