@@ -282,6 +282,287 @@ fn env_example_lists_every_setting_and_nothing_else() {
     );
 }
 
+/// The one table of settings in docs/configuration.md, held to the binary: every
+/// setting any command reads is described once, by the commands that really read it,
+/// with clap's flag, default and range; and nothing else is described.
+#[test]
+fn the_configuration_page_describes_every_setting_once_as_the_binary_reads_it() {
+    let page = "docs/configuration.md";
+    let text = std::fs::read_to_string(format!("{ROOT}/{page}")).unwrap();
+    let rows = settings_table(&text)
+        .unwrap_or_else(|| panic!("{page}: no table headed `{SETTINGS_HEADER}`"));
+    let read = settings_read();
+    let mut problems = Vec::new();
+    let mut described: BTreeMap<String, usize> = BTreeMap::new();
+    for row in &rows {
+        let Some(key) = row.name.clone().or_else(|| row.flag.clone()) else {
+            problems.push("a row names neither a variable nor a flag".to_owned());
+            continue;
+        };
+        *described.entry(key.clone()).or_default() += 1;
+        let Some(setting) = read.get(&key) else {
+            if !EXTRA_ENV.contains(&key.as_str()) {
+                problems.push(format!(
+                    "{key}: no command reads it; remove its row, or fix the name"
+                ));
+            }
+            continue;
+        };
+        let doc_commands = if row.commands == ["all"] {
+            COMMANDS.iter().map(|c| (*c).to_owned()).collect()
+        } else {
+            row.commands.iter().cloned().collect::<BTreeSet<_>>()
+        };
+        let commands: BTreeSet<String> = setting.by_command.keys().cloned().collect();
+        if doc_commands != commands {
+            problems.push(format!(
+                "{key}: the commands column says {doc_commands:?}, but `coven <command> --help` \
+                 shows it on {commands:?}; write `{}`",
+                if commands.len() == COMMANDS.len() {
+                    "all".to_owned()
+                } else {
+                    commands.iter().cloned().collect::<Vec<_>>().join(", ")
+                }
+            ));
+        }
+        for (command, arg) in &setting.by_command {
+            if row.flag.as_deref() != Some(arg.flag.as_str()) {
+                problems.push(format!(
+                    "{key}: the flag column says {:?}, `coven {command}` takes `{}`",
+                    row.flag, arg.flag
+                ));
+            }
+            if row.hidden != arg.hidden {
+                problems.push(format!(
+                    "{key}: `coven {command} --help` {} it; {} `(hidden)` after its name",
+                    if arg.hidden { "hides" } else { "shows" },
+                    if arg.hidden { "write" } else { "remove" }
+                ));
+            }
+            let documented = row.default_for(command);
+            if documented != arg.default {
+                let shown =
+                    |d: &Option<String>| d.as_ref().map_or("none".to_owned(), |d| format!("`{d}`"));
+                problems.push(format!(
+                    "{key}: the default column gives `coven {command}` {}, its clap default is {}; \
+                     write {}",
+                    shown(&documented),
+                    shown(&arg.default),
+                    arg.default
+                        .as_ref()
+                        .map_or(format!("no default for {command}"), |d| format!(
+                            "`{d}` (or `{command} `{d}`` beside other commands' defaults)"
+                        ))
+                ));
+            }
+            let range = ranges(&row.range).into_iter().next();
+            let help_range = ranges(&arg.help).into_iter().next();
+            if range != help_range {
+                problems.push(format!(
+                    "{key}: the range column says {:?}, `coven {command} --help` says {:?}; \
+                     make them agree",
+                    range.map(|(a, b)| format!("{a}–{b}")),
+                    help_range.map(|(a, b)| format!("{a}–{b}")),
+                ));
+            }
+        }
+    }
+    for (key, setting) in &read {
+        let commands: Vec<_> = setting.by_command.keys().cloned().collect();
+        match described.get(key).copied().unwrap_or(0) {
+            0 => problems.push(format!(
+                "{key}: read by {commands:?} but not described; add a row for it"
+            )),
+            1 => {}
+            n => problems.push(format!(
+                "{key}: described in {n} rows; keep one (with every command in its commands \
+                 column)"
+            )),
+        }
+    }
+    for extra in EXTRA_ENV {
+        if !described.contains_key(*extra) {
+            problems.push(format!(
+                "{extra}: read outside clap but not described; add a row for it"
+            ));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{page}'s settings table disagrees with the binary:\n  {}",
+        problems.join("\n  ")
+    );
+}
+
+/// The commands `all` stands for in docs/configuration.md.
+const COMMANDS: &[&str] = &["gateway", "web", "publish", "sim", "demo"];
+
+const SETTINGS_HEADER: &str = "| variable | flag | commands | default | range | what it does |";
+
+/// One setting as one command reads it.
+struct ReadArg {
+    flag: String,
+    hidden: bool,
+    default: Option<String>,
+    help: String,
+}
+
+/// A setting (an environment variable, or a flag that has none) and the commands that
+/// read it.
+#[derive(Default)]
+struct Setting {
+    by_command: BTreeMap<String, ReadArg>,
+}
+
+/// Every setting of every command, keyed by variable (or flag, for flags without one).
+/// `coven` with no command is the demo: its settings must be the demo's own.
+fn settings_read() -> BTreeMap<String, Setting> {
+    let mut root = cli();
+    root.build();
+    let mut out: BTreeMap<String, Setting> = BTreeMap::new();
+    for sub in root.get_subcommands() {
+        for arg in sub.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            let flag = format!("--{long}");
+            let key = arg
+                .get_env()
+                .map_or_else(|| flag.clone(), |e| e.to_string_lossy().into_owned());
+            let takes_values = arg.get_action().takes_values();
+            let default = arg
+                .get_default_values()
+                .first()
+                .filter(|_| takes_values)
+                .map(|d| d.to_string_lossy().into_owned());
+            out.entry(key).or_default().by_command.insert(
+                sub.get_name().to_owned(),
+                ReadArg {
+                    flag,
+                    hidden: arg.is_hide_set(),
+                    default,
+                    help: arg.get_help().map(ToString::to_string).unwrap_or_default(),
+                },
+            );
+        }
+    }
+    let demo = root.find_subcommand("demo").expect("coven demo");
+    for arg in root.get_arguments().filter(|a| !a.is_global_set()) {
+        if matches!(arg.get_long(), Some("help" | "version") | None) {
+            continue;
+        }
+        assert!(
+            demo.get_arguments()
+                .any(|d| d.get_long() == arg.get_long() && d.get_env() == arg.get_env()),
+            "`coven --{}` with no command is not the demo's; docs/configuration.md's `all` \
+             assumes it is",
+            arg.get_long().unwrap()
+        );
+    }
+    out
+}
+
+/// A row of the settings table.
+struct Row {
+    /// The variable, or `None` for a flag without one.
+    name: Option<String>,
+    hidden: bool,
+    /// The flag, or `None` for a variable read outside clap.
+    flag: Option<String>,
+    commands: Vec<String>,
+    /// `(commands it applies to, value)`; no commands: every command of the row.
+    defaults: Vec<(Vec<String>, String)>,
+    range: String,
+}
+
+impl Row {
+    fn default_for(&self, command: &str) -> Option<String> {
+        self.defaults
+            .iter()
+            .find(|(cmds, _)| cmds.is_empty() || cmds.iter().any(|c| c == command))
+            .map(|(_, value)| value.clone())
+    }
+}
+
+/// The rows of the table under [`SETTINGS_HEADER`].
+fn settings_table(text: &str) -> Option<Vec<Row>> {
+    let mut lines = text.lines().skip_while(|l| l.trim() != SETTINGS_HEADER);
+    lines.next()?;
+    lines.next(); // the |---| line
+    let rows = lines
+        .take_while(|l| l.starts_with('|'))
+        .map(|line| {
+            let cells: Vec<&str> = line.trim().trim_matches('|').split(" | ").collect();
+            assert_eq!(
+                cells.len(),
+                6,
+                "docs/configuration.md: this row needs the table's 6 cells (write a `|` inside \
+                 a cell as words): {line}"
+            );
+            let name = ticked(cells[0]).into_iter().next();
+            Row {
+                hidden: cells[0].contains("(hidden)"),
+                name,
+                flag: ticked(cells[1]).into_iter().next(),
+                commands: cells[2]
+                    .split(',')
+                    .map(|c| c.trim().trim_matches('`').to_owned())
+                    .collect(),
+                defaults: cells[3]
+                    .split(';')
+                    .filter(|d| d.contains('`'))
+                    .map(|d| {
+                        let (cmds, value) = d.split_once('`').unwrap();
+                        let cmds = cmds
+                            .split(',')
+                            .map(str::trim)
+                            .filter(|c| !c.is_empty())
+                            .map(str::to_owned)
+                            .collect();
+                        (cmds, value.trim_end().trim_end_matches('`').to_owned())
+                    })
+                    .collect(),
+                range: cells[4].to_owned(),
+            }
+        })
+        .collect();
+    Some(rows)
+}
+
+/// The `code` spans of a cell.
+fn ticked(cell: &str) -> Vec<String> {
+    cell.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Numeric ranges written in text (`1s–1h`, `1-100000`, `65,536–268,435,456`), with
+/// thousands separators dropped, so the help's and the page's compare.
+fn ranges(text: &str) -> Vec<(String, String)> {
+    let part = |c: char| c.is_ascii_alphanumeric() || c == '.' || c == ',';
+    let clean = |s: &str| s.trim_matches(',').replace(',', "");
+    let mut out = Vec::new();
+    for (i, dash) in text.char_indices().filter(|(_, c)| matches!(c, '–' | '-')) {
+        let before = &text[..i];
+        let start = before
+            .char_indices()
+            .rev()
+            .find(|(_, c)| !part(*c))
+            .map_or(0, |(j, c)| j + c.len_utf8());
+        let after = &text[i + dash.len_utf8()..];
+        let end = after.find(|c: char| !part(c)).unwrap_or(after.len());
+        let (low, high) = (clean(&before[start..]), clean(&after[..end]));
+        let numeric = |s: &str| s.starts_with(|c: char| c.is_ascii_digit());
+        if numeric(&low) && numeric(&high) {
+            out.push((low, high));
+        }
+    }
+    out
+}
+
 /// The variables docker-compose.yml interpolates itself (`${NAME}`, `${NAME:-default}`).
 fn compose_variables() -> BTreeSet<String> {
     let text = std::fs::read_to_string(format!("{ROOT}/docker-compose.yml")).unwrap();
