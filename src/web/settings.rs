@@ -59,9 +59,10 @@ pub struct Tuning {
     /// A session unused this long is forgotten (10m–90d)
     #[arg(long, env = "SESSION_TTL", default_value = "7d", value_parser = config::parse_duration_in(secs(600), secs(90 * DAY)))]
     pub session_ttl: Duration,
-    /// Events a stream may fall behind before it is cut off (1–65,536)
-    // Each stream may hold this many events queued: bounded so a typo cannot make one slow
-    // client hold gigabytes (or abort the process allocating them).
+    /// Frames a stream may fall behind the live ring before it catches up from the
+    /// replica's recent events (1–65,536)
+    // The size of the ring every stream of the replica shares: bounded so a typo cannot
+    // make the replica hold gigabytes (or abort the process allocating them).
     #[arg(long, env = "STREAM_BUFFER", default_value = "1024", value_parser = config::parse_number_in::<usize>(1, 65_536))]
     pub stream_buffer: usize,
     /// How long a viewer stays listed after their replica last vouched for them (3s–10m)
@@ -77,7 +78,8 @@ pub struct Tuning {
     /// How long an invite link stays valid (1m–30d)
     #[arg(long, env = "INVITE_TTL", default_value = "24h", value_parser = config::parse_duration_in(secs(60), secs(30 * DAY)))]
     pub invite_ttl: Duration,
-    /// A room with nobody in voice and nobody viewing it for this long is closed (1s–7d)
+    /// A room with nobody in voice and nobody viewing it for this long gets the closing
+    /// warning (room.closing) and is closed ROOM_CLOSE_WARNING later (1s–7d)
     #[arg(long, env = "ROOM_IDLE_TIMEOUT", default_value = "1h", value_parser = config::parse_duration_in(secs(1), secs(7 * DAY)))]
     pub room_idle_timeout: Duration,
     /// How often one replica looks for idle rooms (100ms–1h, at most ROOM_IDLE_TIMEOUT)
