@@ -21,6 +21,9 @@
 //! both replicas over the run); memory per stream is the replicas' resident-set growth
 //! from before the streams opened to when all were open, divided by the streams.
 
+// A benchmark that cannot set itself up has nothing to measure: it may stop there.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -2,6 +2,9 @@
 //! real one on real sockets; Discord is played by `coven sim`, Redis is a private
 //! `redis-server` per test that needs one.
 
+// A test's failed assumption is a failed test: unwrap and expect say where.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod harness;
 
 mod a11y;
