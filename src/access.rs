@@ -49,7 +49,7 @@ pub struct Access {
 
 /// Someone whose permissions are asked about.
 #[derive(Debug, Clone, Copy)]
-pub struct Seer<'a> {
+pub struct Principal<'a> {
     pub user: Id<UserMarker>,
     pub roles: &'a [Id<RoleMarker>],
 }
@@ -92,7 +92,7 @@ impl Access {
     }
 
     /// What `who` may do in `channel`; nothing when the guild or the channel is unknown.
-    pub fn permissions(&self, who: Seer<'_>, channel: Id<ChannelMarker>) -> Permissions {
+    pub fn permissions(&self, who: Principal<'_>, channel: Id<ChannelMarker>) -> Permissions {
         let (Some(guild), Some(overwrites)) = (&self.guild, self.channels.get(&channel)) else {
             return Permissions::empty();
         };
@@ -124,19 +124,19 @@ impl Access {
     }
 
     /// Whether Discord shows `channel` to `who` (View Channel).
-    pub fn can_see(&self, who: Seer<'_>, channel: Id<ChannelMarker>) -> bool {
+    pub fn can_see(&self, who: Principal<'_>, channel: Id<ChannelMarker>) -> bool {
         self.permissions(who, channel)
             .contains(Permissions::VIEW_CHANNEL)
     }
 
     /// Whether `who` could join `channel` by themselves (View Channel and Connect).
-    pub fn can_join(&self, who: Seer<'_>, channel: Id<ChannelMarker>) -> bool {
+    pub fn can_join(&self, who: Principal<'_>, channel: Id<ChannelMarker>) -> bool {
         self.permissions(who, channel)
             .contains(Permissions::VIEW_CHANNEL | Permissions::CONNECT)
     }
 
     /// Every channel `who` may see.
-    pub fn visible(&self, who: Seer<'_>) -> HashSet<Id<ChannelMarker>> {
+    pub fn visible(&self, who: Principal<'_>) -> HashSet<Id<ChannelMarker>> {
         self.channels
             .keys()
             .filter(|c| self.can_see(who, **c))
@@ -331,8 +331,8 @@ mod tests {
         a
     }
 
-    fn seer(user: u64, roles: &[Id<RoleMarker>]) -> Seer<'_> {
-        Seer {
+    fn principal(user: u64, roles: &[Id<RoleMarker>]) -> Principal<'_> {
+        Principal {
             user: Id::new(user),
             roles,
         }
@@ -345,36 +345,36 @@ mod tests {
         let staff = [Id::new(STAFF)];
         let admin = [Id::new(ADMINS)];
         let player = [Id::new(ROOM_ROLE)];
-        let set = |s: Seer<'_>| {
+        let set = |s: Principal<'_>| {
             let mut v: Vec<u64> = a.visible(s).into_iter().map(Id::get).collect();
             v.sort_unstable();
             v
         };
-        assert_eq!(set(seer(9, &none)), [100, 103], "a plain member");
-        assert_eq!(set(seer(9, &staff)), [100, 101, 103]);
+        assert_eq!(set(principal(9, &none)), [100, 103], "a plain member");
+        assert_eq!(set(principal(9, &staff)), [100, 101, 103]);
         assert_eq!(
-            set(seer(9, &player)),
+            set(principal(9, &player)),
             [100, 102, 103],
             "a role unknown to the guild still opens its overwrite"
         );
         assert_eq!(
-            set(seer(9, &admin)),
+            set(principal(9, &admin)),
             [100, 101, 102, 103],
             "Administrator sees all"
         );
         assert_eq!(
-            set(seer(OWNER, &none)),
+            set(principal(OWNER, &none)),
             [100, 101, 102, 103],
             "the owner sees all"
         );
-        assert!(a.can_see(seer(9, &none), Id::new(103)));
+        assert!(a.can_see(principal(9, &none), Id::new(103)));
         assert!(
-            !a.can_join(seer(9, &none), Id::new(103)),
+            !a.can_join(principal(9, &none), Id::new(103)),
             "seen, but Connect denied"
         );
-        assert!(a.can_join(seer(9, &player), Id::new(102)));
+        assert!(a.can_join(principal(9, &player), Id::new(102)));
         assert!(
-            !a.can_see(seer(OWNER, &none), Id::new(999)),
+            !a.can_see(principal(OWNER, &none), Id::new(999)),
             "unknown channels are nobody's"
         );
         // A member's own overwrite beats their roles'.
@@ -396,14 +396,14 @@ mod tests {
                 ),
             ]),
         });
-        assert!(!b.can_see(seer(9, &staff), Id::new(101)));
-        assert!(b.can_see(seer(8, &staff), Id::new(101)));
+        assert!(!b.can_see(principal(9, &staff), Id::new(101)));
+        assert!(b.can_see(principal(8, &staff), Id::new(101)));
         // Removed channels are nobody's again.
         assert!(b.apply(&EventData::ChannelAccess {
             channel_id: Id::new(101),
             overwrites: None
         }));
-        assert!(!b.can_see(seer(OWNER, &none), Id::new(101)));
+        assert!(!b.can_see(principal(OWNER, &none), Id::new(101)));
         assert!(!b.apply(&EventData::ChannelAccess {
             channel_id: Id::new(101),
             overwrites: None
@@ -433,8 +433,8 @@ mod tests {
             channel_id: Id::new(200),
             overwrites: Some(made.clone()),
         });
-        assert!(a.can_join(seer(7, &[]), Id::new(200)));
-        assert!(!a.can_see(seer(8, &[]), Id::new(200)));
+        assert!(a.can_join(principal(7, &[]), Id::new(200)));
+        assert!(!a.can_see(principal(8, &[]), Id::new(200)));
         // Made in Discord by someone else: a role allowed in, nobody else.
         let by_hand = vec![made[0], made[1]];
         assert_eq!(room_owner(guild, &by_hand, None), None);

@@ -132,7 +132,9 @@ fn bad_settings(problems: Vec<Problem>) -> ExitCode {
     for problem in problems {
         eprintln!("error: {problem}");
     }
-    eprintln!("(settings come from flags, the environment and .env files; see docs/configuration.md)");
+    eprintln!(
+        "(settings come from flags, the environment and .env files; see docs/configuration.md)"
+    );
     ExitCode::from(2)
 }
 

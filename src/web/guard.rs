@@ -22,7 +22,7 @@ use super::http::protect::{Sender, WithToken, read_form};
 use super::members;
 use super::return_to::safe_return_to;
 use super::session::{SESSION_COOKIE, SessionUser, USER};
-use crate::access::Seer;
+use crate::access::Principal;
 use crate::discord::DiscordError;
 use crate::event::now_ms;
 
@@ -130,8 +130,8 @@ impl Member {
     }
 
     /// The member as the permission calculation sees them.
-    pub fn seer(&self) -> Seer<'_> {
-        Seer {
+    pub fn principal(&self) -> Principal<'_> {
+        Principal {
             user: self.id(),
             roles: &self.roles,
         }
@@ -165,8 +165,8 @@ pub struct Posted<F> {
 }
 
 impl<F> Posted<F> {
-    pub fn seer(&self) -> Seer<'_> {
-        Seer {
+    pub fn principal(&self) -> Principal<'_> {
+        Principal {
             user: self.who.user.person.id,
             roles: &self.roles,
         }

@@ -24,7 +24,7 @@ use super::http::error::WebError;
 use super::http::protect::{self, TokenForm};
 use super::view::UserView;
 use super::{App, AppState, members};
-use crate::access::Seer;
+use crate::access::Principal;
 use crate::bus::Snapshot;
 use crate::event::now_ms;
 
@@ -84,7 +84,7 @@ pub fn offer(
     app: &App,
     snapshot: &Snapshot,
     id: Id<ChannelMarker>,
-    who: Seer<'_>,
+    who: Principal<'_>,
 ) -> Result<Option<String>, WebError> {
     let Some(room) = snapshot.rooms.get(&id) else {
         return Ok(None);

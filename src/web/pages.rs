@@ -70,7 +70,7 @@ pub async fn rooms(
 ) -> Result<RoomsPage, WebError> {
     let snapshot = app.bus.snapshot().await?;
     let who = &member.who;
-    let (rooms, channels) = visible_rooms(&snapshot, member.seer());
+    let (rooms, channels) = visible_rooms(&snapshot, member.principal());
     Ok(RoomsPage {
         delayed: app.upstream.current().banner(),
         user: Some(UserView::of(&who.user)),
@@ -149,7 +149,7 @@ pub async fn room(
     RoomId(id): RoomId,
 ) -> Result<RoomPage, WebError> {
     let snapshot = app.bus.snapshot().await?;
-    let record = rooms::visible_room(&snapshot, id, member.seer())?;
+    let record = rooms::visible_room(&snapshot, id, member.principal())?;
     let who = &member.who;
     let me = who.user.person.id;
     let whereabouts = match snapshot.voice.get(&me) {
@@ -164,12 +164,12 @@ pub async fn room(
         viewers: record.viewers.iter().map(ViewerView::of).collect(),
         at: snapshot.at.to_string(),
         whereabouts,
-        can_join: snapshot.access.can_join(member.seer(), id),
+        can_join: snapshot.access.can_join(member.principal(), id),
         discord_url: crate::config::join_url(
             &app.settings.discord.app_url,
             &format!("channels/{}/{id}", app.settings.guild_id),
         ),
-        invite: invites::offer(&app, &snapshot, id, member.seer())?,
+        invite: invites::offer(&app, &snapshot, id, member.principal())?,
         is_creator: record.creator_id == Some(me),
     })
 }

@@ -19,7 +19,7 @@ use super::http::error::WebError;
 use super::http::protect::NoFields;
 use super::view::UserView;
 use super::{App, AppState, invites, members};
-use crate::access::Seer;
+use crate::access::Principal;
 use crate::bus::{Fence, RoomRecord, Snapshot};
 use crate::event::EventData;
 
@@ -177,7 +177,7 @@ impl FromRequestParts<AppState> for RoomId {
 pub fn visible_room<'s>(
     snapshot: &'s Snapshot,
     id: Id<ChannelMarker>,
-    who: Seer<'_>,
+    who: Principal<'_>,
 ) -> Result<&'s RoomRecord, WebError> {
     snapshot
         .rooms
@@ -262,7 +262,7 @@ pub async fn confirm_close(
     RoomId(id): RoomId,
 ) -> Result<ClosePage, WebError> {
     let snapshot = app.bus.snapshot().await?;
-    let room = visible_room(&snapshot, id, member.seer())?;
+    let room = visible_room(&snapshot, id, member.principal())?;
     if room.creator_id != Some(member.id()) {
         return Err(WebError::Forbidden(
             "Only the person who made this room can close it.".to_owned(),
@@ -290,7 +290,7 @@ pub async fn close(
     if let Some(room) = snapshot.rooms.get(&id) {
         if room.creator_id != Some(me) {
             // Someone Discord does not show the room to learns nothing of it.
-            visible_room(&snapshot, id, post.seer())?;
+            visible_room(&snapshot, id, post.principal())?;
             return Err(WebError::Forbidden(
                 "Only the person who made this room can close it.".to_owned(),
             ));
@@ -327,11 +327,11 @@ pub async fn move_in(
     post: Posted<NoFields>,
 ) -> Result<Response, WebError> {
     let snapshot = app.bus.snapshot().await?;
-    visible_room(&snapshot, id, post.seer())?;
+    visible_room(&snapshot, id, post.principal())?;
     let me = post.who.user.person.id;
     // Discord lets a bot with Move Members move anyone anywhere; Coven moves people only
     // where Discord would let them go by themselves.
-    if !snapshot.access.can_join(post.seer(), id) {
+    if !snapshot.access.can_join(post.principal(), id) {
         return Err(WebError::Forbidden(
             "Discord does not let you join this room, so Coven will not move you into it. \
              Ask someone in the room for an invite link."
@@ -368,9 +368,9 @@ pub async fn new_invite(
     post: Posted<NoFields>,
 ) -> Result<Response, WebError> {
     let mut snapshot = app.bus.snapshot().await?;
-    let room = visible_room(&snapshot, id, post.seer())?;
+    let room = visible_room(&snapshot, id, post.principal())?;
     let generation = room.invite_gen.saturating_add(1);
-    if invites::offer(&app, &snapshot, id, post.seer())?.is_none() {
+    if invites::offer(&app, &snapshot, id, post.principal())?.is_none() {
         return Err(WebError::Forbidden(
             "Only the creator of a room Coven made, and the people holding its role, can hand \
              out invites."
@@ -388,7 +388,7 @@ pub async fn new_invite(
         )
         .await?;
     snapshot.apply(&renewed);
-    let Some(link) = invites::offer(&app, &snapshot, id, post.seer())? else {
+    let Some(link) = invites::offer(&app, &snapshot, id, post.principal())? else {
         return Err(WebError::no_such_room());
     };
     if post.htmx {

@@ -8,7 +8,7 @@ use twilight_model::id::Id;
 use twilight_model::id::marker::ChannelMarker;
 
 use super::session::SessionUser;
-use crate::access::Seer;
+use crate::access::Principal;
 use crate::bus::{RoomRecord, Snapshot, VoiceRecord};
 use crate::event::Viewer;
 
@@ -143,11 +143,14 @@ impl RoomView {
 
 /// The rooms the viewer may see, for the rooms page: Coven's rooms newest first, then the
 /// server's other voice channels by name.
-pub fn visible_rooms(snapshot: &Snapshot, seer: Seer<'_>) -> (Vec<RoomView>, Vec<RoomView>) {
+pub fn visible_rooms(
+    snapshot: &Snapshot,
+    principal: Principal<'_>,
+) -> (Vec<RoomView>, Vec<RoomView>) {
     let mut rooms: Vec<(u64, RoomView)> = snapshot
         .rooms
         .iter()
-        .filter(|(id, _)| snapshot.access.can_see(seer, **id))
+        .filter(|(id, _)| snapshot.access.can_see(principal, **id))
         .map(|(id, r)| (r.created_at, RoomView::of(snapshot, *id, r)))
         .collect();
     rooms.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));

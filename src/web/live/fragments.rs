@@ -13,7 +13,7 @@ use axum::body::Bytes;
 use twilight_model::id::Id;
 use twilight_model::id::marker::ChannelMarker;
 
-use crate::access::Seer;
+use crate::access::Principal;
 use crate::bus::Snapshot;
 use crate::event::{Event, EventData, EventId, GatewayState};
 use crate::web::view::{RoomView, ViewerView, visible_rooms};
@@ -313,11 +313,11 @@ pub fn fragments(state: &Snapshot, event: &Event, prior: &Prior) -> Option<Html>
 /// change of sight, its `room.deleted` has already told the page, with its name.
 pub fn refresh(
     state: &Snapshot,
-    seer: Seer<'_>,
+    principal: Principal<'_>,
     views: &[Id<ChannelMarker>],
     missing_gone: bool,
 ) -> Bytes {
-    let (rooms, channels) = visible_rooms(state, seer);
+    let (rooms, channels) = visible_rooms(state, principal);
     let mut out = format!("id: {}\n", state.at);
     message(
         &mut out,
@@ -332,7 +332,7 @@ pub fn refresh(
         if !missing_gone && !state.rooms.contains_key(id) {
             continue;
         }
-        let part = if state.access.can_see(seer, *id) {
+        let part = if state.access.can_see(principal, *id) {
             room_part(state, *id, None)
         } else if missing_gone {
             // Any room id can be asked for: one the viewer may not see is told of in

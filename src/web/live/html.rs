@@ -71,7 +71,7 @@ impl PagesStream {
                     self.last = self.last.max(state.at);
                     step.before.push(fragments::refresh(
                         &state,
-                        self.sight.seer(),
+                        self.sight.principal(),
                         &changed,
                         false,
                     ));
@@ -136,7 +136,7 @@ async fn open(
         let state = hub.lock_state();
         (
             state.at,
-            fragments::refresh(&state, sight.seer(), views, true),
+            fragments::refresh(&state, sight.principal(), views, true),
         )
     };
     let at = hub.lock_state().at;

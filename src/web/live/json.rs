@@ -93,7 +93,7 @@ async fn may_view(
         return Ok(sight.visible.contains(&room));
     }
     let snapshot = bus.snapshot().await?;
-    Ok(snapshot.rooms.contains_key(&room) && snapshot.access.can_see(sight.seer(), room))
+    Ok(snapshot.rooms.contains_key(&room) && snapshot.access.can_see(sight.principal(), room))
 }
 
 /// `GET /api/stream`.

@@ -11,7 +11,7 @@ use twilight_model::id::marker::{ChannelMarker, RoleMarker, UserMarker};
 
 use super::frame::{Control, EventFrame};
 use super::hub::Hub;
-use crate::access::{Access, Seer};
+use crate::access::{Access, Principal};
 use crate::bus::{Backend, Snapshot};
 use crate::event::{Audience, EventData, EventId};
 use crate::web::http::error::WebError;
@@ -32,8 +32,8 @@ pub struct Sight {
 }
 
 impl Sight {
-    pub fn seer(&self) -> Seer<'_> {
-        Seer {
+    pub fn principal(&self) -> Principal<'_> {
+        Principal {
             user: self.user,
             roles: &self.roles,
         }
@@ -41,7 +41,7 @@ impl Sight {
 
     /// Recomputes what is visible; returns the channels that appeared and those gone.
     pub fn refresh(&mut self, access: &Access) -> (Vec<Id<ChannelMarker>>, Vec<Id<ChannelMarker>>) {
-        let now = access.visible(self.seer());
+        let now = access.visible(self.principal());
         let appeared = now.difference(&self.visible).copied().collect();
         let gone = self.visible.difference(&now).copied().collect();
         self.visible = now;
