@@ -167,7 +167,7 @@
 
   // A new card or a newly arrived person is highlighted briefly (not when the viewer
   // asked for less motion). Nothing is added to the markup.
-  function flash(el) {
+  function highlight(el) {
     if (reduced || !el.animate) return;
     el.animate([{ boxShadow: "0 0 0 3px rgba(124, 140, 255, .9)" }, { boxShadow: "0 0 0 3px rgba(124, 140, 255, 0)" }],
       { duration: 1500, easing: "ease-out" });
@@ -188,10 +188,10 @@
   document.body.addEventListener("htmx:oobAfterSwap", function (e) {
     var el = e.target;
     if (!(el instanceof Element)) return;
-    if (el.classList.contains("room-card") && el.isConnected) flash(el);
+    if (el.classList.contains("room-card") && el.isConnected) highlight(el);
     if (before) {
       el.querySelectorAll(".member[data-user]").forEach(function (m) {
-        if (!before[m.dataset.user]) flash(m);
+        if (!before[m.dataset.user]) highlight(m);
       });
     }
   });
@@ -226,9 +226,10 @@
 })();
 
 // A post made through HTMX that fails (403, 409, 429, 502, ...) is not swapped into the
-// page; the error page's words are shown in the page's flash line instead.
+// page; the error page's words (the parts the server marks `data-error-part`: title,
+// message, hint) are shown in the page's flash line instead.
 (function () {
-  function flash(text) {
+  function showProblem(text) {
     var box = document.getElementById("flash");
     if (!box) return;
     box.textContent = text;
@@ -237,18 +238,13 @@
   document.body.addEventListener("htmx:responseError", function (e) {
     var xhr = e.detail.xhr;
     var doc = new DOMParser().parseFromString(xhr.responseText || "", "text/html");
-    var card = doc.querySelector("section.error");
-    var words = "";
-    if (card) {
-      var title = card.querySelector("h1");
-      var lines = Array.prototype.map.call(card.querySelectorAll("p:not(.status)"), function (p) {
-        return p.textContent.trim();
-      }).filter(function (t) { return t && t !== "Back to the rooms"; });
-      words = (title ? title.textContent.trim() + ": " : "") + lines.join(" ");
-    }
-    flash(words || "That did not work (HTTP " + xhr.status + "). Reload the page and try again.");
+    var parts = Array.prototype.map.call(doc.querySelectorAll("[data-error-part]"), function (el) {
+      return el.textContent.trim();
+    }).filter(Boolean);
+    var words = parts.length ? parts[0] + ": " + parts.slice(1).join(" ") : "";
+    showProblem(words || "That did not work (HTTP " + xhr.status + "). Reload the page and try again.");
   });
   document.body.addEventListener("htmx:sendError", function () {
-    flash("Coven could not be reached. Check your connection and try again.");
+    showProblem("Coven could not be reached. Check your connection and try again.");
   });
 })();
