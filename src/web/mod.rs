@@ -21,6 +21,8 @@ pub mod guard;
 pub mod health;
 pub mod http;
 pub mod invites;
+#[cfg(test)]
+mod layers;
 pub mod live;
 pub mod login;
 pub mod members;
