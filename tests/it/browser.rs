@@ -320,7 +320,10 @@ async fn the_room_page_shows_full_and_closing_as_they_happen() {
     create(&ash, "Commander night").await;
     let flash = shown(&ash, "the error in the page", "#flash").await;
     assert!(flash.contains("Discord is not answering"), "{flash}");
-    assert!(!flash.contains("Back to the rooms"), "only the marked words: {flash}");
+    assert!(
+        !flash.contains("Back to the rooms"),
+        "only the marked words: {flash}"
+    );
     shot(&ash, "09-create-failed").await;
     create(&ash, "Commander night").await;
     appears(
