@@ -86,7 +86,7 @@ impl FromRequestParts<AppState> for LoggedIn {
     }
 }
 
-/// Someone opening a stream, known by their session cookie through the [`SessionCache`]:
+/// Someone opening a stream, known by their session cookie through the [`super::session::SessionCache`]:
 /// no session is loaded into the request, and nothing is written back.
 pub struct StreamUser(pub Arc<SessionUser>);
 

@@ -170,7 +170,7 @@ pub struct LogoutForm {
 }
 
 /// `POST /auth/logout`: forget the session everywhere (it lives in Redis). Not a
-/// [`protect::Posted`]: someone whose session is already gone is simply sent home.
+/// [`super::guard::Posted`]: someone whose session is already gone is simply sent home.
 pub async fn logout(
     State(app): State<AppState>,
     session: Session,

@@ -7,8 +7,8 @@
 //! `view` count it as viewing them.
 //!
 //! Opening follows the hub's flow (subscribe, sight, where the page is, live); where the
-//! page is decided by [`open`] and what the stream does per event by
-//! [`PagesStream::take`], both plain functions. Owns the pages' stream. Must not change
+//! page is decided by `open` and what the stream does per event by
+//! `PagesStream::take`, both plain functions. Owns the pages' stream. Must not change
 //! shared state beyond counting viewers.
 
 use std::collections::VecDeque;

@@ -1,6 +1,6 @@
 //! The hub: one per replica, between the bus and every open stream.
 //!
-//! Flow of an event: the bus's live subscription → [`Hub::publish`], which under the
+//! Flow of an event: the bus's live subscription → `Hub::publish`, which under the
 //! `state` lock applies it to the hub's state, renders its fragments once (while pages'
 //! streams are open), builds its [`EventFrame`] once, keeps it in `recent` and sends it
 //! on the broadcast ring every stream reads.

@@ -2,7 +2,7 @@
 //! envelopes, resumable by event id.
 //!
 //! Opening follows the hub's flow (subscribe, sight, replay, live); what the stream does
-//! per event is [`JsonStream::take`], a plain function. Owns the JSON stream. Must not
+//! per event is `JsonStream::take`, a plain function. Owns the JSON stream. Must not
 //! render pages or change shared state (a room page's stream does count its viewer,
 //! through [`super::presence`]).
 
