@@ -180,6 +180,6 @@ end
 if ARGV[6] == '' then
   -- Nothing to wait for: durable (as far as this writer asks) and published at once.
   redis.call('SET', KEYS[9], id)
-  redis.call('PUBLISH', KEYS[1], envelope)
+  redis.call('SPUBLISH', KEYS[1], envelope)
 end
 return envelope

@@ -164,6 +164,18 @@ impl Bus for MemoryBus {
         Ok(state.log.binary_search_by(|e| e.id.cmp(&id)).is_ok())
     }
 
+    async fn trim_before(&self, before_ms: u64) -> BusResult<u64> {
+        let mut state = self.lock();
+        let mut dropped = 0;
+        while state.log.front().is_some_and(|e| e.id.ms < before_ms) {
+            if let Some(old) = state.log.pop_front() {
+                state.trimmed = old.id;
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.live.subscribe()
     }

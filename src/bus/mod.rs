@@ -308,6 +308,13 @@ pub trait Bus: Send + Sync + 'static {
     /// another log's history.
     async fn holds(&self, id: EventId) -> BusResult<bool>;
 
+    /// Drops the log's events appended before `before_ms` (unix ms), so a log is capped
+    /// by age as well as by length: a quiet guild's log shrinks even when nothing is
+    /// appended to it. Events not yet published (withheld until durable) are never
+    /// dropped. Returns how many were dropped; readers behind them get a gap, as after
+    /// any trim.
+    async fn trim_before(&self, before_ms: u64) -> BusResult<u64>;
+
     /// Live events, in id order, from now on. One subscription per process feeds every
     /// receiver; a receiver that falls behind sees `Lagged` and must catch up with
     /// [`Bus::since`].

@@ -71,7 +71,7 @@ local entries = redis.call('XRANGE', KEYS[1], '(' .. d, ARGV[1])
 for _, entry in ipairs(entries) do
   local fields = entry[2]
   for i = 1, #fields, 2 do
-    if fields[i] == 'e' then redis.call('PUBLISH', KEYS[1], fields[i + 1]) end
+    if fields[i] == 'e' then redis.call('SPUBLISH', KEYS[1], fields[i + 1]) end
   end
 end
 redis.call('SET', KEYS[2], ARGV[1])
@@ -223,6 +223,41 @@ fn builder(url: &str, command_timeout: Duration) -> BusResult<Builder> {
 /// The first connection's failure, said once and with what to check: over `rediss://` a
 /// plain-text server never completes the handshake, and an untrusted certificate is
 /// refused (nothing is ever sent in clear to a `rediss://` URL).
+/// The oldest Redis with sharded Pub/Sub (`SPUBLISH`, `SSUBSCRIBE`), which the live path
+/// uses on every kind of deployment (standalone, Sentinel, Cluster) alike.
+const MIN_REDIS: (u32, u32) = (7, 0);
+
+/// Refuses, with one line, a Redis older than [`MIN_REDIS`]: the append script would fail
+/// on its first `SPUBLISH` and streams would hear nothing.
+async fn require_sharded_pubsub(client: &Client) -> BusResult<()> {
+    let info: String = client.info(Some(fred::types::InfoKind::Server)).await?;
+    let version = redis_version(&info);
+    match version {
+        Some(v) if v >= MIN_REDIS => Ok(()),
+        _ => Err(BusError::Connect(format!(
+            "Redis {} is too old: Coven needs Redis {}.{} or newer (sharded Pub/Sub)",
+            version.map_or_else(
+                || "of unknown version".to_owned(),
+                |(a, b)| format!("{a}.{b}")
+            ),
+            MIN_REDIS.0,
+            MIN_REDIS.1,
+        ))),
+    }
+}
+
+/// `redis_version:7.0.15` from `INFO server`, as (major, minor).
+fn redis_version(info: &str) -> Option<(u32, u32)> {
+    let raw = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))?
+        .trim();
+    let mut parts = raw.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next().and_then(|m| m.parse().ok()).unwrap_or(0);
+    Some((major, minor))
+}
+
 fn not_connected(url: &str, e: fred::error::Error) -> BusError {
     let target = url::Url::parse(url)
         .ok()
@@ -297,6 +332,7 @@ impl RedisBus {
         let builder = builder(url, command_timeout)?;
         let client = builder.build()?;
         client.init().await.map_err(|e| not_connected(url, e))?;
+        require_sharded_pubsub(&client).await?;
         let appender = if durability.min_replicas > 0 {
             // Its commands include a WAIT of up to `durability.timeout`.
             let appender = self::builder(url, command_timeout + durability.timeout)?.build()?;
@@ -334,7 +370,7 @@ impl RedisBus {
         // Resubscribes after every reconnect; the task lives as long as the subscriber, so
         // its handle is not kept.
         drop(subscriber.manage_subscriptions());
-        subscriber.subscribe(bus.key("events")).await?;
+        subscriber.ssubscribe(bus.key("events")).await?;
         // Live from the last published event: the durable id when there is one (events
         // after it, up to `applied`, are still withheld and will be published).
         let durable: Option<String> = bus.client.get(bus.key(DURABLE)).await?;
@@ -823,6 +859,22 @@ impl Bus for RedisBus {
         Ok(!entries.is_empty())
     }
 
+    async fn trim_before(&self, before_ms: u64) -> BusResult<u64> {
+        // Never past the durable id: what follows it is withheld, not yet published, and
+        // dropping it would lose it for every stream. (The durable id only moves forward,
+        // so reading it first and trimming after is safe.)
+        let durable: Option<String> = self.client.get(self.key(DURABLE)).await?;
+        let floor = durable
+            .and_then(|d| d.parse::<EventId>().ok())
+            .map_or(before_ms, |d| d.ms.min(before_ms));
+        // Exact (`=`): an age cap removes only what is older, a handful per run.
+        let dropped: u64 = self
+            .client
+            .xtrim(self.key("events"), ("MINID", "=", format!("{floor}-0")))
+            .await?;
+        Ok(dropped)
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.live.subscribe()
     }
@@ -948,5 +1000,23 @@ fn pairs(value: Value) -> Vec<(String, String)> {
             .filter_map(|pair| Some((pair.first()?.as_string()?, pair.get(1)?.as_string()?)))
             .collect(),
         _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redis_version;
+
+    #[test]
+    fn the_redis_version_is_read_from_info_server() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nredis_git_sha1:00000000\r\n";
+        assert_eq!(redis_version(info), Some((7, 0)));
+        assert_eq!(redis_version("redis_version:6.2.14\r\n"), Some((6, 2)));
+        assert_eq!(redis_version("redis_version:8\r\n"), Some((8, 0)));
+        assert_eq!(redis_version("# Server\r\nos:Linux\r\n"), None);
+        assert_eq!(redis_version("redis_version:x.y\r\n"), None);
+        // Ordered as versions, not as text.
+        assert!(Some((10, 0)) >= Some(super::MIN_REDIS));
+        assert!(Some((6, 9)) < Some(super::MIN_REDIS));
     }
 }

@@ -71,6 +71,11 @@ pub struct Tuning {
     // envelopes are gigabytes of Redis memory.
     #[arg(long, env = "EVENT_LOG_MAX_LEN", default_value = "100000", value_parser = config::parse_number_in::<u64>(100, 10_000_000))]
     pub event_log_max_len: u64,
+    /// Events older than this are trimmed from the log, checked at least hourly (1m–30d)
+    // The log's length cap alone lets a guild that went quiet keep its busy day for
+    // ever; with many guilds that is most of Redis's memory.
+    #[arg(long, env = "EVENT_LOG_MAX_AGE", default_value = "24h", value_parser = config::parse_duration_in(Duration::from_secs(60), Duration::from_secs(30 * 24 * 3600)))]
+    pub event_log_max_age: Duration,
     /// Events held in memory while Redis is unreachable before falling back to a
     /// reconcile (1–100,000)
     #[arg(long = "gateway-queue-size", env = "GATEWAY_QUEUE_SIZE", default_value = "10000", value_parser = config::parse_number_in::<usize>(1, 100_000))]

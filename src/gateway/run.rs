@@ -65,6 +65,11 @@ pub async fn run(
 ) -> anyhow::Result<Outcome> {
     let holder = format!("{}-{}", hostname(), std::process::id());
     let ttl = settings.lease_ttl;
+    tokio::spawn(trim_by_age(
+        backend.clone(),
+        settings.event_log_max_age,
+        shutdown.child_token(),
+    ));
     loop {
         health.set_role(Role::Standby);
         let fence = tokio::select! {
@@ -566,4 +571,28 @@ fn hostname() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "gateway".to_owned())
+}
+
+/// Trims the log of events older than `max_age`, every 24th of it (at most hourly, at
+/// least every 10 s), until `stop`. Any gateway process may: trimming twice is trimming
+/// once.
+async fn trim_by_age(backend: Arc<dyn Backend>, max_age: Duration, stop: CancellationToken) {
+    let every = (max_age / 24).clamp(Duration::from_secs(10), Duration::from_secs(3600));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let before = crate::event::now_ms().saturating_sub(max_age.as_millis() as u64);
+        match backend.trim_before(before).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::debug!(trimmed = n, "trimmed the log by age");
+                metrics::counter!("coven_gateway_log_trimmed_total").increment(n);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot trim the log by age; trying again later"),
+        }
+    }
 }
