@@ -4,18 +4,16 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use twilight_model::guild::Permissions;
 
 use crate::harness::{Browser, INVITE_SECRET, Stack, form_value, location, wait_for, within};
 
-const VIEW_CHANNEL: u64 = 1 << 10;
-const CONNECT: u64 = 1 << 20;
-const SPEAK: u64 = 1 << 21;
-const STREAM: u64 = 1 << 9;
-const USE_VAD: u64 = 1 << 25;
-const MOVE_MEMBERS: u64 = 1 << 24;
-const MUTE_MEMBERS: u64 = 1 << 22;
-const DEAFEN_MEMBERS: u64 = 1 << 23;
-const MANAGE_CHANNELS: u64 = 1 << 4;
+/// What a room's role (and its creator) may do in its channel.
+const ROOM_ALLOW: Permissions = Permissions::VIEW_CHANNEL
+    .union(Permissions::CONNECT)
+    .union(Permissions::SPEAK)
+    .union(Permissions::STREAM)
+    .union(Permissions::USE_VAD);
 
 pub(crate) fn find<'a>(state: &'a Value, list: &str, id: &str) -> Option<&'a Value> {
     state[list]
@@ -24,8 +22,9 @@ pub(crate) fn find<'a>(state: &'a Value, list: &str, id: &str) -> Option<&'a Val
         .find(|v| v["id"] == id || v["user_id"] == id)
 }
 
-fn bits(v: &Value) -> u64 {
-    v.as_str().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX)
+/// An overwrite's `allow` or `deny` as the sim's state writes it (a decimal string).
+fn bits(v: &Value) -> Permissions {
+    Permissions::from_bits_retain(v.as_str().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX))
 }
 
 /// Logs `user` in on `web` and creates a room named `name`; returns the room's id.
@@ -110,20 +109,23 @@ async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_eve
             bits(&everyone["allow"]),
             bits(&everyone["deny"])
         ),
-        (Some(0), 0, VIEW_CHANNEL | CONNECT)
+        (
+            Some(0),
+            Permissions::empty(),
+            Permissions::VIEW_CHANNEL | Permissions::CONNECT
+        )
     );
     let role = overwrites
         .iter()
         .find(|o| o["type"] == 0 && o["id"] != guild)
         .expect("the room role");
-    let room_allow = VIEW_CHANNEL | CONNECT | SPEAK | STREAM | USE_VAD;
     assert_eq!(
         (
             role["type"].as_u64(),
             bits(&role["allow"]),
             bits(&role["deny"])
         ),
-        (Some(0), room_allow, 0)
+        (Some(0), ROOM_ALLOW, Permissions::empty())
     );
     // The creator's own overwrite: they may always join their room, and it is how the
     // gateway knows who made it when Redis lost the record.
@@ -137,7 +139,7 @@ async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_eve
             bits(&creator["allow"]),
             bits(&creator["deny"])
         ),
-        (Some(1), room_allow, 0)
+        (Some(1), ROOM_ALLOW, Permissions::empty())
     );
     let bot_ow = overwrites.iter().find(|o| o["id"] == bot).expect("the bot");
     assert_eq!(
@@ -148,8 +150,12 @@ async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_eve
         ),
         (
             Some(1),
-            room_allow | MOVE_MEMBERS | MUTE_MEMBERS | DEAFEN_MEMBERS | MANAGE_CHANNELS,
-            0
+            ROOM_ALLOW
+                | Permissions::MOVE_MEMBERS
+                | Permissions::MUTE_MEMBERS
+                | Permissions::DEAFEN_MEMBERS
+                | Permissions::MANAGE_CHANNELS,
+            Permissions::empty()
         )
     );
     let role_id = role["id"].as_str().unwrap().to_owned();
@@ -298,11 +304,7 @@ async fn an_invite_brings_a_non_member_into_the_guild_and_the_room_and_bad_ones_
         .as_array()
         .unwrap()
         .iter()
-        .find(|o| {
-            o["type"] == 0
-                && o["allow"].as_str()
-                    == Some(&(VIEW_CHANNEL | CONNECT | SPEAK | STREAM | USE_VAD).to_string())
-        })
+        .find(|o| o["type"] == 0 && o["allow"].as_str() == Some(&ROOM_ALLOW.bits().to_string()))
         .unwrap()["id"]
         .clone();
     assert!(

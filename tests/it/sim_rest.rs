@@ -991,9 +991,18 @@ async fn overwrites_through_rest_are_dispatched_and_checked() {
 async fn the_control_api_manages_roles_members_and_overwrites() {
     let sim = TestSim::start().await;
     let (hollow, lobby) = (sim.user("hollow").await, sim.id_of("lobby_id").await);
-    let role = sim.create_role("Crew", 1 << 10).await;
+    let role = sim
+        .create_role("Crew", Permissions::VIEW_CHANNEL.bits())
+        .await;
     sim.grant_role(hollow, role).await;
-    sim.set_overwrite(lobby, role, 0, 1 << 20, 1 << 21).await;
+    sim.set_overwrite(
+        lobby,
+        role,
+        0,
+        Permissions::CONNECT.bits(),
+        Permissions::SPEAK.bits(),
+    )
+    .await;
     let state = sim.state().await;
     let find = |list: &str, key: &str, id: u64| {
         state[list]
@@ -1004,14 +1013,17 @@ async fn the_control_api_manages_roles_members_and_overwrites() {
             .cloned()
             .unwrap_or_else(|| panic!("{list} has no {id}"))
     };
-    assert_eq!(find("roles", "id", role)["permissions"], "1024");
+    assert_eq!(
+        find("roles", "id", role)["permissions"],
+        Permissions::VIEW_CHANNEL.bits().to_string()
+    );
     assert_eq!(
         find("members", "user_id", hollow)["roles"],
         json!([role.to_string()])
     );
     assert_eq!(
         find("channels", "id", lobby)["permission_overwrites"],
-        json!([{"id": role.to_string(), "type": 0, "allow": (1u64 << 20).to_string(), "deny": (1u64 << 21).to_string()}])
+        json!([{"id": role.to_string(), "type": 0, "allow": Permissions::CONNECT.bits().to_string(), "deny": Permissions::SPEAK.bits().to_string()}])
     );
     assert_eq!(find("channels", "id", lobby)["bot_can_view"], true);
     assert_eq!(state["moves"], json!([]));

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use fred::prelude::*;
 use serde_json::json;
+use twilight_model::guild::Permissions;
 
 use crate::harness::{Browser, Stack, location, metric, wait_for};
 use crate::rooms::{create_room, invite_link};
@@ -294,13 +295,13 @@ async fn move_me_in_only_where_discord_would_let_the_user_go() {
     );
 }
 
-const VIEW_CHANNEL: u64 = 1 << 10;
-const CONNECT: u64 = 1 << 20;
+/// Seeing a voice channel and joining it.
+const SEE_AND_JOIN: Permissions = Permissions::VIEW_CHANNEL.union(Permissions::CONNECT);
 
 /// The overwrite hiding a channel from @everyone (the guild's own role).
 fn hidden_from_everyone(guild: u64) -> serde_json::Value {
     json!({"id": guild.to_string(), "type": 0, "allow": "0",
-           "deny": (VIEW_CHANNEL | CONNECT).to_string()})
+           "deny": SEE_AND_JOIN.bits().to_string()})
 }
 
 /// A "Staff" role and a "Staff only" voice channel: hidden from @everyone, open to Staff
@@ -308,7 +309,7 @@ fn hidden_from_everyone(guild: u64) -> serde_json::Value {
 async fn staff_only(sim: &crate::harness::TestSim) -> (u64, u64) {
     let bot = sim.id_of("bot_id").await;
     let staff = sim.create_role("Staff", 0).await;
-    let allow = |id: u64, kind: u8| json!({"id": id.to_string(), "type": kind, "allow": (VIEW_CHANNEL | CONNECT).to_string(), "deny": "0"});
+    let allow = |id: u64, kind: u8| json!({"id": id.to_string(), "type": kind, "allow": SEE_AND_JOIN.bits().to_string(), "deny": "0"});
     let room = sim
         .create_channel(json!({"name": "Staff only", "type": 2,
             "permission_overwrites": [hidden_from_everyone(sim.guild_id()), allow(staff, 0), allow(bot, 1)]}))
@@ -490,7 +491,13 @@ async fn move_me_in_needs_connect_for_the_user_and_then_discord_records_no_move(
     // Bramble may see the room but not connect to it.
     stack
         .sim
-        .set_overwrite(room_id, bramble, 1, VIEW_CHANNEL, CONNECT)
+        .set_overwrite(
+            room_id,
+            bramble,
+            1,
+            Permissions::VIEW_CHANNEL.bits(),
+            Permissions::CONNECT.bits(),
+        )
         .await;
     let other = Browser::new();
     other.login(a, &stack.sim, bramble).await;
