@@ -571,14 +571,10 @@ async fn a_failure_part_way_leaves_nothing_behind_and_rate_limits_are_waited_out
     let roles_before = roles().await;
 
     // The channel fails after the role was made: the role is removed again.
-    let (status, _) = stack
+    stack
         .sim
-        .control(
-            "/rest/fail",
-            json!({"method": "POST", "path": "/guilds/*/channels", "status": 500}),
-        )
+        .fail_once(json!({"method": "POST", "path": "/guilds/*/channels", "status": 500}))
         .await;
-    assert_eq!(status, 204);
     let res = browser
         .post(a, "/rooms", &[("name", "Doomed"), ("csrf_token", &token)])
         .await;
@@ -589,8 +585,7 @@ async fn a_failure_part_way_leaves_nothing_behind_and_rate_limits_are_waited_out
     // Missing permission: plain words.
     stack
         .sim
-        .control(
-            "/rest/fail",
+        .fail_once(
             json!({"method": "POST", "path": "/guilds/*/roles", "status": 403, "code": 50013}),
         )
         .await;
@@ -604,10 +599,7 @@ async fn a_failure_part_way_leaves_nothing_behind_and_rate_limits_are_waited_out
     // A 429 on the channel is waited out, and the room is made.
     stack
         .sim
-        .control(
-            "/rest/fail",
-            json!({"method": "POST", "path": "/guilds/*/channels", "status": 429, "retry_after": 1.0}),
-        )
+        .fail_once(json!({"method": "POST", "path": "/guilds/*/channels", "status": 429, "retry_after": 1.0}))
         .await;
     let started = Instant::now();
     let res = browser

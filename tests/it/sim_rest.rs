@@ -156,13 +156,10 @@ async fn twilight_waits_out_an_injected_429_for_the_advertised_time() {
     let sim = TestSim::start().await;
     let http = sim.twilight_http();
     let guild = Id::new(sim.guild_id());
-    let (status, _) = sim
-        .control(
-            "/rest/fail",
-            json!({"method": "POST", "path": "/guilds/*/roles", "status": 429, "retry_after": 1.5}),
-        )
-        .await;
-    assert_eq!(status, 204);
+    sim.fail_once(
+        json!({"method": "POST", "path": "/guilds/*/roles", "status": 429, "retry_after": 1.5}),
+    )
+    .await;
     let started = Instant::now();
     let role = http
         .create_role(guild)
@@ -234,11 +231,8 @@ async fn injected_5xx_and_50013_reach_the_client_as_discord_sends_them() {
     let sim = TestSim::start().await;
     let http = sim.twilight_http();
     let guild = Id::new(sim.guild_id());
-    sim.control(
-        "/rest/fail",
-        json!({"path": "/guilds/*/channels", "method": "POST", "status": 500}),
-    )
-    .await;
+    sim.fail_once(json!({"path": "/guilds/*/channels", "method": "POST", "status": 500}))
+        .await;
     let err = http
         .create_guild_channel(guild, "x")
         .kind(ChannelType::GuildVoice)
@@ -248,11 +242,8 @@ async fn injected_5xx_and_50013_reach_the_client_as_discord_sends_them() {
         matches!(err.kind(), ErrorType::Response { status, .. } if status.get() == 500),
         "{err:?}"
     );
-    sim.control(
-        "/rest/fail",
-        json!({"path": "/guilds/*/roles", "status": 403, "code": 50013}),
-    )
-    .await;
+    sim.fail_once(json!({"path": "/guilds/*/roles", "status": 403, "code": 50013}))
+        .await;
     let err = http.create_role(guild).await.expect_err("403");
     assert_eq!(discord_code(&err), Some((403, 50013)));
     // Each fault was used once; the next calls succeed.
