@@ -1,9 +1,12 @@
-//! Shared test machinery: a simulator in-process, a private Redis, `coven` processes,
-//! and waiting on conditions with deadlines (never sleeping and hoping).
+//! Shared test machinery, and the one place test modules share code: a simulator
+//! in-process, a private Redis, `coven` processes, the whole stack with a browser-like
+//! HTTP client (`stack`), real Chromium (`browser`, `axe`), and waiting on conditions
+//! with deadlines (never sleeping and hoping).
 
 #![allow(dead_code)]
 
 pub mod axe;
+pub mod browser;
 mod process;
 pub mod redis;
 pub mod sentinel;
