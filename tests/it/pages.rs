@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, Locator};
 use serde_json::json;
 
-use crate::demo::Demo;
 use crate::harness::browser::{Driver, Page};
+use crate::harness::demo::Demo;
 use crate::harness::{Stack, metric, wait_for};
 
 /// Whether the current tab shows `user` in the room's member list.

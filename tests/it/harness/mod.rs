@@ -1,12 +1,13 @@
 //! Shared test machinery, and the one place test modules share code: a simulator
 //! in-process, a private Redis, `coven` processes, the whole stack with a browser-like
-//! HTTP client (`stack`), real Chromium (`browser`, `axe`), and waiting on conditions
-//! with deadlines (never sleeping and hoping).
+//! HTTP client (`stack`), real Chromium (`browser`, `axe`), the demo (`demo`), and
+//! waiting on conditions with deadlines (never sleeping and hoping).
 
 #![allow(dead_code)]
 
 pub mod axe;
 pub mod browser;
+pub mod demo;
 mod process;
 pub mod redis;
 pub mod sentinel;
