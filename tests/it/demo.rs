@@ -5,6 +5,7 @@
 use serde_json::Value;
 
 use crate::harness::demo::Demo;
+use crate::harness::rooms::invite_link;
 use crate::harness::{Browser, Message, Sse, form_value, location};
 
 /// The id of the sim's user `name` in `state`.
@@ -90,7 +91,7 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
     assert!(!events.is_empty());
     // The README's walk: the friend gets the link, logs in and gets a seat, however
     // busy the players are, within 15 s of the room's creation.
-    let link = crate::rooms::invite_link(
+    let link = invite_link(
         &browser
             .get(&format!("{web}/rooms/{room}"))
             .await

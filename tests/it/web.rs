@@ -698,7 +698,7 @@ async fn while_redis_is_away_every_page_answers_503_at_once_and_all_works_after(
     let ash = stack.user("ash").await;
     let browser = Browser::new();
     browser.login(stack.web(0), &stack.sim, ash).await;
-    let room = crate::rooms::create_room(&stack, 0, &browser, "Away game").await;
+    let room = browser.create_room(stack.web(0), "Away game").await;
     let token = browser.csrf(stack.web(0)).await;
     let anonymous = Browser::new();
 
@@ -763,7 +763,7 @@ async fn while_redis_is_away_every_page_answers_503_at_once_and_all_works_after(
     let html = browser.page(&room_page).await;
     assert!(html.contains("Away game"), "the room page again");
     browser.stream(&web.url("/api/stream"), None).await;
-    let again = crate::rooms::create_room(&stack, 0, &browser, "Back again").await;
+    let again = browser.create_room(stack.web(0), "Back again").await;
     assert_ne!(again, room);
     let landing = anonymous.get(&web.url("/")).await;
     assert_eq!(landing.status(), 200);

@@ -1,7 +1,9 @@
 //! Shared test machinery, and the one place test modules share code: a simulator
 //! in-process, a private Redis, `coven` processes, the whole stack with a browser-like
-//! HTTP client (`stack`), real Chromium (`browser`, `axe`), the demo (`demo`), and
-//! waiting on conditions with deadlines (never sleeping and hoping).
+//! HTTP client (`stack`), rooms made and shared through it (`rooms`), real Chromium
+//! (`browser`, `axe`), the demo (`demo`), and waiting on conditions with deadlines (never
+//! sleeping and hoping). Test modules import from here and never from each other; nothing
+//! here imports from a test module.
 
 #![allow(dead_code)]
 
@@ -10,6 +12,7 @@ pub mod browser;
 pub mod demo;
 mod process;
 pub mod redis;
+pub mod rooms;
 pub mod sentinel;
 mod sim;
 mod stack;
