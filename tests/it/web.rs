@@ -12,7 +12,7 @@ use serde_json::json;
 use twilight_model::id::Id;
 
 use crate::harness::{
-    Browser, Message, RedisServer, Stack, TestSim, location, metric, wait_for, within,
+    Browser, Message, RedisServer, Stack, TestSim, location, metric, metrics_page, wait_for, within,
 };
 
 fn ids(messages: &[Message]) -> Vec<String> {
@@ -612,12 +612,7 @@ async fn operations_readiness_metrics_headers_and_a_spread_drain() {
     let public = reqwest::get(web.url("/metrics")).await.unwrap();
     assert_eq!(public.status(), 404, "no metrics on the public site");
     assert!(!web.metrics.starts_with(&web.url), "a listener of its own");
-    let text = reqwest::get(&web.metrics)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_page(&web.metrics).await;
     assert!(
         text.contains("coven_web_request_seconds_bucket{")
             && text.contains(r#"le="+Inf""#)

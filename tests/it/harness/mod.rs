@@ -24,7 +24,7 @@ pub use process::CovenProcess;
 pub use redis::RedisServer;
 pub use sim::{TestSim, next_event, shard, shard_with};
 pub use stack::{
-    Browser, INVITE_SECRET, Message, Sse, Stack, Web, form_value, location, metric,
+    Browser, INVITE_SECRET, Message, Sse, Stack, Web, form_value, location, metric, metrics_page,
     spawn_gateway_on, spawn_web,
 };
 

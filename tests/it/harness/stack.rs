@@ -512,6 +512,16 @@ impl Sse {
     }
 }
 
+/// The Prometheus page at `url`, whole.
+pub async fn metrics_page(url: &str) -> String {
+    reqwest::get(url)
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("the metrics page")
+}
+
 /// The sum of every sample of metric `name` on a Prometheus page at `url`.
 pub async fn metric(url: &str, name: &str) -> f64 {
     let text = reqwest::get(url)
