@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use fantoccini::Locator;
 use serde_json::json;
 
-use crate::browser::{Driver, appears, log_in, pick, shot, url_has};
 use crate::harness::axe::{assert_accessible, axe};
+use crate::harness::browser::{Driver, Page};
 use crate::harness::{Stack, wait_for};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -228,10 +228,10 @@ async fn axe_finds_nothing_serious_on_the_pages_people_see() {
     let stack = Stack::start(1, &[]).await;
     let web = stack.web(0);
     let driver = Driver::start();
-    let c = driver.open(1280, 800, true).await;
+    let c = driver.window(1280, 800, true).await;
 
-    c.goto(&web.url("/")).await.unwrap();
-    shot(&c, "a11y-landing").await;
+    c.open(&web.url("/")).await;
+    c.shot("a11y-landing").await;
     assert_accessible(&c, "the landing page").await;
     // The check can fail: an unlabelled field and light-grey text are caught.
     c.execute(
@@ -257,10 +257,10 @@ async fn axe_finds_nothing_serious_on_the_pages_people_see() {
         caught.contains(&"label".to_owned()) && caught.contains(&"color-contrast".to_owned()),
         "axe runs and reports: {caught:?}"
     );
-    c.goto(&web.url("/no/such/page")).await.unwrap();
+    c.open(&web.url("/no/such/page")).await;
     assert_accessible(&c, "a 404 page, logged out").await;
 
-    log_in(&c, web, "Ash").await;
+    c.log_in(web, "Ash").await;
     // A plain form post (no HTMX): the room page comes back.
     let form = c
         .form(Locator::Css("form[action='/rooms']"))
@@ -268,11 +268,7 @@ async fn axe_finds_nothing_serious_on_the_pages_people_see() {
         .expect("the create form");
     form.set_by_name("name", "Friday draft").await.unwrap();
     form.submit_direct().await.unwrap();
-    let room: u64 = wait_for("the new room's page", || async {
-        let url = c.current_url().await.ok()?;
-        url.path().strip_prefix("/rooms/")?.parse().ok()
-    })
-    .await;
+    let room = c.room_id().await;
     for (name, flags) in [
         ("bramble", json!({"self_mute": true})),
         ("cinder", json!({"self_video": true})),
@@ -292,27 +288,25 @@ async fn axe_finds_nothing_serious_on_the_pages_people_see() {
             .then_some(())
     })
     .await;
-    appears(&c, "the invite link", "#invite-link").await;
-    shot(&c, "a11y-room-creator").await;
+    c.appears("the invite link", "#invite-link").await;
+    c.shot("a11y-room-creator").await;
     assert_accessible(&c, "a room page seen by its creator, with players").await;
 
-    c.goto(&web.url("/rooms")).await.unwrap();
-    shot(&c, "a11y-rooms").await;
+    c.open(&web.url("/rooms")).await;
+    c.shot("a11y-rooms").await;
     assert_accessible(&c, "the rooms list").await;
-    c.goto(&web.url(&format!("/rooms/{room}/close")))
-        .await
-        .unwrap();
-    shot(&c, "a11y-close").await;
+    c.open(&web.url(&format!("/rooms/{room}/close"))).await;
+    c.shot("a11y-close").await;
     assert_accessible(&c, "the close confirmation").await;
-    c.goto(&web.url("/no/such/page")).await.unwrap();
-    shot(&c, "a11y-404").await;
+    c.open(&web.url("/no/such/page")).await;
+    c.shot("a11y-404").await;
     assert_accessible(&c, "a 404 page, logged in").await;
 
     // Someone with a Discord account outside the server.
-    let outsider = driver.open(390, 844, true).await;
-    outsider.goto(&web.url("/auth/login")).await.unwrap();
+    let outsider = driver.window(390, 844, true).await;
+    outsider.open(&web.url("/auth/login")).await;
     log_in_as_outsider(&outsider, "Iris").await;
-    shot(&outsider, "a11y-not-member").await;
+    outsider.shot("a11y-not-member").await;
     assert_accessible(&outsider, "the not-a-member page").await;
     let _ = outsider.close().await;
     let _ = c.close().await;
@@ -320,8 +314,9 @@ async fn axe_finds_nothing_serious_on_the_pages_people_see() {
 
 /// Picks `name` on the sim's authorize page; someone outside the server stays on the
 /// not-a-member page.
-async fn log_in_as_outsider(c: &fantoccini::Client, name: &str) {
-    pick(c, name).await;
-    url_has(c, "the callback", "/auth/callback").await;
-    appears(c, "the not-a-member page", "form[action='/auth/logout']").await;
+async fn log_in_as_outsider(c: &Page, name: &str) {
+    c.pick(name).await;
+    c.url_has("the callback", "/auth/callback").await;
+    c.appears("the not-a-member page", "form[action='/auth/logout']")
+        .await;
 }

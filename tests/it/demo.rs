@@ -4,44 +4,9 @@
 
 use serde_json::Value;
 
-use crate::harness::{Browser, CovenProcess, Sse, form_value, location};
-
-/// The demo on free ports: its process, the site's and the simulator's addresses.
-pub(crate) struct Demo {
-    pub process: CovenProcess,
-    pub web: String,
-    pub sim: String,
-}
-
-impl Demo {
-    pub(crate) fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut all = vec!["--bind", "127.0.0.1:0", "--sim-bind", "127.0.0.1:0"];
-        all.extend_from_slice(args);
-        let mut process = CovenProcess::spawn(&all, env);
-        let open = process.wait_for_stdout("Open http");
-        let web = open
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .trim_end_matches('/')
-            .to_owned();
-        let sim_line = process.wait_for_stdout("Simulated Discord: ");
-        let state = sim_line.rsplit(' ').next().unwrap();
-        assert!(state.ends_with("/_sim/state"), "{sim_line}");
-        let sim = state.trim_end_matches("/_sim/state").to_owned();
-        Demo { process, web, sim }
-    }
-
-    /// The simulator's whole state.
-    pub(crate) async fn state(&self) -> Value {
-        reqwest::get(format!("{}/_sim/state", self.sim))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-}
+use crate::harness::demo::Demo;
+use crate::harness::rooms::invite_link;
+use crate::harness::{Browser, Message, Sse, form_value, location};
 
 /// The id of the sim's user `name` in `state`.
 fn user_id(state: &Value, name: &str) -> String {
@@ -126,7 +91,7 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
     assert!(!events.is_empty());
     // The README's walk: the friend gets the link, logs in and gets a seat, however
     // busy the players are, within 15 s of the room's creation.
-    let link = crate::rooms::invite_link(
+    let link = invite_link(
         &browser
             .get(&format!("{web}/rooms/{room}"))
             .await
@@ -212,7 +177,7 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
 }
 
 /// Who is in the room, from its stream's voice events.
-fn track(m: &crate::harness::Message, inside: &mut std::collections::BTreeSet<String>) {
+fn track(m: &Message, inside: &mut std::collections::BTreeSet<String>) {
     let data = m.json()["data"].clone();
     match m.event.as_str() {
         "voice.joined" => {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use fred::prelude::*;
 use serde_json::{Value, json};
 
-use crate::harness::{CovenProcess, RedisServer, TestSim, wait_for};
+use crate::harness::{CovenProcess, RedisServer, TestSim, metrics_page, wait_for};
 
 const PREFIX: &str = "coven";
 
@@ -536,12 +536,7 @@ async fn health_and_metrics_tell_active_from_standby() {
         format!("{active_url}/metrics"),
         "a listener of its own"
     );
-    let metrics = reqwest::get(&metrics_url)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_page(&metrics_url).await;
     assert!(
         metrics.contains(r#"coven_gateway_events_total{type="room.created"} 1"#),
         "{metrics}"

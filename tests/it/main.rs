@@ -19,7 +19,6 @@ mod ha;
 mod login;
 mod ownership;
 mod pages;
-mod redis_harness;
 mod rooms;
 mod sim_gateway;
 mod sim_oauth;

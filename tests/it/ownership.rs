@@ -6,14 +6,8 @@
 use fred::prelude::*;
 use serde_json::{Value, json};
 
-use crate::harness::{Browser, Stack, location, wait_for};
-use crate::rooms::{create_room, find, invite_link};
-
-/// A path on the site from a full invite link.
-fn path_of(link: &str) -> String {
-    let at = link.find("/invite/").expect("an invite link");
-    link[at..].to_owned()
-}
+use crate::harness::rooms::{find, invite_link, invite_path};
+use crate::harness::{Stack, location, wait_for};
 
 /// The room records in `P:{G}:rooms`, by channel id.
 async fn stored_rooms(stack: &Stack) -> std::collections::HashMap<String, Value> {
@@ -53,21 +47,18 @@ async fn after_redis_loses_everything_rooms_keep_their_creator_role_and_sweeper(
     .await;
     let a = stack.web(0);
     let (ash, bramble) = (stack.user("ash").await, stack.user("bramble").await);
-    let creator = Browser::new();
-    creator.login(a, &stack.sim, ash).await;
+    let creator = stack.login_as(a, ash).await;
     // Both rooms are kept busy (someone in voice) so the sweeper leaves them alone
     // until the test says otherwise.
-    let table = create_room(&stack, 0, &creator, "Cube night").await;
+    let table = creator.create_room(a, "Cube night").await;
     stack
         .voice(ash, Some(table.parse().unwrap()), json!({}))
         .await;
-    let idle = create_room(&stack, 1, &creator, "Draft").await;
+    let idle = creator.create_room(stack.web(1), "Draft").await;
     stack.seat(bramble, idle.parse().unwrap(), json!({})).await;
     let table_role = stack.room_role(table.parse().unwrap()).await.to_string();
     let idle_role = stack.room_role(idle.parse().unwrap()).await.to_string();
-    let old = path_of(&invite_link(
-        &creator.page(&a.url(&format!("/rooms/{table}"))).await,
-    ));
+    let old = creator.invite_path(a, &table).await;
     let before = stored_rooms(&stack).await;
     assert_eq!(id(&before[&table]["creator_id"]), ash.to_string());
     assert!(before[&table].get("invite_gen").is_none(), "generation 0");
@@ -100,16 +91,15 @@ async fn after_redis_loses_everything_rooms_keep_their_creator_role_and_sweeper(
     let (a, b) = (stack.web(0), stack.web(1));
     // Sessions lived in Redis too: log in again.
     creator.login(b, &stack.sim, ash).await;
-    let html = creator.page(&b.url(&format!("/rooms/{table}"))).await;
-    let fresh = path_of(&invite_link(&html));
+    let html = creator.room_page(b, &table).await;
+    let fresh = invite_path(&invite_link(&html));
     assert_ne!(fresh, old, "a link of the rebuilt room's generation");
     assert!(
         html.contains("Close room"),
         "the creator may still close it"
     );
 
-    let guest = Browser::new();
-    guest.login(a, &stack.sim, bramble).await;
+    let guest = stack.login_as(a, bramble).await;
     let res = guest.get(&a.url(&old)).await;
     assert_eq!(res.status(), 410, "a link from before the loss is retired");
     assert!(res.text().await.unwrap_or_default().contains("newer"));
@@ -121,14 +111,7 @@ async fn after_redis_loses_everything_rooms_keep_their_creator_role_and_sweeper(
     );
 
     // The creator closes the rebuilt room: channel and role are gone in Discord.
-    let token = creator.csrf(a).await;
-    let closed = creator
-        .post(
-            a,
-            &format!("/rooms/{table}/close"),
-            &[("csrf_token", &token)],
-        )
-        .await;
+    let closed = creator.close_room(a, &table).await;
     assert_eq!(closed.status(), 303);
     let state = stack.sim.state().await;
     assert!(

@@ -7,19 +7,9 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, Locator};
 use serde_json::json;
 
-use crate::browser::{
-    Driver, appears, create, log_in, shot, shown, shown_text, stream_open, url_has,
-};
+use crate::harness::browser::{Driver, Page};
+use crate::harness::demo::Demo;
 use crate::harness::{Stack, metric, wait_for};
-
-/// The room id of the room page the browser is on.
-async fn room_of(c: &Client) -> u64 {
-    wait_for("a room page", || async {
-        let url = c.current_url().await.ok()?;
-        url.path().strip_prefix("/rooms/")?.parse().ok()
-    })
-    .await
-}
 
 /// Whether the current tab shows `user` in the room's member list.
 async fn shows_member(c: &Client, room: u64, user: u64) -> bool {
@@ -43,17 +33,17 @@ async fn members_html(c: &Client, css: &str) -> Option<String> {
 }
 
 /// Opens seven more tabs on `url` in `c`'s window set; returns all eight handles.
-async fn eight_tabs(c: &Client, url: &str) -> Vec<fantoccini::wd::WindowHandle> {
+async fn eight_tabs(c: &Page, url: &str) -> Vec<fantoccini::wd::WindowHandle> {
     let mut tabs = vec![c.window().await.unwrap()];
     for _ in 1..8 {
         let tab = c.new_window(true).await.unwrap().handle;
         c.switch_to_window(tab.clone()).await.unwrap();
-        c.goto(url).await.unwrap();
+        c.open(url).await;
         tabs.push(tab);
     }
     for tab in &tabs {
         c.switch_to_window(tab.clone()).await.unwrap();
-        stream_open(c).await;
+        c.stream_open().await;
     }
     tabs
 }
@@ -94,15 +84,15 @@ async fn eight_tabs_share_one_stream_and_lose_nothing_when_its_holder_closes() {
     for (i, mode) in ["shared", "locks"].into_iter().enumerate() {
         let web = stack.web(i);
         let c = driver.browser().await;
-        log_in(&c, web, "Ash").await;
+        c.log_in(web, "Ash").await;
         if mode == "locks" {
             c.execute("localStorage.setItem('coven.tabs', 'locks')", vec![])
                 .await
                 .unwrap();
         }
-        appears(&c, "the create form", "#room-name").await;
-        create(&c, &format!("Tabs {mode}")).await;
-        let room = room_of(&c).await;
+        c.appears("the create form", "#room-name").await;
+        c.create_room(&format!("Tabs {mode}")).await;
+        let room = c.room_id().await;
         let tabs = eight_tabs(&c, &web.url(&format!("/rooms/{room}"))).await;
         // Eight tabs, one stream: HTTP/1.1's six connections per host are not used up.
         assert_eq!(
@@ -123,7 +113,7 @@ async fn eight_tabs_share_one_stream_and_lose_nothing_when_its_holder_closes() {
             "{mode}: the join took {took:?} to reach all eight tabs"
         );
         eprintln!("{mode}: a join reached all eight tabs in {took:?}");
-        let said = shown_text(&c, "#announce").await;
+        let said = c.shown_text("#announce").await;
         assert!(
             said.contains(&format!("joined “Tabs {mode}”")),
             "{mode}: the live region announces the join: {said:?}"
@@ -175,7 +165,7 @@ async fn eight_tabs_share_one_stream_and_lose_nothing_when_its_holder_closes() {
             },
         )
         .await;
-        shot(&c, &format!("30-tabs-{mode}")).await;
+        c.shot(&format!("30-tabs-{mode}")).await;
         let _ = c.close().await;
     }
 }
@@ -185,11 +175,11 @@ async fn the_live_member_list_is_exactly_what_a_fresh_render_shows() {
     let stack = Stack::start(2, &[]).await;
     let driver = Driver::start();
     let c = driver.browser().await;
-    log_in(&c, stack.web(0), "Ash").await;
-    appears(&c, "the create form", "#room-name").await;
-    create(&c, "Parity").await;
-    let room = room_of(&c).await;
-    stream_open(&c).await;
+    c.log_in(stack.web(0), "Ash").await;
+    c.appears("the create form", "#room-name").await;
+    c.create_room("Parity").await;
+    let room = c.room_id().await;
+    c.stream_open().await;
     let ash = stack.user("ash").await;
     // Names out of alphabetical order, flags, the host himself, someone leaving.
     for (name, flags) in [
@@ -209,11 +199,10 @@ async fn the_live_member_list_is_exactly_what_a_fresh_render_shows() {
     .await;
     // A second browser renders the same state afresh (on the other replica).
     let fresh = driver.browser().await;
-    log_in(&fresh, stack.web(1), "Ash").await;
+    fresh.log_in(stack.web(1), "Ash").await;
     fresh
-        .goto(&stack.web(1).url(&format!("/rooms/{room}")))
-        .await
-        .unwrap();
+        .open(&stack.web(1).url(&format!("/rooms/{room}")))
+        .await;
     let (live, rendered) = wait_for("the live list to equal a fresh render", || async {
         let live = members_html(&c, &list).await?;
         let rendered = members_html(&fresh, &list).await?;
@@ -242,22 +231,24 @@ async fn the_live_member_list_is_exactly_what_a_fresh_render_shows() {
 async fn without_javascript_close_asks_on_a_page_of_its_own_then_closes() {
     let stack = Stack::start(2, &[]).await;
     let driver = Driver::start();
-    let c = driver.open(1100, 900, false).await;
+    let c = driver.window(1100, 900, false).await;
     let web = stack.web(1);
-    log_in(&c, web, "Ash").await;
-    appears(&c, "the create form", "#room-name").await;
-    create(&c, "No script night").await;
-    let room = room_of(&c).await;
+    c.log_in(web, "Ash").await;
+    c.appears("the create form", "#room-name").await;
+    c.create_room("No script night").await;
+    let room = c.room_id().await;
     // Rendered right without a script: the viewer is not in voice, so no "You're in".
-    shown(&c, "the hint to join in Discord", ".hint[data-state~=none]").await;
+    c.shown("the hint to join in Discord", ".hint[data-state~=none]")
+        .await;
     c.find(Locator::XPath("//button[normalize-space(.)='Close room']"))
         .await
         .expect("Close room for the creator")
         .click()
         .await
         .unwrap();
-    url_has(&c, "the confirmation page", &format!("/rooms/{room}/close")).await;
-    shot(&c, "40-close-confirm-no-js").await;
+    c.url_has("the confirmation page", &format!("/rooms/{room}/close"))
+        .await;
+    c.shot("40-close-confirm-no-js").await;
     assert!(
         stack.sim.state().await["channels"]
             .as_array()
@@ -272,8 +263,8 @@ async fn without_javascript_close_asks_on_a_page_of_its_own_then_closes() {
         .click()
         .await
         .unwrap();
-    url_has(&c, "the rooms page", "/rooms").await;
-    let notice = shown(&c, "the closed notice", "p.banner.info").await;
+    c.url_has("the rooms page", "/rooms").await;
+    let notice = c.shown("the closed notice", "p.banner.info").await;
     assert!(notice.contains("“No script night” was closed"), "{notice}");
     wait_for("the channel to be gone from Discord", || async {
         (!stack.sim.state().await["channels"]
@@ -291,41 +282,37 @@ async fn move_me_in_appears_when_the_viewer_enters_voice_elsewhere_and_takes_the
     let stack = Stack::start(1, &[]).await;
     let driver = Driver::start();
     let c = driver.browser().await;
-    log_in(&c, stack.web(0), "Ash").await;
-    appears(&c, "the create form", "#room-name").await;
-    create(&c, "Come in").await;
-    let room = room_of(&c).await;
-    stream_open(&c).await;
-    shown(&c, "the hint to join in Discord", ".hint[data-state~=none]").await;
-    assert!(!crate::browser::displayed(&c, "form[data-state~=elsewhere] button").await);
+    c.log_in(stack.web(0), "Ash").await;
+    c.appears("the create form", "#room-name").await;
+    c.create_room("Come in").await;
+    let room = c.room_id().await;
+    c.stream_open().await;
+    c.shown("the hint to join in Discord", ".hint[data-state~=none]")
+        .await;
+    assert!(!c.displayed("form[data-state~=elsewhere] button").await);
 
     // Ash enters another voice channel of the server: the page offers to move him in.
-    let lobby: u64 = stack.sim.state().await["channels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|ch| ch["name"] == "Lobby")
-        .and_then(|ch| ch["id"].as_str()?.parse().ok())
-        .expect("the sim's lobby");
     let ash = stack.user("ash").await;
-    stack.voice(ash, Some(lobby), json!({})).await;
-    let button = shown(&c, "Move me in, live", "form[data-state~=elsewhere] button").await;
+    stack.voice(ash, Some(stack.lobby), json!({})).await;
+    let button = c
+        .shown("Move me in, live", "form[data-state~=elsewhere] button")
+        .await;
     assert_eq!(button, "Move me in");
-    shot(&c, "41-move-me-in").await;
+    c.shot("41-move-me-in").await;
     c.find(Locator::Css("form[data-state~=elsewhere] button"))
         .await
         .unwrap()
         .click()
         .await
         .unwrap();
-    shown(&c, "You're in", "[data-state=in]").await;
+    c.shown("You're in", "[data-state=in]").await;
     wait_for("Ash in the member list", || async {
         shows_member(&c, room, ash).await.then_some(())
     })
     .await;
     // Leaving says so, with the way back.
     stack.voice(ash, None, json!({})).await;
-    let left = shown(&c, "the left notice", "[data-state~=left]").await;
+    let left = c.shown("the left notice", "[data-state~=left]").await;
     assert!(left.contains("You left the voice channel"), "{left}");
     let _ = c.close().await;
 }
@@ -351,18 +338,18 @@ async fn the_pages_at_laptop_and_phone_size() {
     let web = stack.web(0);
     let mut room = None;
     for (size, (w, h)) in [("1280x800", (1280, 800)), ("390x844", (390, 844))] {
-        let c = driver.open(w, h, true).await;
-        log_in(&c, web, "Ash").await;
-        appears(&c, "the create form", "#room-name").await;
+        let c = driver.window(w, h, true).await;
+        c.log_in(web, "Ash").await;
+        c.appears("the create form", "#room-name").await;
         let id = match room {
             Some(id) => {
-                c.goto(&web.url(&format!("/rooms/{id}"))).await.unwrap();
+                c.open(&web.url(&format!("/rooms/{id}"))).await;
                 id
             }
             None => {
-                create(&c, "Friday Night Catan").await;
-                let id = room_of(&c).await;
-                stream_open(&c).await;
+                c.create_room("Friday Night Catan").await;
+                let id = c.room_id().await;
+                c.stream_open().await;
                 for (name, flags) in [
                     ("bramble", json!({"self_video": true})),
                     ("cinder", json!({"self_mute": true})),
@@ -376,7 +363,7 @@ async fn the_pages_at_laptop_and_phone_size() {
                 id
             }
         };
-        stream_open(&c).await;
+        c.stream_open().await;
         wait_for("three in the room", || async {
             let n = c
                 .find_all(Locator::Css(&format!("#room-people-{id} .member")))
@@ -386,21 +373,20 @@ async fn the_pages_at_laptop_and_phone_size() {
             (n == 3).then_some(())
         })
         .await;
-        shown(&c, "You're in", "[data-state=in]").await;
+        c.shown("You're in", "[data-state=in]").await;
         // Ash's own viewing is the first event on the page's new connection: it must not
         // be taken for one the page already has.
-        appears(
-            &c,
+        c.appears(
             "Ash viewing the page",
             &format!("#room-people-{id} .viewers li"),
         )
         .await;
         settled(&c).await;
-        shot(&c, &format!("docs-room-{size}")).await;
-        c.goto(&web.url("/rooms")).await.unwrap();
-        appears(&c, "the room's card", &format!("#room-{id}")).await;
+        c.shot(&format!("docs-room-{size}")).await;
+        c.open(&web.url("/rooms")).await;
+        c.appears("the room's card", &format!("#room-{id}")).await;
         settled(&c).await;
-        shot(&c, &format!("docs-rooms-{size}")).await;
+        c.shot(&format!("docs-rooms-{size}")).await;
         let _ = c.close().await;
     }
 }
@@ -411,46 +397,28 @@ async fn the_pages_at_laptop_and_phone_size() {
 /// within 15 s of the room's creation, and the room page says they are in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readmes_demo_walk_lets_a_friend_in_within_fifteen_seconds() {
-    let demo = crate::demo::Demo::start(&[], &[("DEMO_PLAYER_INTERVAL", "200ms")]);
+    let demo = Demo::start(&[], &[("DEMO_PLAYER_INTERVAL", "200ms")]);
     let driver = Driver::start();
     let first = driver.browser().await;
-    first.goto(&format!("{}/", demo.web)).await.unwrap();
-    first
-        .find(Locator::Css("a[href^='/auth/login']"))
-        .await
-        .expect("a login button")
-        .click()
-        .await
-        .unwrap();
-    crate::browser::pick(&first, "Ash").await;
-    appears(&first, "the create form", "#room-name").await;
-    create(&first, "Friday Night Catan").await;
+    first.open(&format!("{}/", demo.web)).await;
+    first.click_log_in().await;
+    first.pick("Ash").await;
+    first.appears("the create form", "#room-name").await;
+    first.create_room("Friday Night Catan").await;
     let created = Instant::now();
-    let room = room_of(&first).await;
-    appears(&first, "the invite link", "#invite-link").await;
-    let invite = first
-        .find(Locator::Css("#invite-link"))
-        .await
-        .unwrap()
-        .prop("value")
-        .await
-        .unwrap()
-        .expect("an invite link");
+    let room = first.room_id().await;
+    let invite = first.invite_link().await;
 
     // "Open a second browser, log in as another player, and follow the room's invite link."
     let friend = driver.browser().await;
-    friend.goto(&format!("{}/", demo.web)).await.unwrap();
+    friend.open(&format!("{}/", demo.web)).await;
+    friend.click_log_in().await;
+    friend.pick("Bramble").await;
+    friend.url_has("the rooms page", "/rooms").await;
+    friend.open(&invite).await;
     friend
-        .find(Locator::Css("a[href^='/auth/login']"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    crate::browser::pick(&friend, "Bramble").await;
-    url_has(&friend, "the rooms page", "/rooms").await;
-    friend.goto(&invite).await.unwrap();
-    url_has(&friend, "the room's page", &format!("/rooms/{room}")).await;
+        .url_has("the room's page", &format!("/rooms/{room}"))
+        .await;
     // Into voice the way the page offers: "Open in Discord", the simulator's channel page.
     let open = friend
         .find(Locator::XPath("//a[normalize-space(.)='Open in Discord']"))
@@ -461,7 +429,7 @@ async fn the_readmes_demo_walk_lets_a_friend_in_within_fifteen_seconds() {
         .unwrap()
         .expect("a link");
     assert!(open.starts_with(&demo.sim), "{open} is the simulator's");
-    friend.goto(&open).await.unwrap();
+    friend.open(&open).await;
     friend
         .find(Locator::Css("button.join"))
         .await
@@ -481,25 +449,19 @@ async fn the_readmes_demo_walk_lets_a_friend_in_within_fifteen_seconds() {
             .map(|_| ())
     })
     .await;
+    friend.open(&format!("{}/rooms/{room}", demo.web)).await;
     friend
-        .goto(&format!("{}/rooms/{room}", demo.web))
-        .await
-        .unwrap();
-    shown(
-        &friend,
-        "the friend's page saying they are in",
-        "[data-state=in]",
-    )
-    .await;
+        .shown("the friend's page saying they are in", "[data-state=in]")
+        .await;
     let took = created.elapsed();
     eprintln!("the README's invite walk took {took:?} from the room's creation");
     // The demo's gateway is up: no page keeps saying live updates are delayed.
     wait_for("no delayed banner on the friend's page", || async {
-        (!crate::browser::displayed(&friend, "#gateway-banner").await).then_some(())
+        (!friend.displayed("#gateway-banner").await).then_some(())
     })
     .await;
     assert!(took < Duration::from_secs(15), "the walk took {took:?}");
-    shot(&friend, "50-demo-friend-in").await;
+    friend.shot("50-demo-friend-in").await;
     let _ = first.close().await;
     let _ = friend.close().await;
 }
@@ -512,7 +474,7 @@ async fn the_relay_keeps_whole_events_for_tabs_that_open_later() {
     let stack = Stack::start(1, &[]).await;
     let driver = Driver::start();
     let c = driver.browser().await;
-    c.goto(&stack.web(0).url("/")).await.unwrap();
+    c.open(&stack.web(0).url("/")).await;
     let kept = wait_for("the relay script", || async {
         c.execute(
             r#"

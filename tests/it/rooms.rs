@@ -5,78 +5,21 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use twilight_model::guild::Permissions;
+
+use crate::harness::rooms::{find, invite_link};
 use crate::harness::{Browser, INVITE_SECRET, Stack, form_value, location, wait_for, within};
 
-const VIEW_CHANNEL: u64 = 1 << 10;
-const CONNECT: u64 = 1 << 20;
-const SPEAK: u64 = 1 << 21;
-const STREAM: u64 = 1 << 9;
-const USE_VAD: u64 = 1 << 25;
-const MOVE_MEMBERS: u64 = 1 << 24;
-const MUTE_MEMBERS: u64 = 1 << 22;
-const DEAFEN_MEMBERS: u64 = 1 << 23;
-const MANAGE_CHANNELS: u64 = 1 << 4;
+/// What a room's role (and its creator) may do in its channel.
+const ROOM_ALLOW: Permissions = Permissions::VIEW_CHANNEL
+    .union(Permissions::CONNECT)
+    .union(Permissions::SPEAK)
+    .union(Permissions::STREAM)
+    .union(Permissions::USE_VAD);
 
-pub(crate) fn find<'a>(state: &'a Value, list: &str, id: &str) -> Option<&'a Value> {
-    state[list]
-        .as_array()?
-        .iter()
-        .find(|v| v["id"] == id || v["user_id"] == id)
-}
-
-fn bits(v: &Value) -> u64 {
-    v.as_str().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX)
-}
-
-/// Logs `user` in on `web` and creates a room named `name`; returns the room's id.
-pub(crate) async fn create_room(
-    stack: &Stack,
-    web: usize,
-    browser: &Browser,
-    name: &str,
-) -> String {
-    let w = stack.web(web);
-    let token = browser.csrf(w).await;
-    let made = browser
-        .post(w, "/rooms", &[("name", name), ("csrf_token", &token)])
-        .await;
-    assert_eq!(
-        made.status(),
-        303,
-        "{}",
-        made.text().await.unwrap_or_default()
-    );
-    let to = location(&made);
-    to.strip_prefix("/rooms/")
-        .unwrap_or_else(|| panic!("redirected to {to}"))
-        .to_owned()
-}
-
-/// "New link" as HTMX sends it from the room page (the answer is the link itself).
-pub(crate) async fn new_link(
-    browser: &Browser,
-    web: &crate::harness::Web,
-    room: &str,
-) -> reqwest::Response {
-    let token = browser.csrf(web).await;
-    browser
-        .http
-        .post(web.url(&format!("/rooms/{room}/invite")))
-        .header("hx-request", "true")
-        .header("x-csrf-token", &token)
-        .send()
-        .await
-        .unwrap()
-}
-
-pub(crate) fn invite_link(html: &str) -> String {
-    let at = html
-        .find("id=\"invite-link\"")
-        .expect("an invite link on the page");
-    let rest = &html[at..];
-    let v = rest.find("value=\"").expect("its value") + 7;
-    let end = rest[v..].find('"').expect("end of value");
-    rest[v..v + end].to_owned()
+/// An overwrite's `allow` or `deny` as the sim's state writes it (a decimal string).
+fn bits(v: &Value) -> Permissions {
+    Permissions::from_bits_retain(v.as_str().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,12 +27,11 @@ async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_eve
     let stack = Stack::start(2, &[]).await;
     let (a, b) = (stack.web(0), stack.web(1));
     let ash = stack.user("ash").await;
-    let browser = Browser::new();
-    browser.login(a, &stack.sim, ash).await;
+    let browser = stack.login_as(a, ash).await;
     let mut on_a = browser.stream(&a.url("/api/stream"), None).await;
     let mut on_b = browser.stream(&b.url("/api/stream"), None).await;
 
-    let room = create_room(&stack, 0, &browser, "Draft pod").await;
+    let room = browser.create_room(a, "Draft pod").await;
 
     let state = stack.sim.state().await;
     let channel = find(&state, "channels", &room).expect("the channel exists in Discord");
@@ -110,20 +52,23 @@ async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_eve
             bits(&everyone["allow"]),
             bits(&everyone["deny"])
         ),
-        (Some(0), 0, VIEW_CHANNEL | CONNECT)
+        (
+            Some(0),
+            Permissions::empty(),
+            Permissions::VIEW_CHANNEL | Permissions::CONNECT
+        )
     );
     let role = overwrites
         .iter()
         .find(|o| o["type"] == 0 && o["id"] != guild)
         .expect("the room role");
-    let room_allow = VIEW_CHANNEL | CONNECT | SPEAK | STREAM | USE_VAD;
     assert_eq!(
         (
             role["type"].as_u64(),
             bits(&role["allow"]),
             bits(&role["deny"])
         ),
-        (Some(0), room_allow, 0)
+        (Some(0), ROOM_ALLOW, Permissions::empty())
     );
     // The creator's own overwrite: they may always join their room, and it is how the
     // gateway knows who made it when Redis lost the record.
@@ -137,7 +82,7 @@ async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_eve
             bits(&creator["allow"]),
             bits(&creator["deny"])
         ),
-        (Some(1), room_allow, 0)
+        (Some(1), ROOM_ALLOW, Permissions::empty())
     );
     let bot_ow = overwrites.iter().find(|o| o["id"] == bot).expect("the bot");
     assert_eq!(
@@ -148,8 +93,12 @@ async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_eve
         ),
         (
             Some(1),
-            room_allow | MOVE_MEMBERS | MUTE_MEMBERS | DEAFEN_MEMBERS | MANAGE_CHANNELS,
-            0
+            ROOM_ALLOW
+                | Permissions::MOVE_MEMBERS
+                | Permissions::MUTE_MEMBERS
+                | Permissions::DEAFEN_MEMBERS
+                | Permissions::MANAGE_CHANNELS,
+            Permissions::empty()
         )
     );
     let role_id = role["id"].as_str().unwrap().to_owned();
@@ -181,12 +130,12 @@ async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_eve
     }
 
     // The room page (on the other replica) shows the creator's controls and an invite.
-    let html = browser.page(&b.url(&format!("/rooms/{room}"))).await;
+    let html = browser.room_page(b, &room).await;
     assert!(html.contains("Close room"), "the creator may close");
     assert!(invite_link(&html).starts_with(&format!("{}/invite/", b.url)));
 
     // "New link" gives HTMX a fresh link; someone outside the room may not ask.
-    let fresh = new_link(&browser, a, &room).await;
+    let fresh = browser.new_link(a, &room).await;
     assert_eq!(fresh.status(), 200);
     assert!(
         fresh
@@ -195,10 +144,7 @@ async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_eve
             .unwrap()
             .starts_with(&format!("{}/invite/", a.url))
     );
-    let stranger = Browser::new();
-    stranger
-        .login(b, &stack.sim, stack.user("cinder").await)
-        .await;
+    let stranger = stack.login_as(b, stack.user("cinder").await).await;
     let theirs = stranger.csrf(b).await;
     let refused = stranger
         .post(
@@ -244,10 +190,9 @@ async fn an_invite_brings_a_non_member_into_the_guild_and_the_room_and_bad_ones_
     let (a, b) = (stack.web(0), stack.web(1));
     let ash = stack.user("ash").await;
     let juniper = stack.user("juniper").await;
-    let creator = Browser::new();
-    creator.login(a, &stack.sim, ash).await;
-    let room = create_room(&stack, 0, &creator, "Pauper league").await;
-    let link = invite_link(&creator.page(&a.url(&format!("/rooms/{room}"))).await);
+    let creator = stack.login_as(a, ash).await;
+    let room = creator.create_room(a, "Pauper league").await;
+    let link = creator.invite_link(a, &room).await;
     let token = link.rsplit('/').next().unwrap().to_owned();
     let path = format!("/invite/{token}");
 
@@ -298,11 +243,7 @@ async fn an_invite_brings_a_non_member_into_the_guild_and_the_room_and_bad_ones_
         .as_array()
         .unwrap()
         .iter()
-        .find(|o| {
-            o["type"] == 0
-                && o["allow"].as_str()
-                    == Some(&(VIEW_CHANNEL | CONNECT | SPEAK | STREAM | USE_VAD).to_string())
-        })
+        .find(|o| o["type"] == 0 && o["allow"].as_str() == Some(&ROOM_ALLOW.bits().to_string()))
         .unwrap()["id"]
         .clone();
     assert!(
@@ -351,22 +292,18 @@ async fn an_invite_brings_a_non_member_into_the_guild_and_the_room_and_bad_ones_
             .await;
     }
     wait_for("the room to fill", || async {
-        let html = creator.page(&a.url(&format!("/rooms/{room}"))).await;
+        let html = creator.room_page(a, &room).await;
         html.contains("4/4").then_some(())
     })
     .await;
     let fable = stack.user("fable").await;
-    let fifth = Browser::new();
-    fifth.login(a, &stack.sim, fable).await;
+    let fifth = stack.login_as(a, fable).await;
     let res = fifth.get(&a.url(&path)).await;
     assert_eq!(res.status(), 409);
     assert!(res.text().await.unwrap().contains("full"));
 
     // Closed: the room is gone.
-    let t = creator.csrf(a).await;
-    let closed = creator
-        .post(a, &format!("/rooms/{room}/close"), &[("csrf_token", &t)])
-        .await;
+    let closed = creator.close_room(a, &room).await;
     assert_eq!(closed.status(), 303);
     let res = fifth.get(&b.url(&path)).await;
     assert_eq!(res.status(), 404);
@@ -378,10 +315,8 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
     let (a, b) = (stack.web(0), stack.web(1));
     let ash = stack.user("ash").await;
     let bramble = stack.user("bramble").await;
-    let creator = Browser::new();
-    creator.login(a, &stack.sim, ash).await;
-    let other = Browser::new();
-    other.login(b, &stack.sim, bramble).await;
+    let creator = stack.login_as(a, ash).await;
+    let other = stack.login_as(b, bramble).await;
     let mut stream = creator.stream(&b.url("/api/stream"), None).await;
 
     // Without the token, with a wrong one, or from another site: 403, nothing made.
@@ -437,7 +372,7 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
     assert_eq!(anonymous.status(), 303, "log in first");
     assert_eq!(anonymous.headers()["connection"], "close");
 
-    let room = create_room(&stack, 0, &creator, "Commander night").await;
+    let room = creator.create_room(a, "Commander night").await;
 
     // "Move me in": only from another voice channel of the guild.
     let res = creator
@@ -472,13 +407,13 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
     stack.voice(ash, None, json!({})).await;
 
     // Without JavaScript, Close leads to a confirmation page; only its post closes.
-    let page = creator.page(&a.url(&format!("/rooms/{room}"))).await;
+    let page = creator.room_page(a, &room).await;
     assert!(page.contains(&format!("method=\"get\" action=\"/rooms/{room}/close\"")));
     let confirm = creator.page(&a.url(&format!("/rooms/{room}/close"))).await;
     assert!(confirm.contains("Close Commander night?"), "{confirm}");
     assert!(confirm.contains(&format!("method=\"post\" action=\"/rooms/{room}/close\"")));
     assert!(
-        crate::harness::form_value(&confirm, "csrf_token").is_some(),
+        form_value(&confirm, "csrf_token").is_some(),
         "the post carries the token"
     );
     assert!(
@@ -562,21 +497,16 @@ async fn a_failure_part_way_leaves_nothing_behind_and_rate_limits_are_waited_out
     let stack = Stack::start(1, &[]).await;
     let a = stack.web(0);
     let ash = stack.user("ash").await;
-    let browser = Browser::new();
-    browser.login(a, &stack.sim, ash).await;
+    let browser = stack.login_as(a, ash).await;
     let token = browser.csrf(a).await;
     let roles = || async { stack.sim.state().await["roles"].as_array().unwrap().len() };
     let roles_before = roles().await;
 
     // The channel fails after the role was made: the role is removed again.
-    let (status, _) = stack
+    stack
         .sim
-        .control(
-            "/rest/fail",
-            json!({"method": "POST", "path": "/guilds/*/channels", "status": 500}),
-        )
+        .fail_once(json!({"method": "POST", "path": "/guilds/*/channels", "status": 500}))
         .await;
-    assert_eq!(status, 204);
     let res = browser
         .post(a, "/rooms", &[("name", "Doomed"), ("csrf_token", &token)])
         .await;
@@ -587,8 +517,7 @@ async fn a_failure_part_way_leaves_nothing_behind_and_rate_limits_are_waited_out
     // Missing permission: plain words.
     stack
         .sim
-        .control(
-            "/rest/fail",
+        .fail_once(
             json!({"method": "POST", "path": "/guilds/*/roles", "status": 403, "code": 50013}),
         )
         .await;
@@ -602,10 +531,7 @@ async fn a_failure_part_way_leaves_nothing_behind_and_rate_limits_are_waited_out
     // A 429 on the channel is waited out, and the room is made.
     stack
         .sim
-        .control(
-            "/rest/fail",
-            json!({"method": "POST", "path": "/guilds/*/channels", "status": 429, "retry_after": 1.0}),
-        )
+        .fail_once(json!({"method": "POST", "path": "/guilds/*/channels", "status": 429, "retry_after": 1.0}))
         .await;
     let started = Instant::now();
     let res = browser
@@ -644,11 +570,10 @@ async fn idle_rooms_are_warned_then_closed_by_one_sweeper_unless_someone_joins()
     .await;
     let b = stack.web(1);
     let ash = stack.user("ash").await;
-    let browser = Browser::new();
-    browser.login(stack.web(0), &stack.sim, ash).await;
+    let browser = stack.login_as(stack.web(0), ash).await;
     let mut stream = browser.stream(&b.url("/api/stream"), None).await;
-    let kept = create_room(&stack, 0, &browser, "Kept").await;
-    let forgotten = create_room(&stack, 1, &browser, "Forgotten").await;
+    let kept = browser.create_room(stack.web(0), "Kept").await;
+    let forgotten = browser.create_room(stack.web(1), "Forgotten").await;
 
     // The kept room's warning is answered by someone joining; the other room closes.
     let mut closings: Vec<(String, u64)> = Vec::new();
@@ -718,7 +643,7 @@ async fn idle_rooms_are_warned_then_closed_by_one_sweeper_unless_someone_joins()
         find(&stack.sim.state().await, "channels", &kept).is_some(),
         "a join called the closing off"
     );
-    let html = browser.page(&b.url(&format!("/rooms/{kept}"))).await;
+    let html = browser.room_page(b, &kept).await;
     assert!(
         html.contains("<h1>") && !html.contains("data-closes-at"),
         "no closing banner any more"

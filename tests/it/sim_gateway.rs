@@ -6,7 +6,9 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use twilight_gateway::{Event, ShardState};
+use twilight_model::channel::ChannelFlags;
 use twilight_model::gateway::payload::incoming::GuildCreate;
+use twilight_model::guild::Permissions;
 
 use crate::harness::{TestSim, next_event, shard, shard_with, wait_for, within};
 
@@ -399,17 +401,12 @@ async fn the_simulator_serves_the_gateway_at_any_path() {
 // ---------------------------------------------------------------------------------------
 // Channel obfuscation: what Discord sends a bot about channels it cannot view.
 
-const VIEW_CHANNEL: u64 = 1 << 10;
-const CONNECT: u64 = 1 << 20;
-const OBFUSCATED: u64 = 1 << 17;
-
 /// Control-API body for a voice channel only `allowed` (a role) may view, or nobody.
 fn hidden_voice(name: &str, guild: u64, allowed: Option<u64>) -> Value {
-    let mut overwrites =
-        vec![json!({"id": guild.to_string(), "type": 0, "deny": VIEW_CHANNEL.to_string()})];
+    let view = Permissions::VIEW_CHANNEL.bits().to_string();
+    let mut overwrites = vec![json!({"id": guild.to_string(), "type": 0, "deny": view})];
     if let Some(role) = allowed {
-        overwrites
-            .push(json!({"id": role.to_string(), "type": 0, "allow": VIEW_CHANNEL.to_string()}));
+        overwrites.push(json!({"id": role.to_string(), "type": 0, "allow": view}));
     }
     json!({"name": name, "type": 2, "user_limit": 4, "permission_overwrites": overwrites})
 }
@@ -436,7 +433,7 @@ fn assert_obfuscated(c: &twilight_model::channel::Channel, guild: u64) {
     let overwrites = c.permission_overwrites.as_deref().unwrap_or_default();
     assert_eq!(overwrites.len(), 1);
     assert_eq!(overwrites[0].id.get(), guild);
-    assert_eq!(overwrites[0].deny.bits(), VIEW_CHANNEL);
+    assert_eq!(overwrites[0].deny.bits(), Permissions::VIEW_CHANNEL.bits());
     assert!(overwrites[0].allow.is_empty());
 }
 
@@ -482,8 +479,14 @@ async fn hidden_channels_are_obfuscated_and_an_overwrite_reveals_them() {
     );
 
     // An overwrite for the bot: the update carries the real channel.
-    sim.set_overwrite(after, bot, 1, VIEW_CHANNEL | CONNECT, 0)
-        .await;
+    sim.set_overwrite(
+        after,
+        bot,
+        1,
+        (Permissions::VIEW_CHANNEL | Permissions::CONNECT).bits(),
+        0,
+    )
+    .await;
     let revealed = next_channel_event(&mut shard, after).await;
     assert_eq!(revealed.name.as_deref(), Some("After"));
     assert_eq!(revealed.user_limit, Some(4));
@@ -493,8 +496,14 @@ async fn hidden_channels_are_obfuscated_and_an_overwrite_reveals_them() {
     assert_obfuscated(&next_channel_event(&mut shard, after).await, guild);
 
     let bramble = sim.user("bramble").await;
-    sim.set_overwrite(before, bramble, 1, VIEW_CHANNEL | CONNECT, 0)
-        .await;
+    sim.set_overwrite(
+        before,
+        bramble,
+        1,
+        (Permissions::VIEW_CHANNEL | Permissions::CONNECT).bits(),
+        0,
+    )
+    .await;
     assert_obfuscated(&next_channel_event(&mut shard, before).await, guild);
     sim.join(bramble, before).await;
     let Event::VoiceStateUpdate(vs) =
@@ -552,7 +561,7 @@ async fn role_changes_that_flip_the_bots_view_send_channel_updates() {
     };
     let (bot_role, bot_perms) = role(&|r| r["managed"] == true);
     let everyone_perms = role(&|r| is_id(&r["id"], guild)).1;
-    sim.set_role_permissions(guild, everyone_perms & !VIEW_CHANNEL)
+    sim.set_role_permissions(guild, everyone_perms & !Permissions::VIEW_CHANNEL.bits())
         .await;
     let Event::RoleUpdate(updated) =
         next_event(&mut shard, |e| matches!(e, Event::RoleUpdate(_))).await
@@ -562,9 +571,9 @@ async fn role_changes_that_flip_the_bots_view_send_channel_updates() {
     assert_eq!(updated.role.id.get(), guild);
     assert_eq!(
         updated.role.permissions.bits(),
-        everyone_perms & !VIEW_CHANNEL
+        everyone_perms & !Permissions::VIEW_CHANNEL.bits()
     );
-    sim.set_role_permissions(bot_role, bot_perms & !VIEW_CHANNEL)
+    sim.set_role_permissions(bot_role, bot_perms & !Permissions::VIEW_CHANNEL.bits())
         .await;
     // The role update comes first, then the channels it hid; none came in between.
     let next = next_event(&mut shard, |e| {
@@ -602,10 +611,13 @@ async fn obfuscated_channels_have_discords_json_shape() {
         .cloned()
         .expect("the hidden channel is listed");
     assert_eq!(channel["name"], "___hidden___");
-    assert_eq!(channel["flags"].as_u64().unwrap() & OBFUSCATED, OBFUSCATED);
+    assert_eq!(
+        channel["flags"].as_u64().unwrap() & ChannelFlags::CHANNEL_OBFUSCATED.bits(),
+        ChannelFlags::CHANNEL_OBFUSCATED.bits()
+    );
     assert_eq!(
         channel["permission_overwrites"],
-        json!([{"id": guild.to_string(), "type": 0, "allow": "0", "deny": VIEW_CHANNEL.to_string()}])
+        json!([{"id": guild.to_string(), "type": 0, "allow": "0", "deny": Permissions::VIEW_CHANNEL.bits().to_string()}])
     );
     for field in ["bitrate", "rtc_region"] {
         assert_eq!(channel[field], Value::Null, "{field}");

@@ -156,13 +156,10 @@ async fn twilight_waits_out_an_injected_429_for_the_advertised_time() {
     let sim = TestSim::start().await;
     let http = sim.twilight_http();
     let guild = Id::new(sim.guild_id());
-    let (status, _) = sim
-        .control(
-            "/rest/fail",
-            json!({"method": "POST", "path": "/guilds/*/roles", "status": 429, "retry_after": 1.5}),
-        )
-        .await;
-    assert_eq!(status, 204);
+    sim.fail_once(
+        json!({"method": "POST", "path": "/guilds/*/roles", "status": 429, "retry_after": 1.5}),
+    )
+    .await;
     let started = Instant::now();
     let role = http
         .create_role(guild)
@@ -234,11 +231,8 @@ async fn injected_5xx_and_50013_reach_the_client_as_discord_sends_them() {
     let sim = TestSim::start().await;
     let http = sim.twilight_http();
     let guild = Id::new(sim.guild_id());
-    sim.control(
-        "/rest/fail",
-        json!({"path": "/guilds/*/channels", "method": "POST", "status": 500}),
-    )
-    .await;
+    sim.fail_once(json!({"path": "/guilds/*/channels", "method": "POST", "status": 500}))
+        .await;
     let err = http
         .create_guild_channel(guild, "x")
         .kind(ChannelType::GuildVoice)
@@ -248,11 +242,8 @@ async fn injected_5xx_and_50013_reach_the_client_as_discord_sends_them() {
         matches!(err.kind(), ErrorType::Response { status, .. } if status.get() == 500),
         "{err:?}"
     );
-    sim.control(
-        "/rest/fail",
-        json!({"path": "/guilds/*/roles", "status": 403, "code": 50013}),
-    )
-    .await;
+    sim.fail_once(json!({"path": "/guilds/*/roles", "status": 403, "code": 50013}))
+        .await;
     let err = http.create_role(guild).await.expect_err("403");
     assert_eq!(discord_code(&err), Some((403, 50013)));
     // Each fault was used once; the next calls succeed.
@@ -991,9 +982,18 @@ async fn overwrites_through_rest_are_dispatched_and_checked() {
 async fn the_control_api_manages_roles_members_and_overwrites() {
     let sim = TestSim::start().await;
     let (hollow, lobby) = (sim.user("hollow").await, sim.id_of("lobby_id").await);
-    let role = sim.create_role("Crew", 1 << 10).await;
+    let role = sim
+        .create_role("Crew", Permissions::VIEW_CHANNEL.bits())
+        .await;
     sim.grant_role(hollow, role).await;
-    sim.set_overwrite(lobby, role, 0, 1 << 20, 1 << 21).await;
+    sim.set_overwrite(
+        lobby,
+        role,
+        0,
+        Permissions::CONNECT.bits(),
+        Permissions::SPEAK.bits(),
+    )
+    .await;
     let state = sim.state().await;
     let find = |list: &str, key: &str, id: u64| {
         state[list]
@@ -1004,14 +1004,17 @@ async fn the_control_api_manages_roles_members_and_overwrites() {
             .cloned()
             .unwrap_or_else(|| panic!("{list} has no {id}"))
     };
-    assert_eq!(find("roles", "id", role)["permissions"], "1024");
+    assert_eq!(
+        find("roles", "id", role)["permissions"],
+        Permissions::VIEW_CHANNEL.bits().to_string()
+    );
     assert_eq!(
         find("members", "user_id", hollow)["roles"],
         json!([role.to_string()])
     );
     assert_eq!(
         find("channels", "id", lobby)["permission_overwrites"],
-        json!([{"id": role.to_string(), "type": 0, "allow": (1u64 << 20).to_string(), "deny": (1u64 << 21).to_string()}])
+        json!([{"id": role.to_string(), "type": 0, "allow": Permissions::CONNECT.bits().to_string(), "deny": Permissions::SPEAK.bits().to_string()}])
     );
     assert_eq!(find("channels", "id", lobby)["bot_can_view"], true);
     assert_eq!(state["moves"], json!([]));

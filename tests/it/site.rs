@@ -5,6 +5,7 @@
 
 use serde_json::Value;
 
+use crate::harness::demo::Demo;
 use crate::harness::{Browser, Stack, form_value, location};
 
 fn cache_control(res: &reqwest::Response) -> Option<String> {
@@ -155,7 +156,7 @@ async fn a_hundred_character_name_makes_a_room_and_unreadable_names_are_refused(
 async fn assets_come_from_the_binary_itself_hashed_cached_and_compressed() {
     // A binary run from an empty directory (the harness's scratch dir): no assets/ beside
     // it, no COVEN_ASSETS.
-    let demo = crate::demo::Demo::start(&["--quiet"], &[]);
+    let demo = Demo::start(&["--quiet"], &[]);
     let web = demo.web.clone();
     // reqwest here sends no Accept-Encoding unless told: each request says what it takes.
     let http = reqwest::Client::new();

@@ -5,15 +5,10 @@ use std::time::Duration;
 
 use fred::prelude::*;
 use serde_json::json;
+use twilight_model::guild::Permissions;
 
-use crate::harness::{Browser, Stack, location, metric, wait_for};
-use crate::rooms::{create_room, invite_link};
-
-/// A path on the site from a full invite link.
-fn path_of(link: &str) -> String {
-    let at = link.find("/invite/").expect("an invite link");
-    link[at..].to_owned()
-}
+use crate::harness::rooms::{find, invite_path};
+use crate::harness::{Browser, Stack, TestSim, Web, form_value, location, metric, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_room_is_shown_only_to_whom_discord_shows_it_and_appears_live_once_granted() {
@@ -21,18 +16,16 @@ async fn a_private_room_is_shown_only_to_whom_discord_shows_it_and_appears_live_
     let (a, b) = (stack.web(0), stack.web(1));
     let (ash, bramble) = (stack.user("ash").await, stack.user("bramble").await);
     let (cinder, dusk) = (stack.user("cinder").await, stack.user("dusk").await);
-    let creator = Browser::new();
-    creator.login(a, &stack.sim, ash).await;
-    let other = Browser::new();
-    other.login(b, &stack.sim, bramble).await;
+    let creator = stack.login_as(a, ash).await;
+    let other = stack.login_as(b, bramble).await;
     // Bramble's stream is open before the room exists and stays open throughout.
     let mut watching = other.stream(&b.url("/api/stream"), None).await;
 
-    let room = create_room(&stack, 0, &creator, "Secret draft").await;
+    let room = creator.create_room(a, "Secret draft").await;
     let room_id: u64 = room.parse().unwrap();
     stack.seat(cinder, room_id, json!({})).await;
     wait_for("the creator to see Cinder in the room", || async {
-        let html = creator.page(&a.url(&format!("/rooms/{room}"))).await;
+        let html = creator.room_page(a, &room).await;
         html.contains("Cinder").then_some(())
     })
     .await;
@@ -116,8 +109,8 @@ async fn a_private_room_is_shown_only_to_whom_discord_shows_it_and_appears_live_
 
     // Bramble follows an invite (a member: the role is granted at once) and the room
     // appears on the stream already open, with the people in it, without reconnecting.
-    let link = invite_link(&creator.page(&a.url(&format!("/rooms/{room}"))).await);
-    let followed = other.get(&b.url(&path_of(&link))).await;
+    let invite = creator.invite_path(a, &room).await;
+    let followed = other.get(&b.url(&invite)).await;
     assert_eq!(
         (followed.status().as_u16(), location(&followed)),
         (303, format!("/rooms/{room}"))
@@ -143,12 +136,7 @@ async fn a_private_room_is_shown_only_to_whom_discord_shows_it_and_appears_live_
     watching
         .until(|m| m.event == "voice.updated" && m.json()["data"]["channel_id"] == room.as_str())
         .await;
-    assert!(
-        other
-            .page(&b.url(&format!("/rooms/{room}")))
-            .await
-            .contains("Secret draft")
-    );
+    assert!(other.room_page(b, &room).await.contains("Secret draft"));
     assert!(other.page(&b.url("/rooms")).await.contains("Secret draft"));
 }
 
@@ -157,10 +145,8 @@ async fn logging_out_ends_that_logins_streams_on_every_replica_within_seconds() 
     let stack = Stack::start(2, &[]).await;
     let (a, b) = (stack.web(0), stack.web(1));
     let ash = stack.user("ash").await;
-    let laptop = Browser::new();
-    laptop.login(a, &stack.sim, ash).await;
-    let phone = Browser::new();
-    phone.login(b, &stack.sim, ash).await;
+    let laptop = stack.login_as(a, ash).await;
+    let phone = stack.login_as(b, ash).await;
     let mut on_a = laptop.stream(&a.url("/api/stream"), None).await;
     let mut on_b = laptop.stream(&b.url("/api/stream"), None).await;
     let mut phone_stream = phone.stream(&b.url("/api/stream"), None).await;
@@ -174,21 +160,13 @@ async fn logging_out_ends_that_logins_streams_on_every_replica_within_seconds() 
             .cookies(&b.url("/").parse().unwrap())
             .expect("the session cookie")
     };
-    let token = laptop.csrf(a).await;
-    let out = laptop
-        .post(a, "/auth/logout", &[("csrf_token", &token)])
-        .await;
+    let out = laptop.log_out(a).await;
     assert_eq!(out.status(), 303);
     for stream in [&mut on_a, &mut on_b] {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match stream.next_within(left).await {
-                Ok(None) => break,
-                Ok(Some(_)) => continue,
-                Err(()) => panic!("the stream was still open 5 s after logging out"),
-            }
-        }
+        assert!(
+            stream.ends_within(Duration::from_secs(5)).await,
+            "the stream was still open 5 s after logging out"
+        );
     }
     let res = laptop.get(&b.url("/api/stream")).await;
     assert_eq!(res.status(), 401, "the session is gone everywhere");
@@ -222,25 +200,17 @@ async fn new_link_revokes_older_links_of_the_room() {
     let stack = Stack::start(2, &[]).await;
     let (a, b) = (stack.web(0), stack.web(1));
     let ash = stack.user("ash").await;
-    let creator = Browser::new();
-    creator.login(a, &stack.sim, ash).await;
-    let room = create_room(&stack, 0, &creator, "Cube night").await;
-    let old = path_of(&invite_link(
-        &creator.page(&a.url(&format!("/rooms/{room}"))).await,
-    ));
-    let fresh = crate::rooms::new_link(&creator, a, &room).await;
+    let creator = stack.login_as(a, ash).await;
+    let room = creator.create_room(a, "Cube night").await;
+    let old = creator.invite_path(a, &room).await;
+    let fresh = creator.new_link(a, &room).await;
     assert_eq!(fresh.status(), 200);
-    let new = path_of(fresh.text().await.unwrap().trim());
+    let new = invite_path(fresh.text().await.unwrap().trim());
     assert_ne!(old, new);
     // The page now offers a link of the new generation too.
-    let shown = path_of(&invite_link(
-        &creator.page(&b.url(&format!("/rooms/{room}"))).await,
-    ));
+    let shown = creator.invite_path(b, &room).await;
 
-    let guest = Browser::new();
-    guest
-        .login(b, &stack.sim, stack.user("bramble").await)
-        .await;
+    let guest = stack.login_as(b, stack.user("bramble").await).await;
     let res = guest.get(&b.url(&old)).await;
     assert_eq!(res.status(), 410);
     assert!(res.text().await.unwrap().contains("newer"));
@@ -259,12 +229,12 @@ async fn new_link_revokes_older_links_of_the_room() {
     let back = outsider.login_to(b, &stack.sim, juniper, &new).await;
     assert_eq!(back.status(), 303);
     let asked = outsider.page(&b.url(&new)).await;
-    let token = crate::harness::form_value(&asked, "csrf_token").expect("the confirm form");
+    let token = form_value(&asked, "csrf_token").expect("the confirm form");
     let refused = outsider.post(b, &old, &[("csrf_token", &token)]).await;
     assert_eq!(refused.status(), 410);
     let state = stack.sim.state().await;
     assert!(
-        crate::rooms::find(&state, "members", &juniper.to_string()).is_none(),
+        find(&state, "members", &juniper.to_string()).is_none(),
         "not added by a revoked link"
     );
 }
@@ -274,19 +244,14 @@ async fn move_me_in_only_where_discord_would_let_the_user_go() {
     let stack = Stack::start(1, &[]).await;
     let a = stack.web(0);
     let (ash, bramble) = (stack.user("ash").await, stack.user("bramble").await);
-    let creator = Browser::new();
-    creator.login(a, &stack.sim, ash).await;
-    let room = create_room(&stack, 0, &creator, "Locked").await;
-    let other = Browser::new();
-    other.login(a, &stack.sim, bramble).await;
+    let creator = stack.login_as(a, ash).await;
+    let room = creator.create_room(a, "Locked").await;
+    let other = stack.login_as(a, bramble).await;
     stack.voice(bramble, Some(stack.lobby), json!({})).await;
-    let token = other.csrf(a).await;
-    let res = other
-        .post(a, &format!("/rooms/{room}/move"), &[("csrf_token", &token)])
-        .await;
+    let res = other.move_in(a, &room).await;
     assert_eq!(res.status(), 404, "a room Discord hides from Bramble");
     let state = stack.sim.state().await;
-    let voice = crate::rooms::find(&state, "voice_states", &bramble.to_string()).unwrap();
+    let voice = find(&state, "voice_states", &bramble.to_string()).unwrap();
     assert_eq!(
         voice["channel_id"],
         stack.lobby.to_string().as_str(),
@@ -294,21 +259,21 @@ async fn move_me_in_only_where_discord_would_let_the_user_go() {
     );
 }
 
-const VIEW_CHANNEL: u64 = 1 << 10;
-const CONNECT: u64 = 1 << 20;
+/// Seeing a voice channel and joining it.
+const SEE_AND_JOIN: Permissions = Permissions::VIEW_CHANNEL.union(Permissions::CONNECT);
 
 /// The overwrite hiding a channel from @everyone (the guild's own role).
 fn hidden_from_everyone(guild: u64) -> serde_json::Value {
     json!({"id": guild.to_string(), "type": 0, "allow": "0",
-           "deny": (VIEW_CHANNEL | CONNECT).to_string()})
+           "deny": SEE_AND_JOIN.bits().to_string()})
 }
 
 /// A "Staff" role and a "Staff only" voice channel: hidden from @everyone, open to Staff
 /// and to the bot (so Discord shows it to the bot as it is). Answers (role, channel).
-async fn staff_only(sim: &crate::harness::TestSim) -> (u64, u64) {
+async fn staff_only(sim: &TestSim) -> (u64, u64) {
     let bot = sim.id_of("bot_id").await;
     let staff = sim.create_role("Staff", 0).await;
-    let allow = |id: u64, kind: u8| json!({"id": id.to_string(), "type": kind, "allow": (VIEW_CHANNEL | CONNECT).to_string(), "deny": "0"});
+    let allow = |id: u64, kind: u8| json!({"id": id.to_string(), "type": kind, "allow": SEE_AND_JOIN.bits().to_string(), "deny": "0"});
     let room = sim
         .create_channel(json!({"name": "Staff only", "type": 2,
             "permission_overwrites": [hidden_from_everyone(sim.guild_id()), allow(staff, 0), allow(bot, 1)]}))
@@ -317,7 +282,7 @@ async fn staff_only(sim: &crate::harness::TestSim) -> (u64, u64) {
 }
 
 /// The person Discord shows a room to, as `/rooms` lists it for them.
-async fn lists(browser: &Browser, web: &crate::harness::Web, name: &str) -> bool {
+async fn lists(browser: &Browser, web: &Web, name: &str) -> bool {
     browser.page(&web.url("/rooms")).await.contains(name)
 }
 
@@ -342,10 +307,9 @@ async fn channels_hidden_by_overwrites_follow_discord_and_those_hidden_from_the_
     stack.voice(cinder, Some(staff_room), json!({})).await;
     // The owner sees every channel Discord lets the bot see, and is in the hidden one.
     stack.voice(ash, Some(mods), json!({})).await;
-    let owner = Browser::new();
-    owner.login(a, &stack.sim, ash).await;
+    let owner = stack.login_as(a, ash).await;
     wait_for("the owner to see Cinder in Staff only", || async {
-        let html = owner.page(&a.url(&format!("/rooms/{staff_room}"))).await;
+        let html = owner.room_page(a, staff_room).await;
         html.contains("Cinder").then_some(())
     })
     .await;
@@ -370,8 +334,7 @@ async fn channels_hidden_by_overwrites_follow_discord_and_those_hidden_from_the_
     );
 
     // Bramble, without the Staff role: nothing of Staff only anywhere.
-    let member = Browser::new();
-    member.login(b, &stack.sim, bramble).await;
+    let member = stack.login_as(b, bramble).await;
     let mut watching = member.stream(&b.url("/api/stream"), None).await;
     assert!(!lists(&member, b, "Staff only").await);
     assert_eq!(
@@ -458,20 +421,14 @@ async fn someone_removed_from_the_server_loses_their_stream_within_a_minute() {
     let stack = Stack::start(1, &[]).await;
     let a = stack.web(0);
     let bramble = stack.user("bramble").await;
-    let member = Browser::new();
-    member.login(a, &stack.sim, bramble).await;
+    let member = stack.login_as(a, bramble).await;
     let mut stream = member.stream(&a.url("/api/stream"), None).await;
     stack.sim.remove_member(bramble).await;
     let removed = std::time::Instant::now();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match stream.next_within(left).await {
-            Ok(None) => break,
-            Ok(Some(_)) => continue,
-            Err(()) => panic!("the stream of a removed member was still open after a minute"),
-        }
-    }
+    assert!(
+        stream.ends_within(Duration::from_secs(60)).await,
+        "the stream of a removed member was still open after a minute"
+    );
     eprintln!("stream ended {:?} after the removal", removed.elapsed());
     let res = member.get(&a.url("/rooms")).await;
     assert_eq!(res.status(), 403, "no longer a member");
@@ -483,31 +440,32 @@ async fn move_me_in_needs_connect_for_the_user_and_then_discord_records_no_move(
     let stack = Stack::start(1, &[]).await;
     let a = stack.web(0);
     let (ash, bramble) = (stack.user("ash").await, stack.user("bramble").await);
-    let creator = Browser::new();
-    creator.login(a, &stack.sim, ash).await;
-    let room = create_room(&stack, 0, &creator, "Look, don't touch").await;
+    let creator = stack.login_as(a, ash).await;
+    let room = creator.create_room(a, "Look, don't touch").await;
     let room_id: u64 = room.parse().unwrap();
     // Bramble may see the room but not connect to it.
     stack
         .sim
-        .set_overwrite(room_id, bramble, 1, VIEW_CHANNEL, CONNECT)
+        .set_overwrite(
+            room_id,
+            bramble,
+            1,
+            Permissions::VIEW_CHANNEL.bits(),
+            Permissions::CONNECT.bits(),
+        )
         .await;
-    let other = Browser::new();
-    other.login(a, &stack.sim, bramble).await;
+    let other = stack.login_as(a, bramble).await;
     stack.voice(bramble, Some(stack.lobby), json!({})).await;
     wait_for("Bramble to see the room", || async {
         (other.get(&a.url(&format!("/rooms/{room}"))).await.status() == 200).then_some(())
     })
     .await;
-    let html = other.page(&a.url(&format!("/rooms/{room}"))).await;
+    let html = other.room_page(a, &room).await;
     assert!(
         !html.contains("Move me in"),
         "not offered where Discord would not let Bramble in"
     );
-    let token = other.csrf(a).await;
-    let res = other
-        .post(a, &format!("/rooms/{room}/move"), &[("csrf_token", &token)])
-        .await;
+    let res = other.move_in(a, &room).await;
     assert_eq!(res.status(), 403);
     assert!(res.text().await.unwrap().contains("does not let you join"));
     assert!(
@@ -518,15 +476,12 @@ async fn move_me_in_needs_connect_for_the_user_and_then_discord_records_no_move(
     // The creator (who holds the role) is offered the move and moved in from the lobby.
     stack.voice(ash, Some(stack.lobby), json!({})).await;
     wait_for("the creator to be offered Move me in", || async {
-        let html = creator.page(&a.url(&format!("/rooms/{room}"))).await;
+        let html = creator.room_page(a, &room).await;
         (html.contains("Move me in") && html.contains("data-whereabouts=\"elsewhere\""))
             .then_some(())
     })
     .await;
-    let token = creator.csrf(a).await;
-    let res = creator
-        .post(a, &format!("/rooms/{room}/move"), &[("csrf_token", &token)])
-        .await;
+    let res = creator.move_in(a, &room).await;
     assert_eq!(res.status(), 303);
     assert_eq!(stack.sim.moves().await, [(ash, room_id)]);
 }
@@ -544,8 +499,7 @@ async fn a_stream_resumed_from_before_a_role_was_taken_and_given_back_goes_on() 
     let (bramble, cinder) = (stack.user("bramble").await, stack.user("cinder").await);
     sim.grant_role(bramble, staff).await;
     sim.grant_role(cinder, staff).await;
-    let member = Browser::new();
-    member.login(a, &stack.sim, bramble).await;
+    let member = stack.login_as(a, bramble).await;
     let page_url = a.url(&format!("/api/stream?room={room}"));
     let html_url = a.url(&format!("/api/stream/html?view={room}"));
     wait_for("the room to be Bramble's to see", || async {

@@ -12,7 +12,7 @@ use serde_json::json;
 use twilight_model::id::Id;
 
 use crate::harness::{
-    Browser, Message, RedisServer, Stack, TestSim, location, metric, wait_for, within,
+    Browser, Message, RedisServer, Stack, TestSim, location, metric, metrics_page, wait_for, within,
 };
 
 fn ids(messages: &[Message]) -> Vec<String> {
@@ -612,12 +612,7 @@ async fn operations_readiness_metrics_headers_and_a_spread_drain() {
     let public = reqwest::get(web.url("/metrics")).await.unwrap();
     assert_eq!(public.status(), 404, "no metrics on the public site");
     assert!(!web.metrics.starts_with(&web.url), "a listener of its own");
-    let text = reqwest::get(&web.metrics)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_page(&web.metrics).await;
     assert!(
         text.contains("coven_web_request_seconds_bucket{")
             && text.contains(r#"le="+Inf""#)
@@ -698,7 +693,7 @@ async fn while_redis_is_away_every_page_answers_503_at_once_and_all_works_after(
     let ash = stack.user("ash").await;
     let browser = Browser::new();
     browser.login(stack.web(0), &stack.sim, ash).await;
-    let room = crate::rooms::create_room(&stack, 0, &browser, "Away game").await;
+    let room = browser.create_room(stack.web(0), "Away game").await;
     let token = browser.csrf(stack.web(0)).await;
     let anonymous = Browser::new();
 
@@ -763,7 +758,7 @@ async fn while_redis_is_away_every_page_answers_503_at_once_and_all_works_after(
     let html = browser.page(&room_page).await;
     assert!(html.contains("Away game"), "the room page again");
     browser.stream(&web.url("/api/stream"), None).await;
-    let again = crate::rooms::create_room(&stack, 0, &browser, "Back again").await;
+    let again = browser.create_room(stack.web(0), "Back again").await;
     assert_ne!(again, room);
     let landing = anonymous.get(&web.url("/")).await;
     assert_eq!(landing.status(), 200);

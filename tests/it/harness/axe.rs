@@ -1,5 +1,5 @@
 //! axe-core run inside the page a test's Chromium shows (the browser itself is
-//! `crate::browser::Driver`).
+//! `super::browser::Driver`).
 
 use fantoccini::Client;
 use serde_json::{Value, json};

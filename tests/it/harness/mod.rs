@@ -1,11 +1,18 @@
-//! Shared test machinery: a simulator in-process, a private Redis, `coven` processes,
-//! and waiting on conditions with deadlines (never sleeping and hoping).
+//! Shared test machinery, and the one place test modules share code: a simulator
+//! in-process, a private Redis, `coven` processes, the whole stack with a browser-like
+//! HTTP client (`stack`), rooms made and shared through it (`rooms`), real Chromium
+//! (`browser`, `axe`), the demo (`demo`), and waiting on conditions with deadlines (never
+//! sleeping and hoping). Test modules import from here and never from each other; nothing
+//! here imports from a test module.
 
 #![allow(dead_code)]
 
 pub mod axe;
+pub mod browser;
+pub mod demo;
 mod process;
 pub mod redis;
+pub mod rooms;
 pub mod sentinel;
 mod sim;
 mod stack;
@@ -17,7 +24,7 @@ pub use process::CovenProcess;
 pub use redis::RedisServer;
 pub use sim::{TestSim, next_event, shard, shard_with};
 pub use stack::{
-    Browser, INVITE_SECRET, Message, Sse, Stack, Web, form_value, location, metric,
+    Browser, INVITE_SECRET, Message, Sse, Stack, Web, form_value, location, metric, metrics_page,
     spawn_gateway_on, spawn_web,
 };
 

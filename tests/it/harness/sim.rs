@@ -111,6 +111,14 @@ impl TestSim {
         (status, body)
     }
 
+    /// Makes the REST API fail the next request matching `fault` once, as Discord would
+    /// answer it (`method`, `path` with `*` for an id, `status`, and `code` or
+    /// `retry_after` where Discord sends them).
+    pub async fn fail_once(&self, fault: Value) {
+        let (status, body) = self.control("/rest/fail", fault).await;
+        assert_eq!(status, 204, "fault refused: {body}");
+    }
+
     /// The id of a seeded user by username.
     pub async fn user(&self, username: &str) -> u64 {
         let state = self.state().await;

@@ -122,6 +122,13 @@ impl Stack {
         self.sim.user(name).await
     }
 
+    /// A new browser logged in on `web` as the simulated `user`, on the rooms page.
+    pub async fn login_as(&self, web: &Web, user: u64) -> Browser {
+        let browser = Browser::new();
+        browser.login(web, &self.sim, user).await;
+        browser
+    }
+
     /// The role that opens a room Coven made (its one role overwrite besides @everyone).
     pub async fn room_role(&self, room: u64) -> u64 {
         let state = self.sim.state().await;
@@ -340,6 +347,13 @@ impl Browser {
         assert_eq!(location(&done), "/rooms");
     }
 
+    /// "Log out", as the header's form posts it on `web`.
+    pub async fn log_out(&self, web: &Web) -> reqwest::Response {
+        let token = self.csrf(web).await;
+        self.post(web, "/auth/logout", &[("csrf_token", &token)])
+            .await
+    }
+
     pub async fn stream(&self, url: &str, last_event_id: Option<&str>) -> Sse {
         // As EventSource asks.
         let mut req = self.http.get(url).header("Accept", "text/event-stream");
@@ -457,6 +471,19 @@ impl Sse {
         }
     }
 
+    /// Reads until the stream ends; `false` if it was still open after `limit`.
+    pub async fn ends_within(&mut self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_within(left).await {
+                Ok(None) => return true,
+                Ok(Some(_)) => continue,
+                Err(()) => return false,
+            }
+        }
+    }
+
     /// Messages until one matches `want` (returned last), skipping none: every message
     /// read is returned so a test can check what came before.
     pub async fn until(&mut self, mut want: impl FnMut(&Message) -> bool) -> Vec<Message> {
@@ -483,6 +510,16 @@ impl Sse {
             }
         }
     }
+}
+
+/// The Prometheus page at `url`, whole.
+pub async fn metrics_page(url: &str) -> String {
+    reqwest::get(url)
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("the metrics page")
 }
 
 /// The sum of every sample of metric `name` on a Prometheus page at `url`.
