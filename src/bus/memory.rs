@@ -299,6 +299,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_log_is_capped_by_age() {
+        let bus = MemoryBus::new(Id::new(1), 100);
+        let first = bus.append(room(1), None).await.unwrap();
+        let later = loop {
+            let e = bus.append(room(2), None).await.unwrap();
+            if e.id.ms > first.id.ms {
+                break e;
+            }
+            tokio::task::yield_now().await;
+        };
+        // Every event appended before `later`'s millisecond goes.
+        let Since::Events(all) = bus.since(EventId::ZERO, 1000).await.unwrap() else {
+            panic!("nothing trimmed yet")
+        };
+        let older = all.iter().filter(|e| e.id.ms < later.id.ms).count() as u64;
+        assert!(older >= 1);
+        assert_eq!(bus.trim_before(later.id.ms).await.unwrap(), older);
+        assert!(!bus.holds(first.id).await.unwrap());
+        assert!(bus.holds(later.id).await.unwrap());
+        assert_eq!(bus.since(first.id, 10).await.unwrap(), Since::Gap);
+    }
+
+    #[tokio::test]
     async fn appends_are_ordered_replayable_and_live() {
         let bus = MemoryBus::new(Id::new(1), 100);
         let mut live = bus.subscribe();

@@ -240,8 +240,11 @@ pub async fn html_stream(
         last: EventId::ZERO,
         delivered: hub.delivered.clone(),
     };
+    // Counted from now, not from the body's first poll: the head may reach the client
+    // before the body is polled, and a stream whose head was sent is open.
+    let connected = Connected::new();
     let frames = async_stream::stream! {
-        let _alive = (counted, held, Connected::new());
+        let _alive = (counted, held, connected);
         yield Bytes::from_static(RETRY);
         let opening = match open(&hub, bus.as_ref(), &stream.sight, &stream.views, after, early).await {
             Ok(opening) => opening,

@@ -132,8 +132,11 @@ pub async fn stream(
         last: after,
         delivered: hub.delivered.clone(),
     };
+    // Counted from now, not from the body's first poll: the head may reach the client
+    // before the body is polled, and a stream whose head was sent is open.
+    let connected = Connected::new();
     let frames = async_stream::stream! {
-        let _alive = (held, viewing, Connected::new());
+        let _alive = (held, viewing, connected);
         yield Bytes::from_static(RETRY);
         let start = match after {
             Some(after) => match replay::start(bus.as_ref(), &hub, after).await {
