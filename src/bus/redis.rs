@@ -220,9 +220,6 @@ fn builder(url: &str, command_timeout: Duration) -> BusResult<Builder> {
     Ok(builder)
 }
 
-/// The first connection's failure, said once and with what to check: over `rediss://` a
-/// plain-text server never completes the handshake, and an untrusted certificate is
-/// refused (nothing is ever sent in clear to a `rediss://` URL).
 /// The oldest Redis with sharded Pub/Sub (`SPUBLISH`, `SSUBSCRIBE`), which the live path
 /// uses on every kind of deployment (standalone, Sentinel, Cluster) alike.
 const MIN_REDIS: (u32, u32) = (7, 0);
@@ -258,6 +255,9 @@ fn redis_version(info: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
+/// The first connection's failure, said once and with what to check: over `rediss://` a
+/// plain-text server never completes the handshake, and an untrusted certificate is
+/// refused (nothing is ever sent in clear to a `rediss://` URL).
 fn not_connected(url: &str, e: fred::error::Error) -> BusError {
     let target = url::Url::parse(url)
         .ok()
