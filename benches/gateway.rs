@@ -129,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
             Err(e) => panic!("the simulator refused a change: {e:?}"),
         }
     };
-    let mut live = observer.subscribe();
+    let mut live = observer.subscribe().await.unwrap();
     let mut next_voice = async || loop {
         match live.recv().await {
             Ok(e)

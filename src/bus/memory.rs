@@ -176,8 +176,8 @@ impl Bus for MemoryBus {
         Ok(dropped)
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.live.subscribe()
+    async fn subscribe(&self) -> BusResult<broadcast::Receiver<Arc<Event>>> {
+        Ok(self.live.subscribe())
     }
 
     async fn member(&self, user: Id<UserMarker>) -> BusResult<Option<MemberRecord>> {
@@ -324,7 +324,7 @@ mod tests {
     #[tokio::test]
     async fn appends_are_ordered_replayable_and_live() {
         let bus = MemoryBus::new(Id::new(1), 100);
-        let mut live = bus.subscribe();
+        let mut live = bus.subscribe().await.unwrap();
         let a = bus.append(room(1), None).await.unwrap();
         let b = bus.append(room(2), None).await.unwrap();
         assert!(a.id < b.id);

@@ -315,10 +315,11 @@ pub trait Bus: Send + Sync + 'static {
     /// any trim.
     async fn trim_before(&self, before_ms: u64) -> BusResult<u64>;
 
-    /// Live events, in id order, from now on. One subscription per process feeds every
-    /// receiver; a receiver that falls behind sees `Lagged` and must catch up with
-    /// [`Bus::since`].
-    fn subscribe(&self) -> broadcast::Receiver<Arc<Event>>;
+    /// Live events, in id order, from the moment this returns (the guild's subscription
+    /// is made on the first call; a failure to make it is the error). One subscription
+    /// per guild per process feeds every receiver; a receiver that falls behind sees
+    /// `Lagged` and must catch up with [`Bus::since`].
+    async fn subscribe(&self) -> BusResult<broadcast::Receiver<Arc<Event>>>;
 
     /// `false` while the store is known to be unreachable (its connection dropped and is
     /// being re-established), so callers can answer at once instead of waiting out a

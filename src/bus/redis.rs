@@ -2,9 +2,14 @@
 //! `P:{G}:voice` snapshot hashes with `P:{G}:applied`, and leases — changed together by
 //! scripts so every append is all-or-nothing and fenced writes are checked in Redis.
 //!
-//! Owns the key names, the scripts and the one Pub/Sub subscription per process. The
-//! snapshot rules in `append.lua` mirror [`Snapshot::apply`](super::Snapshot::apply); a
-//! test holds the two together. Must not decide what events mean.
+//! Owns the key names, the scripts and the process's connections ([`Redis`]: one command
+//! client, one appender, one subscriber, however many guilds); a guild's bus
+//! ([`RedisBus`]) is a view of them with that guild's keys. A guild's live events come
+//! through a sharded Pub/Sub subscription (`SSUBSCRIBE P:{G}:events`) made when someone in
+//! the process first watches it and dropped a little after the last stops, so a process's
+//! cost does not grow with guilds nobody on it watches. The snapshot rules in
+//! `append.lua` mirror [`Snapshot::apply`](super::Snapshot::apply); a test holds the two
+//! together. Must not decide what events mean.
 //!
 //! Durable appends (`REDIS_MIN_REPLICAS` > 0): a primary acknowledges a write before its
 //! replicas have it, and a failover in between loses it. So an append is withheld: the
@@ -18,14 +23,14 @@
 //! watermark suffices whoever appended them.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use fred::types::scripts::Script;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use twilight_model::channel::permission_overwrite::PermissionOverwrite;
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker, UserMarker};
@@ -163,22 +168,57 @@ impl Durability {
     };
 }
 
-pub struct RedisBus {
+/// One process's connections to Redis, shared by every guild it serves: the command
+/// client, the appender (a connection of its own when appends `WAIT` for replicas), and
+/// one subscriber for sharded Pub/Sub (one connection per primary, however many guilds it
+/// watches). [`Redis::guild`] gives the bus of one guild.
+pub struct Redis {
     client: Client,
     /// Runs appends and their `WAIT`s. `WAIT` counts the replicas that hold the writes of
     /// the connection it is sent on, and blocks that connection: with durability on this
     /// is a client of its own, so pages and leases never queue behind a `WAIT`.
     appender: Client,
+    subscriber: SubscriberClient,
     durability: Durability,
     prefix: String,
-    guild_id: Id<GuildMarker>,
     max_len: u64,
     scripts: Arc<Scripts>,
-    live: broadcast::Sender<Arc<Event>>,
     /// Names this process's unnamed appends (with `appends`), so that one fred sends
     /// again is recognised: see [`Bus::append`] below.
     name: String,
     appends: AtomicU64,
+    /// The guilds watched live, by channel: where the one subscriber's messages go.
+    watched: Arc<Mutex<HashMap<String, Watched>>>,
+    /// Held while a guild's first subscription is made, so it is made once.
+    subscribing: tokio::sync::Mutex<()>,
+    /// How long a guild nobody here watches stays subscribed, in ms.
+    unwatch_after: AtomicU64,
+}
+
+/// A guild watched live by this process.
+struct Watched {
+    /// Its messages, in arrival order, to the guild's relay.
+    messages: mpsc::Sender<String>,
+    /// Set when a message could not be queued: the relay fills from the log.
+    lagged: Arc<AtomicBool>,
+    /// Every receiver of the guild's events in this process.
+    live: broadcast::Sender<Arc<Event>>,
+}
+
+/// The bus of one guild: its keys (`P:{G}:*`, in one cluster slot), over the process's
+/// shared [`Redis`] connections.
+#[derive(Clone)]
+pub struct RedisBus {
+    redis: Arc<Redis>,
+    guild_id: Id<GuildMarker>,
+}
+
+impl std::ops::Deref for RedisBus {
+    type Target = Redis;
+
+    fn deref(&self) -> &Redis {
+        &self.redis
+    }
 }
 
 /// Reconnect for ever, backing off up to two seconds: Redis outages are waited out.
@@ -288,9 +328,90 @@ pub async fn session_pool(url: &str, command_timeout: Duration) -> BusResult<Poo
     Ok(pool)
 }
 
+impl Redis {
+    /// Connects, checks the server's version and loads nothing yet (scripts load on first
+    /// use). Nothing is subscribed until a guild's bus is asked for live events.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        max_len: u64,
+        command_timeout: Duration,
+        durability: Durability,
+    ) -> BusResult<Arc<Self>> {
+        let builder = builder(url, command_timeout)?;
+        let client = builder.build()?;
+        client.init().await.map_err(|e| not_connected(url, e))?;
+        require_sharded_pubsub(&client).await?;
+        let appender = if durability.min_replicas > 0 {
+            // Its commands include a WAIT of up to `durability.timeout`.
+            let appender = self::builder(url, command_timeout + durability.timeout)?.build()?;
+            appender.init().await.map_err(|e| not_connected(url, e))?;
+            appender
+        } else {
+            client.clone()
+        };
+        let scripts = Arc::new(Scripts {
+            append: Script::from_lua(APPEND),
+            viewers: Script::from_lua(format!("{VIEWERS}\n{APPEND}")),
+            snapshot: Script::from_lua(SNAPSHOT),
+            acquire: Script::from_lua(ACQUIRE),
+            renew: Script::from_lua(RENEW),
+            release: Script::from_lua(RELEASE),
+            put: Script::from_lua(PUT),
+            release_durable: Script::from_lua(RELEASE_DURABLE),
+            mark: Script::from_lua(MARK),
+        });
+        let subscriber = builder.build_subscriber_client()?;
+        subscriber.init().await.map_err(|e| not_connected(url, e))?;
+        // Resubscribes after every reconnect; the task lives as long as the subscriber, so
+        // its handle is not kept.
+        drop(subscriber.manage_subscriptions());
+        let watched: Arc<Mutex<HashMap<String, Watched>>> = Arc::default();
+        tokio::spawn(dispatch(subscriber.clone(), watched.clone()));
+        Ok(Arc::new(Redis {
+            client,
+            appender,
+            subscriber,
+            durability,
+            prefix: prefix.to_owned(),
+            max_len,
+            scripts,
+            name: format!("{:016x}", rand::random::<u64>()),
+            appends: AtomicU64::new(0),
+            watched,
+            subscribing: tokio::sync::Mutex::new(()),
+            unwatch_after: AtomicU64::new(UNWATCH_AFTER.as_millis() as u64),
+        }))
+    }
+
+    /// The bus of one guild, sharing these connections.
+    pub fn guild(self: &Arc<Self>, guild_id: Id<GuildMarker>) -> RedisBus {
+        RedisBus {
+            redis: self.clone(),
+            guild_id,
+        }
+    }
+
+    /// Guilds this process watches live.
+    pub fn watched(&self) -> usize {
+        lock(&self.watched).len()
+    }
+
+    /// How long a guild nobody here watches stays subscribed (default 30 s); tests
+    /// shorten it. Applies to subscriptions made afterwards.
+    pub fn set_unwatch_after(&self, after: Duration) {
+        self.unwatch_after
+            .store(after.as_millis().max(1) as u64, Ordering::Relaxed);
+    }
+}
+
+fn lock(watched: &Mutex<HashMap<String, Watched>>) -> MutexGuard<'_, HashMap<String, Watched>> {
+    watched.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl RedisBus {
-    /// Connects, loads the scripts and starts the process's one live subscription.
-    /// Commands wait up to [`COMMAND_TIMEOUT`].
+    /// Connects and gives the bus of `guild_id`. Commands wait up to
+    /// [`COMMAND_TIMEOUT`].
     pub async fn connect(
         url: &str,
         prefix: &str,
@@ -329,58 +450,8 @@ impl RedisBus {
         command_timeout: Duration,
         durability: Durability,
     ) -> BusResult<Self> {
-        let builder = builder(url, command_timeout)?;
-        let client = builder.build()?;
-        client.init().await.map_err(|e| not_connected(url, e))?;
-        require_sharded_pubsub(&client).await?;
-        let appender = if durability.min_replicas > 0 {
-            // Its commands include a WAIT of up to `durability.timeout`.
-            let appender = self::builder(url, command_timeout + durability.timeout)?.build()?;
-            appender.init().await.map_err(|e| not_connected(url, e))?;
-            appender
-        } else {
-            client.clone()
-        };
-        let scripts = Arc::new(Scripts {
-            append: Script::from_lua(APPEND),
-            viewers: Script::from_lua(format!("{VIEWERS}\n{APPEND}")),
-            snapshot: Script::from_lua(SNAPSHOT),
-            acquire: Script::from_lua(ACQUIRE),
-            renew: Script::from_lua(RENEW),
-            release: Script::from_lua(RELEASE),
-            put: Script::from_lua(PUT),
-            release_durable: Script::from_lua(RELEASE_DURABLE),
-            mark: Script::from_lua(MARK),
-        });
-        let live = broadcast::channel(LIVE_BUFFER).0;
-        let bus = Self {
-            client,
-            appender,
-            durability,
-            prefix: prefix.to_owned(),
-            guild_id,
-            max_len,
-            scripts,
-            live,
-            name: format!("{:016x}", rand::random::<u64>()),
-            appends: AtomicU64::new(0),
-        };
-        let subscriber = builder.build_subscriber_client()?;
-        subscriber.init().await.map_err(|e| not_connected(url, e))?;
-        // Resubscribes after every reconnect; the task lives as long as the subscriber, so
-        // its handle is not kept.
-        drop(subscriber.manage_subscriptions());
-        subscriber.ssubscribe(bus.key("events")).await?;
-        // Live from the last published event: the durable id when there is one (events
-        // after it, up to `applied`, are still withheld and will be published).
-        let durable: Option<String> = bus.client.get(bus.key(DURABLE)).await?;
-        let applied: Option<String> = bus.client.get(bus.key("applied")).await?;
-        let start = durable
-            .or(applied)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(EventId::ZERO);
-        tokio::spawn(relay(bus.reader(), subscriber, start, bus.live.clone()));
-        Ok(bus)
+        let redis = Redis::connect(url, prefix, max_len, command_timeout, durability).await?;
+        Ok(redis.guild(guild_id))
     }
 
     /// `P:{G}:<suffix>`: the braces keep one guild's keys in one cluster slot.
@@ -639,17 +710,62 @@ fn info_fields(info: &Value) -> BusResult<HashMap<String, Value>> {
     })
 }
 
-/// The one Pub/Sub subscription: parses each envelope once, drops duplicates, and fills
-/// gaps from the stream after reconnects or when it fell behind, so receivers see every
-/// id in order.
+/// Messages queued for one guild's relay; past it the relay fills from the log instead.
+const RELAY_QUEUE: usize = 4096;
+
+/// How long a guild nobody in this process watches any more stays subscribed, by
+/// default: a page reload (stream closed, stream opened) should not unsubscribe and
+/// subscribe again.
+const UNWATCH_AFTER: Duration = Duration::from_secs(30);
+
+/// The process's one subscriber: hands each message to its guild's relay, by channel.
+async fn dispatch(subscriber: SubscriberClient, watched: Arc<Mutex<HashMap<String, Watched>>>) {
+    let mut messages = subscriber.message_rx();
+    loop {
+        match messages.recv().await {
+            Ok(message) => {
+                let Some(json) = message.value.as_string() else {
+                    continue;
+                };
+                let watched = lock(&watched);
+                if let Some(guild) = watched.get(&*message.channel)
+                    && guild.messages.try_send(json).is_err()
+                {
+                    guild.lagged.store(true, Ordering::Release);
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    missed = n,
+                    "the live subscription fell behind; filling from the log"
+                );
+                for guild in lock(&watched).values() {
+                    guild.lagged.store(true, Ordering::Release);
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// One guild's live events: parses each envelope once, drops duplicates, and fills gaps
+/// from the log after reconnects or when it fell behind, so receivers see every id in
+/// order. Unsubscribes once nobody in the process has watched the guild for
+/// [`UNWATCH_AFTER`].
 async fn relay(
-    reader: Reader,
-    subscriber: SubscriberClient,
+    bus: RedisBus,
+    mut messages: mpsc::Receiver<String>,
+    lagged: Arc<AtomicBool>,
     mut last: EventId,
     live: broadcast::Sender<Arc<Event>>,
 ) {
-    let mut messages = subscriber.message_rx();
-    let mut reconnects = subscriber.reconnect_rx();
+    let reader = bus.reader();
+    let channel = bus.key("events");
+    let mut reconnects = bus.subscriber.reconnect_rx();
+    let unwatch_after = Duration::from_millis(bus.unwatch_after.load(Ordering::Relaxed));
+    let mut tick = tokio::time::interval(unwatch_after / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut unwatched_since: Option<tokio::time::Instant> = None;
     loop {
         // A reconnect is always noticed before messages of the new subscription (the
         // notice comes before fred resubscribes), so the gap is filled first.
@@ -662,23 +778,46 @@ async fn relay(
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             m = messages.recv() => match m {
-                Ok(message) => {
-                    let Some(json) = message.value.as_str() else { continue };
-                    match Event::parse(&json) {
-                        Ok(event) if event.id > last => {
-                            last = event.id;
-                            let _ = live.send(Arc::new(event));
-                        }
-                        Ok(_) => {} // already delivered (from a gap fill)
-                        Err(e) => tracing::warn!(error = %e, "skipping an unreadable message on the events channel"),
+                Some(json) => match Event::parse(&json) {
+                    Ok(event) if event.id > last => {
+                        last = event.id;
+                        let _ = live.send(Arc::new(event));
                     }
-                }
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "the live subscription fell behind; filling from the stream");
-                    fill(&reader, &mut last, &live).await;
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
+                    Ok(_) => {} // already delivered (from a gap fill)
+                    Err(e) => tracing::warn!(error = %e, "skipping an unreadable message on the events channel"),
+                },
+                None => return,
             },
+            _ = tick.tick() => {
+                let now = tokio::time::Instant::now();
+                if live.receiver_count() > 0 {
+                    unwatched_since = None;
+                } else if unwatched_since.is_some_and(|at| now - at >= unwatch_after) {
+                    // Removed under the lock subscribers look it up with: one that found
+                    // it first holds a receiver, and the count below says so.
+                    let gone = {
+                        let mut watched = lock(&bus.watched);
+                        let idle = watched.get(&channel).is_some_and(|w| w.live.receiver_count() == 0);
+                        if idle {
+                            watched.remove(&channel);
+                        }
+                        idle
+                    };
+                    if gone {
+                        if let Err(e) = bus.subscriber.sunsubscribe(channel.clone()).await {
+                            tracing::warn!(error = %e, "cannot unsubscribe from an unwatched guild");
+                        }
+                        tracing::debug!(guild = %bus.guild_id, "no longer watched; unsubscribed");
+                        return;
+                    }
+                } else if unwatched_since.is_none() {
+                    unwatched_since = Some(now);
+                }
+            },
+        }
+        if lagged.swap(false, Ordering::AcqRel) {
+            tracing::warn!(guild = %bus.guild_id, "the live subscription fell behind; filling from the log");
+            fill(&reader, &mut last, &live).await;
         }
     }
 }
@@ -875,8 +1014,53 @@ impl Bus for RedisBus {
         Ok(dropped)
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.live.subscribe()
+    async fn subscribe(&self) -> BusResult<broadcast::Receiver<Arc<Event>>> {
+        let channel = self.key("events");
+        if let Some(watched) = lock(&self.watched).get(&channel) {
+            return Ok(watched.live.subscribe());
+        }
+        let _once = self.subscribing.lock().await;
+        if let Some(watched) = lock(&self.watched).get(&channel) {
+            return Ok(watched.live.subscribe());
+        }
+        // Routed before subscribing, so nothing that arrives is dropped: the relay
+        // starts once it knows where the log is.
+        let (messages, queued) = mpsc::channel(RELAY_QUEUE);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let live = broadcast::channel(LIVE_BUFFER).0;
+        let receiver = live.subscribe();
+        lock(&self.watched).insert(
+            channel.clone(),
+            Watched {
+                messages,
+                lagged: lagged.clone(),
+                live: live.clone(),
+            },
+        );
+        let started = async {
+            self.subscriber.ssubscribe(channel.clone()).await?;
+            // Live from the last published event: the durable id when there is one
+            // (events after it, up to `applied`, are still withheld and will be
+            // published).
+            let durable: Option<String> = self.client.get(self.key(DURABLE)).await?;
+            let applied: Option<String> = self.client.get(self.key("applied")).await?;
+            BusResult::Ok(
+                durable
+                    .or(applied)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(EventId::ZERO),
+            )
+        };
+        match started.await {
+            Ok(start) => {
+                tokio::spawn(relay(self.clone(), queued, lagged, start, live));
+                Ok(receiver)
+            }
+            Err(e) => {
+                lock(&self.watched).remove(&channel);
+                Err(e)
+            }
+        }
     }
 
     fn reachable(&self) -> bool {

@@ -390,10 +390,114 @@ async fn the_log_is_capped_by_age_but_never_past_the_durable_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_watches_many_guilds_over_one_subscriber_and_only_while_watched() {
+    use coven::bus::redis::{Durability, Redis};
+    let redis = RedisServer::start();
+    let shared = Redis::connect(
+        &redis.url(),
+        "test",
+        1000,
+        Duration::from_secs(5),
+        Durability::OFF,
+    )
+    .await
+    .unwrap();
+    shared.set_unwatch_after(Duration::from_millis(600));
+    let one = shared.guild(Id::new(GUILD));
+    let two = shared.guild(Id::new(GUILD + 1));
+    let quiet = shared.guild(Id::new(GUILD + 2));
+    quiet.append(room(9, None), None).await.unwrap();
+    assert_eq!(
+        shared.watched(),
+        0,
+        "nothing is subscribed until someone watches"
+    );
+
+    let mut live_one = one.subscribe().await.unwrap();
+    let mut live_two = two.subscribe().await.unwrap();
+    let a = one.append(room(1, None), None).await.unwrap();
+    let b = two.append(room(2, None), None).await.unwrap();
+    assert_eq!(
+        within("guild one's event", live_one.recv())
+            .await
+            .unwrap()
+            .id,
+        a.id
+    );
+    assert_eq!(
+        within("guild two's event", live_two.recv())
+            .await
+            .unwrap()
+            .id,
+        b.id
+    );
+    assert!(live_one.try_recv().is_err(), "no event of another guild");
+    assert!(live_two.try_recv().is_err(), "no event of another guild");
+
+    let client = Client::new(Config::from_url(&redis.url()).unwrap(), None, None, None);
+    client.init().await.unwrap();
+    let subscribed = || async {
+        let channels: Vec<String> = client
+            .custom(
+                fred::types::CustomCommand::new_static("PUBSUB", None, false),
+                vec!["SHARDCHANNELS"],
+            )
+            .await
+            .unwrap();
+        let mut channels = channels;
+        channels.sort();
+        channels
+    };
+    assert_eq!(
+        subscribed().await,
+        vec![one.key("events"), two.key("events")]
+    );
+    // One subscriber connection holds both guilds' channels: not one per guild.
+    let clients: String = client
+        .custom(
+            fred::types::CustomCommand::new_static("CLIENT", None, false),
+            vec!["LIST"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        clients
+            .lines()
+            .filter(|l| l.contains("cmd=ssubscribe"))
+            .count(),
+        1,
+        "{clients}"
+    );
+
+    // Nobody watches guild two any more: unsubscribed a little later, guild one goes on.
+    drop(live_two);
+    wait_for("guild two to be unsubscribed", || async {
+        (subscribed().await == vec![one.key("events")]).then_some(())
+    })
+    .await;
+    assert_eq!(shared.watched(), 1);
+    let c = one.append(room(3, None), None).await.unwrap();
+    assert_eq!(
+        within("guild one goes on", live_one.recv())
+            .await
+            .unwrap()
+            .id,
+        c.id
+    );
+    // And watched again: live again, from now on.
+    let mut again = two.subscribe().await.unwrap();
+    let d = two.append(room(4, None), None).await.unwrap();
+    assert_eq!(
+        within("guild two again", again.recv()).await.unwrap().id,
+        d.id
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_subscription_survives_a_redis_restart_in_order_without_duplicates() {
     let mut redis = RedisServer::start();
     let bus = bus(&redis, 1000).await;
-    let mut live = bus.subscribe();
+    let mut live = bus.subscribe().await.unwrap();
     for i in 1..=3 {
         bus.append(room(i, None), None).await.unwrap();
     }
@@ -429,7 +533,7 @@ async fn the_live_subscription_survives_a_redis_restart_in_order_without_duplica
 async fn garbage_on_the_channel_is_skipped_and_the_relay_survives() {
     let redis = RedisServer::start();
     let bus = bus(&redis, 1000).await;
-    let mut live = bus.subscribe();
+    let mut live = bus.subscribe().await.unwrap();
     let client = Client::new(Config::from_url(&redis.url()).unwrap(), None, None, None);
     client.init().await.unwrap();
     // Sharded, as the append script publishes: a plain PUBLISH would never reach the

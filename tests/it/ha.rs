@@ -100,7 +100,7 @@ async fn an_append_is_done_published_and_replayed_only_once_a_replica_holds_it()
     let reader = connect().await.unwrap();
     let raw = client(&url).await;
     let events = format!("test:{{{GUILD}}}:events");
-    let mut live = reader.subscribe();
+    let mut live = reader.subscribe().await.unwrap();
     let request = |seq| Request {
         writer: "test-writer".to_owned(),
         seq,
@@ -854,7 +854,7 @@ async fn turning_durable_appends_on_over_an_older_log_publishes_only_new_events(
         timeout: Duration::from_secs(1),
     };
     let reader = connect(durable).await.unwrap();
-    let mut live = reader.subscribe();
+    let mut live = reader.subscribe().await.unwrap();
     let writer = connect(durable).await.unwrap();
     let new = writer.append(ping(4), None).await.unwrap();
     let heard = within("the new event live", live.recv()).await.unwrap();

@@ -94,7 +94,7 @@ impl Hub {
     ) -> Result<Self, BusError> {
         // Subscribed before the snapshot is read: a permission change in between is
         // applied from the live events (those newer than the snapshot).
-        let live = bus.subscribe();
+        let live = bus.subscribe().await?;
         let snapshot = bus.snapshot().await?;
         let tx = broadcast::channel(buffer.max(1)).0;
         let hub = Hub {
