@@ -19,7 +19,7 @@ use twilight_model::id::Id;
 use url::Url;
 
 use crate::access::MemberRecord;
-use crate::bus::{Backend, Snapshot};
+use crate::bus::{Backend, Deployment, Snapshot};
 use crate::discord::DiscordSettings;
 use crate::{config, gateway, sim, web};
 
@@ -96,26 +96,28 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
     };
     let gateway_settings = gateway::Settings {
         redis_url: settings.redis_url.clone(),
-        guild_id,
+        guild_ids: vec![guild_id],
         bot_token: s.bot_token.clone(),
         tuning: gateway::Tuning {
             gateway_url: Url::parse(&simulator.shared.gateway_url())?,
             ..gateway::Tuning::default()
         },
     };
-    let bus: Arc<dyn Backend> = match &settings.redis_url {
+    let deployment: Arc<dyn Deployment> = match &settings.redis_url {
         Some(url) => Arc::new(
-            crate::bus::redis::RedisBus::connect(
+            crate::bus::redis::Redis::connect(
                 url.expose_secret(),
                 &web_settings.key_prefix,
-                guild_id,
                 100_000,
+                crate::bus::redis::COMMAND_TIMEOUT,
+                crate::bus::redis::Durability::OFF,
             )
             .await?,
         ),
-        None => Arc::new(crate::bus::memory::MemoryBus::new(guild_id, 100_000)),
+        None => Arc::new(crate::bus::memory::MemoryDeployment::new(100_000)),
     };
-    let gateway_bus = bus.clone();
+    let bus: Arc<dyn Backend> = deployment.guild(guild_id);
+    let gateway_bus = deployment.clone();
     let gateway_stop = shutdown.clone();
     tokio::spawn(async move {
         match gateway::run::run(

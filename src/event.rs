@@ -278,6 +278,11 @@ pub enum EventData {
         channel_id: Id<ChannelMarker>,
         generation: u32,
     },
+    /// The bot was removed from the guild (GUILD_DELETE without `unavailable`): the last
+    /// event of its log, whose data expires after `GUILD_REMOVED_GRACE`; streams of the
+    /// guild end.
+    #[serde(rename = "guild.removed")]
+    GuildRemoved { id: Id<GuildMarker> },
 }
 
 /// Who may receive an event on a stream.
@@ -311,10 +316,11 @@ pub enum EventKind {
     MemberRemoved,
     SessionEnded,
     InviteRenewed,
+    GuildRemoved,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 16] = [
+    pub const ALL: [EventKind; 17] = [
         Self::RoomCreated,
         Self::RoomUpdated,
         Self::RoomDeleted,
@@ -331,6 +337,7 @@ impl EventKind {
         Self::MemberRemoved,
         Self::SessionEnded,
         Self::InviteRenewed,
+        Self::GuildRemoved,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -351,6 +358,7 @@ impl EventKind {
             Self::MemberRemoved => "member.removed",
             Self::SessionEnded => "session.ended",
             Self::InviteRenewed => "invite.renewed",
+            Self::GuildRemoved => "guild.removed",
         }
     }
 }
@@ -394,6 +402,7 @@ impl EventData {
             Self::MemberRemoved { .. } => EventKind::MemberRemoved,
             Self::SessionEnded { .. } => EventKind::SessionEnded,
             Self::InviteRenewed { .. } => EventKind::InviteRenewed,
+            Self::GuildRemoved { .. } => EventKind::GuildRemoved,
         }
     }
 
@@ -415,7 +424,8 @@ impl EventData {
             | Self::GuildUpdated { .. }
             | Self::MemberUpdated { .. }
             | Self::MemberRemoved { .. }
-            | Self::SessionEnded { .. } => None,
+            | Self::SessionEnded { .. }
+            | Self::GuildRemoved { .. } => None,
         }
     }
 
@@ -427,7 +437,8 @@ impl EventData {
             | Self::ChannelAccess { .. }
             | Self::MemberUpdated { .. }
             | Self::MemberRemoved { .. }
-            | Self::SessionEnded { .. } => Audience::Internal,
+            | Self::SessionEnded { .. }
+            | Self::GuildRemoved { .. } => Audience::Internal,
             _ => self
                 .channel_id()
                 .map_or(Audience::Internal, Audience::Channel),

@@ -101,6 +101,7 @@ pub async fn command(settings: Settings, what: What) -> anyhow::Result<()> {
         let request = Request {
             writer: writer.clone(),
             seq,
+            part: 0,
         };
         let bus = bus.clone();
         async move { append_durably(&*bus, data, &request, settings.redis_retry_for).await }

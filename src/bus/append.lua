@@ -1,25 +1,52 @@
 -- One atomic append. Mirrors Snapshot::apply in src/bus/mod.rs; a test holds them together.
 -- KEYS: 1 events stream (also the Pub/Sub channel), 2 rooms hash, 3 voice hash,
 --       4 applied id, 5 the writer's lease, 6 guild (roles), 7 channels hash (overwrites),
---       8 members hash (roles), 9 the durable id, 10 the writer's last request
--- ARGV: 1 fence token ('' when unfenced), 2 event type, 3 data JSON, 4 guild id,
---       5 stream MAXLEN (approximate), 6 '1' when the caller waits for replicas before
---       the event may be published, 7 request id ('' for none)
+--       8 members hash (roles), 9 the durable id, 10 the writer's last request,
+--       11 the guild's epoch
+-- ARGV: 1 fence token ('' when unfenced or fenced by epoch), 2 event type, 3 data JSON,
+--       4 guild id, 5 stream MAXLEN (approximate), 6 '1' when the caller waits for
+--       replicas before the event may be published, 7 request id ('' for none:
+--       `<writer>#<seq>.<part>`), 8 the writer's epoch ('' unless fenced by epoch)
 -- Fenced out: nil (a value, not an error, so the caller need not read error text).
 
 -- A retried request (its answer was lost, or its WAIT fell short) is answered with the
 -- event it already appended: an event reaches the log once. Written again, so that this
 -- connection's replication offset covers the event and the caller's WAIT counts it.
+-- A writer names its requests in increasing order, so one older than its last is done
+-- too (two gateways that saw the same Discord dispatch name it alike): answered with the
+-- last event, appending nothing.
+local function order(request)
+  local seq, part = string.match(request, '#(%d+)%.(%d+)$')
+  if seq then return tonumber(seq), tonumber(part) end
+  return nil, nil
+end
 if ARGV[7] ~= '' then
   local done = redis.call('GET', KEYS[10])
   local nl = done and string.find(done, '\n', 1, true)
-  if nl and string.sub(done, 1, nl - 1) == ARGV[7] then
-    redis.call('SET', KEYS[10], done, 'PX', 3600000)
-    return string.sub(done, nl + 1)
+  if nl then
+    local last = string.sub(done, 1, nl - 1)
+    local seq, part = order(ARGV[7])
+    local last_seq, last_part = order(last)
+    if last == ARGV[7] or (seq and last_seq
+        and (seq < last_seq or (seq == last_seq and part < last_part))) then
+      redis.call('SET', KEYS[10], done, 'PX', 3600000)
+      return string.sub(done, nl + 1)
+    end
   end
 end
 
-if ARGV[1] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[1] then
+-- Fenced by epoch (a lease outside this guild's slot: the gateway's shard lease): a
+-- writer older than the guild's epoch is refused; a newer one raises it, so its
+-- predecessor is refused from now on.
+if ARGV[8] ~= '' then
+  local mine = tonumber(ARGV[8])
+  local epoch = tonumber(redis.call('GET', KEYS[11]) or '0') or 0
+  if mine < epoch then
+    return false
+  elseif mine > epoch then
+    redis.call('SET', KEYS[11], ARGV[8])
+  end
+elseif ARGV[1] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[1] then
   return false
 end
 

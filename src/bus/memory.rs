@@ -1,6 +1,8 @@
 //! The in-process bus: the demo's and the unit tests' stand-in for Redis, with the same
 //! semantics (atomic append, capped log with gap detection, snapshot valid at an id,
-//! leases with fencing). Everything sits behind one lock, so an append is atomic.
+//! leases with fencing). Everything of a guild sits behind one lock, so an append is
+//! atomic. [`MemoryDeployment`] is the deployment-wide counterpart (registry, shard
+//! leases and values) that hands out one [`MemoryBus`] per guild.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,7 +14,10 @@ use twilight_model::id::marker::{ChannelMarker, GuildMarker, UserMarker};
 
 use crate::access::MemberRecord;
 
-use super::{Bus, BusError, BusResult, Fence, LIVE_BUFFER, Since, Snapshot, Store};
+use super::{
+    Backend, Bus, BusError, BusResult, Deployment, Fence, GuildEntry, LIVE_BUFFER, Since,
+    Snapshot, Store,
+};
 use crate::event::{Event, EventData, EventId, Viewer};
 
 pub struct MemoryBus {
@@ -20,6 +25,28 @@ pub struct MemoryBus {
     max_len: usize,
     state: Mutex<State>,
     live: broadcast::Sender<Arc<Event>>,
+    /// Deployment-wide values, shared with the [`MemoryDeployment`] that made this bus.
+    shared: Arc<Mutex<Shared>>,
+}
+
+/// What a deployment keeps outside every guild.
+#[derive(Default)]
+struct Shared {
+    values: HashMap<String, (String, Option<Instant>)>,
+    leases: HashMap<String, (String, Instant)>,
+    epochs: HashMap<String, u64>,
+    registry: BTreeMap<Id<GuildMarker>, GuildEntry>,
+}
+
+fn lock_shared(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn live_value(values: &HashMap<String, (String, Option<Instant>)>, key: &str) -> Option<String> {
+    values
+        .get(key)
+        .filter(|(_, exp)| exp.is_none_or(|e| e > Instant::now()))
+        .map(|(v, _)| v.clone())
 }
 
 #[derive(Default)]
@@ -35,16 +62,28 @@ struct State {
     /// Per room: viewer JSON (as Redis keeps it) → when it expires.
     viewers: HashMap<Id<ChannelMarker>, BTreeMap<String, Instant>>,
     members: HashMap<Id<UserMarker>, MemberRecord>,
+    /// The highest epoch of a deployment-wide lease that wrote here (`P:{G}:epoch`).
+    guild_epoch: u64,
 }
 
 impl MemoryBus {
     pub fn new(guild_id: Id<GuildMarker>, max_len: usize) -> Self {
+        Self::within(guild_id, max_len, Arc::default())
+    }
+
+    fn within(guild_id: Id<GuildMarker>, max_len: usize, shared: Arc<Mutex<Shared>>) -> Self {
         Self {
             guild_id,
             max_len: max_len.max(1),
             state: Mutex::new(State::default()),
             live: broadcast::channel(LIVE_BUFFER).0,
+            shared,
         }
+    }
+
+    /// The guild's epoch, as [`Deployment::raise_epochs`] and epoch-fenced appends left it.
+    pub fn epoch(&self) -> u64 {
+        self.lock().guild_epoch
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -94,12 +133,23 @@ fn holds(state: &State, fence: &Fence) -> bool {
 
 #[async_trait::async_trait]
 impl Bus for MemoryBus {
+    fn guild_id(&self) -> Id<GuildMarker> {
+        self.guild_id
+    }
+
     async fn append(&self, data: EventData, fence: Option<&Fence>) -> BusResult<Arc<Event>> {
         let mut state = self.lock();
-        if let Some(fence) = fence
-            && !holds(&state, fence)
-        {
-            return Err(BusError::Fenced(fence.lease.clone()));
+        match fence {
+            Some(fence) if fence.by_epoch => {
+                if fence.epoch < state.guild_epoch {
+                    return Err(BusError::Fenced(fence.lease.clone()));
+                }
+                state.guild_epoch = fence.epoch;
+            }
+            Some(fence) if !holds(&state, fence) => {
+                return Err(BusError::Fenced(fence.lease.clone()));
+            }
+            _ => {}
         }
         self.append_locked(&mut state, data)
     }
@@ -215,6 +265,7 @@ impl Bus for MemoryBus {
             lease: name.to_owned(),
             token: format!("{}:{holder}", state.epoch),
             epoch: state.epoch,
+            by_epoch: false,
         };
         state
             .leases
@@ -275,12 +326,188 @@ impl Store for MemoryBus {
     }
 
     async fn get(&self, key: &str) -> BusResult<Option<String>> {
-        let state = self.lock();
-        Ok(state
+        Ok(live_value(&self.lock().values, key))
+    }
+
+    async fn get_shared(&self, key: &str) -> BusResult<Option<String>> {
+        Ok(live_value(&lock_shared(&self.shared).values, key))
+    }
+
+    /// Nothing in a process outlives it by a day: a removed guild's data stays until the
+    /// demo stops.
+    async fn expire(&self, _after: Option<Duration>) -> BusResult<()> {
+        Ok(())
+    }
+}
+
+/// The in-process deployment: one [`MemoryBus`] per guild, made on first use, and the
+/// deployment-wide state beside them.
+pub struct MemoryDeployment {
+    max_len: usize,
+    buses: Mutex<HashMap<Id<GuildMarker>, Arc<MemoryBus>>>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl MemoryDeployment {
+    pub fn new(max_len: usize) -> Self {
+        Self {
+            max_len,
+            buses: Mutex::default(),
+            shared: Arc::default(),
+        }
+    }
+
+    /// Guild `guild`'s bus, the same one every time.
+    pub fn bus(&self, guild: Id<GuildMarker>) -> Arc<MemoryBus> {
+        self.buses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(guild)
+            .or_insert_with(|| {
+                Arc::new(MemoryBus::within(guild, self.max_len, self.shared.clone()))
+            })
+            .clone()
+    }
+
+    fn shared(&self) -> MutexGuard<'_, Shared> {
+        lock_shared(&self.shared)
+    }
+}
+
+fn holds_shared(shared: &Shared, fence: &Fence) -> bool {
+    shared
+        .leases
+        .get(&fence.lease)
+        .is_some_and(|(token, until)| *token == fence.token && *until > Instant::now())
+}
+
+#[async_trait::async_trait]
+impl Deployment for MemoryDeployment {
+    fn guild(&self, guild: Id<GuildMarker>) -> Arc<dyn Backend> {
+        self.bus(guild)
+    }
+
+    async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> BusResult<Option<Fence>> {
+        let mut shared = self.shared();
+        let now = Instant::now();
+        if shared
+            .leases
+            .get(name)
+            .is_some_and(|(_, until)| *until > now)
+        {
+            return Ok(None);
+        }
+        let epoch = shared.epochs.entry(name.to_owned()).or_default();
+        *epoch += 1;
+        let fence = Fence {
+            lease: name.to_owned(),
+            token: format!("{epoch}:{holder}"),
+            epoch: *epoch,
+            by_epoch: true,
+        };
+        shared
+            .leases
+            .insert(name.to_owned(), (fence.token.clone(), now + ttl));
+        Ok(Some(fence))
+    }
+
+    async fn lease_left(&self, name: &str) -> BusResult<Option<Duration>> {
+        let now = Instant::now();
+        Ok(self
+            .shared()
+            .leases
+            .get(name)
+            .and_then(|(_, until)| until.checked_duration_since(now)))
+    }
+
+    async fn renew(&self, fence: &Fence, ttl: Duration) -> BusResult<bool> {
+        let mut shared = self.shared();
+        if !holds_shared(&shared, fence) {
+            return Ok(false);
+        }
+        shared.leases.insert(
+            fence.lease.clone(),
+            (fence.token.clone(), Instant::now() + ttl),
+        );
+        Ok(true)
+    }
+
+    async fn release(&self, fence: &Fence) -> BusResult<()> {
+        let mut shared = self.shared();
+        if holds_shared(&shared, fence) {
+            shared.leases.remove(&fence.lease);
+        }
+        Ok(())
+    }
+
+    async fn put(
+        &self,
+        fence: Option<&Fence>,
+        key: &str,
+        value: &str,
+        ttl: Option<Duration>,
+    ) -> BusResult<()> {
+        let mut shared = self.shared();
+        if let Some(fence) = fence
+            && !holds_shared(&shared, fence)
+        {
+            return Err(BusError::Fenced(fence.lease.clone()));
+        }
+        let expires = ttl.map(|t| Instant::now() + t);
+        shared
             .values
-            .get(key)
-            .filter(|(_, exp)| exp.is_none_or(|e| e > Instant::now()))
-            .map(|(v, _)| v.clone()))
+            .insert(key.to_owned(), (value.to_owned(), expires));
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> BusResult<Option<String>> {
+        Ok(live_value(&self.shared().values, key))
+    }
+
+    async fn put_first(&self, key: &str, value: &str) -> BusResult<String> {
+        let mut shared = self.shared();
+        if let Some(v) = live_value(&shared.values, key) {
+            return Ok(v);
+        }
+        shared
+            .values
+            .insert(key.to_owned(), (value.to_owned(), None));
+        Ok(value.to_owned())
+    }
+
+    async fn register(&self, guild: Id<GuildMarker>, entry: &GuildEntry) -> BusResult<bool> {
+        let mut shared = self.shared();
+        if shared
+            .registry
+            .get(&guild)
+            .is_some_and(|e| e.epoch > entry.epoch)
+        {
+            return Ok(false);
+        }
+        shared.registry.insert(guild, entry.clone());
+        Ok(true)
+    }
+
+    async fn unregister(&self, guild: Id<GuildMarker>, epoch: u64) -> BusResult<bool> {
+        let mut shared = self.shared();
+        if shared.registry.get(&guild).is_some_and(|e| e.epoch > epoch) {
+            return Ok(false);
+        }
+        shared.registry.remove(&guild);
+        Ok(true)
+    }
+
+    async fn registry(&self) -> BusResult<BTreeMap<Id<GuildMarker>, GuildEntry>> {
+        Ok(self.shared().registry.clone())
+    }
+
+    async fn raise_epochs(&self, guilds: &[Id<GuildMarker>], epoch: u64) -> BusResult<()> {
+        for guild in guilds {
+            let bus = self.bus(*guild);
+            let mut state = bus.lock();
+            state.guild_epoch = state.guild_epoch.max(epoch);
+        }
+        Ok(())
     }
 }
 

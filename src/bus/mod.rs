@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use twilight_model::id::Id;
-use twilight_model::id::marker::{ChannelMarker, RoleMarker, UserMarker};
+use twilight_model::id::marker::{ChannelMarker, GuildMarker, RoleMarker, UserMarker};
 
 use crate::access::{Access, MemberRecord};
 use crate::event::{Event, EventData, EventId, Person, Viewer, VoiceFlags};
@@ -204,7 +204,8 @@ impl Snapshot {
             | EventData::GatewayStatus { .. }
             | EventData::MemberUpdated { .. }
             | EventData::MemberRemoved { .. }
-            | EventData::SessionEnded { .. } => {}
+            | EventData::SessionEnded { .. }
+            | EventData::GuildRemoved { .. } => {}
         }
     }
 
@@ -235,14 +236,41 @@ pub struct Fence {
     pub lease: String,
     pub token: String,
     pub epoch: u64,
+    /// A deployment-wide lease (a shard's, [`Deployment::acquire`]): it lives outside
+    /// every guild's key space (another Redis Cluster slot), so a guild's writes are
+    /// fenced by the guild's epoch (`P:{G}:epoch`, refusing an epoch lower than the
+    /// highest seen) instead of by reading the lease.
+    pub by_epoch: bool,
 }
 
 /// Names one logical append of a writer that appends one event at a time: `writer` is
-/// unique to it (a lease's fence token, a process), `seq` counts its appends.
+/// unique to it (a lease's fence token, a process, a Discord session), `seq` and `part`
+/// count its appends in increasing order. A request older than the writer's last one in
+/// that order counts as done: two gateways that saw the same Discord dispatch (a resumed
+/// session replays what its predecessor may have appended) name its events alike
+/// (session, sequence, index in the dispatch), so they reach the log once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub writer: String,
     pub seq: u64,
+    pub part: u32,
+}
+
+impl Request {
+    /// The `index`-th event derived from the dispatch Discord numbered `sequence` in
+    /// session `session_id`.
+    pub fn dispatch(session_id: &str, sequence: u64, index: u32) -> Self {
+        Self {
+            writer: format!("discord.{session_id}"),
+            seq: sequence,
+            part: index,
+        }
+    }
+
+    /// As the append script reads it: `<writer>#<seq>.<part>`.
+    pub fn id(&self) -> String {
+        format!("{}#{}.{}", self.writer, self.seq, self.part)
+    }
 }
 
 /// What a reader gets for "everything after id N".
@@ -279,6 +307,9 @@ pub type BusResult<T> = Result<T, BusError>;
 /// The bus, as every component sees it.
 #[async_trait::async_trait]
 pub trait Bus: Send + Sync + 'static {
+    /// The guild whose key space (`P:{G}:*`) this bus is.
+    fn guild_id(&self) -> Id<GuildMarker>;
+
     /// Appends one event atomically (log, snapshot, publish). With a fence, refused with
     /// [`BusError::Fenced`] unless the fence still holds its lease.
     async fn append(&self, data: EventData, fence: Option<&Fence>) -> BusResult<Arc<Event>>;
@@ -286,7 +317,9 @@ pub trait Bus: Send + Sync + 'static {
     /// [`Bus::append`] for a writer that retries: calling again with the same `request`
     /// after an error whose outcome is unknown (a lost answer, a failover, a write not yet
     /// on enough replicas) answers with the event the first call appended, if it did, so
-    /// the event reaches the log once. In-process logs know every outcome: they append.
+    /// the event reaches the log once. A request older than the writer's last (see
+    /// [`Request`]) appends nothing and answers with the writer's last event. In-process
+    /// logs know every outcome: they append.
     async fn append_once(
         &self,
         data: EventData,
@@ -375,13 +408,112 @@ pub trait Store: Send + Sync + 'static {
     ) -> BusResult<()>;
 
     async fn get(&self, key: &str) -> BusResult<Option<String>>;
+
+    /// `P:<key>`: a deployment-wide value, not of this guild (a shard's status, the shard
+    /// count), for a reader that knows one guild.
+    async fn get_shared(&self, key: &str) -> BusResult<Option<String>>;
+
+    /// Makes the guild's data expire `after` from now (the bot was removed: kept a grace
+    /// period, then gone), or, with `None`, keep again (the bot is back).
+    async fn expire(&self, after: Option<Duration>) -> BusResult<()>;
 }
 
-/// `P:{G}:gateway:status`: what the active gateway last said about its Discord connection,
-/// refreshed every third of its lease TTL. Replicas judge its freshness by `ts` and
-/// `ttl_ms`, so a dead gateway is noticed within one lease TTL without knowing its
-/// settings.
-pub const GATEWAY_STATUS: &str = "gateway:status";
+/// What the registry (`P:guilds`) says of a guild, as Discord last told the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuildEntry {
+    pub name: String,
+    #[serde(default)]
+    pub icon: Option<String>,
+    pub shard: u32,
+    /// `false` while Discord reports the guild in an outage.
+    pub available: bool,
+    /// The shard lease epoch that wrote it: a write with a lower one is refused, so a
+    /// paused old gateway cannot undo what its successor wrote.
+    #[serde(default)]
+    pub epoch: u64,
+}
+
+/// `P:guilds`: guild id → [`GuildEntry`] JSON.
+pub const REGISTRY: &str = "guilds";
+
+/// `P:shards:count`: how many shards the bot's sessions are split into.
+pub const SHARD_COUNT: &str = "shards:count";
+
+/// `shard:{i}:<what>`, a shard's deployment-wide key (`lease`, `session`, `status`): the
+/// braces keep one shard's keys in one Redis Cluster slot, so its fenced writes (session,
+/// status) check its lease in one script, as a guild's `P:{G}:*` keys do.
+pub fn shard_key(shard: u32, what: &str) -> String {
+    format!("shard:{{{shard}}}:{what}")
+}
+
+/// Discord's guild → shard: `(guild_id >> 22) % shard_count`.
+pub fn shard_of(guild: Id<GuildMarker>, shard_count: u32) -> u32 {
+    u32::try_from((guild.get() >> 22) % u64::from(shard_count.max(1))).unwrap_or(0)
+}
+
+/// The status of the shard holding `bus`'s guild (a [`GatewayReport`] JSON), for a web
+/// replica judging its guild's freshness.
+pub async fn shard_status(bus: &dyn Backend) -> BusResult<Option<String>> {
+    let count = bus
+        .get_shared(SHARD_COUNT)
+        .await?
+        .and_then(|c| c.trim().parse::<u32>().ok())
+        .unwrap_or(1);
+    bus.get_shared(&shard_key(shard_of(bus.guild_id(), count), "status"))
+        .await
+}
+
+/// Deployment-wide state, beside every guild's own: the registry, the shards' leases,
+/// sessions and statuses (keys `P:<name>` outside any guild's key space), and the bus of
+/// any guild. Written by the gateway only; web replicas read through their guild's bus.
+#[async_trait::async_trait]
+pub trait Deployment: Send + Sync + 'static {
+    /// The bus of one guild (cheap: it shares this deployment's connections).
+    fn guild(&self, guild: Id<GuildMarker>) -> Arc<dyn Backend>;
+
+    /// Takes lease `P:<name>` for `holder` if nobody holds it; its epoch (`P:<name>:epoch`)
+    /// only grows. The fence is checked by epoch in guilds' writes.
+    async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> BusResult<Option<Fence>>;
+
+    async fn lease_left(&self, name: &str) -> BusResult<Option<Duration>>;
+
+    async fn renew(&self, fence: &Fence, ttl: Duration) -> BusResult<bool>;
+
+    async fn release(&self, fence: &Fence) -> BusResult<()>;
+
+    /// Sets `P:<key>`; with a fence, only while its lease (in the same slot) is held.
+    async fn put(
+        &self,
+        fence: Option<&Fence>,
+        key: &str,
+        value: &str,
+        ttl: Option<Duration>,
+    ) -> BusResult<()>;
+
+    async fn get(&self, key: &str) -> BusResult<Option<String>>;
+
+    /// Sets `P:<key>` unless it is set; answers what it holds afterwards.
+    async fn put_first(&self, key: &str, value: &str) -> BusResult<String>;
+
+    /// Adds or refreshes a guild in the registry; `false` when an entry written under a
+    /// higher epoch stands.
+    async fn register(&self, guild: Id<GuildMarker>, entry: &GuildEntry) -> BusResult<bool>;
+
+    /// Removes a guild from the registry unless written under a higher epoch than `epoch`.
+    async fn unregister(&self, guild: Id<GuildMarker>, epoch: u64) -> BusResult<bool>;
+
+    async fn registry(&self) -> BusResult<BTreeMap<Id<GuildMarker>, GuildEntry>>;
+
+    /// Raises `P:{G}:epoch` of every guild to at least `epoch`, sent together: from then
+    /// on, a writer with a lower epoch is refused in each of them.
+    async fn raise_epochs(&self, guilds: &[Id<GuildMarker>], epoch: u64) -> BusResult<()>;
+}
+
+/// `P:shard:{i}:status` ([`shard_key`]) holds a [`GatewayReport`]: what the shard's
+/// holder last said about its Discord connection, refreshed every third of its lease TTL.
+/// Replicas judge its freshness by `ts` and `ttl_ms`, so a dead gateway is noticed within
+/// one lease TTL without knowing its settings. (One guild's gateway kept it at
+/// `P:{G}:gateway:status`, read by nothing now.)
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GatewayReport {

@@ -22,7 +22,7 @@
 //! log, a replica holding an event holds every event with a smaller id, which is why one
 //! watermark suffices whoever appended them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -36,8 +36,8 @@ use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker, UserMarker};
 
 use super::{
-    Bus, BusError, BusResult, Fence, LIVE_BUFFER, Request, RoomRecord, Since, Snapshot, Store,
-    VoiceRecord,
+    Bus, BusError, BusResult, Fence, GuildEntry, LIVE_BUFFER, Request, RoomRecord, Since,
+    Snapshot, Store, VoiceRecord,
 };
 use crate::access::MemberRecord;
 use crate::event::{Event, EventData, EventId, Viewer};
@@ -128,7 +128,53 @@ end
 return 1
 "#;
 
+/// Adds or refreshes a registry entry unless one written under a higher epoch stands.
+/// KEYS: 1 the registry. ARGV: 1 guild id, 2 entry JSON ('' to remove), 3 the epoch.
+const REGISTER: &str = r#"
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if raw then
+  local ok, old = pcall(cjson.decode, raw)
+  if ok and type(old) == 'table' and (tonumber(old.epoch) or 0) > tonumber(ARGV[3]) then
+    return 0
+  end
+end
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+return 1
+"#;
+
+/// Raises a guild's epoch to at least ARGV[1]. KEYS: 1 `P:{G}:epoch`.
+const RAISE_EPOCH: &str = r#"
+local epoch = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if tonumber(ARGV[1]) > epoch then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+"#;
+
+/// A guild's keys that stay until removed (the rest expire by themselves: viewer sets,
+/// request names, claims, the web's leases), given a grace period when the bot is removed.
+const GUILD_KEYS: [&str; 13] = [
+    "events",
+    "rooms",
+    "voice",
+    "applied",
+    "guild",
+    "channels",
+    "members",
+    DURABLE,
+    "epoch",
+    // One guild's gateway kept these; an upgraded deployment still has them.
+    "gateway:session",
+    "gateway:status",
+    "gateway:leader:epoch",
+    "rooms:sweeper:epoch",
+];
+
 struct Scripts {
+    register: Script,
+    raise_epoch: Script,
     append: Script,
     viewers: Script,
     snapshot: Script,
@@ -351,6 +397,8 @@ impl Redis {
             client.clone()
         };
         let scripts = Arc::new(Scripts {
+            register: Script::from_lua(REGISTER),
+            raise_epoch: Script::from_lua(RAISE_EPOCH),
             append: Script::from_lua(APPEND),
             viewers: Script::from_lua(format!("{VIEWERS}\n{APPEND}")),
             snapshot: Script::from_lua(SNAPSHOT),
@@ -474,8 +522,9 @@ impl RedisBus {
         [self.key("guild"), self.key("channels"), self.key("members")]
     }
 
-    /// KEYS 5-10 and ARGV 6-7 of the append script (after the first four keys and five
-    /// arguments): the writer's lease, the access keys, the durable id and the request.
+    /// KEYS 5-11 and ARGV 6-8 of the append script (after the first four keys and five
+    /// arguments): the writer's lease, the access keys, the durable id, the request and
+    /// the guild's epoch.
     fn append_tail(
         &self,
         fence: Option<&Fence>,
@@ -490,12 +539,18 @@ impl RedisBus {
             "appended:{}",
             request.map_or("-", |r| r.writer.as_str())
         )));
+        keys.push(self.key("epoch"));
         args.push(if self.durability.min_replicas > 0 {
             "1".to_owned()
         } else {
             String::new()
         });
-        args.push(request.map_or_else(String::new, |r| format!("{}#{}", r.writer, r.seq)));
+        args.push(request.map_or_else(String::new, Request::id));
+        args.push(
+            fence
+                .filter(|f| f.by_epoch)
+                .map_or_else(String::new, |f| f.epoch.to_string()),
+        );
     }
 
     /// Runs the append script (or the viewers script in front of it) on the appender.
@@ -853,6 +908,10 @@ async fn fill(reader: &Reader, last: &mut EventId, live: &broadcast::Sender<Arc<
 
 #[async_trait::async_trait]
 impl Bus for RedisBus {
+    fn guild_id(&self) -> Id<GuildMarker> {
+        self.guild_id
+    }
+
     async fn append(&self, data: EventData, fence: Option<&Fence>) -> BusResult<Arc<Event>> {
         // fred sends a command again when its connection closed before the answer came
         // (`max_command_attempts`), so a script that ran can run twice. Every append is
@@ -865,6 +924,7 @@ impl Bus for RedisBus {
                 self.appends.fetch_add(1, Ordering::Relaxed)
             ),
             seq: 0,
+            part: 0,
         };
         self.append_once(data, fence, &request).await
     }
@@ -879,7 +939,10 @@ impl Bus for RedisBus {
         let data_json = data.data_json()?;
         let mut keys = self.append_keys();
         let mut args = vec![
-            fence.map(|f| f.token.clone()).unwrap_or_default(),
+            fence
+                .filter(|f| !f.by_epoch)
+                .map(|f| f.token.clone())
+                .unwrap_or_default(),
             kind.as_str().to_owned(),
             data_json,
             self.guild_id.to_string(),
@@ -1103,15 +1166,7 @@ impl Bus for RedisBus {
             .acquire
             .evalsha_with_reload(&self.client, keys, args)
             .await?;
-        Ok(token.map(|token| Fence {
-            lease: name.to_owned(),
-            epoch: token
-                .split(':')
-                .next()
-                .and_then(|e| e.parse().ok())
-                .unwrap_or(0),
-            token,
-        }))
+        Ok(token.map(|token| fence(name, token, false)))
     }
 
     async fn lease_left(&self, name: &str) -> BusResult<Option<Duration>> {
@@ -1173,6 +1228,212 @@ impl Store for RedisBus {
 
     async fn get(&self, key: &str) -> BusResult<Option<String>> {
         Ok(self.client.get(self.key(key)).await?)
+    }
+
+    async fn get_shared(&self, key: &str) -> BusResult<Option<String>> {
+        Ok(self.client.get(self.shared_key(key)).await?)
+    }
+
+    async fn expire(&self, after: Option<Duration>) -> BusResult<()> {
+        // One guild's keys share a slot, but each is its own command: sent together.
+        let keys = GUILD_KEYS.map(|k| self.key(k));
+        let done = futures_util::future::try_join_all(keys.iter().map(|key| async move {
+            match after {
+                Some(after) => {
+                    let ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX).max(1);
+                    self.client.pexpire::<i64, _>(key, ms, None).await
+                }
+                None => self.client.persist::<i64, _>(key).await,
+            }
+        }))
+        .await?;
+        drop(done);
+        Ok(())
+    }
+}
+
+/// A fence from the acquire script's token (`<epoch>:<holder>`).
+fn fence(name: &str, token: String, by_epoch: bool) -> Fence {
+    Fence {
+        lease: name.to_owned(),
+        epoch: token
+            .split(':')
+            .next()
+            .and_then(|e| e.parse().ok())
+            .unwrap_or(0),
+        token,
+        by_epoch,
+    }
+}
+
+impl Redis {
+    /// `P:<name>`: a deployment-wide key, in no guild's key space.
+    fn shared_key(&self, name: &str) -> String {
+        format!("{}:{name}", self.prefix)
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Deployment for Arc<Redis> {
+    fn guild(&self, guild: Id<GuildMarker>) -> Arc<dyn super::Backend> {
+        Arc::new(Redis::guild(self, guild))
+    }
+
+    async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> BusResult<Option<Fence>> {
+        let keys = vec![
+            self.shared_key(name),
+            self.shared_key(&format!("{name}:epoch")),
+        ];
+        let args = vec![holder.to_owned(), ttl.as_millis().to_string()];
+        let token: Option<String> = self
+            .scripts
+            .acquire
+            .evalsha_with_reload(&self.client, keys, args)
+            .await?;
+        Ok(token.map(|token| fence(name, token, true)))
+    }
+
+    async fn lease_left(&self, name: &str) -> BusResult<Option<Duration>> {
+        let ms: i64 = self.client.pttl(self.shared_key(name)).await?;
+        Ok(u64::try_from(ms).ok().map(Duration::from_millis))
+    }
+
+    async fn renew(&self, fence: &Fence, ttl: Duration) -> BusResult<bool> {
+        let keys = vec![self.shared_key(&fence.lease)];
+        let args = vec![fence.token.clone(), ttl.as_millis().to_string()];
+        let held: i64 = self
+            .scripts
+            .renew
+            .evalsha_with_reload(&self.client, keys, args)
+            .await?;
+        Ok(held == 1)
+    }
+
+    async fn release(&self, fence: &Fence) -> BusResult<()> {
+        let keys = vec![self.shared_key(&fence.lease)];
+        let _: i64 = self
+            .scripts
+            .release
+            .evalsha_with_reload(&self.client, keys, vec![fence.token.clone()])
+            .await?;
+        Ok(())
+    }
+
+    async fn put(
+        &self,
+        fence: Option<&Fence>,
+        key: &str,
+        value: &str,
+        ttl: Option<Duration>,
+    ) -> BusResult<()> {
+        // Without a fence the lease key is only a placeholder in the key's own slot.
+        let lease = self.shared_key(fence.map_or(key, |f| f.lease.as_str()));
+        let keys = vec![self.shared_key(key), lease];
+        let args = vec![
+            fence.map(|f| f.token.clone()).unwrap_or_default(),
+            value.to_owned(),
+            ttl.map(|t| t.as_millis().to_string()).unwrap_or_default(),
+        ];
+        let stored: i64 = self
+            .scripts
+            .put
+            .evalsha_with_reload(&self.client, keys, args)
+            .await?;
+        if stored == 0 {
+            return Err(BusError::Fenced(
+                fence.map(|f| f.lease.clone()).unwrap_or_default(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> BusResult<Option<String>> {
+        Ok(self.client.get(self.shared_key(key)).await?)
+    }
+
+    async fn put_first(&self, key: &str, value: &str) -> BusResult<String> {
+        let before: Option<String> = self
+            .client
+            .set(
+                self.shared_key(key),
+                value,
+                None,
+                Some(SetOptions::NX),
+                true,
+            )
+            .await?;
+        Ok(before.unwrap_or_else(|| value.to_owned()))
+    }
+
+    async fn register(&self, guild: Id<GuildMarker>, entry: &GuildEntry) -> BusResult<bool> {
+        let json = serde_json::to_string(entry)?;
+        self.write_registry(guild, json, entry.epoch).await
+    }
+
+    async fn unregister(&self, guild: Id<GuildMarker>, epoch: u64) -> BusResult<bool> {
+        self.write_registry(guild, String::new(), epoch).await
+    }
+
+    async fn registry(&self) -> BusResult<BTreeMap<Id<GuildMarker>, GuildEntry>> {
+        let all: HashMap<String, String> = self
+            .client
+            .hgetall(self.shared_key(super::REGISTRY))
+            .await?;
+        let mut out = BTreeMap::new();
+        for (id, json) in all {
+            let Some(guild) = id.parse::<u64>().ok().and_then(Id::new_checked) else {
+                tracing::warn!(field = %id, "ignoring a registry field that is no guild id");
+                continue;
+            };
+            match serde_json::from_str(&json) {
+                Ok(entry) => {
+                    out.insert(guild, entry);
+                }
+                Err(e) => tracing::warn!(%guild, error = %e, "ignoring an unreadable registry entry"),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn raise_epochs(&self, guilds: &[Id<GuildMarker>], epoch: u64) -> BusResult<()> {
+        // Each guild is its own slot: concurrent commands, which fred pipelines on its
+        // connections, in bounded batches.
+        for batch in guilds.chunks(500) {
+            let done = futures_util::future::try_join_all(batch.iter().map(|g| {
+                let key = Redis::guild(self, *g).key("epoch");
+                async move {
+                    self.scripts
+                        .raise_epoch
+                        .evalsha_with_reload::<i64, _, _>(&self.client, vec![key], vec![
+                            epoch.to_string(),
+                        ])
+                        .await
+                }
+            }))
+            .await?;
+            drop(done);
+        }
+        Ok(())
+    }
+}
+
+impl Redis {
+    async fn write_registry(
+        &self,
+        guild: Id<GuildMarker>,
+        json: String,
+        epoch: u64,
+    ) -> BusResult<bool> {
+        let written: i64 = self
+            .scripts
+            .register
+            .evalsha_with_reload(
+                &self.client,
+                vec![self.shared_key(super::REGISTRY)],
+                vec![guild.to_string(), json, epoch.to_string()],
+            )
+            .await?;
+        Ok(written == 1)
     }
 }
 

@@ -17,6 +17,9 @@
 //! `room.created` names its creator and role even when Redis lost the record the web
 //! wrote; when the gateway rebuilds such a record, older invite links are retired with
 //! an `invite.renewed` (see [`Deriver::rebuilt`]).
+//!
+//! A session carries many guilds: [`route`] says whose a dispatch is (each guild has its
+//! own `Deriver`), and [`registration`] what it means for the registry (`P:guilds`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -38,6 +41,58 @@ use crate::event::{EventData, Person, RoleAccess, VoiceFlags};
 /// twilight-model 0.18 reads channel flags with `from_bits_truncate`, which drops bits
 /// it does not know, so the name is what survives deserialization.
 pub const OBFUSCATED_NAME: &str = "___hidden___";
+
+/// Whose deriver a dispatch goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The session's own news (READY, RESUMED): every guild's deriver hears it.
+    Every,
+    /// One guild's.
+    Guild(Id<GuildMarker>),
+    /// Nobody's (a dispatch of no guild Coven follows).
+    Nowhere,
+}
+
+/// Where `dispatch` goes: dispatches carry their guild.
+pub fn route(dispatch: &Dispatch) -> Route {
+    match dispatch {
+        Dispatch::Ready(_) | Dispatch::Resumed => Route::Every,
+        other => other.guild_id().map_or(Route::Nowhere, Route::Guild),
+    }
+}
+
+/// What a dispatch tells the registry about its guild.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    /// GUILD_CREATE of an available guild: added or refreshed.
+    Available { name: String, icon: Option<String> },
+    /// GUILD_DELETE with `unavailable: true` (or an unavailable GUILD_CREATE): an outage;
+    /// the guild stays, marked unavailable.
+    Unavailable,
+    /// GUILD_DELETE without `unavailable`: the bot was removed.
+    Removed,
+}
+
+/// The registry change `dispatch` means, if any, and for which guild.
+pub fn registration(dispatch: &Dispatch) -> Option<(Id<GuildMarker>, Registration)> {
+    match dispatch {
+        Dispatch::GuildCreate(g) => Some(match &**g {
+            GuildCreate::Available(guild) => (
+                guild.id,
+                Registration::Available {
+                    name: guild.name.clone(),
+                    icon: guild.icon.map(|i| i.to_string()),
+                },
+            ),
+            GuildCreate::Unavailable(guild) => (guild.id, Registration::Unavailable),
+        }),
+        Dispatch::GuildDelete(g) if g.unavailable == Some(true) => {
+            Some((g.id, Registration::Unavailable))
+        }
+        Dispatch::GuildDelete(g) => Some((g.id, Registration::Removed)),
+        _ => None,
+    }
+}
 
 pub struct Deriver {
     guild_id: Id<GuildMarker>,
@@ -76,6 +131,12 @@ impl Deriver {
         }
     }
 
+    /// The bot's own user id, when READY came before this guild was first seen.
+    pub fn with_bot(mut self, bot: Option<Id<UserMarker>>) -> Self {
+        self.bot = bot;
+        self
+    }
+
     pub fn with_cdn(mut self, cdn: &str) -> Self {
         cdn.trim_end_matches('/').clone_into(&mut self.cdn);
         self
@@ -83,6 +144,10 @@ impl Deriver {
 
     pub fn view(&self) -> &Snapshot {
         &self.view
+    }
+
+    pub fn guild_id(&self) -> Id<GuildMarker> {
+        self.guild_id
     }
 
     /// A room is a voice channel (in the room category when one is set).
@@ -111,6 +176,10 @@ impl Deriver {
                         &mut out,
                     );
                 }
+            }
+            // The bot was removed: the guild's log ends here (an outage ends nothing).
+            Dispatch::GuildDelete(g) if g.id == self.guild_id && g.unavailable != Some(true) => {
+                out.push(EventData::GuildRemoved { id: g.id });
             }
             Dispatch::GuildUpdate(g) if g.0.id == self.guild_id => {
                 self.guild_changed(g.0.name.clone(), g.0.owner_id, &g.0.roles, &mut out);
@@ -940,6 +1009,95 @@ mod tests {
             kinds(&d.on_dispatch(&dispatch("CHANNEL_UPDATE", channel(11, None, "b", 4)))),
             ["room.deleted"]
         );
+    }
+
+    #[test]
+    fn dispatches_route_to_their_guild_and_the_session_s_own_to_every_guild() {
+        let ready = dispatch(
+            "READY",
+            json!({"v": 10, "user": {"id": BOT.to_string(), "username": "coven", "discriminator": "0",
+                   "avatar": null, "bot": true, "mfa_enabled": false, "verified": true, "flags": 0}, "guilds": [{"id": "1", "unavailable": true}],
+                   "session_id": "s", "resume_gateway_url": "wss://x", "shard": [0, 1],
+                   "application": {"id": "5", "flags": 0}}),
+        );
+        assert_eq!(route(&ready), Route::Every);
+        assert_eq!(route(&Dispatch::Resumed), Route::Every);
+        assert_eq!(
+            route(&dispatch("CHANNEL_CREATE", channel(10, None, "lobby", 0))),
+            Route::Guild(Id::new(GUILD))
+        );
+        let mut other = voice(7, Some(10), false);
+        other["guild_id"] = json!("999");
+        assert_eq!(
+            route(&dispatch("VOICE_STATE_UPDATE", other.clone())),
+            Route::Guild(Id::new(999))
+        );
+        assert_eq!(route(&guild(&[])), Route::Guild(Id::new(GUILD)));
+        // Each guild's deriver takes its own dispatches and ignores the others'.
+        let mut ours = deriver();
+        let mut theirs = Deriver::new(Id::new(999), None, Snapshot::default());
+        assert!(ours.on_dispatch(&dispatch("VOICE_STATE_UPDATE", other.clone())).is_empty());
+        assert_eq!(
+            kinds(&theirs.on_dispatch(&dispatch("VOICE_STATE_UPDATE", other))),
+            ["voice.joined"]
+        );
+        assert!(theirs.on_dispatch(&guild(&[])).is_empty(), "another guild's GUILD_CREATE");
+        assert!(
+            theirs
+                .on_dispatch(&dispatch("GUILD_DELETE", json!({"id": GUILD.to_string()})))
+                .is_empty(),
+            "another guild's removal"
+        );
+    }
+
+    #[test]
+    fn guild_delete_is_a_removal_without_unavailable_and_an_outage_with_it() {
+        let removed = dispatch("GUILD_DELETE", json!({"id": GUILD.to_string()}));
+        let outage = dispatch(
+            "GUILD_DELETE",
+            json!({"id": GUILD.to_string(), "unavailable": true}),
+        );
+        assert_eq!(
+            registration(&removed),
+            Some((Id::new(GUILD), Registration::Removed))
+        );
+        assert_eq!(
+            registration(&outage),
+            Some((Id::new(GUILD), Registration::Unavailable))
+        );
+        assert_eq!(
+            registration(&guild(&[])),
+            Some((
+                Id::new(GUILD),
+                Registration::Available {
+                    name: "g".to_owned(),
+                    icon: None
+                }
+            ))
+        );
+        assert_eq!(
+            registration(&dispatch("CHANNEL_CREATE", channel(10, None, "lobby", 0))),
+            None
+        );
+
+        let mut d = deriver();
+        d.on_dispatch(&dispatch(
+            "CHANNEL_CREATE",
+            channel(10, Some(CATEGORY), "t", 4),
+        ));
+        assert!(
+            d.on_dispatch(&outage).is_empty(),
+            "an outage ends nothing: the guild is back when Discord is"
+        );
+        assert_eq!(d.view().rooms.len(), 1);
+        let out = d.on_dispatch(&removed);
+        assert_eq!(
+            out,
+            [EventData::GuildRemoved {
+                id: Id::new(GUILD)
+            }]
+        );
+        assert_eq!(out[0].audience(), crate::event::Audience::Internal);
     }
 
     #[test]

@@ -26,6 +26,8 @@ struct Inner {
     role: Role,
     state: GatewayState,
     backend_ok: bool,
+    /// Guilds served (a count: ids would make the page grow with the bot).
+    guilds: usize,
 }
 
 /// Shared between the run loop (writer) and the HTTP handlers (readers).
@@ -38,6 +40,7 @@ impl Default for Health {
             role: Role::Standby,
             state: GatewayState::Disconnected,
             backend_ok: true,
+            guilds: 0,
         })))
     }
 }
@@ -53,6 +56,7 @@ impl Health {
             i.role = role;
             if role == Role::Standby {
                 i.state = GatewayState::Disconnected;
+                i.guilds = 0;
             }
         });
         metrics::gauge!("coven_gateway_active").set(if role == Role::Active { 1.0 } else { 0.0 });
@@ -60,6 +64,11 @@ impl Health {
 
     pub fn set_state(&self, state: GatewayState) {
         self.with(|i| i.state = state);
+    }
+
+    pub fn set_guilds(&self, guilds: usize) {
+        self.with(|i| i.guilds = guilds);
+        metrics::gauge!("coven_gateway_guilds").set(guilds as f64);
     }
 
     pub fn set_backend_ok(&self, ok: bool) {
@@ -77,6 +86,12 @@ impl Health {
                 "status": if healthy { "ok" } else { "unhealthy" },
                 "state": i.state.as_str(),
                 "role": if i.role == Role::Active { "active" } else { "standby" },
+                "shards": if i.role == Role::Active {
+                    json!([{"shard": [super::run::SHARD, super::run::SHARDS], "state": i.state.as_str()}])
+                } else {
+                    json!([])
+                },
+                "guilds": i.guilds,
                 "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
             });
             (healthy, body)

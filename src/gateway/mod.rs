@@ -1,10 +1,12 @@
-//! `coven gateway`: holds the guild's Discord Gateway session and turns what Discord
-//! says into domain events on the bus.
+//! `coven gateway`: holds the bot's Discord Gateway session (shard 0 of 1) and turns what
+//! Discord says into domain events on the bus of each guild it serves (every guild of the
+//! session, or the configured ones).
 //!
 //! Owns the shard ([`run`]), the derivation of events from dispatches ([`derive`]),
-//! reconciling after reconnects, the leader lease, the stored session and the health
-//! endpoint ([`health`]; metrics are on their own listener, [`crate::prometheus`]). Must not serve pages or call Discord's REST API on users'
-//! behalf (that is `web`).
+//! reconciling after reconnects, the shard's lease, stored session and status, the
+//! registry of guilds (`P:guilds`) and the health endpoint ([`health`]; metrics are on
+//! their own listener, [`crate::prometheus`]). Must not serve pages or call Discord's REST
+//! API on users' behalf (that is `web`).
 
 pub mod derive;
 pub mod health;
@@ -20,7 +22,7 @@ use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker};
 use url::Url;
 
-use crate::bus::Backend;
+use crate::bus::Deployment;
 use crate::config;
 
 pub use run::Outcome;
@@ -32,9 +34,10 @@ pub struct Settings {
     /// Redis holding the event log and shared state (redis://, rediss://, ...)
     #[arg(long, env = "REDIS_URL", hide_env_values = true, required = true, value_parser = config::parse_redis_url)]
     pub redis_url: Option<SecretString>,
-    /// The guild (server) Coven serves
-    #[arg(long = "discord-guild-id", env = "DISCORD_GUILD_ID", value_parser = config::parse_guild_id)]
-    pub guild_id: Id<GuildMarker>,
+    /// The guilds (servers) Coven serves: one id or a comma-separated list (default:
+    /// every guild the bot is in)
+    #[arg(long = "discord-guild-id", env = "DISCORD_GUILD_ID", value_delimiter = ',', value_parser = config::parse_guild_id)]
+    pub guild_ids: Vec<Id<GuildMarker>>,
     /// Bot token (secret)
     #[arg(long = "discord-bot-token", env = "DISCORD_BOT_TOKEN", hide_env_values = true, value_parser = config::parse_secret(1))]
     pub bot_token: SecretString,
@@ -76,6 +79,11 @@ pub struct Tuning {
     // ever; with many guilds that is most of Redis's memory.
     #[arg(long, env = "EVENT_LOG_MAX_AGE", default_value = "24h", value_parser = config::parse_duration_in(Duration::from_secs(60), Duration::from_secs(30 * 24 * 3600)))]
     pub event_log_max_age: Duration,
+    /// How long a guild's data is kept after the bot was removed from it (1m–30d)
+    // Someone who removed the bot by mistake and adds it back the same day finds their
+    // rooms' records and invite links as they were; after that, nothing is kept.
+    #[arg(long, env = "GUILD_REMOVED_GRACE", default_value = "24h", value_parser = config::parse_duration_in(Duration::from_secs(60), Duration::from_secs(30 * 24 * 3600)))]
+    pub guild_removed_grace: Duration,
     /// Events held in memory while Redis is unreachable before falling back to a
     /// reconcile (1–100,000)
     #[arg(long = "gateway-queue-size", env = "GATEWAY_QUEUE_SIZE", default_value = "10000", value_parser = config::parse_number_in::<usize>(1, 100_000))]
@@ -110,6 +118,11 @@ impl Settings {
     pub(crate) fn bot_token_value(&self) -> String {
         self.bot_token.expose_secret().to_owned()
     }
+
+    /// Whether this gateway serves `guild`: every guild when none is configured.
+    pub fn serves(&self, guild: Id<GuildMarker>) -> bool {
+        self.guild_ids.is_empty() || self.guild_ids.contains(&guild)
+    }
 }
 
 pub const DEFAULT_GATEWAY_URL: &str = "wss://gateway.discord.gg";
@@ -128,15 +141,14 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
         .redis_url
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("REDIS_URL is required"))?;
-    let bus = crate::bus::redis::RedisBus::connect_durable(
+    let redis = crate::bus::redis::Redis::connect(
         redis_url.expose_secret(),
         &settings.key_prefix,
-        settings.guild_id,
         settings.event_log_max_len,
         settings.redis_retry_for,
         settings.durability,
     )
     .await?;
-    let backend: Arc<dyn Backend> = Arc::new(bus);
-    run::run(settings, backend, health, shutdown).await
+    let deployment: Arc<dyn Deployment> = Arc::new(redis);
+    run::run(settings, deployment, health, shutdown).await
 }

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::AppState;
 use super::live::freshness::GatewayReading;
-use crate::bus::{GATEWAY_STATUS, GatewayReport};
+use crate::bus::GatewayReport;
 
 /// `GET /healthz`: the process is alive and serving.
 pub async fn healthz(State(app): State<AppState>) -> Response {
@@ -34,7 +34,7 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
         )
             .into_response();
     }
-    match app.bus.get(GATEWAY_STATUS).await {
+    match crate::bus::shard_status(&*app.bus).await {
         Ok(raw) => {
             let report: Option<GatewayReport> = raw.and_then(|r| serde_json::from_str(&r).ok());
             let now = GatewayReading {

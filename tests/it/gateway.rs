@@ -63,9 +63,93 @@ impl Setup {
             ("RUST_LOG", "coven=debug"),
         ];
         env.extend_from_slice(extra);
+        // An empty value unsets: `DISCORD_GUILD_ID=""` serves every guild.
+        let env: Vec<_> = env
+            .into_iter()
+            .filter(|(name, value)| !value.is_empty() || !extra.iter().any(|(n, _)| n == name))
+            .collect();
         let mut p = CovenProcess::spawn(&["gateway"], &env);
         p.wait_for_stdout("health listening on");
         p
+    }
+
+    /// A gateway serving every guild the bot is in (every voice channel a room).
+    fn gateway_of_every_guild(&self) -> CovenProcess {
+        self.gateway_with(
+            &self.sim.token(),
+            &[("DISCORD_GUILD_ID", ""), ("DISCORD_ROOM_CATEGORY_ID", "")],
+        )
+    }
+
+    /// `P:guilds`: guild id → entry.
+    async fn registry(&self) -> std::collections::BTreeMap<u64, Value> {
+        let all: std::collections::HashMap<String, String> = self
+            .client
+            .hgetall(format!("{PREFIX}:guilds"))
+            .await
+            .unwrap_or_default();
+        all.into_iter()
+            .map(|(id, json)| {
+                (
+                    id.parse().expect("a guild id"),
+                    serde_json::from_str(&json).expect("entry JSON"),
+                )
+            })
+            .collect()
+    }
+
+    async fn wait_registry(
+        &self,
+        what: &str,
+        ok: impl Fn(&std::collections::BTreeMap<u64, Value>) -> bool,
+    ) -> std::collections::BTreeMap<u64, Value> {
+        wait_for(what, || async {
+            let r = self.registry().await;
+            ok(&r).then_some(r)
+        })
+        .await
+    }
+
+    /// Every envelope in guild `guild`'s stream, in order.
+    async fn events_of(&self, guild: u64) -> Vec<Value> {
+        let entries: Vec<(String, std::collections::HashMap<String, String>)> = self
+            .client
+            .xrange(format!("{PREFIX}:{{{guild}}}:events"), "-", "+", None)
+            .await
+            .unwrap_or_default();
+        entries
+            .into_iter()
+            .map(|(_, fields)| serde_json::from_str(&fields["e"]).expect("envelope JSON"))
+            .collect()
+    }
+
+    async fn wait_events_of(&self, guild: u64, what: &str, ok: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        wait_for(what, || async {
+            let events = self.events_of(guild).await;
+            ok(&events).then_some(events)
+        })
+        .await
+    }
+
+    /// The shard lease's epoch, from its token (`<epoch>:<holder>`).
+    async fn lease_epoch(&self) -> Option<u64> {
+        let token: Option<String> = self
+            .client
+            .get(format!("{PREFIX}:shard:{{0}}:lease"))
+            .await
+            .ok()
+            .flatten();
+        token?.split(':').next()?.parse().ok()
+    }
+
+    async fn guild_epoch(&self, guild: u64) -> Option<u64> {
+        let epoch: Option<String> = self
+            .client
+            .get(format!("{PREFIX}:{{{guild}}}:epoch"))
+            .await
+            .ok()
+            .flatten();
+        epoch?.parse().ok()
     }
 
     /// Who is in voice, per Redis's snapshot: user id → channel id.
@@ -170,10 +254,10 @@ impl Setup {
     }
 
     async fn wait_connected(&self) {
-        wait_for("gateway.status CONNECTED", || async {
+        wait_for("the shard's status CONNECTED", || async {
             let status: Option<String> = self
                 .client
-                .get(self.key("gateway:status"))
+                .get(format!("{PREFIX}:shard:{{0}}:status"))
                 .await
                 .ok()
                 .flatten();
@@ -606,8 +690,8 @@ async fn a_refused_token_is_failed_with_one_clear_line_and_exit_2() {
 async fn the_run_loop_over_the_memory_bus_stores_its_session_and_releases_the_lease() {
     use std::sync::Arc;
 
-    use coven::bus::memory::MemoryBus;
-    use coven::bus::{Backend, Bus, Since, Store};
+    use coven::bus::memory::MemoryDeployment;
+    use coven::bus::{Bus, Deployment, Since};
     use coven::gateway::health::Health;
     use coven::gateway::run::{LEASE, Outcome, SESSION_KEY, run};
     use tokio_util::sync::CancellationToken;
@@ -615,11 +699,12 @@ async fn the_run_loop_over_the_memory_bus_stores_its_session_and_releases_the_le
 
     let sim = TestSim::start().await;
     let category = sim.id_of("room_category_id").await;
-    let bus = Arc::new(MemoryBus::new(Id::new(sim.guild_id()), 1000));
-    let backend: Arc<dyn Backend> = bus.clone();
+    let deployment = Arc::new(MemoryDeployment::new(1000));
+    let bus = deployment.bus(Id::new(sim.guild_id()));
+    let backend: Arc<dyn Deployment> = deployment.clone();
     let settings = coven::gateway::Settings {
         redis_url: None,
-        guild_id: Id::new(sim.guild_id()),
+        guild_ids: vec![Id::new(sim.guild_id())],
         bot_token: secrecy::SecretString::from(sim.token()),
         tuning: coven::gateway::Tuning {
             gateway_url: url::Url::parse(&sim.gateway_url()).unwrap(),
@@ -668,14 +753,15 @@ async fn the_run_loop_over_the_memory_bus_stores_its_session_and_releases_the_le
         .unwrap()
         .unwrap();
     assert_eq!(outcome, Outcome::Stopped);
-    let stored = bus
+    let stored = deployment
         .get(SESSION_KEY)
         .await
         .unwrap()
         .expect("a stored session");
     assert!(stored.contains("session_id"));
     assert!(
-        bus.acquire(LEASE, "next", Duration::from_secs(1))
+        deployment
+            .acquire(LEASE, "next", Duration::from_secs(1))
             .await
             .unwrap()
             .is_some(),
@@ -695,4 +781,304 @@ fn internal(kind: &Value) -> bool {
                 | "session.ended"
         )
     )
+}
+
+const NIGHT_OWLS: u64 = coven::sim::defaults::NIGHT_OWLS_GUILD_ID;
+const DICE_TOWER: u64 = coven::sim::defaults::DICE_TOWER_GUILD_ID;
+
+fn of_type<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["type"] == kind).collect()
+}
+
+/// Unset `DISCORD_GUILD_ID`: every guild the bot is in, each into its own log, each
+/// registered as Discord describes it, and a live change goes to its guild's log only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_guild_of_the_session_is_registered_and_logged_apart() {
+    let s = Setup::start().await;
+    let first = s.sim.guild_id();
+    let _gw = s.gateway_of_every_guild();
+    s.wait_connected().await;
+    let registry = s
+        .wait_registry("both guilds of the bot registered", |r| {
+            r.contains_key(&first) && r.contains_key(&NIGHT_OWLS)
+        })
+        .await;
+    assert_eq!(registry[&first]["name"], "Coven Playgroup");
+    assert_eq!(registry[&NIGHT_OWLS]["name"], "Night Owls");
+    for entry in registry.values() {
+        assert_eq!((entry["available"].as_bool(), entry["shard"].as_u64()), (Some(true), Some(0)), "{entry}");
+    }
+    assert!(!registry.contains_key(&DICE_TOWER), "the bot is not in Dice Tower");
+
+    for (guild, name) in [(first, "Coven Playgroup"), (NIGHT_OWLS, "Night Owls")] {
+        let events = s
+            .wait_events_of(guild, "the guild described in its own log", |e| {
+                !of_type(e, "guild.updated").is_empty() && !of_type(e, "room.created").is_empty()
+            })
+            .await;
+        assert_eq!(of_type(&events, "guild.updated")[0]["data"]["name"], name);
+        assert!(
+            events.iter().all(|e| e["guild_id"] == guild.to_string()),
+            "only guild {guild}'s events in its log: {events:?}"
+        );
+    }
+
+    // A channel made in Night Owls (by the bot, over REST) is a room there only.
+    let domain_of = |events: Vec<Value>| -> usize {
+        events.iter().filter(|e| e["type"] != "gateway.status").count()
+    };
+    let before = domain_of(s.events_of(first).await);
+    let res = s
+        .sim
+        .http
+        .post(s.sim.url(&format!("/api/v10/guilds/{NIGHT_OWLS}/channels")))
+        .header("authorization", format!("Bot {}", s.sim.token()))
+        .json(&json!({"name": "Owl Den", "type": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let den: Value = res.json().await.unwrap();
+    let den = den["id"].as_str().unwrap().to_owned();
+    s.wait_events_of(NIGHT_OWLS, "Owl Den in Night Owls' log", |e| {
+        e.iter()
+            .any(|e| e["type"] == "room.created" && e["data"]["channel_id"] == den)
+    })
+    .await;
+    let first_events = s.events_of(first).await;
+    assert!(
+        first_events
+            .iter()
+            .all(|e| e["data"]["channel_id"] != den.as_str()),
+        "nothing of Night Owls in the first guild's log"
+    );
+    assert_eq!(
+        domain_of(first_events),
+        before,
+        "the first guild's log did not move"
+    );
+}
+
+/// The bot added to a guild while running (Discord's bot authorization) is registered
+/// and served without a restart; removed, it is unregistered, its log ends with
+/// `guild.removed` and its data expires; an outage marks a guild unavailable and back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guilds_come_and_go_as_discord_says_without_a_restart() {
+    let s = Setup::start().await;
+    let mut gw = s.gateway_of_every_guild();
+    let health_url = gw.listening_url();
+    s.wait_connected().await;
+    s.wait_registry("the bot's guilds registered", |r| r.len() == 2)
+        .await;
+    let ember = s.sim.user("ember").await;
+    let res = s
+        .sim
+        .http
+        .get(s.sim.url("/oauth2/authorize"))
+        .query(&[
+            ("client_id", s.sim.sim.shared.settings.client_id.to_string()),
+            ("scope", "bot".to_owned()),
+            ("permissions", ((1u64 << 4) | (1 << 10) | (1 << 20)).to_string()),
+            ("guild_id", DICE_TOWER.to_string()),
+            ("sim_user", ember.to_string()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    let registry = s
+        .wait_registry("Dice Tower registered", |r| r.contains_key(&DICE_TOWER))
+        .await;
+    assert_eq!(registry[&DICE_TOWER]["name"], "Dice Tower");
+    assert_eq!(registry[&DICE_TOWER]["available"], true);
+    s.wait_events_of(DICE_TOWER, "Dice Tower described in its log", |e| {
+        of_type(e, "guild.updated")
+            .iter()
+            .any(|g| g["data"]["name"] == "Dice Tower")
+            && !of_type(e, "room.created").is_empty()
+    })
+    .await;
+    let health: Value = reqwest::get(format!("{health_url}/healthz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((health["role"].as_str(), health["guilds"].as_u64()), (Some("active"), Some(3)), "{health}");
+
+    // Removed: unregistered, marked in its log, its data expiring.
+    let res = s
+        .sim
+        .http
+        .delete(s.sim.url(&format!("/_sim/guilds/{DICE_TOWER}/bot")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16() / 100, 2);
+    s.wait_registry("Dice Tower unregistered", |r| !r.contains_key(&DICE_TOWER))
+        .await;
+    let events = s
+        .wait_events_of(DICE_TOWER, "guild.removed in Dice Tower's log", |e| {
+            e.last().is_some_and(|e| e["type"] == "guild.removed")
+        })
+        .await;
+    assert_eq!(of_type(&events, "guild.removed").len(), 1);
+    let ttl: i64 = s
+        .client
+        .pttl(format!("{PREFIX}:{{{DICE_TOWER}}}:events"))
+        .await
+        .unwrap();
+    let grace = 24 * 3600 * 1000;
+    assert!(ttl > grace - 60_000 && ttl <= grace, "expires after the grace period: {ttl} ms");
+
+    // An outage: kept, unavailable; back: available.
+    let outage = |down: bool| {
+        s.sim.http
+            .post(s.sim.url(&format!("/_sim/guilds/{NIGHT_OWLS}/outage")))
+            .json(&json!({"unavailable": down}))
+            .send()
+    };
+    assert!(outage(true).await.unwrap().status().is_success());
+    s.wait_registry("Night Owls unavailable", |r| {
+        r.get(&NIGHT_OWLS).is_some_and(|e| e["available"] == false)
+    })
+    .await;
+    assert!(outage(false).await.unwrap().status().is_success());
+    let registry = s
+        .wait_registry("Night Owls available again", |r| {
+            r.get(&NIGHT_OWLS).is_some_and(|e| e["available"] == true)
+        })
+        .await;
+    assert_eq!(registry[&NIGHT_OWLS]["name"], "Night Owls");
+    assert!(
+        of_type(&s.events_of(NIGHT_OWLS).await, "guild.removed").is_empty(),
+        "an outage removes nothing"
+    );
+}
+
+/// A standby taking over raises every guild's epoch to its lease's before it resumes;
+/// the old holder, paused through the takeover (SIGSTOP), writes nothing when it wakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_raises_every_guild_s_epoch_and_a_paused_old_holder_writes_nothing() {
+    let s = Setup::start().await;
+    let mut first = s.gateway_of_every_guild();
+    let first_url = first.listening_url();
+    s.wait_connected().await;
+    s.wait_registry("the bot's guilds registered", |r| r.len() == 2)
+        .await;
+    let old_epoch = s.lease_epoch().await.expect("a lease");
+    let mut standby = s.gateway_of_every_guild();
+    let standby_url = standby.listening_url();
+    let room = s.new_room("Table").await;
+    let bramble = s.sim.user("bramble").await;
+    s.voice(bramble, Some(room), false).await;
+    s.wait_for_events(2).await;
+
+    first.signal("STOP");
+    let role = |url: String| async move {
+        let body: Value = reqwest::get(format!("{url}/healthz")).await.ok()?.json().await.ok()?;
+        body["role"].as_str().map(str::to_owned)
+    };
+    wait_for("the standby to take over", || async {
+        (role(standby_url.clone()).await.as_deref() == Some("active")).then_some(())
+    })
+    .await;
+    let new_epoch = wait_for("the new lease", || async {
+        s.lease_epoch().await.filter(|e| *e > old_epoch)
+    })
+    .await;
+    for guild in [s.sim.guild_id(), NIGHT_OWLS] {
+        assert!(
+            s.guild_epoch(guild).await.is_some_and(|e| e >= new_epoch),
+            "guild {guild}'s epoch raised to the new holder's"
+        );
+    }
+    let cinder = s.sim.user("cinder").await;
+    s.voice(cinder, Some(room), false).await;
+    s.voice(bramble, None, false).await;
+    let want = pairs(&[
+        ("room.created", room),
+        ("voice.joined", bramble),
+        ("voice.joined", cinder),
+        ("voice.left", bramble),
+    ]);
+    assert_eq!(s.wait_for_events(want.len()).await, want);
+
+    // The old holder wakes: it finds its lease gone and stands by, having written nothing.
+    first.signal("CONT");
+    wait_for("the old holder to stand by", || async {
+        (role(first_url.clone()).await.as_deref() == Some("standby")).then_some(())
+    })
+    .await;
+    s.voice(cinder, None, false).await;
+    let mut want = want;
+    want.push(("voice.left".to_owned(), cinder.to_string()));
+    assert_eq!(s.wait_for_events(want.len()).await, want, "every change exactly once, in order");
+    assert_eq!(
+        s.sim.gateway_counter("identifies").await,
+        1,
+        "the standby resumed the session"
+    );
+    assert!(s.sim.gateway_counter("resumes").await >= 1);
+}
+
+/// Upgrading from one guild: a live one-guild lease stops the new gateway with one line;
+/// once it is gone, the new gateway resumes the session the old one stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_guild_gateway_s_lease_is_refused_and_its_session_taken_over() {
+    let s = Setup::start().await;
+    // A session to take over: one a gateway stored, moved to where one guild's gateway
+    // kept it.
+    let mut gw = s.gateway(&s.sim.token());
+    s.wait_connected().await;
+    let room = s.new_room("Before").await;
+    s.wait_for_events(1).await;
+    gw.signal("KILL");
+    gw.wait_exit();
+    let session_key = format!("{PREFIX}:shard:{{0}}:session");
+    let session: String = s.client.get(&session_key).await.unwrap();
+    let _: i64 = s.client.del(&session_key).await.unwrap();
+    let _: i64 = s.client.del(format!("{PREFIX}:shard:{{0}}:lease")).await.unwrap();
+    let _: () = s
+        .client
+        .set(s.key("gateway:session"), session.as_str(), None, None, false)
+        .await
+        .unwrap();
+    let _: () = s
+        .client
+        .set(
+            s.key("gateway:leader"),
+            "7:old-gateway",
+            Some(Expiration::PX(60_000)),
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+
+    let mut refused = s.gateway(&s.sim.token());
+    assert_eq!(refused.wait_exit(), Some(1));
+    let errors: Vec<String> = refused
+        .stderr()
+        .into_iter()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("gateway:leader") && errors[0].contains("docs/operations.md"), "{errors:?}");
+
+    let _: i64 = s.client.del(s.key("gateway:leader")).await.unwrap();
+    let _gw = s.gateway(&s.sim.token());
+    s.wait_connected().await;
+    let bramble = s.sim.user("bramble").await;
+    s.voice(bramble, Some(room), false).await;
+    assert_eq!(
+        s.wait_for_events(2).await,
+        pairs(&[("room.created", room), ("voice.joined", bramble)])
+    );
+    assert_eq!(
+        s.sim.gateway_counter("identifies").await,
+        1,
+        "the old session was resumed"
+    );
 }

@@ -104,6 +104,7 @@ async fn an_append_is_done_published_and_replayed_only_once_a_replica_holds_it()
     let request = |seq| Request {
         writer: "test-writer".to_owned(),
         seq,
+        part: 0,
     };
 
     // A healthy replica can still miss one 300 ms WAIT on a loaded machine: the same

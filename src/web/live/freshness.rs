@@ -2,7 +2,7 @@
 //! says.
 //!
 //! A dead gateway sends no `gateway.status`, so every replica watches the age of the
-//! report the gateway refreshes (`P:{G}:gateway:status`) and itself tells its open
+//! report the gateway refreshes for the guild's shard (`P:shard:{i}:status`) and itself tells its open
 //! streams (and renders on fresh pages) that live updates are delayed, and when they are
 //! back. The gateway's freshness is reported in `/readyz`'s body and in metrics but never
 //! makes a replica unready: a stale gateway must not take the site out of a load
@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::hub::Hub;
-use crate::bus::{Backend, GATEWAY_STATUS, GatewayReport};
+use crate::bus::{Backend, GatewayReport};
 use crate::event::{EventData, GatewayState, now_ms};
 
 /// How often the report is looked at.
@@ -108,7 +108,7 @@ impl Freshness {
                     () = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let report = match bus.get(GATEWAY_STATUS).await {
+                let report = match crate::bus::shard_status(&*bus).await {
                     Ok(raw) => raw.and_then(|raw| {
                         serde_json::from_str::<GatewayReport>(&raw)
                             .inspect_err(
