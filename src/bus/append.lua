@@ -9,6 +9,22 @@
 --       `<writer>#<seq>.<part>`), 8 the writer's epoch ('' unless fenced by epoch)
 -- Fenced out: nil (a value, not an error, so the caller need not read error text).
 
+-- First the fence, so a writer fenced out writes nothing at all, not even a retry's
+-- answer. Fenced by epoch (a lease outside this guild's slot: the gateway's shard lease): a
+-- writer older than the guild's epoch is refused; a newer one raises it, so its
+-- predecessor is refused from now on.
+if ARGV[8] ~= '' then
+  local mine = tonumber(ARGV[8])
+  local epoch = tonumber(redis.call('GET', KEYS[11]) or '0') or 0
+  if mine < epoch then
+    return false
+  elseif mine > epoch then
+    redis.call('SET', KEYS[11], ARGV[8])
+  end
+elseif ARGV[1] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[1] then
+  return false
+end
+
 -- A retried request (its answer was lost, or its WAIT fell short) is answered with the
 -- event it already appended: an event reaches the log once. Written again, so that this
 -- connection's replication offset covers the event and the caller's WAIT counts it.
@@ -33,21 +49,6 @@ if ARGV[7] ~= '' then
       return string.sub(done, nl + 1)
     end
   end
-end
-
--- Fenced by epoch (a lease outside this guild's slot: the gateway's shard lease): a
--- writer older than the guild's epoch is refused; a newer one raises it, so its
--- predecessor is refused from now on.
-if ARGV[8] ~= '' then
-  local mine = tonumber(ARGV[8])
-  local epoch = tonumber(redis.call('GET', KEYS[11]) or '0') or 0
-  if mine < epoch then
-    return false
-  elseif mine > epoch then
-    redis.call('SET', KEYS[11], ARGV[8])
-  end
-elseif ARGV[1] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[1] then
-  return false
 end
 
 -- The first withheld event: everything before it was published when appended, so the

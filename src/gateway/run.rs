@@ -610,6 +610,7 @@ async fn active(
                     let session = shard
                         .session()
                         .map(|s| (s.id().to_owned(), s.sequence()));
+                    tracing::debug!(kind = ?event.kind(), sequence = ?session.as_ref().map(|s| s.1), "dispatch");
                     {
                         let mut g = lock(&guilds);
                         match super::derive::route(&event) {

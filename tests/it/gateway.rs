@@ -66,7 +66,7 @@ impl Setup {
         // An empty value unsets: `DISCORD_GUILD_ID=""` serves every guild.
         let env: Vec<_> = env
             .into_iter()
-            .filter(|(name, value)| !value.is_empty() || !extra.iter().any(|(n, _)| n == name))
+            .filter(|(name, _)| !extra.iter().any(|(n, v)| n == name && v.is_empty()))
             .collect();
         let mut p = CovenProcess::spawn(&["gateway"], &env);
         p.wait_for_stdout("health listening on");
@@ -957,18 +957,71 @@ async fn guilds_come_and_go_as_discord_says_without_a_restart() {
     );
 }
 
-/// A standby taking over raises every guild's epoch to its lease's before it resumes;
-/// the old holder, paused through the takeover (SIGSTOP), writes nothing when it wakes.
+/// Two listed guilds (the category, the first guild's, keeps Night Owls roomless).
+fn two_guilds(s: &Setup) -> String {
+    format!("{},{NIGHT_OWLS}", s.sim.guild_id())
+}
+
+async fn role_of(url: &str) -> Option<String> {
+    let body: Value = reqwest::get(format!("{url}/healthz"))
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    body["role"].as_str().map(str::to_owned)
+}
+
+/// A standby taking over raises every guild's epoch to its lease's, then RESUMEs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_takeover_raises_every_guild_s_epoch_and_a_paused_old_holder_writes_nothing() {
+async fn a_standby_raises_every_guild_s_epoch_and_resumes() {
     let s = Setup::start().await;
-    let mut first = s.gateway_of_every_guild();
-    let first_url = first.listening_url();
+    let guilds = two_guilds(&s);
+    let env = [("DISCORD_GUILD_ID", guilds.as_str())];
+    let first = s.gateway_with(&s.sim.token(), &env);
     s.wait_connected().await;
-    s.wait_registry("the bot's guilds registered", |r| r.len() == 2)
+    s.wait_registry("the listed guilds registered", |r| r.len() == 2)
         .await;
     let old_epoch = s.lease_epoch().await.expect("a lease");
-    let mut standby = s.gateway_of_every_guild();
+    let _standby = s.gateway_with(&s.sim.token(), &env);
+    let room = s.new_room("Table").await;
+    s.wait_for_events(1).await;
+
+    first.signal("KILL");
+    let bramble = s.sim.user("bramble").await;
+    s.voice(bramble, Some(room), false).await;
+    let want = pairs(&[("room.created", room), ("voice.joined", bramble)]);
+    assert_eq!(s.wait_for_events(want.len()).await, want);
+    let new_epoch = s.lease_epoch().await.expect("the new lease");
+    assert!(new_epoch > old_epoch);
+    for guild in [s.sim.guild_id(), NIGHT_OWLS] {
+        assert_eq!(
+            s.guild_epoch(guild).await,
+            Some(new_epoch),
+            "guild {guild}'s epoch raised to the new holder's"
+        );
+    }
+    assert_eq!(
+        s.sim.gateway_counter("identifies").await,
+        1,
+        "the standby resumed instead of identifying"
+    );
+    assert!(s.sim.gateway_counter("resumes").await >= 1);
+}
+
+/// The old holder paused (SIGSTOP) through a takeover writes nothing when it wakes: it
+/// finds its epoch below every guild's and stands by. (Paused past Discord's heartbeat,
+/// its session may be gone: the standby then IDENTIFYs and reconciles, so the changes are
+/// each there once, in the order a reconcile gives.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_old_holder_writes_nothing_after_a_takeover() {
+    let s = Setup::start().await;
+    let guilds = two_guilds(&s);
+    let env = [("DISCORD_GUILD_ID", guilds.as_str())];
+    let mut first = s.gateway_with(&s.sim.token(), &env);
+    let first_url = first.listening_url();
+    s.wait_connected().await;
+    let mut standby = s.gateway_with(&s.sim.token(), &env);
     let standby_url = standby.listening_url();
     let room = s.new_room("Table").await;
     let bramble = s.sim.user("bramble").await;
@@ -976,51 +1029,43 @@ async fn a_takeover_raises_every_guild_s_epoch_and_a_paused_old_holder_writes_no
     s.wait_for_events(2).await;
 
     first.signal("STOP");
-    let role = |url: String| async move {
-        let body: Value = reqwest::get(format!("{url}/healthz")).await.ok()?.json().await.ok()?;
-        body["role"].as_str().map(str::to_owned)
-    };
+    let appended = |p: &CovenProcess| p.stderr().iter().filter(|l| l.contains("appended id=")).count();
     wait_for("the standby to take over", || async {
-        (role(standby_url.clone()).await.as_deref() == Some("active")).then_some(())
+        (role_of(&standby_url).await.as_deref() == Some("active")).then_some(())
     })
     .await;
-    let new_epoch = wait_for("the new lease", || async {
-        s.lease_epoch().await.filter(|e| *e > old_epoch)
-    })
-    .await;
-    for guild in [s.sim.guild_id(), NIGHT_OWLS] {
-        assert!(
-            s.guild_epoch(guild).await.is_some_and(|e| e >= new_epoch),
-            "guild {guild}'s epoch raised to the new holder's"
-        );
-    }
     let cinder = s.sim.user("cinder").await;
     s.voice(cinder, Some(room), false).await;
     s.voice(bramble, None, false).await;
-    let want = pairs(&[
+    let mut want = pairs(&[
         ("room.created", room),
         ("voice.joined", bramble),
         ("voice.joined", cinder),
         ("voice.left", bramble),
     ]);
-    assert_eq!(s.wait_for_events(want.len()).await, want);
+    let mut got = s.wait_for_events(want.len()).await;
+    let paused_at = appended(&first);
 
-    // The old holder wakes: it finds its lease gone and stands by, having written nothing.
     first.signal("CONT");
     wait_for("the old holder to stand by", || async {
-        (role(first_url.clone()).await.as_deref() == Some("standby")).then_some(())
+        (role_of(&first_url).await.as_deref() == Some("standby")).then_some(())
     })
     .await;
     s.voice(cinder, None, false).await;
-    let mut want = want;
     want.push(("voice.left".to_owned(), cinder.to_string()));
-    assert_eq!(s.wait_for_events(want.len()).await, want, "every change exactly once, in order");
-    assert_eq!(
-        s.sim.gateway_counter("identifies").await,
-        1,
-        "the standby resumed the session"
-    );
-    assert!(s.sim.gateway_counter("resumes").await >= 1);
+    got = s.wait_for_events(want.len()).await.split_off(0);
+    let late: Vec<String> = first
+        .stderr()
+        .into_iter()
+        .filter(|l| l.contains("appended id="))
+        .skip(paused_at)
+        .collect();
+    assert!(late.is_empty(), "the old holder appended nothing after waking: {late:?}");
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "every change exactly once");
+    assert_eq!(s.stored_voice().await, s.sim_voice().await);
+    drop(standby);
 }
 
 /// Upgrading from one guild: a live one-guild lease stops the new gateway with one line;
