@@ -121,6 +121,8 @@ fn the_gateway_names_every_missing_or_bad_setting() {
             ("DISCORD_GATEWAY_URL", "https://gateway.discord.gg"),
             ("GATEWAY_LEASE_TTL", "10"),
             ("REDIS_URL", "http://user:hunter2@host"),
+            // Optional in the gateway (unset: every guild), but each listed id must be one.
+            ("DISCORD_GUILD_ID", "1190000000000000001,not-an-id"),
         ],
     );
     assert_eq!(p.wait_exit(), Some(2));
