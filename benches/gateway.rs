@@ -16,8 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use coven::bus::Bus;
 use coven::bus::redis::RedisBus;
-use coven::bus::{Backend, Bus};
 use coven::event::EventData;
 use coven::gateway::health::Health;
 use coven::sim::world::VoiceFlags;
@@ -77,11 +77,18 @@ async fn main() -> anyhow::Result<()> {
     let sim = Sim::start(SimSettings::default(), shutdown.clone()).await?;
     let guild = Id::new(sim.shared.settings.guild_id);
     let url = format!("redis://127.0.0.1:{port}");
-    let bus = Arc::new(RedisBus::connect(&url, "bench", guild, 1_000_000).await?);
+    let redis = coven::bus::redis::Redis::connect(
+        &url,
+        "bench",
+        1_000_000,
+        coven::bus::redis::COMMAND_TIMEOUT,
+        coven::bus::redis::Durability::OFF,
+    )
+    .await?;
     let observer = RedisBus::connect(&url, "bench", guild, 1_000_000).await?;
     let settings = coven::gateway::Settings {
         redis_url: Some(secrecy::SecretString::from(url.clone())),
-        guild_id: guild,
+        guild_ids: vec![guild],
         bot_token: sim.shared.settings.bot_token.clone(),
         tuning: coven::gateway::Tuning {
             gateway_url: url::Url::parse(&sim.shared.gateway_url())?,
@@ -91,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
             ..coven::gateway::Tuning::default()
         },
     };
-    let backend: Arc<dyn Backend> = bus;
+    let backend: Arc<dyn coven::bus::Deployment> = Arc::new(redis);
     let health = Health::default();
     tokio::spawn(coven::gateway::run::run(
         settings,

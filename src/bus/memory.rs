@@ -15,8 +15,8 @@ use twilight_model::id::marker::{ChannelMarker, GuildMarker, UserMarker};
 use crate::access::MemberRecord;
 
 use super::{
-    Backend, Bus, BusError, BusResult, Deployment, Fence, GuildEntry, LIVE_BUFFER, Since,
-    Snapshot, Store,
+    Backend, Bus, BusError, BusResult, Deployment, Fence, GuildEntry, LIVE_BUFFER, Since, Snapshot,
+    Store,
 };
 use crate::event::{Event, EventData, EventId, Viewer};
 
@@ -82,7 +82,7 @@ impl MemoryBus {
     }
 
     /// The guild's epoch, as [`Deployment::raise_epochs`] and epoch-fenced appends left it.
-    pub fn epoch(&self) -> u64 {
+    pub fn guild_epoch(&self) -> u64 {
         self.lock().guild_epoch
     }
 

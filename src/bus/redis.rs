@@ -36,8 +36,8 @@ use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker, UserMarker};
 
 use super::{
-    Bus, BusError, BusResult, Fence, GuildEntry, LIVE_BUFFER, Request, RoomRecord, Since,
-    Snapshot, Store, VoiceRecord,
+    Bus, BusError, BusResult, Fence, GuildEntry, LIVE_BUFFER, Request, RoomRecord, Since, Snapshot,
+    Store, VoiceRecord,
 };
 use crate::access::MemberRecord;
 use crate::event::{Event, EventData, EventId, Viewer};
@@ -1389,7 +1389,9 @@ impl super::Deployment for Arc<Redis> {
                 Ok(entry) => {
                     out.insert(guild, entry);
                 }
-                Err(e) => tracing::warn!(%guild, error = %e, "ignoring an unreadable registry entry"),
+                Err(e) => {
+                    tracing::warn!(%guild, error = %e, "ignoring an unreadable registry entry")
+                }
             }
         }
         Ok(out)
@@ -1404,9 +1406,11 @@ impl super::Deployment for Arc<Redis> {
                 async move {
                     self.scripts
                         .raise_epoch
-                        .evalsha_with_reload::<i64, _, _>(&self.client, vec![key], vec![
-                            epoch.to_string(),
-                        ])
+                        .evalsha_with_reload::<i64, _, _>(
+                            &self.client,
+                            vec![key],
+                            vec![epoch.to_string()],
+                        )
                         .await
                 }
             }))

@@ -1036,12 +1036,18 @@ mod tests {
         // Each guild's deriver takes its own dispatches and ignores the others'.
         let mut ours = deriver();
         let mut theirs = Deriver::new(Id::new(999), None, Snapshot::default());
-        assert!(ours.on_dispatch(&dispatch("VOICE_STATE_UPDATE", other.clone())).is_empty());
+        assert!(
+            ours.on_dispatch(&dispatch("VOICE_STATE_UPDATE", other.clone()))
+                .is_empty()
+        );
         assert_eq!(
             kinds(&theirs.on_dispatch(&dispatch("VOICE_STATE_UPDATE", other))),
             ["voice.joined"]
         );
-        assert!(theirs.on_dispatch(&guild(&[])).is_empty(), "another guild's GUILD_CREATE");
+        assert!(
+            theirs.on_dispatch(&guild(&[])).is_empty(),
+            "another guild's GUILD_CREATE"
+        );
         assert!(
             theirs
                 .on_dispatch(&dispatch("GUILD_DELETE", json!({"id": GUILD.to_string()})))
@@ -1091,12 +1097,7 @@ mod tests {
         );
         assert_eq!(d.view().rooms.len(), 1);
         let out = d.on_dispatch(&removed);
-        assert_eq!(
-            out,
-            [EventData::GuildRemoved {
-                id: Id::new(GUILD)
-            }]
-        );
+        assert_eq!(out, [EventData::GuildRemoved { id: Id::new(GUILD) }]);
         assert_eq!(out[0].audience(), crate::event::Audience::Internal);
     }
 

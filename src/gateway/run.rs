@@ -1,5 +1,5 @@
-//! The gateway's life: wait as a standby until the lease of the bot's shard (shard 0 of
-//! 1) is ours, then hold the Discord session — resuming the stored one when there is one —
+//! The gateway's life: wait as a standby until the lease of the bot's one shard (shard
+//! 0 of 1) is ours, then hold the Discord session — resuming the stored one when there is one —
 //! and append what each dispatch means to its guild's bus (one [`Deriver`] and one log
 //! per guild), fenced by the lease's epoch, storing the session after each dispatch; and
 //! keep the registry (`P:guilds`) as Discord describes the guilds.
@@ -691,9 +691,7 @@ impl Writer<'_> {
                 metrics::gauge!("coven_gateway_queue_depth").decrement(1.0);
             }
             let result = match work {
-                Some(Work::Event { bus, data, request }) => {
-                    self.append(&*bus, data, request).await
-                }
+                Some(Work::Event { bus, data, request }) => self.append(&*bus, data, request).await,
                 Some(Work::Status(data)) => self.status(data).await,
                 Some(Work::Sync(guild)) => self.sync(guild).await,
                 Some(Work::Register(guild, entry)) => self.register(guild, &entry).await,
@@ -838,7 +836,9 @@ impl Writer<'_> {
 
     async fn register(&self, guild: Id<GuildMarker>, entry: &GuildEntry) -> Result<(), BusError> {
         let written = self
-            .retry("registering a guild", || self.deployment.register(guild, entry))
+            .retry("registering a guild", || {
+                self.deployment.register(guild, entry)
+            })
             .await?;
         if written {
             Ok(())
@@ -1036,7 +1036,9 @@ async fn trim_by_age(deployment: Arc<dyn Deployment>, settings: Settings, stop: 
                     tracing::debug!(%guild, trimmed = n, "trimmed the log by age");
                     metrics::counter!("coven_gateway_log_trimmed_total").increment(n);
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot trim the log by age; trying again later"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot trim the log by age; trying again later")
+                }
             }
         }
     }
