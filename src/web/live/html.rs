@@ -22,7 +22,9 @@ use axum::response::Response;
 use twilight_model::id::Id;
 use twilight_model::id::marker::ChannelMarker;
 
-use super::feed::{Connected, Feed, Next, Step};
+use futures_util::StreamExt;
+
+use super::feed::{self, Connected, Feed, Step, Taker};
 use super::fragments;
 use super::frame::{EventFrame, Frame, RETRY, event_stream};
 use super::hub::Hub;
@@ -51,9 +53,21 @@ struct PagesStream {
     delivered: metrics::Counter,
 }
 
+impl Taker for PagesStream {
+    const HTML: bool = true;
+
+    fn last(&self) -> Option<EventId> {
+        Some(self.last)
+    }
+
+    async fn take(&mut self, event: &EventFrame) -> Step {
+        self.take_now(event)
+    }
+}
+
 impl PagesStream {
-    /// What the stream sends for `event`.
-    fn take(&mut self, event: &EventFrame) -> Step {
+    /// What the stream sends for `event` (nothing it does waits).
+    fn take_now(&mut self, event: &EventFrame) -> Step {
         let mut step = Step::default();
         match self.sight.obey(event) {
             Obey::End => return Step::end(),
@@ -263,16 +277,10 @@ pub async fn html_stream(
             fragments::whereabouts(state.voice.get(&stream.sight.user).map(|v| v.channel_id))
         };
         yield banner;
-        let mut feed = Feed::new(&hub, live, opening.pending);
-        loop {
-            let step = match feed.next(Some(stream.last), true).await {
-                Next::Event(event) => stream.take(&event),
-                Next::Send(bytes) => { yield bytes; continue; }
-                Next::End => break,
-            };
-            for bytes in step.before { yield bytes }
-            if let Some(bytes) = step.frame { yield bytes }
-            if step.end { break }
+        let live = feed::live(Feed::new(&hub, live, opening.pending), stream);
+        futures_util::pin_mut!(live);
+        while let Some(bytes) = live.next().await {
+            yield bytes;
         }
     };
     Ok(event_stream(frames))

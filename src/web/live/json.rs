@@ -15,7 +15,9 @@ use axum::response::Response;
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker};
 
-use super::feed::{Connected, Feed, Next, Step};
+use futures_util::StreamExt;
+
+use super::feed::{self, Connected, Feed, Step, Taker};
 use super::frame::{EventFrame, RETRY, event_stream, view_bytes};
 use super::hub::Hub;
 use super::query::{self, StreamQuery};
@@ -37,8 +39,13 @@ struct JsonStream {
     delivered: metrics::Counter,
 }
 
-impl JsonStream {
-    /// What the stream sends for `event`.
+impl Taker for JsonStream {
+    const HTML: bool = false;
+
+    fn last(&self) -> Option<EventId> {
+        self.last
+    }
+
     async fn take(&mut self, event: &EventFrame) -> Step {
         let mut step = Step::default();
         // Control is acted on even for an event the replay already sent (when newer than
@@ -164,16 +171,10 @@ pub async fn stream(
             Some(Start::Memory(frames)) => frames,
             _ => Default::default(),
         };
-        let mut feed = Feed::new(&hub, live, pending);
-        loop {
-            let step = match feed.next(stream.last, false).await {
-                Next::Event(event) => stream.take(&event).await,
-                Next::Send(bytes) => { yield bytes; continue; }
-                Next::End => break,
-            };
-            for bytes in step.before { yield bytes }
-            if let Some(bytes) = step.frame { yield bytes }
-            if step.end { break }
+        let live = feed::live(Feed::new(&hub, live, pending), stream);
+        futures_util::pin_mut!(live);
+        while let Some(bytes) = live.next().await {
+            yield bytes;
         }
     };
     Ok(event_stream(frames))
