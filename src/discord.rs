@@ -5,6 +5,7 @@
 //! Owns turning Discord's answers into [`DiscordError`] in plain words. Must not know
 //! about sessions, pages or the bus.
 
+use std::future::IntoFuture;
 use std::time::Duration;
 
 use oauth2::basic::BasicClient;
@@ -151,6 +152,64 @@ pub struct Tokens {
 
 /// A twilight-http client for `token` (`Bot …` or `Bearer …`), pointed at `proxy` when
 /// set.
+/// A guild as a person's own token lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersonGuild {
+    pub id: Id<GuildMarker>,
+    pub name: String,
+    pub icon: Option<String>,
+    /// Owner, Manage Server or Administrator: may add a bot to it.
+    pub manages: bool,
+}
+
+/// Guilds asked for per page (Discord's largest).
+const GUILDS_PAGE: u16 = 200;
+/// A user is in at most 200 guilds (Nitro: 500); more than this is not a person.
+const MAX_PERSON_GUILDS: usize = 1000;
+/// How long a call with a person's token may wait out Discord's 429s in all.
+const PERSON_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs a call made with a person's own token. Discord counts every 401, 403 and 429
+/// toward banning the IP (10,000 in 10 minutes), so a 429 is waited out (as long as
+/// Discord says, within [`PERSON_WAIT`] in all) and never retried sooner, and a 401 is
+/// `Unauthorized` at once: the person logs in again, nothing loops.
+async fn as_person<T, F, Fut>(mut call: F) -> Result<T, DiscordError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, twilight_http::Error>>,
+{
+    let mut waited = Duration::ZERO;
+    loop {
+        let e = match call().await {
+            Ok(answer) => return Ok(answer),
+            Err(e) => e,
+        };
+        let retry_after = match e.kind() {
+            ErrorType::Response {
+                status,
+                error: ApiError::Ratelimited(limited),
+                ..
+            } if status.get() == 429 => Some(Duration::from_secs_f64(
+                limited.retry_after.clamp(0.0, PERSON_WAIT.as_secs_f64()),
+            )),
+            _ => None,
+        };
+        match retry_after {
+            Some(wait) if waited + wait <= PERSON_WAIT => {
+                metrics::counter!("coven_discord_person_rate_limited_total").increment(1);
+                tokio::time::sleep(wait).await;
+                waited += wait;
+            }
+            Some(_) => {
+                return Err(DiscordError::Unavailable(
+                    "Discord asks this login to slow down".to_owned(),
+                ));
+            }
+            None => return Err(DiscordError::from_twilight(e)),
+        }
+    }
+}
+
 fn rest_client(token: &str, proxy: Option<&(String, bool)>) -> twilight_http::Client {
     let mut builder = twilight_http::Client::builder()
         .token(token.to_owned())
@@ -243,7 +302,10 @@ impl Discord {
             .oauth
             .authorize_url(CsrfToken::new_random)
             .add_scope(Scope::new("identify".to_owned()))
+            // The person's guilds and their roles in them, read with their own token.
+            .add_scope(Scope::new("guilds".to_owned()))
             .add_scope(Scope::new("guilds.join".to_owned()))
+            .add_scope(Scope::new("guilds.members.read".to_owned()))
             .set_pkce_challenge(challenge)
             .url();
         Authorization {
@@ -295,6 +357,64 @@ impl Discord {
             global_name: me.global_name,
             avatar_url,
         })
+    }
+
+    /// The guilds a person is in, as their own token lists them (`GET /users/@me/guilds`,
+    /// scope `guilds`), every page of them: what the communities picker shows, at no cost
+    /// to the bot's request budget.
+    pub async fn guilds_of(&self, access_token: &str) -> Result<Vec<PersonGuild>, DiscordError> {
+        let user = rest_client(&format!("Bearer {access_token}"), self.proxy.as_ref());
+        let mut out: Vec<PersonGuild> = Vec::new();
+        loop {
+            let after = out.last().map(|g| g.id);
+            let page = as_person(|| async {
+                let mut request = user.current_user_guilds().limit(GUILDS_PAGE);
+                if let Some(after) = after {
+                    request = request.after(after);
+                }
+                request.await
+            })
+            .await?
+            .models()
+            .await
+            .map_err(|e| DiscordError::Malformed(e.to_string()))?;
+            let full = page.len() == usize::from(GUILDS_PAGE);
+            out.extend(page.into_iter().map(|g| PersonGuild {
+                id: g.id,
+                name: g.name,
+                icon: g.icon.map(|h| h.to_string()),
+                // Discord's own rule for who may add a bot to a server.
+                manages: g.owner
+                    || g.permissions.contains(Permissions::MANAGE_GUILD)
+                    || g.permissions.contains(Permissions::ADMINISTRATOR),
+            }));
+            if !full || out.len() >= MAX_PERSON_GUILDS {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// A person's roles in `guild`, asked with their own token (`GET
+    /// /users/@me/guilds/{guild}/member`, scope `guilds.members.read`), or `None` when
+    /// they are not in it: page views spend the person's budget, never the bot's.
+    pub async fn roles_in(
+        &self,
+        access_token: &str,
+        guild: Id<GuildMarker>,
+    ) -> Result<Option<Vec<Id<RoleMarker>>>, DiscordError> {
+        let user = rest_client(&format!("Bearer {access_token}"), self.proxy.as_ref());
+        match as_person(|| user.current_user_guild_member(guild).into_future()).await {
+            Ok(response) => {
+                let member = response
+                    .model()
+                    .await
+                    .map_err(|e| DiscordError::Malformed(e.to_string()))?;
+                Ok(Some(member.roles))
+            }
+            // Unknown Guild: Discord answers so for a guild the person is not in.
+            Err(DiscordError::Refused { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The user's roles in the guild (the REST member object), or `None` when they are
