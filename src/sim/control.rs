@@ -11,7 +11,7 @@ use std::sync::Arc;
 use askama::Template;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
@@ -26,6 +26,8 @@ use super::world::{self, ChannelEdit, NewChannel, Overwrite, Refusal, VoiceFlags
 pub fn router() -> Router<Arc<Shared>> {
     Router::new()
         .route("/state", get(state))
+        .route("/guilds/{guild}/bot", delete(remove_bot))
+        .route("/guilds/{guild}/outage", post(outage))
         .route("/users", post(add_user))
         .route("/voice", post(voice))
         .route("/channels", post(create_channel))
@@ -142,9 +144,24 @@ fn overwrite_list(list: Option<&[Map<String, Value>]>) -> Result<Option<Vec<Over
     .transpose()
 }
 
-async fn state(State(shared): State<Arc<Shared>>) -> Response {
+#[derive(Deserialize)]
+struct StateQuery {
+    guild: Option<String>,
+}
+
+/// `GET /_sim/state[?guild=G]`: the first guild (or G) and the counters, plus `guilds`,
+/// every guild the simulator holds.
+async fn state(State(shared): State<Arc<Shared>>, Query(q): Query<StateQuery>) -> Result {
     let state = shared.lock();
-    let w = &state.world;
+    let w = match q.guild {
+        None => &state.world,
+        Some(raw) => {
+            let id = path_id(raw, "guild")?;
+            state
+                .guild(id)
+                .ok_or_else(|| error(StatusCode::NOT_FOUND, "unknown guild"))?
+        }
+    };
     let body = json!({
         "guild_id": w.guild_id.to_string(),
         "client_id": shared.settings.client_id.to_string(),
@@ -199,8 +216,78 @@ async fn state(State(shared): State<Arc<Shared>>) -> Response {
         "gateway": state.hub.counters,
         "rest": {"rate_limited": state.limits.rate_limited},
         "oauth": {"refreshed": state.oauth.refreshed()},
+        "guilds": state.guilds().map(|g| json!({
+            "id": g.guild_id.to_string(),
+            "name": g.guild_name,
+            "bot": g.bot_in(),
+            "members": g.members.len(),
+            "unavailable": g.unavailable,
+            // 0 until the simulator shards (`SIM_SHARDS`): then (id >> 22) % shards.
+            "shard": 0,
+        })).collect::<Vec<_>>(),
     });
-    axum::Json(body).into_response()
+    Ok(axum::Json(body).into_response())
+}
+
+/// `DELETE /_sim/guilds/{g}/bot`: an admin removes the bot. Its sessions get
+/// GUILD_DELETE without `unavailable` ("Guild Delete": the user was removed).
+async fn remove_bot(State(shared): State<Arc<Shared>>, Path(raw): Path<String>) -> Result {
+    let guild = path_id(raw, "guild")?;
+    let mut state = shared.lock();
+    let w = state
+        .guild_mut(guild)
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, "unknown guild"))?;
+    let was_available = !w.unavailable;
+    if !w.remove_bot() {
+        return Err(error(StatusCode::CONFLICT, "the bot is not in that guild"));
+    }
+    // While the guild is down the bot was told so already; it hears nothing more.
+    if was_available {
+        let gone = world::Dispatch {
+            name: "GUILD_DELETE",
+            data: json!({"id": guild.to_string()}),
+        };
+        state.hub.dispatch(guild, &[gone]);
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct Outage {
+    unavailable: bool,
+}
+
+/// `POST /_sim/guilds/{g}/outage {"unavailable": true|false}`: the guild goes down
+/// (GUILD_DELETE with `unavailable: true`) or comes back (GUILD_CREATE with all of it),
+/// as Discord tells a bot in it ("Guild Delete", "Guild Create").
+async fn outage(
+    State(shared): State<Arc<Shared>>,
+    Path(raw): Path<String>,
+    bytes: Bytes,
+) -> Result {
+    let guild = path_id(raw, "guild")?;
+    let req: Outage = body(&bytes)?;
+    let mut state = shared.lock();
+    let w = state
+        .guild_mut(guild)
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, "unknown guild"))?;
+    if w.unavailable == req.unavailable {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    w.unavailable = req.unavailable;
+    if !w.bot_in() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    if req.unavailable {
+        let down = world::Dispatch {
+            name: "GUILD_DELETE",
+            data: json!({"id": guild.to_string(), "unavailable": true}),
+        };
+        state.hub.dispatch(guild, &[down]);
+    } else {
+        state.announce_guild(guild);
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize)]

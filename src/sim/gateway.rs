@@ -124,6 +124,8 @@ struct Conn {
 #[derive(Debug)]
 struct Session {
     intents: u64,
+    /// IDENTIFY's `[shard_id, num_shards]`, if it sent one.
+    shard: Option<[u64; 2]>,
     seq: u64,
     log: VecDeque<(u64, Arc<str>)>,
     conn: Option<u64>,
@@ -181,23 +183,42 @@ impl Hub {
         }
     }
 
-    /// Numbers and delivers world changes to every session whose intents want them,
-    /// including detached ones (for replay on RESUME).
-    pub fn dispatch(&mut self, events: &[Dispatch]) {
+    fn forget_expired(&mut self) {
         let ttl = self.resume_ttl;
         self.sessions
             .retain(|_, s| s.conn.is_some() || s.detached_at.is_none_or(|at| at.elapsed() < ttl));
+    }
+
+    /// The sessions that hold `guild` (by their shard) and whose intents include `need`.
+    fn sessions_for(&self, guild: u64, need: u64) -> Vec<String> {
+        self.sessions
+            .iter()
+            .filter(|(_, s)| holds(s.shard, guild) && (need == 0 || s.intents & need != 0))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Numbers and delivers a guild's changes to every session that holds the guild and
+    /// whose intents want them, including detached ones (for replay on RESUME).
+    pub fn dispatch(&mut self, guild: u64, events: &[Dispatch]) {
+        self.forget_expired();
         for event in events {
-            let need = intents::required_for(event.name);
-            let ids: Vec<String> = self
-                .sessions
-                .iter()
-                .filter(|(_, s)| need == 0 || s.intents & need != 0)
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in ids {
+            for id in self.sessions_for(guild, intents::required_for(event.name)) {
                 self.send_dispatch(&id, event.name, &event.data);
             }
+        }
+    }
+
+    /// GUILD_CREATE for `guild` to the sessions that hold it, with voice states only for
+    /// those with the voice-states intent (`payload(with_voice)` builds it).
+    pub fn dispatch_guild_create(&mut self, guild: u64, payload: impl Fn(bool) -> Value) {
+        self.forget_expired();
+        for id in self.sessions_for(guild, intents::GUILDS) {
+            let with_voice = self
+                .sessions
+                .get(&id)
+                .is_some_and(|s| s.intents & intents::GUILD_VOICE_STATES != 0);
+            self.send_dispatch(&id, "GUILD_CREATE", &payload(with_voice));
         }
     }
 
@@ -281,6 +302,13 @@ impl Hub {
         }
         self.conns.len()
     }
+}
+
+/// Whether a session identified with `shard` receives `guild`'s events: Discord's
+/// "Sharding" formula `shard_id = (guild_id >> 22) % num_shards`; a session that sent no
+/// `shard` holds every guild.
+pub fn holds(shard: Option<[u64; 2]>, guild: u64) -> bool {
+    shard.is_none_or(|[id, count]| count > 0 && (guild >> 22) % count == id)
 }
 
 /// A dispatch frame with Discord's key order (`t`, `s`, `op`, then `d`): twilight finds
@@ -483,6 +511,7 @@ fn start_session(shared: &Shared, state: &mut super::State, conn_id: u64, identi
         session_id.clone(),
         Session {
             intents: identify.intents,
+            shard: identify.shard,
             seq: 0,
             log: VecDeque::new(),
             conn: Some(conn_id),
@@ -493,6 +522,12 @@ fn start_session(shared: &Shared, state: &mut super::State, conn_id: u64, identi
         c.session = Some(session_id.clone());
     }
     let world = &state.world;
+    // READY lists every guild of the session as unavailable; a GUILD_CREATE follows for
+    // each that is available ("Ready": `guilds` are Unavailable Guild objects).
+    let guilds: Vec<&super::world::World> = state
+        .guilds()
+        .filter(|w| w.bot_in() && holds(identify.shard, w.guild_id))
+        .collect();
     let mut ready = json!({
         "v": 10,
         "user": world.user_json(world.bot_id).map(|mut u| {
@@ -500,7 +535,10 @@ fn start_session(shared: &Shared, state: &mut super::State, conn_id: u64, identi
             u["verified"] = json!(true);
             u
         }),
-        "guilds": [{"id": world.guild_id.to_string(), "unavailable": true}],
+        "guilds": guilds
+            .iter()
+            .map(|w| json!({"id": w.guild_id.to_string(), "unavailable": true}))
+            .collect::<Vec<_>>(),
         "session_id": session_id,
         "resume_gateway_url": shared.gateway_url(),
         "application": {"id": shared.settings.client_id.to_string(), "flags": 0},
@@ -512,10 +550,18 @@ fn start_session(shared: &Shared, state: &mut super::State, conn_id: u64, identi
     if let Some(shard) = identify.shard {
         ready["shard"] = json!(shard);
     }
-    let guild = (identify.intents & intents::GUILDS != 0)
-        .then(|| world.guild_create_json(identify.intents & intents::GUILD_VOICE_STATES != 0));
+    let with_voice = identify.intents & intents::GUILD_VOICE_STATES != 0;
+    let creates: Vec<Value> = if identify.intents & intents::GUILDS != 0 {
+        guilds
+            .iter()
+            .filter(|w| !w.unavailable)
+            .map(|w| w.guild_create_json(with_voice))
+            .collect()
+    } else {
+        Vec::new()
+    };
     state.hub.send_dispatch(&session_id, "READY", &ready);
-    if let Some(guild) = guild {
+    for guild in creates {
         state.hub.send_dispatch(&session_id, "GUILD_CREATE", &guild);
     }
 }
@@ -567,6 +613,28 @@ fn resume_session(hub: &mut Hub, conn_id: u64, resume: Resume) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sharded_session_holds_the_guilds_discords_formula_gives_it() {
+        use crate::sim::defaults::{GUILD_ID, NIGHT_OWLS_GUILD_ID, generated_guild_id};
+        assert!(holds(None, GUILD_ID) && holds(None, NIGHT_OWLS_GUILD_ID));
+        // (guild_id >> 22) % num_shards: the two seeded guilds sit on different shards.
+        assert!(holds(Some([0, 2]), GUILD_ID) && !holds(Some([1, 2]), GUILD_ID));
+        assert!(holds(Some([1, 2]), NIGHT_OWLS_GUILD_ID));
+        assert!(!holds(Some([0, 2]), NIGHT_OWLS_GUILD_ID));
+        assert!(holds(Some([0, 1]), NIGHT_OWLS_GUILD_ID));
+        // Generated guilds take consecutive shards.
+        let shards: Vec<u64> = (0..6)
+            .map(|i| {
+                (0..3)
+                    .find(|s| holds(Some([*s, 3]), generated_guild_id(i)))
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(shards.iter().filter(|s| **s == 0).count(), 2);
+        assert_eq!(shards.iter().filter(|s| **s == 2).count(), 2);
+        assert!(!holds(Some([0, 0]), GUILD_ID));
+    }
     use serde::de::DeserializeSeed;
     use twilight_model::gateway::event::{GatewayEvent, GatewayEventDeserializer};
 

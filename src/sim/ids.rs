@@ -4,14 +4,18 @@
 //!
 //! Owns no guild state; must not know what the ids name.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const DISCORD_EPOCH_MS: u64 = 1_420_070_400_000;
 
 /// Makes Discord-shaped ids: milliseconds since Discord's epoch above 22 counter bits.
-#[derive(Debug)]
+/// Clones share one counter, so every guild of the simulator mints from the same
+/// sequence and no two of them hand out the same id.
+#[derive(Debug, Clone)]
 pub struct Snowflakes {
-    last: u64,
+    last: Arc<AtomicU64>,
 }
 
 impl Snowflakes {
@@ -19,18 +23,26 @@ impl Snowflakes {
     pub fn seeded() -> Self {
         // 2024-01-01T00:00:00Z
         let ms = 1_704_067_200_000 - DISCORD_EPOCH_MS;
-        Self { last: ms << 22 }
+        Self {
+            last: Arc::new(AtomicU64::new(ms << 22)),
+        }
     }
 
     pub fn mint(&mut self) -> u64 {
         let now = (now_ms().saturating_sub(DISCORD_EPOCH_MS)) << 22;
-        self.last = (self.last + 1).max(now);
-        self.last
+        let step = |last: u64| Some((last + 1).max(now));
+        // The closure always answers `Some`, so both arms carry the previous value.
+        let previous = match self
+            .last
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, step)
+        {
+            Ok(v) | Err(v) => v,
+        };
+        (previous + 1).max(now)
     }
 
     pub fn next_seeded(&mut self) -> u64 {
-        self.last += 1;
-        self.last
+        self.last.fetch_add(1, Ordering::SeqCst) + 1
     }
 }
 

@@ -16,6 +16,7 @@ pub mod oauth;
 pub mod rest;
 pub mod world;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -36,7 +37,23 @@ use crate::config::{self, Problem};
 /// Defaults used when the Discord identity settings are unset, so the simulator runs with
 /// no configuration at all. They are printed at start.
 pub mod defaults {
+    /// "Coven Playgroup", the first guild: the one `DISCORD_GUILD_ID` names (this id by
+    /// default), and the one the control API's unnamed routes act on.
     pub const GUILD_ID: u64 = 1_190_000_000_000_000_001;
+    /// "Night Owls", a second seeded guild with the bot in it (on the other shard of two
+    /// from the first guild, by Discord's `(guild_id >> 22) % num_shards`).
+    pub const NIGHT_OWLS_GUILD_ID: u64 = 1_190_000_000_004_194_315;
+    /// "Dice Tower", a seeded guild the bot is not in; some seeded players may add it.
+    pub const DICE_TOWER_GUILD_ID: u64 = 1_190_000_000_008_388_619;
+    /// The id of the `i`-th (from 0) of the `SIM_GUILDS` generated guilds: consecutive
+    /// values of `guild_id >> 22`, so they spread evenly over any number of shards.
+    pub const fn generated_guild_id(i: u32) -> u64 {
+        GENERATED_GUILD_BASE + ((i as u64 + 1) << 22)
+    }
+    /// Below every id `generated_guild_id` gives.
+    pub const GENERATED_GUILD_BASE: u64 = 1_180_000_000_000_000_000;
+    /// The most generated guilds `SIM_GUILDS` allows.
+    pub const MAX_GENERATED_GUILDS: u32 = 10_000;
     pub const CLIENT_ID: u64 = 1_190_000_000_000_000_002;
     pub const BOT_TOKEN: &str = "sim-bot-token";
     pub const CLIENT_SECRET: &str = "sim-client-secret";
@@ -90,6 +107,20 @@ pub struct Settings {
     /// Comma-separated OAuth2 redirect URIs to accept (default: any http(s) URL)
     #[arg(long = "sim-redirect-uris", env = "SIM_REDIRECT_URIS", value_delimiter = ',', value_parser = parse_redirect_uri)]
     pub redirect_uris: Vec<Url>,
+    /// Generated guilds with the bot in them, besides the three seeded ones (0–10,000)
+    #[arg(long = "sim-guilds", env = "SIM_GUILDS", default_value = "0", value_parser = config::parse_number_in::<u32>(0, defaults::MAX_GENERATED_GUILDS))]
+    pub guilds: u32,
+    /// Whether anyone who manages a guild may add the bot (Discord's "Public Bot"); false: only the application's owner
+    #[arg(long = "sim-bot-public", env = "SIM_BOT_PUBLIC", default_value = "true", action = clap::ArgAction::Set, value_parser = parse_bool)]
+    pub bot_public: bool,
+}
+
+fn parse_bool(raw: &str) -> Result<bool, String> {
+    match raw.trim() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(format!("{other:?} is not true or false")),
+    }
 }
 
 /// The declared defaults, listening on any free port (for tests and benchmarks).
@@ -107,16 +138,29 @@ fn parse_redirect_uri(raw: &str) -> Result<Url, String> {
     Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL ({e})"))
 }
 
-/// The simulated application and guild are told apart by id.
+/// The simulated application and guilds are told apart by id.
 pub fn contradictions(parsed: &config::Parsed) -> Vec<Problem> {
     let client = parsed.get::<u64>("DISCORD_CLIENT_ID");
-    if client.is_some() && client == parsed.get::<u64>("DISCORD_GUILD_ID") {
+    let guild = parsed.get::<u64>("DISCORD_GUILD_ID");
+    if client.is_some() && client == guild {
         return vec![Problem::new(
             "DISCORD_CLIENT_ID",
             "must differ from DISCORD_GUILD_ID",
         )];
     }
-    Vec::new()
+    let seeded = |id: u64| {
+        id == defaults::NIGHT_OWLS_GUILD_ID
+            || id == defaults::DICE_TOWER_GUILD_ID
+            || (id > defaults::GENERATED_GUILD_BASE
+                && (id - defaults::GENERATED_GUILD_BASE).trailing_zeros() >= 22
+                && (id - defaults::GENERATED_GUILD_BASE) >> 22
+                    <= u64::from(defaults::MAX_GENERATED_GUILDS))
+    };
+    [("DISCORD_GUILD_ID", guild), ("DISCORD_CLIENT_ID", client)]
+        .into_iter()
+        .filter(|(_, id)| id.is_some_and(seeded))
+        .map(|(name, _)| Problem::new(name, "must differ from the ids of the other seeded guilds"))
+        .collect()
 }
 
 const fn secs(n: u64) -> Duration {
@@ -143,16 +187,80 @@ pub struct Shared {
 /// The simulator's mutable state, behind one lock so a change and its dispatches are
 /// numbered in the order they happen.
 pub struct State {
+    /// The first guild ("Coven Playgroup", `DISCORD_GUILD_ID`): the one the control API's
+    /// routes that name no guild act on.
     pub world: world::World,
+    /// Every other guild, by id: the seeded ones and the `SIM_GUILDS` generated ones.
+    pub others: BTreeMap<u64, world::World>,
     pub hub: gateway::Hub,
     pub oauth: oauth::Store,
     pub limits: rest::Limits,
 }
 
 impl State {
-    /// Delivers a change's dispatches to the Gateway sessions.
+    /// Delivers dispatches of the first guild to the Gateway sessions.
     pub fn emit(&mut self, events: &[world::Dispatch]) {
-        self.hub.dispatch(events);
+        self.emit_in(self.world.guild_id, events);
+    }
+
+    /// Delivers a change's dispatches in `guild` to the sessions that hold it; none while
+    /// the bot is not in the guild or the guild is unavailable (Discord sends a guild's
+    /// events only to bots in it, and after an outage a GUILD_CREATE with all of it).
+    pub fn emit_in(&mut self, guild: u64, events: &[world::Dispatch]) {
+        if self
+            .guild(guild)
+            .is_some_and(|w| w.bot_in() && !w.unavailable)
+        {
+            self.hub.dispatch(guild, events);
+        }
+    }
+
+    /// Sends GUILD_CREATE for `guild` to the sessions that hold it, each shaped by its
+    /// intents.
+    pub fn announce_guild(&mut self, guild: u64) {
+        let Self {
+            world, others, hub, ..
+        } = self;
+        let w = if world.guild_id == guild {
+            Some(&*world)
+        } else {
+            others.get(&guild)
+        };
+        if let Some(w) = w {
+            hub.dispatch_guild_create(guild, |with_voice| w.guild_create_json(with_voice));
+        }
+    }
+
+    pub fn guild(&self, id: u64) -> Option<&world::World> {
+        if id == self.world.guild_id {
+            Some(&self.world)
+        } else {
+            self.others.get(&id)
+        }
+    }
+
+    pub fn guild_mut(&mut self, id: u64) -> Option<&mut world::World> {
+        if id == self.world.guild_id {
+            Some(&mut self.world)
+        } else {
+            self.others.get_mut(&id)
+        }
+    }
+
+    /// Every guild, the first one first, then by id.
+    pub fn guilds(&self) -> impl Iterator<Item = &world::World> {
+        std::iter::once(&self.world).chain(self.others.values())
+    }
+
+    /// A user of the simulator, whichever guild knows them.
+    pub fn user(&self, id: u64) -> Option<&world::User> {
+        self.guilds().find_map(|w| w.users.get(&id))
+    }
+
+    /// The application's owner (Discord's "Public Bot" off lets only them add the bot):
+    /// the first guild's owner.
+    pub fn app_owner(&self) -> u64 {
+        self.world.owner_id
     }
 }
 
@@ -195,8 +303,14 @@ impl Sim {
             Some(u) => u.clone(),
             None => Url::parse(&format!("http://{addr}"))?,
         };
+        let first = world::World::seeded(settings.guild_id, settings.client_id);
+        let others = world::seed_others(&first, settings.guilds)
+            .into_iter()
+            .map(|w| (w.guild_id, w))
+            .collect();
         let state = State {
-            world: world::World::seeded(settings.guild_id, settings.client_id),
+            world: first,
+            others,
             hub: gateway::Hub::new(settings.resume_ttl),
             oauth: oauth::Store::default(),
             limits: rest::Limits::new(settings.rate_limit, settings.rate_window),

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{Bot, DiscordJson, guild, id_field, overwrites, snowflake};
+use super::extract::{Bot, DiscordJson, bot_guild, channel_guild, id_field, overwrites, snowflake};
 use crate::sim::Shared;
 use crate::sim::world::{self, ChannelEdit, NewChannel};
 
@@ -22,9 +22,9 @@ pub(super) async fn list_channels(
     _: Bot,
     Path(g): Path<String>,
 ) -> ApiResult {
-    guild(&shared, &g)?;
-    let state = shared.lock();
-    let w = &state.world;
+    let mut state = shared.lock();
+    let (_, w) = bot_guild(&mut state, &g)?;
+    let w = &*w;
     // Discord's "Obfuscated Channels": the list leaves out what the bot cannot view.
     let list: Vec<Value> = w
         .channels
@@ -54,7 +54,7 @@ pub(super) async fn create_channel(
     Path(g): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    guild(&shared, &g)?;
+    bot_guild(&mut shared.lock(), &g)?;
     let DiscordJson(req) = DiscordJson::<CreateChannel>::parse(&body)?;
     let Some(name) = req.name else {
         return Err(ApiError::invalid_field(
@@ -71,8 +71,9 @@ pub(super) async fn create_channel(
     };
     let overwrites = overwrites(&req.permission_overwrites.unwrap_or_default())?;
     let mut state = shared.lock();
-    let bot = state.world.bot_id;
-    let (id, events) = state.world.create_channel(
+    let (g, w) = bot_guild(&mut state, &g)?;
+    let bot = w.bot_id;
+    let (id, events) = w.create_channel(
         Some(bot),
         NewChannel {
             name,
@@ -82,11 +83,8 @@ pub(super) async fn create_channel(
             overwrites,
         },
     )?;
-    state.emit(&events);
-    let channel = state
-        .world
-        .channel(id)
-        .map(|c| state.world.channel_json_for_bot(c, true))?;
+    let channel = w.channel(id).map(|c| w.channel_json_for_bot(c, true))?;
+    state.emit_in(g, &events);
     Ok((StatusCode::CREATED, axum::Json(channel)).into_response())
 }
 
@@ -96,8 +94,9 @@ pub(super) async fn get_channel(
     Path(c): Path<String>,
 ) -> ApiResult {
     let id = snowflake("channel_id", &c)?;
-    let state = shared.lock();
-    let w = &state.world;
+    let mut state = shared.lock();
+    let (_, w) = channel_guild(&mut state, id)?;
+    let w = &*w;
     // A channel the bot cannot view answers 50001 Missing Access ("Obfuscated Channels").
     let channel = w.channel_for(Some(w.bot_id), id)?;
     Ok(axum::Json(w.channel_json(channel, true)).into_response())
@@ -129,11 +128,12 @@ pub(super) async fn update_channel(
             .transpose()?,
     };
     let mut state = shared.lock();
-    let bot = state.world.bot_id;
-    let events = state.world.update_channel(Some(bot), id, edit)?;
-    state.emit(&events);
-    let channel = state.world.channel(id)?;
-    Ok(axum::Json(state.world.channel_json_for_bot(channel, true)).into_response())
+    let (g, w) = channel_guild(&mut state, id)?;
+    let bot = w.bot_id;
+    let events = w.update_channel(Some(bot), id, edit)?;
+    let channel = w.channel(id).map(|c| w.channel_json_for_bot(c, true))?;
+    state.emit_in(g, &events);
+    Ok(axum::Json(channel).into_response())
 }
 
 /// Edit Channel Permissions: `{type, allow?, deny?}` for the role or member in the path.
@@ -150,9 +150,10 @@ pub(super) async fn set_overwrite(
         ApiError::invalid_field(what, "BASE_TYPE_INVALID", &format!("Invalid {what}."))
     })?;
     let mut state = shared.lock();
-    let bot = state.world.bot_id;
-    let events = state.world.set_overwrite(Some(bot), id, overwrite)?;
-    state.emit(&events);
+    let (g, w) = channel_guild(&mut state, id)?;
+    let bot = w.bot_id;
+    let events = w.set_overwrite(Some(bot), id, overwrite)?;
+    state.emit_in(g, &events);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -164,9 +165,10 @@ pub(super) async fn delete_overwrite(
     let id = snowflake("channel_id", &c)?;
     let target = snowflake("overwrite_id", &o)?;
     let mut state = shared.lock();
-    let bot = state.world.bot_id;
-    let events = state.world.delete_overwrite(Some(bot), id, target)?;
-    state.emit(&events);
+    let (g, w) = channel_guild(&mut state, id)?;
+    let bot = w.bot_id;
+    let events = w.delete_overwrite(Some(bot), id, target)?;
+    state.emit_in(g, &events);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -177,8 +179,9 @@ pub(super) async fn delete_channel(
 ) -> ApiResult {
     let id = snowflake("channel_id", &c)?;
     let mut state = shared.lock();
-    let bot = state.world.bot_id;
-    let (channel, events) = state.world.delete_channel(Some(bot), id)?;
-    state.emit(&events);
+    let (g, w) = channel_guild(&mut state, id)?;
+    let bot = w.bot_id;
+    let (channel, events) = w.delete_channel(Some(bot), id)?;
+    state.emit_in(g, &events);
     Ok(axum::Json(channel).into_response())
 }

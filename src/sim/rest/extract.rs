@@ -16,8 +16,8 @@ use serde_json::{Map, Value, json};
 use twilight_model::guild::Permissions;
 
 use super::error::{ApiError, ApiResult};
-use crate::sim::Shared;
-use crate::sim::world::{self, Overwrite};
+use crate::sim::world::{self, Overwrite, World};
+use crate::sim::{Shared, State};
 
 // Who is calling.
 
@@ -98,11 +98,30 @@ pub(super) fn snowflake(field: &str, raw: &str) -> ApiResult<u64> {
     })
 }
 
-pub(super) fn guild(shared: &Shared, raw: &str) -> ApiResult<()> {
-    if snowflake("guild_id", raw)? == shared.settings.guild_id {
-        Ok(())
-    } else {
-        Err(ApiError::code(10004))
+/// The guild a `/guilds/{guild.id}/...` path names, as the bot may address it: 10004
+/// Unknown Guild for an id no guild has, 50001 Missing Access for a guild the bot is not
+/// in (Discord's answer to a bot addressing a guild it cannot see).
+pub(super) fn bot_guild<'a>(state: &'a mut State, raw: &str) -> ApiResult<(u64, &'a mut World)> {
+    let id = snowflake("guild_id", raw)?;
+    match state.guild_mut(id) {
+        None => Err(ApiError::code(10004)),
+        Some(w) if !w.bot_in() => Err(ApiError::code(50001)),
+        Some(w) => Ok((id, w)),
+    }
+}
+
+/// The guild holding a channel the bot addresses by id (`/channels/{channel.id}`):
+/// 10003 Unknown Channel when no guild has it, 50001 Missing Access when the bot is not
+/// in its guild.
+pub(super) fn channel_guild(state: &mut State, channel: u64) -> ApiResult<(u64, &mut World)> {
+    let guild = state
+        .guilds()
+        .find(|w| w.channels.contains_key(&channel))
+        .map(|w| w.guild_id)
+        .ok_or_else(|| ApiError::code(10003))?;
+    match state.guild_mut(guild) {
+        Some(w) if w.bot_in() => Ok((guild, w)),
+        _ => Err(ApiError::code(50001)),
     }
 }
 

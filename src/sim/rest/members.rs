@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{Bot, DiscordJson, guild, id_field, snowflake};
+use super::extract::{Bot, DiscordJson, bot_guild, id_field, snowflake};
 use crate::sim::Shared;
 
 pub(super) async fn get_member(
@@ -21,13 +21,10 @@ pub(super) async fn get_member(
     _: Bot,
     Path((g, u)): Path<(String, String)>,
 ) -> ApiResult {
-    guild(&shared, &g)?;
+    let mut state = shared.lock();
+    let (_, w) = bot_guild(&mut state, &g)?;
     let user = snowflake("user_id", &u)?;
-    let state = shared.lock();
-    let member = state
-        .world
-        .member_json(user)
-        .ok_or_else(|| ApiError::code(10007))?;
+    let member = w.member_json(user).ok_or_else(|| ApiError::code(10007))?;
     Ok(axum::Json(member).into_response())
 }
 
@@ -46,7 +43,7 @@ pub(super) async fn add_member(
     Path((g, u)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    guild(&shared, &g)?;
+    bot_guild(&mut shared.lock(), &g)?;
     let user = snowflake("user_id", &u)?;
     let DiscordJson(req) = DiscordJson::<AddMember>::parse(&body)?;
     let Some(token) = req.access_token else {
@@ -67,15 +64,18 @@ pub(super) async fn add_member(
         Some((owner, scopes)) if owner == user && scopes.iter().any(|s| s == "guilds.join") => {}
         _ => return Err(ApiError::code(50025)),
     }
-    let bot = state.world.bot_id;
-    match state.world.add_member(bot, user, &roles)? {
+    // The user may be known only to other guilds so far.
+    let known = state.user(user).cloned();
+    let (g, w) = bot_guild(&mut state, &g)?;
+    if let Some(u) = known {
+        w.users.entry(user).or_insert(u);
+    }
+    let bot = w.bot_id;
+    match w.add_member(bot, user, &roles)? {
         None => Ok(StatusCode::NO_CONTENT.into_response()),
         Some(events) => {
-            state.emit(&events);
-            let member = state
-                .world
-                .member_json(user)
-                .ok_or_else(|| ApiError::code(10007))?;
+            let member = w.member_json(user).ok_or_else(|| ApiError::code(10007))?;
+            state.emit_in(g, &events);
             Ok((StatusCode::CREATED, axum::Json(member)).into_response())
         }
     }
@@ -89,11 +89,11 @@ pub(super) async fn modify_member(
     Path((g, u)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    guild(&shared, &g)?;
+    let mut state = shared.lock();
+    let (g, w) = bot_guild(&mut state, &g)?;
     let user = snowflake("user_id", &u)?;
     let DiscordJson(req) = DiscordJson::<Map<String, Value>>::parse(&body)?;
-    let mut state = shared.lock();
-    if !state.world.members.contains_key(&user) {
+    if !w.members.contains_key(&user) {
         return Err(ApiError::code(10007));
     }
     if let Some(target) = req.get("channel_id") {
@@ -107,13 +107,13 @@ pub(super) async fn modify_member(
                 )
             })?),
         };
-        let bot = state.world.bot_id;
-        let events = state.world.move_member(bot, user, channel)?;
-        state.emit(&events);
+        let bot = w.bot_id;
+        let events = w.move_member(bot, user, channel)?;
+        state.emit_in(g, &events);
     }
     let member = state
-        .world
-        .member_json(user)
+        .guild(g)
+        .and_then(|w| w.member_json(user))
         .ok_or_else(|| ApiError::code(10007))?;
     Ok(axum::Json(member).into_response())
 }
@@ -124,12 +124,12 @@ pub(super) async fn remove_member(
     _: Bot,
     Path((g, u)): Path<(String, String)>,
 ) -> ApiResult {
-    guild(&shared, &g)?;
-    let user = snowflake("user_id", &u)?;
     let mut state = shared.lock();
-    let bot = state.world.bot_id;
-    let events = state.world.remove_member(Some(bot), user)?;
-    state.emit(&events);
+    let (g, w) = bot_guild(&mut state, &g)?;
+    let user = snowflake("user_id", &u)?;
+    let bot = w.bot_id;
+    let events = w.remove_member(Some(bot), user)?;
+    state.emit_in(g, &events);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -138,22 +138,13 @@ pub(super) async fn get_voice_state(
     _: Bot,
     Path((g, u)): Path<(String, String)>,
 ) -> ApiResult {
-    guild(&shared, &g)?;
-    let state = shared.lock();
+    let mut state = shared.lock();
+    let (_, w) = bot_guild(&mut state, &g)?;
     let user = if u == "@me" {
-        state.world.bot_id
+        w.bot_id
     } else {
         snowflake("user_id", &u)?
     };
-    let voice = state
-        .world
-        .voice
-        .get(&user)
-        .ok_or_else(|| ApiError::code(10065))?;
-    Ok(axum::Json(
-        state
-            .world
-            .voice_json(user, Some(voice.channel_id), voice, true),
-    )
-    .into_response())
+    let voice = w.voice.get(&user).ok_or_else(|| ApiError::code(10065))?;
+    Ok(axum::Json(w.voice_json(user, Some(voice.channel_id), voice, true)).into_response())
 }

@@ -34,6 +34,10 @@ pub fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
         .route("/users/@me", get(current_user))
         .route("/users/@me/guilds", get(current_user_guilds))
         .route(
+            "/users/@me/guilds/{guild}/member",
+            get(current_user_guild_member),
+        )
+        .route(
             "/guilds/{guild}/channels",
             get(list_channels).post(create_channel),
         )

@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use twilight_model::guild::Permissions;
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{Bot, DiscordJson, guild, permissions_field, snowflake};
+use super::extract::{Bot, DiscordJson, bot_guild, permissions_field, snowflake};
 use crate::sim::Shared;
 use crate::sim::world;
 
@@ -36,13 +36,14 @@ pub(super) async fn create_role(
     Path(g): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    guild(&shared, &g)?;
+    bot_guild(&mut shared.lock(), &g)?;
     let DiscordJson(req) = DiscordJson::<CreateRole>::parse(&body)?;
     let permissions =
         permissions_field(req.permissions.as_ref())?.unwrap_or(Permissions::VIEW_CHANNEL);
     let mut state = shared.lock();
-    let bot = state.world.bot_id;
-    let (role, events) = state.world.create_role(
+    let (g, w) = bot_guild(&mut state, &g)?;
+    let bot = w.bot_id;
+    let (role, events) = w.create_role(
         Some(bot),
         req.name,
         permissions,
@@ -50,7 +51,7 @@ pub(super) async fn create_role(
         req.hoist.unwrap_or(false),
         req.mentionable.unwrap_or(false),
     )?;
-    state.emit(&events);
+    state.emit_in(g, &events);
     Ok(axum::Json(role).into_response())
 }
 
@@ -59,12 +60,12 @@ pub(super) async fn delete_role(
     _: Bot,
     Path((g, r)): Path<(String, String)>,
 ) -> ApiResult {
-    guild(&shared, &g)?;
-    let role = snowflake("role_id", &r)?;
     let mut state = shared.lock();
-    let bot = state.world.bot_id;
-    let events = state.world.delete_role(Some(bot), role)?;
-    state.emit(&events);
+    let (g, w) = bot_guild(&mut state, &g)?;
+    let role = snowflake("role_id", &r)?;
+    let bot = w.bot_id;
+    let events = w.delete_role(Some(bot), role)?;
+    state.emit_in(g, &events);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -75,16 +76,17 @@ pub(super) async fn update_role(
     Path((g, r)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    guild(&shared, &g)?;
+    bot_guild(&mut shared.lock(), &g)?;
     let role = snowflake("role_id", &r)?;
     let DiscordJson(req) = DiscordJson::<Map<String, Value>>::parse(&body)?;
     let edit = world::role_edit_from_json(&req).map_err(|field| {
         ApiError::invalid_field(field, "BASE_TYPE_INVALID", "Value is of the wrong type.")
     })?;
     let mut state = shared.lock();
-    let bot = state.world.bot_id;
-    let (role, events) = state.world.update_role(Some(bot), role, edit)?;
-    state.emit(&events);
+    let (g, w) = bot_guild(&mut state, &g)?;
+    let bot = w.bot_id;
+    let (role, events) = w.update_role(Some(bot), role, edit)?;
+    state.emit_in(g, &events);
     Ok(axum::Json(role).into_response())
 }
 
@@ -105,12 +107,12 @@ pub(super) async fn remove_member_role(
 }
 
 fn set_role(shared: &Shared, g: &str, u: &str, r: &str, grant: bool) -> ApiResult {
-    guild(shared, g)?;
+    let mut state = shared.lock();
+    let (g, w) = bot_guild(&mut state, g)?;
     let user = snowflake("user_id", u)?;
     let role = snowflake("role_id", r)?;
-    let mut state = shared.lock();
-    let bot = state.world.bot_id;
-    let events = state.world.set_member_role(Some(bot), user, role, grant)?;
-    state.emit(&events);
+    let bot = w.bot_id;
+    let events = w.set_member_role(Some(bot), user, role, grant)?;
+    state.emit_in(g, &events);
     Ok(StatusCode::NO_CONTENT.into_response())
 }

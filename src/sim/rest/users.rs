@@ -4,13 +4,15 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{Bot, Caller};
+use super::extract::{Bot, Caller, snowflake};
 use crate::sim::Shared;
+use crate::sim::world::World;
 
 pub(super) async fn gateway_bot(State(shared): State<Arc<Shared>>, _: Bot) -> Response {
     axum::Json(json!({
@@ -42,33 +44,102 @@ pub(super) async fn current_user(State(shared): State<Arc<Shared>>, caller: Call
     Ok(axum::Json(user).into_response())
 }
 
+/// Get Current User Guilds' query (user resource): `before`/`after` a guild id and
+/// `limit` (1–200, default 200); `with_counts` is accepted and ignored.
+#[derive(Deserialize)]
+pub(super) struct GuildsQuery {
+    before: Option<String>,
+    after: Option<String>,
+    limit: Option<String>,
+}
+
+/// The user a bearer token names, if it carries `scope`. A token without the scope gets
+/// Discord's plain 401 (what Discord answers an OAuth2 token lacking the route's scope).
+fn user_with_scope(caller: Caller, scope: &str) -> ApiResult<u64> {
+    match caller {
+        Caller::User { id, scopes } if scopes.iter().any(|s| s == scope) => Ok(id),
+        _ => Err(ApiError::unauthorized()),
+    }
+}
+
+/// Get Current User Guilds (scope `guilds`): partial guilds, by id ascending, each with
+/// `owner` and the caller's computed guild `permissions` as a decimal string.
 pub(super) async fn current_user_guilds(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
+    Query(q): Query<GuildsQuery>,
 ) -> ApiResult {
-    let state = shared.lock();
-    let w = &state.world;
     let id = match caller {
-        Caller::Bot => w.bot_id,
-        Caller::User { id, scopes } => {
-            if !scopes.iter().any(|s| s == "guilds") {
-                return Err(ApiError::unauthorized());
-            }
-            id
-        }
+        Caller::Bot => None,
+        user => Some(user_with_scope(user, "guilds")?),
     };
-    let guilds: Vec<Value> = if w.members.contains_key(&id) {
-        vec![json!({
-            "id": w.guild_id.to_string(),
-            "name": w.guild_name,
-            "icon": null,
-            "banner": null,
-            "owner": id == w.owner_id,
-            "permissions": w.guild_permissions(id),
-            "features": [],
-        })]
+    let bound =
+        |field: &str, raw: &Option<String>| raw.as_deref().map(|r| snowflake(field, r)).transpose();
+    let (before, after) = (bound("before", &q.before)?, bound("after", &q.after)?);
+    let limit = match q.limit.as_deref() {
+        None => 200,
+        Some(raw) => raw
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=200).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid_field(
+                    "limit",
+                    "NUMBER_TYPE_MAX",
+                    "int value should be between 1 and 200.",
+                )
+            })?,
+    };
+    let state = shared.lock();
+    let mut mine: Vec<&World> = state
+        .guilds()
+        .filter(|w| match id {
+            Some(user) => w.members.contains_key(&user),
+            None => w.bot_in(),
+        })
+        .filter(|w| before.is_none_or(|b| w.guild_id < b) && after.is_none_or(|a| w.guild_id > a))
+        .collect();
+    mine.sort_by_key(|w| w.guild_id);
+    // With only `before`, the page is the `limit` guilds just before it.
+    let skip = if before.is_some() && after.is_none() {
+        mine.len().saturating_sub(limit)
     } else {
-        Vec::new()
+        0
     };
+    let guilds: Vec<Value> = mine
+        .iter()
+        .skip(skip)
+        .take(limit)
+        .map(|w| {
+            let user = id.unwrap_or(w.bot_id);
+            json!({
+                "id": w.guild_id.to_string(),
+                "name": w.guild_name,
+                "icon": null,
+                "banner": null,
+                "owner": user == w.owner_id,
+                "permissions": w.guild_permissions(user),
+                "features": [],
+            })
+        })
+        .collect();
     Ok(axum::Json(guilds).into_response())
+}
+
+/// Get Current User Guild Member (scope `guilds.members.read`): the caller's member
+/// object in the guild; 10004 Unknown Guild when they are not in it (or it does not
+/// exist), so the answer never tells the two apart.
+pub(super) async fn current_user_guild_member(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    Path(g): Path<String>,
+) -> ApiResult {
+    let user = user_with_scope(caller, "guilds.members.read")?;
+    let guild = snowflake("guild_id", &g)?;
+    let state = shared.lock();
+    let member = state
+        .guild(guild)
+        .and_then(|w| w.member_json(user))
+        .ok_or_else(|| ApiError::code(10004))?;
+    Ok(axum::Json(member).into_response())
 }

@@ -7,6 +7,7 @@
 //! JSON shapes have their own modules. Owns no I/O: the caller delivers the dispatches.
 //! Must not know about HTTP or Gateway sessions.
 
+mod bot;
 mod channels;
 mod members;
 mod permissions;
@@ -23,7 +24,7 @@ use serde_json::Value;
 use crate::sim::ids::{Snowflakes, iso_now};
 
 pub use permissions::name as permission_name;
-pub use seed::BOT_PERMISSIONS;
+pub use seed::{BOT_PERMISSIONS, seed_others};
 use twilight_model::guild::Permissions;
 pub use wire::{
     HIDDEN_NAME, bits_from_json, channel_flag, id_from_json, overwrite_from_json,
@@ -156,6 +157,9 @@ pub struct World {
     pub roles: BTreeMap<u64, Role>,
     pub channels: BTreeMap<u64, Channel>,
     pub voice: BTreeMap<u64, Voice>,
+    /// Discord reports the guild unavailable (an outage): its dispatches are not sent
+    /// until it is back.
+    pub unavailable: bool,
     /// Every successful move through Modify Guild Member with a `channel_id`, in order:
     /// (user, target channel). Tests read it to prove a move did or did not happen.
     pub moves: Vec<(u64, u64)>,
@@ -230,5 +234,10 @@ pub struct NewChannel {
 impl World {
     pub fn channel(&self, id: u64) -> Result<&Channel, Refusal> {
         self.channels.get(&id).ok_or(Refusal::UnknownChannel)
+    }
+
+    /// Whether the bot is a member of this guild.
+    pub fn bot_in(&self) -> bool {
+        self.members.contains_key(&self.bot_id)
     }
 }
