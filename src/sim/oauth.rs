@@ -27,6 +27,8 @@ use url::Url;
 use super::Shared;
 use super::ids::random_hex;
 
+mod bot;
+
 /// Codes live ten minutes, as Discord's do.
 const CODE_TTL: Duration = Duration::from_secs(600);
 
@@ -39,6 +41,8 @@ const KNOWN_SCOPES: &[&str] = &[
     "guilds.members.read",
     "connections",
     "openid",
+    "bot",
+    "applications.commands",
 ];
 
 #[derive(Debug)]
@@ -48,6 +52,9 @@ struct Grant {
     user_id: u64,
     challenge: Option<String>,
     expires: Instant,
+    /// Advanced bot authorization: the guild the bot was added to, whose object the
+    /// token response carries.
+    guild: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -258,6 +265,9 @@ pub struct AuthorizeQuery {
     code_challenge: Option<String>,
     code_challenge_method: Option<String>,
     sim_user: Option<String>,
+    permissions: Option<String>,
+    guild_id: Option<String>,
+    disable_guild_select: Option<String>,
 }
 
 #[derive(Template)]
@@ -291,6 +301,52 @@ fn error_page(message: impl Into<String>) -> Response {
     }
 }
 
+/// A simulated person (not a bot) of any guild, by id or username.
+fn find_user(state: &super::State, pick: &str) -> Option<u64> {
+    state
+        .guilds()
+        .flat_map(|w| w.users.values())
+        .find(|u| !u.bot && (u.id.to_string() == pick || u.username == pick))
+        .map(|u| u.id)
+}
+
+fn requested_scopes(raw: Option<&str>) -> Vec<String> {
+    raw.unwrap_or("")
+        .split([' ', '+'])
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The challenge of a PKCE authorization request, or why it is refused.
+fn pkce(q: &AuthorizeQuery) -> Result<Option<String>, &'static str> {
+    match (&q.code_challenge, q.code_challenge_method.as_deref()) {
+        (None, None) => Ok(None),
+        (Some(c), Some("S256")) if (43..=128).contains(&c.len()) => Ok(Some(c.clone())),
+        (Some(_), Some("S256")) => Err("Invalid code_challenge"),
+        _ => Err("code_challenge_method must be S256"),
+    }
+}
+
+/// Whether `redirect` is one the application registered (any http(s) URL when
+/// `SIM_REDIRECT_URIS` is unset).
+fn redirect_allowed(shared: &Shared, redirect: &Url) -> bool {
+    let allowed = &shared.settings.redirect_uris;
+    matches!(redirect.scheme(), "http" | "https")
+        && (allowed.is_empty() || allowed.contains(redirect))
+}
+
+/// Logging in on the authorize page logs the browser in to (simulated) Discord as well,
+/// so its channel pages know who "you" are.
+fn log_in_browser(response: &mut Response, user_id: u64) {
+    if let Ok(cookie) = HeaderValue::from_str(&format!(
+        "{}={user_id}; Path=/; HttpOnly; SameSite=Lax",
+        super::app::USER_COOKIE
+    )) {
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
+}
+
 async fn authorize(State(shared): State<Arc<Shared>>, Query(q): Query<AuthorizeQuery>) -> Response {
     // Errors about the client or the redirect URI are shown, never redirected: sending
     // a user to an unverified URI is exactly what OAuth2 forbids.
@@ -301,13 +357,14 @@ async fn authorize(State(shared): State<Arc<Shared>>, Query(q): Query<AuthorizeQ
     if !client_ok {
         return error_page("Unknown application (client_id does not match).");
     }
+    let scopes = requested_scopes(q.scope.as_deref());
+    if scopes.iter().any(|s| s == "bot") {
+        return bot::authorize(&shared, &q, scopes);
+    }
     let Some(redirect) = q.redirect_uri.as_deref().and_then(|u| Url::parse(u).ok()) else {
         return error_page("Invalid OAuth2 redirect_uri.");
     };
-    let allowed = &shared.settings.redirect_uris;
-    if !matches!(redirect.scheme(), "http" | "https")
-        || (!allowed.is_empty() && !allowed.contains(&redirect))
-    {
+    if !redirect_allowed(&shared, &redirect) {
         return error_page("Invalid OAuth2 redirect_uri.");
     }
     let fail = |error: &str, description: &str| {
@@ -325,25 +382,15 @@ async fn authorize(State(shared): State<Arc<Shared>>, Query(q): Query<AuthorizeQ
     if q.response_type.as_deref() != Some("code") {
         return fail("unsupported_response_type", "response_type must be code");
     }
-    let scopes: Vec<String> = q
-        .scope
-        .as_deref()
-        .unwrap_or("")
-        .split([' ', '+'])
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect();
     if scopes.is_empty() || scopes.iter().any(|s| !KNOWN_SCOPES.contains(&s.as_str())) {
         return fail(
             "invalid_scope",
             "The requested scope is invalid, unknown, or malformed.",
         );
     }
-    let challenge = match (&q.code_challenge, q.code_challenge_method.as_deref()) {
-        (None, None) => None,
-        (Some(c), Some("S256")) if (43..=128).contains(&c.len()) => Some(c.clone()),
-        (Some(_), Some("S256")) => return fail("invalid_request", "Invalid code_challenge"),
-        _ => return fail("invalid_request", "code_challenge_method must be S256"),
+    let challenge = match pkce(&q) {
+        Ok(c) => c,
+        Err(why) => return fail("invalid_request", why),
     };
 
     let mut state = shared.lock();
@@ -388,12 +435,7 @@ async fn authorize(State(shared): State<Arc<Shared>>, Query(q): Query<AuthorizeQ
             Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
         };
     };
-    let user_id = state
-        .world
-        .users
-        .values()
-        .find(|u| !u.bot && (u.id.to_string() == pick || u.username == pick))
-        .map(|u| u.id);
+    let user_id = find_user(&state, pick);
     let Some(user_id) = user_id else {
         return error_page(format!("No simulated user {pick:?}."));
     };
@@ -407,6 +449,7 @@ async fn authorize(State(shared): State<Arc<Shared>>, Query(q): Query<AuthorizeQ
             user_id,
             challenge,
             expires: Instant::now() + CODE_TTL,
+            guild: None,
         },
     );
     let mut to = redirect.clone();
@@ -418,14 +461,7 @@ async fn authorize(State(shared): State<Arc<Shared>>, Query(q): Query<AuthorizeQ
         }
     }
     let mut response = Redirect::to(to.as_str()).into_response();
-    // Logging in here logs the browser in to (simulated) Discord as well, so its channel
-    // pages know who "you" are.
-    if let Ok(cookie) = HeaderValue::from_str(&format!(
-        "{}={user_id}; Path=/; HttpOnly; SameSite=Lax",
-        super::app::USER_COOKIE
-    )) {
-        response.headers_mut().insert(header::SET_COOKIE, cookie);
-    }
+    log_in_browser(&mut response, user_id);
     response
 }
 
@@ -534,7 +570,13 @@ async fn token(
                     );
                 }
             }
-            axum::Json(state.oauth.issue(grant.user_id, grant.scopes, ttl)).into_response()
+            let mut answer = state.oauth.issue(grant.user_id, grant.scopes, ttl);
+            // Advanced bot authorization: "you'll also receive information about the
+            // guild to which your bot was added".
+            if let Some(guild) = grant.guild.and_then(|g| state.guild(g)) {
+                answer["guild"] = guild.guild_json();
+            }
+            axum::Json(answer).into_response()
         }
         Some("refresh_token") => {
             let Some((user, scopes)) = form

@@ -10,6 +10,8 @@ use twilight_model::channel::ChannelFlags;
 use twilight_model::gateway::payload::incoming::GuildCreate;
 use twilight_model::guild::Permissions;
 
+use coven::sim::defaults::{DICE_TOWER_GUILD_ID, NIGHT_OWLS_GUILD_ID};
+
 use crate::harness::{TestSim, next_event, shard, shard_with, wait_for, within};
 
 #[tokio::test]
@@ -375,6 +377,8 @@ async fn without_the_voice_intent_there_are_no_voice_states() {
     recv(&mut ws).await.expect("ready");
     let guild = recv(&mut ws).await.expect("guild create");
     assert_eq!(guild["d"]["voice_states"], json!([]));
+    let owls = recv(&mut ws).await.expect("the second guild's create");
+    assert_eq!(owls["d"]["id"], NIGHT_OWLS_GUILD_ID.to_string());
     // And voice changes are not dispatched to this session, but channel changes are.
     sim.control(
         "/voice",
@@ -384,7 +388,7 @@ async fn without_the_voice_intent_there_are_no_voice_states() {
     sim.control("/channels", json!({"name": "Later"})).await;
     let next = recv(&mut ws).await.expect("dispatch");
     assert_eq!(next["t"], "CHANNEL_CREATE");
-    assert_eq!(next["s"], 3);
+    assert_eq!(next["s"], 4);
 }
 
 #[tokio::test]
@@ -633,6 +637,8 @@ async fn obfuscated_channels_have_discords_json_shape() {
     let parsed: GuildCreate =
         serde_json::from_value(frame["d"].clone()).expect("twilight-model reads GUILD_CREATE");
     assert!(matches!(parsed, GuildCreate::Available(_)));
+    let owls = recv(&mut ws).await.expect("the second guild's create");
+    assert_eq!(owls["d"]["id"], NIGHT_OWLS_GUILD_ID.to_string());
 
     // CHANNEL_CREATE of another hidden channel, raw.
     let other = sim.create_channel(hidden_voice("Other", guild, None)).await;

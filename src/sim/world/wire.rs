@@ -157,14 +157,9 @@ impl World {
         out
     }
 
-    /// The GUILD_CREATE payload. Without the voice-states intent Discord sends no voice
-    /// states; without GUILD_MEMBERS it sends only the members it must (the bot and
-    /// those in voice).
-    pub fn guild_create_json(&self, with_voice: bool) -> Value {
-        let mut member_ids: BTreeSet<u64> = [self.bot_id].into_iter().collect();
-        if with_voice {
-            member_ids.extend(self.voice.keys().copied());
-        }
+    /// The guild object (guild resource, "Guild Object"), as REST and the advanced bot
+    /// authorization's token response give it.
+    pub fn guild_json(&self) -> Value {
         json!({
             "id": self.guild_id.to_string(),
             "name": self.guild_name,
@@ -194,13 +189,26 @@ impl World {
             "preferred_locale": "en-US",
             "max_members": 500_000,
             "max_video_channel_users": 25,
+            "roles": self.roles.values().map(role_json).collect::<Vec<_>>(),
+            "emojis": [],
+            "stickers": [],
+        })
+    }
+
+    /// The GUILD_CREATE payload: the guild object and the Gateway's extra fields. Without
+    /// the voice-states intent Discord sends no voice states; without GUILD_MEMBERS it
+    /// sends only the members it must (the bot and those in voice).
+    pub fn guild_create_json(&self, with_voice: bool) -> Value {
+        let mut member_ids: BTreeSet<u64> = [self.bot_id].into_iter().collect();
+        if with_voice {
+            member_ids.extend(self.voice.keys().copied());
+        }
+        let mut guild = self.guild_json();
+        let extra = json!({
             "joined_at": "2024-01-01T00:00:00.000000+00:00",
             "large": false,
             "unavailable": false,
             "member_count": self.members.len(),
-            "roles": self.roles.values().map(role_json).collect::<Vec<_>>(),
-            "emojis": [],
-            "stickers": [],
             "channels": self.channels.values().map(|c| self.channel_json_for_bot(c, false)).collect::<Vec<_>>(),
             "threads": [],
             "members": member_ids.iter().filter_map(|u| self.member_json(*u)).collect::<Vec<_>>(),
@@ -210,7 +218,11 @@ impl World {
             "presences": [],
             "stage_instances": [],
             "guild_scheduled_events": [],
-        })
+        });
+        if let (Some(g), Value::Object(extra)) = (guild.as_object_mut(), extra) {
+            g.extend(extra);
+        }
+        guild
     }
 }
 
