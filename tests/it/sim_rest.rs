@@ -12,6 +12,7 @@ use twilight_model::guild::Permissions;
 use twilight_model::id::Id;
 
 use crate::harness::{TestSim, next_event, shard};
+use reqwest::Method;
 use twilight_gateway::Event;
 
 /// The Discord error code inside a twilight-http error, if it is a Discord answer.
@@ -1082,4 +1083,349 @@ async fn the_control_api_manages_roles_members_and_overwrites() {
 /// Whether a JSON value is this snowflake, written as Discord writes ids (a string).
 fn is_id(v: &Value, id: u64) -> bool {
     v.as_str() == Some(id.to_string().as_str())
+}
+
+/// A simulator whose bot-token buckets never run out in a test of many routes.
+async fn roomy_sim(guilds: u32) -> TestSim {
+    TestSim::start_with(|s| {
+        s.rate_limit = 1_000;
+        s.token_rate_limit = 1_000;
+        s.guilds = guilds;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn every_guild_route_acts_on_the_guild_in_its_path() {
+    use coven::sim::defaults::{DICE_TOWER_GUILD_ID as DICE, NIGHT_OWLS_GUILD_ID as OWLS};
+    let sim = roomy_sim(0).await;
+    let first = sim.guild_id();
+    let owls_lobby = sim.id_in(OWLS, "lobby_id").await;
+    let owls_category = sim.id_in(OWLS, "room_category_id").await;
+    let nyx = sim.user_of(OWLS, "nyx").await;
+
+    // A room made in Night Owls is there, not in the first guild.
+    let (status, room) = raw(
+        &sim,
+        Method::POST,
+        &format!("/guilds/{OWLS}/channels"),
+        Some(
+            &json!({"name": "Owl table", "type": 2, "parent_id": owls_category.to_string()})
+                .to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(status, 201, "{room}");
+    assert_eq!(room["guild_id"], OWLS.to_string());
+    let room_id: u64 = room["id"].as_str().unwrap().parse().unwrap();
+    let listed = |state: &Value| {
+        state["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| is_id(&c["id"], room_id))
+    };
+    assert!(listed(&sim.guild_state(OWLS).await));
+    assert!(!listed(&sim.state().await));
+
+    let (status, channels) =
+        raw(&sim, Method::GET, &format!("/guilds/{OWLS}/channels"), None).await;
+    assert_eq!(status, 200);
+    assert!(
+        channels
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| is_id(&c["id"], owls_lobby))
+    );
+    let (status, member) = raw(
+        &sim,
+        Method::GET,
+        &format!("/guilds/{OWLS}/members/{nyx}"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, member["user"]["username"].clone()),
+        (200, json!("nyx"))
+    );
+    // nyx is not a member of the first guild: Discord's 10007 there.
+    let (status, body) = raw(
+        &sim,
+        Method::GET,
+        &format!("/guilds/{first}/members/{nyx}"),
+        None,
+    )
+    .await;
+    assert_eq!((status, body["code"].clone()), (404, json!(10007)));
+
+    // A role and a member's role in Night Owls.
+    let (status, role) = raw(
+        &sim,
+        Method::POST,
+        &format!("/guilds/{OWLS}/roles"),
+        Some(r#"{"name":"Owl"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{role}");
+    let role_id = role["id"].as_str().unwrap();
+    let (status, _) = raw(
+        &sim,
+        Method::PUT,
+        &format!("/guilds/{OWLS}/members/{nyx}/roles/{role_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let owls = sim.guild_state(OWLS).await;
+    let nyx_roles = owls["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| is_id(&m["user_id"], nyx))
+        .unwrap()["roles"]
+        .clone();
+    assert_eq!(nyx_roles, json!([role_id]));
+    assert!(
+        !sim.state().await["roles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == role_id)
+    );
+
+    // Channel routes find the channel's guild; moves and voice states work there too.
+    let (status, body) = raw(
+        &sim,
+        Method::PATCH,
+        &format!("/channels/{room_id}"),
+        Some(r#"{"user_limit":4}"#),
+    )
+    .await;
+    assert_eq!((status, body["user_limit"].clone()), (200, json!(4)));
+    let (status, body) = raw(
+        &sim,
+        Method::GET,
+        &format!("/guilds/{OWLS}/voice-states/{nyx}"),
+        None,
+    )
+    .await;
+    assert_eq!((status, body["code"].clone()), (404, json!(10065)));
+
+    // Dice Tower exists but the bot is not in it: 50001. No guild at all: 10004.
+    let dice_lobby = sim.id_in(DICE, "lobby_id").await;
+    for (path, status, code) in [
+        (format!("/guilds/{DICE}/channels"), 403, 50001),
+        (format!("/guilds/{DICE}/members/{nyx}"), 403, 50001),
+        (format!("/channels/{dice_lobby}"), 403, 50001),
+        (format!("/guilds/{}/channels", OWLS + 1), 404, 10004),
+    ] {
+        let (got, body) = raw(&sim, Method::GET, &path, None).await;
+        assert_eq!(
+            (got, body["code"].clone()),
+            (status, json!(code)),
+            "{path}: {body}"
+        );
+    }
+    let (status, body) = raw(
+        &sim,
+        Method::POST,
+        &format!("/guilds/{DICE}/roles"),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!((status, body["code"].clone()), (403, json!(50001)));
+}
+
+#[tokio::test]
+async fn the_state_lists_every_guild_and_answers_for_one() {
+    use coven::sim::defaults::{DICE_TOWER_GUILD_ID as DICE, NIGHT_OWLS_GUILD_ID as OWLS};
+    let sim = roomy_sim(3).await;
+    let state = sim.state().await;
+    // The first guild's shape is as it was.
+    assert_eq!(state["guild_id"], sim.guild_id().to_string());
+    for field in [
+        "client_id",
+        "bot_id",
+        "owner_id",
+        "lobby_id",
+        "room_category_id",
+        "users",
+        "channels",
+        "roles",
+        "members",
+        "voice_states",
+        "moves",
+        "gateway",
+        "rest",
+        "oauth",
+    ] {
+        assert!(!state[field].is_null(), "{field}");
+    }
+    let guilds = state["guilds"].as_array().unwrap();
+    assert_eq!(guilds.len(), 6, "three seeded, three generated");
+    let entry = |id: u64| {
+        guilds
+            .iter()
+            .find(|g| is_id(&g["id"], id))
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(entry(sim.guild_id())["name"], "Coven Playgroup");
+    assert_eq!(entry(OWLS)["name"], "Night Owls");
+    assert_eq!(entry(OWLS)["bot"], true);
+    assert_eq!(entry(DICE)["bot"], false);
+    assert_eq!(entry(DICE)["shard"], 0);
+    assert!(entry(DICE)["members"].as_u64().unwrap() >= 3);
+    let generated = coven::sim::defaults::generated_guild_id(2);
+    assert_eq!(entry(generated)["bot"], true);
+    assert_eq!(entry(generated)["members"], 4, "the bot and three people");
+
+    let owls = sim.guild_state(OWLS).await;
+    assert_eq!(owls["guild_id"], OWLS.to_string());
+    assert_eq!(owls["bot_id"], state["bot_id"]);
+    assert_ne!(owls["lobby_id"], state["lobby_id"]);
+    assert_eq!(owls["guilds"], state["guilds"]);
+    let gen_state = sim.guild_state(generated).await;
+    assert!(
+        gen_state["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["id"] == gen_state["lobby_id"] && c["type"] == 2)
+    );
+
+    for (query, status) in [("?guild=1", 404), ("?guild=abc", 400)] {
+        let res = sim
+            .http
+            .get(sim.url(&format!("/_sim/state{query}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), status, "{query}");
+    }
+}
+
+#[tokio::test]
+async fn a_users_guilds_and_member_come_with_their_token_and_scopes() {
+    use coven::sim::defaults::{DICE_TOWER_GUILD_ID as DICE, NIGHT_OWLS_GUILD_ID as OWLS};
+    let sim = roomy_sim(0).await;
+    let (first, ash, dusk, hollow) = (
+        sim.guild_id(),
+        sim.user("ash").await,
+        sim.user("dusk").await,
+        sim.user("hollow").await,
+    );
+    let token = sim
+        .user_token(ash, "identify guilds guilds.members.read")
+        .await;
+
+    // ash plays in the first guild (as its owner) and in Night Owls.
+    let (status, guilds) = sim.as_user(&token, "/users/@me/guilds").await;
+    assert_eq!(status, 200, "{guilds}");
+    let ids: Vec<&str> = guilds
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [first.to_string(), OWLS.to_string()]);
+    let mine = &guilds[0];
+    assert_eq!(mine["name"], "Coven Playgroup");
+    assert_eq!(mine["owner"], true);
+    assert!(
+        mine["permissions"].is_string(),
+        "permissions as a string: {mine}"
+    );
+    let perms: u64 = mine["permissions"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        Permissions::from_bits_truncate(perms),
+        Permissions::all(),
+        "the owner has all"
+    );
+    assert_eq!(guilds[1]["owner"], false);
+    assert!(guilds[1]["features"].is_array() && guilds[1].get("icon").is_some());
+    let typed: Vec<twilight_model::user::CurrentUserGuild> =
+        serde_json::from_value(guilds.clone()).expect("twilight-model reads the partial guilds");
+    assert_eq!(typed.len(), 2);
+
+    // Pages: after, before, limit.
+    let (_, page) = sim
+        .as_user(&token, &format!("/users/@me/guilds?after={first}"))
+        .await;
+    assert_eq!(page.as_array().unwrap().len(), 1);
+    assert_eq!(page[0]["id"], OWLS.to_string());
+    let (_, page) = sim
+        .as_user(&token, &format!("/users/@me/guilds?before={OWLS}"))
+        .await;
+    assert_eq!(page[0]["id"], first.to_string());
+    let (_, page) = sim.as_user(&token, "/users/@me/guilds?limit=1").await;
+    assert_eq!(page.as_array().unwrap().len(), 1);
+    let (status, body) = sim.as_user(&token, "/users/@me/guilds?limit=0").await;
+    assert_eq!((status, body["code"].clone()), (400, json!(50035)));
+
+    // Dice Tower: dusk owns it, and the bot is not in it; it is listed all the same.
+    let dusk_token = sim.user_token(dusk, "guilds").await;
+    let (_, dusk_guilds) = sim.as_user(&dusk_token, "/users/@me/guilds").await;
+    let dice = dusk_guilds
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| is_id(&g["id"], DICE))
+        .cloned()
+        .expect("Dice Tower listed");
+    assert_eq!(dice["owner"], true);
+
+    // The member object, and Discord's 10004 for a guild the user is not in.
+    let (status, member) = sim
+        .as_user(&token, &format!("/users/@me/guilds/{OWLS}/member"))
+        .await;
+    assert_eq!(status, 200, "{member}");
+    assert_eq!(member["user"]["id"], ash.to_string());
+    assert!(member["roles"].is_array() && member["joined_at"].is_string());
+    let _: twilight_model::guild::Member =
+        serde_json::from_value(member).expect("twilight-model reads the member");
+    for guild in [DICE, 1] {
+        let (status, body) = sim
+            .as_user(&token, &format!("/users/@me/guilds/{guild}/member"))
+            .await;
+        assert_eq!(
+            (status, body["code"].clone()),
+            (404, json!(10004)),
+            "{guild}"
+        );
+    }
+    let hollow_token = sim.user_token(hollow, "guilds.members.read").await;
+    let (status, body) = sim
+        .as_user(&hollow_token, &format!("/users/@me/guilds/{OWLS}/member"))
+        .await;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (404, json!(10004)),
+        "hollow is not in Night Owls"
+    );
+
+    // A token without the scope gets Discord's plain 401, as /users/@me does without
+    // `identify`.
+    let narrow = sim.user_token(ash, "identify").await;
+    for path in [
+        "/users/@me/guilds".to_owned(),
+        format!("/users/@me/guilds/{first}/member"),
+    ] {
+        let (status, body) = sim.as_user(&narrow, &path).await;
+        assert_eq!(
+            (status, body),
+            (401, json!({"code": 0, "message": "401: Unauthorized"})),
+            "{path}"
+        );
+    }
+    let (status, _) = sim.as_user(&hollow_token, "/users/@me/guilds").await;
+    assert_eq!(
+        status, 401,
+        "guilds.members.read alone does not list guilds"
+    );
+    // The bot's own list is the guilds it is in.
+    let (status, bot_guilds) = raw(&sim, Method::GET, "/users/@me/guilds", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(bot_guilds.as_array().unwrap().len(), 2);
 }

@@ -60,7 +60,10 @@ pub(super) fn refusal(state: &State, public: bool, user: u64, guild: u64) -> Opt
     if !public && user != state.app_owner() {
         return Some("This bot is private: only its owner can add it to servers.");
     }
-    if !w.guild_permissions(user).contains(Permissions::MANAGE_GUILD) {
+    if !w
+        .guild_permissions(user)
+        .contains(Permissions::MANAGE_GUILD)
+    {
         return Some("You do not have permission to add the bot to this server.");
     }
     if w.bot_in() {

@@ -97,6 +97,108 @@ impl TestSim {
             .expect("state json")
     }
 
+    /// `GET /_sim/state?guild=G`: guild G in the shape of the first guild's state.
+    pub async fn guild_state(&self, guild: u64) -> Value {
+        self.http
+            .get(self.url(&format!("/_sim/state?guild={guild}")))
+            .send()
+            .await
+            .expect("state request")
+            .json()
+            .await
+            .expect("state json")
+    }
+
+    /// The id of a user of guild G by username.
+    pub async fn user_of(&self, guild: u64, username: &str) -> u64 {
+        let state = self.guild_state(guild).await;
+        state["users"]
+            .as_array()
+            .and_then(|users| users.iter().find(|u| u["username"] == username))
+            .and_then(|u| u["id"].as_str())
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(|| panic!("no user {username} in guild {guild}"))
+    }
+
+    /// An id field of guild G's state (`lobby_id`, `room_category_id`, ...).
+    pub async fn id_in(&self, guild: u64, field: &str) -> u64 {
+        self.guild_state(guild).await[field]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("state of {guild} has no {field}"))
+    }
+
+    /// A user's OAuth2 access token with these scopes (space-separated), through the
+    /// authorize redirect (`sim_user`) and the token endpoint, as a web app gets one.
+    pub async fn user_token(&self, user: u64, scopes: &str) -> String {
+        let redirect = "http://127.0.0.1:9/auth/callback";
+        let client_id = self.sim.shared.settings.client_id.to_string();
+        let res = self
+            .http
+            .get(self.url("/oauth2/authorize"))
+            .query(&[
+                ("client_id", client_id.as_str()),
+                ("redirect_uri", redirect),
+                ("response_type", "code"),
+                ("scope", scopes),
+                ("sim_user", &user.to_string()),
+            ])
+            .send()
+            .await
+            .expect("authorize request");
+        let location = res
+            .headers()
+            .get("location")
+            .and_then(|l| l.to_str().ok())
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("authorize did not redirect ({})", res.status()));
+        let code = url::Url::parse(&location)
+            .expect("a redirect URL")
+            .query_pairs()
+            .find(|(k, _)| k == "code")
+            .map(|(_, v)| v.into_owned())
+            .expect("the redirect carries a code");
+        self.exchange(&code, redirect).await["access_token"]
+            .as_str()
+            .expect("an access token")
+            .to_owned()
+    }
+
+    /// The token endpoint's answer to a code (client authenticated by HTTP Basic).
+    pub async fn exchange(&self, code: &str, redirect: &str) -> Value {
+        let settings = &self.sim.shared.settings;
+        let res = self
+            .http
+            .post(self.url("/api/oauth2/token"))
+            .basic_auth(
+                settings.client_id.to_string(),
+                Some(settings.client_secret.expose_secret()),
+            )
+            .form(&[
+                ("grant_type", "authorization_code"),
+                ("code", code),
+                ("redirect_uri", redirect),
+            ])
+            .send()
+            .await
+            .expect("token request");
+        assert_eq!(res.status(), 200, "the code is exchanged");
+        res.json().await.expect("token json")
+    }
+
+    /// A REST call with a user's bearer token: status and JSON body (null if none).
+    pub async fn as_user(&self, token: &str, path: &str) -> (u16, Value) {
+        let res = self
+            .http
+            .get(self.url(&format!("/api/v10{path}")))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("REST request");
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
     /// POSTs to the control API and returns the status and JSON body (null if none).
     pub async fn control(&self, path: &str, body: Value) -> (u16, Value) {
         let res = self
