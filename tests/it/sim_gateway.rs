@@ -655,3 +655,259 @@ async fn obfuscated_channels_have_discords_json_shape() {
 fn is_id(v: &Value, id: u64) -> bool {
     v.as_str() == Some(id.to_string().as_str())
 }
+
+/// Connects, identifies with these intents (and `shard`, if any), and returns the socket
+/// and the READY payload.
+async fn identified(sim: &TestSim, intents: u64, shard: Option<[u64; 2]>) -> (Ws, Value) {
+    let mut ws = connect(sim, "?v=10&encoding=json").await;
+    recv(&mut ws).await.expect("hello");
+    let mut payload: Value = serde_json::from_str(&identify(&sim.token(), intents)).unwrap();
+    if let Some(shard) = shard {
+        payload["d"]["shard"] = json!(shard);
+    }
+    send(&mut ws, &payload.to_string()).await;
+    let ready = recv(&mut ws).await.expect("ready");
+    assert_eq!(ready["t"], "READY");
+    (ws, ready)
+}
+
+/// The ids of READY's guilds, each checked to be listed unavailable.
+fn ready_guilds(ready: &Value) -> Vec<String> {
+    ready["d"]["guilds"]
+        .as_array()
+        .expect("READY lists guilds")
+        .iter()
+        .map(|g| {
+            assert_eq!(
+                g["unavailable"], true,
+                "READY's guilds are unavailable: {g}"
+            );
+            g["id"].as_str().expect("an id").to_owned()
+        })
+        .collect()
+}
+
+/// The next `n` frames, which must be dispatches of `name`; their guild ids.
+async fn next_creates(ws: &mut Ws, name: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let frame = recv(ws).await.expect("a dispatch");
+        assert_eq!(frame["t"], name, "{frame}");
+        ids.push(frame["d"]["id"].as_str().expect("an id").to_owned());
+    }
+    ids
+}
+
+#[tokio::test]
+async fn ready_lists_every_guild_of_the_bot_and_a_guild_create_follows_for_each() {
+    let sim = TestSim::start_with(|s| s.guilds = 3).await;
+    let (mut ws, ready) = identified(&sim, 129, None).await;
+    let mut want: Vec<String> = [sim.guild_id(), NIGHT_OWLS_GUILD_ID]
+        .into_iter()
+        .chain((0..3).map(coven::sim::defaults::generated_guild_id))
+        .map(|g| g.to_string())
+        .collect();
+    let listed = ready_guilds(&ready);
+    assert_eq!(
+        listed[0],
+        sim.guild_id().to_string(),
+        "the first guild first"
+    );
+    assert!(
+        !listed.contains(&DICE_TOWER_GUILD_ID.to_string()),
+        "the bot is not in Dice Tower"
+    );
+    let mut sorted = listed.clone();
+    sorted.sort();
+    want.sort();
+    assert_eq!(sorted, want);
+    assert_eq!(next_creates(&mut ws, "GUILD_CREATE", 5).await, listed);
+
+    // twilight reads each of them.
+    let mut shard = shard(&sim);
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        if let Event::GuildCreate(g) =
+            next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await
+        {
+            let GuildCreate::Available(g) = *g else {
+                panic!("a guild arrived unavailable")
+            };
+            seen.push(g.id.get());
+        }
+    }
+    assert!(seen.contains(&NIGHT_OWLS_GUILD_ID));
+}
+
+#[tokio::test]
+async fn a_sharded_session_gets_only_the_guilds_discords_formula_gives_it() {
+    let sim = TestSim::start_with(|s| s.rate_limit = 1_000).await;
+    // (guild_id >> 22) % 2: the first guild is on shard 0, Night Owls on shard 1.
+    let (mut zero, ready) = identified(&sim, 129, Some([0, 2])).await;
+    assert_eq!(ready_guilds(&ready), [sim.guild_id().to_string()]);
+    assert_eq!(ready["d"]["shard"], json!([0, 2]));
+    assert_eq!(
+        next_creates(&mut zero, "GUILD_CREATE", 1).await,
+        [sim.guild_id().to_string()]
+    );
+    let (mut one, ready) = identified(&sim, 129, Some([1, 2])).await;
+    assert_eq!(ready_guilds(&ready), [NIGHT_OWLS_GUILD_ID.to_string()]);
+    assert_eq!(
+        next_creates(&mut one, "GUILD_CREATE", 1).await,
+        [NIGHT_OWLS_GUILD_ID.to_string()]
+    );
+
+    // A channel made in Night Owls reaches shard 1 only; one in the first guild, shard 0.
+    let res = sim
+        .http
+        .post(sim.url(&format!("/api/v10/guilds/{NIGHT_OWLS_GUILD_ID}/channels")))
+        .header("authorization", format!("Bot {}", sim.token()))
+        .json(&json!({"name": "Owl table", "type": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    sim.create_channel(json!({"name": "Playgroup table"})).await;
+    let frame = recv(&mut one).await.expect("a dispatch");
+    assert_eq!(
+        (frame["t"].clone(), frame["d"]["guild_id"].clone()),
+        (
+            json!("CHANNEL_CREATE"),
+            json!(NIGHT_OWLS_GUILD_ID.to_string())
+        )
+    );
+    let frame = recv(&mut zero).await.expect("a dispatch");
+    assert_eq!(
+        frame["d"]["name"], "Playgroup table",
+        "shard 0 never saw Night Owls' channel"
+    );
+    assert_eq!(frame["d"]["guild_id"], sim.guild_id().to_string());
+}
+
+#[tokio::test]
+async fn removing_the_bot_sends_guild_delete_and_the_guild_is_gone_for_it() {
+    let sim = TestSim::start_with(|s| s.rate_limit = 1_000).await;
+    let (mut ws, _) = identified(&sim, 129, None).await;
+    next_creates(&mut ws, "GUILD_CREATE", 2).await;
+
+    let (status, _) = sim
+        .control_with(
+            reqwest::Method::DELETE,
+            &format!("/guilds/{NIGHT_OWLS_GUILD_ID}/bot"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let gone = recv(&mut ws).await.expect("GUILD_DELETE");
+    assert_eq!(gone["t"], "GUILD_DELETE");
+    // Removed, not an outage: no `unavailable` field.
+    assert_eq!(gone["d"], json!({"id": NIGHT_OWLS_GUILD_ID.to_string()}));
+    let parsed: twilight_model::gateway::payload::incoming::GuildDelete =
+        serde_json::from_value(gone["d"].clone()).expect("twilight-model reads GUILD_DELETE");
+    assert!(!parsed.unavailable.unwrap_or(false));
+
+    let state = sim.state().await;
+    let owls = state["guilds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["id"] == NIGHT_OWLS_GUILD_ID.to_string())
+        .cloned()
+        .unwrap();
+    assert_eq!(owls["bot"], false);
+    let res = sim
+        .http
+        .get(sim.url(&format!("/api/v10/guilds/{NIGHT_OWLS_GUILD_ID}/channels")))
+        .header("authorization", format!("Bot {}", sim.token()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    // Twice is refused; an unknown guild is 404.
+    let (status, _) = sim
+        .control_with(
+            reqwest::Method::DELETE,
+            &format!("/guilds/{NIGHT_OWLS_GUILD_ID}/bot"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409);
+    let (status, _) = sim
+        .control_with(reqwest::Method::DELETE, "/guilds/1/bot", None)
+        .await;
+    assert_eq!(status, 404);
+
+    // A new session hears of the first guild only; the old one gets the first guild's
+    // changes and nothing of Night Owls.
+    let (_, ready) = identified(&sim, 129, None).await;
+    assert_eq!(ready_guilds(&ready), [sim.guild_id().to_string()]);
+    sim.create_channel(json!({"name": "After"})).await;
+    let next = recv(&mut ws).await.expect("a dispatch");
+    assert_eq!(next["t"], "CHANNEL_CREATE");
+}
+
+#[tokio::test]
+async fn an_outage_takes_a_guild_down_and_brings_it_back_whole() {
+    let sim = TestSim::start().await;
+    let (mut ws, _) = identified(&sim, 129, None).await;
+    next_creates(&mut ws, "GUILD_CREATE", 2).await;
+    let first = sim.guild_id();
+
+    let (status, _) = sim
+        .control(
+            &format!("/guilds/{first}/outage"),
+            json!({"unavailable": true}),
+        )
+        .await;
+    assert_eq!(status, 204);
+    let down = recv(&mut ws).await.expect("GUILD_DELETE");
+    assert_eq!(down["t"], "GUILD_DELETE");
+    assert_eq!(
+        down["d"],
+        json!({"id": first.to_string(), "unavailable": true})
+    );
+    let entry = sim.state().await["guilds"][0].clone();
+    assert_eq!(
+        (entry["unavailable"].clone(), entry["bot"].clone()),
+        (json!(true), json!(true))
+    );
+
+    // While it is down, a new session sees it in READY but gets no GUILD_CREATE for it,
+    // and its changes are not dispatched.
+    let (mut late, ready) = identified(&sim, 129, None).await;
+    assert!(ready_guilds(&ready).contains(&first.to_string()));
+    assert_eq!(
+        next_creates(&mut late, "GUILD_CREATE", 1).await,
+        [NIGHT_OWLS_GUILD_ID.to_string()]
+    );
+    let (lobby, ash) = (sim.id_of("lobby_id").await, sim.user("ash").await);
+    sim.join(ash, lobby).await;
+
+    // Back: GUILD_CREATE with everything, the join made meanwhile included.
+    let (status, _) = sim
+        .control(
+            &format!("/guilds/{first}/outage"),
+            json!({"unavailable": false}),
+        )
+        .await;
+    assert_eq!(status, 204);
+    for socket in [&mut ws, &mut late] {
+        let back = recv(socket).await.expect("GUILD_CREATE");
+        assert_eq!(back["t"], "GUILD_CREATE", "{back}");
+        assert_eq!(back["d"]["id"], first.to_string());
+        assert_eq!(back["d"]["unavailable"], false);
+        let voice = back["d"]["voice_states"].as_array().unwrap();
+        assert!(
+            voice.iter().any(|v| v["user_id"] == ash.to_string()),
+            "{voice:?}"
+        );
+    }
+    let (status, _) = sim
+        .control("/guilds/1/outage", json!({"unavailable": true}))
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = sim
+        .control(&format!("/guilds/{first}/outage"), json!({}))
+        .await;
+    assert_eq!(status, 400, "unavailable is required");
+}
