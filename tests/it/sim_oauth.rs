@@ -8,7 +8,7 @@ use oauth2::{
     TokenUrl,
 };
 use secrecy::ExposeSecret;
-use serde_json::Value;
+use serde_json::{Value, json};
 use url::Url;
 
 use crate::harness::TestSim;
@@ -381,4 +381,283 @@ async fn five_token_requests_a_second_by_default_and_other_routes_do_not_count()
         );
     }
     assert_eq!(statuses, [400, 400, 400, 400, 400, 429]);
+}
+
+/// `GET /oauth2/authorize` with these query pairs (the client id added).
+async fn authorize_raw(sim: &TestSim, pairs: &[(&str, String)]) -> reqwest::Response {
+    let mut query = vec![("client_id", sim.sim.shared.settings.client_id.to_string())];
+    query.extend(pairs.iter().cloned());
+    sim.http
+        .get(sim.url("/oauth2/authorize"))
+        .query(&query)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn bot_in(sim: &TestSim, guild: u64) -> bool {
+    sim.state().await["guilds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["id"] == guild.to_string())
+        .map(|g| g["bot"] == true)
+        .expect("the guild is listed")
+}
+
+#[tokio::test]
+async fn plain_bot_authorization_adds_the_bot_and_its_session_gets_the_guild() {
+    use coven::sim::defaults::DICE_TOWER_GUILD_ID as DICE;
+    use twilight_gateway::Event;
+    use twilight_model::gateway::payload::incoming::GuildCreate;
+    let sim = TestSim::start().await;
+    let mut shard = crate::harness::shard(&sim);
+    crate::harness::next_event(&mut shard, |e| matches!(e, Event::Ready(_))).await;
+    let ember = sim.user("ember").await;
+    let asked = (1u64 << 4) | (1 << 10) | (1 << 20); // Manage Channels, View Channel, Connect
+
+    // ember has Manage Server in Dice Tower: `scope=bot` alone needs no redirect.
+    let res = authorize_raw(
+        &sim,
+        &[
+            ("scope", "bot".into()),
+            ("permissions", asked.to_string()),
+            ("guild_id", DICE.to_string()),
+            ("sim_user", ember.to_string()),
+        ],
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().get("location").is_none());
+    assert!(res.text().await.unwrap().contains("Dice Tower"));
+    assert!(bot_in(&sim, DICE).await);
+
+    let event = crate::harness::next_event(
+        &mut shard,
+        |e| matches!(e, Event::GuildCreate(g) if g.id().get() == DICE),
+    )
+    .await;
+    let Event::GuildCreate(g) = event else {
+        unreachable!()
+    };
+    let GuildCreate::Available(guild) = *g else {
+        panic!("Dice Tower arrived unavailable")
+    };
+    assert_eq!(guild.name, "Dice Tower");
+    // The bot's managed role holds exactly what was asked.
+    let managed: Vec<_> = guild.roles.iter().filter(|r| r.managed).collect();
+    assert_eq!(managed.len(), 1);
+    assert_eq!(managed[0].permissions.bits(), asked);
+
+    // The bot may now work there.
+    let res = sim
+        .http
+        .get(sim.url(&format!("/api/v10/guilds/{DICE}/channels")))
+        .header("authorization", format!("Bot {}", sim.token()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+#[tokio::test]
+async fn advanced_bot_authorization_is_a_code_grant_whose_token_carries_the_guild() {
+    use coven::sim::defaults::DICE_TOWER_GUILD_ID as DICE;
+    let sim = TestSim::start().await;
+    let dusk = sim.user("dusk").await;
+    let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+    let res = authorize_raw(
+        &sim,
+        &[
+            ("scope", "bot identify".into()),
+            ("response_type", "code".into()),
+            ("redirect_uri", REDIRECT.into()),
+            ("state", "s-123".into()),
+            ("permissions", "1024".into()),
+            ("guild_id", DICE.to_string()),
+            ("disable_guild_select", "true".into()),
+            ("code_challenge", challenge.as_str().to_owned()),
+            ("code_challenge_method", "S256".into()),
+            ("sim_user", dusk.to_string()),
+        ],
+    )
+    .await;
+    assert!(res.status().is_redirection(), "{}", res.status());
+    let location = Url::parse(res.headers()["location"].to_str().unwrap()).unwrap();
+    assert!(location.as_str().starts_with(REDIRECT));
+    let q: std::collections::HashMap<String, String> =
+        location.query_pairs().into_owned().collect();
+    assert_eq!(q["state"], "s-123");
+    assert_eq!(q["guild_id"], DICE.to_string());
+    assert_eq!(q["permissions"], "1024");
+    assert!(
+        bot_in(&sim, DICE).await,
+        "added on approval, before the code is redeemed"
+    );
+
+    let res = sim
+        .http
+        .post(sim.url("/api/oauth2/token"))
+        .basic_auth(
+            sim.sim.shared.settings.client_id.to_string(),
+            Some(secret(&sim)),
+        )
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", q["code"].as_str()),
+            ("redirect_uri", REDIRECT),
+            ("code_verifier", verifier.secret().as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let token: Value = res.json().await.unwrap();
+    assert_eq!(token["guild"]["id"], DICE.to_string());
+    assert_eq!(token["guild"]["name"], "Dice Tower");
+    assert!(token["guild"]["roles"].is_array());
+    let _: twilight_model::guild::Guild =
+        serde_json::from_value(token["guild"].clone()).expect("twilight-model reads the guild");
+    assert_eq!(token["scope"], "bot identify");
+    let (status, me) = sim
+        .as_user(token["access_token"].as_str().unwrap(), "/users/@me")
+        .await;
+    assert_eq!((status, me["id"].clone()), (200, json!(dusk.to_string())));
+
+    // Advanced without a redirect the application registered is shown, never followed.
+    let res = authorize_raw(
+        &sim,
+        &[
+            ("scope", "bot identify".into()),
+            ("response_type", "code".into()),
+            ("guild_id", DICE.to_string()),
+            ("sim_user", dusk.to_string()),
+        ],
+    )
+    .await;
+    assert_eq!(res.status(), 400, "no redirect_uri and none registered");
+}
+
+#[tokio::test]
+async fn who_may_not_add_the_bot_is_refused_and_the_page_offers_only_what_they_may() {
+    use coven::sim::defaults::{DICE_TOWER_GUILD_ID as DICE, NIGHT_OWLS_GUILD_ID as OWLS};
+    let sim = TestSim::start().await;
+    let (ember, fable, hollow, nyx) = (
+        sim.user("ember").await,
+        sim.user("fable").await,
+        sim.user("hollow").await,
+        sim.user_of(OWLS, "nyx").await,
+    );
+    let cases = [
+        (
+            fable,
+            DICE,
+            "a plain member of Dice Tower, no Manage Server",
+        ),
+        (hollow, DICE, "not in Dice Tower at all"),
+        (ember, 4_242_424_242, "a forged guild_id no guild has"),
+        (nyx, OWLS, "owns Night Owls, where the bot is already"),
+    ];
+    for (user, guild, why) in cases {
+        for advanced in [false, true] {
+            let mut pairs = vec![
+                (
+                    "scope",
+                    if advanced { "bot identify" } else { "bot" }.to_owned(),
+                ),
+                ("guild_id", guild.to_string()),
+                ("disable_guild_select", "true".into()),
+                ("sim_user", user.to_string()),
+            ];
+            if advanced {
+                pairs.push(("response_type", "code".into()));
+                pairs.push(("redirect_uri", REDIRECT.into()));
+            }
+            let res = authorize_raw(&sim, &pairs).await;
+            assert_eq!(res.status(), 403, "{why} (advanced: {advanced})");
+            assert!(
+                res.headers().get("location").is_none(),
+                "{why}: never redirected"
+            );
+        }
+    }
+    assert!(!bot_in(&sim, DICE).await);
+
+    // The page with Dice Tower locked offers it to those who manage it, and to no one else.
+    let res = authorize_raw(
+        &sim,
+        &[
+            ("scope", "bot".into()),
+            ("guild_id", DICE.to_string()),
+            ("disable_guild_select", "true".into()),
+        ],
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let page = res.text().await.unwrap();
+    assert!(page.contains(&format!("sim_user={ember}")));
+    assert!(page.contains(&format!("sim_user={}", sim.user("dusk").await)));
+    assert!(!page.contains(&format!("sim_user={fable}")));
+    assert!(
+        !page.contains(&format!("guild_id={OWLS}")),
+        "the bot is in Night Owls already"
+    );
+    // Following an offered link adds the bot.
+    let href = page
+        .split("href=\"")
+        .skip(1)
+        .filter_map(|s| s.split('"').next())
+        .find(|h| h.contains(&format!("sim_user={ember}")))
+        .expect("a link for ember")
+        .replace("&#38;", "&")
+        .replace("&amp;", "&");
+    let res = sim.http.get(sim.url(&href)).send().await.unwrap();
+    assert_eq!(res.status(), 200, "{href}: {}", res.text().await.unwrap());
+    assert!(bot_in(&sim, DICE).await);
+}
+
+#[tokio::test]
+async fn a_private_bot_is_added_by_the_applications_owner_only() {
+    use coven::sim::defaults::DICE_TOWER_GUILD_ID as DICE;
+    let sim = TestSim::start_with(|s| s.bot_public = false).await;
+    let (ash, dusk, first) = (
+        sim.user("ash").await,
+        sim.user("dusk").await,
+        sim.guild_id(),
+    );
+    // dusk owns Dice Tower but not the application.
+    let res = authorize_raw(
+        &sim,
+        &[
+            ("scope", "bot".into()),
+            ("guild_id", DICE.to_string()),
+            ("sim_user", dusk.to_string()),
+        ],
+    )
+    .await;
+    assert_eq!(res.status(), 403);
+    assert!(res.text().await.unwrap().contains("private"));
+    assert!(!bot_in(&sim, DICE).await);
+
+    // ash owns the application (and the first guild): removed from there, the bot comes
+    // back when ash adds it.
+    let (status, _) = sim
+        .control_with(
+            reqwest::Method::DELETE,
+            &format!("/guilds/{first}/bot"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let res = authorize_raw(
+        &sim,
+        &[
+            ("scope", "bot".into()),
+            ("guild_id", first.to_string()),
+            ("sim_user", ash.to_string()),
+        ],
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    assert!(bot_in(&sim, first).await);
 }
