@@ -72,8 +72,8 @@ fn you(headers: &HeaderMap) -> Option<u64> {
         .and_then(|(_, id)| id.parse().ok())
 }
 
-/// The page, or Discord's "nothing here" when the guild or channel is not a voice channel
-/// of the simulated guild.
+/// The page, or Discord's "nothing here" when the channel is not a voice channel of that
+/// guild.
 fn render(
     shared: &Shared,
     guild: u64,
@@ -82,12 +82,12 @@ fn render(
     refused: Option<(StatusCode, String)>,
 ) -> Response {
     let state = shared.lock();
-    let w = &state.world;
-    let Some(ch) = w
-        .channels
-        .get(&channel)
-        .filter(|c| guild == w.guild_id && kind::is_voice(c.kind))
-    else {
+    let Some((w, ch)) = state.guild(guild).and_then(|w| {
+        w.channels
+            .get(&channel)
+            .filter(|c| kind::is_voice(c.kind))
+            .map(|c| (w, c))
+    }) else {
         return (
             StatusCode::NOT_FOUND,
             Html("<!doctype html><title>Not found · Discord simulator</title><h1>No such voice channel</h1>"),
@@ -169,17 +169,16 @@ async fn change(
     };
     let done = {
         let mut state = shared.lock();
-        if guild != state.world.guild_id {
-            Err(super::world::Refusal::UnknownChannel)
-        } else {
-            // Joining from Discord's client starts unmuted, camera off.
-            let changed = state
-                .world
-                .user_voice(change.user_id, to, VoiceFlags::default());
-            if let Ok(events) = &changed {
-                state.emit(events);
+        match state.guild_mut(guild) {
+            None => Err(super::world::Refusal::UnknownChannel),
+            Some(w) => {
+                // Joining from Discord's client starts unmuted, camera off.
+                let changed = w.user_voice(change.user_id, to, VoiceFlags::default());
+                if let Ok(events) = &changed {
+                    state.emit_in(guild, events);
+                }
+                changed.map(|_| ())
             }
-            changed.map(|_| ())
         }
     };
     match done {
