@@ -811,7 +811,7 @@ async fn removing_the_bot_sends_guild_delete_and_the_guild_is_gone_for_it() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|g| g["id"] == NIGHT_OWLS_GUILD_ID.to_string())
+        .find(|g| is_id(&g["id"], NIGHT_OWLS_GUILD_ID))
         .cloned()
         .unwrap();
     assert_eq!(owls["bot"], false);
@@ -897,10 +897,7 @@ async fn an_outage_takes_a_guild_down_and_brings_it_back_whole() {
         assert_eq!(back["d"]["id"], first.to_string());
         assert_eq!(back["d"]["unavailable"], false);
         let voice = back["d"]["voice_states"].as_array().unwrap();
-        assert!(
-            voice.iter().any(|v| v["user_id"] == ash.to_string()),
-            "{voice:?}"
-        );
+        assert!(voice.iter().any(|v| is_id(&v["user_id"], ash)), "{voice:?}");
     }
     let (status, _) = sim
         .control("/guilds/1/outage", json!({"unavailable": true}))

@@ -400,7 +400,7 @@ async fn bot_in(sim: &TestSim, guild: u64) -> bool {
         .as_array()
         .unwrap()
         .iter()
-        .find(|g| g["id"] == guild.to_string())
+        .find(|g| g["id"].as_str() == Some(guild.to_string().as_str()))
         .map(|g| g["bot"] == true)
         .expect("the guild is listed")
 }
