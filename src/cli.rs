@@ -211,5 +211,20 @@ mod tests {
             sim,
             ["DISCORD_CLIENT_ID: must differ from DISCORD_GUILD_ID"]
         );
+        // The simulator's other guilds keep their ids: the first may not take one.
+        for taken in [
+            sim::defaults::NIGHT_OWLS_GUILD_ID,
+            sim::defaults::generated_guild_id(9_999),
+        ] {
+            assert_eq!(
+                problems(&format!("sim --discord-guild-id {taken}")),
+                ["DISCORD_GUILD_ID: must differ from the ids of the other seeded guilds"]
+            );
+        }
+        let beyond = sim::defaults::generated_guild_id(10_000);
+        assert_eq!(
+            problems(&format!("sim --discord-guild-id {beyond}")),
+            Vec::<String>::new()
+        );
     }
 }

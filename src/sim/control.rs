@@ -316,10 +316,10 @@ async fn add_user(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
         ));
     }
     let mut state = shared.lock();
+    // Usernames are unique across Discord, not per guild.
     if state
-        .world
-        .users
-        .values()
+        .guilds()
+        .flat_map(|w| w.users.values())
         .any(|u| u.username == req.username)
     {
         return Err(error(StatusCode::CONFLICT, "username is taken"));
