@@ -1424,6 +1424,14 @@ async fn a_users_guilds_and_member_come_with_their_token_and_scopes() {
         status, 401,
         "guilds.members.read alone does not list guilds"
     );
+    // Night Owls' own people log in too, and see only their guild.
+    let nyx = sim.user_of(OWLS, "nyx").await;
+    let nyx_token = sim.user_token(nyx, "identify guilds").await;
+    let (status, me) = sim.as_user(&nyx_token, "/users/@me").await;
+    assert_eq!((status, me["username"].clone()), (200, json!("nyx")));
+    let (_, nyx_guilds) = sim.as_user(&nyx_token, "/users/@me/guilds").await;
+    assert_eq!(nyx_guilds.as_array().unwrap().len(), 1);
+    assert_eq!(nyx_guilds[0]["owner"], true);
     // The bot's own list is the guilds it is in.
     let (status, bot_guilds) = raw(&sim, Method::GET, "/users/@me/guilds", None).await;
     assert_eq!(status, 200);
