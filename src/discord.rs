@@ -166,46 +166,30 @@ pub struct PersonGuild {
 const GUILDS_PAGE: u16 = 200;
 /// A user is in at most 200 guilds (Nitro: 500); more than this is not a person.
 const MAX_PERSON_GUILDS: usize = 1000;
-/// How long a call with a person's token may wait out Discord's 429s in all.
+/// How long a call with a person's token may take, its 429s waited out included.
 const PERSON_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs a call made with a person's own token. Discord counts every 401, 403 and 429
-/// toward banning the IP (10,000 in 10 minutes), so a 429 is waited out (as long as
-/// Discord says, within [`PERSON_WAIT`] in all) and never retried sooner, and a 401 is
-/// `Unauthorized` at once: the person logs in again, nothing loops.
-async fn as_person<T, F, Fut>(mut call: F) -> Result<T, DiscordError>
+/// toward banning the IP (10,000 in 10 minutes), so nothing is retried early:
+/// twilight-http waits a 429 out as long as Discord says before it asks again, and here
+/// the whole call gets [`PERSON_WAIT`] (a page does not hang on a long rate limit: the
+/// person is told Discord is busy, and nothing more is sent). A 401 is `Unauthorized` at
+/// once: the person logs in again.
+async fn as_person<T, Fut>(call: Fut) -> Result<T, DiscordError>
 where
-    F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, twilight_http::Error>>,
 {
-    let mut waited = Duration::ZERO;
-    loop {
-        let e = match call().await {
-            Ok(answer) => return Ok(answer),
-            Err(e) => e,
-        };
-        let retry_after = match e.kind() {
-            ErrorType::Response {
-                status,
-                error: ApiError::Ratelimited(limited),
-                ..
-            } if status.get() == 429 => Some(Duration::from_secs_f64(
-                limited.retry_after.clamp(0.0, PERSON_WAIT.as_secs_f64()),
-            )),
-            _ => None,
-        };
-        match retry_after {
-            Some(wait) if waited + wait <= PERSON_WAIT => {
-                metrics::counter!("coven_discord_person_rate_limited_total").increment(1);
-                tokio::time::sleep(wait).await;
-                waited += wait;
-            }
-            Some(_) => {
-                return Err(DiscordError::Unavailable(
-                    "Discord asks this login to slow down".to_owned(),
-                ));
-            }
-            None => return Err(DiscordError::from_twilight(e)),
+    match tokio::time::timeout(PERSON_WAIT, call).await {
+        Ok(answer) => answer.map_err(|e| match DiscordError::from_twilight(e) {
+            // The person's token, not the bot's: their login is what ended.
+            DiscordError::Refused { status: 401, .. } => DiscordError::Unauthorized,
+            e => e,
+        }),
+        Err(_) => {
+            metrics::counter!("coven_discord_person_waits_cut_total").increment(1);
+            Err(DiscordError::Unavailable(
+                "Discord asks this login to slow down".to_owned(),
+            ))
         }
     }
 }
@@ -367,17 +351,15 @@ impl Discord {
         let mut out: Vec<PersonGuild> = Vec::new();
         loop {
             let after = out.last().map(|g| g.id);
-            let page = as_person(|| async {
-                let mut request = user.current_user_guilds().limit(GUILDS_PAGE);
-                if let Some(after) = after {
-                    request = request.after(after);
-                }
-                request.await
-            })
-            .await?
-            .models()
-            .await
-            .map_err(|e| DiscordError::Malformed(e.to_string()))?;
+            let mut request = user.current_user_guilds().limit(GUILDS_PAGE);
+            if let Some(after) = after {
+                request = request.after(after);
+            }
+            let page = as_person(request.into_future())
+                .await?
+                .models()
+                .await
+                .map_err(|e| DiscordError::Malformed(e.to_string()))?;
             let full = page.len() == usize::from(GUILDS_PAGE);
             out.extend(page.into_iter().map(|g| PersonGuild {
                 id: g.id,
@@ -403,7 +385,7 @@ impl Discord {
         guild: Id<GuildMarker>,
     ) -> Result<Option<Vec<Id<RoleMarker>>>, DiscordError> {
         let user = rest_client(&format!("Bearer {access_token}"), self.proxy.as_ref());
-        match as_person(|| user.current_user_guild_member(guild).into_future()).await {
+        match as_person(user.current_user_guild_member(guild).into_future()).await {
             Ok(response) => {
                 let member = response
                     .model()
