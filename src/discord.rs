@@ -5,6 +5,7 @@
 //! Owns turning Discord's answers into [`DiscordError`] in plain words. Must not know
 //! about sessions, pages or the bus.
 
+use std::future::IntoFuture;
 use std::time::Duration;
 
 use oauth2::basic::BasicClient;
@@ -151,6 +152,48 @@ pub struct Tokens {
 
 /// A twilight-http client for `token` (`Bot …` or `Bearer …`), pointed at `proxy` when
 /// set.
+/// A guild as a person's own token lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersonGuild {
+    pub id: Id<GuildMarker>,
+    pub name: String,
+    pub icon: Option<String>,
+    /// Owner, Manage Server or Administrator: may add a bot to it.
+    pub manages: bool,
+}
+
+/// Guilds asked for per page (Discord's largest).
+const GUILDS_PAGE: u16 = 200;
+/// A user is in at most 200 guilds (Nitro: 500); more than this is not a person.
+const MAX_PERSON_GUILDS: usize = 1000;
+/// How long a call with a person's token may take, its 429s waited out included.
+const PERSON_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs a call made with a person's own token. Discord counts every 401, 403 and 429
+/// toward banning the IP (10,000 in 10 minutes), so nothing is retried early:
+/// twilight-http waits a 429 out as long as Discord says before it asks again, and here
+/// the whole call gets [`PERSON_WAIT`] (a page does not hang on a long rate limit: the
+/// person is told Discord is busy, and nothing more is sent). A 401 is `Unauthorized` at
+/// once: the person logs in again.
+async fn as_person<T, Fut>(call: Fut) -> Result<T, DiscordError>
+where
+    Fut: std::future::Future<Output = Result<T, twilight_http::Error>>,
+{
+    match tokio::time::timeout(PERSON_WAIT, call).await {
+        Ok(answer) => answer.map_err(|e| match DiscordError::from_twilight(e) {
+            // The person's token, not the bot's: their login is what ended.
+            DiscordError::Refused { status: 401, .. } => DiscordError::Unauthorized,
+            e => e,
+        }),
+        Err(_) => {
+            metrics::counter!("coven_discord_person_waits_cut_total").increment(1);
+            Err(DiscordError::Unavailable(
+                "Discord asks this login to slow down".to_owned(),
+            ))
+        }
+    }
+}
+
 fn rest_client(token: &str, proxy: Option<&(String, bool)>) -> twilight_http::Client {
     let mut builder = twilight_http::Client::builder()
         .token(token.to_owned())
@@ -243,7 +286,10 @@ impl Discord {
             .oauth
             .authorize_url(CsrfToken::new_random)
             .add_scope(Scope::new("identify".to_owned()))
+            // The person's guilds and their roles in them, read with their own token.
+            .add_scope(Scope::new("guilds".to_owned()))
             .add_scope(Scope::new("guilds.join".to_owned()))
+            .add_scope(Scope::new("guilds.members.read".to_owned()))
             .set_pkce_challenge(challenge)
             .url();
         Authorization {
@@ -295,6 +341,62 @@ impl Discord {
             global_name: me.global_name,
             avatar_url,
         })
+    }
+
+    /// The guilds a person is in, as their own token lists them (`GET /users/@me/guilds`,
+    /// scope `guilds`), every page of them: what the communities picker shows, at no cost
+    /// to the bot's request budget.
+    pub async fn guilds_of(&self, access_token: &str) -> Result<Vec<PersonGuild>, DiscordError> {
+        let user = rest_client(&format!("Bearer {access_token}"), self.proxy.as_ref());
+        let mut out: Vec<PersonGuild> = Vec::new();
+        loop {
+            let after = out.last().map(|g| g.id);
+            let mut request = user.current_user_guilds().limit(GUILDS_PAGE);
+            if let Some(after) = after {
+                request = request.after(after);
+            }
+            let page = as_person(request.into_future())
+                .await?
+                .models()
+                .await
+                .map_err(|e| DiscordError::Malformed(e.to_string()))?;
+            let full = page.len() == usize::from(GUILDS_PAGE);
+            out.extend(page.into_iter().map(|g| PersonGuild {
+                id: g.id,
+                name: g.name,
+                icon: g.icon.map(|h| h.to_string()),
+                // Discord's own rule for who may add a bot to a server.
+                manages: g.owner
+                    || g.permissions.contains(Permissions::MANAGE_GUILD)
+                    || g.permissions.contains(Permissions::ADMINISTRATOR),
+            }));
+            if !full || out.len() >= MAX_PERSON_GUILDS {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// A person's roles in `guild`, asked with their own token (`GET
+    /// /users/@me/guilds/{guild}/member`, scope `guilds.members.read`), or `None` when
+    /// they are not in it: page views spend the person's budget, never the bot's.
+    pub async fn roles_in(
+        &self,
+        access_token: &str,
+        guild: Id<GuildMarker>,
+    ) -> Result<Option<Vec<Id<RoleMarker>>>, DiscordError> {
+        let user = rest_client(&format!("Bearer {access_token}"), self.proxy.as_ref());
+        match as_person(user.current_user_guild_member(guild).into_future()).await {
+            Ok(response) => {
+                let member = response
+                    .model()
+                    .await
+                    .map_err(|e| DiscordError::Malformed(e.to_string()))?;
+                Ok(Some(member.roles))
+            }
+            // Unknown Guild: Discord answers so for a guild the person is not in.
+            Err(DiscordError::Refused { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The user's roles in the guild (the REST member object), or `None` when they are

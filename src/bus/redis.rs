@@ -833,14 +833,23 @@ async fn relay(
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             m = messages.recv() => match m {
-                Some(json) => match Event::parse(&json) {
-                    Ok(event) if event.id > last => {
-                        last = event.id;
-                        let _ = live.send(Arc::new(event));
+                Some(json) => {
+                    // A lag is marked before any message after it is queued: filling first
+                    // delivers what was lost before anything newer (whose id would make
+                    // the lost events look already delivered).
+                    if lagged.swap(false, Ordering::AcqRel) {
+                        tracing::warn!(guild = %bus.guild_id, "the live subscription fell behind; filling from the log");
+                        fill(&reader, &mut last, &live).await;
                     }
-                    Ok(_) => {} // already delivered (from a gap fill)
-                    Err(e) => tracing::warn!(error = %e, "skipping an unreadable message on the events channel"),
-                },
+                    match Event::parse(&json) {
+                        Ok(event) if event.id > last => {
+                            last = event.id;
+                            let _ = live.send(Arc::new(event));
+                        }
+                        Ok(_) => {} // already delivered (from a gap fill)
+                        Err(e) => tracing::warn!(error = %e, "skipping an unreadable message on the events channel"),
+                    }
+                }
                 None => return,
             },
             _ = tick.tick() => {

@@ -1,7 +1,7 @@
 //! The control API under `/_sim/`: what tests and the demo use to read the simulated
-//! guild and to make changes "in Discord" (people joining voice; channels, roles, member
-//! roles, removals and permission overwrites changed by an admin; Gateway trouble; REST
-//! failures).
+//! guilds and to make changes "in Discord" (people joining voice; channels, roles, member
+//! roles, removals and permission overwrites changed by an admin, in the first guild; the
+//! bot removed from a guild, a guild's outage; Gateway trouble; REST failures).
 //!
 //! Every change goes through the world and its dispatches, exactly as REST changes do.
 //! Errors are plain JSON `{"error": "..."}` with a fitting status.

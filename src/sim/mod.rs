@@ -2,8 +2,8 @@
 //! unmodified — Gateway v10, the REST routes Coven uses, OAuth2 — plus a control API
 //! under `/_sim/` for tests and demos.
 //!
-//! It is a test double for Discord only. Owns the simulated guild ([`world`]), its
-//! Gateway sessions ([`gateway`]), REST ([`rest`]), OAuth2 ([`oauth`]), the pages of
+//! It is a test double for Discord only. Owns the simulated guilds ([`world`], one
+//! `World` each, held in [`State`]), the bot's Gateway sessions ([`gateway`]), REST ([`rest`]), OAuth2 ([`oauth`]), the pages of
 //! Discord's web app that Coven links to ([`app`]) and control API ([`control`]), and the
 //! ids it hands out ([`ids`]). Must not depend on any other Coven
 //! component.

@@ -1,9 +1,10 @@
 //! Simulated OAuth2: `GET /oauth2/authorize` (a page to pick which user to be, or
-//! `&sim_user=<id>`), `POST /api/oauth2/token` (authorization code with PKCE, refresh
+//! `&sim_user=<id>`; with `bot` in the scope, Discord's bot authorization, in [`bot`]), `POST /api/oauth2/token` (authorization code with PKCE, refresh
 //! token; client auth by HTTP Basic or form body; rate limited as Discord does it) and the
 //! bearer tokens REST accepts.
 //!
-//! Owns codes, tokens and the token endpoint's rate limit. Must not change the guild.
+//! Owns codes, tokens and the token endpoint's rate limit. Must not change a guild, except
+//! that bot authorization adds the bot to one (through the world).
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -258,3 +258,107 @@ async fn a_token_endpoint_rate_limited_past_the_deadline_is_answered_503() {
     assert!(page.contains("Discord is not answering"), "{page}");
     assert_eq!(keys(&client).await, before, "nothing left of the attempt");
 }
+
+/// Coven's Discord client pointed at `sim`, as `coven web` builds it.
+fn discord_of(sim: &TestSim) -> coven::discord::Discord {
+    use secrecy::{ExposeSecret, SecretString};
+    let s = &sim.sim.shared.settings;
+    let settings = coven::discord::DiscordSettings {
+        bot_token: SecretString::from(s.bot_token.expose_secret().to_owned()),
+        client_id: twilight_model::id::Id::new(s.client_id),
+        client_secret: SecretString::from(s.client_secret.expose_secret().to_owned()),
+        api_url: url::Url::parse(&sim.url("/api")).unwrap(),
+        oauth_url: sim.sim.shared.public_url.clone(),
+        app_url: sim.sim.shared.public_url.clone(),
+    };
+    coven::discord::Discord::new(
+        &settings,
+        twilight_model::id::Id::new(sim.guild_id()),
+        &url::Url::parse("http://127.0.0.1:9").unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persons_guilds_and_roles_are_read_with_their_own_token() {
+    use coven::discord::DiscordError;
+    use coven::sim::defaults::{DICE_TOWER_GUILD_ID, NIGHT_OWLS_GUILD_ID};
+    use twilight_model::id::Id;
+
+    let sim = TestSim::start().await;
+    let discord = discord_of(&sim);
+    let scopes = "identify guilds guilds.join guilds.members.read";
+    // ember: in the first guild and Dice Tower (Manage Server there), not Night Owls.
+    let ember = sim.user("ember").await;
+    let token = sim.user_token(ember, scopes).await;
+    let guilds = discord.guilds_of(&token).await.unwrap();
+    let ids: BTreeSet<u64> = guilds.iter().map(|g| g.id.get()).collect();
+    assert!(ids.contains(&sim.guild_id()), "{guilds:?}");
+    assert!(ids.contains(&DICE_TOWER_GUILD_ID), "{guilds:?}");
+    assert!(!ids.contains(&NIGHT_OWLS_GUILD_ID), "{guilds:?}");
+    let dice = guilds.iter().find(|g| g.id.get() == DICE_TOWER_GUILD_ID);
+    assert!(
+        dice.is_some_and(|g| g.manages),
+        "Manage Server there: {guilds:?}"
+    );
+
+    // Roles where they are a member; none where they are not (never an error).
+    assert!(
+        discord
+            .roles_in(&token, Id::new(sim.guild_id()))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        discord
+            .roles_in(&token, Id::new(NIGHT_OWLS_GUILD_ID))
+            .await
+            .unwrap(),
+        None
+    );
+
+    // A 429 on the person's token is waited out, as long as Discord says.
+    sim.fail_once(serde_json::json!({
+        "method": "GET", "path": "/users/@me/guilds", "status": 429, "retry_after": 0.3
+    }))
+    .await;
+    let started = std::time::Instant::now();
+    assert_eq!(discord.guilds_of(&token).await.unwrap(), guilds);
+    assert!(started.elapsed() >= Duration::from_millis(300), "it waited");
+
+    // One that asks for longer than a page may wait is not waited for: Discord is said
+    // to be busy within the 5 s a call may take.
+    sim.fail_once(serde_json::json!({
+        "method": "GET", "path": "/users/@me/guilds", "status": 429, "retry_after": 30.0
+    }))
+    .await;
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        discord.guilds_of(&token).await,
+        Err(DiscordError::Unavailable(_))
+    ));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A token Discord no longer accepts: logged out at once, never asked again.
+    let (status, body) = sim
+        .control(
+            "/oauth/revoke",
+            serde_json::json!({"user_id": ember.to_string()}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let refused = discord.guilds_of(&token).await;
+    assert!(
+        matches!(refused, Err(DiscordError::Unauthorized)),
+        "{refused:?}"
+    );
+    assert!(matches!(
+        discord.roles_in(&token, Id::new(sim.guild_id())).await,
+        Err(DiscordError::Unauthorized)
+    ));
+}

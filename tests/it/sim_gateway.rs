@@ -908,3 +908,29 @@ async fn an_outage_takes_a_guild_down_and_brings_it_back_whole() {
         .await;
     assert_eq!(status, 400, "unavailable is required");
 }
+
+#[tokio::test]
+async fn sim_guilds_generates_guilds_the_bot_is_in_and_each_arrives() {
+    let n = 1_000;
+    let sim = TestSim::start_with(|s| s.guilds = n).await;
+    let (mut ws, ready) = identified(&sim, 1, None).await;
+    let listed = ready_guilds(&ready);
+    assert_eq!(
+        listed.len(),
+        n as usize + 2,
+        "generated, the first and Night Owls"
+    );
+    let creates = next_creates(&mut ws, "GUILD_CREATE", listed.len()).await;
+    assert_eq!(creates, listed);
+    let bot_guilds = sim
+        .http
+        .get(sim.url("/api/v10/users/@me/guilds?limit=200"))
+        .header("authorization", format!("Bot {}", sim.token()))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(bot_guilds.as_array().unwrap().len(), 200, "a page of 200");
+}

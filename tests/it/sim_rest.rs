@@ -1424,8 +1424,71 @@ async fn a_users_guilds_and_member_come_with_their_token_and_scopes() {
         status, 401,
         "guilds.members.read alone does not list guilds"
     );
+    // Night Owls' own people log in too, and see only their guild.
+    let nyx = sim.user_of(OWLS, "nyx").await;
+    let nyx_token = sim.user_token(nyx, "identify guilds").await;
+    let (status, me) = sim.as_user(&nyx_token, "/users/@me").await;
+    assert_eq!((status, me["username"].clone()), (200, json!("nyx")));
+    let (_, nyx_guilds) = sim.as_user(&nyx_token, "/users/@me/guilds").await;
+    assert_eq!(nyx_guilds.as_array().unwrap().len(), 1);
+    assert_eq!(nyx_guilds[0]["owner"], true);
     // The bot's own list is the guilds it is in.
     let (status, bot_guilds) = raw(&sim, Method::GET, "/users/@me/guilds", None).await;
     assert_eq!(status, 200);
     assert_eq!(bot_guilds.as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn twilight_reads_a_persons_guilds_and_member_with_their_bearer_token() {
+    use coven::sim::defaults::{DICE_TOWER_GUILD_ID as DICE, NIGHT_OWLS_GUILD_ID as OWLS};
+    let sim = roomy_sim(0).await;
+    let ember = sim.user("ember").await;
+    let token = sim
+        .user_token(ember, "identify guilds guilds.members.read")
+        .await;
+    let person = twilight_http::Client::builder()
+        .token(format!("Bearer {token}"))
+        .proxy(sim.host(), true)
+        .timeout(Duration::from_secs(10))
+        .build();
+    let guilds = person
+        .current_user_guilds()
+        .limit(200)
+        .await
+        .expect("the guilds")
+        .models()
+        .await
+        .expect("twilight reads them");
+    let ids: Vec<u64> = guilds.iter().map(|g| g.id.get()).collect();
+    assert_eq!(
+        ids,
+        [sim.guild_id(), DICE],
+        "ember plays in the first guild and Dice Tower"
+    );
+    let dice = &guilds[1];
+    assert!(!dice.owner && dice.permissions.contains(Permissions::MANAGE_GUILD));
+    let after = person
+        .current_user_guilds()
+        .after(Id::new(sim.guild_id()))
+        .await
+        .unwrap()
+        .models()
+        .await
+        .unwrap();
+    assert_eq!(after.len(), 1);
+
+    let member = person
+        .current_user_guild_member(Id::new(DICE))
+        .await
+        .expect("ember's member object")
+        .model()
+        .await
+        .expect("twilight reads it");
+    assert_eq!(member.user.id.get(), ember);
+    assert_eq!(member.roles.len(), 1, "the Moderator role");
+    let e = person
+        .current_user_guild_member(Id::new(OWLS))
+        .await
+        .expect_err("ember is not in Night Owls");
+    assert_eq!(discord_code(&e), Some((404, 10004)));
 }

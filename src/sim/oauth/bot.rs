@@ -20,7 +20,10 @@ use super::{
     AuthorizeQuery, CODE_TTL, Grant, KNOWN_SCOPES, error_page, find_user, log_in_browser, pkce,
     redirect_allowed,
 };
+use std::collections::BTreeMap;
+
 use crate::sim::ids::random_hex;
+use crate::sim::world::World;
 use crate::sim::{Shared, State};
 
 #[derive(Template)]
@@ -29,6 +32,7 @@ struct PickGuild {
     bot: String,
     scopes: String,
     users: Vec<Adder>,
+    public: bool,
 }
 
 struct Adder {
@@ -137,7 +141,11 @@ pub(super) fn authorize(shared: &Shared, q: &AuthorizeQuery, scopes: Vec<String>
         },
     };
     let (Some(user), Some(guild)) = (user, guild) else {
-        return picker(&state, q, &scopes, user, guild.filter(|_| locked), public);
+        let guilds = Offer {
+            only: guild.filter(|_| locked),
+            first: guild,
+        };
+        return picker(&state, q, &scopes, user, guilds, public);
     };
     if let Some(why) = refusal(&state, public, user, guild) {
         return refused(why);
@@ -190,39 +198,56 @@ pub(super) fn authorize(shared: &Shared, q: &AuthorizeQuery, scopes: Vec<String>
     response
 }
 
-/// The page: for each simulated person (or only `user`), the guilds they may add the
-/// bot to (or only `only`, when `disable_guild_select` fixes it), each a link approving
-/// as them.
+/// Which guilds the page offers: only one (`disable_guild_select=true` with `guild_id`),
+/// and the one `guild_id` pre-selects, listed first.
+struct Offer {
+    only: Option<u64>,
+    first: Option<u64>,
+}
+
+/// The page: each simulated person (or only `user`) who may add the bot somewhere, with
+/// the guilds they may add it to, each a link approving as them. One pass over the
+/// guilds' members, so it stays quick with thousands of guilds.
 fn picker(
     state: &State,
     q: &AuthorizeQuery,
     scopes: &[String],
     user: Option<u64>,
-    only: Option<u64>,
+    offer: Offer,
     public: bool,
 ) -> Response {
-    let people: Vec<&crate::sim::world::User> = {
-        let mut seen = std::collections::BTreeSet::new();
-        state
-            .guilds()
-            .flat_map(|w| w.users.values())
-            .filter(|u| !u.bot && user.is_none_or(|id| id == u.id) && seen.insert(u.id))
-            .collect()
-    };
-    let users = people
+    let mut choices: BTreeMap<u64, Vec<&World>> = BTreeMap::new();
+    for w in state
+        .guilds()
+        .filter(|w| !w.bot_in() && offer.only.is_none_or(|g| g == w.guild_id))
+    {
+        for id in w.members.keys().chain([&w.owner_id]) {
+            if user.is_none_or(|u| u == *id)
+                && refusal(state, public, *id, w.guild_id).is_none()
+                && choices
+                    .get(id)
+                    .is_none_or(|c| !c.iter().any(|g| g.guild_id == w.guild_id))
+            {
+                choices.entry(*id).or_default().push(w);
+            }
+        }
+    }
+    let users = choices
         .into_iter()
-        .map(|u| Adder {
-            name: u.global_name.clone().unwrap_or_else(|| u.username.clone()),
-            username: u.username.clone(),
-            guilds: state
-                .guilds()
-                .filter(|w| only.is_none_or(|g| g == w.guild_id))
-                .filter(|w| refusal(state, public, u.id, w.guild_id).is_none())
-                .map(|w| Choice {
-                    name: w.guild_name.clone(),
-                    href: approve_href(q, scopes, u.id, w.guild_id),
-                })
-                .collect(),
+        .filter_map(|(id, mut guilds)| {
+            let u = state.user(id).filter(|u| !u.bot)?;
+            guilds.sort_by_key(|w| Some(w.guild_id) != offer.first);
+            Some(Adder {
+                name: u.global_name.clone().unwrap_or_else(|| u.username.clone()),
+                username: u.username.clone(),
+                guilds: guilds
+                    .into_iter()
+                    .map(|w| Choice {
+                        name: w.guild_name.clone(),
+                        href: approve_href(q, scopes, id, w.guild_id),
+                    })
+                    .collect(),
+            })
         })
         .collect();
     let bot = state
@@ -232,6 +257,7 @@ fn picker(
         bot,
         scopes: scopes.join(", "),
         users,
+        public,
     })
 }
 

@@ -34,9 +34,10 @@ pub(super) async fn current_user(State(shared): State<Arc<Shared>>, caller: Call
             id
         }
     };
+    // A person may be known to another guild than the first (Night Owls' own people).
     let mut user = state
-        .world
-        .user_json(id)
+        .user(id)
+        .map(crate::sim::world::user_json)
         .ok_or_else(|| ApiError::code(10013))?;
     user["mfa_enabled"] = json!(false);
     user["locale"] = json!("en-US");

@@ -1,4 +1,5 @@
-//! The simulated guild: users, members, roles, channels and voice states.
+//! A simulated guild: users, members, roles, channels and voice states. The simulator
+//! holds many, one `World` each; they share one id sequence and never each other's state.
 //!
 //! Every change goes through a method here that returns the Gateway dispatches it causes,
 //! so the REST routes and the control API cannot change state without Discord's events.

@@ -5,6 +5,7 @@
 //! Owns a stream's reading of the ring. Must not filter events (that is the sight's).
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -119,6 +120,46 @@ impl Step {
         Step {
             end: true,
             ..Step::default()
+        }
+    }
+}
+
+/// What a stream does with each event the feed hands it: the JSON and the pages' streams.
+pub trait Taker: Send {
+    /// Whether notices go out in the pages' form.
+    const HTML: bool;
+
+    /// The newest event the stream has: the feed's overlap before it is dropped by id.
+    fn last(&self) -> Option<EventId>;
+
+    /// What the stream sends for `event`.
+    fn take(&mut self, event: &EventFrame) -> impl Future<Output = Step> + Send;
+}
+
+/// A stream once live: the feed's frames through `taker`, until either ends it.
+pub fn live<T: Taker>(
+    mut feed: Feed,
+    mut taker: T,
+) -> impl futures_util::Stream<Item = Bytes> + Send {
+    async_stream::stream! {
+        loop {
+            let step = match feed.next(taker.last(), T::HTML).await {
+                Next::Event(event) => taker.take(&event).await,
+                Next::Send(bytes) => {
+                    yield bytes;
+                    continue;
+                }
+                Next::End => break,
+            };
+            for bytes in step.before {
+                yield bytes;
+            }
+            if let Some(bytes) = step.frame {
+                yield bytes;
+            }
+            if step.end {
+                break;
+            }
         }
     }
 }

@@ -22,7 +22,9 @@ use axum::response::Response;
 use twilight_model::id::Id;
 use twilight_model::id::marker::ChannelMarker;
 
-use super::feed::{Connected, Feed, Next, Step};
+use futures_util::StreamExt;
+
+use super::feed::{self, Connected, Feed, Step, Taker};
 use super::fragments;
 use super::frame::{EventFrame, Frame, RETRY, event_stream};
 use super::hub::Hub;
@@ -51,9 +53,21 @@ struct PagesStream {
     delivered: metrics::Counter,
 }
 
+impl Taker for PagesStream {
+    const HTML: bool = true;
+
+    fn last(&self) -> Option<EventId> {
+        Some(self.last)
+    }
+
+    async fn take(&mut self, event: &EventFrame) -> Step {
+        self.take_now(event)
+    }
+}
+
 impl PagesStream {
-    /// What the stream sends for `event`.
-    fn take(&mut self, event: &EventFrame) -> Step {
+    /// What the stream sends for `event` (nothing it does waits).
+    fn take_now(&mut self, event: &EventFrame) -> Step {
         let mut step = Step::default();
         match self.sight.obey(event) {
             Obey::End => return Step::end(),
@@ -263,17 +277,108 @@ pub async fn html_stream(
             fragments::whereabouts(state.voice.get(&stream.sight.user).map(|v| v.channel_id))
         };
         yield banner;
-        let mut feed = Feed::new(&hub, live, opening.pending);
-        loop {
-            let step = match feed.next(Some(stream.last), true).await {
-                Next::Event(event) => stream.take(&event),
-                Next::Send(bytes) => { yield bytes; continue; }
-                Next::End => break,
-            };
-            for bytes in step.before { yield bytes }
-            if let Some(bytes) = step.frame { yield bytes }
-            if step.end { break }
+        let live = feed::live(Feed::new(&hub, live, opening.pending), stream);
+        futures_util::pin_mut!(live);
+        while let Some(bytes) = live.next().await {
+            yield bytes;
         }
     };
     Ok(event_stream(frames))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use twilight_model::id::Id;
+
+    use super::*;
+    use crate::bus::Bus;
+    use crate::bus::memory::MemoryBus;
+    use crate::event::EventData;
+    use crate::web::live::hub::testing;
+
+    fn room(id: u64) -> EventData {
+        EventData::RoomCreated {
+            channel_id: Id::new(id),
+            name: format!("Room {id}"),
+            user_limit: 4,
+            created_by: None,
+            role_id: None,
+        }
+    }
+
+    /// The pages sent whole (they carry the rooms list), rather than a position.
+    fn whole(first: &Bytes) -> bool {
+        String::from_utf8_lossy(first).contains("event: rooms")
+    }
+
+    fn ids(frames: &VecDeque<Frame>) -> Vec<EventId> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Event(e) => Some(e.id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_page_is_continued_where_memory_reaches_and_sent_whole_where_it_cannot_be() {
+        let bus = Arc::new(MemoryBus::new(Id::new(1), 1000));
+        let viewer = testing::user(7);
+        bus.append(
+            EventData::MemberUpdated {
+                user_id: viewer.person.id,
+                roles: Vec::new(),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+        let hub = testing::hub(bus.clone()).await;
+        // Rendered from here on; the member event above was not.
+        let _counted = hub.count_pages_stream();
+        let a = bus.append(room(10), None).await.unwrap().id;
+        let b = bus.append(room(11), None).await.unwrap().id;
+        testing::reached(&hub, b).await;
+        let (_live, as_of) = hub.subscribe();
+        let sight = sight_of(&hub, bus.as_ref(), &viewer, None, as_of)
+            .await
+            .unwrap();
+        let open =
+            |after: Option<EventId>| open(&hub, bus.as_ref(), &sight, &[], after, VecDeque::new());
+
+        // A new page: whole, at the hub's state.
+        let o = open(None).await.unwrap();
+        assert!(whole(&o.first));
+        assert_eq!(o.last, b);
+
+        // At the hub's state: continued from its id, nothing to replay.
+        let o = open(Some(b)).await.unwrap();
+        assert!(!whole(&o.first));
+        assert_eq!(o.last, b);
+        assert!(o.pending.is_empty());
+
+        // Behind, within memory: continued exactly, the frames after its id replayed.
+        let o = open(Some(a)).await.unwrap();
+        assert!(!whole(&o.first));
+        assert_eq!(o.last, a);
+        assert_eq!(ids(&o.pending), vec![b]);
+
+        // Behind, but memory holds a frame without its HTML: whole.
+        let o = open(Some(EventId { ms: 1, seq: 0 })).await.unwrap();
+        assert!(whole(&o.first));
+        assert_eq!(o.last, b);
+
+        // Ahead of the hub, and no log ever gave that id out: whole, from the hub's state.
+        let o = open(Some(EventId {
+            ms: b.ms + 1_000_000,
+            seq: 0,
+        }))
+        .await
+        .unwrap();
+        assert!(whole(&o.first));
+        assert_eq!(o.last, b);
+    }
 }

@@ -100,7 +100,12 @@ impl Hub {
         let hub = Hub {
             tx,
             // Twice the bound: a stream just under it can still be served from memory.
-            recent: Arc::new(Mutex::new(Recent::new(max_behind.saturating_mul(2)))),
+            // Memory covers what comes after the snapshot the hub starts from, nothing
+            // before it.
+            recent: Arc::new(Mutex::new(Recent::starting_at(
+                max_behind.saturating_mul(2),
+                snapshot.at,
+            ))),
             max_behind,
             bus,
             guild,
@@ -284,12 +289,25 @@ impl Hub {
                 Ok(Since::Gap) | Err(_) => {
                     // The pages' state missed events too: start it again from Redis
                     // (streams reconnect and render afresh meanwhile).
-                    if let Ok(snapshot) = self.bus.snapshot().await {
-                        *self.access.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Arc::new(snapshot.access.clone());
-                        *applied = snapshot.at;
-                        *last = (*last).max(snapshot.at);
-                        *self.lock_state() = snapshot;
+                    // Memory missed them as well: it covers only what comes after.
+                    let restart = |at| {
+                        self.recent
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .restart(at)
+                    };
+                    match self.bus.snapshot().await {
+                        Ok(snapshot) => {
+                            *self.access.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Arc::new(snapshot.access.clone());
+                            *applied = snapshot.at;
+                            *last = (*last).max(snapshot.at);
+                            let at = snapshot.at;
+                            let mut state = self.lock_state();
+                            *state = snapshot;
+                            restart(at);
+                        }
+                        Err(_) => restart(*last),
                     }
                     let _ = self.tx.send(Frame::Cut);
                     return;
@@ -337,5 +355,61 @@ pub struct PagesStreamCount(Arc<AtomicUsize>);
 impl Drop for PagesStreamCount {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Hubs for unit tests of what streams do: over a memory bus, on real frames.
+#[cfg(test)]
+pub mod testing {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use twilight_model::id::Id;
+
+    use super::Hub;
+    use crate::bus::memory::MemoryBus;
+    use crate::event::{EventId, Person};
+    use crate::web::session::{SessionCache, SessionUser, Store};
+
+    pub async fn hub(bus: Arc<MemoryBus>) -> Hub {
+        let sessions = SessionCache::new(Store::new(tower_sessions::MemoryStore::default()));
+        Hub::start(
+            bus,
+            sessions,
+            Id::new(1),
+            64,
+            1 << 20,
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Waits (with a deadline) until the hub has passed `id` on.
+    pub async fn reached(hub: &Hub, id: EventId) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while hub.lock_state().at < id {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the hub never reached {id}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    pub fn user(id: u64) -> SessionUser {
+        SessionUser {
+            person: Person {
+                id: Id::new(id),
+                username: format!("u{id}"),
+                global_name: None,
+                avatar_url: None,
+            },
+            access_token: String::new(),
+            refresh_token: None,
+            expires_at: u64::MAX,
+            csrf: String::new(),
+            login: format!("login-{id}"),
+        }
     }
 }

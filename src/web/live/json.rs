@@ -15,7 +15,9 @@ use axum::response::Response;
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker};
 
-use super::feed::{Connected, Feed, Next, Step};
+use futures_util::StreamExt;
+
+use super::feed::{self, Connected, Feed, Step, Taker};
 use super::frame::{EventFrame, RETRY, event_stream, view_bytes};
 use super::hub::Hub;
 use super::query::{self, StreamQuery};
@@ -37,8 +39,13 @@ struct JsonStream {
     delivered: metrics::Counter,
 }
 
-impl JsonStream {
-    /// What the stream sends for `event`.
+impl Taker for JsonStream {
+    const HTML: bool = false;
+
+    fn last(&self) -> Option<EventId> {
+        self.last
+    }
+
     async fn take(&mut self, event: &EventFrame) -> Step {
         let mut step = Step::default();
         // Control is acted on even for an event the replay already sent (when newer than
@@ -164,17 +171,117 @@ pub async fn stream(
             Some(Start::Memory(frames)) => frames,
             _ => Default::default(),
         };
-        let mut feed = Feed::new(&hub, live, pending);
-        loop {
-            let step = match feed.next(stream.last, false).await {
-                Next::Event(event) => stream.take(&event).await,
-                Next::Send(bytes) => { yield bytes; continue; }
-                Next::End => break,
-            };
-            for bytes in step.before { yield bytes }
-            if let Some(bytes) = step.frame { yield bytes }
-            if step.end { break }
+        let live = feed::live(Feed::new(&hub, live, pending), stream);
+        futures_util::pin_mut!(live);
+        while let Some(bytes) = live.next().await {
+            yield bytes;
         }
     };
     Ok(event_stream(frames))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Bytes;
+    use twilight_model::id::Id;
+
+    use super::*;
+    use crate::bus::Bus;
+    use crate::bus::memory::MemoryBus;
+    use crate::event::{Audience, EventData};
+    use crate::web::live::frame::Control;
+    use crate::web::live::hub::testing;
+
+    fn frame(ms: u64, audience: Audience, control: Option<Control>) -> EventFrame {
+        EventFrame {
+            id: EventId { ms, seq: 0 },
+            audience,
+            bytes: Bytes::from(format!("id: {ms}-0\n\n")),
+            control,
+            html: None,
+            rendered: false,
+            subject: None,
+        }
+    }
+
+    async fn stream_of(user: u64) -> (JsonStream, EventId) {
+        let bus = Arc::new(MemoryBus::new(Id::new(1), 1000));
+        let viewer = testing::user(user);
+        bus.append(
+            EventData::MemberUpdated {
+                user_id: viewer.person.id,
+                roles: Vec::new(),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+        let hub = testing::hub(bus.clone()).await;
+        let (_live, as_of) = hub.subscribe();
+        let sight = sight_of(&hub, bus.as_ref(), &viewer, None, as_of)
+            .await
+            .unwrap();
+        let stream = JsonStream {
+            delivered: hub.delivered.clone(),
+            hub,
+            guild: Id::new(1),
+            sight,
+            last: None,
+        };
+        (stream, as_of)
+    }
+
+    #[tokio::test]
+    async fn a_stream_sends_each_event_it_may_show_once_and_obeys_only_newer_controls() {
+        let (mut stream, as_of) = stream_of(7).await;
+        let next = |n: u64| as_of.ms + n;
+
+        let everyone = frame(next(1), Audience::Everyone, None);
+        let step = stream.take(&everyone).await;
+        assert_eq!(step.frame, Some(everyone.bytes.clone()));
+        assert!(!step.end && step.before.is_empty());
+        assert_eq!(stream.last, Some(everyone.id));
+
+        // The overlap of a replay and the ring: sent once.
+        assert_eq!(stream.take(&everyone).await.frame, None);
+
+        // A room the viewer may not see: not sent, but passed.
+        let hidden = frame(next(2), Audience::Channel(Id::new(999)), None);
+        let step = stream.take(&hidden).await;
+        assert_eq!(step.frame, None);
+        assert_eq!(stream.last, Some(hidden.id));
+
+        // Internal events never go to a browser.
+        assert_eq!(
+            stream
+                .take(&frame(next(3), Audience::Internal, None))
+                .await
+                .frame,
+            None
+        );
+
+        // A removal older than what the stream was opened with is history, not news.
+        let old_removal = EventFrame {
+            id: as_of,
+            ..frame(0, Audience::Internal, Some(Control::Removed(Id::new(7))))
+        };
+        assert!(!stream.take(&old_removal).await.end);
+
+        // Someone else's logout changes nothing; this login's ends the stream.
+        let other = Control::LoggedOut(Id::new(8), "login-8".into());
+        assert!(
+            !stream
+                .take(&frame(next(4), Audience::Internal, Some(other)))
+                .await
+                .end
+        );
+        let mine = Control::LoggedOut(Id::new(7), "login-7".into());
+        let step = stream
+            .take(&frame(next(5), Audience::Internal, Some(mine)))
+            .await;
+        assert!(step.end);
+        assert_eq!(step.frame, None);
+    }
 }

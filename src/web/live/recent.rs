@@ -19,6 +19,22 @@ pub struct Recent {
 }
 
 impl Recent {
+    /// Memory that covers everything after `at` (the hub's starting point): an id before
+    /// it is not covered, whatever the frames held.
+    pub fn starting_at(cap: usize, at: EventId) -> Self {
+        let mut recent = Recent::new(cap);
+        recent.dropped = at;
+        recent
+    }
+
+    /// Forgets every frame: memory covers only what comes after `at` (the hub started
+    /// again from a snapshot after losing events).
+    pub fn restart(&mut self, at: EventId) {
+        self.frames.clear();
+        self.bytes = 0;
+        self.dropped = at;
+    }
+
     pub fn new(cap: usize) -> Self {
         Recent {
             frames: VecDeque::new(),
@@ -127,6 +143,24 @@ mod tests {
         );
         assert!(!recent.passed_on(at(1)), "forgotten");
         assert!(!Recent::new(300).passed_on(EventId::ZERO));
+    }
+
+    #[test]
+    fn memory_covers_nothing_from_before_the_hub_started() {
+        let at = |ms| EventId { ms, seq: 0 };
+        let mut recent = Recent::starting_at(1000, at(5));
+        recent.push(frame(7, 10));
+        assert_eq!(recent.after(at(5), 1000).map(|f| ids(&f)), Some(vec![7]));
+        assert!(
+            recent.after(at(3), 1000).is_none(),
+            "events between 3 and the start were never in memory"
+        );
+        recent.restart(at(9));
+        assert!(
+            recent.after(at(7), 1000).is_none(),
+            "forgotten on a restart"
+        );
+        assert_eq!(recent.after(at(9), 1000).map(|f| ids(&f)), Some(vec![]));
     }
 
     #[test]
