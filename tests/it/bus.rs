@@ -816,3 +816,122 @@ async fn an_append_whose_answer_is_lost_reaches_the_log_once() {
     );
     assert_eq!(bus.snapshot().await.unwrap().at, second.id);
 }
+
+/// The gateway's fencing across guilds: a shard lease's epoch fences each guild's
+/// appends (a new holder raises every guild's epoch; an old one is refused there), and
+/// appends named by (session, sequence, index) reach the log once whoever sends them.
+#[tokio::test]
+async fn a_shard_lease_fences_every_guild_by_epoch_and_dispatches_are_appended_once() {
+    use coven::bus::{Deployment, GuildEntry, Request};
+    use std::sync::Arc;
+
+    let redis = RedisServer::start();
+    let deployment: Arc<dyn Deployment> = Arc::new(
+        coven::bus::redis::Redis::connect(
+            &redis.url(),
+            "test",
+            1000,
+            coven::bus::redis::COMMAND_TIMEOUT,
+            coven::bus::redis::Durability::OFF,
+        )
+        .await
+        .expect("connects"),
+    );
+    let (g1, g2) = (Id::new(GUILD), Id::new(GUILD + 1));
+    let lease = "shard:{0}:lease";
+    let ttl = Duration::from_millis(300);
+    let old = deployment
+        .acquire(lease, "a", ttl)
+        .await
+        .unwrap()
+        .expect("a free lease");
+    assert!(old.by_epoch);
+    let (one, two) = (deployment.guild(g1), deployment.guild(g2));
+    let first = one
+        .append_once(room(1, None), Some(&old), &Request::dispatch("s", 5, 0))
+        .await
+        .unwrap();
+    two.append_once(room(2, None), Some(&old), &Request::dispatch("s", 5, 1))
+        .await
+        .unwrap();
+    let entry = GuildEntry {
+        name: "One".into(),
+        icon: None,
+        shard: 0,
+        available: true,
+        epoch: old.epoch,
+    };
+    assert!(deployment.register(g1, &entry).await.unwrap());
+
+    // The old holder pauses past its lease; the next raises every guild's epoch.
+    let new = wait_for("the lease to pass to b", || async {
+        deployment.acquire(lease, "b", ttl).await.unwrap()
+    })
+    .await;
+    assert!(new.epoch > old.epoch);
+    deployment.raise_epochs(&[g1, g2], new.epoch).await.unwrap();
+    for bus in [&one, &two] {
+        assert!(
+            matches!(
+                bus.append_once(room(3, None), Some(&old), &Request::dispatch("s", 6, 0))
+                    .await,
+                Err(BusError::Fenced(_))
+            ),
+            "the old holder is refused in every guild of the shard"
+        );
+    }
+    assert!(matches!(
+        deployment
+            .put(Some(&old), "shard:{0}:session", "{}", None)
+            .await,
+        Err(BusError::Fenced(_))
+    ));
+
+    // The new holder replays the dispatch its predecessor appended: nothing new.
+    let replayed = one
+        .append_once(room(1, None), Some(&new), &Request::dispatch("s", 5, 0))
+        .await
+        .unwrap();
+    assert_eq!(replayed.id, first.id, "a dispatch is appended once");
+    let older = one
+        .append_once(room(9, None), Some(&new), &Request::dispatch("s", 4, 3))
+        .await
+        .unwrap();
+    assert_eq!(
+        older.id, first.id,
+        "an older one of the session is done too"
+    );
+    let next = one
+        .append_once(room(3, None), Some(&new), &Request::dispatch("s", 6, 0))
+        .await
+        .unwrap();
+    assert!(next.id > first.id);
+    let Since::Events(events) = one.since(EventId::ZERO, 100).await.unwrap() else {
+        panic!("a gap")
+    };
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(deployment.registry().await.unwrap()[&g1].epoch, old.epoch);
+    let unavailable = GuildEntry {
+        available: false,
+        ..entry.clone()
+    };
+    assert!(
+        deployment
+            .register(
+                g1,
+                &GuildEntry {
+                    epoch: new.epoch,
+                    ..unavailable.clone()
+                }
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        !deployment.register(g1, &entry).await.unwrap(),
+        "the old holder cannot undo what its successor registered"
+    );
+    assert!(!deployment.unregister(g1, old.epoch).await.unwrap());
+    assert!(deployment.unregister(g1, new.epoch).await.unwrap());
+    assert!(deployment.registry().await.unwrap().is_empty());
+}
