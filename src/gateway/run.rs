@@ -449,16 +449,15 @@ fn on_guild_dispatch(
                 .get(&guild)
                 .and_then(|s| s.deriver.view().access.guild.as_ref())
                 .map(|g| g.name.clone());
-            let entry = match guilds.entries.get_mut(&guild) {
-                Some(entry) => entry,
-                None => guilds.entries.entry(guild).or_insert(GuildEntry {
-                    name: name.unwrap_or_default(),
-                    icon: None,
-                    shard: SHARD,
-                    available: false,
-                    epoch,
-                }),
-            };
+            // Known only from its snapshot (listed, not yet registered): what Redis knows
+            // of its name will do until its GUILD_CREATE.
+            let entry = guilds.entries.entry(guild).or_insert_with(|| GuildEntry {
+                name: name.unwrap_or_default(),
+                icon: None,
+                shard: SHARD,
+                available: false,
+                epoch,
+            });
             entry.available = false;
             entry.epoch = epoch;
             let entry = entry.clone();
