@@ -360,8 +360,9 @@ pub async fn move_in(
 }
 
 /// `POST /rooms/{id}/invite`: a fresh invite link; every older link of the room stops
-/// working. HTMX gets the link itself; a plain form goes back to the page, which shows
-/// the fresh one.
+/// working, so only the room's creator may ask for one (the people they invited may copy
+/// the current link, but never cut off the link its host has shared). HTMX gets the link
+/// itself; a plain form goes back to the page, which shows the fresh one.
 pub async fn new_invite(
     axum::extract::State(app): axum::extract::State<AppState>,
     RoomId(id): RoomId,
@@ -370,6 +371,13 @@ pub async fn new_invite(
     let mut snapshot = app.bus.snapshot().await?;
     let room = visible_room(&snapshot, id, post.principal())?;
     let generation = room.invite_gen.saturating_add(1);
+    if room.creator_id != Some(post.who.user.person.id) {
+        return Err(WebError::Forbidden(
+            "Only the room's creator can make a new invite link (it stops the old one \
+             working); you can copy the current one."
+                .to_owned(),
+        ));
+    }
     if invites::offer(&app, &snapshot, id, post.principal())?.is_none() {
         return Err(WebError::Forbidden(
             "Only the creator of a room Coven made, and the people holding its role, can hand \

@@ -7,7 +7,7 @@ use fred::prelude::*;
 use serde_json::json;
 use twilight_model::guild::Permissions;
 
-use crate::harness::rooms::{find, invite_path};
+use crate::harness::rooms::{find, invite_link, invite_path};
 use crate::harness::{Browser, Stack, TestSim, Web, form_value, location, metric, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,6 +221,27 @@ async fn new_link_revokes_older_links_of_the_room() {
     );
     let res = guest.get(&a.url(&new)).await;
     assert_eq!(res.status(), 303);
+
+    // Someone the link let in may copy it, never revoke it: a guest's "New link" would cut
+    // off the link its host has shared.
+    let page = guest.room_page(b, &room).await;
+    assert_eq!(
+        invite_path(&invite_link(&page)),
+        shown,
+        "the guest sees the current link"
+    );
+    assert!(!page.contains("New link"), "and no button to replace it");
+    let token = guest.csrf(b).await;
+    let refused = guest
+        .post(
+            b,
+            &format!("/rooms/{room}/invite"),
+            &[("csrf_token", &token)],
+        )
+        .await;
+    assert_eq!(refused.status(), 403);
+    let res = guest.get(&b.url(&shown)).await;
+    assert_eq!(res.status(), 303, "the host's link still works");
 
     // Someone not in the server cannot confirm an old link either: the confirm post
     // checks the generation again, and nobody is added.
