@@ -29,12 +29,75 @@ pub struct MemoryBus {
     shared: Arc<Mutex<Shared>>,
 }
 
+/// Leases with fencing, as the Redis scripts keep them: a holder's token until a time,
+/// and per lease an epoch that only grows.
+#[derive(Default)]
+struct Leases {
+    held: HashMap<String, (String, Instant)>,
+    epochs: HashMap<String, u64>,
+}
+
+impl Leases {
+    fn acquire(
+        &mut self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+        by_epoch: bool,
+    ) -> Option<Fence> {
+        let now = Instant::now();
+        if self.held.get(name).is_some_and(|(_, until)| *until > now) {
+            return None;
+        }
+        let epoch = self.epochs.entry(name.to_owned()).or_default();
+        *epoch += 1;
+        let fence = Fence {
+            lease: name.to_owned(),
+            token: format!("{epoch}:{holder}"),
+            epoch: *epoch,
+            by_epoch,
+        };
+        self.held
+            .insert(name.to_owned(), (fence.token.clone(), now + ttl));
+        Some(fence)
+    }
+
+    fn left(&self, name: &str) -> Option<Duration> {
+        let now = Instant::now();
+        self.held
+            .get(name)
+            .and_then(|(_, until)| until.checked_duration_since(now))
+    }
+
+    fn holds(&self, fence: &Fence) -> bool {
+        self.held
+            .get(&fence.lease)
+            .is_some_and(|(token, until)| *token == fence.token && *until > Instant::now())
+    }
+
+    fn renew(&mut self, fence: &Fence, ttl: Duration) -> bool {
+        if !self.holds(fence) {
+            return false;
+        }
+        self.held.insert(
+            fence.lease.clone(),
+            (fence.token.clone(), Instant::now() + ttl),
+        );
+        true
+    }
+
+    fn release(&mut self, fence: &Fence) {
+        if self.holds(fence) {
+            self.held.remove(&fence.lease);
+        }
+    }
+}
+
 /// What a deployment keeps outside every guild.
 #[derive(Default)]
 struct Shared {
     values: HashMap<String, (String, Option<Instant>)>,
-    leases: HashMap<String, (String, Instant)>,
-    epochs: HashMap<String, u64>,
+    leases: Leases,
     registry: BTreeMap<Id<GuildMarker>, GuildEntry>,
 }
 
@@ -56,8 +119,7 @@ struct State {
     trimmed: EventId,
     last: EventId,
     snapshot: Snapshot,
-    leases: HashMap<String, (String, Instant)>,
-    epoch: u64,
+    leases: Leases,
     values: HashMap<String, (String, Option<Instant>)>,
     /// Per room: viewer JSON (as Redis keeps it) → when it expires.
     viewers: HashMap<Id<ChannelMarker>, BTreeMap<String, Instant>>,
@@ -125,10 +187,7 @@ impl MemoryBus {
 }
 
 fn holds(state: &State, fence: &Fence) -> bool {
-    state
-        .leases
-        .get(&fence.lease)
-        .is_some_and(|(token, until)| *token == fence.token && *until > Instant::now())
+    state.leases.holds(fence)
 }
 
 #[async_trait::async_trait]
@@ -251,54 +310,19 @@ impl Bus for MemoryBus {
     }
 
     async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> BusResult<Option<Fence>> {
-        let mut state = self.lock();
-        let now = Instant::now();
-        if state
-            .leases
-            .get(name)
-            .is_some_and(|(_, until)| *until > now)
-        {
-            return Ok(None);
-        }
-        state.epoch += 1;
-        let fence = Fence {
-            lease: name.to_owned(),
-            token: format!("{}:{holder}", state.epoch),
-            epoch: state.epoch,
-            by_epoch: false,
-        };
-        state
-            .leases
-            .insert(name.to_owned(), (fence.token.clone(), now + ttl));
-        Ok(Some(fence))
+        Ok(self.lock().leases.acquire(name, holder, ttl, false))
     }
 
     async fn lease_left(&self, name: &str) -> BusResult<Option<Duration>> {
-        let now = Instant::now();
-        Ok(self
-            .lock()
-            .leases
-            .get(name)
-            .and_then(|(_, until)| until.checked_duration_since(now)))
+        Ok(self.lock().leases.left(name))
     }
 
     async fn renew(&self, fence: &Fence, ttl: Duration) -> BusResult<bool> {
-        let mut state = self.lock();
-        if !holds(&state, fence) {
-            return Ok(false);
-        }
-        state.leases.insert(
-            fence.lease.clone(),
-            (fence.token.clone(), Instant::now() + ttl),
-        );
-        Ok(true)
+        Ok(self.lock().leases.renew(fence, ttl))
     }
 
     async fn release(&self, fence: &Fence) -> BusResult<()> {
-        let mut state = self.lock();
-        if holds(&state, fence) {
-            state.leases.remove(&fence.lease);
-        }
+        self.lock().leases.release(fence);
         Ok(())
     }
 }
@@ -375,10 +399,7 @@ impl MemoryDeployment {
 }
 
 fn holds_shared(shared: &Shared, fence: &Fence) -> bool {
-    shared
-        .leases
-        .get(&fence.lease)
-        .is_some_and(|(token, until)| *token == fence.token && *until > Instant::now())
+    shared.leases.holds(fence)
 }
 
 #[async_trait::async_trait]
@@ -388,55 +409,19 @@ impl Deployment for MemoryDeployment {
     }
 
     async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> BusResult<Option<Fence>> {
-        let mut shared = self.shared();
-        let now = Instant::now();
-        if shared
-            .leases
-            .get(name)
-            .is_some_and(|(_, until)| *until > now)
-        {
-            return Ok(None);
-        }
-        let epoch = shared.epochs.entry(name.to_owned()).or_default();
-        *epoch += 1;
-        let fence = Fence {
-            lease: name.to_owned(),
-            token: format!("{epoch}:{holder}"),
-            epoch: *epoch,
-            by_epoch: true,
-        };
-        shared
-            .leases
-            .insert(name.to_owned(), (fence.token.clone(), now + ttl));
-        Ok(Some(fence))
+        Ok(self.shared().leases.acquire(name, holder, ttl, true))
     }
 
     async fn lease_left(&self, name: &str) -> BusResult<Option<Duration>> {
-        let now = Instant::now();
-        Ok(self
-            .shared()
-            .leases
-            .get(name)
-            .and_then(|(_, until)| until.checked_duration_since(now)))
+        Ok(self.shared().leases.left(name))
     }
 
     async fn renew(&self, fence: &Fence, ttl: Duration) -> BusResult<bool> {
-        let mut shared = self.shared();
-        if !holds_shared(&shared, fence) {
-            return Ok(false);
-        }
-        shared.leases.insert(
-            fence.lease.clone(),
-            (fence.token.clone(), Instant::now() + ttl),
-        );
-        Ok(true)
+        Ok(self.shared().leases.renew(fence, ttl))
     }
 
     async fn release(&self, fence: &Fence) -> BusResult<()> {
-        let mut shared = self.shared();
-        if holds_shared(&shared, fence) {
-            shared.leases.remove(&fence.lease);
-        }
+        self.shared().leases.release(fence);
         Ok(())
     }
 

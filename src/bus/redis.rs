@@ -1168,41 +1168,22 @@ impl Bus for RedisBus {
     }
 
     async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> BusResult<Option<Fence>> {
-        let keys = vec![self.key(name), self.key(&format!("{name}:epoch"))];
-        let args = vec![holder.to_owned(), ttl.as_millis().to_string()];
-        let token: Option<String> = self
-            .scripts
-            .acquire
-            .evalsha_with_reload(&self.client, keys, args)
-            .await?;
-        Ok(token.map(|token| fence(name, token, false)))
+        let lease = self.key(name);
+        let epoch = self.key(&format!("{name}:epoch"));
+        self.lease_acquire(lease, epoch, name, holder, ttl, false)
+            .await
     }
 
     async fn lease_left(&self, name: &str) -> BusResult<Option<Duration>> {
-        let ms: i64 = self.client.pttl(self.key(name)).await?;
-        // -2: no key; -1: no expiry (never set so by Coven).
-        Ok(u64::try_from(ms).ok().map(Duration::from_millis))
+        self.lease_left_at(self.key(name)).await
     }
 
     async fn renew(&self, fence: &Fence, ttl: Duration) -> BusResult<bool> {
-        let keys = vec![self.key(&fence.lease)];
-        let args = vec![fence.token.clone(), ttl.as_millis().to_string()];
-        let held: i64 = self
-            .scripts
-            .renew
-            .evalsha_with_reload(&self.client, keys, args)
-            .await?;
-        Ok(held == 1)
+        self.lease_renew(self.key(&fence.lease), fence, ttl).await
     }
 
     async fn release(&self, fence: &Fence) -> BusResult<()> {
-        let keys = vec![self.key(&fence.lease)];
-        let _: i64 = self
-            .scripts
-            .release
-            .evalsha_with_reload(&self.client, keys, vec![fence.token.clone()])
-            .await?;
-        Ok(())
+        self.lease_release(self.key(&fence.lease), fence).await
     }
 }
 
@@ -1280,6 +1261,50 @@ impl Redis {
     fn shared_key(&self, name: &str) -> String {
         format!("{}:{name}", self.prefix)
     }
+
+    /// A lease's scripts, wherever its keys are (a guild's, or the deployment's).
+    async fn lease_acquire(
+        &self,
+        lease: String,
+        epoch: String,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+        shared: bool,
+    ) -> BusResult<Option<Fence>> {
+        let args = vec![holder.to_owned(), ttl.as_millis().to_string()];
+        let token: Option<String> = self
+            .scripts
+            .acquire
+            .evalsha_with_reload(&self.client, vec![lease, epoch], args)
+            .await?;
+        Ok(token.map(|token| fence(name, token, shared)))
+    }
+
+    async fn lease_left_at(&self, lease: String) -> BusResult<Option<Duration>> {
+        let ms: i64 = self.client.pttl(lease).await?;
+        // -2: no key; -1: no expiry (never set so by Coven).
+        Ok(u64::try_from(ms).ok().map(Duration::from_millis))
+    }
+
+    async fn lease_renew(&self, lease: String, fence: &Fence, ttl: Duration) -> BusResult<bool> {
+        let args = vec![fence.token.clone(), ttl.as_millis().to_string()];
+        let held: i64 = self
+            .scripts
+            .renew
+            .evalsha_with_reload(&self.client, vec![lease], args)
+            .await?;
+        Ok(held == 1)
+    }
+
+    async fn lease_release(&self, lease: String, fence: &Fence) -> BusResult<()> {
+        let _: i64 = self
+            .scripts
+            .release
+            .evalsha_with_reload(&self.client, vec![lease], vec![fence.token.clone()])
+            .await?;
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]
@@ -1289,43 +1314,24 @@ impl super::Deployment for Arc<Redis> {
     }
 
     async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> BusResult<Option<Fence>> {
-        let keys = vec![
-            self.shared_key(name),
-            self.shared_key(&format!("{name}:epoch")),
-        ];
-        let args = vec![holder.to_owned(), ttl.as_millis().to_string()];
-        let token: Option<String> = self
-            .scripts
-            .acquire
-            .evalsha_with_reload(&self.client, keys, args)
-            .await?;
-        Ok(token.map(|token| fence(name, token, true)))
+        let lease = self.shared_key(name);
+        let epoch = self.shared_key(&format!("{name}:epoch"));
+        self.lease_acquire(lease, epoch, name, holder, ttl, true)
+            .await
     }
 
     async fn lease_left(&self, name: &str) -> BusResult<Option<Duration>> {
-        let ms: i64 = self.client.pttl(self.shared_key(name)).await?;
-        Ok(u64::try_from(ms).ok().map(Duration::from_millis))
+        self.lease_left_at(self.shared_key(name)).await
     }
 
     async fn renew(&self, fence: &Fence, ttl: Duration) -> BusResult<bool> {
-        let keys = vec![self.shared_key(&fence.lease)];
-        let args = vec![fence.token.clone(), ttl.as_millis().to_string()];
-        let held: i64 = self
-            .scripts
-            .renew
-            .evalsha_with_reload(&self.client, keys, args)
-            .await?;
-        Ok(held == 1)
+        self.lease_renew(self.shared_key(&fence.lease), fence, ttl)
+            .await
     }
 
     async fn release(&self, fence: &Fence) -> BusResult<()> {
-        let keys = vec![self.shared_key(&fence.lease)];
-        let _: i64 = self
-            .scripts
-            .release
-            .evalsha_with_reload(&self.client, keys, vec![fence.token.clone()])
-            .await?;
-        Ok(())
+        self.lease_release(self.shared_key(&fence.lease), fence)
+            .await
     }
 
     async fn put(
