@@ -15,10 +15,14 @@
 //!   (b) 10,000 streams × 2 events/s for 10 s
 //!   (c) 1,000 streams × 100 events/s for 10 s
 //!   (d) 1,000 streams × 2,000 events/s for 2 s
-//! `-- a` (or b, c, d) runs one; `-- stalled` runs only the stalled-readers scenario of issue
-//! [2/6]: 500 streams that stop reading under 3,000 events, with the replica's memory and
-//! the machine's TCP memory per stalled stream, and how long until they are cut. Server CPU per delivery comes from /proc (utime+stime of
-//! both replicas over the run); memory per stream is the replicas' resident-set growth
+//! `-- a` (or b, c, d) runs one; `-- nchan` also runs each chosen scenario against Nchan
+//! (nginx + nchan over the same private Redis, two worker processes as Coven has two
+//! replicas), with the same load generator and the same measures, and prints the two side
+//! by side; `-- stalled` runs only the stalled-readers scenario of issue [2/6]: 500 streams that stop reading under 3,000 events, with the replica's memory and
+//! the machine's TCP memory per stalled stream, and how long until they are cut. Server CPU
+//! comes from /proc: the run time of every thread of the servers (`schedstat`, in ns),
+//! and utime+stime (`stat`, in 10 ms ticks: coarse at 1,000 streams), over the connect
+//! phase (per stream opened) and over the events (per delivery); memory per stream is the replicas' resident-set growth
 //! from before the streams opened to when all were open, divided by the streams.
 
 // A benchmark that cannot set itself up has nothing to measure: it may stop there.
@@ -81,6 +85,29 @@ fn cpu_seconds(pid: u32) -> f64 {
         .sum();
     // USER_HZ is 100 on Linux.
     ticks / 100.0
+}
+
+/// Run time of every thread of a process (`/proc/<pid>/task/*/schedstat`), in seconds:
+/// the same CPU as utime+stime, in nanoseconds rather than ticks (threads that already
+/// ended are not counted; the servers' threads live as long as they do).
+fn cpu_ns_seconds(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let ns: u64 = tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    ns as f64 / 1e9
+}
+
+/// Both CPU measures of some processes, summed: (schedstat, stat).
+fn cpu_of(pids: &[u32]) -> (f64, f64) {
+    (
+        pids.iter().map(|p| cpu_ns_seconds(*p)).sum(),
+        pids.iter().map(|p| cpu_seconds(*p)).sum(),
+    )
 }
 
 /// Resident set of a process, in KiB.
@@ -221,7 +248,7 @@ struct Scenario {
 #[allow(clippy::too_many_arguments)]
 async fn run_stream(
     port: u16,
-    cookie: Arc<str>,
+    head: Arc<str>,
     start_id: Arc<str>,
     count: u64,
     open: Arc<Semaphore>,
@@ -243,7 +270,7 @@ async fn run_stream(
             continue;
         };
         let req = format!(
-            "GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\nLast-Event-ID: {}\r\nAccept: text/event-stream\r\n\r\n",
+            "{head}Last-Event-ID: {}\r\nAccept: text/event-stream\r\n\r\n",
             String::from_utf8_lossy(&last_id)
         );
         if conn.write_all(req.as_bytes()).await.is_err() {
@@ -458,33 +485,260 @@ async fn stalled(setup: &Setup) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn scenario(setup: &Setup, s: &Scenario) -> anyhow::Result<()> {
+/// nginx with nchan over the bench's Redis: the reference a stream's cost is held to.
+struct Nchan {
+    // Dropped before the directory its configuration and pid file are in.
+    nginx: Proc,
+    port: u16,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+/// Where nginx's nchan module is when installed from Debian's `libnginx-mod-nchan`.
+const NCHAN_MODULE: &str = "/usr/lib/nginx/modules/ngx_nchan_module.so";
+
+impl Nchan {
+    /// Starts a private nginx (two workers, as Coven runs two replicas) on a free port:
+    /// subscribers on `/sub` (EventSource), the publisher on `/pub`, one channel, stored
+    /// in the bench's Redis.
+    async fn start(redis_url: &str) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            std::path::Path::new(NCHAN_MODULE).exists(),
+            "nchan is not installed (apt-get install nginx libnginx-mod-nchan)"
+        );
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let d = dir.path().display();
+        let config = format!(
+            r#"load_module {NCHAN_MODULE};
+worker_processes 2;
+worker_rlimit_nofile 65536;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 30000; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    nchan_redis_url "{redis_url}";
+    server {{
+        listen 127.0.0.1:{port};
+        location = /sub {{
+            nchan_subscriber eventsource;
+            nchan_channel_id bench;
+            nchan_use_redis on;
+        }}
+        location = /pub {{
+            nchan_publisher;
+            nchan_channel_id bench;
+            nchan_use_redis on;
+        }}
+    }}
+}}
+"#
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, config)?;
+        let nginx = Proc(
+            Command::new("nginx")
+                .arg("-p")
+                .arg(dir.path())
+                .arg("-e")
+                .arg(dir.path().join("error.log"))
+                .arg("-c")
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()?,
+        );
+        wait_port(port)?;
+        Ok(Nchan {
+            nginx,
+            port,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        })
+    }
+
+    /// nginx's master and its workers.
+    fn pids(&self) -> Vec<u32> {
+        let master = self.nginx.0.id();
+        let mut pids = vec![master];
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for entry in dir.filter_map(Result::ok) {
+                let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+                let ppid = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+                if ppid == Some(master) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+
+    /// Publishes one message; returns its id.
+    async fn publish(&self, body: String) -> anyhow::Result<String> {
+        let answer: serde_json::Value = self
+            .http
+            .post(format!("http://127.0.0.1:{}/pub", self.port))
+            .header("accept", "application/json")
+            .body(body)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        answer["last_message_id"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("nchan answered no message id: {answer}"))
+    }
+
+    /// Pings as `coven publish --ping` sends them: `{"seq":n,"ts":<unix ns at send>}`,
+    /// paced the same way.
+    async fn pings(&self, count: u64, rate: u64) -> anyhow::Result<String> {
+        let started = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        for seq in 1..=count {
+            tick.tick().await;
+            self.publish(format!(r#"{{"seq":{seq},"ts":{}}}"#, now_ns()))
+                .await?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        Ok(format!(
+            "published {count} pings in {secs:.2} s ({:.0}/s)",
+            count as f64 / secs.max(1e-9)
+        ))
+    }
+}
+
+/// The server a scenario runs against.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Coven(&'a Setup),
+    Nchan(&'a Nchan),
+}
+
+impl Target<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Target::Coven(_) => "coven",
+            Target::Nchan(_) => "nchan",
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Target::Coven(setup) => setup.webs.iter().map(|(p, _)| p.0.id()).collect(),
+            Target::Nchan(nchan) => nchan.pids(),
+        }
+    }
+
+    fn ports(&self) -> Vec<u16> {
+        match self {
+            Target::Coven(setup) => setup.webs.iter().map(|(_, port)| *port).collect(),
+            Target::Nchan(nchan) => vec![nchan.port],
+        }
+    }
+
+    /// A stream's request up to its `Last-Event-ID`.
+    fn head(&self) -> String {
+        match self {
+            Target::Coven(setup) => format!(
+                "GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {}\r\n",
+                setup.cookie
+            ),
+            Target::Nchan(_) => "GET /sub HTTP/1.1\r\nHost: 127.0.0.1\r\n".to_owned(),
+        }
+    }
+
+    /// Publishes one event that is not a ping; returns its id, where streams start.
+    async fn start_id(&self) -> anyhow::Result<String> {
+        match self {
+            Target::Coven(setup) => {
+                publish(
+                    setup,
+                    &[
+                        "--type",
+                        "gateway.status",
+                        "--data",
+                        r#"{"state":"CONNECTED","reason":null}"#,
+                    ],
+                )
+                .await
+            }
+            Target::Nchan(nchan) => {
+                nchan
+                    .publish(r#"{"state":"CONNECTED","reason":null}"#.to_owned())
+                    .await
+            }
+        }
+    }
+
+    async fn pings(&self, count: u64, rate: u64) -> anyhow::Result<String> {
+        match self {
+            Target::Coven(setup) => {
+                publish(
+                    setup,
+                    &[
+                        "--ping",
+                        "--count",
+                        &count.to_string(),
+                        "--rate",
+                        &rate.to_string(),
+                    ],
+                )
+                .await
+            }
+            Target::Nchan(nchan) => nchan.pings(count, rate).await,
+        }
+    }
+}
+
+/// What a scenario measured, for the side-by-side summary.
+struct Outcome {
+    scenario: &'static str,
+    target: &'static str,
+    streams: usize,
+    rate: u64,
+    open_us: f64,
+    open_ticks_us: f64,
+    delivery_us: f64,
+    p50: f64,
+    p99: f64,
+    max: f64,
+    lost: u64,
+}
+
+async fn scenario(target: Target<'_>, s: &Scenario) -> anyhow::Result<Outcome> {
     let count = s.rate * s.seconds;
     // Every stream starts after this id, so a reconnect before its first ping replays.
-    let start_id: Arc<str> = publish(
-        setup,
-        &[
-            "--type",
-            "gateway.status",
-            "--data",
-            r#"{"state":"CONNECTED","reason":null}"#,
-        ],
-    )
-    .await?
-    .into();
-    let pids: Vec<u32> = setup.webs.iter().map(|(p, _)| p.0.id()).collect();
+    let start_id: Arc<str> = target.start_id().await?.into();
+    let pids = target.pids();
+    let ports = target.ports();
     let rss_before: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
-    let cpu_open_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
-    let cookie: Arc<str> = setup.cookie.clone().into();
+    let cpu_open_before = cpu_of(&pids);
+    let head: Arc<str> = target.head().into();
     let open = Arc::new(Semaphore::new(256));
     let opened = Arc::new(AtomicU64::new(0));
     let done = CancellationToken::new();
     let mut tasks = Vec::with_capacity(s.streams);
     for i in 0..s.streams {
-        let port = setup.webs[i % setup.webs.len()].1;
+        let port = ports[i % ports.len()];
         tasks.push(tokio::spawn(run_stream(
             port,
-            cookie.clone(),
+            head.clone(),
             start_id.clone(),
             count,
             open.clone(),
@@ -497,23 +751,15 @@ async fn scenario(setup: &Setup, s: &Scenario) -> anyhow::Result<()> {
         anyhow::ensure!(Instant::now() < deadline, "streams did not all open");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let cpu_open = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_open_before;
-    // Let the replicas settle, then measure memory with every stream open.
+    let cpu_open_after = cpu_of(&pids);
+    let cpu_open = cpu_open_after.0 - cpu_open_before.0;
+    let cpu_open_ticks = cpu_open_after.1 - cpu_open_before.1;
+    // Let the servers settle, then measure memory with every stream open.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_open: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
-    let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+    let cpu_before = cpu_of(&pids).0;
     let started = Instant::now();
-    let published = publish(
-        setup,
-        &[
-            "--ping",
-            "--count",
-            &count.to_string(),
-            "--rate",
-            &s.rate.to_string(),
-        ],
-    )
-    .await?;
+    let published = target.pings(count, s.rate).await?;
     let publish_took = started.elapsed();
     // Everything published must arrive; give stragglers time, then stop.
     let stop = done.clone();
@@ -526,7 +772,7 @@ async fn scenario(setup: &Setup, s: &Scenario) -> anyhow::Result<()> {
         seen.push(t.await?);
     }
     let all_in = started.elapsed();
-    let cpu: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
+    let cpu = cpu_of(&pids).0 - cpu_before;
     let rss_traffic: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
     done.cancel();
 
@@ -539,9 +785,23 @@ async fn scenario(setup: &Setup, s: &Scenario) -> anyhow::Result<()> {
     let expected = count * s.streams as u64;
     let duplicates: u64 = seen.iter().map(|s| s.duplicates).sum();
     let reconnects: u64 = seen.iter().map(|s| s.reconnects).sum();
+    let outcome = Outcome {
+        scenario: s.name,
+        target: target.name(),
+        streams: s.streams,
+        rate: s.rate,
+        open_us: cpu_open * 1e6 / s.streams as f64,
+        open_ticks_us: cpu_open_ticks * 1e6 / s.streams as f64,
+        delivery_us: cpu * 1e6 / deliveries.max(1) as f64,
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+        max: latencies.last().map_or(0.0, |v| f64::from(*v) / 1000.0),
+        lost: expected - deliveries,
+    };
     println!(
-        "({}) {} streams × {} events/s for {} s: {published} (publisher took {:.2} s)",
+        "({}) [{}] {} streams × {} events/s for {} s: {published} (publisher took {:.2} s)",
         s.name,
+        target.name(),
         s.streams,
         s.rate,
         s.seconds,
@@ -549,21 +809,21 @@ async fn scenario(setup: &Setup, s: &Scenario) -> anyhow::Result<()> {
     );
     println!(
         "    latency publish→receive: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        percentile(&latencies, 0.50),
-        percentile(&latencies, 0.99),
-        latencies.last().map_or(0.0, |v| f64::from(*v) / 1000.0)
+        outcome.p50, outcome.p99, outcome.max
     );
     println!(
         "    deliveries: {deliveries} of {expected} in {:.2} s ({:.0}/s); lost {}, duplicated {duplicates}, reconnects after cut-off {reconnects}",
         all_in.as_secs_f64(),
         deliveries as f64 / all_in.as_secs_f64().max(1e-9),
-        expected - deliveries,
+        outcome.lost,
     );
     println!(
-        "    server CPU: {:.2} s over both replicas = {:.2} µs per delivery; {:.0} µs per stream opened (USER_HZ ticks: coarse)",
+        "    server CPU: {:.2} s over the servers' processes ({}) = {:.2} µs per delivery; {:.1} µs per stream opened ({:.0} µs by utime+stime ticks)",
         cpu,
-        cpu * 1e6 / deliveries.max(1) as f64,
-        cpu_open * 1e6 / s.streams as f64,
+        pids.len(),
+        outcome.delivery_us,
+        outcome.open_us,
+        outcome.open_ticks_us,
     );
     println!(
         "    memory per stream: {:.1} KiB after connecting, {:.1} KiB after traffic (RSS {} → {} → {} KiB)",
@@ -573,9 +833,9 @@ async fn scenario(setup: &Setup, s: &Scenario) -> anyhow::Result<()> {
         rss_open,
         rss_traffic
     );
-    // Let the replicas close the finished streams before the next scenario.
+    // Let the servers close the finished streams before the next scenario.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    Ok(())
+    Ok(outcome)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -585,11 +845,25 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let only: Vec<String> = std::env::args()
-            .skip(1)
-            .filter(|a| matches!(a.as_str(), "a" | "b" | "c" | "d" | "stalled"))
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let only: Vec<&str> = args
+            .iter()
+            .map(String::as_str)
+            .filter(|a| matches!(*a, "a" | "b" | "c" | "d" | "stalled"))
             .collect();
+        let with_nchan = args.iter().any(|a| a == "nchan");
         let setup = setup().await?;
+        let nchan = if with_nchan {
+            match Nchan::start(&setup.redis_url).await {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    println!("nchan reference not run: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let scenarios = [
             Scenario { name: "a", streams: 1_000, rate: 10, seconds: 10 },
             Scenario { name: "b", streams: 10_000, rate: 2, seconds: 10 },
@@ -604,12 +878,30 @@ fn main() -> anyhow::Result<()> {
             "reference: an idle keep-alive HTTP/1 connection after one request costs a replica {:.1} KiB",
             idle_connection_kib(&setup, 5_000).await?
         );
+        let mut outcomes = Vec::new();
         for s in &scenarios {
-            if only.is_empty() || only.iter().any(|o| o == s.name) {
-                scenario(&setup, s).await?;
+            if only.is_empty() || only.contains(&s.name) {
+                outcomes.push(scenario(Target::Coven(&setup), s).await?);
+                if let Some(nchan) = &nchan {
+                    outcomes.push(scenario(Target::Nchan(nchan), s).await?);
+                }
             }
         }
-        if only.is_empty() || only.iter().any(|o| o == "stalled") {
+        if nchan.is_some() {
+            println!("side by side (same load generator; server CPU from /proc, schedstat ns):");
+            println!(
+                "    {:<3} {:<6} {:>7} {:>7} {:>14} {:>8} {:>14} {:>8} {:>8} {:>8} {:>5}",
+                "", "server", "streams", "ev/s", "µs/opened", "(ticks)", "µs/delivery", "p50 ms", "p99 ms", "max ms", "lost"
+            );
+            for o in &outcomes {
+                println!(
+                    "    {:<3} {:<6} {:>7} {:>7} {:>14.1} {:>8.0} {:>14.2} {:>8.1} {:>8.1} {:>8.1} {:>5}",
+                    o.scenario, o.target, o.streams, o.rate, o.open_us, o.open_ticks_us,
+                    o.delivery_us, o.p50, o.p99, o.max, o.lost
+                );
+            }
+        }
+        if only.is_empty() || only.contains(&"stalled") {
             stalled(&setup).await?;
         }
         Ok(())
