@@ -18,7 +18,9 @@
 //! `-- a` (or b, c, d) runs one; `-- nchan` also runs each chosen scenario against Nchan
 //! (nginx + nchan over the same private Redis, two worker processes as Coven has two
 //! replicas), with the same load generator and the same measures, and prints the two side
-//! by side; `-- stalled` runs only the stalled-readers scenario of issue [2/6]: 500 streams that stop reading under 3,000 events, with the replica's memory and
+//! by side (`STREAM_BENCH_PROFILE=<dir>` writes the servers' pids to `<dir>/pids` three
+//! seconds before each connect phase and `<dir>/opened` after it, for a profiler or
+//! `strace -c` attached from outside); `-- stalled` runs only the stalled-readers scenario of issue [2/6]: 500 streams that stop reading under 3,000 events, with the replica's memory and
 //! the machine's TCP memory per stalled stream, and how long until they are cut. Server CPU
 //! comes from /proc: the run time of every thread of the servers (`schedstat`, in ns),
 //! and utime+stime (`stat`, in 10 ms ticks: coarse at 1,000 streams), over the connect
@@ -494,6 +496,16 @@ struct Nchan {
     _dir: tempfile::TempDir,
 }
 
+impl Drop for Nchan {
+    /// nginx's workers outlive a master that is killed outright: ask it to stop them.
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.nginx.0.id().to_string()])
+            .status();
+        let _ = self.nginx.0.wait();
+    }
+}
+
 /// Where nginx's nchan module is when installed from Debian's `libnginx-mod-nchan`.
 const NCHAN_MODULE: &str = "/usr/lib/nginx/modules/ngx_nchan_module.so";
 
@@ -570,7 +582,10 @@ http {{
         let mut pids = vec![master];
         if let Ok(dir) = std::fs::read_dir("/proc") {
             for entry in dir.filter_map(Result::ok) {
-                let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
                 else {
                     continue;
                 };
@@ -728,6 +743,17 @@ async fn scenario(target: Target<'_>, s: &Scenario) -> anyhow::Result<Outcome> {
     let pids = target.pids();
     let ports = target.ports();
     let rss_before: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
+    let profile = std::env::var_os("STREAM_BENCH_PROFILE").map(std::path::PathBuf::from);
+    if let Some(dir) = &profile {
+        // For a profiler or `strace -c` attached from outside to the connect phase only:
+        // the servers' pids, a moment to attach, and a mark when every stream is open.
+        let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+        std::fs::write(
+            dir.join("pids"),
+            format!("{} {} {}\n", s.name, target.name(), list.join(" ")),
+        )?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
     let cpu_open_before = cpu_of(&pids);
     let head: Arc<str> = target.head().into();
     let open = Arc::new(Semaphore::new(256));
@@ -752,6 +778,12 @@ async fn scenario(target: Target<'_>, s: &Scenario) -> anyhow::Result<Outcome> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let cpu_open_after = cpu_of(&pids);
+    if let Some(dir) = &profile {
+        std::fs::write(
+            dir.join("opened"),
+            format!("{} {}\n", s.name, target.name()),
+        )?;
+    }
     let cpu_open = cpu_open_after.0 - cpu_open_before.0;
     let cpu_open_ticks = cpu_open_after.1 - cpu_open_before.1;
     // Let the servers settle, then measure memory with every stream open.

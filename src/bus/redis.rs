@@ -239,6 +239,101 @@ pub struct Redis {
     subscribing: tokio::sync::Mutex<()>,
     /// How long a guild nobody here watches stays subscribed, in ms.
     unwatch_after: AtomicU64,
+    /// `holds` questions on their way to Redis, by guild and id: see [`Holds`].
+    holds: Holds,
+}
+
+/// `XRANGE id id` questions shared by the streams that ask about the same id while one
+/// is waiting to go: a wave of reconnecting browsers resumes from one or a few ids, and
+/// each stream asking Redis for itself was most of what opening one cost. A stream only
+/// joins a question not yet sent, so its answer is never older than its request; one
+/// that comes while the question is out waits for the next, which goes when the answer
+/// is in (so at most two are out per id).
+#[derive(Clone, Default)]
+struct Holds(Arc<std::sync::Mutex<HashMap<(Id<GuildMarker>, EventId), Flight>>>);
+
+type HoldsAnswer = futures_util::future::Shared<
+    futures_util::future::BoxFuture<'static, Result<bool, fred::error::Error>>,
+>;
+
+struct Flight {
+    /// Told apart from the flight that replaces it under the same id.
+    number: u64,
+    /// Set just before the question goes to Redis: from then on, no one joins.
+    sent: Arc<std::sync::atomic::AtomicBool>,
+    answer: HoldsAnswer,
+}
+
+/// Flights kept at most; past it the ones already sent are forgotten (their askers hold
+/// their own handle), so an id asked once and abandoned cannot stay for ever.
+const HOLDS_KEPT: usize = 1024;
+
+impl Holds {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Id<GuildMarker>, EventId), Flight>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The answer to "does `guild`'s log hold `id`", shared with whoever else is about to
+    /// ask.
+    fn ask(
+        &self,
+        client: &Client,
+        guild: Id<GuildMarker>,
+        key: impl FnOnce() -> String,
+        id: EventId,
+    ) -> HoldsAnswer {
+        use futures_util::FutureExt;
+        static NUMBERS: AtomicU64 = AtomicU64::new(0);
+        let mut flights = self.lock();
+        let before = match flights.get(&(guild, id)) {
+            Some(f) if !f.sent.load(Ordering::SeqCst) => return f.answer.clone(),
+            Some(f) => Some(f.answer.clone()),
+            None => None,
+        };
+        if flights.len() >= HOLDS_KEPT {
+            flights.retain(|_, f| !f.sent.load(Ordering::SeqCst));
+        }
+        let number = NUMBERS.fetch_add(1, Ordering::Relaxed);
+        let sent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (client, key, this, going) = (client.clone(), key(), self.clone(), sent.clone());
+        let answer = async move {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            going.store(true, Ordering::SeqCst);
+            // Only whether an entry came back matters: left as a `Value`, its fields are
+            // not parsed.
+            let entries: Result<Value, _> = client
+                .xrange(key, id.to_string(), id.to_string(), Some(1))
+                .await;
+            let mut flights = this.lock();
+            if flights
+                .get(&(guild, id))
+                .is_some_and(|f| f.number == number)
+            {
+                flights.remove(&(guild, id));
+            }
+            match entries? {
+                Value::Array(entries) => Ok(!entries.is_empty()),
+                Value::Null => Ok(false),
+                other => Err(fred::error::Error::new(
+                    fred::error::ErrorKind::Parse,
+                    format!("XRANGE answered {:?}", other.kind()),
+                )),
+            }
+        }
+        .boxed()
+        .shared();
+        flights.insert(
+            (guild, id),
+            Flight {
+                number,
+                sent,
+                answer: answer.clone(),
+            },
+        );
+        answer
+    }
 }
 
 /// A guild watched live by this process.
@@ -266,6 +361,9 @@ impl std::ops::Deref for RedisBus {
         &self.redis
     }
 }
+
+/// Messages the live subscription may hold before the relay takes them.
+const RELAY_BUFFER: usize = 1024;
 
 /// Reconnect for ever, backing off up to two seconds: Redis outages are waited out.
 fn policy() -> ReconnectPolicy {
@@ -384,7 +482,7 @@ impl Redis {
         command_timeout: Duration,
         durability: Durability,
     ) -> BusResult<Arc<Self>> {
-        let builder = builder(url, command_timeout)?;
+        let mut builder = builder(url, command_timeout)?;
         let client = builder.build()?;
         client.init().await.map_err(|e| not_connected(url, e))?;
         require_sharded_pubsub(&client).await?;
@@ -409,6 +507,11 @@ impl Redis {
             release_durable: Script::from_lua(RELEASE_DURABLE),
             mark: Script::from_lua(MARK),
         });
+        // fred hands messages on through a broadcast of 32 by default: a dispatch held up
+        // for a moment by a busy replica (a burst to thousands of streams) would lag and
+        // every guild would fill from the log, a Redis round trip on top of the delay. A
+        // second of events at a thousand a second fits in this.
+        builder.with_performance_config(|p| p.broadcast_channel_capacity = RELAY_BUFFER);
         let subscriber = builder.build_subscriber_client()?;
         subscriber.init().await.map_err(|e| not_connected(url, e))?;
         // Resubscribes after every reconnect; the task lives as long as the subscriber, so
@@ -429,6 +532,7 @@ impl Redis {
             watched,
             subscribing: tokio::sync::Mutex::new(()),
             unwatch_after: AtomicU64::new(UNWATCH_AFTER.as_millis() as u64),
+            holds: Holds::default(),
         }))
     }
 
@@ -1063,11 +1167,10 @@ impl Bus for RedisBus {
     }
 
     async fn holds(&self, id: EventId) -> BusResult<bool> {
-        let entries: Vec<(String, HashMap<String, String>)> = self
-            .client
-            .xrange(self.key("events"), id.to_string(), id.to_string(), Some(1))
-            .await?;
-        Ok(!entries.is_empty())
+        Ok(self
+            .holds
+            .ask(&self.client, self.guild_id, || self.key("events"), id)
+            .await?)
     }
 
     async fn trim_before(&self, before_ms: u64) -> BusResult<u64> {
