@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use twilight_model::id::Id;
 
-use crate::harness::{Browser, Stack, Web, wait_for, within};
+use crate::harness::{Browser, Stack, Web, metric, wait_for, within};
 
 fn addr(web: &Web) -> SocketAddr {
     web.url
@@ -451,6 +451,8 @@ async fn an_event_stream_on_its_own_connection_is_served_lean_and_ends_when_its_
             .ok()?;
         body["streams"].as_u64()
     };
+    // Which path served a connection: the replica counts the lean ones.
+    let lean_streams = || metric(&web.metrics, "coven_web_lean_streams_total");
     let bus = RedisBus::connect(
         &stack.redis.url(),
         "coven",
@@ -460,7 +462,8 @@ async fn an_event_stream_on_its_own_connection_is_served_lean_and_ends_when_its_
     .await
     .unwrap();
 
-    // As EventSource asks on a new connection: chunked, closed when done.
+    // As EventSource asks on a new connection: chunked, dated, closed when done.
+    let before = lean_streams().await;
     let mut lean = TcpStream::connect(addr(web)).await.unwrap();
     lean.write_all(
         format!("GET /api/stream HTTP/1.1\r\nHost: coven\r\nAccept: text/event-stream\r\nCookie: {cookie}\r\n\r\n")
@@ -470,11 +473,13 @@ async fn an_event_stream_on_its_own_connection_is_served_lean_and_ends_when_its_
     .unwrap();
     let head = read_until(&mut lean, "retry: 2000").await;
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
-    assert!(
-        !head.to_lowercase().contains("\r\ndate: "),
+    assert_eq!(
+        lean_streams().await,
+        before + 1.0,
         "served by the lean path, not hyper: {head}"
     );
     for line in [
+        "date: ",
         "content-type: text/event-stream",
         "transfer-encoding: chunked",
         "connection: close",
@@ -512,6 +517,7 @@ async fn an_event_stream_on_its_own_connection_is_served_lean_and_ends_when_its_
         .unwrap();
     let refused = read_until(&mut anonymous, "log in first").await;
     assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    assert_eq!(lean_streams().await, before + 2.0, "{refused}");
     assert!(
         refused.to_lowercase().contains("content-length: 13"),
         "{refused}"
@@ -536,13 +542,15 @@ async fn an_event_stream_on_its_own_connection_is_served_lean_and_ends_when_its_
     .unwrap();
     let head = read_until(&mut kept, "retry: 2000").await;
     assert!(!head.to_lowercase().contains("connection: close"), "{head}");
+    let lean_so_far = lean_streams().await;
+    assert_eq!(lean_so_far, before + 2.0, "served by hyper: {head}");
     bus.append(EventData::Ping { seq: 8, ts: 0 }, None)
         .await
         .unwrap();
     read_until(&mut kept, "\"seq\":8").await;
     // So does any first request that is not a plain GET for a stream: a body, chunked
-    // framing, an Expect or Upgrade, HTTP/1.0, bytes after the head. hyper answers them
-    // (it dates its answers; the lean path does not), each by its own rules.
+    // framing, an Expect or Upgrade, HTTP/1.0, bytes after the head. hyper answers them,
+    // each by its own rules.
     for (what, extra, version, after) in [
         ("a body", "Content-Length: 2\r\n", "1.1", "hi"),
         (
@@ -575,6 +583,10 @@ async fn an_event_stream_on_its_own_connection_is_served_lean_and_ends_when_its_
         .unwrap();
         let head = read_until(&mut odd, "\r\n\r\n").await.to_lowercase();
         assert!(head.starts_with("http/1."), "{what}: {head}");
-        assert!(head.contains("\r\ndate: "), "{what} goes to hyper: {head}");
+        assert_eq!(
+            lean_streams().await,
+            lean_so_far,
+            "{what} goes to hyper: {head}"
+        );
     }
 }

@@ -96,8 +96,9 @@ impl Open {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes room for one more connection: `None` when every connection is busy.
-    fn admit(&self, max: usize) -> Option<(u64, Arc<Conn>)> {
+    /// Makes room for one more connection: `None` when every connection is busy. Also
+    /// says how many are open with it (one lock for both).
+    fn admit(&self, max: usize) -> Option<(u64, Arc<Conn>, usize)> {
         let mut reg = self.lock();
         if reg.open.len() >= max {
             // Oldest first: the longest idle is the likeliest to be abandoned.
@@ -118,11 +119,14 @@ impl Open {
             evict: CancellationToken::new(),
         });
         reg.open.insert(id, conn.clone());
-        Some((id, conn))
+        Some((id, conn, reg.open.len()))
     }
 
-    fn close(&self, id: u64) {
-        self.lock().open.remove(&id);
+    /// Forgets a connection; says how many are still open.
+    fn close(&self, id: u64) -> usize {
+        let mut reg = self.lock();
+        reg.open.remove(&id);
+        reg.open.len()
     }
 
     fn len(&self) -> usize {
@@ -142,6 +146,8 @@ pub async fn serve(
     let open = Open::default();
     let tasks = TaskTracker::new();
     let gauge = metrics::gauge!("coven_web_connections");
+    let lean = metrics::counter!("coven_web_lean_streams_total");
+    let mut options = SocketOptions::on_listener(&listener);
     loop {
         let (tcp, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -156,21 +162,21 @@ pub async fn serve(
                 }
             },
         };
-        let Some((id, conn)) = open.admit(limits.max_connections) else {
+        let Some((id, conn, count)) = open.admit(limits.max_connections) else {
             metrics::counter!("coven_web_connections_refused_total").increment(1);
             drop(tcp);
             continue;
         };
-        prepare(&tcp);
-        gauge.set(open.len() as f64);
+        options.apply(&tcp);
+        gauge.set(count as f64);
         let router = router.clone();
         let open = open.clone();
         let stop = shutdown.clone();
         let gauge = gauge.clone();
+        let lean = lean.clone();
         tasks.spawn(async move {
-            one(tcp, peer, router, limits, &conn, stop).await;
-            open.close(id);
-            gauge.set(open.len() as f64);
+            one(tcp, peer, router, limits, &conn, &lean, stop).await;
+            gauge.set(open.close(id) as f64);
         });
     }
     tasks.close();
@@ -183,10 +189,62 @@ pub async fn serve(
     Ok(())
 }
 
-/// Socket options every connection gets.
+/// Socket options every connection gets: TCP_NODELAY (without it, a small event written
+/// while the previous one is unacknowledged waits for the browser's delayed ACK, up to
+/// 40 ms on Linux: Nagle on a live stream) and the capped send buffer.
+///
+/// Linux gives an accepted socket the listener's options, so they are set once on the
+/// listener rather than with two system calls per connection; the first connection
+/// accepted shows whether they came through, and if not (another kernel), every
+/// connection gets them itself.
+enum SocketOptions {
+    /// Set on the listener; the first connection will tell whether they are inherited.
+    Untold {
+        send_buffer: usize,
+    },
+    Inherited,
+    Each,
+}
+
+impl SocketOptions {
+    fn on_listener(listener: &TcpListener) -> Self {
+        let socket = socket2::SockRef::from(listener);
+        let set = socket.set_tcp_nodelay(true).and_then(|()| {
+            socket.set_send_buffer_size(SEND_BUFFER)?;
+            // What the kernel made of it (Linux doubles it), to compare with.
+            socket.send_buffer_size()
+        });
+        match set {
+            Ok(send_buffer) => SocketOptions::Untold { send_buffer },
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot set socket options on the listener");
+                SocketOptions::Each
+            }
+        }
+    }
+
+    fn apply(&mut self, tcp: &TcpStream) {
+        match *self {
+            SocketOptions::Inherited => {}
+            SocketOptions::Each => prepare(tcp),
+            SocketOptions::Untold { send_buffer } => {
+                let socket = socket2::SockRef::from(tcp);
+                let inherited = socket.tcp_nodelay().unwrap_or(false)
+                    && socket.send_buffer_size().ok() == Some(send_buffer);
+                tracing::debug!(inherited, "socket options from the listener");
+                *self = if inherited {
+                    SocketOptions::Inherited
+                } else {
+                    prepare(tcp);
+                    SocketOptions::Each
+                };
+            }
+        }
+    }
+}
+
+/// Sets the socket options on one connection.
 fn prepare(tcp: &TcpStream) {
-    // Without TCP_NODELAY a small event written while the previous one is unacknowledged
-    // waits for the browser's delayed ACK (up to 40 ms on Linux): Nagle on a live stream.
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
@@ -202,6 +260,7 @@ async fn one(
     router: Router,
     limits: ConnLimits,
     conn: &Arc<Conn>,
+    lean_streams: &metrics::Counter,
     shutdown: CancellationToken,
 ) {
     let mut io = Deadline::new(tcp, limits.write_timeout);
@@ -216,7 +275,8 @@ async fn one(
     };
     let read = match first {
         lean::First::EventStream(request) => {
-            lean::event_stream(io, *request, peer, router, Busy::new(conn.clone())).await;
+            let busy = Busy::new(conn.clone());
+            lean::event_stream(io, *request, peer, router, lean_streams, busy).await;
             return;
         }
         lean::First::Other(read) => read,
@@ -315,17 +375,18 @@ mod tests {
     #[test]
     fn the_limit_evicts_the_oldest_idle_connection_and_refuses_when_all_are_busy() {
         let open = Open::default();
-        let (a, first) = open.admit(2).unwrap();
-        let (_, second) = open.admit(2).unwrap();
+        let (a, first, _) = open.admit(2).unwrap();
+        let (_, second, count) = open.admit(2).unwrap();
+        assert_eq!(count, 2);
         first.busy.fetch_add(1, Ordering::AcqRel);
         // At the limit: the idle second goes, the busy first stays.
-        let (_, third) = open.admit(2).unwrap();
+        let (_, third, _) = open.admit(2).unwrap();
         assert!(second.evict.is_cancelled());
         assert!(!first.evict.is_cancelled());
         assert_eq!(open.len(), 2);
         third.busy.fetch_add(1, Ordering::AcqRel);
         assert!(open.admit(2).is_none(), "everyone is busy: refused");
-        open.close(a);
+        assert_eq!(open.close(a), 1);
         assert!(open.admit(2).is_some());
     }
 

@@ -122,11 +122,13 @@ fn lean_request(head: &[u8]) -> Option<Request<Body>> {
 
 /// Serves an event stream on its own connection, without hyper: the router's answer is
 /// written as it comes, and the connection closes when it ends or the client goes.
+/// `served` counts the streams served this way.
 pub async fn event_stream(
     io: Deadline,
     mut request: Request<Body>,
     peer: SocketAddr,
     router: Router,
+    served: &metrics::Counter,
     // Held until the stream ends: the connection counts as busy meanwhile.
     _in_flight: impl Send,
 ) {
@@ -139,6 +141,19 @@ pub async fn event_stream(
         std::future::poll_fn(move |cx| Pin::new(&mut *body).poll_frame(cx))
     }
 
+    /// Adds the frames that are ready now (a burst) to `out`; true when the body ended.
+    fn take_ready(out: &mut Chunks, body: &mut Body, chunked: bool) -> bool {
+        while out.frames < BATCH {
+            match next_frame(body).now_or_never() {
+                Some(Some(Ok(frame))) => out.push(frame.into_data().ok(), chunked),
+                Some(_) => return true,
+                None => return false,
+            }
+        }
+        false
+    }
+
+    served.increment(1);
     request.extensions_mut().insert(ConnectInfo(peer));
     let response = match router.oneshot(request).await {
         Ok(response) => response,
@@ -146,56 +161,18 @@ pub async fn event_stream(
     };
     let (parts, mut body) = response.into_parts();
     let length = body.size_hint().exact();
-    let mut head = format!(
-        "HTTP/1.1 {} {}\r\n",
-        parts.status.as_u16(),
-        parts.status.canonical_reason().unwrap_or("")
-    )
-    .into_bytes();
-    for (name, value) in &parts.headers {
-        if name == axum::http::header::CONTENT_LENGTH
-            || name == axum::http::header::TRANSFER_ENCODING
-            || name == axum::http::header::CONNECTION
-        {
-            continue;
-        }
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
-    match length {
-        Some(n) => head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
-        None => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-    }
-    head.extend_from_slice(b"connection: close\r\n\r\n");
-    let (mut from_client, mut to_client) = tokio::io::split(io);
-    if to_client.write_all(&head).await.is_err() {
-        return;
-    }
-    drop(head);
     let chunked = length.is_none();
     let mut out = Chunks::default();
+    out.parts
+        .push_back(Part::Shared(response_head(&parts, length)));
+    // The head goes out with whatever the body has ready at once (a stream's `retry:`, an
+    // error's text): one write and one segment where there were two.
+    let mut ended = take_ready(&mut out, &mut body, chunked);
+    let (mut from_client, mut to_client) = tokio::io::split(io);
     loop {
-        let mut probe = [0u8; 1];
-        let first = tokio::select! {
-            frame = next_frame(&mut body) => frame,
-            // The client closed (or sent what a stream does not take): done.
-            _ = from_client.read(&mut probe) => break,
-        };
-        let Some(Ok(frame)) = first else { break };
-        let mut ended = false;
-        out.push(frame.into_data().ok(), chunked);
-        // A burst: whatever else is ready goes in the same write.
-        while out.frames < BATCH {
-            match next_frame(&mut body).now_or_never() {
-                Some(Some(Ok(frame))) => out.push(frame.into_data().ok(), chunked),
-                Some(_) => {
-                    ended = true;
-                    break;
-                }
-                None => break,
-            }
+        if ended && chunked {
+            out.parts
+                .push_back(Part::Shared(Bytes::from_static(b"0\r\n\r\n")));
         }
         if to_client.write_all_buf(&mut out).await.is_err() {
             return;
@@ -204,11 +181,85 @@ pub async fn event_stream(
         if ended {
             break;
         }
-    }
-    if chunked {
-        let _ = to_client.write_all(b"0\r\n\r\n").await;
+        let mut probe = [0u8; 1];
+        let first = tokio::select! {
+            frame = next_frame(&mut body) => frame,
+            // The client closed (or sent what a stream does not take): done.
+            _ = from_client.read(&mut probe) => None,
+        };
+        match first {
+            Some(Ok(frame)) => {
+                out.push(frame.into_data().ok(), chunked);
+                ended = take_ready(&mut out, &mut body, chunked);
+            }
+            // The body ended or failed: what was sent is closed off properly.
+            Some(Err(_)) | None => ended = true,
+        }
     }
     let _ = to_client.shutdown().await;
+}
+
+/// The status line and headers of a lean answer: the router's headers, `Date`, the
+/// framing, and `connection: close`.
+fn response_head(parts: &axum::http::response::Parts, length: Option<u64>) -> Bytes {
+    use axum::http::header;
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(parts.status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+        {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        head.extend_from_slice(b"date: ");
+        with_date(|date| head.extend_from_slice(date));
+        head.extend_from_slice(b"\r\n");
+    }
+    match length {
+        Some(n) => head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
+        None => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    head.extend_from_slice(b"connection: close\r\n\r\n");
+    Bytes::from(head)
+}
+
+/// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) is this long.
+const DATE_LEN: usize = 29;
+
+/// Calls `f` with the current `Date` value (RFC 9110 §6.6.1: an origin server with a
+/// clock sends one). Formatted at most once a second per thread, as hyper does for its
+/// own answers: a stream's head copies 29 bytes and formats nothing.
+fn with_date(f: impl FnOnce(&[u8])) {
+    use std::cell::RefCell;
+    use std::io::Write;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        /// The second formatted (`u64::MAX`: none yet) and its text.
+        static CACHED: RefCell<(u64, [u8; DATE_LEN])> = const { RefCell::new((u64::MAX, [0; DATE_LEN])) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second {
+            let mut text = [0u8; DATE_LEN];
+            if write!(&mut text[..], "{}", httpdate::HttpDate::from(now)).is_ok() {
+                *cached = (second, text);
+            }
+        }
+        f(&cached.1);
+    });
 }
 
 /// Body frames on their way out, with their chunk framing: written with one `writev`,
@@ -379,6 +430,52 @@ mod lean_tests {
         ] {
             assert!(!lean(&h), "{what}: {h:?}");
         }
+    }
+
+    #[test]
+    fn a_lean_head_is_dated_framed_and_closing() {
+        let head = |response: axum::http::response::Builder, length| {
+            let (parts, ()) = response.body(()).unwrap().into_parts();
+            String::from_utf8(response_head(&parts, length).to_vec()).unwrap()
+        };
+        let stream = head(
+            axum::http::Response::builder()
+                .header("content-type", "text/event-stream")
+                .header("connection", "keep-alive"),
+            None,
+        );
+        assert!(
+            stream.starts_with("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ndate: "),
+            "{stream}"
+        );
+        assert!(
+            stream.ends_with("\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"),
+            "{stream}"
+        );
+        let date = stream
+            .split("\r\ndate: ")
+            .nth(1)
+            .and_then(|rest| rest.split("\r\n").next())
+            .unwrap();
+        assert_eq!(date.len(), DATE_LEN);
+        let dated = httpdate::parse_http_date(date).unwrap();
+        let off = std::time::SystemTime::now()
+            .duration_since(dated)
+            .unwrap_or_default();
+        assert!(off < std::time::Duration::from_secs(5), "{date}");
+
+        let refused = head(
+            axum::http::Response::builder()
+                .status(401)
+                .header("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(13),
+        );
+        assert_eq!(
+            refused,
+            "HTTP/1.1 401 Unauthorized\r\ndate: Sun, 06 Nov 1994 08:49:37 GMT\r\n\
+             content-length: 13\r\nconnection: close\r\n\r\n",
+            "the router's own date stays, and only one"
+        );
     }
 
     #[test]
