@@ -168,7 +168,10 @@ async fn setup() -> anyhow::Result<Setup> {
             .env("INVITE_SECRET", "bench-invite-secret-0123456789abcdef")
             // One logged-in session holds every stream of the load generator.
             .env("STREAM_MAX_PER_USER", "100000")
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("STREAM_BENCH_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;

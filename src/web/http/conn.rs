@@ -143,6 +143,26 @@ pub async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) -> io::Result<()> {
+    // On a worker of the runtime, not wherever the caller runs (`coven web` awaits this
+    // in `block_on`, on the main thread): there every accept woke the main thread from
+    // the worker that saw it ready, and every connection it spawned woke a worker back
+    // through the runtime's shared queue. From a worker, connections are spawned onto
+    // its own queue.
+    let accepting = tokio::spawn(accept(listener, router, limits, shutdown, grace));
+    match accepting.await {
+        Ok(done) => done,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(io::Error::other(e)),
+    }
+}
+
+async fn accept(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnLimits,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> io::Result<()> {
     let open = Open::default();
     let tasks = TaskTracker::new();
     let gauge = metrics::gauge!("coven_web_connections");
