@@ -214,17 +214,23 @@ async fn accept(
 /// 40 ms on Linux: Nagle on a live stream) and the capped send buffer.
 ///
 /// Linux gives an accepted socket the listener's options, so they are set once on the
-/// listener rather than with two system calls per connection; the first connection
-/// accepted shows whether they came through, and if not (another kernel), every
-/// connection gets them itself.
+/// listener rather than with two system calls per connection. A connection that was
+/// already queued when they were set has not got them, so connections are looked at
+/// until one shows them (then none is looked at again); each that lacks them gets them
+/// itself, and after [`OPTIONS_LOOKS`] without, every connection does (another kernel).
 enum SocketOptions {
-    /// Set on the listener; the first connection will tell whether they are inherited.
+    /// Set on the listener; not yet seen on a connection.
     Untold {
         send_buffer: usize,
+        looked: usize,
     },
     Inherited,
     Each,
 }
+
+/// Connections looked at before concluding the kernel does not pass the listener's
+/// options on: more than a full accept queue (`somaxconn` is 4096 by default).
+const OPTIONS_LOOKS: usize = 8192;
 
 impl SocketOptions {
     fn on_listener(listener: &TcpListener) -> Self {
@@ -235,7 +241,10 @@ impl SocketOptions {
             socket.send_buffer_size()
         });
         match set {
-            Ok(send_buffer) => SocketOptions::Untold { send_buffer },
+            Ok(send_buffer) => SocketOptions::Untold {
+                send_buffer,
+                looked: 0,
+            },
             Err(e) => {
                 tracing::debug!(error = %e, "cannot set socket options on the listener");
                 SocketOptions::Each
@@ -244,20 +253,27 @@ impl SocketOptions {
     }
 
     fn apply(&mut self, tcp: &TcpStream) {
-        match *self {
+        match self {
             SocketOptions::Inherited => {}
             SocketOptions::Each => prepare(tcp),
-            SocketOptions::Untold { send_buffer } => {
+            SocketOptions::Untold {
+                send_buffer,
+                looked,
+            } => {
                 let socket = socket2::SockRef::from(tcp);
                 let inherited = socket.tcp_nodelay().unwrap_or(false)
-                    && socket.send_buffer_size().ok() == Some(send_buffer);
-                tracing::debug!(inherited, "socket options from the listener");
-                *self = if inherited {
-                    SocketOptions::Inherited
-                } else {
-                    prepare(tcp);
-                    SocketOptions::Each
-                };
+                    && socket.send_buffer_size().ok() == Some(*send_buffer);
+                *looked += 1;
+                if inherited {
+                    tracing::debug!(looked, "connections get the listener's socket options");
+                    *self = SocketOptions::Inherited;
+                    return;
+                }
+                prepare(tcp);
+                if *looked >= OPTIONS_LOOKS {
+                    tracing::debug!("connections do not get the listener's socket options");
+                    *self = SocketOptions::Each;
+                }
             }
         }
     }
@@ -408,6 +424,29 @@ mod tests {
         assert!(open.admit(2).is_none(), "everyone is busy: refused");
         assert_eq!(open.close(a), 1);
         assert!(open.admit(2).is_some());
+    }
+
+    // Linux passes a listener's options on to the sockets it accepts.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn connections_get_the_listeners_socket_options_or_their_own() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Queued before the listener has the options: it gets them itself.
+        let _early = std::net::TcpStream::connect(addr).unwrap();
+        let mut options = SocketOptions::on_listener(&listener);
+        let _late = std::net::TcpStream::connect(addr).unwrap();
+        for _ in 0..2 {
+            let (tcp, _) = listener.accept().await.unwrap();
+            options.apply(&tcp);
+            assert!(tcp.nodelay().unwrap());
+            let sent = socket2::SockRef::from(&tcp).send_buffer_size().unwrap();
+            assert!(sent <= 2 * SEND_BUFFER, "{sent}");
+        }
+        assert!(
+            matches!(options, SocketOptions::Inherited),
+            "the second came with them"
+        );
     }
 
     #[test]
