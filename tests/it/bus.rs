@@ -935,3 +935,39 @@ async fn a_shard_lease_fences_every_guild_by_epoch_and_dispatches_are_appended_o
     assert!(deployment.unregister(g1, new.epoch).await.unwrap());
     assert!(deployment.registry().await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_asking_whether_the_log_holds_one_id_at_once_share_a_question_never_older_than_theirs()
+ {
+    let redis = RedisServer::start();
+    let bus = bus(&redis, 1000).await;
+    let held = bus.append(room(1, None), None).await.unwrap().id;
+    let client = Client::new(Config::from_url(&redis.url()).unwrap(), None, None, None);
+    client.init().await.unwrap();
+    let xranges = || async {
+        let stats: String = client
+            .info(Some(fred::types::InfoKind::CommandStats))
+            .await
+            .unwrap();
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_xrange:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+
+    // A wave: the first question goes at once, everyone after it shares the next.
+    let before = xranges().await;
+    let answers = futures_util::future::join_all((0..200).map(|_| bus.holds(held))).await;
+    assert!(answers.iter().all(|a| matches!(a, Ok(true))));
+    let asked = xranges().await - before;
+    assert!(asked <= 2, "200 streams asked Redis {asked} times");
+
+    // Asked after an answer, the question is asked again: nothing is remembered.
+    let _: i64 = client
+        .xdel(bus.key("events"), held.to_string())
+        .await
+        .unwrap();
+    assert!(!bus.holds(held).await.unwrap(), "gone from the log");
+    assert!(!bus.holds(EventId { ms: 1, seq: 0 }).await.unwrap());
+}

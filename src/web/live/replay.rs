@@ -5,7 +5,9 @@
 //! after it, in order, once; an id the log no longer holds, or never gave out, gets
 //! `resync` with the snapshot's id. Memory may serve only the first case, and only when
 //! it reaches back to the id: whether the log still holds the id is asked of Redis (one
-//! small read) before memory is trusted, since only the log knows what it trimmed.
+//! small read, shared by the streams asking about the same id at once, never answered
+//! from before the stream asked) before memory is trusted, since only the log knows what
+//! it trimmed.
 //!
 //! Owns the replay decision and reading the log a page at a time. Must not go live (that
 //! is [`super::feed`]).
