@@ -43,6 +43,12 @@ use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_coven");
 
+/// The `coven` binary the replicas and the publisher run: this build's, or another build's
+/// given in `STREAM_BENCH_COVEN` (to compare two builds on one machine, alternating).
+fn coven_bin() -> String {
+    std::env::var("STREAM_BENCH_COVEN").unwrap_or_else(|_| BIN.to_owned())
+}
+
 struct Proc(Child);
 
 impl Drop for Proc {
@@ -153,7 +159,7 @@ async fn setup() -> anyhow::Result<Setup> {
     let mut webs = Vec::new();
     for _ in 0..2 {
         let port = free_port()?;
-        let child = Command::new(BIN)
+        let child = Command::new(coven_bin())
             .arg("web")
             .env("BIND", format!("127.0.0.1:{port}"))
             .env("METRICS_BIND", format!("127.0.0.1:{}", free_port()?))
@@ -380,7 +386,7 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 }
 
 async fn publish(setup: &Setup, args: &[&str]) -> anyhow::Result<String> {
-    let out = tokio::process::Command::new(BIN)
+    let out = tokio::process::Command::new(coven_bin())
         .arg("publish")
         .args(args)
         .env("REDIS_URL", &setup.redis_url)
