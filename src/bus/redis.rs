@@ -250,7 +250,10 @@ pub struct Redis {
 /// that comes while the question is out waits for the next, which goes when the answer
 /// is in (so at most two are out per id).
 #[derive(Clone, Default)]
-struct Holds(Arc<std::sync::Mutex<HashMap<(Id<GuildMarker>, EventId), Flight>>>);
+struct Holds(Arc<std::sync::Mutex<Flights>>);
+
+/// The questions waiting or out, by guild and id.
+type Flights = HashMap<(Id<GuildMarker>, EventId), Flight>;
 
 type HoldsAnswer = futures_util::future::Shared<
     futures_util::future::BoxFuture<'static, Result<bool, fred::error::Error>>,
@@ -269,7 +272,7 @@ struct Flight {
 const HOLDS_KEPT: usize = 1024;
 
 impl Holds {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Id<GuildMarker>, EventId), Flight>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Flights> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
