@@ -956,12 +956,15 @@ async fn streams_asking_whether_the_log_holds_one_id_at_once_share_a_question_ne
             .unwrap_or(0)
     };
 
-    // A wave: the first question goes at once, everyone after it shares the next.
+    // A wave: the first question goes at once, everyone after it shares the next. At
+    // most two are out at a time; a wave that straddles an answer (the executor polls
+    // 200 futures in batches, and a loaded machine answers in between) lets one more go
+    // per answer, so a handful in all. Without sharing it is 200.
     let before = xranges().await;
     let answers = futures_util::future::join_all((0..200).map(|_| bus.holds(held))).await;
     assert!(answers.iter().all(|a| matches!(a, Ok(true))));
     let asked = xranges().await - before;
-    assert!(asked <= 2, "200 streams asked Redis {asked} times");
+    assert!(asked <= 10, "200 streams asked Redis {asked} times");
 
     // Asked after an answer, the question is asked again: nothing is remembered.
     let _: i64 = client
