@@ -15,20 +15,20 @@ use super::frame::{EventFrame, Frame, KEEPALIVE};
 use super::hub::Hub;
 use crate::event::EventId;
 
-/// Counts a stream as connected for as long as it lives.
-pub struct Connected;
+/// Counts a stream as connected for as long as it lives (on the hub's gauge, looked up
+/// once per replica, not per stream).
+pub struct Connected(metrics::Gauge);
 
 impl Connected {
-    #[allow(clippy::new_without_default)] // counting starts only when a stream is made
-    pub fn new() -> Self {
-        metrics::gauge!("coven_web_streams").increment(1.0);
-        Connected
+    pub fn new(streams: &metrics::Gauge) -> Self {
+        streams.increment(1.0);
+        Connected(streams.clone())
     }
 }
 
 impl Drop for Connected {
     fn drop(&mut self) {
-        metrics::gauge!("coven_web_streams").decrement(1.0);
+        self.0.decrement(1.0);
     }
 }
 

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 use twilight_model::id::Id;
 use twilight_model::id::marker::ChannelMarker;
@@ -29,7 +28,7 @@ use super::fragments;
 use super::frame::{EventFrame, Frame, RETRY, event_stream};
 use super::hub::Hub;
 use super::presence::Viewing;
-use super::query::{self, HtmlStreamQuery};
+use super::query::{self, HtmlStreamQuery, LastEventId};
 use super::sight::{Obey, Sight, sight_of};
 use crate::bus::{Backend, BusError};
 use crate::event::EventId;
@@ -203,10 +202,10 @@ fn all_rendered(frames: &VecDeque<Frame>) -> bool {
 pub async fn html_stream(
     State(app): State<AppState>,
     StreamUser(who): StreamUser,
-    headers: HeaderMap,
+    last_event_id: LastEventId,
     Query(q): Query<HtmlStreamQuery>,
 ) -> Result<Response, WebError> {
-    let after = query::last_id(&headers, q.last_event_id.as_deref())?;
+    let after = query::last_id(&last_event_id, q.last_event_id.as_deref())?;
     let views = query::parse_views(q.view.as_deref())?;
     let hub = app.hub.clone();
     let bus: Arc<dyn Backend> = app.bus.clone();
@@ -256,7 +255,7 @@ pub async fn html_stream(
     };
     // Counted from now, not from the body's first poll: the head may reach the client
     // before the body is polled, and a stream whose head was sent is open.
-    let connected = Connected::new();
+    let connected = Connected::new(&hub.streams);
     let frames = async_stream::stream! {
         let _alive = (counted, held, connected);
         yield Bytes::from_static(RETRY);

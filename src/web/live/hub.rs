@@ -74,6 +74,11 @@ pub struct Hub {
     view: Arc<tokio::sync::Mutex<Option<Arc<Snapshot>>>>,
     /// Looked up once: incremented per delivery.
     pub delivered: metrics::Counter,
+    /// Open streams (`coven_web_streams`), looked up once.
+    pub streams: metrics::Gauge,
+    /// Resumes (`coven_web_replays_total`) and those served from memory: per stream,
+    /// so looked up once.
+    pub replays: [metrics::Counter; 2],
     /// Sessions of stream openers; logouts and removals passing through drop theirs.
     pub sessions: Arc<SessionCache>,
     /// Roles of stream openers, kept up to date by the role events passing through.
@@ -114,6 +119,11 @@ impl Hub {
             html_streams: Arc::default(),
             view: Arc::default(),
             delivered: metrics::counter!("coven_web_events_delivered_total"),
+            streams: metrics::gauge!("coven_web_streams"),
+            replays: [
+                metrics::counter!("coven_web_replays_total"),
+                metrics::counter!("coven_web_replays_from_memory_total"),
+            ],
             sessions: Arc::new(sessions),
             roles: Arc::default(),
         };

@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker};
@@ -20,7 +19,7 @@ use futures_util::StreamExt;
 use super::feed::{self, Connected, Feed, Step, Taker};
 use super::frame::{EventFrame, RETRY, event_stream, view_bytes};
 use super::hub::Hub;
-use super::query::{self, StreamQuery};
+use super::query::{self, LastEventId, StreamQuery};
 use super::replay::{self, LogReplay, Start};
 use super::sight::{Obey, Sight, sight_of, view_changes};
 use crate::bus::Backend;
@@ -109,10 +108,10 @@ pub async fn stream(
     // Logged in; membership and roles are read once below, after subscribing (the
     // watcher rechecks stream holders, so opening a stream asks Discord nothing).
     StreamUser(who): StreamUser,
-    headers: HeaderMap,
+    last_event_id: LastEventId,
     Query(q): Query<StreamQuery>,
 ) -> Result<Response, WebError> {
-    let after = query::last_id(&headers, q.last_event_id.as_deref())?;
+    let after = query::last_id(&last_event_id, q.last_event_id.as_deref())?;
     let room = query::room(q.room.as_deref())?;
     let hub = app.hub.clone();
     let bus: Arc<dyn Backend> = app.bus.clone();
@@ -141,7 +140,7 @@ pub async fn stream(
     };
     // Counted from now, not from the body's first poll: the head may reach the client
     // before the body is polled, and a stream whose head was sent is open.
-    let connected = Connected::new();
+    let connected = Connected::new(&hub.streams);
     let frames = async_stream::stream! {
         let _alive = (held, viewing, connected);
         yield Bytes::from_static(RETRY);

@@ -4,7 +4,8 @@
 //!
 //! Owns the streams' query strings. Must not look anything up.
 
-use axum::http::HeaderMap;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use serde::Deserialize;
 use twilight_model::id::Id;
 use twilight_model::id::marker::ChannelMarker;
@@ -27,12 +28,30 @@ pub struct HtmlStreamQuery {
     pub last_event_id: Option<String>,
 }
 
+/// The `Last-Event-ID` header a browser sends when it reconnects by itself, read from the
+/// request without copying its headers.
+pub struct LastEventId(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for LastEventId {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(LastEventId(
+            parts
+                .headers
+                .get("last-event-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        ))
+    }
+}
+
 /// Where a stream starts: after `Last-Event-ID` (a browser reconnecting by itself), which
 /// wins over the id the page was rendered with (it is newer), or after `last_event_id`.
-pub fn last_id(headers: &HeaderMap, query: Option<&str>) -> Result<Option<EventId>, WebError> {
-    match headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
+pub fn last_id(header: &LastEventId, query: Option<&str>) -> Result<Option<EventId>, WebError> {
+    match header
+        .0
+        .as_deref()
         .filter(|v| !v.is_empty())
         .or(query.filter(|v| !v.is_empty()))
     {

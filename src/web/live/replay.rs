@@ -57,11 +57,12 @@ pub fn choose(
 
 /// Asks the log whether it holds `after` (the one Redis read of a resume) and decides.
 pub async fn start(bus: &dyn Backend, hub: &Hub, after: EventId) -> Result<Start, BusError> {
-    metrics::counter!("coven_web_replays_total").increment(1);
+    let [replays, from_memory] = &hub.replays;
+    replays.increment(1);
     let held = bus.holds(after).await?;
     let start = choose(after, held, || hub.replay_from(after));
     if matches!(start, Start::Memory(_)) {
-        metrics::counter!("coven_web_replays_from_memory_total").increment(1);
+        from_memory.increment(1);
     }
     Ok(start)
 }
