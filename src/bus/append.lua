@@ -28,23 +28,24 @@ end
 -- A retried request (its answer was lost, or its WAIT fell short) is answered with the
 -- event it already appended: an event reaches the log once. Written again, so that this
 -- connection's replication offset covers the event and the caller's WAIT counts it.
--- A writer names its requests in increasing order, so one older than its last is done
--- too (two gateways that saw the same Discord dispatch name it alike): answered with the
--- last event, appending nothing.
+-- A writer names its requests in increasing order, so one of an older dispatch than its
+-- last is done too (two gateways that saw the same Discord dispatch name it alike):
+-- answered with the last event, appending nothing. Within one dispatch only the exact
+-- name (which carries the event's content) counts: a successor numbers the parts its
+-- predecessor did not append from 0 again.
 local function order(request)
-  local seq, part = string.match(request, '#(%d+)%.(%d+)$')
-  if seq then return tonumber(seq), tonumber(part) end
-  return nil, nil
+  local seq = string.match(request, '#(%d+)%.%d+')
+  if seq then return tonumber(seq) end
+  return nil
 end
 if ARGV[7] ~= '' then
   local done = redis.call('GET', KEYS[10])
   local nl = done and string.find(done, '\n', 1, true)
   if nl then
     local last = string.sub(done, 1, nl - 1)
-    local seq, part = order(ARGV[7])
-    local last_seq, last_part = order(last)
-    if last == ARGV[7] or (seq and last_seq
-        and (seq < last_seq or (seq == last_seq and part < last_part))) then
+    local seq = order(ARGV[7])
+    local last_seq = order(last)
+    if last == ARGV[7] or (seq and last_seq and seq < last_seq) then
       redis.call('SET', KEYS[10], done, 'PX', 3600000)
       return string.sub(done, nl + 1)
     end

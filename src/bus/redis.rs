@@ -743,6 +743,17 @@ impl RedisBus {
     }
 }
 
+/// A short, stable digest of an event's type and data, for naming its append.
+fn content_digest(kind: &str, data_json: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(kind)
+        .chain_update([0])
+        .chain_update(data_json)
+        .finalize();
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// `P:{G}:durable`: the id up to which every event is on enough replicas and published.
 /// Readers never read past it.
 const DURABLE: &str = "durable";
@@ -964,6 +975,10 @@ async fn relay(
                 if live.receiver_count() > 0 {
                     unwatched_since = None;
                 } else if unwatched_since.is_some_and(|at| now - at >= unwatch_after) {
+                    // Held through the unsubscribe: a first subscription made meanwhile
+                    // would otherwise reach Redis before this `SUNSUBSCRIBE` and be
+                    // cancelled by it.
+                    let _once = bus.subscribing.lock().await;
                     // Removed under the lock subscribers look it up with: one that found
                     // it first holds a receiver, and the count below says so.
                     let gone = {
@@ -1065,6 +1080,10 @@ impl Bus for RedisBus {
             self.max_len.to_string(),
         ];
         self.append_tail(fence, Some(request), &mut keys, &mut args);
+        // The request's name carries what it appends: a successor whose deriver starts
+        // from a snapshot that already holds part of a dispatch numbers the rest from 0
+        // again, and must not be taken for the part its predecessor appended.
+        args[6] = format!("{}:{}", args[6], content_digest(kind.as_str(), &args[2]));
         // The script answers nil only when the fence no longer holds its lease.
         self.run_append(&self.scripts.append, keys, args)
             .await?

@@ -901,15 +901,26 @@ async fn a_shard_lease_fences_every_guild_by_epoch_and_dispatches_are_appended_o
         older.id, first.id,
         "an older one of the session is done too"
     );
+    // The predecessor appended only part 0 of a dispatch; the successor derives the rest
+    // from a snapshot that holds it, numbering it from 0 again: appended, not taken for
+    // the part already there.
+    let rest = one
+        .append_once(room(2, None), Some(&new), &Request::dispatch("s", 5, 0))
+        .await
+        .unwrap();
+    assert!(
+        rest.id > first.id,
+        "the rest of a half-appended dispatch is appended"
+    );
     let next = one
         .append_once(room(3, None), Some(&new), &Request::dispatch("s", 6, 0))
         .await
         .unwrap();
-    assert!(next.id > first.id);
+    assert!(next.id > rest.id);
     let Since::Events(events) = one.since(EventId::ZERO, 100).await.unwrap() else {
         panic!("a gap")
     };
-    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events.len(), 3, "{events:?}");
     assert_eq!(deployment.registry().await.unwrap()[&g1].epoch, old.epoch);
     let unavailable = GuildEntry {
         available: false,
