@@ -150,8 +150,6 @@ pub struct Tokens {
     pub expires_at: u64,
 }
 
-/// A twilight-http client for `token` (`Bot …` or `Bearer …`), pointed at `proxy` when
-/// set.
 /// A guild as a person's own token lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PersonGuild {
@@ -194,6 +192,8 @@ where
     }
 }
 
+/// A twilight-http client for `token` (`Bot …` or `Bearer …`), pointed at `proxy` when
+/// set.
 fn rest_client(token: &str, proxy: Option<&(String, bool)>) -> twilight_http::Client {
     let mut builder = twilight_http::Client::builder()
         .token(token.to_owned())
@@ -286,10 +286,9 @@ impl Discord {
             .oauth
             .authorize_url(CsrfToken::new_random)
             .add_scope(Scope::new("identify".to_owned()))
-            // The person's guilds and their roles in them, read with their own token.
-            .add_scope(Scope::new("guilds".to_owned()))
+            // `guilds` and `guilds.members.read` (for `guilds_of` and `roles_in`) are asked
+            // for once pages read them: a login asks for nothing it does not use.
             .add_scope(Scope::new("guilds.join".to_owned()))
-            .add_scope(Scope::new("guilds.members.read".to_owned()))
             .set_pkce_challenge(challenge)
             .url();
         Authorization {

@@ -598,8 +598,14 @@ async fn who_may_not_add_the_bot_is_refused_and_the_page_offers_only_what_they_m
     assert!(page.contains(&format!("sim_user={ember}")));
     assert!(page.contains(&format!("sim_user={}", sim.user("dusk").await)));
     assert!(!page.contains(&format!("sim_user={fable}")));
+    // Unlocked, the page offers every guild someone may add the bot to, and never one the
+    // bot is already in (Night Owls' owner manages it, yet it is not offered).
+    let open = authorize_raw(&sim, &[("scope", "bot".into())]).await;
+    assert_eq!(open.status(), 200);
+    let open = open.text().await.unwrap();
+    assert!(open.contains(&format!("guild_id={DICE}")), "{open}");
     assert!(
-        !page.contains(&format!("guild_id={OWLS}")),
+        !open.contains(&format!("guild_id={OWLS}")),
         "the bot is in Night Owls already"
     );
     // Following an offered link adds the bot.
