@@ -612,6 +612,7 @@ async fn active(
                     tracing::debug!(kind = ?event.kind(), sequence = ?session.as_ref().map(|s| s.1), "dispatch");
                     {
                         let mut g = lock(&guilds);
+                        let served_before = g.served.len();
                         match super::derive::route(&event) {
                             Route::Every => {
                                 if let Event::Ready(ready) = &event {
@@ -633,7 +634,10 @@ async fn active(
                             ),
                             Route::Guild(_) | Route::Nowhere => {}
                         }
-                        health.set_guilds(g.served.len());
+                        // Only GUILD_CREATE/DELETE change it: set when it did.
+                        if g.served.len() != served_before {
+                            health.set_guilds(g.served.len());
+                        }
                     }
                     if let Some(session) = shard.session()
                         && saved_sequence != Some(session.sequence())
@@ -894,19 +898,29 @@ impl Writer<'_> {
                 .await?;
             stored.insert(*guild, snapshot);
         }
-        let (diffs, entries, removed) = {
+        let (diffs, joined, entries, removed) = {
             let mut g = lock(self.guilds);
             self.overflowed.store(false, Ordering::Release);
             let mut diffs = Vec::new();
+            let mut joined = Vec::new();
             for (guild, served) in &mut g.served {
-                // A guild that joined during the overflow has no snapshot read: its
-                // sync is the next recovery's (it stays syncing, so nothing is lost).
-                if let Some(snapshot) = stored.get(guild) {
-                    served.syncing = false;
-                    diffs.push((served.bus.clone(), served.deriver.diff_from(snapshot)));
+                match stored.get(guild) {
+                    Some(snapshot) => {
+                        served.syncing = false;
+                        diffs.push((served.bus.clone(), served.deriver.diff_from(snapshot)));
+                    }
+                    // Joined during the overflow: its sync was dropped with the rest of
+                    // the queue, so it is made below (no later recovery may come).
+                    None if served.syncing => joined.push(*guild),
+                    None => {}
                 }
             }
-            (diffs, g.entries.clone(), std::mem::take(&mut g.removed))
+            (
+                diffs,
+                joined,
+                g.entries.clone(),
+                std::mem::take(&mut g.removed),
+            )
         };
         tracing::warn!(
             events = diffs.iter().map(|(_, d)| d.len()).sum::<usize>(),
@@ -918,6 +932,9 @@ impl Writer<'_> {
             for data in diff {
                 self.append(&*bus, data, None).await?;
             }
+        }
+        for guild in joined {
+            self.sync(guild).await?;
         }
         for (guild, entry) in &entries {
             self.register(*guild, entry).await?;
