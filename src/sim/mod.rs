@@ -226,7 +226,9 @@ impl State {
         } else {
             others.get(&guild)
         };
-        if let Some(w) = w {
+        // A guild in an outage is announced when it comes back, as its other dispatches
+        // are held until then.
+        if let Some(w) = w.filter(|w| !w.unavailable) {
             hub.dispatch_guild_create(guild, |with_voice| w.guild_create_json(with_voice));
         }
     }
