@@ -28,6 +28,9 @@
   var tab = Math.random().toString(36).slice(2) + Date.now().toString(36);
   var applied = connect.searchParams.get("last_event_id") || "0-0";
   var view = connect.searchParams.get("view") || null;
+  // One relay per community: tabs of different communities do not share a stream.
+  var guild = connect.searchParams.get("guild") || "";
+  var streamName = "coven-stream-" + guild;
 
   // What htmx's SSE extension listens on: an EventSource-like object fed by the relay.
   function SharedSource() {
@@ -60,7 +63,7 @@
     source.events.dispatchEvent(new MessageEvent(m.type, { data: m.data, lastEventId: m.w }));
   }
 
-  function hello() { return { tab: tab, at: applied, view: view }; }
+  function hello() { return { tab: tab, at: applied, view: view, guild: guild }; }
 
   // Holds this tab's own lock while it lives (the relay learns it is gone when it is
   // granted there), then says hello.
@@ -83,14 +86,14 @@
 
   if (mode === "shared") {
     var script = document.querySelector("script[data-relay]");
-    var worker = new SharedWorker(script.src, { name: "coven-stream" });
+    var worker = new SharedWorker(script.src, { name: streamName });
     worker.port.onmessage = function (e) { receive(e.data || {}); };
     worker.port.start();
     whileAlive(function () { worker.port.postMessage({ hello: hello() }); });
     window.addEventListener("pagehide", function () { worker.port.postMessage({ bye: tab }); });
   } else if (mode === "locks") {
     // The tab holding "coven-stream" runs the relay; the others talk to it here.
-    var channel = new BroadcastChannel("coven-stream");
+    var channel = new BroadcastChannel(streamName);
     var relay = null;
     var to = function (t) {
       return function (x) {
@@ -107,7 +110,7 @@
     };
     whileAlive(function () {
       channel.postMessage({ hello: hello() });
-      navigator.locks.request("coven-stream", function () {
+      navigator.locks.request(streamName, function () {
         relay = new window.CovenRelay();
         document.documentElement.dataset.streamRole = "leader";
         relay.hello(hello(), to(tab));

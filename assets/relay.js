@@ -3,8 +3,9 @@
 // Browsers allow six connections per host over HTTP/1.1, so a stream per tab would stop
 // the seventh tab from loading. This file runs in one place per browser: as a
 // SharedWorker where the browser has them, else in the one tab that holds the Web Lock
-// "coven-stream" (the others hear it over a BroadcastChannel). Either way it holds one
-// EventSource to /api/stream/html for the rooms whose pages are open, and relays each
+// "coven-stream-{guild}" (the others hear it over a BroadcastChannel): one per community.
+// Either way it holds one EventSource to /api/stream/html for the community's rooms whose
+// pages are open, and relays each
 // message to the tabs that show it. Every tab also holds a lock of its own while it
 // lives: when it is granted here, the tab is gone.
 //
@@ -33,11 +34,14 @@
     this.timer = null;
     this.from = null;
     this.retry = 0;
+    this.guild = "";
   }
 
   // A tab arrived: {tab, at (the id its page was rendered at), view (room id or null)}.
   Relay.prototype.hello = function (hello, post) {
     var self = this;
+    // Every tab of a relay is of one community (the relay is named after it).
+    if (hello.guild) this.guild = hello.guild;
     this.tabs.set(hello.tab, { post: post, view: hello.view });
     if (scope.navigator && scope.navigator.locks) {
       scope.navigator.locks.request("coven-tab-" + hello.tab, function () { self.bye(hello.tab); });
@@ -93,7 +97,8 @@
     this.from = null;
     this.complete = from || null;
     this.recent = [];
-    var url = "/api/stream/html?last_event_id=" + encodeURIComponent(from);
+    var url = "/api/stream/html?guild=" + encodeURIComponent(this.guild || "") +
+      "&last_event_id=" + encodeURIComponent(from);
     if (this.views) url += "&view=" + this.views;
     var source = new EventSource(url, { withCredentials: true });
     this.source = source;

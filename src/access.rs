@@ -160,6 +160,10 @@ pub const BOT_ALLOW: Permissions = ROOM_ALLOW
     .union(Permissions::DEAFEN_MEMBERS)
     .union(Permissions::MANAGE_CHANNELS);
 
+/// What Coven asks for when it is added to a server: what it grants in rooms (Discord
+/// lets nobody grant what they lack) and making their channels and roles.
+pub const COVEN_PERMISSIONS: Permissions = BOT_ALLOW.union(Permissions::MANAGE_ROLES);
+
 /// The overwrites of a room Coven makes: @everyone denied, the room's role, the creator
 /// and the bot allowed. They are also Coven's record of ownership in Discord itself
 /// ([`room_owner`] reads it back), so a Redis that lost the room's record does not

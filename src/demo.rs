@@ -71,7 +71,8 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
     // set, else memory.
     let web_settings = web::Settings {
         redis_url: settings.redis_url.clone(),
-        guild_id,
+        // Every community the simulated bot is in; Dice Tower is offered "Add Coven".
+        guild_ids: Vec::new(),
         discord: DiscordSettings {
             bot_token: s.bot_token.clone(),
             client_id: Id::new(s.client_id),
@@ -96,7 +97,7 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
     };
     let gateway_settings = gateway::Settings {
         redis_url: settings.redis_url.clone(),
-        guild_ids: vec![guild_id],
+        guild_ids: Vec::new(),
         bot_token: s.bot_token.clone(),
         tuning: gateway::Tuning {
             gateway_url: Url::parse(&simulator.shared.gateway_url())?,
@@ -116,7 +117,7 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
         ),
         None => Arc::new(crate::bus::memory::MemoryDeployment::new(100_000)),
     };
-    let bus: Arc<dyn Backend> = deployment.guild(guild_id);
+    let played = [guild_id, Id::new(crate::sim::defaults::NIGHT_OWLS_GUILD_ID)];
     let gateway_bus = deployment.clone();
     let gateway_stop = shutdown.clone();
     tokio::spawn(async move {
@@ -143,29 +144,49 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
         )),
         None => web::session::Store::new(tower_sessions::MemoryStore::default()),
     };
-    let replica = web::start(web_settings, bus.clone(), sessions, &shutdown).await?;
-    let hub = replica.app.hub.clone();
+    let replica = web::start(web_settings, deployment.clone(), sessions, &shutdown).await?;
     if !settings.quiet {
-        tokio::spawn(players(
-            sim_url.clone(),
-            s.bot_token.expose_secret().to_owned(),
-            s.guild_id,
-            bus.clone(),
-            settings.player_interval,
-            shutdown.clone(),
-        ));
+        for guild in played {
+            tokio::spawn(players(
+                sim_url.clone(),
+                s.bot_token.expose_secret().to_owned(),
+                guild.get(),
+                deployment.guild(guild),
+                settings.player_interval,
+                shutdown.clone(),
+            ));
+        }
     }
-    // Until the gateway has told who may see what, nobody sees any room: the URL is
-    // printed once it has (it takes milliseconds against the built-in simulator).
+    // Until the gateway has registered the communities and told who may see what, nobody
+    // sees any room: the URL is printed once it has (milliseconds against the built-in
+    // simulator).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while hub.access().guild.is_none() && tokio::time::Instant::now() < deadline {
+    loop {
+        let mut ready = deployment
+            .entries(&played)
+            .await
+            .is_ok_and(|e| e.iter().all(Option::is_some));
+        for guild in played {
+            ready &= deployment
+                .guild(guild)
+                .snapshot()
+                .await
+                .is_ok_and(|s| s.access.guild.is_some());
+        }
+        if ready {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                "the gateway has not described the communities yet; they appear once it has"
+            );
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    if hub.access().guild.is_none() {
-        tracing::warn!("the gateway has not described the guild yet; rooms appear once it has");
     }
     println!("Coven demo is running. Open {public_url}/");
     println!("  Log in with the simulated Discord: pick any player on its login page.");
+    println!("  Two communities have Coven; log in as dusk to add it to the third (Dice Tower).");
     println!(
         "  Create a room: simulated players join it, mute, turn cameras on and leave.{}",
         if settings.quiet {

@@ -25,7 +25,7 @@ use twilight_model::id::marker::{
 };
 use url::Url;
 
-use crate::access::room_overwrites;
+use crate::access::{COVEN_PERMISSIONS, room_overwrites};
 use crate::config;
 use crate::event::{Person, now_ms};
 
@@ -212,7 +212,9 @@ pub struct Discord {
     proxy: Option<(String, bool)>,
     oauth: OAuthClient,
     http: PatientHttp,
-    guild_id: Id<GuildMarker>,
+    /// Where people come back to after Discord's pages (the bot authorization's
+    /// redirect is under it).
+    public_url: Url,
     bot_id: tokio::sync::OnceCell<Id<UserMarker>>,
 }
 
@@ -226,11 +228,7 @@ pub struct MadeRoom {
 }
 
 impl Discord {
-    pub fn new(
-        settings: &DiscordSettings,
-        guild_id: Id<GuildMarker>,
-        public_url: &Url,
-    ) -> anyhow::Result<Self> {
+    pub fn new(settings: &DiscordSettings, public_url: &Url) -> anyhow::Result<Self> {
         let proxy = if settings.api_url.as_str().trim_end_matches('/') != DEFAULT_API_URL {
             let host = settings
                 .api_url
@@ -274,7 +272,7 @@ impl Discord {
                 http,
                 budget: RATE_LIMIT_BUDGET,
             },
-            guild_id,
+            public_url: public_url.clone(),
             bot_id: tokio::sync::OnceCell::new(),
         })
     }
@@ -286,9 +284,11 @@ impl Discord {
             .oauth
             .authorize_url(CsrfToken::new_random)
             .add_scope(Scope::new("identify".to_owned()))
-            // `guilds` and `guilds.members.read` (for `guilds_of` and `roles_in`) are asked
-            // for once pages read them: a login asks for nothing it does not use.
+            // The picker lists a person's servers (`guilds`), their roles come from their
+            // own token (`guilds.members.read`), and an invite adds them (`guilds.join`).
+            .add_scope(Scope::new("guilds".to_owned()))
             .add_scope(Scope::new("guilds.join".to_owned()))
+            .add_scope(Scope::new("guilds.members.read".to_owned()))
             .set_pkce_challenge(challenge)
             .url();
         Authorization {
@@ -296,6 +296,52 @@ impl Discord {
             state: state.secret().clone(),
             verifier: verifier.secret().clone(),
         }
+    }
+
+    /// Discord's advanced bot authorization for `guild` (a code grant: `bot identify`,
+    /// the guild fixed, exactly the permissions Coven uses, back to `/auth/added`), with
+    /// PKCE and an unguessable state as a login has. Approving adds the bot; Coven learns
+    /// of it from the gateway's GUILD_CREATE, never from the redirect.
+    pub fn add_bot(&self, guild: Id<GuildMarker>) -> Result<Authorization, DiscordError> {
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let (url, state) = self
+            .oauth
+            .authorize_url(CsrfToken::new_random)
+            .add_scope(Scope::new("bot".to_owned()))
+            .add_scope(Scope::new("identify".to_owned()))
+            .add_extra_param("permissions", COVEN_PERMISSIONS.bits().to_string())
+            .add_extra_param("guild_id", guild.to_string())
+            .add_extra_param("disable_guild_select", "true")
+            .set_redirect_uri(std::borrow::Cow::Owned(self.added_url()?))
+            .set_pkce_challenge(challenge)
+            .url();
+        Ok(Authorization {
+            url,
+            state: state.secret().clone(),
+            verifier: verifier.secret().clone(),
+        })
+    }
+
+    fn added_url(&self) -> Result<RedirectUrl, DiscordError> {
+        RedirectUrl::new(config::join_url(&self.public_url, "auth/added"))
+            .map_err(|e| DiscordError::Malformed(e.to_string()))
+    }
+
+    /// Trades the code of a bot authorization for tokens: proof that Discord completed
+    /// it (a forged redirect has no code Discord will take).
+    pub async fn exchange_added(
+        &self,
+        code: String,
+        verifier: String,
+    ) -> Result<Tokens, DiscordError> {
+        let answer = self
+            .oauth
+            .exchange_code(AuthorizationCode::new(code))
+            .set_redirect_uri(std::borrow::Cow::Owned(self.added_url()?))
+            .set_pkce_verifier(PkceCodeVerifier::new(verifier))
+            .request_async(&self.http)
+            .await;
+        tokens(answer)
     }
 
     /// Trades the code from the callback for tokens.
@@ -402,9 +448,10 @@ impl Discord {
     /// not a member (Discord's 404 Unknown Member), asked with the bot's token.
     pub async fn member_roles(
         &self,
+        guild: Id<GuildMarker>,
         user: Id<UserMarker>,
     ) -> Result<Option<Vec<Id<RoleMarker>>>, DiscordError> {
-        match self.bot.guild_member(self.guild_id, user).await {
+        match self.bot.guild_member(guild, user).await {
             Ok(response) => {
                 let member = response
                     .model()
@@ -445,6 +492,7 @@ impl Discord {
     /// again, so a failure leaves nothing behind in the guild.
     pub async fn create_room(
         &self,
+        guild: Id<GuildMarker>,
         name: &str,
         creator: Id<UserMarker>,
         user_limit: u16,
@@ -453,7 +501,7 @@ impl Discord {
         let bot = self.bot_id().await?;
         let role = self
             .bot
-            .create_role(self.guild_id)
+            .create_role(guild)
             .name(&role_name(name))
             .permissions(Permissions::empty())
             .await
@@ -462,10 +510,10 @@ impl Discord {
             .await
             .map_err(|e| DiscordError::Malformed(e.to_string()))?
             .id;
-        let overwrites = room_overwrites(self.guild_id, role, creator, bot);
+        let overwrites = room_overwrites(guild, role, creator, bot);
         let mut request = self
             .bot
-            .create_guild_channel(self.guild_id, name)
+            .create_guild_channel(guild, name)
             .kind(ChannelType::GuildVoice)
             .user_limit(user_limit)
             .permission_overwrites(&overwrites);
@@ -486,12 +534,12 @@ impl Discord {
         let channel = match made {
             Ok(channel) => channel,
             Err(e) => {
-                self.undo(None, Some(role)).await;
+                self.undo(guild, None, Some(role)).await;
                 return Err(e);
             }
         };
-        if let Err(e) = self.grant(creator, role).await {
-            self.undo(Some(channel), Some(role)).await;
+        if let Err(e) = self.grant(guild, creator, role).await {
+            self.undo(guild, Some(channel), Some(role)).await;
             return Err(e);
         }
         Ok(MadeRoom {
@@ -503,8 +551,13 @@ impl Discord {
 
     /// Best-effort removal after a failed creation; what cannot be removed is logged
     /// with its id so an operator can remove it by hand.
-    async fn undo(&self, channel: Option<Id<ChannelMarker>>, role: Option<Id<RoleMarker>>) {
-        if let Err(e) = self.delete_room(channel, role).await {
+    async fn undo(
+        &self,
+        guild: Id<GuildMarker>,
+        channel: Option<Id<ChannelMarker>>,
+        role: Option<Id<RoleMarker>>,
+    ) {
+        if let Err(e) = self.delete_room(guild, channel, role).await {
             tracing::error!(
                 error = %e,
                 channel = ?channel,
@@ -518,6 +571,7 @@ impl Discord {
     /// deleted, so closing twice (or racing another replica) is fine.
     pub async fn delete_room(
         &self,
+        guild: Id<GuildMarker>,
         channel: Option<Id<ChannelMarker>>,
         role: Option<Id<RoleMarker>>,
     ) -> Result<(), DiscordError> {
@@ -525,47 +579,63 @@ impl Discord {
             found(self.bot.delete_channel(channel).await)?;
         }
         if let Some(role) = role {
-            found(self.bot.delete_role(self.guild_id, role).await)?;
+            found(self.bot.delete_role(guild, role).await)?;
         }
         Ok(())
+    }
+
+    /// The guild a channel is in (`GET /channels/{id}`), `None` when Discord has no such
+    /// channel for the bot: how a configured room category names its guild.
+    pub async fn channel_guild(
+        &self,
+        channel: Id<ChannelMarker>,
+    ) -> Result<Option<Id<GuildMarker>>, DiscordError> {
+        match self.bot.channel(channel).await {
+            Ok(response) => Ok(response
+                .model()
+                .await
+                .map_err(|e| DiscordError::Malformed(e.to_string()))?
+                .guild_id),
+            Err(e) => match DiscordError::from_twilight(e) {
+                DiscordError::Refused {
+                    status: 404 | 403, ..
+                } => Ok(None),
+                e => Err(e),
+            },
+        }
     }
 
     /// Gives a member a role (idempotent in Discord).
     pub async fn grant(
         &self,
+        guild: Id<GuildMarker>,
         user: Id<UserMarker>,
         role: Id<RoleMarker>,
     ) -> Result<(), DiscordError> {
-        sent(
-            self.bot
-                .add_guild_member_role(self.guild_id, user, role)
-                .await,
-        )
+        sent(self.bot.add_guild_member_role(guild, user, role).await)
     }
 
     /// Adds someone to the guild with their own `guilds.join` token (a no-op when they
     /// are already in).
     pub async fn add_to_guild(
         &self,
+        guild: Id<GuildMarker>,
         user: Id<UserMarker>,
         access_token: &str,
     ) -> Result<(), DiscordError> {
-        sent(
-            self.bot
-                .add_guild_member(self.guild_id, user, access_token)
-                .await,
-        )
+        sent(self.bot.add_guild_member(guild, user, access_token).await)
     }
 
     /// Moves a member who is in a voice channel of the guild into another.
     pub async fn move_member(
         &self,
+        guild: Id<GuildMarker>,
         user: Id<UserMarker>,
         channel: Id<ChannelMarker>,
     ) -> Result<(), DiscordError> {
         sent(
             self.bot
-                .update_guild_member(self.guild_id, user)
+                .update_guild_member(guild, user)
                 .channel_id(Some(channel))
                 .await,
         )

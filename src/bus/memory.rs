@@ -254,7 +254,9 @@ impl Bus for MemoryBus {
     }
 
     async fn snapshot(&self) -> BusResult<Snapshot> {
-        Ok(self.lock().snapshot.clone())
+        let mut snapshot = self.lock().snapshot.clone();
+        snapshot.guild = Some(self.guild_id);
+        Ok(snapshot)
     }
 
     async fn since(&self, after: EventId, limit: usize) -> BusResult<Since> {
@@ -370,6 +372,7 @@ pub struct MemoryDeployment {
     max_len: usize,
     buses: Mutex<HashMap<Id<GuildMarker>, Arc<MemoryBus>>>,
     shared: Arc<Mutex<Shared>>,
+    control: broadcast::Sender<Arc<EventData>>,
 }
 
 impl MemoryDeployment {
@@ -378,6 +381,7 @@ impl MemoryDeployment {
             max_len,
             buses: Mutex::default(),
             shared: Arc::default(),
+            control: broadcast::channel(1024).0,
         }
     }
 
@@ -484,6 +488,27 @@ impl Deployment for MemoryDeployment {
 
     async fn registry(&self) -> BusResult<BTreeMap<Id<GuildMarker>, GuildEntry>> {
         Ok(self.shared().registry.clone())
+    }
+
+    async fn entries(&self, guilds: &[Id<GuildMarker>]) -> BusResult<Vec<Option<GuildEntry>>> {
+        let shared = self.shared();
+        Ok(guilds
+            .iter()
+            .map(|g| shared.registry.get(g).cloned())
+            .collect())
+    }
+
+    async fn registry_len(&self) -> BusResult<usize> {
+        Ok(self.shared().registry.len())
+    }
+
+    async fn announce(&self, data: &EventData) -> BusResult<()> {
+        let _ = self.control.send(Arc::new(data.clone()));
+        Ok(())
+    }
+
+    async fn control(&self) -> BusResult<broadcast::Receiver<Arc<EventData>>> {
+        Ok(self.control.subscribe())
     }
 
     async fn raise_epochs(&self, guilds: &[Id<GuildMarker>], epoch: u64) -> BusResult<()> {

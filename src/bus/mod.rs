@@ -72,6 +72,8 @@ pub struct Snapshot {
     /// Guild roles and channel overwrites: who may see what (`P:{G}:guild`,
     /// `P:{G}:channels`).
     pub access: Access,
+    /// The guild it is of, as the bus that read it knows (pages link within it).
+    pub guild: Option<Id<GuildMarker>>,
 }
 
 impl Snapshot {
@@ -436,6 +438,9 @@ pub struct GuildEntry {
 /// `P:guilds`: guild id → [`GuildEntry`] JSON.
 pub const REGISTRY: &str = "guilds";
 
+/// `P:control`: what every web replica must hear, whatever guilds it watches.
+pub const CONTROL: &str = "control";
+
 /// `P:shards:count`: how many shards the bot's sessions are split into.
 pub const SHARD_COUNT: &str = "shards:count";
 
@@ -471,6 +476,11 @@ pub trait Deployment: Send + Sync + 'static {
     /// The bus of one guild (cheap: it shares this deployment's connections).
     fn guild(&self, guild: Id<GuildMarker>) -> Arc<dyn Backend>;
 
+    /// Whether Redis is connected right now (a dropped connection is known at once).
+    fn reachable(&self) -> bool {
+        true
+    }
+
     /// Takes lease `P:<name>` for `holder` if nobody holds it; its epoch (`P:<name>:epoch`)
     /// only grows. The fence is checked by epoch in guilds' writes.
     async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> BusResult<Option<Fence>>;
@@ -503,6 +513,21 @@ pub trait Deployment: Send + Sync + 'static {
     async fn unregister(&self, guild: Id<GuildMarker>, epoch: u64) -> BusResult<bool>;
 
     async fn registry(&self) -> BusResult<BTreeMap<Id<GuildMarker>, GuildEntry>>;
+
+    /// The registry's entries of `guilds`, in their order (`None`: not registered), in
+    /// one request: what a person's picker needs, whatever the registry's size.
+    async fn entries(&self, guilds: &[Id<GuildMarker>]) -> BusResult<Vec<Option<GuildEntry>>>;
+
+    /// How many guilds are registered.
+    async fn registry_len(&self) -> BusResult<usize>;
+
+    /// Says `data` on `P:control`, the channel every web replica hears whatever guilds it
+    /// watches (a login ended). Best effort, as Pub/Sub is: a replica that was
+    /// disconnected meanwhile misses it, and what it guards is checked again elsewhere.
+    async fn announce(&self, data: &EventData) -> BusResult<()>;
+
+    /// Listens to `P:control` (subscribed on the first call).
+    async fn control(&self) -> BusResult<broadcast::Receiver<Arc<EventData>>>;
 
     /// Raises `P:{G}:epoch` of every guild to at least `epoch`, sent together: from then
     /// on, a writer with a lower epoch is refused in each of them.

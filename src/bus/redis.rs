@@ -241,6 +241,10 @@ pub struct Redis {
     unwatch_after: AtomicU64,
     /// `holds` questions on their way to Redis, by guild and id: see [`Holds`].
     holds: Holds,
+    /// What `P:control` says, to whoever in this process listens.
+    control: broadcast::Sender<Arc<EventData>>,
+    /// Subscribed to `P:control` (once, on the first listener).
+    control_subscribed: tokio::sync::OnceCell<()>,
 }
 
 /// `XRANGE id id` questions shared by the streams that ask about the same id while one
@@ -521,7 +525,12 @@ impl Redis {
         // its handle is not kept.
         drop(subscriber.manage_subscriptions());
         let watched: Arc<Mutex<HashMap<String, Watched>>> = Arc::default();
-        tokio::spawn(dispatch(subscriber.clone(), watched.clone()));
+        let control = broadcast::channel(CONTROL_BUFFER).0;
+        tokio::spawn(dispatch(
+            subscriber.clone(),
+            watched.clone(),
+            (format!("{prefix}:{}", super::CONTROL), control.clone()),
+        ));
         Ok(Arc::new(Redis {
             client,
             appender,
@@ -536,6 +545,8 @@ impl Redis {
             subscribing: tokio::sync::Mutex::new(()),
             unwatch_after: AtomicU64::new(UNWATCH_AFTER.as_millis() as u64),
             holds: Holds::default(),
+            control,
+            control_subscribed: tokio::sync::OnceCell::new(),
         }))
     }
 
@@ -891,8 +902,17 @@ const RELAY_QUEUE: usize = 4096;
 /// subscribe again.
 const UNWATCH_AFTER: Duration = Duration::from_secs(30);
 
-/// The process's one subscriber: hands each message to its guild's relay, by channel.
-async fn dispatch(subscriber: SubscriberClient, watched: Arc<Mutex<HashMap<String, Watched>>>) {
+/// Messages of `P:control` a listener may fall behind by before it lags (they are rare:
+/// logouts and removals).
+const CONTROL_BUFFER: usize = 1024;
+
+/// The process's one subscriber: hands each message to its guild's relay, by channel, and
+/// `P:control`'s to its listeners.
+async fn dispatch(
+    subscriber: SubscriberClient,
+    watched: Arc<Mutex<HashMap<String, Watched>>>,
+    (control_channel, control): (String, broadcast::Sender<Arc<EventData>>),
+) {
     let mut messages = subscriber.message_rx();
     loop {
         match messages.recv().await {
@@ -900,6 +920,15 @@ async fn dispatch(subscriber: SubscriberClient, watched: Arc<Mutex<HashMap<Strin
                 let Some(json) = message.value.as_string() else {
                     continue;
                 };
+                if *message.channel == *control_channel {
+                    match serde_json::from_str::<EventData>(&json) {
+                        Ok(data) => drop(control.send(Arc::new(data))),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "skipping an unreadable control message")
+                        }
+                    }
+                    continue;
+                }
                 let watched = lock(&watched);
                 if let Some(guild) = watched.get(&*message.channel)
                     && guild.messages.try_send(json).is_err()
@@ -1135,7 +1164,10 @@ impl Bus for RedisBus {
             .await?;
         let [rooms, voice, applied, guild, channels, durable] = <[Value; 6]>::try_from(parts)
             .map_err(|_| BusError::Corrupt("snapshot script answer".to_owned()))?;
-        let mut snapshot = Snapshot::default();
+        let mut snapshot = Snapshot {
+            guild: Some(self.guild_id),
+            ..Snapshot::default()
+        };
         for (id, json) in pairs(rooms) {
             let channel = id
                 .parse()
@@ -1434,6 +1466,10 @@ impl Redis {
 
 #[async_trait::async_trait]
 impl super::Deployment for Arc<Redis> {
+    fn reachable(&self) -> bool {
+        self.client.is_connected()
+    }
+
     fn guild(&self, guild: Id<GuildMarker>) -> Arc<dyn super::Backend> {
         Arc::new(Redis::guild(self, guild))
     }
@@ -1535,6 +1571,54 @@ impl super::Deployment for Arc<Redis> {
             }
         }
         Ok(out)
+    }
+
+    async fn entries(&self, guilds: &[Id<GuildMarker>]) -> BusResult<Vec<Option<GuildEntry>>> {
+        if guilds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let fields: Vec<String> = guilds.iter().map(ToString::to_string).collect();
+        let values: Vec<Option<String>> = self
+            .client
+            .hmget(self.shared_key(super::REGISTRY), fields)
+            .await?;
+        Ok(values
+            .into_iter()
+            .zip(guilds)
+            .map(|(json, guild)| {
+                json.filter(|j| !j.is_empty()).and_then(|j| {
+                    serde_json::from_str(&j)
+                        .inspect_err(|e| tracing::warn!(%guild, error = %e, "ignoring an unreadable registry entry"))
+                        .ok()
+                })
+            })
+            .collect())
+    }
+
+    async fn registry_len(&self) -> BusResult<usize> {
+        Ok(self.client.hlen(self.shared_key(super::REGISTRY)).await?)
+    }
+
+    async fn announce(&self, data: &EventData) -> BusResult<()> {
+        let json = serde_json::to_string(data)?;
+        let _: i64 = self
+            .client
+            .spublish(self.shared_key(super::CONTROL), json)
+            .await?;
+        Ok(())
+    }
+
+    async fn control(&self) -> BusResult<broadcast::Receiver<Arc<EventData>>> {
+        let receiver = self.control.subscribe();
+        self.control_subscribed
+            .get_or_try_init(|| async {
+                self.subscriber
+                    .ssubscribe(self.shared_key(super::CONTROL))
+                    .await
+                    .map_err(BusError::from)
+            })
+            .await?;
+        Ok(receiver)
     }
 
     async fn raise_epochs(&self, guilds: &[Id<GuildMarker>], epoch: u64) -> BusResult<()> {

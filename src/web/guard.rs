@@ -8,20 +8,21 @@
 //! [`crate::access`]) nor render anything.
 
 use axum::Form;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use tower_sessions::Session;
 use twilight_model::id::Id;
-use twilight_model::id::marker::{RoleMarker, UserMarker};
+use twilight_model::id::marker::{GuildMarker, RoleMarker, UserMarker};
 
 use super::AppState;
+use super::guilds::Guild;
 use super::http::error::WebError;
 use super::http::protect::{Sender, WithToken, read_form};
 use super::members;
 use super::return_to::safe_return_to;
-use super::session::{SESSION_COOKIE, SessionUser, USER};
+use super::session::{SESSION_COOKIE, SESSION_VERSION, SessionUser, USER};
 use crate::access::Principal;
 use crate::discord::DiscordError;
 use crate::event::now_ms;
@@ -60,6 +61,12 @@ impl FromRequestParts<AppState> for LoggedIn {
         let Some(mut user) = user else {
             return Err(not_logged_in());
         };
+        if user.version < SESSION_VERSION {
+            // A login from before communities: its token cannot list the person's
+            // servers. Once logged in again, the session is of this version.
+            session.flush().await?;
+            return Err(WebError::LoginAgain { api });
+        }
         if user.expires_at <= now_ms() + REFRESH_MARGIN_MS {
             // Flushed, not emptied: an empty record would outlive the login by SESSION_TTL.
             let Some(refresh) = user.refresh_token.clone() else {
@@ -108,20 +115,56 @@ impl FromRequestParts<AppState> for StreamUser {
             .find_map(|v| v.parse::<tower_sessions::session::Id>().ok())
             .ok_or_else(not_logged_in)?;
         let user = app
-            .hub
-            .sessions
+            .communities
+            .sessions()
             .user(id)
             .await
             .map_err(|e| WebError::Session(tower_sessions::session::Error::Store(e)))?
+            .filter(|u| u.version >= SESSION_VERSION)
             .ok_or_else(not_logged_in)?;
         Ok(StreamUser(user))
     }
 }
 
-/// A logged-in member of the guild and their roles: who may see rooms.
+/// The `{guild}` of a community's route, parsed once. Anything that is not a guild id
+/// answers like a room that does not exist.
+pub struct GuildId(pub Id<GuildMarker>);
+
+impl FromRequestParts<AppState> for GuildId {
+    type Rejection = WebError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, WebError> {
+        let Path(params) = Path::<Vec<(String, String)>>::from_request_parts(parts, app)
+            .await
+            .map_err(|_| WebError::no_such_room())?;
+        params
+            .iter()
+            .find(|(k, _)| k == "guild")
+            .and_then(|(_, v)| parse_guild(v))
+            .map(GuildId)
+            .ok_or_else(WebError::no_such_room)
+    }
+}
+
+/// A guild id as a route or query names it: digits only, no sign, no leading zero.
+pub fn parse_guild(raw: &str) -> Option<Id<GuildMarker>> {
+    if raw.is_empty() || raw.len() > 20 || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if raw.starts_with('0') {
+        return None;
+    }
+    raw.parse::<u64>().ok().and_then(Id::new_checked)
+}
+
+/// A logged-in member of the route's guild and their roles there: who may see its rooms.
+/// Someone who is not a member, a guild that is not served, and a guild that does not
+/// exist all answer exactly like a room that does not exist; a guild the bot was removed
+/// from tells its former members so.
 pub struct Member {
     pub who: LoggedIn,
     pub roles: Vec<Id<RoleMarker>>,
+    pub guild: Guild,
 }
 
 impl Member {
@@ -142,13 +185,33 @@ impl FromRequestParts<AppState> for Member {
     type Rejection = WebError;
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, WebError> {
+        let GuildId(id) = GuildId::from_request_parts(parts, app).await?;
         let who = LoggedIn::from_request_parts(parts, app).await?;
-        match members::current(app, who.user.person.id).await? {
-            Some(record) => Ok(Member {
+        let me = who.user.person.id;
+        let Some(guild) = app.guilds.get(id).await? else {
+            // Its data outlives the bot's removal by a grace period: someone it knew as
+            // a member is told what happened; anyone else learns nothing.
+            return match app.guilds.bus(id).member(me).await? {
+                Some(_) => Err(WebError::GuildGone),
+                None => Err(WebError::no_such_room()),
+            };
+        };
+        match members::current(app, &guild, &who.user).await {
+            Ok(Some(record)) => Ok(Member {
                 who,
                 roles: record.roles,
+                guild,
             }),
-            None => Err(WebError::NotMember),
+            Ok(None) => Err(WebError::no_such_room()),
+            Err(WebError::Discord(DiscordError::Unauthorized)) => {
+                // Their token was revoked: they log in again (never a retry loop).
+                who.session.flush().await?;
+                Err(WebError::NotLoggedIn {
+                    return_to: safe_return_to(parts.uri.path_and_query().map(|p| p.as_str())),
+                    api: false,
+                })
+            }
+            Err(e) => Err(e),
         }
     }
 }
@@ -159,6 +222,8 @@ pub struct Posted<F> {
     pub who: LoggedIn,
     /// The member's roles (what Discord lets them see and do).
     pub roles: Vec<Id<RoleMarker>>,
+    /// The guild the post is to: its route's, never a form's.
+    pub guild: Guild,
     pub form: F,
     /// Sent by HTMX (it wants `HX-Redirect` rather than a 303).
     pub htmx: bool,
@@ -178,7 +243,7 @@ impl<F: DeserializeOwned + Default + Send> FromRequest<AppState> for Posted<F> {
 
     async fn from_request(req: Request, app: &AppState) -> Result<Self, WebError> {
         let (mut parts, body) = req.into_parts();
-        let Member { who, roles } = Member::from_request_parts(&mut parts, app).await?;
+        let Member { who, roles, guild } = Member::from_request_parts(&mut parts, app).await?;
         let sender = Sender::of(&parts.headers);
         let form = Form::<WithToken<F>>::from_request(Request::from_parts(parts, body), app).await;
         let form = read_form(form.map(|Form(f)| Form(Some(f))))?;
@@ -187,6 +252,7 @@ impl<F: DeserializeOwned + Default + Send> FromRequest<AppState> for Posted<F> {
         Ok(Posted {
             who,
             roles,
+            guild,
             form,
             htmx: sender.htmx,
         })

@@ -10,14 +10,14 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::AppState;
-use super::live::freshness::GatewayReading;
-use crate::bus::GatewayReport;
+use super::live::freshness;
 
 /// `GET /healthz`: the process is alive and serving.
 pub async fn healthz(State(app): State<AppState>) -> Response {
     axum::Json(json!({
         "status": "ok",
-        "streams": app.hub.streams(),
+        "streams": app.communities.all().iter().map(|c| c.hub.streams()).sum::<usize>(),
+        "communities_watched": app.communities.len(),
     }))
     .into_response()
 }
@@ -27,20 +27,16 @@ pub async fn healthz(State(app): State<AppState>) -> Response {
 /// every replica out of the load balancer (pages tell people updates are delayed).
 pub async fn readyz(State(app): State<AppState>) -> Response {
     // A dropped connection is known at once: no need to wait out a command's timeout.
-    if !app.bus.reachable() {
+    let deployment = app.guilds.deployment();
+    if !deployment.reachable() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"status": "unready", "redis": "unreachable"})),
         )
             .into_response();
     }
-    match crate::bus::shard_status(&*app.bus).await {
-        Ok(raw) => {
-            let report: Option<GatewayReport> = raw.and_then(|r| serde_json::from_str(&r).ok());
-            let now = GatewayReading {
-                report,
-                read_at: crate::event::now_ms(),
-            };
+    match freshness::gateway_now(&**deployment).await {
+        Ok(now) => {
             let gateway = match &now.report {
                 Some(r) => json!({
                     "fresh": now.fresh(),

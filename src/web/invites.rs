@@ -17,9 +17,10 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use twilight_model::id::Id;
-use twilight_model::id::marker::{ChannelMarker, RoleMarker, UserMarker};
+use twilight_model::id::marker::{ChannelMarker, GuildMarker, RoleMarker, UserMarker};
 
 use super::guard::LoggedIn;
+use super::guilds::Guild;
 use super::http::error::WebError;
 use super::http::protect::{self, TokenForm};
 use super::view::UserView;
@@ -46,6 +47,7 @@ struct Claims {
 /// A signed invite to `channel` (opened by `role`), valid for `INVITE_TTL`.
 fn sign(
     app: &App,
+    guild: Id<GuildMarker>,
     channel: Id<ChannelMarker>,
     role: Id<RoleMarker>,
     creator: Id<UserMarker>,
@@ -53,7 +55,7 @@ fn sign(
 ) -> Result<String, WebError> {
     let iat = now_ms() / 1000;
     let claims = Claims {
-        guild_id: app.settings.guild_id.to_string(),
+        guild_id: guild.to_string(),
         channel_id: channel,
         role_id: role,
         creator_id: creator,
@@ -82,6 +84,7 @@ fn link(app: &App, token: &str) -> String {
 /// the people Discord lets into the room — and only while Discord shows them the room.
 pub fn offer(
     app: &App,
+    guild: Id<GuildMarker>,
     snapshot: &Snapshot,
     id: Id<ChannelMarker>,
     who: Principal<'_>,
@@ -100,11 +103,13 @@ pub fn offer(
     }
     Ok(Some(link(
         app,
-        &sign(app, id, role, creator, room.invite_gen)?,
+        &sign(app, guild, id, role, creator, room.invite_gen)?,
     )))
 }
 
-fn verify(app: &App, token: &str) -> Result<Claims, WebError> {
+/// The invite's claims and the community it is to, if it is served here: a link to a
+/// community Coven is no longer in (or never was) says the room is closed.
+async fn verify(app: &App, token: &str) -> Result<(Claims, Guild), WebError> {
     let mut validation = Validation::new(Algorithm::HS256);
     validation.leeway = 0;
     validation.set_required_spec_claims(&["exp"]);
@@ -126,10 +131,19 @@ fn verify(app: &App, token: &str) -> Result<Claims, WebError> {
         _ => forged(),
     })?
     .claims;
-    if claims.guild_id != app.settings.guild_id.to_string() {
+    let Some(id) = super::guard::parse_guild(&claims.guild_id) else {
         return Err(forged());
-    }
-    Ok(claims)
+    };
+    let Some(guild) = app.guilds.get(id).await? else {
+        return Err(closed());
+    };
+    Ok((claims, guild))
+}
+
+fn closed() -> WebError {
+    WebError::NotFound(
+        "This room has been closed. Ask for a link to another room, or make one.".to_owned(),
+    )
 }
 
 /// The room an invite opens, if the link still does: 404 when the room is gone (or,
@@ -146,9 +160,7 @@ fn still_open<'s>(
         .get(&channel)
         .filter(|r| r.role_id == Some(claims.role_id))
     else {
-        return Err(WebError::NotFound(
-            "This room has been closed. Ask for a link to another room, or make one.".to_owned(),
-        ));
+        return Err(closed());
     };
     if claims.generation < room.invite_gen {
         return Err(WebError::Gone(
@@ -185,11 +197,11 @@ pub async fn follow(
     who: LoggedIn,
     Path(token): Path<String>,
 ) -> Result<Response, WebError> {
-    let claims = verify(&app, &token)?;
-    let snapshot = app.bus.snapshot().await?;
+    let (claims, guild) = verify(&app, &token).await?;
+    let snapshot = guild.bus.snapshot().await?;
     let me = who.user.person.id;
     let room = still_open(&snapshot, &claims, me)?;
-    if members::current(&app, me).await?.is_none() {
+    if members::current(&app, &guild, &who.user).await?.is_none() {
         let view = UserView::of(&who.user);
         return Ok(JoinPage {
             delayed: None,
@@ -206,7 +218,7 @@ pub async fn follow(
         }
         .into_response());
     }
-    enter(&app, &claims, me).await
+    enter(&app, &guild, &claims, me).await
 }
 
 /// `POST /invite/{token}`: the confirmed join — into the Discord server, then the room.
@@ -220,20 +232,27 @@ pub async fn join(
     let sent = protect::read_form(form)?.csrf_token;
     app.protect
         .check(&who.user, &protect::Sender::of(&headers), sent.as_deref())?;
-    let claims = verify(&app, &token)?;
-    let snapshot = app.bus.snapshot().await?;
+    let (claims, guild) = verify(&app, &token).await?;
+    let snapshot = guild.bus.snapshot().await?;
     let me = who.user.person.id;
     still_open(&snapshot, &claims, me)?;
-    if app.bus.member(me).await?.is_none() {
-        app.discord.add_to_guild(me, &who.user.access_token).await?;
-        tracing::info!(user = %me, "added to the guild by a confirmed invite");
+    if guild.bus.member(me).await?.is_none() {
+        app.discord
+            .add_to_guild(guild.id, me, &who.user.access_token)
+            .await?;
+        tracing::info!(user = %me, guild = %guild.id, "added to the guild by a confirmed invite");
     }
-    enter(&app, &claims, me).await
+    enter(&app, &guild, &claims, me).await
 }
 
 /// Grants the room's role, records it, and goes to the room.
-async fn enter(app: &App, claims: &Claims, me: Id<UserMarker>) -> Result<Response, WebError> {
-    app.discord.grant(me, claims.role_id).await?;
-    members::granted(app, me, claims.role_id).await?;
-    Ok(Redirect::to(&format!("/rooms/{}", claims.channel_id)).into_response())
+async fn enter(
+    app: &App,
+    guild: &Guild,
+    claims: &Claims,
+    me: Id<UserMarker>,
+) -> Result<Response, WebError> {
+    app.discord.grant(guild.id, me, claims.role_id).await?;
+    members::granted(&*guild.bus, me, claims.role_id).await?;
+    Ok(Redirect::to(&format!("/g/{}/rooms/{}", guild.id, claims.channel_id)).into_response())
 }

@@ -2,7 +2,7 @@
 //!
 //! Owns the OAuth2 round trip (PKCE, state compared against the session, `return_to`
 //! limited to this site by [`super::return_to`]) and the end of a login (its streams end
-//! on every replica). Who is asking, on every later request, is [`super::guard`]'s;
+//! on every replica, announced on `P:control`). Who is asking, on every later request, is [`super::guard`]'s;
 //! membership and roles are [`super::members`]'. Must not render room data.
 
 use axum::extract::{Query, State};
@@ -14,9 +14,8 @@ use tower_sessions::{Expiry, Session};
 use super::AppState;
 use super::http::error::WebError;
 use super::http::protect::{self, Sender};
-use super::members;
 use super::return_to::safe_return_to;
-use super::session::{SessionUser, USER, session_expiry};
+use super::session::{SESSION_VERSION, SessionUser, USER, session_expiry};
 use crate::discord::DiscordError;
 use crate::event::EventData;
 
@@ -128,18 +127,11 @@ async fn complete_login(
         Err(e) => return Err(e.into()),
     };
     let person = app.discord.me(&tokens.access_token).await?;
-    let roles = app.discord.member_roles(person.id).await?;
-    let member = roles.is_some();
-    let known = app.bus.member(person.id).await?;
-    members::record(app, person.id, known, roles).await?;
-    // Just asked: the next recheck is a full interval away.
-    app.bus
-        .claim(&members::check_key(person.id), app.settings.member_recheck)
-        .await?;
+    // Membership is asked per community, with the person's own token, when they open it.
     // A new id for the logged-in session: an id planted before login is worth nothing.
     session.cycle_id().await?;
     session.set_expiry(Some(session_expiry(app.settings.session_ttl)));
-    tracing::info!(user = %person.id, member, "logged in");
+    tracing::info!(user = %person.id, "logged in");
     session
         .insert(
             USER,
@@ -150,13 +142,10 @@ async fn complete_login(
                 expires_at: tokens.expires_at,
                 csrf: protect::new_token(),
                 login: protect::new_token(),
+                version: SESSION_VERSION,
             },
         )
         .await?;
-    // Non-members may still follow an invite, which adds them to the guild.
-    if !member && !pending.return_to.starts_with("/invite/") {
-        return Err(WebError::NotMember);
-    }
     Ok(Redirect::to(&pending.return_to).into_response())
 }
 
@@ -194,15 +183,14 @@ pub async fn logout(
         app.protect
             .check(&user, &Sender::of(&headers), form.csrf_token.as_deref())?;
         session.flush().await?;
-        // The session is gone, so no new stream opens with it; the open ones end too.
-        app.bus
-            .append(
-                EventData::SessionEnded {
-                    user_id: user.person.id,
-                    login: user.login,
-                },
-                None,
-            )
+        // The session is gone, so no new stream opens with it; the open ones end too, in
+        // every community, on every replica.
+        app.guilds
+            .deployment()
+            .announce(&EventData::SessionEnded {
+                user_id: user.person.id,
+                login: user.login,
+            })
             .await?;
     }
     Ok(Redirect::to(then).into_response())

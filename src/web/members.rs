@@ -20,41 +20,57 @@ use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 use twilight_model::id::Id;
-use twilight_model::id::marker::{RoleMarker, UserMarker};
+use twilight_model::id::marker::{GuildMarker, RoleMarker, UserMarker};
 
+use super::guilds::Guild;
 use super::http::error::WebError;
+use super::session::SessionUser;
 use super::{App, AppState};
 use crate::access::MemberRecord;
+use crate::bus::Backend;
+use crate::discord::DiscordError;
 use crate::event::EventData;
 
 pub fn check_key(user: Id<UserMarker>) -> String {
     format!("member-check:{user}")
 }
 
-/// The member record, rechecked with Discord when its time has come.
-pub async fn current(app: &App, user: Id<UserMarker>) -> Result<Option<MemberRecord>, WebError> {
-    let known = app.bus.member(user).await?;
-    if app
+/// The member record of `who` in `guild`, rechecked with Discord (with their own token)
+/// when its time has come. `Err(Discord(Unauthorized))`: their token no longer works.
+pub async fn current(
+    app: &App,
+    guild: &Guild,
+    who: &SessionUser,
+) -> Result<Option<MemberRecord>, WebError> {
+    let user = who.person.id;
+    let known = guild.bus.member(user).await?;
+    if guild
         .bus
         .claim(&check_key(user), app.settings.member_recheck)
         .await?
     {
-        return recheck(app, user, known).await;
+        return recheck(app, guild.id, &*guild.bus, who, known).await;
     }
     Ok(known)
 }
 
-/// Asks Discord and records what changed. When Discord cannot be asked, what is known
-/// stands (a Discord outage must not lock members out); the next recheck tries again.
+/// Asks Discord (`GET /users/@me/guilds/{guild}/member` with the person's token, so the
+/// bot's budget is not spent on page views) and records what changed. When Discord
+/// cannot be asked, what is known stands (a Discord outage must not lock members out);
+/// the next recheck tries again. A 401 is the caller's: the person logs in again.
 async fn recheck(
     app: &App,
-    user: Id<UserMarker>,
+    guild: Id<GuildMarker>,
+    bus: &dyn Backend,
+    who: &SessionUser,
     known: Option<MemberRecord>,
 ) -> Result<Option<MemberRecord>, WebError> {
-    match app.discord.member_roles(user).await {
-        Ok(roles) => record(app, user, known, roles).await,
+    let user = who.person.id;
+    match app.discord.roles_in(&who.access_token, guild).await {
+        Ok(roles) => record(bus, user, known, roles).await,
+        Err(DiscordError::Unauthorized) => Err(DiscordError::Unauthorized.into()),
         Err(e) => {
-            tracing::warn!(error = %e, %user, "cannot recheck a membership; keeping what is known");
+            tracing::warn!(error = %e, %user, %guild, "cannot recheck a membership; keeping what is known");
             Ok(known)
         }
     }
@@ -62,7 +78,7 @@ async fn recheck(
 
 /// Records Discord's answer (`None`: not a member) if it differs from `known`.
 pub async fn record(
-    app: &App,
+    bus: &dyn Backend,
     user: Id<UserMarker>,
     known: Option<MemberRecord>,
     roles: Option<Vec<Id<RoleMarker>>>,
@@ -75,16 +91,15 @@ pub async fn record(
             if had == roles {
                 return Ok(Some(known));
             }
-            Ok(Some(updated(app, user, roles).await?))
+            Ok(Some(updated(bus, user, roles).await?))
         }
         (None, Some(mut roles)) => {
             roles.sort_unstable();
-            Ok(Some(updated(app, user, roles).await?))
+            Ok(Some(updated(bus, user, roles).await?))
         }
         (Some(_), None) => {
-            tracing::info!(%user, "no longer a member of the guild");
-            app.bus
-                .append(EventData::MemberRemoved { user_id: user }, None)
+            tracing::info!(%user, guild = %bus.guild_id(), "no longer a member of the guild");
+            bus.append(EventData::MemberRemoved { user_id: user }, None)
                 .await?;
             Ok(None)
         }
@@ -93,19 +108,18 @@ pub async fn record(
 }
 
 async fn updated(
-    app: &App,
+    bus: &dyn Backend,
     user: Id<UserMarker>,
     roles: Vec<Id<RoleMarker>>,
 ) -> Result<MemberRecord, WebError> {
-    app.bus
-        .append(
-            EventData::MemberUpdated {
-                user_id: user,
-                roles: roles.clone(),
-            },
-            None,
-        )
-        .await?;
+    bus.append(
+        EventData::MemberUpdated {
+            user_id: user,
+            roles: roles.clone(),
+        },
+        None,
+    )
+    .await?;
     Ok(MemberRecord {
         user_id: user,
         roles,
@@ -115,78 +129,111 @@ async fn updated(
 /// Coven itself gave `user` a role (a room made, an invite followed): recorded at once,
 /// so pages and streams follow without waiting for a recheck.
 pub async fn granted(
-    app: &App,
+    bus: &dyn Backend,
     user: Id<UserMarker>,
     role: Id<RoleMarker>,
 ) -> Result<(), WebError> {
-    let known = app.bus.member(user).await?;
+    let known = bus.member(user).await?;
     let mut roles = known.as_ref().map(|k| k.roles.clone()).unwrap_or_default();
     if !roles.contains(&role) {
         roles.push(role);
     }
-    record(app, user, known, Some(roles)).await?;
+    record(bus, user, known, Some(roles)).await?;
     Ok(())
 }
 
 /// The people holding streams on this replica: how many each holds (capped by
-/// `STREAM_MAX_PER_USER`), and their rechecks in the background, so that a removed
-/// member's streams end even if they never load another page.
-/// User → (their open streams here, when this replica next asks about them).
-type Streams = HashMap<Id<UserMarker>, (usize, Instant)>;
+/// `STREAM_MAX_PER_USER`, counted across every guild), and their rechecks in each guild
+/// they stream, in the background, so that a removed member's streams end even if they
+/// never load another page.
+/// User → their open streams here.
+type Counts = HashMap<Id<UserMarker>, usize>;
+/// (Guild, user) → (their open streams of it here, when this replica next asks about
+/// them, the login that asks).
+type Watching = HashMap<(Id<GuildMarker>, Id<UserMarker>), (usize, Instant, Arc<SessionUser>)>;
 
 #[derive(Clone, Default)]
 pub struct StreamHolders {
-    users: Arc<Mutex<Streams>>,
+    inner: Arc<Mutex<(Counts, Watching)>>,
 }
 
 /// Held by a stream: its user stays rechecked while any of their streams is open.
 pub struct HeldStream {
     holders: StreamHolders,
+    guild: Id<GuildMarker>,
     user: Id<UserMarker>,
 }
 
 impl Drop for HeldStream {
     fn drop(&mut self) {
-        let mut users = self.holders.lock();
-        if let Some((n, _)) = users.get_mut(&self.user) {
+        let mut inner = self.holders.lock();
+        let (counts, watching) = &mut *inner;
+        if let Some(n) = counts.get_mut(&self.user) {
             *n -= 1;
             if *n == 0 {
-                users.remove(&self.user);
+                counts.remove(&self.user);
+            }
+        }
+        if let Some((n, _, _)) = watching.get_mut(&(self.guild, self.user)) {
+            *n -= 1;
+            if *n == 0 {
+                watching.remove(&(self.guild, self.user));
             }
         }
     }
 }
 
 impl StreamHolders {
-    fn lock(&self) -> MutexGuard<'_, Streams> {
-        self.users.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, (Counts, Watching)> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts one more stream of `user`, unless they already hold `max` here.
-    pub fn hold(&self, user: Id<UserMarker>, max: usize) -> Option<HeldStream> {
-        let mut users = self.lock();
-        let entry = users.entry(user).or_insert((0, Instant::now()));
-        if entry.0 >= max {
+    /// Counts one more stream of `who` (of `guild`), unless they already hold `max` here,
+    /// in whatever guilds.
+    pub fn hold(
+        &self,
+        guild: Id<GuildMarker>,
+        who: &Arc<SessionUser>,
+        max: usize,
+    ) -> Option<HeldStream> {
+        let user = who.person.id;
+        let mut inner = self.lock();
+        let (counts, watching) = &mut *inner;
+        let n = counts.entry(user).or_insert(0);
+        if *n >= max {
             return None;
         }
+        *n += 1;
+        let entry = watching
+            .entry((guild, user))
+            .or_insert_with(|| (0, Instant::now(), who.clone()));
         entry.0 += 1;
+        // The newest login asks from now on (an older one may have logged out).
+        entry.2 = who.clone();
         Some(HeldStream {
             holders: self.clone(),
+            guild,
             user,
         })
     }
 
-    /// Rechecks `user` if no replica did within the interval; returns when to look again:
-    /// a full interval, or when the other replica's claim runs out.
-    async fn recheck(&self, app: &App, user: Id<UserMarker>) -> Result<Duration, WebError> {
+    /// Rechecks `who` in `guild` if no replica did within the interval; returns when to
+    /// look again: a full interval, or when the other replica's claim runs out.
+    async fn recheck(
+        &self,
+        app: &App,
+        guild: Id<GuildMarker>,
+        who: &SessionUser,
+    ) -> Result<Duration, WebError> {
+        let bus = app.guilds.bus(guild);
+        let user = who.person.id;
         let key = check_key(user);
-        if app.bus.claim(&key, app.settings.member_recheck).await? {
-            let known = app.bus.member(user).await?;
-            recheck(app, user, known).await?;
+        if bus.claim(&key, app.settings.member_recheck).await? {
+            let known = bus.member(user).await?;
+            recheck(app, guild, &*bus, who, known).await?;
             return Ok(app.settings.member_recheck);
         }
-        Ok(app
-            .bus
+        Ok(bus
             .lease_left(&key)
             .await?
             .unwrap_or_default()
@@ -208,22 +255,24 @@ impl StreamHolders {
                 // Only users due here: Redis is asked once per user per interval, not per
                 // tick (the claim then decides which replica asks Discord).
                 let now = Instant::now();
-                let due: Vec<Id<UserMarker>> = app
+                let due: Vec<(Id<GuildMarker>, Arc<SessionUser>)> = app
                     .holders
                     .lock()
+                    .1
                     .iter()
-                    .filter(|(_, (_, next))| *next <= now)
-                    .map(|(user, _)| *user)
+                    .filter(|(_, (_, next, _))| *next <= now)
+                    .map(|((guild, _), (_, _, who))| (*guild, who.clone()))
                     .collect();
-                for user in due {
-                    let next = match app.holders.recheck(&app, user).await {
+                for (guild, who) in due {
+                    let user = who.person.id;
+                    let next = match app.holders.recheck(&app, guild, &who).await {
                         Ok(next) => next,
                         Err(e) => {
-                            tracing::warn!(error = %e, %user, "membership recheck failed");
+                            tracing::warn!(error = %e, %user, %guild, "membership recheck failed");
                             app.settings.member_recheck
                         }
                     };
-                    if let Some((_, at)) = app.holders.lock().get_mut(&user) {
+                    if let Some((_, at, _)) = app.holders.lock().1.get_mut(&(guild, user)) {
                         *at = Instant::now() + next;
                     }
                 }

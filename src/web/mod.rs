@@ -17,7 +17,9 @@
 //! (that is `gateway`). Replicas share nothing but Redis, so any replica can serve any
 //! request.
 
+pub mod adding;
 pub mod guard;
+pub mod guilds;
 pub mod health;
 pub mod http;
 pub mod invites;
@@ -27,6 +29,7 @@ pub mod live;
 pub mod login;
 pub mod members;
 pub mod pages;
+pub mod people;
 pub mod return_to;
 pub mod rooms;
 pub mod session;
@@ -48,26 +51,35 @@ use tower_sessions::{SessionManagerLayer, cookie::SameSite};
 
 pub use settings::{DEFAULT_BIND, DEFAULT_PUBLIC_URL, Settings, Tuning, contradictions};
 
-use crate::bus::Backend;
+use crate::bus::Deployment;
 use crate::discord::Discord;
 use http::{assets, conn, error, ops, protect};
-use live::{Hub, freshness, presence};
+use live::communities::{Communities, HubSettings};
+use live::freshness;
 
 /// Everything a request handler may use, shared by all of them.
 pub struct App {
     pub settings: Settings,
-    pub bus: Arc<dyn Backend>,
+    /// The communities served, and each one's bus.
+    pub guilds: guilds::Guilds,
     pub discord: Discord,
-    pub hub: Hub,
-    pub presence: presence::Presence,
+    /// The guilds someone on this replica streams, each with its hub.
+    pub communities: Arc<Communities>,
     /// What every post is checked against.
     pub protect: protect::Protect,
     /// People with streams on this replica, whose membership is rechecked.
     pub holders: members::StreamHolders,
-    /// The gateway's freshness as this replica sees it.
+    /// The gateway's shards' freshness as this replica sees it.
     pub upstream: freshness::Freshness,
     /// The session store, read by the session layer and the streams' session cache.
     pub sessions: session::Store,
+    /// Each configured room category by its guild, asked of Discord once.
+    pub categories: tokio::sync::OnceCell<
+        std::collections::HashMap<
+            twilight_model::id::Id<twilight_model::id::marker::GuildMarker>,
+            twilight_model::id::Id<twilight_model::id::marker::ChannelMarker>,
+        >,
+    >,
 }
 
 pub type AppState = Arc<App>;
@@ -90,36 +102,37 @@ pub struct Replica {
 /// freshness), all ending with `shutdown`, and its router.
 pub async fn start(
     settings: Settings,
-    bus: Arc<dyn Backend>,
+    deployment: Arc<dyn Deployment>,
     sessions: session::Store,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Replica> {
-    let discord = Discord::new(&settings.discord, settings.guild_id, &settings.public_url)?;
-    let hub = Hub::start(
-        bus.clone(),
-        session::SessionCache::new(sessions.clone()),
-        settings.guild_id,
-        settings.stream_buffer,
-        settings.stream_max_behind,
-        settings.keepalive,
-    )
-    .await?;
-    let presence = presence::Presence::start(bus.clone(), settings.viewer_ttl);
+    let discord = Discord::new(&settings.discord, &settings.public_url)?;
+    let communities = Arc::new(Communities::new(
+        Arc::new(session::SessionCache::new(sessions.clone())),
+        HubSettings {
+            buffer: settings.stream_buffer,
+            max_behind: settings.stream_max_behind,
+            keepalive: settings.keepalive,
+            viewer_ttl: settings.viewer_ttl,
+        },
+        shutdown.clone(),
+    ));
+    communities.start(deployment.clone());
     let app = Arc::new(App {
         protect: protect::Protect::new(&settings.public_url),
+        guilds: guilds::Guilds::new(deployment.clone(), settings.guild_ids.clone()),
         settings,
-        bus,
         discord,
-        hub,
-        presence,
+        communities: communities.clone(),
         holders: members::StreamHolders::default(),
         upstream: freshness::Freshness::default(),
         sessions,
+        categories: tokio::sync::OnceCell::new(),
     });
     sweeper::start(app.clone(), shutdown.clone());
     members::StreamHolders::start(app.clone(), shutdown.clone());
     app.upstream
-        .start(app.bus.clone(), app.hub.clone(), shutdown.clone());
+        .start(deployment, communities, shutdown.clone());
     let router = router(app.clone());
     Ok(Replica { app, router })
 }
@@ -135,17 +148,27 @@ pub fn router(app: AppState) -> Router {
         .with_expiry(session::session_expiry(app.settings.session_ttl));
     let site = Router::new()
         .route("/", get(pages::landing))
-        .route("/rooms", get(pages::rooms).post(rooms::create))
-        .route("/rooms/{channel_id}", get(pages::room))
+        .route("/g/{guild}", get(pages::community))
+        .route("/g/{guild}/rooms", get(pages::rooms).post(rooms::create))
+        .route("/g/{guild}/rooms/{channel_id}", get(pages::room))
         .route(
-            "/rooms/{channel_id}/close",
+            "/g/{guild}/rooms/{channel_id}/close",
             get(rooms::confirm_close).post(rooms::close),
         )
-        .route("/rooms/{channel_id}/move", post(rooms::move_in))
-        .route("/rooms/{channel_id}/invite", post(rooms::new_invite))
+        .route("/g/{guild}/rooms/{channel_id}/move", post(rooms::move_in))
+        .route(
+            "/g/{guild}/rooms/{channel_id}/invite",
+            post(rooms::new_invite),
+        )
+        .route("/g/{guild}/add", post(adding::add))
+        .route("/g/{guild}/setting-up", get(adding::setting_up))
+        // Before communities: the only guild's, or the room's guild's.
+        .route("/rooms", get(pages::old_rooms).post(pages::old_rooms))
+        .route("/rooms/{*rest}", get(pages::old_room).post(pages::old_room))
         .route("/invite/{token}", get(invites::follow).post(invites::join))
         .route("/auth/login", get(login::login))
         .route("/auth/callback", get(login::callback))
+        .route("/auth/added", get(adding::added))
         .route("/auth/logout", post(login::logout))
         // Inside the sessions, so a logged-in person's 404 keeps their header.
         .fallback(pages::not_found)
@@ -154,7 +177,7 @@ pub fn router(app: AppState) -> Router {
         .layer(axum::middleware::from_fn(error::with_header))
         .layer(sessions)
         .layer(axum::middleware::from_fn_with_state(
-            app.bus.clone(),
+            app.guilds.deployment().clone(),
             error::shared_state_guard,
         ))
         // Pages carry CSRF tokens and invite links: no cache, shared or private, keeps
@@ -169,7 +192,7 @@ pub fn router(app: AppState) -> Router {
         .route("/api/stream", get(live::json::stream))
         .route("/api/stream/html", get(live::html::html_stream))
         .layer(axum::middleware::from_fn_with_state(
-            app.bus.clone(),
+            app.guilds.deployment().clone(),
             error::shared_state_guard,
         ));
     Router::new()
@@ -197,11 +220,11 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let Replica { app, router } = replica;
     let drain = app.settings.drain_timeout;
-    let hub = app.hub.clone();
+    let communities = app.communities.clone();
     let stopping = shutdown.clone();
     tokio::spawn(async move {
         stopping.cancelled().await;
-        hub.drain(drain).await;
+        communities.drain(drain).await;
     });
     let limits =
         conn::ConnLimits::for_descriptors(open_file_limit(), app.settings.stream_write_timeout);
@@ -232,10 +255,9 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
         .as_ref()
         .map(|u| u.expose_secret().to_owned())
         .ok_or_else(|| anyhow::anyhow!("REDIS_URL is required"))?;
-    let bus = crate::bus::redis::RedisBus::connect_durable(
+    let deployment = crate::bus::redis::Redis::connect(
         &redis_url,
         &settings.key_prefix,
-        settings.guild_id,
         // A replica never appends enough to trim; the gateway's setting governs the log.
         100_000,
         crate::bus::redis::REQUEST_TIMEOUT,
@@ -253,7 +275,7 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
         let at = crate::prometheus::serve(settings.metrics_bind, handle, shutdown.clone()).await?;
         println!("coven web metrics at http://{at}/metrics");
     }
-    let replica = start(settings, Arc::new(bus), store, &shutdown).await?;
+    let replica = start(settings, Arc::new(deployment), store, &shutdown).await?;
     println!("coven web listening on http://{addr}/");
     serve(listener, replica, shutdown).await
 }

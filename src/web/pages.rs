@@ -7,18 +7,18 @@
 
 use askama::Template;
 use askama_web::WebTemplate;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Redirect, Response};
-use tower_sessions::Session;
+use twilight_model::id::Id;
+use twilight_model::id::marker::{ChannelMarker, GuildMarker};
 
 use super::AppState;
-use super::guard::Member;
+use super::guard::{LoggedIn, Member};
 use super::http::error::{WebError, page};
-use super::invites;
 use super::rooms::{self, CLOSED_FLASH, RoomId};
-use super::session::{SessionUser, USER};
-use super::view::{RoomView, UserView, ViewerView, visible_rooms};
+use super::view::{RoomView, UserView, ViewerView, base_of, visible_rooms};
+use super::{invites, people};
 
 #[derive(Template, WebTemplate)]
 #[template(path = "web/landing.html")]
@@ -28,17 +28,156 @@ pub struct LandingPage {
     pub delayed: Option<String>,
 }
 
-/// `GET /`: logged-in people go straight to the rooms.
-pub async fn landing(session: Session) -> Result<Response, WebError> {
-    let user: Option<SessionUser> = session.get(USER).await?;
-    if user.is_some() {
-        return Ok(Redirect::to("/rooms").into_response());
+/// A community in the picker.
+pub struct CommunityView {
+    pub id: String,
+    pub name: String,
+    pub initial: String,
+    pub icon_url: Option<String>,
+    pub available: bool,
+}
+
+impl CommunityView {
+    fn of(id: Id<GuildMarker>, name: &str, icon: Option<&str>, available: bool) -> Self {
+        CommunityView {
+            id: id.to_string(),
+            name: name.to_owned(),
+            initial: name
+                .chars()
+                .find(|c| c.is_alphanumeric())
+                .map_or_else(|| "?".to_owned(), |c| c.to_uppercase().collect()),
+            icon_url: icon.map(|hash| {
+                format!(
+                    "{}/icons/{id}/{hash}.png?size=64",
+                    crate::event::DEFAULT_CDN
+                )
+            }),
+            available,
+        }
     }
-    Ok(LandingPage {
-        user: None,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "web/communities.html")]
+pub struct CommunitiesPage {
+    pub user: Option<UserView>,
+    pub delayed: Option<String>,
+    /// The person's servers Coven serves.
+    pub communities: Vec<CommunityView>,
+    /// Servers the person manages where Coven is not (when adding is offered).
+    pub addable: Vec<CommunityView>,
+    /// Why nothing can be added right now, when that is so.
+    pub full: bool,
+}
+
+impl CommunitiesPage {
+    pub fn csrf(&self) -> &str {
+        csrf(&self.user)
+    }
+}
+
+/// `GET /`: the landing page, or, logged in, the person's communities (straight to the
+/// only one when there is nothing else to choose).
+pub async fn landing(State(app): State<AppState>, request: Request) -> Result<Response, WebError> {
+    let (mut parts, _) = request.into_parts();
+    let who = match LoggedIn::from_request_parts(&mut parts, &app).await {
+        Ok(who) => who,
+        Err(WebError::NotLoggedIn { .. }) => {
+            return Ok(LandingPage {
+                user: None,
+                delayed: None,
+            }
+            .into_response());
+        }
+        Err(e) => return Err(e),
+    };
+    let mine = people::guilds_of(&app, &who).await?;
+    let ids: Vec<Id<GuildMarker>> = mine.iter().map(|g| g.id).collect();
+    let served = app.guilds.served_of(&ids).await?;
+    let communities: Vec<CommunityView> = served
+        .iter()
+        .map(|(id, e)| CommunityView::of(*id, &e.name, e.icon.as_deref(), e.available))
+        .collect();
+    let offered = app.settings.add_coven && !app.guilds.fixed();
+    let addable: Vec<CommunityView> = if offered {
+        mine.iter()
+            .filter(|g| g.manages && !served.iter().any(|(id, _)| *id == g.id))
+            .map(|g| CommunityView::of(g.id, &g.name, g.icon.as_deref(), true))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if let ([only], true) = (&communities[..], addable.is_empty()) {
+        return Ok(Redirect::to(&format!("/g/{}/rooms", only.id)).into_response());
+    }
+    let full = !addable.is_empty() && app.guilds.count().await? >= app.settings.max_guilds;
+    Ok(CommunitiesPage {
+        user: Some(UserView::of(&who.user)),
         delayed: None,
+        communities,
+        addable,
+        full,
     }
     .into_response())
+}
+
+/// `GET /g/{guild}`: its rooms.
+pub async fn community(member: Member) -> Response {
+    Redirect::to(&format!("/g/{}/rooms", member.guild.id)).into_response()
+}
+
+/// `/rooms`, from before communities: the only community's rooms (308, so a post keeps
+/// its method and body), else the picker.
+pub async fn old_rooms(State(app): State<AppState>, uri: Uri) -> Result<Response, WebError> {
+    match app.guilds.only().await? {
+        Some(guild) => Ok(permanent(&format!("/g/{guild}/rooms"), &uri)),
+        None => Ok(Redirect::to("/").into_response()),
+    }
+}
+
+/// `/rooms/{room}[/…]`, from before communities: 308 to the room's community when the
+/// room is known (the only community's, or one of the person's that has it), else 404.
+pub async fn old_room(
+    State(app): State<AppState>,
+    Path(rest): Path<String>,
+    request: Request,
+) -> Result<Response, WebError> {
+    let room = rest
+        .split('/')
+        .next()
+        .and_then(|r| r.parse::<u64>().ok())
+        .and_then(Id::<ChannelMarker>::new_checked)
+        .ok_or_else(WebError::no_such_room)?;
+    let uri = request.uri().clone();
+    if let Some(guild) = app.guilds.only().await? {
+        return Ok(permanent(&format!("/g/{guild}/rooms/{rest}"), &uri));
+    }
+    let (mut parts, _) = request.into_parts();
+    let who = LoggedIn::from_request_parts(&mut parts, &app).await?;
+    let mine = people::guilds_of(&app, &who).await?;
+    let ids: Vec<Id<GuildMarker>> = mine.iter().map(|g| g.id).collect();
+    for (guild, _) in app.guilds.served_of(&ids).await? {
+        if app
+            .guilds
+            .bus(guild)
+            .snapshot()
+            .await?
+            .rooms
+            .contains_key(&room)
+        {
+            return Ok(permanent(&format!("/g/{guild}/rooms/{rest}"), &uri));
+        }
+    }
+    Err(WebError::no_such_room())
+}
+
+/// A 308 to `path`, keeping the request's query.
+fn permanent(path: &str, uri: &Uri) -> Response {
+    let to = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    Redirect::permanent(&to).into_response()
 }
 
 #[derive(Template, WebTemplate)]
@@ -47,6 +186,12 @@ pub struct RoomsPage {
     pub user: Option<UserView>,
     /// Why live updates are delayed, when they are (the gateway is quiet or in trouble).
     pub delayed: Option<String>,
+    /// Discord reports the server unavailable.
+    pub unavailable: Option<String>,
+    /// The community's path (`/g/{guild}`), its id and name.
+    pub base: String,
+    pub guild: String,
+    pub community: String,
     pub rooms: Vec<RoomView>,
     /// Voice channels Coven did not make.
     pub channels: Vec<RoomView>,
@@ -62,17 +207,23 @@ pub struct RoomsQuery {
     closed: Option<String>,
 }
 
-/// `GET /rooms`: every room the member may see in Discord, with who is in it, live.
+/// `GET /g/{guild}/rooms`: every room the member may see in Discord, with who is in it,
+/// live.
 pub async fn rooms(
     State(app): State<AppState>,
     member: Member,
     axum::extract::Query(q): axum::extract::Query<RoomsQuery>,
 ) -> Result<RoomsPage, WebError> {
-    let snapshot = app.bus.snapshot().await?;
+    let guild = &member.guild;
+    let snapshot = guild.bus.snapshot().await?;
     let who = &member.who;
     let (rooms, channels) = visible_rooms(&snapshot, member.principal());
     Ok(RoomsPage {
-        delayed: app.upstream.current().banner(),
+        delayed: app.upstream.of(guild.id).banner(),
+        unavailable: guild.unavailable(),
+        base: base_of(Some(guild.id)),
+        guild: guild.id.to_string(),
+        community: guild.entry.name.clone(),
         user: Some(UserView::of(&who.user)),
         rooms,
         channels,
@@ -113,6 +264,10 @@ pub struct RoomPage {
     pub user: Option<UserView>,
     /// Why live updates are delayed, when they are (the gateway is quiet or in trouble).
     pub delayed: Option<String>,
+    /// Discord reports the server unavailable.
+    pub unavailable: Option<String>,
+    pub guild: String,
+    pub community: String,
     pub room: RoomView,
     pub viewers: Vec<ViewerView>,
     pub at: String,
@@ -142,13 +297,14 @@ impl RoomPage {
     }
 }
 
-/// `GET /rooms/{channel_id}`: one room, live, for those Discord shows it to.
+/// `GET /g/{guild}/rooms/{channel_id}`: one room, live, for those Discord shows it to.
 pub async fn room(
     State(app): State<AppState>,
     member: Member,
     RoomId(id): RoomId,
 ) -> Result<RoomPage, WebError> {
-    let snapshot = app.bus.snapshot().await?;
+    let guild = &member.guild;
+    let snapshot = guild.bus.snapshot().await?;
     let record = rooms::visible_room(&snapshot, id, member.principal())?;
     let who = &member.who;
     let me = who.user.person.id;
@@ -158,7 +314,10 @@ pub async fn room(
         None => Whereabouts::NotInVoice,
     };
     Ok(RoomPage {
-        delayed: app.upstream.current().banner(),
+        delayed: app.upstream.of(guild.id).banner(),
+        unavailable: guild.unavailable(),
+        guild: guild.id.to_string(),
+        community: guild.entry.name.clone(),
         user: Some(UserView::of(&who.user)),
         room: RoomView::of(&snapshot, id, record),
         viewers: record.viewers.iter().map(ViewerView::of).collect(),
@@ -167,9 +326,9 @@ pub async fn room(
         can_join: snapshot.access.can_join(member.principal(), id),
         discord_url: crate::config::join_url(
             &app.settings.discord.app_url,
-            &format!("channels/{}/{id}", app.settings.guild_id),
+            &format!("channels/{}/{id}", guild.id),
         ),
-        invite: invites::offer(&app, &snapshot, id, member.principal())?,
+        invite: invites::offer(&app, guild.id, &snapshot, id, member.principal())?,
         is_creator: record.creator_id == Some(me),
     })
 }

@@ -12,7 +12,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use twilight_model::id::Id;
-use twilight_model::id::marker::{ChannelMarker, RoleMarker};
+use twilight_model::id::marker::{ChannelMarker, GuildMarker, RoleMarker};
 
 use super::guard::{Member, Posted};
 use super::http::error::WebError;
@@ -20,7 +20,7 @@ use super::http::protect::NoFields;
 use super::view::UserView;
 use super::{App, AppState, invites, members};
 use crate::access::Principal;
-use crate::bus::{Fence, RoomRecord, Snapshot};
+use crate::bus::{Backend, Fence, RoomRecord, Snapshot};
 use crate::event::EventData;
 
 /// The session key that carries a room's name from its closing to the rooms page.
@@ -161,11 +161,13 @@ impl FromRequestParts<AppState> for RoomId {
     type Rejection = WebError;
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, WebError> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, app)
+        let Path(params) = Path::<Vec<(String, String)>>::from_request_parts(parts, app)
             .await
             .map_err(|_| WebError::no_such_room())?;
-        raw.parse::<u64>()
-            .ok()
+        params
+            .iter()
+            .find(|(k, _)| k == "channel_id")
+            .and_then(|(_, raw)| raw.parse::<u64>().ok())
             .and_then(Id::new_checked)
             .map(RoomId)
             .ok_or_else(WebError::no_such_room)
@@ -207,19 +209,22 @@ pub async fn create(
     let person = &post.who.user.person;
     let name = RoomName::from_form(&post.form.name, &person.username)?;
     let me = person.id;
+    let guild = &post.guild;
     let made = app
         .discord
         .create_room(
+            guild.id,
             name.as_str(),
             me,
             app.settings.max_players,
-            app.settings.room_category,
+            category_in(&app, guild.id).await,
         )
         .await?;
     tracing::info!(channel = %made.channel, role = %made.role, creator = %me, "room created");
     // Who may see the room, and that its creator holds its role, are recorded before
     // the room itself: every reader knows who sees it the moment it appears.
-    app.bus
+    guild
+        .bus
         .append(
             EventData::ChannelAccess {
                 channel_id: made.channel,
@@ -228,8 +233,9 @@ pub async fn create(
             None,
         )
         .await?;
-    members::granted(&app, me, made.role).await?;
-    app.bus
+    members::granted(&*guild.bus, me, made.role).await?;
+    guild
+        .bus
         .append(
             EventData::RoomCreated {
                 channel_id: made.channel,
@@ -241,7 +247,41 @@ pub async fn create(
             None,
         )
         .await?;
-    Ok(go(post.htmx, &format!("/rooms/{}", made.channel)))
+    Ok(go(
+        post.htmx,
+        &format!("/g/{}/rooms/{}", guild.id, made.channel),
+    ))
+}
+
+/// The configured room category in `guild`, if there is one: each category names its
+/// guild, which Discord is asked once per category. Unknown (Discord not answering), the
+/// room is made at the top level, as with no category.
+async fn category_in(app: &App, guild: Id<GuildMarker>) -> Option<Id<ChannelMarker>> {
+    let categories = &app.settings.room_categories;
+    if categories.is_empty() {
+        return None;
+    }
+    let found = app
+        .categories
+        .get_or_try_init(|| async {
+            let mut found = std::collections::HashMap::new();
+            for category in categories {
+                if let Some(g) = app.discord.channel_guild(*category).await? {
+                    found.insert(g, *category);
+                } else {
+                    tracing::warn!(%category, "DISCORD_ROOM_CATEGORY_ID names a channel the bot cannot see");
+                }
+            }
+            Ok::<_, crate::discord::DiscordError>(found)
+        })
+        .await;
+    match found {
+        Ok(found) => found.get(&guild).copied(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell which guild each room category is in");
+            None
+        }
+    }
 }
 
 #[derive(askama::Template, askama_web::WebTemplate)]
@@ -249,6 +289,7 @@ pub async fn create(
 pub struct ClosePage {
     pub user: Option<UserView>,
     pub delayed: Option<String>,
+    pub base: String,
     pub id: String,
     pub room: String,
     pub csrf: String,
@@ -261,7 +302,7 @@ pub async fn confirm_close(
     member: Member,
     RoomId(id): RoomId,
 ) -> Result<ClosePage, WebError> {
-    let snapshot = app.bus.snapshot().await?;
+    let snapshot = member.guild.bus.snapshot().await?;
     let room = visible_room(&snapshot, id, member.principal())?;
     if room.creator_id != Some(member.id()) {
         return Err(WebError::Forbidden(
@@ -272,7 +313,8 @@ pub async fn confirm_close(
     Ok(ClosePage {
         csrf: user.csrf.clone(),
         user: Some(user),
-        delayed: app.upstream.current().banner(),
+        delayed: app.upstream.of(member.guild.id).banner(),
+        base: super::view::base_of(Some(member.guild.id)),
         id: id.to_string(),
         room: room.name.clone(),
     })
@@ -286,7 +328,8 @@ pub async fn close(
     post: Posted<NoFields>,
 ) -> Result<Response, WebError> {
     let me = post.who.user.person.id;
-    let snapshot = app.bus.snapshot().await?;
+    let guild = &post.guild;
+    let snapshot = guild.bus.snapshot().await?;
     if let Some(room) = snapshot.rooms.get(&id) {
         if room.creator_id != Some(me) {
             // Someone Discord does not show the room to learns nothing of it.
@@ -295,26 +338,27 @@ pub async fn close(
                 "Only the person who made this room can close it.".to_owned(),
             ));
         }
-        close_room(&app, id, room.role_id, None).await?;
+        close_room(&app, guild.id, &*guild.bus, id, room.role_id, None).await?;
         tracing::info!(channel = %id, by = %me, "room closed");
         // The rooms page names the closed room from the session, not from the URL: a
         // link cannot make Coven print words of someone else's choosing.
         post.who.session.insert(CLOSED_FLASH, &room.name).await?;
     }
-    Ok(go(post.htmx, "/rooms?closed=1"))
+    Ok(go(post.htmx, &format!("/g/{}/rooms?closed=1", guild.id)))
 }
 
 /// Deletes the room in Discord and records it at once (the gateway will see the
 /// deletion too; a second `room.deleted` changes nothing).
 pub async fn close_room(
     app: &App,
+    guild: Id<GuildMarker>,
+    bus: &dyn Backend,
     id: Id<ChannelMarker>,
     role: Option<Id<RoleMarker>>,
     fence: Option<&Fence>,
 ) -> Result<(), WebError> {
-    app.discord.delete_room(Some(id), role).await?;
-    app.bus
-        .append(EventData::RoomDeleted { channel_id: id }, fence)
+    app.discord.delete_room(guild, Some(id), role).await?;
+    bus.append(EventData::RoomDeleted { channel_id: id }, fence)
         .await?;
     Ok(())
 }
@@ -326,7 +370,8 @@ pub async fn move_in(
     RoomId(id): RoomId,
     post: Posted<NoFields>,
 ) -> Result<Response, WebError> {
-    let snapshot = app.bus.snapshot().await?;
+    let guild = &post.guild;
+    let snapshot = guild.bus.snapshot().await?;
     visible_room(&snapshot, id, post.principal())?;
     let me = post.who.user.person.id;
     // Discord lets a bot with Move Members move anyone anywhere; Coven moves people only
@@ -343,7 +388,7 @@ pub async fn move_in(
         Some(_) if snapshot.is_full(id) => {
             return Err(WebError::Conflict("This room is full.".to_owned()));
         }
-        Some(_) => app.discord.move_member(me, id).await?,
+        Some(_) => app.discord.move_member(guild.id, me, id).await?,
         None => {
             return Err(WebError::Conflict(
                 "You are not in a voice channel, and Discord only lets Coven move people who are. \
@@ -356,7 +401,7 @@ pub async fn move_in(
         // The page is live: the stream shows the move (and "You're in") without a reload.
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    Ok(go(false, &format!("/rooms/{id}")))
+    Ok(go(false, &format!("/g/{}/rooms/{id}", guild.id)))
 }
 
 /// `POST /rooms/{id}/invite`: a fresh invite link; every older link of the room stops
@@ -368,7 +413,8 @@ pub async fn new_invite(
     RoomId(id): RoomId,
     post: Posted<NoFields>,
 ) -> Result<Response, WebError> {
-    let mut snapshot = app.bus.snapshot().await?;
+    let guild = &post.guild;
+    let mut snapshot = guild.bus.snapshot().await?;
     let room = visible_room(&snapshot, id, post.principal())?;
     let generation = room.invite_gen.saturating_add(1);
     if room.creator_id != Some(post.who.user.person.id) {
@@ -378,14 +424,14 @@ pub async fn new_invite(
                 .to_owned(),
         ));
     }
-    if invites::offer(&app, &snapshot, id, post.principal())?.is_none() {
+    if invites::offer(&app, guild.id, &snapshot, id, post.principal())?.is_none() {
         return Err(WebError::Forbidden(
             "Only the creator of a room Coven made, and the people holding its role, can hand \
              out invites."
                 .to_owned(),
         ));
     }
-    let renewed = app
+    let renewed = guild
         .bus
         .append(
             EventData::InviteRenewed {
@@ -396,13 +442,13 @@ pub async fn new_invite(
         )
         .await?;
     snapshot.apply(&renewed);
-    let Some(link) = invites::offer(&app, &snapshot, id, post.principal())? else {
+    let Some(link) = invites::offer(&app, guild.id, &snapshot, id, post.principal())? else {
         return Err(WebError::no_such_room());
     };
     if post.htmx {
         return Ok(link.into_response());
     }
-    Ok(Redirect::to(&format!("/rooms/{id}")).into_response())
+    Ok(Redirect::to(&format!("/g/{}/rooms/{id}", guild.id)).into_response())
 }
 
 #[cfg(test)]

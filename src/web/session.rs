@@ -24,6 +24,11 @@ use crate::event::{Person, Viewer};
 pub const USER: &str = "user";
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "coven_session";
+/// Sessions made before this are logged in again, once: their Discord token lacks the
+/// scopes communities need (`guilds`, `guilds.members.read`).
+pub const SESSION_VERSION: u32 = 2;
+/// The session key of the person's guilds as their token last listed them.
+pub const GUILDS: &str = "guilds";
 /// Who is logged in, as the session keeps it (in Redis, never in the cookie).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionUser {
@@ -39,6 +44,9 @@ pub struct SessionUser {
     /// same person's other devices.
     #[serde(default)]
     pub login: String,
+    /// [`SESSION_VERSION`] when the login was made (absent: before communities).
+    #[serde(default)]
+    pub version: u32,
 }
 
 impl SessionUser {

@@ -22,9 +22,10 @@ pub struct Settings {
     /// Redis holding the event log, shared state and sessions
     #[arg(long, env = "REDIS_URL", hide_env_values = true, required = true, value_parser = config::parse_redis_url)]
     pub redis_url: Option<SecretString>,
-    /// The guild (server) Coven serves
-    #[arg(long = "discord-guild-id", env = "DISCORD_GUILD_ID", value_parser = config::parse_guild_id)]
-    pub guild_id: Id<GuildMarker>,
+    /// The guilds (servers) Coven serves: one id or a comma-separated list (default:
+    /// every guild the bot is in; with a list, nobody is offered "Add Coven")
+    #[arg(long = "discord-guild-id", env = "DISCORD_GUILD_ID", value_delimiter = ',', value_parser = config::parse_guild_id)]
+    pub guild_ids: Vec<Id<GuildMarker>>,
     #[command(flatten)]
     pub discord: DiscordSettings,
     /// Key that signs invite links (32 bytes or more)
@@ -72,9 +73,18 @@ pub struct Tuning {
     /// Interval of keep-alive comments on streams (1s–5m)
     #[arg(long = "stream-keepalive", env = "STREAM_KEEPALIVE", hide = true, default_value = "15s", value_parser = config::parse_duration_in(secs(1), secs(300)))]
     pub keepalive: Duration,
-    /// New rooms go into this category (default: no category)
-    #[arg(long = "discord-room-category-id", env = "DISCORD_ROOM_CATEGORY_ID", value_parser = config::parse_channel_id)]
-    pub room_category: Option<Id<ChannelMarker>>,
+    /// New rooms go into this category; a comma-separated list gives each guild its own
+    /// (each category names its guild; default: no category)
+    #[arg(long = "discord-room-category-id", env = "DISCORD_ROOM_CATEGORY_ID", value_delimiter = ',', value_parser = config::parse_channel_id)]
+    pub room_categories: Vec<Id<ChannelMarker>>,
+    /// Who may add Coven to a server they manage from the communities page: `anyone`
+    /// (with Manage Server there) or `off`
+    #[arg(long = "add-coven", env = "ADD_COVEN", default_value = "anyone", value_parser = parse_add_coven)]
+    pub add_coven: bool,
+    /// Communities this deployment serves at most (1–1,000,000); a server past it is told
+    /// so and served nothing
+    #[arg(long = "max-guilds", env = "MAX_GUILDS", default_value = "10000", value_parser = config::parse_number_in::<usize>(1, 1_000_000))]
+    pub max_guilds: usize,
     /// How long an invite link stays valid (1m–30d)
     #[arg(long, env = "INVITE_TTL", default_value = "24h", value_parser = config::parse_duration_in(secs(60), secs(30 * DAY)))]
     pub invite_ttl: Duration,
@@ -150,6 +160,14 @@ pub fn contradictions(parsed: &config::Parsed) -> Vec<Problem> {
             config::short_duration(sweep),
         ),
     )]
+}
+
+fn parse_add_coven(raw: &str) -> Result<bool, String> {
+    match raw.trim() {
+        "anyone" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("expected anyone or off, got {raw:?}")),
+    }
 }
 
 const DAY: u64 = 24 * 3600;

@@ -5,7 +5,7 @@
 //! `web` but [`super::session`]: pages, fragments and error pages all build on it.
 
 use twilight_model::id::Id;
-use twilight_model::id::marker::ChannelMarker;
+use twilight_model::id::marker::{ChannelMarker, GuildMarker};
 
 use super::session::SessionUser;
 use crate::access::Principal;
@@ -109,6 +109,8 @@ impl ViewerView {
 }
 
 pub struct RoomView {
+    /// The community's path (`/g/{guild}`): the room's page is under it.
+    pub base: String,
     pub id: String,
     pub name: String,
     pub members: Vec<MemberView>,
@@ -130,6 +132,7 @@ impl RoomView {
         members.sort_by(|a, b| (a.name.to_lowercase(), &a.id).cmp(&(b.name.to_lowercase(), &b.id)));
         let limit = room.user_limit;
         RoomView {
+            base: base_of(snapshot.guild),
             id: id.to_string(),
             name: room.name.clone(),
             full: snapshot.is_full(id),
@@ -139,6 +142,11 @@ impl RoomView {
             coven: room.role_id.is_some() || room.creator_id.is_some(),
         }
     }
+}
+
+/// A community's path, under which its pages are (`/g/{guild}`).
+pub fn base_of(guild: Option<Id<GuildMarker>>) -> String {
+    guild.map_or_else(String::new, |g| format!("/g/{g}"))
 }
 
 /// The rooms the viewer may see, for the rooms page: Coven's rooms newest first, then the

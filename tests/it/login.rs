@@ -271,12 +271,8 @@ fn discord_of(sim: &TestSim) -> coven::discord::Discord {
         oauth_url: sim.sim.shared.public_url.clone(),
         app_url: sim.sim.shared.public_url.clone(),
     };
-    coven::discord::Discord::new(
-        &settings,
-        twilight_model::id::Id::new(sim.guild_id()),
-        &url::Url::parse("http://127.0.0.1:9").unwrap(),
-    )
-    .unwrap()
+    coven::discord::Discord::new(&settings, &url::Url::parse("http://127.0.0.1:9").unwrap())
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use tower_sessions::Session;
 
-use crate::bus::{Backend, BusError};
+use crate::bus::{BusError, Deployment};
 use crate::discord::DiscordError;
 use crate::web::session::{SessionUser, USER};
 use crate::web::view::UserView;
@@ -23,6 +23,12 @@ pub enum WebError {
     NotLoggedIn { return_to: String, api: bool },
     #[error("not a member of the guild")]
     NotMember,
+    /// A login from before communities: logged in again, once, with a page that says why.
+    #[error("logged in before communities; log in again")]
+    LoginAgain { api: bool },
+    /// The bot was removed from the guild (told to its former members only).
+    #[error("Coven was removed from this server")]
+    GuildGone,
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -69,6 +75,8 @@ pub enum Offer {
     Rooms,
     /// Logged in, but not in the guild: log out, or log in with another account.
     SwitchAccount,
+    /// Log in (again).
+    LogIn,
 }
 
 /// An error page's words, kept on its response so that [`with_header`], which sits
@@ -177,6 +185,23 @@ impl IntoResponse for WebError {
                     .finish();
                 Redirect::to(&format!("/auth/login?{query}")).into_response()
             }
+            WebError::LoginAgain { api: true, .. } => {
+                (StatusCode::UNAUTHORIZED, "log in again\n").into_response()
+            }
+            WebError::LoginAgain { .. } => page_with(
+                StatusCode::UNAUTHORIZED,
+                "Please log in again",
+                "Coven now serves every Discord server its bot is in, and needs your permission to see which of your servers those are.",
+                "Log in once more with Discord; you will not be asked again.",
+                Offer::LogIn,
+            ),
+            WebError::GuildGone => page_with(
+                StatusCode::NOT_FOUND,
+                "Coven is no longer in this server",
+                "The Coven bot was removed from this Discord server, so its rooms are not shown here any more.",
+                "A server admin can add Coven again from the communities page.",
+                Offer::Rooms,
+            ),
             WebError::NotMember => page_with(
                 StatusCode::FORBIDDEN,
                 "Not a member yet",
@@ -289,7 +314,7 @@ fn refusal_in_words(code: u64, fallback: &str) -> String {
 ///   session, and handlers themselves never answer 500 — becomes the same readable 503
 ///   with `Retry-After`.
 pub async fn shared_state_guard(
-    State(bus): State<std::sync::Arc<dyn Backend>>,
+    State(bus): State<std::sync::Arc<dyn Deployment>>,
     request: Request,
     next: Next,
 ) -> Response {

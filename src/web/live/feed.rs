@@ -14,6 +14,8 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use super::frame::{EventFrame, Frame, KEEPALIVE};
 use super::hub::Hub;
 use crate::event::EventId;
+use twilight_model::id::Id;
+use twilight_model::id::marker::UserMarker;
 
 /// Counts a stream as connected for as long as it lives (on the hub's gauge, looked up
 /// once per replica, not per stream).
@@ -50,6 +52,8 @@ pub enum Next {
     Event(Arc<EventFrame>),
     /// To send as it is: a keep-alive, or this replica's notice in the stream's format.
     Send(Bytes),
+    /// A login ended: the stream ends if it is that login's.
+    LoggedOut(Id<UserMarker>, Arc<str>),
     End,
 }
 
@@ -84,6 +88,7 @@ impl Feed {
                         return Next::End;
                     }
                 }
+                Ok(Frame::LoggedOut(user, login)) => return Next::LoggedOut(user, login),
                 Ok(Frame::Cut) | Err(RecvError::Closed) => return Next::End,
                 // A burst: catch up from the replica's recent frames (the live receiver
                 // has moved on to the oldest it still holds; the caller drops the overlap
@@ -134,6 +139,9 @@ pub trait Taker: Send {
 
     /// What the stream sends for `event`.
     fn take(&mut self, event: &EventFrame) -> impl Future<Output = Step> + Send;
+
+    /// Whether the stream is the login `login` of `user` (which just ended).
+    fn is_login(&self, user: Id<UserMarker>, login: &str) -> bool;
 }
 
 /// A stream once live: the feed's frames through `taker`, until either ends it.
@@ -147,6 +155,12 @@ pub fn live<T: Taker>(
                 Next::Event(event) => taker.take(&event).await,
                 Next::Send(bytes) => {
                     yield bytes;
+                    continue;
+                }
+                Next::LoggedOut(user, login) => {
+                    if taker.is_login(user, &login) {
+                        break;
+                    }
                     continue;
                 }
                 Next::End => break,

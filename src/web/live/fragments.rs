@@ -43,6 +43,7 @@ struct RoomPeople<'a> {
 #[derive(Template)]
 #[template(path = "web/room_gone.html")]
 struct RoomGone<'a> {
+    base: String,
     id: Id<ChannelMarker>,
     name: Option<&'a str>,
     /// The room is still there, but the viewer may no longer see it.
@@ -200,6 +201,7 @@ fn room_part(state: &Snapshot, id: Id<ChannelMarker>, gone_name: Option<&str>) -
             out
         }
         None => render(&RoomGone {
+            base: crate::web::view::base_of(state.guild),
             id,
             name: gone_name,
             hidden: false,
@@ -338,6 +340,7 @@ pub fn refresh(
             // Any room id can be asked for: one the viewer may not see is told of in
             // words that say nothing of it.
             render(&RoomGone {
+                base: crate::web::view::base_of(state.guild),
                 id: *id,
                 name: None,
                 hidden: false,
@@ -348,6 +351,7 @@ pub fn refresh(
             // channel Discord no longer has is being closed (its `room.deleted` follows);
             // one it still has is hidden from them.
             render(&RoomGone {
+                base: crate::web::view::base_of(state.guild),
                 id: *id,
                 name: state.rooms.get(id).map(|r| r.name.as_str()),
                 hidden: state.access.channels.contains_key(id),

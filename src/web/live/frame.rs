@@ -31,6 +31,8 @@ pub enum Frame {
     Drain(u32),
     /// The hub lost events it cannot recover: every stream ends and reconnects.
     Cut,
+    /// A login ended (heard on `P:control`, whatever guild): its streams end.
+    LoggedOut(Id<UserMarker>, Arc<str>),
 }
 
 /// An event as the streams get it: built once by the hub, and shared (a stream's copy is
@@ -62,6 +64,8 @@ pub enum Control {
     Removed(Id<UserMarker>),
     /// A login ended: its streams end.
     LoggedOut(Id<UserMarker>, Arc<str>),
+    /// The bot was removed from the guild: every stream of it ends.
+    GuildGone,
 }
 
 impl Control {
@@ -77,6 +81,7 @@ impl Control {
             EventData::SessionEnded { user_id, login } => {
                 Some(Control::LoggedOut(*user_id, login.as_str().into()))
             }
+            EventData::GuildRemoved { .. } => Some(Control::GuildGone),
             _ => None,
         }
     }

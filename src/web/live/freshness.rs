@@ -15,8 +15,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::hub::Hub;
-use crate::bus::{Backend, GatewayReport};
+use std::collections::HashMap;
+
+use twilight_model::id::Id;
+use twilight_model::id::marker::GuildMarker;
+
+use super::communities::Communities;
+use crate::bus::{Deployment, GatewayReport};
 use crate::event::{EventData, GatewayState, now_ms};
 
 /// How often the report is looked at.
@@ -82,23 +87,35 @@ impl GatewayReading {
 /// The replica's watch on the gateway's freshness; cloning shares it.
 #[derive(Clone, Default)]
 pub struct Freshness {
-    current: Arc<Mutex<GatewayReading>>,
+    current: Arc<Mutex<Shards>>,
+}
+
+/// The readings of every shard, by shard number.
+#[derive(Clone, Default)]
+struct Shards {
+    count: u32,
+    readings: Vec<GatewayReading>,
 }
 
 impl Freshness {
-    pub fn current(&self) -> GatewayReading {
-        self.current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// The reading of the shard that holds `guild`.
+    pub fn of(&self, guild: Id<GuildMarker>) -> GatewayReading {
+        let shards = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let shard = crate::bus::shard_of(guild, shards.count) as usize;
+        shards.readings.get(shard).cloned().unwrap_or_default()
     }
 
-    /// Reads the report every second until `shutdown`; tells the hub's streams whenever
-    /// "delayed" starts, changes its reason's state, or ends.
-    pub fn start(&self, bus: Arc<dyn Backend>, hub: Hub, shutdown: CancellationToken) {
+    /// Reads every shard's status each second, tells the streams of each guild watched
+    /// here when its shard went quiet or came back, and keeps the readings for pages.
+    pub fn start(
+        &self,
+        deployment: Arc<dyn Deployment>,
+        communities: Arc<Communities>,
+        shutdown: CancellationToken,
+    ) {
         let watch = self.clone();
         tokio::spawn(async move {
-            let mut told: Option<Option<GatewayState>> = None;
+            let mut told: HashMap<Id<GuildMarker>, Option<GatewayState>> = HashMap::new();
             let fresh = metrics::gauge!("coven_web_gateway_fresh");
             let age = metrics::gauge!("coven_web_gateway_status_age_seconds");
             let mut tick = tokio::time::interval(EVERY);
@@ -108,29 +125,24 @@ impl Freshness {
                     () = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let report = match crate::bus::shard_status(&*bus).await {
-                    Ok(raw) => raw.and_then(|raw| {
-                        serde_json::from_str::<GatewayReport>(&raw)
-                            .inspect_err(
-                                |e| tracing::warn!(error = %e, "unreadable gateway status"),
-                            )
-                            .ok()
-                    }),
-                    // Redis away is this replica's own trouble (readiness says so); the
-                    // gateway's last known state stands.
-                    Err(_) => continue,
+                let Ok(shards) = read(&*deployment).await else {
+                    continue;
                 };
-                let now = GatewayReading {
-                    report,
-                    read_at: now_ms(),
-                };
-                fresh.set(if now.fresh() { 1.0 } else { 0.0 });
-                if let Some(ms) = now.age_ms() {
+                let worst = shards.worst();
+                fresh.set(if worst.fresh() { 1.0 } else { 0.0 });
+                if let Some(ms) = worst.age_ms() {
                     age.set(ms as f64 / 1000.0);
                 }
-                let delayed = now.delayed();
-                let state = delayed.as_ref().map(|(s, _)| *s);
-                if told != Some(state) {
+                *watch.current.lock().unwrap_or_else(|e| e.into_inner()) = shards.clone();
+                let watched = communities.all();
+                told.retain(|g, _| watched.iter().any(|c| c.id == *g));
+                for community in watched {
+                    let delayed = watch.of(community.id).delayed();
+                    let state = delayed.as_ref().map(|(s, _)| *s);
+                    let before = told.insert(community.id, state);
+                    if before == Some(state) {
+                        continue;
+                    }
                     let data = match delayed {
                         Some((state, why)) => EventData::GatewayStatus {
                             state,
@@ -141,17 +153,63 @@ impl Freshness {
                             reason: None,
                         },
                     };
-                    if told.is_some() || state.is_some() {
-                        tracing::info!(?data, "telling streams about the gateway");
-                        hub.notice(&data);
+                    if before.is_some() || state.is_some() {
+                        tracing::info!(guild = %community.id, ?data, "telling streams about the gateway");
+                        community.hub.notice(&data);
                     }
-                    told = Some(state);
                 }
-                *watch.current.lock().unwrap_or_else(|e| e.into_inner()) = now;
             }
         });
     }
 }
+
+impl Shards {
+    /// The reading furthest from fresh: what the replica's gauges and `/readyz` report.
+    fn worst(&self) -> GatewayReading {
+        self.readings
+            .iter()
+            .find(|r| r.delayed().is_some())
+            .or(self.readings.first())
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// Every shard's status as the shards' holders last wrote it.
+async fn read(deployment: &dyn Deployment) -> Result<Shards, crate::bus::BusError> {
+    let count = deployment
+        .get(crate::bus::SHARD_COUNT)
+        .await?
+        .and_then(|c| c.trim().parse::<u32>().ok())
+        .unwrap_or(1)
+        .clamp(1, MAX_SHARDS);
+    let mut readings = Vec::with_capacity(count as usize);
+    for shard in 0..count {
+        let raw = deployment
+            .get(&crate::bus::shard_key(shard, "status"))
+            .await?;
+        let report = raw.and_then(|raw| {
+            serde_json::from_str::<GatewayReport>(&raw)
+                .inspect_err(|e| tracing::warn!(error = %e, shard, "unreadable gateway status"))
+                .ok()
+        });
+        readings.push(GatewayReading {
+            report,
+            read_at: now_ms(),
+        });
+    }
+    Ok(Shards { count, readings })
+}
+
+/// The gateway as `/readyz` reports it: the shard furthest from fresh.
+pub async fn gateway_now(
+    deployment: &dyn Deployment,
+) -> Result<GatewayReading, crate::bus::BusError> {
+    Ok(read(deployment).await?.worst())
+}
+
+/// Shards read at most (a stored count past it is a typo, not a deployment).
+const MAX_SHARDS: u32 = 4096;
 
 #[cfg(test)]
 mod tests {

@@ -19,10 +19,11 @@ use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::response::Response;
 use twilight_model::id::Id;
-use twilight_model::id::marker::ChannelMarker;
+use twilight_model::id::marker::{ChannelMarker, UserMarker};
 
 use futures_util::StreamExt;
 
+use super::communities;
 use super::feed::{self, Connected, Feed, Step, Taker};
 use super::fragments;
 use super::frame::{EventFrame, Frame, RETRY, event_stream};
@@ -54,6 +55,10 @@ struct PagesStream {
 
 impl Taker for PagesStream {
     const HTML: bool = true;
+
+    fn is_login(&self, user: Id<UserMarker>, login: &str) -> bool {
+        self.sight.is_login(user, login)
+    }
 
     fn last(&self) -> Option<EventId> {
         Some(self.last)
@@ -207,12 +212,21 @@ pub async fn html_stream(
 ) -> Result<Response, WebError> {
     let after = query::last_id(&last_event_id, q.last_event_id.as_deref())?;
     let views = query::parse_views(q.view.as_deref())?;
-    let hub = app.hub.clone();
-    let bus: Arc<dyn Backend> = app.bus.clone();
+    let (guild, community) = communities::for_stream(&app, q.guild.as_deref()).await?;
+    let hub = community.hub.clone();
+    let bus: Arc<dyn Backend> = guild.bus.clone();
     // Counted before subscribing: every frame this stream receives is rendered.
     let counted = hub.count_pages_stream();
     let (mut live, as_of) = hub.subscribe();
-    let mut sight = sight_of(&hub, bus.as_ref(), &who, None, as_of).await?;
+    let mut sight = sight_of(
+        &hub,
+        app.communities.sessions(),
+        bus.as_ref(),
+        &who,
+        None,
+        as_of,
+    )
+    .await?;
     // A page rendered from Redis a moment ago can be ahead of this replica's hub (a room
     // just made): wait briefly for the hub to get there, so the rooms the page shows are
     // known here. The frames that pass meanwhile are kept for the stream.
@@ -232,7 +246,7 @@ pub async fn html_stream(
     let max = app.settings.stream_max_per_user;
     let held = app
         .holders
-        .hold(sight.user, max)
+        .hold(guild.id, &who, max)
         .ok_or(WebError::TooManyStreams { max })?;
     // Only rooms that exist and that the viewer may see count them as a viewer; the
     // others get their "gone" notice in the first refresh.
@@ -241,10 +255,10 @@ pub async fn html_stream(
         views
             .iter()
             .filter(|id| state.rooms.contains_key(id) && sight.visible.contains(id))
-            .map(|id| (*id, app.presence.enter(*id, who.viewer())))
+            .map(|id| (*id, community.presence.enter(*id, who.viewer())))
             .collect()
     };
-    let banner = fragments::gateway_banner(app.upstream.current().banner().as_deref());
+    let banner = fragments::gateway_banner(app.upstream.of(guild.id).banner().as_deref());
     let mut stream = PagesStream {
         hub: hub.clone(),
         sight,
@@ -257,7 +271,7 @@ pub async fn html_stream(
     // before the body is polled, and a stream whose head was sent is open.
     let connected = Connected::new(&hub.streams);
     let frames = async_stream::stream! {
-        let _alive = (counted, held, connected);
+        let _alive = (counted, held, connected, community);
         yield Bytes::from_static(RETRY);
         let opening = match open(&hub, bus.as_ref(), &stream.sight, &stream.views, after, early).await {
             Ok(opening) => opening,
@@ -342,7 +356,7 @@ mod tests {
         let b = bus.append(room(11), None).await.unwrap().id;
         testing::reached(&hub, b).await;
         let (_live, as_of) = hub.subscribe();
-        let sight = sight_of(&hub, bus.as_ref(), &viewer, None, as_of)
+        let sight = sight_of(&hub, &hub.sessions, bus.as_ref(), &viewer, None, as_of)
             .await
             .unwrap();
         let open =

@@ -24,8 +24,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 use twilight_model::id::Id;
-use twilight_model::id::marker::GuildMarker;
+use twilight_model::id::marker::{GuildMarker, UserMarker};
 
 use super::fragments;
 use super::frame::{Control, EventFrame, Frame, frame_bytes, subject, view_bytes};
@@ -91,11 +92,12 @@ impl Hub {
     /// closed yet.
     pub async fn start(
         bus: Arc<dyn Backend>,
-        sessions: SessionCache,
+        sessions: Arc<SessionCache>,
         guild: Id<GuildMarker>,
         buffer: usize,
         max_behind: usize,
         keepalive: Duration,
+        stop: CancellationToken,
     ) -> Result<Self, BusError> {
         // Subscribed before the snapshot is read: a permission change in between is
         // applied from the live events (those newer than the snapshot).
@@ -124,11 +126,11 @@ impl Hub {
                 metrics::counter!("coven_web_replays_total"),
                 metrics::counter!("coven_web_replays_from_memory_total"),
             ],
-            sessions: Arc::new(sessions),
+            sessions,
             roles: Arc::default(),
         };
         let at = hub.lock_state().at;
-        tokio::spawn(hub.clone().run(live, at, keepalive));
+        tokio::spawn(hub.clone().run(live, at, keepalive, stop));
         Ok(hub)
     }
 
@@ -192,6 +194,7 @@ impl Hub {
         live: broadcast::Receiver<Arc<Event>>,
         applied: EventId,
         keepalive: Duration,
+        stop: CancellationToken,
     ) {
         use tokio_stream::StreamExt;
         use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
@@ -210,7 +213,14 @@ impl Hub {
             .merge(ticks.map(|_| Input::Tick));
         let mut last = EventId::ZERO;
         let mut applied = applied;
-        while let Some(input) = inputs.next().await {
+        loop {
+            let input = tokio::select! {
+                () = stop.cancelled() => return,
+                input = inputs.next() => match input {
+                    Some(input) => input,
+                    None => return,
+                },
+            };
             match input {
                 Input::Live(Ok(event)) => self.publish(&event, &mut last, &mut applied),
                 Input::Live(Err(BroadcastStreamRecvError::Lagged(missed))) => {
@@ -326,6 +336,16 @@ impl Hub {
         }
     }
 
+    /// Ends the streams of `user`'s login `login` (heard on `P:control`).
+    pub fn logged_out(&self, user: Id<UserMarker>, login: &str) {
+        let _ = self.tx.send(Frame::LoggedOut(user, login.into()));
+    }
+
+    /// The guild's live state as of the newest event passed on: its snapshot's id.
+    pub fn at(&self) -> EventId {
+        self.lock_state().at
+    }
+
     /// Sends every open stream an event of this replica's own (not from the log), built
     /// once.
     pub fn notice(&self, data: &EventData) {
@@ -385,11 +405,12 @@ pub mod testing {
         let sessions = SessionCache::new(Store::new(tower_sessions::MemoryStore::default()));
         Hub::start(
             bus,
-            sessions,
+            Arc::new(sessions),
             Id::new(1),
             64,
             1 << 20,
             Duration::from_secs(3600),
+            tokio_util::sync::CancellationToken::new(),
         )
         .await
         .unwrap()
@@ -420,6 +441,7 @@ pub mod testing {
             expires_at: u64::MAX,
             csrf: String::new(),
             login: format!("login-{id}"),
+            version: crate::web::session::SESSION_VERSION,
         }
     }
 }

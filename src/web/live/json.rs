@@ -12,10 +12,11 @@ use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::response::Response;
 use twilight_model::id::Id;
-use twilight_model::id::marker::{ChannelMarker, GuildMarker};
+use twilight_model::id::marker::{ChannelMarker, GuildMarker, UserMarker};
 
 use futures_util::StreamExt;
 
+use super::communities;
 use super::feed::{self, Connected, Feed, Step, Taker};
 use super::frame::{EventFrame, RETRY, event_stream, view_bytes};
 use super::hub::Hub;
@@ -40,6 +41,10 @@ struct JsonStream {
 
 impl Taker for JsonStream {
     const HTML: bool = false;
+
+    fn is_login(&self, user: Id<UserMarker>, login: &str) -> bool {
+        self.sight.is_login(user, login)
+    }
 
     fn last(&self) -> Option<EventId> {
         self.last
@@ -113,13 +118,22 @@ pub async fn stream(
 ) -> Result<Response, WebError> {
     let after = query::last_id(&last_event_id, q.last_event_id.as_deref())?;
     let room = query::room(q.room.as_deref())?;
-    let hub = app.hub.clone();
-    let bus: Arc<dyn Backend> = app.bus.clone();
+    let (guild, community) = communities::for_stream(&app, q.guild.as_deref()).await?;
+    let hub = community.hub.clone();
+    let bus: Arc<dyn Backend> = guild.bus.clone();
     // Subscribe before replaying: whatever lands meanwhile is in one or the other, and
     // ids tell which was seen. Roles and permissions are read after subscribing, so a
     // change in between arrives as a frame.
     let (live, as_of) = hub.subscribe();
-    let sight = sight_of(&hub, bus.as_ref(), &who, room, as_of).await?;
+    let sight = sight_of(
+        &hub,
+        app.communities.sessions(),
+        bus.as_ref(),
+        &who,
+        room,
+        as_of,
+    )
+    .await?;
     if let Some(room) = room
         && !may_view(&hub, bus.as_ref(), &sight, room).await?
     {
@@ -128,12 +142,12 @@ pub async fn stream(
     let max = app.settings.stream_max_per_user;
     let held = app
         .holders
-        .hold(sight.user, max)
+        .hold(guild.id, &who, max)
         .ok_or(WebError::TooManyStreams { max })?;
-    let viewing = room.map(|room| app.presence.enter(room, who.viewer()));
+    let viewing = room.map(|room| community.presence.enter(room, who.viewer()));
     let mut stream = JsonStream {
         hub: hub.clone(),
-        guild: app.settings.guild_id,
+        guild: guild.id,
         sight,
         last: after,
         delivered: hub.delivered.clone(),
@@ -142,7 +156,7 @@ pub async fn stream(
     // before the body is polled, and a stream whose head was sent is open.
     let connected = Connected::new(&hub.streams);
     let frames = async_stream::stream! {
-        let _alive = (held, viewing, connected);
+        let _alive = (held, viewing, connected, community);
         yield Bytes::from_static(RETRY);
         let start = match after {
             Some(after) => match replay::start(bus.as_ref(), &hub, after).await {
@@ -219,7 +233,7 @@ mod tests {
         .unwrap();
         let hub = testing::hub(bus.clone()).await;
         let (_live, as_of) = hub.subscribe();
-        let sight = sight_of(&hub, bus.as_ref(), &viewer, None, as_of)
+        let sight = sight_of(&hub, &hub.sessions, bus.as_ref(), &viewer, None, as_of)
             .await
             .unwrap();
         let stream = JsonStream {

@@ -12,6 +12,7 @@
 //! Owns everything that moves events to browsers. Must not change shared state beyond
 //! counting viewers, and must not import a feature (rooms, pages, invites, login).
 
+pub mod communities;
 pub mod feed;
 pub mod fragments;
 pub mod frame;

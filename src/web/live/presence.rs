@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, UserMarker};
 
@@ -68,13 +69,13 @@ impl Drop for Viewing {
 
 impl Presence {
     /// Starts the replica's presence task; it lives as long as the process.
-    pub fn start(bus: Arc<dyn Backend>, ttl: Duration) -> Self {
+    pub fn start(bus: Arc<dyn Backend>, ttl: Duration, stop: CancellationToken) -> Self {
         let (changes, rx) = mpsc::unbounded_channel();
         let presence = Presence {
             local: Arc::default(),
             changes,
         };
-        tokio::spawn(presence.clone().run(bus, ttl, rx));
+        tokio::spawn(presence.clone().run(bus, ttl, rx, stop));
         presence
     }
 
@@ -107,10 +108,12 @@ impl Presence {
         bus: Arc<dyn Backend>,
         ttl: Duration,
         mut changes: mpsc::UnboundedReceiver<Change>,
+        stop: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(ttl / 3);
         loop {
             tokio::select! {
+                () = stop.cancelled() => return,
                 change = changes.recv() => {
                     let Some(change) = change else { return };
                     let (channel, present, gone) = match change {

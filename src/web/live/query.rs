@@ -16,6 +16,8 @@ use crate::web::http::error::WebError;
 /// `GET /api/stream`'s query.
 #[derive(Debug, Deserialize)]
 pub struct StreamQuery {
+    /// The community (a guild id); optional when the deployment serves one.
+    pub guild: Option<String>,
     pub room: Option<String>,
     pub last_event_id: Option<String>,
 }
@@ -23,6 +25,8 @@ pub struct StreamQuery {
 /// `GET /api/stream/html`'s query.
 #[derive(Debug, Deserialize)]
 pub struct HtmlStreamQuery {
+    /// The community (a guild id); optional when the deployment serves one.
+    pub guild: Option<String>,
     /// The rooms whose pages the browser has open, comma-separated.
     pub view: Option<String>,
     pub last_event_id: Option<String>,

@@ -15,7 +15,7 @@ use crate::access::{Access, Principal};
 use crate::bus::{Backend, Snapshot};
 use crate::event::{Audience, EventData, EventId};
 use crate::web::http::error::WebError;
-use crate::web::session::SessionUser;
+use crate::web::session::{SessionCache, SessionUser};
 
 /// What one stream may show: recomputed only when permissions or its viewer's roles
 /// change, so filtering a shared frame is one set lookup.
@@ -32,6 +32,11 @@ pub struct Sight {
 }
 
 impl Sight {
+    /// Whether this is the stream of `user`'s login `login`.
+    pub fn is_login(&self, user: Id<UserMarker>, login: &str) -> bool {
+        self.user == user && self.login == login
+    }
+
     pub fn principal(&self) -> Principal<'_> {
         Principal {
             user: self.user,
@@ -92,6 +97,7 @@ impl Sight {
                 Obey::Refresh
             }
             Some(Control::Access) => Obey::Refresh,
+            Some(Control::GuildGone) => Obey::End,
             _ => Obey::Nothing,
         }
     }
@@ -143,12 +149,13 @@ pub fn view_changes(
 /// person is not a member.
 pub async fn sight_of(
     hub: &Hub,
+    sessions: &SessionCache,
     bus: &dyn Backend,
     who: &SessionUser,
     room: Option<Id<ChannelMarker>>,
     as_of: EventId,
 ) -> Result<Sight, WebError> {
-    if hub.sessions.was_revoked(who) {
+    if sessions.was_revoked(who) {
         return Err(WebError::NotLoggedIn {
             return_to: "/rooms".to_owned(),
             api: true,
@@ -158,7 +165,8 @@ pub async fn sight_of(
         .roles
         .roles(bus, who.person.id)
         .await?
-        .ok_or(WebError::NotMember)?
+        // Not a member: like a room that does not exist (nothing of the guild shows).
+        .ok_or_else(WebError::no_such_room)?
         .to_vec();
     let mut sight = Sight {
         user: who.person.id,
