@@ -9,6 +9,7 @@ use serde_json::json;
 use crate::harness::axe::{assert_accessible, axe};
 use crate::harness::browser::{Driver, Page};
 use crate::harness::{Stack, wait_for};
+use crate::harness::{g, GUILD};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -280,7 +281,7 @@ async fn axe_finds_nothing_serious_on_the_pages_people_see() {
     }
     // Rendered by the server with everyone in it.
     wait_for("the players on a fresh render of the room", || async {
-        c.goto(&web.url(&format!("/rooms/{room}"))).await.ok()?;
+        c.goto(&web.url(&format!("/g/{GUILD}/rooms/{room}"))).await.ok()?;
         let html = c.source().await.ok()?;
         ["Bramble", "Cinder", "Dusk", "Ember"]
             .iter()
@@ -292,10 +293,10 @@ async fn axe_finds_nothing_serious_on_the_pages_people_see() {
     c.shot("a11y-room-creator").await;
     assert_accessible(&c, "a room page seen by its creator, with players").await;
 
-    c.open(&web.url("/rooms")).await;
+    c.open(&web.url(&g("/rooms"))).await;
     c.shot("a11y-rooms").await;
     assert_accessible(&c, "the rooms list").await;
-    c.open(&web.url(&format!("/rooms/{room}/close"))).await;
+    c.open(&web.url(&format!("/g/{GUILD}/rooms/{room}/close"))).await;
     c.shot("a11y-close").await;
     assert_accessible(&c, "the close confirmation").await;
     c.open(&web.url("/no/such/page")).await;

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::harness::browser::Driver;
 use crate::harness::{Stack, wait_for};
+use crate::harness::GUILD;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_players_in_two_browsers_share_a_room_live_until_it_closes() {
@@ -27,7 +28,7 @@ async fn two_players_in_two_browsers_share_a_room_live_until_it_closes() {
     ash.appears("the create form", "#room-name").await;
     ash.create_room("Friday draft").await;
     let room = ash.room_id().await.to_string();
-    let room_url = format!("/rooms/{room}");
+    let room_url = format!("/g/{GUILD}/rooms/{room}");
     let invite = ash.invite_link().await;
     ash.shot("02-room-created").await;
 

@@ -7,6 +7,7 @@ use serde_json::Value;
 use crate::harness::demo::Demo;
 use crate::harness::rooms::invite_link;
 use crate::harness::{Browser, Message, Sse, form_value, location};
+use crate::harness::{g, GUILD};
 
 /// The id of the sim's user `name` in `state`.
 fn user_id(state: &Value, name: &str) -> String {
@@ -24,7 +25,7 @@ fn user_id(state: &Value, name: &str) -> String {
 /// Makes a room named `name` as `browser`'s logged-in user; its id.
 async fn make_room(browser: &Browser, web: &str, name: &str) -> String {
     let rooms = browser
-        .get(&format!("{web}/rooms"))
+        .get(&format!("{web}/g/{GUILD}/rooms"))
         .await
         .text()
         .await
@@ -32,7 +33,7 @@ async fn make_room(browser: &Browser, web: &str, name: &str) -> String {
     let token = form_value(&rooms, "csrf_token").unwrap();
     let made = browser
         .http
-        .post(format!("{web}/rooms"))
+        .post(format!("{web}/g/{GUILD}/rooms"))
         .form(&[("name", name), ("csrf_token", token.as_str())])
         .send()
         .await
@@ -65,7 +66,7 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
     let done = browser.get(&location(&picked)).await;
     assert_eq!(
         (done.status().as_u16(), location(&done)),
-        (303, "/rooms".to_owned())
+        (303, g("/rooms"))
     );
 
     let room = make_room(&browser, &web, "Demo night").await;
@@ -93,7 +94,7 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
     // busy the players are, within 15 s of the room's creation.
     let link = invite_link(
         &browser
-            .get(&format!("{web}/rooms/{room}"))
+            .get(&format!("{web}/g/{GUILD}/rooms/{room}"))
             .await
             .text()
             .await
@@ -111,7 +112,7 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
     let followed = friend.get(&format!("{web}{}", location(&back))).await;
     assert_eq!(
         location(&followed),
-        format!("/rooms/{room}"),
+        format!("/g/{GUILD}/rooms/{room}"),
         "the invite lets the friend in"
     );
     let sim = demo.sim.clone();
@@ -157,7 +158,7 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
         "no player took the friend's seat"
     );
     let page = browser
-        .get(&format!("{web}/rooms/{room}"))
+        .get(&format!("{web}/g/{GUILD}/rooms/{room}"))
         .await
         .text()
         .await
@@ -210,7 +211,7 @@ async fn open_in_discord_leads_to_the_sims_channel_page_where_you_join_voice() {
     assert_eq!(location(&done), "/rooms");
     let room = make_room(&browser, &web, "Demo night").await;
     let page = browser
-        .get(&format!("{web}/rooms/{room}"))
+        .get(&format!("{web}/g/{GUILD}/rooms/{room}"))
         .await
         .text()
         .await

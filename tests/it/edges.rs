@@ -14,6 +14,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use twilight_model::id::Id;
 
 use crate::harness::{Browser, Stack, Web, metric, wait_for, within};
+use crate::harness::g;
 
 fn addr(web: &Web) -> SocketAddr {
     web.url
@@ -264,7 +265,7 @@ async fn a_dead_gateway_is_a_delayed_site_not_a_dead_one() {
         |html: &str| html.contains(r#"id="gateway-banner" class="banner warn" role="status">"#);
     wait_for(
         "pages without the banner while the gateway is connected",
-        || async { (!banner_shown(&browser.page(&a.url("/rooms")).await)).then_some(()) },
+        || async { (!banner_shown(&browser.page(&a.url(&g("/rooms"))).await)).then_some(()) },
     )
     .await;
 
@@ -291,7 +292,7 @@ async fn a_dead_gateway_is_a_delayed_site_not_a_dead_one() {
         let body: Value = ready.json().await.unwrap();
         assert_eq!(body["gateway"]["fresh"], false, "{body}");
         assert!(
-            banner_shown(&browser.page(&web.url("/rooms")).await),
+            banner_shown(&browser.page(&web.url(&g("/rooms"))).await),
             "fresh pages show the banner"
         );
     }
@@ -307,7 +308,7 @@ async fn a_dead_gateway_is_a_delayed_site_not_a_dead_one() {
         .await;
     }
     wait_for("fresh pages without the banner", || async {
-        (!banner_shown(&browser.page(&b.url("/rooms")).await)).then_some(())
+        (!banner_shown(&browser.page(&b.url(&g("/rooms"))).await)).then_some(())
     })
     .await;
 }

@@ -20,8 +20,8 @@ use crate::harness::sentinel::{Sentinels, plain_node};
 use crate::harness::{
     Browser, CovenProcess, Sse, TestSim, Web, spawn_gateway_on, spawn_web, wait_for, within,
 };
+use crate::harness::{GUILD, g};
 
-const GUILD: u64 = 1190000000000000001;
 
 fn ping(seq: u64) -> EventData {
     EventData::Ping { seq, ts: seq }
@@ -632,7 +632,7 @@ async fn a_sentinel_failover_longer_than_five_seconds_is_ridden_out_by_every_par
 
     // The session made before the failover still works, on either replica.
     for web in &ha.webs {
-        let rooms = ha.browser.get(&web.url("/rooms")).await;
+        let rooms = ha.browser.get(&web.url(&g("/rooms"))).await;
         assert_eq!(rooms.status(), 200, "the session cookie still works");
     }
     let opens: usize = streams.iter().map(|s| s.lock().unwrap().opens).sum();

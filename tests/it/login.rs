@@ -11,6 +11,7 @@ use fred::types::CustomCommand;
 use futures_util::StreamExt;
 
 use crate::harness::{Browser, RedisServer, Stack, TestSim, location, metric};
+use crate::harness::{g, GUILD};
 
 /// The longest a login attempt may live in Redis.
 const LOGIN_TTL_MS: i64 = 10 * 60 * 1000;
@@ -38,7 +39,7 @@ async fn hostile_return_to_values_stay_on_the_site_through_a_real_login() {
     let stack = Stack::start(1, &[]).await;
     let web = stack.web(0);
     let ash = stack.user("ash").await;
-    let long = format!("/rooms/{}", "x".repeat(3000));
+    let long = format!("/g/{GUILD}/rooms/{}", "x".repeat(3000));
     let cases: Vec<(&str, &str)> = vec![
         ("/.//elsewhere.example", "/rooms"),
         ("/a/..//elsewhere.example", "/rooms"),
@@ -88,9 +89,9 @@ async fn a_thousand_anonymous_logins_leave_only_small_sessions_that_expire_withi
 
     // Visitors without cookies, each a new session; return_to at, over and far over the
     // 2 KiB cap.
-    let at_cap = format!("/rooms/{}", "x".repeat(2048 - 7));
-    let over = format!("/rooms/{}", "x".repeat(4096));
-    let far_over = format!("/rooms/{}", "x".repeat(16 * 1024));
+    let at_cap = format!("/g/{GUILD}/rooms/{}", "x".repeat(2048 - 7));
+    let over = format!("/g/{GUILD}/rooms/{}", "x".repeat(4096));
+    let far_over = format!("/g/{GUILD}/rooms/{}", "x".repeat(16 * 1024));
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -177,7 +178,7 @@ async fn a_thousand_anonymous_logins_leave_only_small_sessions_that_expire_withi
         ttl > 6 * 24 * 3600 * 1000,
         "a logged-in session lives SESSION_TTL (7d): {ttl} ms"
     );
-    assert_eq!(browser.get(&web.url("/rooms")).await.status(), 200);
+    assert_eq!(browser.get(&web.url(&g("/rooms"))).await.status(), 200);
 
     // A logged-in user who starts another login keeps their long session.
     let again = browser.get(&web.url("/auth/login")).await;
@@ -213,11 +214,11 @@ async fn twelve_logins_started_within_a_second_all_succeed_through_discords_rate
     for res in &done {
         assert_eq!(
             (res.status().as_u16(), location(res)),
-            (303, "/rooms/1".to_owned())
+            (303, g("/rooms/1"))
         );
     }
     for b in &browsers {
-        assert_eq!(b.get(&web.url("/rooms")).await.status(), 200);
+        assert_eq!(b.get(&web.url(&g("/rooms"))).await.status(), 200);
     }
     let limited = stack.sim.sim.shared.lock().oauth.token_rate_limited();
     assert!(

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::harness::rooms::{find, invite_link, invite_path};
 use crate::harness::{Stack, location, wait_for};
+use crate::harness::GUILD;
 
 /// The room records in `P:{G}:rooms`, by channel id.
 async fn stored_rooms(stack: &Stack) -> std::collections::HashMap<String, Value> {
@@ -106,7 +107,7 @@ async fn after_redis_loses_everything_rooms_keep_their_creator_role_and_sweeper(
     let res = guest.get(&b.url(&fresh)).await;
     assert_eq!(
         (res.status().as_u16(), location(&res)),
-        (303, format!("/rooms/{table}")),
+        (303, format!("/g/{GUILD}/rooms/{table}")),
         "the fresh link works"
     );
 

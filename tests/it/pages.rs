@@ -10,6 +10,7 @@ use serde_json::json;
 use crate::harness::browser::{Driver, Page};
 use crate::harness::demo::Demo;
 use crate::harness::{Stack, metric, wait_for};
+use crate::harness::{g, GUILD};
 
 /// Whether the current tab shows `user` in the room's member list.
 async fn shows_member(c: &Client, room: u64, user: u64) -> bool {
@@ -93,7 +94,7 @@ async fn eight_tabs_share_one_stream_and_lose_nothing_when_its_holder_closes() {
         c.appears("the create form", "#room-name").await;
         c.create_room(&format!("Tabs {mode}")).await;
         let room = c.room_id().await;
-        let tabs = eight_tabs(&c, &web.url(&format!("/rooms/{room}"))).await;
+        let tabs = eight_tabs(&c, &web.url(&format!("/g/{GUILD}/rooms/{room}"))).await;
         // Eight tabs, one stream: HTTP/1.1's six connections per host are not used up.
         assert_eq!(
             metric(&web.metrics, "coven_web_streams").await,
@@ -201,7 +202,7 @@ async fn the_live_member_list_is_exactly_what_a_fresh_render_shows() {
     let fresh = driver.browser().await;
     fresh.log_in(stack.web(1), "Ash").await;
     fresh
-        .open(&stack.web(1).url(&format!("/rooms/{room}")))
+        .open(&stack.web(1).url(&format!("/g/{GUILD}/rooms/{room}")))
         .await;
     let (live, rendered) = wait_for("the live list to equal a fresh render", || async {
         let live = members_html(&c, &list).await?;
@@ -246,7 +247,7 @@ async fn without_javascript_close_asks_on_a_page_of_its_own_then_closes() {
         .click()
         .await
         .unwrap();
-    c.url_has("the confirmation page", &format!("/rooms/{room}/close"))
+    c.url_has("the confirmation page", &format!("/g/{GUILD}/rooms/{room}/close"))
         .await;
     c.shot("40-close-confirm-no-js").await;
     assert!(
@@ -343,7 +344,7 @@ async fn the_pages_at_laptop_and_phone_size() {
         c.appears("the create form", "#room-name").await;
         let id = match room {
             Some(id) => {
-                c.open(&web.url(&format!("/rooms/{id}"))).await;
+                c.open(&web.url(&format!("/g/{GUILD}/rooms/{id}"))).await;
                 id
             }
             None => {
@@ -383,7 +384,7 @@ async fn the_pages_at_laptop_and_phone_size() {
         .await;
         settled(&c).await;
         c.shot(&format!("docs-room-{size}")).await;
-        c.open(&web.url("/rooms")).await;
+        c.open(&web.url(&g("/rooms"))).await;
         c.appears("the room's card", &format!("#room-{id}")).await;
         settled(&c).await;
         c.shot(&format!("docs-rooms-{size}")).await;
@@ -417,7 +418,7 @@ async fn the_readmes_demo_walk_lets_a_friend_in_within_fifteen_seconds() {
     friend.url_has("the rooms page", "/rooms").await;
     friend.open(&invite).await;
     friend
-        .url_has("the room's page", &format!("/rooms/{room}"))
+        .url_has("the room's page", &format!("/g/{GUILD}/rooms/{room}"))
         .await;
     // Into voice the way the page offers: "Open in Discord", the simulator's channel page.
     let open = friend
@@ -449,7 +450,7 @@ async fn the_readmes_demo_walk_lets_a_friend_in_within_fifteen_seconds() {
             .map(|_| ())
     })
     .await;
-    friend.open(&format!("{}/rooms/{room}", demo.web)).await;
+    friend.open(&format!("{}/g/{GUILD}/rooms/{room}", demo.web)).await;
     friend
         .shown("the friend's page saying they are in", "[data-state=in]")
         .await;

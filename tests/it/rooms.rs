@@ -9,6 +9,7 @@ use twilight_model::guild::Permissions;
 
 use crate::harness::rooms::{find, invite_link};
 use crate::harness::{Browser, INVITE_SECRET, Stack, form_value, location, wait_for, within};
+use crate::harness::{g, GUILD};
 
 /// What a room's role (and its creator) may do in its channel.
 const ROOM_ALLOW: Permissions = Permissions::VIEW_CHANNEL
@@ -149,7 +150,7 @@ async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_eve
     let refused = stranger
         .post(
             b,
-            &format!("/rooms/{room}/invite"),
+            &format!("/g/{GUILD}/rooms/{room}/invite"),
             &[("csrf_token", &theirs)],
         )
         .await;
@@ -163,7 +164,7 @@ async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_eve
     let token = browser.csrf(a).await;
     let htmx = browser
         .http
-        .post(a.url("/rooms"))
+        .post(a.url(&g("/rooms")))
         .header("hx-request", "true")
         .header("x-csrf-token", &token)
         .form(&[("name", "")])
@@ -172,7 +173,7 @@ async fn a_created_room_is_a_private_voice_channel_with_its_role_streamed_to_eve
         .unwrap();
     assert_eq!(htmx.status(), 204);
     let to = htmx.headers()["hx-redirect"].to_str().unwrap().to_owned();
-    let second = to.strip_prefix("/rooms/").expect("to the new room");
+    let second = to.strip_prefix(&g("/rooms/")).expect("to the new room");
     let state = stack.sim.state().await;
     let name = find(&state, "channels", second).unwrap()["name"]
         .as_str()
@@ -234,7 +235,7 @@ async fn an_invite_brings_a_non_member_into_the_guild_and_the_room_and_bad_ones_
     let followed = guest.post(b, &path, &[("csrf_token", &confirm)]).await;
     assert_eq!(
         (followed.status().as_u16(), location(&followed)),
-        (303, format!("/rooms/{room}"))
+        (303, format!("/g/{GUILD}/rooms/{room}"))
     );
     let state = stack.sim.state().await;
     let member = find(&state, "members", &juniper.to_string()).expect("juniper joined the guild");
@@ -250,7 +251,7 @@ async fn an_invite_brings_a_non_member_into_the_guild_and_the_room_and_bad_ones_
         member["roles"].as_array().unwrap().contains(&role_id),
         "juniper holds the role"
     );
-    let html = guest.page(&b.url(&format!("/rooms/{room}"))).await;
+    let html = guest.page(&b.url(&format!("/g/{GUILD}/rooms/{room}"))).await;
     assert!(html.contains("Pauper league"));
 
     // Forged: a changed signature, or another key.
@@ -324,16 +325,16 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
         .as_array()
         .unwrap()
         .len();
-    let res = creator.post(a, "/rooms", &[("name", "x")]).await;
+    let res = creator.post(a, &g("/rooms"), &[("name", "x")]).await;
     assert_eq!(res.status(), 403);
     let res = creator
-        .post(a, "/rooms", &[("name", "x"), ("csrf_token", "guess")])
+        .post(a, &g("/rooms"), &[("name", "x"), ("csrf_token", "guess")])
         .await;
     assert_eq!(res.status(), 403);
     let token = creator.csrf(a).await;
     let res = creator
         .http
-        .post(a.url("/rooms"))
+        .post(a.url(&g("/rooms")))
         .header("origin", "https://elsewhere.example")
         .form(&[("name", "x"), ("csrf_token", token.as_str())])
         .send()
@@ -351,7 +352,7 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
     // Validation and size.
     let long = "x".repeat(101);
     let res = creator
-        .post(a, "/rooms", &[("name", &long), ("csrf_token", &token)])
+        .post(a, &g("/rooms"), &[("name", &long), ("csrf_token", &token)])
         .await;
     assert_eq!(res.status(), 400);
     assert!(
@@ -362,12 +363,12 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
     // Answers that leave a body unread tell the client not to reuse the connection.
     let huge = "x".repeat(64 * 1024);
     let res = creator
-        .post(a, "/rooms", &[("name", &huge), ("csrf_token", &token)])
+        .post(a, &g("/rooms"), &[("name", &huge), ("csrf_token", &token)])
         .await;
     assert_eq!(res.status(), 413);
     assert_eq!(res.headers()["connection"], "close");
     let anonymous = Browser::new()
-        .post(a, "/rooms", &[("name", "x"), ("csrf_token", &token)])
+        .post(a, &g("/rooms"), &[("name", "x"), ("csrf_token", &token)])
         .await;
     assert_eq!(anonymous.status(), 303, "log in first");
     assert_eq!(anonymous.headers()["connection"], "close");
@@ -376,12 +377,12 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
 
     // "Move me in": only from another voice channel of the guild.
     let res = creator
-        .post(a, &format!("/rooms/{room}/move"), &[("csrf_token", &token)])
+        .post(a, &format!("/g/{GUILD}/rooms/{room}/move"), &[("csrf_token", &token)])
         .await;
     assert_eq!(res.status(), 409);
     assert!(res.text().await.unwrap().contains("not in a voice channel"));
     stack.voice(ash, Some(stack.lobby), json!({})).await;
-    let room_page = format!("/rooms/{room}");
+    let room_page = format!("/g/{GUILD}/rooms/{room}");
     // The form is in every page of someone who may join; the stylesheet shows it where
     // the page says they are elsewhere in voice.
     wait_for("the page to offer Move me in", || async {
@@ -391,7 +392,7 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
     })
     .await;
     let res = creator
-        .post(a, &format!("/rooms/{room}/move"), &[("csrf_token", &token)])
+        .post(a, &format!("/g/{GUILD}/rooms/{room}/move"), &[("csrf_token", &token)])
         .await;
     assert_eq!(
         (res.status().as_u16(), location(&res)),
@@ -409,7 +410,7 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
     // Without JavaScript, Close leads to a confirmation page; only its post closes.
     let page = creator.room_page(a, &room).await;
     assert!(page.contains(&format!("method=\"get\" action=\"/rooms/{room}/close\"")));
-    let confirm = creator.page(&a.url(&format!("/rooms/{room}/close"))).await;
+    let confirm = creator.page(&a.url(&format!("/g/{GUILD}/rooms/{room}/close"))).await;
     assert!(confirm.contains("Close Commander night?"), "{confirm}");
     assert!(confirm.contains(&format!("method=\"post\" action=\"/rooms/{room}/close\"")));
     assert!(
@@ -422,11 +423,11 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
     );
 
     // Someone without the room's role does not see it at all, and cannot close it.
-    let res = other.get(&b.url(&format!("/rooms/{room}"))).await;
+    let res = other.get(&b.url(&format!("/g/{GUILD}/rooms/{room}"))).await;
     assert_eq!(res.status(), 404);
     assert_eq!(
         other
-            .get(&b.url(&format!("/rooms/{room}/close")))
+            .get(&b.url(&format!("/g/{GUILD}/rooms/{room}/close")))
             .await
             .status(),
         404
@@ -435,7 +436,7 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
     let res = other
         .post(
             b,
-            &format!("/rooms/{room}/close"),
+            &format!("/g/{GUILD}/rooms/{room}/close"),
             &[("csrf_token", &theirs)],
         )
         .await;
@@ -444,24 +445,24 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
     let res = creator
         .post(
             b,
-            &format!("/rooms/{room}/close"),
+            &format!("/g/{GUILD}/rooms/{room}/close"),
             &[("csrf_token", &token)],
         )
         .await;
     assert_eq!(
         (res.status().as_u16(), location(&res)),
-        (303, "/rooms?closed=1".to_owned())
+        (303, g("/rooms?closed=1"))
     );
-    let list = creator.page(&a.url("/rooms?closed=1")).await;
+    let list = creator.page(&a.url(&g("/rooms?closed=1"))).await;
     assert!(
         list.contains("“Commander night” was closed."),
         "the notice names the room"
     );
-    let again = creator.page(&a.url("/rooms?closed=1")).await;
+    let again = creator.page(&a.url(&g("/rooms?closed=1"))).await;
     assert!(!again.contains("Commander night"), "named once");
     // A link cannot make the page say words of its own.
     let hostile = creator
-        .page(&a.url("/rooms?closed=Your+account+is+locked"))
+        .page(&a.url(&g("/rooms?closed=Your+account+is+locked")))
         .await;
     assert!(!hostile.contains("locked") && hostile.contains("The room was closed."));
     let state = stack.sim.state().await;
@@ -483,12 +484,12 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
     let again = creator
         .post(
             a,
-            &format!("/rooms/{room}/close"),
+            &format!("/g/{GUILD}/rooms/{room}/close"),
             &[("csrf_token", &token)],
         )
         .await;
     assert_eq!(again.status(), 303, "closing twice is fine");
-    let page = creator.get(&a.url(&format!("/rooms/{room}"))).await;
+    let page = creator.get(&a.url(&format!("/g/{GUILD}/rooms/{room}"))).await;
     assert_eq!(page.status(), 404);
 }
 
@@ -508,7 +509,7 @@ async fn a_failure_part_way_leaves_nothing_behind_and_rate_limits_are_waited_out
         .fail_once(json!({"method": "POST", "path": "/guilds/*/channels", "status": 500}))
         .await;
     let res = browser
-        .post(a, "/rooms", &[("name", "Doomed"), ("csrf_token", &token)])
+        .post(a, &g("/rooms"), &[("name", "Doomed"), ("csrf_token", &token)])
         .await;
     assert_eq!(res.status(), 503);
     assert!(res.text().await.unwrap().contains("Nothing was changed"));
@@ -522,7 +523,7 @@ async fn a_failure_part_way_leaves_nothing_behind_and_rate_limits_are_waited_out
         )
         .await;
     let res = browser
-        .post(a, "/rooms", &[("name", "Doomed"), ("csrf_token", &token)])
+        .post(a, &g("/rooms"), &[("name", "Doomed"), ("csrf_token", &token)])
         .await;
     assert_eq!(res.status(), 502);
     assert!(res.text().await.unwrap().contains("lacks a permission"));
@@ -535,7 +536,7 @@ async fn a_failure_part_way_leaves_nothing_behind_and_rate_limits_are_waited_out
         .await;
     let started = Instant::now();
     let res = browser
-        .post(a, "/rooms", &[("name", "Patient"), ("csrf_token", &token)])
+        .post(a, &g("/rooms"), &[("name", "Patient"), ("csrf_token", &token)])
         .await;
     assert_eq!(res.status(), 303);
     assert!(
@@ -548,7 +549,7 @@ async fn a_failure_part_way_leaves_nothing_behind_and_rate_limits_are_waited_out
     let mut statuses = Vec::new();
     for _ in 0..12 {
         let r = browser
-            .post(a, "/rooms/1/move", &[("csrf_token", &token)])
+            .post(a, &g("/rooms/1/move"), &[("csrf_token", &token)])
             .await;
         statuses.push((r.status().as_u16(), r.headers().get("retry-after").cloned()));
     }

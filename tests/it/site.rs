@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::harness::demo::Demo;
 use crate::harness::{Browser, Stack, form_value, location};
+use crate::harness::{g, GUILD};
 
 fn cache_control(res: &reqwest::Response) -> Option<String> {
     res.headers()
@@ -32,7 +33,7 @@ async fn private_answers_are_never_stored_and_the_stream_and_assets_keep_their_o
     let private = [
         ("/", 303),
         ("/rooms", 200),
-        (&*format!("/rooms/{lobby}"), 200),
+        (&*format!("/g/{GUILD}/rooms/{lobby}"), 200),
         ("/rooms/999", 404),
         ("/rooms/not-a-room", 404),
         ("/invite/forged.token.value", 400),
@@ -50,12 +51,12 @@ async fn private_answers_are_never_stored_and_the_stream_and_assets_keep_their_o
         ),
         (vec![("name", "x")], 403),
     ] {
-        let res = browser.post(web, "/rooms", &form).await;
+        let res = browser.post(web, &g("/rooms"), &form).await;
         assert_eq!(res.status().as_u16(), status);
         assert_eq!(cache_control(&res).as_deref(), Some("no-store"));
     }
     let closed = browser
-        .post(web, "/rooms/999/close", &[("csrf_token", &token)])
+        .post(web, &g("/rooms/999/close"), &[("csrf_token", &token)])
         .await;
     assert_eq!(cache_control(&closed).as_deref(), Some("no-store"));
 
@@ -102,7 +103,7 @@ async fn a_hundred_character_name_makes_a_room_and_unreadable_names_are_refused(
     let name = format!("Commander {}", "\u{e9}".repeat(90));
     assert_eq!(name.chars().count(), 100);
     let made = browser
-        .post(web, "/rooms", &[("name", &name), ("csrf_token", &token)])
+        .post(web, &g("/rooms"), &[("name", &name), ("csrf_token", &token)])
         .await;
     assert_eq!(made.status(), 303, "{}", made.text().await.unwrap());
     let room = location(&made);
@@ -141,7 +142,7 @@ async fn a_hundred_character_name_makes_a_room_and_unreadable_names_are_refused(
         (&"x".repeat(101), "at most 100"),
     ] {
         let res = browser
-            .post(web, "/rooms", &[("name", raw), ("csrf_token", &token)])
+            .post(web, &g("/rooms"), &[("name", raw), ("csrf_token", &token)])
             .await;
         assert_eq!(res.status(), 400, "{raw:?}");
         let text = res.text().await.unwrap();
@@ -255,12 +256,12 @@ async fn error_pages_keep_the_logged_in_header() {
     // The fallback, a handler's own 404 and a refused post: each keeps who is logged in.
     for (res, status) in [
         (browser.get(&web.url("/no/such/page")).await, 404),
-        (browser.get(&web.url("/rooms/999")).await, 404),
+        (browser.get(&web.url(&g("/rooms/999"))).await, 404),
         (
             browser
                 .post(
                     web,
-                    "/rooms",
+                    &g("/rooms"),
                     &[("name", "\u{202E}"), ("csrf_token", &token)],
                 )
                 .await,
@@ -298,7 +299,7 @@ async fn someone_outside_the_server_can_log_out_or_use_another_account() {
         "switching logs out, then in: {html}"
     );
     // Loading a page again: the same, with the header.
-    let again = browser.get(&web.url("/rooms")).await;
+    let again = browser.get(&web.url(&g("/rooms"))).await;
     assert_eq!(again.status(), 403);
     let html = again.text().await.unwrap();
     assert!(html.contains("Use another Discord account"), "{html}");
@@ -320,14 +321,14 @@ async fn someone_outside_the_server_can_log_out_or_use_another_account() {
         location(&login).starts_with(&stack.sim.url("/oauth2/authorize")),
         "off to Discord's authorize page"
     );
-    let gone = browser.get(&web.url("/rooms")).await;
+    let gone = browser.get(&web.url(&g("/rooms"))).await;
     assert_eq!(gone.status(), 303, "logged out");
     assert!(location(&gone).starts_with("/auth/login"));
     // The other account is a member: in they go.
     browser
         .login(web, &stack.sim, stack.user("bramble").await)
         .await;
-    let rooms = browser.get(&web.url("/rooms")).await;
+    let rooms = browser.get(&web.url(&g("/rooms"))).await;
     assert_eq!(rooms.status(), 200);
 
     // Plain Log out from the same page sends them home.
@@ -339,7 +340,7 @@ async fn someone_outside_the_server_can_log_out_or_use_another_account() {
             .status(),
         403
     );
-    let html = other.get(&web.url("/rooms")).await.text().await.unwrap();
+    let html = other.get(&web.url(&g("/rooms"))).await.text().await.unwrap();
     let token = form_value(&html, "csrf_token").unwrap();
     let out = other
         .post(web, "/auth/logout", &[("csrf_token", &token)])
@@ -364,7 +365,7 @@ async fn open_in_discord_goes_to_discords_app_or_where_discord_app_url_says() {
         browser
             .login(web, &stack.sim, stack.user("ash").await)
             .await;
-        let page = browser.page(&web.url(&format!("/rooms/{lobby}"))).await;
+        let page = browser.page(&web.url(&format!("/g/{GUILD}/rooms/{lobby}"))).await;
         assert!(
             page.contains(&format!("href=\"{app}/channels/{guild}/{lobby}\"")),
             "{app}: {page}"

@@ -9,6 +9,7 @@ use twilight_model::guild::Permissions;
 
 use crate::harness::rooms::{find, invite_link, invite_path};
 use crate::harness::{Browser, Stack, TestSim, Web, form_value, location, metric, wait_for};
+use crate::harness::{g, GUILD};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_room_is_shown_only_to_whom_discord_shows_it_and_appears_live_once_granted() {
@@ -33,12 +34,12 @@ async fn a_private_room_is_shown_only_to_whom_discord_shows_it_and_appears_live_
     // Not in the list, not as a page, not as a room stream.
     assert!(
         creator
-            .page(&a.url("/rooms"))
+            .page(&a.url(&g("/rooms")))
             .await
             .contains("Secret draft")
     );
-    assert!(!other.page(&b.url("/rooms")).await.contains("Secret draft"));
-    let page = other.get(&b.url(&format!("/rooms/{room}"))).await;
+    assert!(!other.page(&b.url(&g("/rooms"))).await.contains("Secret draft"));
+    let page = other.get(&b.url(&format!("/g/{GUILD}/rooms/{room}"))).await;
     assert_eq!(
         page.status(),
         404,
@@ -113,7 +114,7 @@ async fn a_private_room_is_shown_only_to_whom_discord_shows_it_and_appears_live_
     let followed = other.get(&b.url(&invite)).await;
     assert_eq!(
         (followed.status().as_u16(), location(&followed)),
-        (303, format!("/rooms/{room}"))
+        (303, format!("/g/{GUILD}/rooms/{room}"))
     );
     let shown = watching
         .until(|m| m.event == "room.created" && m.json()["data"]["channel_id"] == room.as_str())
@@ -137,7 +138,7 @@ async fn a_private_room_is_shown_only_to_whom_discord_shows_it_and_appears_live_
         .until(|m| m.event == "voice.updated" && m.json()["data"]["channel_id"] == room.as_str())
         .await;
     assert!(other.room_page(b, &room).await.contains("Secret draft"));
-    assert!(other.page(&b.url("/rooms")).await.contains("Secret draft"));
+    assert!(other.page(&b.url(&g("/rooms"))).await.contains("Secret draft"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,7 +218,7 @@ async fn new_link_revokes_older_links_of_the_room() {
     let res = guest.get(&b.url(&shown)).await;
     assert_eq!(
         (res.status().as_u16(), location(&res)),
-        (303, format!("/rooms/{room}"))
+        (303, format!("/g/{GUILD}/rooms/{room}"))
     );
     let res = guest.get(&a.url(&new)).await;
     assert_eq!(res.status(), 303);
@@ -235,7 +236,7 @@ async fn new_link_revokes_older_links_of_the_room() {
     let refused = guest
         .post(
             b,
-            &format!("/rooms/{room}/invite"),
+            &format!("/g/{GUILD}/rooms/{room}/invite"),
             &[("csrf_token", &token)],
         )
         .await;
@@ -304,7 +305,7 @@ async fn staff_only(sim: &TestSim) -> (u64, u64) {
 
 /// The person Discord shows a room to, as `/rooms` lists it for them.
 async fn lists(browser: &Browser, web: &Web, name: &str) -> bool {
-    browser.page(&web.url("/rooms")).await.contains(name)
+    browser.page(&web.url(&g("/rooms"))).await.contains(name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,13 +335,13 @@ async fn channels_hidden_by_overwrites_follow_discord_and_those_hidden_from_the_
         html.contains("Cinder").then_some(())
     })
     .await;
-    let list = owner.page(&a.url("/rooms")).await;
+    let list = owner.page(&a.url(&g("/rooms"))).await;
     assert!(
         !list.contains("Mods only") && !list.contains("___hidden___"),
         "a channel hidden from the bot is shown to nobody"
     );
     assert_eq!(
-        owner.get(&a.url(&format!("/rooms/{mods}"))).await.status(),
+        owner.get(&a.url(&format!("/g/{GUILD}/rooms/{mods}"))).await.status(),
         404
     );
     let voice: Option<String> = stack
@@ -360,7 +361,7 @@ async fn channels_hidden_by_overwrites_follow_discord_and_those_hidden_from_the_
     assert!(!lists(&member, b, "Staff only").await);
     assert_eq!(
         member
-            .get(&b.url(&format!("/rooms/{staff_room}")))
+            .get(&b.url(&format!("/g/{GUILD}/rooms/{staff_room}")))
             .await
             .status(),
         404
@@ -451,7 +452,7 @@ async fn someone_removed_from_the_server_loses_their_stream_within_a_minute() {
         "the stream of a removed member was still open after a minute"
     );
     eprintln!("stream ended {:?} after the removal", removed.elapsed());
-    let res = member.get(&a.url("/rooms")).await;
+    let res = member.get(&a.url(&g("/rooms"))).await;
     assert_eq!(res.status(), 403, "no longer a member");
     assert_eq!(member.get(&a.url("/api/stream")).await.status(), 403);
 }
@@ -478,7 +479,7 @@ async fn move_me_in_needs_connect_for_the_user_and_then_discord_records_no_move(
     let other = stack.login_as(a, bramble).await;
     stack.voice(bramble, Some(stack.lobby), json!({})).await;
     wait_for("Bramble to see the room", || async {
-        (other.get(&a.url(&format!("/rooms/{room}"))).await.status() == 200).then_some(())
+        (other.get(&a.url(&format!("/g/{GUILD}/rooms/{room}"))).await.status() == 200).then_some(())
     })
     .await;
     let html = other.room_page(a, &room).await;
@@ -524,7 +525,7 @@ async fn a_stream_resumed_from_before_a_role_was_taken_and_given_back_goes_on() 
     let page_url = a.url(&format!("/api/stream?room={room}"));
     let html_url = a.url(&format!("/api/stream/html?view={room}"));
     wait_for("the room to be Bramble's to see", || async {
-        (member.get(&a.url(&format!("/rooms/{room}"))).await.status() == 200).then_some(())
+        (member.get(&a.url(&format!("/g/{GUILD}/rooms/{room}"))).await.status() == 200).then_some(())
     })
     .await;
     // An open page keeps the replica rendering the pages' fragments.
@@ -549,7 +550,7 @@ async fn a_stream_resumed_from_before_a_role_was_taken_and_given_back_goes_on() 
     .await;
     sim.grant_role(bramble, staff).await;
     wait_for("the room to be Bramble's to see again", || async {
-        (member.get(&a.url(&format!("/rooms/{room}"))).await.status() == 200).then_some(())
+        (member.get(&a.url(&format!("/g/{GUILD}/rooms/{room}"))).await.status() == 200).then_some(())
     })
     .await;
 

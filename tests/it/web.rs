@@ -14,6 +14,7 @@ use twilight_model::id::Id;
 use crate::harness::{
     Browser, Message, RedisServer, Stack, TestSim, location, metric, metrics_page, wait_for, within,
 };
+use crate::harness::{g, GUILD};
 
 fn ids(messages: &[Message]) -> Vec<String> {
     messages.iter().filter_map(|m| m.id.clone()).collect()
@@ -39,7 +40,7 @@ async fn a_login_on_one_replica_works_on_the_other_and_both_streams_go_live() {
     let browser = Browser::new();
     browser.login(a, &stack.sim, ash).await;
 
-    let rooms = browser.get(&b.url("/rooms")).await;
+    let rooms = browser.get(&b.url(&g("/rooms"))).await;
     assert_eq!(rooms.status(), 200, "the session made on A works on B");
     let html = rooms.text().await.unwrap();
     assert!(html.contains("Lobby") && html.contains("Ash"), "{html}");
@@ -110,7 +111,7 @@ async fn a_stream_resumes_on_the_other_replica_with_exactly_what_it_missed() {
     browser.login(a, &stack.sim, ash).await;
 
     // The page's snapshot, then changes land before its stream connects.
-    let html = browser.get(&a.url("/rooms")).await.text().await.unwrap();
+    let html = browser.get(&a.url(&g("/rooms"))).await.text().await.unwrap();
     let page_at = page_event_id(&html);
     let mut observer = browser.stream(&b.url("/api/stream"), None).await;
     stack.voice(ash, Some(stack.lobby), json!({})).await;
@@ -304,7 +305,7 @@ async fn without_a_valid_session_nothing_is_shown_and_logins_stay_on_site() {
         }
     }
     // A page sends the browser to log in and come back.
-    let page = anonymous.get(&web.url("/rooms/123?x=1")).await;
+    let page = anonymous.get(&web.url(&g("/rooms/123?x=1"))).await;
     assert_eq!(page.status(), 303);
     assert_eq!(
         location(&page),
@@ -318,7 +319,7 @@ async fn without_a_valid_session_nothing_is_shown_and_logins_stay_on_site() {
         .await;
     assert_eq!(
         (done.status().as_u16(), location(&done)),
-        (303, "/rooms".to_owned())
+        (303, g("/rooms"))
     );
     let done = Browser::new()
         .login_to(web, &stack.sim, ash, "/rooms/1?from=invite")
@@ -362,7 +363,7 @@ async fn an_expired_discord_token_is_refreshed_silently_and_a_refused_one_logs_i
             .unwrap_or(0)
     };
     let before = refreshed().await;
-    assert_eq!(browser.get(&web.url("/rooms")).await.status(), 200);
+    assert_eq!(browser.get(&web.url(&g("/rooms"))).await.status(), 200);
     assert_eq!(
         refreshed().await,
         before + 1,
@@ -375,7 +376,7 @@ async fn an_expired_discord_token_is_refreshed_silently_and_a_refused_one_logs_i
         .await;
     assert_eq!(status, 200);
     let lobby = stack.lobby;
-    let page = browser.get(&web.url(&format!("/rooms/{lobby}"))).await;
+    let page = browser.get(&web.url(&format!("/g/{GUILD}/rooms/{lobby}"))).await;
     assert_eq!(
         page.status(),
         303,
@@ -554,7 +555,7 @@ async fn room_pages_count_their_viewers_across_replicas() {
     both.sort();
     assert_eq!(viewers(seen.last().unwrap()), both);
     let page = ash_browser
-        .get(&a.url(&format!("/rooms/{}", stack.lobby)))
+        .get(&a.url(&format!("/g/{GUILD}/rooms/{}", stack.lobby)))
         .await
         .text()
         .await
@@ -712,12 +713,12 @@ async fn while_redis_is_away_every_page_answers_503_at_once_and_all_works_after(
     assert_eq!(health.status(), 200, "the process is alive all the same");
 
     let (b, a) = (&browser.http, &anonymous.http);
-    let room_page = web.url(&format!("/rooms/{room}"));
+    let room_page = web.url(&format!("/g/{GUILD}/rooms/{room}"));
     for (what, request) in [
         ("GET / anonymous", a.get(web.url("/"))),
         ("GET / logged in", b.get(web.url("/"))),
-        ("GET /rooms anonymous", a.get(web.url("/rooms"))),
-        ("GET /rooms logged in", b.get(web.url("/rooms"))),
+        ("GET /rooms anonymous", a.get(web.url(&g("/rooms")))),
+        ("GET /rooms logged in", b.get(web.url(&g("/rooms")))),
         ("GET a room page", b.get(&room_page)),
         (
             "GET /auth/login",
@@ -727,7 +728,7 @@ async fn while_redis_is_away_every_page_answers_503_at_once_and_all_works_after(
         ("GET /invite/x logged in", b.get(web.url("/invite/x"))),
         (
             "POST /rooms",
-            b.post(web.url("/rooms"))
+            b.post(web.url(&g("/rooms")))
                 .header("origin", &web.url)
                 .form(&[("name", "Another"), ("csrf_token", token.as_str())]),
         ),
@@ -799,14 +800,14 @@ async fn a_session_store_that_fails_gives_the_503_page_never_a_bare_500() {
     .await;
     assert_unavailable(
         "a page whose session cannot be loaded",
-        browser.http.get(web.url("/rooms")),
+        browser.http.get(web.url(&g("/rooms"))),
     )
     .await;
     let ready = reqwest::get(web.url("/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200, "the bus still answers");
 
     acl(vec!["allkeys"]).await;
-    browser.page(&web.url("/rooms")).await;
+    browser.page(&web.url(&g("/rooms"))).await;
     let login = anonymous.get(&web.url("/auth/login")).await;
     assert_eq!(login.status(), 303);
 }
@@ -835,7 +836,7 @@ async fn a_redis_that_stops_answering_costs_a_page_about_a_second_not_five() {
     tokio::join!(
         assert_unavailable(
             "a page whose session load is not answered",
-            browser.http.get(web.url("/rooms")),
+            browser.http.get(web.url(&g("/rooms"))),
         ),
         assert_unavailable(
             "a login whose session save is not answered",
@@ -843,7 +844,7 @@ async fn a_redis_that_stops_answering_costs_a_page_about_a_second_not_five() {
         ),
     );
     wait_for("pages to work again once Redis answers", || async {
-        let r = browser.http.get(web.url("/rooms")).send().await.ok()?;
+        let r = browser.http.get(web.url(&g("/rooms"))).send().await.ok()?;
         (r.status() == 200).then_some(())
     })
     .await;

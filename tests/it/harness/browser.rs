@@ -17,6 +17,7 @@ use serde_json::json;
 
 use super::redis::free_port;
 use super::{DEADLINE, Web, wait_for};
+use super::g;
 
 /// chromedriver on a free port, stopped when dropped.
 pub struct Driver {
@@ -261,7 +262,7 @@ impl Page {
     pub async fn room_id(&self) -> u64 {
         wait_for("a room page", || async {
             let url = self.client.current_url().await.ok()?;
-            url.path().strip_prefix("/rooms/")?.parse().ok()
+            url.path().strip_prefix(&g("/rooms/"))?.parse().ok()
         })
         .await
     }

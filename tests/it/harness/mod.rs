@@ -28,6 +28,14 @@ pub use stack::{
     spawn_gateway_on, spawn_web,
 };
 
+/// The community the stacks serve (the simulator's first guild, Coven Playgroup).
+pub const GUILD: u64 = coven::sim::defaults::GUILD_ID;
+
+/// `path` within [`GUILD`]'s pages: `/rooms/1` → `/g/{GUILD}/rooms/1`.
+pub fn g(path: &str) -> String {
+    format!("/g/{GUILD}{path}")
+}
+
 /// How long any single condition may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(15);
 

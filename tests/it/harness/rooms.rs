@@ -11,6 +11,7 @@ use std::fmt::Display;
 use serde_json::Value;
 
 use super::{Browser, Web, location};
+use super::{g, GUILD};
 
 /// The entry of `list` (`channels`, `roles`, `members`, `voice_states`, ...) in the
 /// simulator's `state` whose `id` (or `user_id`) is `id`.
@@ -44,7 +45,7 @@ impl Browser {
     pub async fn create_room(&self, web: &Web, name: &str) -> String {
         let token = self.csrf(web).await;
         let made = self
-            .post(web, "/rooms", &[("name", name), ("csrf_token", &token)])
+            .post(web, &g("/rooms"), &[("name", name), ("csrf_token", &token)])
             .await;
         assert_eq!(
             made.status(),
@@ -53,14 +54,14 @@ impl Browser {
             made.text().await.unwrap_or_default()
         );
         let to = location(&made);
-        to.strip_prefix("/rooms/")
+        to.strip_prefix(&g("/rooms/"))
             .unwrap_or_else(|| panic!("redirected to {to}"))
             .to_owned()
     }
 
     /// The room's page on `web` (asserting 200).
     pub async fn room_page(&self, web: &Web, room: impl Display) -> String {
-        self.page(&web.url(&format!("/rooms/{room}"))).await
+        self.page(&web.url(&format!("/g/{GUILD}/rooms/{room}"))).await
     }
 
     /// The invite link the room's page on `web` offers.
@@ -77,7 +78,7 @@ impl Browser {
     pub async fn new_link(&self, web: &Web, room: impl Display) -> reqwest::Response {
         let token = self.csrf(web).await;
         self.http
-            .post(web.url(&format!("/rooms/{room}/invite")))
+            .post(web.url(&format!("/g/{GUILD}/rooms/{room}/invite")))
             .header("hx-request", "true")
             .header("x-csrf-token", &token)
             .send()
@@ -90,7 +91,7 @@ impl Browser {
         let token = self.csrf(web).await;
         self.post(
             web,
-            &format!("/rooms/{room}/close"),
+            &format!("/g/{GUILD}/rooms/{room}/close"),
             &[("csrf_token", &token)],
         )
         .await
@@ -101,7 +102,7 @@ impl Browser {
         let token = self.csrf(web).await;
         self.post(
             web,
-            &format!("/rooms/{room}/move"),
+            &format!("/g/{GUILD}/rooms/{room}/move"),
             &[("csrf_token", &token)],
         )
         .await

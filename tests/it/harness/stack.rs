@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::redis::free_port;
 use super::{CovenProcess, DEADLINE, RedisServer, TestSim};
+use super::g;
 
 /// The invite key every test replica signs with (tests forge and expire tokens with it).
 pub const INVITE_SECRET: &str = "test-invite-secret-0123456789abcdef";
@@ -84,6 +85,17 @@ impl Stack {
             })
             .await;
         }
+        // Pages of a community answer once the gateway has registered it.
+        let redis = stack.redis_client().await;
+        super::wait_for("the gateway to register the community", || async {
+            use fred::prelude::*;
+            let entry: Option<String> = redis
+                .hget("coven:guilds", super::GUILD.to_string())
+                .await
+                .ok()?;
+            entry.filter(|e| !e.is_empty()).map(|_| ())
+        })
+        .await;
         stack
     }
 
@@ -282,7 +294,7 @@ impl Browser {
 
     /// The session's CSRF token, read from a page's forms as a browser has it.
     pub async fn csrf(&self, web: &Web) -> String {
-        let page = self.get(&web.url("/rooms")).await;
+        let page = self.get(&web.url(&g("/rooms"))).await;
         assert_eq!(page.status(), 200, "the rooms page");
         let html = page.text().await.expect("page");
         form_value(&html, "csrf_token").expect("a csrf_token field")
