@@ -96,6 +96,10 @@ pub fn registration(dispatch: &Dispatch) -> Option<(Id<GuildMarker>, Registratio
 
 pub struct Deriver {
     guild_id: Id<GuildMarker>,
+    /// The configured room categories (`DISCORD_ROOM_CATEGORY_ID`), of any guild.
+    categories: Vec<Id<ChannelMarker>>,
+    /// Which of them is in this guild, as its GUILD_CREATE says: rooms are the voice
+    /// channels in it. None there: every voice channel is a room.
     category: Option<Id<ChannelMarker>>,
     cdn: String,
     view: Snapshot,
@@ -116,11 +120,17 @@ impl Deriver {
     /// dispatches and the first reconcile are compared with it.
     pub fn new(
         guild_id: Id<GuildMarker>,
-        category: Option<Id<ChannelMarker>>,
+        categories: Vec<Id<ChannelMarker>>,
         view: Snapshot,
     ) -> Self {
+        // With one category and one guild, it is that guild's until GUILD_CREATE says.
+        let category = match categories[..] {
+            [one] => Some(one),
+            _ => None,
+        };
         Self {
             guild_id,
+            categories,
             category,
             cdn: crate::event::DEFAULT_CDN.to_owned(),
             view,
@@ -168,6 +178,13 @@ impl Deriver {
                 if let GuildCreate::Available(guild) = &**g
                     && guild.id == self.guild_id
                 {
+                    if !self.categories.is_empty() {
+                        self.category = guild
+                            .channels
+                            .iter()
+                            .map(|c| c.id)
+                            .find(|id| self.categories.contains(id));
+                    }
                     self.guild_changed(guild.name.clone(), guild.owner_id, &guild.roles, &mut out);
                     self.reconcile(
                         &guild.channels,
@@ -918,7 +935,7 @@ mod tests {
     }
 
     fn deriver() -> Deriver {
-        Deriver::new(Id::new(GUILD), Some(Id::new(CATEGORY)), Snapshot::default())
+        Deriver::new(Id::new(GUILD), vec![Id::new(CATEGORY)], Snapshot::default())
     }
 
     #[test]
@@ -1035,7 +1052,7 @@ mod tests {
         assert_eq!(route(&guild(&[])), Route::Guild(Id::new(GUILD)));
         // Each guild's deriver takes its own dispatches and ignores the others'.
         let mut ours = deriver();
-        let mut theirs = Deriver::new(Id::new(999), None, Snapshot::default());
+        let mut theirs = Deriver::new(Id::new(999), Vec::new(), Snapshot::default());
         assert!(
             ours.on_dispatch(&dispatch("VOICE_STATE_UPDATE", other.clone()))
                 .is_empty()
@@ -1132,7 +1149,7 @@ mod tests {
         before.on_dispatch(&dispatch("VOICE_STATE_UPDATE", voice(8, Some(10), false)));
         let mut d = Deriver::new(
             Id::new(GUILD),
-            Some(Id::new(CATEGORY)),
+            vec![Id::new(CATEGORY)],
             before.view().clone(),
         );
 
@@ -1276,7 +1293,7 @@ mod tests {
         );
 
         // Redis kept the record: a new gateway reconciling against it renews nothing.
-        let mut kept = Deriver::new(Id::new(GUILD), Some(Id::new(CATEGORY)), {
+        let mut kept = Deriver::new(Id::new(GUILD), vec![Id::new(CATEGORY)], {
             let mut v = d.view().clone();
             v.rooms.get_mut(&Id::new(10)).unwrap().invite_gen = 3;
             v
@@ -1293,7 +1310,7 @@ mod tests {
         let mut ownerless = d.view().clone();
         let r = ownerless.rooms.get_mut(&Id::new(10)).unwrap();
         (r.creator_id, r.role_id, r.invite_gen) = (None, None, 0);
-        let mut refill = Deriver::new(Id::new(GUILD), Some(Id::new(CATEGORY)), ownerless);
+        let mut refill = Deriver::new(Id::new(GUILD), vec![Id::new(CATEGORY)], ownerless);
         let out = refill.on_dispatch(&guild(&[coven_room(10, "Cube night")]));
         assert_eq!(created(&out, 10), (Some(CREATOR), Some(ROLE)));
         assert_eq!(renewed(&out).len(), 1);

@@ -57,9 +57,10 @@ pub struct Tuning {
     /// Discord Gateway base URL
     #[arg(long = "discord-gateway-url", env = "DISCORD_GATEWAY_URL", default_value = DEFAULT_GATEWAY_URL, value_parser = config::parse_ws_url)]
     pub gateway_url: Url,
-    /// Only voice channels in this category are rooms (default: every voice channel)
-    #[arg(long = "discord-room-category-id", env = "DISCORD_ROOM_CATEGORY_ID", value_parser = config::parse_channel_id)]
-    pub room_category: Option<Id<ChannelMarker>>,
+    /// Only voice channels in this category are rooms (default: every voice channel); a
+    /// comma-separated list gives each guild its own (each category names its guild)
+    #[arg(long = "discord-room-category-id", env = "DISCORD_ROOM_CATEGORY_ID", value_delimiter = ',', value_parser = config::parse_channel_id)]
+    pub room_categories: Vec<Id<ChannelMarker>>,
     /// Prefix of every Redis key
     #[arg(long = "coven-key-prefix", env = "COVEN_KEY_PREFIX", default_value = config::KEY_PREFIX, value_parser = config::parse_key_prefix)]
     pub key_prefix: String,

@@ -364,7 +364,7 @@ async fn prepare(
             guild,
             Served {
                 bus,
-                deriver: Deriver::new(guild, settings.room_category, snapshot),
+                deriver: Deriver::new(guild, settings.room_categories.clone(), snapshot),
                 syncing: false,
             },
         );
@@ -393,7 +393,7 @@ fn on_guild_dispatch(
     if full && !guilds.served.contains_key(&guild) {
         tracing::info!(%guild, "serving a guild");
         let deriver =
-            Deriver::new(guild, settings.room_category, Snapshot::default()).with_bot(guilds.bot);
+            Deriver::new(guild, settings.room_categories.clone(), Snapshot::default()).with_bot(guilds.bot);
         guilds.served.insert(
             guild,
             Served {

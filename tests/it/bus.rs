@@ -202,6 +202,7 @@ async fn the_script_changes_the_snapshot_exactly_as_snapshot_apply_does() {
         expected.apply(&event);
     }
     let stored = bus.snapshot().await.unwrap();
+    expected.guild = Some(bus.guild_id());
     assert_eq!(stored, expected);
     assert_eq!(
         stored.rooms[&Id::new(a)].creator_id,

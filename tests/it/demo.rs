@@ -7,7 +7,7 @@ use serde_json::Value;
 use crate::harness::demo::Demo;
 use crate::harness::rooms::invite_link;
 use crate::harness::{Browser, Message, Sse, form_value, location};
-use crate::harness::{g, GUILD};
+use crate::harness::GUILD;
 
 /// The id of the sim's user `name` in `state`.
 fn user_id(state: &Value, name: &str) -> String {
@@ -39,7 +39,9 @@ async fn make_room(browser: &Browser, web: &str, name: &str) -> String {
         .await
         .unwrap();
     assert_eq!(made.status(), 303);
-    location(&made).trim_start_matches("/rooms/").to_owned()
+    location(&made)
+        .trim_start_matches(&format!("/g/{GUILD}/rooms/"))
+        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,7 +68,7 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
     let done = browser.get(&location(&picked)).await;
     assert_eq!(
         (done.status().as_u16(), location(&done)),
-        (303, g("/rooms"))
+        (303, "/rooms".to_owned())
     );
 
     let room = make_room(&browser, &web, "Demo night").await;

@@ -713,7 +713,7 @@ async fn the_run_loop_over_the_memory_bus_stores_its_session_and_releases_the_le
         bot_token: secrecy::SecretString::from(sim.token()),
         tuning: coven::gateway::Tuning {
             gateway_url: url::Url::parse(&sim.gateway_url()).unwrap(),
-            room_category: Some(Id::new(category)),
+            room_categories: vec![Id::new(category)],
             lease_ttl: Duration::from_secs(2),
             event_log_max_len: 1000,
             queue_size: 100,

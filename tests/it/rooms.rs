@@ -409,10 +409,10 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
 
     // Without JavaScript, Close leads to a confirmation page; only its post closes.
     let page = creator.room_page(a, &room).await;
-    assert!(page.contains(&format!("method=\"get\" action=\"/rooms/{room}/close\"")));
+    assert!(page.contains(&format!("method=\"get\" action=\"/g/{GUILD}/rooms/{room}/close\"")));
     let confirm = creator.page(&a.url(&format!("/g/{GUILD}/rooms/{room}/close"))).await;
     assert!(confirm.contains("Close Commander night?"), "{confirm}");
-    assert!(confirm.contains(&format!("method=\"post\" action=\"/rooms/{room}/close\"")));
+    assert!(confirm.contains(&format!("method=\"post\" action=\"/g/{GUILD}/rooms/{room}/close\"")));
     assert!(
         form_value(&confirm, "csrf_token").is_some(),
         "the post carries the token"

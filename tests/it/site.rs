@@ -32,10 +32,11 @@ async fn private_answers_are_never_stored_and_the_stream_and_assets_keep_their_o
     let token = browser.csrf(web).await;
     let private = [
         ("/", 303),
-        ("/rooms", 200),
+        (&*format!("/g/{GUILD}/rooms"), 200),
         (&*format!("/g/{GUILD}/rooms/{lobby}"), 200),
-        ("/rooms/999", 404),
-        ("/rooms/not-a-room", 404),
+        (&*format!("/g/{GUILD}/rooms/999"), 404),
+        (&*format!("/g/{GUILD}/rooms/not-a-room"), 404),
+        ("/rooms/999", 308),
         ("/invite/forged.token.value", 400),
     ];
     for (path, status) in private {
@@ -107,7 +108,7 @@ async fn a_hundred_character_name_makes_a_room_and_unreadable_names_are_refused(
         .await;
     assert_eq!(made.status(), 303, "{}", made.text().await.unwrap());
     let room = location(&made);
-    assert!(room.starts_with("/rooms/"), "{room}");
+    assert!(room.starts_with(&g("/rooms/")), "{room}");
     let state = stack.sim.state().await;
     assert!(
         channel_names(&state).contains(&name),
@@ -288,10 +289,16 @@ async fn someone_outside_the_server_can_log_out_or_use_another_account() {
     // Iris has a Discord account but is not in the server.
     let iris = stack.user("iris").await;
     let browser = Browser::new();
-    let res = browser.login_to(web, &stack.sim, iris, "/rooms").await;
-    assert_eq!(res.status(), 403);
+    let res = browser.login_to(web, &stack.sim, iris, "/").await;
+    assert_eq!(location(&res), "/");
+    // The community's pages answer as if it did not exist; the picker says why not and
+    // offers another account.
+    let hidden = browser.get(&web.url(&g("/rooms"))).await;
+    assert_eq!(hidden.status(), 404);
+    let res = browser.get(&web.url("/")).await;
+    assert_eq!(res.status(), 200);
     let html = res.text().await.unwrap();
-    assert!(html.contains("Not a member yet"), "{html}");
+    assert!(html.contains("None of your Discord servers has Coven yet"), "{html}");
     assert!(html.contains("Use another Discord account"), "{html}");
     assert!(html.contains(">Log out<"), "{html}");
     assert!(
@@ -299,8 +306,8 @@ async fn someone_outside_the_server_can_log_out_or_use_another_account() {
         "switching logs out, then in: {html}"
     );
     // Loading a page again: the same, with the header.
-    let again = browser.get(&web.url(&g("/rooms"))).await;
-    assert_eq!(again.status(), 403);
+    let again = browser.get(&web.url("/")).await;
+    assert_eq!(again.status(), 200);
     let html = again.text().await.unwrap();
     assert!(html.contains("Use another Discord account"), "{html}");
     let token = form_value(&html, "csrf_token").expect("the session's token");

@@ -309,7 +309,7 @@ async fn without_a_valid_session_nothing_is_shown_and_logins_stay_on_site() {
     assert_eq!(page.status(), 303);
     assert_eq!(
         location(&page),
-        "/auth/login?return_to=%2Frooms%2F123%3Fx%3D1"
+        format!("/auth/login?return_to=%2Fg%2F{GUILD}%2Frooms%2F123%3Fx%3D1")
     );
 
     let ash = stack.user("ash").await;
@@ -319,7 +319,7 @@ async fn without_a_valid_session_nothing_is_shown_and_logins_stay_on_site() {
         .await;
     assert_eq!(
         (done.status().as_u16(), location(&done)),
-        (303, g("/rooms"))
+        (303, "/rooms".to_owned())
     );
     let done = Browser::new()
         .login_to(web, &stack.sim, ash, "/rooms/1?from=invite")
@@ -384,7 +384,7 @@ async fn an_expired_discord_token_is_refreshed_silently_and_a_refused_one_logs_i
     );
     assert_eq!(
         location(&page),
-        format!("/auth/login?return_to=%2Frooms%2F{lobby}"),
+        format!("/auth/login?return_to=%2Fg%2F{GUILD}%2Frooms%2F{lobby}"),
         "and coming back to the same page"
     );
 }

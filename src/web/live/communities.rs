@@ -22,7 +22,8 @@ use crate::web::App;
 use crate::web::guard::parse_guild;
 use crate::web::guilds::Guild;
 use crate::web::http::error::WebError;
-use crate::web::session::SessionCache;
+use crate::web::members;
+use crate::web::session::{SessionCache, SessionUser};
 
 /// How long a guild nobody here streams keeps its hub: a page reload (stream closed,
 /// stream opened) must not rebuild it.
@@ -48,7 +49,11 @@ impl Drop for Community {
 /// The community a stream asks for (`guild=`), served and started here: without
 /// `guild`, the only one when there is one (else 400); a guild that is not served, or is
 /// no guild id, answers like a room that does not exist.
-pub async fn for_stream(app: &App, raw: Option<&str>) -> Result<(Guild, Arc<Community>), WebError> {
+pub async fn for_stream(
+    app: &App,
+    raw: Option<&str>,
+    who: &SessionUser,
+) -> Result<(Guild, Arc<Community>), WebError> {
     let id = match raw.filter(|r| !r.is_empty()) {
         Some(raw) => parse_guild(raw).ok_or_else(WebError::no_such_room)?,
         None => app.guilds.only().await?.ok_or_else(|| {
@@ -63,6 +68,26 @@ pub async fn for_stream(app: &App, raw: Option<&str>) -> Result<(Guild, Arc<Comm
         .await?
         .ok_or_else(WebError::no_such_room)?;
     let community = app.communities.watch(id, guild.bus.clone()).await?;
+    // Someone whose membership was never asked here (a stream opened before any page of
+    // the community) is asked now, with their own token; afterwards the roles are cached.
+    if community
+        .hub
+        .roles
+        .roles(&*guild.bus, who.person.id)
+        .await?
+        .is_none()
+    {
+        match members::current(app, &guild, who).await {
+            Ok(_) => {}
+            Err(WebError::Discord(crate::discord::DiscordError::Unauthorized)) => {
+                return Err(WebError::NotLoggedIn {
+                    return_to: "/".to_owned(),
+                    api: true,
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
     Ok((guild, community))
 }
 

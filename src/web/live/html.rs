@@ -212,7 +212,7 @@ pub async fn html_stream(
 ) -> Result<Response, WebError> {
     let after = query::last_id(&last_event_id, q.last_event_id.as_deref())?;
     let views = query::parse_views(q.view.as_deref())?;
-    let (guild, community) = communities::for_stream(&app, q.guild.as_deref()).await?;
+    let (guild, community) = communities::for_stream(&app, q.guild.as_deref(), &who).await?;
     let hub = community.hub.clone();
     let bus: Arc<dyn Backend> = guild.bus.clone();
     // Counted before subscribing: every frame this stream receives is rendered.

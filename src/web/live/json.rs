@@ -118,7 +118,7 @@ pub async fn stream(
 ) -> Result<Response, WebError> {
     let after = query::last_id(&last_event_id, q.last_event_id.as_deref())?;
     let room = query::room(q.room.as_deref())?;
-    let (guild, community) = communities::for_stream(&app, q.guild.as_deref()).await?;
+    let (guild, community) = communities::for_stream(&app, q.guild.as_deref(), &who).await?;
     let hub = community.hub.clone();
     let bus: Arc<dyn Backend> = guild.bus.clone();
     // Subscribe before replaying: whatever lands meanwhile is in one or the other, and
