@@ -392,8 +392,8 @@ fn on_guild_dispatch(
     let full = matches!(event, Event::GuildCreate(g) if matches!(**g, GuildCreate::Available(_)));
     if full && !guilds.served.contains_key(&guild) {
         tracing::info!(%guild, "serving a guild");
-        let deriver =
-            Deriver::new(guild, settings.room_categories.clone(), Snapshot::default()).with_bot(guilds.bot);
+        let deriver = Deriver::new(guild, settings.room_categories.clone(), Snapshot::default())
+            .with_bot(guilds.bot);
         guilds.served.insert(
             guild,
             Served {

@@ -21,6 +21,7 @@ use super::guard::{GuildId, LoggedIn};
 use super::http::error::WebError;
 use super::http::protect::{NoFields, Sender, WithToken, read_form};
 use super::people;
+use super::settings::AddCoven;
 use super::view::UserView;
 use crate::discord::DiscordError;
 
@@ -41,7 +42,7 @@ async fn addable(
     who: &LoggedIn,
     guild: Id<GuildMarker>,
 ) -> Result<people::KnownGuild, WebError> {
-    if !app.settings.add_coven || app.guilds.fixed() {
+    if app.settings.add_coven == AddCoven::Off || app.guilds.fixed() {
         return Err(WebError::no_such_room());
     }
     let mine = people::guilds_of(app, who).await?;

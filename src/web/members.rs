@@ -44,6 +44,28 @@ pub async fn current(
 ) -> Result<Option<MemberRecord>, WebError> {
     let user = who.person.id;
     let known = guild.bus.member(user).await?;
+    if known.is_some() {
+        return fresh(app, guild, who, known).await;
+    }
+    // Nothing known yet (a first visit): a burst of requests of one person (tabs, a
+    // reconnecting stream) asks once, and the others read what it recorded.
+    let turn = app.asking.turn(guild.id, user);
+    let _held = turn.lock().await;
+    let known = guild.bus.member(user).await?;
+    let answer = fresh(app, guild, who, known).await;
+    drop(_held);
+    app.asking.done(guild.id, user, turn);
+    answer
+}
+
+/// `known`, rechecked when its time has come.
+async fn fresh(
+    app: &App,
+    guild: &Guild,
+    who: &SessionUser,
+    known: Option<MemberRecord>,
+) -> Result<Option<MemberRecord>, WebError> {
+    let user = who.person.id;
     if guild
         .bus
         .claim(&check_key(user), app.settings.member_recheck)
@@ -140,6 +162,37 @@ pub async fn granted(
     }
     record(bus, user, known, Some(roles)).await?;
     Ok(())
+}
+
+/// First questions about a person's membership being asked on this replica, one per
+/// (guild, person) at a time.
+#[derive(Default)]
+pub struct Asking(Mutex<HashMap<Whom, Turn>>);
+
+/// A person in a guild.
+type Whom = (Id<GuildMarker>, Id<UserMarker>);
+
+/// Held while one request asks; the others wait their turn and read its answer.
+type Turn = Arc<tokio::sync::Mutex<()>>;
+
+impl Asking {
+    fn turn(&self, guild: Id<GuildMarker>, user: Id<UserMarker>) -> Turn {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((guild, user))
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets the question once nobody else waits on it.
+    fn done(&self, guild: Id<GuildMarker>, user: Id<UserMarker>, turn: Turn) {
+        let mut asking = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Ours and the map's: nobody else holds it.
+        if Arc::strong_count(&turn) <= 2 {
+            asking.remove(&(guild, user));
+        }
+    }
 }
 
 /// The people holding streams on this replica: how many each holds (capped by

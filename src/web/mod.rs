@@ -67,6 +67,8 @@ pub struct App {
     pub communities: Arc<Communities>,
     /// What every post is checked against.
     pub protect: protect::Protect,
+    /// First membership questions in flight here, asked once each.
+    pub asking: members::Asking,
     /// People with streams on this replica, whose membership is rechecked.
     pub holders: members::StreamHolders,
     /// The gateway's shards' freshness as this replica sees it.
@@ -124,6 +126,7 @@ pub async fn start(
         settings,
         discord,
         communities: communities.clone(),
+        asking: members::Asking::default(),
         holders: members::StreamHolders::default(),
         upstream: freshness::Freshness::default(),
         sessions,

@@ -17,6 +17,7 @@ use super::AppState;
 use super::guard::{LoggedIn, Member};
 use super::http::error::{WebError, page};
 use super::rooms::{self, CLOSED_FLASH, RoomId};
+use super::settings::AddCoven;
 use super::view::{RoomView, UserView, ViewerView, base_of, visible_rooms};
 use super::{invites, people};
 
@@ -98,7 +99,7 @@ pub async fn landing(State(app): State<AppState>, request: Request) -> Result<Re
         .iter()
         .map(|(id, e)| CommunityView::of(*id, &e.name, e.icon.as_deref(), e.available))
         .collect();
-    let offered = app.settings.add_coven && !app.guilds.fixed();
+    let offered = app.settings.add_coven == AddCoven::Anyone && !app.guilds.fixed();
     let addable: Vec<CommunityView> = if offered {
         mine.iter()
             .filter(|g| g.manages && !served.iter().any(|(id, _)| *id == g.id))

@@ -79,8 +79,13 @@ pub struct Tuning {
     pub room_categories: Vec<Id<ChannelMarker>>,
     /// Who may add Coven to a server they manage from the communities page: `anyone`
     /// (with Manage Server there) or `off`
-    #[arg(long = "add-coven", env = "ADD_COVEN", default_value = "anyone", value_parser = parse_add_coven)]
-    pub add_coven: bool,
+    #[arg(
+        long = "add-coven",
+        env = "ADD_COVEN",
+        default_value = "anyone",
+        value_enum
+    )]
+    pub add_coven: AddCoven,
     /// Communities this deployment serves at most (1–1,000,000); a server past it is told
     /// so and served nothing
     #[arg(long = "max-guilds", env = "MAX_GUILDS", default_value = "10000", value_parser = config::parse_number_in::<usize>(1, 1_000_000))]
@@ -162,12 +167,13 @@ pub fn contradictions(parsed: &config::Parsed) -> Vec<Problem> {
     )]
 }
 
-fn parse_add_coven(raw: &str) -> Result<bool, String> {
-    match raw.trim() {
-        "anyone" => Ok(true),
-        "off" => Ok(false),
-        _ => Err(format!("expected anyone or off, got {raw:?}")),
-    }
+/// `ADD_COVEN`: who is offered "Add Coven".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AddCoven {
+    /// Anyone with Manage Server (or Administrator) in a server the bot is not in.
+    Anyone,
+    /// Nobody: the deployment serves the servers it is in.
+    Off,
 }
 
 const DAY: u64 = 24 * 3600;

@@ -8,8 +8,8 @@ use serde_json::json;
 
 use crate::harness::axe::{assert_accessible, axe};
 use crate::harness::browser::{Driver, Page};
+use crate::harness::{GUILD, g};
 use crate::harness::{Stack, wait_for};
-use crate::harness::{g, GUILD};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -264,7 +264,7 @@ async fn axe_finds_nothing_serious_on_the_pages_people_see() {
     c.log_in(web, "Ash").await;
     // A plain form post (no HTMX): the room page comes back.
     let form = c
-        .form(Locator::Css("form[action='/rooms']"))
+        .form(Locator::Css(&format!("form[action='/g/{GUILD}/rooms']")))
         .await
         .expect("the create form");
     form.set_by_name("name", "Friday draft").await.unwrap();
@@ -281,7 +281,9 @@ async fn axe_finds_nothing_serious_on_the_pages_people_see() {
     }
     // Rendered by the server with everyone in it.
     wait_for("the players on a fresh render of the room", || async {
-        c.goto(&web.url(&format!("/g/{GUILD}/rooms/{room}"))).await.ok()?;
+        c.goto(&web.url(&format!("/g/{GUILD}/rooms/{room}")))
+            .await
+            .ok()?;
         let html = c.source().await.ok()?;
         ["Bramble", "Cinder", "Dusk", "Ember"]
             .iter()
@@ -296,7 +298,8 @@ async fn axe_finds_nothing_serious_on_the_pages_people_see() {
     c.open(&web.url(&g("/rooms"))).await;
     c.shot("a11y-rooms").await;
     assert_accessible(&c, "the rooms list").await;
-    c.open(&web.url(&format!("/g/{GUILD}/rooms/{room}/close"))).await;
+    c.open(&web.url(&format!("/g/{GUILD}/rooms/{room}/close")))
+        .await;
     c.shot("a11y-close").await;
     assert_accessible(&c, "the close confirmation").await;
     c.open(&web.url("/no/such/page")).await;

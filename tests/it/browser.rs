@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use fantoccini::Locator;
 use serde_json::json;
 
+use crate::harness::GUILD;
 use crate::harness::browser::Driver;
 use crate::harness::{Stack, wait_for};
-use crate::harness::GUILD;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_players_in_two_browsers_share_a_room_live_until_it_closes() {

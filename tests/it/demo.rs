@@ -4,10 +4,10 @@
 
 use serde_json::Value;
 
+use crate::harness::GUILD;
 use crate::harness::demo::Demo;
 use crate::harness::rooms::invite_link;
 use crate::harness::{Browser, Message, Sse, form_value, location};
-use crate::harness::GUILD;
 
 /// The id of the sim's user `name` in `state`.
 fn user_id(state: &Value, name: &str) -> String {
@@ -77,7 +77,7 @@ async fn the_demo_logs_in_through_the_sim_and_players_fill_a_new_room() {
     // Simulated players join the new room and do things in it.
     let res = browser
         .http
-        .get(format!("{web}/api/stream?room={room}"))
+        .get(format!("{web}/api/stream?guild={GUILD}&room={room}"))
         .send()
         .await
         .unwrap();
@@ -252,7 +252,7 @@ async fn open_in_discord_leads_to_the_sims_channel_page_where_you_join_voice() {
     // Ash joins voice there; the room page's stream says so, and the page has them in.
     let res = browser
         .http
-        .get(format!("{web}/api/stream?room={room}"))
+        .get(format!("{web}/api/stream?guild={GUILD}&room={room}"))
         .send()
         .await
         .unwrap();

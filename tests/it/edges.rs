@@ -14,7 +14,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use twilight_model::id::Id;
 
 use crate::harness::{Browser, Stack, Web, metric, wait_for, within};
-use crate::harness::g;
+use crate::harness::{GUILD, g};
 
 fn addr(web: &Web) -> SocketAddr {
     web.url
@@ -380,7 +380,7 @@ async fn a_body_trickled_a_byte_at_a_time_is_refused_after_ten_seconds() {
     let web = stack.web(0);
     let mut conn = TcpStream::connect(addr(web)).await.unwrap();
     let head = format!(
-        "POST /rooms HTTP/1.1\r\nHost: coven\r\nCookie: {cookie}\r\n\
+        "POST /g/{GUILD}/rooms HTTP/1.1\r\nHost: coven\r\nCookie: {cookie}\r\n\
          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nname=Slow"
     );
     conn.write_all(head.as_bytes()).await.unwrap();

@@ -22,7 +22,6 @@ use crate::harness::{
 };
 use crate::harness::{GUILD, g};
 
-
 fn ping(seq: u64) -> EventData {
     EventData::Ping { seq, ts: seq }
 }

@@ -11,7 +11,7 @@ use fred::types::CustomCommand;
 use futures_util::StreamExt;
 
 use crate::harness::{Browser, RedisServer, Stack, TestSim, location, metric};
-use crate::harness::{g, GUILD};
+use crate::harness::{GUILD, g};
 
 /// The longest a login attempt may live in Redis.
 const LOGIN_TTL_MS: i64 = 10 * 60 * 1000;
@@ -179,6 +179,8 @@ async fn a_thousand_anonymous_logins_leave_only_small_sessions_that_expire_withi
         "a logged-in session lives SESSION_TTL (7d): {ttl} ms"
     );
     assert_eq!(browser.get(&web.url(&g("/rooms"))).await.status(), 200);
+    // Opening the community recorded the membership (the bus's keys, no session).
+    let done = keys(&client).await;
 
     // A logged-in user who starts another login keeps their long session.
     let again = browser.get(&web.url("/auth/login")).await;

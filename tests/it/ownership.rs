@@ -6,9 +6,9 @@
 use fred::prelude::*;
 use serde_json::{Value, json};
 
+use crate::harness::GUILD;
 use crate::harness::rooms::{find, invite_link, invite_path};
 use crate::harness::{Stack, location, wait_for};
-use crate::harness::GUILD;
 
 /// The room records in `P:{G}:rooms`, by channel id.
 async fn stored_rooms(stack: &Stack) -> std::collections::HashMap<String, Value> {

@@ -9,8 +9,8 @@ use serde_json::json;
 
 use crate::harness::browser::{Driver, Page};
 use crate::harness::demo::Demo;
+use crate::harness::{GUILD, g};
 use crate::harness::{Stack, metric, wait_for};
-use crate::harness::{g, GUILD};
 
 /// Whether the current tab shows `user` in the room's member list.
 async fn shows_member(c: &Client, room: u64, user: u64) -> bool {
@@ -247,8 +247,11 @@ async fn without_javascript_close_asks_on_a_page_of_its_own_then_closes() {
         .click()
         .await
         .unwrap();
-    c.url_has("the confirmation page", &format!("/g/{GUILD}/rooms/{room}/close"))
-        .await;
+    c.url_has(
+        "the confirmation page",
+        &format!("/g/{GUILD}/rooms/{room}/close"),
+    )
+    .await;
     c.shot("40-close-confirm-no-js").await;
     assert!(
         stack.sim.state().await["channels"]
@@ -404,6 +407,8 @@ async fn the_readmes_demo_walk_lets_a_friend_in_within_fifteen_seconds() {
     first.open(&format!("{}/", demo.web)).await;
     first.click_log_in().await;
     first.pick("Ash").await;
+    // Two communities have Coven in the demo: Ash picks one.
+    first.choose_community("Coven Playgroup").await;
     first.appears("the create form", "#room-name").await;
     first.create_room("Friday Night Catan").await;
     let created = Instant::now();
@@ -415,7 +420,9 @@ async fn the_readmes_demo_walk_lets_a_friend_in_within_fifteen_seconds() {
     friend.open(&format!("{}/", demo.web)).await;
     friend.click_log_in().await;
     friend.pick("Bramble").await;
-    friend.url_has("the rooms page", "/rooms").await;
+    friend
+        .appears("the communities page", ".community-list")
+        .await;
     friend.open(&invite).await;
     friend
         .url_has("the room's page", &format!("/g/{GUILD}/rooms/{room}"))
@@ -450,7 +457,9 @@ async fn the_readmes_demo_walk_lets_a_friend_in_within_fifteen_seconds() {
             .map(|_| ())
     })
     .await;
-    friend.open(&format!("{}/g/{GUILD}/rooms/{room}", demo.web)).await;
+    friend
+        .open(&format!("{}/g/{GUILD}/rooms/{room}", demo.web))
+        .await;
     friend
         .shown("the friend's page saying they are in", "[data-state=in]")
         .await;

@@ -9,7 +9,7 @@ use twilight_model::guild::Permissions;
 
 use crate::harness::rooms::{find, invite_link};
 use crate::harness::{Browser, INVITE_SECRET, Stack, form_value, location, wait_for, within};
-use crate::harness::{g, GUILD};
+use crate::harness::{GUILD, g};
 
 /// What a room's role (and its creator) may do in its channel.
 const ROOM_ALLOW: Permissions = Permissions::VIEW_CHANNEL
@@ -251,7 +251,9 @@ async fn an_invite_brings_a_non_member_into_the_guild_and_the_room_and_bad_ones_
         member["roles"].as_array().unwrap().contains(&role_id),
         "juniper holds the role"
     );
-    let html = guest.page(&b.url(&format!("/g/{GUILD}/rooms/{room}"))).await;
+    let html = guest
+        .page(&b.url(&format!("/g/{GUILD}/rooms/{room}")))
+        .await;
     assert!(html.contains("Pauper league"));
 
     // Forged: a changed signature, or another key.
@@ -377,7 +379,11 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
 
     // "Move me in": only from another voice channel of the guild.
     let res = creator
-        .post(a, &format!("/g/{GUILD}/rooms/{room}/move"), &[("csrf_token", &token)])
+        .post(
+            a,
+            &format!("/g/{GUILD}/rooms/{room}/move"),
+            &[("csrf_token", &token)],
+        )
         .await;
     assert_eq!(res.status(), 409);
     assert!(res.text().await.unwrap().contains("not in a voice channel"));
@@ -392,7 +398,11 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
     })
     .await;
     let res = creator
-        .post(a, &format!("/g/{GUILD}/rooms/{room}/move"), &[("csrf_token", &token)])
+        .post(
+            a,
+            &format!("/g/{GUILD}/rooms/{room}/move"),
+            &[("csrf_token", &token)],
+        )
         .await;
     assert_eq!(
         (res.status().as_u16(), location(&res)),
@@ -409,10 +419,16 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
 
     // Without JavaScript, Close leads to a confirmation page; only its post closes.
     let page = creator.room_page(a, &room).await;
-    assert!(page.contains(&format!("method=\"get\" action=\"/g/{GUILD}/rooms/{room}/close\"")));
-    let confirm = creator.page(&a.url(&format!("/g/{GUILD}/rooms/{room}/close"))).await;
+    assert!(page.contains(&format!(
+        "method=\"get\" action=\"/g/{GUILD}/rooms/{room}/close\""
+    )));
+    let confirm = creator
+        .page(&a.url(&format!("/g/{GUILD}/rooms/{room}/close")))
+        .await;
     assert!(confirm.contains("Close Commander night?"), "{confirm}");
-    assert!(confirm.contains(&format!("method=\"post\" action=\"/g/{GUILD}/rooms/{room}/close\"")));
+    assert!(confirm.contains(&format!(
+        "method=\"post\" action=\"/g/{GUILD}/rooms/{room}/close\""
+    )));
     assert!(
         form_value(&confirm, "csrf_token").is_some(),
         "the post carries the token"
@@ -489,7 +505,9 @@ async fn posts_need_their_token_and_only_the_creator_closes_a_room_once_or_twice
         )
         .await;
     assert_eq!(again.status(), 303, "closing twice is fine");
-    let page = creator.get(&a.url(&format!("/g/{GUILD}/rooms/{room}"))).await;
+    let page = creator
+        .get(&a.url(&format!("/g/{GUILD}/rooms/{room}")))
+        .await;
     assert_eq!(page.status(), 404);
 }
 
@@ -509,7 +527,11 @@ async fn a_failure_part_way_leaves_nothing_behind_and_rate_limits_are_waited_out
         .fail_once(json!({"method": "POST", "path": "/guilds/*/channels", "status": 500}))
         .await;
     let res = browser
-        .post(a, &g("/rooms"), &[("name", "Doomed"), ("csrf_token", &token)])
+        .post(
+            a,
+            &g("/rooms"),
+            &[("name", "Doomed"), ("csrf_token", &token)],
+        )
         .await;
     assert_eq!(res.status(), 503);
     assert!(res.text().await.unwrap().contains("Nothing was changed"));
@@ -523,7 +545,11 @@ async fn a_failure_part_way_leaves_nothing_behind_and_rate_limits_are_waited_out
         )
         .await;
     let res = browser
-        .post(a, &g("/rooms"), &[("name", "Doomed"), ("csrf_token", &token)])
+        .post(
+            a,
+            &g("/rooms"),
+            &[("name", "Doomed"), ("csrf_token", &token)],
+        )
         .await;
     assert_eq!(res.status(), 502);
     assert!(res.text().await.unwrap().contains("lacks a permission"));
@@ -536,7 +562,11 @@ async fn a_failure_part_way_leaves_nothing_behind_and_rate_limits_are_waited_out
         .await;
     let started = Instant::now();
     let res = browser
-        .post(a, &g("/rooms"), &[("name", "Patient"), ("csrf_token", &token)])
+        .post(
+            a,
+            &g("/rooms"),
+            &[("name", "Patient"), ("csrf_token", &token)],
+        )
         .await;
     assert_eq!(res.status(), 303);
     assert!(

@@ -14,7 +14,7 @@ use twilight_model::id::Id;
 use crate::harness::{
     Browser, Message, RedisServer, Stack, TestSim, location, metric, metrics_page, wait_for, within,
 };
-use crate::harness::{g, GUILD};
+use crate::harness::{GUILD, g};
 
 fn ids(messages: &[Message]) -> Vec<String> {
     messages.iter().filter_map(|m| m.id.clone()).collect()
@@ -111,7 +111,12 @@ async fn a_stream_resumes_on_the_other_replica_with_exactly_what_it_missed() {
     browser.login(a, &stack.sim, ash).await;
 
     // The page's snapshot, then changes land before its stream connects.
-    let html = browser.get(&a.url(&g("/rooms"))).await.text().await.unwrap();
+    let html = browser
+        .get(&a.url(&g("/rooms")))
+        .await
+        .text()
+        .await
+        .unwrap();
     let page_at = page_event_id(&html);
     let mut observer = browser.stream(&b.url("/api/stream"), None).await;
     stack.voice(ash, Some(stack.lobby), json!({})).await;
@@ -335,17 +340,17 @@ async fn without_a_valid_session_nothing_is_shown_and_logins_stay_on_site() {
     let text = replay.text().await.unwrap();
     assert!(text.contains("Start again"), "{text}");
 
-    // Someone outside the guild is told so, and how to get in.
+    // Someone outside the guild sees nothing of it, and is told how to get in.
     let iris = stack.user("iris").await;
     let outsider = Browser::new();
-    let done = outsider.login_to(web, &stack.sim, iris, "/rooms").await;
-    assert_eq!(done.status(), 403);
-    let text = done.text().await.unwrap();
+    outsider.login_to(web, &stack.sim, iris, "/rooms").await;
+    assert_eq!(outsider.get(&web.url(&g("/rooms"))).await.status(), 404);
+    let text = outsider.get(&web.url("/")).await.text().await.unwrap();
     assert!(
-        text.contains("not a member") && text.contains("invite"),
+        text.contains("None of your Discord servers has Coven yet") && text.contains("invite"),
         "{text}"
     );
-    assert_eq!(outsider.get(&web.url("/api/stream")).await.status(), 403);
+    assert_eq!(outsider.get(&web.url("/api/stream")).await.status(), 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,7 +381,9 @@ async fn an_expired_discord_token_is_refreshed_silently_and_a_refused_one_logs_i
         .await;
     assert_eq!(status, 200);
     let lobby = stack.lobby;
-    let page = browser.get(&web.url(&format!("/g/{GUILD}/rooms/{lobby}"))).await;
+    let page = browser
+        .get(&web.url(&format!("/g/{GUILD}/rooms/{lobby}")))
+        .await;
     assert_eq!(
         page.status(),
         303,

@@ -15,9 +15,9 @@ use fantoccini::error::CmdError;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 
+use super::g;
 use super::redis::free_port;
 use super::{DEADLINE, Web, wait_for};
-use super::g;
 
 /// chromedriver on a free port, stopped when dropped.
 pub struct Driver {
@@ -238,6 +238,27 @@ impl Page {
         self.open(&web.url("/auth/login")).await;
         self.pick(name).await;
         self.url_has("the rooms page", "/rooms").await;
+    }
+
+    /// On the communities page, opens the community named `name`.
+    pub async fn choose_community(&self, name: &str) {
+        let link = format!("//a[@class='community-link'][.//span[normalize-space(.)='{name}']]");
+        wait_for("the community in the picker", || async {
+            self.client
+                .find(Locator::XPath(&link))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        self.client
+            .find(Locator::XPath(&link))
+            .await
+            .expect("the community")
+            .click()
+            .await
+            .expect("choose");
+        self.url_has("the community's rooms", "/rooms").await;
     }
 
     /// Types a room name into the create form on `/rooms` and sends it.

@@ -11,7 +11,7 @@ use std::fmt::Display;
 use serde_json::Value;
 
 use super::{Browser, Web, location};
-use super::{g, GUILD};
+use super::{GUILD, g};
 
 /// The entry of `list` (`channels`, `roles`, `members`, `voice_states`, ...) in the
 /// simulator's `state` whose `id` (or `user_id`) is `id`.
@@ -61,7 +61,8 @@ impl Browser {
 
     /// The room's page on `web` (asserting 200).
     pub async fn room_page(&self, web: &Web, room: impl Display) -> String {
-        self.page(&web.url(&format!("/g/{GUILD}/rooms/{room}"))).await
+        self.page(&web.url(&format!("/g/{GUILD}/rooms/{room}")))
+            .await
     }
 
     /// The invite link the room's page on `web` offers.

@@ -9,9 +9,9 @@ use futures_util::StreamExt;
 use reqwest::cookie::Jar;
 use serde_json::Value;
 
+use super::g;
 use super::redis::free_port;
 use super::{CovenProcess, DEADLINE, RedisServer, TestSim};
-use super::g;
 
 /// The invite key every test replica signs with (tests forge and expire tokens with it).
 pub const INVITE_SECRET: &str = "test-invite-secret-0123456789abcdef";
