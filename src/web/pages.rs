@@ -127,12 +127,20 @@ pub async fn community(member: Member) -> Response {
     Redirect::to(&format!("/g/{}/rooms", member.guild.id)).into_response()
 }
 
-/// `/rooms`, from before communities: the only community's rooms (308, so a post keeps
-/// its method and body), else the picker.
-pub async fn old_rooms(State(app): State<AppState>, uri: Uri) -> Result<Response, WebError> {
+/// `/rooms`, from before communities: a page view goes to the picker, which leads
+/// straight to the person's only community (and shows someone outside it the way in);
+/// a post goes to the only community's (308, so it keeps its method and body).
+pub async fn old_rooms(
+    State(app): State<AppState>,
+    method: axum::http::Method,
+    uri: Uri,
+) -> Result<Response, WebError> {
+    if method == axum::http::Method::GET {
+        return Ok(Redirect::to("/").into_response());
+    }
     match app.guilds.only().await? {
         Some(guild) => Ok(permanent(&format!("/g/{guild}/rooms"), &uri)),
-        None => Ok(Redirect::to("/").into_response()),
+        None => Err(WebError::no_such_room()),
     }
 }
 
