@@ -67,18 +67,20 @@ pub async fn for_stream(
         .get(id)
         .await?
         .ok_or_else(WebError::no_such_room)?;
-    let community = app.communities.watch(id, guild.bus.clone()).await?;
-    // Someone whose membership was never asked here (a stream opened before any page of
-    // the community) is asked now, with their own token; afterwards the roles are cached.
-    if community
-        .hub
-        .roles
-        .roles(&*guild.bus, who.person.id)
-        .await?
-        .is_none()
-    {
+    // Membership first: someone who is not in the guild must not make this replica
+    // watch it (nor learn anything from the time a hub takes to start).
+    let user = who.person.id;
+    let watched = app.communities.find(id);
+    let known = match &watched {
+        Some(c) => c.hub.roles.roles(&*guild.bus, user).await?.is_some(),
+        None => guild.bus.member(user).await?.is_some(),
+    };
+    if !known {
+        // Never asked here (a stream opened before any page of the community): asked now,
+        // with their own token.
         match members::current(app, &guild, who).await {
-            Ok(_) => {}
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(WebError::no_such_room()),
             Err(WebError::Discord(crate::discord::DiscordError::Unauthorized)) => {
                 return Err(WebError::NotLoggedIn {
                     return_to: "/".to_owned(),
@@ -88,6 +90,10 @@ pub async fn for_stream(
             Err(e) => return Err(e),
         }
     }
+    let community = match watched {
+        Some(c) => c,
+        None => app.communities.watch(id, guild.bus.clone()).await?,
+    };
     Ok((guild, community))
 }
 

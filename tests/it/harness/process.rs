@@ -74,8 +74,13 @@ impl CovenProcess {
         for k in SCRUBBED {
             cmd.env_remove(k);
         }
+        // An empty value unsets (`DISCORD_GUILD_ID=""`: every guild).
         for (k, v) in env {
-            cmd.env(k, v);
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
         }
         let mut child = cmd
             .stdin(Stdio::null())

@@ -51,14 +51,43 @@ impl Stack {
         .await
     }
 
+    /// Redis, sim, a gateway and `replicas` web replicas serving every guild the bot is in
+    /// (no `DISCORD_GUILD_ID`); `extra` goes to every replica.
+    pub async fn every_community(replicas: usize, extra: &[(&str, &str)]) -> Self {
+        Self::every_community_on(TestSim::start().await, replicas, extra).await
+    }
+
+    pub async fn every_community_on(sim: TestSim, replicas: usize, extra: &[(&str, &str)]) -> Self {
+        let mut all = vec![("DISCORD_GUILD_ID", "")];
+        all.extend_from_slice(extra);
+        Self::start_with(
+            RedisServer::start(),
+            sim,
+            replicas,
+            &all,
+            &[("DISCORD_GUILD_ID", "")],
+        )
+        .await
+    }
+
     pub async fn start_on(
         redis: RedisServer,
         sim: TestSim,
         replicas: usize,
         extra: &[(&str, &str)],
     ) -> Self {
+        Self::start_with(redis, sim, replicas, extra, &[]).await
+    }
+
+    async fn start_with(
+        redis: RedisServer,
+        sim: TestSim,
+        replicas: usize,
+        extra: &[(&str, &str)],
+        gateway_extra: &[(&str, &str)],
+    ) -> Self {
         let lobby = sim.id_of("lobby_id").await;
-        let (gateway, gateway_metrics) = spawn_gateway(&redis, &sim);
+        let (gateway, gateway_metrics) = spawn_gateway_on(&sim, &redis.url(), gateway_extra);
         let mut stack = Stack {
             redis,
             sim,

@@ -1,0 +1,478 @@
+//! Many communities in one deployment: what one community's people can reach of
+//! another's (nothing), adding Coven to a server (only its managers, only from what
+//! Discord says), a server the bot leaves or loses, and a replica's cost with many
+//! guilds nobody on it watches.
+
+use std::time::Duration;
+
+use coven::sim::defaults::{DICE_TOWER_GUILD_ID as DICE_TOWER, NIGHT_OWLS_GUILD_ID as OWLS};
+use fred::prelude::*;
+use serde_json::{Value, json};
+
+use crate::harness::{Browser, GUILD, Stack, Web, form_value, location, wait_for};
+
+/// The page a person gets for a room that does not exist in a community they are in.
+async fn no_such_room(browser: &Browser, web: &Web) -> (u16, String) {
+    let res = browser
+        .get(&web.url(&format!("/g/{GUILD}/rooms/424242")))
+        .await;
+    (res.status().as_u16(), res.text().await.unwrap())
+}
+
+/// Makes a room in `guild` as `browser`'s person; its id.
+async fn make_room(browser: &Browser, web: &Web, guild: u64, name: &str) -> u64 {
+    let page = browser.page(&web.url(&format!("/g/{guild}/rooms"))).await;
+    let token = form_value(&page, "csrf_token").unwrap();
+    let made = browser
+        .post(
+            web,
+            &format!("/g/{guild}/rooms"),
+            &[("name", name), ("csrf_token", &token)],
+        )
+        .await;
+    assert_eq!(made.status(), 303, "{}", made.text().await.unwrap());
+    location(&made)
+        .strip_prefix(&format!("/g/{guild}/rooms/"))
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("made in {guild}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_of_one_community_reaches_nothing_of_another() {
+    let stack = Stack::every_community(1, &[]).await;
+    let web = stack.web(0);
+    wait_for("Night Owls registered", || async {
+        registered(&stack, OWLS).await.then_some(())
+    })
+    .await;
+    // Nyx is in Night Owls only and makes a room there; Cinder is in Coven Playgroup only.
+    let nyx = stack
+        .login_as(web, stack.sim.user_of(OWLS, "nyx").await)
+        .await;
+    let room = make_room(&nyx, web, OWLS, "Owls only").await;
+    let cinder_id = stack.user("cinder").await;
+    let cinder = stack.login_as(web, cinder_id).await;
+    let token = cinder.csrf(web).await;
+    let (status, hidden) = no_such_room(&cinder, web).await;
+    assert_eq!(status, 404);
+
+    let pages = [
+        format!("/g/{OWLS}"),
+        format!("/g/{OWLS}/rooms"),
+        format!("/g/{OWLS}/rooms/{room}"),
+        format!("/g/{OWLS}/rooms/{room}/close"),
+        format!("/g/{OWLS}/rooms/424242"),
+        format!("/g/{OWLS}/setting-up"),
+        format!("/g/0{OWLS}/rooms"),
+        format!("/g/{OWLS}0/rooms"),
+        format!("/g/-{OWLS}/rooms"),
+        "/g/18446744073709551616/rooms".to_owned(),
+        "/g/%31%31/rooms".to_owned(),
+    ];
+    for path in &pages {
+        let res = cinder.get(&web.url(path)).await;
+        assert_eq!(res.status(), 404, "{path}");
+        assert_eq!(
+            res.text().await.unwrap(),
+            hidden,
+            "{path} reads like no room"
+        );
+    }
+    let posts = [
+        format!("/g/{OWLS}/rooms"),
+        format!("/g/{OWLS}/rooms/{room}/close"),
+        format!("/g/{OWLS}/rooms/{room}/move"),
+        format!("/g/{OWLS}/rooms/{room}/invite"),
+        format!("/g/{OWLS}/add"),
+    ];
+    for path in &posts {
+        let res = cinder
+            .post(web, path, &[("name", "mine now"), ("csrf_token", &token)])
+            .await;
+        assert_eq!(res.status(), 404, "POST {path}");
+        assert_eq!(
+            res.text().await.unwrap(),
+            hidden,
+            "POST {path} reads like no room"
+        );
+    }
+    let streams = [
+        format!("/api/stream?guild={OWLS}"),
+        format!("/api/stream?guild={OWLS}&room={room}"),
+        format!("/api/stream/html?guild={OWLS}"),
+        format!("/api/stream/html?guild={OWLS}&view={room}"),
+        "/api/stream?guild=not-a-guild".to_owned(),
+    ];
+    let none = cinder
+        .get(&web.url(&format!("/api/stream?guild={GUILD}&room=424242")))
+        .await;
+    assert_eq!(none.status(), 404);
+    let none = none.text().await.unwrap();
+    for path in &streams {
+        let res = cinder.get(&web.url(path)).await;
+        assert_eq!(res.status(), 404, "{path}");
+        assert_eq!(res.text().await.unwrap(), none, "{path} reads like no room");
+    }
+    // Without `guild`, a deployment of several communities cannot guess.
+    assert_eq!(cinder.get(&web.url("/api/stream")).await.status(), 400);
+
+    // Counted nowhere: no member record, no viewer, no event of hers in Night Owls, and
+    // the replica does not watch Night Owls for her.
+    let redis = stack.redis_client().await;
+    let member: Option<String> = redis
+        .hget(format!("coven:{{{OWLS}}}:members"), cinder_id.to_string())
+        .await
+        .unwrap();
+    assert_eq!(member, None);
+    let log: Vec<(String, Vec<(String, String)>)> = redis
+        .xrange(format!("coven:{{{OWLS}}}:events"), "-", "+", None)
+        .await
+        .unwrap();
+    assert!(
+        !format!("{log:?}").contains(&cinder_id.to_string()),
+        "nothing of Cinder in Night Owls' log"
+    );
+    let health: Value = reqwest::get(web.url("/healthz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["communities_watched"], 0, "{health}");
+
+    // The room is there for its own people all along.
+    let res = nyx.get(&web.url(&format!("/g/{OWLS}/rooms/{room}"))).await;
+    assert_eq!(res.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forms_and_invites_are_of_their_routes_community_only() {
+    let stack = Stack::every_community(1, &[]).await;
+    let web = stack.web(0);
+    wait_for("Night Owls registered", || async {
+        registered(&stack, OWLS).await.then_some(())
+    })
+    .await;
+    // Ash is in both; a forged guild in the form changes nothing: the route decides.
+    let ash = stack.login_as(web, stack.user("ash").await).await;
+    let token = ash.csrf(web).await;
+    let made = ash
+        .post(
+            web,
+            &format!("/g/{GUILD}/rooms"),
+            &[
+                ("name", "Forged"),
+                ("csrf_token", &token),
+                ("guild_id", &OWLS.to_string()),
+                ("guild", &OWLS.to_string()),
+            ],
+        )
+        .await;
+    assert_eq!(made.status(), 303);
+    let room: u64 = location(&made)
+        .strip_prefix(&format!("/g/{GUILD}/rooms/"))
+        .and_then(|r| r.parse().ok())
+        .expect("made in the route's community");
+    let owls = stack.sim.guild_state(OWLS).await;
+    assert!(
+        !owls.to_string().contains("Forged"),
+        "nothing was made in Night Owls"
+    );
+
+    // Its invite names Coven Playgroup; replayed under Night Owls' routes it is nothing.
+    let page = ash
+        .page(&web.url(&format!("/g/{GUILD}/rooms/{room}")))
+        .await;
+    let link = crate::harness::rooms::invite_link(&page);
+    let token_path = link.trim_start_matches(&web.url);
+    for path in [
+        format!("/g/{OWLS}{token_path}"),
+        format!("/g/{GUILD}{token_path}"),
+    ] {
+        assert_eq!(ash.get(&web.url(&path)).await.status(), 404, "{path}");
+    }
+    // Followed where it belongs, it leads into Coven Playgroup's room.
+    let nyx = stack
+        .login_as(web, stack.sim.user_of(OWLS, "nyx").await)
+        .await;
+    let res = nyx.get(&web.url(token_path)).await;
+    assert_eq!(res.status(), 200, "asked before joining the server");
+    let confirm = res.text().await.unwrap();
+    assert!(confirm.contains("Coven Playgroup"), "{confirm}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_servers_managers_are_offered_coven_and_nothing_registers_from_a_redirect() {
+    let stack = Stack::every_community(1, &[]).await;
+    let web = stack.web(0);
+    let before = registry_len(&stack).await;
+
+    // A plain member of Dice Tower is never offered it, nor can post for it.
+    let fable = stack.login_as(web, stack.user("fable").await).await;
+    let picker = fable.page(&web.url("/")).await;
+    assert!(!picker.contains("data-addable"), "{picker}");
+    let token = form_value(&picker, "csrf_token").unwrap_or_default();
+    let res = fable
+        .post(
+            web,
+            &format!("/g/{DICE_TOWER}/add"),
+            &[("csrf_token", &token)],
+        )
+        .await;
+    assert_eq!(res.status(), 404);
+
+    // Its owner is; the authorization goes to Discord for exactly that server.
+    let dusk = stack.login_as(web, stack.user("dusk").await).await;
+    let picker = dusk.page(&web.url("/")).await;
+    assert!(
+        picker.contains(&format!("data-addable=\"{DICE_TOWER}\"")),
+        "{picker}"
+    );
+    let token = form_value(&picker, "csrf_token").unwrap();
+    // Without the session's token, nothing starts.
+    let res = dusk
+        .post(
+            web,
+            &format!("/g/{DICE_TOWER}/add"),
+            &[("csrf_token", "guess")],
+        )
+        .await;
+    assert_eq!(res.status(), 403);
+    let res = dusk
+        .post(
+            web,
+            &format!("/g/{DICE_TOWER}/add"),
+            &[("csrf_token", &token)],
+        )
+        .await;
+    assert_eq!(res.status(), 303);
+    let authorize = url::Url::parse(&location(&res)).unwrap();
+    let q: std::collections::HashMap<_, _> = authorize.query_pairs().into_owned().collect();
+    assert_eq!(q["guild_id"], DICE_TOWER.to_string());
+    assert_eq!(q["disable_guild_select"], "true");
+    assert_eq!(q["response_type"], "code");
+    assert!(q["scope"].split(' ').any(|s| s == "bot"), "{q:?}");
+    assert!(q.contains_key("code_challenge") && q.contains_key("state"));
+    assert_eq!(q["redirect_uri"], web.url("/auth/added"));
+
+    // A forged return: a guild the bot never joined, a code Discord never gave.
+    let state = &q["state"];
+    let forged = dusk
+        .get(&web.url(&format!(
+            "/auth/added?code=forged&state={state}&guild_id=4242424242424242&permissions=8"
+        )))
+        .await;
+    assert_eq!(forged.status(), 400);
+    // No state of this session: refused too.
+    let stray = dusk
+        .get(&web.url("/auth/added?code=x&state=y&guild_id=4242424242424242"))
+        .await;
+    assert_eq!(stray.status(), 400);
+    assert_eq!(registry_len(&stack).await, before, "nothing registered");
+
+    // The real round trip, its redirect's guild_id tampered with: Coven waits for the
+    // server it asked for, and registers only what the gateway hears from Discord.
+    let res = dusk
+        .post(
+            web,
+            &format!("/g/{DICE_TOWER}/add"),
+            &[("csrf_token", &token)],
+        )
+        .await;
+    let approved = dusk
+        .get(&format!(
+            "{}&sim_user={}",
+            location(&res),
+            stack.user("dusk").await
+        ))
+        .await;
+    assert!(approved.status().is_redirection());
+    let back = location(&approved).replace(
+        &format!("guild_id={DICE_TOWER}"),
+        "guild_id=4242424242424242",
+    );
+    let done = dusk.get(&back).await;
+    assert_eq!(
+        location(&done),
+        format!("/g/{DICE_TOWER}/setting-up"),
+        "the server this session asked for"
+    );
+    wait_for("Dice Tower registered from its GUILD_CREATE", || async {
+        registered(&stack, DICE_TOWER).await.then_some(())
+    })
+    .await;
+    assert!(!registered(&stack, 4_242_424_242_424_242).await);
+    let up = dusk
+        .get(&web.url(&format!("/g/{DICE_TOWER}/setting-up")))
+        .await;
+    assert_eq!(location(&up), format!("/g/{DICE_TOWER}/rooms"));
+    assert_eq!(
+        dusk.get(&web.url(&format!("/g/{DICE_TOWER}/rooms")))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_coven_is_offered_to_nobody_when_off_or_when_the_guilds_are_fixed() {
+    for stack in [
+        Stack::every_community(1, &[("ADD_COVEN", "off")]).await,
+        Stack::start(1, &[]).await,
+    ] {
+        let web = stack.web(0);
+        let dusk = stack.login_as(web, stack.user("dusk").await).await;
+        let picker = dusk.get(&web.url("/")).await;
+        // Fixed to one community with nothing to add: straight there.
+        if picker.status() == 303 {
+            assert_eq!(location(&picker), format!("/g/{GUILD}/rooms"));
+        } else {
+            let html = picker.text().await.unwrap();
+            assert!(!html.contains("data-addable"), "{html}");
+        }
+        let token = dusk.csrf(web).await;
+        let res = dusk
+            .post(
+                web,
+                &format!("/g/{DICE_TOWER}/add"),
+                &[("csrf_token", &token)],
+            )
+            .await;
+        assert_eq!(res.status(), 404);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_the_bot_leaves_ends_its_streams_and_an_outage_is_a_banner() {
+    let stack = Stack::every_community(1, &[]).await;
+    let web = stack.web(0);
+    wait_for("Night Owls registered", || async {
+        registered(&stack, OWLS).await.then_some(())
+    })
+    .await;
+    let nyx = stack
+        .login_as(web, stack.sim.user_of(OWLS, "nyx").await)
+        .await;
+    let rooms = web.url(&format!("/g/{OWLS}/rooms"));
+    assert_eq!(nyx.get(&rooms).await.status(), 200);
+
+    // An outage: the community stays, with a banner, and comes back.
+    let outage = |down: bool| {
+        let url = stack.sim.url(&format!("/_sim/guilds/{OWLS}/outage"));
+        async move {
+            let res = reqwest::Client::new()
+                .post(url)
+                .json(&json!({ "unavailable": down }))
+                .send()
+                .await
+                .unwrap();
+            assert!(res.status().is_success(), "{}", res.status());
+        }
+    };
+    outage(true).await;
+    wait_for("the unavailable banner", || async {
+        nyx.page(&rooms)
+            .await
+            .contains("data-unavailable")
+            .then_some(())
+    })
+    .await;
+    outage(false).await;
+    wait_for("the banner gone", || async {
+        (!nyx.page(&rooms).await.contains("data-unavailable")).then_some(())
+    })
+    .await;
+
+    // The bot removed: the stream ends, former members are told, others learn nothing.
+    let mut stream = nyx
+        .stream(&web.url(&format!("/api/stream?guild={OWLS}")), None)
+        .await;
+    let res = reqwest::Client::new()
+        .delete(stack.sim.url(&format!("/_sim/guilds/{OWLS}/bot")))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success());
+    assert!(
+        stream.ends_within(Duration::from_secs(10)).await,
+        "the community's stream ended"
+    );
+    wait_for("Night Owls unregistered", || async {
+        (!registered(&stack, OWLS).await).then_some(())
+    })
+    .await;
+    let gone = nyx.get(&rooms).await;
+    assert_eq!(gone.status(), 404);
+    assert!(
+        gone.text()
+            .await
+            .unwrap()
+            .contains("no longer in this server")
+    );
+    let cinder = stack.login_as(web, stack.user("cinder").await).await;
+    let (_, hidden) = no_such_room(&cinder, web).await;
+    let res = cinder.get(&rooms).await;
+    assert_eq!(res.status(), 404);
+    assert_eq!(res.text().await.unwrap(), hidden);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_a_thousand_guilds_watches_only_those_it_streams() {
+    let sim = crate::harness::TestSim::start_with(|s| s.guilds = 1000).await;
+    let stack = Stack::every_community_on(sim, 1, &[]).await;
+    let web = stack.web(0);
+    wait_for("a thousand guilds registered", || async {
+        (registry_len(&stack).await >= 1002).then_some(())
+    })
+    .await;
+    // Streams on three of them: Ash's two, and a generated one's host's.
+    let ash = stack.login_as(web, stack.user("ash").await).await;
+    let third = coven::sim::defaults::generated_guild_id(499);
+    let host = stack
+        .login_as(web, stack.sim.user_of(third, "g500.host").await)
+        .await;
+    let mut streams = Vec::new();
+    for (who, guild) in [(&ash, GUILD), (&ash, OWLS), (&host, third)] {
+        for _ in 0..3 {
+            streams.push(
+                who.stream(&web.url(&format!("/api/stream?guild={guild}")), None)
+                    .await,
+            );
+        }
+    }
+    let health: Value = reqwest::get(web.url("/healthz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["communities_watched"], 3, "{health}");
+    let redis = stack.redis_client().await;
+    let channels: Vec<String> = redis
+        .custom(
+            fred::types::CustomCommand::new_static("PUBSUB", None, false),
+            vec!["SHARDCHANNELS"],
+        )
+        .await
+        .unwrap();
+    let guilds: Vec<&String> = channels.iter().filter(|c| c.ends_with(":events")).collect();
+    assert_eq!(
+        guilds.len(),
+        3,
+        "subscribed to the three guilds watched: {channels:?}"
+    );
+}
+
+async fn registered(stack: &Stack, guild: u64) -> bool {
+    let redis = stack.redis_client().await;
+    let entry: Option<String> = redis
+        .hget("coven:guilds", guild.to_string())
+        .await
+        .unwrap_or(None);
+    entry.is_some_and(|e| !e.is_empty())
+}
+
+async fn registry_len(stack: &Stack) -> usize {
+    let redis = stack.redis_client().await;
+    redis.hlen("coven:guilds").await.unwrap_or(0)
+}
