@@ -155,13 +155,15 @@ pub async fn setting_up(
     GuildId(guild): GuildId,
     who: LoggedIn,
 ) -> Result<Response, WebError> {
-    if app.guilds.get(guild).await?.is_some() {
-        return Ok(Redirect::to(&format!("/g/{guild}/rooms")).into_response());
-    }
+    // Only for someone who manages the server: anyone else learns nothing, not even
+    // whether Coven is in it.
     let mine = people::guilds_of(&app, &who).await?;
     let Some(known) = mine.into_iter().find(|g| g.id == guild && g.manages) else {
         return Err(WebError::no_such_room());
     };
+    if app.guilds.get(guild).await?.is_some() {
+        return Ok(Redirect::to(&format!("/g/{guild}/rooms")).into_response());
+    }
     let mut page = SettingUpPage {
         user: Some(UserView::of(&who.user)),
         delayed: None,
