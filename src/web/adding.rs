@@ -1,5 +1,5 @@
 //! "Add Coven": someone who manages a server where the bot is not sends it there through
-//! Discord's advanced bot authorization (`POST /g/{guild}/add` → Discord → `GET
+//! Discord's advanced bot authorization (`GET /g/{guild}/add` → Discord → `GET
 //! /auth/added`), then waits on "Setting up…" (`GET /g/{guild}/setting-up`) until the
 //! gateway has the guild's GUILD_CREATE and the registry lists it.
 //!
@@ -9,7 +9,7 @@
 
 use askama::Template;
 use askama_web::WebTemplate;
-use axum::extract::{FromRequest, FromRequestParts, Query, Request, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::{Deserialize, Serialize};
@@ -19,7 +19,6 @@ use twilight_model::id::marker::GuildMarker;
 use super::AppState;
 use super::guard::{GuildId, LoggedIn};
 use super::http::error::WebError;
-use super::http::protect::{NoFields, Sender, WithToken, read_form};
 use super::people;
 use super::settings::AddCoven;
 use super::view::UserView;
@@ -52,18 +51,15 @@ async fn addable(
     Ok(known)
 }
 
-/// `POST /g/{guild}/add`: off to Discord's bot authorization for that server.
-pub async fn add(State(app): State<AppState>, request: Request) -> Result<Response, WebError> {
-    let (mut parts, body) = request.into_parts();
-    let GuildId(guild) = GuildId::from_request_parts(&mut parts, &app).await?;
-    let who = LoggedIn::from_request_parts(&mut parts, &app).await?;
-    let sender = Sender::of(&parts.headers);
-    let form =
-        axum::Form::<WithToken<NoFields>>::from_request(Request::from_parts(parts, body), &app)
-            .await;
-    let token =
-        read_form(form.map(|axum::Form(f)| axum::Form(Some(f))))?.and_then(|f| f.csrf_token);
-    app.protect.check(&who.user, &sender, token.as_deref())?;
+/// `GET /g/{guild}/add`: off to Discord's bot authorization for that server. A link, as
+/// login is: the page's `form-action 'self'` would stop a form at its redirect to
+/// Discord, and nothing changes here but the session's pending authorization, which
+/// Discord's own page must still approve.
+pub async fn add(
+    State(app): State<AppState>,
+    GuildId(guild): GuildId,
+    who: LoggedIn,
+) -> Result<Response, WebError> {
     addable(&app, &who, guild).await?;
     if app.guilds.get(guild).await?.is_some() {
         return Ok(Redirect::to(&format!("/g/{guild}/rooms")).into_response());

@@ -163,7 +163,7 @@ pub fn router(app: AppState) -> Router {
             "/g/{guild}/rooms/{channel_id}/invite",
             post(rooms::new_invite),
         )
-        .route("/g/{guild}/add", post(adding::add))
+        .route("/g/{guild}/add", get(adding::add))
         .route("/g/{guild}/setting-up", get(adding::setting_up))
         // Before communities: the only guild's, or the room's guild's.
         .route("/rooms", get(pages::old_rooms).post(pages::old_rooms))

@@ -526,3 +526,74 @@ async fn the_relay_keeps_whole_events_for_tabs_that_open_later() {
     assert_eq!((n("posted"), n("posted_rooms")), (3400, 0), "{kept}");
     let _ = c.close().await;
 }
+
+/// Clicks what `css` selects, once it is there.
+async fn click(c: &Page, what: &str, css: &str) {
+    c.appears(what, css).await;
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("click {what}: {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_walk_switches_community_and_adds_coven_to_a_third_without_a_restart() {
+    use coven::sim::defaults::{DICE_TOWER_GUILD_ID as DICE_TOWER, NIGHT_OWLS_GUILD_ID as OWLS};
+    let demo = Demo::start(&["--quiet"], &[]);
+    let driver = Driver::start();
+    let c = driver.browser().await;
+
+    // Log in, pick a community, make a room.
+    c.open(&format!("{}/", demo.web)).await;
+    c.click_log_in().await;
+    c.pick("Ash").await;
+    c.appears("the communities page", ".community-list").await;
+    c.shot("communities-picker").await;
+    c.choose_community("Coven Playgroup").await;
+    c.appears("the create form", "#room-name").await;
+    c.create_room("Walk night").await;
+    c.room_id().await;
+
+    // Switch community from the header.
+    click(&c, "the Communities link", "nav.me a[href='/']").await;
+    c.choose_community("Night Owls").await;
+    c.url_has("Night Owls' rooms", &format!("/g/{OWLS}/rooms"))
+        .await;
+    c.appears("Night Owls' create form", "#room-name").await;
+    assert!(
+        c.shown_text("[data-community]")
+            .await
+            .contains("Night Owls"),
+        "the page names its community"
+    );
+
+    // Dusk manages Dice Tower, where Coven is not: Add Coven, approve on (simulated)
+    // Discord, "Setting up…", then its rooms, with nothing restarted.
+    click(&c, "Log out", "form[action='/auth/logout'] button").await;
+    c.appears("the landing page", "a[href^='/auth/login']")
+        .await;
+    c.click_log_in().await;
+    c.pick("Dusk").await;
+    let add = format!("[data-addable='{DICE_TOWER}'] a.button");
+    c.appears("Add Coven next to Dice Tower", &add).await;
+    c.shot("communities-add-coven").await;
+    click(&c, "Add Coven", &add).await;
+    let server = "//a[normalize-space(.)='Dice Tower']";
+    wait_for("Discord's bot authorization page", || async {
+        c.find(Locator::XPath(server)).await.ok().map(|_| ())
+    })
+    .await;
+    c.find(Locator::XPath(server))
+        .await
+        .expect("Dice Tower offered")
+        .click()
+        .await
+        .expect("approve");
+    c.url_has("Dice Tower's rooms", &format!("/g/{DICE_TOWER}/rooms"))
+        .await;
+    c.appears("Dice Tower's create form", "#room-name").await;
+    c.shot("communities-added").await;
+    let _ = c.close().await;
+}
