@@ -7,7 +7,8 @@
 #
 #   scripts/guild-memory.sh [N]      # N generated guilds, default 1000
 #
-# Uses target/debug/coven (COVEN=path to use another build) and redis-server from PATH.
+# Uses target/debug/coven (COVEN=path to use another build), and redis-server, redis-cli,
+# curl and python3 from PATH.
 # Everything it starts runs in a temporary directory and is stopped on exit.
 set -euo pipefail
 
