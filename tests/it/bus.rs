@@ -976,7 +976,8 @@ async fn streams_asking_whether_the_log_holds_one_id_at_once_share_a_question_ne
     let answers = futures_util::future::join_all((0..200).map(|_| bus.holds(held))).await;
     assert!(answers.iter().all(|a| matches!(a, Ok(true))));
     let asked = xranges().await - before;
-    assert!(asked <= 10, "200 streams asked Redis {asked} times");
+    // (12 were seen on the 2-core machine under the whole suite; 200 without sharing.)
+    assert!(asked <= 25, "200 streams asked Redis {asked} times");
 
     // Asked after an answer, the question is asked again: nothing is remembered.
     let _: i64 = client
