@@ -197,6 +197,8 @@ impl FromRequestParts<AppState> for Member {
             };
         };
         match members::current(app, &guild, &who.user).await {
+            // A member is told; anyone else learns nothing of it.
+            Ok(Some(_)) if guild.past_limit => Err(WebError::PastLimit(app.settings.max_guilds)),
             Ok(Some(record)) => Ok(Member {
                 who,
                 roles: record.roles,

@@ -27,6 +27,8 @@ pub struct Guild {
     pub id: Id<GuildMarker>,
     pub bus: Arc<dyn Backend>,
     pub entry: GuildEntry,
+    /// Past `MAX_GUILDS`: told so, served nothing.
+    pub past_limit: bool,
 }
 
 impl Guild {
@@ -44,16 +46,72 @@ pub struct Guilds {
     deployment: Arc<dyn Deployment>,
     /// `DISCORD_GUILD_ID`: only these, when set.
     configured: Vec<Id<GuildMarker>>,
+    /// `MAX_GUILDS`.
+    max: usize,
     kept: Mutex<Kept>,
+    /// The registry's size as last read, and, while it is past `max`, the guilds
+    /// served (the `max` oldest by id): read at most every [`LIMIT_KEPT`].
+    limit: tokio::sync::Mutex<Option<Limit>>,
 }
 
+struct Limit {
+    read_at: Instant,
+    len: usize,
+    served: Option<std::collections::BTreeSet<Id<GuildMarker>>>,
+}
+
+/// How long the registry's size (and the served set past the limit) is trusted.
+const LIMIT_KEPT: Duration = Duration::from_secs(5);
+
 impl Guilds {
-    pub fn new(deployment: Arc<dyn Deployment>, configured: Vec<Id<GuildMarker>>) -> Self {
+    pub fn new(
+        deployment: Arc<dyn Deployment>,
+        configured: Vec<Id<GuildMarker>>,
+        max: usize,
+    ) -> Self {
         Self {
             deployment,
             configured,
+            max,
             kept: Mutex::default(),
+            limit: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Whether `guild` is past `MAX_GUILDS`: with more guilds registered than that, the
+    /// oldest servers (the smallest ids: Discord's ids grow with time) are served, so a
+    /// new server cannot push out a community that has long had Coven. Below the limit
+    /// this costs one `HLEN` every few seconds, whatever the traffic.
+    async fn past_limit(&self, guild: Id<GuildMarker>) -> BusResult<bool> {
+        let mut limit = self.limit.lock().await;
+        let now = Instant::now();
+        if limit
+            .as_ref()
+            .is_none_or(|l| now.duration_since(l.read_at) >= LIMIT_KEPT)
+        {
+            let len = self.deployment.registry_len().await?;
+            let served = if len > self.max {
+                Some(
+                    self.deployment
+                        .registry()
+                        .await?
+                        .into_keys()
+                        .take(self.max)
+                        .collect(),
+                )
+            } else {
+                None
+            };
+            *limit = Some(Limit {
+                read_at: now,
+                len,
+                served,
+            });
+        }
+        Ok(limit
+            .as_ref()
+            .and_then(|l| l.served.as_ref().filter(|_| l.len > self.max))
+            .is_some_and(|served| !served.contains(&guild)))
     }
 
     pub fn deployment(&self) -> &Arc<dyn Deployment> {
@@ -110,10 +168,14 @@ impl Guilds {
                 entry
             }
         };
-        Ok(entry.map(|entry| Guild {
+        let Some(entry) = entry else {
+            return Ok(None);
+        };
+        Ok(Some(Guild {
             id: guild,
             bus: self.bus(guild),
             entry,
+            past_limit: self.past_limit(guild).await?,
         }))
     }
 

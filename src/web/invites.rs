@@ -137,6 +137,9 @@ async fn verify(app: &App, token: &str) -> Result<(Claims, Guild), WebError> {
     let Some(guild) = app.guilds.get(id).await? else {
         return Err(closed());
     };
+    if guild.past_limit {
+        return Err(WebError::PastLimit(app.settings.max_guilds));
+    }
     Ok((claims, guild))
 }
 

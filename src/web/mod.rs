@@ -122,7 +122,11 @@ pub async fn start(
     communities.start(deployment.clone());
     let app = Arc::new(App {
         protect: protect::Protect::new(&settings.public_url),
-        guilds: guilds::Guilds::new(deployment.clone(), settings.guild_ids.clone()),
+        guilds: guilds::Guilds::new(
+            deployment.clone(),
+            settings.guild_ids.clone(),
+            settings.max_guilds,
+        ),
         settings,
         discord,
         communities: communities.clone(),

@@ -131,7 +131,7 @@ async fn sweep_all(
     fences.retain(|g, _| registry.contains_key(g));
     let mut next = app.settings.room_sweep_interval;
     for guild in registry.into_keys() {
-        let Some(served) = app.guilds.get(guild).await? else {
+        let Some(served) = app.guilds.get(guild).await?.filter(|g| !g.past_limit) else {
             continue;
         };
         let Some(fence) = hold(&*served.bus, fences.remove(&guild), holder, ttl).await else {

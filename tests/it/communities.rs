@@ -455,3 +455,44 @@ async fn shard_channels(stack: &Stack) -> Vec<String> {
         .await
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_community_past_max_guilds_is_told_so_and_served_nothing() {
+    // Two communities, room for one: the older server (the smaller id) is served.
+    let stack = Stack::every_community(1, &[("MAX_GUILDS", "1")]).await;
+    let web = stack.web(0);
+    wait_for("Night Owls registered", || async {
+        registered(&stack, OWLS).await.then_some(())
+    })
+    .await;
+    let ash = stack.login_as(web, stack.user("ash").await).await;
+    let past = wait_for("the limit page", || async {
+        let res = ash.get(&web.url(&format!("/g/{OWLS}/rooms"))).await;
+        (res.status() == 403).then_some(res)
+    })
+    .await;
+    let html = past.text().await.unwrap();
+    assert!(html.contains("MAX_GUILDS"), "{html}");
+    assert_eq!(
+        ash.get(&web.url(&format!("/api/stream?guild={OWLS}")))
+            .await
+            .status(),
+        403
+    );
+    assert_eq!(
+        ash.get(&web.url(&format!("/g/{GUILD}/rooms")))
+            .await
+            .status(),
+        200,
+        "the older community is served"
+    );
+    // Someone not in it learns nothing of it, limit or not.
+    let cinder = stack.login_as(web, stack.user("cinder").await).await;
+    assert_eq!(
+        cinder
+            .get(&web.url(&format!("/g/{OWLS}/rooms")))
+            .await
+            .status(),
+        404
+    );
+}

@@ -26,6 +26,9 @@ pub enum WebError {
     /// A login from before communities: logged in again, once, with a page that says why.
     #[error("logged in before communities; log in again")]
     LoginAgain { api: bool },
+    /// The community is past `MAX_GUILDS`: told so, served nothing.
+    #[error("past this deployment's limit of {0} communities")]
+    PastLimit(usize),
     /// The bot was removed from the guild (told to its former members only).
     #[error("Coven was removed from this server")]
     GuildGone,
@@ -194,6 +197,15 @@ impl IntoResponse for WebError {
                 "Coven now serves every Discord server its bot is in, and needs your permission to see which of your servers those are.",
                 "Log in once more with Discord; you will not be asked again.",
                 Offer::LogIn,
+            ),
+            WebError::PastLimit(max) => page(
+                StatusCode::FORBIDDEN,
+                "Past this Coven's limit",
+                &format!(
+                    "This Coven serves at most {max} communities, and this server came after them, \
+                     so Coven shows nothing of it here."
+                ),
+                "Ask whoever runs this Coven to raise MAX_GUILDS.",
             ),
             WebError::GuildGone => page_with(
                 StatusCode::NOT_FOUND,

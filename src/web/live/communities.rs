@@ -90,6 +90,9 @@ pub async fn for_stream(
             Err(e) => return Err(e),
         }
     }
+    if guild.past_limit {
+        return Err(WebError::PastLimit(app.settings.max_guilds));
+    }
     let community = match watched {
         Some(c) => c,
         None => app.communities.watch(id, guild.bus.clone()).await?,
