@@ -361,3 +361,55 @@ async fn a_persons_guilds_and_roles_are_read_with_their_own_token() {
         Err(DiscordError::Unauthorized)
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_from_before_communities_logs_in_again_once_with_a_page_saying_why() {
+    let stack = Stack::start(1, &[]).await;
+    let web = stack.web(0);
+    let ash = stack.user("ash").await;
+    let browser = stack.login_as(web, ash).await;
+    assert_eq!(browser.get(&web.url(&g("/rooms"))).await.status(), 200);
+
+    // Make the session what an older Coven wrote: no version, a token without the
+    // `guilds` scopes.
+    let client = stack.redis_client().await;
+    let session = keys(&client)
+        .await
+        .iter()
+        .find(|k| !is_bus_key(k))
+        .expect("the session's key")
+        .clone();
+    let raw: Vec<u8> = client.get(&session).await.unwrap();
+    let mut record: tower_sessions::session::Record = rmp_serde::from_slice(&raw).unwrap();
+    let user = record.data.get_mut("user").expect("a logged-in session");
+    user.as_object_mut().unwrap().remove("version");
+    let raw = rmp_serde::to_vec(&record).unwrap();
+    let _: () = client
+        .set(
+            &session,
+            raw,
+            None,
+            Some(fred::types::SetOptions::XX),
+            false,
+        )
+        .await
+        .unwrap();
+    let _: bool = client.expire(&session, 3600, None).await.unwrap();
+
+    // Its page says why, once; streams are told to log in.
+    assert_eq!(browser.get(&web.url("/api/stream")).await.status(), 401);
+    let page = browser.get(&web.url(&g("/rooms"))).await;
+    assert_eq!(page.status(), 401);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("Please log in again"), "{html}");
+    assert!(html.contains("href=\"/auth/login\""), "{html}");
+    // The old session is gone: the next request is an ordinary one of someone logged out.
+    let next = browser.get(&web.url(&g("/rooms"))).await;
+    assert_eq!(next.status(), 303);
+    assert!(location(&next).starts_with("/auth/login"));
+    // Logged in again, all is well, for good.
+    browser.login(web, &stack.sim, ash).await;
+    for _ in 0..2 {
+        assert_eq!(browser.get(&web.url(&g("/rooms"))).await.status(), 200);
+    }
+}
