@@ -521,6 +521,14 @@ pub trait Deployment: Send + Sync + 'static {
     /// How many guilds are registered.
     async fn registry_len(&self) -> BusResult<usize>;
 
+    /// The guilds that have a key `P:{G}:<suffix>`, found by scanning the keyspace: for
+    /// a rare question asked once at start (an upgrade's old leases), never per request.
+    /// In memory there is no older deployment to find.
+    async fn guilds_with_key(&self, suffix: &str) -> BusResult<Vec<Id<GuildMarker>>> {
+        let _ = suffix;
+        Ok(Vec::new())
+    }
+
     /// Says `data` on `P:control`, the channel every web replica hears whatever guilds it
     /// watches (a login ended). Best effort, as Pub/Sub is: a replica that was
     /// disconnected meanwhile misses it, and what it guards is checked again elsewhere.

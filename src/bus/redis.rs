@@ -1595,6 +1595,29 @@ impl super::Deployment for Arc<Redis> {
             .collect())
     }
 
+    async fn guilds_with_key(&self, suffix: &str) -> BusResult<Vec<Id<GuildMarker>>> {
+        use futures_util::TryStreamExt;
+        let pattern = format!("{}:{{*}}:{suffix}", self.prefix);
+        let keys: Vec<Key> = if self.client.is_clustered() {
+            self.client
+                .scan_cluster_buffered(pattern, Some(1000), None)
+                .try_collect()
+                .await?
+        } else {
+            self.client
+                .scan_buffered(pattern, Some(1000), None)
+                .try_collect()
+                .await?
+        };
+        let open = format!("{}:{{", self.prefix);
+        Ok(keys
+            .iter()
+            .filter_map(|k| k.as_str())
+            .filter_map(|k| k.strip_prefix(&open)?.split('}').next()?.parse::<u64>().ok())
+            .filter_map(Id::new_checked)
+            .collect())
+    }
+
     async fn registry_len(&self) -> BusResult<usize> {
         Ok(self.client.hlen(self.shared_key(super::REGISTRY)).await?)
     }
