@@ -1613,7 +1613,13 @@ impl super::Deployment for Arc<Redis> {
         Ok(keys
             .iter()
             .filter_map(|k| k.as_str())
-            .filter_map(|k| k.strip_prefix(&open)?.split('}').next()?.parse::<u64>().ok())
+            .filter_map(|k| {
+                k.strip_prefix(&open)?
+                    .split('}')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
             .filter_map(Id::new_checked)
             .collect())
     }

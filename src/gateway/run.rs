@@ -188,7 +188,10 @@ async fn refuse_beside_an_old_gateway(
     // Those registered or configured, and any old lease in the keyspace: a first start
     // with an empty registry and no DISCORD_GUILD_ID must not miss one.
     let mut guilds: std::collections::BTreeSet<Id<GuildMarker>> =
-        guilds_of_shard(settings, deployment).await?.into_keys().collect();
+        guilds_of_shard(settings, deployment)
+            .await?
+            .into_keys()
+            .collect();
     guilds.extend(deployment.guilds_with_key(OLD_LEASE).await?);
     for guild in &guilds {
         if let Some(left) = deployment.guild(*guild).lease_left(OLD_LEASE).await? {

@@ -1165,7 +1165,11 @@ async fn a_one_guild_gateway_s_lease_is_refused_and_its_session_taken_over() {
     // lease is found in the keyspace).
     let _: i64 = s.client.del(format!("{PREFIX}:guilds")).await.unwrap();
     let mut refused = s.gateway_of_every_guild();
-    assert_eq!(refused.wait_exit(), Some(1), "refused beside the old gateway");
+    assert_eq!(
+        refused.wait_exit(),
+        Some(1),
+        "refused beside the old gateway"
+    );
 
     let _: i64 = s.client.del(s.key("gateway:leader")).await.unwrap();
     let _gw = s.gateway(&s.sim.token());
