@@ -156,6 +156,19 @@ async fn setup() -> anyhow::Result<Setup> {
     let sim_url = sim.url("");
     let sim_url = sim_url.trim_end_matches('/').to_owned();
     let guild = sim.shared.settings.guild_id.to_string();
+    // No gateway runs here (the pings come from `coven publish`): register the guild as
+    // the gateway does from its GUILD_CREATE, or the replicas serve it nothing.
+    let registered = Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis_port.to_string(),
+            "HSET",
+            "coven:guilds",
+            &guild,
+        ])
+        .arg(r#"{"name":"Coven Playgroup","icon":null,"shard":0,"available":true,"epoch":0}"#)
+        .output()?;
+    anyhow::ensure!(registered.status.success(), "cannot register the guild");
     let mut webs = Vec::new();
     for _ in 0..2 {
         let port = free_port()?;

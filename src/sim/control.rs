@@ -28,6 +28,7 @@ pub fn router() -> Router<Arc<Shared>> {
         .route("/state", get(state))
         .route("/guilds/{guild}/bot", delete(remove_bot))
         .route("/guilds/{guild}/outage", post(outage))
+        .route("/guilds/{guild}/members/{user}", put(join_guild))
         .route("/users", post(add_user))
         .route("/voice", post(voice))
         .route("/channels", post(create_channel))
@@ -214,7 +215,12 @@ async fn state(State(shared): State<Arc<Shared>>, Query(q): Query<StateQuery>) -
             "channel_id": c.to_string(),
         })).collect::<Vec<_>>(),
         "gateway": state.hub.counters,
-        "rest": {"rate_limited": state.limits.rate_limited},
+        "rest": {
+            "rate_limited": state.limits.rate_limited,
+            // REST requests by the credentials they carried: the bot's token, a person's
+            // bearer token, neither (the token endpoint).
+            "requests": state.limits.requests,
+        },
         "oauth": {"refreshed": state.oauth.refreshed()},
         "guilds": state.guilds().map(|g| json!({
             "id": g.guild_id.to_string(),
@@ -288,6 +294,37 @@ async fn outage(
         state.announce_guild(guild);
     }
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `PUT /_sim/guilds/{g}/members/{user}`: the user accepts an invite to guild G (as in
+/// Discord's client: any user may join a guild through an invite its members may make):
+/// 201 with the member and GUILD_MEMBER_ADD to the bot's sessions, 204 when they were a
+/// member already. The user must exist (made by `POST /_sim/users` or seeded in any guild).
+async fn join_guild(
+    State(shared): State<Arc<Shared>>,
+    Path((raw, user)): Path<(String, String)>,
+) -> Result {
+    let guild = path_id(raw, "guild")?;
+    let user = path_id(user, "user id")?;
+    let mut state = shared.lock();
+    let known = state
+        .user(user)
+        .cloned()
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, "unknown user"))?;
+    let w = state
+        .guild_mut(guild)
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, "unknown guild"))?;
+    w.users.entry(user).or_insert(known);
+    // The invite is the owner's (every member of a seeded guild may create one).
+    let owner = w.owner_id;
+    match w.add_member(owner, user, &[])? {
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
+        Some(events) => {
+            let member = w.member_json(user).unwrap_or(Value::Null);
+            state.emit_in(guild, &events);
+            Ok((StatusCode::CREATED, axum::Json(member)).into_response())
+        }
+    }
 }
 
 #[derive(Deserialize)]

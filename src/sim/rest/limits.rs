@@ -29,6 +29,18 @@ pub struct Limits {
     /// 429s served because a bucket ran out (not injected ones): a client that reads the
     /// headers right never causes one.
     pub rate_limited: u64,
+    /// Requests that reached the REST API, by who made them.
+    pub requests: Requests,
+}
+
+/// REST requests counted by the credentials they carried (served, limited or failed
+/// alike): the bot's token, a person's OAuth2 bearer token, or neither (the token
+/// endpoint authenticates with the client's secret instead).
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Requests {
+    pub bot: u64,
+    pub bearer: u64,
+    pub other: u64,
 }
 
 #[derive(Debug)]
@@ -95,6 +107,7 @@ impl Limits {
             buckets: HashMap::new(),
             faults: Vec::new(),
             rate_limited: 0,
+            requests: Requests::default(),
         }
     }
 
@@ -112,13 +125,16 @@ impl Limits {
         Some(fault)
     }
 
-    /// Counts a request against its bucket.
-    fn check(&mut self, method: &Method, path: &str) -> Verdict {
+    /// Counts a request against its bucket. Discord keeps a route's windows per token
+    /// (`X-RateLimit-Scope: user`: "per bot or user limit"), so `caller` (the request's
+    /// credentials) is part of the key: one person's page views never use up another's,
+    /// nor the bot's.
+    fn check(&mut self, method: &Method, path: &str, caller: &str) -> Verdict {
         let (bucket, major) = bucket_of(method, path);
         let now = Instant::now();
         let w = self
             .buckets
-            .entry(format!("{bucket}:{major}"))
+            .entry(format!("{bucket}:{major}:{caller}"))
             .or_insert(Window {
                 started: now,
                 used: 0,
@@ -250,11 +266,18 @@ fn fault_response(fault: &Fault, method: &Method, path: &str) -> Response {
 pub(super) async fn limit(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let caller = caller_key(req.headers().get(header::AUTHORIZATION));
     let (fault, verdict) = {
         let mut state = shared.lock();
+        let counted = &mut state.limits.requests;
+        match caller.as_bytes().first() {
+            Some(b'b') => counted.bot += 1,
+            Some(b'u') => counted.bearer += 1,
+            _ => counted.other += 1,
+        }
         match state.limits.take_fault(&method, &path) {
             Some(fault) => (Some(fault), None),
-            None => (None, Some(state.limits.check(&method, &path))),
+            None => (None, Some(state.limits.check(&method, &path, &caller))),
         }
     };
     if let Some(fault) = fault {
@@ -275,6 +298,24 @@ pub(super) async fn limit(State(shared): State<Arc<Shared>>, req: Request, next:
         }
     }
     response
+}
+
+/// Whose windows a request counts against: `bot` (a `Bot` token), `user:<digest>` (a
+/// bearer token, by a digest so tokens are not kept), or `none`.
+fn caller_key(authorization: Option<&HeaderValue>) -> String {
+    let value = authorization.and_then(|v| v.to_str().ok()).unwrap_or("");
+    if value.starts_with("Bot ") {
+        "bot".to_owned()
+    } else if let Some(token) = value.strip_prefix("Bearer ") {
+        use sha2::{Digest, Sha256};
+        let digest: String = Sha256::digest(token.as_bytes())[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("user:{digest}")
+    } else {
+        "none".to_owned()
+    }
 }
 
 #[cfg(test)]
@@ -337,11 +378,50 @@ mod tests {
     fn a_window_runs_out_and_resets() {
         let mut l = Limits::new(2, Duration::from_millis(50));
         let m = Method::GET;
-        assert!(l.check(&m, "/api/v10/channels/1").rejection.is_none());
-        assert!(l.check(&m, "/api/v10/channels/1").rejection.is_none());
-        assert!(l.check(&m, "/api/v10/channels/1").rejection.is_some());
-        assert!(l.check(&m, "/api/v10/channels/2").rejection.is_none());
+        assert!(
+            l.check(&m, "/api/v10/channels/1", "bot")
+                .rejection
+                .is_none()
+        );
+        assert!(
+            l.check(&m, "/api/v10/channels/1", "bot")
+                .rejection
+                .is_none()
+        );
+        assert!(
+            l.check(&m, "/api/v10/channels/1", "bot")
+                .rejection
+                .is_some()
+        );
+        assert!(
+            l.check(&m, "/api/v10/channels/2", "bot")
+                .rejection
+                .is_none()
+        );
         std::thread::sleep(Duration::from_millis(60));
-        assert!(l.check(&m, "/api/v10/channels/1").rejection.is_none());
+        assert!(
+            l.check(&m, "/api/v10/channels/1", "bot")
+                .rejection
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn windows_are_kept_per_token() {
+        let mut l = Limits::new(1, Duration::from_secs(60));
+        let m = Method::GET;
+        let path = "/api/v10/users/@me/guilds/1/member";
+        assert!(l.check(&m, path, "user:a").rejection.is_none());
+        assert!(l.check(&m, path, "user:a").rejection.is_some());
+        assert!(l.check(&m, path, "user:b").rejection.is_none());
+        assert!(l.check(&m, path, "bot").rejection.is_none());
+        let bearer = HeaderValue::from_static("Bearer t1");
+        assert!(caller_key(Some(&bearer)).starts_with("user:"));
+        assert_ne!(
+            caller_key(Some(&bearer)),
+            caller_key(Some(&HeaderValue::from_static("Bearer t2")))
+        );
+        assert_eq!(caller_key(Some(&HeaderValue::from_static("Bot x"))), "bot");
+        assert_eq!(caller_key(None), "none");
     }
 }
