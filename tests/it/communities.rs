@@ -39,12 +39,8 @@ async fn make_room(browser: &Browser, web: &Web, guild: u64, name: &str) -> u64 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_person_of_one_community_reaches_nothing_of_another() {
-    let stack = Stack::every_community(1, &[]).await;
+    let stack = with_night_owls(&[]).await;
     let web = stack.web(0);
-    wait_for("Night Owls registered", || async {
-        registered(&stack, OWLS).await.then_some(())
-    })
-    .await;
     // Nyx is in Night Owls only and makes a room there; Cinder is in Coven Playgroup only.
     let nyx = stack
         .login_as(web, stack.sim.user_of(OWLS, "nyx").await)
@@ -145,12 +141,8 @@ async fn a_person_of_one_community_reaches_nothing_of_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forms_and_invites_are_of_their_routes_community_only() {
-    let stack = Stack::every_community(1, &[]).await;
+    let stack = with_night_owls(&[]).await;
     let web = stack.web(0);
-    wait_for("Night Owls registered", || async {
-        registered(&stack, OWLS).await.then_some(())
-    })
-    .await;
     // Ash is in both; a forged guild in the form changes nothing: the route decides.
     let ash = stack.login_as(web, stack.user("ash").await).await;
     let token = ash.csrf(web).await;
@@ -314,12 +306,8 @@ async fn add_coven_is_offered_to_nobody_when_off_or_when_the_guilds_are_fixed() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_the_bot_leaves_ends_its_streams_and_an_outage_is_a_banner() {
-    let stack = Stack::every_community(1, &[]).await;
+    let stack = with_night_owls(&[]).await;
     let web = stack.web(0);
-    wait_for("Night Owls registered", || async {
-        registered(&stack, OWLS).await.then_some(())
-    })
-    .await;
     let nyx = stack
         .login_as(web, stack.sim.user_of(OWLS, "nyx").await)
         .await;
@@ -430,6 +418,16 @@ async fn a_replica_with_a_thousand_guilds_watches_only_those_it_streams() {
     );
 }
 
+/// A stack serving every community, once Night Owls is registered too.
+async fn with_night_owls(extra: &[(&str, &str)]) -> Stack {
+    let stack = Stack::every_community(1, extra).await;
+    wait_for("Night Owls registered", || async {
+        registered(&stack, OWLS).await.then_some(())
+    })
+    .await;
+    stack
+}
+
 async fn registered(stack: &Stack, guild: u64) -> bool {
     let redis = stack.redis_client().await;
     let entry: Option<String> = redis
@@ -459,12 +457,8 @@ async fn shard_channels(stack: &Stack) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_community_past_max_guilds_is_told_so_and_served_nothing() {
     // Two communities, room for one: the older server (the smaller id) is served.
-    let stack = Stack::every_community(1, &[("MAX_GUILDS", "1")]).await;
+    let stack = with_night_owls(&[("MAX_GUILDS", "1")]).await;
     let web = stack.web(0);
-    wait_for("Night Owls registered", || async {
-        registered(&stack, OWLS).await.then_some(())
-    })
-    .await;
     let ash = stack.login_as(web, stack.user("ash").await).await;
     let past = wait_for("the limit page", || async {
         let res = ash.get(&web.url(&format!("/g/{OWLS}/rooms"))).await;
