@@ -21,8 +21,6 @@ pub enum WebError {
     /// the API answers 401.
     #[error("not logged in")]
     NotLoggedIn { return_to: String, api: bool },
-    #[error("not a member of the guild")]
-    NotMember,
     /// A login from before communities: logged in again, once, with a page that says why.
     #[error("logged in before communities; log in again")]
     LoginAgain { api: bool },
@@ -76,8 +74,6 @@ struct ErrorPage<'a> {
 pub enum Offer {
     /// Back to the rooms list.
     Rooms,
-    /// Logged in, but not in the guild: log out, or log in with another account.
-    SwitchAccount,
     /// Log in (again).
     LogIn,
 }
@@ -213,13 +209,6 @@ impl IntoResponse for WebError {
                 "The Coven bot was removed from this Discord server, so its rooms are not shown here any more.",
                 "A server admin can add Coven again from the communities page.",
                 Offer::Rooms,
-            ),
-            WebError::NotMember => page_with(
-                StatusCode::FORBIDDEN,
-                "Not a member yet",
-                "You are logged in, but your Discord account is not a member of this community's server.",
-                "Ask someone in the community for a room invite link: opening it adds you to the server.",
-                Offer::SwitchAccount,
             ),
             WebError::BadRequest(m) => page(StatusCode::BAD_REQUEST, "That did not work", m, ""),
             WebError::Forbidden(m) => page(StatusCode::FORBIDDEN, "Not allowed", m, ""),
