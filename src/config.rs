@@ -300,8 +300,11 @@ pub fn parse_application_id(raw: &str) -> Result<Id<ApplicationMarker>, String> 
 
 /// A Discord id as the simulator keeps it (a plain number).
 pub fn parse_snowflake(raw: &str) -> Result<u64, String> {
+    // As Discord writes ids: digits only, no sign, no leading zero. `u64::from_str` alone
+    // also takes `+42` and `042`, which would give one id many spellings (and URLs).
+    let canonical = raw.bytes().all(|b| b.is_ascii_digit()) && !raw.starts_with('0');
     match raw.parse::<u64>() {
-        Ok(n) if n > 0 => Ok(n),
+        Ok(n) if n > 0 && canonical => Ok(n),
         _ => Err(format!(
             "expected a Discord id (a positive whole number), got {raw:?}"
         )),
@@ -632,7 +635,18 @@ mod tests {
     #[test]
     fn snowflakes() {
         assert_eq!(parse_guild_id("42").map(Id::get), Ok(42));
-        for bad in ["0", "-1", "abc", "1.5", "99999999999999999999"] {
+        for bad in [
+            "0",
+            "-1",
+            "abc",
+            "1.5",
+            "99999999999999999999",
+            "+42",
+            "042",
+            " 42",
+            "",
+            "4 2",
+        ] {
             assert!(parse_guild_id(bad).is_err(), "{bad}");
         }
     }

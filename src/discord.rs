@@ -444,28 +444,6 @@ impl Discord {
         }
     }
 
-    /// The user's roles in the guild (the REST member object), or `None` when they are
-    /// not a member (Discord's 404 Unknown Member), asked with the bot's token.
-    pub async fn member_roles(
-        &self,
-        guild: Id<GuildMarker>,
-        user: Id<UserMarker>,
-    ) -> Result<Option<Vec<Id<RoleMarker>>>, DiscordError> {
-        match self.bot.guild_member(guild, user).await {
-            Ok(response) => {
-                let member = response
-                    .model()
-                    .await
-                    .map_err(|e| DiscordError::Malformed(e.to_string()))?;
-                Ok(Some(member.roles))
-            }
-            Err(e) => match DiscordError::from_twilight(e) {
-                DiscordError::Refused { status: 404, .. } => Ok(None),
-                e => Err(e),
-            },
-        }
-    }
-
     /// The bot's own user id, asked once.
     async fn bot_id(&self) -> Result<Id<UserMarker>, DiscordError> {
         self.bot_id

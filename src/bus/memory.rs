@@ -25,8 +25,6 @@ pub struct MemoryBus {
     max_len: usize,
     state: Mutex<State>,
     live: broadcast::Sender<Arc<Event>>,
-    /// Deployment-wide values, shared with the [`MemoryDeployment`] that made this bus.
-    shared: Arc<Mutex<Shared>>,
 }
 
 /// Leases with fencing, as the Redis scripts keep them: a holder's token until a time,
@@ -130,16 +128,11 @@ struct State {
 
 impl MemoryBus {
     pub fn new(guild_id: Id<GuildMarker>, max_len: usize) -> Self {
-        Self::within(guild_id, max_len, Arc::default())
-    }
-
-    fn within(guild_id: Id<GuildMarker>, max_len: usize, shared: Arc<Mutex<Shared>>) -> Self {
         Self {
             guild_id,
             max_len: max_len.max(1),
             state: Mutex::new(State::default()),
             live: broadcast::channel(LIVE_BUFFER).0,
-            shared,
         }
     }
 
@@ -253,6 +246,10 @@ impl Bus for MemoryBus {
         self.append_locked(&mut state, data).map(Some)
     }
 
+    async fn has_room(&self, room: Id<ChannelMarker>) -> BusResult<bool> {
+        Ok(self.lock().snapshot.rooms.contains_key(&room))
+    }
+
     async fn snapshot(&self) -> BusResult<Snapshot> {
         let mut snapshot = self.lock().snapshot.clone();
         snapshot.guild = Some(self.guild_id);
@@ -355,10 +352,6 @@ impl Store for MemoryBus {
         Ok(live_value(&self.lock().values, key))
     }
 
-    async fn get_shared(&self, key: &str) -> BusResult<Option<String>> {
-        Ok(live_value(&lock_shared(&self.shared).values, key))
-    }
-
     /// Nothing in a process outlives it by a day: a removed guild's data stays until the
     /// demo stops.
     async fn expire(&self, _after: Option<Duration>) -> BusResult<()> {
@@ -391,9 +384,7 @@ impl MemoryDeployment {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(guild)
-            .or_insert_with(|| {
-                Arc::new(MemoryBus::within(guild, self.max_len, self.shared.clone()))
-            })
+            .or_insert_with(|| Arc::new(MemoryBus::new(guild, self.max_len)))
             .clone()
     }
 

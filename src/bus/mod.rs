@@ -335,6 +335,9 @@ pub trait Bus: Send + Sync + 'static {
     /// Rooms and voice states with the id they are valid at.
     async fn snapshot(&self) -> BusResult<Snapshot>;
 
+    /// Whether the guild has room `room` (one field of `P:{G}:rooms`, not the snapshot).
+    async fn has_room(&self, room: Id<ChannelMarker>) -> BusResult<bool>;
+
     /// The events after `after` (exclusive), at most `limit`.
     async fn since(&self, after: EventId, limit: usize) -> BusResult<Since>;
 
@@ -411,10 +414,6 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get(&self, key: &str) -> BusResult<Option<String>>;
 
-    /// `P:<key>`: a deployment-wide value, not of this guild (a shard's status, the shard
-    /// count), for a reader that knows one guild.
-    async fn get_shared(&self, key: &str) -> BusResult<Option<String>>;
-
     /// Makes the guild's data expire `after` from now (the bot was removed: kept a grace
     /// period, then gone), or, with `None`, keep again (the bot is back).
     async fn expire(&self, after: Option<Duration>) -> BusResult<()>;
@@ -454,18 +453,6 @@ pub fn shard_key(shard: u32, what: &str) -> String {
 /// Discord's guild → shard: `(guild_id >> 22) % shard_count`.
 pub fn shard_of(guild: Id<GuildMarker>, shard_count: u32) -> u32 {
     u32::try_from((guild.get() >> 22) % u64::from(shard_count.max(1))).unwrap_or(0)
-}
-
-/// The status of the shard holding `bus`'s guild (a [`GatewayReport`] JSON), for a web
-/// replica judging its guild's freshness.
-pub async fn shard_status(bus: &dyn Backend) -> BusResult<Option<String>> {
-    let count = bus
-        .get_shared(SHARD_COUNT)
-        .await?
-        .and_then(|c| c.trim().parse::<u32>().ok())
-        .unwrap_or(1);
-    bus.get_shared(&shard_key(shard_of(bus.guild_id(), count), "status"))
-        .await
 }
 
 /// Deployment-wide state, beside every guild's own: the registry, the shards' leases,

@@ -1148,6 +1148,13 @@ impl Bus for RedisBus {
         self.run_append(&self.scripts.viewers, keys, args).await
     }
 
+    async fn has_room(&self, room: Id<ChannelMarker>) -> BusResult<bool> {
+        Ok(self
+            .client
+            .hexists(self.key("rooms"), room.to_string())
+            .await?)
+    }
+
     async fn snapshot(&self) -> BusResult<Snapshot> {
         let keys = vec![
             self.key("rooms"),
@@ -1375,10 +1382,6 @@ impl Store for RedisBus {
 
     async fn get(&self, key: &str) -> BusResult<Option<String>> {
         Ok(self.client.get(self.key(key)).await?)
-    }
-
-    async fn get_shared(&self, key: &str) -> BusResult<Option<String>> {
-        Ok(self.client.get(self.shared_key(key)).await?)
     }
 
     async fn expire(&self, after: Option<Duration>) -> BusResult<()> {

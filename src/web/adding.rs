@@ -10,7 +10,6 @@
 use askama::Template;
 use askama_web::WebTemplate;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::{Deserialize, Serialize};
 use twilight_model::id::Id;
@@ -172,6 +171,5 @@ pub async fn setting_up(
         axum::http::HeaderName::from_static("refresh"),
         axum::http::HeaderValue::from_static("2"),
     );
-    *page.status_mut() = StatusCode::OK;
     Ok(page)
 }

@@ -24,6 +24,7 @@ use super::members;
 use super::return_to::safe_return_to;
 use super::session::{SESSION_COOKIE, SESSION_VERSION, SessionUser, USER};
 use crate::access::Principal;
+use crate::config;
 use crate::discord::DiscordError;
 use crate::event::now_ms;
 
@@ -134,27 +135,26 @@ impl FromRequestParts<AppState> for GuildId {
     type Rejection = WebError;
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, WebError> {
-        let Path(params) = Path::<Vec<(String, String)>>::from_request_parts(parts, app)
-            .await
-            .map_err(|_| WebError::no_such_room())?;
-        params
-            .iter()
-            .find(|(k, _)| k == "guild")
-            .and_then(|(_, v)| parse_guild(v))
-            .map(GuildId)
-            .ok_or_else(WebError::no_such_room)
+        path_id(parts, app, "guild").await.map(GuildId)
     }
 }
 
-/// A guild id as a route or query names it: digits only, no sign, no leading zero.
-pub fn parse_guild(raw: &str) -> Option<Id<GuildMarker>> {
-    if raw.is_empty() || raw.len() > 20 || !raw.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    if raw.starts_with('0') {
-        return None;
-    }
-    raw.parse::<u64>().ok().and_then(Id::new_checked)
+/// A Discord id as a route or query names it, spelled as Discord spells it
+/// ([`config::parse_snowflake`]).
+pub fn parse_id<M>(raw: &str) -> Option<Id<M>> {
+    config::parse_snowflake(raw).ok().map(Id::new)
+}
+
+/// The route's `{name}` as an id; anything else answers like a room that does not exist.
+pub async fn path_id<M>(parts: &mut Parts, app: &AppState, name: &str) -> Result<Id<M>, WebError> {
+    let Path(params) = Path::<Vec<(String, String)>>::from_request_parts(parts, app)
+        .await
+        .map_err(|_| WebError::no_such_room())?;
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, raw)| parse_id(raw))
+        .ok_or_else(WebError::no_such_room)
 }
 
 /// A logged-in member of the route's guild and their roles there: who may see its rooms.

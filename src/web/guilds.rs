@@ -7,6 +7,7 @@
 //! read for a request are kept a second, so a page's few lookups ask Redis once.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -49,14 +50,25 @@ pub struct Guilds {
     /// `MAX_GUILDS`.
     max: usize,
     kept: Mutex<Kept>,
-    /// The registry's size as last read, and, while it is past `max`, the guilds
-    /// served (the `max` oldest by id): read at most every [`LIMIT_KEPT`].
-    limit: tokio::sync::Mutex<Option<Limit>>,
+    /// While the registry is past `max`, the guilds served (the `max` oldest by id):
+    /// read at most every [`LIMIT_KEPT`].
+    limit: Mutex<Option<Limit>>,
+    /// Set while one request reads [`Limit`] again.
+    reading_limit: AtomicBool,
+}
+
+/// Clears the flag it holds when dropped.
+struct Reading<'a>(&'a AtomicBool);
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 struct Limit {
     read_at: Instant,
-    len: usize,
+    /// `None` while the registry is within the limit.
     served: Option<std::collections::BTreeSet<Id<GuildMarker>>>,
 }
 
@@ -74,7 +86,8 @@ impl Guilds {
             configured,
             max,
             kept: Mutex::default(),
-            limit: tokio::sync::Mutex::new(None),
+            limit: Mutex::new(None),
+            reading_limit: AtomicBool::new(false),
         }
     }
 
@@ -83,35 +96,50 @@ impl Guilds {
     /// new server cannot push out a community that has long had Coven. Below the limit
     /// this costs one `HLEN` every few seconds, whatever the traffic.
     async fn past_limit(&self, guild: Id<GuildMarker>) -> BusResult<bool> {
-        let mut limit = self.limit.lock().await;
         let now = Instant::now();
-        if limit
-            .as_ref()
-            .is_none_or(|l| now.duration_since(l.read_at) >= LIMIT_KEPT)
-        {
-            let len = self.deployment.registry_len().await?;
-            let served = if len > self.max {
-                Some(
-                    self.deployment
-                        .registry()
-                        .await?
-                        .into_keys()
-                        .take(self.max)
-                        .collect(),
-                )
-            } else {
-                None
-            };
-            *limit = Some(Limit {
-                read_at: now,
-                len,
-                served,
-            });
+        let read_at = self.limit_now().as_ref().map(|l| l.read_at);
+        let stale = read_at.is_some_and(|at| now.duration_since(at) >= LIMIT_KEPT);
+        if read_at.is_none() {
+            // Nothing known yet: every request asks rather than guess.
+            let read = self.read_limit(now).await?;
+            *self.limit_now() = Some(read);
+        } else if stale && !self.reading_limit.swap(true, Ordering::AcqRel) {
+            // One request reads it again; the others go on with what is known (the stream
+            // openers of a wave must not queue behind Redis for a figure seconds old).
+            // Cleared however this ends (a request dropped mid-read included).
+            let _reading = Reading(&self.reading_limit);
+            *self.limit_now() = Some(self.read_limit(now).await?);
         }
-        Ok(limit
+        Ok(self
+            .limit_now()
             .as_ref()
-            .and_then(|l| l.served.as_ref().filter(|_| l.len > self.max))
+            .and_then(|l| l.served.as_ref())
             .is_some_and(|served| !served.contains(&guild)))
+    }
+
+    fn limit_now(&self) -> MutexGuard<'_, Option<Limit>> {
+        self.limit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The registry's size and, past `MAX_GUILDS`, the guilds served.
+    async fn read_limit(&self, now: Instant) -> BusResult<Limit> {
+        let len = self.deployment.registry_len().await?;
+        let served = if len > self.max {
+            Some(
+                self.deployment
+                    .registry()
+                    .await?
+                    .into_keys()
+                    .take(self.max)
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        Ok(Limit {
+            read_at: now,
+            served,
+        })
     }
 
     pub fn deployment(&self) -> &Arc<dyn Deployment> {

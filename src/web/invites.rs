@@ -131,7 +131,7 @@ async fn verify(app: &App, token: &str) -> Result<(Claims, Guild), WebError> {
         _ => forged(),
     })?
     .claims;
-    let Some(id) = super::guard::parse_guild(&claims.guild_id) else {
+    let Some(id) = super::guard::parse_id(&claims.guild_id) else {
         return Err(forged());
     };
     let Some(guild) = app.guilds.get(id).await? else {

@@ -14,12 +14,13 @@ use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker};
 
 use super::AppState;
-use super::guard::{LoggedIn, Member};
+use super::guard::{LoggedIn, Member, parse_id};
 use super::http::error::{WebError, page};
 use super::rooms::{self, CLOSED_FLASH, RoomId};
 use super::settings::AddCoven;
 use super::view::{RoomView, UserView, ViewerView, base_of, visible_rooms};
-use super::{invites, people};
+use super::{invites, members, people};
+use crate::access::Principal;
 
 #[derive(Template, WebTemplate)]
 #[template(path = "web/landing.html")]
@@ -154,8 +155,7 @@ pub async fn old_room(
     let room = rest
         .split('/')
         .next()
-        .and_then(|r| r.parse::<u64>().ok())
-        .and_then(Id::<ChannelMarker>::new_checked)
+        .and_then(parse_id::<ChannelMarker>)
         .ok_or_else(WebError::no_such_room)?;
     let uri = request.uri().clone();
     if let Some(guild) = app.guilds.only().await? {
@@ -165,17 +165,27 @@ pub async fn old_room(
     let who = LoggedIn::from_request_parts(&mut parts, &app).await?;
     let mine = people::guilds_of(&app, &who).await?;
     let ids: Vec<Id<GuildMarker>> = mine.iter().map(|g| g.id).collect();
-    for (guild, _) in app.guilds.served_of(&ids).await? {
-        if app
-            .guilds
-            .bus(guild)
-            .snapshot()
-            .await?
-            .rooms
-            .contains_key(&room)
-        {
-            return Ok(permanent(&format!("/g/{guild}/rooms/{rest}"), &uri));
+    for (id, _) in app.guilds.served_of(&ids).await? {
+        let Some(guild) = app.guilds.get(id).await? else {
+            continue;
+        };
+        if !guild.bus.has_room(room).await? {
+            continue;
         }
+        // Only a room the person may see leads anywhere: another answers like a missing
+        // one, so the redirect tells nothing of rooms hidden from them.
+        let Some(member) = members::current(&app, &guild, &who.user).await? else {
+            break;
+        };
+        let snapshot = guild.bus.snapshot().await?;
+        let principal = Principal {
+            user: who.user.person.id,
+            roles: &member.roles,
+        };
+        if rooms::visible_room(&snapshot, room, principal).is_ok() {
+            return Ok(permanent(&format!("/g/{id}/rooms/{rest}"), &uri));
+        }
+        break;
     }
     Err(WebError::no_such_room())
 }

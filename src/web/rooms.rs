@@ -6,7 +6,7 @@
 //! Discord only through [`crate::discord`] and records what it did through the bus; must
 //! not render pages beyond redirects.
 
-use axum::extract::{FromRequestParts, Path};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -14,7 +14,7 @@ use serde::Deserialize;
 use twilight_model::id::Id;
 use twilight_model::id::marker::{ChannelMarker, GuildMarker, RoleMarker};
 
-use super::guard::{Member, Posted};
+use super::guard::{Member, Posted, path_id};
 use super::http::error::WebError;
 use super::http::protect::NoFields;
 use super::view::UserView;
@@ -161,16 +161,7 @@ impl FromRequestParts<AppState> for RoomId {
     type Rejection = WebError;
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, WebError> {
-        let Path(params) = Path::<Vec<(String, String)>>::from_request_parts(parts, app)
-            .await
-            .map_err(|_| WebError::no_such_room())?;
-        params
-            .iter()
-            .find(|(k, _)| k == "channel_id")
-            .and_then(|(_, raw)| raw.parse::<u64>().ok())
-            .and_then(Id::new_checked)
-            .map(RoomId)
-            .ok_or_else(WebError::no_such_room)
+        path_id(parts, app, "channel_id").await.map(RoomId)
     }
 }
 

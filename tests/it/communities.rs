@@ -490,3 +490,70 @@ async fn a_community_past_max_guilds_is_told_so_and_served_nothing() {
         404
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logging_out_ends_that_logins_streams_in_every_community_on_every_replica() {
+    let stack = Stack::every_community(2, &[]).await;
+    wait_for("Night Owls registered", || async {
+        registered(&stack, OWLS).await.then_some(())
+    })
+    .await;
+    let ash_id = stack.user("ash").await;
+    let ash = stack.login_as(stack.web(0), ash_id).await;
+    // Another login of the same person: its streams live on.
+    let other = stack.login_as(stack.web(1), ash_id).await;
+    let mut ended = Vec::new();
+    for web in [stack.web(0), stack.web(1)] {
+        for guild in [GUILD, OWLS] {
+            let url = web.url(&format!("/api/stream?guild={guild}"));
+            ended.push(ash.stream(&url, None).await);
+        }
+    }
+    let mut kept = other
+        .stream(
+            &stack.web(1).url(&format!("/api/stream?guild={OWLS}")),
+            None,
+        )
+        .await;
+    assert_eq!(ash.log_out(stack.web(0)).await.status(), 303);
+    for stream in &mut ended {
+        assert!(
+            stream.ends_within(Duration::from_secs(10)).await,
+            "every stream of the login ended"
+        );
+    }
+    assert!(
+        !kept.ends_within(Duration::from_secs(1)).await,
+        "another login's stream lives on"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_room_link_leads_only_to_a_room_its_follower_may_see() {
+    let stack = with_night_owls(&[]).await;
+    let web = stack.web(0);
+    let nyx = stack
+        .login_as(web, stack.sim.user_of(OWLS, "nyx").await)
+        .await;
+    let room = make_room(&nyx, web, OWLS, "Behind the door").await;
+    // Its creator is led to it, the way (and the query) kept.
+    let res = nyx.get(&web.url(&format!("/rooms/{room}?from=old"))).await;
+    assert_eq!(res.status(), 308);
+    assert_eq!(location(&res), format!("/g/{OWLS}/rooms/{room}?from=old"));
+    // Ash is in Night Owls but may not see the room: exactly like a room that does not
+    // exist, in any spelling.
+    let ash = stack.login_as(web, stack.user("ash").await).await;
+    let missing = ash.get(&web.url("/rooms/424242")).await;
+    assert_eq!(missing.status(), 404);
+    let missing = missing.text().await.unwrap();
+    for path in [
+        format!("/rooms/{room}"),
+        format!("/rooms/{room}/close"),
+        format!("/rooms/+{room}"),
+        format!("/rooms/0{room}"),
+    ] {
+        let res = ash.get(&web.url(&path)).await;
+        assert_eq!(res.status(), 404, "{path}");
+        assert_eq!(res.text().await.unwrap(), missing, "{path}");
+    }
+}

@@ -527,17 +527,6 @@ async fn the_relay_keeps_whole_events_for_tabs_that_open_later() {
     let _ = c.close().await;
 }
 
-/// Clicks what `css` selects, once it is there.
-async fn click(c: &Page, what: &str, css: &str) {
-    c.appears(what, css).await;
-    c.find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{what}: {e}"))
-        .click()
-        .await
-        .unwrap_or_else(|e| panic!("click {what}: {e}"));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readmes_walk_switches_community_and_adds_coven_to_a_third_without_a_restart() {
     use coven::sim::defaults::{DICE_TOWER_GUILD_ID as DICE_TOWER, NIGHT_OWLS_GUILD_ID as OWLS};
@@ -557,7 +546,8 @@ async fn the_readmes_walk_switches_community_and_adds_coven_to_a_third_without_a
     c.room_id().await;
 
     // Switch community from the header.
-    click(&c, "the Communities link", "nav.me a[href='/']").await;
+    c.click_on("the Communities link", Locator::Css("nav.me a[href='/']"))
+        .await;
     c.choose_community("Night Owls").await;
     c.url_has("Night Owls' rooms", &format!("/g/{OWLS}/rooms"))
         .await;
@@ -571,7 +561,11 @@ async fn the_readmes_walk_switches_community_and_adds_coven_to_a_third_without_a
 
     // Dusk manages Dice Tower, where Coven is not: Add Coven, approve on (simulated)
     // Discord, "Setting up…", then its rooms, with nothing restarted.
-    click(&c, "Log out", "form[action='/auth/logout'] button").await;
+    c.click_on(
+        "Log out",
+        Locator::Css("form[action='/auth/logout'] button"),
+    )
+    .await;
     c.appears("the landing page", "a[href^='/auth/login']")
         .await;
     c.click_log_in().await;
@@ -579,18 +573,12 @@ async fn the_readmes_walk_switches_community_and_adds_coven_to_a_third_without_a
     let add = format!("[data-addable='{DICE_TOWER}'] a.button");
     c.appears("Add Coven next to Dice Tower", &add).await;
     c.shot("communities-add-coven").await;
-    click(&c, "Add Coven", &add).await;
-    let server = "//a[normalize-space(.)='Dice Tower']";
-    wait_for("Discord's bot authorization page", || async {
-        c.find(Locator::XPath(server)).await.ok().map(|_| ())
-    })
+    c.click_on("Add Coven", Locator::Css(&add)).await;
+    c.click_on(
+        "Dice Tower on Discord's bot authorization page",
+        Locator::XPath("//a[normalize-space(.)='Dice Tower']"),
+    )
     .await;
-    c.find(Locator::XPath(server))
-        .await
-        .expect("Dice Tower offered")
-        .click()
-        .await
-        .expect("approve");
     c.url_has("Dice Tower's rooms", &format!("/g/{DICE_TOWER}/rooms"))
         .await;
     c.appears("Dice Tower's create form", "#room-name").await;

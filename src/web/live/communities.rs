@@ -19,7 +19,7 @@ use super::presence::Presence;
 use crate::bus::{Backend, BusError, Deployment};
 use crate::event::EventData;
 use crate::web::App;
-use crate::web::guard::parse_guild;
+use crate::web::guard::parse_id;
 use crate::web::guilds::Guild;
 use crate::web::http::error::WebError;
 use crate::web::members;
@@ -55,7 +55,7 @@ pub async fn for_stream(
     who: &SessionUser,
 ) -> Result<(Guild, Arc<Community>), WebError> {
     let id = match raw.filter(|r| !r.is_empty()) {
-        Some(raw) => parse_guild(raw).ok_or_else(WebError::no_such_room)?,
+        Some(raw) => parse_id(raw).ok_or_else(WebError::no_such_room)?,
         None => app.guilds.only().await?.ok_or_else(|| {
             WebError::BadRequest(
                 "Which community? This Coven serves several: add guild=<server id>.".to_owned(),

@@ -341,11 +341,6 @@ impl Hub {
         let _ = self.tx.send(Frame::LoggedOut(user, login.into()));
     }
 
-    /// The guild's live state as of the newest event passed on: its snapshot's id.
-    pub fn at(&self) -> EventId {
-        self.lock_state().at
-    }
-
     /// Sends every open stream an event of this replica's own (not from the log), built
     /// once.
     pub fn notice(&self, data: &EventData) {

@@ -75,9 +75,7 @@ pub fn room(raw: Option<&str>) -> Result<Option<Id<ChannelMarker>>, WebError> {
 }
 
 fn room_id(raw: &str) -> Result<Id<ChannelMarker>, WebError> {
-    raw.parse::<u64>()
-        .ok()
-        .and_then(Id::<ChannelMarker>::new_checked)
+    crate::web::guard::parse_id(raw)
         .ok_or_else(|| WebError::BadRequest(format!("{raw:?} is not a room id")))
 }
 

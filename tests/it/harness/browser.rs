@@ -213,24 +213,26 @@ impl Page {
             .unwrap();
     }
 
-    /// Logs in on the sim's authorize page by picking `name`.
-    pub async fn pick(&self, name: &str) {
-        let link = format!("//a[span[starts-with(normalize-space(.), '{name}')]]");
-        wait_for("the sim's login page", || async {
-            self.client
-                .find(Locator::XPath(&link))
-                .await
-                .ok()
-                .map(|_| ())
+    /// Clicks what `at` finds, once it is there.
+    pub async fn click_on(&self, what: &str, at: Locator<'_>) {
+        wait_for(what, || async {
+            self.client.find(at).await.ok().map(|_| ())
         })
         .await;
         self.client
-            .find(Locator::XPath(&link))
+            .find(at)
             .await
-            .expect("the player")
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
             .click()
             .await
-            .expect("pick");
+            .unwrap_or_else(|e| panic!("click {what}: {e}"));
+    }
+
+    /// Logs in on the sim's authorize page by picking `name`.
+    pub async fn pick(&self, name: &str) {
+        let link = format!("//a[span[starts-with(normalize-space(.), '{name}')]]");
+        self.click_on("the player on the sim's login page", Locator::XPath(&link))
+            .await;
     }
 
     /// Logs in on `web` as the sim's player `name`, ending on the rooms page.
@@ -243,21 +245,8 @@ impl Page {
     /// On the communities page, opens the community named `name`.
     pub async fn choose_community(&self, name: &str) {
         let link = format!("//a[@class='community-link'][.//span[normalize-space(.)='{name}']]");
-        wait_for("the community in the picker", || async {
-            self.client
-                .find(Locator::XPath(&link))
-                .await
-                .ok()
-                .map(|_| ())
-        })
-        .await;
-        self.client
-            .find(Locator::XPath(&link))
-            .await
-            .expect("the community")
-            .click()
-            .await
-            .expect("choose");
+        self.click_on("the community in the picker", Locator::XPath(&link))
+            .await;
         self.url_has("the community's rooms", "/rooms").await;
     }
 
