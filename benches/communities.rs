@@ -179,6 +179,7 @@ impl Deployment {
                 .env("REDIS_URL", d.redis_url())
                 .env("DISCORD_BOT_TOKEN", BOT_TOKEN)
                 .env("DISCORD_GATEWAY_URL", d.sim_url.replace("http://", "ws://"))
+                .env("DISCORD_API_URL", format!("{}/api", d.sim_url))
                 .env("RUST_LOG", log_level())
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())

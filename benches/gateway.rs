@@ -92,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
         bot_token: sim.shared.settings.bot_token.clone(),
         tuning: coven::gateway::Tuning {
             gateway_url: url::Url::parse(&sim.shared.gateway_url())?,
+            api_url: url::Url::parse(&sim.url("/api"))?,
             key_prefix: "bench".into(),
             event_log_max_len: 1_000_000,
             queue_size: 100_000,

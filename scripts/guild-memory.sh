@@ -55,6 +55,7 @@ before=$(used)
 REDIS_URL=redis://127.0.0.1:$redis_port \
     DISCORD_BOT_TOKEN=sim-bot-token \
     DISCORD_GATEWAY_URL=ws://127.0.0.1:$sim_port \
+    DISCORD_API_URL=http://127.0.0.1:$sim_port/api \
     BIND=127.0.0.1:0 METRICS_BIND=127.0.0.1:0 LOG_LEVEL=warn \
     "$COVEN" gateway >"$dir/gateway.log" 2>&1 &
 gateway=$!

@@ -103,6 +103,10 @@ pub fn run(cli: Cli) -> ExitCode {
                     eprintln!("error: {cause} (Gateway close code {code}); not retrying");
                     Ok(ExitCode::from(2))
                 }
+                Ok(gateway::Outcome::Refused(line)) => {
+                    eprintln!("error: {line}");
+                    Ok(ExitCode::from(2))
+                }
                 Err(e) => Err(e),
             },
             Plan::Publish(settings, what) => publish::command(settings, what)

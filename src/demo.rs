@@ -101,6 +101,7 @@ pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow:
         bot_token: s.bot_token.clone(),
         tuning: gateway::Tuning {
             gateway_url: Url::parse(&simulator.shared.gateway_url())?,
+            api_url: web_settings.discord.api_url.clone(),
             ..gateway::Tuning::default()
         },
     };

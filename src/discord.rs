@@ -62,7 +62,7 @@ pub struct DiscordSettings {
 
 /// twilight-http can only be pointed at `{scheme}://{host:port}/api/v10`, so the API URL
 /// must end in `/api`.
-fn parse_api_url(raw: &str) -> Result<Url, String> {
+pub fn parse_api_url(raw: &str) -> Result<Url, String> {
     let url = config::parse_http_url(raw)?;
     if url.path().trim_end_matches('/') != "/api" {
         return Err(format!(
@@ -204,6 +204,57 @@ fn rest_client(token: &str, proxy: Option<&(String, bool)>) -> twilight_http::Cl
     builder.build()
 }
 
+/// `DISCORD_API_URL`'s authority and whether it is plain http, when it is not Discord's
+/// (the simulator): twilight-http takes nothing else.
+fn proxy_of(api_url: &Url) -> anyhow::Result<Option<(String, bool)>> {
+    if api_url.as_str().trim_end_matches('/') == DEFAULT_API_URL {
+        return Ok(None);
+    }
+    let host = api_url
+        .host_str()
+        .ok_or_else(|| anyhow::anyhow!("DISCORD_API_URL has no host"))?;
+    let authority = match api_url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    };
+    Ok(Some((authority, api_url.scheme() == "http")))
+}
+
+/// The bot's REST client alone, for a command that needs no OAuth2 (the gateway).
+pub fn bot_client(token: &str, api_url: &Url) -> anyhow::Result<twilight_http::Client> {
+    Ok(rest_client(token, proxy_of(api_url)?.as_ref()))
+}
+
+/// What `GET /gateway/bot` says now: Discord's recommended shard count and how many
+/// sessions the bot may still start. Discord asks that it not be cached long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BotGateway {
+    pub shards: u32,
+    /// Identifies allowed per 5 s, one per bucket (`shard_id % max_concurrency`).
+    pub max_concurrency: u32,
+    /// Session starts (identifies) left until `reset_after`.
+    pub remaining: u32,
+    pub reset_after: Duration,
+}
+
+pub async fn bot_gateway(bot: &twilight_http::Client) -> Result<BotGateway, DiscordError> {
+    let info = bot
+        .gateway()
+        .authed()
+        .await
+        .map_err(DiscordError::from_twilight)?
+        .model()
+        .await
+        .map_err(|e| DiscordError::Unavailable(format!("GET /gateway/bot: {e}")))?;
+    let limit = info.session_start_limit;
+    Ok(BotGateway {
+        shards: info.shards.max(1),
+        max_concurrency: u32::from(limit.max_concurrency).max(1),
+        remaining: limit.remaining,
+        reset_after: Duration::from_millis(limit.reset_after),
+    })
+}
+
 /// The bot's REST client and the OAuth2 client, one per replica.
 pub struct Discord {
     pub bot: twilight_http::Client,
@@ -229,19 +280,7 @@ pub struct MadeRoom {
 
 impl Discord {
     pub fn new(settings: &DiscordSettings, public_url: &Url) -> anyhow::Result<Self> {
-        let proxy = if settings.api_url.as_str().trim_end_matches('/') != DEFAULT_API_URL {
-            let host = settings
-                .api_url
-                .host_str()
-                .ok_or_else(|| anyhow::anyhow!("DISCORD_API_URL has no host"))?;
-            let authority = match settings.api_url.port() {
-                Some(port) => format!("{host}:{port}"),
-                None => host.to_owned(),
-            };
-            Some((authority, settings.api_url.scheme() == "http"))
-        } else {
-            None
-        };
+        let proxy = proxy_of(&settings.api_url)?;
         let bot = rest_client(settings.bot_token.expose_secret(), proxy.as_ref());
         let oauth = BasicClient::new(ClientId::new(settings.client_id.to_string()))
             .set_client_secret(ClientSecret::new(

@@ -97,6 +97,8 @@ struct Shared {
     values: HashMap<String, (String, Option<Instant>)>,
     leases: Leases,
     registry: BTreeMap<Id<GuildMarker>, GuildEntry>,
+    /// Live gateway processes and when their last beat runs out.
+    gateways: BTreeMap<String, Instant>,
 }
 
 fn lock_shared(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -508,6 +510,30 @@ impl Deployment for MemoryDeployment {
             let mut state = bus.lock();
             state.guild_epoch = state.guild_epoch.max(epoch);
         }
+        Ok(())
+    }
+
+    async fn claim(&self, key: &str, ttl: Duration) -> BusResult<bool> {
+        let mut shared = self.shared();
+        if live_value(&shared.values, key).is_some() {
+            return Ok(false);
+        }
+        shared
+            .values
+            .insert(key.to_owned(), (String::new(), Some(Instant::now() + ttl)));
+        Ok(true)
+    }
+
+    async fn beat(&self, process: &str, ttl: Duration) -> BusResult<Vec<String>> {
+        let mut shared = self.shared();
+        let now = Instant::now();
+        shared.gateways.retain(|_, until| *until > now);
+        shared.gateways.insert(process.to_owned(), now + ttl);
+        Ok(shared.gateways.keys().cloned().collect())
+    }
+
+    async fn leave(&self, process: &str) -> BusResult<()> {
+        self.shared().gateways.remove(process);
         Ok(())
     }
 }

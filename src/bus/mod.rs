@@ -527,6 +527,29 @@ pub trait Deployment: Send + Sync + 'static {
     /// Raises `P:{G}:epoch` of every guild to at least `epoch`, sent together: from then
     /// on, a writer with a lower epoch is refused in each of them.
     async fn raise_epochs(&self, guilds: &[Id<GuildMarker>], epoch: u64) -> BusResult<()>;
+
+    /// Sets `P:<key>` for `ttl` unless it is set; `true` when this call set it (an
+    /// identify bucket's turn).
+    async fn claim(&self, key: &str, ttl: Duration) -> BusResult<bool>;
+
+    /// Says in `P:gateways` that gateway process `process` is alive for `ttl` more, by
+    /// Redis's clock (so the processes' clocks need not agree), and answers every process
+    /// alive now, itself included, sorted.
+    async fn beat(&self, process: &str, ttl: Duration) -> BusResult<Vec<String>>;
+
+    /// Takes `process` out of `P:gateways` (it is stopping): the others' shares grow now,
+    /// not when its last beat runs out.
+    async fn leave(&self, process: &str) -> BusResult<()>;
+}
+
+/// `P:gateways`: the live gateway processes (a sorted set, process → when its last beat
+/// runs out, in Redis's milliseconds).
+pub const GATEWAYS: &str = "gateways";
+
+/// `P:identify:{bucket}`: set for 5 s (and a margin) by the process whose shard of that
+/// bucket identifies now.
+pub fn identify_key(bucket: u32) -> String {
+    format!("identify:{{{bucket}}}")
 }
 
 /// `P:shard:{i}:status` ([`shard_key`]) holds a [`GatewayReport`]: what the shard's

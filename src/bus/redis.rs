@@ -100,6 +100,16 @@ redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
 return token
 "#;
 
+// Redis's own clock decides who is alive, so gateway processes on machines whose clocks
+// disagree still agree on it.
+const BEAT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"#;
+
 const RENEW: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -184,6 +194,7 @@ struct Scripts {
     put: Script,
     release_durable: Script,
     mark: Script,
+    beat: Script,
 }
 
 /// How many replicas must hold an append before it counts as done and may be published
@@ -513,6 +524,7 @@ impl Redis {
             put: Script::from_lua(PUT),
             release_durable: Script::from_lua(RELEASE_DURABLE),
             mark: Script::from_lua(MARK),
+            beat: Script::from_lua(BEAT),
         });
         // fred hands messages on through a broadcast of 32 by default: a dispatch held up
         // for a moment by a busy replica (a burst to thousands of streams) would lag and
@@ -1651,6 +1663,43 @@ impl super::Deployment for Arc<Redis> {
             })
             .await?;
         Ok(receiver)
+    }
+
+    async fn claim(&self, key: &str, ttl: Duration) -> BusResult<bool> {
+        let set: Option<String> = self
+            .client
+            .set(
+                self.shared_key(key),
+                "1",
+                Some(Expiration::PX(
+                    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
+                )),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await?;
+        Ok(set.is_some())
+    }
+
+    async fn beat(&self, process: &str, ttl: Duration) -> BusResult<Vec<String>> {
+        let live: Vec<String> = self
+            .scripts
+            .beat
+            .evalsha_with_reload(
+                &self.client,
+                vec![self.shared_key(super::GATEWAYS)],
+                vec![process.to_owned(), ttl.as_millis().to_string()],
+            )
+            .await?;
+        Ok(live)
+    }
+
+    async fn leave(&self, process: &str) -> BusResult<()> {
+        let _: i64 = self
+            .client
+            .zrem(self.shared_key(super::GATEWAYS), process)
+            .await?;
+        Ok(())
     }
 
     async fn raise_epochs(&self, guilds: &[Id<GuildMarker>], epoch: u64) -> BusResult<()> {

@@ -1,16 +1,21 @@
-//! `coven gateway`: holds the bot's Discord Gateway session (shard 0 of 1) and turns what
-//! Discord says into domain events on the bus of each guild it serves (every guild of the
-//! session, or the configured ones).
+//! `coven gateway`: holds a fair share of the bot's Discord Gateway shards, beside any
+//! number of other gateway processes, and turns what Discord says into domain events on
+//! the bus of each guild it serves (every guild of its shards, or the configured ones).
 //!
-//! Owns the shard ([`run`]), the derivation of events from dispatches ([`derive`]),
-//! reconciling after reconnects, the shard's lease, stored session and status, the
-//! registry of guilds (`P:guilds`) and the health endpoint ([`health`]; metrics are on
-//! their own listener, [`crate::prometheus`]). Must not serve pages or call Discord's REST
-//! API on users' behalf (that is `web`).
+//! Owns the process's share of the shards ([`run`], by the rule in [`spread`]), each
+//! shard's life ([`shard`]: lease, stored session, status, RESUME on takeover), the
+//! identify queue every process shares ([`identify`]), the derivation of events from
+//! dispatches ([`derive`]), the registry of guilds (`P:guilds`) and the health endpoint
+//! ([`health`]; metrics are on their own listener, [`crate::prometheus`]). Must not serve
+//! pages or call Discord's REST API on users' behalf (that is `web`); its only REST call
+//! is the bot's `GET /gateway/bot`.
 
 pub mod derive;
 pub mod health;
+pub mod identify;
 pub mod run;
+pub mod shard;
+pub mod spread;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -57,6 +62,21 @@ pub struct Tuning {
     /// Discord Gateway base URL
     #[arg(long = "discord-gateway-url", env = "DISCORD_GATEWAY_URL", default_value = DEFAULT_GATEWAY_URL, value_parser = config::parse_ws_url)]
     pub gateway_url: Url,
+    /// Discord REST base URL (the gateway asks only `GET /gateway/bot`: the recommended
+    /// shard count and how many session starts are left)
+    #[arg(long = "discord-api-url", env = "DISCORD_API_URL", default_value = crate::discord::DEFAULT_API_URL, value_parser = crate::discord::parse_api_url)]
+    pub api_url: Url,
+    /// How many shards the bot's session is split into, decided by the first gateway
+    /// process and stored (default: Discord's recommendation); a process started with
+    /// another count than the stored one is refused (1–65,536)
+    #[arg(long = "shard-count", env = "SHARD_COUNT", value_parser = config::parse_number_in::<u32>(1, MAX_SHARDS))]
+    pub shard_count: Option<u32>,
+    /// Session starts (IDENTIFYs) kept back of Discord's daily 1,000: at this many left,
+    /// a process stops with one line instead of identifying (0–1,000)
+    // Discord resets the bot's token when they run out: the reserve leaves room for an
+    // operator to act (and RESUMEs, which cost nothing, go on meanwhile).
+    #[arg(long = "identify-reserve", env = "IDENTIFY_RESERVE", default_value = "10", value_parser = config::parse_number_in::<u32>(0, 1000))]
+    pub identify_reserve: u32,
     /// Only voice channels in this category are rooms (default: every voice channel); a
     /// comma-separated list gives each guild its own (each category names its guild)
     #[arg(long = "discord-room-category-id", env = "DISCORD_ROOM_CATEGORY_ID", value_delimiter = ',', value_parser = config::parse_channel_id)]
@@ -64,7 +84,8 @@ pub struct Tuning {
     /// Prefix of every Redis key
     #[arg(long = "coven-key-prefix", env = "COVEN_KEY_PREFIX", default_value = config::KEY_PREFIX, value_parser = config::parse_key_prefix)]
     pub key_prefix: String,
-    /// Leader lease lifetime; a standby takes over within it (1s–1m)
+    /// Each shard's lease lifetime; another process takes a dead one's shards within it
+    /// (1s–1m)
     // Renewed every third of its life: under a second that is a busy loop against Redis,
     // and every pause longer than it hands the guild to a standby. Over a minute, a
     // crashed gateway leaves the site stale that long.
@@ -127,6 +148,9 @@ impl Settings {
 }
 
 pub const DEFAULT_GATEWAY_URL: &str = "wss://gateway.discord.gg";
+
+/// The most shards a deployment may be split into (Discord's largest bots run thousands).
+pub const MAX_SHARDS: u32 = 65_536;
 
 /// `coven gateway`: connect to Redis, serve health, run until stopped or refused.
 pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Outcome> {

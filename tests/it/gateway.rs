@@ -50,6 +50,7 @@ impl Setup {
         let category = self.category.to_string();
         let redis_url = self.redis.url();
         let gateway_url = self.sim.gateway_url();
+        let api_url = self.sim.url("/api");
         let metrics_bind = format!("127.0.0.1:{}", crate::harness::redis::free_port());
         let mut env = vec![
             ("BIND", "127.0.0.1:0"),
@@ -58,6 +59,7 @@ impl Setup {
             ("DISCORD_GUILD_ID", &guild),
             ("DISCORD_BOT_TOKEN", token),
             ("DISCORD_GATEWAY_URL", &gateway_url),
+            ("DISCORD_API_URL", &api_url),
             ("DISCORD_ROOM_CATEGORY_ID", &category),
             ("GATEWAY_LEASE_TTL", "2s"),
             ("RUST_LOG", "coven=debug"),
@@ -698,7 +700,9 @@ async fn the_run_loop_over_the_memory_bus_stores_its_session_and_releases_the_le
     use coven::bus::memory::MemoryDeployment;
     use coven::bus::{Bus, Deployment, Since};
     use coven::gateway::health::Health;
-    use coven::gateway::run::{LEASE, Outcome, SESSION_KEY, run};
+    use coven::gateway::run::{Outcome, run};
+    use coven::gateway::shard::ShardOf;
+    let shard = ShardOf { id: 0, count: 1 };
     use tokio_util::sync::CancellationToken;
     use twilight_model::id::Id;
 
@@ -713,6 +717,7 @@ async fn the_run_loop_over_the_memory_bus_stores_its_session_and_releases_the_le
         bot_token: secrecy::SecretString::from(sim.token()),
         tuning: coven::gateway::Tuning {
             gateway_url: url::Url::parse(&sim.gateway_url()).unwrap(),
+            api_url: url::Url::parse(&sim.url("/api")).unwrap(),
             room_categories: vec![Id::new(category)],
             lease_ttl: Duration::from_secs(2),
             event_log_max_len: 1000,
@@ -759,14 +764,14 @@ async fn the_run_loop_over_the_memory_bus_stores_its_session_and_releases_the_le
         .unwrap();
     assert_eq!(outcome, Outcome::Stopped);
     let stored = deployment
-        .get(SESSION_KEY)
+        .get(&shard.session_key())
         .await
         .unwrap()
         .expect("a stored session");
     assert!(stored.contains("session_id"));
     assert!(
         deployment
-            .acquire(LEASE, "next", Duration::from_secs(1))
+            .acquire(&shard.lease(), "next", Duration::from_secs(1))
             .await
             .unwrap()
             .is_some(),

@@ -274,6 +274,7 @@ pub fn spawn_gateway_on(
 ) -> (CovenProcess, String) {
     let guild = sim.guild_id().to_string();
     let gateway_url = sim.gateway_url();
+    let api_url = sim.url("/api");
     let token = sim.token();
     let metrics_bind = format!("127.0.0.1:{}", free_port());
     let mut env = vec![
@@ -283,6 +284,7 @@ pub fn spawn_gateway_on(
         ("DISCORD_GUILD_ID", &guild),
         ("DISCORD_BOT_TOKEN", &token),
         ("DISCORD_GATEWAY_URL", &gateway_url),
+        ("DISCORD_API_URL", &api_url),
         ("GATEWAY_LEASE_TTL", "2s"),
         ("RUST_LOG", "coven=debug"),
     ];
