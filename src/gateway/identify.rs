@@ -82,13 +82,41 @@ impl IdentifyQueue {
             .clone()
     }
 
+    /// Stops every identify of this process with `line` (the process is stopping).
+    pub fn refuse(&self, line: String) {
+        self.0.refuse(line);
+    }
+
     /// What `GET /gateway/bot` says, asked at most once per [`FRESH_FOR`].
     pub async fn limits(&self) -> Result<BotGateway, crate::discord::DiscordError> {
         self.0.limits().await
     }
 }
 
+/// Discord refused the bot's token itself: no wait makes it good again.
+pub fn token_refused(e: &crate::discord::DiscordError) -> Option<String> {
+    use crate::discord::DiscordError;
+    match e {
+        DiscordError::Unauthorized | DiscordError::Refused { status: 401, .. } => Some(
+            "Discord refused DISCORD_BOT_TOKEN (GET /gateway/bot answered 401): check the token in \
+             the Developer Portal (Discord resets it when it leaks or the bot runs out of session \
+             starts)"
+                .to_owned(),
+        ),
+        _ => None,
+    }
+}
+
 impl Inner {
+    fn refuse(&self, line: String) {
+        let mut refusal = self.refusal.lock().unwrap_or_else(|e| e.into_inner());
+        if refusal.is_none() {
+            tracing::error!("{line}");
+            *refusal = Some(Refusal(line));
+        }
+        drop(refusal);
+        self.refused.cancel();
+    }
     async fn limits(&self) -> Result<BotGateway, crate::discord::DiscordError> {
         if let Some((at, info)) = *self.last.lock().unwrap_or_else(|e| e.into_inner())
             && at.elapsed() < FRESH_FOR
@@ -110,6 +138,11 @@ impl Inner {
             }
             let info = match self.limits().await {
                 Ok(info) => info,
+                Err(e) if token_refused(&e).is_some() => {
+                    self.held.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
+                    self.refuse(token_refused(&e).unwrap_or_default());
+                    return;
+                }
                 Err(e) => {
                     // Not knowing how many starts are left, nothing starts: a token reset
                     // costs more than a wait.
@@ -128,10 +161,8 @@ impl Inner {
                     info.reset_after.as_secs(),
                     self.reserve
                 );
-                tracing::error!("{line}");
-                *self.refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(Refusal(line));
                 self.held.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
-                self.refused.cancel();
+                self.refuse(line);
                 return;
             }
             let bucket = shard % info.max_concurrency.max(1);

@@ -49,7 +49,14 @@ pub async fn run(
     let discord = crate::discord::bot_client(&settings.bot_token_value(), &settings.api_url)?;
     let queue = IdentifyQueue::new(deployment.clone(), discord, settings.identify_reserve);
     refuse_beside_an_old_gateway(&settings, &*deployment).await?;
-    let count = shard_count(&settings, &*deployment, &queue).await?;
+    let count = match shard_count(&settings, &*deployment, &queue).await? {
+        Ok(count) => count,
+        Err(line) => {
+            health.set_failed();
+            tracing::error!("{line}");
+            return Ok(Outcome::Refused(line));
+        }
+    };
     health.set_count(count);
     let process = process_name();
     tracing::info!(%process, shards = count, "gateway process started");
@@ -65,6 +72,7 @@ pub async fn run(
         settings,
         deployment: deployment.clone(),
         queue: queue.clone(),
+        failed: std::sync::Mutex::new(None),
     });
     // A round a quarter of the TTL (between 0.25 s and 1 s): a dead process's shards are
     // taken at most that long after its leases run out, a released one about as soon.
@@ -146,7 +154,16 @@ pub async fn run(
         }
     };
     // Every shard closes with 4000 and releases its lease, all at once: the others take
-    // them within a round.
+    // them within a round. Stopping for good, each first tells its guilds why.
+    let failure = match &outcome {
+        Outcome::Stopped => None,
+        Outcome::Fatal { code, cause } => Some(format!("close code {code}: {cause}")),
+        Outcome::Refused(line) => Some(line.clone()),
+    };
+    if let Some(failure) = failure {
+        queue.refuse(failure.clone());
+        *ctx.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(failure);
+    }
     for r in running.values() {
         r.stop.cancel();
     }
@@ -228,7 +245,7 @@ async fn shard_count(
     settings: &Settings,
     deployment: &dyn Deployment,
     queue: &IdentifyQueue,
-) -> anyhow::Result<u32> {
+) -> anyhow::Result<Result<u32, String>> {
     let key = format!("{}:{SHARD_COUNT}", settings.key_prefix);
     let stored = match deployment.get(SHARD_COUNT).await? {
         Some(stored) => stored,
@@ -236,12 +253,18 @@ async fn shard_count(
             let wanted = match settings.shard_count {
                 Some(n) => n,
                 None => {
-                    let info = queue.limits().await.map_err(|e| {
-                        anyhow::anyhow!(
-                            "SHARD_COUNT is not set and Discord's recommendation (GET /gateway/bot) \
-                             is not available: {e}"
-                        )
-                    })?;
+                    let info = match queue.limits().await {
+                        Ok(info) => info,
+                        Err(e) => {
+                            if let Some(line) = super::identify::token_refused(&e) {
+                                return Ok(Err(line));
+                            }
+                            anyhow::bail!(
+                                "SHARD_COUNT is not set and Discord's recommendation (GET \
+                                 /gateway/bot) is not available: {e}"
+                            );
+                        }
+                    };
                     tracing::info!(
                         shards = info.shards,
                         "using Discord's recommended shard count"
@@ -272,7 +295,7 @@ async fn shard_count(
              SHARD_COUNT to join them, or reshard as docs/operations.md says"
         );
     }
-    Ok(count)
+    Ok(Ok(count))
 }
 
 /// Upgrading from one guild: a gateway of the old kind holds the bot's session under

@@ -108,6 +108,8 @@ pub struct Holding {
     pub settings: Settings,
     pub deployment: Arc<dyn Deployment>,
     pub queue: IdentifyQueue,
+    /// Set when the process stops for good: each shard tells its guilds FAILED.
+    pub failed: Mutex<Option<String>>,
 }
 
 /// Holds `shard` under `fence` until `stop`, a lost lease or a fatal close; releases the
@@ -121,24 +123,32 @@ pub async fn hold(
 ) -> Ended {
     let deployment = &*ctx.deployment;
     let ended = active(&ctx, shard, &fence, &report, &stop).await;
+    let failed = |reason: String| async {
+        let status = EventData::GatewayStatus {
+            state: GatewayState::Failed,
+            reason: Some(reason),
+        };
+        report.set_state(GatewayState::Failed, false);
+        if let Ok(guilds) = guilds_of_shard(&ctx.settings, deployment, shard).await {
+            for guild in guilds.keys() {
+                let _ = deployment
+                    .guild(*guild)
+                    .append(status.clone(), Some(&fence))
+                    .await;
+            }
+        }
+    };
     let ended = match ended {
-        Ok(Inner::Shutdown) => Ended::Stopped,
+        Ok(Inner::Shutdown) => {
+            let reason = ctx.failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(reason) = reason {
+                failed(reason).await;
+            }
+            Ended::Stopped
+        }
         Ok(Inner::LostLease) => return Ended::LostLease,
         Ok(Inner::Fatal(code)) => {
-            let cause = fatal_cause(code);
-            let status = EventData::GatewayStatus {
-                state: GatewayState::Failed,
-                reason: Some(format!("close code {code}: {cause}")),
-            };
-            report.set_state(GatewayState::Failed, false);
-            if let Ok(guilds) = guilds_of_shard(&ctx.settings, deployment, shard).await {
-                for guild in guilds.keys() {
-                    let _ = deployment
-                        .guild(*guild)
-                        .append(status.clone(), Some(&fence))
-                        .await;
-                }
-            }
+            failed(format!("close code {code}: {}", fatal_cause(code))).await;
             Ended::Fatal(code)
         }
         Err(e) => Ended::Failed(e),

@@ -391,7 +391,15 @@ pub async fn serve_connection(shared: Arc<Shared>, mut socket: WebSocket, query:
                         continue;
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(Message::Close(_))) => {
+                        // WebSocket's closing handshake (RFC 6455 §5.5.1), as Discord
+                        // does it: tungstenite queued the echo of the client's close
+                        // frame; flushing sends it, so the client sees its close
+                        // acknowledged, not a dropped connection.
+                        let _ = futures_util::SinkExt::flush(&mut socket).await;
+                        break;
+                    }
+                    None | Some(Err(_)) => break,
                 };
                 let now = Instant::now();
                 window.push_back(now);

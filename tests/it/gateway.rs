@@ -664,6 +664,7 @@ async fn health_and_metrics_tell_active_from_standby() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_token_is_failed_with_one_clear_line_and_exit_2() {
     let s = Setup::start().await;
+    // Before any shard count is decided: Discord's recommendation is refused.
     let mut gw = s.gateway("not-the-token");
     assert_eq!(gw.wait_exit(), Some(2));
     let errors: Vec<String> = gw
@@ -672,8 +673,19 @@ async fn a_refused_token_is_failed_with_one_clear_line_and_exit_2() {
         .filter(|l| l.starts_with("error:"))
         .collect();
     assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("DISCORD_BOT_TOKEN"), "{errors:?}");
+    // With the count decided, a shard is held and told FAILED: the identify queue asks
+    // Discord how many session starts are left, and is refused, before any IDENTIFY.
+    let mut gw = s.gateway_with("not-the-token", &[("SHARD_COUNT", "1")]);
+    assert_eq!(gw.wait_exit(), Some(2));
+    let errors: Vec<String> = gw
+        .stderr()
+        .into_iter()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(
-        errors[0].contains("DISCORD_BOT_TOKEN") && errors[0].contains("4004"),
+        errors[0].contains("DISCORD_BOT_TOKEN") && errors[0].contains("401"),
         "{errors:?}"
     );
     let statuses: Vec<Value> = s
