@@ -377,6 +377,10 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option
 #[derive(Deserialize)]
 struct VoiceChange {
     user_id: Value,
+    /// The guild whose voice the user is in: by default the channel's (or, leaving, the
+    /// first guild), as a member is in voice in one guild at a time per guild.
+    #[serde(default)]
+    guild_id: Option<Value>,
     /// Required, and `null` to leave, so a forgotten field is not read as "leave".
     #[serde(default, deserialize_with = "present")]
     channel_id: Option<Value>,
@@ -413,8 +417,20 @@ async fn voice(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
         self_stream: req.self_stream,
     };
     let mut state = shared.lock();
-    if let Some(to) = channel.filter(|_| req.leave_free > 0) {
-        let w = &state.world;
+    let guild = match (&req.guild_id, channel) {
+        (Some(g), _) => id(g, "guild_id")?,
+        (None, Some(c)) => state
+            .guilds()
+            .find(|w| w.channels.contains_key(&c))
+            .map_or(state.world.guild_id, |w| w.guild_id),
+        (None, None) => state.world.guild_id,
+    };
+    if state.guild(guild).is_none() {
+        return Err(error(StatusCode::NOT_FOUND, "unknown guild"));
+    }
+    if let Some(to) = channel.filter(|_| req.leave_free > 0)
+        && let Some(w) = state.guild(guild)
+    {
         let limit = w.channels.get(&to).map_or(0, |c| c.user_limit);
         let elsewhere = w.voice.get(&user).is_none_or(|v| v.channel_id != to);
         let present = w.voice.values().filter(|v| v.channel_id == to).count();
@@ -426,9 +442,14 @@ async fn voice(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
             ));
         }
     }
-    let events = state.world.user_voice(user, channel, flags)?;
+    let Some(world) = state.guild_mut(guild) else {
+        return Err(error(StatusCode::NOT_FOUND, "unknown guild"));
+    };
+    let events = world.user_voice(user, channel, flags)?;
     state.emit(&events);
-    let w = &state.world;
+    let Some(w) = state.guild(guild) else {
+        return Err(error(StatusCode::NOT_FOUND, "unknown guild"));
+    };
     let now = w
         .voice
         .get(&user)

@@ -21,6 +21,7 @@ mod login;
 mod ownership;
 mod pages;
 mod rooms;
+mod shards;
 mod sim_gateway;
 mod sim_oauth;
 mod sim_rest;
