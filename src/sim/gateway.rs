@@ -199,13 +199,15 @@ impl StartLimit {
         left.as_millis() as u64
     }
 
-    /// Takes a session start for `shard`, or says why Discord would refuse it.
+    /// Takes a session start for an IDENTIFY with `shard`; false when Discord would refuse
+    /// it: its bucket started a session less than 5 s ago, or none are left for the day.
     fn admit(&mut self, shard: ShardKey) -> bool {
         self.refresh();
         let bucket = shard.map_or(0, |[id, _]| id % self.max_concurrency.max(1));
         let now = Instant::now();
-        // Only accepted IDENTIFYs start a bucket's 5 s: a client that waits 5 s after its
-        // last session start (as twilight's queue does) is always let in.
+        // Discord does not say whether a refused IDENTIFY restarts its bucket's 5 s; here
+        // only accepted ones do, so a client that waits 5 s after its last session start
+        // (as twilight's queue does) is let in however many it had refused meanwhile.
         let too_early = self
             .buckets
             .get(&bucket)
