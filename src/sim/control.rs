@@ -51,6 +51,7 @@ pub fn router() -> Router<Arc<Shared>> {
         .route("/gateway/reconnect", post(reconnect))
         .route("/gateway/invalidate", post(invalidate))
         .route("/gateway/zombie", post(zombie))
+        .route("/gateway/expire", post(expire))
         .route("/rest/fail", post(fail))
         .route("/oauth/revoke", post(revoke))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such control route") })
@@ -163,6 +164,7 @@ async fn state(State(shared): State<Arc<Shared>>, Query(q): Query<StateQuery>) -
                 .ok_or_else(|| error(StatusCode::NOT_FOUND, "unknown guild"))?
         }
     };
+    let shards = shared.shards(&state);
     let body = json!({
         "guild_id": w.guild_id.to_string(),
         "client_id": shared.settings.client_id.to_string(),
@@ -214,7 +216,7 @@ async fn state(State(shared): State<Arc<Shared>>, Query(q): Query<StateQuery>) -
             "user_id": u.to_string(),
             "channel_id": c.to_string(),
         })).collect::<Vec<_>>(),
-        "gateway": state.hub.counters,
+        "gateway": state.hub.state_json(),
         "rest": {
             "rate_limited": state.limits.rate_limited,
             // REST requests by the credentials they carried: the bot's token, a person's
@@ -228,8 +230,8 @@ async fn state(State(shared): State<Arc<Shared>>, Query(q): Query<StateQuery>) -
             "bot": g.bot_in(),
             "members": g.members.len(),
             "unavailable": g.unavailable,
-            // 0 until the simulator shards (`SIM_SHARDS`): then (id >> 22) % shards.
-            "shard": 0,
+            // The shard of GET /gateway/bot's recommended count that holds it ("Sharding").
+            "shard": (g.guild_id >> 22) % shards,
         })).collect::<Vec<_>>(),
     });
     Ok(axum::Json(body).into_response())
@@ -687,6 +689,13 @@ async fn invalidate(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
 
 async fn zombie(State(shared): State<Arc<Shared>>) -> Response {
     connections(shared.lock().hub.zombify_all())
+}
+
+/// `POST /_sim/gateway/expire`: the resume window of every disconnected session passes
+/// now, instead of `SIM_RESUME_TTL` after its disconnect.
+async fn expire(State(shared): State<Arc<Shared>>) -> Response {
+    let expired = shared.lock().hub.expire_detached();
+    axum::Json(json!({"sessions": expired})).into_response()
 }
 
 #[derive(Deserialize)]

@@ -6,9 +6,9 @@
 //! connection task only speaks the protocol. Must not change the guild: that is
 //! [`super::world`]'s job, which hands its dispatches to [`Hub::dispatch`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use serde::Deserialize;
@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::sleep_until;
 
-use super::Shared;
 use super::world::Dispatch;
+use super::{SESSION_START_TOTAL, Settings, Shared};
 
 /// Gateway opcodes (Discord's numbering).
 mod op {
@@ -47,6 +47,7 @@ pub mod close {
     pub const RATE_LIMITED: u16 = 4008;
     pub const SESSION_TIMED_OUT: u16 = 4009;
     pub const INVALID_SHARD: u16 = 4010;
+    pub const SHARDING_REQUIRED: u16 = 4011;
     pub const INVALID_API_VERSION: u16 = 4012;
     pub const INVALID_INTENTS: u16 = 4013;
     pub const DISALLOWED_INTENTS: u16 = 4014;
@@ -63,7 +64,7 @@ pub mod close {
             RATE_LIMITED => "Rate limited.",
             SESSION_TIMED_OUT => "Session timed out.",
             INVALID_SHARD => "Invalid shard.",
-            4011 => "Sharding required.",
+            SHARDING_REQUIRED => "Sharding required.",
             INVALID_API_VERSION => "Invalid API version.",
             INVALID_INTENTS => "Invalid intent(s).",
             DISALLOWED_INTENTS => "Disallowed intent(s).",
@@ -105,6 +106,15 @@ pub mod intents {
 const PAYLOAD_LIMIT: usize = 120;
 /// Dispatches kept per session for RESUME replay.
 const REPLAY_LOG: usize = 10_000;
+/// One IDENTIFY per identify bucket in this long ("Session Start Limit Object":
+/// `max_concurrency` is "the number of identify requests allowed per 5 seconds").
+pub const IDENTIFY_INTERVAL: Duration = Duration::from_secs(5);
+/// How long until `session_start_limit.remaining` is back to its total.
+const SESSION_START_PERIOD: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A session's shard as IDENTIFY gave it: `[shard_id, num_shards]`, `None` for a session
+/// that sent none (it holds every guild).
+pub type ShardKey = Option<[u64; 2]>;
 
 /// What the hub tells a connection task to do.
 #[derive(Debug)]
@@ -119,6 +129,8 @@ struct Conn {
     session: Option<String>,
     /// Zombie mode: heartbeats go unanswered on this connection.
     zombie: bool,
+    /// The shard this connection last identified or resumed as, for `/_sim/state`.
+    shard: Option<ShardKey>,
 }
 
 #[derive(Debug)]
@@ -136,9 +148,78 @@ struct Session {
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct Counters {
     pub connections: u64,
+    /// Sessions started (accepted IDENTIFYs).
     pub identifies: u64,
     pub resumes: u64,
     pub last_sequence: u64,
+    /// IDENTIFYs answered with op 9: too early for their bucket, or none left for the day.
+    pub identify_rejected: u64,
+}
+
+/// What `/_sim/state` reports of one shard, over all its sessions and connections.
+#[derive(Debug, Default, Clone)]
+struct ShardLog {
+    identifies: u64,
+    resumes: u64,
+    last_sequence: u64,
+    /// How each connection that identified or resumed as this shard ended.
+    closes: Vec<u16>,
+    /// Unix milliseconds of each accepted IDENTIFY.
+    identified_at_ms: Vec<u64>,
+}
+
+/// Discord's session start limit and identify buckets.
+#[derive(Debug, Default)]
+struct StartLimit {
+    max_concurrency: u64,
+    remaining: u64,
+    /// When the day's count started (the first IDENTIFY after a reset).
+    period_start: Option<Instant>,
+    /// When each bucket (`shard_id % max_concurrency`) last started a session.
+    buckets: HashMap<u64, Instant>,
+}
+
+impl StartLimit {
+    fn refresh(&mut self) {
+        if self
+            .period_start
+            .is_some_and(|at| at.elapsed() >= SESSION_START_PERIOD)
+        {
+            self.period_start = None;
+            self.remaining = SESSION_START_TOTAL;
+        }
+    }
+
+    /// Milliseconds until `remaining` is back to the total.
+    fn reset_after_ms(&mut self) -> u64 {
+        self.refresh();
+        let left = self.period_start.map_or(SESSION_START_PERIOD, |at| {
+            SESSION_START_PERIOD.saturating_sub(at.elapsed())
+        });
+        left.as_millis() as u64
+    }
+
+    /// Takes a session start for an IDENTIFY with `shard`; false when Discord would refuse
+    /// it: its bucket started a session less than 5 s ago, or none are left for the day.
+    fn admit(&mut self, shard: ShardKey) -> bool {
+        self.refresh();
+        let bucket = shard.map_or(0, |[id, _]| id % self.max_concurrency.max(1));
+        let now = Instant::now();
+        // Discord does not say whether a refused IDENTIFY restarts its bucket's 5 s; here
+        // only accepted ones do, so a client that waits 5 s after its last session start
+        // (as twilight's queue does) is let in however many it had refused meanwhile.
+        let too_early = self
+            .buckets
+            .get(&bucket)
+            .is_some_and(|at| now.duration_since(*at) < IDENTIFY_INTERVAL);
+        if self.remaining == 0 || too_early {
+            return false;
+        }
+        self.remaining -= 1;
+        self.period_start.get_or_insert(now);
+        self.buckets.insert(bucket, now);
+        true
+    }
 }
 
 #[derive(Debug, Default)]
@@ -148,14 +229,65 @@ pub struct Hub {
     next_conn: u64,
     pub counters: Counters,
     resume_ttl: Duration,
+    shards: BTreeMap<ShardKey, ShardLog>,
+    limit: StartLimit,
 }
 
 impl Hub {
-    pub fn new(resume_ttl: Duration) -> Self {
+    pub fn new(settings: &Settings) -> Self {
         Self {
-            resume_ttl,
+            resume_ttl: settings.resume_ttl,
+            limit: StartLimit {
+                max_concurrency: settings.max_concurrency,
+                remaining: settings.session_start_remaining,
+                ..StartLimit::default()
+            },
             ..Self::default()
         }
+    }
+
+    /// GET /gateway/bot's `session_start_limit`.
+    pub fn session_start_limit(&mut self) -> Value {
+        let reset_after = self.limit.reset_after_ms();
+        json!({
+            "total": SESSION_START_TOTAL,
+            "remaining": self.limit.remaining,
+            "reset_after": reset_after,
+            "max_concurrency": self.limit.max_concurrency,
+        })
+    }
+
+    /// `/_sim/state`'s `gateway`: the counters and each shard's sessions, by shard.
+    pub fn state_json(&self) -> Value {
+        let mut body = serde_json::to_value(self.counters).unwrap_or_else(|_| json!({}));
+        body["sessions"] = self
+            .shards
+            .iter()
+            .map(|(shard, log)| {
+                let connected = self
+                    .conns
+                    .values()
+                    .any(|c| c.session.is_some() && c.shard == Some(*shard));
+                json!({
+                    "shard": shard,
+                    "connected": connected,
+                    "identifies": log.identifies,
+                    "resumes": log.resumes,
+                    "last_sequence": log.last_sequence,
+                    "closes": log.closes,
+                    "identified_at_ms": log.identified_at_ms,
+                })
+            })
+            .collect();
+        body
+    }
+
+    /// Control API: forget every session no connection holds, as Discord does some
+    /// minutes after a disconnect; a RESUME of one then gets op 9 (not resumable).
+    pub fn expire_detached(&mut self) -> usize {
+        let before = self.sessions.len();
+        self.sessions.retain(|_, s| s.conn.is_some());
+        before - self.sessions.len()
     }
 
     fn open(&mut self, tx: mpsc::UnboundedSender<Out>) -> u64 {
@@ -167,15 +299,22 @@ impl Hub {
                 tx,
                 session: None,
                 zombie: false,
+                shard: None,
             },
         );
         self.next_conn
     }
 
-    /// Forgets a connection; its session stays resumable for `resume_ttl`.
-    fn closed(&mut self, conn_id: u64) {
-        if let Some(conn) = self.conns.remove(&conn_id)
-            && let Some(s) = conn.session.and_then(|id| self.sessions.get_mut(&id))
+    /// Forgets a connection that ended with close `code` (1006: dropped without a close
+    /// frame); its session stays resumable for `resume_ttl`.
+    fn closed(&mut self, conn_id: u64, code: u16) {
+        let Some(conn) = self.conns.remove(&conn_id) else {
+            return;
+        };
+        if let Some(shard) = conn.shard {
+            self.shards.entry(shard).or_default().closes.push(code);
+        }
+        if let Some(s) = conn.session.and_then(|id| self.sessions.get_mut(&id))
             && s.conn == Some(conn_id)
         {
             s.conn = None;
@@ -233,6 +372,7 @@ impl Hub {
             s.log.pop_front();
         }
         self.counters.last_sequence = s.seq;
+        self.shards.entry(s.shard).or_default().last_sequence = s.seq;
         if let Some(conn) = s.conn.and_then(|c| self.conns.get(&c)) {
             let _ = conn.tx.send(Out::Frame(frame));
         }
@@ -366,7 +506,7 @@ pub async fn serve_connection(shared: Arc<Shared>, mut socket: WebSocket, query:
     };
     if let Some(code) = early_close {
         send_close(&mut socket, code).await;
-        shared.lock().hub.closed(conn_id);
+        shared.lock().hub.closed(conn_id, code);
         return;
     }
 
@@ -379,6 +519,9 @@ pub async fn serve_connection(shared: Arc<Shared>, mut socket: WebSocket, query:
     let grace = heartbeat + heartbeat / 2 + Duration::from_secs(1);
     let mut deadline = tokio::time::Instant::now() + grace;
     let mut window: VecDeque<Instant> = VecDeque::new();
+    // How the connection ended, for `/_sim/state`: a socket that just goes away is 1006
+    // (RFC 6455: closed without a close frame).
+    let mut ended: u16 = 1006;
 
     while alive {
         tokio::select! {
@@ -391,7 +534,9 @@ pub async fn serve_connection(shared: Arc<Shared>, mut socket: WebSocket, query:
                         continue;
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(Message::Close(_))) => {
+                    Some(Ok(Message::Close(frame))) => {
+                        // A close frame without a code reads as 1005 (RFC 6455, 7.1.5).
+                        ended = frame.map_or(1005, |f| f.code);
                         // WebSocket's closing handshake (RFC 6455 §5.5.1), as Discord
                         // does it: tungstenite queued the echo of the client's close
                         // frame; flushing sends it, so the client sees its close
@@ -420,6 +565,7 @@ pub async fn serve_connection(shared: Arc<Shared>, mut socket: WebSocket, query:
                 }
                 Some(Out::Close(code)) => {
                     send_close(&mut socket, code).await;
+                    ended = code;
                     break;
                 }
                 None => break,
@@ -430,11 +576,12 @@ pub async fn serve_connection(shared: Arc<Shared>, mut socket: WebSocket, query:
             }
             () = shared.shutdown.cancelled() => {
                 send_close(&mut socket, 1001).await;
+                ended = 1001;
                 break;
             }
         }
     }
-    shared.lock().hub.closed(conn_id);
+    shared.lock().hub.closed(conn_id, ended);
 }
 
 async fn send_close(socket: &mut WebSocket, code: u16) {
@@ -485,7 +632,35 @@ fn handle_payload(shared: &Shared, conn_id: u64, text: &str) -> bool {
                 {
                     state.hub.close(conn_id, close::INVALID_SHARD);
                 } else {
-                    start_session(shared, state, conn_id, identify);
+                    if let Some(c) = state.hub.conns.get_mut(&conn_id) {
+                        c.shard = Some(identify.shard);
+                    }
+                    let held = state
+                        .guilds()
+                        .filter(|w| w.bot_in() && holds(identify.shard, w.guild_id))
+                        .count();
+                    // "Each shard can only support a maximum of 2500 guilds" (Sharding);
+                    // only the count one session would hold matters, not `num_shards`
+                    // itself: sessions of any `num_shards` may run side by side.
+                    if held as u64 > shared.settings.max_guilds_per_shard {
+                        state.hub.close(conn_id, close::SHARDING_REQUIRED);
+                    } else if !state.hub.limit.admit(identify.shard) {
+                        // Too early for the bucket: "If your app exceeds this limit, Discord
+                        // will respond with a Invalid Session (opcode 9) event" (Identifying).
+                        // No sessions left for the day: Discord documents only the
+                        // aftermath ("all active sessions for the app will be terminated,
+                        // the bot token will be reset"), not the answer to the IDENTIFY
+                        // itself; the simulator refuses it the same way, with op 9 (not
+                        // resumable), and neither ends the other sessions nor resets the
+                        // token.
+                        state.hub.counters.identify_rejected += 1;
+                        state.hub.send(
+                            conn_id,
+                            json!({"op": op::INVALID_SESSION, "d": false, "s": null, "t": null}),
+                        );
+                    } else {
+                        start_session(shared, state, conn_id, identify);
+                    }
                 }
             }
         },
@@ -515,6 +690,12 @@ fn handle_payload(shared: &Shared, conn_id: u64, text: &str) -> bool {
 fn start_session(shared: &Shared, state: &mut super::State, conn_id: u64, identify: Identify) {
     let session_id = super::ids::random_hex(16);
     state.hub.counters.identifies += 1;
+    let log = state.hub.shards.entry(identify.shard).or_default();
+    log.identifies += 1;
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    log.identified_at_ms.push(now_ms);
     state.hub.sessions.insert(
         session_id.clone(),
         Session {
@@ -592,6 +773,7 @@ fn resume_session(hub: &mut Hub, conn_id: u64, resume: Resume) {
     // A session moves to the newest connection; Discord drops the older one.
     let previous = session.conn.replace(conn_id);
     session.detached_at = None;
+    let shard = session.shard;
     let replay: Vec<Arc<str>> = session
         .log
         .iter()
@@ -606,11 +788,13 @@ fn resume_session(hub: &mut Hub, conn_id: u64, resume: Resume) {
     }
     if let Some(c) = hub.conns.get_mut(&conn_id) {
         c.session = Some(resume.session_id.clone());
+        c.shard = Some(shard);
         for frame in replay {
             let _ = c.tx.send(Out::Frame(frame));
         }
     }
     hub.counters.resumes += 1;
+    hub.shards.entry(shard).or_default().resumes += 1;
     hub.send_dispatch(
         &resume.session_id,
         "RESUMED",
@@ -643,6 +827,35 @@ mod tests {
         assert_eq!(shards.iter().filter(|s| **s == 2).count(), 2);
         assert!(!holds(Some([0, 0]), GUILD_ID));
     }
+    #[test]
+    fn identify_buckets_and_the_days_session_starts() {
+        let mut limit = StartLimit {
+            max_concurrency: 2,
+            remaining: 3,
+            ..StartLimit::default()
+        };
+        assert!(limit.admit(Some([0, 4])));
+        assert!(!limit.admit(Some([2, 4])), "bucket 0 again within 5 s");
+        assert!(!limit.admit(None), "an unsharded session is bucket 0");
+        assert!(limit.admit(Some([1, 4])), "bucket 1");
+        assert_eq!(limit.remaining, 1, "refusals start no session");
+        // Five seconds on, bucket 0 may start again (back-dated rather than waited for).
+        if let Some(past) = Instant::now().checked_sub(IDENTIFY_INTERVAL) {
+            limit.buckets.insert(0, past);
+            assert!(limit.admit(None));
+            assert_eq!(limit.remaining, 0);
+        }
+        limit.buckets.clear();
+        limit.remaining = 0;
+        assert!(!limit.admit(Some([0, 4])), "none left for the day");
+        assert!(limit.reset_after_ms() <= SESSION_START_PERIOD.as_millis() as u64);
+        if let Some(yesterday) = Instant::now().checked_sub(SESSION_START_PERIOD) {
+            limit.period_start = Some(yesterday);
+            assert!(limit.admit(Some([0, 4])), "a new day");
+            assert_eq!(limit.remaining, SESSION_START_TOTAL - 1);
+        }
+    }
+
     use serde::de::DeserializeSeed;
     use twilight_model::gateway::event::{GatewayEvent, GatewayEventDeserializer};
 

@@ -113,7 +113,22 @@ pub struct Settings {
     /// Whether anyone who manages a guild may add the bot (Discord's "Public Bot"); false: only the application's owner
     #[arg(long = "sim-bot-public", env = "SIM_BOT_PUBLIC", default_value = "true", action = clap::ArgAction::Set, value_parser = parse_bool)]
     pub bot_public: bool,
+    /// Shards GET /gateway/bot recommends (default: one per 1,000 guilds the bot is in, at least 1; 1–100,000)
+    #[arg(long = "sim-shards", env = "SIM_SHARDS", value_parser = config::parse_number_in::<u64>(1, 100_000))]
+    pub shards: Option<u64>,
+    /// Discord's max_concurrency: identify buckets (`shard_id % max_concurrency`), each allowed one IDENTIFY per 5 s (1–1,024)
+    #[arg(long = "sim-max-concurrency", env = "SIM_MAX_CONCURRENCY", default_value = "1", value_parser = config::parse_number_in::<u64>(1, 1024))]
+    pub max_concurrency: u64,
+    /// IDENTIFYs left of the day's 1,000 (session_start_limit.remaining) when the simulator starts (0–1,000)
+    #[arg(long = "sim-session-start-remaining", env = "SIM_SESSION_START_REMAINING", default_value = "1000", value_parser = config::parse_number_in::<u64>(0, SESSION_START_TOTAL))]
+    pub session_start_remaining: u64,
+    /// Most guilds one Gateway session may hold; an IDENTIFY for more is closed with 4011 (Discord's figure is 2,500; 1–2,500)
+    #[arg(long = "sim-max-guilds-per-shard", env = "SIM_MAX_GUILDS_PER_SHARD", default_value = "2500", value_parser = config::parse_number_in::<u64>(1, 2500))]
+    pub max_guilds_per_shard: u64,
 }
+
+/// IDENTIFYs a bot may send per day ("Session Start Limit Object": `total`).
+pub const SESSION_START_TOTAL: u64 = 1000;
 
 fn parse_bool(raw: &str) -> Result<bool, String> {
     match raw.trim() {
@@ -259,6 +274,11 @@ impl State {
         self.guilds().find_map(|w| w.users.get(&id))
     }
 
+    /// How many guilds the bot is in, whether or not they are available.
+    pub fn bot_guilds(&self) -> usize {
+        self.guilds().filter(|w| w.bot_in()).count()
+    }
+
     /// The application's owner (Discord's "Public Bot" off lets only them add the bot):
     /// the first guild's owner.
     pub fn app_owner(&self) -> u64 {
@@ -284,6 +304,14 @@ impl Shared {
 
     pub fn url(&self, path: &str) -> String {
         config::join_url(&self.public_url, path)
+    }
+
+    /// The shard count GET /gateway/bot recommends: `SIM_SHARDS`, or one per 1,000 guilds
+    /// the bot is in (Discord recommends about that many; it requires sharding from 2,500).
+    pub fn shards(&self, state: &State) -> u64 {
+        self.settings
+            .shards
+            .unwrap_or_else(|| (state.bot_guilds() as u64).div_ceil(1000).max(1))
     }
 }
 
@@ -313,7 +341,7 @@ impl Sim {
         let state = State {
             world: first,
             others,
-            hub: gateway::Hub::new(settings.resume_ttl),
+            hub: gateway::Hub::new(&settings),
             oauth: oauth::Store::default(),
             limits: rest::Limits::new(settings.rate_limit, settings.rate_window),
         };

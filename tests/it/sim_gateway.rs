@@ -143,7 +143,11 @@ async fn a_new_shard_resumes_a_stored_session_and_gets_the_missed_dispatches() {
 #[tokio::test]
 async fn invalid_session_false_makes_twilight_identify_again() {
     let sim = TestSim::start().await;
-    let mut shard = shard(&sim);
+    // twilight's own queue spaces its IDENTIFYs 5 s apart, as Discord's bucket requires;
+    // the harness's instant one would be refused with op 9 until then.
+    let mut shard = shard_with(&sim, |c| {
+        c.queue(twilight_gateway_queue::InMemoryQueue::default())
+    });
     next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
     sim.control("/gateway/invalidate", json!({"resumable": false}))
         .await;
@@ -317,7 +321,8 @@ async fn bad_gateway_input_gets_discords_close_codes() {
     for (what, payloads, want) in cases {
         assert_eq!(close_code_after(&sim, &payloads).await, want, "{what}");
     }
-    // The simulator is still fine afterwards.
+    // The simulator is still fine afterwards (once bucket 0 may identify again).
+    bucket_free(&sim).await;
     let mut shard = shard(&sim);
     next_event(&mut shard, |e| matches!(e, Event::Ready(_))).await;
 }
@@ -651,6 +656,32 @@ async fn obfuscated_channels_have_discords_json_shape() {
         serde_json::from_value(frame["d"].clone()).expect("twilight-model reads CHANNEL_CREATE");
 }
 
+/// Waits until the identify bucket of unsharded sessions (0) may start a session again:
+/// Discord allows one IDENTIFY per bucket per 5 s, and these tests start a second session
+/// of the one bucket, as a client pacing itself by `max_concurrency` would.
+async fn bucket_free(sim: &TestSim) {
+    let state = sim.state().await;
+    let last = state["gateway"]["sessions"]
+        .as_array()
+        .expect("gateway lists sessions")
+        .iter()
+        .filter_map(|s| s["identified_at_ms"].as_array())
+        .flatten()
+        .filter_map(Value::as_u64)
+        .max();
+    let Some(last) = last else { return };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // A little over 5 s: the sim measures the interval on its own clock.
+    let free_at = last + coven::sim::gateway::IDENTIFY_INTERVAL.as_millis() as u64 + 100;
+    tokio::time::sleep(std::time::Duration::from_millis(
+        free_at.saturating_sub(now),
+    ))
+    .await;
+}
+
 /// Whether a JSON value is this snowflake, written as Discord writes ids (a string).
 fn is_id(v: &Value, id: u64) -> bool {
     v.as_str() == Some(id.to_string().as_str())
@@ -724,6 +755,7 @@ async fn ready_lists_every_guild_of_the_bot_and_a_guild_create_follows_for_each(
     assert_eq!(next_creates(&mut ws, "GUILD_CREATE", 5).await, listed);
 
     // twilight reads each of them.
+    bucket_free(&sim).await;
     let mut shard = shard(&sim);
     let mut seen = Vec::new();
     while seen.len() < 5 {
@@ -741,7 +773,12 @@ async fn ready_lists_every_guild_of_the_bot_and_a_guild_create_follows_for_each(
 
 #[tokio::test]
 async fn a_sharded_session_gets_only_the_guilds_discords_formula_gives_it() {
-    let sim = TestSim::start_with(|s| s.rate_limit = 1_000).await;
+    // Two identify buckets, so shards 0 and 1 may start together.
+    let sim = TestSim::start_with(|s| {
+        s.rate_limit = 1_000;
+        s.max_concurrency = 2;
+    })
+    .await;
     // (guild_id >> 22) % 2: the first guild is on shard 0, Night Owls on shard 1.
     let (mut zero, ready) = identified(&sim, 129, Some([0, 2])).await;
     assert_eq!(ready_guilds(&ready), [sim.guild_id().to_string()]);
@@ -786,7 +823,12 @@ async fn a_sharded_session_gets_only_the_guilds_discords_formula_gives_it() {
 
 #[tokio::test]
 async fn removing_the_bot_sends_guild_delete_and_the_guild_is_gone_for_it() {
-    let sim = TestSim::start_with(|s| s.rate_limit = 1_000).await;
+    // The raw sockets send no heartbeats, and outlive a 5 s wait for the identify bucket.
+    let sim = TestSim::start_with(|s| {
+        s.rate_limit = 1_000;
+        s.heartbeat_interval = std::time::Duration::from_secs(60);
+    })
+    .await;
     let (mut ws, _) = identified(&sim, 129, None).await;
     next_creates(&mut ws, "GUILD_CREATE", 2).await;
 
@@ -839,6 +881,7 @@ async fn removing_the_bot_sends_guild_delete_and_the_guild_is_gone_for_it() {
 
     // A new session hears of the first guild only; the old one gets the first guild's
     // changes and nothing of Night Owls.
+    bucket_free(&sim).await;
     let (_, ready) = identified(&sim, 129, None).await;
     assert_eq!(ready_guilds(&ready), [sim.guild_id().to_string()]);
     sim.create_channel(json!({"name": "After"})).await;
@@ -848,7 +891,9 @@ async fn removing_the_bot_sends_guild_delete_and_the_guild_is_gone_for_it() {
 
 #[tokio::test]
 async fn an_outage_takes_a_guild_down_and_brings_it_back_whole() {
-    let sim = TestSim::start().await;
+    // The raw sockets send no heartbeats, and outlive a 5 s wait for the identify bucket.
+    let sim =
+        TestSim::start_with(|s| s.heartbeat_interval = std::time::Duration::from_secs(60)).await;
     let (mut ws, _) = identified(&sim, 129, None).await;
     next_creates(&mut ws, "GUILD_CREATE", 2).await;
     let first = sim.guild_id();
@@ -874,6 +919,7 @@ async fn an_outage_takes_a_guild_down_and_brings_it_back_whole() {
 
     // While it is down, a new session sees it in READY but gets no GUILD_CREATE for it,
     // and its changes are not dispatched.
+    bucket_free(&sim).await;
     let (mut late, ready) = identified(&sim, 129, None).await;
     assert!(ready_guilds(&ready).contains(&first.to_string()));
     assert_eq!(
@@ -933,4 +979,246 @@ async fn sim_guilds_generates_guilds_the_bot_is_in_and_each_arrives() {
         .await
         .unwrap();
     assert_eq!(bot_guilds.as_array().unwrap().len(), 200, "a page of 200");
+}
+
+// ---------------------------------------------------------------------------------------
+// Sharding, session start limits and identify buckets, as Discord documents them.
+
+/// GET /gateway/bot with the bot's token.
+async fn gateway_bot(sim: &TestSim) -> Value {
+    let res = sim
+        .http
+        .get(sim.url("/api/v10/gateway/bot"))
+        .header("authorization", format!("Bot {}", sim.token()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().await.unwrap()
+}
+
+/// Connects and sends IDENTIFY with `shard`; the first answer after HELLO: a frame, or the
+/// close code.
+async fn identify_answer(sim: &TestSim, shard: Option<[u64; 2]>) -> (Ws, Result<Value, u16>) {
+    let mut ws = connect(sim, "?v=10&encoding=json").await;
+    recv(&mut ws).await.expect("hello");
+    let mut payload: Value = serde_json::from_str(&identify(&sim.token(), 129)).unwrap();
+    if let Some(shard) = shard {
+        payload["d"]["shard"] = json!(shard);
+    }
+    send(&mut ws, &payload.to_string()).await;
+    let answer = recv(&mut ws).await;
+    (ws, answer)
+}
+
+fn is_invalid_session_false(answer: &Result<Value, u16>) -> bool {
+    matches!(answer, Ok(f) if f["op"] == 9 && f["d"] == false)
+}
+
+/// `/_sim/state`'s `gateway.sessions` entry for `shard` (`null` for unsharded).
+async fn shard_entry(sim: &TestSim, shard: Value) -> Option<Value> {
+    sim.state().await["gateway"]["sessions"]
+        .as_array()
+        .expect("gateway lists sessions")
+        .iter()
+        .find(|s| s["shard"] == shard)
+        .cloned()
+}
+
+#[tokio::test]
+async fn sim_gateway_bot_counts_session_starts_down_with_identify_but_not_resume() {
+    let sim = TestSim::start_with(|s| s.session_start_remaining = 10).await;
+    let before = gateway_bot(&sim).await;
+    assert_eq!(before["url"], sim.gateway_url());
+    // The bot is in two guilds: one shard (one per 1,000 guilds).
+    assert_eq!(before["shards"], 1);
+    let limit = &before["session_start_limit"];
+    assert_eq!(
+        (limit["total"].clone(), limit["remaining"].clone()),
+        (json!(1000), json!(10))
+    );
+    assert_eq!(limit["max_concurrency"], 1);
+    assert_eq!(limit["reset_after"], 86_400_000, "no session started yet");
+
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+    let after = gateway_bot(&sim).await["session_start_limit"].clone();
+    assert_eq!(after["remaining"], 9);
+    assert!(after["reset_after"].as_u64().unwrap() <= 86_400_000);
+
+    sim.control("/gateway/reconnect", json!({})).await;
+    next_event(&mut shard, |e| matches!(e, Event::Resumed)).await;
+    assert_eq!(
+        gateway_bot(&sim).await["session_start_limit"]["remaining"],
+        9,
+        "RESUME starts no session"
+    );
+}
+
+#[tokio::test]
+async fn sim_shards_sets_the_recommended_count_and_each_guilds_shard() {
+    let sim = TestSim::start_with(|s| {
+        s.shards = Some(3);
+        s.max_concurrency = 16;
+    })
+    .await;
+    assert_eq!(gateway_bot(&sim).await["shards"], 3);
+    for g in sim.state().await["guilds"].as_array().unwrap() {
+        let id: u64 = g["id"].as_str().unwrap().parse().unwrap();
+        assert_eq!(g["shard"], (id >> 22) % 3, "{g}");
+    }
+    // Any num_shards is allowed, not only the recommended one (Discord routes by it).
+    let (_ws, ready) = identify_answer(&sim, Some([1, 2])).await;
+    assert_eq!(ready.expect("ready")["t"], "READY");
+}
+
+#[tokio::test]
+async fn sim_two_identifies_of_one_bucket_within_5s_get_op9_other_buckets_do_not() {
+    let sim = TestSim::start().await;
+    let (_zero, ready) = identified(&sim, 129, Some([0, 2])).await;
+    assert_eq!(ready["t"], "READY");
+    // max_concurrency 1: shard 1 is in bucket 1 % 1 = 0, just used.
+    let (_one, answer) = identify_answer(&sim, Some([1, 2])).await;
+    assert!(is_invalid_session_false(&answer), "{answer:?}");
+    // Unsharded is bucket 0 too.
+    let (_none, answer) = identify_answer(&sim, None).await;
+    assert!(is_invalid_session_false(&answer), "{answer:?}");
+    assert_eq!(sim.gateway_counter("identify_rejected").await, 2);
+    assert_eq!(sim.gateway_counter("identifies").await, 1);
+
+    let sim = TestSim::start_with(|s| s.max_concurrency = 2).await;
+    let (_zero, ready) = identified(&sim, 129, Some([0, 2])).await;
+    assert_eq!(ready["t"], "READY");
+    let (_one, ready) = identified(&sim, 129, Some([1, 2])).await;
+    assert_eq!(ready["t"], "READY");
+    assert_eq!(sim.gateway_counter("identify_rejected").await, 0);
+    assert_eq!(
+        gateway_bot(&sim).await["session_start_limit"]["max_concurrency"],
+        2
+    );
+}
+
+#[tokio::test]
+async fn sim_an_identify_with_no_session_starts_left_is_refused() {
+    let sim = TestSim::start_with(|s| {
+        s.session_start_remaining = 1;
+        s.max_concurrency = 2;
+    })
+    .await;
+    let (_first, ready) = identified(&sim, 129, Some([0, 2])).await;
+    assert_eq!(ready["t"], "READY");
+    assert_eq!(
+        gateway_bot(&sim).await["session_start_limit"]["remaining"],
+        0
+    );
+    // Another bucket, so only the day's limit can refuse it.
+    let (_second, answer) = identify_answer(&sim, Some([1, 2])).await;
+    assert!(is_invalid_session_false(&answer), "{answer:?}");
+    assert_eq!(sim.gateway_counter("identify_rejected").await, 1);
+    assert_eq!(sim.gateway_counter("identifies").await, 1);
+}
+
+#[tokio::test]
+async fn sim_a_shard_out_of_range_is_4010_and_too_many_guilds_is_4011() {
+    let sim = TestSim::start_with(|s| s.max_guilds_per_shard = 1).await;
+    for shard in [[2, 2], [0, 0], [5, 1]] {
+        let (_ws, answer) = identify_answer(&sim, Some(shard)).await;
+        assert_eq!(answer.err(), Some(4010), "{shard:?}");
+    }
+    // Unsharded, the session would hold both of the bot's guilds.
+    let (_ws, answer) = identify_answer(&sim, None).await;
+    assert_eq!(answer.err(), Some(4011));
+    let (_ws, answer) = identify_answer(&sim, Some([0, 1])).await;
+    assert_eq!(answer.err(), Some(4011));
+    // One guild each: accepted (refusals used no bucket).
+    let (_ws, ready) = identify_answer(&sim, Some([0, 2])).await;
+    assert_eq!(ready.expect("ready")["t"], "READY");
+    let unsharded = wait_for("the unsharded refusal recorded", || async {
+        shard_entry(&sim, Value::Null)
+            .await
+            .filter(|s| s["closes"] == json!([4011]))
+    })
+    .await;
+    assert_eq!(unsharded["identifies"], 0);
+}
+
+#[tokio::test]
+async fn sim_sessions_list_each_shards_identifies_resumes_and_closes() {
+    let sim = TestSim::start_with(|s| s.max_concurrency = 4).await;
+    // twilight is shard [0, 1]: the sim closes it with 4000 and it resumes.
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+    sim.control("/gateway/disconnect", json!({"code": 4000}))
+        .await;
+    next_event(&mut shard, |e| matches!(e, Event::Resumed)).await;
+
+    // [1, 2] closes with 4000 itself; [3, 4]'s socket just goes away.
+    let (mut one, _) = identified(&sim, 129, Some([1, 2])).await;
+    one.close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: CloseCode::Library(4000),
+        reason: "".into(),
+    }))
+    .await
+    .unwrap();
+    let (dropped, _) = identified(&sim, 129, Some([3, 4])).await;
+    drop(dropped);
+
+    let sessions = wait_for("both ends recorded", || async {
+        let state = sim.state().await;
+        let sessions = state["gateway"]["sessions"].clone();
+        (sessions[1]["closes"] == json!([4000]) && sessions[2]["closes"] == json!([1006]))
+            .then_some(sessions)
+    })
+    .await;
+    let shards: Vec<Value> = sessions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["shard"].clone())
+        .collect();
+    assert_eq!(shards, [json!([0, 1]), json!([1, 2]), json!([3, 4])]);
+    let twilight = &sessions[0];
+    assert_eq!(twilight["connected"], true);
+    assert_eq!(
+        (twilight["identifies"].clone(), twilight["resumes"].clone()),
+        (json!(1), json!(1))
+    );
+    assert_eq!(twilight["closes"], json!([4000]), "the sim's close");
+    assert!(twilight["last_sequence"].as_u64().unwrap() >= 3);
+    assert_eq!(twilight["identified_at_ms"].as_array().unwrap().len(), 1);
+    for s in &sessions.as_array().unwrap()[1..] {
+        assert_eq!(s["connected"], false, "{s}");
+        assert_eq!(s["identifies"], 1, "{s}");
+        assert_eq!(s["last_sequence"], 2, "READY and one GUILD_CREATE: {s}");
+    }
+    // The counters keep their meaning: every shard's sessions together.
+    let gateway = sim.state().await["gateway"].clone();
+    assert_eq!(
+        (gateway["identifies"].clone(), gateway["resumes"].clone()),
+        (json!(3), json!(1))
+    );
+}
+
+#[tokio::test]
+async fn sim_expired_sessions_cannot_be_resumed() {
+    let sim = TestSim::start().await;
+    let (ws, ready) = identified(&sim, 129, None).await;
+    let session = ready["d"]["session_id"].as_str().unwrap().to_owned();
+    drop(ws);
+    wait_for("the session detached", || async {
+        shard_entry(&sim, Value::Null)
+            .await
+            .filter(|s| s["connected"] == false && s["closes"] == json!([1006]))
+    })
+    .await;
+    let (status, body) = sim.control("/gateway/expire", json!({})).await;
+    assert_eq!((status, body["sessions"].clone()), (200, json!(1)));
+
+    let mut ws = connect(&sim, "?v=10&encoding=json").await;
+    recv(&mut ws).await.expect("hello");
+    let resume = json!({"op": 6, "d": {"token": sim.token(), "session_id": session, "seq": 1}});
+    send(&mut ws, &resume.to_string()).await;
+    let answer = recv(&mut ws).await;
+    assert!(is_invalid_session_false(&answer), "{answer:?}");
+    assert_eq!(sim.gateway_counter("resumes").await, 0);
 }

@@ -15,10 +15,12 @@ use crate::sim::Shared;
 use crate::sim::world::World;
 
 pub(super) async fn gateway_bot(State(shared): State<Arc<Shared>>, _: Bot) -> Response {
+    let mut state = shared.lock();
+    let shards = shared.shards(&state);
     axum::Json(json!({
         "url": shared.gateway_url(),
-        "shards": 1,
-        "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 86_400_000, "max_concurrency": 1},
+        "shards": shards,
+        "session_start_limit": state.hub.session_start_limit(),
     }))
     .into_response()
 }
