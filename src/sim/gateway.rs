@@ -109,6 +109,11 @@ const REPLAY_LOG: usize = 10_000;
 /// One IDENTIFY per identify bucket in this long ("Session Start Limit Object":
 /// `max_concurrency` is "the number of identify requests allowed per 5 seconds").
 pub const IDENTIFY_INTERVAL: Duration = Duration::from_secs(5);
+/// How much closer than [`IDENTIFY_INTERVAL`] two IDENTIFYs of a bucket may arrive and
+/// both be let in. A client that spaces them exactly 5 s apart on its own clock, as
+/// twilight's queue does, must not be refused because the first took longer to arrive
+/// than the second (Discord documents no tolerance, but refuses no such client).
+pub const IDENTIFY_TOLERANCE: Duration = Duration::from_millis(500);
 /// How long until `session_start_limit.remaining` is back to its total.
 const SESSION_START_PERIOD: Duration = Duration::from_secs(24 * 60 * 60);
 
@@ -211,7 +216,7 @@ impl StartLimit {
         let too_early = self
             .buckets
             .get(&bucket)
-            .is_some_and(|at| now.duration_since(*at) < IDENTIFY_INTERVAL);
+            .is_some_and(|at| now.duration_since(*at) < IDENTIFY_INTERVAL - IDENTIFY_TOLERANCE);
         if self.remaining == 0 || too_early {
             return false;
         }
@@ -839,7 +844,13 @@ mod tests {
         assert!(!limit.admit(None), "an unsharded session is bucket 0");
         assert!(limit.admit(Some([1, 4])), "bucket 1");
         assert_eq!(limit.remaining, 1, "refusals start no session");
-        // Five seconds on, bucket 0 may start again (back-dated rather than waited for).
+        // Still too early just before the tolerance starts (back-dated, not waited for).
+        let nearly = IDENTIFY_INTERVAL - IDENTIFY_TOLERANCE - Duration::from_millis(100);
+        if let Some(past) = Instant::now().checked_sub(nearly) {
+            limit.buckets.insert(0, past);
+            assert!(!limit.admit(None));
+        }
+        // Five seconds on, bucket 0 may start again.
         if let Some(past) = Instant::now().checked_sub(IDENTIFY_INTERVAL) {
             limit.buckets.insert(0, past);
             assert!(limit.admit(None));

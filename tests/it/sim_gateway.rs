@@ -1222,3 +1222,48 @@ async fn sim_expired_sessions_cannot_be_resumed() {
     assert!(is_invalid_session_false(&answer), "{answer:?}");
     assert_eq!(sim.gateway_counter("resumes").await, 0);
 }
+
+#[tokio::test]
+async fn sim_twilights_own_queue_starts_two_shards_of_one_bucket_without_a_refusal() {
+    let sim = TestSim::start().await;
+    // twilight's default queue is Discord's default limits: max_concurrency 1, so shards
+    // 0 and 1 share bucket 0 and it spaces their IDENTIFYs 5 s apart.
+    let queue = twilight_gateway_queue::InMemoryQueue::default();
+    for id in [0, 1] {
+        let config = twilight_gateway::ConfigBuilder::new(
+            sim.token(),
+            twilight_gateway::Intents::GUILDS | twilight_gateway::Intents::GUILD_VOICE_STATES,
+        )
+        .proxy_url(sim.gateway_url())
+        .queue(queue.clone())
+        .build();
+        let mut shard =
+            twilight_gateway::Shard::with_config(twilight_gateway::ShardId::new(id, 2), config);
+        next_event(&mut shard, |e| matches!(e, Event::Ready(_))).await;
+        // Kept running, so its session stays connected.
+        tokio::spawn(async move {
+            use twilight_gateway::StreamExt as _;
+            while shard
+                .next_event(twilight_gateway::EventTypeFlags::all())
+                .await
+                .is_some()
+            {}
+        });
+    }
+    let gateway = sim.state().await["gateway"].clone();
+    assert_eq!(
+        (
+            gateway["identifies"].clone(),
+            gateway["identify_rejected"].clone()
+        ),
+        (json!(2), json!(0))
+    );
+    let at: Vec<u64> = gateway["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["identified_at_ms"][0].as_u64().unwrap())
+        .collect();
+    let spacing = coven::sim::gateway::IDENTIFY_INTERVAL - coven::sim::gateway::IDENTIFY_TOLERANCE;
+    assert!(at[1] >= at[0] + spacing.as_millis() as u64, "{at:?}");
+}
