@@ -448,7 +448,7 @@ async fn voice(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
         return Err(error(StatusCode::NOT_FOUND, "unknown guild"));
     };
     let events = world.user_voice(user, channel, flags)?;
-    state.emit(&events);
+    state.emit_in(guild, &events);
     let Some(w) = state.guild(guild) else {
         return Err(error(StatusCode::NOT_FOUND, "unknown guild"));
     };
