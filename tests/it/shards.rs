@@ -33,7 +33,14 @@ impl Fleet {
     }
 
     async fn start_with(redis: RedisServer) -> Self {
-        let sim = TestSim::start_with(|s| s.guilds = GENERATED).await;
+        // Discord's heartbeat is 41.25 s, four times the default lease TTL: a process
+        // paused past its lease keeps its Discord sessions, which the others RESUME. The
+        // harness's 1 s would end them (4009) before the 2 s TTL runs out.
+        let sim = TestSim::start_with(|s| {
+            s.guilds = GENERATED;
+            s.heartbeat_interval = Duration::from_secs(10);
+        })
+        .await;
         let policy = ReconnectPolicy::new_constant(0, 50);
         let client = Client::new(
             Config::from_url(&redis.url()).unwrap(),
@@ -207,8 +214,26 @@ fn identifies(session: &Value) -> u64 {
 /// Changes made to every guild in turn while `during` runs once, in the middle; then
 /// checks every guild's log holds each change exactly once, in order.
 async fn changes_across_guilds_survive(fleet: &Fleet, rounds: usize, during: impl AsyncFnOnce()) {
+    let wrong = changes_across_guilds(fleet, rounds, during).await;
+    assert!(wrong.is_empty(), "each change once, in order: {wrong:#?}");
+}
+
+/// What [`changes_across_guilds_survive`] checks: the (guild, user, wanted, got) that
+/// differ.
+async fn changes_across_guilds(
+    fleet: &Fleet,
+    rounds: usize,
+    during: impl AsyncFnOnce(),
+) -> Vec<(u64, u64, Vec<String>, Vec<String>)> {
     let guilds = fleet.guilds().await;
     assert!(guilds.len() >= 8, "{guilds:?}");
+    // What the logs held before: only what follows is this call's.
+    let mut before: BTreeMap<(u64, u64), usize> = BTreeMap::new();
+    for (guild, _, people) in &guilds {
+        for user in people {
+            before.insert((*guild, *user), fleet.voice_log(*guild, *user).await.len());
+        }
+    }
     let mut made: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
     let mut during = Some(during);
     for round in 0..rounds {
@@ -220,19 +245,31 @@ async fn changes_across_guilds_survive(fleet: &Fleet, rounds: usize, during: imp
         for (guild, lobby, people) in &guilds {
             let user = people[round % 2];
             let joining = (round / 2) % 2 == 0;
-            fleet
-                .voice(*guild, user, joining.then_some(*lobby))
-                .await;
+            fleet.voice(*guild, user, joining.then_some(*lobby)).await;
             made.entry((*guild, user)).or_default().push(
-                if joining { "voice.joined" } else { "voice.left" }.to_owned(),
+                if joining {
+                    "voice.joined"
+                } else {
+                    "voice.left"
+                }
+                .to_owned(),
             );
         }
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    for ((guild, user), want) in &made {
-        let got = wait_for_log(fleet, *guild, *user, want.len()).await;
-        assert_eq!(&got, want, "guild {guild} user {user}: each change once, in order");
+    let mut wrong = Vec::new();
+    for ((guild, user), want) in made {
+        let skip = before.get(&(guild, user)).copied().unwrap_or(0);
+        let got: Vec<String> = wait_for_log(fleet, guild, user, skip + want.len())
+            .await
+            .into_iter()
+            .skip(skip)
+            .collect();
+        if got != want {
+            wrong.push((guild, user, want, got));
+        }
     }
+    wrong
 }
 
 async fn wait_for_log(fleet: &Fleet, guild: u64, user: u64, n: usize) -> Vec<String> {
@@ -302,7 +339,7 @@ async fn a_paused_process_writes_nothing_when_it_wakes_and_gives_up_its_shards()
     let b = fleet.gateway(&[]);
     let shares = all_connected(&[&a, &b], Duration::from_secs(45)).await;
     assert_eq!(shares.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2]);
-    changes_across_guilds_survive(&fleet, 8, async || {
+    let wrong = changes_across_guilds(&fleet, 8, async || {
         a.process.signal("STOP");
         // Past the TTL (2 s): b holds every shard, connected.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -312,6 +349,7 @@ async fn a_paused_process_writes_nothing_when_it_wakes_and_gives_up_its_shards()
         }
     })
     .await;
+    assert!(wrong.is_empty(), "each change once, in order: {wrong:#?}");
     let paused_at = a.process.stderr().len();
     a.process.signal("CONT");
     // Woken, a loses its leases, then gets its share back by hand-over.
@@ -378,7 +416,9 @@ async fn sigterm_hands_shards_over_with_4000_and_the_other_resumes_them() {
     }
     let lines = a.process.stderr();
     assert!(
-        lines.iter().any(|l| l.contains("stopped; sessions stored and leases released")),
+        lines
+            .iter()
+            .any(|l| l.contains("stopped; sessions stored and leases released")),
         "{lines:?}"
     );
     changes_across_guilds_survive(&fleet, 4, async || {}).await;
@@ -397,7 +437,11 @@ async fn a_cold_start_of_three_processes_identifies_through_one_queue_without_op
     let loads: Vec<usize> = shares.iter().map(Vec::len).collect();
     assert!(loads.iter().all(|n| *n <= 2), "{loads:?}");
     let state = fleet.sim.state().await;
-    assert_eq!(state["gateway"]["identify_rejected"], 0, "{}", state["gateway"]);
+    assert_eq!(
+        state["gateway"]["identify_rejected"], 0,
+        "{}",
+        state["gateway"]
+    );
     let mut at: Vec<u64> = fleet
         .sessions()
         .await
