@@ -577,3 +577,54 @@ async fn a_dead_resume_url_falls_back_to_the_main_gateway_url() {
     assert_eq!(fleet.sim.gateway_counter("identifies").await, identified);
     assert_eq!(fleet.sim.gateway_counter("resumes").await, resumed + 1);
 }
+
+/// With no more session starts left than `IDENTIFY_RESERVE`, a process stops with one
+/// line (exit 2) and tells its shards' guilds FAILED, instead of identifying: Discord
+/// resets the bot's token when they run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_identify_reserve_a_process_stops_with_one_line_instead_of_identifying() {
+    let redis = RedisServer::start();
+    let sim = TestSim::start_with(|s| s.session_start_remaining = 5).await;
+    let policy = ReconnectPolicy::new_constant(0, 50);
+    let client = Client::new(
+        Config::from_url(&redis.url()).unwrap(),
+        None,
+        None,
+        Some(policy),
+    );
+    client.init().await.expect("redis");
+    let fleet = Fleet { sim, redis, client };
+    let guild = fleet.sim.guild_id();
+    let served = guild.to_string();
+    let mut a = fleet.gateway(&[
+        ("SHARD_COUNT", "1"),
+        ("IDENTIFY_RESERVE", "5"),
+        ("DISCORD_GUILD_ID", served.as_str()),
+    ]);
+    assert_eq!(a.process.wait_exit(), Some(2));
+    let errors: Vec<String> = a
+        .process
+        .stderr()
+        .into_iter()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("IDENTIFY_RESERVE") && errors[0].contains("5 more session starts"),
+        "{errors:?}"
+    );
+    let state = fleet.sim.state().await;
+    assert_eq!(state["gateway"]["identifies"], 0, "{}", state["gateway"]);
+    let entries: Vec<(String, std::collections::HashMap<String, String>)> = fleet
+        .client
+        .xrange(format!("{PREFIX}:{{{guild}}}:events"), "-", "+", None)
+        .await
+        .unwrap();
+    let last_status = entries
+        .iter()
+        .filter_map(|(_, f)| serde_json::from_str::<Value>(&f["e"]).ok())
+        .filter(|e| e["type"] == "gateway.status")
+        .last()
+        .expect("a gateway.status");
+    assert_eq!(last_status["data"]["state"], "FAILED", "{last_status}");
+}
