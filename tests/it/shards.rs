@@ -623,8 +623,7 @@ async fn at_the_identify_reserve_a_process_stops_with_one_line_instead_of_identi
     let last_status = entries
         .iter()
         .filter_map(|(_, f)| serde_json::from_str::<Value>(&f["e"]).ok())
-        .filter(|e| e["type"] == "gateway.status")
-        .last()
+        .rfind(|e| e["type"] == "gateway.status")
         .expect("a gateway.status");
     assert_eq!(last_status["data"]["state"], "FAILED", "{last_status}");
 }
