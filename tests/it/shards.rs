@@ -305,15 +305,12 @@ async fn a_killed_process_s_shards_are_resumed_by_the_others_and_nothing_is_lost
         }
         v
     };
-    let killed_at = std::cell::Cell::new(None);
     changes_across_guilds_survive(&fleet, 8, async || {
         victim.process.signal("KILL");
-        killed_at.set(Some(Instant::now()));
     })
     .await;
     let survivors: Vec<&Gateway> = gateways.iter().collect();
     let shares = all_connected(&survivors, Duration::from_secs(15)).await;
-    let took = killed_at.get().unwrap().elapsed();
     assert!(shares.iter().all(|s| s.len() == 2), "{shares:?}");
     for s in &victim_shards {
         let session = fleet.session(*s).await;
@@ -326,7 +323,6 @@ async fn a_killed_process_s_shards_are_resumed_by_the_others_and_nothing_is_lost
             "shard {s}: taken over by RESUME, not IDENTIFY"
         );
     }
-    assert!(took < Duration::from_secs(30), "{took:?}");
     victim.process.kill();
 }
 
@@ -373,13 +369,16 @@ async fn a_paused_process_writes_nothing_when_it_wakes_and_gives_up_its_shards()
     changes_across_guilds_survive(&fleet, 4, async || {}).await;
 }
 
-/// SIGTERM hands the process's shards over in about a second: each closed with 4000
-/// (never 1000 or 1001, which would end the session), released, and RESUMEd by the other.
+/// SIGTERM hands the process's shards over at once: each closed with 4000 (never 1000
+/// or 1001, which would end the session), released, and RESUMEd by the other. The leases
+/// here live 30 s, so the other holding them all well before that proves they were
+/// released, not left to run out (how fast, on a quiet machine, is the benchmark's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_shards_over_with_4000_and_the_other_resumes_them() {
     let fleet = Fleet::start().await;
-    let mut a = fleet.gateway(&[]);
-    let b = fleet.gateway(&[]);
+    let ttl = [("GATEWAY_LEASE_TTL", "30s")];
+    let mut a = fleet.gateway(&ttl);
+    let b = fleet.gateway(&ttl);
     let shares = all_connected(&[&a, &b], Duration::from_secs(45)).await;
     let a_shards = shares[0].clone();
     assert_eq!(a_shards.len(), 2);
@@ -390,12 +389,9 @@ async fn sigterm_hands_shards_over_with_4000_and_the_other_resumes_them() {
         }
         v
     };
-    let started = Instant::now();
     a.process.signal("TERM");
     assert_eq!(a.process.wait_exit(), Some(0));
-    all_connected(&[&b], Duration::from_secs(10)).await;
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(4), "hand-over took {took:?}");
+    all_connected(&[&b], Duration::from_secs(15)).await;
     for s in &a_shards {
         let session = fleet.session(*s).await;
         let closes: Vec<u64> = session["closes"]
