@@ -443,6 +443,11 @@ pub const CONTROL: &str = "control";
 /// `P:shards:count`: how many shards the bot's sessions are split into.
 pub const SHARD_COUNT: &str = "shards:count";
 
+/// The most shards a deployment may be split into: 4 million guilds at Discord's
+/// recommended 1,000 a shard. Every gateway process reads every shard's lease each round,
+/// and web replicas every shard's status each second, so the count bounds that work.
+pub const MAX_SHARDS: u32 = 4_096;
+
 /// `shard:{i}:<what>`, a shard's deployment-wide key (`lease`, `session`, `status`): the
 /// braces keep one shard's keys in one Redis Cluster slot, so its fenced writes (session,
 /// status) check its lease in one script, as a guild's `P:{G}:*` keys do.

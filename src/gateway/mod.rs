@@ -68,7 +68,7 @@ pub struct Tuning {
     pub api_url: Url,
     /// How many shards the bot's session is split into, decided by the first gateway
     /// process and stored (default: Discord's recommendation); a process started with
-    /// another count than the stored one is refused (1–65,536)
+    /// another count than the stored one is refused (1–4,096)
     #[arg(long = "shard-count", env = "SHARD_COUNT", value_parser = config::parse_number_in::<u32>(1, MAX_SHARDS))]
     pub shard_count: Option<u32>,
     /// Session starts (IDENTIFYs) kept back of Discord's daily 1,000: at this many left,
@@ -149,8 +149,7 @@ impl Settings {
 
 pub const DEFAULT_GATEWAY_URL: &str = "wss://gateway.discord.gg";
 
-/// The most shards a deployment may be split into (Discord's largest bots run thousands).
-pub const MAX_SHARDS: u32 = 65_536;
+pub use crate::bus::MAX_SHARDS;
 
 /// `coven gateway`: connect to Redis, serve health, run until stopped or refused.
 pub async fn command(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Outcome> {

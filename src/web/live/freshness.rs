@@ -209,7 +209,7 @@ pub async fn gateway_now(
 }
 
 /// Shards read at most (a stored count past it is a typo, not a deployment).
-const MAX_SHARDS: u32 = 4096;
+use crate::bus::MAX_SHARDS;
 
 #[cfg(test)]
 mod tests {
