@@ -290,10 +290,11 @@ async fn shard_count(
     if let Some(wanted) = settings.shard_count
         && wanted != count
     {
-        anyhow::bail!(
+        // A setting at odds with the deployment: refused like a bad setting (exit 2).
+        return Ok(Err(format!(
             "SHARD_COUNT is {wanted}, but this deployment runs {count} shards ({key}): unset \
              SHARD_COUNT to join them, or reshard as docs/operations.md says"
-        );
+        )));
     }
     Ok(Ok(count))
 }

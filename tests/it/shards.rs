@@ -494,7 +494,7 @@ async fn a_process_with_a_different_shard_count_is_refused_with_one_line() {
     let a = fleet.gateway(&[]);
     all_connected(&[&a], Duration::from_secs(45)).await;
     let mut other = fleet.gateway(&[("SHARD_COUNT", "3")]);
-    assert_eq!(other.process.wait_exit(), Some(1));
+    assert_eq!(other.process.wait_exit(), Some(2));
     let errors: Vec<String> = other
         .process
         .stderr()
