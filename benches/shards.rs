@@ -23,9 +23,11 @@
 //!   throughput  1,000 guilds (998 generated + 2 seeded) over 16 shards and 3 processes,
 //!               then over one process with one shard (the single-process figure): a
 //!               driver makes voice changes round-robin across the guilds through the
-//!               simulator's control API, `--concurrency N` (default 32) at once, as fast
-//!               as it can, for `--seconds N` (default 30); events appended per second per
-//!               process (`coven_gateway_events_total`), and the Discord-to-log latency of
+//!               simulator's control API, `--concurrency N` (default 32) at once, at
+//!               `--rate N` changes a second in all (default 500; 0: as fast as the
+//!               simulator takes them), for `--seconds N` (default 30); events appended per
+//!               second per process (`coven_gateway_events_total`), and the Discord-to-log
+//!               latency of
 //!               one watched guild (changes made to it 10 a second, by itself, each timed
 //!               from the control API call returning to the event read by a separate
 //!               `XREAD BLOCK` on its `coven:{G}:events`).
@@ -363,8 +365,8 @@ impl Stack {
     }
 
     /// `coven_gateway_events_total` of a process, over every type.
-    async fn events_total(&self, gw: &Gateway) -> u64 {
-        let Ok(r) = self.http.get(&gw.metrics).send().await else {
+    async fn events_total(&self, metrics: &str) -> u64 {
+        let Ok(r) = self.http.get(metrics).send().await else {
             return 0;
         };
         let body = r.text().await.unwrap_or_default();
@@ -598,6 +600,7 @@ async fn throughput_one(
     shards: u32,
     seconds: u64,
     concurrency: usize,
+    rate: f64,
 ) -> Throughput {
     let setup = format!("{processes} process(es) × {shards} shard(s)");
     println!("    {setup}: starting");
@@ -679,7 +682,7 @@ async fn throughput_one(
     let before: Vec<u64> = {
         let mut v = Vec::new();
         for gw in &gateways {
-            v.push(stack.events_total(gw).await);
+            v.push(stack.events_total(&gw.metrics).await);
         }
         v
     };
@@ -696,7 +699,19 @@ async fn throughput_one(
             let mine: Vec<Target> = bulk.iter().skip(k).step_by(concurrency).cloned().collect();
             let mut joined = vec![false; mine.len()];
             let mut i = 0;
+            // Each driver's share of the rate, its first change offset by its place.
+            let every = (rate > 0.0).then(|| Duration::from_secs_f64(concurrency as f64 / rate));
+            let first = every.map_or(started, |e| {
+                started + e.mul_f64(k as f64 / concurrency as f64)
+            });
             while Instant::now() < end && !mine.is_empty() {
+                if let Some(every) = every {
+                    let at = first + every * i as u32;
+                    if at >= end {
+                        break;
+                    }
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                }
                 let t = &mine[i % mine.len()];
                 let join = !joined[i % mine.len()];
                 let ok = stack
@@ -712,6 +727,19 @@ async fn throughput_one(
             }
         }));
     }
+    // The counters when the driving ends, whatever the watched loop below still waits for.
+    let at_end = {
+        let stack = stack.clone();
+        let urls: Vec<String> = gateways.iter().map(|g| g.metrics.clone()).collect();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(end)).await;
+            let mut v = Vec::new();
+            for u in &urls {
+                v.push(stack.events_total(u).await);
+            }
+            v
+        })
+    };
     // The watched guild: one change at a time, 10 a second.
     let mut latencies = Vec::new();
     let (mut early, mut missing) = (0, 0);
@@ -744,19 +772,20 @@ async fn throughput_one(
     for d in drivers {
         d.await.unwrap();
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = seconds as f64;
+    let at_end = at_end.await.unwrap();
     let mut per_process = Vec::new();
     let mut at_stop = 0;
-    for (gw, b) in gateways.iter().zip(&before) {
-        let n = stack.events_total(gw).await - b;
+    for ((gw, b), e) in gateways.iter().zip(&before).zip(&at_end) {
+        let n = e - b;
         at_stop += n;
         per_process.push((gw.name.clone(), n, n as f64 / elapsed));
     }
-    // What was still queued when the driver stopped.
+    // What was still queued when the driving ended.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut after_stop = 0;
     for (gw, b) in gateways.iter().zip(&before) {
-        after_stop += stack.events_total(gw).await - b;
+        after_stop += stack.events_total(&gw.metrics).await - b;
     }
     done.cancel();
     let _ = reader.await;
@@ -775,16 +804,21 @@ async fn throughput_one(
     }
 }
 
-async fn throughput(seconds: u64, concurrency: usize) {
+async fn throughput(seconds: u64, concurrency: usize, rate: f64) {
+    let pace = if rate > 0.0 {
+        format!("{rate:.0} a second in all")
+    } else {
+        "as fast as the simulator takes them".to_owned()
+    };
     println!(
-        "throughput: 1,000 guilds; voice changes round-robin across them, {concurrency} at once, as fast as the simulator takes them, for {seconds} s; one watched guild changed 10 a second"
+        "throughput: 1,000 guilds; voice changes round-robin across them, {concurrency} at once, {pace}, for {seconds} s; one watched guild changed 10 a second"
     );
-    let sharded = throughput_one(3, 16, seconds, concurrency).await;
-    let single = throughput_one(1, 1, seconds, concurrency).await;
+    let sharded = throughput_one(3, 16, seconds, concurrency, rate).await;
+    let single = throughput_one(1, 1, seconds, concurrency, rate).await;
     for t in [&sharded, &single] {
         let total: u64 = t.per_process.iter().map(|p| p.1).sum();
         println!(
-            "    {}: {} changes in {:.1} s ({:.0}/s), {} failed; events appended {} ({:.0}/s), {} more in the 3 s after; per process: {}",
+            "    {}: {} changes in {:.1} s ({:.0}/s), {} failed; events appended {} ({:.0}/s), {} more after the driving ended; per process: {}",
             t.setup,
             t.changes,
             t.seconds,
@@ -872,6 +906,7 @@ fn main() {
             throughput(
                 flag(&args, "--seconds", 30),
                 flag(&args, "--concurrency", 32),
+                flag(&args, "--rate", 500.0),
             )
             .await;
         }
