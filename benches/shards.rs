@@ -591,6 +591,8 @@ struct Throughput {
     per_process: Vec<(String, u64, f64)>,
     after_stop: u64,
     latencies: Vec<Duration>,
+    /// The same, timed from the call being sent.
+    from_sent: Vec<Duration>,
     early: usize,
     missing: usize,
 }
@@ -742,11 +744,13 @@ async fn throughput_one(
     };
     // The watched guild: one change at a time, 10 a second.
     let mut latencies = Vec::new();
+    let mut from_sent = Vec::new();
     let (mut early, mut missing) = (0, 0);
     let mut join = true;
     while Instant::now() < end {
         let tick = Instant::now();
         while seen_rx.try_recv().is_ok() {}
+        let sent = Instant::now();
         let ok = stack
             .voice(
                 &watched.guild,
@@ -763,6 +767,7 @@ async fn throughput_one(
                         early += 1;
                     }
                     latencies.push(at.saturating_duration_since(returned));
+                    from_sent.push(at.saturating_duration_since(sent));
                 }
                 _ => missing += 1,
             }
@@ -790,6 +795,7 @@ async fn throughput_one(
     done.cancel();
     let _ = reader.await;
     latencies.sort_unstable();
+    from_sent.sort_unstable();
     drop(gateways);
     Throughput {
         setup,
@@ -799,6 +805,7 @@ async fn throughput_one(
         per_process,
         after_stop: after_stop - at_stop,
         latencies,
+        from_sent,
         early,
         missing,
     }
@@ -834,14 +841,16 @@ async fn throughput(seconds: u64, concurrency: usize, rate: f64) {
                 .join(", ")
         );
         println!(
-            "    {}: watched guild, {} changes: Discord-to-log p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} read before the call returned, {} never read)",
+            "    {}: watched guild, {} changes: Discord-to-log p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} read before the call returned, {} never read); from the call sent: p50 {:.1} ms, p99 {:.1} ms",
             t.setup,
             t.latencies.len(),
             percentile(&t.latencies, 0.5),
             percentile(&t.latencies, 0.99),
             percentile(&t.latencies, 1.0),
             t.early,
-            t.missing
+            t.missing,
+            percentile(&t.from_sent, 0.5),
+            percentile(&t.from_sent, 0.99),
         );
     }
     let row = |t: &Throughput| {
