@@ -329,6 +329,14 @@ impl Sim {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.bind))?;
         let addr = listener.local_addr()?;
+        // Dispatches are small frames sent one by one: with Nagle's algorithm each waits
+        // for the client's delayed ACK of the one before (up to 40 ms on Linux), a delay
+        // of the simulator's own that Discord's Gateway does not add.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let public_url = match &settings.public_url {
             Some(u) => u.clone(),
             None => Url::parse(&format!("http://{addr}"))?,
