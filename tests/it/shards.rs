@@ -623,3 +623,56 @@ async fn at_the_identify_reserve_a_process_stops_with_one_line_instead_of_identi
         .expect("a gateway.status");
     assert_eq!(last_status["data"]["state"], "FAILED", "{last_status}");
 }
+
+/// Too few shards for the bot's guilds: Discord closes with 4011 (sharding required), and
+/// the process stops with one line naming SHARD_COUNT, its guilds told FAILED, instead of
+/// reconnecting into the same refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharding_required_stops_the_process_with_one_line_naming_shard_count() {
+    let redis = RedisServer::start();
+    let sim = TestSim::start_with(|s| {
+        s.guilds = GENERATED;
+        s.max_guilds_per_shard = 4;
+    })
+    .await;
+    let policy = ReconnectPolicy::new_constant(0, 50);
+    let client = Client::new(
+        Config::from_url(&redis.url()).unwrap(),
+        None,
+        None,
+        Some(policy),
+    );
+    client.init().await.expect("redis");
+    let fleet = Fleet { sim, redis, client };
+    let guild = fleet.sim.guild_id();
+    let served = guild.to_string();
+    let mut a = fleet.gateway(&[("SHARD_COUNT", "1"), ("DISCORD_GUILD_ID", served.as_str())]);
+    assert_eq!(a.process.wait_exit(), Some(2));
+    let errors: Vec<String> = a
+        .process
+        .stderr()
+        .into_iter()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("4011") && errors[0].contains("SHARD_COUNT"),
+        "{errors:?}"
+    );
+    assert_eq!(
+        fleet.sim.gateway_counter("connections").await,
+        1,
+        "no retry"
+    );
+    let entries: Vec<(String, std::collections::HashMap<String, String>)> = fleet
+        .client
+        .xrange(format!("{PREFIX}:{{{guild}}}:events"), "-", "+", None)
+        .await
+        .unwrap();
+    let last_status = entries
+        .iter()
+        .filter_map(|(_, f)| serde_json::from_str::<Value>(&f["e"]).ok())
+        .rfind(|e| e["type"] == "gateway.status")
+        .expect("a gateway.status");
+    assert_eq!(last_status["data"]["state"], "FAILED", "{last_status}");
+}
