@@ -1328,19 +1328,7 @@ impl Bus for RedisBus {
     }
 
     async fn claim(&self, key: &str, ttl: Duration) -> BusResult<bool> {
-        let set: Option<String> = self
-            .client
-            .set(
-                self.key(key),
-                "1",
-                Some(Expiration::PX(
-                    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
-                )),
-                Some(SetOptions::NX),
-                false,
-            )
-            .await?;
-        Ok(set.is_some())
+        self.claim_at(self.key(key), ttl).await
     }
 
     async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> BusResult<Option<Fence>> {
@@ -1451,6 +1439,22 @@ impl Redis {
             .evalsha_with_reload(&self.client, vec![lease, epoch], args)
             .await?;
         Ok(token.map(|token| fence(name, token, shared)))
+    }
+
+    /// Sets `key` for `ttl` unless it is set; `true` when this call set it.
+    async fn claim_at(&self, key: String, ttl: Duration) -> BusResult<bool> {
+        let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let set: Option<String> = self
+            .client
+            .set(
+                key,
+                "1",
+                Some(Expiration::PX(ms)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await?;
+        Ok(set.is_some())
     }
 
     async fn lease_left_at(&self, lease: String) -> BusResult<Option<Duration>> {
@@ -1666,19 +1670,7 @@ impl super::Deployment for Arc<Redis> {
     }
 
     async fn claim(&self, key: &str, ttl: Duration) -> BusResult<bool> {
-        let set: Option<String> = self
-            .client
-            .set(
-                self.shared_key(key),
-                "1",
-                Some(Expiration::PX(
-                    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
-                )),
-                Some(SetOptions::NX),
-                false,
-            )
-            .await?;
-        Ok(set.is_some())
+        self.claim_at(self.shared_key(key), ttl).await
     }
 
     async fn beat(&self, process: &str, ttl: Duration) -> BusResult<Vec<String>> {

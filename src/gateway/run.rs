@@ -18,7 +18,7 @@ use twilight_model::id::marker::GuildMarker;
 use super::Settings;
 use super::health::Health;
 use super::identify::IdentifyQueue;
-use super::shard::{Ended, Holding, OLD_LEASE, ShardOf, guilds_of_shard, hold};
+use super::shard::{Ended, Holding, OLD_LEASE, ShardOf, hold};
 use super::spread;
 use crate::bus::{Deployment, SHARD_COUNT};
 
@@ -277,16 +277,18 @@ async fn shard_count(
                 .await?
         }
     };
-    let count: u32 = stored
+    let count: Option<u32> = stored
         .trim()
         .parse()
         .ok()
-        .filter(|n| (1..=super::MAX_SHARDS).contains(n))
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "{key} holds {stored:?}, which is no shard count: delete it (see docs/operations.md, resharding)"
-            )
-        })?;
+        .filter(|n| (1..=super::MAX_SHARDS).contains(n));
+    let Some(count) = count else {
+        return Ok(Err(format!(
+            "{key} holds {stored:?}, which is no shard count from 1 to {}: delete it (see \
+             docs/operations.md, resharding)",
+            super::MAX_SHARDS
+        )));
+    };
     if let Some(wanted) = settings.shard_count
         && wanted != count
     {
@@ -364,25 +366,29 @@ async fn trim_by_age(
             _ = tick.tick() => {}
         }
         let before = crate::event::now_ms().saturating_sub(max_age.as_millis() as u64);
-        for id in health.held() {
-            let guilds = match guilds_of_shard(&settings, &*deployment, ShardOf { id, count }).await
-            {
-                Ok(guilds) => guilds,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the registry to trim logs; trying again later");
-                    break;
+        // The registry once a round, whatever the number of shards held.
+        let held: BTreeSet<u32> = health.held().into_iter().collect();
+        let registry = match deployment.registry().await {
+            Ok(registry) => registry,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the registry to trim logs; trying again later");
+                continue;
+            }
+        };
+        let guilds: BTreeSet<Id<GuildMarker>> = registry
+            .into_keys()
+            .chain(settings.guild_ids.iter().copied())
+            .filter(|g| settings.serves(*g) && held.contains(&crate::bus::shard_of(*g, count)))
+            .collect();
+        for guild in &guilds {
+            match deployment.guild(*guild).trim_before(before).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::debug!(%guild, trimmed = n, "trimmed the log by age");
+                    metrics::counter!("coven_gateway_log_trimmed_total").increment(n);
                 }
-            };
-            for guild in guilds.keys() {
-                match deployment.guild(*guild).trim_before(before).await {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        tracing::debug!(%guild, trimmed = n, "trimmed the log by age");
-                        metrics::counter!("coven_gateway_log_trimmed_total").increment(n);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot trim the log by age; trying again later")
-                    }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot trim the log by age; trying again later")
                 }
             }
         }

@@ -496,7 +496,13 @@ async fn active(
         ShardId::new(at.id, at.count),
         config.queue(ctx.queue.clone()).build(),
     );
+    // Registered once: the shard loop counts every dispatch, and a labelled `counter!`
+    // looks its series up (and allocates its label) each time.
     let label = at.id.to_string();
+    let reconnects = metrics::counter!("coven_gateway_reconnects_total", "shard" => label.clone());
+    let resumes = metrics::counter!("coven_gateway_resumes_total", "shard" => label.clone());
+    let latency = metrics::gauge!("coven_gateway_latency_seconds", "shard" => label.clone());
+    let dispatches = metrics::counter!("coven_gateway_dispatches_total", "shard" => label);
 
     let (tx, rx) = mpsc::channel(settings.queue_size.max(1));
     let queue = Queue {
@@ -577,7 +583,7 @@ async fn active(
                         None => return Ok(Inner::Fatal(last_close.unwrap_or(0))),
                         Some(Err(e)) => {
                             tracing::warn!(shard = at.id, error = %e, "gateway receive error");
-                            metrics::counter!("coven_gateway_reconnects_total", "shard" => label.clone()).increment(1);
+                            reconnects.increment(1);
                             status.set(&queue, GatewayState::Reconnecting, shard.session().is_some(), Some(e.to_string()));
                             continue;
                         }
@@ -590,13 +596,12 @@ async fn active(
                         }
                         Event::Ready(_) => status.set(&queue, GatewayState::Connected, false, None),
                         Event::Resumed => {
-                            metrics::counter!("coven_gateway_resumes_total", "shard" => label.clone()).increment(1);
+                            resumes.increment(1);
                             status.set(&queue, GatewayState::Connected, false, None);
                         }
                         Event::GatewayHeartbeatAck => {
-                            if let Some(latency) = shard.latency().recent().first() {
-                                metrics::gauge!("coven_gateway_latency_seconds", "shard" => label.clone())
-                                    .set(latency.as_secs_f64());
+                            if let Some(recent) = shard.latency().recent().first() {
+                                latency.set(recent.as_secs_f64());
                             }
                         }
                         Event::GatewayClose(frame) => {
@@ -608,7 +613,7 @@ async fn active(
                             status.set(&queue, GatewayState::Reconnecting, shard.session().is_some(), None);
                         }
                         _ => {
-                            metrics::counter!("coven_gateway_dispatches_total", "shard" => label.clone()).increment(1);
+                            dispatches.increment(1);
                         }
                     }
                     let session = shard

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use fred::prelude::*;
 use serde_json::{Value, json};
 
+use coven::sim::Settings as SimSettings;
+
 use crate::harness::{CovenProcess, RedisServer, TestSim, wait_for};
 
 const PREFIX: &str = "coven";
@@ -33,12 +35,18 @@ impl Fleet {
     }
 
     async fn start_with(redis: RedisServer) -> Self {
+        Self::start_with_sim(redis, |_| {}).await
+    }
+
+    /// A fleet whose simulator `tweak` changes further.
+    async fn start_with_sim(redis: RedisServer, tweak: impl FnOnce(&mut SimSettings)) -> Self {
         // Discord's heartbeat is 41.25 s, four times the default lease TTL: a process
         // paused past its lease keeps its Discord sessions, which the others RESUME. The
         // harness's 1 s would end them (4009) before the 2 s TTL runs out.
         let sim = TestSim::start_with(|s| {
             s.guilds = GENERATED;
             s.heartbeat_interval = Duration::from_secs(10);
+            tweak(s);
         })
         .await;
         let policy = ReconnectPolicy::new_constant(0, 50);
@@ -138,6 +146,33 @@ impl Fleet {
                 kind.starts_with("voice.").then_some(kind)
             })
             .collect()
+    }
+
+    /// The state of the last `gateway.status` in `guild`'s log.
+    async fn last_status(&self, guild: u64) -> Value {
+        let entries: Vec<(String, std::collections::HashMap<String, String>)> = self
+            .client
+            .xrange(format!("{PREFIX}:{{{guild}}}:events"), "-", "+", None)
+            .await
+            .unwrap();
+        entries
+            .iter()
+            .filter_map(|(_, f)| serde_json::from_str::<Value>(&f["e"]).ok())
+            .rfind(|e| e["type"] == "gateway.status")
+            .map_or(Value::Null, |e| e["data"]["state"].clone())
+    }
+
+    /// Each shard's (identifies, resumes) as the simulator counts them.
+    async fn counts(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for s in 0..4 {
+            let session = self.session(s).await;
+            out.push((
+                identifies(&session),
+                session["resumes"].as_u64().unwrap_or(0),
+            ));
+        }
+        out
     }
 
     async fn sessions(&self) -> Vec<Value> {
@@ -298,13 +333,7 @@ async fn a_killed_process_s_shards_are_resumed_by_the_others_and_nothing_is_lost
     let victim_at = shares.iter().position(|s| s.len() == 2).unwrap();
     let victim_shards = shares[victim_at].clone();
     let mut victim = gateways.remove(victim_at);
-    let before: Vec<u64> = {
-        let mut v = Vec::new();
-        for s in 0..4 {
-            v.push(identifies(&fleet.session(s).await));
-        }
-        v
-    };
+    let before = fleet.counts().await;
     changes_across_guilds_survive(&fleet, 8, async || {
         victim.process.signal("KILL");
     })
@@ -312,14 +341,17 @@ async fn a_killed_process_s_shards_are_resumed_by_the_others_and_nothing_is_lost
     let survivors: Vec<&Gateway> = gateways.iter().collect();
     let shares = all_connected(&survivors, Duration::from_secs(15)).await;
     assert!(shares.iter().all(|s| s.len() == 2), "{shares:?}");
+    let after = fleet.counts().await;
     for s in &victim_shards {
-        let session = fleet.session(*s).await;
-        assert!(session["resumes"].as_u64().unwrap_or(0) >= 1, "{session}");
+        let s = *s as usize;
+        assert!(
+            after[s].1 > before[s].1,
+            "shard {s} RESUMEd: {before:?} → {after:?}"
+        );
     }
     for s in 0..4 {
         assert_eq!(
-            identifies(&fleet.session(s).await),
-            before[s as usize],
+            after[s].0, before[s].0,
             "shard {s}: taken over by RESUME, not IDENTIFY"
         );
     }
@@ -382,33 +414,43 @@ async fn sigterm_hands_shards_over_with_4000_and_the_other_resumes_them() {
     let shares = all_connected(&[&a, &b], Duration::from_secs(45)).await;
     let a_shards = shares[0].clone();
     assert_eq!(a_shards.len(), 2);
-    let before: Vec<u64> = {
-        let mut v = Vec::new();
-        for s in 0..4 {
-            v.push(identifies(&fleet.session(s).await));
-        }
-        v
+    let before = fleet.counts().await;
+    let closes_of = |session: &Value| -> Vec<u64> {
+        session["closes"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default()
     };
+    let mut closed_before = Vec::new();
+    for s in &a_shards {
+        closed_before.push(closes_of(&fleet.session(*s).await).len());
+    }
     a.process.signal("TERM");
     assert_eq!(a.process.wait_exit(), Some(0));
     all_connected(&[&b], Duration::from_secs(15)).await;
-    for s in &a_shards {
+    for (i, s) in a_shards.iter().enumerate() {
         let session = fleet.session(*s).await;
-        let closes: Vec<u64> = session["closes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(Value::as_u64)
+        // Only what this hand-over closed: a cold start may have handed shards over too.
+        let closes: Vec<u64> = closes_of(&session)
+            .into_iter()
+            .skip(closed_before[i])
             .collect();
         assert!(closes.contains(&4000), "shard {s}: {session}");
         assert!(
             !closes.contains(&1000) && !closes.contains(&1001),
             "shard {s}: {session}"
         );
-        assert!(session["resumes"].as_u64().unwrap_or(0) >= 1, "{session}");
+    }
+    let after = fleet.counts().await;
+    for s in &a_shards {
+        let s = *s as usize;
+        assert!(
+            after[s].1 > before[s].1,
+            "shard {s} RESUMEd: {before:?} → {after:?}"
+        );
     }
     for s in 0..4 {
-        assert_eq!(identifies(&fleet.session(s).await), before[s as usize]);
+        assert_eq!(after[s].0, before[s].0, "shard {s}: no IDENTIFY");
     }
     let lines = a.process.stderr();
     assert!(
@@ -579,17 +621,8 @@ async fn a_dead_resume_url_falls_back_to_the_main_gateway_url() {
 /// resets the bot's token when they run out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_identify_reserve_a_process_stops_with_one_line_instead_of_identifying() {
-    let redis = RedisServer::start();
-    let sim = TestSim::start_with(|s| s.session_start_remaining = 5).await;
-    let policy = ReconnectPolicy::new_constant(0, 50);
-    let client = Client::new(
-        Config::from_url(&redis.url()).unwrap(),
-        None,
-        None,
-        Some(policy),
-    );
-    client.init().await.expect("redis");
-    let fleet = Fleet { sim, redis, client };
+    let fleet =
+        Fleet::start_with_sim(RedisServer::start(), |s| s.session_start_remaining = 5).await;
     let guild = fleet.sim.guild_id();
     let served = guild.to_string();
     let mut a = fleet.gateway(&[
@@ -611,17 +644,7 @@ async fn at_the_identify_reserve_a_process_stops_with_one_line_instead_of_identi
     );
     let state = fleet.sim.state().await;
     assert_eq!(state["gateway"]["identifies"], 0, "{}", state["gateway"]);
-    let entries: Vec<(String, std::collections::HashMap<String, String>)> = fleet
-        .client
-        .xrange(format!("{PREFIX}:{{{guild}}}:events"), "-", "+", None)
-        .await
-        .unwrap();
-    let last_status = entries
-        .iter()
-        .filter_map(|(_, f)| serde_json::from_str::<Value>(&f["e"]).ok())
-        .rfind(|e| e["type"] == "gateway.status")
-        .expect("a gateway.status");
-    assert_eq!(last_status["data"]["state"], "FAILED", "{last_status}");
+    assert_eq!(fleet.last_status(guild).await, "FAILED");
 }
 
 /// Too few shards for the bot's guilds: Discord closes with 4011 (sharding required), and
@@ -629,21 +652,7 @@ async fn at_the_identify_reserve_a_process_stops_with_one_line_instead_of_identi
 /// reconnecting into the same refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sharding_required_stops_the_process_with_one_line_naming_shard_count() {
-    let redis = RedisServer::start();
-    let sim = TestSim::start_with(|s| {
-        s.guilds = GENERATED;
-        s.max_guilds_per_shard = 4;
-    })
-    .await;
-    let policy = ReconnectPolicy::new_constant(0, 50);
-    let client = Client::new(
-        Config::from_url(&redis.url()).unwrap(),
-        None,
-        None,
-        Some(policy),
-    );
-    client.init().await.expect("redis");
-    let fleet = Fleet { sim, redis, client };
+    let fleet = Fleet::start_with_sim(RedisServer::start(), |s| s.max_guilds_per_shard = 4).await;
     let guild = fleet.sim.guild_id();
     let served = guild.to_string();
     let mut a = fleet.gateway(&[("SHARD_COUNT", "1"), ("DISCORD_GUILD_ID", served.as_str())]);
@@ -664,15 +673,30 @@ async fn sharding_required_stops_the_process_with_one_line_naming_shard_count() 
         1,
         "no retry"
     );
-    let entries: Vec<(String, std::collections::HashMap<String, String>)> = fleet
-        .client
-        .xrange(format!("{PREFIX}:{{{guild}}}:events"), "-", "+", None)
-        .await
-        .unwrap();
-    let last_status = entries
-        .iter()
-        .filter_map(|(_, f)| serde_json::from_str::<Value>(&f["e"]).ok())
-        .rfind(|e| e["type"] == "gateway.status")
-        .expect("a gateway.status");
-    assert_eq!(last_status["data"]["state"], "FAILED", "{last_status}");
+    assert_eq!(fleet.last_status(guild).await, "FAILED");
+}
+
+/// `P:shards:count` holding no shard count (0, text, past the bound) stops a process with
+/// one line naming the key, as a bad setting (exit 2), whatever SHARD_COUNT says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_shard_count_that_is_no_count_is_refused_with_one_line() {
+    let fleet = Fleet::start().await;
+    for stored in ["0", "four", "-1", "4097", ""] {
+        let _: () = fleet
+            .client
+            .set(format!("{PREFIX}:shards:count"), stored, None, None, false)
+            .await
+            .unwrap();
+        let mut a = fleet.gateway(&[]);
+        assert_eq!(a.process.wait_exit(), Some(2), "{stored:?}");
+        let errors: Vec<String> = a
+            .process
+            .stderr()
+            .into_iter()
+            .filter(|l| l.starts_with("error:"))
+            .collect();
+        assert_eq!(errors.len(), 1, "{stored:?}: {errors:?}");
+        assert!(errors[0].contains("shards:count"), "{stored:?}: {errors:?}");
+    }
+    assert_eq!(fleet.sim.gateway_counter("connections").await, 0);
 }
