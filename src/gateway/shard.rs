@@ -520,6 +520,7 @@ async fn active(
         wake: &queue.wake,
         lost: &lost,
         stop: shutdown,
+        draining: CancellationToken::new(),
         grace: settings.guild_removed_grace,
         recorded: Mutex::new(None),
         appends: std::sync::atomic::AtomicU64::new(0),
@@ -665,13 +666,35 @@ async fn active(
             }
         }
     };
+    let writing = writer.run(rx);
+    tokio::pin!(writing);
     let ended: anyhow::Result<Inner> = tokio::select! {
         ended = shard_loop => ended,
-        () = writer.run(rx) => Ok(Inner::LostLease),
+        () = &mut writing => Ok(Inner::LostLease),
         () = renewer => Ok(Inner::LostLease),
     };
+    if let Ok(Inner::Shutdown) = ended {
+        // Closed with 4000: what the last dispatches queued (their events, then the
+        // session naming their sequence) goes to Redis before the lease is released, so
+        // the successor resumes where this holder stopped instead of having Discord
+        // replay it. The writer is never cut mid-item (an event popped and dropped would
+        // be skipped by a session stored after it); it is told to return once empty.
+        writer.draining.cancel();
+        if tokio::time::timeout(DRAIN_FOR.min(ttl), &mut writing)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                shard = at.id,
+                "queued work not flushed before the hand-over; the successor's resume replays it"
+            );
+        }
+    }
     ended
 }
+
+/// How long a stopping shard waits for its queued work to reach Redis.
+const DRAIN_FOR: Duration = Duration::from_secs(5);
 
 /// Appends queued work in order, waiting out Redis trouble; after an overflow, makes
 /// Redis match the gateway's view. Losing the lease cancels `lost`.
@@ -684,6 +707,8 @@ struct Writer<'a> {
     wake: &'a Notify,
     lost: &'a CancellationToken,
     stop: &'a CancellationToken,
+    /// Set after a hand-over's close: return once the queue is empty.
+    draining: CancellationToken,
     /// How long a removed guild's data is kept.
     grace: Duration,
     /// The room of the last `room.created` naming an owner, and whether Redis already
@@ -698,9 +723,14 @@ struct Writer<'a> {
 impl Writer<'_> {
     async fn run(&self, mut rx: mpsc::Receiver<Work>) {
         loop {
+            if self.draining.is_cancelled() && rx.is_empty() {
+                return;
+            }
             let work = tokio::select! {
+                biased;
                 work = rx.recv() => work,
                 () = self.wake.notified() => None,
+                () = self.draining.cancelled() => None,
             };
             if work.is_some() {
                 metrics::gauge!("coven_gateway_queue_depth").decrement(1.0);
