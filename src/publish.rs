@@ -149,7 +149,7 @@ async fn append_durably(
     loop {
         match bus.append_once(data.clone(), None, request).await {
             Ok(event) => return Ok(event),
-            Err(e @ (BusError::NotDurable { .. } | BusError::Redis(_)))
+            Err(e @ (BusError::NotDurable { .. } | BusError::Unproven | BusError::Redis(_)))
                 if Instant::now() < deadline =>
             {
                 tracing::warn!(error = %e, "append not done; retrying");

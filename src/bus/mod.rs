@@ -302,6 +302,11 @@ pub enum BusError {
     /// still be lost in a failover, so it is not yet done (retry the same request).
     #[error("only {acked} of the {wanted} replicas required acknowledged the write in time")]
     NotDurable { acked: i64, wanted: u32 },
+    /// The connection changed between the write and its `WAIT` (a reconnect, a failover):
+    /// nothing proves that replicas of the primary holding the write have it, so it is not
+    /// yet done (retry the same request).
+    #[error("the connection to Redis changed before the write's replicas could be counted")]
+    Unproven,
 }
 
 pub type BusResult<T> = Result<T, BusError>;

@@ -690,41 +690,134 @@ impl RedisBus {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> BusResult<Option<Arc<Event>>> {
-        let envelope: Option<String> = script
-            .evalsha_with_reload(&self.appender, keys, args)
-            .await?;
+        let envelope: Option<String> = if self.durability.min_replicas == 0 {
+            script
+                .evalsha_with_reload(&self.appender, keys, args)
+                .await?
+        } else {
+            self.proven(script, keys, args).await?.convert()?
+        };
         let Some(envelope) = envelope else {
             return Ok(None);
         };
         let event = Event::parse(&envelope)
             .map_err(|e| BusError::Corrupt(format!("appended envelope: {e}")))?;
-        self.settle(event.id).await?;
+        self.release_up_to(event.id).await?;
         Ok(Some(Arc::new(event)))
     }
 
-    /// With durability on: waits until enough replicas hold every write of the appender
-    /// so far (which includes event `id` and, the replication stream being in order,
-    /// every event before it), then publishes the withheld events up to `id`. An append
-    /// whose `WAIT` falls short stays withheld: [`BusError::NotDurable`], and a later
-    /// settle (a retry, the next append, a reader's) publishes it once it is durable.
-    async fn settle(&self, id: EventId) -> BusResult<()> {
+    /// The cluster slot of every key of this guild.
+    fn slot(&self) -> u16 {
+        fred::util::redis_keyslot(self.key("events").as_bytes())
+    }
+
+    /// Runs `script` (which writes) and proves that `REDIS_MIN_REPLICAS` replicas of the
+    /// primary that ran it hold its writes: [`BusError::NotDurable`] when `WAIT` falls
+    /// short, [`BusError::Unproven`] when it cannot tell.
+    ///
+    /// `WAIT` counts the replicas holding the writes *of the connection it is sent on*,
+    /// so it proves something only on the connection that ran the script, on the
+    /// primary that ran it. Two ways it silently proved nothing: fred sends a command
+    /// without keys to any node of a cluster, where `WAIT` answers at once; and after a
+    /// reconnect (a failover, a dropped socket) fred sends a queued or unanswered `WAIT`
+    /// again on a new connection, which has written nothing, so `WAIT` counts every
+    /// replica at once: an append only the old primary held was acknowledged. So the
+    /// four commands go together to the guild's slot, the script and `WAIT` between two
+    /// `CLIENT INFO`s, and count only if both name the same connection (its id, our
+    /// address and the server's): then the script and `WAIT` ran there too, in order.
+    /// Otherwise the caller retries the same request, which, on a new primary lacking
+    /// the write, appends it again under its name and proves it there.
+    async fn proven(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> BusResult<Value> {
         let Durability {
             min_replicas,
             timeout,
         } = self.durability;
-        if min_replicas == 0 {
-            return Ok(());
-        }
         let ms = i64::try_from(timeout.as_millis())
             .unwrap_or(i64::MAX)
             .max(1);
-        let acked: i64 = self.appender.wait(i64::from(min_replicas), ms).await?;
-        if acked < i64::from(min_replicas) {
-            metrics::counter!("coven_redis_wait_short_total").increment(1);
-            return Err(BusError::NotDurable {
-                acked,
-                wanted: min_replicas,
-            });
+        let slot = self.slot();
+        let on_slot = self.appender.with_options(&Options {
+            cluster_hash: Some(fred::types::ClusterHash::Custom(slot)),
+            ..Options::default()
+        });
+        let mut evalsha = Vec::with_capacity(2 + keys.len() + args.len());
+        evalsha.push(script.sha1().to_string());
+        evalsha.push(keys.len().to_string());
+        evalsha.extend(keys);
+        evalsha.extend(args);
+        let client_info = || {
+            fred::types::CustomCommand::new_static(
+                "CLIENT INFO",
+                fred::types::ClusterHash::Custom(slot),
+                false,
+            )
+        };
+        let mut loaded = false;
+        loop {
+            let pipeline = fred::clients::Pipeline::from(on_slot.clone());
+            let _: () = pipeline.custom(client_info(), Vec::<String>::new()).await?;
+            // fred pipelines no scripts: EVALSHA by hand, in the guild's slot.
+            let _: () = pipeline
+                .custom(
+                    fred::types::CustomCommand::new_static(
+                        "EVALSHA",
+                        fred::types::ClusterHash::Custom(slot),
+                        false,
+                    ),
+                    evalsha.clone(),
+                )
+                .await?;
+            let _: () = pipeline.wait(i64::from(min_replicas), ms).await?;
+            let _: () = pipeline.custom(client_info(), Vec::<String>::new()).await?;
+            let mut answers = pipeline.try_all::<Value>().await.into_iter();
+            let mut next = || {
+                answers.next().unwrap_or_else(|| {
+                    Err(fred::error::Error::new(
+                        fred::error::ErrorKind::Protocol,
+                        "a pipelined answer is missing",
+                    ))
+                })
+            };
+            let (before, ran, acked, after) = (next(), next(), next(), next());
+            let ran = match ran {
+                // A new primary has not loaded the script (`SCRIPT LOAD` is not replicated).
+                Err(e) if !loaded && e.details().starts_with("NOSCRIPT") => {
+                    script.load(&self.appender).await?;
+                    loaded = true;
+                    continue;
+                }
+                ran => ran?,
+            };
+            let (before, after): (String, String) = (before?.convert()?, after?.convert()?);
+            let acked: i64 = acked?.convert()?;
+            match (connection_of(&before), connection_of(&after)) {
+                (Some(a), Some(b)) if a == b => {}
+                _ => {
+                    metrics::counter!("coven_redis_wait_unproven_total").increment(1);
+                    return Err(BusError::Unproven);
+                }
+            }
+            if acked < i64::from(min_replicas) {
+                metrics::counter!("coven_redis_wait_short_total").increment(1);
+                return Err(BusError::NotDurable {
+                    acked,
+                    wanted: min_replicas,
+                });
+            }
+            return Ok(ran);
+        }
+    }
+
+    /// After a proof: moves the durable id up to `id` and publishes the withheld events up
+    /// to it. Without durability, nothing is withheld.
+    async fn release_up_to(&self, id: EventId) -> BusResult<()> {
+        if self.durability.min_replicas == 0 {
+            return Ok(());
         }
         let _: i64 = self
             .scripts
@@ -739,19 +832,19 @@ impl RedisBus {
     }
 
     /// Settles whatever was appended up to now (for a snapshot valid at an id not yet
-    /// durable, whose writer is still waiting or died before settling).
+    /// durable, whose writer is still waiting or died before settling): the mark script
+    /// writes, so its proof covers every event before it.
     async fn settle_applied(&self) -> BusResult<()> {
         let applied: Option<String> = self
-            .scripts
-            .mark
-            .evalsha_with_reload(
-                &self.appender,
+            .proven(
+                &self.scripts.mark,
                 vec![self.key("applied"), self.key("durable:probe")],
-                Vec::<String>::new(),
+                Vec::new(),
             )
-            .await?;
+            .await?
+            .convert()?;
         match applied.and_then(|a| a.parse::<EventId>().ok()) {
-            Some(id) => self.settle(id).await,
+            Some(id) => self.release_up_to(id).await,
             None => Ok(()),
         }
     }
@@ -764,6 +857,16 @@ impl RedisBus {
             durable: self.key(DURABLE),
         }
     }
+}
+
+/// Which connection answered a `CLIENT INFO`: its id and both ends' addresses (an id
+/// alone repeats across servers and restarts).
+fn connection_of(info: &str) -> Option<[&str; 3]> {
+    let field = |name: &str| {
+        info.split_whitespace()
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+    };
+    Some([field("id")?, field("addr")?, field("laddr")?])
 }
 
 /// A short, stable digest of an event's type and data, for naming its append.
@@ -1751,7 +1854,23 @@ fn pairs(value: Value) -> Vec<(String, String)> {
 
 #[cfg(test)]
 mod tests {
-    use super::redis_version;
+    use super::{connection_of, redis_version};
+
+    #[test]
+    fn a_connection_is_named_by_its_id_and_both_addresses() {
+        let info = "id=7 addr=127.0.0.1:50412 laddr=127.0.0.1:6379 fd=9 name= age=0 idle=0 \
+                    flags=N db=0 cmd=client|info\n";
+        assert_eq!(
+            connection_of(info),
+            Some(["7", "127.0.0.1:50412", "127.0.0.1:6379"])
+        );
+        // The same id on another server (a failover) or from another socket differs.
+        let other = info.replace("laddr=127.0.0.1:6379", "laddr=127.0.0.1:6380");
+        assert_ne!(connection_of(info), connection_of(&other));
+        // `idle=` is not `id=`; an answer without the fields names no connection.
+        assert_eq!(connection_of("idle=3 addr=a laddr=b"), None);
+        assert_eq!(connection_of(""), None);
+    }
 
     #[test]
     fn the_redis_version_is_read_from_info_server() {

@@ -43,7 +43,7 @@ async fn until_durable(
         loop {
             match writer.append_once(data.clone(), None, request).await {
                 Ok(event) => return event,
-                Err(BusError::NotDurable { .. }) => continue,
+                Err(BusError::NotDurable { .. } | BusError::Unproven) => continue,
                 Err(e) => panic!("{e}"),
             }
         }
@@ -447,6 +447,108 @@ fn assert_streams_match_log(streams: &[Shared], log: &[(EventId, Value)], from: 
     }
 }
 
+/// fred sends a `WAIT` again on a new connection after its own dropped, and a connection
+/// that wrote nothing has every replica "in sync" at once. An append held only by the
+/// primary (its replica frozen) must not be acknowledged that way: the `WAIT` whose
+/// connection was cut proves nothing, and the same request, retried once the replica is
+/// back, is acknowledged with the one event the primary holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_sent_again_on_a_new_connection_acknowledges_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_primary, replica, url) = linked_pair(dir.path()).await;
+    let writer = Arc::new(
+        RedisBus::connect_durable(
+            &url,
+            "test",
+            Id::new(GUILD),
+            1_000,
+            Duration::from_secs(5),
+            Durability {
+                min_replicas: 1,
+                timeout: Duration::from_secs(10),
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let raw = client(&url).await;
+    let events = format!("test:{{{GUILD}}}:events");
+    let request = |seq| Request {
+        writer: "test-writer".to_owned(),
+        seq,
+        part: 0,
+    };
+    until_durable("the first append", &writer, ping(1), &request(1)).await;
+
+    replica.freeze();
+    let appending = tokio::spawn({
+        let writer = writer.clone();
+        async move { writer.append_once(ping(2), None, &request(2)).await }
+    });
+    // The append is on the primary and its WAIT blocks, for want of the frozen replica.
+    let blocked: String = wait_for("the append's WAIT to block", || async {
+        let list: String = raw
+            .custom(
+                fred::types::CustomCommand::new_static(
+                    "CLIENT LIST",
+                    fred::types::ClusterHash::FirstKey,
+                    false,
+                ),
+                Vec::<String>::new(),
+            )
+            .await
+            .ok()?;
+        list.lines()
+            .find(|l| l.contains("cmd=wait"))
+            .map(str::to_owned)
+    })
+    .await;
+    let id = blocked
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("id="))
+        .expect("CLIENT LIST names the connection")
+        .to_owned();
+    let _: fred::types::Value = raw
+        .custom(
+            fred::types::CustomCommand::new_static(
+                "CLIENT KILL",
+                fred::types::ClusterHash::FirstKey,
+                false,
+            ),
+            vec!["ID".to_owned(), id],
+        )
+        .await
+        .unwrap();
+    let answered = within("the cut append to answer", appending).await.unwrap();
+    assert!(
+        matches!(
+            answered,
+            Err(BusError::Unproven | BusError::NotDurable { .. } | BusError::Redis(_))
+        ),
+        "an append only the primary holds was acknowledged: {answered:?}"
+    );
+    let durable: Option<String> = raw.get(format!("test:{{{GUILD}}}:durable")).await.unwrap();
+    let len: u64 = raw.xlen(&events).await.unwrap();
+    assert_eq!(len, 2, "the primary holds the append");
+    let log: Vec<(String, std::collections::HashMap<String, String>)> =
+        raw.xrange(&events, "-", "+", None).await.unwrap();
+    let withheld: EventId = log[1].0.parse().unwrap();
+    assert!(
+        durable.and_then(|d| d.parse::<EventId>().ok()) < Some(withheld),
+        "the withheld event {withheld} is not durable"
+    );
+
+    replica.thaw();
+    let done = until_durable("the same request, retried", &writer, ping(2), &request(2)).await;
+    assert_eq!(
+        done.id.to_string(),
+        log[1].0,
+        "acknowledged with the event appended once"
+    );
+    let len: u64 = raw.xlen(&events).await.unwrap();
+    assert_eq!(len, 2, "nothing appended twice");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_longer_than_five_seconds_is_ridden_out_by_every_part() {
     let mut ha = Ha::start(2, 2).await;
@@ -766,6 +868,97 @@ async fn a_frozen_replica_promoted_after_the_primary_dies_lacks_nothing_a_stream
         log.iter().filter(|(id, _)| *id > from).count(),
         seen.events.len(),
         seen.opens,
+    );
+}
+
+/// A lossy failover under `coven publish` with `REDIS_MIN_REPLICAS=1`: the only replica
+/// freezes while pings flow, the primary dies with pings only it held, the replica is
+/// promoted without them and a fresh node joins it. Every ping `coven publish` reports
+/// published is in the new primary's log, once: an append proven nowhere that survived
+/// is appended again under its name and proven on the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lossy_failover_acknowledges_only_what_the_new_primary_holds() {
+    let mut set = Sentinels::start(1);
+    let guild = GUILD.to_string();
+    let ca = set.ca().display().to_string();
+    let url = set.url();
+    let mut publish = CovenProcess::spawn(
+        &["publish", "--ping", "--count", "100", "--rate", "20"],
+        &[
+            ("REDIS_URL", &url),
+            ("SSL_CERT_FILE", &ca),
+            ("DISCORD_GUILD_ID", &guild),
+            ("REDIS_MIN_REPLICAS", "1"),
+            // A WAIT longer than the failover: it is still out when the primary dies.
+            ("REDIS_REPLICA_TIMEOUT", "10s"),
+            ("REDIS_RETRY_FOR", "120s"),
+        ],
+    );
+    let pings = |log: &[(EventId, Value)]| -> Vec<u64> {
+        log.iter()
+            .filter(|(_, e)| e["type"] == "ping")
+            .filter_map(|(_, e)| e["data"]["seq"].as_u64())
+            .collect()
+    };
+    within_for(
+        "some pings to be appended",
+        Duration::from_secs(30),
+        || async { pings(&log(&set, GUILD)).len() >= 10 },
+    )
+    .await;
+
+    // The replica freezes: pings reach the primary and wait there, unproven.
+    let old = set.primary.port;
+    set.replicas[0].freeze();
+    within_for(
+        "a ping only the primary holds",
+        Duration::from_secs(30),
+        || async {
+            let durable = durable_on(&set, old, GUILD);
+            log(&set, GUILD)
+                .iter()
+                .any(|(id, e)| e["type"] == "ping" && Some(*id) > durable)
+        },
+    )
+    .await;
+    let held_by_old = pings(&log(&set, GUILD));
+
+    // The primary dies with them; the replica, thawed, is promoted without them.
+    // A fresh node joins it before the sentinels promote it, so the new primary has a
+    // replica at once: a WAIT sent there on a connection that wrote nothing would count it.
+    set.primary.kill();
+    set.replicas[0].thaw();
+    let replica = set.replicas[0].port;
+    set.attach_fresh("fresh", replica);
+    within_for(
+        "the replica to be promoted",
+        Duration::from_secs(40),
+        || async { set.primary_port() == Some(replica) },
+    )
+    .await;
+
+    let code = tokio::task::block_in_place(|| publish.wait_exit());
+    assert_eq!(code, Some(0), "{:?}", publish.stderr());
+    assert!(
+        publish
+            .stdout()
+            .iter()
+            .chain(publish.stderr().iter())
+            .any(|l| l.contains("published 100 pings")),
+        "{:?}",
+        publish.stderr()
+    );
+    let log = log(&set, GUILD);
+    let mut seqs = pings(&log);
+    let appended = seqs.len();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(appended, seqs.len(), "no ping appended twice");
+    assert_eq!(
+        seqs,
+        (1..=100).collect::<Vec<u64>>(),
+        "every ping acknowledged is in the new primary's log (the old one held {} before it died)",
+        held_by_old.len()
     );
 }
 

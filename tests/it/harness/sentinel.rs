@@ -181,6 +181,15 @@ impl Sentinels {
         set
     }
 
+    /// Starts a fresh, empty data node as a replica of the node on `primary` (kept with
+    /// the replicas); its port.
+    pub fn attach_fresh(&mut self, name: &str, primary: u16) -> u16 {
+        let node = data_node(self.dir.path(), name, Some(primary));
+        let port = node.port;
+        self.replicas.push(node);
+        port
+    }
+
     /// The PEM bundle Coven verifies every node with (`SSL_CERT_FILE`).
     pub fn ca(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
