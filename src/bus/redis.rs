@@ -429,12 +429,37 @@ const MIN_REDIS: (u32, u32) = (7, 0);
 /// Refuses, with one line, a Redis older than [`MIN_REDIS`]: the append script would fail
 /// on its first `SPUBLISH` and streams would hear nothing.
 async fn require_sharded_pubsub(client: &Client) -> BusResult<()> {
-    let info: String = client.info(Some(fred::types::InfoKind::Server)).await?;
-    let version = redis_version(&info);
+    // On a cluster every primary is asked: a guild whose slot is on an older node would
+    // fail there alone.
+    let primaries = if client.is_clustered() {
+        client
+            .cached_cluster_state()
+            .map(|state| state.unique_primary_nodes())
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    if primaries.is_empty() {
+        let info: String = client.info(Some(fred::types::InfoKind::Server)).await?;
+        return check_version(&info, None);
+    }
+    for node in primaries {
+        let info: String = client
+            .with_cluster_node(node.clone())
+            .info(Some(fred::types::InfoKind::Server))
+            .await?;
+        check_version(&info, Some(&node))?;
+    }
+    Ok(())
+}
+
+fn check_version(info: &str, node: Option<&fred::types::config::Server>) -> BusResult<()> {
+    let version = redis_version(info);
+    let node = node.map_or_else(String::new, |n| format!(" at {}:{}", n.host, n.port));
     match version {
         Some(v) if v >= MIN_REDIS => Ok(()),
         _ => Err(BusError::Connect(format!(
-            "Redis {} is too old: Coven needs Redis {}.{} or newer (sharded Pub/Sub)",
+            "Redis{node} {} is too old: Coven needs Redis {}.{} or newer (sharded Pub/Sub)",
             version.map_or_else(
                 || "of unknown version".to_owned(),
                 |(a, b)| format!("{a}.{b}")
@@ -856,6 +881,25 @@ impl RedisBus {
             events: self.key("events"),
             durable: self.key(DURABLE),
         }
+    }
+}
+
+/// Where a deployment lease's epoch is kept: in its lease's cluster slot, since the
+/// acquire script touches both (Redis Cluster refuses a script whose keys span slots).
+/// A tagged lease (`P:shard:{3}:lease`) takes `:epoch` after it; an untagged one
+/// (`P:rooms:sweeper`) is hashed whole, so its epoch uses the whole name as the tag:
+/// `{P:rooms:sweeper}:epoch`.
+fn shared_epoch_key(lease: &str) -> String {
+    // Redis's rule: the tag is what lies between the first `{` and the next `}`, if not
+    // empty.
+    let tagged = lease
+        .split_once('{')
+        .and_then(|(_, rest)| rest.find('}'))
+        .is_some_and(|end| end > 0);
+    if tagged {
+        format!("{lease}:epoch")
+    } else {
+        format!("{{{lease}}}:epoch")
     }
 }
 
@@ -1598,7 +1642,7 @@ impl super::Deployment for Arc<Redis> {
 
     async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> BusResult<Option<Fence>> {
         let lease = self.shared_key(name);
-        let epoch = self.shared_key(&format!("{name}:epoch"));
+        let epoch = shared_epoch_key(&lease);
         self.lease_acquire(lease, epoch, name, holder, ttl, true)
             .await
     }
@@ -1855,6 +1899,23 @@ fn pairs(value: Value) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::{connection_of, redis_version};
+
+    #[test]
+    fn a_deployment_lease_s_epoch_is_in_the_lease_s_slot() {
+        for lease in ["coven:rooms:sweeper", "coven:shard:{3}:lease"] {
+            let epoch = super::shared_epoch_key(lease);
+            assert_eq!(
+                fred::util::redis_keyslot(lease.as_bytes()),
+                fred::util::redis_keyslot(epoch.as_bytes()),
+                "{lease} and {epoch}"
+            );
+        }
+        assert_eq!(
+            super::shared_epoch_key("coven:shard:{3}:lease"),
+            "coven:shard:{3}:lease:epoch",
+            "a shard's epoch keeps its name"
+        );
+    }
 
     #[test]
     fn a_connection_is_named_by_its_id_and_both_addresses() {
