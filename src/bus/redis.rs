@@ -383,9 +383,13 @@ impl std::ops::Deref for RedisBus {
 /// Messages the live subscription may hold before the relay takes them.
 const RELAY_BUFFER: usize = 1024;
 
-/// Reconnect for ever, backing off up to two seconds: Redis outages are waited out.
+/// Reconnect for ever, backing off up to half a second: Redis outages are waited out.
+/// A failover is over (a replica promoted, or a Sentinel naming it) a moment after the
+/// last failed attempt; a longer back-off only adds its wait on top (with two seconds a
+/// cluster primary's kill paused appends about 5.5 s for a 2 s `cluster-node-timeout`).
+/// A few connection attempts a second per client cost a Redis that is down nothing.
 fn policy() -> ReconnectPolicy {
-    ReconnectPolicy::new_exponential(0, 50, 2_000, 2)
+    ReconnectPolicy::new_exponential(0, 50, 500, 2)
 }
 
 /// How long a command may wait for Redis (queued while reconnecting, or unanswered)
@@ -420,6 +424,39 @@ fn builder(url: &str, command_timeout: Duration) -> BusResult<Builder> {
         p.default_command_timeout = command_timeout;
     });
     Ok(builder)
+}
+
+/// Restarts a fred client's connection task whenever it ends with an error, for as long
+/// as the process runs.
+///
+/// fred 10.1 ends the task for good on some routing errors, reconnect policy or not:
+/// during a slot migration a command redirected with `ASK` whose `ASKING` runs out of
+/// attempts makes the router return the error, disconnect from every node and stop, and
+/// every later command waits out its timeout (seen on a local cluster: a writer dead
+/// for minutes after one `CLUSTER SETSLOT … MIGRATING`). Commands sent meanwhile stay
+/// queued and go once the task is back. A task that ends without an error was closed on
+/// purpose (`QUIT`) and stays closed.
+fn keep_routing_from<C>(client: C, task: fred::types::ConnectHandle, what: &'static str)
+where
+    C: ClientLike + Clone + Send + Sync + 'static,
+{
+    tokio::spawn(async move {
+        let mut task = task;
+        loop {
+            match task.await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => {
+                    tracing::warn!(client = what, error = %e, "the Redis connection task stopped; restarting it");
+                }
+                Err(e) => {
+                    tracing::warn!(client = what, error = %e, "the Redis connection task failed; restarting it");
+                }
+            }
+            metrics::counter!("coven_redis_client_restarts_total").increment(1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            task = client.connect();
+        }
+    });
 }
 
 /// The oldest Redis with sharded Pub/Sub (`SPUBLISH`, `SSUBSCRIBE`), which the live path
@@ -511,7 +548,10 @@ fn not_connected(url: &str, e: fred::error::Error) -> BusError {
 /// Sessions are read and written only by requests: give it [`REQUEST_TIMEOUT`].
 pub async fn session_pool(url: &str, command_timeout: Duration) -> BusResult<Pool> {
     let pool = builder(url, command_timeout)?.build_pool(4)?;
-    pool.init().await.map_err(|e| not_connected(url, e))?;
+    for client in pool.clients() {
+        let task = client.init().await.map_err(|e| not_connected(url, e))?;
+        keep_routing_from(client.clone(), task, "sessions");
+    }
     Ok(pool)
 }
 
@@ -527,12 +567,14 @@ impl Redis {
     ) -> BusResult<Arc<Self>> {
         let mut builder = builder(url, command_timeout)?;
         let client = builder.build()?;
-        client.init().await.map_err(|e| not_connected(url, e))?;
+        let task = client.init().await.map_err(|e| not_connected(url, e))?;
+        keep_routing_from(client.clone(), task, "commands");
         require_sharded_pubsub(&client).await?;
         let appender = if durability.min_replicas > 0 {
             // Its commands include a WAIT of up to `durability.timeout`.
             let appender = self::builder(url, command_timeout + durability.timeout)?.build()?;
-            appender.init().await.map_err(|e| not_connected(url, e))?;
+            let task = appender.init().await.map_err(|e| not_connected(url, e))?;
+            keep_routing_from(appender.clone(), task, "appends");
             appender
         } else {
             client.clone()
@@ -557,7 +599,8 @@ impl Redis {
         // second of events at a thousand a second fits in this.
         builder.with_performance_config(|p| p.broadcast_channel_capacity = RELAY_BUFFER);
         let subscriber = builder.build_subscriber_client()?;
-        subscriber.init().await.map_err(|e| not_connected(url, e))?;
+        let task = subscriber.init().await.map_err(|e| not_connected(url, e))?;
+        keep_routing_from(subscriber.clone(), task, "subscriptions");
         // Resubscribes after every reconnect; the task lives as long as the subscriber, so
         // its handle is not kept.
         drop(subscriber.manage_subscriptions());
