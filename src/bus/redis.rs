@@ -930,8 +930,8 @@ impl RedisBus {
 /// Where a deployment lease's epoch is kept: in its lease's cluster slot, since the
 /// acquire script touches both (Redis Cluster refuses a script whose keys span slots).
 /// A tagged lease (`P:shard:{3}:lease`) takes `:epoch` after it; an untagged one
-/// (`P:rooms:sweeper`) is hashed whole, so its epoch uses the whole name as the tag:
-/// `{P:rooms:sweeper}:epoch`.
+/// (`P:rooms:sweeper`) is hashed whole, so its epoch carries the whole name as its tag
+/// (`P:rooms:sweeper:epoch:{P:rooms:sweeper}`), still under the prefix like every key.
 fn shared_epoch_key(lease: &str) -> String {
     // Redis's rule: the tag is what lies between the first `{` and the next `}`, if not
     // empty.
@@ -942,7 +942,7 @@ fn shared_epoch_key(lease: &str) -> String {
     if tagged {
         format!("{lease}:epoch")
     } else {
-        format!("{{{lease}}}:epoch")
+        format!("{lease}:epoch:{{{lease}}}")
     }
 }
 
