@@ -1137,7 +1137,8 @@ async fn watch(
             }
             _ = tick.tick() => {
                 let Some(redis) = redis.upgrade() else { return };
-                if !redis.client.is_clustered() {
+                // Nothing subscribed (a gateway, `publish`): nothing to look at.
+                if !redis.client.is_clustered() || redis.subscriber.tracked_shard_channels().is_empty() {
                     continue;
                 }
                 let moved = redis.moved_channels().await;

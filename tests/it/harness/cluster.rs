@@ -435,6 +435,14 @@ impl Cluster {
     /// moved in batches with MIGRATE, then SETSLOT NODE on the target, the source and
     /// every other primary.
     pub fn migrate(&self, slot: u16, to: u16) {
+        let from = self.move_keys(slot, to);
+        self.assign(slot, from, to);
+    }
+
+    /// The first half of [`Cluster::migrate`]: `slot` is MIGRATING on its owner, IMPORTING
+    /// on `to`, and its keys are on `to`, so its owner answers ASK for them until
+    /// [`Cluster::assign`]. The owner's port.
+    pub fn move_keys(&self, slot: u16, to: u16) -> u16 {
         let (from, _) = self.owner_of_slot(slot);
         assert_ne!(from, to, "slot {slot} is already on {to}");
         let topology = self.topology();
@@ -474,6 +482,26 @@ impl Cluster {
                 "MIGRATE: {out:?}"
             );
         }
+        from
+    }
+
+    /// The second half of [`Cluster::migrate`]: SETSLOT NODE on `to`, on `from` and on
+    /// every other primary, then waits until every live node agrees.
+    pub fn assign(&self, slot: u16, from: u16, to: u16) {
+        let topology = self.topology();
+        let to_id = topology
+            .iter()
+            .find(|n| n.port == to)
+            .map(|n| n.id.clone())
+            .expect("a node id");
+        let slot_s = slot.to_string();
+        let must = |port: u16, args: &[&str]| {
+            let out = self.cli(port, args);
+            assert!(
+                out.as_deref().is_some_and(|o| !o.contains("ERR")),
+                "{args:?} on {port}: {out:?}"
+            );
+        };
         must(to, &["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id]);
         must(from, &["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id]);
         for other in self.primaries() {
