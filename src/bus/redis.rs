@@ -1095,6 +1095,9 @@ async fn relay(
     }
 }
 
+/// How long [`Redis::resubscribe`] retries one channel.
+const RESUBSCRIBE_FOR: Duration = Duration::from_secs(10);
+
 /// How often, on a Redis Cluster, [`watch`] compares the cluster's routing with where the
 /// subscriptions were made (one `CLUSTER SLOTS`).
 const TOPOLOGY_EVERY: Duration = Duration::from_secs(1);
@@ -1222,7 +1225,10 @@ impl Redis {
 
     /// Subscribes `only` these channels again (all the subscriber's, when `None`), then
     /// has every watched guild among them fill its gap from the log: see [`Resync`].
-    /// Retries until Redis takes every `SSUBSCRIBE`.
+    /// Retries each `SSUBSCRIBE` for up to [`RESUBSCRIBE_FOR`]; one that still fails was
+    /// refused by a connection that is down again, whose reconnect brings another
+    /// resubscription (and on a cluster the next look at the routing retries it), so
+    /// first subscriptions are not held up meanwhile.
     async fn resubscribe(&self, only: Option<Vec<String>>) {
         // No first subscription or unsubscribe meanwhile: each would race with these.
         let _once = self.subscribing.lock().await;
@@ -1251,9 +1257,19 @@ impl Redis {
         // pipeline them), so several channels in one would leave answers unread.
         for channel in &channels {
             let mut backoff = Duration::from_millis(50);
+            let started = tokio::time::Instant::now();
             loop {
                 match self.subscriber.ssubscribe(channel.clone()).await {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        self.subscribed_on(channel);
+                        break;
+                    }
+                    Err(e) if started.elapsed() >= RESUBSCRIBE_FOR => {
+                        tracing::warn!(error = %e, %channel, "cannot subscribe again; giving up until the next reconnect");
+                        // Not where it should be: the next look at the routing tries again.
+                        lock(&self.owners).insert(channel.clone(), None);
+                        break;
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, %channel, "cannot subscribe again; retrying");
                         tokio::time::sleep(backoff).await;
@@ -1261,7 +1277,6 @@ impl Redis {
                     }
                 }
             }
-            self.subscribed_on(channel);
         }
         for (lagged, resync) in held {
             lagged.store(true, Ordering::SeqCst);
