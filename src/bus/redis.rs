@@ -1199,9 +1199,14 @@ impl Redis {
                 return Vec::new();
             }
         };
-        let tracked = self.subscriber.tracked_shard_channels();
+        let tracked: std::collections::HashSet<String> = self
+            .subscriber
+            .tracked_shard_channels()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
         let mut owners = lock(&self.owners);
-        owners.retain(|channel, _| tracked.iter().any(|t| **t == **channel));
+        owners.retain(|channel, _| tracked.contains(channel));
         let mut moved = Vec::new();
         for channel in tracked {
             // A slot no primary serves (the cluster is failing over) is looked at again
@@ -1212,11 +1217,11 @@ impl Redis {
             else {
                 continue;
             };
-            match owners.get(&*channel) {
+            match owners.get(&channel) {
                 Some(Some(before)) if *before == now => {}
-                Some(_) => moved.push(channel.to_string()),
+                Some(_) => moved.push(channel),
                 None => {
-                    owners.insert(channel.to_string(), Some(now));
+                    owners.insert(channel, Some(now));
                 }
             }
         }
