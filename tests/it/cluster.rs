@@ -663,6 +663,21 @@ async fn kill_the_primary_under_load(
             .then_some(())
     })
     .await;
+    // Each process is subscribed on the promoted primary, once, and nowhere else.
+    tokio::task::block_in_place(|| {
+        for port in cluster.live_ports() {
+            let want = if port == promoted {
+                processes.len() as u64
+            } else {
+                0
+            };
+            assert_eq!(
+                cluster.shard_subscribers(port, &channel),
+                Some(want),
+                "PUBSUB SHARDNUMSUB on {port} after the failover to {promoted}"
+            );
+        }
+    });
     let log = log_after(&writer_bus, from).await;
     assert_eq!(
         log.last(),
