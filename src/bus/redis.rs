@@ -563,12 +563,13 @@ impl Redis {
         // second of events at a thousand a second fits in this.
         builder.with_performance_config(|p| p.broadcast_channel_capacity = RELAY_BUFFER);
         let subscriber = builder.build_subscriber_client()?;
-        // Taken before the first connection, so no reconnect goes unnoticed. Not fred's
-        // `manage_subscriptions()`: it resubscribes, but nothing tells a guild's relay
-        // when the subscription is back, and the relay must read the log only then (see
-        // [`Resync`]); [`watch`] does both.
-        let reconnects = subscriber.reconnect_rx();
         subscriber.init().await.map_err(|e| not_connected(url, e))?;
+        // Taken once connected: fred announces its first connections as reconnects too,
+        // and a resubscription then would fill a first relay from the log for nothing.
+        // Not fred's `manage_subscriptions()`: it resubscribes, but nothing tells a
+        // guild's relay when the subscription is back, and the relay must read the log
+        // only then (see [`Resync`]); [`watch`] does both.
+        let reconnects = subscriber.reconnect_rx();
         let watched: Arc<Mutex<HashMap<String, Watched>>> = Arc::default();
         let control = broadcast::channel(CONTROL_BUFFER).0;
         tokio::spawn(dispatch(

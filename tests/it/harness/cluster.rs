@@ -119,11 +119,14 @@ impl ClusterNode {
         }
     }
 
-    /// `kill -9`, as in a crash; its watchdog goes too.
+    /// `kill -9`, as in a crash; its watchdog goes too. A server already gone is no
+    /// error (this runs on drop, a failed test's included).
     fn kill(&mut self) {
-        if self.pid.is_some() {
-            self.signal("-KILL");
-            self.pid = None;
+        if let Some(pid) = self.pid.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
         }
         if let Some(mut watchdog) = self.watchdog.take() {
             let _ = watchdog.kill();
@@ -154,10 +157,12 @@ pub struct NodeInfo {
 }
 
 pub struct Cluster {
-    dir: tempfile::TempDir,
+    // Dropped first (fields drop in order): the nodes stop before their directory goes,
+    // which a node would otherwise find gone when it next saves its cluster config.
     nodes: Mutex<Vec<ClusterNode>>,
     /// Nodes killed or frozen by the test: never asked anything.
     down: Mutex<Vec<u16>>,
+    dir: tempfile::TempDir,
 }
 
 /// The slot of `key` (its hash tag's, when it has one), as Redis and fred compute it.
@@ -197,9 +202,9 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         let cluster = Cluster {
-            dir,
             nodes: Mutex::new(nodes),
             down: Mutex::new(Vec::new()),
+            dir,
         };
         cluster.wait_healthy();
         cluster
