@@ -24,11 +24,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
+use fred::types::cluster::ClusterRouting;
 use fred::types::scripts::Script;
 use tokio::sync::{broadcast, mpsc};
 use twilight_model::channel::permission_overwrite::PermissionOverwrite;
@@ -197,6 +198,25 @@ struct Scripts {
     beat: Script,
 }
 
+impl Scripts {
+    fn load() -> Self {
+        Scripts {
+            register: Script::from_lua(REGISTER),
+            raise_epoch: Script::from_lua(RAISE_EPOCH),
+            append: Script::from_lua(APPEND),
+            viewers: Script::from_lua(format!("{VIEWERS}\n{APPEND}")),
+            snapshot: Script::from_lua(SNAPSHOT),
+            acquire: Script::from_lua(ACQUIRE),
+            renew: Script::from_lua(RENEW),
+            release: Script::from_lua(RELEASE),
+            put: Script::from_lua(PUT),
+            release_durable: Script::from_lua(RELEASE_DURABLE),
+            mark: Script::from_lua(MARK),
+            beat: Script::from_lua(BEAT),
+        }
+    }
+}
+
 /// How many replicas must hold an append before it counts as done and may be published
 /// (`REDIS_MIN_REPLICAS`; 0: at once), and how long one `WAIT` for them may take
 /// (`REDIS_REPLICA_TIMEOUT`).
@@ -256,6 +276,11 @@ pub struct Redis {
     control: broadcast::Sender<Arc<EventData>>,
     /// Subscribed to `P:control` (once, on the first listener).
     control_subscribed: tokio::sync::OnceCell<()>,
+    /// On a Redis Cluster: the primary (`host:port`) each subscribed channel was last
+    /// subscribed on, which [`watch`] compares with the cluster's routing.
+    owners: Mutex<HashMap<String, Option<String>>>,
+    /// A host of the cluster URL: what `CLUSTER SLOTS` entries without a host mean.
+    seed_host: String,
 }
 
 /// `XRANGE id id` questions shared by the streams that ask about the same id while one
@@ -362,6 +387,25 @@ struct Watched {
     lagged: Arc<AtomicBool>,
     /// Every receiver of the guild's events in this process.
     live: broadcast::Sender<Arc<Event>>,
+    /// Set by [`watch`] while the guild's subscription is made again.
+    resync: Arc<Resync>,
+}
+
+/// How [`watch`] and a guild's relay hand over a subscription made again (after a
+/// reconnect, a failover or a slot migration).
+///
+/// A subscription that died loses what was published until it is made again, and the
+/// only way to find out what was lost is to read the log *after* it is made again:
+/// read before, an event published between the read and the new `SSUBSCRIBE` would be
+/// skipped, because the next live event's id would make it look delivered. So while
+/// `holding`, the relay drops live messages (each was published before it arrived, so
+/// before the fill that follows reads the log, which then delivers it); once the
+/// subscription is back, the watcher sets the guild's `lagged`, then clears `holding`,
+/// then wakes the relay, which fills from the log before it delivers anything newer.
+#[derive(Default)]
+struct Resync {
+    holding: AtomicBool,
+    wake: tokio::sync::Notify,
 }
 
 /// The bus of one guild: its keys (`P:{G}:*`, in one cluster slot), over the process's
@@ -579,20 +623,7 @@ impl Redis {
         } else {
             client.clone()
         };
-        let scripts = Arc::new(Scripts {
-            register: Script::from_lua(REGISTER),
-            raise_epoch: Script::from_lua(RAISE_EPOCH),
-            append: Script::from_lua(APPEND),
-            viewers: Script::from_lua(format!("{VIEWERS}\n{APPEND}")),
-            snapshot: Script::from_lua(SNAPSHOT),
-            acquire: Script::from_lua(ACQUIRE),
-            renew: Script::from_lua(RENEW),
-            release: Script::from_lua(RELEASE),
-            put: Script::from_lua(PUT),
-            release_durable: Script::from_lua(RELEASE_DURABLE),
-            mark: Script::from_lua(MARK),
-            beat: Script::from_lua(BEAT),
-        });
+        let scripts = Arc::new(Scripts::load());
         // fred hands messages on through a broadcast of 32 by default: a dispatch held up
         // for a moment by a busy replica (a burst to thousands of streams) would lag and
         // every guild would fill from the log, a Redis round trip on top of the delay. A
@@ -601,9 +632,12 @@ impl Redis {
         let subscriber = builder.build_subscriber_client()?;
         let task = subscriber.init().await.map_err(|e| not_connected(url, e))?;
         keep_routing_from(subscriber.clone(), task, "subscriptions");
-        // Resubscribes after every reconnect; the task lives as long as the subscriber, so
-        // its handle is not kept.
-        drop(subscriber.manage_subscriptions());
+        // Taken once connected: fred announces its first connections as reconnects too,
+        // and a resubscription then would fill a first relay from the log for nothing.
+        // Not fred's `manage_subscriptions()`: it resubscribes, but nothing tells a
+        // guild's relay when the subscription is back, and the relay must read the log
+        // only then (see [`Resync`]); [`watch`] does both.
+        let reconnects = subscriber.reconnect_rx();
         let watched: Arc<Mutex<HashMap<String, Watched>>> = Arc::default();
         let control = broadcast::channel(CONTROL_BUFFER).0;
         tokio::spawn(dispatch(
@@ -611,7 +645,14 @@ impl Redis {
             watched.clone(),
             (format!("{prefix}:{}", super::CONTROL), control.clone()),
         ));
-        Ok(Arc::new(Redis {
+        let seed_host = match &client.client_config().server {
+            fred::types::config::ServerConfig::Clustered { hosts, .. } => hosts
+                .first()
+                .map(|h| h.host.to_string())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        let redis = Arc::new(Redis {
             client,
             appender,
             subscriber,
@@ -627,7 +668,11 @@ impl Redis {
             holds: Holds::default(),
             control,
             control_subscribed: tokio::sync::OnceCell::new(),
-        }))
+            owners: Mutex::default(),
+            seed_host,
+        });
+        tokio::spawn(watch(Arc::downgrade(&redis), reconnects));
+        Ok(redis)
     }
 
     /// The bus of one guild, sharing these connections.
@@ -651,8 +696,8 @@ impl Redis {
     }
 }
 
-fn lock(watched: &Mutex<HashMap<String, Watched>>) -> MutexGuard<'_, HashMap<String, Watched>> {
-    watched.lock().unwrap_or_else(|e| e.into_inner())
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl RedisBus {
@@ -785,8 +830,9 @@ impl RedisBus {
     ///
     /// `WAIT` counts the replicas holding the writes *of the connection it is sent on*,
     /// so it proves something only on the connection that ran the script, on the
-    /// primary that ran it. Two ways it silently proved nothing: fred sends a command
-    /// without keys to any node of a cluster, where `WAIT` answers at once; and after a
+    /// primary that ran it. Two ways it silently proved nothing: on a cluster fred sends a
+    /// command without keys to one node of its own choosing (the first of its
+    /// connections, whatever the guild), where `WAIT` answers at once; and after a
     /// reconnect (a failover, a dropped socket) fred sends a queued or unanswered `WAIT`
     /// again on a new connection, which has written nothing, so `WAIT` counts every
     /// replica at once: an append only the old primary held was acknowledged. So the
@@ -1159,30 +1205,31 @@ async fn dispatch(
 async fn relay(
     bus: RedisBus,
     mut messages: mpsc::Receiver<String>,
-    lagged: Arc<AtomicBool>,
+    (lagged, resync): (Arc<AtomicBool>, Arc<Resync>),
     mut last: EventId,
     live: broadcast::Sender<Arc<Event>>,
 ) {
     let reader = bus.reader();
     let channel = bus.key("events");
-    let mut reconnects = bus.subscriber.reconnect_rx();
     let unwatch_after = Duration::from_millis(bus.unwatch_after.load(Ordering::Relaxed));
     let mut tick = tokio::time::interval(unwatch_after / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut unwatched_since: Option<tokio::time::Instant> = None;
     loop {
-        // A reconnect is always noticed before messages of the new subscription (the
-        // notice comes before fred resubscribes), so the gap is filled first.
+        // A subscription made again (reconnect, failover, slot moved) is announced by
+        // [`watch`] through `resync`: see [`Resync`] for why the gap is read only then.
         tokio::select! {
             biased;
-            r = reconnects.recv() => match r {
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                    fill(&reader, &mut last, &live).await;
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
+            () = resync.wake.notified() => {}
             m = messages.recv() => match m {
                 Some(json) => {
+                    // While the subscription is made again, what arrives is left to the
+                    // fill that follows (it was published before that fill reads).
+                    // Checked before `lagged`, which the watcher sets before it clears
+                    // this.
+                    if resync.holding.load(Ordering::SeqCst) {
+                        continue;
+                    }
                     // A lag is marked before any message after it is queued: filling first
                     // delivers what was lost before anything newer (whose id would make
                     // the lost events look already delivered).
@@ -1221,6 +1268,7 @@ async fn relay(
                         idle
                     };
                     if gone {
+                        lock(&bus.owners).remove(&channel);
                         if let Err(e) = bus.subscriber.sunsubscribe(channel.clone()).await {
                             tracing::warn!(error = %e, "cannot unsubscribe from an unwatched guild");
                         }
@@ -1232,10 +1280,207 @@ async fn relay(
                 }
             },
         }
-        if lagged.swap(false, Ordering::AcqRel) {
-            tracing::warn!(guild = %bus.guild_id, "the live subscription fell behind; filling from the log");
+        if !resync.holding.load(Ordering::SeqCst) && lagged.swap(false, Ordering::AcqRel) {
+            tracing::info!(guild = %bus.guild_id, "filling the live subscription's gap from the log");
             fill(&reader, &mut last, &live).await;
         }
+    }
+}
+
+/// How long [`Redis::resubscribe`] retries one channel.
+const RESUBSCRIBE_FOR: Duration = Duration::from_secs(10);
+
+/// How often, on a Redis Cluster, [`watch`] compares the cluster's routing with where the
+/// subscriptions were made (one `CLUSTER SLOTS`).
+const TOPOLOGY_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps the process's subscriptions alive and tells the relays when a gap must be
+/// filled:
+///
+/// - After the subscriber reconnects (a Redis restart, a Sentinel or Cluster failover),
+///   every channel is subscribed again, then every watched guild fills from the log.
+/// - On a Redis Cluster, once a second: when the primary that owns a subscribed channel's
+///   slot is not the one it was subscribed on (a slot migrated, or a replica promoted),
+///   that channel is subscribed again on its new owner, then its guild fills. A moved
+///   slot needs this: the node that loses the slot ends its subscriptions with an
+///   unsolicited `sunsubscribe`, which fred 10.1 takes for the answer to a command and
+///   drops (`check_pubsub_message` in `router/responses.rs`), so the subscription is dead
+///   while fred still lists it, and nothing else would ever tell (StackExchange.Redis,
+///   node-redis and redis-py had the same bug and fixed it). A failover is also seen by
+///   the reconnect; whichever comes first, the other only makes a harmless second fill.
+///
+/// Ends once the process's [`Redis`] is gone.
+async fn watch(
+    redis: Weak<Redis>,
+    mut reconnects: broadcast::Receiver<fred::types::config::Server>,
+) {
+    let mut tick = tokio::time::interval(TOPOLOGY_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            r = reconnects.recv() => {
+                if let Err(broadcast::error::RecvError::Closed) = r {
+                    return;
+                }
+                // fred reconnects to every node at once and says so once per node: one
+                // resubscription for the lot.
+                while let Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) =
+                    reconnects.try_recv()
+                {}
+                let Some(redis) = redis.upgrade() else { return };
+                redis.resubscribe(None).await;
+            }
+            _ = tick.tick() => {
+                let Some(redis) = redis.upgrade() else { return };
+                // Nothing subscribed (a gateway, `publish`): nothing to look at.
+                if !redis.client.is_clustered() || redis.subscriber.tracked_shard_channels().is_empty() {
+                    continue;
+                }
+                let moved = redis.moved_channels().await;
+                if !moved.is_empty() {
+                    tracing::info!(channels = moved.len(), "a subscribed channel's slot has a new primary; subscribing there");
+                    // Routes the new `SSUBSCRIBE`s to the new owners (without it, fred would
+                    // be sent there by a MOVED).
+                    if let Err(e) = redis.subscriber.sync_cluster().await {
+                        tracing::warn!(error = %e, "cannot refresh the subscriber's cluster routing");
+                    }
+                    redis.resubscribe(Some(moved)).await;
+                }
+            }
+        }
+    }
+}
+
+/// `host:port` of a server, as routing tables are compared.
+fn address(server: &fred::types::config::Server) -> String {
+    format!("{}:{}", server.host, server.port)
+}
+
+impl Redis {
+    /// On a cluster: the primary that owns `channel`'s slot, as the subscriber last routed.
+    fn routed_owner(&self, channel: &str) -> Option<String> {
+        let routing = self.subscriber.cached_cluster_state()?;
+        routing
+            .get_server(fred::util::redis_keyslot(channel.as_bytes()))
+            .map(address)
+    }
+
+    /// Records where `channel` was just subscribed (on a cluster), for [`watch`].
+    fn subscribed_on(&self, channel: &str) {
+        if self.client.is_clustered() {
+            let owner = self.routed_owner(channel);
+            lock(&self.owners).insert(channel.to_owned(), owner);
+        }
+    }
+
+    /// Subscribed channels whose slot's primary, in the cluster's routing now, is not
+    /// the one they were subscribed on. Nothing when the routing cannot be read (it is
+    /// asked again in a second).
+    async fn moved_channels(&self) -> Vec<String> {
+        let slots: Value = match self.client.cluster_slots().await {
+            Ok(slots) => slots,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the cluster's slots");
+                return Vec::new();
+            }
+        };
+        let routing = match ClusterRouting::from_cluster_slots(slots, self.seed_host.as_str()) {
+            Ok(routing) => routing,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cluster's slots");
+                return Vec::new();
+            }
+        };
+        let tracked: std::collections::HashSet<String> = self
+            .subscriber
+            .tracked_shard_channels()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        let mut owners = lock(&self.owners);
+        owners.retain(|channel, _| tracked.contains(channel));
+        let mut moved = Vec::new();
+        for channel in tracked {
+            // A slot no primary serves (the cluster is failing over) is looked at again
+            // once one does.
+            let Some(now) = routing
+                .get_server(fred::util::redis_keyslot(channel.as_bytes()))
+                .map(address)
+            else {
+                continue;
+            };
+            match owners.get(&channel) {
+                Some(Some(before)) if *before == now => {}
+                Some(_) => moved.push(channel),
+                None => {
+                    owners.insert(channel, Some(now));
+                }
+            }
+        }
+        moved
+    }
+
+    /// Subscribes `only` these channels again (all the subscriber's, when `None`), then
+    /// has every watched guild among them fill its gap from the log: see [`Resync`].
+    /// Retries each `SSUBSCRIBE` for up to [`RESUBSCRIBE_FOR`]; one that still fails was
+    /// refused by a connection that is down again, whose reconnect brings another
+    /// resubscription (and on a cluster the next look at the routing retries it), so
+    /// first subscriptions are not held up meanwhile.
+    async fn resubscribe(&self, only: Option<Vec<String>>) {
+        // No first subscription or unsubscribe meanwhile: each would race with these.
+        let _once = self.subscribing.lock().await;
+        let channels: Vec<String> = only.unwrap_or_else(|| {
+            self.subscriber
+                .tracked_shard_channels()
+                .iter()
+                .map(|c| c.to_string())
+                .collect()
+        });
+        if channels.is_empty() {
+            return;
+        }
+        let held: Vec<(Arc<AtomicBool>, Arc<Resync>)> = {
+            let watched = lock(&self.watched);
+            channels
+                .iter()
+                .filter_map(|c| watched.get(c))
+                .map(|w| (w.lagged.clone(), w.resync.clone()))
+                .collect()
+        };
+        for (_, resync) in &held {
+            resync.holding.store(true, Ordering::SeqCst);
+        }
+        // One channel a command: fred reads one answer to each `SSUBSCRIBE` (and must not
+        // pipeline them), so several channels in one would leave answers unread.
+        for channel in &channels {
+            let mut backoff = Duration::from_millis(50);
+            let started = tokio::time::Instant::now();
+            loop {
+                match self.subscriber.ssubscribe(channel.clone()).await {
+                    Ok(()) => {
+                        self.subscribed_on(channel);
+                        break;
+                    }
+                    Err(e) if started.elapsed() >= RESUBSCRIBE_FOR => {
+                        tracing::warn!(error = %e, %channel, "cannot subscribe again; giving up until the next reconnect");
+                        // Not where it should be: the next look at the routing tries again.
+                        lock(&self.owners).insert(channel.clone(), None);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, %channel, "cannot subscribe again; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        }
+        for (lagged, resync) in held {
+            lagged.store(true, Ordering::SeqCst);
+            resync.holding.store(false, Ordering::SeqCst);
+            resync.wake.notify_one();
+        }
+        metrics::counter!("coven_redis_resubscribes_total").increment(1);
     }
 }
 
@@ -1465,6 +1710,7 @@ impl Bus for RedisBus {
         // starts once it knows where the log is.
         let (messages, queued) = mpsc::channel(RELAY_QUEUE);
         let lagged = Arc::new(AtomicBool::new(false));
+        let resync = Arc::new(Resync::default());
         let live = broadcast::channel(LIVE_BUFFER).0;
         let receiver = live.subscribe();
         lock(&self.watched).insert(
@@ -1473,10 +1719,12 @@ impl Bus for RedisBus {
                 messages,
                 lagged: lagged.clone(),
                 live: live.clone(),
+                resync: resync.clone(),
             },
         );
         let started = async {
             self.subscriber.ssubscribe(channel.clone()).await?;
+            self.subscribed_on(&channel);
             // Live from the last published event: the durable id when there is one
             // (events after it, up to `applied`, are still withheld and will be
             // published).
@@ -1491,7 +1739,7 @@ impl Bus for RedisBus {
         };
         match started.await {
             Ok(start) => {
-                tokio::spawn(relay(self.clone(), queued, lagged, start, live));
+                tokio::spawn(relay(self.clone(), queued, (lagged, resync), start, live));
                 Ok(receiver)
             }
             Err(e) => {
@@ -1850,10 +2098,11 @@ impl super::Deployment for Arc<Redis> {
         let receiver = self.control.subscribe();
         self.control_subscribed
             .get_or_try_init(|| async {
-                self.subscriber
-                    .ssubscribe(self.shared_key(super::CONTROL))
-                    .await
-                    .map_err(BusError::from)
+                let channel = self.shared_key(super::CONTROL);
+                let _once = self.subscribing.lock().await;
+                self.subscriber.ssubscribe(channel.clone()).await?;
+                self.subscribed_on(&channel);
+                BusResult::Ok(())
             })
             .await?;
         Ok(receiver)
@@ -1940,6 +2189,36 @@ fn pairs(value: Value) -> Vec<(String, String)> {
 }
 
 #[cfg(test)]
+impl Redis {
+    /// A process's connections never connected: for what needs no Redis (key names).
+    fn offline(prefix: &str) -> Arc<Self> {
+        let client = Builder::default_centralized().build().expect("a client");
+        let subscriber = Builder::default_centralized()
+            .build_subscriber_client()
+            .expect("a subscriber");
+        Arc::new(Redis {
+            appender: client.clone(),
+            client,
+            subscriber,
+            durability: Durability::OFF,
+            prefix: prefix.to_owned(),
+            max_len: 1000,
+            scripts: Arc::new(Scripts::load()),
+            name: "offline".to_owned(),
+            appends: AtomicU64::new(0),
+            watched: Arc::default(),
+            subscribing: tokio::sync::Mutex::new(()),
+            unwatch_after: AtomicU64::new(1),
+            holds: Holds::default(),
+            control: broadcast::channel(1).0,
+            control_subscribed: tokio::sync::OnceCell::new(),
+            owners: Mutex::default(),
+            seed_host: String::new(),
+        })
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::{connection_of, redis_version};
 
@@ -1974,6 +2253,69 @@ mod tests {
         // `idle=` is not `id=`; an answer without the fields names no connection.
         assert_eq!(connection_of("idle=3 addr=a laddr=b"), None);
         assert_eq!(connection_of(""), None);
+    }
+
+    /// On a Redis Cluster a script or command whose keys span slots fails (CROSSSLOT): a
+    /// key named outside the guild's hash tag must fail here, not in production.
+    #[test]
+    fn every_key_a_guild_touches_hashes_to_the_guild_slot() {
+        use super::{DURABLE, GUILD_KEYS, Redis};
+        use crate::bus::{Fence, Request};
+        use twilight_model::id::Id;
+
+        let slot = |key: &str| fred::util::redis_keyslot(key.as_bytes());
+        let guild: u64 = 1_190_000_000_000_000_001;
+        let bus = Redis::offline("coven").guild(Id::new(guild));
+        let want = slot(&guild.to_string());
+        let mut keys: Vec<String> = bus.append_keys();
+        keys.extend(bus.access_keys());
+        keys.extend(GUILD_KEYS.map(|k| bus.key(k)));
+        let fences = [
+            None,
+            Some(Fence {
+                lease: "rooms:sweeper".into(),
+                epoch: 3,
+                token: "3:me".into(),
+                by_epoch: false,
+            }),
+            Some(Fence {
+                lease: "shard:0:lease".into(),
+                epoch: 4,
+                token: "4:me".into(),
+                by_epoch: true,
+            }),
+        ];
+        let request = Request::dispatch("session", 7, 1);
+        for fence in &fences {
+            for request in [None, Some(&request)] {
+                let (mut tail, mut args) = (Vec::new(), Vec::new());
+                bus.append_tail(fence.as_ref(), request, &mut tail, &mut args);
+                keys.extend(tail);
+            }
+        }
+        // The viewers script's set, the settle probe, the relay's reads, leases and their
+        // epochs, claims and stored values (as the web and gateway name them).
+        keys.push(bus.key("viewers:10"));
+        keys.push(bus.key("durable:probe"));
+        let reader = bus.reader();
+        keys.extend([reader.events, reader.durable, bus.key(DURABLE)]);
+        for name in [
+            "gateway:leader",
+            "rooms:sweeper",
+            "members:recheck:5",
+            "gateway:status",
+        ] {
+            keys.push(bus.key(name));
+            keys.push(bus.key(&format!("{name}:epoch")));
+        }
+        assert!(keys.len() > 30);
+        for key in &keys {
+            assert!(
+                key.starts_with(&format!("coven:{{{guild}}}:")),
+                "{key} is named under the guild's hash tag"
+            );
+            assert_eq!(slot(key), want, "{key} hashes to the guild's slot");
+        }
     }
 
     #[test]

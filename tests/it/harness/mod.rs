@@ -9,6 +9,7 @@
 
 pub mod axe;
 pub mod browser;
+pub mod cluster;
 pub mod demo;
 mod process;
 pub mod redis;
