@@ -578,7 +578,14 @@ fn not_connected(url: &str, e: fred::error::Error) -> BusError {
         })
         .unwrap_or_else(|| "the configured server".to_owned());
     let tls = url.starts_with("rediss");
-    BusError::Connect(if tls {
+    let refused = ["WRONGPASS", "NOAUTH", "NOPERM"]
+        .iter()
+        .any(|code| e.details().contains(code));
+    BusError::Connect(if refused {
+        format!(
+            "Redis at {target} refused the credentials in REDIS_URL ({e}): check the user and password"
+        )
+    } else if tls {
         format!(
             "cannot reach Redis over TLS at {target} ({e}): check that it is a TLS port \
              and that its certificate is signed by a CA in the system roots or in SSL_CERT_FILE"

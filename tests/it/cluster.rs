@@ -781,6 +781,12 @@ async fn a_frozen_replica_of_one_primary_holds_up_no_other_guilds_appends() {
         }
     }
     assert_eq!(heard, (2..=11).collect::<Vec<_>>(), "b's events, in order");
+    // All the while a's append was retried and never acknowledged: its primary's only
+    // replica lacks it (a WAIT sent to another node would have said otherwise).
+    assert!(
+        !stuck.is_finished(),
+        "a's append was acknowledged while its primary's only replica was frozen"
+    );
     cluster.thaw(replicas_a[0]);
     within("a's append once its replica is back", stuck)
         .await
@@ -846,4 +852,56 @@ async fn commands_follow_ask_redirections_while_a_slot_is_migrating() {
         "every acknowledged append once: {log:?}"
     );
     assert_eq!(log.last(), Some(&last.id));
+}
+
+/// `rediss-cluster://` with an ACL user: every node speaks TLS only (clients, the
+/// cluster bus, replication), verified against the CA in `SSL_CERT_FILE`, and `coven
+/// publish` appends durably as that user on the guild's primary; a wrong password is
+/// refused at start with one line naming the credentials, not TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_with_an_acl_user_takes_durable_appends_and_refuses_a_wrong_password() {
+    use crate::harness::cluster::ACL_PASSWORD;
+    let cluster = tokio::task::block_in_place(Cluster::start_secure);
+    let ca = cluster.ca().display().to_string();
+    let guild = "4712";
+    let url = cluster.secure_url(ACL_PASSWORD);
+    let mut publish = CovenProcess::spawn(
+        &["publish", "--ping", "--count", "5", "--rate", "50"],
+        &[
+            ("REDIS_URL", &url),
+            ("SSL_CERT_FILE", &ca),
+            ("DISCORD_GUILD_ID", guild),
+            ("REDIS_MIN_REPLICAS", "1"),
+        ],
+    );
+    let code = tokio::task::block_in_place(|| publish.wait_exit());
+    assert_eq!(code, Some(0), "{:?}", publish.stderr());
+    let key = format!("coven:{{{guild}}}:events");
+    let (owner, _) = tokio::task::block_in_place(|| cluster.owner(&key));
+    assert_eq!(
+        cluster.cli(owner, &["XLEN", &key]).as_deref(),
+        Some("5"),
+        "the pings are on the guild's primary"
+    );
+
+    let wrong = cluster.secure_url("not-the-password");
+    let mut refused = CovenProcess::spawn(
+        &["publish", "--ping", "--count", "1"],
+        &[
+            ("REDIS_URL", &wrong),
+            ("SSL_CERT_FILE", &ca),
+            ("DISCORD_GUILD_ID", guild),
+        ],
+    );
+    let code = tokio::task::block_in_place(|| refused.wait_exit());
+    assert_ne!(code, Some(0));
+    let errors: Vec<String> = refused
+        .stderr()
+        .into_iter()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
+    assert!(
+        errors.len() == 1 && errors[0].contains("refused the credentials"),
+        "one line about the credentials: {errors:?}"
+    );
 }

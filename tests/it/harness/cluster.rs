@@ -33,10 +33,10 @@ struct ClusterNode {
 }
 
 impl ClusterNode {
-    fn spawn(dir: &Path, port: u16) -> Self {
+    fn spawn(dir: &Path, port: u16, tls: bool) -> Self {
         let own = dir.join(port.to_string());
         std::fs::create_dir_all(&own).expect("node dir");
-        let args = [
+        let mut args: Vec<String> = [
             "--port",
             &port.to_string(),
             "--bind",
@@ -62,6 +62,28 @@ impl ClusterNode {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if tls {
+            // TLS only: clients, the cluster bus and replication (the plain port is off).
+            let file = |name: &str| dir.join(name).display().to_string();
+            let at = args.iter().position(|a| a == "--port").expect("--port");
+            args[at + 1] = "0".to_owned();
+            args.extend([
+                "--tls-port".to_owned(),
+                port.to_string(),
+                "--tls-cluster".to_owned(),
+                "yes".to_owned(),
+                "--tls-replication".to_owned(),
+                "yes".to_owned(),
+                "--tls-cert-file".to_owned(),
+                file("server.pem"),
+                "--tls-key-file".to_owned(),
+                file("server.key"),
+                "--tls-ca-cert-file".to_owned(),
+                file("ca.pem"),
+                "--tls-auth-clients".to_owned(),
+                "no".to_owned(),
+            ]);
+        }
         let mut node = ClusterNode {
             port,
             args,
@@ -162,7 +184,27 @@ pub struct Cluster {
     nodes: Mutex<Vec<ClusterNode>>,
     /// Nodes killed or frozen by the test: never asked anything.
     down: Mutex<Vec<u16>>,
+    /// Every node speaks TLS only, with the certificates in `dir` (`ca.pem`).
+    tls: bool,
     dir: tempfile::TempDir,
+}
+
+/// The ACL user of a secure cluster, and its password.
+pub const ACL_USER: &str = "coven";
+pub const ACL_PASSWORD: &str = "coven-secret";
+const ACL_PASSWORD_ARG: &str = ">coven-secret";
+
+/// `redis-cli`'s flags for a TLS-only node.
+fn tls_cli_args(tls: bool, dir: &Path) -> Vec<String> {
+    if tls {
+        vec![
+            "--tls".to_owned(),
+            "--cacert".to_owned(),
+            dir.join("ca.pem").display().to_string(),
+        ]
+    } else {
+        Vec::new()
+    }
 }
 
 /// The slot of `key` (its hash tag's, when it has one), as Redis and fred compute it.
@@ -181,11 +223,63 @@ impl Cluster {
     /// Six nodes, three primaries with a replica each, once every node says
     /// `cluster_state:ok` and every replica is linked. Blocks.
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let nodes: Vec<ClusterNode> = (0..6)
-            .map(|_| ClusterNode::spawn(dir.path(), free_port()))
+        Self::start_with(false)
+    }
+
+    /// [`Cluster::start`] with TLS only (clients, cluster bus, replication), verified
+    /// against [`Cluster::ca`], and an ACL user `coven` (password `coven-secret`) on
+    /// every node besides `default`.
+    pub fn start_secure() -> Self {
+        let cluster = Self::start_with(true);
+        for port in cluster.ports() {
+            cluster
+                .cli(
+                    port,
+                    &[
+                        "ACL",
+                        "SETUSER",
+                        ACL_USER,
+                        "on",
+                        ACL_PASSWORD_ARG,
+                        "~*",
+                        "&*",
+                        "+@all",
+                    ],
+                )
+                .expect("ACL SETUSER");
+        }
+        cluster
+    }
+
+    /// The PEM bundle a secure cluster's certificates are signed by (`SSL_CERT_FILE`).
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A secure cluster's `REDIS_URL`: TLS, the ACL user, every node.
+    pub fn secure_url(&self, password: &str) -> String {
+        let ports = self.ports();
+        let nodes: String = ports[1..]
+            .iter()
+            .map(|p| format!("&node=127.0.0.1:{p}"))
             .collect();
-        let mut create = vec!["--cluster".to_owned(), "create".to_owned()];
+        format!(
+            "rediss-cluster://{ACL_USER}:{password}@127.0.0.1:{}?{}",
+            ports[0],
+            &nodes[1..]
+        )
+    }
+
+    fn start_with(tls: bool) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        if tls {
+            super::sentinel::certificates(dir.path());
+        }
+        let nodes: Vec<ClusterNode> = (0..6)
+            .map(|_| ClusterNode::spawn(dir.path(), free_port(), tls))
+            .collect();
+        let mut create = tls_cli_args(tls, dir.path());
+        create.extend(["--cluster".to_owned(), "create".to_owned()]);
         create.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
         create.extend(["--cluster-replicas", "1", "--cluster-yes"].map(String::from));
         let out = Command::new("timeout")
@@ -204,6 +298,7 @@ impl Cluster {
         let cluster = Cluster {
             nodes: Mutex::new(nodes),
             down: Mutex::new(Vec::new()),
+            tls,
             dir,
         };
         cluster.wait_healthy();
@@ -251,7 +346,9 @@ impl Cluster {
     pub fn cli(&self, port: u16, args: &[&str]) -> Option<String> {
         // Bounded: a frozen node accepts the connection and never answers.
         let out = Command::new("timeout")
-            .args(["5", "redis-cli", "-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["5", "redis-cli"])
+            .args(tls_cli_args(self.tls, self.dir.path()))
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
             .args(args)
             .stdin(Stdio::null())
             .stderr(Stdio::null())
