@@ -905,3 +905,38 @@ async fn a_tls_cluster_with_an_acl_user_takes_durable_appends_and_refuses_a_wron
         "one line about the credentials: {errors:?}"
     );
 }
+
+/// The demo with `REDIS_URL` on a cluster: its gateway, web and simulated players run on
+/// the cluster's shared state, the sim guild's log on that guild's primary, its sessions
+/// stored there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_on_a_cluster_url() {
+    // Its own cluster: the demo's keys are the default prefix's, with the sim's guilds.
+    let cluster = tokio::task::block_in_place(Cluster::start);
+    let url = cluster.url();
+    let demo = tokio::task::block_in_place(|| {
+        crate::harness::demo::Demo::start(
+            &["--quiet"],
+            &[
+                ("REDIS_URL", url.as_str()),
+                ("DEMO_PLAYER_INTERVAL", "100ms"),
+            ],
+        )
+    });
+    let key = format!("coven:{{{GUILD}}}:events");
+    let (owner, _) = tokio::task::block_in_place(|| cluster.owner(&key));
+    wait_for(
+        "the demo's players to reach the guild's log on its primary",
+        || async {
+            let len: u64 = cluster.cli(owner, &["XLEN", &key])?.parse().ok()?;
+            (len > 0).then_some(())
+        },
+    )
+    .await;
+    let health = reqwest::get(format!("{}/healthz", demo.web)).await.unwrap();
+    assert_eq!(
+        health.status(),
+        200,
+        "the demo's web answers on the cluster"
+    );
+}
