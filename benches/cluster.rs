@@ -23,8 +23,9 @@
 //!              (`CLUSTER SETSLOT … MIGRATING/IMPORTING`, `MIGRATE`, `SETSLOT … NODE`).
 //!   load       appends as fast as `--workers` (default 32) writers go for `--seconds`
 //!              (default 10) over 30 guilds, ten per primary, the first primary's guilds
-//!              drawing three times the traffic: commands and CPU per node against the
-//!              events its guilds got (each node carries its own guilds' load only).
+//!              drawing three times the traffic, with 2 replicas subscribed to all 30:
+//!              commands and CPU per node against the events its guilds got (each node
+//!              carries its own guilds' load only).
 
 // A benchmark that cannot set itself up has nothing to measure: it may stop there.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -664,6 +665,28 @@ async fn load(seconds: u64, workers: usize) {
         }
     }
     let writer = connect(&url).await;
+    // Two replicas watch every guild, as streams on them would: each event also goes out
+    // once per replica from its primary (sharded Pub/Sub), which the figures include.
+    let replicas = [connect(&url).await, connect(&url).await];
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut listeners = Vec::new();
+    for r in &replicas {
+        for g in chosen.iter().flatten() {
+            let mut rx = r.guild(guild(*g)).subscribe().await.unwrap();
+            let delivered = delivered.clone();
+            listeners.push(tokio::spawn(async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(_) => {
+                            delivered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return,
+                    }
+                }
+            }));
+        }
+    }
     let before: Vec<(HashMap<String, String>, HashMap<String, String>)> = primaries
         .iter()
         .map(|p| (info(p.port, "stats"), info(p.port, "cpu")))
@@ -703,9 +726,19 @@ async fn load(seconds: u64, workers: usize) {
         m.get(k).and_then(|v| v.parse().ok()).unwrap_or(0.0)
     };
     let total: u64 = counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+    // The streams catch up (or the deliveries say they did not).
+    let want = total * replicas.len() as u64;
+    let settle = Instant::now() + Duration::from_secs(15);
+    while delivered.load(Ordering::Relaxed) < want && Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for l in listeners {
+        l.abort();
+    }
     println!(
-        "  {total} events appended ({:.0}/s in all)",
-        total as f64 / seconds as f64
+        "  {total} events appended ({:.0}/s in all); {} of {want} delivered to the 2 replicas' subscriptions",
+        total as f64 / seconds as f64,
+        delivered.load(Ordering::Relaxed)
     );
     println!(
         "  | primary | guilds' events | share | commands processed | commands per event | CPU (user+sys) | CPU per 1,000 events |"
