@@ -916,20 +916,7 @@ impl RedisBus {
             };
             let (before, after): (String, String) = (before?.convert()?, after?.convert()?);
             let acked: i64 = acked?.convert()?;
-            match (connection_of(&before), connection_of(&after)) {
-                (Some(a), Some(b)) if a == b => {}
-                _ => {
-                    metrics::counter!("coven_redis_wait_unproven_total").increment(1);
-                    return Err(BusError::Unproven);
-                }
-            }
-            if acked < i64::from(min_replicas) {
-                metrics::counter!("coven_redis_wait_short_total").increment(1);
-                return Err(BusError::NotDurable {
-                    acked,
-                    wanted: min_replicas,
-                });
-            }
+            proof(&before, &after, acked, min_replicas)?;
             return Ok(ran);
         }
     }
@@ -997,6 +984,28 @@ fn shared_epoch_key(lease: &str) -> String {
     } else {
         format!("{lease}:epoch:{{{lease}}}")
     }
+}
+
+/// Whether a pipelined script and `WAIT` prove the write durable: both `CLIENT INFO`s
+/// (before the script, after the `WAIT`) name one connection, and `WAIT` counted enough
+/// replicas. A `WAIT` on another connection counts nothing about the write, whatever it
+/// answers, so the connection is judged first.
+fn proof(before: &str, after: &str, acked: i64, min_replicas: u32) -> BusResult<()> {
+    match (connection_of(before), connection_of(after)) {
+        (Some(a), Some(b)) if a == b => {}
+        _ => {
+            metrics::counter!("coven_redis_wait_unproven_total").increment(1);
+            return Err(BusError::Unproven);
+        }
+    }
+    if acked < i64::from(min_replicas) {
+        metrics::counter!("coven_redis_wait_short_total").increment(1);
+        return Err(BusError::NotDurable {
+            acked,
+            wanted: min_replicas,
+        });
+    }
+    Ok(())
 }
 
 /// Which connection answered a `CLIENT INFO`: its id and both ends' addresses (an id
@@ -2244,6 +2253,37 @@ mod tests {
             "coven:shard:{3}:lease:epoch",
             "a shard's epoch keeps its name"
         );
+    }
+
+    #[test]
+    fn a_wait_counts_only_on_the_connection_that_wrote() {
+        use super::{BusError, proof};
+        let on = |id: &str, port: u16| {
+            format!("id={id} addr=127.0.0.1:50412 laddr=127.0.0.1:{port} fd=9 cmd=client|info")
+        };
+        assert!(proof(&on("7", 6379), &on("7", 6379), 1, 1).is_ok());
+        // A reconnect between the script and WAIT (same server, new connection), or a
+        // failover (another server, same id): enough replicas counted, nothing proven.
+        assert!(matches!(
+            proof(&on("7", 6379), &on("8", 6379), 1, 1),
+            Err(BusError::Unproven)
+        ));
+        assert!(matches!(
+            proof(&on("7", 6379), &on("7", 6380), 2, 1),
+            Err(BusError::Unproven)
+        ));
+        assert!(matches!(
+            proof("", &on("7", 6379), 1, 1),
+            Err(BusError::Unproven)
+        ));
+        // The same connection, too few replicas.
+        assert!(matches!(
+            proof(&on("7", 6379), &on("7", 6379), 0, 1),
+            Err(BusError::NotDurable {
+                acked: 0,
+                wanted: 1
+            })
+        ));
     }
 
     #[test]
