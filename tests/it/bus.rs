@@ -560,7 +560,7 @@ async fn coven_publish_appends_through_the_same_path() {
         ("COVEN_KEY_PREFIX", "test".to_owned()),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut one = CovenProcess::spawn(
+    let one = CovenProcess::run_ok(
         &[
             "publish",
             "--type",
@@ -570,22 +570,10 @@ async fn coven_publish_appends_through_the_same_path() {
         ],
         &env,
     );
-    assert_eq!(
-        tokio::task::block_in_place(|| one.wait_exit()),
-        Some(0),
-        "{:?}",
-        one.stderr()
-    );
     let printed: EventId = one.stdout()[0].parse().expect("prints the new event id");
-    let mut pings = CovenProcess::spawn(
+    let pings = CovenProcess::run_ok(
         &["publish", "--ping", "--count", "5", "--rate", "1000"],
         &env,
-    );
-    assert_eq!(
-        tokio::task::block_in_place(|| pings.wait_exit()),
-        Some(0),
-        "{:?}",
-        pings.stderr()
     );
     assert!(pings.stdout().join("\n").contains("published 5 pings"));
 

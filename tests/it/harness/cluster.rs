@@ -120,24 +120,12 @@ impl ClusterNode {
             .expect("the server's pid");
         self.pid = Some(line.trim().parse().expect("a pid"));
         self.watchdog = Some(watchdog);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not listen on {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::redis::wait_listening(self.port);
     }
 
     fn signal(&self, signal: &str) {
         if let Some(pid) = self.pid {
-            let ok = Command::new("kill")
-                .args([signal, &pid.to_string()])
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "kill {signal} {pid}");
+            super::redis::signal(pid, signal);
         }
     }
 
@@ -359,6 +347,24 @@ impl Cluster {
             .then_some(text)
     }
 
+    /// The cluster id of the node on `port`.
+    fn node_id(&self, port: u16) -> String {
+        self.topology()
+            .into_iter()
+            .find(|n| n.port == port)
+            .map(|n| n.id)
+            .expect("a node id")
+    }
+
+    /// Runs an administrative command that must succeed.
+    fn must(&self, port: u16, args: &[&str]) {
+        let out = self.cli(port, args);
+        assert!(
+            out.as_deref().is_some_and(|o| !o.contains("ERR")),
+            "{args:?} on {port}: {out:?}"
+        );
+    }
+
     /// `CLUSTER NODES` as the node on `port` sees the cluster.
     pub fn topology_from(&self, port: u16) -> Option<Vec<NodeInfo>> {
         let out = self.cli(port, &["CLUSTER", "NODES"])?;
@@ -547,25 +553,10 @@ impl Cluster {
     pub fn move_keys(&self, slot: u16, to: u16) -> u16 {
         let (from, _) = self.owner_of_slot(slot);
         assert_ne!(from, to, "slot {slot} is already on {to}");
-        let topology = self.topology();
-        let id = |port: u16| {
-            topology
-                .iter()
-                .find(|n| n.port == port)
-                .map(|n| n.id.clone())
-                .expect("a node id")
-        };
-        let (from_id, to_id) = (id(from), id(to));
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
         let slot_s = slot.to_string();
-        let must = |port: u16, args: &[&str]| {
-            let out = self.cli(port, args);
-            assert!(
-                out.as_deref().is_some_and(|o| !o.contains("ERR")),
-                "{args:?} on {port}: {out:?}"
-            );
-        };
-        must(to, &["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &from_id]);
-        must(from, &["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &to_id]);
+        self.must(to, &["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &from_id]);
+        self.must(from, &["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &to_id]);
         loop {
             let keys = self
                 .cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot_s, "100"])
@@ -590,25 +581,13 @@ impl Cluster {
     /// The second half of [`Cluster::migrate`]: SETSLOT NODE on `to`, on `from` and on
     /// every other primary, then waits until every live node agrees.
     pub fn assign(&self, slot: u16, from: u16, to: u16) {
-        let topology = self.topology();
-        let to_id = topology
-            .iter()
-            .find(|n| n.port == to)
-            .map(|n| n.id.clone())
-            .expect("a node id");
+        let to_id = self.node_id(to);
         let slot_s = slot.to_string();
-        let must = |port: u16, args: &[&str]| {
-            let out = self.cli(port, args);
-            assert!(
-                out.as_deref().is_some_and(|o| !o.contains("ERR")),
-                "{args:?} on {port}: {out:?}"
-            );
-        };
-        must(to, &["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id]);
-        must(from, &["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id]);
+        self.must(to, &["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id]);
+        self.must(from, &["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id]);
         for other in self.primaries() {
             if other != from && other != to {
-                must(other, &["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id]);
+                self.must(other, &["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id]);
             }
         }
         let deadline = Instant::now() + SETTLE;

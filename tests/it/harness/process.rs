@@ -172,6 +172,14 @@ impl CovenProcess {
         }
     }
 
+    /// Runs `coven` to its end and expects it to succeed (its stderr shown if not).
+    pub fn run_ok(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut process = Self::spawn(args, env);
+        let code = tokio::task::block_in_place(|| process.wait_exit());
+        assert_eq!(code, Some(0), "coven {args:?}: {:?}", process.stderr());
+        process
+    }
+
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .args([&format!("-{signal}"), &self.child.id().to_string()])

@@ -105,15 +105,7 @@ impl Node {
             .spawn()
             .expect("redis-server (run scripts/test.sh, which installs it)");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not listen on {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::redis::wait_listening(self.port);
     }
 
     /// `kill -9`: the node dies as in a crash, its sockets closed by the kernel.
@@ -136,11 +128,7 @@ impl Node {
 
     fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("a running node").id();
-        let ok = Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill {signal} {pid}");
+        super::redis::signal(pid, signal);
     }
 }
 
