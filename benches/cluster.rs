@@ -31,7 +31,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,234 +44,43 @@ const PREFIX: &str = "coven";
 /// The first of the generated guild ids (snowflake-sized, as Discord's are).
 const FIRST_GUILD: u64 = 1_200_000_000_000_000_000;
 
-struct Node {
-    port: u16,
-    child: Option<Child>,
+/// The test suite's local cluster: six nodes on free ports, started and administered
+/// the same way (`tests/it/harness/cluster.rs`).
+#[allow(dead_code)]
+#[path = "../tests/it/harness"]
+mod harness {
+    pub mod cluster;
+    pub mod redis;
+    pub mod sentinel;
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use harness::cluster::{Cluster, owner_in};
 
-/// A port free for a node and for its cluster bus (port + 10000).
-fn free_pair() -> u16 {
-    loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
-            return port;
-        }
-    }
-}
-
-struct Cluster {
-    _dir: tempfile::TempDir,
-    nodes: Vec<Node>,
-}
-
-/// One primary as `CLUSTER NODES` lists it.
-#[derive(Debug, Clone)]
-struct Primary {
-    id: String,
-    port: u16,
-    slots: Vec<(u16, u16)>,
-}
-
-impl Cluster {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut nodes = Vec::new();
-        for _ in 0..6 {
-            let port = free_pair();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
-                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-                .args(["--save", "", "--appendonly", "no"])
-                // A replica that never finished its first sync may not fail over (its
-                // data is too old): sync at once, not after Redis's 5 s wait for more
-                // replicas.
-                .args(["--repl-diskless-sync-delay", "0"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server");
-            nodes.push(Node {
-                port,
-                child: Some(child),
-            });
-        }
-        let cluster = Cluster { _dir: dir, nodes };
-        for n in &cluster.nodes {
-            cluster.until(&format!("node {} to answer", n.port), || {
-                cli(n.port, &["PING"]) == "PONG"
-            });
-        }
-        let addrs: Vec<String> = cluster
-            .nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        let out = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "redis-cli --cluster create failed");
-        cluster.until("the cluster to be ok on every node", || {
-            cluster
-                .nodes
-                .iter()
-                .all(|n| cli(n.port, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-        });
-        cluster.until("every replica to be in sync", || {
-            cluster.nodes.iter().all(|n| {
-                let info = cli(n.port, &["INFO", "replication"]);
-                info.contains("role:master") || info.contains("master_link_status:up")
-            }) && cluster
-                .nodes
-                .iter()
-                .filter(|n| cli(n.port, &["INFO", "replication"]).contains("role:slave"))
-                .count()
-                == 3
-        });
-        cluster
-    }
-
-    fn until(&self, what: &str, mut check: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !check() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn url(&self) -> String {
-        let rest: String = self.nodes[1..]
-            .iter()
-            .map(|n| format!("node=127.0.0.1:{}&", n.port))
-            .collect();
-        format!(
-            "redis-cluster://127.0.0.1:{}?{}",
-            self.nodes[0].port,
-            rest.trim_end_matches('&')
-        )
-    }
-
-    fn live(&self) -> impl Iterator<Item = &Node> {
-        self.nodes.iter().filter(|n| n.child.is_some())
-    }
-
-    /// The primaries, as a live node sees them.
-    fn primaries(&self) -> Vec<Primary> {
-        let from = self.live().next().unwrap().port;
-        cli(from, &["CLUSTER", "NODES"])
-            .lines()
-            .filter_map(|line| {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                if !f.get(2)?.contains("master") || f.get(2)?.contains("fail") {
-                    return None;
-                }
-                let port = f[1]
-                    .split(['@', ','])
-                    .next()?
-                    .rsplit(':')
-                    .next()?
-                    .parse()
-                    .ok()?;
-                let slots = f[8..]
-                    .iter()
-                    .filter(|s| !s.starts_with('['))
-                    .filter_map(|s| match s.split_once('-') {
-                        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
-                        None => s.parse().ok().map(|x| (x, x)),
-                    })
-                    .collect();
-                Some(Primary {
-                    id: f[0].to_owned(),
-                    port,
-                    slots,
-                })
-            })
-            .filter(|p| !p.slots.is_empty())
-            .collect()
-    }
-
-    fn owner(&self, slot: u16) -> Primary {
-        self.primaries()
-            .into_iter()
-            .find(|p| p.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
-            .expect("an owner for every slot")
-    }
-
-    fn kill(&mut self, port: u16) {
-        let node = self.nodes.iter_mut().find(|n| n.port == port).unwrap();
-        if let Some(mut c) = node.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Moves `slot` from its owner to `to`, keys and all, as `redis-cli --cluster
-    /// reshard` does.
-    fn migrate(&self, slot: u16, to: &Primary) {
-        let from = self.owner(slot);
-        let s = slot.to_string();
-        cli(to.port, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from.id]);
-        cli(from.port, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to.id]);
-        loop {
-            let keys = cli(from.port, &["CLUSTER", "GETKEYSINSLOT", &s, "100"]);
-            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
-            if keys.is_empty() {
-                break;
-            }
-            let port = to.port.to_string();
-            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
-            args.extend(keys);
-            cli(from.port, &args);
-        }
-        for p in std::iter::once(to.port)
-            .chain(std::iter::once(from.port))
-            .chain(self.primaries().iter().map(|p| p.port))
-        {
-            cli(p, &["CLUSTER", "SETSLOT", &s, "NODE", &to.id]);
-        }
-    }
-
-    fn reset_stats(&self) {
-        for n in self.live() {
-            cli(n.port, &["CONFIG", "RESETSTAT"]);
-        }
-    }
-}
-
-fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("timeout")
-        .args(["5", "redis-cli", "-p", &port.to_string()])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+/// `redis-cli` against one node: its output, or nothing when it could not answer.
+fn cli(cluster: &Cluster, port: u16, args: &[&str]) -> String {
+    cluster.cli(port, args).unwrap_or_default()
 }
 
 /// `INFO <section>` of the node on `port` as fields.
-fn info(port: u16, section: &str) -> HashMap<String, String> {
-    cli(port, &["INFO", section])
+fn info(cluster: &Cluster, port: u16, section: &str) -> HashMap<String, String> {
+    cli(cluster, port, &["INFO", section])
         .lines()
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
         .collect()
+}
+
+/// The primary owning `g`'s slot, in one read of the topology.
+fn owner_of(topology: &[harness::cluster::NodeInfo], g: u64) -> u16 {
+    owner_in(topology, slot_of(guild(g)))
+        .expect("an owner for every slot")
+        .0
+}
+
+fn reset_stats(cluster: &Cluster) {
+    for port in cluster.live_ports() {
+        cli(cluster, port, &["CONFIG", "RESETSTAT"]);
+    }
 }
 
 /// `calls` of one command in `INFO commandstats`.
@@ -350,17 +158,11 @@ async fn placement() {
             }));
         }
     }
-    cluster.reset_stats();
+    reset_stats(&cluster);
     let mut per_node: BTreeMap<u16, u64> = BTreeMap::new();
     let primaries = cluster.primaries();
-    let node_of = |g: u64| {
-        let slot = slot_of(guild(g));
-        primaries
-            .iter()
-            .find(|p| p.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
-            .unwrap()
-            .port
-    };
+    let topology = cluster.topology();
+    let node_of = |g: u64| owner_of(&topology, g);
     let started = Instant::now();
     let sem = Arc::new(tokio::sync::Semaphore::new(32));
     let mut tasks = Vec::new();
@@ -390,9 +192,9 @@ async fn placement() {
         "  | node | guilds' events appended | cmdstat_publish | cmdstat_spublish | connections subscribed (ssub) | subscriptions |"
     );
     println!("  |---|---|---|---|---|---|");
-    for p in &primaries {
-        let stats = info(p.port, "commandstats");
-        let clients = cli(p.port, &["CLIENT", "LIST"]);
+    for &p in &primaries {
+        let stats = info(&cluster, p, "commandstats");
+        let clients = cli(&cluster, p, &["CLIENT", "LIST"]);
         let ssubs: Vec<u64> = clients
             .lines()
             .filter_map(|l| {
@@ -404,8 +206,8 @@ async fn placement() {
             .collect();
         println!(
             "  | {} | {} | {} | {} | {} | {} |",
-            p.port,
-            per_node.get(&p.port).copied().unwrap_or(0),
+            p,
+            per_node.get(&p).copied().unwrap_or(0),
             calls(&stats, "publish"),
             calls(&stats, "spublish"),
             ssubs.len(),
@@ -420,13 +222,13 @@ async fn placement() {
         let channel = format!("{PREFIX}:{{{}}}:events", guild(g));
         let owner = node_of(g);
         let count = |port: u16| -> String {
-            let out = cli(port, &["PUBSUB", "SHARDNUMSUB", &channel]);
+            let out = cli(&cluster, port, &["PUBSUB", "SHARDNUMSUB", &channel]);
             out.lines().nth(1).unwrap_or("?").to_owned()
         };
         let others: Vec<String> = primaries
             .iter()
-            .filter(|p| p.port != owner)
-            .map(|p| count(p.port))
+            .filter(|p| **p != owner)
+            .map(|p| count(*p))
             .collect();
         println!(
             "  | {} | {owner} | {} | {} |",
@@ -454,11 +256,11 @@ struct Run {
 /// Pings to guild 0 at `rate` for `seconds`, heard by `streams` receivers on 2 replicas;
 /// `fault` is done 3 s in.
 async fn through_fault(
-    cluster: &mut Cluster,
+    cluster: &Cluster,
     rate: f64,
     seconds: u64,
     streams: usize,
-    fault: impl FnOnce(&mut Cluster),
+    fault: impl FnOnce(&Cluster),
 ) -> Run {
     let url = cluster.url();
     let writer = connect(&url).await;
@@ -528,8 +330,8 @@ async fn through_fault(
 
 fn report(cluster: &Cluster, run: &Run) {
     let events = format!("{PREFIX}:{{{}}}:events", guild(0));
-    let owner = cluster.owner(slot_of(guild(0)));
-    let log: Vec<EventId> = cli(owner.port, &["XRANGE", &events, "-", "+"])
+    let (owner, _) = cluster.owner_of_slot(slot_of(guild(0)));
+    let log: Vec<EventId> = cli(cluster, owner, &["XRANGE", &events, "-", "+"])
         .lines()
         .filter_map(|l| l.parse().ok())
         .collect();
@@ -604,17 +406,11 @@ async fn failover(rate: f64) {
     println!(
         "\n## failover: kill -9 of the primary holding a watched guild, pings at {rate}/s, 50 streams on 2 replicas"
     );
-    let mut cluster = Cluster::start();
-    let run = through_fault(&mut cluster, rate, 15, 50, |c| {
-        let owner = c.owner(slot_of(guild(0)));
-        c.kill(owner.port);
-    })
-    .await;
-    cluster.until("a replica to take the slot over", || {
-        cluster
-            .live()
-            .any(|n| cli(n.port, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-    });
+    let cluster = Cluster::start();
+    let slot = slot_of(guild(0));
+    let (old, _) = cluster.owner_of_slot(slot);
+    let run = through_fault(&cluster, rate, 15, 50, |c| c.kill(old)).await;
+    cluster.wait_new_owner(slot, old);
     report(&cluster, &run);
 }
 
@@ -622,12 +418,12 @@ async fn migration(rate: f64) {
     println!(
         "\n## migration: a watched guild's slot moved to another primary, pings at {rate}/s, 50 streams on 2 replicas"
     );
-    let mut cluster = Cluster::start();
-    let run = through_fault(&mut cluster, rate, 12, 50, |c| {
+    let cluster = Cluster::start();
+    let run = through_fault(&cluster, rate, 12, 50, |c| {
         let slot = slot_of(guild(0));
-        let from = c.owner(slot);
-        let to = c.primaries().into_iter().find(|p| p.id != from.id).unwrap();
-        c.migrate(slot, &to);
+        let (from, _) = c.owner_of_slot(slot);
+        let to = c.primaries().into_iter().find(|p| *p != from).unwrap();
+        c.migrate(slot, to);
     })
     .await;
     report(&cluster, &run);
@@ -640,12 +436,10 @@ async fn load(seconds: u64, workers: usize) {
     let cluster = Cluster::start();
     let url = cluster.url();
     let primaries = cluster.primaries();
+    let topology = cluster.topology();
     let node_of = |g: u64| {
-        let slot = slot_of(guild(g));
-        primaries
-            .iter()
-            .position(|p| p.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
-            .unwrap()
+        let owner = owner_of(&topology, g);
+        primaries.iter().position(|p| *p == owner).unwrap()
     };
     // Ten guilds on each primary.
     let mut chosen: Vec<Vec<u64>> = vec![Vec::new(); primaries.len()];
@@ -689,7 +483,7 @@ async fn load(seconds: u64, workers: usize) {
     }
     let before: Vec<(HashMap<String, String>, HashMap<String, String>)> = primaries
         .iter()
-        .map(|p| (info(p.port, "stats"), info(p.port, "cpu")))
+        .map(|p| (info(&cluster, *p, "stats"), info(&cluster, *p, "cpu")))
         .collect();
     let counts: Arc<Vec<AtomicU64>> =
         Arc::new((0..primaries.len()).map(|_| AtomicU64::new(0)).collect());
@@ -745,7 +539,7 @@ async fn load(seconds: u64, workers: usize) {
     );
     println!("  |---|---|---|---|---|---|---|");
     for (n, p) in primaries.iter().enumerate() {
-        let (stats, cpu) = (info(p.port, "stats"), info(p.port, "cpu"));
+        let (stats, cpu) = (info(&cluster, *p, "stats"), info(&cluster, *p, "cpu"));
         let commands =
             num(&stats, "total_commands_processed") - num(&before[n].0, "total_commands_processed");
         let used = |m: &HashMap<String, String>| {
@@ -755,7 +549,7 @@ async fn load(seconds: u64, workers: usize) {
         let events = counts[n].load(Ordering::Relaxed);
         println!(
             "  | {} | {events} | {:.0}% | {commands:.0} | {:.2} | {:.2} s | {:.1} ms |",
-            p.port,
+            p,
             100.0 * events as f64 / total.max(1) as f64,
             commands / events.max(1) as f64,
             cpu_s,

@@ -626,7 +626,7 @@ impl Cluster {
 }
 
 /// The primary serving `slot` in `nodes`, and its replicas.
-fn owner_in(nodes: &[NodeInfo], slot: u16) -> Option<(u16, Vec<u16>)> {
+pub fn owner_in(nodes: &[NodeInfo], slot: u16) -> Option<(u16, Vec<u16>)> {
     let primary = nodes.iter().find(|n| {
         n.primary && !n.failing && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))
     })?;

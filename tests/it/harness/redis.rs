@@ -163,13 +163,13 @@ fn wait_for_pong(port: u16, child: &mut Child) -> bool {
 
 /// The private Redis the integration tests rely on: it starts on its own port, answers,
 /// and survives a restart, without touching the machine's shared server.
+#[cfg(test)]
 mod tests {
-    use fred::prelude::*;
-
-    use super::RedisServer;
-
     #[tokio::test]
     async fn a_private_redis_starts_answers_and_restarts() {
+        use super::RedisServer;
+        use fred::prelude::*;
+
         let mut redis = RedisServer::start();
         assert_ne!(redis.port, 6379);
         let client = Client::new(Config::from_url(&redis.url()).unwrap(), None, None, None);
