@@ -445,11 +445,16 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// (stream fan-out, presence, sweeper) retry failed commands, so they only retry sooner.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// A connection with a command unanswered this long is dropped and re-made: a Redis that
-/// vanished without closing its sockets (a network partition) is then noticed, and
-/// [`Bus::reachable`] turns false, instead of every request waiting out its timeout.
-fn unresponsive_after(command_timeout: Duration) -> Option<Duration> {
-    (command_timeout < COMMAND_TIMEOUT).then_some(command_timeout * 2)
+/// A connection with a command unanswered this long is dropped and re-made, whatever the
+/// command timeout: a Redis that stopped answering without closing its sockets (a hung or
+/// frozen process, a partition) is then noticed, [`Bus::reachable`] turns false, and fred
+/// reconnects (on a cluster, reading the topology again and finding the promoted
+/// replica) instead of every command on that socket waiting out its timeout for as long
+/// as the node sleeps. Blocking commands (`WAIT`) are not counted by fred.
+const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(2);
+
+fn unresponsive_after(command_timeout: Duration) -> Duration {
+    (command_timeout * 2).min(UNRESPONSIVE_AFTER)
 }
 
 fn builder(url: &str, command_timeout: Duration) -> BusResult<Builder> {
@@ -459,10 +464,9 @@ fn builder(url: &str, command_timeout: Duration) -> BusResult<Builder> {
     builder.with_connection_config(|c| {
         c.connection_timeout = Duration::from_secs(5);
         c.internal_command_timeout = Duration::from_secs(5);
-        if let Some(max) = unresponsive_after(command_timeout) {
-            c.unresponsive.max_timeout = Some(max);
-            c.unresponsive.interval = command_timeout / 2;
-        }
+        let max = unresponsive_after(command_timeout);
+        c.unresponsive.max_timeout = Some(max);
+        c.unresponsive.interval = max / 4;
     });
     builder.with_performance_config(|p| {
         p.default_command_timeout = command_timeout;

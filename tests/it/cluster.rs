@@ -932,3 +932,69 @@ async fn the_demo_runs_on_a_cluster_url() {
         "the demo's web answers on the cluster"
     );
 }
+
+/// A primary that stops answering without closing its sockets (SIGSTOP: a hung process, a
+/// partition) is failed over like a dead one, and a writer's appends go on on the
+/// promoted replica while the old primary still sleeps: the writer's connection to it is
+/// found unresponsive and dropped, not waited on for as long as it sleeps (fred kept it,
+/// and every append timed out, until the node woke).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_primary_is_failed_over_and_appends_go_on_while_it_sleeps() {
+    const G: u64 = 31338;
+    let cluster = private();
+    let url = cluster.url();
+    let prefix = "frozen";
+    let channel = format!("{prefix}:{{{G}}}:events");
+    let writer_process = Redis::connect(
+        &url,
+        prefix,
+        10_000,
+        coven::bus::redis::COMMAND_TIMEOUT,
+        Durability::OFF,
+    )
+    .await
+    .unwrap();
+    let bus = writer_process.guild(Id::new(G));
+    let from = baseline(&bus).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acked, writing) = writer(
+        bus.clone(),
+        "frozen-writer",
+        stop.clone(),
+        Duration::from_millis(10),
+    );
+    wait_for("appends before the freeze", || async {
+        (acked.lock().unwrap().len() >= 10).then_some(())
+    })
+    .await;
+
+    let (old, replicas) = tokio::task::block_in_place(|| cluster.owner(&channel));
+    cluster.freeze(old);
+    let promoted = tokio::task::block_in_place(|| cluster.wait_new_owner(slot(&channel), old));
+    assert_eq!(promoted, replicas[0], "its replica took over");
+    let at = acked.lock().unwrap().len();
+    within(
+        "appends on the promoted replica while the old primary sleeps",
+        async {
+            while acked.lock().unwrap().len() < at + 20 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    within("the writer to stop", writing).await.unwrap();
+    tokio::task::block_in_place(|| cluster.thaw(old));
+
+    // What was acknowledged after the failover is in the new primary's log, once.
+    let log = log_after(&bus, from).await;
+    let after: Vec<EventId> = acked.lock().unwrap()[at..].to_vec();
+    assert!(
+        after.iter().all(|id| log.contains(id)),
+        "every append acknowledged by the promoted replica is in its log"
+    );
+    assert!(
+        log.windows(2).all(|w| w[0] < w[1]),
+        "the log in order, none twice"
+    );
+}
