@@ -556,13 +556,14 @@ mod tests {
     async fn the_log_is_capped_by_age() {
         let bus = MemoryBus::new(Id::new(1), 100);
         let first = bus.append(room(1), None).await.unwrap();
-        let later = loop {
-            let e = bus.append(room(2), None).await.unwrap();
-            if e.id.ms > first.id.ms {
-                break e;
-            }
-            tokio::task::yield_now().await;
-        };
+        // Wait for the clock to pass `first`'s millisecond before appending: appending in
+        // the loop instead overflowed the 100-event cap within one millisecond on a fast
+        // machine, and the count trim (not the age trim under test) made the gap.
+        while crate::event::now_ms() <= first.id.ms {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let later = bus.append(room(2), None).await.unwrap();
+        assert!(later.id.ms > first.id.ms);
         // Every event appended before `later`'s millisecond goes.
         let Since::Events(all) = bus.since(EventId::ZERO, 1000).await.unwrap() else {
             panic!("nothing trimmed yet")
