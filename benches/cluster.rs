@@ -569,10 +569,14 @@ fn flag<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Ok(filter) = std::env::var("RUST_LOG") {
-        coven::telemetry::init(&coven::config::LogSettings {
-            filter,
-            format: coven::config::LogFormat::Pretty,
-        });
+        let _ = coven::telemetry::init(
+            &coven::config::LogSettings {
+                filter,
+                format: coven::config::LogFormat::Pretty,
+            },
+            None,
+            "test",
+        );
     }
     let only: Vec<&str> = args
         .iter()

@@ -50,6 +50,19 @@ enum Plan {
     Demo(demo::Settings),
 }
 
+impl Plan {
+    /// The command, as traces name the process (`coven.command`).
+    fn name(&self) -> &'static str {
+        match self {
+            Plan::Gateway(_) => "gateway",
+            Plan::Publish(..) => "publish",
+            Plan::Web(_) => "web",
+            Plan::Sim(_) => "sim",
+            Plan::Demo(_) => "demo",
+        }
+    }
+}
+
 pub fn main() -> ExitCode {
     if let Err(problem) = config::load_dotenv() {
         eprintln!("error: {problem}");
@@ -81,7 +94,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Sim(settings) => Plan::Sim(settings),
         Command::Demo(settings) => Plan::Demo(settings),
     };
-    telemetry::init(&cli.log.settings());
+    let traces = match config::trace_settings(|name| std::env::var(name).ok()) {
+        Ok(traces) => traces,
+        Err(problems) => return bad_settings(problems),
+    };
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -92,6 +108,10 @@ pub fn run(cli: Cli) -> ExitCode {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
+    };
+    let telemetry = {
+        let _runtime = runtime.enter();
+        telemetry::init(&cli.log.settings(), traces.as_ref(), plan.name())
     };
     let result = runtime.block_on(async move {
         let shutdown = shutdown_on_signal();
@@ -123,6 +143,8 @@ pub fn run(cli: Cli) -> ExitCode {
                 .map(|()| ExitCode::SUCCESS),
         }
     });
+    // Before the runtime goes: the exporter's last requests run on it.
+    telemetry.shutdown();
     match result {
         Ok(code) => code,
         Err(e) => {

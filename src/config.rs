@@ -570,9 +570,253 @@ impl LogArgs {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Traces: the OpenTelemetry specification's own variables, not Coven's, read by every
+// command. Off unless an OTLP endpoint is given.
+
+/// How spans reach the collector (`OTEL_EXPORTER_OTLP_PROTOCOL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+/// Which traces are kept (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SamplerSetting {
+    AlwaysOn,
+    AlwaysOff,
+    Ratio(f64),
+    ParentBasedAlwaysOn,
+    ParentBasedAlwaysOff,
+    ParentBasedRatio(f64),
+}
+
+/// Traces, checked: present only when spans are to be exported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceSettings {
+    pub protocol: OtlpProtocol,
+    pub sampler: SamplerSetting,
+    pub timeout: Duration,
+    /// `OTEL_SERVICE_NAME`, when set (else the service is `coven`).
+    pub service_name: Option<String>,
+    /// Whether `OTEL_RESOURCE_ATTRIBUTES` names the instance (else each process names
+    /// itself).
+    pub instance_given: bool,
+}
+
+/// Reads the trace settings through `var` (the environment): `None` when traces are off
+/// (no `OTEL_EXPORTER_OTLP_ENDPOINT` nor `…_TRACES_ENDPOINT`, `OTEL_SDK_DISABLED=true` or
+/// `OTEL_TRACES_EXPORTER=none`). Values the SDK would silently replace with a default
+/// are refused here, one line each.
+pub fn trace_settings(
+    var: impl Fn(&str) -> Option<String>,
+) -> Result<Option<TraceSettings>, Vec<Problem>> {
+    let var = |name: &str| {
+        var(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    let mut problems = Vec::new();
+    if var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return Ok(None);
+    }
+    match var("OTEL_TRACES_EXPORTER")
+        .map(|v| v.to_ascii_lowercase())
+        .as_deref()
+    {
+        None | Some("otlp") => {}
+        Some("none") => return Ok(None),
+        Some(other) => problems.push(Problem::new(
+            "OTEL_TRACES_EXPORTER",
+            format!("expected otlp or none, got {other:?}"),
+        )),
+    }
+    let endpoint = [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .into_iter()
+    .find_map(|name| Some((name, var(name)?)));
+    let Some((endpoint_var, endpoint)) = endpoint else {
+        return if problems.is_empty() {
+            Ok(None)
+        } else {
+            Err(problems)
+        };
+    };
+    match url::Url::parse(&endpoint) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+        _ => problems.push(Problem::new(
+            endpoint_var,
+            format!("expected an http:// or https:// URL, got {endpoint:?}"),
+        )),
+    }
+    let protocol = [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ]
+    .into_iter()
+    .find_map(|name| Some((name, var(name)?)));
+    let protocol = match protocol {
+        // The specification's default.
+        None => OtlpProtocol::HttpProtobuf,
+        Some((_, p)) if p == "grpc" => OtlpProtocol::Grpc,
+        Some((_, p)) if p == "http/protobuf" => OtlpProtocol::HttpProtobuf,
+        Some((name, p)) => {
+            problems.push(Problem::new(
+                name,
+                format!("expected grpc or http/protobuf, got {p:?}"),
+            ));
+            OtlpProtocol::HttpProtobuf
+        }
+    };
+    let ratio = match var("OTEL_TRACES_SAMPLER_ARG") {
+        None => 1.0,
+        Some(raw) => match raw.parse::<f64>() {
+            Ok(r) if (0.0..=1.0).contains(&r) => r,
+            _ => {
+                problems.push(Problem::new(
+                    "OTEL_TRACES_SAMPLER_ARG",
+                    format!("expected a ratio from 0 to 1, got {raw:?}"),
+                ));
+                1.0
+            }
+        },
+    };
+    let sampler = match var("OTEL_TRACES_SAMPLER")
+        .map(|v| v.to_ascii_lowercase())
+        .as_deref()
+    {
+        None | Some("parentbased_always_on") => SamplerSetting::ParentBasedAlwaysOn,
+        Some("always_on") => SamplerSetting::AlwaysOn,
+        Some("always_off") => SamplerSetting::AlwaysOff,
+        Some("traceidratio") => SamplerSetting::Ratio(ratio),
+        Some("parentbased_always_off") => SamplerSetting::ParentBasedAlwaysOff,
+        Some("parentbased_traceidratio") => SamplerSetting::ParentBasedRatio(ratio),
+        Some(other) => {
+            problems.push(Problem::new(
+                "OTEL_TRACES_SAMPLER",
+                format!(
+                    "expected always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off or parentbased_traceidratio, got {other:?}"
+                ),
+            ));
+            SamplerSetting::ParentBasedAlwaysOn
+        }
+    };
+    let millis = |name: &str, problems: &mut Vec<Problem>| {
+        let raw = var(name)?;
+        match raw.parse::<u64>() {
+            Ok(ms) => Some(Duration::from_millis(ms)),
+            Err(_) => {
+                problems.push(Problem::new(
+                    name,
+                    format!("expected a whole number of milliseconds, got {raw:?}"),
+                ));
+                None
+            }
+        }
+    };
+    // Read by the SDK itself; checked here so a typo is not silently the default.
+    let _ = millis("OTEL_BSP_SCHEDULE_DELAY", &mut problems);
+    let timeout = millis("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", &mut problems)
+        .or_else(|| millis("OTEL_EXPORTER_OTLP_TIMEOUT", &mut problems))
+        .unwrap_or(Duration::from_secs(10));
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Some(TraceSettings {
+        protocol,
+        sampler,
+        timeout,
+        service_name: var("OTEL_SERVICE_NAME"),
+        instance_given: var("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| {
+            a.split(',')
+                .any(|kv| kv.trim().starts_with("service.instance.id="))
+        }),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn traces(vars: &[(&str, &str)]) -> Result<Option<TraceSettings>, Vec<Problem>> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        trace_settings(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn traces_are_off_unless_an_endpoint_is_given() {
+        assert_eq!(traces(&[]), Ok(None));
+        assert_eq!(traces(&[("OTEL_TRACES_SAMPLER", "always_on")]), Ok(None));
+        let on = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")];
+        let settings = traces(&on).unwrap().unwrap();
+        assert_eq!(settings.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(settings.sampler, SamplerSetting::ParentBasedAlwaysOn);
+        for off in [
+            ("OTEL_SDK_DISABLED", "true"),
+            ("OTEL_TRACES_EXPORTER", "none"),
+        ] {
+            assert_eq!(traces(&[on[0], off]), Ok(None));
+        }
+        let grpc = traces(&[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "a=b, service.instance.id=web-1"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(grpc.protocol, OtlpProtocol::Grpc);
+        assert_eq!(grpc.sampler, SamplerSetting::ParentBasedRatio(0.25));
+        assert!(grpc.instance_given);
+    }
+
+    #[test]
+    fn a_bad_trace_setting_is_named_not_replaced_by_a_default() {
+        let on = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318");
+        for (bad, setting) in [
+            (
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+            ),
+            (
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "udp"),
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            ),
+            (("OTEL_TRACES_SAMPLER", "sometimes"), "OTEL_TRACES_SAMPLER"),
+            (
+                ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
+                "OTEL_TRACES_SAMPLER_ARG",
+            ),
+            (
+                ("OTEL_TRACES_SAMPLER_ARG", "half"),
+                "OTEL_TRACES_SAMPLER_ARG",
+            ),
+            (("OTEL_BSP_SCHEDULE_DELAY", "5s"), "OTEL_BSP_SCHEDULE_DELAY"),
+            (
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "-1"),
+                "OTEL_EXPORTER_OTLP_TIMEOUT",
+            ),
+            (("OTEL_TRACES_EXPORTER", "zipkin"), "OTEL_TRACES_EXPORTER"),
+        ] {
+            let problems = traces(&[on, bad]).unwrap_err();
+            assert_eq!(problems.len(), 1, "{bad:?}: {problems:?}");
+            assert_eq!(problems[0].setting, setting);
+        }
+        for endpoint in ["collector:4318", "ftp://c", "http://"] {
+            let problems = traces(&[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)]).unwrap_err();
+            assert_eq!(
+                problems[0].setting, "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "{endpoint}"
+            );
+        }
+    }
 
     #[test]
     fn durations_in_a_range() {

@@ -102,6 +102,10 @@ impl DiscordError {
     }
 
     fn from_twilight(e: twilight_http::Error) -> Self {
+        // The span of the REST call (see `discord.rest`) gets the status it ended with.
+        if let ErrorType::Response { status, .. } = e.kind() {
+            tracing::Span::current().record("status", status.get());
+        }
         match e.kind() {
             ErrorType::Response {
                 status,
@@ -184,6 +188,7 @@ where
             e => e,
         }),
         Err(_) => {
+            tracing::Span::current().record("rate_limit_wait_ms", PERSON_WAIT.as_millis() as u64);
             metrics::counter!("coven_discord_person_waits_cut_total").increment(1);
             Err(DiscordError::Unavailable(
                 "Discord asks this login to slow down".to_owned(),
@@ -368,6 +373,7 @@ impl Discord {
 
     /// Trades the code of a bot authorization for tokens: proof that Discord completed
     /// it (a forged redirect has no code Discord will take).
+    #[tracing::instrument(name = "discord.rest", skip_all, fields(route = "POST /oauth2/token (bot authorization)", status = tracing::field::Empty, rate_limit_wait_ms = tracing::field::Empty))]
     pub async fn exchange_added(
         &self,
         code: String,
@@ -384,6 +390,7 @@ impl Discord {
     }
 
     /// Trades the code from the callback for tokens.
+    #[tracing::instrument(name = "discord.rest", skip_all, fields(route = "POST /oauth2/token", status = tracing::field::Empty, rate_limit_wait_ms = tracing::field::Empty))]
     pub async fn exchange(&self, code: String, verifier: String) -> Result<Tokens, DiscordError> {
         let answer = self
             .oauth
@@ -395,6 +402,7 @@ impl Discord {
     }
 
     /// A new access token from a refresh token.
+    #[tracing::instrument(name = "discord.rest", skip_all, fields(route = "POST /oauth2/token (refresh)", status = tracing::field::Empty, rate_limit_wait_ms = tracing::field::Empty))]
     pub async fn refresh(&self, refresh_token: String) -> Result<Tokens, DiscordError> {
         let answer = self
             .oauth
@@ -405,6 +413,7 @@ impl Discord {
     }
 
     /// Who the token belongs to (`GET /users/@me`).
+    #[tracing::instrument(name = "discord.rest", skip_all, fields(route = "GET /users/@me", status = tracing::field::Empty, rate_limit_wait_ms = tracing::field::Empty))]
     pub async fn me(&self, access_token: &str) -> Result<Person, DiscordError> {
         // The person's own token, through the same REST client (and its handling of
         // Discord's rate limits) as the bot's calls.
@@ -430,6 +439,7 @@ impl Discord {
     /// The guilds a person is in, as their own token lists them (`GET /users/@me/guilds`,
     /// scope `guilds`), every page of them: what the communities picker shows, at no cost
     /// to the bot's request budget.
+    #[tracing::instrument(name = "discord.rest", skip_all, fields(route = "GET /users/@me/guilds", status = tracing::field::Empty, rate_limit_wait_ms = tracing::field::Empty))]
     pub async fn guilds_of(&self, access_token: &str) -> Result<Vec<PersonGuild>, DiscordError> {
         let user = rest_client(&format!("Bearer {access_token}"), self.proxy.as_ref());
         let mut out: Vec<PersonGuild> = Vec::new();
@@ -463,6 +473,7 @@ impl Discord {
     /// A person's roles in `guild`, asked with their own token (`GET
     /// /users/@me/guilds/{guild}/member`, scope `guilds.members.read`), or `None` when
     /// they are not in it: page views spend the person's budget, never the bot's.
+    #[tracing::instrument(name = "discord.rest", skip_all, fields(route = "GET /users/@me/guilds/{guild}/member", status = tracing::field::Empty, rate_limit_wait_ms = tracing::field::Empty))]
     pub async fn roles_in(
         &self,
         access_token: &str,
@@ -484,6 +495,7 @@ impl Discord {
     }
 
     /// The bot's own user id, asked once.
+    #[tracing::instrument(name = "discord.rest", skip_all, fields(route = "GET /users/@me (bot)", status = tracing::field::Empty, rate_limit_wait_ms = tracing::field::Empty))]
     async fn bot_id(&self) -> Result<Id<UserMarker>, DiscordError> {
         self.bot_id
             .get_or_try_init(|| async {
@@ -507,6 +519,7 @@ impl Discord {
     /// as Discord keeps it ([`room_overwrites`]), which the gateway reads back when Redis
     /// lost the room's record. If a step fails, what the earlier steps made is removed
     /// again, so a failure leaves nothing behind in the guild.
+    #[tracing::instrument(name = "discord.rest", skip_all, fields(route = "POST /guilds/{guild}/roles, POST /guilds/{guild}/channels, PUT /guilds/{guild}/members/{user}/roles/{role}", status = tracing::field::Empty, rate_limit_wait_ms = tracing::field::Empty))]
     pub async fn create_room(
         &self,
         guild: Id<GuildMarker>,
@@ -586,6 +599,7 @@ impl Discord {
 
     /// Deletes a room's channel, then its role. Something already gone counts as
     /// deleted, so closing twice (or racing another replica) is fine.
+    #[tracing::instrument(name = "discord.rest", skip_all, fields(route = "DELETE /channels/{channel}, DELETE /guilds/{guild}/roles/{role}", status = tracing::field::Empty, rate_limit_wait_ms = tracing::field::Empty))]
     pub async fn delete_room(
         &self,
         guild: Id<GuildMarker>,
@@ -603,6 +617,7 @@ impl Discord {
 
     /// The guild a channel is in (`GET /channels/{id}`), `None` when Discord has no such
     /// channel for the bot: how a configured room category names its guild.
+    #[tracing::instrument(name = "discord.rest", skip_all, fields(route = "GET /channels/{channel}", status = tracing::field::Empty, rate_limit_wait_ms = tracing::field::Empty))]
     pub async fn channel_guild(
         &self,
         channel: Id<ChannelMarker>,
@@ -623,6 +638,7 @@ impl Discord {
     }
 
     /// Gives a member a role (idempotent in Discord).
+    #[tracing::instrument(name = "discord.rest", skip_all, fields(route = "PUT /guilds/{guild}/members/{user}/roles/{role}", status = tracing::field::Empty, rate_limit_wait_ms = tracing::field::Empty))]
     pub async fn grant(
         &self,
         guild: Id<GuildMarker>,
@@ -634,6 +650,7 @@ impl Discord {
 
     /// Adds someone to the guild with their own `guilds.join` token (a no-op when they
     /// are already in).
+    #[tracing::instrument(name = "discord.rest", skip_all, fields(route = "PUT /guilds/{guild}/members/{user}", status = tracing::field::Empty, rate_limit_wait_ms = tracing::field::Empty))]
     pub async fn add_to_guild(
         &self,
         guild: Id<GuildMarker>,
@@ -644,6 +661,7 @@ impl Discord {
     }
 
     /// Moves a member who is in a voice channel of the guild into another.
+    #[tracing::instrument(name = "discord.rest", skip_all, fields(route = "PATCH /guilds/{guild}/members/{user}", status = tracing::field::Empty, rate_limit_wait_ms = tracing::field::Empty))]
     pub async fn move_member(
         &self,
         guild: Id<GuildMarker>,
@@ -699,11 +717,13 @@ impl<'c> oauth2::AsyncHttpClient<'c> for PatientHttp {
     fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + self.budget;
+            let mut waited = Duration::ZERO;
             loop {
                 let response = oauth2::AsyncHttpClient::call(&self.http, copy(&request))
                     .await
                     .map_err(|e| PatientError::Unreachable(unreachable_reason(&e)))?;
                 let status = response.status();
+                tracing::Span::current().record("status", status.as_u16());
                 if status.is_server_error() {
                     return Err(PatientError::Server(status.as_u16()));
                 }
@@ -722,6 +742,8 @@ impl<'c> oauth2::AsyncHttpClient<'c> for PatientHttp {
                     "Discord rate-limited an OAuth2 request; waiting"
                 );
                 metrics::counter!("coven_web_discord_rate_limit_waits_total").increment(1);
+                waited += wait;
+                tracing::Span::current().record("rate_limit_wait_ms", waited.as_millis() as u64);
                 tokio::time::sleep(wait).await;
             }
         })

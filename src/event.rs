@@ -471,6 +471,9 @@ pub struct Event {
     pub data: EventData,
     /// The envelope, exactly as stored and published.
     pub json: std::sync::Arc<str>,
+    /// The W3C `traceparent` of the append, when it was traced: it travels beside the
+    /// envelope (see [`Event::parse_message`]), never in what browsers receive.
+    pub trace: Option<std::sync::Arc<str>>,
 }
 
 /// Envelope version.
@@ -523,6 +526,7 @@ impl Event {
             ts,
             data,
             json: json.into(),
+            trace: None,
         })
     }
 
@@ -538,7 +542,30 @@ impl Event {
             ts: wire.ts,
             data: wire.data,
             json: json.into(),
+            trace: None,
         })
+    }
+
+    /// Reads a Pub/Sub message: an envelope, or a `traceparent`, a newline and an
+    /// envelope (a traced append's). An unreadable trace context is dropped, not the
+    /// event: tracing must never cost an event.
+    pub fn parse_message(message: &str) -> Result<Self, EnvelopeError> {
+        match message.split_once('\n') {
+            Some((trace, json)) if !message.starts_with('{') => {
+                let mut event = Self::parse(json)?;
+                event.trace = crate::telemetry::valid_traceparent(trace).map(Into::into);
+                Ok(event)
+            }
+            _ => Self::parse(message),
+        }
+    }
+
+    /// The same event carrying the trace context `trace`.
+    pub fn traced(mut self, trace: Option<&str>) -> Self {
+        self.trace = trace
+            .and_then(crate::telemetry::valid_traceparent)
+            .map(Into::into);
+        self
     }
 
     pub fn kind(&self) -> EventKind {

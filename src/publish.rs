@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument as _;
 
 use secrecy::{ExposeSecret, SecretString};
 use twilight_model::id::Id;
@@ -104,7 +105,21 @@ pub async fn command(settings: Settings, what: What) -> anyhow::Result<()> {
             part: 0,
         };
         let bus = bus.clone();
+        // Each event appended is the root of its own trace, as a Discord dispatch is.
+        let span = if crate::telemetry::enabled() {
+            let span = tracing::info_span!(
+                "publish",
+                kind = %data.kind(),
+                seq,
+                trace_id = tracing::field::Empty,
+            );
+            crate::telemetry::record_trace_id(&span);
+            span
+        } else {
+            tracing::Span::none()
+        };
         async move { append_durably(&*bus, data, &request, settings.redis_retry_for).await }
+            .instrument(span)
     };
     match what {
         What::One(data) => {

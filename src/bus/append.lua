@@ -6,7 +6,10 @@
 -- ARGV: 1 fence token ('' when unfenced or fenced by epoch), 2 event type, 3 data JSON,
 --       4 guild id, 5 stream MAXLEN (approximate), 6 '1' when the caller waits for
 --       replicas before the event may be published, 7 request id ('' for none:
---       `<writer>#<seq>.<part>`), 8 the writer's epoch ('' unless fenced by epoch)
+--       `<writer>#<seq>.<part>`), 8 the writer's epoch ('' unless fenced by epoch),
+--       9 the W3C traceparent of the append ('' when not traced): kept beside the
+--       envelope (field `t` of the entry, a `traceparent\n` prefix of the message), never
+--       in it, so no browser sees a trace id
 -- Fenced out: nil (a value, not an error, so the caller need not read error text).
 
 -- First the fence, so a writer fenced out writes nothing at all, not even a retry's
@@ -82,7 +85,13 @@ local ms, seq = next_id(redis.call('GET', KEYS[4]))
 local id = string.format('%d-%d', ms, seq)
 local envelope = '{"v":1,"id":"' .. id .. '","type":"' .. ARGV[2] .. '","guild_id":"' .. ARGV[4]
   .. '","ts":' .. string.format('%d', ms) .. ',"data":' .. ARGV[3] .. '}'
-local ok = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], id, 'e', envelope)
+local function add(entry_id)
+  if ARGV[9] ~= '' then
+    return redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], entry_id, 'e', envelope, 't', ARGV[9])
+  end
+  return redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], entry_id, 'e', envelope)
+end
+local ok = add(id)
 if type(ok) == 'table' and ok.err then
   -- `applied` was lost while the stream kept a later id: go past the stream's own.
   local info = redis.call('XINFO', 'STREAM', KEYS[1])
@@ -92,7 +101,8 @@ if type(ok) == 'table' and ok.err then
   id = string.format('%d-%d', ms, seq)
   envelope = '{"v":1,"id":"' .. id .. '","type":"' .. ARGV[2] .. '","guild_id":"' .. ARGV[4]
     .. '","ts":' .. string.format('%d', ms) .. ',"data":' .. ARGV[3] .. '}'
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], id, 'e', envelope)
+  ok = add(id)
+  if type(ok) == 'table' and ok.err then return redis.error_reply(ok.err) end
 end
 
 local ts = ms
@@ -209,6 +219,10 @@ end
 if ARGV[6] == '' then
   -- Nothing to wait for: durable (as far as this writer asks) and published at once.
   redis.call('SET', KEYS[9], id)
-  redis.call('SPUBLISH', KEYS[1], envelope)
+  if ARGV[9] ~= '' then
+    redis.call('SPUBLISH', KEYS[1], ARGV[9] .. '\n' .. envelope)
+  else
+    redis.call('SPUBLISH', KEYS[1], envelope)
+  end
 end
 return envelope

@@ -151,7 +151,10 @@ impl MemoryBus {
 
     fn append_locked(&self, state: &mut State, data: EventData) -> BusResult<Arc<Event>> {
         let id = EventId::next_after(state.last, crate::event::now_ms());
-        let event = Arc::new(Event::new(id, self.guild_id, id.ms, data)?);
+        let event = Arc::new(
+            Event::new(id, self.guild_id, id.ms, data)?
+                .traced(crate::telemetry::traceparent().as_deref()),
+        );
         state.last = id;
         state.snapshot.apply(&event);
         match &event.data {

@@ -76,13 +76,23 @@ if ms < dms or (ms == dms and seq <= dseq) then return 0 end
 local entries = redis.call('XRANGE', KEYS[1], '(' .. d, ARGV[1])
 for _, entry in ipairs(entries) do
   local fields = entry[2]
+  local envelope, trace
   for i = 1, #fields, 2 do
-    if fields[i] == 'e' then redis.call('SPUBLISH', KEYS[1], fields[i + 1]) end
+    if fields[i] == 'e' then envelope = fields[i + 1] end
+    if fields[i] == 't' then trace = fields[i + 1] end
+  end
+  if envelope and trace then
+    redis.call('SPUBLISH', KEYS[1], trace .. '\n' .. envelope)
+  elseif envelope then
+    redis.call('SPUBLISH', KEYS[1], envelope)
   end
 end
 redis.call('SET', KEYS[2], ARGV[1])
 return #entries
 "#;
+
+/// Where the append scripts take the W3C `traceparent` (`ARGV[9]`, 0-based here).
+const TRACE_ARG: usize = 8;
 
 /// The last applied id, read with a write (to a key of its own) so that the connection's
 /// replication offset covers every event up to it: a `WAIT` after it then tells whether
@@ -805,6 +815,8 @@ impl RedisBus {
                 .filter(|f| f.by_epoch)
                 .map_or_else(String::new, |f| f.epoch.to_string()),
         );
+        // The caller's span (a dispatch's append, an HTTP request) when traced.
+        args.push(crate::telemetry::traceparent().unwrap_or_default());
     }
 
     /// Runs the append script (or the viewers script in front of it) on the appender.
@@ -814,6 +826,7 @@ impl RedisBus {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> BusResult<Option<Arc<Event>>> {
+        let trace = args.get(TRACE_ARG).filter(|t| !t.is_empty()).cloned();
         let envelope: Option<String> = if self.durability.min_replicas == 0 {
             script
                 .evalsha_with_reload(&self.appender, keys, args)
@@ -825,7 +838,8 @@ impl RedisBus {
             return Ok(None);
         };
         let event = Event::parse(&envelope)
-            .map_err(|e| BusError::Corrupt(format!("appended envelope: {e}")))?;
+            .map_err(|e| BusError::Corrupt(format!("appended envelope: {e}")))?
+            .traced(trace.as_deref());
         self.release_up_to(event.id).await?;
         Ok(Some(Arc::new(event)))
     }
@@ -1085,7 +1099,8 @@ impl Reader {
                 .get("e")
                 .ok_or_else(|| BusError::Corrupt(format!("stream entry {id} has no field e")))?;
             let event = Event::parse(json)
-                .map_err(|e| BusError::Corrupt(format!("stream entry {id}: {e}")))?;
+                .map_err(|e| BusError::Corrupt(format!("stream entry {id}: {e}")))?
+                .traced(fields.get("t").map(String::as_str));
             events.push(Arc::new(event));
         }
         Ok(Since::Events(events))
@@ -1257,7 +1272,7 @@ async fn relay(
                         tracing::warn!(guild = %bus.guild_id, "the live subscription fell behind; filling from the log");
                         fill(&reader, &mut last, &live).await;
                     }
-                    match Event::parse(&json) {
+                    match Event::parse_message(&json) {
                         Ok(event) if event.id > last => {
                             last = event.id;
                             let _ = live.send(Arc::new(event));

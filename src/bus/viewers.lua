@@ -3,21 +3,21 @@
 -- so two replicas changing the set at once cannot publish their lists out of order.
 -- KEYS: 1-11 as append.lua, 12 the room's viewer set (member = viewer JSON, score = the
 --       unix ms it expires at)
--- ARGV: 1-8 as append.lua (2 and 3 are filled in here), 9 channel id, 10 ttl ms,
---       11 how many viewers are present, then the present ones, then the gone ones
+-- ARGV: 1-9 as append.lua (2 and 3 are filled in here), 10 channel id, 11 ttl ms,
+--       12 how many viewers are present, then the present ones, then the gone ones
 do
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local key = KEYS[12]
-  local ttl = tonumber(ARGV[10])
-  local present = tonumber(ARGV[11])
+  local ttl = tonumber(ARGV[11])
+  local present = tonumber(ARGV[12])
   -- Everyone listed so far, expired or not: an expiry is a change to announce.
   local before = redis.call('ZRANGE', key, 0, -1)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  for i = 12, 11 + present do
+  for i = 13, 12 + present do
     redis.call('ZADD', key, now + ttl, ARGV[i])
   end
-  for i = 12 + present, #ARGV do
+  for i = 13 + present, #ARGV do
     redis.call('ZREM', key, ARGV[i])
   end
   local after = redis.call('ZRANGEBYSCORE', key, '(' .. now, '+inf')
@@ -38,5 +38,5 @@ do
     return false
   end
   ARGV[2] = 'room.viewers'
-  ARGV[3] = '{"channel_id":"' .. ARGV[9] .. '","viewers":[' .. table.concat(after, ',') .. ']}'
+  ARGV[3] = '{"channel_id":"' .. ARGV[10] .. '","viewers":[' .. table.concat(after, ',') .. ']}'
 end

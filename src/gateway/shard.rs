@@ -25,6 +25,7 @@ use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use twilight_gateway::{
     CloseFrame, ConfigBuilder, Event, EventTypeFlags, Intents, Session, Shard, ShardId,
     StreamExt as _,
@@ -191,6 +192,8 @@ enum Work {
         bus: Arc<dyn Backend>,
         data: EventData,
         request: Option<Request>,
+        /// The dispatch's span while traces are on (else none): the append is its child.
+        dispatch: tracing::Span,
     },
     /// The shard's `gateway.status`, into every served guild's log.
     Status(EventData),
@@ -369,7 +372,22 @@ fn on_guild_dispatch(
     let mut marked = false;
     match guilds.served.get_mut(&guild) {
         Some(served) => {
-            let out = served.deriver.on_dispatch(event);
+            // The root of each of this dispatch's events' traces.
+            let dispatch = if crate::telemetry::enabled() {
+                let span = tracing::info_span!(
+                    "discord.dispatch",
+                    shard = shard.id,
+                    %guild,
+                    kind = ?event.kind(),
+                    sequence = session.map(|s| s.1),
+                    trace_id = tracing::field::Empty,
+                );
+                crate::telemetry::record_trace_id(&span);
+                span
+            } else {
+                tracing::Span::none()
+            };
+            let out = dispatch.in_scope(|| served.deriver.on_dispatch(event));
             if !served.syncing {
                 marked = out
                     .iter()
@@ -382,6 +400,7 @@ fn on_guild_dispatch(
                         bus: served.bus.clone(),
                         data,
                         request,
+                        dispatch: dispatch.clone(),
                     });
                 }
             }
@@ -736,7 +755,19 @@ impl Writer<'_> {
                 metrics::gauge!("coven_gateway_queue_depth").decrement(1.0);
             }
             let result = match work {
-                Some(Work::Event { bus, data, request }) => self.append(&*bus, data, request).await,
+                Some(Work::Event {
+                    bus,
+                    data,
+                    request,
+                    dispatch,
+                }) => {
+                    let span = if dispatch.is_none() {
+                        dispatch
+                    } else {
+                        tracing::info_span!(parent: &dispatch, "bus.append", kind = %data.kind(), guild = %bus.guild_id())
+                    };
+                    self.append(&*bus, data, request).instrument(span).await
+                }
                 Some(Work::Status(data)) => self.status(data).await,
                 Some(Work::Sync(guild)) => self.sync(guild).await,
                 Some(Work::Register(guild, entry)) => self.register(guild, &entry).await,

@@ -202,7 +202,7 @@ pub fn router(app: AppState) -> Router {
             app.guilds.deployment().clone(),
             error::shared_state_guard,
         ));
-    Router::new()
+    let router = Router::new()
         .merge(site)
         .merge(streams)
         .route("/healthz", get(health::healthz))
@@ -215,7 +215,12 @@ pub fn router(app: AppState) -> Router {
         .layer(referrer)
         .layer(frames)
         .layer(axum::middleware::from_fn(ops::close_if_unread))
-        .layer(axum::middleware::from_fn(ops::body_deadline))
+        .layer(axum::middleware::from_fn(ops::body_deadline));
+    if crate::telemetry::enabled() {
+        router.layer(ops::traces())
+    } else {
+        router
+    }
 }
 
 /// Serves until `shutdown`, then stops accepting and drains open streams over

@@ -28,5 +28,6 @@ mod sim_oauth;
 mod sim_rest;
 mod site;
 mod tls;
+mod traces;
 mod trust;
 mod web;

@@ -54,6 +54,56 @@ pub async fn observe(request: Request, next: Next) -> Response {
     response
 }
 
+/// tower-http's trace layer as [`traces`] sets it up: a span per request, recording the
+/// status, logging nothing of its own.
+pub type RequestSpans = tower_http::trace::TraceLayer<
+    tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
+    fn(&Request) -> tracing::Span,
+    (),
+    fn(&Response, std::time::Duration, &tracing::Span),
+    (),
+    (),
+    (),
+>;
+
+/// A span per request while traces are on (`http.request`: method, route, status),
+/// continuing the caller's trace when it sent a `traceparent` (a proxy's, a client's).
+pub fn traces() -> RequestSpans {
+    fn span(request: &Request) -> tracing::Span {
+        let route = request
+            .extensions()
+            .get::<MatchedPath>()
+            .map_or("unmatched", |p| p.as_str());
+        let span = tracing::info_span!(
+            "http.request",
+            method = %request.method(),
+            route,
+            status = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        match request
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::telemetry::valid_traceparent)
+        {
+            Some(parent) => crate::telemetry::continue_trace(&span, parent),
+            None => crate::telemetry::record_trace_id(&span),
+        }
+        span
+    }
+    fn answered(response: &Response, _: std::time::Duration, span: &tracing::Span) {
+        span.record("status", response.status().as_u16());
+    }
+    tower_http::trace::TraceLayer::new_for_http()
+        .make_span_with(span as fn(&Request) -> tracing::Span)
+        .on_request(())
+        .on_response(answered as fn(&Response, std::time::Duration, &tracing::Span))
+        .on_body_chunk(())
+        .on_eos(())
+        .on_failure(())
+}
+
 /// How long a request's body may take to arrive, all of it.
 pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 

@@ -242,6 +242,24 @@ impl Hub {
             return;
         }
         *last = event.id;
+        // This replica's part of the event's trace: one span for every stream it goes to.
+        let span = event
+            .trace
+            .as_deref()
+            .filter(|_| crate::telemetry::enabled())
+            .map(|parent| {
+                let span = tracing::info_span!(
+                    "stream.write",
+                    guild = %self.guild,
+                    event = %event.id,
+                    kind = %event.kind(),
+                    streams = self.tx.receiver_count(),
+                    trace_id = tracing::field::Empty,
+                );
+                crate::telemetry::continue_trace(&span, parent);
+                span
+            });
+        let _span = span.as_ref().map(tracing::Span::enter);
         let control = Control::of(&event.data);
         match &control {
             Some(Control::LoggedOut(user, login)) => self.sessions.revoke_login(*user, login),

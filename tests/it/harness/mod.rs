@@ -11,6 +11,7 @@ pub mod axe;
 pub mod browser;
 pub mod cluster;
 pub mod demo;
+pub mod otlp;
 mod process;
 pub mod redis;
 pub mod rooms;
@@ -69,9 +70,13 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
 /// Logs go to the test output only when `TEST_LOG` is set.
 pub fn init_logs() {
     if std::env::var_os("TEST_LOG").is_some() {
-        coven::telemetry::init(&coven::config::LogSettings {
-            filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
-            format: coven::config::LogFormat::Pretty,
-        });
+        let _ = coven::telemetry::init(
+            &coven::config::LogSettings {
+                filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+                format: coven::config::LogFormat::Pretty,
+            },
+            None,
+            "test",
+        );
     }
 }

@@ -38,6 +38,17 @@ const SCRUBBED: &[&str] = &[
     "LOG_FORMAT",
     "COVEN_ENV",
     "SSL_CERT_FILE",
+    // A developer's collector must not receive (or slow) test processes' traces.
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_SDK_DISABLED",
+    "OTEL_TRACES_EXPORTER",
 ];
 
 /// Waiting on a process blocks the thread: tests that also serve something in-process

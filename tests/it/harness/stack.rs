@@ -79,7 +79,8 @@ impl Stack {
         Self::start_with(redis, sim, replicas, extra, &[]).await
     }
 
-    async fn start_with(
+    /// Like [`Self::start_on`], with `gateway_extra` settings for the gateway.
+    pub async fn start_with(
         redis: RedisServer,
         sim: TestSim,
         replicas: usize,
