@@ -20,7 +20,10 @@
 //! replicas), with the same load generator and the same measures, and prints the two side
 //! by side (`STREAM_BENCH_PROFILE=<dir>` writes the servers' pids to `<dir>/pids` three
 //! seconds before each connect phase and `<dir>/opened` after it, for a profiler or
-//! `strace -c` attached from outside); `-- stalled` runs only the stalled-readers scenario of issue [2/6]: 500 streams that stop reading under 3,000 events, with the replica's memory and
+//! `strace -c` attached from outside); `-- traces` runs the chosen scenarios with
+//! OpenTelemetry traces on at ratio 1.0 (every Coven process exporting every span over
+//! OTLP/HTTP to a sink in this process), to hold its cost against a run without;
+//! `-- stalled` runs only the stalled-readers scenario of issue [2/6]: 500 streams that stop reading under 3,000 events, with the replica's memory and
 //! the machine's TCP memory per stalled stream, and how long until they are cut. Server CPU
 //! comes from /proc: the run time of every thread of the servers (`schedstat`, in ns),
 //! and utime+stime (`stat`, in 10 ms ticks: coarse at 1,000 streams), over the connect
@@ -137,9 +140,52 @@ struct Setup {
     _sim: Sim,
     _shutdown: CancellationToken,
     guild: String,
+    /// The OTLP endpoint every Coven process exports to (`-- traces`), else none.
+    traces: Option<String>,
 }
 
-async fn setup() -> anyhow::Result<Setup> {
+/// The OpenTelemetry settings of a process, with traces on at ratio 1.0: every event
+/// traced, queued deep enough that none is dropped (dropped spans would cost nothing).
+fn traced(endpoint: Option<&str>) -> Vec<(&'static str, String)> {
+    let Some(endpoint) = endpoint else {
+        return Vec::new();
+    };
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.to_owned()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
+        ("OTEL_TRACES_SAMPLER", "always_on".to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "1000".to_owned()),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "262144".to_owned()),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4096".to_owned()),
+    ]
+}
+
+/// An OTLP/HTTP collector that takes every export and keeps only its size: what a real
+/// collector does with the spans is not the replicas' cost.
+async fn otlp_sink() -> anyhow::Result<(String, Arc<AtomicU64>, Arc<AtomicU64>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (requests, bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let counts = (requests.clone(), bytes.clone());
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            counts.0.fetch_add(1, Ordering::Relaxed);
+            counts.1.fetch_add(body.len() as u64, Ordering::Relaxed);
+            // An empty ExportTraceServiceResponse is zero bytes of protobuf.
+            async {
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, requests, bytes))
+}
+
+async fn setup(traces: Option<&str>) -> anyhow::Result<Setup> {
     let redis_port = free_port()?;
     let redis = Proc(
         Command::new("redis-server")
@@ -191,6 +237,7 @@ async fn setup() -> anyhow::Result<Setup> {
                 "RUST_LOG",
                 std::env::var("STREAM_BENCH_LOG").unwrap_or_else(|_| "warn".to_owned()),
             )
+            .envs(traced(traces))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
@@ -205,6 +252,7 @@ async fn setup() -> anyhow::Result<Setup> {
         cookie,
         _sim: sim,
         _shutdown: shutdown,
+        traces: traces.map(str::to_owned),
         guild,
     })
 }
@@ -404,6 +452,7 @@ async fn publish(setup: &Setup, args: &[&str]) -> anyhow::Result<String> {
         .args(args)
         .env("REDIS_URL", &setup.redis_url)
         .env("DISCORD_GUILD_ID", &setup.guild)
+        .envs(traced(setup.traces.as_deref()))
         .output()
         .await?;
     anyhow::ensure!(
@@ -948,7 +997,15 @@ fn main() -> anyhow::Result<()> {
             .filter(|a| matches!(*a, "a" | "b" | "c" | "d" | "stalled"))
             .collect();
         let with_nchan = args.iter().any(|a| a == "nchan");
-        let setup = setup().await?;
+        let sink = if args.iter().any(|a| a == "traces") {
+            Some(otlp_sink().await?)
+        } else {
+            None
+        };
+        let setup = setup(sink.as_ref().map(|(url, ..)| url.as_str())).await?;
+        if setup.traces.is_some() {
+            println!("traces on: every Coven process exports every span (ratio 1.0) over OTLP/HTTP to a sink in this process");
+        }
         let nchan = if with_nchan {
             match Nchan::start(&setup.redis_url).await {
                 Ok(n) => Some(n),
@@ -999,6 +1056,13 @@ fn main() -> anyhow::Result<()> {
         }
         if only.is_empty() || only.contains(&"stalled") {
             stalled(&setup).await?;
+        }
+        if let Some((_, requests, bytes)) = &sink {
+            println!(
+                "OTLP sink: {} exports, {:.1} MiB of spans",
+                requests.load(Ordering::Relaxed),
+                bytes.load(Ordering::Relaxed) as f64 / 1_048_576.0
+            );
         }
         Ok(())
     })

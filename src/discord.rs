@@ -242,6 +242,7 @@ pub struct BotGateway {
     pub reset_after: Duration,
 }
 
+#[tracing::instrument(name = "discord.rest", skip_all, fields(route = "GET /gateway/bot", status = tracing::field::Empty))]
 pub async fn bot_gateway(bot: &twilight_http::Client) -> Result<BotGateway, DiscordError> {
     let info = bot
         .gateway()

@@ -194,6 +194,8 @@ enum Work {
         request: Option<Request>,
         /// The dispatch's span while traces are on (else none): the append is its child.
         dispatch: tracing::Span,
+        /// When the dispatch arrived: its events' Discord-to-log time is measured from it.
+        received: std::time::Instant,
     },
     /// The shard's `gateway.status`, into every served guild's log.
     Status(EventData),
@@ -387,6 +389,7 @@ fn on_guild_dispatch(
             } else {
                 tracing::Span::none()
             };
+            let received = std::time::Instant::now();
             let out = dispatch.in_scope(|| served.deriver.on_dispatch(event));
             if !served.syncing {
                 marked = out
@@ -401,6 +404,7 @@ fn on_guild_dispatch(
                         data,
                         request,
                         dispatch: dispatch.clone(),
+                        received,
                     });
                 }
             }
@@ -760,13 +764,20 @@ impl Writer<'_> {
                     data,
                     request,
                     dispatch,
+                    received,
                 }) => {
                     let span = if dispatch.is_none() {
                         dispatch
                     } else {
                         tracing::info_span!(parent: &dispatch, "bus.append", kind = %data.kind(), guild = %bus.guild_id())
                     };
-                    self.append(&*bus, data, request).instrument(span).await
+                    let guild = bus.guild_id();
+                    let appended = self.append(&*bus, data, request).instrument(span).await;
+                    if appended.is_ok() {
+                        metrics::histogram!("coven_gateway_dispatch_to_log_seconds", "guild_bucket" => crate::prometheus::guild_bucket(guild))
+                            .record(received.elapsed().as_secs_f64());
+                    }
+                    appended
                 }
                 Some(Work::Status(data)) => self.status(data).await,
                 Some(Work::Sync(guild)) => self.sync(guild).await,

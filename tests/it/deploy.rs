@@ -14,8 +14,26 @@ use crate::harness::{Browser, Stack, wait_for};
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// Settings read from the environment outside clap: RUST_LOG by tracing, COVEN_ENV by the .env loader, SSL_CERT_FILE by
-/// rustls-native-certs (the CAs for `rediss://`).
-const EXTRA_ENV: &[&str] = &["RUST_LOG", "COVEN_ENV", "SSL_CERT_FILE"];
+/// rustls-native-certs (the CAs for `rediss://`), and the OpenTelemetry specification's
+/// own variables (config::trace_settings and the SDK; docs/configuration.md, "Traces").
+const EXTRA_ENV: &[&str] = &[
+    "RUST_LOG",
+    "COVEN_ENV",
+    "SSL_CERT_FILE",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_TIMEOUT",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+    "OTEL_BSP_SCHEDULE_DELAY",
+    "OTEL_SDK_DISABLED",
+    "OTEL_TRACES_EXPORTER",
+];
 
 /// Routes each command's healthcheck may use (each checked live below).
 fn health_routes(command: &str) -> &'static [&'static str] {

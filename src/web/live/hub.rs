@@ -73,8 +73,11 @@ pub struct Hub {
     /// every stream an event changes (a role edit can touch thousands), and only one is
     /// kept.
     view: Arc<tokio::sync::Mutex<Option<Arc<Snapshot>>>>,
-    /// Looked up once: incremented per delivery.
+    /// Looked up once: incremented per delivery (`guild_bucket` labelled).
     pub delivered: metrics::Counter,
+    /// How old each event is when this replica passes it on (now − its append time):
+    /// Discord-to-replica latency, per guild bucket.
+    age: metrics::Histogram,
     /// Open streams (`coven_web_streams`), looked up once.
     pub streams: metrics::Gauge,
     /// Resumes (`coven_web_replays_total`) and those served from memory: per stream,
@@ -120,7 +123,8 @@ impl Hub {
             state: Arc::new(Mutex::new(snapshot)),
             html_streams: Arc::default(),
             view: Arc::default(),
-            delivered: metrics::counter!("coven_web_events_delivered_total"),
+            delivered: metrics::counter!("coven_web_events_delivered_total", "guild_bucket" => crate::prometheus::guild_bucket(guild)),
+            age: metrics::histogram!("coven_web_event_age_seconds", "guild_bucket" => crate::prometheus::guild_bucket(guild)),
             streams: metrics::gauge!("coven_web_streams"),
             replays: [
                 metrics::counter!("coven_web_replays_total"),
@@ -260,6 +264,8 @@ impl Hub {
                 span
             });
         let _span = span.as_ref().map(tracing::Span::enter);
+        self.age
+            .record(crate::event::now_ms().saturating_sub(event.ts) as f64 / 1000.0);
         let control = Control::of(&event.data);
         match &control {
             Some(Control::LoggedOut(user, login)) => self.sessions.revoke_login(*user, login),
