@@ -550,8 +550,11 @@ impl Event {
     /// envelope (a traced append's). An unreadable trace context is dropped, not the
     /// event: tracing must never cost an event.
     pub fn parse_message(message: &str) -> Result<Self, EnvelopeError> {
+        if message.starts_with('{') {
+            return Self::parse(message);
+        }
         match message.split_once('\n') {
-            Some((trace, json)) if !message.starts_with('{') => {
+            Some((trace, json)) => {
                 let mut event = Self::parse(json)?;
                 event.trace = crate::telemetry::valid_traceparent(trace).map(Into::into);
                 Ok(event)
@@ -636,6 +639,31 @@ mod tests {
         assert_eq!(v["data"]["self_mute"], true);
         let back = Event::parse(&event.json).unwrap();
         assert_eq!(back, event);
+    }
+
+    #[test]
+    fn a_message_carries_its_trace_beside_the_envelope_and_a_bad_one_costs_no_event() {
+        let event = Event::new("5-1".parse().unwrap(), Id::new(7), 5, joined()).unwrap();
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let traced = Event::parse_message(&format!("{tp}\n{}", event.json)).unwrap();
+        assert_eq!(traced.trace.as_deref(), Some(tp));
+        assert_eq!(
+            traced.json, event.json,
+            "what streams get is the bare envelope"
+        );
+        assert_eq!(Event::parse_message(&event.json).unwrap(), event);
+        for bad in ["not-a-traceparent", "00-zz-zz-01", ""] {
+            let got = Event::parse_message(&format!("{bad}\n{}", event.json)).unwrap();
+            assert_eq!((got.trace, got.id), (None, event.id), "{bad:?}");
+        }
+        for garbage in [
+            tp.to_owned(),
+            format!("{tp}\n{{"),
+            "\n".to_owned(),
+            String::new(),
+        ] {
+            assert!(Event::parse_message(&garbage).is_err(), "{garbage:?}");
+        }
     }
 
     #[test]
