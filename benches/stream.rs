@@ -155,8 +155,8 @@ fn traced(endpoint: Option<&str>) -> Vec<(&'static str, String)> {
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
         ("OTEL_TRACES_SAMPLER", "always_on".to_owned()),
         ("OTEL_BSP_SCHEDULE_DELAY", "1000".to_owned()),
-        ("OTEL_BSP_MAX_QUEUE_SIZE", "262144".to_owned()),
-        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4096".to_owned()),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "16384".to_owned()),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2048".to_owned()),
     ]
 }
 

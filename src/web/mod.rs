@@ -202,6 +202,17 @@ pub fn router(app: AppState) -> Router {
             app.guilds.deployment().clone(),
             error::shared_state_guard,
         ));
+    // A request's span: tower-http's for pages and posts (to the end of the body); for a
+    // stream, only until its answer starts, since tower-http's body would enter the span
+    // at every write of every stream, a cost per delivery.
+    let (site, streams) = if crate::telemetry::enabled() {
+        (
+            site.layer(ops::traces()),
+            streams.layer(axum::middleware::from_fn(ops::stream_span)),
+        )
+    } else {
+        (site, streams)
+    };
     let router = Router::new()
         .merge(site)
         .merge(streams)
@@ -216,11 +227,7 @@ pub fn router(app: AppState) -> Router {
         .layer(frames)
         .layer(axum::middleware::from_fn(ops::close_if_unread))
         .layer(axum::middleware::from_fn(ops::body_deadline));
-    if crate::telemetry::enabled() {
-        router.layer(ops::traces())
-    } else {
-        router
-    }
+    router
 }
 
 /// Serves until `shutdown`, then stops accepting and drains open streams over

@@ -111,12 +111,24 @@ async fn a_voice_change_is_one_trace_from_the_dispatch_to_both_replicas_writes()
         assert_eq!(write.attr("streams"), Some("1"), "{write:?}");
     }
     assert_ne!(writes[0].instance(), writes[1].instance());
+    // Each stream's opening is a request span of its replica, ended when the answer began.
+    let all = collector.spans();
+    let opened = collector_spans(&all, "/api/stream");
+    assert_eq!(opened.len(), 2, "{opened:?}");
+    assert!(opened.iter().all(|s| s.attr("status") == Some("200")));
 
     // What the browsers got carries no trace id.
     for message in &seen {
         assert!(!message.data.contains(&dispatch.trace_id), "{message:?}");
         assert!(!message.data.contains("traceparent"), "{message:?}");
     }
+}
+
+fn collector_spans<'a>(spans: &'a [Span], route: &str) -> Vec<&'a Span> {
+    spans
+        .iter()
+        .filter(|s| s.name == "http.request" && s.attr("route") == Some(route))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -140,7 +152,7 @@ async fn publish_exports_over_grpc_and_http_requests_are_spans() {
     );
     let web = stack.web(0);
     let browser = Browser::new();
-    let landing = browser.get(&web.url("/healthz")).await;
+    let landing = browser.get(&web.url("/")).await;
     assert_eq!(landing.status(), 200);
 
     let spans = wait_for("publish's three traces and the request's span", || {
@@ -149,7 +161,7 @@ async fn publish_exports_over_grpc_and_http_requests_are_spans() {
             let roots = spans.iter().filter(|s| s.name == "publish").count();
             let request = spans
                 .iter()
-                .any(|s| s.name == "http.request" && s.attr("route") == Some("/healthz"));
+                .any(|s| s.name == "http.request" && s.attr("route") == Some("/"));
             (roots >= 3 && request).then_some(spans)
         }
     })
@@ -161,7 +173,7 @@ async fn publish_exports_over_grpc_and_http_requests_are_spans() {
     assert_eq!(traces.len(), 3, "each event its own trace");
     let request = spans
         .iter()
-        .find(|s| s.name == "http.request" && s.attr("route") == Some("/healthz"))
+        .find(|s| s.name == "http.request" && s.attr("route") == Some("/"))
         .unwrap();
     assert_eq!(request.attr("status"), Some("200"));
     assert_eq!(request.attr("method"), Some("GET"));

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::Instant;
+use tracing::Instrument as _;
 
 use axum::body::{Body, HttpBody};
 
@@ -69,39 +70,51 @@ pub type RequestSpans = tower_http::trace::TraceLayer<
 /// A span per request while traces are on (`http.request`: method, route, status),
 /// continuing the caller's trace when it sent a `traceparent` (a proxy's, a client's).
 pub fn traces() -> RequestSpans {
-    fn span(request: &Request) -> tracing::Span {
-        let route = request
-            .extensions()
-            .get::<MatchedPath>()
-            .map_or("unmatched", |p| p.as_str());
-        let span = tracing::info_span!(
-            "http.request",
-            method = %request.method(),
-            route,
-            status = tracing::field::Empty,
-            trace_id = tracing::field::Empty,
-        );
-        match request
-            .headers()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::telemetry::valid_traceparent)
-        {
-            Some(parent) => crate::telemetry::continue_trace(&span, parent),
-            None => crate::telemetry::record_trace_id(&span),
-        }
-        span
-    }
-    fn answered(response: &Response, _: std::time::Duration, span: &tracing::Span) {
-        span.record("status", response.status().as_u16());
-    }
     tower_http::trace::TraceLayer::new_for_http()
-        .make_span_with(span as fn(&Request) -> tracing::Span)
+        .make_span_with(request_span as fn(&Request) -> tracing::Span)
         .on_request(())
         .on_response(answered as fn(&Response, std::time::Duration, &tracing::Span))
         .on_body_chunk(())
         .on_eos(())
         .on_failure(())
+}
+
+fn answered(response: &Response, _: std::time::Duration, span: &tracing::Span) {
+    span.record("status", response.status().as_u16());
+}
+
+/// A stream's request span: from the request until its answer starts (authorization,
+/// the replay's reads), not over the stream's life.
+pub async fn stream_span(request: Request, next: Next) -> Response {
+    let span = request_span(&request);
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("status", response.status().as_u16());
+    response
+}
+
+/// `http.request`, continuing the caller's trace when it sent a `traceparent`.
+fn request_span(request: &Request) -> tracing::Span {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str());
+    let span = tracing::info_span!(
+        "http.request",
+        method = %request.method(),
+        route,
+        status = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    match request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::telemetry::valid_traceparent)
+    {
+        Some(parent) => crate::telemetry::continue_trace(&span, parent),
+        None => crate::telemetry::record_trace_id(&span),
+    }
+    span
 }
 
 /// How long a request's body may take to arrive, all of it.
