@@ -213,7 +213,7 @@ pub fn router(app: AppState) -> Router {
     } else {
         (site, streams)
     };
-    let router = Router::new()
+    Router::new()
         .merge(site)
         .merge(streams)
         .route("/healthz", get(health::healthz))
@@ -226,8 +226,7 @@ pub fn router(app: AppState) -> Router {
         .layer(referrer)
         .layer(frames)
         .layer(axum::middleware::from_fn(ops::close_if_unread))
-        .layer(axum::middleware::from_fn(ops::body_deadline));
-    router
+        .layer(axum::middleware::from_fn(ops::body_deadline))
 }
 
 /// Serves until `shutdown`, then stops accepting and drains open streams over
