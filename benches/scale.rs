@@ -348,6 +348,8 @@ struct Change {
     user: u64,
     join: bool,
     sent: Instant,
+    /// The same moment on the wall clock, in unix ms: a log entry's id is Redis's.
+    sent_unix_ms: f64,
     ok: bool,
 }
 
@@ -395,6 +397,7 @@ async fn drive(
             let user = guild.users[u];
             let channel = join.then(|| guild.lobby.clone());
             let sent = Instant::now();
+            let sent_unix_ms = unix_ms();
             let ok = http
                 .post(format!("{sim_url}/_sim/voice"))
                 .json(&json!({"guild_id": generated(g).to_string(), "user_id": user.to_string(), "channel_id": channel}))
@@ -408,6 +411,7 @@ async fn drive(
                 user,
                 join,
                 sent,
+                sent_unix_ms,
                 ok,
             });
         });
@@ -1360,12 +1364,19 @@ async fn run(args: Args) {
         reconnects: u64,
         resyncs: u64,
         changes: u64,
+        /// From the change to its entry in the log (the entry id's time is Redis's).
+        to_log: Vec<f64>,
     }
     let mut acc = vec![PhaseAcc::default(); nphases];
     for changes in &changes_by_guild {
         for c in changes.iter().filter(|c| c.ok) {
             acc[phase_of(c.sent)].changes += 1;
         }
+    }
+    for ((_, id), c) in &change_of {
+        acc[phase_of(c.sent)]
+            .to_log
+            .push((id.ms as f64 - c.sent_unix_ms).max(0.0));
     }
     // (sent, received, stream)
     let mut deliveries: Vec<(Instant, Instant, usize)> = Vec::new();
@@ -1453,6 +1464,27 @@ async fn run(args: Args) {
             per.len(),
         )
     };
+    // How long appends stalled: the slowest change-to-log in the ten seconds after each
+    // fault, for the affected guilds and for the other watched ones.
+    let stalls: Vec<(f64, f64)> = faults
+        .iter()
+        .map(|f| {
+            let hit: HashSet<usize> = f.affected.iter().map(|i| clients[*i].guild).collect();
+            let mut worst = (0.0f64, 0.0f64);
+            for ((g, id), c) in &change_of {
+                if c.sent < f.at || c.sent > f.at + Duration::from_secs(10) {
+                    continue;
+                }
+                let t = (id.ms as f64 - c.sent_unix_ms).max(0.0);
+                if hit.contains(g) {
+                    worst.0 = worst.0.max(t);
+                } else {
+                    worst.1 = worst.1.max(t);
+                }
+            }
+            worst
+        })
+        .collect();
     let mut backs: Vec<(f64, f64, usize)> = Vec::new();
     // The same for the streams the fault should not touch.
     let mut backs_others: Vec<(f64, f64, usize)> = Vec::new();
@@ -1591,6 +1623,8 @@ async fn run(args: Args) {
         .map(|k| {
             let mut l = acc[k].latencies.clone();
             l.sort_by(f64::total_cmp);
+            let mut to_log = acc[k].to_log.clone();
+            to_log.sort_by(f64::total_cmp);
             json!({
                 "name": phase_names[k],
                 "from_s": bounds[k].0,
@@ -1600,6 +1634,8 @@ async fn run(args: Args) {
                 "latency_p50_ms": finite(percentile(&l, 0.5)),
                 "latency_p99_ms": finite(percentile(&l, 0.99)),
                 "latency_max_ms": finite(l.last().copied().unwrap_or(f64::NAN)),
+                "change_to_log_p50_ms": finite(percentile(&to_log, 0.5)),
+                "change_to_log_p99_ms": finite(percentile(&to_log, 0.99)),
                 "lost": acc[k].lost,
                 "repeated": acc[k].repeated,
                 "out_of_order": acc[k].out_of_order,
@@ -1638,6 +1674,11 @@ async fn run(args: Args) {
             })
         })
         .collect();
+    // The added gateway's first sample: a process holding no shard yet.
+    let standby = procs
+        .get("gateway-d")
+        .and_then(|v| v.iter().find(|s| s.rss_kib > 0))
+        .map_or(0, |s| s.rss_kib);
     let gw_mem: Vec<Value> = steady_holding
         .iter()
         .map(|(name, shards)| {
@@ -1649,6 +1690,8 @@ async fn run(args: Args) {
                 "guilds": guilds,
                 "rss_kib": rss,
                 "rss_kib_per_100_guilds": finite(rss as f64 / guilds.max(1) as f64 * 100.0),
+                "standby_rss_kib": standby,
+                "kib_per_100_guilds_above_standby": finite((rss as f64 - standby as f64) / guilds.max(1) as f64 * 100.0),
             })
         })
         .collect();
@@ -1675,7 +1718,8 @@ async fn run(args: Args) {
         .zip(&backs)
         .zip(&windows)
         .zip(&backs_others)
-        .map(|(((f, b), w), o)| {
+        .zip(&stalls)
+        .map(|((((f, b), w), o), st)| {
             json!({
                 "name": f.name,
                 "detail": f.detail,
@@ -1687,6 +1731,8 @@ async fn run(args: Args) {
                 "other_streams_measured": o.2,
                 "other_streams_delivery_back_p50_s": finite(o.0),
                 "other_streams_delivery_back_max_s": finite(o.1),
+                "change_to_log_max_ms_affected_guilds": finite(st.0),
+                "change_to_log_max_ms_other_guilds": finite(st.1),
                 "window_s": [at_s(w.0), at_s(w.1)],
             })
         })
@@ -1760,7 +1806,7 @@ async fn run(args: Args) {
     println!("\n## faults");
     for f in &fault_json {
         println!(
-            "  {} at {:.1} s ({}): {} streams affected, {} measured; delivery back p50 {:.2} s, max {:.2} s; window until {:.1} s; the other streams: {} measured, p50 {:.2} s, max {:.2} s",
+            "  {} at {:.1} s ({}): {} streams affected, {} measured; delivery back p50 {:.2} s, max {:.2} s; window until {:.1} s; the other streams: {} measured, p50 {:.2} s, max {:.2} s; slowest change-to-log in the 10 s after: {:.0} ms (affected guilds), {:.0} ms (others)",
             f["name"].as_str().unwrap(),
             f["at_s"].as_f64().unwrap(),
             f["detail"].as_str().unwrap(),
@@ -1774,6 +1820,12 @@ async fn run(args: Args) {
                 .as_f64()
                 .unwrap_or(f64::NAN),
             f["other_streams_delivery_back_max_s"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            f["change_to_log_max_ms_affected_guilds"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            f["change_to_log_max_ms_other_guilds"]
                 .as_f64()
                 .unwrap_or(f64::NAN),
         );
@@ -1794,12 +1846,16 @@ async fn run(args: Args) {
     }
     for g in &gw_mem {
         println!(
-            "  {}: shards {}, {} guilds, RSS {} KiB: {:.0} KiB per 100 guilds",
+            "  {}: shards {}, {} guilds, RSS {} KiB: {:.0} KiB per 100 guilds ({:.0} KiB above a standby gateway's {} KiB)",
             g["gateway"].as_str().unwrap(),
             g["shards"],
             g["guilds"],
             g["rss_kib"],
             g["rss_kib_per_100_guilds"].as_f64().unwrap_or(f64::NAN),
+            g["kib_per_100_guilds_above_standby"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            g["standby_rss_kib"],
         );
     }
     println!(
@@ -1841,6 +1897,12 @@ fn finite(x: f64) -> Value {
     }
 }
 
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+}
+
 fn events_key(guild: u64) -> String {
     format!("{PREFIX}:{{{guild}}}:events")
 }
@@ -1878,7 +1940,7 @@ fn draw(report: &Value, path: &std::path::Path) {
         .margin(12)
         .x_label_area_size(30)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..tmax, (1f64..lat_max * 1.5).log_scale())
+        .build_cartesian_2d(0f64..tmax, (1f64..lat_max * 3.0).log_scale())
         .unwrap();
     chart
         .configure_mesh()
@@ -1918,11 +1980,11 @@ fn draw(report: &Value, path: &std::path::Path) {
         let at = f["at_s"].as_f64().unwrap();
         chart
             .draw_series(LineSeries::new(
-                vec![(at, 1.0), (at, lat_max * 1.5)],
+                vec![(at, 1.0), (at, lat_max * 3.0)],
                 BLACK.mix(0.6).stroke_width(1),
             ))
             .unwrap();
-        let y = lat_max * 1.2 / 2f64.powi(k as i32 % 3);
+        let y = lat_max * 2.4 / 2f64.powi(k as i32 % 3);
         chart
             .draw_series(std::iter::once(Text::new(
                 f["name"].as_str().unwrap().to_owned(),
@@ -1933,7 +1995,7 @@ fn draw(report: &Value, path: &std::path::Path) {
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .label_font(small.clone())
@@ -1999,7 +2061,7 @@ fn draw(report: &Value, path: &std::path::Path) {
         .margin(12)
         .x_label_area_size(30)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..tmax, 0f64..mmax * 1.1)
+        .build_cartesian_2d(0f64..tmax, 0f64..mmax * 1.6)
         .unwrap();
     chart
         .configure_mesh()
@@ -2030,7 +2092,7 @@ fn draw(report: &Value, path: &std::path::Path) {
         let at = f["at_s"].as_f64().unwrap();
         chart
             .draw_series(LineSeries::new(
-                vec![(at, 0.0), (at, mmax * 1.1)],
+                vec![(at, 0.0), (at, mmax * 1.6)],
                 BLACK.mix(0.3).stroke_width(1),
             ))
             .unwrap();
