@@ -493,6 +493,7 @@ impl Dechunk {
 
 /// One `EventSource`: opens `/api/stream?guild=G` on its replica, reads, and on a cut
 /// waits `retry:` and goes to the next replica that answers, with `Last-Event-ID`.
+#[allow(clippy::too_many_arguments)]
 async fn run_client(
     client: Arc<Viewer>,
     ports: Arc<Vec<u16>>,
@@ -613,10 +614,10 @@ async fn run_client(
                         id = Some(v);
                     } else if let Some(v) = line.strip_prefix(b"event: ") {
                         event = v;
-                    } else if let Some(v) = line.strip_prefix(b"retry: ") {
-                        if let Some(r) = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()) {
-                            retry = Duration::from_millis(r);
-                        }
+                    } else if let Some(v) = line.strip_prefix(b"retry: ")
+                        && let Some(r) = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok())
+                    {
+                        retry = Duration::from_millis(r);
                     }
                 }
                 let Some(id) = id.and_then(|i| std::str::from_utf8(i).ok()) else {
