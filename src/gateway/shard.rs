@@ -16,12 +16,15 @@
 //! Discord's dispatches, nor write to a guild it does not serve; which shards this
 //! process holds is [`super::run`]'s to decide.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -545,7 +548,8 @@ async fn active(
         stop: shutdown,
         draining: CancellationToken::new(),
         grace: settings.guild_removed_grace,
-        recorded: Mutex::new(None),
+        recorded: Mutex::default(),
+        finished: Mutex::default(),
         appends: std::sync::atomic::AtomicU64::new(0),
     };
     let status = Status::new(health, at);
@@ -716,6 +720,13 @@ async fn active(
     ended
 }
 
+/// Guilds whose work is appended at once: enough that a failing Redis node holds up only
+/// its own guilds, few enough that an outage of every node is not a storm of retries.
+const LANES_AT_ONCE: usize = 64;
+
+/// The longest wait between two tries of a write Redis refused.
+const RETRY_AT_MOST: Duration = Duration::from_millis(250);
+
 /// How long a stopping shard waits for its queued work to reach Redis.
 const DRAIN_FOR: Duration = Duration::from_secs(5);
 
@@ -736,7 +747,9 @@ struct Writer<'a> {
     grace: Duration,
     /// The room of the last `room.created` naming an owner, and whether Redis already
     /// held that room's creator before it was appended.
-    recorded: Mutex<Option<(Id<ChannelMarker>, bool)>>,
+    recorded: Mutex<HashMap<Id<ChannelMarker>, bool>>,
+    /// Dispatch sequences of events appended since the run loop last looked.
+    finished: Mutex<Vec<u64>>,
     /// Appends made under this fence that no dispatch names: with the fence token, names
     /// each one, so a retry (a lost answer, a failover, a write not yet on
     /// `REDIS_MIN_REPLICAS` replicas) appends nothing twice.
@@ -744,59 +757,169 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
+    /// Takes work off the queue into one lane per guild and appends the lanes side by side:
+    /// each guild's events in order, but a guild whose Redis node is failing over holds up
+    /// only its own lane, not the shard's other guilds (on other primaries of a Cluster).
+    /// The Discord session is stored at the newest sequence all of whose events are in
+    /// Redis, so a successor resumes before anything not yet appended (and the appends'
+    /// names make what it replays of other guilds a no-op). A shard status goes to every
+    /// guild, so it waits for the lanes to empty, as recovering after an overflow does.
     async fn run(&self, mut rx: mpsc::Receiver<Work>) {
+        let mut lanes: HashMap<Id<GuildMarker>, VecDeque<Work>> = HashMap::new();
+        let mut flying = FuturesUnordered::new();
+        let mut busy: HashSet<Id<GuildMarker>> = HashSet::new();
+        // Dispatch sequences with events not yet in Redis (how many events each).
+        let mut unfinished: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut session: Option<StoredSession> = None;
+        let mut saved: Option<u64> = None;
+        let mut saving = false;
+        // A status (or a recovery) waiting for the lanes to empty; nothing is taken off
+        // the queue meanwhile.
+        let mut held: Option<Work> = None;
+        let mut closed = false;
         loop {
-            if self.draining.is_cancelled() && rx.is_empty() {
-                return;
-            }
-            let work = tokio::select! {
-                biased;
-                work = rx.recv() => work,
-                () = self.wake.notified() => None,
-                () = self.draining.cancelled() => None,
-            };
-            if work.is_some() {
-                metrics::gauge!("coven_gateway_queue_depth").decrement(1.0);
-            }
-            let result = match work {
-                Some(Work::Event {
-                    bus,
-                    data,
-                    request,
-                    dispatch,
-                    received,
-                }) => {
-                    let span = if dispatch.is_none() {
-                        dispatch
-                    } else {
-                        tracing::info_span!(parent: &dispatch, "bus.append", kind = %data.kind(), guild = %bus.guild_id())
-                    };
-                    let guild = bus.guild_id();
-                    let appended = self.append(&*bus, data, request).instrument(span).await;
-                    if appended.is_ok() {
-                        metrics::histogram!("coven_gateway_dispatch_to_log_seconds", "guild_bucket" => crate::prometheus::guild_bucket(guild))
-                            .record(received.elapsed().as_secs_f64());
-                    }
-                    appended
+            for (guild, lane) in &mut lanes {
+                if flying.len() >= LANES_AT_ONCE {
+                    break;
                 }
-                Some(Work::Status(data)) => self.status(data).await,
-                Some(Work::Sync(guild)) => self.sync(guild).await,
-                Some(Work::Register(guild, entry)) => self.register(guild, &entry).await,
-                Some(Work::Removed { guild, bus, mark }) => self.removed(guild, &*bus, mark).await,
-                Some(Work::Session(session)) => self.save(&session).await,
-                None => Ok(()),
-            };
-            if result.is_err() {
-                self.lost.cancel();
-                return;
+                if busy.contains(guild) {
+                    continue;
+                }
+                if let Some(work) = lane.pop_front() {
+                    busy.insert(*guild);
+                    let guild = *guild;
+                    flying.push(
+                        Box::pin(async move { (Some(guild), self.work(work).await) })
+                            as Pin<Box<dyn Future<Output = _> + Send + '_>>,
+                    );
+                }
             }
-            if self.overflowed.load(Ordering::Acquire)
-                && rx.is_empty()
-                && self.recover().await.is_err()
+            lanes.retain(|_, lane| !lane.is_empty());
+            // The newest session whose events are all in Redis, one write at a time.
+            if !saving && let Some(latest) = &session {
+                let safe = unfinished.keys().next().map_or(latest.sequence, |oldest| {
+                    oldest.saturating_sub(1).min(latest.sequence)
+                });
+                if saved.is_none_or(|s| safe > s) {
+                    let stored = StoredSession {
+                        sequence: safe,
+                        ..latest.clone()
+                    };
+                    saving = true;
+                    saved = Some(safe);
+                    flying.push(Box::pin(async move { (None, self.save(&stored).await) }));
+                }
+            }
+            let quiet = flying.is_empty() && lanes.is_empty();
+            if quiet {
+                if let Some(work) = held.take()
+                    && self.work(work).await.is_err()
+                {
+                    self.lost.cancel();
+                    return;
+                }
+                if self.overflowed.load(Ordering::Acquire)
+                    && rx.is_empty()
+                    && self.recover().await.is_err()
+                {
+                    self.lost.cancel();
+                    return;
+                }
+                if closed || (self.draining.is_cancelled() && rx.is_empty()) {
+                    return;
+                }
+            }
+            tokio::select! {
+                biased;
+                Some((guild, result)) = flying.next(), if !flying.is_empty() => {
+                    match guild {
+                        Some(guild) => drop(busy.remove(&guild)),
+                        None => saving = false,
+                    }
+                    if result.is_err() {
+                        self.lost.cancel();
+                        return;
+                    }
+                }
+                work = rx.recv(), if held.is_none() && !closed => {
+                    let Some(work) = work else {
+                        // The shard loop is gone: finish what was taken.
+                        if quiet {
+                            return;
+                        }
+                        closed = true;
+                        continue;
+                    };
+                    metrics::gauge!("coven_gateway_queue_depth").decrement(1.0);
+                    match work {
+                        Work::Session(latest) => session = Some(latest),
+                        Work::Status(_) => held = Some(work),
+                        Work::Event { ref bus, ref request, .. } => {
+                            if let Some(request) = request {
+                                *unfinished.entry(request.seq).or_default() += 1;
+                            }
+                            lanes.entry(bus.guild_id()).or_default().push_back(work);
+                        }
+                        Work::Sync(guild)
+                        | Work::Register(guild, _)
+                        | Work::Removed { guild, .. } => {
+                            lanes.entry(guild).or_default().push_back(work);
+                        }
+                    }
+                }
+                () = self.wake.notified() => {}
+                () = self.draining.cancelled(), if !self.draining.is_cancelled() => {}
+            }
+            // Events done are no longer unfinished: counted down by the lane that ran them.
+            for seq in self
+                .finished
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain(..)
             {
-                self.lost.cancel();
-                return;
+                if let Some(n) = unfinished.get_mut(&seq) {
+                    *n -= 1;
+                    if *n == 0 {
+                        unfinished.remove(&seq);
+                    }
+                }
             }
+        }
+    }
+
+    /// One item of a lane (or a held status).
+    async fn work(&self, work: Work) -> Result<(), BusError> {
+        match work {
+            Work::Event {
+                bus,
+                data,
+                request,
+                dispatch,
+                received,
+            } => {
+                let span = if dispatch.is_none() {
+                    dispatch
+                } else {
+                    tracing::info_span!(parent: &dispatch, "bus.append", kind = %data.kind(), guild = %bus.guild_id())
+                };
+                let guild = bus.guild_id();
+                let seq = request.as_ref().map(|r| r.seq);
+                self.append(&*bus, data, request).instrument(span).await?;
+                metrics::histogram!("coven_gateway_dispatch_to_log_seconds", "guild_bucket" => crate::prometheus::guild_bucket(guild))
+                    .record(received.elapsed().as_secs_f64());
+                if let Some(seq) = seq {
+                    self.finished
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(seq);
+                }
+                Ok(())
+            }
+            Work::Status(data) => self.status(data).await,
+            Work::Sync(guild) => self.sync(guild).await,
+            Work::Register(guild, entry) => self.register(guild, &entry).await,
+            Work::Removed { guild, bus, mark } => self.removed(guild, &*bus, mark).await,
+            Work::Session(session) => self.save(&session).await,
         }
     }
 
@@ -818,7 +941,9 @@ impl Writer<'_> {
                 Err(e) => {
                     tracing::warn!(error = %e, "{what} failed; retrying");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    // Short: a Cluster failover is over within seconds, and a retry made
+                    // up to 2 s after it (the old cap) was most of a guild's pause.
+                    backoff = (backoff * 2).min(RETRY_AT_MOST);
                 }
             }
         }
@@ -843,8 +968,12 @@ impl Writer<'_> {
                     .rooms
                     .get(channel_id)
                     .is_some_and(|r| r.creator_id.is_some());
-                *self.recorded.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((*channel_id, known));
+                let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+                // Rooms whose invite.renewed never came are not kept for ever.
+                if recorded.len() >= 1024 {
+                    recorded.clear();
+                }
+                recorded.insert(*channel_id, known);
             }
             // The deriver retires a rebuilt room's invite links (only the gateway's
             // rebuilds make `invite.renewed` here) when its view had no owner for it; but
@@ -852,8 +981,12 @@ impl Writer<'_> {
             // was connecting. What Redis held just before the rebuilt `room.created`
             // decides: a creator there means nothing was lost.
             EventData::InviteRenewed { channel_id, .. }
-                if *self.recorded.lock().unwrap_or_else(|e| e.into_inner())
-                    == Some((*channel_id, true)) =>
+                if self
+                    .recorded
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(channel_id)
+                    == Some(&true) =>
             {
                 tracing::info!(channel = %channel_id, "the room was recorded after all; its invite links stay valid");
                 return Ok(());

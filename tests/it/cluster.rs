@@ -998,3 +998,112 @@ async fn a_frozen_primary_is_failed_over_and_appends_go_on_while_it_sleeps() {
         "the log in order, none twice"
     );
 }
+
+/// A gateway appends each guild's events in order, but guilds side by side: while the
+/// primary of one guild sleeps (and before its replica takes over), a voice change in a
+/// guild of the same shard on another primary reaches that guild's log. One queue for the
+/// whole shard held every guild up behind the sleeping one (the scale run's pause of 5 s
+/// on every primary when one was killed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_primary_holds_up_only_its_own_guilds_events_in_a_gateway() {
+    use coven::sim::defaults::NIGHT_OWLS_GUILD_ID as OWLS;
+    let cluster = private();
+    let url = cluster.url();
+    let events = |prefix: &str, g: u64| format!("{prefix}:{{{g}}}:events");
+    // A key prefix that puts the two guilds on different primaries.
+    let prefix = tokio::task::block_in_place(|| {
+        (0..100)
+            .map(|i| format!("lanes{i}"))
+            .find(|p| cluster.owner(&events(p, GUILD)).0 != cluster.owner(&events(p, OWLS)).0)
+            .expect("a prefix that splits the two guilds")
+    });
+    let sim = TestSim::start().await;
+    let (_gateway, _) = spawn_gateway_on(
+        &sim,
+        &url,
+        &[
+            ("COVEN_KEY_PREFIX", prefix.as_str()),
+            ("DISCORD_GUILD_ID", ""),
+        ],
+    );
+    let redis = Redis::connect(
+        &url,
+        &prefix,
+        10_000,
+        coven::bus::redis::COMMAND_TIMEOUT,
+        Durability::OFF,
+    )
+    .await
+    .unwrap();
+    let (playgroup, owls) = (redis.guild(Id::new(GUILD)), redis.guild(Id::new(OWLS)));
+    let ash = sim.user("ash").await;
+    let voice = |user: u64, channel: u64| {
+        let sim = &sim;
+        async move {
+            let (status, answer) = sim
+                .control(
+                    "/voice",
+                    serde_json::json!({"user_id": user.to_string(), "channel_id": channel.to_string()}),
+                )
+                .await;
+            assert_eq!(status, 200, "{answer}");
+        }
+    };
+    // Both guilds served: a change in each reaches its log.
+    let (lobby, owls_lobby) = (
+        sim.id_of("lobby_id").await,
+        sim.id_in(OWLS, "lobby_id").await,
+    );
+    let joined = |bus: RedisBus, user: u64| async move {
+        let Ok(Since::Events(events)) = bus.since(EventId::ZERO, 10_000).await else {
+            return None;
+        };
+        events
+            .iter()
+            .rev()
+            .find(
+                |e| matches!(&e.data, EventData::VoiceJoined { user: u, .. } if u.id.get() == user),
+            )
+            .map(|e| e.id)
+    };
+    let (nyx, moth) = (
+        sim.user_of(OWLS, "nyx").await,
+        sim.user_of(OWLS, "moth").await,
+    );
+    voice(ash, lobby).await;
+    voice(nyx, owls_lobby).await;
+    wait_for("both guilds' first changes in their logs", || async {
+        joined(playgroup.clone(), ash).await?;
+        joined(owls.clone(), nyx).await
+    })
+    .await;
+
+    // Coven Playgroup's primary sleeps; a change there, then one in Night Owls.
+    let slot_of_playgroup = slot(&events(&prefix, GUILD));
+    let (sleeping, _) = tokio::task::block_in_place(|| cluster.owner_of_slot(slot_of_playgroup));
+    cluster.freeze(sleeping);
+    let bramble = sim.user("bramble").await;
+    voice(bramble, lobby).await;
+    voice(moth, owls_lobby).await;
+    wait_for(
+        "Night Owls' change in its log while Coven Playgroup's primary sleeps",
+        || joined(owls.clone(), moth),
+    )
+    .await;
+    // Coven Playgroup's primary still serves its slot (no failover yet: the cluster's
+    // node timeout is 2 s), so its change could not have gone in: Night Owls' did not
+    // wait for it.
+    let owner_now = tokio::task::block_in_place(|| {
+        crate::harness::cluster::owner_in(&cluster.topology(), slot_of_playgroup)
+    });
+    assert_eq!(
+        owner_now.map(|(p, _)| p),
+        Some(sleeping),
+        "the failover came first: this run proves nothing"
+    );
+    tokio::task::block_in_place(|| cluster.thaw(sleeping));
+    wait_for("Coven Playgroup's change once its primary is back", || {
+        joined(playgroup.clone(), bramble)
+    })
+    .await;
+}
