@@ -73,8 +73,27 @@ async fn fresh(
     {
         return recheck(app, guild.id, &*guild.bus, who, known).await;
     }
-    Ok(known)
+    if known.is_some() {
+        return Ok(known);
+    }
+    // Nothing known, and another replica is asking Discord right now (one person opening
+    // streams on several replicas at once): its answer, not a "no" before it has one.
+    let deadline = Instant::now() + ANSWER_WAIT;
+    while Instant::now() < deadline {
+        tokio::time::sleep(ANSWER_POLL).await;
+        if let Some(member) = guild.bus.member(user).await? {
+            return Ok(Some(member));
+        }
+    }
+    Ok(None)
 }
+
+/// How long a replica that found another asking Discord about a person it knows nothing
+/// of waits for that answer (Discord's answer to a person's token takes well under this;
+/// a non-member is told "no" after it).
+const ANSWER_WAIT: Duration = Duration::from_secs(3);
+/// How often it looks for the answer meanwhile.
+const ANSWER_POLL: Duration = Duration::from_millis(50);
 
 /// Asks Discord (`GET /users/@me/guilds/{guild}/member` with the person's token, so the
 /// bot's budget is not spent on page views) and records what changed. When Discord

@@ -557,3 +557,46 @@ async fn an_old_room_link_leads_only_to_a_room_its_follower_may_see() {
         assert_eq!(res.text().await.unwrap(), missing, "{path}");
     }
 }
+
+/// One person opening a community they have not visited yet on two replicas at once (tabs
+/// behind a balancer, streams reconnecting): the replica that finds the other asking
+/// Discord waits for its answer instead of saying "no such community" (the scale run saw
+/// hundreds of such 404s, which a browser's EventSource never retries).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_visit_on_two_replicas_at_once_lets_the_member_in_on_both() {
+    let stack = Stack::every_community(2, &[]).await;
+    wait_for("Night Owls registered", || async {
+        registered(&stack, OWLS).await.then_some(())
+    })
+    .await;
+    let ash = stack.user("ash").await;
+    let browser = Browser::new();
+    browser.login(stack.web(0), &stack.sim, ash).await;
+    // Discord makes the first replica's question wait a second (a rate limit on the
+    // person's token), so the second one's arrives while it is being asked.
+    stack
+        .sim
+        .fail_once(json!({
+            "method": "GET",
+            "path": "/users/@me/guilds/*/member",
+            "status": 429,
+            "retry_after": 1.0,
+        }))
+        .await;
+    let path = format!("/g/{OWLS}/rooms");
+    let first = {
+        let browser = browser.clone();
+        let url = stack.web(0).url(&path);
+        tokio::spawn(async move { browser.get(&url).await.status() })
+    };
+    let redis = stack.redis_client().await;
+    let claim = format!("coven:{{{OWLS}}}:member-check:{ash}");
+    wait_for("the first replica asking Discord", || async {
+        let claimed: bool = redis.exists(&claim).await.unwrap_or(false);
+        claimed.then_some(())
+    })
+    .await;
+    let second = browser.get(&stack.web(1).url(&path)).await.status();
+    assert_eq!(second, 200, "the second replica waited for the first's answer");
+    assert_eq!(first.await.unwrap(), 200);
+}
