@@ -597,6 +597,9 @@ async fn a_first_visit_on_two_replicas_at_once_lets_the_member_in_on_both() {
     })
     .await;
     let second = browser.get(&stack.web(1).url(&path)).await.status();
-    assert_eq!(second, 200, "the second replica waited for the first's answer");
+    assert_eq!(
+        second, 200,
+        "the second replica waited for the first's answer"
+    );
     assert_eq!(first.await.unwrap(), 200);
 }
