@@ -414,7 +414,12 @@ impl Hub {
         let mut n = 0;
         for (id, c) in &self.conns {
             if c.session.is_some() {
-                self.send(*id, json!({"op": op::RECONNECT, "d": null}));
+                // Every frame carries `s` and `t`, null when not a dispatch (Gateway
+                // Events, "Payload Structure"); clients index them without checking.
+                self.send(
+                    *id,
+                    json!({"op": op::RECONNECT, "d": null, "s": null, "t": null}),
+                );
                 n += 1;
             }
         }
@@ -430,7 +435,10 @@ impl Hub {
             .map(|(id, _)| *id)
             .collect();
         for id in &ids {
-            self.send(*id, json!({"op": op::INVALID_SESSION, "d": resumable}));
+            self.send(
+                *id,
+                json!({"op": op::INVALID_SESSION, "d": resumable, "s": null, "t": null}),
+            );
             if !resumable
                 && let Some(session) = self.conns.get_mut(id).and_then(|c| c.session.take())
             {

@@ -1267,3 +1267,48 @@ async fn sim_twilights_own_queue_starts_two_shards_of_one_bucket_without_a_refus
     let spacing = coven::sim::gateway::IDENTIFY_INTERVAL - coven::sim::gateway::IDENTIFY_TOLERANCE;
     assert!(at[1] >= at[0] + spacing.as_millis() as u64, "{at:?}");
 }
+
+/// Every frame carries `s` and `t` ("Payload Structure": null when `op` is not 0);
+/// clients such as discord.py read them from every frame, op 7 and op 9 included.
+#[tokio::test]
+async fn reconnect_and_invalid_session_frames_carry_null_s_and_t() {
+    let sim = TestSim::start().await;
+    let mut ws = connect(&sim, "?v=10&encoding=json").await;
+    let hello = recv(&mut ws).await.expect("hello");
+    assert_eq!((&hello["s"], &hello["t"]), (&Value::Null, &Value::Null));
+    send(&mut ws, &identify(&sim.token(), 129)).await;
+    while recv(&mut ws).await.expect("a frame")["t"] != "READY" {}
+    let shape = |f: &Value| {
+        let o = f.as_object().expect("an object").clone();
+        (
+            o.get("s").cloned(),
+            o.get("t").cloned(),
+            o.get("d").cloned(),
+        )
+    };
+
+    sim.control("/gateway/reconnect", json!({})).await;
+    let reconnect = loop {
+        let frame = recv(&mut ws).await.expect("a frame");
+        if frame["op"] == 7 {
+            break frame;
+        }
+    };
+    assert_eq!(
+        shape(&reconnect),
+        (Some(Value::Null), Some(Value::Null), Some(Value::Null))
+    );
+    // The same session: op 7 leaves it to the client to close.
+    sim.control("/gateway/invalidate", json!({"resumable": true}))
+        .await;
+    let invalid = loop {
+        let frame = recv(&mut ws).await.expect("a frame");
+        if frame["op"] == 9 {
+            break frame;
+        }
+    };
+    assert_eq!(
+        shape(&invalid),
+        (Some(Value::Null), Some(Value::Null), Some(json!(true)))
+    );
+}

@@ -204,9 +204,11 @@ async fn the_bucket_headers_keep_twilight_under_the_limit() {
             .await
             .unwrap();
         statuses.push(res.status().as_u16());
+        assert_eq!(res.headers()["via"], "1.1 google", "every answer says Via");
         if res.status() == 429 {
             assert!(res.headers().contains_key("retry-after"));
             assert_eq!(res.headers()["x-ratelimit-remaining"], "0");
+            assert_eq!(res.headers()["x-ratelimit-scope"], "user");
             let body: Value = res.json().await.unwrap();
             assert!(body["retry_after"].as_f64().is_some());
             assert_eq!(body["global"], false);
@@ -217,6 +219,8 @@ async fn the_bucket_headers_keep_twilight_under_the_limit() {
                 "x-ratelimit-reset",
                 "x-ratelimit-reset-after",
                 "x-ratelimit-bucket",
+                // Discord documents it on 429s only, but twilight-http reads no bucket
+                // header without it (response/future.rs, `parse_ratelimit_headers`).
                 "x-ratelimit-scope",
             ] {
                 assert!(res.headers().contains_key(h), "missing {h}");
@@ -974,6 +978,7 @@ async fn overwrites_through_rest_are_dispatched_and_checked() {
         "x-ratelimit-bucket",
         "x-ratelimit-remaining",
         "x-ratelimit-scope",
+        "via",
     ] {
         assert!(res.headers().contains_key(h), "missing {h}");
     }
@@ -1491,4 +1496,62 @@ async fn twilight_reads_a_persons_guilds_and_member_with_their_bearer_token() {
         .await
         .expect_err("ember is not in Night Owls");
     assert_eq!(discord_code(&e), Some((404, 10004)));
+}
+
+/// What a client library asks before its first event: the application of the bot token
+/// (discord.py's login calls `GET /oauth2/applications/@me` and stops on a 404), and the
+/// Gateway URL without authorization ("Get Gateway").
+#[tokio::test]
+async fn the_bot_s_application_and_the_gateway_url_are_served_as_discord_serves_them() {
+    let sim = TestSim::start().await;
+    let bot = format!("Bot {}", sim.token());
+    let owner = sim.user("ash").await.to_string();
+    for path in [
+        "/api/v10/oauth2/applications/@me",
+        "/api/v10/applications/@me",
+    ] {
+        let res = sim
+            .http
+            .get(sim.url(path))
+            .header("authorization", &bot)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        let app: Value = res.json().await.unwrap();
+        assert_eq!(app["id"], "1190000000000000002", "{path}: the client id");
+        assert_eq!(app["owner"]["id"], owner.as_str(), "{path}");
+        assert_eq!(app["bot"]["bot"], true, "{path}");
+        assert_eq!(app["bot_public"], true, "{path}");
+        assert_eq!(app["bot_require_code_grant"], false, "{path}");
+        assert_eq!(app["description"], "", "{path}");
+        assert_eq!(app["team"], Value::Null, "{path}");
+        assert_eq!(
+            app["verify_key"].as_str().map(str::len),
+            Some(64),
+            "{path}: an Ed25519 key's hex"
+        );
+        // A bot's own application: a person's token does not get it.
+        let res = sim
+            .http
+            .get(sim.url(path))
+            .header("authorization", "Bearer not-a-bot")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401, "{path}");
+    }
+    let res = sim
+        .http
+        .get(sim.url("/api/v10/gateway"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let gateway: Value = res.json().await.unwrap();
+    assert_eq!(gateway["url"], sim.gateway_url().as_str());
+    assert!(
+        gateway.get("shards").is_none(),
+        "only /gateway/bot says shards"
+    );
 }

@@ -30,7 +30,10 @@ pub use limits::{Fault, Limits};
 
 pub fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
     let v10 = Router::new()
+        .route("/gateway", get(gateway))
         .route("/gateway/bot", get(gateway_bot))
+        .route("/oauth2/applications/@me", get(current_application))
+        .route("/applications/@me", get(current_application))
         .route("/users/@me", get(current_user))
         .route("/users/@me/guilds", get(current_user_guilds))
         .route(

@@ -25,6 +25,56 @@ pub(super) async fn gateway_bot(State(shared): State<Arc<Shared>>, _: Bot) -> Re
     .into_response()
 }
 
+/// `GET /gateway`: the URL alone, no authorization ("Get Gateway").
+pub(super) async fn gateway(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(json!({ "url": shared.gateway_url() })).into_response()
+}
+
+/// `GET /oauth2/applications/@me` ("Get Current Bot Application Information") and
+/// `GET /applications/@me` ("Get Current Application"): the application object of the bot
+/// token. discord.py asks it at every login (`Client.login` → `application_info`) and
+/// indexes `id`, `name`, `description`, `bot_public`, `bot_require_code_grant`,
+/// `verify_key` and `owner` without checking.
+pub(super) async fn current_application(State(shared): State<Arc<Shared>>, _: Bot) -> ApiResult {
+    use sha2::{Digest, Sha256};
+    let state = shared.lock();
+    let settings = &shared.settings;
+    let bot = state
+        .user(state.world.bot_id)
+        .map(crate::sim::world::user_json)
+        .ok_or_else(|| ApiError::code(10013))?;
+    let owner = state
+        .user(state.app_owner())
+        .map(crate::sim::world::user_json)
+        .unwrap_or(Value::Null);
+    // Discord's is the hex of an Ed25519 public key: 32 bytes, fixed per application.
+    let verify_key: String = Sha256::digest(settings.client_id.to_be_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(axum::Json(json!({
+        "id": settings.client_id.to_string(),
+        "name": bot["username"].clone(),
+        "icon": null,
+        "description": "",
+        "summary": "",
+        "type": null,
+        "bot": bot,
+        "bot_public": settings.bot_public,
+        "bot_require_code_grant": false,
+        "verify_key": verify_key,
+        "owner": owner,
+        "team": null,
+        "flags": 0,
+        "rpc_origins": [],
+        "redirect_uris": [],
+        "interactions_endpoint_url": null,
+        "tags": [],
+        "approximate_guild_count": state.bot_guilds(),
+    }))
+    .into_response())
+}
+
 pub(super) async fn current_user(State(shared): State<Arc<Shared>>, caller: Caller) -> ApiResult {
     let state = shared.lock();
     let id = match caller {
