@@ -1312,3 +1312,36 @@ async fn reconnect_and_invalid_session_frames_carry_null_s_and_t() {
         (Some(Value::Null), Some(Value::Null), Some(json!(true)))
     );
 }
+
+/// The bot's managed role names the bot in `tags.bot_id` ("Role Tags Structure"), which
+/// libraries use to find the bot's own role; other roles carry no tags.
+#[tokio::test]
+async fn the_bots_managed_role_names_the_bot_in_its_tags() {
+    let sim = TestSim::start().await;
+    let mut shard = shard(&sim);
+    let event = next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+    let Event::GuildCreate(created) = event else {
+        unreachable!()
+    };
+    let GuildCreate::Available(guild) = *created else {
+        panic!("the guild is available")
+    };
+    let bot = guild
+        .members
+        .iter()
+        .find(|m| m.user.bot)
+        .expect("the bot is a member")
+        .user
+        .id;
+    let managed: Vec<_> = guild.roles.iter().filter(|r| r.managed).collect();
+    assert_eq!(managed.len(), 1, "{:?}", guild.roles);
+    let tags = managed[0].tags.as_ref().expect("a managed role has tags");
+    assert_eq!(tags.bot_id, Some(bot));
+    assert!(
+        guild
+            .roles
+            .iter()
+            .filter(|r| !r.managed)
+            .all(|r| r.tags.is_none())
+    );
+}

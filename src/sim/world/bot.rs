@@ -37,6 +37,7 @@ impl World {
                     hoist: false,
                     mentionable: false,
                     managed: true,
+                    bot: Some(self.bot_id),
                 },
             );
             roles.insert(id);

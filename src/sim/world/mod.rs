@@ -77,6 +77,9 @@ pub struct Role {
     pub hoist: bool,
     pub mentionable: bool,
     pub managed: bool,
+    /// The bot a managed role belongs to: Discord says so in the role's `tags.bot_id`
+    /// ("Role Tags Structure"), and libraries use it to find the bot's own role.
+    pub bot: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

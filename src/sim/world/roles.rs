@@ -40,6 +40,7 @@ impl World {
             hoist,
             mentionable,
             managed: false,
+            bot: None,
         };
         let data = role_json(&role);
         self.roles.insert(id, role);

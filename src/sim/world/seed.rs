@@ -86,6 +86,7 @@ impl World {
                 hoist: false,
                 mentionable: false,
                 managed: false,
+                bot: None,
             },
         );
         let bot_role = fresh(&mut ids);
@@ -100,6 +101,7 @@ impl World {
                 hoist: false,
                 mentionable: false,
                 managed: true,
+                bot: Some(bot_id),
             },
         );
 
@@ -197,6 +199,7 @@ impl Builder<'_> {
                 hoist: false,
                 mentionable: false,
                 managed: true,
+                bot: Some(self.w.bot_id),
             },
         );
         self.w
@@ -217,6 +220,7 @@ impl Builder<'_> {
                 hoist: false,
                 mentionable: false,
                 managed: false,
+                bot: None,
             },
         );
         id
@@ -298,6 +302,7 @@ fn blank(guild_id: u64, name: &str, first: &World) -> World {
             hoist: false,
             mentionable: false,
             managed: false,
+            bot: None,
         },
     );
     // The bot's user is known to every guild, member or not, as Discord knows it.

@@ -334,7 +334,7 @@ pub fn user_json(u: &User) -> Value {
 }
 
 pub fn role_json(r: &Role) -> Value {
-    json!({
+    let mut role = json!({
         "id": r.id.to_string(),
         "name": r.name,
         "color": r.color,
@@ -347,5 +347,10 @@ pub fn role_json(r: &Role) -> Value {
         "managed": r.managed,
         "mentionable": r.mentionable,
         "flags": 0,
-    })
+    });
+    // `tags` is optional, and only a managed role has any here.
+    if let Some(bot) = r.bot {
+        role["tags"] = json!({"bot_id": bot.to_string()});
+    }
+    role
 }
