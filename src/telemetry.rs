@@ -243,6 +243,14 @@ pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
     record_trace_id(span);
 }
 
+/// Links `span` (not yet entered) to the span `traceparent` names without joining its
+/// trace: for a context from outside, whose sampling decision is not ours to take.
+pub fn link_to(span: &tracing::Span, traceparent: &str) {
+    let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let remote = TraceContextPropagator::new().extract(&carrier);
+    span.add_link(remote.span().span_context().clone());
+}
+
 /// Records the trace id of `span` in its `trace_id` field (declared empty), so log lines
 /// inside it name the trace.
 pub fn record_trace_id(span: &tracing::Span) {

@@ -311,6 +311,11 @@ pub enum BusError {
 
 pub type BusResult<T> = Result<T, BusError>;
 
+/// The longest wait between two tries of an append, a subscription or a read that Redis
+/// refused (the gateway's writer, a replica's resubscribe and gap fill): a failover is
+/// over in seconds, and a retry made up to 2 s after it was most of a guild's pause.
+pub const RETRY_AT_MOST: Duration = Duration::from_millis(250);
+
 /// The bus, as every component sees it.
 #[async_trait::async_trait]
 pub trait Bus: Send + Sync + 'static {

@@ -91,11 +91,6 @@ redis.call('SET', KEYS[2], ARGV[1])
 return #entries
 "#;
 
-/// The longest wait between two tries of a subscription or a read while a node fails
-/// over: a failover is over in seconds, and a wait of 2 s after it was most of a stream's
-/// pause.
-const RETRY_AT_MOST: Duration = Duration::from_millis(250);
-
 /// Where the append scripts take the W3C `traceparent` (`ARGV[9]`, 0-based here).
 const TRACE_ARG: usize = 8;
 
@@ -1510,7 +1505,7 @@ impl Redis {
                     Err(e) => {
                         tracing::warn!(error = %e, %channel, "cannot subscribe again; retrying");
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(RETRY_AT_MOST);
+                        backoff = (backoff * 2).min(super::RETRY_AT_MOST);
                     }
                 }
             }
@@ -1547,7 +1542,7 @@ async fn fill(reader: &Reader, last: &mut EventId, live: &broadcast::Sender<Arc<
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the stream to fill a gap; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_AT_MOST);
+                backoff = (backoff * 2).min(super::RETRY_AT_MOST);
             }
         }
     }

@@ -549,7 +549,6 @@ async fn active(
         draining: CancellationToken::new(),
         grace: settings.guild_removed_grace,
         recorded: Mutex::default(),
-        finished: Mutex::default(),
         appends: std::sync::atomic::AtomicU64::new(0),
     };
     let status = Status::new(health, at);
@@ -724,9 +723,6 @@ async fn active(
 /// its own guilds, few enough that an outage of every node is not a storm of retries.
 const LANES_AT_ONCE: usize = 64;
 
-/// The longest wait between two tries of a write Redis refused.
-const RETRY_AT_MOST: Duration = Duration::from_millis(250);
-
 /// How long a stopping shard waits for its queued work to reach Redis.
 const DRAIN_FOR: Duration = Duration::from_secs(5);
 
@@ -748,8 +744,6 @@ struct Writer<'a> {
     /// The room of the last `room.created` naming an owner, and whether Redis already
     /// held that room's creator before it was appended.
     recorded: Mutex<HashMap<Id<ChannelMarker>, bool>>,
-    /// Dispatch sequences of events appended since the run loop last looked.
-    finished: Mutex<Vec<u64>>,
     /// Appends made under this fence that no dispatch names: with the fence token, names
     /// each one, so a retry (a lost answer, a failover, a write not yet on
     /// `REDIS_MIN_REPLICAS` replicas) appends nothing twice.
@@ -788,8 +782,13 @@ impl Writer<'_> {
                 if let Some(work) = lane.pop_front() {
                     busy.insert(*guild);
                     let guild = *guild;
+                    // The dispatch it counts against, to count it done with the answer.
+                    let seq = match &work {
+                        Work::Event { request, .. } => request.as_ref().map(|r| r.seq),
+                        _ => None,
+                    };
                     flying.push(
-                        Box::pin(async move { (Some(guild), self.work(work).await) })
+                        Box::pin(async move { (Some(guild), seq, self.work(work).await) })
                             as Pin<Box<dyn Future<Output = _> + Send + '_>>,
                     );
                 }
@@ -807,7 +806,9 @@ impl Writer<'_> {
                     };
                     saving = true;
                     saved = Some(safe);
-                    flying.push(Box::pin(async move { (None, self.save(&stored).await) }));
+                    flying.push(Box::pin(
+                        async move { (None, None, self.save(&stored).await) },
+                    ));
                 }
             }
             let quiet = flying.is_empty() && lanes.is_empty();
@@ -831,7 +832,7 @@ impl Writer<'_> {
             }
             tokio::select! {
                 biased;
-                Some((guild, result)) = flying.next(), if !flying.is_empty() => {
+                Some((guild, seq, result)) = flying.next(), if !flying.is_empty() => {
                     match guild {
                         Some(guild) => drop(busy.remove(&guild)),
                         None => saving = false,
@@ -839,6 +840,15 @@ impl Writer<'_> {
                     if result.is_err() {
                         self.lost.cancel();
                         return;
+                    }
+                    // Its dispatch has one event fewer not yet in Redis.
+                    if let Some(seq) = seq
+                        && let Some(n) = unfinished.get_mut(&seq)
+                    {
+                        *n -= 1;
+                        if *n == 0 {
+                            unfinished.remove(&seq);
+                        }
                     }
                 }
                 work = rx.recv(), if held.is_none() && !closed => {
@@ -870,20 +880,6 @@ impl Writer<'_> {
                 () = self.wake.notified() => {}
                 () = self.draining.cancelled(), if !self.draining.is_cancelled() => {}
             }
-            // Events done are no longer unfinished: counted down by the lane that ran them.
-            for seq in self
-                .finished
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .drain(..)
-            {
-                if let Some(n) = unfinished.get_mut(&seq) {
-                    *n -= 1;
-                    if *n == 0 {
-                        unfinished.remove(&seq);
-                    }
-                }
-            }
         }
     }
 
@@ -903,16 +899,9 @@ impl Writer<'_> {
                     tracing::info_span!(parent: &dispatch, "bus.append", kind = %data.kind(), guild = %bus.guild_id())
                 };
                 let guild = bus.guild_id();
-                let seq = request.as_ref().map(|r| r.seq);
                 self.append(&*bus, data, request).instrument(span).await?;
                 metrics::histogram!("coven_gateway_dispatch_to_log_seconds", "guild_bucket" => crate::prometheus::guild_bucket(guild))
                     .record(received.elapsed().as_secs_f64());
-                if let Some(seq) = seq {
-                    self.finished
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(seq);
-                }
                 Ok(())
             }
             Work::Status(data) => self.status(data).await,
@@ -943,7 +932,7 @@ impl Writer<'_> {
                     tokio::time::sleep(backoff).await;
                     // Short: a Cluster failover is over within seconds, and a retry made
                     // up to 2 s after it (the old cap) was most of a guild's pause.
-                    backoff = (backoff * 2).min(RETRY_AT_MOST);
+                    backoff = (backoff * 2).min(crate::bus::RETRY_AT_MOST);
                 }
             }
         }

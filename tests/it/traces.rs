@@ -151,8 +151,18 @@ async fn publish_exports_over_grpc_and_http_requests_are_spans() {
         .concat(),
     );
     let web = stack.web(0);
-    let browser = Browser::new();
-    let landing = browser.get(&web.url("/")).await;
+    // A caller's trace context, "sampled": anyone can send one, so the request is a trace
+    // of its own that links to it, not a child the caller's flag decides about.
+    let caller_trace = "0af7651916cd43dd8448eb211c80319c";
+    let landing = reqwest::Client::new()
+        .get(web.url("/"))
+        .header(
+            "traceparent",
+            format!("00-{caller_trace}-b7ad6b7169203331-01"),
+        )
+        .send()
+        .await
+        .unwrap();
     assert_eq!(landing.status(), 200);
 
     let spans = wait_for("publish's three traces and the request's span", || {
@@ -176,6 +186,9 @@ async fn publish_exports_over_grpc_and_http_requests_are_spans() {
         .find(|s| s.name == "http.request" && s.attr("route") == Some("/"))
         .unwrap();
     assert_eq!(request.attr("status"), Some("200"));
+    assert_ne!(request.trace_id, caller_trace, "not the caller's trace");
+    assert_eq!(request.parent_span_id, "", "a root, not the caller's child");
+    assert_eq!(request.links, [caller_trace], "linked to the caller's");
     assert_eq!(request.attr("method"), Some("GET"));
     assert_eq!(request.command(), "web");
 }

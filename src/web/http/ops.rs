@@ -68,7 +68,7 @@ pub type RequestSpans = tower_http::trace::TraceLayer<
 >;
 
 /// A span per request while traces are on (`http.request`: method, route, status),
-/// continuing the caller's trace when it sent a `traceparent` (a proxy's, a client's).
+/// linked to the caller's trace when it sent a `traceparent` (a proxy's, a client's).
 pub fn traces() -> RequestSpans {
     tower_http::trace::TraceLayer::new_for_http()
         .make_span_with(request_span as fn(&Request) -> tracing::Span)
@@ -92,7 +92,9 @@ pub async fn stream_span(request: Request, next: Next) -> Response {
     response
 }
 
-/// `http.request`, continuing the caller's trace when it sent a `traceparent`.
+/// `http.request`, a trace of its own, linked to the caller's when it sent a `traceparent`:
+/// anyone may send that header, and a parent's "sampled" flag would let them decide what
+/// this replica records and exports.
 fn request_span(request: &Request) -> tracing::Span {
     let route = request
         .extensions()
@@ -105,15 +107,15 @@ fn request_span(request: &Request) -> tracing::Span {
         status = tracing::field::Empty,
         trace_id = tracing::field::Empty,
     );
-    match request
+    if let Some(caller) = request
         .headers()
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(crate::telemetry::valid_traceparent)
     {
-        Some(parent) => crate::telemetry::continue_trace(&span, parent),
-        None => crate::telemetry::record_trace_id(&span),
+        crate::telemetry::link_to(&span, caller);
     }
+    crate::telemetry::record_trace_id(&span);
     span
 }
 

@@ -29,6 +29,8 @@ pub struct Span {
     /// Empty for a root span.
     pub parent_span_id: String,
     pub name: String,
+    /// Trace ids of the spans it links to.
+    pub links: Vec<String>,
     pub attributes: HashMap<String, String>,
     pub resource: HashMap<String, String>,
 }
@@ -70,6 +72,7 @@ impl Received {
                         span_id: hex(&span.span_id),
                         parent_span_id: hex(&span.parent_span_id),
                         name: span.name,
+                        links: span.links.iter().map(|l| hex(&l.trace_id)).collect(),
                         attributes: attributes(span.attributes),
                         resource: resource.clone(),
                     });
