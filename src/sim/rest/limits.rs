@@ -65,6 +65,20 @@ pub struct Fault {
     pub code: Option<u32>,
     #[serde(default)]
     pub global: bool,
+    /// The `X-RateLimit-Scope` of an injected 429: `user` (the route's bucket, the
+    /// default), `global` (as `global: true`) or `shared` (a per-resource limit, which
+    /// Discord sends with `global: false`).
+    #[serde(default)]
+    pub scope: Option<FaultScope>,
+}
+
+/// "Rate Limits": the scopes Discord names in `X-RateLimit-Scope`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FaultScope {
+    User,
+    Global,
+    Shared,
 }
 
 fn one() -> u32 {
@@ -72,6 +86,15 @@ fn one() -> u32 {
 }
 
 impl Fault {
+    /// The scope this fault's 429 names; `None` when `global` and `scope` disagree.
+    pub fn scope(&self) -> Option<FaultScope> {
+        match (self.global, self.scope) {
+            (true, None | Some(FaultScope::Global)) => Some(FaultScope::Global),
+            (true, Some(_)) => None,
+            (false, scope) => Some(scope.unwrap_or(FaultScope::User)),
+        }
+    }
+
     fn matches(&self, method: &Method, path: &str) -> bool {
         let method_ok = self
             .method
@@ -239,9 +262,14 @@ fn fault_response(fault: &Fault, method: &Method, path: &str) -> Response {
     let (bucket, _) = bucket_of(method, path);
     if status == StatusCode::TOO_MANY_REQUESTS {
         let retry = fault.retry_after.unwrap_or(1.0).max(0.0);
-        let scope = if fault.global { "global" } else { "user" };
-        let headers = limit_headers(&bucket, 1, 0, Duration::from_secs_f64(retry), scope);
-        return too_many(&headers, retry, fault.global);
+        let scope = fault.scope().unwrap_or(FaultScope::User);
+        let name = match scope {
+            FaultScope::User => "user",
+            FaultScope::Global => "global",
+            FaultScope::Shared => "shared",
+        };
+        let headers = limit_headers(&bucket, 1, 0, Duration::from_secs_f64(retry), name);
+        return too_many(&headers, retry, scope == FaultScope::Global);
     }
     let error = match fault.code {
         Some(code) => {
@@ -379,6 +407,7 @@ mod tests {
             retry_after: None,
             code: None,
             global: false,
+            scope: None,
         };
         assert!(f.matches(&Method::POST, "/api/v10/guilds/42/channels"));
         assert!(!f.matches(&Method::GET, "/api/v10/guilds/42/channels"));
