@@ -156,7 +156,13 @@ class Recorder:
 
 
 def snapshot(voice: discord.VoiceState) -> SimpleNamespace:
-    return SimpleNamespace(channel=voice.channel, self_mute=voice.self_mute, self_deaf=voice.self_deaf)
+    return SimpleNamespace(
+        channel=voice.channel,
+        mute=voice.mute,
+        deaf=voice.deaf,
+        self_mute=voice.self_mute,
+        self_deaf=voice.self_deaf,
+    )
 
 
 def recording(base: type) -> type:
@@ -656,6 +662,96 @@ async def first_calls(run: Run) -> None:
     await run.check('Guild.me.edit(nick=) (PATCH /guilds/{g}/members/@me): on_member_update', edit_nick)
 
 
+async def every_param(run: Run) -> None:
+    """Documented JSON params of the routes the sim serves, each honoured with its
+    dispatch or refused as Discord refuses it, never answered 200 and dropped: Modify
+    Guild Member's roles, mute, deaf and nick; Modify Channel's parent_id and bitrate;
+    Modify Guild Channel Positions and Modify Guild Role Positions."""
+    client = await run.ready()
+    state = await run.sim.state()
+    gid = int(state['guild_id'])
+    guild = client.get_guild(gid)
+    category = guild.get_channel(int(state['room_category_id']))
+    lobby = guild.get_channel(int(state['lobby_id']))
+    player = await run.sim.user('fable')
+    rec = client.rec
+    made: dict[str, Any] = {}
+
+    async def roles() -> None:
+        role = await guild.create_role(name='Regular', permissions=discord.Permissions.none())
+        made['role'] = role
+        member = await guild.fetch_member(player)
+        await member.edit(roles=[role])
+        again = await guild.fetch_member(player)
+        expect([r.id for r in again.roles if not r.is_default()] == [role.id],
+               f'PATCH roles=[{role.id}] answered, the member has {again.roles}')
+        sim_roles = [m['roles'] for m in (await run.sim.state())['members'] if int(m['user_id']) == player]
+        expect(sim_roles == [[str(role.id)]], f'the sim has {sim_roles}')
+
+    async def mute_deaf() -> None:
+        mark = rec.mark()
+        await run.sim.voice(player, lobby.id)
+        member, _, _ = await rec.until('the player in the lobby', 'voice_state_update',
+                                       lambda m, b, a: m.id == player and a.channel == lobby, since=mark)
+        mark = rec.mark()
+        await member.edit(mute=True, deafen=True)
+        _, before, after = await rec.until(
+            'on_voice_state_update with mute and deaf', 'voice_state_update',
+            lambda m, b, a: m.id == player, since=mark)
+        expect((after.mute, after.deaf) == (True, True),
+               f'after PATCH mute/deaf the voice state says mute={after.mute} deaf={after.deaf}')
+        expect(after.channel == lobby, f'the member moved to {after.channel}')
+
+    async def nick_refused() -> None:
+        # The bot has Change Nickname (its own) but not Manage Nicknames: Discord refuses
+        # a nick for someone else with 403 50013.
+        member = await guild.fetch_member(player)
+        try:
+            await member.edit(nick='Fabulous')
+        except discord.Forbidden as e:
+            expect(e.code == 50013, f'refused with code {e.code}, not 50013')
+            return
+        again = await guild.fetch_member(player)
+        raise Failed(f'PATCH nick without Manage Nicknames was accepted; the nick is now {again.nick!r}')
+
+    async def parent_and_bitrate() -> None:
+        mark = rec.mark()
+        await lobby.edit(category=category, bitrate=48000)
+        _, after = await rec.until('on_guild_channel_update for the lobby', 'guild_channel_update',
+                                   lambda b, a: a.id == lobby.id, since=mark)
+        expect((after.category_id, after.bitrate) == (category.id, 48000),
+               f'PATCH parent_id/bitrate answered; the lobby has parent {after.category_id}, '
+               f'bitrate {after.bitrate}')
+
+    async def channel_position() -> None:
+        voice = await guild.create_voice_channel('Second')
+        await rec.until('the new channel', 'guild_channel_create', lambda c: c.id == voice.id)
+        mark = rec.mark()
+        await voice.edit(position=0)
+        await rec.until('on_guild_channel_update with position 0', 'guild_channel_update',
+                        lambda b, a: a.id == voice.id and a.position == 0, since=mark)
+        sim = [c for c in (await run.sim.state())['channels'] if int(c['id']) == voice.id]
+        expect(sim and sim[0].get('position', 0) == 0, f'the sim has {sim}')
+
+    async def role_position() -> None:
+        role = made['role']
+        other = await guild.create_role(name='Below')
+        await rec.until('the new role', 'guild_role_create', lambda r: r.id == other.id)
+        want = other.position + 1
+        mark = rec.mark()
+        await role.edit(position=want)
+        await rec.until(f'on_guild_role_update with position {want}', 'guild_role_update',
+                        lambda b, a: a.id == role.id and a.position == want, since=mark)
+
+    await run.check("Member.edit(roles=) (Modify Guild Member's roles)", roles)
+    await run.check('Member.edit(mute=, deafen=): on_voice_state_update with mute and deaf', mute_deaf)
+    await run.check("Member.edit(nick=) without Manage Nicknames: 403 50013", nick_refused)
+    await run.check('VoiceChannel.edit(category=, bitrate=) (Modify Channel): on_guild_channel_update', parent_and_bitrate)
+    await run.check('VoiceChannel.edit(position=) (Modify Guild Channel Positions): on_guild_channel_update',
+                    channel_position)
+    await run.check('Role.edit(position=) (Modify Guild Role Positions): on_guild_role_update', role_position)
+
+
 async def resume(run: Run) -> None:
     """op 7 RECONNECT: discord.py reconnects and RESUMEs (on_resumed), and every change
     made meanwhile arrives once, in order."""
@@ -904,6 +1000,7 @@ SCENARIOS: dict[str, Callable[[Run], Awaitable[None]]] = {
     'voice_updates': voice_updates,
     'rest_with_dispatches': rest_with_dispatches,
     'first_calls': first_calls,
+    'every_param': every_param,
     'resume': resume,
     'reidentify': reidentify,
     'rate_limit_route': lambda run: rate_limit(run, 'user'),

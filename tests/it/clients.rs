@@ -98,6 +98,11 @@ async fn discordpy_makes_the_calls_bots_make_first() {
 }
 
 #[tokio::test]
+async fn discordpy_finds_every_documented_param_honoured_or_refused() {
+    discordpy("every_param").await;
+}
+
+#[tokio::test]
 async fn discordpy_resumes_after_op7_and_misses_no_dispatch() {
     discordpy("resume").await;
 }
@@ -534,4 +539,154 @@ async fn twilight_makes_the_calls_bots_make_first() {
         unreachable!()
     };
     assert_eq!(me.nick.as_deref(), Some("Coven (sim)"));
+}
+
+/// Documented params of the routes the simulator serves, through twilight-http: each is
+/// honoured with its dispatch or refused as Discord refuses it, never answered 200 and
+/// dropped (Modify Guild Member's roles, mute, deaf and nick; Modify Channel's
+/// parent_id and bitrate; Modify Guild Channel Positions; Modify Guild Role Positions).
+#[tokio::test]
+async fn twilight_finds_every_documented_param_honoured_or_refused() {
+    use twilight_model::guild::RolePosition;
+    use twilight_model::http::channel_position::Position;
+
+    let sim = TestSim::start_with(|s| s.rate_limit = 100).await;
+    let http = sim.twilight_http();
+    let guild = Id::new(sim.guild_id());
+    let category = Id::new(sim.id_of("room_category_id").await);
+    let lobby = sim.id_of("lobby_id").await;
+    let player = sim.user("fable").await;
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+
+    let role = http
+        .create_role(guild)
+        .name("Regular")
+        .await
+        .expect("create role")
+        .model()
+        .await
+        .expect("role model");
+    http.update_guild_member(guild, Id::new(player))
+        .roles(&[role.id])
+        .await
+        .expect("Modify Guild Member roles");
+    assert_eq!(
+        member_roles(&sim, player).await,
+        json!([role.id.to_string()]),
+        "Modify Guild Member's roles are the member's roles"
+    );
+
+    sim.join(player, lobby).await;
+    next_event(
+        &mut shard,
+        |e| matches!(e, Event::VoiceStateUpdate(v) if v.0.user_id.get() == player),
+    )
+    .await;
+    http.update_guild_member(guild, Id::new(player))
+        .mute(true)
+        .deaf(true)
+        .await
+        .expect("Modify Guild Member mute and deaf");
+    let Event::VoiceStateUpdate(muted) = next_event(
+        &mut shard,
+        |e| matches!(e, Event::VoiceStateUpdate(v) if v.0.user_id.get() == player),
+    )
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (muted.0.mute, muted.0.deaf, muted.0.channel_id),
+        (true, true, Some(Id::new(lobby)))
+    );
+
+    // The bot has Change Nickname (its own), not Manage Nicknames.
+    let refused = http
+        .update_guild_member(guild, Id::new(player))
+        .nick(Some("Fabulous"))
+        .await;
+    match refused {
+        Err(e) => assert!(
+            matches!(e.kind(), twilight_http::error::ErrorType::Response { status, .. } if status.get() == 403),
+            "{e:?}"
+        ),
+        Ok(_) => panic!("a nick without Manage Nicknames was accepted"),
+    }
+
+    http.update_channel(Id::new(lobby))
+        .parent_id(Some(category))
+        .bitrate(48_000)
+        .await
+        .expect("Modify Channel parent_id and bitrate");
+    let Event::ChannelUpdate(moved) = next_event(
+        &mut shard,
+        |e| matches!(e, Event::ChannelUpdate(c) if c.id.get() == lobby),
+    )
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (moved.parent_id, moved.bitrate),
+        (Some(category), Some(48_000))
+    );
+
+    let second = http
+        .create_guild_channel(guild, "second")
+        .kind(ChannelType::GuildVoice)
+        .await
+        .expect("create channel")
+        .model()
+        .await
+        .expect("channel model")
+        .id;
+    http.update_guild_channel_positions(
+        guild,
+        &[Position {
+            id: second,
+            lock_permissions: None,
+            parent_id: None,
+            position: Some(Some(0)),
+        }],
+    )
+    .await
+    .expect("Modify Guild Channel Positions");
+    let Event::ChannelUpdate(placed) = next_event(
+        &mut shard,
+        |e| matches!(e, Event::ChannelUpdate(c) if c.id == second),
+    )
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(placed.position, Some(0));
+
+    let below = http
+        .create_role(guild)
+        .name("Below")
+        .await
+        .expect("create role")
+        .model()
+        .await
+        .expect("role model");
+    let want = below.position + 1;
+    http.update_role_positions(
+        guild,
+        &[RolePosition {
+            id: role.id,
+            position: want as u64,
+        }],
+    )
+    .await
+    .expect("Modify Guild Role Positions");
+    let Event::RoleUpdate(placed) = next_event(
+        &mut shard,
+        |e| matches!(e, Event::RoleUpdate(r) if r.role.id == role.id),
+    )
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(placed.role.position, want);
 }
