@@ -646,6 +646,27 @@ async def first_calls(run: Run) -> None:
         got = await client.fetch_channel(lobby)
         expect(got.id == lobby and got.name == 'Lobby', f'fetched {got!r}')
 
+    async def fetch_guilds() -> None:
+        got = {g.id: g async for g in client.fetch_guilds()}
+        want = {int(g['id']): g for g in state['guilds'] if g['bot']}
+        expect(sorted(got) == sorted(want), f'fetched guilds {sorted(got)}, the bot is in {sorted(want)}')
+        # discord.py asks with_counts=true by default (client.py, `fetch_guilds`).
+        counts = {gid: g.approximate_member_count for gid, g in got.items()}
+        expect(all(counts[gid] == want[gid]['members'] for gid in want),
+               f'approximate_member_count {counts} (with_counts=true); the sim has '
+               f'{ {gid: g["members"] for gid, g in want.items()} }')
+
+    async def fetch_channels() -> None:
+        got = await guild.fetch_channels()
+        expect(ids(c.id for c in got) == ids(c['id'] for c in state['channels'] if c.get('bot_can_view', True)),
+               f'fetched channels {got}')
+
+    async def fetch_member() -> None:
+        got = await guild.fetch_member(client.user.id)
+        expect(ids(r.id for r in got.roles if not r.is_default()) ==
+               ids(next(m['roles'] for m in state['members'] if int(m['user_id']) == client.user.id)),
+               f'the bot member has {got.roles}')
+
     async def edit_nick() -> None:
         mark = rec.mark()
         await guild.me.edit(nick='Coven (sim)')
@@ -659,6 +680,9 @@ async def first_calls(run: Run) -> None:
     await run.check('Guild.fetch_roles (GET /guilds/{g}/roles)', fetch_roles)
     await run.check('Client.fetch_user (GET /users/{u})', fetch_user)
     await run.check('Client.fetch_channel (GET /channels/{c})', fetch_channel)
+    await run.check('Client.fetch_guilds (GET /users/@me/guilds?with_counts=true)', fetch_guilds)
+    await run.check('Guild.fetch_channels (GET /guilds/{g}/channels)', fetch_channels)
+    await run.check('Guild.fetch_member (GET /guilds/{g}/members/{u})', fetch_member)
     await run.check('Guild.me.edit(nick=) (PATCH /guilds/{g}/members/@me): on_member_update', edit_nick)
 
 
