@@ -88,12 +88,30 @@ class Sim:
             {'user_id': str(user), 'channel_id': None if channel is None else str(channel)},
         )
 
+    async def player(self, username: str) -> int:
+        """A user to move around voice, out of voice to begin with (the suite may run
+        against a simulator that earlier runs changed)."""
+        user = await self.user(username)
+        state = await self.state()
+        if any(int(v['user_id']) == user for v in state['voice_states']):
+            await self.voice(user, None)
+        return user
+
     async def voice_channel(self, name: str) -> int:
         channel = await self.ok('POST', '/channels', {'name': name, 'type': 2})
         return int(channel['id'])
 
     async def gateway(self) -> dict:
         return (await self.state())['gateway']
+
+    async def identify_bucket_free(self) -> None:
+        """Waits until 5 s have passed since the last IDENTIFY the simulator accepted
+        (one per bucket per 5 s, `max_concurrency` 1)."""
+        sessions = (await self.gateway())['sessions']
+        last = max((t for s in sessions for t in s['identified_at_ms']), default=0)
+        wait = last / 1000 + 5.1 - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def fail(self, fault: dict) -> None:
         await self.ok('POST', '/rest/fail', fault)
@@ -433,7 +451,7 @@ async def voice_updates(run: Run) -> None:
     state = await run.sim.state()
     gid = int(state['guild_id'])
     lobby = int(state['lobby_id'])
-    user = await run.sim.user('bramble')
+    user = await run.sim.player('bramble')
     rec = client.rec
     den: list[int] = []
 
@@ -474,7 +492,7 @@ async def rest_with_dispatches(run: Run) -> None:
     guild = client.get_guild(gid)
     category = guild.get_channel(int(state['room_category_id']))
     lobby = guild.get_channel(int(state['lobby_id']))
-    player = await run.sim.user('cinder')
+    player = await run.sim.player('cinder')
     rec = client.rec
     made: dict[str, Any] = {}
 
@@ -697,7 +715,7 @@ async def every_param(run: Run) -> None:
     guild = client.get_guild(gid)
     category = guild.get_channel(int(state['room_category_id']))
     lobby = guild.get_channel(int(state['lobby_id']))
-    player = await run.sim.user('fable')
+    player = await run.sim.player('fable')
     rec = client.rec
     made: dict[str, Any] = {}
 
@@ -791,7 +809,7 @@ async def voice_changes_survive(run: Run, client: discord.Client, cause: str,
     checks it resumed (not identified again) and got each move once, in order."""
     state = await run.sim.state()
     lobby = int(state['lobby_id'])
-    player = await run.sim.user('dusk')
+    player = await run.sim.player('dusk')
     rec = client.rec
     den = await run.sim.voice_channel('Den')
     before = await run.sim.gateway()
@@ -877,7 +895,7 @@ async def reidentify(run: Run) -> None:
 
     async def live() -> None:
         mark = rec.mark()
-        player = await run.sim.user('ember')
+        player = await run.sim.player('ember')
         await run.sim.voice(player, int(state['lobby_id']))
         await rec.until('a voice update on the new session', 'voice_state_update',
                         lambda m, b, a: m.id == player, since=mark)
@@ -966,6 +984,10 @@ async def zombie(run: Run) -> None:
     """The Gateway stops acknowledging heartbeats: discord.py notices (nothing received
     for `heartbeat_timeout`, a documented Client option, set short here), reconnects and
     RESUMEs without losing a dispatch."""
+    # An IDENTIFY refused as too early makes discord.py wait 5 s with the socket unread,
+    # longer than this heartbeat_timeout: start once the bucket is free (it is on a
+    # fresh simulator; a reused one may have seen an IDENTIFY just now).
+    await run.sim.identify_bucket_free()
     client = await run.ready(heartbeat_timeout=3.0)
     await voice_changes_survive(
         run, client, 'zombied connection',
