@@ -128,7 +128,7 @@ class Recorder:
         self.events: list[tuple[str, tuple]] = []
         self.changed = asyncio.Event()
         self.task: Optional[asyncio.Task] = None
-        self.watch: Optional[asyncio.Future] = None
+        self.watches: list[asyncio.Future] = []
 
     def add(self, name: str, *args: Any) -> None:
         self.events.append((name, args))
@@ -183,9 +183,18 @@ def snapshot(voice: discord.VoiceState) -> SimpleNamespace:
     )
 
 
+# The events the suite notes, in the order discord.py dispatches them.
+EVENTS = [
+    'connect', 'disconnect', 'ready', 'resumed', 'shard_ready', 'shard_resumed',
+    'guild_available', 'voice_state_update', 'guild_channel_create', 'guild_channel_update',
+    'guild_channel_delete', 'guild_role_create', 'guild_role_update', 'guild_role_delete',
+    'member_update',
+]
+
+
 def recording(base: type) -> type:
-    """A client class (`discord.Client` or `discord.AutoShardedClient`) whose event
-    handlers note every event it gets in `self.rec`."""
+    """A client class (`discord.Client` or `discord.AutoShardedClient`) that notes every
+    event of EVENTS in `self.rec` as discord.py dispatches it."""
 
     class Bot(base):  # type: ignore[misc, valid-type]
         def __init__(self, **options: Any) -> None:
@@ -193,59 +202,25 @@ def recording(base: type) -> type:
             super().__init__(**options)
             self.rec = Recorder()
 
-        async def on_connect(self) -> None:
-            self.rec.add('connect')
-
-        async def on_disconnect(self) -> None:
-            self.rec.add('disconnect')
-
-        async def on_ready(self) -> None:
-            self.rec.add('ready')
-
-        async def on_resumed(self) -> None:
-            self.rec.add('resumed')
-
-        async def on_shard_ready(self, shard_id: int) -> None:
-            self.rec.add('shard_ready', shard_id)
-
-        async def on_shard_resumed(self, shard_id: int) -> None:
-            self.rec.add('shard_resumed', shard_id)
-
-        async def on_guild_available(self, guild: discord.Guild) -> None:
-            self.rec.add('guild_available', guild)
-
         async def setup_hook(self) -> None:
-            # `after` of on_voice_state_update is the member's live voice state, changed
-            # in place by later updates before a handler may run: what each update said
-            # is read where discord.py dispatches it, by `wait_for`'s check (called
-            # there, synchronously), which notes it and waits on.
-            def note(member, before, after) -> bool:
-                self.rec.add('voice_state_update', member, snapshot(before), snapshot(after))
-                return False
-
-            self.rec.watch = asyncio.ensure_future(self.wait_for('voice_state_update', check=note))
+            # Noted where discord.py dispatches each event, by `wait_for`'s check (called
+            # there, synchronously; it notes the event and keeps waiting), not in on_*
+            # handlers, which run later as tasks: by then the voice state an
+            # on_voice_state_update's `after` is has been changed in place by later
+            # updates, and events would be noted out of the order they came in.
+            for name in EVENTS:
+                self.rec.watches.append(asyncio.ensure_future(self.wait_for(name, check=self._noter(name))))
             await asyncio.sleep(0)
 
-        async def on_guild_channel_create(self, channel) -> None:
-            self.rec.add('guild_channel_create', channel)
+        def _noter(self, name: str) -> Callable[..., bool]:
+            def note(*args: Any) -> bool:
+                if name == 'voice_state_update':
+                    member, before, after = args
+                    args = (member, snapshot(before), snapshot(after))
+                self.rec.add(name, *args)
+                return False
 
-        async def on_guild_channel_update(self, before, after) -> None:
-            self.rec.add('guild_channel_update', before, after)
-
-        async def on_guild_channel_delete(self, channel) -> None:
-            self.rec.add('guild_channel_delete', channel)
-
-        async def on_guild_role_create(self, role) -> None:
-            self.rec.add('guild_role_create', role)
-
-        async def on_guild_role_update(self, before, after) -> None:
-            self.rec.add('guild_role_update', before, after)
-
-        async def on_guild_role_delete(self, role) -> None:
-            self.rec.add('guild_role_delete', role)
-
-        async def on_member_update(self, before, after) -> None:
-            self.rec.add('member_update', before, after)
+            return note
 
         async def on_error(self, event: str, *args: Any, **kwargs: Any) -> None:
             self.rec.add('error', event, traceback.format_exc())
@@ -309,8 +284,8 @@ class Run:
                 await asyncio.wait_for(client.close(), DEADLINE)
             except Exception as e:  # closing is best effort; the outcome is decided
                 log.warning('closing a client: %r', e)
-            if client.rec.watch is not None:
-                client.rec.watch.cancel()
+            for watch in client.rec.watches:
+                watch.cancel()
             task = client.rec.task
             if task is not None and task.done() and not task.cancelled() and task.exception():
                 log.info('connect ended with %r', task.exception())
@@ -816,14 +791,26 @@ async def voice_changes_survive(run: Run, client: discord.Client, cause: str,
     session = client.ws.session_id
     sent: list[int] = []
 
+    one_at_a_time = asyncio.Lock()
+
     async def move() -> None:
-        to = den if sent and sent[-1] == lobby else lobby
-        await run.sim.voice(player, to)
-        sent.append(to)
+        async with one_at_a_time:
+            to = den if sent and sent[-1] == lobby else lobby
+            await run.sim.voice(player, to)
+            sent.append(to)
+
+    def replayed(since: int) -> int:
+        """Moves discord.py got between losing the socket and RESUMED: the replay's."""
+        names = [n for (n, _) in rec.events[since:]]
+        if 'disconnect' not in names or 'resumed' not in names:
+            return 0
+        return names[names.index('disconnect'):names.index('resumed')].count('voice_state_update')
 
     async def go() -> None:
         mark = rec.mark()
         stop = asyncio.Event()
+        rounds = 0
+        replays: list[int] = []
 
         async def mover() -> None:
             while not stop.is_set():
@@ -835,29 +822,42 @@ async def voice_changes_survive(run: Run, client: discord.Client, cause: str,
             await trouble()
             await move()
             await rec.until(f'on_resumed after {cause}', 'resumed', since=mark, timeout=timeout)
+            rounds = 1
         else:
             moving = asyncio.create_task(mover())
             try:
                 await asyncio.sleep(0.05)
-                await trouble()
-                await rec.until(f'on_resumed after {cause}', 'resumed', since=mark, timeout=timeout)
+                # Up to three rounds, until a move has reached discord.py through the
+                # replay: one made right after op 7 comes after it on the old socket,
+                # which discord.py stops reading at op 7, so it arrives only replayed on
+                # RESUME (unless discord.py's close got to the sim first).
+                while rounds < 3 and not any(replays):
+                    since = rec.mark()
+                    await trouble()
+                    await move()
+                    await rec.until(f'on_resumed after {cause}', 'resumed', since=since, timeout=timeout)
+                    rounds += 1
+                    replays.append(replayed(since))
             finally:
                 stop.set()
                 await moving
         # A few more after the resume: the session goes on live.
         for _ in range(3):
             await move()
-        last = sent[-1]
         await rec.until('the last move', 'voice_state_update',
                         lambda m, b, a: m.id == player and len(got(mark)) >= len(sent), since=mark)
         moves = got(mark)
         expect(moves == sent, f'moves seen {moves}\n  moves made {sent}')
-        expect(moves[-1] == last, 'the last move is missing')
+        print(f'INFO {run.name}: {rounds} RESUME(s); moves replayed in each: {replays}; '
+              f'{len(sent)} moves in all', flush=True)
+        expect(quiet or any(replays),
+               f'in {rounds} rounds no move reached discord.py through the replay (each came '
+               'live), so the replay went untested')
         expect(rec.seen('ready', mark) == [], f'a new READY came ({rec.summary(mark)})')
         expect(client.ws.session_id == session, 'the session id changed')
         after = await run.sim.gateway()
-        expect(after['resumes'] == before['resumes'] + 1 and after['identifies'] == before['identifies'],
-               f'resumes {before["resumes"]} -> {after["resumes"]}, '
+        expect(after['resumes'] == before['resumes'] + rounds and after['identifies'] == before['identifies'],
+               f'{rounds} RESUME(s); the sim counts resumes {before["resumes"]} -> {after["resumes"]}, '
                f'identifies {before["identifies"]} -> {after["identifies"]}')
 
     def got(mark: int) -> list[int]:
