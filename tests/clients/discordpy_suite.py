@@ -454,8 +454,17 @@ async def voice_updates(run: Run) -> None:
             expect((user in members) == (cid == to),
                    f'after the update the cache has {user} in {cid}: {in_channel}')
 
+    async def self_mute() -> None:
+        mark = rec.mark()
+        await run.sim.ok('POST', '/voice', {'user_id': str(user), 'channel_id': str(den[0]), 'self_mute': True})
+        _, b, a = await rec.until(f'on_voice_state_update for {user}', 'voice_state_update',
+                                  lambda m, b, a: m.id == user, since=mark)
+        expect((b.self_mute, a.self_mute) == (False, True), f'self_mute {b.self_mute} -> {a.self_mute}')
+        expect(b.channel == a.channel and a.channel.id == den[0], f'channel {b.channel} -> {a.channel}')
+
     await run.check('join the lobby: before None, after Lobby', lambda: step(lobby, None))
     await run.check('move to the den: before Lobby, after Den', lambda: step(den[0], lobby))
+    await run.check('mute themselves in the den: self_mute False -> True, same channel', self_mute)
     await run.check('leave: before Den, after None', lambda: step(None, den[0]))
 
 
