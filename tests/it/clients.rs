@@ -47,7 +47,7 @@ async fn discordpy_with(scenario: &str, tweak: impl FnOnce(&mut Settings)) {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/clients/discordpy_suite.py"
     );
-    let run = tokio::process::Command::new(&python)
+    let mut child = tokio::process::Command::new(&python)
         .arg(script)
         .arg("--sim")
         .arg(sim.url(""))
@@ -56,23 +56,41 @@ async fn discordpy_with(scenario: &str, tweak: impl FnOnce(&mut Settings)) {
         .arg(scenario)
         .env("PYTHONUNBUFFERED", "1")
         .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
-        .output();
-    let output = match tokio::time::timeout(SCENARIO_DEADLINE, run).await {
-        Ok(Ok(output)) => output,
-        Ok(Err(e)) => panic!("cannot run {python:?} {script}: {e}"),
-        Err(_) => panic!("discord.py scenario {scenario} ran past {SCENARIO_DEADLINE:?}"),
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {python:?} {script}: {e}"));
+    // Read both pipes as they come, so a scenario stopped at the deadline still shows
+    // what it had said.
+    let drain = |pipe: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>| {
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = tokio::io::AsyncReadExt::read_to_end(&mut pipe, &mut out).await;
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        })
     };
-    let report = String::from_utf8_lossy(&output.stdout);
-    let log = String::from_utf8_lossy(&output.stderr);
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let (exited_ok, status) = match tokio::time::timeout(SCENARIO_DEADLINE, child.wait()).await {
+        Ok(Ok(status)) => (status.success(), status.to_string()),
+        Ok(Err(e)) => (false, format!("not awaited: {e}")),
+        Err(_) => {
+            let _ = child.kill().await;
+            (false, format!("stopped after {SCENARIO_DEADLINE:?}"))
+        }
+    };
+    let report = stdout.await.expect("the stdout reader");
+    let log = stderr.await.expect("the stderr reader");
     let passed = format!("RESULT {scenario} passed");
-    if !output.status.success() || !report.lines().any(|l| l == passed) {
+    if !exited_ok || !report.lines().any(|l| l == passed) {
         let lines: Vec<&str> = log.lines().collect();
         let tail = lines[lines.len().saturating_sub(60)..].join("\n");
         panic!(
-            "discord.py scenario {scenario} failed ({}):\n{report}\n\
-             --- the end of discord.py's log ---\n{tail}",
-            output.status
+            "discord.py scenario {scenario} failed ({status}):\n{report}\n\
+             --- the end of discord.py's log ---\n{tail}"
         );
     }
 }
