@@ -188,7 +188,7 @@ EVENTS = [
     'connect', 'disconnect', 'ready', 'resumed', 'shard_ready', 'shard_resumed',
     'guild_available', 'voice_state_update', 'guild_channel_create', 'guild_channel_update',
     'guild_channel_delete', 'guild_role_create', 'guild_role_update', 'guild_role_delete',
-    'member_update',
+    'member_update', 'guild_unavailable', 'guild_remove', 'guild_join',
 ]
 
 
@@ -778,6 +778,54 @@ async def every_param(run: Run) -> None:
     await run.check('Role.edit(position=) (Modify Guild Role Positions): on_guild_role_update', role_position)
 
 
+async def guild_lifecycle(run: Run) -> None:
+    """A guild's outage and return (on_guild_unavailable / on_guild_available), the bot
+    removed from a guild (on_guild_remove) and added to one through OAuth2's bot
+    authorization (on_guild_join)."""
+    client = await run.ready()
+    state = await run.sim.state()
+    rec = client.rec
+    others = [g for g in state['guilds'] if g['bot'] and int(g['id']) != int(state['guild_id'])]
+    outside = [g for g in state['guilds'] if not g['bot']]
+    if not others or not outside:
+        raise Failed(f'the sim needs a second guild with the bot and one without: {state["guilds"]}')
+    gid = int(others[0]['id'])
+    new = int(outside[0]['id'])
+
+    async def outage() -> None:
+        mark = rec.mark()
+        await run.sim.ok('POST', f'/guilds/{gid}/outage', {'unavailable': True})
+        (guild,) = await rec.until('on_guild_unavailable', 'guild_unavailable', lambda g: g.id == gid, since=mark)
+        expect(guild.unavailable, 'the guild is not marked unavailable')
+        mark = rec.mark()
+        await run.sim.ok('POST', f'/guilds/{gid}/outage', {'unavailable': False})
+        (back,) = await rec.until('on_guild_available', 'guild_available', lambda g: g.id == gid, since=mark)
+        expect(not back.unavailable and back.name == others[0]['name'], f'back: {back!r}')
+
+    async def removed() -> None:
+        mark = rec.mark()
+        await run.sim.ok('DELETE', f'/guilds/{gid}/bot')
+        await rec.until('on_guild_remove', 'guild_remove', lambda g: g.id == gid, since=mark)
+        expect(client.get_guild(gid) is None, 'the guild is still in the cache')
+
+    async def added() -> None:
+        # Whoever may manage the guild approves the bot (plain bot authorization).
+        owner = (await run.sim.state(new))['owner_id']
+        mark = rec.mark()
+        params = {'client_id': str(state['client_id']), 'scope': 'bot', 'permissions': '0',
+                  'guild_id': str(new), 'disable_guild_select': 'true', 'sim_user': str(owner)}
+        async with run.sim.session.get(f'{run.sim.base}/oauth2/authorize', params=params,
+                                       allow_redirects=False) as res:
+            expect(res.status < 400, f'authorize answered {res.status}: {(await res.text())[:300]}')
+        (guild,) = await rec.until('on_guild_join', 'guild_join', lambda g: g.id == new, since=mark)
+        expect(guild.name == outside[0]['name'], f'joined {guild!r}')
+        expect(guild.me is not None, 'the bot is not a member of the new guild in the cache')
+
+    await run.check('an outage and the return of a guild: on_guild_unavailable, on_guild_available', outage)
+    await run.check('the bot removed by an admin: on_guild_remove', removed)
+    await run.check('the bot added through OAuth2 bot authorization: on_guild_join', added)
+
+
 async def resume(run: Run) -> None:
     """op 7 RECONNECT: discord.py reconnects and RESUMEs (on_resumed), and every change
     made meanwhile arrives once, in order."""
@@ -1056,6 +1104,7 @@ SCENARIOS: dict[str, Callable[[Run], Awaitable[None]]] = {
     'rest_with_dispatches': rest_with_dispatches,
     'first_calls': first_calls,
     'every_param': every_param,
+    'guild_lifecycle': guild_lifecycle,
     'resume': resume,
     'reidentify': reidentify,
     'rate_limit_route': lambda run: rate_limit(run, 'user'),

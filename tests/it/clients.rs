@@ -121,6 +121,11 @@ async fn discordpy_finds_every_documented_param_honoured_or_refused() {
 }
 
 #[tokio::test]
+async fn discordpy_sees_guilds_go_down_come_back_leave_and_join() {
+    discordpy("guild_lifecycle").await;
+}
+
+#[tokio::test]
 async fn discordpy_resumes_after_op7_and_misses_no_dispatch() {
     discordpy("resume").await;
 }
