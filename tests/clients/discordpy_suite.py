@@ -355,6 +355,14 @@ async def login_and_cache(run: Run) -> None:
         await run.check(f'{g["name"]}: channels, roles and overwrites', lambda: same_guild(client, gid, gstate))
         await run.check(f'{g["name"]}: members and their roles', lambda: same_members(client, gid, gstate))
 
+    async def under_the_limits() -> None:
+        # Reading every member above is more requests than one bucket allows a window:
+        # discord.py must have waited by the X-RateLimit-* headers, never hitting a 429.
+        rest = (await run.sim.state())['rest']
+        expect(rest['rate_limited'] == 0, f'the sim answered {rest["rate_limited"]} 429s: {rest}')
+
+    await run.check('the bucket headers kept discord.py from any 429', under_the_limits)
+
 
 async def same_guild(client: discord.Client, gid: int, state: dict) -> None:
     guild = client.get_guild(gid)
