@@ -841,6 +841,20 @@ async def resume(run: Run) -> None:
     await voice_changes_survive(run, client, 'op 7', lambda: run.sim.ok('POST', '/gateway/reconnect'))
 
 
+async def resume_after_op9(run: Run) -> None:
+    """op 9 INVALID_SESSION d:true: discord.py closes and RESUMEs on a new socket."""
+    client = await run.ready()
+    await voice_changes_survive(run, client, 'op 9 d:true',
+                                lambda: run.sim.ok('POST', '/gateway/invalidate', {'resumable': True}))
+
+
+async def resume_after_close(run: Run) -> None:
+    """The Gateway closes the socket with 4000 (resumable): discord.py RESUMEs."""
+    client = await run.ready()
+    await voice_changes_survive(run, client, 'close 4000',
+                                lambda: run.sim.ok('POST', '/gateway/disconnect', {'code': 4000}))
+
+
 async def voice_changes_survive(run: Run, client: discord.Client, cause: str,
                                 trouble: Callable[[], Awaitable[Any]],
                                 timeout: float = DEADLINE, quiet: bool = False) -> None:
@@ -893,9 +907,10 @@ async def voice_changes_survive(run: Run, client: discord.Client, cause: str,
             try:
                 await asyncio.sleep(0.05)
                 # Up to three rounds, until a move has reached discord.py through the
-                # replay: one made right after op 7 comes after it on the old socket,
-                # which discord.py stops reading at op 7, so it arrives only replayed on
-                # RESUME (unless discord.py's close got to the sim first).
+                # replay: one made right after the trouble (op 7, op 9, a close) comes
+                # after it on the old socket, which discord.py stops reading there, or
+                # to the detached session, so it arrives only replayed on RESUME
+                # (unless discord.py's RESUME got to the sim first).
                 while rounds < 3 and not any(replays):
                     since = rec.mark()
                     await trouble()
@@ -1114,6 +1129,8 @@ SCENARIOS: dict[str, Callable[[Run], Awaitable[None]]] = {
     'every_param': every_param,
     'guild_lifecycle': guild_lifecycle,
     'resume': resume,
+    'resume_after_op9': resume_after_op9,
+    'resume_after_close': resume_after_close,
     'reidentify': reidentify,
     'rate_limit_route': lambda run: rate_limit(run, 'user'),
     'rate_limit_global': lambda run: rate_limit(run, 'global'),

@@ -131,6 +131,16 @@ async fn discordpy_resumes_after_op7_and_misses_no_dispatch() {
 }
 
 #[tokio::test]
+async fn discordpy_resumes_after_a_resumable_op9_and_misses_no_dispatch() {
+    discordpy("resume_after_op9").await;
+}
+
+#[tokio::test]
+async fn discordpy_resumes_after_a_4000_close_and_misses_no_dispatch() {
+    discordpy("resume_after_close").await;
+}
+
+#[tokio::test]
 async fn discordpy_identifies_again_after_a_non_resumable_op9() {
     discordpy("reidentify").await;
 }
