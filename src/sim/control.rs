@@ -94,6 +94,10 @@ pub(super) fn refusal(r: Refusal) -> Fail {
             format!("missing permission {}", world::permission_name(bit)),
         ),
         Refusal::ChannelFull => error(StatusCode::CONFLICT, "channel is full"),
+        Refusal::OneParentAtATime => error(
+            StatusCode::BAD_REQUEST,
+            "only one channel can have a parent_id modified at a time",
+        ),
         Refusal::Invalid(field, _, message) => {
             error(StatusCode::BAD_REQUEST, format!("{field}: {message}"))
         }
@@ -482,6 +486,7 @@ async fn create_channel(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Resu
     let req: ChannelChange = body(&bytes)?;
     let parent_id = optional_id(req.parent_id.as_ref(), "parent_id")?;
     let new = NewChannel {
+        extras: Default::default(),
         name: req.name.unwrap_or_default(),
         kind: req.kind.unwrap_or(kind::VOICE),
         parent_id,
@@ -508,6 +513,7 @@ async fn update_channel(
         name: req.name,
         user_limit: req.user_limit,
         overwrites: overwrite_list(req.permission_overwrites.as_deref())?,
+        ..Default::default()
     };
     {
         let mut state = shared.lock();
@@ -597,8 +603,7 @@ async fn update_role(
 ) -> Result {
     let role = path_id(raw, "role id")?;
     let req: Map<String, Value> = body(&bytes)?;
-    let edit = world::role_edit_from_json(&req)
-        .map_err(|field| error(StatusCode::BAD_REQUEST, format!("bad {field}")))?;
+    let edit = world::role_edit_from_json(&req)?;
     let mut state = shared.lock();
     let (role, events) = state.world.update_role(None, role, edit)?;
     state.emit(&events);

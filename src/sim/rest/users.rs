@@ -97,6 +97,21 @@ pub(super) async fn current_user(State(shared): State<Arc<Shared>>, caller: Call
     Ok(axum::Json(user).into_response())
 }
 
+/// Get User: any user the simulator knows, as the bot sees them.
+pub(super) async fn get_user(
+    State(shared): State<Arc<Shared>>,
+    _: Bot,
+    Path(u): Path<String>,
+) -> ApiResult {
+    let id = snowflake("user_id", &u)?;
+    let state = shared.lock();
+    let user = state
+        .user(id)
+        .map(crate::sim::world::user_json)
+        .ok_or_else(|| ApiError::code(10013))?;
+    Ok(axum::Json(user).into_response())
+}
+
 /// Get Current User Guilds' query (user resource): `before`/`after` a guild id and
 /// `limit` (1–200, default 200); `with_counts` is accepted and ignored.
 #[derive(Deserialize)]
