@@ -55,7 +55,10 @@ fn settings(req: &Map<String, Value>) -> ApiResult<ChannelEdit> {
     refuse_unmodelled(req, UNMODELLED)?;
     // Channel flags a guild text or voice channel can carry are all set by Discord
     // (PINNED, REQUIRE_TAG, ... belong to threads, forums and media).
-    if count_field::<u64>(req, "flags")?.given().is_some_and(|f| f != 0) {
+    if count_field::<u64>(req, "flags")?
+        .given()
+        .is_some_and(|f| f != 0)
+    {
         refuse_unmodelled(req, &["flags"])?;
     }
     Ok(ChannelEdit {
@@ -206,10 +209,13 @@ pub(super) async fn move_channels(
             .ok_or_else(|| {
                 ApiError::invalid_field(&at("id"), "NUMBER_TYPE_COERCE", "Value is not snowflake.")
             })?;
-        let wrong = |f: &str| ApiError::invalid_field(&at(f), "BASE_TYPE_INVALID", "Invalid value.");
+        let wrong =
+            |f: &str| ApiError::invalid_field(&at(f), "BASE_TYPE_INVALID", "Invalid value.");
         moves.push(ChannelMove {
             id,
-            position: int_field(entry, "position").map_err(|_| wrong("position"))?.given(),
+            position: int_field(entry, "position")
+                .map_err(|_| wrong("position"))?
+                .given(),
             parent_id: snowflake_field(entry, "parent_id")
                 .map_err(|_| wrong("parent_id"))?
                 .nullable(),

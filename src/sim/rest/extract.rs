@@ -194,11 +194,19 @@ pub(super) fn string_field(body: &Map<String, Value>, name: &str) -> ApiResult<F
 }
 
 pub(super) fn bool_field(body: &Map<String, Value>, name: &str) -> ApiResult<Field<bool>> {
-    field(body, name, "BASE_TYPE_BOOLEAN", "Must be either true or false.", |v| v.as_bool())
+    field(
+        body,
+        name,
+        "BASE_TYPE_BOOLEAN",
+        "Must be either true or false.",
+        |v| v.as_bool(),
+    )
 }
 
 pub(super) fn int_field(body: &Map<String, Value>, name: &str) -> ApiResult<Field<i64>> {
-    field(body, name, "NUMBER_TYPE_COERCE", "Value is not int.", |v| v.as_i64())
+    field(body, name, "NUMBER_TYPE_COERCE", "Value is not int.", |v| {
+        v.as_i64()
+    })
 }
 
 /// A non-negative integer that fits `T` (bitrate, user limit, slowmode).
@@ -212,13 +220,23 @@ pub(super) fn count_field<T: TryFrom<u64>>(
 }
 
 pub(super) fn id_list_field(body: &Map<String, Value>, name: &str) -> ApiResult<Field<Vec<u64>>> {
-    field(body, name, "NUMBER_TYPE_COERCE", "Value is not snowflake.", |v| {
-        v.as_array()?.iter().map(id_field).collect()
-    })
+    field(
+        body,
+        name,
+        "NUMBER_TYPE_COERCE",
+        "Value is not snowflake.",
+        |v| v.as_array()?.iter().map(id_field).collect(),
+    )
 }
 
 pub(super) fn snowflake_field(body: &Map<String, Value>, name: &str) -> ApiResult<Field<u64>> {
-    field(body, name, "NUMBER_TYPE_COERCE", "Value is not snowflake.", id_field)
+    field(
+        body,
+        name,
+        "NUMBER_TYPE_COERCE",
+        "Value is not snowflake.",
+        id_field,
+    )
 }
 
 /// Documented fields the simulator does not model. A value there is refused with 50035
@@ -240,26 +258,26 @@ pub(super) fn refuse_unmodelled(body: &Map<String, Value>, fields: &[&str]) -> A
 /// Image data as Discord takes it (a `data:image/...;base64,` URI), kept as the hash
 /// Discord would return for it.
 pub(super) fn image_field(body: &Map<String, Value>, name: &str) -> ApiResult<Field<String>> {
-    field(
-        body,
-        name,
-        "IMAGE_INVALID",
-        "Invalid image data",
-        |v| {
-            let uri = v.as_str()?;
-            let rest = uri.strip_prefix("data:image/")?;
-            let (kind, data) = rest.split_once(";base64,")?;
-            if !matches!(kind, "png" | "jpeg" | "jpg" | "gif" | "webp") || data.is_empty() {
-                return None;
-            }
-            use base64::Engine;
-            let bytes = base64::engine::general_purpose::STANDARD.decode(data).ok()?;
-            use sha2::{Digest, Sha256};
-            let hash: String = Sha256::digest(&bytes)[..16]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            Some(if kind == "gif" { format!("a_{hash}") } else { hash })
-        },
-    )
+    field(body, name, "IMAGE_INVALID", "Invalid image data", |v| {
+        let uri = v.as_str()?;
+        let rest = uri.strip_prefix("data:image/")?;
+        let (kind, data) = rest.split_once(";base64,")?;
+        if !matches!(kind, "png" | "jpeg" | "jpg" | "gif" | "webp") || data.is_empty() {
+            return None;
+        }
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .ok()?;
+        use sha2::{Digest, Sha256};
+        let hash: String = Sha256::digest(&bytes)[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Some(if kind == "gif" {
+            format!("a_{hash}")
+        } else {
+            hash
+        })
+    })
 }

@@ -147,7 +147,9 @@ fn modify_current_member(shared: &Shared, g: &str, req: &Map<String, Value>) -> 
     let mut state = shared.lock();
     let (g, w) = bot_guild(&mut state, g)?;
     let events = w.modify_self(edit)?;
-    let member = w.member_json(w.bot_id).ok_or_else(|| ApiError::code(10007))?;
+    let member = w
+        .member_json(w.bot_id)
+        .ok_or_else(|| ApiError::code(10007))?;
     state.emit_in(g, &events);
     Ok(axum::Json(member).into_response())
 }

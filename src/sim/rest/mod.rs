@@ -46,9 +46,7 @@ pub fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
         )
         .route(
             "/guilds/{guild}/channels",
-            get(list_channels)
-                .post(create_channel)
-                .patch(move_channels),
+            get(list_channels).post(create_channel).patch(move_channels),
         )
         .route(
             "/channels/{channel}",

@@ -82,7 +82,11 @@ pub(super) async fn move_roles(
     let mut moves = Vec::with_capacity(list.len());
     for (i, entry) in list.iter().enumerate() {
         let id = entry.get("id").and_then(id_field).ok_or_else(|| {
-            ApiError::invalid_field(&format!("{i}.id"), "NUMBER_TYPE_COERCE", "Value is not snowflake.")
+            ApiError::invalid_field(
+                &format!("{i}.id"),
+                "NUMBER_TYPE_COERCE",
+                "Value is not snowflake.",
+            )
         })?;
         match entry.get("position") {
             // "position?: ?integer": an entry without one moves nothing.

@@ -112,12 +112,7 @@ impl World {
     }
 
     /// Whether `actor` may move `user_id` to `channel_id` (or disconnect them).
-    fn check_move(
-        &self,
-        actor: u64,
-        user_id: u64,
-        channel_id: Option<u64>,
-    ) -> Result<(), Refusal> {
+    fn check_move(&self, actor: u64, user_id: u64, channel_id: Option<u64>) -> Result<(), Refusal> {
         if !self.members.contains_key(&user_id) {
             return Err(Refusal::UnknownMember);
         }
@@ -216,9 +211,7 @@ impl World {
             // "Will throw a 403 error if the user has the ADMINISTRATOR permission or is
             // the owner of the guild"; the hierarchy applies as for kicks.
             let target = self.guild_permissions(user_id);
-            if user_id == self.owner_id
-                || target.contains(Permissions::ADMINISTRATOR)
-                || !outranks
+            if user_id == self.owner_id || target.contains(Permissions::ADMINISTRATOR) || !outranks
             {
                 return Err(Refusal::MissingPermission(Permissions::MODERATE_MEMBERS));
             }
