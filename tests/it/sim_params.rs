@@ -462,6 +462,15 @@ async fn role_colours_positions_and_the_reads_bots_make_first() {
 #[tokio::test]
 async fn routes_the_sim_does_not_serve_answer_discords_404_and_405() {
     let sim = TestSim::start().await;
+    // List Guild Members needs the GUILD_MEMBERS privileged intent the app lacks.
+    let (status, body) = raw(
+        &sim,
+        Method::GET,
+        &format!("/guilds/{}/members", sim.guild_id()),
+        Value::Null,
+    )
+    .await;
+    assert_eq!((status, &body["code"]), (403, &json!(50001)), "{body}");
     let (status, body) = raw(&sim, Method::GET, "/guilds/1/emojis/2/nothing", Value::Null).await;
     assert_eq!(status, 404);
     assert_eq!(body, json!({"message": "404: Not Found", "code": 0}));

@@ -33,6 +33,19 @@ pub(super) async fn get_member(
     Ok(axum::Json(member).into_response())
 }
 
+/// List Guild Members: "restricted according to whether the GUILD_MEMBERS Privileged
+/// Intent is enabled for your application", which the simulated application is not, so
+/// Discord's answer is 50001 Missing Access (for a guild the bot is in; 10004 or 50001
+/// otherwise, as for every guild route).
+pub(super) async fn list_members(
+    State(shared): State<Arc<Shared>>,
+    _: Bot,
+    Path(g): Path<String>,
+) -> ApiResult {
+    bot_guild(&mut shared.lock(), &g)?;
+    Err(ApiError::code(50001))
+}
+
 #[derive(Deserialize)]
 struct AddMember {
     access_token: Option<String>,

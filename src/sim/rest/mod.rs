@@ -66,6 +66,7 @@ pub fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
             "/guilds/{guild}/roles/{role}",
             get(get_role).delete(delete_role).patch(update_role),
         )
+        .route("/guilds/{guild}/members", get(list_members))
         .route(
             "/guilds/{guild}/members/{user}",
             get(get_member)
