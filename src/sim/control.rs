@@ -323,7 +323,7 @@ async fn join_guild(
     w.users.entry(user).or_insert(known);
     // The invite is the owner's (every member of a seeded guild may create one).
     let owner = w.owner_id;
-    match w.add_member(owner, user, &[])? {
+    match w.add_member(owner, user, &[], Default::default())? {
         None => Ok(StatusCode::NO_CONTENT.into_response()),
         Some(events) => {
             let member = w.member_json(user).unwrap_or(Value::Null);

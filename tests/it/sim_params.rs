@@ -481,3 +481,79 @@ async fn routes_the_sim_does_not_serve_answer_discords_404_and_405() {
         json!({"message": "405: Method Not Allowed", "code": 0})
     );
 }
+
+#[tokio::test]
+async fn add_guild_member_honours_nick_mute_and_deaf_with_their_permissions() {
+    let sim = TestSim::start_with(|s| s.rate_limit = 100).await;
+    let juniper = sim.user("juniper").await;
+    let token = sim.user_token(juniper, "identify guilds.join").await;
+    let path = format!("/guilds/{}/members/{juniper}", sim.guild_id());
+    // A nickname needs Manage Nicknames, which the bot lacks: nothing happens.
+    let (status, body) = raw(
+        &sim,
+        Method::PUT,
+        &path,
+        json!({"access_token": token, "nick": "June", "mute": true}),
+    )
+    .await;
+    assert_eq!((status, &body["code"]), (403, &json!(50013)), "{body}");
+    let (status, _) = raw(&sim, Method::GET, &path, Value::Null).await;
+    assert_eq!(status, 404, "a refused add adds no one");
+    // Mute and deaf need only Mute and Deafen Members, which the bot has.
+    let (status, body) = raw(
+        &sim,
+        Method::PUT,
+        &path,
+        json!({"access_token": token, "mute": true, "deaf": true}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!((&body["mute"], &body["deaf"]), (&json!(true), &json!(true)));
+    assert_eq!(body["nick"], Value::Null);
+}
+
+#[tokio::test]
+async fn a_body_of_the_wrong_shape_is_refused_as_discord_refuses_it() {
+    let sim = TestSim::start().await;
+    let (g, lobby) = (sim.guild_id(), sim.id_of("lobby_id").await);
+    for (path, body, want) in [
+        (format!("/channels/{lobby}"), json!([]), "DICT_TYPE_CONVERT"),
+        (format!("/guilds/{g}/roles"), json!({}), "LIST_TYPE_CONVERT"),
+        (
+            format!("/guilds/{g}/channels"),
+            json!("x"),
+            "LIST_TYPE_CONVERT",
+        ),
+    ] {
+        let (status, err) = raw(&sim, Method::PATCH, &path, body).await;
+        assert_eq!(
+            (status, &err["code"]),
+            (400, &json!(50035)),
+            "{path}: {err}"
+        );
+        assert_eq!(err["errors"]["_errors"][0]["code"], want, "{path}: {err}");
+        assert_eq!(err["message"], "Invalid Form Body");
+    }
+    let (status, err) = raw(
+        &sim,
+        Method::PATCH,
+        &format!("/guilds/{g}/roles"),
+        json!([5]),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(form_error(&err, &["0"]), "MODEL_TYPE_CONVERT", "{err}");
+    // Not JSON at all: 50109.
+    let res = sim
+        .http
+        .patch(sim.url(&format!("/api/v10/channels/{lobby}")))
+        .header("authorization", format!("Bot {}", sim.token()))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let err: Value = res.json().await.unwrap();
+    assert_eq!(err["code"], 50109);
+}

@@ -105,7 +105,7 @@ pub(super) async fn create_channel(
     body: Bytes,
 ) -> ApiResult {
     bot_guild(&mut shared.lock(), &g)?;
-    let DiscordJson(req) = DiscordJson::<Map<String, Value>>::parse(&body)?;
+    let req = DiscordJson::object(&body)?;
     let edit = settings(&req)?;
     let Some(name) = edit.name else {
         return Err(ApiError::invalid_field(
@@ -170,7 +170,7 @@ pub(super) async fn update_channel(
     body: Bytes,
 ) -> ApiResult {
     let id = snowflake("channel_id", &c)?;
-    let DiscordJson(req) = DiscordJson::<Map<String, Value>>::parse(&body)?;
+    let req = DiscordJson::object(&body)?;
     let edit = settings(&req)?;
     let kind = count_field::<u8>(&req, "type")?.given();
     let mut state = shared.lock();
@@ -199,7 +199,7 @@ pub(super) async fn move_channels(
     Path(g): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    let DiscordJson(list) = DiscordJson::<Vec<Map<String, Value>>>::parse(&body)?;
+    let list = DiscordJson::list(&body)?;
     let mut moves = Vec::with_capacity(list.len());
     for (i, entry) in list.iter().enumerate() {
         let at = |f: &str| format!("{i}.{f}");
@@ -252,7 +252,7 @@ pub(super) async fn set_overwrite(
 ) -> ApiResult {
     let id = snowflake("channel_id", &c)?;
     let target = snowflake("overwrite_id", &o)?;
-    let DiscordJson(req) = DiscordJson::<Map<String, Value>>::parse(&body)?;
+    let req = DiscordJson::object(&body)?;
     let overwrite = world::overwrite_from_json(&req, Some(target)).map_err(|what| {
         ApiError::invalid_field(what, "BASE_TYPE_INVALID", &format!("Invalid {what}."))
     })?;

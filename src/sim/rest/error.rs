@@ -76,6 +76,15 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// 50035 for the body as a whole: Discord puts the error list at the top of `errors`.
+    pub fn invalid_body(code: &str, message: &str) -> Self {
+        let mut e = Self::code(50035);
+        e.body["errors"] = json!({"_errors": [{"code": code, "message": message}]});
+        e
+    }
+}
+
 impl From<Refusal> for ApiError {
     fn from(r: Refusal) -> Self {
         match r {

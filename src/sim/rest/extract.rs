@@ -11,7 +11,6 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 use secrecy::ExposeSecret;
-use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use super::error::{ApiError, ApiResult};
@@ -71,19 +70,51 @@ fn authorization(headers: &HeaderMap) -> Option<Auth<'_>> {
     }
 }
 
-/// A JSON body parsed as Discord does: bad JSON is 50109, wrong shapes are 50035.
+/// A JSON body parsed as Discord does: bad JSON is 50109, a body of the wrong shape is
+/// 50035 with the error on the body itself (`{"errors": {"_errors": [...]}}`).
 pub struct DiscordJson<T>(pub T);
 
-impl<T: DeserializeOwned> DiscordJson<T> {
-    pub(super) fn parse(body: &Bytes) -> ApiResult<Self> {
-        let value: Value = if body.is_empty() {
-            json!({})
-        } else {
-            serde_json::from_slice(body).map_err(|_| ApiError::code(50109))?
+fn json_body(body: &Bytes, empty: Value) -> ApiResult<Value> {
+    if body.is_empty() {
+        return Ok(empty);
+    }
+    serde_json::from_slice(body).map_err(|_| ApiError::code(50109))
+}
+
+impl DiscordJson<Map<String, Value>> {
+    /// A JSON object (an empty body reads as `{}`).
+    pub(super) fn object(body: &Bytes) -> ApiResult<Map<String, Value>> {
+        match json_body(body, json!({}))? {
+            Value::Object(map) => Ok(map),
+            _ => Err(ApiError::invalid_body(
+                "DICT_TYPE_CONVERT",
+                "Only dictionaries may be used in a DictType",
+            )),
+        }
+    }
+}
+
+impl DiscordJson<Vec<Map<String, Value>>> {
+    /// A JSON array of objects (the position routes).
+    pub(super) fn list(body: &Bytes) -> ApiResult<Vec<Map<String, Value>>> {
+        let Value::Array(items) = json_body(body, json!([]))? else {
+            return Err(ApiError::invalid_body(
+                "LIST_TYPE_CONVERT",
+                "Only iterables may be used in a ListType",
+            ));
         };
-        serde_json::from_value(value)
-            .map(DiscordJson)
-            .map_err(|e| ApiError::invalid_field("_body", "BASE_TYPE_INVALID", &format!("{e}")))
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Value::Object(map) => Ok(map),
+                _ => Err(ApiError::invalid_field(
+                    &i.to_string(),
+                    "MODEL_TYPE_CONVERT",
+                    "Only dictionaries may be used in a ModelType",
+                )),
+            })
+            .collect()
     }
 }
 

@@ -9,17 +9,16 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{
-    Bot, DiscordJson, Field, bool_field, bot_guild, count_field, id_field, id_list_field,
-    image_field, snowflake, snowflake_field, string_field,
+    Bot, DiscordJson, Field, bool_field, bot_guild, count_field, id_list_field, image_field,
+    snowflake, snowflake_field, string_field,
 };
 use crate::sim::Shared;
 use crate::sim::ids::now_ms;
-use crate::sim::world::{MemberEdit, SelfEdit};
+use crate::sim::world::{Joining, MemberEdit, SelfEdit};
 
 pub(super) async fn get_member(
     State(shared): State<Arc<Shared>>,
@@ -46,13 +45,6 @@ pub(super) async fn list_members(
     Err(ApiError::code(50001))
 }
 
-#[derive(Deserialize)]
-struct AddMember {
-    access_token: Option<String>,
-    #[serde(default)]
-    roles: Option<Vec<Value>>,
-}
-
 /// Adds a user to the guild with their OAuth2 token (`guilds.join` scope): 201 with the
 /// member when added, 204 when they were a member already.
 pub(super) async fn add_member(
@@ -63,20 +55,20 @@ pub(super) async fn add_member(
 ) -> ApiResult {
     bot_guild(&mut shared.lock(), &g)?;
     let user = snowflake("user_id", &u)?;
-    let DiscordJson(req) = DiscordJson::<AddMember>::parse(&body)?;
-    let Some(token) = req.access_token else {
+    let req = DiscordJson::object(&body)?;
+    let Some(token) = string_field(&req, "access_token")?.given() else {
         return Err(ApiError::invalid_field(
             "access_token",
             "BASE_TYPE_REQUIRED",
             "This field is required",
         ));
     };
-    let mut roles = Vec::new();
-    for r in req.roles.unwrap_or_default() {
-        roles.push(id_field(&r).ok_or_else(|| {
-            ApiError::invalid_field("roles", "NUMBER_TYPE_COERCE", "Value is not snowflake.")
-        })?);
-    }
+    let roles = id_list_field(&req, "roles")?.given().unwrap_or_default();
+    let joining = Joining {
+        nick: string_field(&req, "nick")?.given(),
+        mute: bool_field(&req, "mute")?.given().unwrap_or(false),
+        deaf: bool_field(&req, "deaf")?.given().unwrap_or(false),
+    };
     let mut state = shared.lock();
     match state.oauth.bearer(&token) {
         Some((owner, scopes)) if owner == user && scopes.iter().any(|s| s == "guilds.join") => {}
@@ -89,7 +81,7 @@ pub(super) async fn add_member(
         w.users.entry(user).or_insert(u);
     }
     let bot = w.bot_id;
-    match w.add_member(bot, user, &roles)? {
+    match w.add_member(bot, user, &roles, joining)? {
         None => Ok(StatusCode::NO_CONTENT.into_response()),
         Some(events) => {
             let member = w.member_json(user).ok_or_else(|| ApiError::code(10007))?;
@@ -108,7 +100,7 @@ pub(super) async fn modify_member(
     Path((g, u)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    let DiscordJson(req) = DiscordJson::<Map<String, Value>>::parse(&body)?;
+    let req = DiscordJson::object(&body)?;
     if u == "@me" {
         return modify_current_member(&shared, &g, &req);
     }

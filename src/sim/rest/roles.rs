@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use twilight_model::guild::Permissions;
 
 use super::error::{ApiError, ApiResult};
@@ -25,7 +25,7 @@ pub(super) async fn create_role(
     body: Bytes,
 ) -> ApiResult {
     bot_guild(&mut shared.lock(), &g)?;
-    let DiscordJson(req) = DiscordJson::<Map<String, Value>>::parse(&body)?;
+    let req = DiscordJson::object(&body)?;
     let edit = world::role_edit_from_json(&req)?;
     let mut state = shared.lock();
     let (g, w) = bot_guild(&mut state, &g)?;
@@ -78,7 +78,7 @@ pub(super) async fn move_roles(
     Path(g): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    let DiscordJson(list) = DiscordJson::<Vec<Map<String, Value>>>::parse(&body)?;
+    let list = DiscordJson::list(&body)?;
     let mut moves = Vec::with_capacity(list.len());
     for (i, entry) in list.iter().enumerate() {
         let id = entry.get("id").and_then(id_field).ok_or_else(|| {
@@ -137,7 +137,7 @@ pub(super) async fn update_role(
 ) -> ApiResult {
     bot_guild(&mut shared.lock(), &g)?;
     let role = snowflake("role_id", &r)?;
-    let DiscordJson(req) = DiscordJson::<Map<String, Value>>::parse(&body)?;
+    let req = DiscordJson::object(&body)?;
     let edit = world::role_edit_from_json(&req)?;
     let mut state = shared.lock();
     let (g, w) = bot_guild(&mut state, &g)?;

@@ -14,13 +14,15 @@ use crate::sim::ids::{avatar_hash, random_hex};
 use twilight_model::guild::Permissions;
 
 impl World {
-    /// Adds a user to the guild (the OAuth2 `guilds.join` flow). `Ok(None)` when they were
-    /// a member already.
+    /// Adds a user to the guild (the OAuth2 `guilds.join` flow), with Add Guild Member's
+    /// `roles`, `nick`, `mute` and `deaf`, each needing the permission its row names.
+    /// `Ok(None)` when they were a member already (Discord changes nothing then).
     pub fn add_member(
         &mut self,
         actor: u64,
         user_id: u64,
         roles: &[u64],
+        joining: Joining,
     ) -> Result<Option<Vec<Dispatch>>, Refusal> {
         if !self.users.contains_key(&user_id) {
             return Err(Refusal::UnknownUser);
@@ -33,13 +35,26 @@ impl World {
         if !roles.is_empty() {
             self.require(have, Permissions::MANAGE_ROLES)?;
         }
+        if let Some(nick) = &joining.nick {
+            check_nick(Some(nick))?;
+            self.require(have, Permissions::MANAGE_NICKNAMES)?;
+        }
+        if joining.mute {
+            self.require(have, Permissions::MUTE_MEMBERS)?;
+        }
+        if joining.deaf {
+            self.require(have, Permissions::DEAFEN_MEMBERS)?;
+        }
         for r in roles {
             if !self.roles.contains_key(r) {
                 return Err(Refusal::UnknownRole);
             }
         }
-        self.members
-            .insert(user_id, Member::new(roles.iter().copied().collect()));
+        let mut member = Member::new(roles.iter().copied().collect());
+        member.nick = joining.nick.filter(|n| !n.is_empty());
+        member.mute = joining.mute;
+        member.deaf = joining.deaf;
+        self.members.insert(user_id, member);
         let mut data = self.member_json(user_id).unwrap_or(Value::Null);
         data["guild_id"] = json!(self.guild_id.to_string());
         Ok(Some(vec![Dispatch {
@@ -444,6 +459,14 @@ impl World {
         }
         id
     }
+}
+
+/// Add Guild Member's fields besides the token and roles.
+#[derive(Debug, Clone, Default)]
+pub struct Joining {
+    pub nick: Option<String>,
+    pub mute: bool,
+    pub deaf: bool,
 }
 
 /// Guild member flags a client may set ("Guild Member Flags", Editable column): only

@@ -19,6 +19,7 @@ mod testing;
 mod wire;
 
 pub use channels::ChannelMove;
+pub use members::Joining;
 
 use std::collections::{BTreeMap, BTreeSet};
 
