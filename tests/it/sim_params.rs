@@ -420,6 +420,26 @@ async fn role_colours_positions_and_the_reads_bots_make_first() {
         .unwrap();
     assert_eq!(got.id, guild);
     assert!(got.approximate_member_count.is_some_and(|n| n > 0));
+    let (status, guilds) = raw(
+        &sim,
+        Method::GET,
+        "/users/@me/guilds?with_counts=true",
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        guilds[0]["approximate_member_count"].as_u64().is_some(),
+        "{guilds}"
+    );
+    let (status, _) = raw(
+        &sim,
+        Method::GET,
+        "/users/@me/guilds?with_counts=maybe",
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, 400);
     let bramble = sim.user("bramble").await;
     let user = http
         .user(Id::new(bramble))

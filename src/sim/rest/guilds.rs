@@ -27,20 +27,7 @@ pub(super) async fn get_guild(
     Path(g): Path<String>,
     Query(q): Query<GuildQuery>,
 ) -> ApiResult {
-    // Discord's boolean query strings: "True", "true" or "1" (Reference, "Boolean
-    // Query Strings"); anything else is false.
-    let with_counts = match q.with_counts.as_deref() {
-        None => false,
-        Some("true" | "True" | "1") => true,
-        Some("false" | "False" | "0") => false,
-        Some(_) => {
-            return Err(ApiError::invalid_field(
-                "with_counts",
-                "BASE_TYPE_BOOLEAN",
-                "Must be either true or false.",
-            ));
-        }
-    };
+    let with_counts = boolean_query("with_counts", q.with_counts.as_deref())?;
     let mut state = shared.lock();
     let (_, w) = bot_guild(&mut state, &g)?;
     let mut guild = w.guild_json();
@@ -49,4 +36,18 @@ pub(super) async fn get_guild(
         guild["approximate_presence_count"] = json!(w.voice.len());
     }
     Ok(axum::Json(guild).into_response())
+}
+
+/// A boolean query string param, as the Reference's "Boolean Query Strings" reads one:
+/// `True`, `true` or `1`, and `False`, `false` or `0`.
+pub(super) fn boolean_query(name: &str, raw: Option<&str>) -> ApiResult<bool> {
+    match raw {
+        None | Some("false" | "False" | "0") => Ok(false),
+        Some("true" | "True" | "1") => Ok(true),
+        Some(_) => Err(ApiError::invalid_field(
+            name,
+            "BASE_TYPE_BOOLEAN",
+            "Must be either true or false.",
+        )),
+    }
 }

@@ -112,13 +112,14 @@ pub(super) async fn get_user(
     Ok(axum::Json(user).into_response())
 }
 
-/// Get Current User Guilds' query (user resource): `before`/`after` a guild id and
-/// `limit` (1–200, default 200); `with_counts` is accepted and ignored.
+/// Get Current User Guilds' query (user resource): `before`/`after` a guild id,
+/// `limit` (1–200, default 200) and `with_counts`.
 #[derive(Deserialize)]
 pub(super) struct GuildsQuery {
     before: Option<String>,
     after: Option<String>,
     limit: Option<String>,
+    with_counts: Option<String>,
 }
 
 /// The user a bearer token names, if it carries `scope`. A token without the scope gets
@@ -158,6 +159,7 @@ pub(super) async fn current_user_guilds(
                 )
             })?,
     };
+    let with_counts = super::guilds::boolean_query("with_counts", q.with_counts.as_deref())?;
     let state = shared.lock();
     let mut mine: Vec<&World> = state
         .guilds()
@@ -180,7 +182,7 @@ pub(super) async fn current_user_guilds(
         .take(limit)
         .map(|w| {
             let user = id.unwrap_or(w.bot_id);
-            json!({
+            let mut guild = json!({
                 "id": w.guild_id.to_string(),
                 "name": w.guild_name,
                 "icon": null,
@@ -188,7 +190,12 @@ pub(super) async fn current_user_guilds(
                 "owner": user == w.owner_id,
                 "permissions": w.guild_permissions(user),
                 "features": [],
-            })
+            });
+            if with_counts {
+                guild["approximate_member_count"] = json!(w.members.len());
+                guild["approximate_presence_count"] = json!(w.voice.len());
+            }
+            guild
         })
         .collect();
     Ok(axum::Json(guilds).into_response())
