@@ -820,6 +820,9 @@ fn handle_payload(shared: &Shared, conn_id: u64, text: &str) -> bool {
         .get(&conn_id)
         .is_some_and(|c| c.session.is_some());
     match payload.op {
+        op::HEARTBEAT if !fits(op::HEARTBEAT, &payload.d) => {
+            state.hub.close(conn_id, close::UNKNOWN_OPCODE);
+        }
         op::HEARTBEAT => {
             let zombie = state.hub.conns.get(&conn_id).is_none_or(|c| c.zombie);
             if !zombie {
@@ -891,13 +894,55 @@ fn handle_payload(shared: &Shared, conn_id: u64, text: &str) -> bool {
         | op::REQUEST_SOUNDBOARD_SOUNDS => {
             if !identified {
                 state.hub.close(conn_id, close::NOT_AUTHENTICATED);
+            } else if !fits(payload.op, &payload.d) {
+                state.hub.close(conn_id, close::UNKNOWN_OPCODE);
             }
-            // Accepted and ignored: Coven never sends these, and the simulator has no
-            // presences or member chunks to answer with.
+            // Otherwise accepted and ignored: Coven never sends these, and the simulator
+            // has no presences, voice servers or member chunks to answer with.
         }
         _ => state.hub.close(conn_id, close::UNKNOWN_OPCODE),
     }
     false
+}
+
+/// Whether `d` has the fields "Gateway Events" lists for the send event `op`, with their
+/// types; Discord closes with 4001 when it does not ("an invalid payload for an opcode";
+/// an Update Presence without `since`, say, is closed so: discord-api-docs issues 2226 and
+/// 3854).
+fn fits(op: u8, d: &Value) -> bool {
+    fn snowflake(v: &Value) -> bool {
+        v.as_str().is_some_and(|s| s.parse::<u64>().is_ok()) || v.is_u64()
+    }
+    fn snowflakes(v: &Value) -> bool {
+        v.as_array().is_some_and(|a| a.iter().all(snowflake))
+    }
+    fn null_or(v: &Value, ok: fn(&Value) -> bool) -> bool {
+        v.is_null() || ok(v)
+    }
+    let has = |key: &str, ok: fn(&Value) -> bool| d.get(key).is_some_and(ok);
+    match op {
+        // "the last sequence number ... If you have not yet received one, send null".
+        op::HEARTBEAT => null_or(d, Value::is_u64),
+        op::PRESENCE_UPDATE => {
+            has("since", |v| null_or(v, Value::is_u64))
+                && has("activities", Value::is_array)
+                && has("status", Value::is_string)
+                && has("afk", Value::is_boolean)
+        }
+        op::VOICE_STATE_UPDATE => {
+            has("guild_id", snowflake)
+                && has("channel_id", |v| null_or(v, snowflake))
+                && has("self_mute", Value::is_boolean)
+                && has("self_deaf", Value::is_boolean)
+        }
+        op::REQUEST_GUILD_MEMBERS => {
+            has("guild_id", snowflake)
+                && ((has("query", Value::is_string) && has("limit", Value::is_u64))
+                    || has("user_ids", |v| snowflake(v) || snowflakes(v)))
+        }
+        op::REQUEST_SOUNDBOARD_SOUNDS => has("guild_ids", snowflakes),
+        _ => true,
+    }
 }
 
 fn start_session(shared: &Shared, state: &mut super::State, conn_id: u64, identify: Identify) {

@@ -1746,3 +1746,50 @@ async fn the_bots_own_member_update_comes_without_guild_members() {
     let _: twilight_model::gateway::payload::incoming::MemberUpdate =
         serde_json::from_value(update["d"].clone()).expect("twilight-model reads it");
 }
+
+/// A send event whose `d` lacks a field "Gateway Events" lists is 4001 ("an invalid
+/// payload for an opcode"); with every field it is taken.
+#[tokio::test]
+async fn send_events_missing_a_documented_field_are_4001() {
+    // One identify bucket per case, so none waits out another's 5 s.
+    let sim = TestSim::start_with(|s| s.max_concurrency = 16).await;
+    let guild = sim.guild_id().to_string();
+    let presence = json!({"since": null, "activities": [], "status": "online", "afk": false});
+    let voice =
+        json!({"guild_id": guild, "channel_id": null, "self_mute": false, "self_deaf": false});
+    let members = json!({"guild_id": guild, "query": "", "limit": 0});
+    let without = |d: &Value, key: &str| {
+        let mut d = d.clone();
+        d.as_object_mut().expect("an object").remove(key);
+        d
+    };
+    let cases = [
+        (3, without(&presence, "since")),
+        (3, without(&presence, "afk")),
+        (4, without(&voice, "self_deaf")),
+        (
+            4,
+            json!({"guild_id": "x", "channel_id": null, "self_mute": false, "self_deaf": false}),
+        ),
+        (8, without(&members, "limit")),
+        (31, json!({})),
+        (1, json!("seven")),
+    ];
+    for (i, (op, d)) in (0..).zip(cases) {
+        let (mut ws, _) = identified(&sim, 129, Some([i, 16])).await;
+        send(&mut ws, &json!({"op": op, "d": d}).to_string()).await;
+        assert_eq!(close_of(&mut ws).await.0, 4001, "op {op} with {d}");
+    }
+    let (mut ws, _) = identified(&sim, 129, Some([15, 16])).await;
+    for (op, d) in [
+        (3, presence),
+        (4, voice),
+        (8, members),
+        (8, json!({"guild_id": guild, "user_ids": [guild]})),
+        (31, json!({"guild_ids": [guild]})),
+        (1, json!(2)),
+    ] {
+        send(&mut ws, &json!({"op": op, "d": d}).to_string()).await;
+    }
+    until_op(&mut ws, 11, 0).await;
+}
