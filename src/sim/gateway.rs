@@ -74,10 +74,16 @@ pub mod close {
         }
     }
 
-    /// Codes after which Discord's session cannot be resumed.
+    /// Codes after which Discord's session cannot be resumed: 1000 and 1001 ("your
+    /// session will be invalidated"), the two that say "start a new session" (4007,
+    /// 4009), and those Gateway Close Event Codes mark not to reconnect with. After the
+    /// other codes a client should "attempt to resume" ("Resuming", case 2), 4005 and
+    /// 4008 included.
     pub fn ends_session(code: u16) -> bool {
-        matches!(code, INVALID_SEQ | SESSION_TIMED_OUT | 1000 | 1001)
-            || (4004..=4014).contains(&code)
+        matches!(
+            code,
+            1000 | 1001 | AUTHENTICATION_FAILED | INVALID_SEQ | SESSION_TIMED_OUT
+        ) || (INVALID_SHARD..=DISALLOWED_INTENTS).contains(&code)
     }
 }
 

@@ -1657,20 +1657,28 @@ async fn a_resume_with_a_future_seq_is_4007() {
 }
 
 /// "Apps can send 120 gateway events per connection every 60 seconds ... Apps that
-/// surpass the limit are immediately disconnected" (Gateway, "Rate Limiting"): 4008.
+/// surpass the limit are immediately disconnected" (Gateway, "Rate Limiting"): 4008, a
+/// code after which a client should resume ("Resuming", case 2), and can.
 #[tokio::test]
-async fn the_121st_payload_in_a_minute_is_closed_with_4008() {
+async fn the_121st_payload_in_a_minute_is_closed_with_4008_and_the_session_resumes() {
     let sim = TestSim::start().await;
-    let mut ws = connect(&sim, "?v=10&encoding=json").await;
-    recv(&mut ws).await.expect("hello");
-    for _ in 0..120 {
+    // IDENTIFY is the first of the 120.
+    let (mut ws, ready) = identified(&sim, 129, None).await;
+    for _ in 0..119 {
         send(&mut ws, r#"{"op":1,"d":null}"#).await;
     }
-    for _ in 0..120 {
-        assert_eq!(recv(&mut ws).await.expect("an ack, not a close")["op"], 11);
+    let mut seq = 1;
+    for _ in 0..119 {
+        seq = until_op(&mut ws, 11, seq).await.1;
     }
     send(&mut ws, r#"{"op":1,"d":null}"#).await;
     assert_eq!(close_of(&mut ws).await.0, 4008);
+
+    let mut ws = connect(&sim, "?v=10&encoding=json").await;
+    recv(&mut ws).await.expect("hello");
+    let resume = json!({"op": 6, "d": {"token": sim.token(), "session_id": ready["d"]["session_id"], "seq": seq}});
+    send(&mut ws, &resume.to_string()).await;
+    assert_eq!(recv(&mut ws).await.expect("resumed")["t"], "RESUMED");
 }
 
 /// Every frame that is not a dispatch carries `s` and `t`, null ("Payload Structure"):
