@@ -581,10 +581,21 @@ pub struct GatewayQuery {
 /// will be closed with a 4002 close event code" (Gateway, "Sending Events").
 const MAX_PAYLOAD: usize = 4096;
 
-/// Reads the URL's query as "Gateway URL Query String Params" lists it: the zlib stream to
-/// compress with (`compress=zlib-stream`), or the close code and reason to end the
-/// connection with before HELLO.
-fn negotiate(query: &GatewayQuery) -> Result<Option<Compress>, (u16, &'static str)> {
+/// The transport compression a connection asked for in its URL.
+enum Transport {
+    None,
+    /// `compress=zlib-stream`: "a single Gateway connection using a shared zlib context",
+    /// every message ending in the `Z_SYNC_FLUSH` suffix `00 00 ff ff`.
+    Zlib(Compress),
+    /// `compress=zstd-stream`, which the simulator does not speak: frames go out as JSON
+    /// text, which zstd clients (twilight, discord.py) read as they are, since Discord's
+    /// text frames are never compressed.
+    ZstdAsText,
+}
+
+/// Reads the URL's query as "Gateway URL Query String Params" lists it: the transport
+/// compression, or the close code and reason to end the connection with before HELLO.
+fn negotiate(query: &GatewayQuery) -> Result<Transport, (u16, &'static str)> {
     match query.v.as_deref() {
         // Both "Available" ("API Versions"); what the simulator sends is the same in
         // both. Without `v` Discord would take its default, 6, which it does not simulate.
@@ -614,11 +625,9 @@ fn negotiate(query: &GatewayQuery) -> Result<Option<Compress>, (u16, &'static st
         }
     }
     match query.compress.as_deref() {
-        None => Ok(None),
-        Some("zlib-stream") => Ok(Some(Compress::new(Compression::fast(), true))),
-        // Not simulated: frames go out as JSON text, which zstd clients (twilight,
-        // discord.py) read as they are, since Discord's text frames are never compressed.
-        Some("zstd-stream") => Ok(None),
+        None => Ok(Transport::None),
+        Some("zlib-stream") => Ok(Transport::Zlib(Compress::new(Compression::fast(), true))),
+        Some("zstd-stream") => Ok(Transport::ZstdAsText),
         Some(_) => Err((
             close::DECODE_ERROR,
             "Invalid compress: zlib-stream or zstd-stream.",
@@ -628,14 +637,13 @@ fn negotiate(query: &GatewayQuery) -> Result<Option<Compress>, (u16, &'static st
 
 /// How frames go out on one connection (Gateway, "Encoding and Compression").
 struct Encoder {
-    /// `compress=zlib-stream`: "a single Gateway connection using a shared zlib context",
-    /// every message ending in the `Z_SYNC_FLUSH` suffix `00 00 ff ff`.
-    stream: Option<Compress>,
+    transport: Transport,
     /// IDENTIFY's `compress: true`: dispatches go out each as a zlib stream of its own
     /// ("the gateway does not implement a shared compression context between events
     /// sent"; "not all payloads will be compressed": here only dispatches are). "Payload
-    /// compression will be disabled if you use transport compression": it is ignored when
-    /// `stream` is set, which is how discord.py connects (both at once).
+    /// compression will be disabled if you use transport compression": it is ignored
+    /// under either transport compression, which is how discord.py connects (both at
+    /// once, zstd-stream where it has zstd).
     payload: bool,
 }
 
@@ -643,10 +651,10 @@ impl Encoder {
     /// The message carrying `frame`; `None` if compressing it failed, after which the
     /// stream cannot go on.
     fn message(&mut self, frame: &str, dispatch: bool) -> Option<Message> {
-        if let Some(stream) = &mut self.stream {
+        if let Transport::Zlib(stream) = &mut self.transport {
             return sync_flush(stream, frame.as_bytes()).map(|b| Message::Binary(b.into()));
         }
-        if self.payload && dispatch {
+        if self.payload && dispatch && matches!(self.transport, Transport::None) {
             return zlib(frame.as_bytes()).map(|b| Message::Binary(b.into()));
         }
         Some(Message::Text(Utf8Bytes::from(frame)))
@@ -692,8 +700,8 @@ pub async fn serve_connection(shared: Arc<Shared>, mut socket: WebSocket, query:
     let heartbeat = shared.settings.heartbeat_interval;
 
     let mut encoder = match negotiate(&query) {
-        Ok(stream) => Encoder {
-            stream,
+        Ok(transport) => Encoder {
+            transport,
             payload: false,
         },
         Err((code, reason)) => {

@@ -1470,6 +1470,16 @@ async fn identify_compress_sends_dispatches_as_zlib_payloads() {
     })
     .await;
     assert_eq!(ack["op"], 11);
+
+    // Under zstd-stream (transport compression the sim answers with text) the flag adds
+    // no zlib either, as discord.py with zstd connects.
+    let sim = TestSim::start().await;
+    let mut ws = connect(&sim, "?v=10&encoding=json&compress=zstd-stream").await;
+    recv(&mut ws).await.expect("hello as text");
+    let mut payload: Value = serde_json::from_str(&identify(&sim.token(), 129)).unwrap();
+    payload["d"]["compress"] = json!(true);
+    send(&mut ws, &payload.to_string()).await;
+    assert_eq!(recv(&mut ws).await.expect("READY as text")["t"], "READY");
 }
 
 /// The close frame the sim ends with: its code and reason.
