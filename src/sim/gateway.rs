@@ -151,6 +151,9 @@ struct Conn {
     session: Option<String>,
     /// Zombie mode: heartbeats go unanswered on this connection.
     zombie: bool,
+    /// A close is on its way: what the client sent after the payload that earned it
+    /// must not still start or resume a session.
+    closing: bool,
     /// The shard this connection last identified or resumed as, for `/_sim/state`.
     shard: Option<ShardKey>,
 }
@@ -326,6 +329,7 @@ impl Hub {
                 tx,
                 session: None,
                 zombie: false,
+                closing: false,
                 shard: None,
             },
         );
@@ -426,7 +430,8 @@ impl Hub {
     }
 
     fn close(&mut self, conn_id: u64, code: u16) {
-        if let Some(c) = self.conns.get(&conn_id) {
+        if let Some(c) = self.conns.get_mut(&conn_id) {
+            c.closing = true;
             let _ = c.tx.send(Out::Close(code));
         }
         if close::ends_session(code)
@@ -824,6 +829,9 @@ async fn send_close_with(socket: &mut WebSocket, code: u16, reason: &'static str
 fn handle_payload(shared: &Shared, conn_id: u64, text: &str) -> bool {
     let mut state = shared.lock();
     let state = &mut *state;
+    if state.hub.conns.get(&conn_id).is_none_or(|c| c.closing) {
+        return false;
+    }
     let Ok(payload) = serde_json::from_str::<Payload>(text) else {
         state.hub.close(conn_id, close::DECODE_ERROR);
         return false;

@@ -1811,3 +1811,28 @@ async fn send_events_missing_a_documented_field_are_4001() {
     }
     until_op(&mut ws, 11, 0).await;
 }
+
+/// A payload that earns a close is the last one read: IDENTIFYs sent right behind it
+/// start no session (several, since which of a read and the close goes first is up to
+/// the scheduler).
+#[tokio::test]
+async fn nothing_after_a_payload_that_earns_a_close_is_acted_on() {
+    let sim = TestSim::start().await;
+    let token = sim.token();
+    let mut ws = connect(&sim, "?v=10&encoding=json").await;
+    recv(&mut ws).await.expect("hello");
+    // In one write, so all are there to be read as soon as the first has been.
+    ws.feed(Message::text(
+        json!({"op": 2, "d": {"token": token}}).to_string(),
+    ))
+    .await
+    .expect("queued");
+    for _ in 0..8 {
+        ws.feed(Message::text(identify(&token, 129)))
+            .await
+            .expect("queued");
+    }
+    ws.flush().await.expect("sent");
+    assert_eq!(close_of(&mut ws).await.0, 4001);
+    assert_eq!(sim.gateway_counter("identifies").await, 0);
+}
