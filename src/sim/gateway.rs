@@ -1157,6 +1157,29 @@ mod tests {
         }
     }
 
+    #[test]
+    fn zlib_stream_messages_end_in_the_sync_flush_suffix_and_inflate_in_turn() {
+        // Text that barely compresses, so the output outgrows its first buffer.
+        let mut x: u32 = 7;
+        let noisy: String = (0..100_000)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                char::from(b'!' + ((x >> 16) % 90) as u8)
+            })
+            .collect();
+        let mut deflate = Compress::new(Compression::fast(), true);
+        let mut inflate = flate2::Decompress::new(true);
+        for message in [r#"{"op":10}"#, noisy.as_str(), "", r#"{"op":11}"#] {
+            let bytes = sync_flush(&mut deflate, message.as_bytes()).unwrap();
+            assert!(bytes.ends_with(&[0, 0, 0xff, 0xff]));
+            let mut out = Vec::with_capacity(message.len() + 64);
+            inflate
+                .decompress_vec(&bytes, &mut out, flate2::FlushDecompress::Sync)
+                .unwrap();
+            assert_eq!(out, message.as_bytes());
+        }
+    }
+
     use serde::de::DeserializeSeed;
     use twilight_model::gateway::event::{GatewayEvent, GatewayEventDeserializer};
 
