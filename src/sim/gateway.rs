@@ -154,6 +154,8 @@ struct Conn {
     /// A close is on its way: what the client sent after the payload that earned it
     /// must not still start or resume a session.
     closing: bool,
+    /// The Gateway version of the URL (10 or 9), which READY's `v` tells back.
+    version: u8,
     /// The shard this connection last identified or resumed as, for `/_sim/state`.
     shard: Option<ShardKey>,
 }
@@ -330,6 +332,7 @@ impl Hub {
                 session: None,
                 zombie: false,
                 closing: false,
+                version: 10,
                 shard: None,
             },
         );
@@ -600,18 +603,19 @@ enum Transport {
 
 /// Reads the URL's query as "Gateway URL Query String Params" lists it: the transport
 /// compression, or the close code and reason to end the connection with before HELLO.
-fn negotiate(query: &GatewayQuery) -> Result<Transport, (u16, &'static str)> {
-    match query.v.as_deref() {
+fn negotiate(query: &GatewayQuery) -> Result<(u8, Transport), (u16, &'static str)> {
+    let version = match query.v.as_deref() {
         // Both "Available" ("API Versions"); what the simulator sends is the same in
         // both. Without `v` Discord would take its default, 6, which it does not simulate.
-        Some("10" | "9") => {}
+        Some("10") => 10,
+        Some("9") => 9,
         _ => {
             return Err((
                 close::INVALID_API_VERSION,
                 "Invalid API version (the simulator speaks v=10 and v=9).",
             ));
         }
-    }
+    };
     // Discord documents no answer to an encoding or compression it does not offer; a
     // decode error with a reason that says which parameter is as clear as a close gets.
     match query.encoding.as_deref() {
@@ -630,9 +634,12 @@ fn negotiate(query: &GatewayQuery) -> Result<Transport, (u16, &'static str)> {
         }
     }
     match query.compress.as_deref() {
-        None => Ok(Transport::None),
-        Some("zlib-stream") => Ok(Transport::Zlib(Compress::new(Compression::fast(), true))),
-        Some("zstd-stream") => Ok(Transport::ZstdAsText),
+        None => Ok((version, Transport::None)),
+        Some("zlib-stream") => Ok((
+            version,
+            Transport::Zlib(Compress::new(Compression::fast(), true)),
+        )),
+        Some("zstd-stream") => Ok((version, Transport::ZstdAsText)),
         Some(_) => Err((
             close::DECODE_ERROR,
             "Invalid compress: zlib-stream or zstd-stream.",
@@ -705,10 +712,15 @@ pub async fn serve_connection(shared: Arc<Shared>, mut socket: WebSocket, query:
     let heartbeat = shared.settings.heartbeat_interval;
 
     let mut encoder = match negotiate(&query) {
-        Ok(transport) => Encoder {
-            transport,
-            payload: false,
-        },
+        Ok((version, transport)) => {
+            if let Some(c) = shared.lock().hub.conns.get_mut(&conn_id) {
+                c.version = version;
+            }
+            Encoder {
+                transport,
+                payload: false,
+            }
+        }
         Err((code, reason)) => {
             send_close_with(&mut socket, code, reason).await;
             shared.lock().hub.closed(conn_id, code);
@@ -1001,7 +1013,7 @@ fn start_session(shared: &Shared, state: &mut super::State, conn_id: u64, identi
         .filter(|w| w.bot_in() && holds(identify.shard, w.guild_id))
         .collect();
     let mut ready = json!({
-        "v": 10,
+        "v": state.hub.conns.get(&conn_id).map_or(10, |c| c.version),
         "user": world.user_json(world.bot_id).map(|mut u| {
             u["mfa_enabled"] = json!(false);
             u["verified"] = json!(true);
