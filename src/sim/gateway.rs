@@ -1090,6 +1090,7 @@ fn resume_session(hub: &mut Hub, conn_id: u64, resume: Resume) {
         && let Some(c) = hub.conns.get_mut(&prev)
     {
         c.session = None;
+        c.closing = true;
         let _ = c.tx.send(Out::Close(close::UNKNOWN_ERROR));
     }
     if let Some(c) = hub.conns.get_mut(&conn_id) {
