@@ -51,6 +51,7 @@ pub fn router() -> Router<Arc<Shared>> {
         .route("/gateway/reconnect", post(reconnect))
         .route("/gateway/invalidate", post(invalidate))
         .route("/gateway/zombie", post(zombie))
+        .route("/gateway/heartbeat", post(request_heartbeat))
         .route("/gateway/expire", post(expire))
         .route("/rest/fail", post(fail))
         .route("/oauth/revoke", post(revoke))
@@ -694,6 +695,11 @@ async fn invalidate(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
 
 async fn zombie(State(shared): State<Arc<Shared>>) -> Response {
     connections(shared.lock().hub.zombify_all())
+}
+
+/// `POST /_sim/gateway/heartbeat`: Discord asks every connection for a heartbeat now.
+async fn request_heartbeat(State(shared): State<Arc<Shared>>) -> Response {
+    connections(shared.lock().hub.request_heartbeat_all())
 }
 
 /// `POST /_sim/gateway/expire`: the resume window of every disconnected session passes
