@@ -930,13 +930,136 @@ fn handle_payload(shared: &Shared, conn_id: u64, text: &str) -> bool {
                 state.hub.close(conn_id, close::NOT_AUTHENTICATED);
             } else if !fits(payload.op, &payload.d) {
                 state.hub.close(conn_id, close::UNKNOWN_OPCODE);
+            } else if payload.op == op::VOICE_STATE_UPDATE {
+                bot_voice(state, conn_id, &payload.d);
+            } else if payload.op == op::REQUEST_GUILD_MEMBERS {
+                member_chunk(state, conn_id, &payload.d);
             }
-            // Otherwise accepted and ignored: Coven never sends these, and the simulator
-            // has no presences, voice servers or member chunks to answer with.
+            // Presences and soundboard sounds are not simulated (docs/simulator.md).
         }
         _ => state.hub.close(conn_id, close::UNKNOWN_OPCODE),
     }
     false
+}
+
+/// The guild a send event names, if the connection's session holds it (its shard).
+fn held_guild(hub: &Hub, conn_id: u64, d: &Value) -> Option<(u64, u64)> {
+    let guild = d.get("guild_id").and_then(super::world::id_from_json)?;
+    let session = hub.conns.get(&conn_id)?.session.as_ref()?;
+    let s = hub.sessions.get(session)?;
+    holds(s.shard, guild).then_some((guild, s.intents))
+}
+
+/// Update Voice State (op 4): the bot joins, moves in or leaves voice as a user's client
+/// does, with the same checks (View Channel and Connect, the user limit), and every
+/// session holding the guild gets its VOICE_STATE_UPDATE. Discord answers a refused join
+/// with nothing, and so does the simulator. The VOICE_SERVER_UPDATE that would follow
+/// belongs to voice transport, which is not simulated: a library waiting for it to open a
+/// voice connection times out (docs/simulator.md, "What it does not do").
+fn bot_voice(state: &mut super::State, conn_id: u64, d: &Value) {
+    let Some((guild, _)) = held_guild(&state.hub, conn_id, d) else {
+        return;
+    };
+    let channel = d.get("channel_id").and_then(super::world::id_from_json);
+    let flag = |k: &str| d.get(k).and_then(Value::as_bool).unwrap_or(false);
+    let Some(w) = state.guild_mut(guild) else {
+        return;
+    };
+    let flags = super::world::VoiceFlags {
+        self_mute: flag("self_mute"),
+        self_deaf: flag("self_deaf"),
+        ..w.voice
+            .get(&w.bot_id)
+            .map(|v| v.flags.clone())
+            .unwrap_or_default()
+    };
+    let bot = w.bot_id;
+    if let Ok(events) = w.user_voice(bot, channel, flags) {
+        state.emit_in(guild, &events);
+    }
+}
+
+/// Request Guild Members (op 8): GUILD_MEMBERS_CHUNK with the members asked for, by
+/// `user_ids` (at most 100; unknown ones in `not_found`) or by a username prefix in
+/// `query` (at most 100), with the request's `nonce` when it is 32 bytes or fewer.
+/// "GUILD_MEMBERS intent is required to request the entire member list" (`query` "" with
+/// `limit` 0), and the simulated application is never granted it: such a request is
+/// closed with 4014 Disallowed intent(s), Discord's code for an intent the app may not
+/// use. Presences are not simulated, so `presences` is answered as Discord answers it
+/// without GUILD_PRESENCES: "it will always be false".
+fn member_chunk(state: &mut super::State, conn_id: u64, d: &Value) {
+    let Some((guild, intents)) = held_guild(&state.hub, conn_id, d) else {
+        return;
+    };
+    let query = d.get("query").and_then(Value::as_str);
+    let limit = d.get("limit").and_then(Value::as_u64).unwrap_or(0);
+    let ids: Option<Vec<u64>> = d.get("user_ids").map(|v| match v {
+        Value::Array(list) => list.iter().filter_map(super::world::id_from_json).collect(),
+        one => super::world::id_from_json(one).into_iter().collect(),
+    });
+    if ids.is_none() && query == Some("") && limit == 0 && intents & intents::GUILD_MEMBERS == 0 {
+        state.hub.close(conn_id, close::DISALLOWED_INTENTS);
+        return;
+    }
+    let Some(w) = state.guild(guild) else {
+        return;
+    };
+    let (members, not_found): (Vec<Value>, Vec<Value>) = match ids {
+        Some(ids) => {
+            let mut found = Vec::new();
+            let mut missing = Vec::new();
+            for id in ids.into_iter().take(100) {
+                match w.member_json(id) {
+                    Some(m) => found.push(m),
+                    None => missing.push(json!(id.to_string())),
+                }
+            }
+            (found, missing)
+        }
+        None => {
+            let prefix = query.unwrap_or("").to_lowercase();
+            let cap = if limit == 0 { 100 } else { limit.min(100) } as usize;
+            let found = w
+                .members
+                .keys()
+                .filter(|id| {
+                    w.users
+                        .get(id)
+                        .is_some_and(|u| u.username.to_lowercase().starts_with(&prefix))
+                })
+                .take(cap)
+                .filter_map(|id| w.member_json(*id))
+                .collect();
+            (found, Vec::new())
+        }
+    };
+    let mut chunk = json!({
+        "guild_id": guild.to_string(),
+        "members": members,
+        "chunk_index": 0,
+        "chunk_count": 1,
+    });
+    if !not_found.is_empty() {
+        chunk["not_found"] = Value::Array(not_found);
+    }
+    // "Nonce can only be up to 32 bytes. If you send an invalid nonce it will be ignored."
+    if let Some(nonce) = d
+        .get("nonce")
+        .and_then(Value::as_str)
+        .filter(|n| n.len() <= 32)
+    {
+        chunk["nonce"] = json!(nonce);
+    }
+    let session = state
+        .hub
+        .conns
+        .get(&conn_id)
+        .and_then(|c| c.session.clone());
+    if let Some(session) = session {
+        state
+            .hub
+            .send_dispatch(&session, "GUILD_MEMBERS_CHUNK", &chunk);
+    }
 }
 
 /// Whether `d` has the fields "Gateway Events" lists for the send event `op`, with their

@@ -1840,3 +1840,94 @@ async fn nothing_after_a_payload_that_earns_a_close_is_acted_on() {
     assert_eq!(close_of(&mut ws).await.0, 4001);
     assert_eq!(sim.gateway_counter("identifies").await, 0);
 }
+
+#[tokio::test]
+async fn the_bot_joins_voice_and_asks_for_members_over_the_gateway() {
+    use twilight_model::gateway::payload::outgoing::{RequestGuildMembers, UpdateVoiceState};
+    use twilight_model::id::Id;
+    let sim = TestSim::start().await;
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+    let guild = Id::new(sim.guild_id());
+    let (lobby, bot) = (sim.id_of("lobby_id").await, sim.id_of("bot_id").await);
+
+    // Update Voice State: the bot is in the lobby for every session, as a user would be.
+    shard.command(&UpdateVoiceState::new(
+        guild,
+        Some(Id::new(lobby)),
+        true,
+        false,
+    ));
+    let Event::VoiceStateUpdate(v) = next_event(
+        &mut shard,
+        |e| matches!(e, Event::VoiceStateUpdate(v) if v.0.user_id.get() == bot),
+    )
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(v.0.channel_id.map(|c| c.get()), Some(lobby));
+    assert!(v.0.self_deaf && !v.0.self_mute);
+
+    // Request Guild Members by id: the members found, the rest in not_found, the nonce.
+    let bramble = sim.user("bramble").await;
+    let by_id = RequestGuildMembers::builder(guild)
+        .nonce("by-id")
+        .user_ids(vec![Id::new(bramble), Id::new(42)])
+        .expect("two ids");
+    shard.command(&by_id);
+    let Event::MemberChunk(chunk) =
+        next_event(&mut shard, |e| matches!(e, Event::MemberChunk(_))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(chunk.nonce.as_deref(), Some("by-id"));
+    assert_eq!(
+        chunk
+            .members
+            .iter()
+            .map(|m| m.user.id.get())
+            .collect::<Vec<_>>(),
+        [bramble]
+    );
+    assert_eq!(
+        chunk.not_found.iter().map(|u| u.get()).collect::<Vec<_>>(),
+        [42]
+    );
+    assert_eq!((chunk.chunk_index, chunk.chunk_count), (0, 1));
+
+    // By a username prefix.
+    shard.command(
+        &RequestGuildMembers::builder(guild)
+            .nonce("q")
+            .query("BR", Some(10)),
+    );
+    let Event::MemberChunk(chunk) =
+        next_event(&mut shard, |e| matches!(e, Event::MemberChunk(_))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(chunk.nonce.as_deref(), Some("q"));
+    assert!(!chunk.members.is_empty());
+    assert!(chunk.members.iter().all(|m| m.user.name.starts_with("br")));
+
+    // The whole list needs GUILD_MEMBERS, which the application is not granted: 4014.
+    shard.command(&RequestGuildMembers::builder(guild).query("", None));
+    // A shard sends commands as it is polled.
+    tokio::spawn(async move {
+        use twilight_gateway::StreamExt as _;
+        while shard
+            .next_event(twilight_gateway::EventTypeFlags::all())
+            .await
+            .is_some()
+        {}
+    });
+    wait_for("the whole-list request closed with 4014", || async {
+        shard_entry(&sim, json!([0, 1])).await.filter(|s| {
+            s["closes"]
+                .as_array()
+                .is_some_and(|c| c.contains(&json!(4014)))
+        })
+    })
+    .await;
+}
