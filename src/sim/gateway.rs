@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use flate2::write::ZlibEncoder;
+use flate2::{Compress, Compression, FlushCompress};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -72,10 +74,16 @@ pub mod close {
         }
     }
 
-    /// Codes after which Discord's session cannot be resumed.
+    /// Codes after which Discord's session cannot be resumed: 1000 and 1001 ("your
+    /// session will be invalidated"), the two that say "start a new session" (4007,
+    /// 4009), and those Gateway Close Event Codes mark not to reconnect with. After the
+    /// other codes a client should "attempt to resume" ("Resuming", case 2), 4005 and
+    /// 4008 included.
     pub fn ends_session(code: u16) -> bool {
-        matches!(code, INVALID_SEQ | SESSION_TIMED_OUT | 1000 | 1001)
-            || (4004..=4014).contains(&code)
+        matches!(
+            code,
+            1000 | 1001 | AUTHENTICATION_FAILED | INVALID_SEQ | SESSION_TIMED_OUT
+        ) || (INVALID_SHARD..=DISALLOWED_INTENTS).contains(&code)
     }
 }
 
@@ -91,10 +99,13 @@ pub mod intents {
     /// Privileged intents, which the simulated application has not been granted.
     pub const PRIVILEGED: u64 = GUILD_MEMBERS | GUILD_PRESENCES | MESSAGE_CONTENT;
 
-    /// The intent a dispatch needs; `0` means it is always sent.
-    pub fn required_for(event: &str) -> u64 {
+    /// The intent a dispatch needs; `0` means it is always sent. `bot` is the bot's user
+    /// id: "Guild Member Update is sent for current-user updates regardless of whether the
+    /// `GUILD_MEMBERS` intent is set" (Gateway, "Gateway Intents").
+    pub fn required_for(event: &str, data: &serde_json::Value, bot: u64) -> u64 {
         match event {
             "READY" | "RESUMED" => 0,
+            "GUILD_MEMBER_UPDATE" if super::is_user(data, bot) => 0,
             "VOICE_STATE_UPDATE" => GUILD_VOICE_STATES,
             "GUILD_MEMBER_ADD" | "GUILD_MEMBER_UPDATE" | "GUILD_MEMBER_REMOVE" => GUILD_MEMBERS,
             _ => GUILDS,
@@ -124,7 +135,13 @@ pub type ShardKey = Option<[u64; 2]>;
 /// What the hub tells a connection task to do.
 #[derive(Debug)]
 pub enum Out {
+    /// A frame that is not a dispatch (op 1, 7, 9, 11).
     Frame(Arc<str>),
+    /// A dispatch (op 0), the one frame payload compression applies to.
+    Dispatch(Arc<str>),
+    /// The session on this connection asked for payload compression (IDENTIFY's
+    /// `compress`), or not; sent ahead of the session's first frame.
+    PayloadCompression(bool),
     Close(u16),
 }
 
@@ -134,6 +151,11 @@ struct Conn {
     session: Option<String>,
     /// Zombie mode: heartbeats go unanswered on this connection.
     zombie: bool,
+    /// A close is on its way: what the client sent after the payload that earned it
+    /// must not still start or resume a session.
+    closing: bool,
+    /// The Gateway version of the URL (10 or 9), which READY's `v` tells back.
+    version: u8,
     /// The shard this connection last identified or resumed as, for `/_sim/state`.
     shard: Option<ShardKey>,
 }
@@ -141,6 +163,8 @@ struct Conn {
 #[derive(Debug)]
 struct Session {
     intents: u64,
+    /// IDENTIFY's `compress`, which a RESUME on another connection keeps.
+    compress: bool,
     /// IDENTIFY's `[shard_id, num_shards]`, if it sent one.
     shard: Option<[u64; 2]>,
     seq: u64,
@@ -229,6 +253,8 @@ impl StartLimit {
 
 #[derive(Debug, Default)]
 pub struct Hub {
+    /// The bot's user id, whose own member updates every session gets.
+    bot_id: u64,
     sessions: HashMap<String, Session>,
     conns: HashMap<u64, Conn>,
     next_conn: u64,
@@ -241,6 +267,7 @@ pub struct Hub {
 impl Hub {
     pub fn new(settings: &Settings) -> Self {
         Self {
+            bot_id: settings.client_id,
             resume_ttl: settings.resume_ttl,
             limit: StartLimit {
                 max_concurrency: settings.max_concurrency,
@@ -304,6 +331,8 @@ impl Hub {
                 tx,
                 session: None,
                 zombie: false,
+                closing: false,
+                version: 10,
                 shard: None,
             },
         );
@@ -311,7 +340,7 @@ impl Hub {
     }
 
     /// Forgets a connection that ended with close `code` (1006: dropped without a close
-    /// frame); its session stays resumable for `resume_ttl`.
+    /// frame); its session stays resumable for `resume_ttl` unless the code ended it.
     fn closed(&mut self, conn_id: u64, code: u16) {
         let Some(conn) = self.conns.remove(&conn_id) else {
             return;
@@ -319,9 +348,21 @@ impl Hub {
         if let Some(shard) = conn.shard {
             self.shards.entry(shard).or_default().closes.push(code);
         }
-        if let Some(s) = conn.session.and_then(|id| self.sessions.get_mut(&id))
-            && s.conn == Some(conn_id)
-        {
+        let Some(id) = conn.session else { return };
+        let Some(s) = self
+            .sessions
+            .get_mut(&id)
+            .filter(|s| s.conn == Some(conn_id))
+        else {
+            return;
+        };
+        // "When you close the connection to the gateway with close code 1000 or 1001, your
+        // session will be invalidated"; "If you simply close the TCP connection or use a
+        // different close code, the session will remain active" (Gateway, "Initiating a
+        // Disconnect").
+        if matches!(code, 1000 | 1001) {
+            self.sessions.remove(&id);
+        } else {
             s.conn = None;
             s.detached_at = Some(Instant::now());
         }
@@ -347,7 +388,8 @@ impl Hub {
     pub fn dispatch(&mut self, guild: u64, events: &[Dispatch]) {
         self.forget_expired();
         for event in events {
-            for id in self.sessions_for(guild, intents::required_for(event.name)) {
+            let need = intents::required_for(event.name, &event.data, self.bot_id);
+            for id in self.sessions_for(guild, need) {
                 self.send_dispatch(&id, event.name, &event.data);
             }
         }
@@ -379,18 +421,20 @@ impl Hub {
         self.counters.last_sequence = s.seq;
         self.shards.entry(s.shard).or_default().last_sequence = s.seq;
         if let Some(conn) = s.conn.and_then(|c| self.conns.get(&c)) {
-            let _ = conn.tx.send(Out::Frame(frame));
+            let _ = conn.tx.send(Out::Dispatch(frame));
         }
     }
 
-    fn send(&self, conn_id: u64, payload: Value) {
+    /// Sends a frame that is not a dispatch ([`op_frame`]).
+    fn send_op(&self, conn_id: u64, op: u8, d: Value) {
         if let Some(c) = self.conns.get(&conn_id) {
-            let _ = c.tx.send(Out::Frame(payload.to_string().into()));
+            let _ = c.tx.send(Out::Frame(op_frame(op, d).into()));
         }
     }
 
     fn close(&mut self, conn_id: u64, code: u16) {
-        if let Some(c) = self.conns.get(&conn_id) {
+        if let Some(c) = self.conns.get_mut(&conn_id) {
+            c.closing = true;
             let _ = c.tx.send(Out::Close(code));
         }
         if close::ends_session(code)
@@ -414,12 +458,7 @@ impl Hub {
         let mut n = 0;
         for (id, c) in &self.conns {
             if c.session.is_some() {
-                // Every frame carries `s` and `t`, null when not a dispatch (Gateway
-                // Events, "Payload Structure"); clients index them without checking.
-                self.send(
-                    *id,
-                    json!({"op": op::RECONNECT, "d": null, "s": null, "t": null}),
-                );
+                self.send_op(*id, op::RECONNECT, Value::Null);
                 n += 1;
             }
         }
@@ -427,6 +466,13 @@ impl Hub {
     }
 
     /// Control API: send op 9 INVALID_SESSION; a non-resumable one ends the sessions.
+    ///
+    /// Either way the connection no longer holds its session, so it may send what a new
+    /// connection would: op 9 is sent when "the gateway has invalidated an active session
+    /// and is requesting client action" (Gateway Events, "Invalid Session"), and a client
+    /// that has been told `d: true` may RESUME ("Resuming", case 4), on this socket as on
+    /// a new one; one told `d: false` may IDENTIFY again. Anything else before then is
+    /// 4003: "this session has been invalidated" (Gateway Close Event Codes).
     pub fn invalidate_all(&mut self, resumable: bool) -> usize {
         let ids: Vec<u64> = self
             .conns
@@ -435,17 +481,31 @@ impl Hub {
             .map(|(id, _)| *id)
             .collect();
         for id in &ids {
-            self.send(
-                *id,
-                json!({"op": op::INVALID_SESSION, "d": resumable, "s": null, "t": null}),
-            );
-            if !resumable
-                && let Some(session) = self.conns.get_mut(id).and_then(|c| c.session.take())
-            {
+            self.send_op(*id, op::INVALID_SESSION, Value::Bool(resumable));
+            let Some(session) = self.conns.get_mut(id).and_then(|c| c.session.take()) else {
+                continue;
+            };
+            if resumable {
+                // Kept for a RESUME: its dispatches are logged for the replay meanwhile.
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    s.conn = None;
+                    s.detached_at = Some(Instant::now());
+                }
+            } else {
                 self.sessions.remove(&session);
             }
         }
         ids.len()
+    }
+
+    /// Control API: send op 1, Discord asking for a heartbeat now ("Discord may request
+    /// additional heartbeats from your app by sending a Heartbeat (opcode 1) event",
+    /// Gateway, "Sending Heartbeats").
+    pub fn request_heartbeat_all(&self) -> usize {
+        for id in self.conns.keys() {
+            self.send_op(*id, op::HEARTBEAT, Value::Null);
+        }
+        self.conns.len()
     }
 
     /// Control API: stop acknowledging heartbeats on the connections open now.
@@ -462,6 +522,21 @@ impl Hub {
 /// `shard` holds every guild.
 pub fn holds(shard: Option<[u64; 2]>, guild: u64) -> bool {
     shard.is_none_or(|[id, count]| count > 0 && (guild >> 22) % count == id)
+}
+
+/// A frame that is not a dispatch. `s` and `t` are there, null: "`s` and `t` are null when
+/// `op` is not 0" (Gateway Events, "Payload Structure"), and clients such as discord.py
+/// read both from every frame.
+fn op_frame(op: u8, d: Value) -> String {
+    json!({"op": op, "d": d, "s": null, "t": null}).to_string()
+}
+
+/// Whether a member object (or anything with a `user`) is the user `id`'s.
+fn is_user(data: &Value, id: u64) -> bool {
+    data["user"]["id"]
+        .as_str()
+        .and_then(|s| s.parse::<u64>().ok())
+        == Some(id)
 }
 
 /// A dispatch frame with Discord's key order (`t`, `s`, `op`, then `d`): twilight finds
@@ -490,6 +565,9 @@ struct Identify {
     intents: u64,
     #[serde(default)]
     shard: Option<[u64; 2]>,
+    /// Payload compression ("Payload Compression").
+    #[serde(default)]
+    compress: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -504,6 +582,127 @@ struct Resume {
 pub struct GatewayQuery {
     pub v: Option<String>,
     pub encoding: Option<String>,
+    pub compress: Option<String>,
+}
+
+/// "Must not exceed 4096 bytes. If an event payload does exceed 4096 bytes, the connection
+/// will be closed with a 4002 close event code" (Gateway, "Sending Events").
+const MAX_PAYLOAD: usize = 4096;
+
+/// The transport compression a connection asked for in its URL.
+enum Transport {
+    None,
+    /// `compress=zlib-stream`: "a single Gateway connection using a shared zlib context",
+    /// every message ending in the `Z_SYNC_FLUSH` suffix `00 00 ff ff`.
+    Zlib(Compress),
+    /// `compress=zstd-stream`, which the simulator does not speak: frames go out as JSON
+    /// text, which zstd clients (twilight, discord.py) read as they are, since Discord's
+    /// text frames are never compressed.
+    ZstdAsText,
+}
+
+/// Reads the URL's query as "Gateway URL Query String Params" lists it: the transport
+/// compression, or the close code and reason to end the connection with before HELLO.
+fn negotiate(query: &GatewayQuery) -> Result<(u8, Transport), (u16, &'static str)> {
+    let version = match query.v.as_deref() {
+        // Both "Available" ("API Versions"); what the simulator sends is the same in
+        // both. Without `v` Discord would take its default, 6, which it does not simulate.
+        Some("10") => 10,
+        Some("9") => 9,
+        _ => {
+            return Err((
+                close::INVALID_API_VERSION,
+                "Invalid API version (the simulator speaks v=10 and v=9).",
+            ));
+        }
+    };
+    // Discord documents no answer to an encoding or compression it does not offer; a
+    // decode error with a reason that says which parameter is as clear as a close gets.
+    match query.encoding.as_deref() {
+        None | Some("json") => {}
+        Some("etf") => {
+            return Err((
+                close::DECODE_ERROR,
+                "encoding=etf is not simulated: connect with encoding=json.",
+            ));
+        }
+        Some(_) => {
+            return Err((
+                close::DECODE_ERROR,
+                "Invalid encoding: json or etf, and the simulator speaks json.",
+            ));
+        }
+    }
+    match query.compress.as_deref() {
+        None => Ok((version, Transport::None)),
+        Some("zlib-stream") => Ok((
+            version,
+            Transport::Zlib(Compress::new(Compression::fast(), true)),
+        )),
+        Some("zstd-stream") => Ok((version, Transport::ZstdAsText)),
+        Some(_) => Err((
+            close::DECODE_ERROR,
+            "Invalid compress: zlib-stream or zstd-stream.",
+        )),
+    }
+}
+
+/// How frames go out on one connection (Gateway, "Encoding and Compression").
+struct Encoder {
+    transport: Transport,
+    /// IDENTIFY's `compress: true`: dispatches go out each as a zlib stream of its own
+    /// ("the gateway does not implement a shared compression context between events
+    /// sent"; "not all payloads will be compressed": here only dispatches are). "Payload
+    /// compression will be disabled if you use transport compression": it is ignored
+    /// under either transport compression, which is how discord.py connects (both at
+    /// once, zstd-stream where it has zstd).
+    payload: bool,
+}
+
+impl Encoder {
+    /// The message carrying `frame`; `None` if compressing it failed, after which the
+    /// stream cannot go on.
+    fn message(&mut self, frame: &str, dispatch: bool) -> Option<Message> {
+        if let Transport::Zlib(stream) = &mut self.transport {
+            return sync_flush(stream, frame.as_bytes()).map(|b| Message::Binary(b.into()));
+        }
+        if self.payload && dispatch && matches!(self.transport, Transport::None) {
+            return zlib(frame.as_bytes()).map(|b| Message::Binary(b.into()));
+        }
+        Some(Message::Text(Utf8Bytes::from(frame)))
+    }
+}
+
+/// Deflates `input` through the connection's stream and flushes with `Z_SYNC_FLUSH`, so
+/// the message ends on a byte boundary the client can inflate up to.
+fn sync_flush(stream: &mut Compress, mut input: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(input.len() / 4 + 64);
+    loop {
+        if out.len() == out.capacity() {
+            out.reserve(out.capacity());
+        }
+        let before = stream.total_in();
+        stream
+            .compress_vec(input, &mut out, FlushCompress::Sync)
+            .ok()?;
+        let used = usize::try_from(stream.total_in() - before).ok()?;
+        input = input.get(used..)?;
+        // Deflate stops short of the end of the buffer only once it has written the flush.
+        if input.is_empty() && out.len() < out.capacity() {
+            return Some(out);
+        }
+    }
+}
+
+/// One payload as a complete zlib stream (RFC 1950), as payload compression sends it.
+fn zlib(input: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Write;
+    let mut encoder = ZlibEncoder::new(
+        Vec::with_capacity(input.len() / 4 + 64),
+        Compression::fast(),
+    );
+    encoder.write_all(input).ok()?;
+    encoder.finish().ok()
 }
 
 /// Speaks the Gateway protocol on one socket until either side closes it.
@@ -512,22 +711,31 @@ pub async fn serve_connection(shared: Arc<Shared>, mut socket: WebSocket, query:
     let conn_id = shared.lock().hub.open(tx);
     let heartbeat = shared.settings.heartbeat_interval;
 
-    let early_close = match (query.v.as_deref(), query.encoding.as_deref()) {
-        (Some("10"), Some("json") | None) => None,
-        (Some("10"), Some(_)) => Some(close::DECODE_ERROR),
-        _ => Some(close::INVALID_API_VERSION),
+    let mut encoder = match negotiate(&query) {
+        Ok((version, transport)) => {
+            if let Some(c) = shared.lock().hub.conns.get_mut(&conn_id) {
+                c.version = version;
+            }
+            Encoder {
+                transport,
+                payload: false,
+            }
+        }
+        Err((code, reason)) => {
+            send_close_with(&mut socket, code, reason).await;
+            shared.lock().hub.closed(conn_id, code);
+            return;
+        }
     };
-    if let Some(code) = early_close {
-        send_close(&mut socket, code).await;
-        shared.lock().hub.closed(conn_id, code);
-        return;
-    }
 
-    let hello = json!({"op": op::HELLO, "d": {"heartbeat_interval": heartbeat.as_millis() as u64}, "s": null, "t": null});
-    let mut alive = socket
-        .send(Message::Text(Utf8Bytes::from(hello.to_string())))
-        .await
-        .is_ok();
+    let hello = op_frame(
+        op::HELLO,
+        json!({"heartbeat_interval": heartbeat.as_millis() as u64}),
+    );
+    let mut alive = match encoder.message(&hello, false) {
+        Some(message) => socket.send(message).await.is_ok(),
+        None => false,
+    };
     // Discord ends a connection that stops heartbeating; allow generous slack for jitter.
     let grace = heartbeat + heartbeat / 2 + Duration::from_secs(1);
     let mut deadline = tokio::time::Instant::now() + grace;
@@ -559,6 +767,9 @@ pub async fn serve_connection(shared: Arc<Shared>, mut socket: WebSocket, query:
                     }
                     None | Some(Err(_)) => break,
                 };
+                // "Apps can send 120 gateway events per connection every 60 seconds ...
+                // Apps that surpass the limit are immediately disconnected" (Gateway,
+                // "Rate Limiting"); heartbeats are gateway events too.
                 let now = Instant::now();
                 window.push_back(now);
                 while window.front().is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60)) {
@@ -568,21 +779,38 @@ pub async fn serve_connection(shared: Arc<Shared>, mut socket: WebSocket, query:
                     shared.lock().hub.close(conn_id, close::RATE_LIMITED);
                     continue;
                 }
+                if text.len() > MAX_PAYLOAD {
+                    shared.lock().hub.close(conn_id, close::DECODE_ERROR);
+                    continue;
+                }
                 if handle_payload(&shared, conn_id, &text) {
                     deadline = tokio::time::Instant::now() + grace;
                 }
             }
-            out = rx.recv() => match out {
-                Some(Out::Frame(frame)) => {
-                    alive = socket.send(Message::Text(Utf8Bytes::from(&*frame))).await.is_ok();
+            out = rx.recv() => {
+                let (frame, dispatch) = match out {
+                    Some(Out::Frame(frame)) => (frame, false),
+                    Some(Out::Dispatch(frame)) => (frame, true),
+                    Some(Out::PayloadCompression(on)) => {
+                        encoder.payload = on;
+                        continue;
+                    }
+                    Some(Out::Close(code)) => {
+                        send_close(&mut socket, code).await;
+                        ended = code;
+                        break;
+                    }
+                    None => break,
+                };
+                match encoder.message(&frame, dispatch) {
+                    Some(message) => alive = socket.send(message).await.is_ok(),
+                    None => {
+                        send_close(&mut socket, close::UNKNOWN_ERROR).await;
+                        ended = close::UNKNOWN_ERROR;
+                        break;
+                    }
                 }
-                Some(Out::Close(code)) => {
-                    send_close(&mut socket, code).await;
-                    ended = code;
-                    break;
-                }
-                None => break,
-            },
+            }
             () = sleep_until(deadline) => {
                 shared.lock().hub.close(conn_id, close::SESSION_TIMED_OUT);
                 deadline = tokio::time::Instant::now() + grace;
@@ -598,9 +826,13 @@ pub async fn serve_connection(shared: Arc<Shared>, mut socket: WebSocket, query:
 }
 
 async fn send_close(socket: &mut WebSocket, code: u16) {
+    send_close_with(socket, code, close::reason(code)).await;
+}
+
+async fn send_close_with(socket: &mut WebSocket, code: u16, reason: &'static str) {
     let frame = CloseFrame {
         code,
-        reason: Utf8Bytes::from_static(close::reason(code)),
+        reason: Utf8Bytes::from_static(reason),
     };
     let _ = socket.send(Message::Close(Some(frame))).await;
 }
@@ -609,6 +841,9 @@ async fn send_close(socket: &mut WebSocket, code: u16) {
 fn handle_payload(shared: &Shared, conn_id: u64, text: &str) -> bool {
     let mut state = shared.lock();
     let state = &mut *state;
+    if state.hub.conns.get(&conn_id).is_none_or(|c| c.closing) {
+        return false;
+    }
     let Ok(payload) = serde_json::from_str::<Payload>(text) else {
         state.hub.close(conn_id, close::DECODE_ERROR);
         return false;
@@ -619,19 +854,22 @@ fn handle_payload(shared: &Shared, conn_id: u64, text: &str) -> bool {
         .get(&conn_id)
         .is_some_and(|c| c.session.is_some());
     match payload.op {
+        op::HEARTBEAT if !fits(op::HEARTBEAT, &payload.d) => {
+            state.hub.close(conn_id, close::UNKNOWN_OPCODE);
+        }
         op::HEARTBEAT => {
             let zombie = state.hub.conns.get(&conn_id).is_none_or(|c| c.zombie);
             if !zombie {
-                state.hub.send(
-                    conn_id,
-                    json!({"op": op::HEARTBEAT_ACK, "d": null, "s": null, "t": null}),
-                );
+                state.hub.send_op(conn_id, op::HEARTBEAT_ACK, Value::Null);
             }
             return true;
         }
         op::IDENTIFY if identified => state.hub.close(conn_id, close::ALREADY_AUTHENTICATED),
+        // A well-formed payload whose `d` does not fit its opcode is 4001: "an invalid
+        // payload for an opcode" (Gateway Close Event Codes); 4002 is for what cannot be
+        // decoded at all.
         op::IDENTIFY => match serde_json::from_value::<Identify>(payload.d) {
-            Err(_) => state.hub.close(conn_id, close::DECODE_ERROR),
+            Err(_) => state.hub.close(conn_id, close::UNKNOWN_OPCODE),
             Ok(identify) => {
                 if !shared.settings.token_matches(&identify.token) {
                     state.hub.close(conn_id, close::AUTHENTICATION_FAILED);
@@ -667,10 +905,9 @@ fn handle_payload(shared: &Shared, conn_id: u64, text: &str) -> bool {
                         // resumable), and neither ends the other sessions nor resets the
                         // token.
                         state.hub.counters.identify_rejected += 1;
-                        state.hub.send(
-                            conn_id,
-                            json!({"op": op::INVALID_SESSION, "d": false, "s": null, "t": null}),
-                        );
+                        state
+                            .hub
+                            .send_op(conn_id, op::INVALID_SESSION, Value::Bool(false));
                     } else {
                         start_session(shared, state, conn_id, identify);
                     }
@@ -679,7 +916,7 @@ fn handle_payload(shared: &Shared, conn_id: u64, text: &str) -> bool {
         },
         op::RESUME if identified => state.hub.close(conn_id, close::ALREADY_AUTHENTICATED),
         op::RESUME => match serde_json::from_value::<Resume>(payload.d) {
-            Err(_) => state.hub.close(conn_id, close::DECODE_ERROR),
+            Err(_) => state.hub.close(conn_id, close::UNKNOWN_OPCODE),
             Ok(resume) if !shared.settings.token_matches(&resume.token) => {
                 state.hub.close(conn_id, close::AUTHENTICATION_FAILED);
             }
@@ -691,13 +928,178 @@ fn handle_payload(shared: &Shared, conn_id: u64, text: &str) -> bool {
         | op::REQUEST_SOUNDBOARD_SOUNDS => {
             if !identified {
                 state.hub.close(conn_id, close::NOT_AUTHENTICATED);
+            } else if !fits(payload.op, &payload.d) {
+                state.hub.close(conn_id, close::UNKNOWN_OPCODE);
+            } else if payload.op == op::VOICE_STATE_UPDATE {
+                bot_voice(state, conn_id, &payload.d);
+            } else if payload.op == op::REQUEST_GUILD_MEMBERS {
+                member_chunk(state, conn_id, &payload.d);
             }
-            // Accepted and ignored: Coven never sends these, and the simulator has no
-            // presences or member chunks to answer with.
+            // Presences and soundboard sounds are not simulated (docs/simulator.md).
         }
         _ => state.hub.close(conn_id, close::UNKNOWN_OPCODE),
     }
     false
+}
+
+/// The guild a send event names, if the connection's session holds it (its shard).
+fn held_guild(hub: &Hub, conn_id: u64, d: &Value) -> Option<(u64, u64)> {
+    let guild = d.get("guild_id").and_then(super::world::id_from_json)?;
+    let session = hub.conns.get(&conn_id)?.session.as_ref()?;
+    let s = hub.sessions.get(session)?;
+    holds(s.shard, guild).then_some((guild, s.intents))
+}
+
+/// Update Voice State (op 4): the bot joins, moves in or leaves voice as a user's client
+/// does, with the same checks (View Channel and Connect, the user limit), and every
+/// session holding the guild gets its VOICE_STATE_UPDATE. Discord answers a refused join
+/// with nothing, and so does the simulator. The VOICE_SERVER_UPDATE that would follow
+/// belongs to voice transport, which is not simulated: a library waiting for it to open a
+/// voice connection times out (docs/simulator.md, "What it does not do").
+fn bot_voice(state: &mut super::State, conn_id: u64, d: &Value) {
+    let Some((guild, _)) = held_guild(&state.hub, conn_id, d) else {
+        return;
+    };
+    let channel = d.get("channel_id").and_then(super::world::id_from_json);
+    let flag = |k: &str| d.get(k).and_then(Value::as_bool).unwrap_or(false);
+    let Some(w) = state.guild_mut(guild) else {
+        return;
+    };
+    let flags = super::world::VoiceFlags {
+        self_mute: flag("self_mute"),
+        self_deaf: flag("self_deaf"),
+        ..w.voice
+            .get(&w.bot_id)
+            .map(|v| v.flags.clone())
+            .unwrap_or_default()
+    };
+    let bot = w.bot_id;
+    if let Ok(events) = w.user_voice(bot, channel, flags) {
+        state.emit_in(guild, &events);
+    }
+}
+
+/// Request Guild Members (op 8): GUILD_MEMBERS_CHUNK with the members asked for, by
+/// `user_ids` (at most 100; unknown ones in `not_found`) or by a username prefix in
+/// `query` (at most 100), with the request's `nonce` when it is 32 bytes or fewer.
+/// "GUILD_MEMBERS intent is required to request the entire member list" (`query` "" with
+/// `limit` 0), and the simulated application is never granted it: such a request is
+/// closed with 4014 Disallowed intent(s), Discord's code for an intent the app may not
+/// use. Presences are not simulated, so `presences` is answered as Discord answers it
+/// without GUILD_PRESENCES: "it will always be false".
+fn member_chunk(state: &mut super::State, conn_id: u64, d: &Value) {
+    let Some((guild, intents)) = held_guild(&state.hub, conn_id, d) else {
+        return;
+    };
+    let query = d.get("query").and_then(Value::as_str);
+    let limit = d.get("limit").and_then(Value::as_u64).unwrap_or(0);
+    let ids: Option<Vec<u64>> = d.get("user_ids").map(|v| match v {
+        Value::Array(list) => list.iter().filter_map(super::world::id_from_json).collect(),
+        one => super::world::id_from_json(one).into_iter().collect(),
+    });
+    if ids.is_none() && query == Some("") && limit == 0 && intents & intents::GUILD_MEMBERS == 0 {
+        state.hub.close(conn_id, close::DISALLOWED_INTENTS);
+        return;
+    }
+    let Some(w) = state.guild(guild) else {
+        return;
+    };
+    let (members, not_found): (Vec<Value>, Vec<Value>) = match ids {
+        Some(ids) => {
+            let mut found = Vec::new();
+            let mut missing = Vec::new();
+            for id in ids.into_iter().take(100) {
+                match w.member_json(id) {
+                    Some(m) => found.push(m),
+                    None => missing.push(json!(id.to_string())),
+                }
+            }
+            (found, missing)
+        }
+        None => {
+            let prefix = query.unwrap_or("").to_lowercase();
+            let cap = if limit == 0 { 100 } else { limit.min(100) } as usize;
+            let found = w
+                .members
+                .keys()
+                .filter(|id| {
+                    w.users
+                        .get(id)
+                        .is_some_and(|u| u.username.to_lowercase().starts_with(&prefix))
+                })
+                .take(cap)
+                .filter_map(|id| w.member_json(*id))
+                .collect();
+            (found, Vec::new())
+        }
+    };
+    let mut chunk = json!({
+        "guild_id": guild.to_string(),
+        "members": members,
+        "chunk_index": 0,
+        "chunk_count": 1,
+    });
+    if !not_found.is_empty() {
+        chunk["not_found"] = Value::Array(not_found);
+    }
+    // "Nonce can only be up to 32 bytes. If you send an invalid nonce it will be ignored."
+    if let Some(nonce) = d
+        .get("nonce")
+        .and_then(Value::as_str)
+        .filter(|n| n.len() <= 32)
+    {
+        chunk["nonce"] = json!(nonce);
+    }
+    let session = state
+        .hub
+        .conns
+        .get(&conn_id)
+        .and_then(|c| c.session.clone());
+    if let Some(session) = session {
+        state
+            .hub
+            .send_dispatch(&session, "GUILD_MEMBERS_CHUNK", &chunk);
+    }
+}
+
+/// Whether `d` has the fields "Gateway Events" lists for the send event `op`, with their
+/// types; Discord closes with 4001 when it does not ("an invalid payload for an opcode";
+/// an Update Presence without `since`, say, is closed so: discord-api-docs issues 2226 and
+/// 3854).
+fn fits(op: u8, d: &Value) -> bool {
+    fn snowflake(v: &Value) -> bool {
+        v.as_str().is_some_and(|s| s.parse::<u64>().is_ok()) || v.is_u64()
+    }
+    fn snowflakes(v: &Value) -> bool {
+        v.as_array().is_some_and(|a| a.iter().all(snowflake))
+    }
+    fn null_or(v: &Value, ok: fn(&Value) -> bool) -> bool {
+        v.is_null() || ok(v)
+    }
+    let has = |key: &str, ok: fn(&Value) -> bool| d.get(key).is_some_and(ok);
+    match op {
+        // "the last sequence number ... If you have not yet received one, send null".
+        op::HEARTBEAT => null_or(d, Value::is_u64),
+        op::PRESENCE_UPDATE => {
+            has("since", |v| null_or(v, Value::is_u64))
+                && has("activities", Value::is_array)
+                && has("status", Value::is_string)
+                && has("afk", Value::is_boolean)
+        }
+        op::VOICE_STATE_UPDATE => {
+            has("guild_id", snowflake)
+                && has("channel_id", |v| null_or(v, snowflake))
+                && has("self_mute", Value::is_boolean)
+                && has("self_deaf", Value::is_boolean)
+        }
+        op::REQUEST_GUILD_MEMBERS => {
+            has("guild_id", snowflake)
+                && ((has("query", Value::is_string) && has("limit", Value::is_u64))
+                    || has("user_ids", |v| snowflake(v) || snowflakes(v)))
+        }
+        op::REQUEST_SOUNDBOARD_SOUNDS => has("guild_ids", snowflakes),
+        _ => true,
+    }
 }
 
 fn start_session(shared: &Shared, state: &mut super::State, conn_id: u64, identify: Identify) {
@@ -709,10 +1111,12 @@ fn start_session(shared: &Shared, state: &mut super::State, conn_id: u64, identi
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     log.identified_at_ms.push(now_ms);
+    let compress = identify.compress.unwrap_or(false);
     state.hub.sessions.insert(
         session_id.clone(),
         Session {
             intents: identify.intents,
+            compress,
             shard: identify.shard,
             seq: 0,
             log: VecDeque::new(),
@@ -722,6 +1126,7 @@ fn start_session(shared: &Shared, state: &mut super::State, conn_id: u64, identi
     );
     if let Some(c) = state.hub.conns.get_mut(&conn_id) {
         c.session = Some(session_id.clone());
+        let _ = c.tx.send(Out::PayloadCompression(compress));
     }
     let world = &state.world;
     // READY lists every guild of the session as unavailable; a GUILD_CREATE follows for
@@ -731,7 +1136,7 @@ fn start_session(shared: &Shared, state: &mut super::State, conn_id: u64, identi
         .filter(|w| w.bot_in() && holds(identify.shard, w.guild_id))
         .collect();
     let mut ready = json!({
-        "v": 10,
+        "v": state.hub.conns.get(&conn_id).map_or(10, |c| c.version),
         "user": world.user_json(world.bot_id).map(|mut u| {
             u["mfa_enabled"] = json!(false);
             u["verified"] = json!(true);
@@ -770,23 +1175,34 @@ fn start_session(shared: &Shared, state: &mut super::State, conn_id: u64, identi
 
 fn resume_session(hub: &mut Hub, conn_id: u64, resume: Resume) {
     let ttl = hub.resume_ttl;
-    let invalid = json!({"op": op::INVALID_SESSION, "d": false, "s": null, "t": null});
     let Some(session) = hub.sessions.get_mut(&resume.session_id) else {
-        hub.send(conn_id, invalid);
+        hub.send_op(conn_id, op::INVALID_SESSION, Value::Bool(false));
         return;
     };
     let expired =
         session.conn.is_none() && session.detached_at.is_some_and(|at| at.elapsed() >= ttl);
-    let oldest = session.log.front().map_or(session.seq + 1, |(s, _)| *s);
-    if expired || resume.seq > session.seq || resume.seq + 1 < oldest {
+    if !expired && resume.seq > session.seq {
+        // A sequence the session never sent: "Invalid seq: The sequence sent when
+        // resuming the session was invalid. Reconnect and start a new session" (Gateway
+        // Close Event Codes).
         hub.sessions.remove(&resume.session_id);
-        hub.send(conn_id, invalid);
+        hub.close(conn_id, close::INVALID_SEQ);
+        return;
+    }
+    let oldest = session.log.front().map_or(session.seq + 1, |(s, _)| *s);
+    if expired || resume.seq + 1 < oldest {
+        // Too late, or the missed events are no longer kept: "It's possible your app
+        // won't reconnect in time to Resume, in which case it will receive an Invalid
+        // Session (opcode 9)" (Gateway, "Resuming").
+        hub.sessions.remove(&resume.session_id);
+        hub.send_op(conn_id, op::INVALID_SESSION, Value::Bool(false));
         return;
     }
     // A session moves to the newest connection; Discord drops the older one.
     let previous = session.conn.replace(conn_id);
     session.detached_at = None;
     let shard = session.shard;
+    let compress = session.compress;
     let replay: Vec<Arc<str>> = session
         .log
         .iter()
@@ -797,13 +1213,15 @@ fn resume_session(hub: &mut Hub, conn_id: u64, resume: Resume) {
         && let Some(c) = hub.conns.get_mut(&prev)
     {
         c.session = None;
+        c.closing = true;
         let _ = c.tx.send(Out::Close(close::UNKNOWN_ERROR));
     }
     if let Some(c) = hub.conns.get_mut(&conn_id) {
         c.session = Some(resume.session_id.clone());
         c.shard = Some(shard);
+        let _ = c.tx.send(Out::PayloadCompression(compress));
         for frame in replay {
-            let _ = c.tx.send(Out::Frame(frame));
+            let _ = c.tx.send(Out::Dispatch(frame));
         }
     }
     hub.counters.resumes += 1;
@@ -872,6 +1290,29 @@ mod tests {
             limit.period_start = Some(yesterday);
             assert!(limit.admit(Some([0, 4])), "a new day");
             assert_eq!(limit.remaining, SESSION_START_TOTAL - 1);
+        }
+    }
+
+    #[test]
+    fn zlib_stream_messages_end_in_the_sync_flush_suffix_and_inflate_in_turn() {
+        // Text that barely compresses, so the output outgrows its first buffer.
+        let mut x: u32 = 7;
+        let noisy: String = (0..100_000)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                char::from(b'!' + ((x >> 16) % 90) as u8)
+            })
+            .collect();
+        let mut deflate = Compress::new(Compression::fast(), true);
+        let mut inflate = flate2::Decompress::new(true);
+        for message in [r#"{"op":10}"#, noisy.as_str(), "", r#"{"op":11}"#] {
+            let bytes = sync_flush(&mut deflate, message.as_bytes()).unwrap();
+            assert!(bytes.ends_with(&[0, 0, 0xff, 0xff]));
+            let mut out = Vec::with_capacity(message.len() + 64);
+            inflate
+                .decompress_vec(&bytes, &mut out, flate2::FlushDecompress::Sync)
+                .unwrap();
+            assert_eq!(out, message.as_bytes());
         }
     }
 

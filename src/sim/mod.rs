@@ -98,6 +98,9 @@ pub struct Settings {
     /// Length of a REST rate-limit window (100ms–1h)
     #[arg(long = "sim-rate-window", env = "SIM_RATE_WINDOW", default_value = "1s", value_parser = config::parse_duration_in(Duration::from_millis(100), secs(3600)))]
     pub rate_window: Duration,
+    /// Requests a second one token may make across all routes, Discord's global rate limit (1–100,000)
+    #[arg(long = "sim-global-rate-limit", env = "SIM_GLOBAL_RATE_LIMIT", default_value = "50", value_parser = config::parse_number_in::<u32>(1, 100_000))]
+    pub global_rate_limit: u32,
     /// Requests the OAuth2 token endpoint accepts per window (1–10,000)
     #[arg(long = "sim-token-rate-limit", env = "SIM_TOKEN_RATE_LIMIT", default_value = "5", value_parser = config::parse_number_in::<u32>(1, 10_000))]
     pub token_rate_limit: u32,
@@ -372,7 +375,8 @@ impl Sim {
             others,
             hub: gateway::Hub::new(&settings),
             oauth: oauth::Store::default(),
-            limits: rest::Limits::new(settings.rate_limit, settings.rate_window),
+            limits: rest::Limits::new(settings.rate_limit, settings.rate_window)
+                .with_global(settings.global_rate_limit),
         };
         let shared = Arc::new(Shared {
             settings,

@@ -238,6 +238,7 @@ const OUT_OF_RANGE: &[(&str, &str, &[&str])] = &[
     ("sim", "SIM_TOKEN_TTL", &["100ms", "31d"]),
     ("sim", "SIM_RATE_LIMIT", &["0", "10001"]),
     ("sim", "SIM_RATE_WINDOW", &["1ms", "2h"]),
+    ("sim", "SIM_GLOBAL_RATE_LIMIT", &["0", "100001"]),
     ("sim", "SIM_TOKEN_RATE_LIMIT", &["0", "10001"]),
     ("sim", "SIM_TOKEN_RATE_WINDOW", &["1ms", "2h"]),
     ("demo", "DEMO_PLAYER_INTERVAL", &["1ms", "11m"]),

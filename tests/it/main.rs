@@ -26,6 +26,7 @@ mod rooms;
 mod shards;
 mod sim_gateway;
 mod sim_oauth;
+mod sim_params;
 mod sim_rest;
 mod site;
 mod tls;

@@ -315,6 +315,17 @@ async fn bad_gateway_input_gets_discords_close_codes() {
         (
             "identify missing fields",
             vec![json!({"op": 2, "d": {"token": token}}).to_string()],
+            4001,
+        ),
+        (
+            "resume missing fields",
+            vec![json!({"op": 6, "d": {"token": token}}).to_string()],
+            4001,
+        ),
+        ("no opcode", vec![json!({"d": null}).to_string()], 4002),
+        (
+            "a payload over 4096 bytes",
+            vec![json!({"op": 1, "d": null, "pad": "x".repeat(4096)}).to_string()],
             4002,
         ),
     ];
@@ -1344,4 +1355,579 @@ async fn the_bots_managed_role_names_the_bot_in_its_tags() {
             .filter(|r| !r.managed)
             .all(|r| r.tags.is_none())
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Encoding and compression ("Encoding and Compression"), close codes, op 9 on the socket.
+
+/// The next binary frame; panics on a text frame or a close.
+async fn recv_binary(ws: &mut Ws) -> Vec<u8> {
+    within("a binary frame", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Binary(b))) => return b.to_vec(),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a binary frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
+/// Inflates one zlib-stream message through the connection's shared context.
+fn inflate(z: &mut flate2::Decompress, mut input: &[u8]) -> Result<String, String> {
+    let mut out = Vec::with_capacity(input.len() * 4 + 64);
+    loop {
+        if out.len() == out.capacity() {
+            out.reserve(out.capacity());
+        }
+        let before = z.total_in();
+        z.decompress_vec(input, &mut out, flate2::FlushDecompress::Sync)
+            .map_err(|e| e.to_string())?;
+        input = &input[(z.total_in() - before) as usize..];
+        if input.is_empty() && out.len() < out.capacity() {
+            return String::from_utf8(out).map_err(|e| e.to_string());
+        }
+    }
+}
+
+const SYNC_FLUSH: [u8; 4] = [0, 0, 0xff, 0xff];
+
+/// `compress=zlib-stream` with IDENTIFY's `compress: true`, as discord.py connects: every
+/// frame is binary, ends in Z_SYNC_FLUSH, and inflates through one context shared by the
+/// whole connection; the IDENTIFY flag adds no second layer ("Payload compression will be
+/// disabled if you use transport compression").
+#[tokio::test]
+async fn zlib_stream_sends_every_frame_through_one_shared_context() {
+    let sim = TestSim::start().await;
+    let mut ws = connect(&sim, "?v=10&encoding=json&compress=zlib-stream").await;
+    let mut z = flate2::Decompress::new(true);
+
+    let hello = recv_binary(&mut ws).await;
+    assert!(hello.ends_with(&SYNC_FLUSH), "{hello:?}");
+    let hello: Value = serde_json::from_str(&inflate(&mut z, &hello).expect("inflates")).unwrap();
+    assert_eq!(hello["op"], 10);
+
+    let mut payload: Value = serde_json::from_str(&identify(&sim.token(), 129)).unwrap();
+    payload["d"]["compress"] = json!(true);
+    send(&mut ws, &payload.to_string()).await;
+    let ready = recv_binary(&mut ws).await;
+    assert!(ready.ends_with(&SYNC_FLUSH));
+    // Not a stream of its own: a fresh context cannot read it (no zlib header, and its
+    // back-references point into HELLO).
+    assert!(inflate(&mut flate2::Decompress::new(true), &ready).is_err());
+    let ready: Value =
+        serde_json::from_str(&inflate(&mut z, &ready).expect("inflates")).expect("plain JSON");
+    assert_eq!(
+        (ready["t"].as_str(), ready["s"].as_u64()),
+        (Some("READY"), Some(1))
+    );
+    let guild = recv_binary(&mut ws).await;
+    let guild: Value = serde_json::from_str(&inflate(&mut z, &guild).unwrap()).unwrap();
+    assert_eq!(guild["t"], "GUILD_CREATE");
+
+    send(&mut ws, r#"{"op":1,"d":2}"#).await;
+    loop {
+        let frame = recv_binary(&mut ws).await;
+        assert!(frame.ends_with(&SYNC_FLUSH));
+        let frame: Value = serde_json::from_str(&inflate(&mut z, &frame).unwrap()).unwrap();
+        if frame["op"] == 11 {
+            break;
+        }
+    }
+}
+
+/// IDENTIFY's `compress: true` without transport compression: dispatches come as binary
+/// frames, each a whole zlib stream ("the gateway does not implement a shared compression
+/// context between events sent"); other frames stay text.
+#[tokio::test]
+async fn identify_compress_sends_dispatches_as_zlib_payloads() {
+    use std::io::Read;
+    let sim = TestSim::start().await;
+    let mut ws = connect(&sim, "?v=10&encoding=json").await;
+    recv(&mut ws).await.expect("hello as text");
+    let mut payload: Value = serde_json::from_str(&identify(&sim.token(), 129)).unwrap();
+    payload["d"]["compress"] = json!(true);
+    send(&mut ws, &payload.to_string()).await;
+    for want in ["READY", "GUILD_CREATE"] {
+        let bytes = recv_binary(&mut ws).await;
+        let mut text = String::new();
+        flate2::read::ZlibDecoder::new(&bytes[..])
+            .read_to_string(&mut text)
+            .expect("a complete zlib stream");
+        let frame: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(frame["t"], want);
+    }
+    send(&mut ws, r#"{"op":1,"d":2}"#).await;
+    let ack = within("the ack", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => return serde_json::from_str::<Value>(&t).unwrap(),
+                Some(Ok(Message::Binary(_))) => continue,
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(ack["op"], 11);
+
+    // Under zstd-stream (transport compression the sim answers with text) the flag adds
+    // no zlib either, as discord.py with zstd connects.
+    let sim = TestSim::start().await;
+    let mut ws = connect(&sim, "?v=10&encoding=json&compress=zstd-stream").await;
+    recv(&mut ws).await.expect("hello as text");
+    let mut payload: Value = serde_json::from_str(&identify(&sim.token(), 129)).unwrap();
+    payload["d"]["compress"] = json!(true);
+    send(&mut ws, &payload.to_string()).await;
+    assert_eq!(recv(&mut ws).await.expect("READY as text")["t"], "READY");
+}
+
+/// The close frame the sim ends with: its code and reason.
+async fn close_of(ws: &mut Ws) -> (u16, String) {
+    within("a close frame", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return (u16::from(f.code), f.reason.to_string());
+                }
+                Some(Ok(Message::Close(None))) | None => return (1005, String::new()),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("socket error: {e}"),
+            }
+        }
+    })
+    .await
+}
+
+/// The URL's query, as "Gateway URL Query String Params" lists it: JSON works in v10 and
+/// v9; ETF, which the sim does not speak, an encoding or compression Discord does not
+/// offer, and a version it does not serve are closed before HELLO, each with a reason that
+/// names what was wrong; zstd-stream (not simulated) gets JSON text.
+#[tokio::test]
+async fn the_gateway_urls_query_is_answered_as_discord_documents() {
+    let sim = TestSim::start().await;
+    for query in [
+        "?v=10&encoding=json",
+        "?v=10",
+        "?v=10&encoding=json&compress=zstd-stream",
+    ] {
+        let mut ws = connect(&sim, query).await;
+        assert_eq!(recv(&mut ws).await.expect(query)["op"], 10, "{query}");
+    }
+    // READY tells the version back.
+    let mut ws = connect(&sim, "?v=9&encoding=json").await;
+    recv(&mut ws).await.expect("hello");
+    send(&mut ws, &identify(&sim.token(), 129)).await;
+    assert_eq!(recv(&mut ws).await.expect("ready")["d"]["v"], 9);
+    for (query, code, says) in [
+        ("?v=10&encoding=etf", 4002, "etf"),
+        ("?v=10&encoding=xml", 4002, "encoding"),
+        ("?v=10&encoding=json&compress=zlib", 4002, "compress"),
+        ("?v=6&encoding=json", 4012, "version"),
+        ("?encoding=json", 4012, "version"),
+        ("?v=abc&encoding=json", 4012, "version"),
+    ] {
+        let mut ws = connect(&sim, query).await;
+        let (got, reason) = close_of(&mut ws).await;
+        assert_eq!(got, code, "{query}");
+        assert!(reason.contains(says), "{query}: {reason}");
+    }
+}
+
+/// RFC 6455 §5.5.1: an endpoint that receives a Close frame sends one back; the sim
+/// echoes the client's code, and records how the connection ended.
+#[tokio::test]
+async fn a_clients_close_frame_is_answered_with_one() {
+    let sim = TestSim::start().await;
+    let (mut ws, ready) = identified(&sim, 129, None).await;
+    ws.send(Message::Close(Some(
+        tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        },
+    )))
+    .await
+    .expect("close sent");
+    let answer = within("the close answer", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                other => panic!("no close frame came back: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(answer.map(|f| u16::from(f.code)), Some(1000));
+    wait_for("the close recorded", || async {
+        let state = sim.state().await;
+        (state["gateway"]["sessions"][0]["closes"] == json!([1000])).then_some(())
+    })
+    .await;
+    // "When you close the connection to the gateway with close code 1000 or 1001, your
+    // session will be invalidated" (Gateway, "Initiating a Disconnect").
+    let resume = json!({"op": 6, "d": {"token": sim.token(), "session_id": ready["d"]["session_id"], "seq": 1}});
+    let mut ws = connect(&sim, "?v=10&encoding=json").await;
+    recv(&mut ws).await.expect("hello");
+    send(&mut ws, &resume.to_string()).await;
+    let answer = recv(&mut ws).await.expect("op 9");
+    assert_eq!(
+        (answer["op"].as_u64(), answer["d"].as_bool()),
+        (Some(9), Some(false))
+    );
+}
+
+/// Reads frames until op `op`, returning it and the highest dispatch sequence seen.
+async fn until_op(ws: &mut Ws, op: u64, mut seq: u64) -> (Value, u64) {
+    loop {
+        let frame = recv(ws).await.expect("a frame");
+        if let Some(s) = frame["s"].as_u64() {
+            seq = seq.max(s);
+        }
+        if frame["op"] == op {
+            return (frame, seq);
+        }
+    }
+}
+
+/// After op 9 `d: true` the session may be resumed on the same socket ("Resuming", case
+/// 4): the dispatches sent meanwhile are replayed, then RESUMED.
+#[tokio::test]
+async fn op9_resumable_is_resumed_on_the_same_socket() {
+    let sim = TestSim::start().await;
+    let (mut ws, ready) = identified(&sim, 129, None).await;
+    let session = ready["d"]["session_id"].as_str().unwrap().to_owned();
+    sim.control("/gateway/invalidate", json!({"resumable": true}))
+        .await;
+    let (invalid, seq) = until_op(&mut ws, 9, 1).await;
+    assert_eq!(invalid["d"], true);
+    // Made while the session waits for its RESUME.
+    let channel = sim.create_channel(json!({"name": "meanwhile"})).await;
+    let resume = json!({"op": 6, "d": {"token": sim.token(), "session_id": session, "seq": seq}});
+    send(&mut ws, &resume.to_string()).await;
+    let replayed = recv(&mut ws)
+        .await
+        .expect("the replayed dispatch, not a close");
+    assert_eq!(replayed["t"], "CHANNEL_CREATE", "{replayed}");
+    assert!(is_id(&replayed["d"]["id"], channel));
+    assert_eq!(replayed["s"], seq + 1);
+    assert_eq!(recv(&mut ws).await.expect("resumed")["t"], "RESUMED");
+    assert_eq!(sim.gateway_counter("resumes").await, 1);
+}
+
+/// After op 9 `d: false` the session is gone: a payload that needs one is 4003 ("this
+/// session has been invalidated"), and a new IDENTIFY on the same socket starts a new one.
+#[tokio::test]
+async fn op9_not_resumable_ends_the_session_and_identify_starts_another() {
+    // The socket waits out the identify bucket's 5 s: heartbeats must not be due meanwhile.
+    let sim =
+        TestSim::start_with(|s| s.heartbeat_interval = std::time::Duration::from_secs(30)).await;
+    let (mut ws, ready) = identified(&sim, 129, None).await;
+    sim.control("/gateway/invalidate", json!({"resumable": false}))
+        .await;
+    let (invalid, _) = until_op(&mut ws, 9, 1).await;
+    assert_eq!(invalid["d"], false);
+    bucket_free(&sim).await;
+    send(&mut ws, &identify(&sim.token(), 129)).await;
+    let (again, _) = loop {
+        let (frame, seq) = until_op(&mut ws, 0, 0).await;
+        if frame["t"] == "READY" {
+            break (frame, seq);
+        }
+    };
+    assert_ne!(again["d"]["session_id"], ready["d"]["session_id"]);
+    assert_eq!(again["s"], 1);
+
+    sim.control("/gateway/invalidate", json!({"resumable": false}))
+        .await;
+    until_op(&mut ws, 9, 0).await;
+    send(
+        &mut ws,
+        &json!({"op": 3, "d": {"since": null, "activities": [], "status": "online", "afk": false}})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(close_of(&mut ws).await.0, 4003);
+}
+
+/// A RESUME with a sequence the session never sent is 4007, and the session is over.
+#[tokio::test]
+async fn a_resume_with_a_future_seq_is_4007() {
+    let sim = TestSim::start().await;
+    let (first, ready) = identified(&sim, 129, None).await;
+    let session = ready["d"]["session_id"].as_str().unwrap().to_owned();
+    drop(first);
+    let resume = json!({"op": 6, "d": {"token": sim.token(), "session_id": session, "seq": 999}});
+    assert_eq!(close_code_after(&sim, &[resume.to_string()]).await, 4007);
+    let again = json!({"op": 6, "d": {"token": sim.token(), "session_id": session, "seq": 1}});
+    let mut ws = connect(&sim, "?v=10&encoding=json").await;
+    recv(&mut ws).await.expect("hello");
+    send(&mut ws, &again.to_string()).await;
+    let answer = recv(&mut ws).await.expect("op 9");
+    assert_eq!(
+        (answer["op"].as_u64(), answer["d"].as_bool()),
+        (Some(9), Some(false))
+    );
+}
+
+/// "Apps can send 120 gateway events per connection every 60 seconds ... Apps that
+/// surpass the limit are immediately disconnected" (Gateway, "Rate Limiting"): 4008, a
+/// code after which a client should resume ("Resuming", case 2), and can.
+#[tokio::test]
+async fn the_121st_payload_in_a_minute_is_closed_with_4008_and_the_session_resumes() {
+    let sim = TestSim::start().await;
+    // IDENTIFY is the first of the 120.
+    let (mut ws, ready) = identified(&sim, 129, None).await;
+    for _ in 0..119 {
+        send(&mut ws, r#"{"op":1,"d":null}"#).await;
+    }
+    let mut seq = 1;
+    for _ in 0..119 {
+        seq = until_op(&mut ws, 11, seq).await.1;
+    }
+    send(&mut ws, r#"{"op":1,"d":null}"#).await;
+    assert_eq!(close_of(&mut ws).await.0, 4008);
+
+    let mut ws = connect(&sim, "?v=10&encoding=json").await;
+    recv(&mut ws).await.expect("hello");
+    let resume = json!({"op": 6, "d": {"token": sim.token(), "session_id": ready["d"]["session_id"], "seq": seq}});
+    send(&mut ws, &resume.to_string()).await;
+    assert_eq!(recv(&mut ws).await.expect("resumed")["t"], "RESUMED");
+}
+
+/// Every frame that is not a dispatch carries `s` and `t`, null ("Payload Structure"):
+/// HELLO, HEARTBEAT_ACK, a heartbeat request, RECONNECT and INVALID_SESSION.
+#[tokio::test]
+async fn every_frame_that_is_not_a_dispatch_has_null_s_and_t() {
+    let sim = TestSim::start().await;
+    let mut ws = connect(&sim, "?v=10&encoding=json").await;
+    let mut frames = vec![recv(&mut ws).await.expect("hello")];
+    send(&mut ws, &identify(&sim.token(), 129)).await;
+    send(&mut ws, r#"{"op":1,"d":null}"#).await;
+    frames.push(until_op(&mut ws, 11, 0).await.0);
+    let (status, body) = sim.control("/gateway/heartbeat", json!({})).await;
+    assert_eq!((status, body["connections"].as_u64()), (200, Some(1)));
+    frames.push(until_op(&mut ws, 1, 0).await.0);
+    sim.control("/gateway/reconnect", json!({})).await;
+    frames.push(until_op(&mut ws, 7, 0).await.0);
+    sim.control("/gateway/invalidate", json!({"resumable": false}))
+        .await;
+    frames.push(until_op(&mut ws, 9, 0).await.0);
+    let ops: Vec<_> = frames.iter().map(|f| f["op"].as_u64()).collect();
+    assert_eq!(ops, [Some(10), Some(11), Some(1), Some(7), Some(9)]);
+    for frame in &frames {
+        let o = frame.as_object().expect("an object");
+        assert_eq!(
+            (o.get("s"), o.get("t")),
+            (Some(&Value::Null), Some(&Value::Null)),
+            "{frame}"
+        );
+    }
+}
+
+/// "Guild Member Update is sent for current-user updates regardless of whether the
+/// GUILD_MEMBERS intent is set" (Gateway, "Gateway Intents"): the bot's own role change
+/// reaches a session without GUILD_MEMBERS, another member's does not.
+#[tokio::test]
+async fn the_bots_own_member_update_comes_without_guild_members() {
+    use twilight_model::id::Id;
+    let sim = TestSim::start().await;
+    let (mut ws, ready) = identified(&sim, 129, None).await;
+    let bot: u64 = ready["d"]["user"]["id"].as_str().unwrap().parse().unwrap();
+    let http = sim.twilight_http();
+    let guild = Id::new(sim.guild_id());
+    let role = http
+        .create_role(guild)
+        .name("table")
+        .await
+        .expect("the bot makes a role")
+        .model()
+        .await
+        .expect("a role");
+    http.add_guild_member_role(guild, Id::new(sim.user("gale").await), role.id)
+        .await
+        .expect("gale gets the role");
+    http.add_guild_member_role(guild, Id::new(bot), role.id)
+        .await
+        .expect("the bot gives itself the role");
+    let update = within("the bot's GUILD_MEMBER_UPDATE", async {
+        loop {
+            let frame = recv(&mut ws).await.expect("a frame");
+            if frame["t"] == "GUILD_MEMBER_UPDATE" {
+                return frame;
+            }
+        }
+    })
+    .await;
+    assert!(is_id(&update["d"]["user"]["id"], bot), "{update}");
+    assert!(
+        update["d"]["roles"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| is_id(r, role.id.get())))
+    );
+    let _: twilight_model::gateway::payload::incoming::MemberUpdate =
+        serde_json::from_value(update["d"].clone()).expect("twilight-model reads it");
+}
+
+/// A send event whose `d` lacks a field "Gateway Events" lists is 4001 ("an invalid
+/// payload for an opcode"); with every field it is taken.
+#[tokio::test]
+async fn send_events_missing_a_documented_field_are_4001() {
+    // One identify bucket per case, so none waits out another's 5 s.
+    let sim = TestSim::start_with(|s| s.max_concurrency = 16).await;
+    let guild = sim.guild_id().to_string();
+    let presence = json!({"since": null, "activities": [], "status": "online", "afk": false});
+    let voice =
+        json!({"guild_id": guild, "channel_id": null, "self_mute": false, "self_deaf": false});
+    let members = json!({"guild_id": guild, "query": "", "limit": 0});
+    let without = |d: &Value, key: &str| {
+        let mut d = d.clone();
+        d.as_object_mut().expect("an object").remove(key);
+        d
+    };
+    let cases = [
+        (3, without(&presence, "since")),
+        (3, without(&presence, "afk")),
+        (4, without(&voice, "self_deaf")),
+        (
+            4,
+            json!({"guild_id": "x", "channel_id": null, "self_mute": false, "self_deaf": false}),
+        ),
+        (8, without(&members, "limit")),
+        (31, json!({})),
+        (1, json!("seven")),
+    ];
+    for (i, (op, d)) in (0..).zip(cases) {
+        let (mut ws, _) = identified(&sim, 129, Some([i, 16])).await;
+        send(&mut ws, &json!({"op": op, "d": d}).to_string()).await;
+        assert_eq!(close_of(&mut ws).await.0, 4001, "op {op} with {d}");
+    }
+    let (mut ws, _) = identified(&sim, 129, Some([15, 16])).await;
+    for (op, d) in [
+        (3, presence),
+        (4, voice),
+        (8, members),
+        (8, json!({"guild_id": guild, "user_ids": [guild]})),
+        (31, json!({"guild_ids": [guild]})),
+        (1, json!(2)),
+    ] {
+        send(&mut ws, &json!({"op": op, "d": d}).to_string()).await;
+    }
+    until_op(&mut ws, 11, 0).await;
+}
+
+/// A payload that earns a close is the last one read: IDENTIFYs sent right behind it
+/// start no session (several, since which of a read and the close goes first is up to
+/// the scheduler).
+#[tokio::test]
+async fn nothing_after_a_payload_that_earns_a_close_is_acted_on() {
+    let sim = TestSim::start().await;
+    let token = sim.token();
+    let mut ws = connect(&sim, "?v=10&encoding=json").await;
+    recv(&mut ws).await.expect("hello");
+    // In one write, so all are there to be read as soon as the first has been.
+    ws.feed(Message::text(
+        json!({"op": 2, "d": {"token": token}}).to_string(),
+    ))
+    .await
+    .expect("queued");
+    for _ in 0..8 {
+        ws.feed(Message::text(identify(&token, 129)))
+            .await
+            .expect("queued");
+    }
+    ws.flush().await.expect("sent");
+    assert_eq!(close_of(&mut ws).await.0, 4001);
+    assert_eq!(sim.gateway_counter("identifies").await, 0);
+}
+
+#[tokio::test]
+async fn the_bot_joins_voice_and_asks_for_members_over_the_gateway() {
+    use twilight_model::gateway::payload::outgoing::{RequestGuildMembers, UpdateVoiceState};
+    use twilight_model::id::Id;
+    let sim = TestSim::start().await;
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+    let guild = Id::new(sim.guild_id());
+    let (lobby, bot) = (sim.id_of("lobby_id").await, sim.id_of("bot_id").await);
+
+    // Update Voice State: the bot is in the lobby for every session, as a user would be.
+    shard.command(&UpdateVoiceState::new(
+        guild,
+        Some(Id::new(lobby)),
+        true,
+        false,
+    ));
+    let Event::VoiceStateUpdate(v) = next_event(
+        &mut shard,
+        |e| matches!(e, Event::VoiceStateUpdate(v) if v.0.user_id.get() == bot),
+    )
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(v.0.channel_id.map(|c| c.get()), Some(lobby));
+    assert!(v.0.self_deaf && !v.0.self_mute);
+
+    // Request Guild Members by id: the members found, the rest in not_found, the nonce.
+    let bramble = sim.user("bramble").await;
+    let by_id = RequestGuildMembers::builder(guild)
+        .nonce("by-id")
+        .user_ids(vec![Id::new(bramble), Id::new(42)])
+        .expect("two ids");
+    shard.command(&by_id);
+    let Event::MemberChunk(chunk) =
+        next_event(&mut shard, |e| matches!(e, Event::MemberChunk(_))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(chunk.nonce.as_deref(), Some("by-id"));
+    assert_eq!(
+        chunk
+            .members
+            .iter()
+            .map(|m| m.user.id.get())
+            .collect::<Vec<_>>(),
+        [bramble]
+    );
+    assert_eq!(
+        chunk.not_found.iter().map(|u| u.get()).collect::<Vec<_>>(),
+        [42]
+    );
+    assert_eq!((chunk.chunk_index, chunk.chunk_count), (0, 1));
+
+    // By a username prefix.
+    shard.command(
+        &RequestGuildMembers::builder(guild)
+            .nonce("q")
+            .query("BR", Some(10)),
+    );
+    let Event::MemberChunk(chunk) =
+        next_event(&mut shard, |e| matches!(e, Event::MemberChunk(_))).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(chunk.nonce.as_deref(), Some("q"));
+    assert!(!chunk.members.is_empty());
+    assert!(chunk.members.iter().all(|m| m.user.name.starts_with("br")));
+
+    // The whole list needs GUILD_MEMBERS, which the application is not granted: 4014.
+    shard.command(&RequestGuildMembers::builder(guild).query("", None));
+    // A shard sends commands as it is polled.
+    tokio::spawn(async move {
+        use twilight_gateway::StreamExt as _;
+        while shard
+            .next_event(twilight_gateway::EventTypeFlags::all())
+            .await
+            .is_some()
+        {}
+    });
+    wait_for("the whole-list request closed with 4014", || async {
+        shard_entry(&sim, json!([0, 1])).await.filter(|s| {
+            s["closes"]
+                .as_array()
+                .is_some_and(|c| c.contains(&json!(4014)))
+        })
+    })
+    .await;
 }

@@ -176,7 +176,7 @@ async fn twilight_waits_out_an_injected_429_for_the_advertised_time() {
 }
 
 #[tokio::test]
-async fn the_bucket_headers_keep_twilight_under_the_limit() {
+async fn the_bucket_headers_come_on_every_answer_and_the_scope_on_429s_only() {
     let sim = TestSim::start_with(|s| {
         s.rate_limit = 2;
         s.rate_window = Duration::from_millis(500);
@@ -184,15 +184,21 @@ async fn the_bucket_headers_keep_twilight_under_the_limit() {
     .await;
     let http = sim.twilight_http();
     let guild = Id::new(sim.guild_id());
+    // twilight-http 0.18 reads the bucket headers only beside X-RateLimit-Scope, which
+    // Discord sends with 429s only: it learns the bucket from its first 429, waits it out
+    // and succeeds, never surfacing the 429.
     for i in 0..5 {
         http.create_role(guild)
             .name(&format!("r{i}"))
             .await
             .expect("never surfaces a 429");
     }
-    // twilight retries 429s silently, so ask the sim: the headers kept it from any.
-    assert_eq!(sim.state().await["rest"]["rate_limited"], 0);
-    // And a client that ignores the headers is refused with Discord's 429.
+    let limited = sim.state().await["rest"]["rate_limited"].as_u64().unwrap();
+    assert!(
+        (1..=5).contains(&limited),
+        "five calls over a limit of two meet the limit, each 429 waited out once: {limited}"
+    );
+    // A plain client sees the headers Discord documents, and Discord's 429.
     let url = sim.url(&format!("/api/v10/guilds/{}/channels", sim.guild_id()));
     let mut statuses = Vec::new();
     for _ in 0..3 {
@@ -205,6 +211,16 @@ async fn the_bucket_headers_keep_twilight_under_the_limit() {
             .unwrap();
         statuses.push(res.status().as_u16());
         assert_eq!(res.headers()["via"], "1.1 google", "every answer says Via");
+        for h in [
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+            "x-ratelimit-reset-after",
+            "x-ratelimit-bucket",
+        ] {
+            assert!(res.headers().contains_key(h), "missing {h}");
+        }
+        assert!(!res.headers().contains_key("x-ratelimit-global"));
         if res.status() == 429 {
             assert!(res.headers().contains_key("retry-after"));
             assert_eq!(res.headers()["x-ratelimit-remaining"], "0");
@@ -213,22 +229,82 @@ async fn the_bucket_headers_keep_twilight_under_the_limit() {
             assert!(body["retry_after"].as_f64().is_some());
             assert_eq!(body["global"], false);
         } else {
-            for h in [
-                "x-ratelimit-limit",
-                "x-ratelimit-remaining",
-                "x-ratelimit-reset",
-                "x-ratelimit-reset-after",
-                "x-ratelimit-bucket",
-                // Discord documents it on 429s only, but twilight-http reads no bucket
-                // header without it (response/future.rs, `parse_ratelimit_headers`).
-                "x-ratelimit-scope",
-            ] {
-                assert!(res.headers().contains_key(h), "missing {h}");
-            }
+            // "X-RateLimit-Scope - Returned only on HTTP 429 responses."
+            assert!(!res.headers().contains_key("x-ratelimit-scope"));
         }
     }
     assert_eq!(statuses, [200, 200, 429]);
-    assert_eq!(sim.state().await["rest"]["rate_limited"], 1);
+}
+
+#[tokio::test]
+async fn a_global_and_a_shared_429_are_shaped_as_discord_documents_them() {
+    let sim = TestSim::start_with(|s| s.global_rate_limit = 4).await;
+    let url = sim.url(&format!("/api/v10/guilds/{}/roles", sim.guild_id()));
+    let get = || {
+        sim.http
+            .get(&url)
+            .header("authorization", format!("Bot {}", sim.token()))
+            .send()
+    };
+    // The global limit: every route together, per token.
+    let mut global = None;
+    for _ in 0..6 {
+        let res = get().await.unwrap();
+        if res.status() == 429 {
+            global = Some(res);
+            break;
+        }
+    }
+    let res = global.expect("the fifth request in a second is over a global limit of 4");
+    assert_eq!(res.headers()["x-ratelimit-global"], "true");
+    assert_eq!(res.headers()["x-ratelimit-scope"], "global");
+    assert_eq!(res.headers()["via"], "1.1 google");
+    assert!(res.headers().contains_key("retry-after"));
+    assert!(!res.headers().contains_key("x-ratelimit-bucket"));
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["global"], true);
+    assert_eq!(body["message"], "You are being rate limited.");
+
+    // A shared (resource) limit spends nothing of the caller's bucket.
+    sim.fail_once(
+        json!({"path": "/guilds/*/roles", "method": "GET", "status": 429,
+        "retry_after": 0.2, "scope": "shared"}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let res = loop {
+        let res = get().await.unwrap();
+        if res
+            .headers()
+            .get("x-ratelimit-scope")
+            .is_some_and(|s| s == "shared")
+        {
+            break res;
+        }
+        assert!(Instant::now() < deadline, "no shared 429 came");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(res.status(), 429);
+    assert_ne!(res.headers()["x-ratelimit-remaining"], "0");
+    assert!(!res.headers().contains_key("x-ratelimit-global"));
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["message"], "The resource is being rate limited.");
+    assert_eq!(body["global"], false);
+
+    // twilight waits out each kind and succeeds.
+    let http = sim.twilight_http();
+    let guild = Id::new(sim.guild_id());
+    for scope in ["global", "shared", "user"] {
+        sim.fail_once(
+            json!({"path": "/guilds/*/roles", "method": "POST", "status": 429,
+            "retry_after": 0.3, "scope": scope}),
+        )
+        .await;
+        http.create_role(guild)
+            .name(scope)
+            .await
+            .unwrap_or_else(|e| panic!("twilight waits out a {scope} 429: {e}"));
+    }
 }
 
 #[tokio::test]
@@ -974,14 +1050,13 @@ async fn overwrites_through_rest_are_dispatched_and_checked() {
         .await
         .unwrap();
     assert_eq!(res.status(), 403);
-    for h in [
-        "x-ratelimit-bucket",
-        "x-ratelimit-remaining",
-        "x-ratelimit-scope",
-        "via",
-    ] {
+    for h in ["x-ratelimit-bucket", "x-ratelimit-remaining", "via"] {
         assert!(res.headers().contains_key(h), "missing {h}");
     }
+    assert!(
+        !res.headers().contains_key("x-ratelimit-scope"),
+        "a 429's header only"
+    );
 }
 
 #[tokio::test]

@@ -9,13 +9,17 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{Bot, DiscordJson, bot_guild, channel_guild, id_field, overwrites, snowflake};
+use super::extract::{
+    Bot, DiscordJson, Field, bool_field, bot_guild, channel_guild, count_field, int_field,
+    overwrites, refuse_unmodelled, snowflake, snowflake_field, string_field,
+};
 use crate::sim::Shared;
-use crate::sim::world::{self, ChannelEdit, NewChannel};
+use crate::sim::world::{
+    self, ChannelEdit, ChannelMove, ChannelSettings, NewChannel, NewChannelExtras,
+};
 
 pub(super) async fn list_channels(
     State(shared): State<Arc<Shared>>,
@@ -35,17 +39,63 @@ pub(super) async fn list_channels(
     Ok(axum::Json(list).into_response())
 }
 
-#[derive(Deserialize)]
-struct CreateChannel {
-    name: Option<String>,
-    #[serde(rename = "type", default)]
-    kind: Option<u8>,
-    #[serde(default)]
-    parent_id: Option<Value>,
-    #[serde(default)]
-    user_limit: Option<u32>,
-    #[serde(default)]
-    permission_overwrites: Option<Vec<Map<String, Value>>>,
+/// Documented Create Guild Channel / Modify Channel fields the simulator does not model
+/// (forum, media and thread defaults): refused when given, never dropped.
+const UNMODELLED: &[&str] = &[
+    "default_auto_archive_duration",
+    "default_reaction_emoji",
+    "available_tags",
+    "default_sort_order",
+    "default_forum_layout",
+    "default_thread_rate_limit_per_user",
+];
+
+/// The settings Create Guild Channel and Modify Channel share.
+fn settings(req: &Map<String, Value>) -> ApiResult<ChannelEdit> {
+    refuse_unmodelled(req, UNMODELLED)?;
+    // Channel flags a guild text or voice channel can carry are all set by Discord
+    // (PINNED, REQUIRE_TAG, ... belong to threads, forums and media).
+    if count_field::<u64>(req, "flags")?
+        .given()
+        .is_some_and(|f| f != 0)
+    {
+        refuse_unmodelled(req, &["flags"])?;
+    }
+    Ok(ChannelEdit {
+        name: string_field(req, "name")?.given(),
+        user_limit: count_field::<u32>(req, "user_limit")?.given(),
+        overwrites: match req.get("permission_overwrites") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(list)) => {
+                let mut objects = Vec::with_capacity(list.len());
+                for (i, o) in list.iter().enumerate() {
+                    objects.push(o.as_object().cloned().ok_or_else(|| {
+                        ApiError::invalid_field(
+                            &format!("permission_overwrites.{i}"),
+                            "MODEL_TYPE_CONVERT",
+                            "Only dictionaries may be used in a ModelType",
+                        )
+                    })?);
+                }
+                Some(overwrites(&objects)?)
+            }
+            Some(_) => {
+                return Err(ApiError::invalid_field(
+                    "permission_overwrites",
+                    "BASE_TYPE_LIST",
+                    "Must be a list.",
+                ));
+            }
+        },
+        position: int_field(req, "position")?.given(),
+        parent_id: snowflake_field(req, "parent_id")?.nullable(),
+        bitrate: count_field::<u32>(req, "bitrate")?.given(),
+        topic: string_field(req, "topic")?.nullable(),
+        nsfw: bool_field(req, "nsfw")?.given(),
+        rate_limit_per_user: count_field::<u32>(req, "rate_limit_per_user")?.given(),
+        rtc_region: string_field(req, "rtc_region")?.nullable(),
+        video_quality_mode: count_field::<u8>(req, "video_quality_mode")?.given(),
+    })
 }
 
 pub(super) async fn create_channel(
@@ -55,21 +105,19 @@ pub(super) async fn create_channel(
     body: Bytes,
 ) -> ApiResult {
     bot_guild(&mut shared.lock(), &g)?;
-    let DiscordJson(req) = DiscordJson::<CreateChannel>::parse(&body)?;
-    let Some(name) = req.name else {
+    let req = DiscordJson::object(&body)?;
+    let edit = settings(&req)?;
+    let Some(name) = edit.name else {
         return Err(ApiError::invalid_field(
             "name",
             "BASE_TYPE_REQUIRED",
             "This field is required",
         ));
     };
-    let parent_id = match req.parent_id {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(id_field(&v).ok_or_else(|| {
-            ApiError::invalid_field("parent_id", "NUMBER_TYPE_COERCE", "Value is not snowflake.")
-        })?),
+    let kind = match count_field::<u8>(&req, "type")?.given() {
+        Some(k) => k,
+        None => world::kind::TEXT,
     };
-    let overwrites = overwrites(&req.permission_overwrites.unwrap_or_default())?;
     let mut state = shared.lock();
     let (g, w) = bot_guild(&mut state, &g)?;
     let bot = w.bot_id;
@@ -77,10 +125,21 @@ pub(super) async fn create_channel(
         Some(bot),
         NewChannel {
             name,
-            kind: req.kind.unwrap_or(world::kind::TEXT),
-            parent_id,
-            user_limit: req.user_limit.unwrap_or(0),
-            overwrites,
+            kind,
+            parent_id: edit.parent_id.flatten(),
+            user_limit: edit.user_limit.unwrap_or(0),
+            overwrites: edit.overwrites.unwrap_or_default(),
+            extras: NewChannelExtras {
+                bitrate: edit.bitrate,
+                position: edit.position,
+                settings: ChannelSettings {
+                    topic: edit.topic.flatten(),
+                    nsfw: edit.nsfw.unwrap_or(false),
+                    rate_limit_per_user: edit.rate_limit_per_user.unwrap_or(0),
+                    rtc_region: edit.rtc_region.flatten(),
+                    video_quality_mode: edit.video_quality_mode,
+                },
+            },
         },
     )?;
     let channel = w.channel(id).map(|c| w.channel_json_for_bot(c, true))?;
@@ -102,14 +161,8 @@ pub(super) async fn get_channel(
     Ok(axum::Json(w.channel_json(channel, true)).into_response())
 }
 
-#[derive(Deserialize)]
-struct UpdateChannel {
-    name: Option<String>,
-    user_limit: Option<u32>,
-    #[serde(default)]
-    permission_overwrites: Option<Vec<Map<String, Value>>>,
-}
-
+/// Modify Channel (guild channel): every documented field; `type` may only stay what it
+/// is, since conversion needs the NEWS feature the simulated guilds lack.
 pub(super) async fn update_channel(
     State(shared): State<Arc<Shared>>,
     _: Bot,
@@ -117,23 +170,77 @@ pub(super) async fn update_channel(
     body: Bytes,
 ) -> ApiResult {
     let id = snowflake("channel_id", &c)?;
-    let DiscordJson(req) = DiscordJson::<UpdateChannel>::parse(&body)?;
-    let edit = ChannelEdit {
-        name: req.name,
-        user_limit: req.user_limit,
-        overwrites: req
-            .permission_overwrites
-            .as_deref()
-            .map(overwrites)
-            .transpose()?,
-    };
+    let req = DiscordJson::object(&body)?;
+    let edit = settings(&req)?;
+    let kind = count_field::<u8>(&req, "type")?.given();
     let mut state = shared.lock();
     let (g, w) = channel_guild(&mut state, id)?;
+    if let Some(k) = kind
+        && w.channel(id).is_ok_and(|c| c.kind != k)
+    {
+        return Err(ApiError::invalid_field(
+            "type",
+            "CHANNEL_TYPE_INVALID",
+            "Only text and announcement channels convert, and only with the NEWS feature.",
+        ));
+    }
     let bot = w.bot_id;
     let events = w.update_channel(Some(bot), id, edit)?;
     let channel = w.channel(id).map(|c| w.channel_json_for_bot(c, true))?;
     state.emit_in(g, &events);
     Ok(axum::Json(channel).into_response())
+}
+
+/// Modify Guild Channel Positions: a JSON array of `{id, position?, parent_id?,
+/// lock_permissions?}`; 204.
+pub(super) async fn move_channels(
+    State(shared): State<Arc<Shared>>,
+    _: Bot,
+    Path(g): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let list = DiscordJson::list(&body)?;
+    let mut moves = Vec::with_capacity(list.len());
+    for (i, entry) in list.iter().enumerate() {
+        let at = |f: &str| format!("{i}.{f}");
+        let id = snowflake_field(entry, "id")
+            .ok()
+            .and_then(Field::given)
+            .ok_or_else(|| {
+                ApiError::invalid_field(&at("id"), "NUMBER_TYPE_COERCE", "Value is not snowflake.")
+            })?;
+        let wrong =
+            |f: &str| ApiError::invalid_field(&at(f), "BASE_TYPE_INVALID", "Invalid value.");
+        moves.push(ChannelMove {
+            id,
+            position: int_field(entry, "position")
+                .map_err(|_| wrong("position"))?
+                .given(),
+            parent_id: snowflake_field(entry, "parent_id")
+                .map_err(|_| wrong("parent_id"))?
+                .nullable(),
+            lock_permissions: bool_field(entry, "lock_permissions")
+                .map_err(|_| wrong("lock_permissions"))?
+                .given(),
+        });
+        if count_field::<u64>(entry, "flags")
+            .map_err(|_| wrong("flags"))?
+            .given()
+            .is_some_and(|f| f != 0)
+        {
+            return Err(ApiError::invalid_field(
+                &at("flags"),
+                "SIMULATOR_UNSUPPORTED",
+                "coven sim does not model channel flags.",
+            ));
+        }
+    }
+    let mut state = shared.lock();
+    let (g, w) = bot_guild(&mut state, &g)?;
+    let bot = w.bot_id;
+    let events = w.move_channels(Some(bot), &moves)?;
+    state.emit_in(g, &events);
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Edit Channel Permissions: `{type, allow?, deny?}` for the role or member in the path.
@@ -145,7 +252,7 @@ pub(super) async fn set_overwrite(
 ) -> ApiResult {
     let id = snowflake("channel_id", &c)?;
     let target = snowflake("overwrite_id", &o)?;
-    let DiscordJson(req) = DiscordJson::<Map<String, Value>>::parse(&body)?;
+    let req = DiscordJson::object(&body)?;
     let overwrite = world::overwrite_from_json(&req, Some(target)).map_err(|what| {
         ApiError::invalid_field(what, "BASE_TYPE_INVALID", &format!("Invalid {what}."))
     })?;

@@ -33,6 +33,10 @@ impl ApiError {
             10011 => (StatusCode::NOT_FOUND, "Unknown Role"),
             10013 => (StatusCode::NOT_FOUND, "Unknown User"),
             10065 => (StatusCode::NOT_FOUND, "Unknown Voice State"),
+            40009 => (
+                StatusCode::BAD_REQUEST,
+                "Only one channel can have a parent_id modified at a time",
+            ),
             40032 => (
                 StatusCode::BAD_REQUEST,
                 "Target user is not connected to voice.",
@@ -58,10 +62,25 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, 0, "404: Not Found")
     }
 
-    /// 50035 with one field error, nested as Discord nests them.
+    /// 50035 with one field error, nested as Discord nests them: a dotted path
+    /// (`permission_overwrites.0.id`) is one object per step, the error list at the leaf
+    /// ("Error Messages" in Opcodes and Status Codes).
     pub fn invalid_field(field: &str, code: &str, message: &str) -> Self {
         let mut e = Self::code(50035);
-        e.body["errors"] = json!({ field: {"_errors": [{"code": code, "message": message}]} });
+        let mut errors = json!({"_errors": [{"code": code, "message": message}]});
+        for step in field.rsplit('.') {
+            errors = json!({ step: errors });
+        }
+        e.body["errors"] = errors;
+        e
+    }
+}
+
+impl ApiError {
+    /// 50035 for the body as a whole: Discord puts the error list at the top of `errors`.
+    pub fn invalid_body(code: &str, message: &str) -> Self {
+        let mut e = Self::code(50035);
+        e.body["errors"] = json!({"_errors": [{"code": code, "message": message}]});
         e
     }
 }
@@ -79,6 +98,7 @@ impl From<Refusal> for ApiError {
             Refusal::NotInVoice => Self::code(40032),
             Refusal::MissingPermission(_) => Self::code(50013),
             Refusal::ChannelFull => Self::new(StatusCode::BAD_REQUEST, 0, "Channel is full."),
+            Refusal::OneParentAtATime => Self::code(40009),
             Refusal::Invalid(field, code, message) => Self::invalid_field(field, code, &message),
         }
     }

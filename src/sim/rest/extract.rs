@@ -11,9 +11,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 use secrecy::ExposeSecret;
-use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
-use twilight_model::guild::Permissions;
 
 use super::error::{ApiError, ApiResult};
 use crate::sim::world::{self, Overwrite, World};
@@ -72,19 +70,51 @@ fn authorization(headers: &HeaderMap) -> Option<Auth<'_>> {
     }
 }
 
-/// A JSON body parsed as Discord does: bad JSON is 50109, wrong shapes are 50035.
+/// A JSON body parsed as Discord does: bad JSON is 50109, a body of the wrong shape is
+/// 50035 with the error on the body itself (`{"errors": {"_errors": [...]}}`).
 pub struct DiscordJson<T>(pub T);
 
-impl<T: DeserializeOwned> DiscordJson<T> {
-    pub(super) fn parse(body: &Bytes) -> ApiResult<Self> {
-        let value: Value = if body.is_empty() {
-            json!({})
-        } else {
-            serde_json::from_slice(body).map_err(|_| ApiError::code(50109))?
+fn json_body(body: &Bytes, empty: Value) -> ApiResult<Value> {
+    if body.is_empty() {
+        return Ok(empty);
+    }
+    serde_json::from_slice(body).map_err(|_| ApiError::code(50109))
+}
+
+impl DiscordJson<Map<String, Value>> {
+    /// A JSON object (an empty body reads as `{}`).
+    pub(super) fn object(body: &Bytes) -> ApiResult<Map<String, Value>> {
+        match json_body(body, json!({}))? {
+            Value::Object(map) => Ok(map),
+            _ => Err(ApiError::invalid_body(
+                "DICT_TYPE_CONVERT",
+                "Only dictionaries may be used in a DictType",
+            )),
+        }
+    }
+}
+
+impl DiscordJson<Vec<Map<String, Value>>> {
+    /// A JSON array of objects (the position routes).
+    pub(super) fn list(body: &Bytes) -> ApiResult<Vec<Map<String, Value>>> {
+        let Value::Array(items) = json_body(body, json!([]))? else {
+            return Err(ApiError::invalid_body(
+                "LIST_TYPE_CONVERT",
+                "Only iterables may be used in a ListType",
+            ));
         };
-        serde_json::from_value(value)
-            .map(DiscordJson)
-            .map_err(|e| ApiError::invalid_field("_body", "BASE_TYPE_INVALID", &format!("{e}")))
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Value::Object(map) => Ok(map),
+                _ => Err(ApiError::invalid_field(
+                    &i.to_string(),
+                    "MODEL_TYPE_CONVERT",
+                    "Only dictionaries may be used in a ModelType",
+                )),
+            })
+            .collect()
     }
 }
 
@@ -125,7 +155,7 @@ pub(super) fn channel_guild(state: &mut State, channel: u64) -> ApiResult<(u64, 
     }
 }
 
-pub(super) use world::{bits_from_json as bits_field, id_from_json as id_field};
+pub(super) use world::id_from_json as id_field;
 
 /// A list of overwrite objects, with Discord's 50035 naming the bad entry.
 pub(super) fn overwrites(list: &[Map<String, Value>]) -> ApiResult<Vec<Overwrite>> {
@@ -143,16 +173,142 @@ pub(super) fn overwrites(list: &[Map<String, Value>]) -> ApiResult<Vec<Overwrite
         .collect()
 }
 
-/// A permissions field, absent or null meaning "not given".
-pub(super) fn permissions_field(v: Option<&Value>) -> ApiResult<Option<Permissions>> {
-    match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => bits_field(v).map(Some).ok_or_else(|| {
-            ApiError::invalid_field(
-                "permissions",
-                "NUMBER_TYPE_COERCE",
-                "Value is not a bitset.",
-            )
-        }),
+// Fields of a JSON object body, each absent, null or a value, refused with Discord's
+// 50035 naming the field when it has the wrong type.
+
+/// What a field held: absent, `null`, or a value.
+pub(super) enum Field<T> {
+    Absent,
+    Null,
+    Value(T),
+}
+
+impl<T> Field<T> {
+    /// Absent = unchanged (`None`), null = cleared (`Some(None)`).
+    pub(super) fn nullable(self) -> Option<Option<T>> {
+        match self {
+            Field::Absent => None,
+            Field::Null => Some(None),
+            Field::Value(v) => Some(Some(v)),
+        }
     }
+
+    /// Absent or null = unchanged.
+    pub(super) fn given(self) -> Option<T> {
+        match self {
+            Field::Value(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+fn field<T>(
+    body: &Map<String, Value>,
+    name: &str,
+    code: &str,
+    message: &str,
+    read: impl Fn(&Value) -> Option<T>,
+) -> ApiResult<Field<T>> {
+    match body.get(name) {
+        None => Ok(Field::Absent),
+        Some(Value::Null) => Ok(Field::Null),
+        Some(v) => read(v)
+            .map(Field::Value)
+            .ok_or_else(|| ApiError::invalid_field(name, code, message)),
+    }
+}
+
+pub(super) fn string_field(body: &Map<String, Value>, name: &str) -> ApiResult<Field<String>> {
+    field(body, name, "BASE_TYPE_STRING", "Must be a string.", |v| {
+        v.as_str().map(str::to_owned)
+    })
+}
+
+pub(super) fn bool_field(body: &Map<String, Value>, name: &str) -> ApiResult<Field<bool>> {
+    field(
+        body,
+        name,
+        "BASE_TYPE_BOOLEAN",
+        "Must be either true or false.",
+        |v| v.as_bool(),
+    )
+}
+
+pub(super) fn int_field(body: &Map<String, Value>, name: &str) -> ApiResult<Field<i64>> {
+    field(body, name, "NUMBER_TYPE_COERCE", "Value is not int.", |v| {
+        v.as_i64()
+    })
+}
+
+/// A non-negative integer that fits `T` (bitrate, user limit, slowmode).
+pub(super) fn count_field<T: TryFrom<u64>>(
+    body: &Map<String, Value>,
+    name: &str,
+) -> ApiResult<Field<T>> {
+    field(body, name, "NUMBER_TYPE_COERCE", "Value is not int.", |v| {
+        v.as_u64().and_then(|n| T::try_from(n).ok())
+    })
+}
+
+pub(super) fn id_list_field(body: &Map<String, Value>, name: &str) -> ApiResult<Field<Vec<u64>>> {
+    field(
+        body,
+        name,
+        "NUMBER_TYPE_COERCE",
+        "Value is not snowflake.",
+        |v| v.as_array()?.iter().map(id_field).collect(),
+    )
+}
+
+pub(super) fn snowflake_field(body: &Map<String, Value>, name: &str) -> ApiResult<Field<u64>> {
+    field(
+        body,
+        name,
+        "NUMBER_TYPE_COERCE",
+        "Value is not snowflake.",
+        id_field,
+    )
+}
+
+/// Documented fields the simulator does not model. A value there is refused with 50035
+/// naming the field, never accepted and dropped: a client must not see a 200 for a change
+/// that did not happen. `null` (the documented "unset") is accepted.
+pub(super) fn refuse_unmodelled(body: &Map<String, Value>, fields: &[&str]) -> ApiResult<()> {
+    for f in fields {
+        if body.get(*f).is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::invalid_field(
+                f,
+                "SIMULATOR_UNSUPPORTED",
+                "coven sim does not model this field (docs/simulator.md, \"What it does not do\").",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Image data as Discord takes it (a `data:image/...;base64,` URI), kept as the hash
+/// Discord would return for it.
+pub(super) fn image_field(body: &Map<String, Value>, name: &str) -> ApiResult<Field<String>> {
+    field(body, name, "IMAGE_INVALID", "Invalid image data", |v| {
+        let uri = v.as_str()?;
+        let rest = uri.strip_prefix("data:image/")?;
+        let (kind, data) = rest.split_once(";base64,")?;
+        if !matches!(kind, "png" | "jpeg" | "jpg" | "gif" | "webp") || data.is_empty() {
+            return None;
+        }
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .ok()?;
+        use sha2::{Digest, Sha256};
+        let hash: String = Sha256::digest(&bytes)[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Some(if kind == "gif" {
+            format!("a_{hash}")
+        } else {
+            hash
+        })
+    })
 }

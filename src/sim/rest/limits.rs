@@ -1,7 +1,8 @@
 //! Rate limits and injected failures in front of every REST route: fixed windows per
-//! route bucket and major parameter, with the `X-RateLimit-*` headers Discord sends on
-//! every answer (twilight-http reads them only when `X-RateLimit-Scope` is present), 429s
-//! shaped as Discord's, and the failures `POST /_sim/rest/fail` queues.
+//! route bucket and major parameter, Discord's global limit per token, the
+//! `X-RateLimit-*` headers as the Rate Limits page documents them (the bucket headers on
+//! every answer, `X-RateLimit-Scope` and `X-RateLimit-Global` on 429s only), 429s shaped
+//! as Discord's for each scope, and the failures `POST /_sim/rest/fail` queues.
 //!
 //! Owns no routes and no guild state; must not look inside a request's body.
 
@@ -24,10 +25,12 @@ use crate::sim::ids::now_ms;
 pub struct Limits {
     limit: u32,
     window: Duration,
+    /// Requests per second per caller, across all routes (the global limit).
+    global: u32,
     buckets: HashMap<String, Window>,
+    globals: HashMap<String, Window>,
     faults: Vec<Fault>,
-    /// 429s served because a bucket ran out (not injected ones): a client that reads the
-    /// headers right never causes one.
+    /// 429s served because a bucket or the global limit ran out (not injected ones).
     pub rate_limited: u64,
     /// Requests that reached the REST API, by who made them.
     pub requests: Requests,
@@ -63,22 +66,32 @@ pub struct Fault {
     /// A Discord JSON error code to answer with (for example 50013).
     #[serde(default)]
     pub code: Option<u32>,
+    /// Shorthand for `"scope": "global"`.
     #[serde(default)]
     pub global: bool,
-    /// The `X-RateLimit-Scope` of an injected 429: `user` (the route's bucket, the
-    /// default), `global` (as `global: true`) or `shared` (a per-resource limit, which
-    /// Discord sends with `global: false`).
+    /// Which limit a 429 says was hit: `user` (the route's bucket, the default),
+    /// `global`, or `shared` (a resource's own limit, which spends nothing of the
+    /// caller's).
     #[serde(default)]
-    pub scope: Option<FaultScope>,
+    pub scope: Option<Scope>,
 }
 
-/// "Rate Limits": the scopes Discord names in `X-RateLimit-Scope`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum FaultScope {
+pub enum Scope {
     User,
     Global,
     Shared,
+}
+
+impl Scope {
+    fn as_str(self) -> &'static str {
+        match self {
+            Scope::User => "user",
+            Scope::Global => "global",
+            Scope::Shared => "shared",
+        }
+    }
 }
 
 fn one() -> u32 {
@@ -86,12 +99,11 @@ fn one() -> u32 {
 }
 
 impl Fault {
-    /// The scope this fault's 429 names; `None` when `global` and `scope` disagree.
-    pub fn scope(&self) -> Option<FaultScope> {
-        match (self.global, self.scope) {
-            (true, None | Some(FaultScope::Global)) => Some(FaultScope::Global),
-            (true, Some(_)) => None,
-            (false, scope) => Some(scope.unwrap_or(FaultScope::User)),
+    fn scope(&self) -> Scope {
+        match (self.scope, self.global) {
+            (Some(s), _) => s,
+            (None, true) => Scope::Global,
+            (None, false) => Scope::User,
         }
     }
 
@@ -127,11 +139,19 @@ impl Limits {
         Self {
             limit,
             window,
+            global: u32::MAX,
             buckets: HashMap::new(),
+            globals: HashMap::new(),
             faults: Vec::new(),
             rate_limited: 0,
             requests: Requests::default(),
         }
+    }
+
+    /// Discord's global limit: `per_second` requests by one caller, all routes together.
+    pub fn with_global(mut self, per_second: u32) -> Self {
+        self.global = per_second;
+        self
     }
 
     pub fn add_fault(&mut self, fault: Fault) {
@@ -155,6 +175,31 @@ impl Limits {
     fn check(&mut self, method: &Method, path: &str, caller: &str) -> Verdict {
         let (bucket, major) = bucket_of(method, path);
         let now = Instant::now();
+        // The global limit first: a request it refuses spends nothing of the route's.
+        let second = Duration::from_secs(1);
+        let g = self.globals.entry(caller.to_owned()).or_insert(Window {
+            started: now,
+            used: 0,
+        });
+        if now.duration_since(g.started) >= second {
+            *g = Window {
+                started: now,
+                used: 0,
+            };
+        }
+        if g.used >= self.global {
+            self.rate_limited += 1;
+            let wait = second.saturating_sub(now.duration_since(g.started));
+            return Verdict {
+                headers: Vec::new(),
+                rejection: Some(too_many(&[], wait.as_secs_f64(), Scope::Global)),
+            };
+        }
+        g.used += 1;
+        if self.globals.len() > 10_000 {
+            self.globals
+                .retain(|_, w| now.duration_since(w.started) < second);
+        }
         let w = self
             .buckets
             .entry(format!("{bucket}:{major}:{caller}"))
@@ -176,8 +221,8 @@ impl Limits {
             w.used += 1;
         }
         let remaining = self.limit - w.used.min(self.limit);
-        let headers = limit_headers(&bucket, self.limit, remaining, reset_after, "user");
-        let rejection = limited.then(|| too_many(&headers, reset_after.as_secs_f64(), false));
+        let headers = limit_headers(&bucket, self.limit, remaining, reset_after);
+        let rejection = limited.then(|| too_many(&headers, reset_after.as_secs_f64(), Scope::User));
         Verdict { headers, rejection }
     }
 }
@@ -213,12 +258,16 @@ fn bucket_of(method: &Method, path: &str) -> (String, String) {
     (hash, major)
 }
 
+/// The bucket headers Discord puts on "most API requests" (Rate Limits, "Header
+/// Format"); `X-RateLimit-Scope` is not among them: it is "returned only on HTTP 429
+/// responses" (`too_many` adds it). twilight-http 0.18 reads the bucket headers only
+/// beside a scope (response/future.rs, `parse_ratelimit_headers`), so against Discord it
+/// learns a bucket from its first 429 and waits that out.
 fn limit_headers(
     bucket: &str,
     limit: u32,
     remaining: u32,
     reset_after: Duration,
-    scope: &str,
 ) -> Vec<(&'static str, String)> {
     let reset_at = now_ms() as f64 / 1000.0 + reset_after.as_secs_f64();
     vec![
@@ -230,13 +279,21 @@ fn limit_headers(
             "x-ratelimit-reset-after",
             format!("{:.3}", reset_after.as_secs_f64()),
         ),
-        ("x-ratelimit-scope", scope.to_owned()),
     ]
 }
 
-fn too_many(headers: &[(&'static str, String)], retry_after: f64, global: bool) -> Response {
+/// A 429 as the Rate Limits page shows one for each scope: the bucket headers beside a
+/// user or shared limit (none with a global one), `Retry-After`, `X-RateLimit-Scope`,
+/// and `X-RateLimit-Global: true` only for the global limit.
+fn too_many(headers: &[(&'static str, String)], retry_after: f64, scope: Scope) -> Response {
+    let global = scope == Scope::Global;
+    let message = if scope == Scope::Shared {
+        "The resource is being rate limited."
+    } else {
+        "You are being rate limited."
+    };
     let body = json!({
-        "message": "You are being rate limited.",
+        "message": message,
         "retry_after": (retry_after * 1000.0).round() / 1000.0,
         "global": global,
         "code": 0,
@@ -251,6 +308,10 @@ fn too_many(headers: &[(&'static str, String)], retry_after: f64, global: bool) 
     if let Ok(v) = HeaderValue::from_str(&(retry_after.ceil() as u64).max(1).to_string()) {
         h.insert(header::RETRY_AFTER, v);
     }
+    h.insert(
+        "x-ratelimit-scope",
+        HeaderValue::from_static(scope.as_str()),
+    );
     if global {
         h.insert("x-ratelimit-global", HeaderValue::from_static("true"));
     }
@@ -262,14 +323,16 @@ fn fault_response(fault: &Fault, method: &Method, path: &str) -> Response {
     let (bucket, _) = bucket_of(method, path);
     if status == StatusCode::TOO_MANY_REQUESTS {
         let retry = fault.retry_after.unwrap_or(1.0).max(0.0);
-        let scope = fault.scope().unwrap_or(FaultScope::User);
-        let name = match scope {
-            FaultScope::User => "user",
-            FaultScope::Global => "global",
-            FaultScope::Shared => "shared",
+        let reset = Duration::from_secs_f64(retry);
+        let scope = fault.scope();
+        let headers = match scope {
+            Scope::Global => Vec::new(),
+            // A shared limit is the resource's, not the caller's: their bucket is not
+            // spent (the documented example says `X-RateLimit-Remaining: 9` of 10).
+            Scope::Shared => limit_headers(&bucket, 10, 9, reset),
+            Scope::User => limit_headers(&bucket, 1, 0, reset),
         };
-        let headers = limit_headers(&bucket, 1, 0, Duration::from_secs_f64(retry), name);
-        return too_many(&headers, retry, scope == FaultScope::Global);
+        return too_many(&headers, retry, scope);
     }
     let error = match fault.code {
         Some(code) => {
@@ -441,6 +504,54 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         assert!(
             l.check(&m, "/api/v10/channels/1", "bot")
+                .rejection
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn the_global_limit_counts_every_route_and_spends_no_bucket() {
+        let mut l = Limits::new(100, Duration::from_secs(60)).with_global(3);
+        let m = Method::GET;
+        for c in 1..=3 {
+            let v = l.check(&m, &format!("/api/v10/channels/{c}"), "bot");
+            assert!(v.rejection.is_none());
+            assert!(v.headers.iter().all(|(h, _)| *h != "x-ratelimit-scope"));
+        }
+        let refused = l
+            .check(&m, "/api/v10/channels/4", "bot")
+            .rejection
+            .expect("the fourth request in a second is over the global limit");
+        let h = refused.headers();
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(h["x-ratelimit-global"], "true");
+        assert_eq!(h["x-ratelimit-scope"], "global");
+        assert!(h.contains_key(header::RETRY_AFTER));
+        assert!(
+            !h.contains_key("x-ratelimit-bucket"),
+            "no bucket with a global 429"
+        );
+        // Another token has its own global window.
+        assert!(
+            l.check(&m, "/api/v10/channels/4", "user:a")
+                .rejection
+                .is_none()
+        );
+        // The refused request spent nothing of channel 4's bucket.
+        let mut l = Limits::new(1, Duration::from_secs(60)).with_global(1);
+        assert!(
+            l.check(&m, "/api/v10/channels/9", "bot")
+                .rejection
+                .is_none()
+        );
+        assert!(
+            l.check(&m, "/api/v10/channels/8", "bot")
+                .rejection
+                .is_some()
+        );
+        std::thread::sleep(Duration::from_millis(1_050));
+        assert!(
+            l.check(&m, "/api/v10/channels/8", "bot")
                 .rejection
                 .is_none()
         );

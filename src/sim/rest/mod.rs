@@ -7,6 +7,7 @@
 mod channels;
 mod error;
 mod extract;
+mod guilds;
 mod limits;
 mod members;
 mod roles;
@@ -17,10 +18,11 @@ use std::sync::Arc;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::middleware;
-use axum::routing::{get, post, put};
+use axum::routing::{get, put};
 
 use super::Shared;
 use channels::*;
+use guilds::*;
 use members::*;
 use roles::*;
 use users::*;
@@ -35,6 +37,8 @@ pub fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
         .route("/oauth2/applications/@me", get(current_application))
         .route("/applications/@me", get(current_application))
         .route("/users/@me", get(current_user))
+        .route("/users/{user}", get(get_user))
+        .route("/guilds/{guild}", get(get_guild))
         .route("/users/@me/guilds", get(current_user_guilds))
         .route(
             "/users/@me/guilds/{guild}/member",
@@ -42,7 +46,7 @@ pub fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
         )
         .route(
             "/guilds/{guild}/channels",
-            get(list_channels).post(create_channel),
+            get(list_channels).post(create_channel).patch(move_channels),
         )
         .route(
             "/channels/{channel}",
@@ -54,11 +58,15 @@ pub fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
             "/channels/{channel}/permissions/{overwrite}",
             put(set_overwrite).delete(delete_overwrite),
         )
-        .route("/guilds/{guild}/roles", post(create_role))
+        .route(
+            "/guilds/{guild}/roles",
+            get(get_roles).post(create_role).patch(move_roles),
+        )
         .route(
             "/guilds/{guild}/roles/{role}",
-            axum::routing::delete(delete_role).patch(update_role),
+            get(get_role).delete(delete_role).patch(update_role),
         )
+        .route("/guilds/{guild}/members", get(list_members))
         .route(
             "/guilds/{guild}/members/{user}",
             get(get_member)

@@ -8,28 +8,16 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use twilight_model::guild::Permissions;
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{Bot, DiscordJson, bot_guild, permissions_field, snowflake};
+use super::extract::{Bot, DiscordJson, bot_guild, id_field, snowflake};
 use crate::sim::Shared;
 use crate::sim::world;
 
-#[derive(Deserialize)]
-struct CreateRole {
-    name: Option<String>,
-    #[serde(default)]
-    permissions: Option<Value>,
-    #[serde(default)]
-    color: Option<u32>,
-    #[serde(default)]
-    hoist: Option<bool>,
-    #[serde(default)]
-    mentionable: Option<bool>,
-}
-
+/// Create Guild Role: the same fields as Modify Guild Role, with Discord's defaults
+/// ("new role", @everyone's permissions, no colour).
 pub(super) async fn create_role(
     State(shared): State<Arc<Shared>>,
     _: Bot,
@@ -37,22 +25,93 @@ pub(super) async fn create_role(
     body: Bytes,
 ) -> ApiResult {
     bot_guild(&mut shared.lock(), &g)?;
-    let DiscordJson(req) = DiscordJson::<CreateRole>::parse(&body)?;
-    let permissions =
-        permissions_field(req.permissions.as_ref())?.unwrap_or(Permissions::VIEW_CHANNEL);
+    let req = DiscordJson::object(&body)?;
+    let edit = world::role_edit_from_json(&req)?;
     let mut state = shared.lock();
     let (g, w) = bot_guild(&mut state, &g)?;
     let bot = w.bot_id;
+    let everyone = w
+        .roles
+        .get(&w.guild_id)
+        .map_or(Permissions::VIEW_CHANNEL, |r| r.permissions);
     let (role, events) = w.create_role(
         Some(bot),
-        req.name,
-        permissions,
-        req.color.unwrap_or(0),
-        req.hoist.unwrap_or(false),
-        req.mentionable.unwrap_or(false),
+        edit.name,
+        edit.permissions.unwrap_or(everyone),
+        edit.color.unwrap_or(0),
+        edit.hoist.unwrap_or(false),
+        edit.mentionable.unwrap_or(false),
     )?;
     state.emit_in(g, &events);
     Ok(axum::Json(role).into_response())
+}
+
+/// Get Guild Roles.
+pub(super) async fn get_roles(
+    State(shared): State<Arc<Shared>>,
+    _: Bot,
+    Path(g): Path<String>,
+) -> ApiResult {
+    let mut state = shared.lock();
+    let (_, w) = bot_guild(&mut state, &g)?;
+    let roles: Vec<Value> = w.roles.values().map(world::role_json).collect();
+    Ok(axum::Json(roles).into_response())
+}
+
+/// Get Guild Role.
+pub(super) async fn get_role(
+    State(shared): State<Arc<Shared>>,
+    _: Bot,
+    Path((g, r)): Path<(String, String)>,
+) -> ApiResult {
+    let mut state = shared.lock();
+    let (_, w) = bot_guild(&mut state, &g)?;
+    let role = snowflake("role_id", &r)?;
+    let role = w.roles.get(&role).ok_or_else(|| ApiError::code(10011))?;
+    Ok(axum::Json(world::role_json(role)).into_response())
+}
+
+/// Modify Guild Role Positions: a JSON array of `{id, position?}`; answers every role.
+pub(super) async fn move_roles(
+    State(shared): State<Arc<Shared>>,
+    _: Bot,
+    Path(g): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let list = DiscordJson::list(&body)?;
+    let mut moves = Vec::with_capacity(list.len());
+    for (i, entry) in list.iter().enumerate() {
+        let id = entry.get("id").and_then(id_field).ok_or_else(|| {
+            ApiError::invalid_field(
+                &format!("{i}.id"),
+                "NUMBER_TYPE_COERCE",
+                "Value is not snowflake.",
+            )
+        })?;
+        match entry.get("position") {
+            // "position?: ?integer": an entry without one moves nothing.
+            None | Some(Value::Null) => {}
+            Some(p) => moves.push((
+                id,
+                p.as_i64().ok_or_else(|| {
+                    ApiError::invalid_field(
+                        &format!("{i}.position"),
+                        "NUMBER_TYPE_COERCE",
+                        "Value is not int.",
+                    )
+                })?,
+            )),
+        }
+    }
+    let mut state = shared.lock();
+    let (g, w) = bot_guild(&mut state, &g)?;
+    let bot = w.bot_id;
+    let events = w.move_roles(Some(bot), &moves)?;
+    let mut roles: Vec<&world::Role> = w.roles.values().collect();
+    roles.sort_by_key(|r| (r.position, r.id));
+    let roles: Vec<Value> = roles.into_iter().map(world::role_json).collect();
+    state.emit_in(g, &events);
+    Ok(axum::Json(roles).into_response())
 }
 
 pub(super) async fn delete_role(
@@ -78,10 +137,8 @@ pub(super) async fn update_role(
 ) -> ApiResult {
     bot_guild(&mut shared.lock(), &g)?;
     let role = snowflake("role_id", &r)?;
-    let DiscordJson(req) = DiscordJson::<Map<String, Value>>::parse(&body)?;
-    let edit = world::role_edit_from_json(&req).map_err(|field| {
-        ApiError::invalid_field(field, "BASE_TYPE_INVALID", "Value is of the wrong type.")
-    })?;
+    let req = DiscordJson::object(&body)?;
+    let edit = world::role_edit_from_json(&req)?;
     let mut state = shared.lock();
     let (g, w) = bot_guild(&mut state, &g)?;
     let bot = w.bot_id;

@@ -97,13 +97,29 @@ pub(super) async fn current_user(State(shared): State<Arc<Shared>>, caller: Call
     Ok(axum::Json(user).into_response())
 }
 
-/// Get Current User Guilds' query (user resource): `before`/`after` a guild id and
-/// `limit` (1–200, default 200); `with_counts` is accepted and ignored.
+/// Get User: any user the simulator knows, as the bot sees them.
+pub(super) async fn get_user(
+    State(shared): State<Arc<Shared>>,
+    _: Bot,
+    Path(u): Path<String>,
+) -> ApiResult {
+    let id = snowflake("user_id", &u)?;
+    let state = shared.lock();
+    let user = state
+        .user(id)
+        .map(crate::sim::world::user_json)
+        .ok_or_else(|| ApiError::code(10013))?;
+    Ok(axum::Json(user).into_response())
+}
+
+/// Get Current User Guilds' query (user resource): `before`/`after` a guild id,
+/// `limit` (1–200, default 200) and `with_counts`.
 #[derive(Deserialize)]
 pub(super) struct GuildsQuery {
     before: Option<String>,
     after: Option<String>,
     limit: Option<String>,
+    with_counts: Option<String>,
 }
 
 /// The user a bearer token names, if it carries `scope`. A token without the scope gets
@@ -143,6 +159,7 @@ pub(super) async fn current_user_guilds(
                 )
             })?,
     };
+    let with_counts = super::guilds::boolean_query("with_counts", q.with_counts.as_deref())?;
     let state = shared.lock();
     let mut mine: Vec<&World> = state
         .guilds()
@@ -165,7 +182,7 @@ pub(super) async fn current_user_guilds(
         .take(limit)
         .map(|w| {
             let user = id.unwrap_or(w.bot_id);
-            json!({
+            let mut guild = json!({
                 "id": w.guild_id.to_string(),
                 "name": w.guild_name,
                 "icon": null,
@@ -173,7 +190,12 @@ pub(super) async fn current_user_guilds(
                 "owner": user == w.owner_id,
                 "permissions": w.guild_permissions(user),
                 "features": [],
-            })
+            });
+            if with_counts {
+                guild["approximate_member_count"] = json!(w.members.len());
+                guild["approximate_presence_count"] = json!(w.voice.len());
+            }
+            guild
         })
         .collect();
     Ok(axum::Json(guilds).into_response())

@@ -18,6 +18,9 @@ mod seed;
 mod testing;
 mod wire;
 
+pub use channels::ChannelMove;
+pub use members::Joining;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
@@ -65,6 +68,15 @@ pub struct Member {
     pub nick: Option<String>,
     pub mute: bool,
     pub deaf: bool,
+    /// Guild avatar and banner hashes (Modify Current Member sets them).
+    pub avatar: Option<String>,
+    pub banner: Option<String>,
+    /// Guild member bio (Modify Current Member); not part of the member object.
+    pub bio: Option<String>,
+    /// A timeout's end, as the ISO 8601 timestamp it was set with.
+    pub communication_disabled_until: Option<String>,
+    /// Guild member flags (only BYPASSES_VERIFICATION is editable).
+    pub flags: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +113,19 @@ pub struct Channel {
     pub user_limit: u32,
     pub bitrate: u32,
     pub overwrites: Vec<Overwrite>,
+    pub settings: ChannelSettings,
+}
+
+/// A channel's documented settings that change nothing else the simulator models: kept
+/// and echoed as Discord does, so a client's edit lands and shows in the dispatch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChannelSettings {
+    pub topic: Option<String>,
+    pub nsfw: bool,
+    pub rate_limit_per_user: u32,
+    pub rtc_region: Option<String>,
+    /// 1 = auto, 2 = full (voice channels); Discord omits it until set.
+    pub video_quality_mode: Option<u8>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -144,6 +169,8 @@ pub enum Refusal {
     NotInVoice,
     /// A voice channel at its user limit.
     ChannelFull,
+    /// Discord's 40009: Modify Guild Channel Positions changing more than one parent.
+    OneParentAtATime,
     /// Form validation: field name and Discord's error code and message.
     Invalid(&'static str, &'static str, String),
 }
@@ -178,17 +205,54 @@ impl Member {
             nick: None,
             mute: false,
             deaf: false,
+            avatar: None,
+            banner: None,
+            bio: None,
+            communication_disabled_until: None,
+            flags: 0,
         }
     }
 }
 
-/// Modify Channel's fields the simulator supports (absent = unchanged).
+/// Modify Channel's fields (absent = unchanged).
 #[derive(Debug, Clone, Default)]
 pub struct ChannelEdit {
     pub name: Option<String>,
     pub user_limit: Option<u32>,
     /// The whole new list of overwrites.
     pub overwrites: Option<Vec<Overwrite>>,
+    pub position: Option<i64>,
+    /// `Some(None)` moves the channel out of its category.
+    pub parent_id: Option<Option<u64>>,
+    pub bitrate: Option<u32>,
+    pub topic: Option<Option<String>>,
+    pub nsfw: Option<bool>,
+    pub rate_limit_per_user: Option<u32>,
+    pub rtc_region: Option<Option<String>>,
+    pub video_quality_mode: Option<u8>,
+}
+
+/// Modify Guild Member's fields (absent = unchanged; `Some(None)` clears).
+#[derive(Debug, Clone, Default)]
+pub struct MemberEdit {
+    pub nick: Option<Option<String>>,
+    pub roles: Option<Vec<u64>>,
+    pub mute: Option<bool>,
+    pub deaf: Option<bool>,
+    /// `Some(None)` disconnects from voice.
+    pub channel_id: Option<Option<u64>>,
+    /// The timestamp as given and when it falls, in ms since the epoch.
+    pub communication_disabled_until: Option<Option<(String, i64)>>,
+    pub flags: Option<u64>,
+}
+
+/// Modify Current Member's fields (absent = unchanged; `Some(None)` clears).
+#[derive(Debug, Clone, Default)]
+pub struct SelfEdit {
+    pub nick: Option<Option<String>>,
+    pub avatar: Option<Option<String>>,
+    pub banner: Option<Option<String>>,
+    pub bio: Option<Option<String>>,
 }
 
 /// Modify Guild Role's fields (absent = unchanged).
@@ -199,6 +263,15 @@ pub struct RoleEdit {
     pub color: Option<u32>,
     pub hoist: Option<bool>,
     pub mentionable: Option<bool>,
+}
+
+/// Create Channel's settings beyond the model's core (`ChannelSettings`), and its
+/// bitrate and position.
+#[derive(Debug, Clone, Default)]
+pub struct NewChannelExtras {
+    pub bitrate: Option<u32>,
+    pub position: Option<i64>,
+    pub settings: ChannelSettings,
 }
 
 fn check_name(name: &str) -> Result<(), Refusal> {
@@ -233,6 +306,7 @@ pub struct NewChannel {
     pub parent_id: Option<u64>,
     pub user_limit: u32,
     pub overwrites: Vec<Overwrite>,
+    pub extras: NewChannelExtras,
 }
 
 impl World {

@@ -146,6 +146,61 @@ impl World {
         Ok(out)
     }
 
+    /// Modify Guild Role Positions: `(role, position)` pairs. MANAGE_ROLES, and the
+    /// Permission Hierarchy: only roles below the bot's highest, and only to places below
+    /// it. @everyone stays at 0. Positions are then renumbered 1.. in order ("roles with
+    /// the same position are sorted by id"); a GUILD_ROLE_UPDATE for each role that moved.
+    pub fn move_roles(
+        &mut self,
+        actor: Option<u64>,
+        moves: &[(u64, i64)],
+    ) -> Result<Vec<Dispatch>, Refusal> {
+        let top = actor.map(|a| self.top_position(a));
+        if let Some(actor) = actor {
+            self.require(self.guild_permissions(actor), Permissions::MANAGE_ROLES)?;
+        }
+        for (id, position) in moves {
+            let role = self.roles.get(id).ok_or(Refusal::UnknownRole)?;
+            if *id == self.guild_id {
+                return Err(Refusal::Invalid(
+                    "id",
+                    "ROLE_POSITION_INVALID",
+                    "The @everyone role cannot be moved.".to_owned(),
+                ));
+            }
+            if top.is_some_and(|top| role.position >= top || *position >= top) {
+                return Err(Refusal::MissingPermission(Permissions::MANAGE_ROLES));
+            }
+        }
+        let before: Vec<(u64, i64)> = self.roles.values().map(|r| (r.id, r.position)).collect();
+        for (id, position) in moves {
+            if let Some(r) = self.roles.get_mut(id) {
+                r.position = (*position).max(1);
+            }
+        }
+        let mut order: Vec<(i64, u64)> = self
+            .roles
+            .values()
+            .filter(|r| r.id != self.guild_id)
+            .map(|r| (r.position, r.id))
+            .collect();
+        order.sort_unstable();
+        for (i, (_, id)) in order.iter().enumerate() {
+            if let Some(r) = self.roles.get_mut(id) {
+                r.position = i as i64 + 1;
+            }
+        }
+        let guild_id = self.guild_id.to_string();
+        Ok(before
+            .into_iter()
+            .filter_map(|(id, was)| self.roles.get(&id).filter(|r| r.position != was))
+            .map(|r| Dispatch {
+                name: "GUILD_ROLE_UPDATE",
+                data: json!({"guild_id": guild_id, "role": role_json(r)}),
+            })
+            .collect())
+    }
+
     /// Adds (`grant`) or removes a role from a member. Managed roles and @everyone are
     /// not assignable, even by an admin.
     pub fn set_member_role(
@@ -219,6 +274,7 @@ mod tests {
             .unwrap();
         let role: u64 = role["id"].as_str().unwrap().parse().unwrap();
         let new = NewChannel {
+            extras: Default::default(),
             name: "vault".into(),
             kind: kind::VOICE,
             parent_id: None,

@@ -151,6 +151,7 @@ impl World {
                     user_limit: 0,
                     bitrate: if kind::is_voice(kind) { 64_000 } else { 0 },
                     overwrites: Vec::new(),
+                    settings: Default::default(),
                 },
             );
             id
@@ -261,6 +262,7 @@ impl Builder<'_> {
                 user_limit: 0,
                 bitrate: if kind::is_voice(kind) { 64_000 } else { 0 },
                 overwrites: Vec::new(),
+                settings: Default::default(),
             },
         );
         id

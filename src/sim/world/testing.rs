@@ -40,6 +40,7 @@ pub fn private_room(w: &mut World, role: Option<u64>) -> u64 {
         });
     }
     let new = NewChannel {
+        extras: Default::default(),
         name: "table".into(),
         kind: kind::VOICE,
         parent_id: Some(w.room_category_id),

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
 
-use super::{Channel, Dispatch, Overwrite, Role, RoleEdit, User, Voice, World, kind};
+use super::{Channel, Dispatch, Overwrite, Refusal, Role, RoleEdit, User, Voice, World, kind};
 use twilight_model::guild::Permissions;
 
 /// Channel flags (Discord's numbering).
@@ -41,15 +41,18 @@ impl World {
         Some(json!({
             "user": self.user_json(user_id)?,
             "nick": m.nick,
-            "avatar": null,
+            "avatar": m.avatar,
+            "banner": m.banner,
             "roles": m.roles.iter().map(u64::to_string).collect::<Vec<_>>(),
             "joined_at": m.joined_at,
             "premium_since": null,
             "deaf": m.deaf,
             "mute": m.mute,
-            "flags": 0,
+            "flags": m.flags,
             "pending": false,
-            "communication_disabled_until": null,
+            "communication_disabled_until": m.communication_disabled_until,
+            "avatar_decoration_data": null,
+            "collectibles": null,
         }))
     }
 
@@ -113,14 +116,20 @@ impl World {
                 "deny": o.deny,
             })).collect::<Vec<_>>(),
         });
+        let s = &c.settings;
+        v["nsfw"] = json!(s.nsfw);
         if kind::is_voice(c.kind) {
             v["user_limit"] = json!(c.user_limit);
             v["bitrate"] = json!(c.bitrate);
-            v["rtc_region"] = Value::Null;
-            v["rate_limit_per_user"] = json!(0);
+            v["rtc_region"] = json!(s.rtc_region);
+            v["rate_limit_per_user"] = json!(s.rate_limit_per_user);
+            // "video_quality_mode?": absent until set, as Discord sends it.
+            if let Some(q) = s.video_quality_mode {
+                v["video_quality_mode"] = json!(q);
+            }
         } else if c.kind == kind::TEXT {
-            v["topic"] = Value::Null;
-            v["rate_limit_per_user"] = json!(0);
+            v["topic"] = json!(s.topic);
+            v["rate_limit_per_user"] = json!(s.rate_limit_per_user);
             v["last_message_id"] = Value::Null;
         }
         if with_guild {
@@ -282,34 +291,76 @@ pub fn overwrite_from_json(
     })
 }
 
-/// Modify Guild Role's JSON body; every field is optional and nullable (a null name or
-/// permissions reads as "unchanged", a null color as no colour). On error, names the bad
-/// field.
-pub fn role_edit_from_json(req: &serde_json::Map<String, Value>) -> Result<RoleEdit, &'static str> {
+/// Create and Modify Guild Role's JSON body; every field is optional and nullable (a
+/// null name or permissions reads as "unchanged", a null color as no colour). `colors`
+/// (the "Role Colors Object") sets the colour through `primary_color`; its other two
+/// "can only be set to a non-null value if the guild has the ENHANCED_ROLE_COLORS guild
+/// feature", and `icon`/`unicode_emoji` need ROLE_ICONS: the simulated guilds have
+/// neither feature, so a value there is refused, never dropped.
+pub fn role_edit_from_json(req: &serde_json::Map<String, Value>) -> Result<RoleEdit, Refusal> {
+    let wrong = |field: &'static str| {
+        Refusal::Invalid(
+            field,
+            "BASE_TYPE_INVALID",
+            "Value is of the wrong type.".to_owned(),
+        )
+    };
     let flag = |field: &'static str| match req.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(field),
+        Some(_) => Err(wrong(field)),
     };
+    let rgb = |field: &'static str, v: &Value| {
+        v.as_u64()
+            .and_then(|c| u32::try_from(c).ok())
+            .filter(|c| *c <= 0xFF_FFFF)
+            .ok_or_else(|| wrong(field))
+    };
+    let mut color = match req.get("color") {
+        None => None,
+        Some(Value::Null) => Some(0),
+        Some(v) => Some(rgb("color", v)?),
+    };
+    match req.get("colors") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(colors)) => {
+            for extra in ["secondary_color", "tertiary_color"] {
+                if colors.get(extra).is_some_and(|v| !v.is_null()) {
+                    return Err(Refusal::Invalid(
+                        "colors",
+                        "GUILD_FEATURE_REQUIRED",
+                        "This guild lacks the ENHANCED_ROLE_COLORS feature.".to_owned(),
+                    ));
+                }
+            }
+            match colors.get("primary_color") {
+                None => {}
+                Some(Value::Null) => color = Some(0),
+                Some(v) => color = Some(rgb("colors", v)?),
+            }
+        }
+        Some(_) => return Err(wrong("colors")),
+    }
+    for (field, what) in [("icon", "icon"), ("unicode_emoji", "unicode emoji")] {
+        if req.get(field).is_some_and(|v| !v.is_null()) {
+            return Err(Refusal::Invalid(
+                field,
+                "GUILD_FEATURE_REQUIRED",
+                format!("A role {what} needs the ROLE_ICONS feature, which this guild lacks."),
+            ));
+        }
+    }
     Ok(RoleEdit {
         name: match req.get("name") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),
-            Some(_) => return Err("name"),
+            Some(_) => return Err(wrong("name")),
         },
         permissions: match req.get("permissions") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(bits_from_json(v).ok_or("permissions")?),
+            Some(v) => Some(bits_from_json(v).ok_or_else(|| wrong("permissions"))?),
         },
-        color: match req.get("color") {
-            None => None,
-            Some(Value::Null) => Some(0),
-            Some(v) => Some(
-                v.as_u64()
-                    .and_then(|c| u32::try_from(c).ok())
-                    .ok_or("color")?,
-            ),
-        },
+        color,
         hoist: flag("hoist")?,
         mentionable: flag("mentionable")?,
     })
@@ -326,6 +377,9 @@ pub fn user_json(u: &User) -> Value {
         "flags": 0,
         "banner": null,
         "accent_color": null,
+        "avatar_decoration_data": null,
+        "collectibles": null,
+        "primary_guild": null,
     });
     if u.bot {
         v["bot"] = json!(true);
