@@ -731,6 +731,12 @@ async fn fail(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
             "status must be 400-599, count at least 1, path absolute",
         ));
     }
+    if fault.global && fault.scope.is_some_and(|s| s != super::rest::Scope::Global) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "global: true goes with scope global or none",
+        ));
+    }
     shared.lock().limits.add_fault(fault);
     Ok(StatusCode::NO_CONTENT.into_response())
 }

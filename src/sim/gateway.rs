@@ -420,14 +420,21 @@ impl Hub {
         }
         self.counters.last_sequence = s.seq;
         self.shards.entry(s.shard).or_default().last_sequence = s.seq;
-        if let Some(conn) = s.conn.and_then(|c| self.conns.get(&c)) {
+        // A zombied connection delivers nothing: the dispatch waits in the session's log
+        // for the RESUME that follows, as what Discord sent into a dead connection is
+        // replayed from the client's last sequence ("Resuming").
+        if let Some(conn) = s
+            .conn
+            .and_then(|c| self.conns.get(&c))
+            .filter(|c| !c.zombie)
+        {
             let _ = conn.tx.send(Out::Dispatch(frame));
         }
     }
 
     /// Sends a frame that is not a dispatch ([`op_frame`]).
     fn send_op(&self, conn_id: u64, op: u8, d: Value) {
-        if let Some(c) = self.conns.get(&conn_id) {
+        if let Some(c) = self.conns.get(&conn_id).filter(|c| !c.zombie) {
             let _ = c.tx.send(Out::Frame(op_frame(op, d).into()));
         }
     }

@@ -166,6 +166,18 @@ async fn a_zombied_connection_is_detected_and_resumed() {
     let mut shard = shard(&sim);
     next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
     sim.control("/gateway/zombie", json!({})).await;
+    // A half-open connection delivers nothing: a change made now reaches the client only
+    // after it has noticed, reconnected and resumed, through the replay.
+    let (lobby, ash) = (sim.id_of("lobby_id").await, sim.user("ash").await);
+    sim.join(ash, lobby).await;
+    next_event(
+        &mut shard,
+        |e| matches!(e, Event::VoiceStateUpdate(v) if v.0.user_id.get() == ash),
+    )
+    .await;
+    // Replayed missed events come before RESUMED ("Resuming"): the join arrived only
+    // once the shard had resumed on a new connection.
+    assert_eq!(sim.gateway_counter("resumes").await, 1);
     next_event(&mut shard, |e| matches!(e, Event::Resumed)).await;
     assert_eq!(sim.gateway_counter("identifies").await, 1);
     assert!(sim.gateway_counter("connections").await >= 2);

@@ -29,6 +29,9 @@ pub struct Limits {
     global: u32,
     buckets: HashMap<String, Window>,
     globals: HashMap<String, Window>,
+    /// Limits an injected 429 announced, held until its `retry_after` has passed: a
+    /// client asking again sooner is refused again, as Discord refuses it.
+    holds: HashMap<String, Instant>,
     faults: Vec<Fault>,
     /// 429s served because a bucket or the global limit ran out (not injected ones).
     pub rate_limited: u64,
@@ -142,6 +145,7 @@ impl Limits {
             global: u32::MAX,
             buckets: HashMap::new(),
             globals: HashMap::new(),
+            holds: HashMap::new(),
             faults: Vec::new(),
             rate_limited: 0,
             requests: Requests::default(),
@@ -172,9 +176,58 @@ impl Limits {
     /// (`X-RateLimit-Scope: user`: "per bot or user limit"), so `caller` (the request's
     /// credentials) is part of the key: one person's page views never use up another's,
     /// nor the bot's.
+    /// What an injected 429 of `scope` holds: the caller's route bucket, every route of
+    /// the caller (global), or the resource for everyone (shared).
+    fn hold_key(scope: Scope, bucket: &str, major: &str, caller: &str) -> String {
+        match scope {
+            Scope::User => format!("user:{bucket}:{major}:{caller}"),
+            Scope::Global => format!("global:{caller}"),
+            Scope::Shared => format!("shared:{bucket}:{major}"),
+        }
+    }
+
+    fn hold(&mut self, scope: Scope, method: &Method, path: &str, caller: &str, for_: Duration) {
+        let (bucket, major) = bucket_of(method, path);
+        let now = Instant::now();
+        self.holds.retain(|_, until| *until > now);
+        self.holds
+            .insert(Self::hold_key(scope, &bucket, &major, caller), now + for_);
+    }
+
+    /// The 429 a held limit still answers, if one holds this request.
+    fn held(&mut self, bucket: &str, major: &str, caller: &str, now: Instant) -> Option<Response> {
+        for scope in [Scope::Global, Scope::Shared, Scope::User] {
+            let key = Self::hold_key(scope, bucket, major, caller);
+            let Some(until) = self.holds.get(&key).copied() else {
+                continue;
+            };
+            if until <= now {
+                self.holds.remove(&key);
+                continue;
+            }
+            self.rate_limited += 1;
+            let wait = until - now;
+            let headers = match scope {
+                Scope::Global => Vec::new(),
+                Scope::Shared => limit_headers(bucket, 10, 9, wait),
+                Scope::User => limit_headers(bucket, 1, 0, wait),
+            };
+            return Some(too_many(&headers, wait.as_secs_f64(), scope));
+        }
+        None
+    }
+
     fn check(&mut self, method: &Method, path: &str, caller: &str) -> Verdict {
         let (bucket, major) = bucket_of(method, path);
         let now = Instant::now();
+        if !self.holds.is_empty()
+            && let Some(rejection) = self.held(&bucket, &major, caller, now)
+        {
+            return Verdict {
+                headers: Vec::new(),
+                rejection: Some(rejection),
+            };
+        }
         // The global limit first: a request it refuses spends nothing of the route's.
         let second = Duration::from_secs(1);
         let g = self.globals.entry(caller.to_owned()).or_insert(Window {
@@ -378,7 +431,16 @@ async fn limited(shared: Arc<Shared>, req: Request, next: Next) -> Response {
             _ => counted.other += 1,
         }
         match state.limits.take_fault(&method, &path) {
-            Some(fault) => (Some(fault), None),
+            Some(fault) => {
+                if fault.status == 429 {
+                    let retry = fault.retry_after.unwrap_or(1.0).max(0.0);
+                    let hold = Duration::try_from_secs_f64(retry).unwrap_or(Duration::ZERO);
+                    state
+                        .limits
+                        .hold(fault.scope(), &method, &path, &caller, hold);
+                }
+                (Some(fault), None)
+            }
             None => (None, Some(state.limits.check(&method, &path, &caller))),
         }
     };
@@ -554,6 +616,60 @@ mod tests {
             l.check(&m, "/api/v10/channels/8", "bot")
                 .rejection
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn an_injected_429_holds_its_scope_until_retry_after() {
+        let m = Method::POST;
+        let roles = "/api/v10/guilds/1/roles";
+        let other = "/api/v10/channels/7";
+        let wait = Duration::from_millis(80);
+        let scope_of = |v: &Verdict| {
+            v.rejection.as_ref().map(|r| {
+                r.headers()["x-ratelimit-scope"]
+                    .to_str()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+        };
+
+        let mut l = Limits::new(100, Duration::from_secs(60));
+        l.hold(Scope::User, &m, roles, "bot", wait);
+        assert_eq!(
+            scope_of(&l.check(&m, roles, "bot")).as_deref(),
+            Some("user")
+        );
+        assert!(
+            l.check(&m, other, "bot").rejection.is_none(),
+            "other routes go on"
+        );
+        assert!(
+            l.check(&m, roles, "user:a").rejection.is_none(),
+            "other tokens go on"
+        );
+
+        let mut l = Limits::new(100, Duration::from_secs(60));
+        l.hold(Scope::Global, &m, roles, "bot", wait);
+        assert_eq!(
+            scope_of(&l.check(&m, other, "bot")).as_deref(),
+            Some("global")
+        );
+        assert!(l.check(&m, other, "user:a").rejection.is_none());
+
+        let mut l = Limits::new(100, Duration::from_secs(60));
+        l.hold(Scope::Shared, &m, roles, "bot", wait);
+        assert_eq!(
+            scope_of(&l.check(&m, roles, "user:a")).as_deref(),
+            Some("shared")
+        );
+        assert!(l.check(&m, other, "bot").rejection.is_none());
+        assert_eq!(l.rate_limited, 1);
+
+        std::thread::sleep(wait + Duration::from_millis(20));
+        assert!(
+            l.check(&m, roles, "user:a").rejection.is_none(),
+            "over once it has passed"
         );
     }
 

@@ -28,7 +28,7 @@ use roles::*;
 use users::*;
 
 pub use error::ApiError;
-pub use limits::{Fault, Limits};
+pub use limits::{Fault, Limits, Scope};
 
 pub fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
     let v10 = Router::new()
