@@ -702,9 +702,9 @@ async fn twilight_finds_every_documented_param_honoured_or_refused() {
         .model()
         .await
         .expect("role model");
-    // A new role comes in just above @everyone, pushing the others up (as Discord
-    // places it): Regular is above Below now; put it where Below is.
-    let want = below.position;
+    // A new role comes in at position 1 and moves no other ("roles with the same
+    // position are sorted by id"): put Regular just above Below.
+    let want = below.position + 1;
     http.update_role_positions(
         guild,
         &[RolePosition {

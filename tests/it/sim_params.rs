@@ -335,8 +335,11 @@ async fn role_colours_positions_and_the_reads_bots_make_first() {
     let pos = |roles: &[twilight_model::guild::Role], id: u64| {
         roles.iter().find(|r| r.id.get() == id).map(|r| r.position)
     };
-    // A new role sits just above @everyone, so B (made after A) starts below it.
-    assert!(pos(&before, a) > pos(&before, b));
+    // A new role takes position 1 and moves no other role (Create Guild Role fires only
+    // GUILD_ROLE_CREATE): A and B tie, "sorted by id".
+    assert_eq!((pos(&before, a), pos(&before, b)), (Some(1), Some(1)));
+    let bot_role = before.iter().find(|r| r.managed).map(|r| r.position);
+    assert!(bot_role > Some(1), "the bot's role stays where it was");
     let (status, roles) = raw(
         &sim,
         Method::PATCH,

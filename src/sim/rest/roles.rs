@@ -108,7 +108,7 @@ pub(super) async fn move_roles(
     let bot = w.bot_id;
     let events = w.move_roles(Some(bot), &moves)?;
     let mut roles: Vec<&world::Role> = w.roles.values().collect();
-    roles.sort_by_key(|r| (r.position, r.id));
+    roles.sort_by_key(|r| (r.position, std::cmp::Reverse(r.id)));
     let roles: Vec<Value> = roles.into_iter().map(world::role_json).collect();
     state.emit_in(g, &events);
     Ok(axum::Json(roles).into_response())

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
 
+use super::permissions::rank;
 use super::{
     Dispatch, Member, MemberEdit, Refusal, SelfEdit, User, Voice, VoiceFlags, World, kind,
 };
@@ -77,7 +78,7 @@ impl World {
         match actor {
             Some(actor) => {
                 self.require(self.guild_permissions(actor), Permissions::KICK_MEMBERS)?;
-                if self.top_position(user_id) >= self.top_position(actor) {
+                if self.top_rank(user_id) >= self.top_rank(actor) {
                     return Err(Refusal::MissingPermission(Permissions::KICK_MEMBERS));
                 }
             }
@@ -174,7 +175,7 @@ impl World {
     ) -> Result<Vec<Dispatch>, Refusal> {
         let member = self.members.get(&user_id).ok_or(Refusal::UnknownMember)?;
         let have = self.guild_permissions(actor);
-        let outranks = self.top_position(actor) > self.top_position(user_id);
+        let outranks = self.top_rank(actor) > self.top_rank(user_id);
         if let Some(nick) = &edit.nick {
             // Nicknames are 1-32 characters; Discord's hierarchy keeps a bot from renaming
             // the owner or anyone whose highest role is not below its own.
@@ -186,7 +187,7 @@ impl World {
         }
         if let Some(roles) = &edit.roles {
             self.require(have, Permissions::MANAGE_ROLES)?;
-            let top = self.top_position(actor);
+            let top = self.top_rank(actor);
             let wanted: BTreeSet<u64> = roles.iter().copied().collect();
             for r in &wanted {
                 if *r == self.guild_id || !self.roles.contains_key(r) {
@@ -203,7 +204,7 @@ impl World {
                 let Some(role) = self.roles.get(r) else {
                     continue;
                 };
-                if role.managed || role.position >= top {
+                if role.managed || rank(role) >= top {
                     return Err(Refusal::MissingPermission(Permissions::MANAGE_ROLES));
                 }
             }

@@ -6,6 +6,7 @@
 //! (`access.rs`); only rules it lacks are added here, each saying where Discord documents
 //! it. Answers questions only; must not change the world.
 
+use std::cmp::Reverse;
 use std::collections::BTreeSet;
 
 use twilight_model::channel::ChannelType;
@@ -15,7 +16,7 @@ use twilight_model::id::Id;
 use twilight_model::id::marker::RoleMarker;
 use twilight_util::permission_calculator::PermissionCalculator;
 
-use super::{Channel, Dispatch, Overwrite, Refusal, World};
+use super::{Channel, Dispatch, Overwrite, Refusal, Role, World};
 
 /// The permissions that exist only guild-wide (Kick Members, Change Nickname, ...: no
 /// channel type in Discord's table, so no overwrite governs them). The calculator leaves
@@ -223,20 +224,32 @@ impl World {
         }
     }
 
-    /// The highest position among a member's roles (the owner outranks everyone).
-    pub(super) fn top_position(&self, user_id: u64) -> i64 {
+    /// The rank of a member's highest role (the owner outranks everyone; no role is
+    /// @everyone's rank).
+    pub(super) fn top_rank(&self, user_id: u64) -> Rank {
         if user_id == self.owner_id {
-            return i64::MAX;
+            return (i64::MAX, Reverse(0));
         }
-        self.members.get(&user_id).map_or(0, |m| {
+        let everyone = (0, Reverse(self.guild_id));
+        self.members.get(&user_id).map_or(everyone, |m| {
             m.roles
                 .iter()
                 .filter_map(|r| self.roles.get(r))
-                .map(|r| r.position)
+                .map(rank)
                 .max()
-                .unwrap_or(0)
+                .unwrap_or(everyone)
         })
     }
+}
+
+/// Where a role stands in the hierarchy: its position, and on a tie the lower id above
+/// ("roles with the same position are sorted by id", Permissions, "Role Object"; the
+/// lower id first, as Discord's clients, discord.py's `Role.__lt__` and discord.js's
+/// `RoleManager#comparePositions` rank them).
+pub(super) type Rank = (i64, Reverse<u64>);
+
+pub(super) fn rank(role: &Role) -> Rank {
+    (role.position, Reverse(role.id))
 }
 
 #[cfg(test)]

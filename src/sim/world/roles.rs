@@ -5,6 +5,7 @@
 
 use serde_json::{Value, json};
 
+use super::permissions::rank;
 use super::wire::role_json;
 use super::{Dispatch, Refusal, Role, RoleEdit, World, check_name};
 use twilight_model::guild::Permissions;
@@ -27,10 +28,9 @@ impl World {
             self.require(have, permissions)?;
         }
         let id = self.ids.mint();
-        // New roles sit just above @everyone, below the bot's role, as on Discord.
-        for r in self.roles.values_mut().filter(|r| r.id != self.guild_id) {
-            r.position += 1;
-        }
+        // A new role takes position 1, just above @everyone. The others keep theirs:
+        // Create Guild Role fires only GUILD_ROLE_CREATE, and "roles with the same
+        // position are sorted by id" (Permissions, "Role Object"), so ties are Discord's.
         let role = Role {
             id,
             name,
@@ -69,7 +69,7 @@ impl World {
         if let Some(actor) = actor {
             let have = self.guild_permissions(actor);
             self.require(have, Permissions::MANAGE_ROLES)?;
-            if role.position >= self.top_position(actor) {
+            if rank(role) >= self.top_rank(actor) {
                 return Err(Refusal::MissingPermission(Permissions::MANAGE_ROLES));
             }
             if let Some(p) = edit.permissions {
@@ -118,7 +118,7 @@ impl World {
         }
         if let Some(actor) = actor {
             self.require(self.guild_permissions(actor), Permissions::MANAGE_ROLES)?;
-            if role.position >= self.top_position(actor) {
+            if rank(role) >= self.top_rank(actor) {
                 return Err(Refusal::MissingPermission(Permissions::MANAGE_ROLES));
             }
         }
@@ -148,14 +148,15 @@ impl World {
 
     /// Modify Guild Role Positions: `(role, position)` pairs. MANAGE_ROLES, and the
     /// Permission Hierarchy: only roles below the bot's highest, and only to places below
-    /// it. @everyone stays at 0. Positions are then renumbered 1.. in order ("roles with
-    /// the same position are sorted by id"); a GUILD_ROLE_UPDATE for each role that moved.
+    /// it. @everyone stays at 0. The other roles keep their positions (ties are Discord's:
+    /// "roles with the same position are sorted by id"); a GUILD_ROLE_UPDATE for each role
+    /// that moved.
     pub fn move_roles(
         &mut self,
         actor: Option<u64>,
         moves: &[(u64, i64)],
     ) -> Result<Vec<Dispatch>, Refusal> {
-        let top = actor.map(|a| self.top_position(a));
+        let top = actor.map(|a| self.top_rank(a));
         if let Some(actor) = actor {
             self.require(self.guild_permissions(actor), Permissions::MANAGE_ROLES)?;
         }
@@ -168,7 +169,7 @@ impl World {
                     "The @everyone role cannot be moved.".to_owned(),
                 ));
             }
-            if top.is_some_and(|top| role.position >= top || *position >= top) {
+            if top.is_some_and(|top| rank(role) >= top || *position >= top.0) {
                 return Err(Refusal::MissingPermission(Permissions::MANAGE_ROLES));
             }
         }
@@ -176,18 +177,6 @@ impl World {
         for (id, position) in moves {
             if let Some(r) = self.roles.get_mut(id) {
                 r.position = (*position).max(1);
-            }
-        }
-        let mut order: Vec<(i64, u64)> = self
-            .roles
-            .values()
-            .filter(|r| r.id != self.guild_id)
-            .map(|r| (r.position, r.id))
-            .collect();
-        order.sort_unstable();
-        for (i, (_, id)) in order.iter().enumerate() {
-            if let Some(r) = self.roles.get_mut(id) {
-                r.position = i as i64 + 1;
             }
         }
         let guild_id = self.guild_id.to_string();
@@ -216,7 +205,7 @@ impl World {
         let role = self.roles.get(&role_id).ok_or(Refusal::UnknownRole)?;
         if let Some(actor) = actor {
             self.require(self.guild_permissions(actor), Permissions::MANAGE_ROLES)?;
-            if role.position >= self.top_position(actor) {
+            if rank(role) >= self.top_rank(actor) {
                 return Err(Refusal::MissingPermission(Permissions::MANAGE_ROLES));
             }
         }
