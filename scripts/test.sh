@@ -52,5 +52,26 @@ fi
 say "cargo machete"
 cargo machete
 
+# discord.js, pinned in tests/clients/discordjs/package-lock.json, installed by npm ci
+# beside the build (again when the lock changes); tests/it/clients_js.rs runs it with
+# node, finding it through COVEN_CLIENTS_NODE_MODULES.
+if ! command -v node >/dev/null 2>&1; then
+  say "installing nodejs npm"
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq nodejs npm >/dev/null
+fi
+clients_node="${CARGO_TARGET_DIR:-target}/clients-node"
+clients_lock=tests/clients/discordjs/package-lock.json
+if ! cmp -s "$clients_lock" "$clients_node/installed-package-lock.json" 2>/dev/null; then
+  say "installing discord.js for the client suite ($clients_node)"
+  rm -rf "$clients_node"
+  mkdir -p "$clients_node"
+  cp tests/clients/discordjs/package.json "$clients_lock" "$clients_node/"
+  (cd "$clients_node" && npm ci --no-audit --no-fund --loglevel=error)
+  cp "$clients_lock" "$clients_node/installed-package-lock.json"
+fi
+COVEN_CLIENTS_NODE_MODULES="$(cd "$clients_node" && pwd)/node_modules"
+export COVEN_CLIENTS_NODE_MODULES
+
 say "cargo test"
 cargo test --locked --lib --bins --tests
