@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use coven::sim::Settings;
+
 use crate::harness::TestSim;
 
 /// The longest one discord.js scenario may run (each check inside has its own deadline).
@@ -15,6 +17,10 @@ const SCENARIO_DEADLINE: Duration = Duration::from_secs(120);
 /// Runs one scenario of the discord.js suite against a fresh simulator; fails with the
 /// suite's report and the end of discord.js's log unless every check passed.
 async fn discordjs(scenario: &str) {
+    discordjs_with(scenario, |_| {}).await;
+}
+
+async fn discordjs_with(scenario: &str, tweak: impl FnOnce(&mut Settings)) {
     let Some(modules) = std::env::var_os("COVEN_CLIENTS_NODE_MODULES") else {
         panic!(
             "COVEN_CLIENTS_NODE_MODULES is not set: run scripts/test.sh, which installs \
@@ -26,7 +32,7 @@ async fn discordjs(scenario: &str) {
              COVEN_CLIENTS_NODE_MODULES=$PWD/target/clients-node/node_modules)"
         );
     };
-    let sim = TestSim::start().await;
+    let sim = TestSim::start_with(tweak).await;
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/clients/discordjs/suite.js"
@@ -94,6 +100,16 @@ async fn discordjs_makes_covens_rest_calls_and_gets_each_dispatch() {
 }
 
 #[tokio::test]
+async fn discordjs_makes_the_calls_bots_make_first() {
+    discordjs("first_calls").await;
+}
+
+#[tokio::test]
+async fn discordjs_finds_every_documented_param_honoured_or_refused() {
+    discordjs("every_param").await;
+}
+
+#[tokio::test]
 async fn discordjs_waits_out_a_route_429() {
     discordjs("rate_limit_route").await;
 }
@@ -111,4 +127,19 @@ async fn discordjs_waits_out_a_shared_429() {
 #[tokio::test]
 async fn discordjs_resumes_after_op7_and_misses_no_dispatch() {
     discordjs("resume").await;
+}
+
+#[tokio::test]
+async fn discordjs_identifies_again_after_a_non_resumable_op9() {
+    discordjs("reidentify").await;
+}
+
+#[tokio::test]
+async fn discordjs_detects_a_zombied_connection_and_resumes() {
+    discordjs("zombie").await;
+}
+
+#[tokio::test]
+async fn discordjs_shards_auto_over_the_two_shards_gateway_bot_recommends() {
+    discordjs_with("two_shards", |s| s.shards = Some(2)).await;
 }
