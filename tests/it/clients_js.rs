@@ -32,6 +32,12 @@ async fn discordjs_with(scenario: &str, tweak: impl FnOnce(&mut Settings)) {
              COVEN_CLIENTS_NODE_MODULES=$PWD/target/clients-node/node_modules)"
         );
     };
+    let installed = std::path::Path::new(&modules).join("discord.js/package.json");
+    assert!(
+        installed.is_file(),
+        "COVEN_CLIENTS_NODE_MODULES is {modules:?}, which has no discord.js: run \
+         scripts/test.sh, which installs it there with npm ci"
+    );
     let sim = TestSim::start_with(tweak).await;
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),

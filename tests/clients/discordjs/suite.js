@@ -1015,6 +1015,11 @@ async function main() {
     return 2;
   }
   log(`discord.js ${version} on node ${process.version}`);
+  const pinned = require('./package.json').dependencies['discord.js'];
+  if (version !== pinned) {
+    console.log(`FAIL setup: discord.js ${version} was found (${require.resolve('discord.js')}), package.json pins ${pinned}: run scripts/test.sh again`);
+    return 1;
+  }
   let ok = true;
   for (const name of scenarios) ok = (await runScenario(name, sim, token)) && ok;
   return ok ? 0 : 1;
