@@ -21,6 +21,12 @@ command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 # chromedriver's client (fantoccini) links the system OpenSSL.
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
+# The client-library suite (tests/it/clients.rs) runs discord.py in a virtual environment.
+if ! command -v python3 >/dev/null 2>&1; then
+  missing+=(python3 python3-venv)
+elif ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+  missing+=(python3-venv)
+fi
 if ((${#missing[@]})); then
   say "installing ${missing[*]}"
   "${sudo_cmd[@]}" apt-get update -qq
@@ -37,6 +43,21 @@ for component in rustfmt clippy; do
     rustup component add "$component"
   fi
 done
+
+# discord.py, pinned in tests/clients/requirements.txt, in a virtual environment of its
+# own beside the build (remade when the pins change); tests/it/clients.rs runs it through
+# COVEN_CLIENTS_PYTHON.
+clients_venv="${CARGO_TARGET_DIR:-target}/clients-venv"
+clients_pins=tests/clients/requirements.txt
+if ! cmp -s "$clients_pins" "$clients_venv/requirements.txt" 2>/dev/null; then
+  say "making the client suite's virtual environment ($clients_venv)"
+  rm -rf "$clients_venv"
+  python3 -m venv "$clients_venv"
+  "$clients_venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$clients_pins"
+  cp "$clients_pins" "$clients_venv/requirements.txt"
+fi
+COVEN_CLIENTS_PYTHON="$(cd "$clients_venv" && pwd)/bin/python"
+export COVEN_CLIENTS_PYTHON
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

@@ -298,7 +298,7 @@ async fn outage(
         };
         state.hub.dispatch(guild, &[down]);
     } else {
-        state.announce_guild(guild);
+        state.announce_guild(guild, super::Announce::Available);
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -202,6 +202,15 @@ pub struct Shared {
     pub shutdown: CancellationToken,
 }
 
+/// Why a GUILD_CREATE is sent after READY's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announce {
+    /// The bot was just added to the guild.
+    Joined,
+    /// The guild is back from an outage.
+    Available,
+}
+
 /// The simulator's mutable state, behind one lock so a change and its dispatches are
 /// numbered in the order they happen.
 pub struct State {
@@ -234,8 +243,12 @@ impl State {
     }
 
     /// Sends GUILD_CREATE for `guild` to the sessions that hold it, each shaped by its
-    /// intents.
-    pub fn announce_guild(&mut self, guild: u64) {
+    /// intents. `why` decides `unavailable`: `false` for a guild back from an outage,
+    /// absent for one the bot just joined, as Discord sends them (observed, and what
+    /// libraries tell a join by: discord.py's `ConnectionState.parse_guild_create`,
+    /// state.py, dispatches `guild_join` only when `unavailable` is absent and
+    /// `guild_available` when it is `false`; hikari's `GuildJoinEvent` likewise).
+    pub fn announce_guild(&mut self, guild: u64, why: Announce) {
         let Self {
             world, others, hub, ..
         } = self;
@@ -247,7 +260,15 @@ impl State {
         // A guild in an outage is announced when it comes back, as its other dispatches
         // are held until then.
         if let Some(w) = w.filter(|w| !w.unavailable) {
-            hub.dispatch_guild_create(guild, |with_voice| w.guild_create_json(with_voice));
+            hub.dispatch_guild_create(guild, |with_voice| {
+                let mut create = w.guild_create_json(with_voice);
+                if why == Announce::Joined
+                    && let Some(fields) = create.as_object_mut()
+                {
+                    fields.remove("unavailable");
+                }
+                create
+            });
         }
     }
 

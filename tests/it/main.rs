@@ -11,6 +11,7 @@ mod a11y;
 mod browser;
 mod bus;
 mod cli;
+mod clients;
 mod clients_js;
 mod cluster;
 mod communities;

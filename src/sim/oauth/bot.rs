@@ -160,7 +160,7 @@ pub(super) fn authorize(shared: &Shared, q: &AuthorizeQuery, scopes: Vec<String>
             .map_or_else(|| "the bot".to_owned(), |u| u.username.clone()),
         w.guild_name.clone(),
     );
-    state.announce_guild(guild);
+    state.announce_guild(guild, crate::sim::Announce::Joined);
 
     let mut response = match redirect {
         None => render(Added {

@@ -1,0 +1,720 @@
+//! Client libraries written by other people, unmodified, against the simulator with only
+//! their base URLs changed (issue [6/6]): discord.py from PyPI, through
+//! `tests/clients/discordpy_suite.py` in the virtual environment `scripts/test.sh` makes
+//! (its python named by `COVEN_CLIENTS_PYTHON`), one test per scenario on a simulator of
+//! its own; and twilight (ours) for what `sim_gateway` and `sim_rest` do not drive: the
+//! REST calls Coven makes each with its dispatch on a shard, global and shared 429s, and
+//! the routes bots call first.
+
+use std::time::{Duration, Instant};
+
+use coven::sim::Settings;
+use serde_json::{Value, json};
+use twilight_gateway::Event;
+use twilight_model::channel::ChannelType;
+use twilight_model::channel::permission_overwrite::{PermissionOverwrite, PermissionOverwriteType};
+use twilight_model::guild::Permissions;
+use twilight_model::http::permission_overwrite::{
+    PermissionOverwrite as NewOverwrite, PermissionOverwriteType as NewKind,
+};
+use twilight_model::id::Id;
+
+use crate::harness::{TestSim, next_event, shard};
+
+/// The longest one discord.py scenario may run (each check inside has its own deadline;
+/// identifying again waits discord.py's own 5 s between IDENTIFYs).
+const SCENARIO_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Runs one scenario of the discord.py suite against a fresh simulator; fails with the
+/// suite's report and the end of discord.py's log unless every check passed.
+async fn discordpy(scenario: &str) {
+    discordpy_with(scenario, |_| {}).await;
+}
+
+async fn discordpy_with(scenario: &str, tweak: impl FnOnce(&mut Settings)) {
+    let Some(python) = std::env::var_os("COVEN_CLIENTS_PYTHON") else {
+        panic!(
+            "COVEN_CLIENTS_PYTHON is not set: run scripts/test.sh, which makes the client \
+             suite's virtual environment (discord.py as pinned in \
+             tests/clients/requirements.txt) and points COVEN_CLIENTS_PYTHON at its python \
+             (or run `python3 -m venv target/clients-venv && target/clients-venv/bin/pip \
+             install -r tests/clients/requirements.txt` and export \
+             COVEN_CLIENTS_PYTHON=target/clients-venv/bin/python)"
+        );
+    };
+    let sim = TestSim::start_with(tweak).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/discordpy_suite.py"
+    );
+    let mut child = tokio::process::Command::new(&python)
+        .arg(script)
+        .arg("--sim")
+        .arg(sim.url(""))
+        .arg("--token")
+        .arg(sim.token())
+        .arg(scenario)
+        .env("PYTHONUNBUFFERED", "1")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {python:?} {script}: {e}"));
+    // Read both pipes as they come, so a scenario stopped at the deadline still shows
+    // what it had said.
+    let drain = |pipe: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>| {
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = tokio::io::AsyncReadExt::read_to_end(&mut pipe, &mut out).await;
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let (exited_ok, status) = match tokio::time::timeout(SCENARIO_DEADLINE, child.wait()).await {
+        Ok(Ok(status)) => (status.success(), status.to_string()),
+        Ok(Err(e)) => (false, format!("not awaited: {e}")),
+        Err(_) => {
+            let _ = child.kill().await;
+            (false, format!("stopped after {SCENARIO_DEADLINE:?}"))
+        }
+    };
+    let report = stdout.await.expect("the stdout reader");
+    let log = stderr.await.expect("the stderr reader");
+    let passed = format!("RESULT {scenario} passed");
+    if !exited_ok || !report.lines().any(|l| l == passed) {
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+        panic!(
+            "discord.py scenario {scenario} failed ({status}):\n{report}\n\
+             --- the end of discord.py's log ---\n{tail}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn discordpy_logs_in_and_its_cache_matches_the_simulator() {
+    discordpy("login_and_cache").await;
+}
+
+#[tokio::test]
+async fn discordpy_sees_players_join_move_and_leave_voice() {
+    discordpy("voice_updates").await;
+}
+
+#[tokio::test]
+async fn discordpy_makes_covens_rest_calls_and_gets_each_dispatch() {
+    discordpy("rest_with_dispatches").await;
+}
+
+#[tokio::test]
+async fn discordpy_makes_the_calls_bots_make_first() {
+    discordpy("first_calls").await;
+}
+
+#[tokio::test]
+async fn discordpy_finds_every_documented_param_honoured_or_refused() {
+    discordpy("every_param").await;
+}
+
+#[tokio::test]
+async fn discordpy_sees_guilds_go_down_come_back_leave_and_join() {
+    discordpy("guild_lifecycle").await;
+}
+
+#[tokio::test]
+async fn discordpy_resumes_after_op7_and_misses_no_dispatch() {
+    discordpy("resume").await;
+}
+
+#[tokio::test]
+async fn discordpy_resumes_after_a_resumable_op9_and_misses_no_dispatch() {
+    discordpy("resume_after_op9").await;
+}
+
+#[tokio::test]
+async fn discordpy_resumes_after_a_4000_close_and_misses_no_dispatch() {
+    discordpy("resume_after_close").await;
+}
+
+#[tokio::test]
+async fn discordpy_identifies_again_after_a_non_resumable_op9() {
+    discordpy("reidentify").await;
+}
+
+#[tokio::test]
+async fn discordpy_waits_out_a_route_429() {
+    discordpy("rate_limit_route").await;
+}
+
+#[tokio::test]
+async fn discordpy_waits_out_a_global_429() {
+    discordpy("rate_limit_global").await;
+}
+
+#[tokio::test]
+async fn discordpy_waits_out_a_shared_429() {
+    discordpy("rate_limit_shared").await;
+}
+
+#[tokio::test]
+async fn discordpy_detects_a_zombied_connection_and_resumes() {
+    discordpy("zombie").await;
+}
+
+#[tokio::test]
+async fn discordpy_autoshards_over_the_two_shards_gateway_bot_recommends() {
+    discordpy_with("two_shards", |s| s.shards = Some(2)).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// twilight, where sim_gateway and sim_rest do not already drive it.
+
+/// Each REST call Coven makes, through twilight-http, and the dispatch each brings on a
+/// twilight shard (none for a member's roles: GUILD_MEMBER_UPDATE needs the privileged
+/// GUILD_MEMBERS intent, which Coven does not ask for).
+#[tokio::test]
+async fn twilight_rest_calls_coven_makes_each_bring_their_dispatch() {
+    let sim = TestSim::start_with(|s| s.rate_limit = 100).await;
+    let http = sim.twilight_http();
+    let guild = Id::new(sim.guild_id());
+    let bot = sim.id_of("bot_id").await;
+    let category = Id::new(sim.id_of("room_category_id").await);
+    let lobby = sim.id_of("lobby_id").await;
+    let player = sim.user("hollow").await;
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+
+    let role = http
+        .create_role(guild)
+        .name("Room: lantern")
+        .permissions(Permissions::VIEW_CHANNEL | Permissions::CONNECT)
+        .await
+        .expect("create role")
+        .model()
+        .await
+        .expect("role model");
+    let Event::RoleCreate(created) = next_event(
+        &mut shard,
+        |e| matches!(e, Event::RoleCreate(r) if r.role.id == role.id),
+    )
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (created.guild_id, created.role.name.as_str()),
+        (guild, "Room: lantern")
+    );
+
+    http.update_role(guild, role.id)
+        .name(Some("Room: candle"))
+        .await
+        .expect("update role");
+    let Event::RoleUpdate(updated) = next_event(
+        &mut shard,
+        |e| matches!(e, Event::RoleUpdate(r) if r.role.id == role.id),
+    )
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(updated.role.name, "Room: candle");
+
+    let allow = Permissions::VIEW_CHANNEL | Permissions::CONNECT | Permissions::SPEAK;
+    let overwrites = [
+        PermissionOverwrite {
+            id: guild.cast(),
+            kind: PermissionOverwriteType::Role,
+            allow: Permissions::empty(),
+            deny: Permissions::VIEW_CHANNEL | Permissions::CONNECT,
+        },
+        PermissionOverwrite {
+            id: role.id.cast(),
+            kind: PermissionOverwriteType::Role,
+            allow,
+            deny: Permissions::empty(),
+        },
+        PermissionOverwrite {
+            id: Id::new(bot),
+            kind: PermissionOverwriteType::Member,
+            allow: allow | Permissions::MOVE_MEMBERS,
+            deny: Permissions::empty(),
+        },
+    ];
+    let room = http
+        .create_guild_channel(guild, "lantern")
+        .kind(ChannelType::GuildVoice)
+        .parent_id(category)
+        .user_limit(4)
+        .permission_overwrites(&overwrites)
+        .await
+        .expect("create channel")
+        .model()
+        .await
+        .expect("channel model")
+        .id;
+    let Event::ChannelCreate(made) = next_event(
+        &mut shard,
+        |e| matches!(e, Event::ChannelCreate(c) if c.id == room),
+    )
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (made.parent_id, made.user_limit, made.kind),
+        (Some(category), Some(4), ChannelType::GuildVoice)
+    );
+    let mut have = made.permission_overwrites.clone().unwrap_or_default();
+    have.sort_by_key(|o| o.id);
+    let mut want = overwrites.to_vec();
+    want.sort_by_key(|o| o.id);
+    assert_eq!(
+        have, want,
+        "the dispatched overwrites are the ones asked for"
+    );
+
+    let updated_room = |e: &Event| matches!(e, Event::ChannelUpdate(c) if c.id == room);
+    http.update_channel_permission(
+        room,
+        &NewOverwrite {
+            allow: Some(Permissions::VIEW_CHANNEL),
+            deny: Some(Permissions::CONNECT),
+            id: role.id.cast(),
+            kind: NewKind::Role,
+        },
+    )
+    .await
+    .expect("edit one overwrite");
+    let Event::ChannelUpdate(changed) = next_event(&mut shard, updated_room).await else {
+        unreachable!()
+    };
+    let of_role = |overwrites: &[PermissionOverwrite]| {
+        overwrites
+            .iter()
+            .find(|o| o.id == role.id.cast())
+            .map(|o| (o.allow, o.deny))
+    };
+    assert_eq!(
+        of_role(changed.permission_overwrites.as_deref().unwrap_or_default()),
+        Some((Permissions::VIEW_CHANNEL, Permissions::CONNECT))
+    );
+
+    http.update_channel(room)
+        .permission_overwrites(&overwrites)
+        .await
+        .expect("edit the overwrites");
+    let Event::ChannelUpdate(changed) = next_event(&mut shard, updated_room).await else {
+        unreachable!()
+    };
+    assert_eq!(
+        of_role(changed.permission_overwrites.as_deref().unwrap_or_default()),
+        Some((allow, Permissions::empty()))
+    );
+
+    http.add_guild_member_role(guild, Id::new(player), role.id)
+        .await
+        .expect("grant the role");
+    assert_eq!(
+        member_roles(&sim, player).await,
+        json!([role.id.to_string()])
+    );
+    http.remove_guild_member_role(guild, Id::new(player), role.id)
+        .await
+        .expect("take the role");
+    assert_eq!(member_roles(&sim, player).await, json!([]));
+
+    sim.join(player, lobby).await;
+    next_event(
+        &mut shard,
+        |e| matches!(e, Event::VoiceStateUpdate(v) if v.0.user_id.get() == player),
+    )
+    .await;
+    http.update_guild_member(guild, Id::new(player))
+        .channel_id(Some(room))
+        .await
+        .expect("move the player into the room");
+    let Event::VoiceStateUpdate(moved) = next_event(
+        &mut shard,
+        |e| matches!(e, Event::VoiceStateUpdate(v) if v.0.user_id.get() == player),
+    )
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(moved.0.channel_id, Some(room));
+    http.update_guild_member(guild, Id::new(player))
+        .channel_id(None)
+        .await
+        .expect("disconnect the player");
+    let Event::VoiceStateUpdate(left) = next_event(
+        &mut shard,
+        |e| matches!(e, Event::VoiceStateUpdate(v) if v.0.user_id.get() == player),
+    )
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(left.0.channel_id, None, "disconnected");
+
+    http.delete_role(guild, role.id).await.expect("delete role");
+    let Event::RoleDelete(gone) = next_event(
+        &mut shard,
+        |e| matches!(e, Event::RoleDelete(r) if r.role_id == role.id),
+    )
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(gone.guild_id, guild);
+    http.delete_channel(room).await.expect("delete channel");
+    next_event(
+        &mut shard,
+        |e| matches!(e, Event::ChannelDelete(c) if c.id == room),
+    )
+    .await;
+}
+
+/// A member's role ids as the simulator holds them.
+async fn member_roles(sim: &TestSim, user: u64) -> Value {
+    let id = user.to_string();
+    sim.state().await["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["user_id"] == id.as_str()))
+        .map_or(Value::Null, |m| m["roles"].clone())
+}
+
+/// An injected 429 of `scope`, raw: the headers and body Discord sends with it.
+async fn raw_429(sim: &TestSim, fault: Value) -> (reqwest::header::HeaderMap, Value) {
+    sim.fail_once(fault).await;
+    let res = sim
+        .http
+        .post(sim.url(&format!("/api/v10/guilds/{}/roles", sim.guild_id())))
+        .header("authorization", format!("Bot {}", sim.token()))
+        .json(&json!({"name": "raw"}))
+        .send()
+        .await
+        .expect("REST request");
+    assert_eq!(res.status(), 429);
+    let headers = res.headers().clone();
+    (headers, res.json().await.expect("a JSON 429 body"))
+}
+
+/// "Rate Limits": a shared 429 says `X-RateLimit-Scope: shared` and `global: false`; a
+/// global one `X-RateLimit-Global: true`, scope `global` and `global: true`; both with
+/// `Retry-After` and `Via`, which discord.py needs to tell them from a Cloudflare ban.
+#[tokio::test]
+async fn forced_429s_carry_discords_scope_headers() {
+    let sim = TestSim::start().await;
+    let path = json!("/guilds/*/roles");
+    let (h, body) = raw_429(
+        &sim,
+        json!({"method": "POST", "path": path, "status": 429, "retry_after": 1.5, "scope": "shared"}),
+    )
+    .await;
+    assert_eq!(h["x-ratelimit-scope"], "shared");
+    assert!(!h.contains_key("x-ratelimit-global"));
+    assert_eq!(
+        (h["retry-after"].to_str().ok(), h["via"].to_str().ok()),
+        (Some("2"), Some("1.1 google"))
+    );
+    assert_eq!(
+        (body["global"].clone(), body["retry_after"].clone()),
+        (json!(false), json!(1.5))
+    );
+    let (h, body) = raw_429(
+        &sim,
+        json!({"method": "POST", "path": path, "status": 429, "retry_after": 1.5, "global": true}),
+    )
+    .await;
+    assert_eq!(
+        (
+            h["x-ratelimit-scope"].to_str().ok(),
+            h["x-ratelimit-global"].to_str().ok()
+        ),
+        (Some("global"), Some("true"))
+    );
+    assert_eq!(body["global"], true);
+    let (status, _) = sim
+        .control(
+            "/rest/fail",
+            json!({"path": path, "status": 429, "scope": "everyone"}),
+        )
+        .await;
+    assert_eq!(status, 400, "an unknown scope is refused");
+}
+
+/// twilight-http takes a shared 429's `Retry-After` as its bucket's wait
+/// (`RateLimitHeaders::shared`): it waits, then the call succeeds once.
+#[tokio::test]
+async fn twilight_waits_out_a_shared_429() {
+    let sim = TestSim::start().await;
+    let http = sim.twilight_http();
+    let guild = Id::new(sim.guild_id());
+    let before = sim.state().await["roles"].as_array().map_or(0, Vec::len);
+    sim.fail_once(
+        json!({"method": "POST", "path": "/guilds/*/roles", "status": 429,
+        "retry_after": 1.5, "scope": "shared"}),
+    )
+    .await;
+    let started = Instant::now();
+    http.create_role(guild)
+        .name("shared")
+        .await
+        .expect("succeeds after the wait");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1_400),
+        "retried after {waited:?}, before the advertised 1.5 s"
+    );
+    let after = sim.state().await["roles"].as_array().map_or(0, Vec::len);
+    assert_eq!(after, before + 1, "one role made");
+}
+
+/// A global 429: twilight-http 0.18 reads no wait from it (`parse_ratelimit_headers`
+/// answers `None` for scope `global`; it paces itself by its own global limit instead)
+/// and asks again; the simulator's injected 429 is one answer, so the call succeeds once
+/// without error. The simulator does not hold the global limit for `retry_after`
+/// (see docs/simulator.md), so this test cannot show twilight waiting.
+#[tokio::test]
+async fn twilight_gets_through_a_global_429() {
+    let sim = TestSim::start().await;
+    let http = sim.twilight_http();
+    let guild = Id::new(sim.guild_id());
+    let before = sim.state().await["roles"].as_array().map_or(0, Vec::len);
+    let asked = sim.state().await["rest"]["requests"]["bot"]
+        .as_u64()
+        .unwrap_or(0);
+    sim.fail_once(
+        json!({"method": "POST", "path": "/guilds/*/roles", "status": 429,
+        "retry_after": 1.5, "global": true}),
+    )
+    .await;
+    http.create_role(guild)
+        .name("global")
+        .await
+        .expect("succeeds after the 429");
+    let state = sim.state().await;
+    assert_eq!(
+        state["roles"].as_array().map_or(0, Vec::len),
+        before + 1,
+        "one role made"
+    );
+    assert_eq!(
+        state["rest"]["requests"]["bot"].as_u64().unwrap_or(0),
+        asked + 2,
+        "the 429, then the call that succeeded"
+    );
+}
+
+/// The routes bots call first, through twilight-http: Get Guild, Get Guild Roles, Get
+/// User and Modify Current Member, whose change reaches the bot's shard as
+/// GUILD_MEMBER_UPDATE (sent for the bot's own member whatever its intents).
+#[tokio::test]
+async fn twilight_makes_the_calls_bots_make_first() {
+    let sim = TestSim::start_with(|s| s.rate_limit = 100).await;
+    let http = sim.twilight_http();
+    let guild = Id::new(sim.guild_id());
+    let bot = sim.id_of("bot_id").await;
+    let roles = sim.state().await["roles"].as_array().map_or(0, Vec::len);
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+
+    let got = http
+        .guild(guild)
+        .with_counts(true)
+        .await
+        .expect("Get Guild")
+        .model()
+        .await
+        .expect("guild model");
+    assert_eq!((got.id, got.name.as_str()), (guild, "Coven Playgroup"));
+    let got = http
+        .roles(guild)
+        .await
+        .expect("Get Guild Roles")
+        .models()
+        .await
+        .expect("role models");
+    assert_eq!(got.len(), roles);
+    let bramble = sim.user("bramble").await;
+    let got = http
+        .user(Id::new(bramble))
+        .await
+        .expect("Get User")
+        .model()
+        .await
+        .expect("user model");
+    assert_eq!(got.name, "bramble");
+    let res = http
+        .update_current_member(guild)
+        .nick(Some("Coven (sim)"))
+        .await
+        .expect("Modify Current Member");
+    assert_eq!(res.status().get(), 200);
+    let Event::MemberUpdate(me) = next_event(
+        &mut shard,
+        |e| matches!(e, Event::MemberUpdate(m) if m.user.id.get() == bot),
+    )
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(me.nick.as_deref(), Some("Coven (sim)"));
+}
+
+/// Documented params of the routes the simulator serves, through twilight-http: each is
+/// honoured with its dispatch or refused as Discord refuses it, never answered 200 and
+/// dropped (Modify Guild Member's roles, mute, deaf and nick; Modify Channel's
+/// parent_id and bitrate; Modify Guild Channel Positions; Modify Guild Role Positions).
+#[tokio::test]
+async fn twilight_finds_every_documented_param_honoured_or_refused() {
+    use twilight_model::guild::RolePosition;
+    use twilight_model::http::channel_position::Position;
+
+    let sim = TestSim::start_with(|s| s.rate_limit = 100).await;
+    let http = sim.twilight_http();
+    let guild = Id::new(sim.guild_id());
+    let category = Id::new(sim.id_of("room_category_id").await);
+    let lobby = sim.id_of("lobby_id").await;
+    let player = sim.user("fable").await;
+    let mut shard = shard(&sim);
+    next_event(&mut shard, |e| matches!(e, Event::GuildCreate(_))).await;
+
+    let role = http
+        .create_role(guild)
+        .name("Regular")
+        .await
+        .expect("create role")
+        .model()
+        .await
+        .expect("role model");
+    http.update_guild_member(guild, Id::new(player))
+        .roles(&[role.id])
+        .await
+        .expect("Modify Guild Member roles");
+    assert_eq!(
+        member_roles(&sim, player).await,
+        json!([role.id.to_string()]),
+        "Modify Guild Member's roles are the member's roles"
+    );
+
+    sim.join(player, lobby).await;
+    next_event(
+        &mut shard,
+        |e| matches!(e, Event::VoiceStateUpdate(v) if v.0.user_id.get() == player),
+    )
+    .await;
+    http.update_guild_member(guild, Id::new(player))
+        .mute(true)
+        .deaf(true)
+        .await
+        .expect("Modify Guild Member mute and deaf");
+    let Event::VoiceStateUpdate(muted) = next_event(
+        &mut shard,
+        |e| matches!(e, Event::VoiceStateUpdate(v) if v.0.user_id.get() == player),
+    )
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (muted.0.mute, muted.0.deaf, muted.0.channel_id),
+        (true, true, Some(Id::new(lobby)))
+    );
+
+    // The bot has Change Nickname (its own), not Manage Nicknames.
+    let refused = http
+        .update_guild_member(guild, Id::new(player))
+        .nick(Some("Fabulous"))
+        .await;
+    match refused {
+        Err(e) => assert!(
+            matches!(e.kind(), twilight_http::error::ErrorType::Response { status, .. } if status.get() == 403),
+            "{e:?}"
+        ),
+        Ok(_) => panic!("a nick without Manage Nicknames was accepted"),
+    }
+
+    http.update_channel(Id::new(lobby))
+        .parent_id(Some(category))
+        .bitrate(48_000)
+        .await
+        .expect("Modify Channel parent_id and bitrate");
+    let Event::ChannelUpdate(moved) = next_event(
+        &mut shard,
+        |e| matches!(e, Event::ChannelUpdate(c) if c.id.get() == lobby),
+    )
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (moved.parent_id, moved.bitrate),
+        (Some(category), Some(48_000))
+    );
+
+    let second = http
+        .create_guild_channel(guild, "second")
+        .kind(ChannelType::GuildVoice)
+        .await
+        .expect("create channel")
+        .model()
+        .await
+        .expect("channel model")
+        .id;
+    http.update_guild_channel_positions(
+        guild,
+        &[Position {
+            id: second,
+            lock_permissions: None,
+            parent_id: None,
+            position: Some(Some(0)),
+        }],
+    )
+    .await
+    .expect("Modify Guild Channel Positions");
+    let Event::ChannelUpdate(placed) = next_event(
+        &mut shard,
+        |e| matches!(e, Event::ChannelUpdate(c) if c.id == second),
+    )
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(placed.position, Some(0));
+
+    let below = http
+        .create_role(guild)
+        .name("Below")
+        .await
+        .expect("create role")
+        .model()
+        .await
+        .expect("role model");
+    // A new role comes in just above @everyone, pushing the others up (as Discord
+    // places it): Regular is above Below now; put it where Below is.
+    let want = below.position;
+    http.update_role_positions(
+        guild,
+        &[RolePosition {
+            id: role.id,
+            position: want as u64,
+        }],
+    )
+    .await
+    .expect("Modify Guild Role Positions");
+    let Event::RoleUpdate(placed) = next_event(
+        &mut shard,
+        |e| matches!(e, Event::RoleUpdate(r) if r.role.id == role.id),
+    )
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(placed.role.position, want);
+}
