@@ -27,6 +27,8 @@ if ! command -v python3 >/dev/null 2>&1; then
 elif ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
   missing+=(python3-venv)
 fi
+# The discord.js suite (tests/it/clients_js.rs) runs on node; npm installs discord.js.
+command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
 if ((${#missing[@]})); then
   say "installing ${missing[*]}"
   "${sudo_cmd[@]}" apt-get update -qq
@@ -58,6 +60,22 @@ if ! cmp -s "$clients_pins" "$clients_venv/requirements.txt" 2>/dev/null; then
 fi
 COVEN_CLIENTS_PYTHON="$(cd "$clients_venv" && pwd)/bin/python"
 export COVEN_CLIENTS_PYTHON
+
+# discord.js, pinned in tests/clients/discordjs/package-lock.json, installed by npm ci
+# beside the build (again when the lock changes); tests/it/clients_js.rs runs it with
+# node, finding it through COVEN_CLIENTS_NODE_MODULES.
+clients_node="${CARGO_TARGET_DIR:-target}/clients-node"
+clients_lock=tests/clients/discordjs/package-lock.json
+if ! cmp -s "$clients_lock" "$clients_node/installed-package-lock.json" 2>/dev/null; then
+  say "installing discord.js for the client suite ($clients_node)"
+  rm -rf "$clients_node"
+  mkdir -p "$clients_node"
+  cp tests/clients/discordjs/package.json "$clients_lock" "$clients_node/"
+  (cd "$clients_node" && npm ci --no-audit --no-fund --loglevel=error)
+  cp "$clients_lock" "$clients_node/installed-package-lock.json"
+fi
+COVEN_CLIENTS_NODE_MODULES="$(cd "$clients_node" && pwd)/node_modules"
+export COVEN_CLIENTS_NODE_MODULES
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

@@ -12,6 +12,7 @@ mod browser;
 mod bus;
 mod cli;
 mod clients;
+mod clients_js;
 mod cluster;
 mod communities;
 mod demo;
