@@ -60,6 +60,18 @@ if ! cmp -s "$clients_pins" "$clients_venv/requirements.txt" 2>/dev/null; then
 fi
 COVEN_CLIENTS_PYTHON="$(cd "$clients_venv" && pwd)/bin/python"
 export COVEN_CLIENTS_PYTHON
+# The same discord.py with zstd (requirements-zstd.txt): it then asks for zstd-stream.
+clients_venv_zstd="${CARGO_TARGET_DIR:-target}/clients-venv-zstd"
+clients_pins_zstd=tests/clients/requirements-zstd.txt
+if ! cmp -s "$clients_pins_zstd" "$clients_venv_zstd/requirements.txt" 2>/dev/null; then
+  say "making the zstd client suite's virtual environment ($clients_venv_zstd)"
+  rm -rf "$clients_venv_zstd"
+  python3 -m venv "$clients_venv_zstd"
+  "$clients_venv_zstd/bin/python" -m pip install --quiet --disable-pip-version-check -r "$clients_pins_zstd"
+  cp "$clients_pins_zstd" "$clients_venv_zstd/requirements.txt"
+fi
+COVEN_CLIENTS_PYTHON_ZSTD="$(cd "$clients_venv_zstd" && pwd)/bin/python"
+export COVEN_CLIENTS_PYTHON_ZSTD
 
 # discord.js, pinned in tests/clients/discordjs/package-lock.json, installed by npm ci
 # beside the build (again when the lock changes); tests/it/clients_js.rs runs it with

@@ -602,10 +602,12 @@ enum Transport {
     /// `compress=zlib-stream`: "a single Gateway connection using a shared zlib context",
     /// every message ending in the `Z_SYNC_FLUSH` suffix `00 00 ff ff`.
     Zlib(Compress),
-    /// `compress=zstd-stream`, which the simulator does not speak: frames go out as JSON
-    /// text, which zstd clients (twilight, discord.py) read as they are, since Discord's
-    /// text frames are never compressed.
-    ZstdAsText,
+    /// `compress=zstd-stream`: "a zstd decompression context that stays alive for the
+    /// lifetime of the gateway connection"; "each websocket message corresponds to a
+    /// single gateway message, but does not end a zstd frame" (Gateway, "zstd-stream"):
+    /// one frame for the connection, flushed after each message. twilight asks it by
+    /// default, and discord.py wherever it has zstd (Python 3.14, or `zstandard`).
+    Zstd(Box<zstd::stream::raw::Encoder<'static>>),
 }
 
 /// Reads the URL's query as "Gateway URL Query String Params" lists it: the transport
@@ -646,7 +648,11 @@ fn negotiate(query: &GatewayQuery) -> Result<(u8, Transport), (u16, &'static str
             version,
             Transport::Zlib(Compress::new(Compression::fast(), true)),
         )),
-        Some("zstd-stream") => Ok((version, Transport::ZstdAsText)),
+        Some("zstd-stream") => match zstd::stream::raw::Encoder::new(3) {
+            Ok(encoder) => Ok((version, Transport::Zstd(Box::new(encoder)))),
+            // Only out of memory; the client is told as it would be by any failure.
+            Err(_) => Err((close::UNKNOWN_ERROR, "Could not start zstd-stream.")),
+        },
         Some(_) => Err((
             close::DECODE_ERROR,
             "Invalid compress: zlib-stream or zstd-stream.",
@@ -673,6 +679,9 @@ impl Encoder {
         if let Transport::Zlib(stream) = &mut self.transport {
             return sync_flush(stream, frame.as_bytes()).map(|b| Message::Binary(b.into()));
         }
+        if let Transport::Zstd(stream) = &mut self.transport {
+            return zstd_flush(stream, frame.as_bytes()).map(|b| Message::Binary(b.into()));
+        }
         if self.payload && dispatch && matches!(self.transport, Transport::None) {
             return zlib(frame.as_bytes()).map(|b| Message::Binary(b.into()));
         }
@@ -696,6 +705,27 @@ fn sync_flush(stream: &mut Compress, mut input: &[u8]) -> Option<Vec<u8>> {
         input = input.get(used..)?;
         // Deflate stops short of the end of the buffer only once it has written the flush.
         if input.is_empty() && out.len() < out.capacity() {
+            return Some(out);
+        }
+    }
+}
+
+/// Compresses `input` into the connection's zstd frame and flushes it, so the message
+/// holds everything the client needs to decompress this gateway message, the frame left
+/// open for the next.
+fn zstd_flush(stream: &mut zstd::stream::raw::Encoder<'static>, input: &[u8]) -> Option<Vec<u8>> {
+    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    let mut out: Vec<u8> = Vec::with_capacity(input.len() / 4 + 64);
+    let mut src = InBuffer::around(input);
+    loop {
+        if out.len() == out.capacity() {
+            out.reserve(out.capacity().max(64));
+        }
+        let at = out.len();
+        let mut dst = OutBuffer::around_pos(&mut out, at);
+        if src.pos < input.len() {
+            stream.run(&mut src, &mut dst).ok()?;
+        } else if stream.flush(&mut dst).ok()? == 0 {
             return Some(out);
         }
     }

@@ -1183,6 +1183,9 @@ def main() -> int:
         root=True,
     )
     point_at(args.sim)
+    # Which transport compression discord.py asks for (read, never set): zstd-stream where
+    # it has zstd (the `zstandard` package, or Python 3.14), zlib-stream otherwise.
+    print(f'INFO compression {discord.utils._ActiveDecompressionContext.COMPRESSION_TYPE}', flush=True)
     ok = True
     for name in args.scenarios:
         ok = asyncio.run(run_scenario(name, args.sim, args.token)) and ok

@@ -32,13 +32,20 @@ async fn discordpy(scenario: &str) {
 }
 
 async fn discordpy_with(scenario: &str, tweak: impl FnOnce(&mut Settings)) {
-    let Some(python) = std::env::var_os("COVEN_CLIENTS_PYTHON") else {
+    discordpy_in("COVEN_CLIENTS_PYTHON", scenario, tweak).await;
+}
+
+/// Runs one scenario with the python `var` names (a virtual environment of
+/// `scripts/test.sh`); answers the suite's report.
+async fn discordpy_in(var: &str, scenario: &str, tweak: impl FnOnce(&mut Settings)) -> String {
+    let Some(python) = std::env::var_os(var) else {
         panic!(
-            "COVEN_CLIENTS_PYTHON is not set: run scripts/test.sh, which makes the client \
-             suite's virtual environment (discord.py as pinned in \
-             tests/clients/requirements.txt) and points COVEN_CLIENTS_PYTHON at its python \
-             (or run `python3 -m venv target/clients-venv && target/clients-venv/bin/pip \
-             install -r tests/clients/requirements.txt` and export \
+            "{var} is not set: run scripts/test.sh, which makes the client suite's virtual \
+             environments (discord.py as pinned in tests/clients/requirements.txt, and with \
+             zstd in requirements-zstd.txt) and points COVEN_CLIENTS_PYTHON and \
+             COVEN_CLIENTS_PYTHON_ZSTD at their pythons (or run `python3 -m venv \
+             target/clients-venv && target/clients-venv/bin/pip install -r \
+             tests/clients/requirements.txt` and export \
              COVEN_CLIENTS_PYTHON=target/clients-venv/bin/python)"
         );
     };
@@ -91,6 +98,20 @@ async fn discordpy_with(scenario: &str, tweak: impl FnOnce(&mut Settings)) {
         panic!(
             "discord.py scenario {scenario} failed ({status}):\n{report}\n\
              --- the end of discord.py's log ---\n{tail}"
+        );
+    }
+    report
+}
+
+/// discord.py with zstd asks for `compress=zstd-stream` (on Python 3.14 it always has
+/// zstd): it logs in, sees voice and resumes over the one zstd stream a connection keeps.
+#[tokio::test]
+async fn discordpy_over_zstd_stream_logs_in_sees_voice_and_resumes() {
+    for scenario in ["login_and_cache", "voice_updates", "resume"] {
+        let report = discordpy_in("COVEN_CLIENTS_PYTHON_ZSTD", scenario, |_| {}).await;
+        assert!(
+            report.lines().any(|l| l == "INFO compression zstd-stream"),
+            "discord.py did not ask for zstd-stream:\n{report}"
         );
     }
 }

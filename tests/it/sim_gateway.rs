@@ -1483,15 +1483,71 @@ async fn identify_compress_sends_dispatches_as_zlib_payloads() {
     .await;
     assert_eq!(ack["op"], 11);
 
-    // Under zstd-stream (transport compression the sim answers with text) the flag adds
-    // no zlib either, as discord.py with zstd connects.
+    // Under zstd-stream the flag adds no zlib either, as discord.py with zstd connects:
+    // READY comes out of the zstd stream as plain JSON.
     let sim = TestSim::start().await;
     let mut ws = connect(&sim, "?v=10&encoding=json&compress=zstd-stream").await;
-    recv(&mut ws).await.expect("hello as text");
+    let mut z = zstd::stream::raw::Decoder::new().unwrap();
+    let hello = recv_binary(&mut ws).await;
+    unzstd(&mut z, &hello);
     let mut payload: Value = serde_json::from_str(&identify(&sim.token(), 129)).unwrap();
     payload["d"]["compress"] = json!(true);
     send(&mut ws, &payload.to_string()).await;
-    assert_eq!(recv(&mut ws).await.expect("READY as text")["t"], "READY");
+    let ready: Value = serde_json::from_str(&unzstd(&mut z, &recv_binary(&mut ws).await))
+        .expect("plain JSON inside the zstd stream");
+    assert_eq!(ready["t"], "READY");
+}
+
+/// Decompresses one message of a zstd-stream connection through its context; each
+/// message holds all of one gateway message, the frame left open.
+fn unzstd(z: &mut zstd::stream::raw::Decoder<'static>, input: &[u8]) -> String {
+    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    let mut out: Vec<u8> = Vec::with_capacity(input.len() * 8 + 1024);
+    let mut src = InBuffer::around(input);
+    loop {
+        if out.len() == out.capacity() {
+            out.reserve(out.capacity());
+        }
+        let at = out.len();
+        let mut dst = OutBuffer::around_pos(&mut out, at);
+        z.run(&mut src, &mut dst).expect("a zstd stream");
+        let wrote_to = dst.pos();
+        if src.pos == input.len() && wrote_to < out.capacity() {
+            return String::from_utf8(out).expect("UTF-8 JSON");
+        }
+    }
+}
+
+/// zstd-stream ("zstd-stream" in Gateway): every frame, HELLO included, is a binary
+/// message of one zstd stream that lasts the connection; a message decompresses whole
+/// with the context that read the ones before it, and not with a fresh one.
+#[tokio::test]
+async fn zstd_stream_sends_every_frame_through_one_context() {
+    let sim = TestSim::start().await;
+    let mut ws = connect(&sim, "?v=10&encoding=json&compress=zstd-stream").await;
+    let mut z = zstd::stream::raw::Decoder::new().unwrap();
+    let hello: Value = serde_json::from_str(&unzstd(&mut z, &recv_binary(&mut ws).await)).unwrap();
+    assert_eq!(hello["op"], 10);
+    send(&mut ws, &identify(&sim.token(), 129)).await;
+    let ready = recv_binary(&mut ws).await;
+    // Not a frame of its own: no zstd frame header (magic 28 b5 2f fd) opens it.
+    assert_ne!(ready.get(..4), Some(&[0x28, 0xb5, 0x2f, 0xfd][..]));
+    let ready: Value = serde_json::from_str(&unzstd(&mut z, &ready)).unwrap();
+    assert_eq!(
+        (ready["t"].as_str(), ready["s"].as_u64()),
+        (Some("READY"), Some(1))
+    );
+    let guild: Value = serde_json::from_str(&unzstd(&mut z, &recv_binary(&mut ws).await)).unwrap();
+    assert_eq!(guild["t"], "GUILD_CREATE");
+    // Every later frame (the other guild's GUILD_CREATE, the ACK) goes through it too.
+    send(&mut ws, r#"{"op":1,"d":2}"#).await;
+    loop {
+        let frame: Value =
+            serde_json::from_str(&unzstd(&mut z, &recv_binary(&mut ws).await)).unwrap();
+        if frame["op"] == 11 {
+            break;
+        }
+    }
 }
 
 /// The close frame the sim ends with: its code and reason.
@@ -1514,15 +1570,11 @@ async fn close_of(ws: &mut Ws) -> (u16, String) {
 /// The URL's query, as "Gateway URL Query String Params" lists it: JSON works in v10 and
 /// v9; ETF, which the sim does not speak, an encoding or compression Discord does not
 /// offer, and a version it does not serve are closed before HELLO, each with a reason that
-/// names what was wrong; zstd-stream (not simulated) gets JSON text.
+/// names what was wrong.
 #[tokio::test]
 async fn the_gateway_urls_query_is_answered_as_discord_documents() {
     let sim = TestSim::start().await;
-    for query in [
-        "?v=10&encoding=json",
-        "?v=10",
-        "?v=10&encoding=json&compress=zstd-stream",
-    ] {
+    for query in ["?v=10&encoding=json", "?v=10"] {
         let mut ws = connect(&sim, query).await;
         assert_eq!(recv(&mut ws).await.expect(query)["op"], 10, "{query}");
     }
