@@ -725,10 +725,16 @@ async fn revoke(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
 
 async fn fail(State(shared): State<Arc<Shared>>, bytes: Bytes) -> Result {
     let fault: Fault = body(&bytes)?;
-    if !(400..=599).contains(&fault.status) || fault.count == 0 || !fault.path.starts_with('/') {
+    if !(400..=599).contains(&fault.status)
+        || fault.count == 0
+        || !fault.path.starts_with('/')
+        || fault
+            .retry_after
+            .is_some_and(|r| !(0.0..=Fault::LONGEST_WAIT).contains(&r))
+    {
         return Err(error(
             StatusCode::BAD_REQUEST,
-            "status must be 400-599, count at least 1, path absolute",
+            "status must be 400-599, count at least 1, path absolute, retry_after 0-86400",
         ));
     }
     if fault.global && fault.scope.is_some_and(|s| s != super::rest::Scope::Global) {

@@ -183,6 +183,9 @@ pub struct Counters {
     pub last_sequence: u64,
     /// IDENTIFYs answered with op 9: too early for their bucket, or none left for the day.
     pub identify_rejected: u64,
+    /// Connections that asked for `compress=zlib-stream` and `compress=zstd-stream`.
+    pub zlib_stream_connections: u64,
+    pub zstd_stream_connections: u64,
 }
 
 /// What `/_sim/state` reports of one shard, over all its sessions and connections.
@@ -676,16 +679,13 @@ impl Encoder {
     /// The message carrying `frame`; `None` if compressing it failed, after which the
     /// stream cannot go on.
     fn message(&mut self, frame: &str, dispatch: bool) -> Option<Message> {
-        if let Transport::Zlib(stream) = &mut self.transport {
-            return sync_flush(stream, frame.as_bytes()).map(|b| Message::Binary(b.into()));
-        }
-        if let Transport::Zstd(stream) = &mut self.transport {
-            return zstd_flush(stream, frame.as_bytes()).map(|b| Message::Binary(b.into()));
-        }
-        if self.payload && dispatch && matches!(self.transport, Transport::None) {
-            return zlib(frame.as_bytes()).map(|b| Message::Binary(b.into()));
-        }
-        Some(Message::Text(Utf8Bytes::from(frame)))
+        let compressed = match &mut self.transport {
+            Transport::Zlib(stream) => sync_flush(stream, frame.as_bytes()),
+            Transport::Zstd(stream) => zstd_flush(stream, frame.as_bytes()),
+            Transport::None if self.payload && dispatch => zlib(frame.as_bytes()),
+            Transport::None => return Some(Message::Text(Utf8Bytes::from(frame))),
+        };
+        compressed.map(|b| Message::Binary(b.into()))
     }
 }
 
@@ -750,9 +750,17 @@ pub async fn serve_connection(shared: Arc<Shared>, mut socket: WebSocket, query:
 
     let mut encoder = match negotiate(&query) {
         Ok((version, transport)) => {
-            if let Some(c) = shared.lock().hub.conns.get_mut(&conn_id) {
+            let mut state = shared.lock();
+            if let Some(c) = state.hub.conns.get_mut(&conn_id) {
                 c.version = version;
             }
+            let counters = &mut state.hub.counters;
+            match transport {
+                Transport::Zlib(_) => counters.zlib_stream_connections += 1,
+                Transport::Zstd(_) => counters.zstd_stream_connections += 1,
+                Transport::None => {}
+            }
+            drop(state);
             Encoder {
                 transport,
                 payload: false,
@@ -979,12 +987,13 @@ fn handle_payload(shared: &Shared, conn_id: u64, text: &str) -> bool {
     false
 }
 
-/// The guild a send event names, if the connection's session holds it (its shard).
-fn held_guild(hub: &Hub, conn_id: u64, d: &Value) -> Option<(u64, u64)> {
+/// The guild a send event names, if the connection's session holds it (its shard), with
+/// that session's id and intents.
+fn held_guild(hub: &Hub, conn_id: u64, d: &Value) -> Option<(u64, String, u64)> {
     let guild = d.get("guild_id").and_then(super::world::id_from_json)?;
     let session = hub.conns.get(&conn_id)?.session.as_ref()?;
     let s = hub.sessions.get(session)?;
-    holds(s.shard, guild).then_some((guild, s.intents))
+    holds(s.shard, guild).then(|| (guild, session.clone(), s.intents))
 }
 
 /// Update Voice State (op 4): the bot joins, moves in or leaves voice as a user's client
@@ -994,7 +1003,7 @@ fn held_guild(hub: &Hub, conn_id: u64, d: &Value) -> Option<(u64, u64)> {
 /// belongs to voice transport, which is not simulated: a library waiting for it to open a
 /// voice connection times out (docs/simulator.md, "What it does not do").
 fn bot_voice(state: &mut super::State, conn_id: u64, d: &Value) {
-    let Some((guild, _)) = held_guild(&state.hub, conn_id, d) else {
+    let Some((guild, _, _)) = held_guild(&state.hub, conn_id, d) else {
         return;
     };
     let channel = d.get("channel_id").and_then(super::world::id_from_json);
@@ -1025,7 +1034,7 @@ fn bot_voice(state: &mut super::State, conn_id: u64, d: &Value) {
 /// use. Presences are not simulated, so `presences` is answered as Discord answers it
 /// without GUILD_PRESENCES: "it will always be false".
 fn member_chunk(state: &mut super::State, conn_id: u64, d: &Value) {
-    let Some((guild, intents)) = held_guild(&state.hub, conn_id, d) else {
+    let Some((guild, session, intents)) = held_guild(&state.hub, conn_id, d) else {
         return;
     };
     let query = d.get("query").and_then(Value::as_str);
@@ -1087,16 +1096,9 @@ fn member_chunk(state: &mut super::State, conn_id: u64, d: &Value) {
     {
         chunk["nonce"] = json!(nonce);
     }
-    let session = state
+    state
         .hub
-        .conns
-        .get(&conn_id)
-        .and_then(|c| c.session.clone());
-    if let Some(session) = session {
-        state
-            .hub
-            .send_dispatch(&session, "GUILD_MEMBERS_CHUNK", &chunk);
-    }
+        .send_dispatch(&session, "GUILD_MEMBERS_CHUNK", &chunk);
 }
 
 /// Whether `d` has the fields "Gateway Events" lists for the send event `op`, with their

@@ -62,11 +62,20 @@ pub fn iso_now() -> String {
     }
 }
 
+/// The first `bytes` bytes (at most 32) of `input`'s SHA-256, in hex: the simulator's
+/// stable stand-in for Discord's hashes (images, buckets, keys) and its token digests.
+pub fn digest_hex(input: &[u8], bytes: usize) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(input);
+    digest[..bytes.min(32)]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// A stable 32-hex-digit avatar hash for a user, shaped like Discord's image hashes.
 pub fn avatar_hash(id: u64) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(id.to_le_bytes());
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    digest_hex(&id.to_le_bytes(), 16)
 }
 
 pub fn random_hex(bytes: usize) -> String {

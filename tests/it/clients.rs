@@ -19,11 +19,8 @@ use twilight_model::http::permission_overwrite::{
 };
 use twilight_model::id::Id;
 
+use crate::harness::clients::run_scenario;
 use crate::harness::{TestSim, next_event, shard};
-
-/// The longest one discord.py scenario may run (each check inside has its own deadline;
-/// identifying again waits discord.py's own 5 s between IDENTIFYs).
-const SCENARIO_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Runs one scenario of the discord.py suite against a fresh simulator; fails with the
 /// suite's report and the end of discord.py's log unless every check passed.
@@ -36,8 +33,12 @@ async fn discordpy_with(scenario: &str, tweak: impl FnOnce(&mut Settings)) {
 }
 
 /// Runs one scenario with the python `var` names (a virtual environment of
-/// `scripts/test.sh`); answers the suite's report.
-async fn discordpy_in(var: &str, scenario: &str, tweak: impl FnOnce(&mut Settings)) -> String {
+/// `scripts/test.sh`); answers the suite's report and the simulator's Gateway counters.
+async fn discordpy_in(
+    var: &str,
+    scenario: &str,
+    tweak: impl FnOnce(&mut Settings),
+) -> (String, Value) {
     let Some(python) = std::env::var_os(var) else {
         panic!(
             "{var} is not set: run scripts/test.sh, which makes the client suite's virtual \
@@ -50,57 +51,16 @@ async fn discordpy_in(var: &str, scenario: &str, tweak: impl FnOnce(&mut Setting
         );
     };
     let sim = TestSim::start_with(tweak).await;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/clients/discordpy_suite.py"
-    );
-    let mut child = tokio::process::Command::new(&python)
-        .arg(script)
-        .arg("--sim")
-        .arg(sim.url(""))
-        .arg("--token")
-        .arg(sim.token())
-        .arg(scenario)
+    let mut command = tokio::process::Command::new(&python);
+    command
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/discordpy_suite.py"
+        ))
         .env("PYTHONUNBUFFERED", "1")
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {python:?} {script}: {e}"));
-    // Read both pipes as they come, so a scenario stopped at the deadline still shows
-    // what it had said.
-    let drain = |pipe: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>| {
-        tokio::spawn(async move {
-            let mut out = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = tokio::io::AsyncReadExt::read_to_end(&mut pipe, &mut out).await;
-            }
-            String::from_utf8_lossy(&out).into_owned()
-        })
-    };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let (exited_ok, status) = match tokio::time::timeout(SCENARIO_DEADLINE, child.wait()).await {
-        Ok(Ok(status)) => (status.success(), status.to_string()),
-        Ok(Err(e)) => (false, format!("not awaited: {e}")),
-        Err(_) => {
-            let _ = child.kill().await;
-            (false, format!("stopped after {SCENARIO_DEADLINE:?}"))
-        }
-    };
-    let report = stdout.await.expect("the stdout reader");
-    let log = stderr.await.expect("the stderr reader");
-    let passed = format!("RESULT {scenario} passed");
-    if !exited_ok || !report.lines().any(|l| l == passed) {
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(60)..].join("\n");
-        panic!(
-            "discord.py scenario {scenario} failed ({status}):\n{report}\n\
-             --- the end of discord.py's log ---\n{tail}"
-        );
-    }
-    report
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    let report = run_scenario("discord.py", command, &sim, scenario, 60).await;
+    (report, sim.state().await["gateway"].clone())
 }
 
 /// discord.py with zstd asks for `compress=zstd-stream` (on Python 3.14 it always has
@@ -108,17 +68,38 @@ async fn discordpy_in(var: &str, scenario: &str, tweak: impl FnOnce(&mut Setting
 #[tokio::test]
 async fn discordpy_over_zstd_stream_logs_in_sees_voice_and_resumes() {
     for scenario in ["login_and_cache", "voice_updates", "resume"] {
-        let report = discordpy_in("COVEN_CLIENTS_PYTHON_ZSTD", scenario, |_| {}).await;
+        let (report, gateway) = discordpy_in("COVEN_CLIENTS_PYTHON_ZSTD", scenario, |_| {}).await;
         assert!(
             report.lines().any(|l| l == "INFO compression zstd-stream"),
             "discord.py did not ask for zstd-stream:\n{report}"
         );
+        // The sim answered in kind: every connection zstd, none plain.
+        let connections = gateway["connections"].as_u64().unwrap_or(0);
+        assert!(connections > 0, "{gateway}");
+        assert_eq!(
+            gateway["zstd_stream_connections"].as_u64(),
+            Some(connections),
+            "{gateway}"
+        );
     }
 }
 
+/// discord.py logs in with its defaults (zlib-stream transport compression), and its
+/// cache matches the simulator's state.
 #[tokio::test]
 async fn discordpy_logs_in_and_its_cache_matches_the_simulator() {
-    discordpy("login_and_cache").await;
+    let (report, gateway) = discordpy_in("COVEN_CLIENTS_PYTHON", "login_and_cache", |_| {}).await;
+    assert!(
+        report.lines().any(|l| l == "INFO compression zlib-stream"),
+        "{report}"
+    );
+    let connections = gateway["connections"].as_u64().unwrap_or(0);
+    assert!(connections > 0, "{gateway}");
+    assert_eq!(
+        gateway["zlib_stream_connections"].as_u64(),
+        Some(connections),
+        "{gateway}"
+    );
 }
 
 #[tokio::test]

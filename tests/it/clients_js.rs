@@ -5,14 +5,10 @@
 //! scenario on a simulator of its own. Its REST base is the `rest.api` option of
 //! `Client`; its Gateway URL the one `GET /gateway/bot` gives.
 
-use std::time::Duration;
-
 use coven::sim::Settings;
 
 use crate::harness::TestSim;
-
-/// The longest one discord.js scenario may run (each check inside has its own deadline).
-const SCENARIO_DEADLINE: Duration = Duration::from_secs(120);
+use crate::harness::clients::run_scenario;
 
 /// Runs one scenario of the discord.js suite against a fresh simulator; fails with the
 /// suite's report and the end of discord.js's log unless every check passed.
@@ -39,55 +35,14 @@ async fn discordjs_with(scenario: &str, tweak: impl FnOnce(&mut Settings)) {
          scripts/test.sh, which installs it there with npm ci"
     );
     let sim = TestSim::start_with(tweak).await;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/clients/discordjs/suite.js"
-    );
-    let mut child = tokio::process::Command::new("node")
-        .arg(script)
-        .arg("--sim")
-        .arg(sim.url(""))
-        .arg("--token")
-        .arg(sim.token())
-        .arg(scenario)
-        .env("NODE_PATH", &modules)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run node {script} (is Node.js 18+ installed?): {e}"));
-    // Read both pipes as they come, so a scenario stopped at the deadline still shows
-    // what it had said.
-    let drain = |pipe: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>| {
-        tokio::spawn(async move {
-            let mut out = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = tokio::io::AsyncReadExt::read_to_end(&mut pipe, &mut out).await;
-            }
-            String::from_utf8_lossy(&out).into_owned()
-        })
-    };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let (exited_ok, status) = match tokio::time::timeout(SCENARIO_DEADLINE, child.wait()).await {
-        Ok(Ok(status)) => (status.success(), status.to_string()),
-        Ok(Err(e)) => (false, format!("not awaited: {e}")),
-        Err(_) => {
-            let _ = child.kill().await;
-            (false, format!("stopped after {SCENARIO_DEADLINE:?}"))
-        }
-    };
-    let report = stdout.await.expect("the stdout reader");
-    let log = stderr.await.expect("the stderr reader");
-    let passed = format!("RESULT {scenario} passed");
-    if !exited_ok || !report.lines().any(|l| l == passed) {
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(80)..].join("\n");
-        panic!(
-            "discord.js scenario {scenario} failed ({status}):\n{report}\n\
-             --- the end of discord.js's log ---\n{tail}"
-        );
-    }
+    let mut command = tokio::process::Command::new("node");
+    command
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/discordjs/suite.js"
+        ))
+        .env("NODE_PATH", &modules);
+    run_scenario("discord.js", command, &sim, scenario, 80).await;
 }
 
 #[tokio::test]

@@ -168,8 +168,32 @@ async fn modify_guild_member_lands_every_field_or_none() {
         );
         assert!(form_error(&body, &[field]).is_string(), "{bad}: {body}");
     }
-    // The owner cannot be timed out.
+    // Roles the bot may not hand out: its own managed role (or any managed role), and
+    // @everyone, which no one is given.
+    let state = sim.state().await;
+    let managed = state["roles"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["managed"] == true))
+        .and_then(|r| r["id"].as_str())
+        .expect("the bot's managed role")
+        .to_owned();
+    let (status, body) = raw(&sim, Method::PATCH, &path, json!({"roles": [managed]})).await;
+    assert_eq!((status, &body["code"]), (403, &json!(50013)), "{body}");
+    let everyone = sim.guild_id().to_string();
+    let (status, body) = raw(&sim, Method::PATCH, &path, json!({"roles": [everyone]})).await;
+    assert_eq!((status, &body["code"]), (400, &json!(50035)), "{body}");
+    assert_eq!(member(&sim, bramble).await["roles"], json!([]));
+    // The owner outranks the bot: no renaming them, no timing them out.
     let owner = sim.id_of("owner_id").await;
+    let (status, body) = raw(
+        &sim,
+        Method::PATCH,
+        &format!("/guilds/{}/members/{owner}", sim.guild_id()),
+        json!({"nick": "Boss"}),
+    )
+    .await;
+    assert_eq!((status, &body["code"]), (403, &json!(50013)), "{body}");
+    assert_eq!(member(&sim, owner).await["nick"], Value::Null);
     let (status, _) = raw(
         &sim,
         Method::PATCH,
@@ -363,7 +387,21 @@ async fn role_colours_positions_and_the_reads_bots_make_first() {
         .await
         .unwrap();
     assert_eq!(Some(role.position), pos(&after, a));
-    // The bot cannot move its own role, nor anything above it.
+    // The bot cannot move a role to its own role's place or above.
+    let top = after
+        .iter()
+        .find(|r| r.managed)
+        .map(|r| r.position)
+        .unwrap();
+    let (status, _) = raw(
+        &sim,
+        Method::PATCH,
+        &format!("/guilds/{g}/roles"),
+        json!([{"id": a.to_string(), "position": top}]),
+    )
+    .await;
+    assert_eq!(status, 403);
+    // Nor move its own role, nor anything above it.
     let bot_role = after
         .iter()
         .find(|r| r.managed)
@@ -485,6 +523,19 @@ async fn role_colours_positions_and_the_reads_bots_make_first() {
 #[tokio::test]
 async fn routes_the_sim_does_not_serve_answer_discords_404_and_405() {
     let sim = TestSim::start().await;
+    // A forced 429 past a day (or negative) is refused by the control API, not taken
+    // and then failed on by the route it would answer.
+    for retry in [1e300, -1.0] {
+        let (status, _) = sim
+            .control(
+                "/rest/fail",
+                json!({"path": "/users/@me", "status": 429, "retry_after": retry}),
+            )
+            .await;
+        assert_eq!(status, 400, "retry_after {retry}");
+    }
+    let (status, _) = raw(&sim, Method::GET, "/users/@me", Value::Null).await;
+    assert_eq!(status, 200);
     // List Guild Members needs the GUILD_MEMBERS privileged intent the app lacks.
     let (status, body) = raw(
         &sim,

@@ -300,15 +300,25 @@ pub(super) fn image_field(body: &Map<String, Value>, name: &str) -> ApiResult<Fi
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(data)
             .ok()?;
-        use sha2::{Digest, Sha256};
-        let hash: String = Sha256::digest(&bytes)[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hash = crate::sim::ids::digest_hex(&bytes, 16);
         Some(if kind == "gif" {
             format!("a_{hash}")
         } else {
             hash
         })
     })
+}
+
+/// A boolean query string param, as the Reference's "Boolean Query Strings" reads one:
+/// `True`, `true` or `1`, and `False`, `false` or `0`.
+pub(super) fn boolean_query(name: &str, raw: Option<&str>) -> ApiResult<bool> {
+    match raw {
+        None | Some("false" | "False" | "0") => Ok(false),
+        Some("true" | "True" | "1") => Ok(true),
+        Some(_) => Err(ApiError::invalid_field(
+            name,
+            "BASE_TYPE_BOOLEAN",
+            "Must be either true or false.",
+        )),
+    }
 }

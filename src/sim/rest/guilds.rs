@@ -9,8 +9,8 @@ use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::error::{ApiError, ApiResult};
-use super::extract::{Bot, bot_guild};
+use super::error::ApiResult;
+use super::extract::{Bot, boolean_query, bot_guild};
 use crate::sim::Shared;
 
 #[derive(Deserialize)]
@@ -36,18 +36,4 @@ pub(super) async fn get_guild(
         guild["approximate_presence_count"] = json!(w.voice.len());
     }
     Ok(axum::Json(guild).into_response())
-}
-
-/// A boolean query string param, as the Reference's "Boolean Query Strings" reads one:
-/// `True`, `true` or `1`, and `False`, `false` or `0`.
-pub(super) fn boolean_query(name: &str, raw: Option<&str>) -> ApiResult<bool> {
-    match raw {
-        None | Some("false" | "False" | "0") => Ok(false),
-        Some("true" | "True" | "1") => Ok(true),
-        Some(_) => Err(ApiError::invalid_field(
-            name,
-            "BASE_TYPE_BOOLEAN",
-            "Must be either true or false.",
-        )),
-    }
 }

@@ -19,7 +19,7 @@ use serde_json::json;
 
 use super::error::ApiError;
 use crate::sim::Shared;
-use crate::sim::ids::now_ms;
+use crate::sim::ids::{digest_hex, now_ms};
 
 #[derive(Debug)]
 pub struct Limits {
@@ -102,6 +102,20 @@ fn one() -> u32 {
 }
 
 impl Fault {
+    /// The longest `retry_after` the control API takes, in seconds.
+    pub const LONGEST_WAIT: f64 = 86_400.0;
+
+    /// How long an injected 429 says to wait (and holds its limit): `retry_after`,
+    /// 1 s by default.
+    fn wait(&self) -> Duration {
+        Duration::try_from_secs_f64(
+            self.retry_after
+                .unwrap_or(1.0)
+                .clamp(0.0, Self::LONGEST_WAIT),
+        )
+        .unwrap_or(Duration::ZERO)
+    }
+
     fn scope(&self) -> Scope {
         match (self.scope, self.global) {
             (Some(s), _) => s,
@@ -206,13 +220,7 @@ impl Limits {
                 continue;
             }
             self.rate_limited += 1;
-            let wait = until - now;
-            let headers = match scope {
-                Scope::Global => Vec::new(),
-                Scope::Shared => limit_headers(bucket, 10, 9, wait),
-                Scope::User => limit_headers(bucket, 1, 0, wait),
-            };
-            return Some(too_many(&headers, wait.as_secs_f64(), scope));
+            return Some(scoped_429(bucket, scope, until - now));
         }
         None
     }
@@ -303,12 +311,7 @@ fn bucket_of(method: &Method, path: &str) -> (String, String) {
         }
         prev = seg;
     }
-    use sha2::{Digest, Sha256};
-    let hash: String = Sha256::digest(template.as_bytes())[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    (hash, major)
+    (digest_hex(template.as_bytes(), 8), major)
 }
 
 /// The bucket headers Discord puts on "most API requests" (Rate Limits, "Header
@@ -371,21 +374,23 @@ fn too_many(headers: &[(&'static str, String)], retry_after: f64, scope: Scope) 
     response
 }
 
+/// A 429 of `scope` for `bucket`, `wait` from its end: no bucket headers with a global
+/// limit; with a shared one the caller's bucket is not spent (the documented example says
+/// `X-RateLimit-Remaining: 9` of 10).
+fn scoped_429(bucket: &str, scope: Scope, wait: Duration) -> Response {
+    let headers = match scope {
+        Scope::Global => Vec::new(),
+        Scope::Shared => limit_headers(bucket, 10, 9, wait),
+        Scope::User => limit_headers(bucket, 1, 0, wait),
+    };
+    too_many(&headers, wait.as_secs_f64(), scope)
+}
+
 fn fault_response(fault: &Fault, method: &Method, path: &str) -> Response {
     let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let (bucket, _) = bucket_of(method, path);
     if status == StatusCode::TOO_MANY_REQUESTS {
-        let retry = fault.retry_after.unwrap_or(1.0).max(0.0);
-        let reset = Duration::from_secs_f64(retry);
-        let scope = fault.scope();
-        let headers = match scope {
-            Scope::Global => Vec::new(),
-            // A shared limit is the resource's, not the caller's: their bucket is not
-            // spent (the documented example says `X-RateLimit-Remaining: 9` of 10).
-            Scope::Shared => limit_headers(&bucket, 10, 9, reset),
-            Scope::User => limit_headers(&bucket, 1, 0, reset),
-        };
-        return too_many(&headers, retry, scope);
+        return scoped_429(&bucket, fault.scope(), fault.wait());
     }
     let error = match fault.code {
         Some(code) => {
@@ -433,11 +438,9 @@ async fn limited(shared: Arc<Shared>, req: Request, next: Next) -> Response {
         match state.limits.take_fault(&method, &path) {
             Some(fault) => {
                 if fault.status == 429 {
-                    let retry = fault.retry_after.unwrap_or(1.0).max(0.0);
-                    let hold = Duration::try_from_secs_f64(retry).unwrap_or(Duration::ZERO);
                     state
                         .limits
-                        .hold(fault.scope(), &method, &path, &caller, hold);
+                        .hold(fault.scope(), &method, &path, &caller, fault.wait());
                 }
                 (Some(fault), None)
             }
@@ -471,12 +474,7 @@ fn caller_key(authorization: Option<&HeaderValue>) -> String {
     if value.starts_with("Bot ") {
         "bot".to_owned()
     } else if let Some(token) = value.strip_prefix("Bearer ") {
-        use sha2::{Digest, Sha256};
-        let digest: String = Sha256::digest(token.as_bytes())[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("user:{digest}")
+        format!("user:{}", digest_hex(token.as_bytes(), 8))
     } else {
         "none".to_owned()
     }

@@ -36,7 +36,6 @@ pub(super) async fn gateway(State(shared): State<Arc<Shared>>) -> Response {
 /// indexes `id`, `name`, `description`, `bot_public`, `bot_require_code_grant`,
 /// `verify_key` and `owner` without checking.
 pub(super) async fn current_application(State(shared): State<Arc<Shared>>, _: Bot) -> ApiResult {
-    use sha2::{Digest, Sha256};
     let state = shared.lock();
     let settings = &shared.settings;
     let bot = state
@@ -48,10 +47,7 @@ pub(super) async fn current_application(State(shared): State<Arc<Shared>>, _: Bo
         .map(crate::sim::world::user_json)
         .unwrap_or(Value::Null);
     // Discord's is the hex of an Ed25519 public key: 32 bytes, fixed per application.
-    let verify_key: String = Sha256::digest(settings.client_id.to_be_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let verify_key = crate::sim::ids::digest_hex(&settings.client_id.to_be_bytes(), 32);
     Ok(axum::Json(json!({
         "id": settings.client_id.to_string(),
         "name": bot["username"].clone(),
@@ -159,7 +155,7 @@ pub(super) async fn current_user_guilds(
                 )
             })?,
     };
-    let with_counts = super::guilds::boolean_query("with_counts", q.with_counts.as_deref())?;
+    let with_counts = super::extract::boolean_query("with_counts", q.with_counts.as_deref())?;
     let state = shared.lock();
     let mut mine: Vec<&World> = state
         .guilds()

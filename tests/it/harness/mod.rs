@@ -9,6 +9,7 @@
 
 pub mod axe;
 pub mod browser;
+pub mod clients;
 pub mod cluster;
 pub mod demo;
 pub mod otlp;
