@@ -33,6 +33,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// Logging in through the simulator, shared by the benchmarks.
+#[path = "support/login.rs"]
+mod login;
+
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -356,33 +360,9 @@ impl Deployment {
 
     /// Logs `user` in on `web` through the real OAuth2 flow; returns the session cookie.
     async fn login(&self, web: &Web, user: &str) -> String {
-        let cookie_of = |r: &reqwest::Response| {
-            r.headers()
-                .get("set-cookie")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split(';').next())
-                .map(str::to_owned)
-        };
-        let start = self.http.get(web.url("/auth/login")).send().await.unwrap();
-        let cookie = cookie_of(&start).expect("a session cookie");
-        let authorize = start.headers()["location"].to_str().unwrap().to_owned();
-        let picked = self
-            .http
-            .get(format!("{authorize}&sim_user={user}"))
-            .send()
+        login::session_cookie(&self.http, &web.url(""), user)
             .await
-            .unwrap();
-        let callback = picked.headers()["location"].to_str().unwrap().to_owned();
-        let done = self
-            .http
-            .get(&callback)
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(done.status(), 303, "login of {user}");
-        // The session id is cycled at login: take the new cookie.
-        cookie_of(&done).unwrap_or(cookie)
+            .expect("a login")
     }
 
     async fn healthz(&self, web: &Web) -> Value {

@@ -34,6 +34,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Logging in through the simulator, shared by the benchmarks.
+#[path = "support/login.rs"]
+mod login;
+
 use coven::event::EventId;
 use fred::prelude::*;
 use serde_json::{Value, json};
@@ -286,38 +290,9 @@ impl Deployment {
     /// Logs `user` in on the replica on `port` through its OAuth2 flow; the session cookie
     /// (sessions live in Redis: it works on every replica).
     async fn login(&self, port: u16, user: &str) -> String {
-        let cookie_of = |r: &reqwest::Response| {
-            r.headers()
-                .get("set-cookie")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split(';').next())
-                .map(str::to_owned)
-        };
-        let start = self
-            .http
-            .get(format!("http://127.0.0.1:{port}/auth/login"))
-            .send()
+        login::session_cookie(&self.http, &format!("http://127.0.0.1:{port}"), user)
             .await
-            .unwrap();
-        let cookie = cookie_of(&start).expect("a session cookie");
-        let authorize = start.headers()["location"].to_str().unwrap().to_owned();
-        let picked = self
-            .http
-            .get(format!("{authorize}&sim_user={user}"))
-            .send()
-            .await
-            .unwrap();
-        let callback = picked.headers()["location"].to_str().unwrap().to_owned();
-        let done = self
-            .http
-            .get(&callback)
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(done.status(), 303, "login of {user}");
-        // The session id is cycled at login.
-        cookie_of(&done).unwrap_or(cookie)
+            .expect("a login")
     }
 
     /// Pids of the Coven processes alive now, by name.

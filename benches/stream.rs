@@ -38,6 +38,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// Logging in through the simulator, shared by the benchmarks.
+#[path = "support/login.rs"]
+mod login;
+
 use coven::sim::{Settings as SimSettings, Sim};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -244,7 +248,7 @@ async fn setup(traces: Option<&str>) -> anyhow::Result<Setup> {
         webs.push((Proc(child), port));
         wait_port(port)?;
     }
-    let cookie = login(webs[0].1, &sim_url).await?;
+    let cookie = login(webs[0].1).await?;
     Ok(Setup {
         _redis: redis,
         redis_url,
@@ -257,48 +261,13 @@ async fn setup(traces: Option<&str>) -> anyhow::Result<Setup> {
     })
 }
 
-/// Logs in as the sim's first member through the real OAuth2 flow; returns the cookie.
-async fn login(port: u16, sim_url: &str) -> anyhow::Result<String> {
+/// Logs in as the sim's owner of the first guild (ash) through the real OAuth2 flow;
+/// returns the cookie.
+async fn login(port: u16) -> anyhow::Result<String> {
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
-    let web = format!("http://127.0.0.1:{port}");
-    let start = http.get(format!("{web}/auth/login")).send().await?;
-    let cookie = start
-        .headers()
-        .get("set-cookie")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .ok_or_else(|| anyhow::anyhow!("no session cookie"))?
-        .to_owned();
-    let authorize = start.headers()["location"].to_str()?.to_owned();
-    let state: serde_json::Value = http
-        .get(format!("{sim_url}/_sim/state"))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let ash = state["users"]
-        .as_array()
-        .and_then(|users| users.iter().find(|u| u["username"] == "ash"))
-        .and_then(|u| u["id"].as_str())
-        .ok_or_else(|| anyhow::anyhow!("the sim has no user ash"))?
-        .to_owned();
-    let picked = http
-        .get(format!("{authorize}&sim_user={ash}"))
-        .send()
-        .await?;
-    let callback = picked.headers()["location"].to_str()?.to_owned();
-    let done = http.get(&callback).header("cookie", &cookie).send().await?;
-    // The session id is cycled at login: take the new cookie.
-    let cookie = done
-        .headers()
-        .get("set-cookie")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map_or(cookie, str::to_owned);
-    anyhow::ensure!(done.status() == 303, "login failed: {}", done.status());
-    Ok(cookie)
+    login::session_cookie(&http, &format!("http://127.0.0.1:{port}"), "ash").await
 }
 
 /// What one stream saw.
