@@ -104,4 +104,12 @@ say "cargo machete"
 cargo machete
 
 say "cargo test"
-cargo test --locked --lib --bins --tests
+# CI shows the tail of a failing run, where backtraces would push out what failed: the
+# panics are printed again last, each without its backtrace.
+log=target/test-output.log
+mkdir -p target
+if ! cargo test --locked --lib --bins --tests 2>&1 | tee "$log"; then
+  say "what each failing test said (all of it is above and in $log)"
+  awk '/^thread .* panicked at /{n=40} /^stack backtrace:|^note: run with/{n=0} n>0{print; n--}' "$log"
+  exit 1
+fi

@@ -51,10 +51,9 @@ impl Setup {
         let redis_url = self.redis.url();
         let gateway_url = self.sim.gateway_url();
         let api_url = self.sim.url("/api");
-        let metrics_bind = format!("127.0.0.1:{}", crate::harness::redis::free_port());
         let mut env = vec![
             ("BIND", "127.0.0.1:0"),
-            ("METRICS_BIND", &metrics_bind),
+            ("METRICS_BIND", "127.0.0.1:0"),
             ("REDIS_URL", &redis_url),
             ("DISCORD_GUILD_ID", &guild),
             ("DISCORD_BOT_TOKEN", token),

@@ -1,10 +1,12 @@
 //! axe-core run inside the page a test's Chromium shows (the browser itself is
 //! `super::browser::Driver`).
 
+use std::time::Duration;
+
 use fantoccini::Client;
 use serde_json::{Value, json};
 
-use super::wait_for;
+use super::{DEADLINE, wait_for};
 
 /// axe-core, as vendored from the npm registry (see `tests/fixtures/axe/README.md`).
 const AXE: &str = include_str!("../../fixtures/axe/axe-4.14.1.min.js");
@@ -26,8 +28,24 @@ impl Violation {
 }
 
 /// Runs axe-core on the page the browser shows, once it has loaded, and returns every
-/// violation (WCAG 2.0/2.1 A and AA rules and axe's best practices).
+/// violation (WCAG 2.0/2.1 A and AA rules and axe's best practices). A run that throws
+/// (a live swap can take a node out from under it) is run again until the deadline; a
+/// violation is never retried away.
 pub async fn axe(c: &Client) -> Vec<Violation> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match axe_once(c).await {
+            Ok(found) => return found,
+            Err(why) if tokio::time::Instant::now() < deadline => {
+                eprintln!("axe did not finish a run, running it again: {why}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(why) => panic!("axe never finished a run within {DEADLINE:?}: {why}"),
+        }
+    }
+}
+
+async fn axe_once(c: &Client) -> Result<Vec<Violation>, String> {
     wait_for("the page to load", || async {
         let state = c.execute("return document.readyState", vec![]).await.ok()?;
         (state == json!("complete")).then_some(())
@@ -37,7 +55,7 @@ pub async fn axe(c: &Client) -> Vec<Violation> {
     // never serves axe.
     c.execute(&format!("{AXE}\nreturn true;"), vec![])
         .await
-        .expect("axe loads into the page");
+        .map_err(|e| format!("axe does not load into the page: {e}"))?;
     let answer = c
         .execute_async(
             r#"const done = arguments[arguments.length - 1];
@@ -50,9 +68,11 @@ pub async fn axe(c: &Client) -> Vec<Violation> {
             vec![],
         )
         .await
-        .expect("axe runs");
-    let text = answer.as_str().expect("axe's answer");
-    serde_json::from_str(text).unwrap_or_else(|_| panic!("{text}"))
+        .map_err(|e| format!("axe does not run: {e}"))?;
+    let text = answer
+        .as_str()
+        .ok_or_else(|| format!("axe answered {answer}"))?;
+    serde_json::from_str(text).map_err(|_| text.to_owned())
 }
 
 /// Fails the test with every serious or critical violation on the page, named.

@@ -6,17 +6,16 @@
 //! harness's deadline. Must not: know any test's scenario; every wait here fails the test
 //! at `DEADLINE` with what it was waiting for.
 
+use std::io::{BufRead, BufReader};
 use std::ops::Deref;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use fantoccini::error::CmdError;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 
 use super::g;
-use super::redis::free_port;
 use super::{DEADLINE, Web, wait_for};
 
 /// chromedriver on a free port, stopped when dropped.
@@ -26,21 +25,39 @@ pub struct Driver {
 }
 
 impl Driver {
+    /// chromedriver picks its own port (`--port=0`) and says which: a port found free
+    /// here and handed over could be taken by another test's socket in between.
     pub fn start() -> Self {
-        let port = free_port();
-        let child = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
+        let mut child = Command::new("chromedriver")
+            .arg("--port=0")
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("cannot start chromedriver ({e}); scripts/test.sh installs chromium and chromium-driver")
             });
-        let deadline = Instant::now() + DEADLINE;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "chromedriver did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let Some(stdout) = child.stdout.take() else {
+            panic!("chromedriver's output is not ours to read");
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Read to the end, so chromedriver never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(port) = line
+                    .strip_prefix("ChromeDriver was started successfully on port ")
+                    .and_then(|rest| rest.trim_end_matches('.').parse::<u16>().ok())
+                {
+                    let _ = tx.send(port);
+                }
+            }
+        });
+        let port = match rx.recv_timeout(DEADLINE) {
+            Ok(port) => port,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("chromedriver did not say within {DEADLINE:?} that it started");
+            }
+        };
         Driver {
             child,
             url: format!("http://127.0.0.1:{port}"),

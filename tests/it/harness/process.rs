@@ -131,16 +131,22 @@ impl CovenProcess {
 
     /// Waits for a stdout line containing `needle` and returns it.
     pub fn wait_for_stdout(&mut self, needle: &str) -> String {
+        self.started(needle).unwrap_or_else(|exit| panic!("{exit}"))
+    }
+
+    /// Waits for a stdout line containing `needle`; if the process exits first, why (its
+    /// status and stderr), for a caller that can start it again.
+    pub fn started(&mut self, needle: &str) -> Result<String, String> {
         let deadline = Instant::now() + super::DEADLINE;
         loop {
             if let Some(line) = self.stdout().into_iter().find(|l| l.contains(needle)) {
-                return line;
+                return Ok(line);
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
+                return Err(format!(
                     "coven exited ({status}) before printing {needle:?}; stderr:\n{}",
                     self.stderr().join("\n")
-                );
+                ));
             }
             assert!(
                 Instant::now() < deadline,

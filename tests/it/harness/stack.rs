@@ -225,39 +225,58 @@ pub fn spawn_web(
     nofile: Option<u64>,
     extra: &[(&str, &str)],
 ) -> Web {
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let bind = format!("127.0.0.1:{port}");
-    let metrics_bind = format!("127.0.0.1:{}", free_port());
-    let guild = sim.guild_id().to_string();
-    let redis_url = redis_url.to_owned();
-    let token = sim.token();
-    let api = sim.url("/api");
-    let oauth = sim.url("");
-    let mut env = vec![
-        ("BIND", bind.as_str()),
-        ("METRICS_BIND", metrics_bind.as_str()),
-        ("PUBLIC_URL", url.as_str()),
-        ("REDIS_URL", &redis_url),
-        ("DISCORD_GUILD_ID", &guild),
-        ("DISCORD_BOT_TOKEN", &token),
-        ("DISCORD_CLIENT_ID", "1190000000000000002"),
-        ("DISCORD_CLIENT_SECRET", "sim-client-secret"),
-        ("DISCORD_API_URL", &api),
-        ("DISCORD_OAUTH_URL", oauth.trim_end_matches('/')),
-        ("INVITE_SECRET", INVITE_SECRET),
-        ("RUST_LOG", "coven=debug"),
-    ];
-    env.extend_from_slice(extra);
-    let mut process = match nofile {
-        Some(n) => CovenProcess::spawn_with_nofile(n, &["web"], &env),
-        None => CovenProcess::spawn(&["web"], &env),
-    };
-    process.wait_for_stdout("coven web listening on");
-    Web {
-        process,
-        url,
-        metrics: format!("http://{metrics_bind}/metrics"),
+    retry_taken_port(|| {
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let bind = format!("127.0.0.1:{port}");
+        let guild = sim.guild_id().to_string();
+        let token = sim.token();
+        let api = sim.url("/api");
+        let oauth = sim.url("");
+        let mut env = vec![
+            ("BIND", bind.as_str()),
+            ("METRICS_BIND", "127.0.0.1:0"),
+            ("PUBLIC_URL", url.as_str()),
+            ("REDIS_URL", redis_url),
+            ("DISCORD_GUILD_ID", &guild),
+            ("DISCORD_BOT_TOKEN", &token),
+            ("DISCORD_CLIENT_ID", "1190000000000000002"),
+            ("DISCORD_CLIENT_SECRET", "sim-client-secret"),
+            ("DISCORD_API_URL", &api),
+            ("DISCORD_OAUTH_URL", oauth.trim_end_matches('/')),
+            ("INVITE_SECRET", INVITE_SECRET),
+            ("RUST_LOG", "coven=debug"),
+        ];
+        env.extend_from_slice(extra);
+        let mut process = match nofile {
+            Some(n) => CovenProcess::spawn_with_nofile(n, &["web"], &env),
+            None => CovenProcess::spawn(&["web"], &env),
+        };
+        process.started("coven web listening on")?;
+        // The metrics port is the kernel's pick, printed before the line above.
+        let metrics = process.metrics_url();
+        Ok(Web {
+            process,
+            url,
+            metrics,
+        })
+    })
+}
+
+/// Runs `start` again, on new ports, while what it started exited because a port
+/// `free_port` found free was taken before the process bound it (another test's socket
+/// can get it in between); any other exit fails the test.
+pub fn retry_taken_port<T>(mut start: impl FnMut() -> Result<T, String>) -> T {
+    let mut tries = 0;
+    loop {
+        match start() {
+            Ok(started) => return started,
+            Err(why) if why.contains("Address already in use") && tries < 5 => {
+                tries += 1;
+                eprintln!("a port was taken before coven bound it; again on others: {why}");
+            }
+            Err(why) => panic!("{why}"),
+        }
     }
 }
 
@@ -277,10 +296,9 @@ pub fn spawn_gateway_on(
     let gateway_url = sim.gateway_url();
     let api_url = sim.url("/api");
     let token = sim.token();
-    let metrics_bind = format!("127.0.0.1:{}", free_port());
     let mut env = vec![
         ("BIND", "127.0.0.1:0"),
-        ("METRICS_BIND", &metrics_bind),
+        ("METRICS_BIND", "127.0.0.1:0"),
         ("REDIS_URL", redis_url),
         ("DISCORD_GUILD_ID", &guild),
         ("DISCORD_BOT_TOKEN", &token),
@@ -291,8 +309,10 @@ pub fn spawn_gateway_on(
     ];
     env.extend_from_slice(extra);
     let mut gateway = CovenProcess::spawn(&["gateway"], &env);
+    // Both ports are the kernel's pick, read back from what the gateway prints.
     gateway.wait_for_stdout("health listening on");
-    (gateway, format!("http://{metrics_bind}/metrics"))
+    let metrics = gateway.metrics_url();
+    (gateway, metrics)
 }
 
 /// A browser: one cookie jar shared by every replica (cookies do not depend on ports),
