@@ -3,6 +3,8 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub struct RedisServer {
@@ -130,7 +132,33 @@ pub fn signal(pid: u32, signal: &str) {
     assert!(ok, "kill {signal} {pid}");
 }
 
+/// A port for a server a test starts, free when asked. Drawn from below the kernel's
+/// ephemeral range (`ip_local_port_range`), which `bind(0)` and every outgoing connection
+/// take their ports from, and never handed out twice in a run: so nothing in the suite
+/// can take it between here and the server binding it (a port from `bind(0)` could go to
+/// the next outgoing connection). A port something else listens on is skipped.
 pub fn free_port() -> u16 {
+    static RANGE: OnceLock<Option<(u32, u32)>> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let range = RANGE.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+        let ephemeral: u32 = text.split_whitespace().next()?.parse().ok()?;
+        let span = ephemeral.checked_sub(LOW).filter(|&s| s >= 1_000)?;
+        // Another run at the same time (a second checkout's suite) starts elsewhere.
+        Some((span, std::process::id().wrapping_mul(7_919) % span))
+    });
+    if let Some((span, start)) = *range {
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let Ok(port) = u16::try_from(LOW + (start + n) % span) else {
+                continue;
+            };
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -158,8 +186,9 @@ fn wait_for_pong(port: u16, child: &mut Child) -> bool {
     false
 }
 
-/// The private Redis the integration tests rely on: it starts on its own port, answers,
-/// and survives a restart, without touching the machine's shared server.
+/// The private Redis the integration tests rely on (it starts on its own port, answers,
+/// and survives a restart, without touching the machine's shared server) and the ports
+/// their servers are started on.
 #[cfg(test)]
 mod tests {
     #[tokio::test]
@@ -181,5 +210,25 @@ mod tests {
         client.init().await.expect("connects after restart");
         let gone: Option<String> = client.get("k").await.unwrap();
         assert_eq!(gone, None, "a restarted test server starts empty");
+    }
+
+    /// What makes a handed-out port safe to bind later: no other call in the run gets
+    /// it, and neither `bind(0)` nor an outgoing connection can.
+    #[test]
+    fn ports_are_handed_out_once_and_never_from_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..300).map(|_| super::free_port()).collect();
+        let distinct: std::collections::HashSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port handed out twice");
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .expect("Linux says its ephemeral range");
+        let low: u16 = range
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("a number");
+        assert!(
+            ports.iter().all(|&p| p < low),
+            "a port from the ephemeral range (from {low}): {ports:?}"
+        );
     }
 }
