@@ -85,11 +85,23 @@ impl Driver {
             options["prefs"] = json!({"profile.managed_default_content_settings.javascript": 2});
         }
         caps.insert("goog:chromeOptions".to_owned(), options);
-        let client = ClientBuilder::native()
-            .capabilities(caps)
-            .connect(&self.url)
-            .await
-            .expect("a Chromium session");
+        // A Chromium that fails to start (it can, on a busy machine: "session not
+        // created") is started again; a third failure fails the test with its reason.
+        let mut tries = 0;
+        let client = loop {
+            match ClientBuilder::native()
+                .capabilities(caps.clone())
+                .connect(&self.url)
+                .await
+            {
+                Ok(client) => break client,
+                Err(e) if tries < 2 => {
+                    tries += 1;
+                    eprintln!("Chromium did not start, starting it again: {e}");
+                }
+                Err(e) => panic!("no Chromium session: {e}"),
+            }
+        };
         Page { client }
     }
 }
