@@ -24,6 +24,17 @@ async fn raw(sim: &TestSim, method: Method, path: &str, body: Value) -> (u16, Va
     (status, res.json().await.unwrap_or(Value::Null))
 }
 
+/// Sends `body` and answers Discord's refusal of it: 400, 50035 (Invalid Form Body).
+async fn invalid(sim: &TestSim, method: Method, path: &str, body: Value) -> Value {
+    let (status, answer) = raw(sim, method, path, body.clone()).await;
+    assert_eq!(
+        (status, &answer["code"]),
+        (400, &json!(50035)),
+        "{body}: {answer}"
+    );
+    answer
+}
+
 /// The first error code Discord's nested `errors` object gives under `path`.
 fn form_error<'a>(body: &'a Value, path: &[&str]) -> &'a Value {
     let mut at = &body["errors"];
@@ -160,12 +171,7 @@ async fn modify_guild_member_lands_every_field_or_none() {
             "communication_disabled_until",
         ),
     ] {
-        let (status, body) = raw(&sim, Method::PATCH, &path, bad.clone()).await;
-        assert_eq!(
-            (status, &body["code"]),
-            (400, &json!(50035)),
-            "{bad}: {body}"
-        );
+        let body = invalid(&sim, Method::PATCH, &path, bad.clone()).await;
         assert!(form_error(&body, &[field]).is_string(), "{bad}: {body}");
     }
     // Roles the bot may not hand out: its own managed role (or any managed role), and
@@ -180,8 +186,7 @@ async fn modify_guild_member_lands_every_field_or_none() {
     let (status, body) = raw(&sim, Method::PATCH, &path, json!({"roles": [managed]})).await;
     assert_eq!((status, &body["code"]), (403, &json!(50013)), "{body}");
     let everyone = sim.guild_id().to_string();
-    let (status, body) = raw(&sim, Method::PATCH, &path, json!({"roles": [everyone]})).await;
-    assert_eq!((status, &body["code"]), (400, &json!(50035)), "{body}");
+    invalid(&sim, Method::PATCH, &path, json!({"roles": [everyone]})).await;
     assert_eq!(member(&sim, bramble).await["roles"], json!([]));
     // The owner outranks the bot: no renaming them, no timing them out.
     let owner = sim.id_of("owner_id").await;
@@ -264,18 +269,13 @@ async fn modify_channel_lands_every_voice_setting_in_the_dispatch() {
         (json!({"type": 0}), "type"),
         (json!({"nsfw": "yes"}), "nsfw"),
     ] {
-        let (status, body) = raw(
+        let body = invalid(
             &sim,
             Method::PATCH,
             &format!("/channels/{lobby}"),
             bad.clone(),
         )
         .await;
-        assert_eq!(
-            (status, &body["code"]),
-            (400, &json!(50035)),
-            "{bad}: {body}"
-        );
         assert!(form_error(&body, &[field]).is_string(), "{bad}: {body}");
     }
     let (_, now) = raw(
@@ -340,18 +340,7 @@ async fn role_colours_positions_and_the_reads_bots_make_first() {
         json!({"colors": {"primary_color": 1, "secondary_color": 2}}),
         json!({"unicode_emoji": "🎲"}),
     ] {
-        let (status, body) = raw(
-            &sim,
-            Method::PATCH,
-            &format!("/guilds/{g}/roles/{a}"),
-            bad.clone(),
-        )
-        .await;
-        assert_eq!(
-            (status, &body["code"]),
-            (400, &json!(50035)),
-            "{bad}: {body}"
-        );
+        invalid(&sim, Method::PATCH, &format!("/guilds/{g}/roles/{a}"), bad).await;
     }
 
     // Modify Guild Role Positions answers every role, in order, and dispatches the moves.
@@ -510,14 +499,13 @@ async fn role_colours_positions_and_the_reads_bots_make_first() {
         body["avatar"].as_str().is_some_and(|h| h.len() == 32),
         "{body}"
     );
-    let (status, body) = raw(
+    invalid(
         &sim,
         Method::PATCH,
         &format!("/guilds/{g}/members/@me"),
         json!({"avatar": "not an image"}),
     )
     .await;
-    assert_eq!((status, &body["code"]), (400, &json!(50035)), "{body}");
 }
 
 #[tokio::test]
@@ -599,23 +587,17 @@ async fn a_body_of_the_wrong_shape_is_refused_as_discord_refuses_it() {
             "LIST_TYPE_CONVERT",
         ),
     ] {
-        let (status, err) = raw(&sim, Method::PATCH, &path, body).await;
-        assert_eq!(
-            (status, &err["code"]),
-            (400, &json!(50035)),
-            "{path}: {err}"
-        );
+        let err = invalid(&sim, Method::PATCH, &path, body).await;
         assert_eq!(err["errors"]["_errors"][0]["code"], want, "{path}: {err}");
         assert_eq!(err["message"], "Invalid Form Body");
     }
-    let (status, err) = raw(
+    let err = invalid(
         &sim,
         Method::PATCH,
         &format!("/guilds/{g}/roles"),
         json!([5]),
     )
     .await;
-    assert_eq!(status, 400);
     assert_eq!(form_error(&err, &["0"]), "MODEL_TYPE_CONVERT", "{err}");
     // Not JSON at all: 50109.
     let res = sim
@@ -630,4 +612,93 @@ async fn a_body_of_the_wrong_shape_is_refused_as_discord_refuses_it() {
     assert_eq!(res.status(), 400);
     let err: Value = res.json().await.unwrap();
     assert_eq!(err["code"], 50109);
+}
+
+/// Each entry's id and position in what `path` (a list of channels or roles) answers.
+async fn positions(sim: &TestSim, path: &str) -> Vec<(Value, Value)> {
+    let (status, list) = raw(sim, Method::GET, path, Value::Null).await;
+    assert_eq!(status, 200, "{list}");
+    let mut found: Vec<_> = list
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .map(|e| (e["id"].clone(), e["position"].clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort_by_key(|(id, _)| id.to_string());
+    found
+}
+
+/// Modify Guild Channel Positions and Modify Guild Role Positions read every entry of
+/// their array as Discord reads a body: a field of the wrong type, or no `id`, is refused
+/// under the entry's index with the field's own code, and nothing of the list moves, not
+/// even the good entries before the bad one.
+#[tokio::test]
+async fn a_bad_entry_in_a_positions_list_is_refused_by_its_index_and_nothing_moves() {
+    // Six refusals of one route in a row: above the sim's default five a second.
+    let sim = TestSim::start_with(|s| s.rate_limit = 100).await;
+    let (g, lobby) = (sim.guild_id(), sim.id_of("lobby_id").await.to_string());
+    let role = sim.create_role("Regular", 0).await.to_string();
+    let channels = format!("/guilds/{g}/channels");
+    let roles = format!("/guilds/{g}/roles");
+    let (channels_before, roles_before) = (
+        positions(&sim, &channels).await,
+        positions(&sim, &roles).await,
+    );
+    for (path, list, at, code) in [
+        (
+            &channels,
+            json!([{"id": lobby, "position": 9}, {"position": 1}]),
+            ["1", "id"],
+            "BASE_TYPE_REQUIRED",
+        ),
+        (
+            &channels,
+            json!([{"id": lobby, "position": 9}, {"id": "lobby"}]),
+            ["1", "id"],
+            "NUMBER_TYPE_COERCE",
+        ),
+        (
+            &channels,
+            json!([{"id": lobby, "position": "first"}]),
+            ["0", "position"],
+            "NUMBER_TYPE_COERCE",
+        ),
+        (
+            &channels,
+            json!([{"id": lobby, "parent_id": 5.5}]),
+            ["0", "parent_id"],
+            "NUMBER_TYPE_COERCE",
+        ),
+        (
+            &channels,
+            json!([{"id": lobby, "lock_permissions": "yes"}]),
+            ["0", "lock_permissions"],
+            "BASE_TYPE_BOOLEAN",
+        ),
+        (
+            &channels,
+            json!([{"id": lobby, "position": 9, "flags": 2}]),
+            ["0", "flags"],
+            "SIMULATOR_UNSUPPORTED",
+        ),
+        (
+            &roles,
+            json!([{"id": role, "position": 1}, {"position": 1}]),
+            ["1", "id"],
+            "BASE_TYPE_REQUIRED",
+        ),
+        (
+            &roles,
+            json!([{"id": role, "position": "top"}]),
+            ["0", "position"],
+            "NUMBER_TYPE_COERCE",
+        ),
+    ] {
+        let body = invalid(&sim, Method::PATCH, path, list.clone()).await;
+        assert_eq!(form_error(&body, &at), code, "{list}: {body}");
+    }
+    assert_eq!(positions(&sim, &channels).await, channels_before);
+    assert_eq!(positions(&sim, &roles).await, roles_before);
 }

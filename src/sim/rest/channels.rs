@@ -13,8 +13,8 @@ use serde_json::{Map, Value};
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{
-    Bot, DiscordJson, Field, bool_field, bot_guild, channel_guild, count_field, int_field,
-    overwrites, refuse_unmodelled, snowflake, snowflake_field, string_field,
+    Bot, DiscordJson, bool_field, bot_guild, channel_guild, count_field, int_field, overwrites,
+    refuse_unmodelled, snowflake, snowflake_field, string_field,
 };
 use crate::sim::Shared;
 use crate::sim::world::{
@@ -202,38 +202,25 @@ pub(super) async fn move_channels(
     let list = DiscordJson::list(&body)?;
     let mut moves = Vec::with_capacity(list.len());
     for (i, entry) in list.iter().enumerate() {
-        let at = |f: &str| format!("{i}.{f}");
-        let id = snowflake_field(entry, "id")
-            .ok()
-            .and_then(Field::given)
-            .ok_or_else(|| {
-                ApiError::invalid_field(&at("id"), "NUMBER_TYPE_COERCE", "Value is not snowflake.")
-            })?;
-        let wrong =
-            |f: &str| ApiError::invalid_field(&at(f), "BASE_TYPE_INVALID", "Invalid value.");
-        moves.push(ChannelMove {
-            id,
-            position: int_field(entry, "position")
-                .map_err(|_| wrong("position"))?
-                .given(),
-            parent_id: snowflake_field(entry, "parent_id")
-                .map_err(|_| wrong("parent_id"))?
-                .nullable(),
-            lock_permissions: bool_field(entry, "lock_permissions")
-                .map_err(|_| wrong("lock_permissions"))?
-                .given(),
-        });
-        if count_field::<u64>(entry, "flags")
-            .map_err(|_| wrong("flags"))?
-            .given()
-            .is_some_and(|f| f != 0)
-        {
-            return Err(ApiError::invalid_field(
-                &at("flags"),
-                "SIMULATOR_UNSUPPORTED",
-                "coven sim does not model channel flags.",
-            ));
-        }
+        let read = || -> ApiResult<ChannelMove> {
+            if count_field::<u64>(entry, "flags")?
+                .given()
+                .is_some_and(|f| f != 0)
+            {
+                return Err(ApiError::invalid_field(
+                    "flags",
+                    "SIMULATOR_UNSUPPORTED",
+                    "coven sim does not model channel flags.",
+                ));
+            }
+            Ok(ChannelMove {
+                id: snowflake_field(entry, "id")?.required("id")?,
+                position: int_field(entry, "position")?.given(),
+                parent_id: snowflake_field(entry, "parent_id")?.nullable(),
+                lock_permissions: bool_field(entry, "lock_permissions")?.given(),
+            })
+        };
+        moves.push(read().map_err(|e| e.in_entry(i))?);
     }
     let mut state = shared.lock();
     let (g, w) = bot_guild(&mut state, &g)?;

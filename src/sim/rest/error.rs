@@ -77,6 +77,15 @@ impl ApiError {
 }
 
 impl ApiError {
+    /// The same refusal for a field of entry `index` of a JSON array body: Discord nests
+    /// it under the entry's index (`{"0": {"position": {"_errors": ...}}}`).
+    pub fn in_entry(mut self, index: usize) -> Self {
+        if let Some(errors) = self.body.get_mut("errors").map(Value::take) {
+            self.body["errors"] = json!({ index.to_string(): errors });
+        }
+        self
+    }
+
     /// 50035 for the body as a whole: Discord puts the error list at the top of `errors`.
     pub fn invalid_body(code: &str, message: &str) -> Self {
         let mut e = Self::code(50035);

@@ -193,6 +193,13 @@ impl<T> Field<T> {
         }
     }
 
+    /// A field the route requires: absent or null is refused as Discord refuses it.
+    pub(super) fn required(self, name: &str) -> ApiResult<T> {
+        self.given().ok_or_else(|| {
+            ApiError::invalid_field(name, "BASE_TYPE_REQUIRED", "This field is required")
+        })
+    }
+
     /// Absent or null = unchanged.
     pub(super) fn given(self) -> Option<T> {
         match self {

@@ -56,13 +56,7 @@ pub(super) async fn add_member(
     bot_guild(&mut shared.lock(), &g)?;
     let user = snowflake("user_id", &u)?;
     let req = DiscordJson::object(&body)?;
-    let Some(token) = string_field(&req, "access_token")?.given() else {
-        return Err(ApiError::invalid_field(
-            "access_token",
-            "BASE_TYPE_REQUIRED",
-            "This field is required",
-        ));
-    };
+    let token = string_field(&req, "access_token")?.required("access_token")?;
     let roles = id_list_field(&req, "roles")?.given().unwrap_or_default();
     let joining = Joining {
         nick: string_field(&req, "nick")?.given(),

@@ -12,7 +12,7 @@ use serde_json::Value;
 use twilight_model::guild::Permissions;
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{Bot, DiscordJson, bot_guild, id_field, snowflake};
+use super::extract::{Bot, DiscordJson, bot_guild, int_field, snowflake, snowflake_field};
 use crate::sim::Shared;
 use crate::sim::world;
 
@@ -81,26 +81,15 @@ pub(super) async fn move_roles(
     let list = DiscordJson::list(&body)?;
     let mut moves = Vec::with_capacity(list.len());
     for (i, entry) in list.iter().enumerate() {
-        let id = entry.get("id").and_then(id_field).ok_or_else(|| {
-            ApiError::invalid_field(
-                &format!("{i}.id"),
-                "NUMBER_TYPE_COERCE",
-                "Value is not snowflake.",
-            )
-        })?;
-        match entry.get("position") {
-            // "position?: ?integer": an entry without one moves nothing.
-            None | Some(Value::Null) => {}
-            Some(p) => moves.push((
-                id,
-                p.as_i64().ok_or_else(|| {
-                    ApiError::invalid_field(
-                        &format!("{i}.position"),
-                        "NUMBER_TYPE_COERCE",
-                        "Value is not int.",
-                    )
-                })?,
-            )),
+        let read = || -> ApiResult<(u64, Option<i64>)> {
+            Ok((
+                snowflake_field(entry, "id")?.required("id")?,
+                int_field(entry, "position")?.given(),
+            ))
+        };
+        // "position?: ?integer": an entry without one moves nothing.
+        if let (id, Some(position)) = read().map_err(|e| e.in_entry(i))? {
+            moves.push((id, position));
         }
     }
     let mut state = shared.lock();
