@@ -48,30 +48,25 @@ done
 
 # discord.py, pinned in tests/clients/requirements.txt, in a virtual environment of its
 # own beside the build (remade when the pins change); tests/it/clients.rs runs it through
-# COVEN_CLIENTS_PYTHON.
+# COVEN_CLIENTS_PYTHON. The same discord.py with zstd (requirements-zstd.txt) asks for
+# zstd-stream; it runs through COVEN_CLIENTS_PYTHON_ZSTD.
+pinned_venv() { # pinned_venv PINS DIR
+  local pins=$1 venv=$2
+  if ! cmp -s "$pins" "$venv/requirements.txt" 2>/dev/null; then
+    say "making a virtual environment for $pins ($venv)"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$pins"
+    cp "$pins" "$venv/requirements.txt"
+  fi
+}
 clients_venv="${CARGO_TARGET_DIR:-target}/clients-venv"
-clients_pins=tests/clients/requirements.txt
-if ! cmp -s "$clients_pins" "$clients_venv/requirements.txt" 2>/dev/null; then
-  say "making the client suite's virtual environment ($clients_venv)"
-  rm -rf "$clients_venv"
-  python3 -m venv "$clients_venv"
-  "$clients_venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$clients_pins"
-  cp "$clients_pins" "$clients_venv/requirements.txt"
-fi
-COVEN_CLIENTS_PYTHON="$(cd "$clients_venv" && pwd)/bin/python"
-export COVEN_CLIENTS_PYTHON
-# The same discord.py with zstd (requirements-zstd.txt): it then asks for zstd-stream.
 clients_venv_zstd="${CARGO_TARGET_DIR:-target}/clients-venv-zstd"
-clients_pins_zstd=tests/clients/requirements-zstd.txt
-if ! cmp -s "$clients_pins_zstd" "$clients_venv_zstd/requirements.txt" 2>/dev/null; then
-  say "making the zstd client suite's virtual environment ($clients_venv_zstd)"
-  rm -rf "$clients_venv_zstd"
-  python3 -m venv "$clients_venv_zstd"
-  "$clients_venv_zstd/bin/python" -m pip install --quiet --disable-pip-version-check -r "$clients_pins_zstd"
-  cp "$clients_pins_zstd" "$clients_venv_zstd/requirements.txt"
-fi
+pinned_venv tests/clients/requirements.txt "$clients_venv"
+pinned_venv tests/clients/requirements-zstd.txt "$clients_venv_zstd"
+COVEN_CLIENTS_PYTHON="$(cd "$clients_venv" && pwd)/bin/python"
 COVEN_CLIENTS_PYTHON_ZSTD="$(cd "$clients_venv_zstd" && pwd)/bin/python"
-export COVEN_CLIENTS_PYTHON_ZSTD
+export COVEN_CLIENTS_PYTHON COVEN_CLIENTS_PYTHON_ZSTD
 
 # discord.js, pinned in tests/clients/discordjs/package-lock.json, installed by npm ci
 # beside the build (again when the lock changes); tests/it/clients_js.rs runs it with

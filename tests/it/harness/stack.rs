@@ -266,7 +266,7 @@ pub fn spawn_web(
 /// Runs `start` again, on new ports, while what it started exited because a port
 /// `free_port` found free was taken before the process bound it (another test's socket
 /// can get it in between); any other exit fails the test.
-pub fn retry_taken_port<T>(mut start: impl FnMut() -> Result<T, String>) -> T {
+fn retry_taken_port<T>(mut start: impl FnMut() -> Result<T, String>) -> T {
     let mut tries = 0;
     loop {
         match start() {
