@@ -20,7 +20,7 @@ use twilight_model::http::permission_overwrite::{
 use twilight_model::id::Id;
 
 use crate::harness::clients::run_scenario;
-use crate::harness::{TestSim, next_event, shard};
+use crate::harness::{TestSim, next_channel_update, next_event, next_voice_state, shard};
 
 /// Runs one scenario of the discord.py suite against a fresh simulator; fails with the
 /// suite's report and the end of discord.py's log unless every check passed.
@@ -254,7 +254,6 @@ async fn twilight_rest_calls_coven_makes_each_bring_their_dispatch() {
         "the dispatched overwrites are the ones asked for"
     );
 
-    let updated_room = |e: &Event| matches!(e, Event::ChannelUpdate(c) if c.id == room);
     http.update_channel_permission(
         room,
         &NewOverwrite {
@@ -266,9 +265,7 @@ async fn twilight_rest_calls_coven_makes_each_bring_their_dispatch() {
     )
     .await
     .expect("edit one overwrite");
-    let Event::ChannelUpdate(changed) = next_event(&mut shard, updated_room).await else {
-        unreachable!()
-    };
+    let changed = next_channel_update(&mut shard, room.get()).await;
     let of_role = |overwrites: &[PermissionOverwrite]| {
         overwrites
             .iter()
@@ -284,9 +281,7 @@ async fn twilight_rest_calls_coven_makes_each_bring_their_dispatch() {
         .permission_overwrites(&overwrites)
         .await
         .expect("edit the overwrites");
-    let Event::ChannelUpdate(changed) = next_event(&mut shard, updated_room).await else {
-        unreachable!()
-    };
+    let changed = next_channel_update(&mut shard, room.get()).await;
     assert_eq!(
         of_role(changed.permission_overwrites.as_deref().unwrap_or_default()),
         of_role(&overwrites)
@@ -314,28 +309,14 @@ async fn twilight_rest_calls_coven_makes_each_bring_their_dispatch() {
         .channel_id(Some(room))
         .await
         .expect("move the player into the room");
-    let Event::VoiceStateUpdate(moved) = next_event(
-        &mut shard,
-        |e| matches!(e, Event::VoiceStateUpdate(v) if v.0.user_id.get() == player),
-    )
-    .await
-    else {
-        unreachable!()
-    };
-    assert_eq!(moved.0.channel_id, Some(room));
+    let moved = next_voice_state(&mut shard, player).await;
+    assert_eq!(moved.channel_id, Some(room));
     http.update_guild_member(guild, Id::new(player))
         .channel_id(None)
         .await
         .expect("disconnect the player");
-    let Event::VoiceStateUpdate(left) = next_event(
-        &mut shard,
-        |e| matches!(e, Event::VoiceStateUpdate(v) if v.0.user_id.get() == player),
-    )
-    .await
-    else {
-        unreachable!()
-    };
-    assert_eq!(left.0.channel_id, None, "disconnected");
+    let left = next_voice_state(&mut shard, player).await;
+    assert_eq!(left.channel_id, None, "disconnected");
 
     http.delete_role(guild, role.id).await.expect("delete role");
     let Event::RoleDelete(gone) = next_event(
@@ -596,16 +577,9 @@ async fn twilight_finds_every_documented_param_honoured_or_refused() {
         .deaf(true)
         .await
         .expect("Modify Guild Member mute and deaf");
-    let Event::VoiceStateUpdate(muted) = next_event(
-        &mut shard,
-        |e| matches!(e, Event::VoiceStateUpdate(v) if v.0.user_id.get() == player),
-    )
-    .await
-    else {
-        unreachable!()
-    };
+    let muted = next_voice_state(&mut shard, player).await;
     assert_eq!(
-        (muted.0.mute, muted.0.deaf, muted.0.channel_id),
+        (muted.mute, muted.deaf, muted.channel_id),
         (true, true, Some(Id::new(lobby)))
     );
 
@@ -627,14 +601,7 @@ async fn twilight_finds_every_documented_param_honoured_or_refused() {
         .bitrate(48_000)
         .await
         .expect("Modify Channel parent_id and bitrate");
-    let Event::ChannelUpdate(moved) = next_event(
-        &mut shard,
-        |e| matches!(e, Event::ChannelUpdate(c) if c.id.get() == lobby),
-    )
-    .await
-    else {
-        unreachable!()
-    };
+    let moved = next_channel_update(&mut shard, lobby).await;
     assert_eq!(
         (moved.parent_id, moved.bitrate),
         (Some(category), Some(48_000))
@@ -660,14 +627,7 @@ async fn twilight_finds_every_documented_param_honoured_or_refused() {
     )
     .await
     .expect("Modify Guild Channel Positions");
-    let Event::ChannelUpdate(placed) = next_event(
-        &mut shard,
-        |e| matches!(e, Event::ChannelUpdate(c) if c.id == second),
-    )
-    .await
-    else {
-        unreachable!()
-    };
+    let placed = next_channel_update(&mut shard, second.get()).await;
     assert_eq!(placed.position, Some(0));
 
     let below = http

@@ -8,7 +8,7 @@ use twilight_gateway::Event;
 use twilight_model::guild::Permissions;
 use twilight_model::id::Id;
 
-use crate::harness::{TestSim, next_event, shard};
+use crate::harness::{TestSim, next_channel_update, next_event, shard};
 use reqwest::Method;
 
 async fn raw(sim: &TestSim, method: Method, path: &str, body: Value) -> (u16, Value) {
@@ -227,15 +227,7 @@ async fn modify_channel_lands_every_voice_setting_in_the_dispatch() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let Event::ChannelUpdate(c) = next_event(
-        &mut shard,
-        |e| matches!(e, Event::ChannelUpdate(c) if c.0.id.get() == lobby),
-    )
-    .await
-    else {
-        unreachable!()
-    };
-    let c = c.0;
+    let c = next_channel_update(&mut shard, lobby).await;
     assert_eq!(c.bitrate, Some(96_000));
     assert_eq!(c.position, Some(7));
     assert_eq!(c.parent_id.map(|p| p.get()), Some(category));
@@ -420,15 +412,8 @@ async fn role_colours_positions_and_the_reads_bots_make_first() {
     )
     .await;
     assert_eq!(status, 204, "{body}");
-    let Event::ChannelUpdate(c) = next_event(
-        &mut shard,
-        |e| matches!(e, Event::ChannelUpdate(c) if c.0.id.get() == lobby),
-    )
-    .await
-    else {
-        unreachable!()
-    };
-    assert_eq!(c.0.position, Some(9));
+    let c = next_channel_update(&mut shard, lobby).await;
+    assert_eq!(c.position, Some(9));
     let (status, body) = raw(
         &sim,
         Method::PATCH,

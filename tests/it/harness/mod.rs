@@ -25,7 +25,7 @@ use std::time::Duration;
 
 pub use process::CovenProcess;
 pub use redis::RedisServer;
-pub use sim::{TestSim, next_event, shard, shard_with};
+pub use sim::{TestSim, next_channel_update, next_event, next_voice_state, shard, shard_with};
 pub use stack::{
     Browser, INVITE_SECRET, Message, Sse, Stack, Web, form_value, location, metric, metrics_page,
     spawn_gateway_on, spawn_web,

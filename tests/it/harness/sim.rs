@@ -387,6 +387,35 @@ pub fn shard_with(sim: &TestSim, tweak: impl FnOnce(ConfigBuilder) -> ConfigBuil
     Shard::with_config(ShardId::ONE, tweak(config).build())
 }
 
+/// The next VOICE_STATE_UPDATE of `user`, skipping every other event.
+pub async fn next_voice_state(shard: &mut Shard, user: u64) -> twilight_model::voice::VoiceState {
+    match next_event(
+        shard,
+        |e| matches!(e, Event::VoiceStateUpdate(v) if v.0.user_id.get() == user),
+    )
+    .await
+    {
+        Event::VoiceStateUpdate(v) => v.0,
+        other => unreachable!("matched a voice state, got {other:?}"),
+    }
+}
+
+/// The next CHANNEL_UPDATE of `channel`, skipping every other event.
+pub async fn next_channel_update(
+    shard: &mut Shard,
+    channel: u64,
+) -> twilight_model::channel::Channel {
+    match next_event(
+        shard,
+        |e| matches!(e, Event::ChannelUpdate(c) if c.0.id.get() == channel),
+    )
+    .await
+    {
+        Event::ChannelUpdate(c) => c.0,
+        other => unreachable!("matched a channel update, got {other:?}"),
+    }
+}
+
 /// The next event the predicate accepts, skipping others and reconnect errors. Fails the
 /// test if the stream ends or the deadline passes.
 pub async fn next_event(shard: &mut Shard, mut want: impl FnMut(&Event) -> bool) -> Event {
